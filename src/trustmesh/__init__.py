@@ -1,0 +1,1 @@
+"""trustmesh: zero-trust service-mesh security that speaks Istio's security API."""

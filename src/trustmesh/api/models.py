@@ -1,0 +1,361 @@
+"""Pydantic models of the resource specs trustmesh reads.
+
+Istio's security kinds (PeerAuthentication, RequestAuthentication, AuthorizationPolicy)
+and the TLS settings of DestinationRule are strict: an unknown field is an error, as the
+Kubernetes API server's structural schema makes it. Kinds trustmesh reads only a few
+fields of (Pods, Deployments, Gateways, …) keep their other fields and ignore them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Strings = tuple[str, ...]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Loose(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
+    )
+
+
+# --- shared -------------------------------------------------------------------------
+
+
+class ObjectMeta(Loose):
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    creation_timestamp: str | None = None
+
+
+class TemplateMeta(Loose):
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkloadSelector(Strict):
+    match_labels: dict[str, str] = Field(default_factory=dict)
+
+
+class PolicyTargetReference(Strict):
+    group: str = ""
+    kind: str = ""
+    name: str = ""
+    namespace: str = ""
+
+
+# --- security.istio.io ----------------------------------------------------------------
+
+
+class MtlsMode(enum.Enum):
+    UNSET = "UNSET"
+    DISABLE = "DISABLE"
+    PERMISSIVE = "PERMISSIVE"
+    STRICT = "STRICT"
+
+
+class MutualTls(Strict):
+    mode: MtlsMode = MtlsMode.UNSET
+
+
+class PeerAuthenticationSpec(Strict):
+    selector: WorkloadSelector | None = None
+    mtls: MutualTls | None = None
+    port_level_mtls: dict[int, MutualTls] = Field(default_factory=dict)
+
+
+class JwtHeader(Strict):
+    name: str
+    prefix: str = ""
+
+
+class ClaimToHeader(Strict):
+    header: str
+    claim: str
+
+
+class JwtRule(Strict):
+    issuer: str = ""
+    audiences: Strings = ()
+    jwks_uri: str = ""
+    jwks: str = ""
+    from_headers: tuple[JwtHeader, ...] = ()
+    from_params: Strings = ()
+    from_cookies: Strings = ()
+    output_payload_to_header: str = ""
+    forward_original_token: bool = False
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    timeout: str = ""
+
+
+class RequestAuthenticationSpec(Strict):
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
+    jwt_rules: tuple[JwtRule, ...] = ()
+
+
+class Action(enum.Enum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+    AUDIT = "AUDIT"
+    CUSTOM = "CUSTOM"
+
+
+class Source(Strict):
+    principals: Strings = ()
+    not_principals: Strings = ()
+    request_principals: Strings = ()
+    not_request_principals: Strings = ()
+    namespaces: Strings = ()
+    not_namespaces: Strings = ()
+    service_accounts: Strings = ()
+    not_service_accounts: Strings = ()
+    ip_blocks: Strings = ()
+    not_ip_blocks: Strings = ()
+    remote_ip_blocks: Strings = ()
+    not_remote_ip_blocks: Strings = ()
+
+
+class Operation(Strict):
+    hosts: Strings = ()
+    not_hosts: Strings = ()
+    ports: Strings = ()
+    not_ports: Strings = ()
+    methods: Strings = ()
+    not_methods: Strings = ()
+    paths: Strings = ()
+    not_paths: Strings = ()
+
+
+class RuleFrom(Strict):
+    source: Source = Field(default_factory=Source)
+
+
+class RuleTo(Strict):
+    operation: Operation = Field(default_factory=Operation)
+
+
+class Condition(Strict):
+    key: str
+    values: Strings = ()
+    not_values: Strings = ()
+
+
+class Rule(Strict):
+    from_: tuple[RuleFrom, ...] = Field(default=(), alias="from")
+    to: tuple[RuleTo, ...] = ()
+    when: tuple[Condition, ...] = ()
+
+
+class ExtensionProviderRef(Strict):
+    name: str = ""
+
+
+class AuthorizationPolicySpec(Strict):
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
+    action: Action = Action.ALLOW
+    provider: ExtensionProviderRef | None = None
+    rules: tuple[Rule, ...] | None = None
+
+
+# --- networking.istio.io --------------------------------------------------------------
+
+
+class TlsMode(enum.Enum):
+    DISABLE = "DISABLE"
+    SIMPLE = "SIMPLE"
+    MUTUAL = "MUTUAL"
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"
+
+
+class ClientTlsSettings(Strict):
+    mode: TlsMode = TlsMode.DISABLE
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    ca_crl: str = ""
+    credential_name: str = ""
+    subject_alt_names: Strings = ()
+    sni: str = ""
+    insecure_skip_verify: bool | None = None
+
+
+class PortSelector(Strict):
+    number: int = Field(ge=0, le=65535)
+
+
+class PortTrafficPolicy(Loose):
+    port: PortSelector | None = None
+    tls: ClientTlsSettings | None = None
+
+
+class TrafficPolicy(Loose):
+    tls: ClientTlsSettings | None = None
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+
+
+class Subset(Loose):
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    traffic_policy: TrafficPolicy | None = None
+
+
+class DestinationRuleSpec(Loose):
+    host: str
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+    export_to: Strings = ()
+    workload_selector: WorkloadSelector | None = None
+
+
+class ServicePort(Loose):
+    number: int = Field(ge=1, le=65535)
+    protocol: str = ""
+    name: str = ""
+    target_port: int | None = Field(default=None, ge=1, le=65535)
+
+
+class ServiceEntrySpec(Loose):
+    hosts: Strings = Field(min_length=1)
+    addresses: Strings = ()
+    ports: tuple[ServicePort, ...] = ()
+    location: str = "MESH_EXTERNAL"
+    resolution: str = "NONE"
+    export_to: Strings = ()
+    workload_selector: WorkloadSelector | None = None
+
+
+class WorkloadEntrySpec(Loose):
+    address: str = ""
+    ports: dict[str, int] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    service_account: str = ""
+    network: str = ""
+
+
+class OutboundTrafficPolicyMode(enum.Enum):
+    REGISTRY_ONLY = "REGISTRY_ONLY"
+    ALLOW_ANY = "ALLOW_ANY"
+
+
+class OutboundTrafficPolicy(Loose):
+    mode: OutboundTrafficPolicyMode = OutboundTrafficPolicyMode.ALLOW_ANY
+
+
+class SidecarSpec(Loose):
+    workload_selector: WorkloadSelector | None = None
+    outbound_traffic_policy: OutboundTrafficPolicy | None = None
+
+
+class HostsSpec(Loose):
+    """Gateway servers and VirtualService hosts: kept for the analyzer and routing."""
+
+    hosts: Strings = ()
+    gateways: Strings = ()
+
+
+# --- Kubernetes -----------------------------------------------------------------------
+
+
+class ContainerPort(Loose):
+    container_port: int = Field(ge=1, le=65535)
+    name: str = ""
+    protocol: str = "TCP"
+
+
+class Container(Loose):
+    name: str = ""
+    command: Strings = ()
+    args: Strings = ()
+    ports: tuple[ContainerPort, ...] = ()
+
+
+class PodSpec(Loose):
+    service_account_name: str = ""
+    service_account: str = ""
+    containers: tuple[Container, ...] = ()
+
+
+class PodStatus(Loose):
+    pod_ip: str = Field(default="", alias="podIP")
+
+
+class PodTemplate(Loose):
+    metadata: TemplateMeta = Field(default_factory=TemplateMeta)
+    spec: PodSpec = Field(default_factory=PodSpec)
+
+
+class WorkloadControllerSpec(Loose):
+    """Deployment / StatefulSet / DaemonSet: only the pod template matters here."""
+
+    template: PodTemplate = Field(default_factory=PodTemplate)
+
+
+class K8sServicePort(Loose):
+    port: int = Field(ge=1, le=65535)
+    name: str = ""
+    protocol: str = "TCP"
+    app_protocol: str = ""
+    target_port: Annotated[int, Field(ge=1, le=65535)] | str | None = None
+
+
+class ServiceSpec(Loose):
+    selector: dict[str, str] = Field(default_factory=dict)
+    ports: tuple[K8sServicePort, ...] = ()
+
+
+# --- mesh config ----------------------------------------------------------------------
+
+
+class PathNormalizationSetting(Loose):
+    normalization: str = "DEFAULT"
+
+
+class ExtensionProvider(Loose):
+    name: str
+
+
+class MeshConfigModel(Loose):
+    root_namespace: str = "istio-system"
+    trust_domain: str = "cluster.local"
+    trust_domain_aliases: Strings = ()
+    enable_auto_mtls: bool = True
+    outbound_traffic_policy: OutboundTrafficPolicy = Field(default_factory=OutboundTrafficPolicy)
+    path_normalization: PathNormalizationSetting = Field(default_factory=PathNormalizationSetting)
+    extension_providers: tuple[ExtensionProvider, ...] = ()
+
+
+# --- whole-object payloads for kinds whose interesting part is not just ``spec`` ------
+
+
+class Empty(Loose):
+    pass
+
+
+class PodObject(Loose):
+    spec: PodSpec = Field(default_factory=PodSpec)
+    status: PodStatus = Field(default_factory=PodStatus)
+
+
+class ConfigMapObject(Loose):
+    data: dict[str, str] = Field(default_factory=dict)
+
+
+class IstioOperatorSpec(Loose):
+    mesh_config: dict[str, object] | None = None
+    values: dict[str, object] = Field(default_factory=dict)

@@ -1,0 +1,244 @@
+"""ConfigSnapshot: the whole input as one immutable value the policy layer reads.
+
+Built from a :class:`LoadResult` (pure). It resolves what Istio resolves before any
+policy is looked at: the mesh config (IstioOperator < ConfigMap ``istio`` < an explicit
+mesh-config file), the workloads (Pods, pod templates, WorkloadEntries) with their
+sidecar status, and the services that select them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from trustmesh.api import models as m
+from trustmesh.api.diagnostics import Diagnostic, error, warning
+from trustmesh.api.loader import LoadResult, validate_model
+from trustmesh.api.resources import Resource
+from trustmesh.api.yamldoc import YamlDocument, parse_yaml
+
+INJECT = "sidecar.istio.io/inject"
+_CONTROLLERS = ("Deployment", "StatefulSet", "DaemonSet")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A running instance's identity and labels, as policy selection sees it."""
+
+    namespace: str
+    name: str
+    kind: str
+    labels: Mapping[str, str]
+    service_account: str
+    has_sidecar: bool
+    ports: tuple[int, ...]
+    ip: str | None
+    resource: Resource[Any] = field(repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def principal(self, trust_domain: str) -> str:
+        """SPIFFE ID without ``spiffe://``, the form AuthorizationPolicy principals use."""
+        return f"{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortInfo:
+    port: int
+    target_port: int | str
+    name: str
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    selector: Mapping[str, str]
+    ports: tuple[ServicePortInfo, ...]
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+    def selects(self, workload: Workload) -> bool:
+        return (
+            bool(self.selector)
+            and workload.namespace == self.namespace
+            and all(workload.labels.get(k) == v for k, v in self.selector.items())
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSnapshot:
+    """Every resource of the input, typed, plus the derived mesh, workloads and services."""
+
+    mesh: m.MeshConfigModel
+    resources: tuple[Resource[Any], ...]
+    workloads: tuple[Workload, ...]
+    services: tuple[Service, ...]
+    namespace_labels: Mapping[str, Mapping[str, str]]
+    diagnostics: tuple[Diagnostic, ...] = ()
+
+    def of_kind(self, kind: str) -> list[Resource[Any]]:
+        return [r for r in self.resources if r.kind == kind]
+
+    def workload(self, ref: str) -> Workload | None:
+        for workload in self.workloads:
+            if workload.ref == ref:
+                return workload
+        return None
+
+
+def build_snapshot(
+    loaded: LoadResult, mesh_documents: tuple[YamlDocument, ...] = ()
+) -> ConfigSnapshot:
+    """Resolve mesh config, workloads and services. ``mesh_documents``: --mesh-config files."""
+    problems: list[Diagnostic] = []
+    mesh = _mesh_config(loaded.resources, mesh_documents, problems)
+    namespaces = {r.name: dict(r.labels) for r in loaded.resources if r.kind == "Namespace"}
+    workloads = tuple(_workloads(loaded.resources, namespaces))
+    services = tuple(_services(loaded.resources))
+    return ConfigSnapshot(
+        mesh=mesh,
+        resources=tuple(loaded.resources),
+        workloads=workloads,
+        services=services,
+        namespace_labels=namespaces,
+        diagnostics=tuple(problems),
+    )
+
+
+def _mesh_config(
+    resources: list[Resource[Any]],
+    mesh_documents: tuple[YamlDocument, ...],
+    problems: list[Diagnostic],
+) -> m.MeshConfigModel:
+    layers: list[tuple[dict[str, Any], YamlDocument, tuple[str | int, ...]]] = []
+    for r in resources:
+        if r.kind == "IstioOperator" and r.spec.mesh_config is not None:
+            layers.append((r.spec.mesh_config, r.document, (*r.base_path, "spec", "meshConfig")))
+    for r in resources:
+        if r.kind == "ConfigMap" and r.name == "istio" and "mesh" in r.spec.data:
+            where = r.meta_location()
+            docs, parse_problems = parse_yaml(r.spec.data["mesh"], f"{where.file} (data.mesh)")
+            problems.extend(parse_problems)
+            for doc in docs:
+                if isinstance(doc.body, dict):
+                    layers.append((doc.body, doc, ()))
+                else:
+                    problems.append(
+                        error("invalid-field", doc.location(()), "mesh must be a mapping")
+                    )
+    for doc in mesh_documents:
+        body = doc.body
+        if isinstance(body, dict) and body.get("kind") == "IstioOperator":
+            body = cast(dict[str, Any], body.get("spec", {})).get("meshConfig", {})
+        if isinstance(body, dict):
+            layers.append((body, doc, ()))
+        else:
+            problems.append(
+                error("invalid-field", doc.location(()), "mesh config must be a mapping")
+            )
+    merged: dict[str, Any] = {}
+    for body, doc, path in layers:
+        checked, layer_problems = validate_model(m.MeshConfigModel, body, doc, path)
+        problems.extend(layer_problems)
+        if checked is not None:
+            merged.update(body)
+    if len(layers) > 1:
+        sources = ", ".join(sorted({doc.file for _, doc, _ in layers}))
+        problems.append(
+            warning(
+                "mesh-config-layers",
+                layers[-1][1].location(()),
+                f"mesh config given {len(layers)} times ({sources}); later fields override earlier",
+            )
+        )
+    return m.MeshConfigModel.model_validate(merged) if merged else m.MeshConfigModel()
+
+
+def _has_sidecar(
+    namespace_labels: Mapping[str, str] | None,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    containers: tuple[m.Container, ...],
+) -> bool:
+    if any(c.name == "istio-proxy" for c in containers):
+        return True  # already injected (a `kubectl get -o yaml` dump)
+    explicit = labels.get(INJECT, annotations.get(INJECT))
+    if explicit is not None:
+        return explicit.lower() == "true"
+    ns = namespace_labels or {}
+    if ns.get("istio-injection") == "disabled":
+        return False
+    return ns.get("istio-injection") == "enabled" or "istio.io/rev" in ns
+
+
+def _workloads(
+    resources: list[Resource[Any]], namespaces: Mapping[str, Mapping[str, str]]
+) -> list[Workload]:
+    out: list[Workload] = []
+    for r in resources:
+        if r.kind == "Pod" or r.kind in _CONTROLLERS:
+            if r.kind == "Pod":
+                labels, annotations = r.labels, r.annotations
+                spec: m.PodSpec = r.spec.spec
+                ip = r.spec.status.pod_ip or None
+            else:
+                template: m.PodTemplate = r.spec.template
+                labels, annotations = template.metadata.labels, template.metadata.annotations
+                spec, ip = template.spec, None
+            out.append(
+                Workload(
+                    namespace=r.namespace,
+                    name=r.name,
+                    kind=r.kind,
+                    labels=labels,
+                    service_account=spec.service_account_name or spec.service_account or "default",
+                    has_sidecar=_has_sidecar(
+                        namespaces.get(r.namespace), labels, annotations, spec.containers
+                    ),
+                    ports=tuple(p.container_port for c in spec.containers for p in c.ports),
+                    ip=ip,
+                    resource=r,
+                )
+            )
+        elif r.kind == "WorkloadEntry":
+            entry: m.WorkloadEntrySpec = r.spec
+            out.append(
+                Workload(
+                    namespace=r.namespace,
+                    name=r.name,
+                    kind=r.kind,
+                    labels=entry.labels,
+                    service_account=entry.service_account or "default",
+                    has_sidecar=True,
+                    ports=tuple(entry.ports.values()),
+                    ip=entry.address or None,
+                    resource=r,
+                )
+            )
+    return out
+
+
+def _services(resources: list[Resource[Any]]) -> list[Service]:
+    out: list[Service] = []
+    for r in resources:
+        if r.kind != "Service":
+            continue
+        spec: m.ServiceSpec = r.spec
+        ports = tuple(
+            ServicePortInfo(
+                port=p.port,
+                target_port=p.target_port if p.target_port is not None else p.port,
+                name=p.name,
+                protocol=p.app_protocol or p.protocol,
+            )
+            for p in spec.ports
+        )
+        out.append(Service(r.namespace, r.name, spec.selector, ports))
+    return out

@@ -1,0 +1,320 @@
+"""Istio's own admission checks on the security kinds, as collected diagnostics.
+
+A resource Istio would reject is reported as an error; trustmesh then refuses to decide
+with that configuration (fail closed) rather than guess what the cluster would hold.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from trustmesh.api import models as m
+from trustmesh.api.diagnostics import Diagnostic, error, warning
+from trustmesh.api.resources import Resource
+from trustmesh.api.snapshot import ConfigSnapshot
+
+DRY_RUN = "istio.io/dry-run"
+MAX_SERVICE_ACCOUNTS = 16
+
+# `when` keys Istio accepts; the bracketed ones take a name, checked by _KEYED.
+_PLAIN_KEYS = frozenset(
+    {
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "source.serviceAccount",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    }
+)
+_KEYED = re.compile(r"^(request\.headers|request\.auth\.claims)((?:\[[^\[\]]+\])+)$")
+_IDENTITY_KEYS = frozenset({"source.namespace", "source.principal", "source.serviceAccount"})
+
+
+def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
+    """Every Istio validation error and warning for the snapshot, sorted by location."""
+    out: list[Diagnostic] = list(snapshot.diagnostics)
+    for r in snapshot.resources:
+        if r.kind == "AuthorizationPolicy":
+            out.extend(_authorization_policy(r, snapshot.mesh.root_namespace))
+        elif r.kind == "PeerAuthentication":
+            out.extend(_peer_authentication(r, snapshot.mesh.root_namespace))
+        elif r.kind == "RequestAuthentication":
+            out.extend(_request_authentication(r))
+    out.sort(key=Diagnostic.sort_key)
+    return out
+
+
+def _selector_and_targets(r: Resource[Any]) -> Iterator[Diagnostic]:
+    spec = r.spec
+    if spec.selector is not None and (spec.target_ref is not None or spec.target_refs):
+        yield error(
+            "selector-with-target-ref",
+            r.location("selector"),
+            "only one of selector or targetRef/targetRefs may be set",
+        )
+    if spec.target_ref is not None and spec.target_refs:
+        yield error(
+            "target-ref-and-refs", r.location("targetRef"), "set targetRefs only, not targetRef too"
+        )
+
+
+def _authorization_policy(r: Resource[Any], root_namespace: str) -> Iterator[Diagnostic]:
+    spec: m.AuthorizationPolicySpec = r.spec
+    yield from _selector_and_targets(r)
+    if DRY_RUN in r.annotations and r.annotations[DRY_RUN].lower() not in ("true", "false"):
+        yield error(
+            "invalid-dry-run",
+            r.meta_location("annotations", DRY_RUN),
+            f'{DRY_RUN} must be "true" or "false", got {r.annotations[DRY_RUN]!r}',
+        )
+    if spec.action is m.Action.CUSTOM:
+        if spec.provider is None or not spec.provider.name:
+            yield error(
+                "custom-without-provider",
+                r.location("provider"),
+                "CUSTOM action needs provider.name",
+            )
+    elif spec.provider is not None:
+        yield error(
+            "provider-without-custom",
+            r.location("provider"),
+            "provider is only allowed with action CUSTOM",
+        )
+    rules = spec.rules or ()
+    if spec.action in (m.Action.DENY, m.Action.CUSTOM) and not rules:
+        yield error(
+            "rules-required",
+            r.location("rules"),
+            f"{spec.action.value} policy without rules would match nothing; Istio rejects it",
+        )
+    for i, rule in enumerate(rules):
+        yield from _rule(r, spec.action, i, rule)
+
+
+def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[Diagnostic]:
+    for j, rule_from in enumerate(rule.from_):
+        path = ("rules", i, "from", j, "source")
+        source = rule_from.source
+        if not source.model_dump(exclude_defaults=True):
+            yield error("empty-source", r.location(*path), "from.source must not be empty")
+        if source.service_accounts or source.not_service_accounts:
+            if (
+                source.principals
+                or source.not_principals
+                or source.namespaces
+                or source.not_namespaces
+            ):
+                yield error(
+                    "service-accounts-with-principals",
+                    r.location(*path, "serviceAccounts"),
+                    "serviceAccounts cannot be combined with principals or namespaces",
+                )
+            for name in ("service_accounts", "not_service_accounts"):
+                if len(getattr(source, name)) > MAX_SERVICE_ACCOUNTS:
+                    yield error(
+                        "too-many-service-accounts",
+                        r.location(*path, _camel(name)),
+                        f"at most {MAX_SERVICE_ACCOUNTS} service accounts",
+                    )
+        if action is m.Action.CUSTOM:
+            for name in (
+                "principals",
+                "not_principals",
+                "namespaces",
+                "not_namespaces",
+                "service_accounts",
+                "not_service_accounts",
+                "request_principals",
+                "not_request_principals",
+            ):
+                if getattr(source, name):
+                    yield error(
+                        "custom-identity-field",
+                        r.location(*path, _camel(name)),
+                        "CUSTOM runs before authentication: identity fields are not allowed",
+                    )
+        for name, values in source:
+            yield from _values(r, (*path, _camel(name)), values)
+            if name.endswith("ip_blocks"):
+                yield from _cidrs(r, (*path, _camel(name)), values)
+            if name.endswith("principals") and "request" not in name:
+                for k, v in enumerate(values):
+                    if v.startswith("spiffe://"):
+                        yield warning(
+                            "principal-with-scheme",
+                            r.location(*path, _camel(name), k),
+                            "principals are written without spiffe://; this value never matches",
+                        )
+    for j, rule_to in enumerate(rule.to):
+        path = ("rules", i, "to", j, "operation")
+        operation = rule_to.operation
+        if not operation.model_dump(exclude_defaults=True):
+            yield error("empty-operation", r.location(*path), "to.operation must not be empty")
+        for name, values in operation:
+            yield from _values(r, (*path, _camel(name)), values)
+            if name.endswith("ports"):
+                yield from _ports(r, (*path, _camel(name)), values)
+    for j, condition in enumerate(rule.when):
+        yield from _condition(r, action, ("rules", i, "when", j), condition)
+
+
+def _condition(
+    r: Resource[Any], action: m.Action, path: tuple[str | int, ...], condition: m.Condition
+) -> Iterator[Diagnostic]:
+    key = condition.key
+    if (
+        key not in _PLAIN_KEYS
+        and not _KEYED.match(key)
+        and not key.startswith("experimental.envoy.filters.")
+    ):
+        yield error("unknown-condition-key", r.location(*path, "key"), f"unknown attribute {key!r}")
+    if not condition.values and not condition.not_values:
+        yield error(
+            "empty-condition",
+            r.location(*path),
+            f"condition {key!r} needs values or notValues",
+        )
+    if action is m.Action.CUSTOM and (key in _IDENTITY_KEYS or key.startswith("request.auth.")):
+        yield error(
+            "custom-identity-field",
+            r.location(*path, "key"),
+            "CUSTOM runs before authentication: identity attributes are not allowed",
+        )
+    for name in ("values", "not_values"):
+        values = getattr(condition, name)
+        yield from _values(r, (*path, _camel(name)), values)
+        if key in ("source.ip", "remote.ip", "destination.ip"):
+            yield from _cidrs(r, (*path, _camel(name)), values)
+        if key == "destination.port":
+            yield from _ports(r, (*path, _camel(name)), values)
+
+
+def _values(
+    r: Resource[Any], path: tuple[str | int, ...], values: tuple[str, ...]
+) -> Iterator[Diagnostic]:
+    for k, value in enumerate(values):
+        if value == "":
+            yield error("empty-value", r.location(*path, k), "empty value is not allowed")
+        elif "*" in value.strip("*") and "{" not in value:
+            yield warning(
+                "literal-wildcard",
+                r.location(*path, k),
+                f"{value!r}: '*' only works at the start or end; here it is matched literally",
+            )
+
+
+def _cidrs(
+    r: Resource[Any], path: tuple[str | int, ...], values: tuple[str, ...]
+) -> Iterator[Diagnostic]:
+    for k, value in enumerate(values):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            yield error(
+                "invalid-cidr", r.location(*path, k), f"{value!r} is not an IP address or CIDR"
+            )
+
+
+def _ports(
+    r: Resource[Any], path: tuple[str | int, ...], values: tuple[str, ...]
+) -> Iterator[Diagnostic]:
+    for k, value in enumerate(values):
+        if not value.isdigit() or not 0 <= int(value) <= 65535:
+            yield error(
+                "invalid-port", r.location(*path, k), f"{value!r} is not a port number 0-65535"
+            )
+
+
+def _peer_authentication(r: Resource[Any], root_namespace: str) -> Iterator[Diagnostic]:
+    spec: m.PeerAuthenticationSpec = r.spec
+    if spec.port_level_mtls and (spec.selector is None or not spec.selector.match_labels):
+        yield error(
+            "port-level-without-selector",
+            r.location("portLevelMtls"),
+            "portLevelMtls requires a selector with matchLabels",
+        )
+    for port in spec.port_level_mtls:
+        if not 1 <= port <= 65535:
+            yield error(
+                "invalid-port", r.location("portLevelMtls", str(port)), f"port {port} out of range"
+            )
+    if r.namespace == root_namespace and spec.selector is not None and spec.selector.match_labels:
+        yield warning(
+            "root-namespace-selector",
+            r.location("selector"),
+            "a PeerAuthentication with a selector in the root namespace is ignored",
+        )
+
+
+def _request_authentication(r: Resource[Any]) -> Iterator[Diagnostic]:
+    spec: m.RequestAuthenticationSpec = r.spec
+    yield from _selector_and_targets(r)
+    for i, rule in enumerate(spec.jwt_rules):
+        path = ("jwtRules", i)
+        if not rule.issuer:
+            yield error("missing-field", r.location(*path, "issuer"), "issuer must be set")
+        if rule.jwks and rule.jwks_uri:
+            yield error("jwks-and-uri", r.location(*path, "jwks"), "set jwks or jwksUri, not both")
+        if rule.jwks_uri and not re.match(r"^https?://[^/\s]+", rule.jwks_uri):
+            yield error(
+                "invalid-jwks-uri",
+                r.location(*path, "jwksUri"),
+                f"{rule.jwks_uri!r} is not an http(s) URL",
+            )
+        if rule.jwks:
+            yield from _jwks(r, (*path, "jwks"), rule.jwks)
+        for k, header in enumerate(rule.from_headers):
+            if not header.name:
+                yield error(
+                    "missing-field",
+                    r.location(*path, "fromHeaders", k, "name"),
+                    "header name must be set",
+                )
+        for k, claim in enumerate(rule.output_claim_to_headers):
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", claim.header):
+                yield error(
+                    "invalid-header-name",
+                    r.location(*path, "outputClaimToHeaders", k, "header"),
+                    f"{claim.header!r} is not a valid header name",
+                )
+            if not claim.claim:
+                yield error(
+                    "missing-field",
+                    r.location(*path, "outputClaimToHeaders", k, "claim"),
+                    "claim must be set",
+                )
+
+
+def _jwks(r: Resource[Any], path: tuple[str | int, ...], text: str) -> Iterator[Diagnostic]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        yield error("invalid-jwks", r.location(*path), f"jwks is not JSON: {exc}")
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("keys"), list):
+        yield error(
+            "invalid-jwks", r.location(*path), "jwks must be a JSON object with a keys list"
+        )
+        return
+    for key in value["keys"]:
+        if isinstance(key, dict) and any(p in key for p in ("d", "p", "q", "k")):
+            yield warning(
+                "private-key-in-jwks",
+                r.location(*path),
+                "jwks contains private key material; publish only public keys",
+            )
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)

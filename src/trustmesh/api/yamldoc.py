@@ -1,0 +1,196 @@
+"""YAML text → plain documents that remember where every value came from.
+
+Why not ``yaml.safe_load_all``: it loses line numbers, silently keeps the last of two
+duplicate keys, expands aliases without bound ("billion laughs"), and one syntax error
+drops every later document of the stream. Here the stream is split at ``---`` lines the
+way kubectl splits it, each document is composed by libyaml on its own, and the node
+tree is kept so that an error found later (by validation) can name its line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from trustmesh.api.diagnostics import Diagnostic, Location, error, field_path
+
+try:  # libyaml ships in PyYAML's wheels; the pure-Python parser is a slow fallback
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 100
+MAX_NODES_PER_DOCUMENT = 2_000_000
+
+_SEPARATOR = re.compile(r"^---(?:[ \t].*)?$")
+_STR_TAG = "tag:yaml.org,2002:str"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_SCALAR_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+
+FieldPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class YamlDocument:
+    """One document of a YAML stream: its plain value and its node tree for positions."""
+
+    file: str
+    index: int
+    line: int
+    body: Any
+    node: yaml.Node = field(repr=False, compare=False)
+    line_offset: int = field(repr=False, default=0)
+
+    def line_of(self, path: FieldPath) -> int:
+        """1-based line of the value at ``path``, or of its deepest existing parent."""
+        node: yaml.Node = self.node
+        for part in path:
+            child = _child(node, part)
+            if child is None:
+                break
+            node = child
+        return node.start_mark.line + 1 + self.line_offset
+
+    def location(self, path: FieldPath) -> Location:
+        return Location(self.file, self.line_of(path), field_path(path))
+
+
+def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+        for key, value in node.value:
+            if key.value == part:
+                return value  # type: ignore[no-any-return]
+    if (
+        isinstance(node, yaml.SequenceNode)
+        and isinstance(part, int)
+        and 0 <= part < len(node.value)
+    ):
+        return node.value[part]  # type: ignore[no-any-return]
+    return None
+
+
+class _DocumentError(Exception):
+    def __init__(self, line: int, path: FieldPath, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.path = path
+        self.message = message
+
+
+def decode_text(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
+    """Strict UTF-8 (BOM allowed): an undecodable byte is an error with its line."""
+    if len(data) > MAX_FILE_BYTES:
+        return None, [
+            error(
+                "file-too-large",
+                Location(file),
+                f"{len(data)} bytes is over the {MAX_FILE_BYTES}-byte limit",
+            )
+        ]
+    try:
+        return data.decode("utf-8-sig"), []
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return None, [
+            error(
+                "invalid-utf8",
+                Location(file, line),
+                f"invalid UTF-8 at byte {exc.start} ({exc.reason}); the file was not loaded",
+            )
+        ]
+
+
+def _split_documents(text: str) -> Iterator[tuple[int, str]]:
+    """Yield (0-based first line, text) per document, splitting on ``---`` lines."""
+    start = 0
+    chunk: list[str] = []
+    for number, line in enumerate(text.splitlines()):
+        if _SEPARATOR.match(line):
+            yield start, "\n".join(chunk)
+            start, chunk = number, [line]
+        else:
+            chunk.append(line)
+    yield start, "\n".join(chunk)
+
+
+def parse_yaml(text: str, file: str) -> tuple[list[YamlDocument], list[Diagnostic]]:
+    """Parse a YAML stream; every document that parses is returned, every problem reported."""
+    documents: list[YamlDocument] = []
+    problems: list[Diagnostic] = []
+    for offset, chunk in _split_documents(text):
+        try:
+            nodes = list(yaml.compose_all(chunk, Loader=_Loader))
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = (mark.line + 1 + offset) if mark else offset + 1
+            what = exc.problem or exc.context or "malformed YAML"
+            problems.append(error("yaml-syntax", Location(file, line), f"malformed YAML: {what}"))
+            continue
+        except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+            problems.append(error("yaml-syntax", Location(file, offset + 1), f"bad YAML: {exc}"))
+            continue
+        for node in nodes:
+            if node is None:
+                continue
+            try:
+                body = _Builder().build(node, (), 0)
+            except _DocumentError as exc:
+                location = Location(file, exc.line + offset, field_path(exc.path))
+                problems.append(error("yaml-structure", location, exc.message))
+                continue
+            if body is None:
+                continue
+            line = node.start_mark.line + 1 + offset
+            documents.append(YamlDocument(file, len(documents), line, body, node, offset))
+    return documents, problems
+
+
+class _Builder:
+    """Node tree → dict/list/scalars with depth, size and duplicate-key checks."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def build(self, node: yaml.Node, path: FieldPath, depth: int) -> Any:
+        self.nodes += 1
+        line = node.start_mark.line + 1
+        if self.nodes > MAX_NODES_PER_DOCUMENT:
+            raise _DocumentError(
+                line, path, f"document has more than {MAX_NODES_PER_DOCUMENT} values (alias bomb?)"
+            )
+        if depth > MAX_DEPTH:
+            raise _DocumentError(line, path, f"nesting deeper than {MAX_DEPTH} levels")
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i), depth + 1) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise _DocumentError(
+                        key_node.start_mark.line + 1, path, "mapping keys must be scalars"
+                    )
+                key = str(key_node.value)
+                if key in out:
+                    raise _DocumentError(
+                        key_node.start_mark.line + 1, (*path, key), f"duplicate key {key!r}"
+                    )
+                out[key] = self.build(value_node, (*path, key), depth + 1)
+            return out
+        raise _DocumentError(line, path, f"unsupported YAML node {type(node).__name__}")
+
+    @staticmethod
+    def _scalar(node: yaml.ScalarNode, path: FieldPath) -> Any:
+        # Kubernetes reads YAML through JSON: timestamps stay strings.
+        if node.tag in (_STR_TAG, _TIMESTAMP_TAG):
+            return node.value
+        try:
+            return _SCALAR_CONSTRUCTOR.construct_object(node)
+        except yaml.YAMLError as exc:
+            raise _DocumentError(node.start_mark.line + 1, path, f"bad scalar: {exc}") from None

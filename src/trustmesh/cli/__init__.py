@@ -1,0 +1,1 @@
+"""Command line: parse arguments, call the library, render. Nothing else."""

@@ -1,0 +1,197 @@
+"""``trustmesh`` command line.
+
+Exit codes: 0 success (``authz check``: allowed), 1 invalid configuration or failed
+tests, 2 bad arguments, 3 ``authz check`` decided not to allow.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from trustmesh.cli import render
+from trustmesh.config import LoadedConfig, load_config
+from trustmesh.policy.decision import RequestError, Verdict
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.policy.testing import run_case
+
+app = typer.Typer(
+    name="trustmesh",
+    help="Zero-trust service-mesh security that speaks Istio's security API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+authz_app = typer.Typer(help="Authorization questions answered offline.", no_args_is_help=True)
+app.add_typer(authz_app, name="authz")
+
+Files = Annotated[
+    list[str],
+    typer.Option("-f", "--filename", help="YAML file, directory (recursive) or - for stdin."),
+]
+MeshConfigOpt = Annotated[
+    list[str] | None, typer.Option("--mesh-config", help="MeshConfig or IstioOperator file.")
+]
+Output = Annotated[str, typer.Option("-o", "--output", help="table or json")]
+
+
+class UsageError(Exception):
+    pass
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _load(files: list[str], mesh_config: list[str] | None, **kwargs: object) -> LoadedConfig:
+    return load_config(files, mesh_config=mesh_config or (), **kwargs)  # type: ignore[arg-type]
+
+
+def _check_output(output: str) -> None:
+    if output not in ("table", "json"):
+        raise UsageError(f"-o must be table or json, got {output!r}")
+
+
+@app.command()
+def validate(files: Files, mesh_config: MeshConfigOpt = None, output: Output = "table") -> None:
+    """Check configuration the way Istio's admission webhook would."""
+    try:
+        _check_output(output)
+        loaded = _load(files, mesh_config, compile_policy=False)
+    except UsageError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    render.diagnostics(loaded.diagnostics, output, summary=loaded)
+    raise typer.Exit(1 if loaded.errors else 0)
+
+
+@authz_app.command("check")
+def authz_check(
+    files: Files,
+    to: Annotated[str, typer.Option("--to", help="Destination workload NS/NAME.")] = "",
+    to_host: Annotated[
+        str, typer.Option("--to-host", help="Egress: a host outside the mesh.")
+    ] = "",
+    port: Annotated[int | None, typer.Option("--port", help="Workload (target) port.")] = None,
+    from_: Annotated[str, typer.Option("--from", help="Source workload NS/NAME.")] = "",
+    principal: Annotated[str, typer.Option("--principal", help="mTLS peer principal.")] = "",
+    plaintext: Annotated[bool, typer.Option("--plaintext", help="Client without a cert.")] = False,
+    source_ip: Annotated[str, typer.Option("--source-ip")] = "",
+    method: Annotated[str, typer.Option("--method")] = "GET",
+    path: Annotated[str, typer.Option("--path")] = "/",
+    host: Annotated[str, typer.Option("--host", help=":authority (default SVC.NS:PORT)")] = "",
+    header: Annotated[list[str] | None, typer.Option("--header", help="K=V, repeatable.")] = None,
+    jwt: Annotated[str, typer.Option("--jwt", help="Sent as Authorization: Bearer.")] = "",
+    tcp: Annotated[bool, typer.Option("--tcp", help="A plain TCP connection.")] = False,
+    jwks: Annotated[list[str] | None, typer.Option("--jwks", help="URI=FILE for jwksUri.")] = None,
+    ext_authz: Annotated[
+        list[str] | None, typer.Option("--ext-authz", help="PROVIDER=allow|deny for CUSTOM.")
+    ] = None,
+    now: Annotated[float | None, typer.Option("--now", help="Clock, epoch seconds.")] = None,
+    mesh_config: MeshConfigOpt = None,
+    output: Output = "table",
+) -> None:
+    """Would this request be allowed, and by which rule?"""
+    try:
+        _check_output(output)
+        sources = [bool(from_), bool(principal), plaintext]
+        if sum(sources) != 1:
+            raise UsageError("give exactly one of --from, --principal or --plaintext")
+        if bool(to) == bool(to_host):
+            raise UsageError("give exactly one of --to NS/WORKLOAD or --to-host HOST")
+        answers = _pairs(ext_authz, "--ext-authz")
+        if any(v not in ("allow", "deny") for v in answers.values()):
+            raise UsageError("--ext-authz values are allow or deny")
+        headers = tuple(_pairs_list(header))
+        loaded = _load(files, mesh_config, jwks_files=_pairs(jwks, "--jwks"))
+    except UsageError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    if loaded.mesh is None:
+        render.diagnostics(loaded.diagnostics, output, summary=loaded)
+        raise typer.Exit(1)
+    ip = source_ip or None
+    if from_:
+        source = Source.workload(from_, ip)
+    elif principal:
+        source = Source.principal(principal, ip)
+    else:
+        source = Source.plaintext(ip)
+    http = None if tcp else HttpRequest(method, path, host or None, headers, jwt or None)
+    request = Request(source, to, port, http, to_host or None)
+    try:
+        decision = evaluate(
+            loaded.mesh,
+            request,
+            now=time.time() if now is None else now,
+            trace=True,
+            ext_authz={k: v == "allow" for k, v in answers.items()},
+        )
+    except RequestError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    render.decision(decision, output)
+    raise typer.Exit(0 if decision.verdict is Verdict.ALLOW else 3)
+
+
+def _pairs_list(values: list[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--header must look like NAME=VALUE, got {item!r}")
+        out.append((key, value))
+    return out
+
+
+@app.command("test")
+def test_command(
+    files: Files,
+    test_files: Annotated[list[str], typer.Argument(help="PolicyTest files or directories.")],
+    mesh_config: MeshConfigOpt = None,
+    jwks: Annotated[list[str] | None, typer.Option("--jwks", help="URI=FILE for jwksUri.")] = None,
+    now: Annotated[float | None, typer.Option("--now", help="Clock, epoch seconds.")] = None,
+    output: Output = "table",
+) -> None:
+    """Run PolicyTest cases; exit 0 only when every case passes."""
+    try:
+        _check_output(output)
+        loaded = _load(files, mesh_config, test_paths=test_files, jwks_files=_pairs(jwks, "--jwks"))
+    except UsageError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    if loaded.mesh is None:
+        render.diagnostics(loaded.diagnostics, output, summary=loaded)
+        raise typer.Exit(1)
+    if not loaded.tests:
+        render.usage_error("no PolicyTest found in the given test files")
+        raise typer.Exit(1)
+    clock = time.time() if now is None else now
+    results = [
+        run_case(loaded.mesh, suite.name, str(suite.location), case, clock)
+        for suite in loaded.tests
+        for case in suite.spec.cases
+    ]
+    render.test_results(results, output)
+    raise typer.Exit(0 if all(r.passed for r in results) else 1)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the trustmesh version."""
+    from importlib.metadata import version as dist_version
+
+    typer.echo(dist_version("trustmesh"))
+
+
+def run() -> None:
+    app()

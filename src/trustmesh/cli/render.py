@@ -1,0 +1,105 @@
+"""Rendering of diagnostics, decisions and test results: rich tables or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+from rich.console import Console
+from rich.table import Table
+
+from trustmesh.api.diagnostics import Diagnostic
+from trustmesh.policy.decision import Decision, Verdict
+from trustmesh.policy.testing import CaseResult
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _Summary(Protocol):
+    @property
+    def errors(self) -> list[Diagnostic]: ...
+
+
+def usage_error(message: str) -> None:
+    _err.print(f"[red]error:[/red] {message}", markup=True)
+
+
+def _json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def diagnostics(items: Sequence[Diagnostic], output: str, summary: _Summary) -> None:
+    if output == "json":
+        _json({"valid": not summary.errors, "diagnostics": [d.as_dict() for d in items]})
+        return
+    for d in items:
+        color = "red" if d.is_error else "yellow"
+        _out.print(f"[{color}]{d.severity.value}[/{color}] {_escape(str(d))}")
+    errors = sum(1 for d in items if d.is_error)
+    warnings = len(items) - errors
+    if errors:
+        _out.print(f"{errors} error(s), {warnings} warning(s): configuration is invalid")
+    else:
+        _out.print(f"configuration is valid ({warnings} warning(s))")
+
+
+_COLORS = {
+    Verdict.ALLOW: "green",
+    Verdict.DENY: "red",
+    Verdict.UNAUTHENTICATED: "red",
+    Verdict.RESET: "red",
+    Verdict.BAD_REQUEST: "red",
+}
+
+
+def decision(d: Decision, output: str) -> None:
+    if output == "json":
+        _json(d.as_dict())
+        return
+    color = _COLORS[d.verdict]
+    status = f" {d.status}" if d.status is not None else ""
+    _out.print(
+        f"[bold {color}]{d.verdict.value.upper()}[/bold {color}]{status}: {_escape(d.reason)}"
+    )
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("rule", _escape(d.rule or "-"))
+    if d.principal:
+        table.add_row("principal", _escape(d.principal))
+    if d.request_principal:
+        table.add_row("request principal", _escape(d.request_principal))
+    for shadow in d.dry_run:
+        table.add_row(f"dry-run {shadow.action}", _escape(shadow.log_line()))
+    if d.audit:
+        table.add_row("audit", _escape(d.audit))
+    for name, value in d.upstream_headers:
+        table.add_row("upstream header", _escape(f"{name}: {value}"))
+    _out.print(table)
+    _out.print("trace:")
+    for step in d.trace:
+        _out.print(f"  {_escape(step)}")
+
+
+def test_results(results: Sequence[CaseResult], output: str) -> None:
+    passed = sum(r.passed for r in results)
+    failed = len(results) - passed
+    if output == "json":
+        _json({"passed": passed, "failed": failed, "cases": [r.as_dict() for r in results]})
+        return
+    for r in results:
+        mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
+        _out.print(f"{mark} {_escape(r.suite)} / {_escape(r.case)}")
+        if not r.passed:
+            _out.print(f"     at {_escape(r.location)}")
+            for failure in r.failures:
+                _out.print(f"     {_escape(failure)}")
+            if r.decision is not None:
+                for step in r.decision.trace:
+                    _out.print(f"       · {_escape(step)}")
+    _out.print(f"{passed} passed, {failed} failed")
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", "\\[")

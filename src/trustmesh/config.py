@@ -1,0 +1,141 @@
+"""Reading configuration from files, directories and stdin into a compiled mesh.
+
+The one place (besides the CLI) that touches the file system for configuration:
+api/ and policy/ receive bytes and return values.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from trustmesh.api.diagnostics import Diagnostic, Location, error
+from trustmesh.api.loader import LoadResult, load_sources, validate_model
+from trustmesh.api.policytest import PolicyTestSpec
+from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
+from trustmesh.api.validation import validate_snapshot
+from trustmesh.api.yamldoc import YamlDocument, decode_text, parse_yaml
+from trustmesh.policy.compose import MeshPolicy, compile_mesh
+
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTestFile:
+    name: str
+    location: Location
+    spec: PolicyTestSpec
+    document: YamlDocument = field(repr=False, compare=False)
+
+
+@dataclass(slots=True)
+class LoadedConfig:
+    snapshot: ConfigSnapshot
+    diagnostics: list[Diagnostic]
+    tests: list[PolicyTestFile]
+    mesh: MeshPolicy | None = None
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.is_error]
+
+
+def read_sources(
+    paths: Iterable[str], stdin: BinaryIO | None = None
+) -> tuple[list[tuple[str, bytes]], list[Diagnostic]]:
+    """(name, bytes) for each file; directories are walked recursively in name order."""
+    out: list[tuple[str, bytes]] = []
+    problems: list[Diagnostic] = []
+    for raw in paths:
+        if raw == "-":
+            stream = stdin if stdin is not None else sys.stdin.buffer
+            out.append(("<stdin>", stream.read()))
+            continue
+        path = Path(raw)
+        try:
+            if path.is_dir():
+                files = sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix in YAML_SUFFIXES
+                )
+                if not files:
+                    problems.append(error("no-files", Location(raw), "no .yaml/.yml/.json files"))
+                out.extend((str(p), p.read_bytes()) for p in files)
+            else:
+                out.append((raw, path.read_bytes()))
+        except OSError as exc:
+            problems.append(error("unreadable", Location(raw), exc.strerror or str(exc)))
+    return out, problems
+
+
+def load_config(
+    paths: Sequence[str],
+    *,
+    mesh_config: Sequence[str] = (),
+    jwks_files: Mapping[str, str] | None = None,
+    test_paths: Sequence[str] = (),
+    stdin: BinaryIO | None = None,
+    compile_policy: bool = True,
+) -> LoadedConfig:
+    """Load, validate and (when there are no errors) compile the configuration."""
+    sources, problems = read_sources(paths, stdin)
+    loaded = load_sources(sources)
+    test_sources, test_problems = read_sources(test_paths, stdin)
+    tests_loaded = load_sources(test_sources)
+    problems.extend(test_problems)
+    mesh_docs: list[YamlDocument] = []
+    mesh_sources, mesh_problems = read_sources(mesh_config)
+    problems.extend(mesh_problems)
+    for name, data in mesh_sources:
+        text, decode_problems = decode_text(data, name)
+        problems.extend(decode_problems)
+        if text is not None:
+            docs, parse_problems = parse_yaml(text, name)
+            mesh_docs.extend(docs)
+            problems.extend(parse_problems)
+    jwks: dict[str, str] = {}
+    for uri, file in (jwks_files or {}).items():
+        try:
+            jwks[uri] = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(error("unreadable", Location(file), f"jwks for {uri}: {exc}"))
+    snapshot = build_snapshot(loaded, tuple(mesh_docs))
+    diagnostics = problems + loaded.diagnostics + validate_snapshot(snapshot)
+    tests = _tests(loaded, diagnostics) + _tests(tests_loaded, diagnostics)
+    diagnostics.extend(d for d in tests_loaded.diagnostics)
+    if tests_loaded.resources:
+        for r in tests_loaded.resources:
+            diagnostics.append(
+                error(
+                    "not-a-test", r.meta_location(), f"{r.kind} in a test file: pass config with -f"
+                )
+            )
+    diagnostics.sort(key=Diagnostic.sort_key)
+    result = LoadedConfig(snapshot, diagnostics, tests)
+    if compile_policy and not result.errors:
+        result.mesh = compile_mesh(snapshot, jwks)
+    return result
+
+
+def _tests(loaded: LoadResult, diagnostics: list[Diagnostic]) -> list[PolicyTestFile]:
+    out: list[PolicyTestFile] = []
+    for document, base in loaded.test_documents:
+        body: Any = document.body
+        for part in base:
+            body = body[part]
+        if body.get("kind") != "PolicyTest":
+            diagnostics.append(
+                error(
+                    "unknown-kind", document.location((*base, "kind")), "expected kind PolicyTest"
+                )
+            )
+            continue
+        meta = body.get("metadata") or {}
+        name = meta.get("name", "?") if isinstance(meta, dict) else "?"
+        spec, problems = validate_model(PolicyTestSpec, body.get("spec"), document, (*base, "spec"))
+        diagnostics.extend(problems)
+        if spec is not None:
+            out.append(PolicyTestFile(str(name), document.location(base), spec, document))
+    return out

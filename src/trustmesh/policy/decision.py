@@ -1,0 +1,62 @@
+"""What the evaluator answers: a verdict, the deciding rule, dry-run results, a trace."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    UNAUTHENTICATED = "unauthenticated"
+    RESET = "reset"
+    BAD_REQUEST = "bad-request"
+
+
+class RequestError(ValueError):
+    """The question itself is wrong (unknown workload, missing port): not a verdict."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowResult:
+    """A dry-run rule set's answer, as Envoy logs it (``shadow denied, matched …``)."""
+
+    action: str  # "ALLOW" | "DENY"
+    result: str  # "allowed" | "denied"
+    rule: str | None
+
+    def log_line(self) -> str:
+        matched = f", matched policy {self.rule}" if self.rule else ""
+        return f"shadow {self.result}{matched}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    status: int | None  # HTTP status the client sees; None for TCP / reset
+    rule: str | None  # the deciding Envoy policy name, if a rule decided
+    reason: str
+    dry_run: tuple[ShadowResult, ...] = ()
+    audit: str | None = None
+    trace: tuple[str, ...] = ()
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    principal: str | None = None
+    request_principal: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "verdict": self.verdict.value,
+            "status": self.status,
+            "rule": self.rule,
+            "reason": self.reason,
+            "dry_run": [
+                {"action": s.action, "result": s.result, "rule": s.rule, "log": s.log_line()}
+                for s in self.dry_run
+            ],
+            "audit": self.audit,
+            "principal": self.principal,
+            "request_principal": self.request_principal,
+            "upstream_headers": dict(self.upstream_headers),
+            "trace": list(self.trace),
+        }

@@ -1,0 +1,384 @@
+"""The evaluator: would Istio + Envoy let this request through, and which rule decided?
+
+Order is the inbound filter chain's: TLS (PeerAuthentication vs. the client's TLS
+choice), the HTTP codec and path normalization, CUSTOM (ext_authz), JWT authentication,
+dry-run shadow rules, DENY, AUDIT, ALLOW. The trace records the same steps the verdict
+comes from; with ``trace=False`` nothing is formatted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from trustmesh.api import models as m
+from trustmesh.api.snapshot import Workload
+from trustmesh.policy.authz import CompiledRule
+from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
+from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
+from trustmesh.policy.jwt import JwtResult, JwtStatus, authenticate
+from trustmesh.policy.pathnorm import PathRejected, normalize_path
+from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
+from trustmesh.policy.tls import ClientTls, client_tls, egress_decision
+
+# Methods Envoy's HTTP/1 codec accepts; anything else (or lower-case) is a 400.
+HTTP1_METHODS = frozenset(
+    [
+        "ACL",
+        "BIND",
+        "CHECKOUT",
+        "CONNECT",
+        "COPY",
+        "DELETE",
+        "GET",
+        "HEAD",
+        "LINK",
+        "LOCK",
+        "M-SEARCH",
+        "MERGE",
+        "MKACTIVITY",
+        "MKCALENDAR",
+        "MKCOL",
+        "MOVE",
+        "NOTIFY",
+        "OPTIONS",
+        "PATCH",
+        "POST",
+        "PROPFIND",
+        "PROPPATCH",
+        "PURGE",
+        "PUT",
+        "QUERY",
+        "REBIND",
+        "REPORT",
+        "SEARCH",
+        "SOURCE",
+        "SUBSCRIBE",
+        "TRACE",
+        "UNBIND",
+        "UNLINK",
+        "UNLOCK",
+        "UNSUBSCRIBE",
+    ]
+)
+ACCESS_DENIED = "RBAC: access denied"
+
+
+@dataclass(slots=True)
+class _Run:
+    """Per-decision scratch: the trace (None when off) and shadow results."""
+
+    trace: list[str] | None
+    shadow: list[ShadowResult] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if self.trace is not None:
+            self.trace.append(text)
+
+
+def evaluate(
+    mesh: MeshPolicy,
+    request: Request,
+    *,
+    now: float,
+    trace: bool = False,
+    ext_authz: Mapping[str, bool] | None = None,
+) -> Decision:
+    """Decide ``request`` against the compiled mesh. ``now`` is seconds since the epoch.
+
+    ``ext_authz`` answers CUSTOM providers (name → allowed); a provider with no answer
+    is taken to deny (fail closed) and the trace says so.
+    """
+    run = _Run([] if trace else None)
+    source_workload = _source_workload(mesh, request)
+    if request.destination_host is not None:
+        return _egress(mesh, request, source_workload, run)
+    target = mesh.for_workload(request.destination)
+    if target is None:
+        raise RequestError(f"unknown destination workload {request.destination!r}")
+    port = _port(request, target.workload)
+    is_http = request.http is not None
+    if not target.workload.has_sidecar:
+        run.note(f"destination {target.workload.ref} has no sidecar: no policy is enforced")
+        return _finish(
+            run, Verdict.ALLOW, 200 if is_http else None, None, "destination has no sidecar"
+        )
+
+    mode = target.mtls.for_port(port)
+    run.note(
+        f"destination {target.workload.ref} port {port}: PeerAuthentication {mode.mode.value}"
+        + (f" (from {mode.scope} policy {mode.policy})" if mode.policy else " (default)")
+    )
+    tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
+    run.note(tls.explanation)
+    reset = tls.conflict or _tls_mismatch(tls, mode.mode)
+    if reset:
+        run.note(reset)
+        status = 503 if is_http and tls.client_has_sidecar else None
+        return _finish(run, Verdict.RESET, status, None, reset)
+
+    attrs = Attributes(
+        principal=tls.principal,
+        source_ip=_ip(request.source.ip or (source_workload.ip if source_workload else None)),
+        destination_ip=_ip(target.workload.ip),
+        destination_port=port,
+        sni=tls.sni,
+        is_http=is_http,
+    )
+    attrs.remote_ip = attrs.source_ip
+    if tls.principal:
+        run.note(f"peer principal {tls.principal}")
+    if request.http is not None:
+        rejected = _http_attributes(mesh, request, target, port, attrs, run)
+        if rejected is not None:
+            return rejected
+    return _authorize(mesh, target, attrs, run, ext_authz or {}, now)
+
+
+def _authorize(
+    mesh: MeshPolicy,
+    target: WorkloadPolicy,
+    attrs: Attributes,
+    run: _Run,
+    ext_authz: Mapping[str, bool],
+    now: float,
+) -> Decision:
+    authz = target.authz
+    is_http = attrs.is_http
+    denied_status = 403 if is_http else None
+
+    custom = _first(authz.custom, attrs, run, "CUSTOM")
+    if custom is not None:
+        provider = custom.provider or ""
+        if provider not in mesh.extension_providers:
+            reason = (
+                f"CUSTOM provider {provider!r} is not in meshConfig.extensionProviders"
+                " (fails closed)"
+            )
+            run.note(reason)
+            return _finish(run, Verdict.DENY, denied_status, custom.name, reason)
+        allowed = ext_authz.get(provider)
+        if allowed is None:
+            reason = (
+                f"external authorizer {provider!r} would be asked; no answer given offline"
+                " (--ext-authz), taken as deny"
+            )
+            run.note(reason)
+            return _finish(run, Verdict.DENY, denied_status, custom.name, reason)
+        run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
+        if not allowed:
+            return _finish(run, Verdict.DENY, denied_status, custom.name, f"denied by {provider}")
+
+    upstream: tuple[tuple[str, str], ...] = ()
+    if is_http and target.jwt_providers:
+        jwt_result = authenticate(target.jwt_providers, attrs.headers, attrs.query, now)
+        run.note(f"JWT: {jwt_result.status.value}: {jwt_result.message}")
+        if jwt_result.status is JwtStatus.UNAUTHENTICATED:
+            return _finish(run, Verdict.UNAUTHENTICATED, 401, None, jwt_result.message)
+        if jwt_result.status is JwtStatus.AUDIENCE:
+            return _finish(run, Verdict.DENY, 403, None, jwt_result.message)
+        if jwt_result.status is JwtStatus.OK:
+            attrs.issuer, attrs.subject, attrs.claims = (
+                jwt_result.issuer,
+                jwt_result.subject,
+                jwt_result.claims,
+            )
+            upstream = _jwt_headers(jwt_result)
+
+    _shadow(authz.dry_run_deny, "DENY", attrs, run)
+    _shadow(authz.dry_run_allow, "ALLOW", attrs, run)
+
+    deny = _first(authz.deny, attrs, run, "DENY")
+    if deny is not None:
+        return _finish(run, Verdict.DENY, denied_status, deny.name, ACCESS_DENIED, attrs, upstream)
+    audit = _first(authz.audit, attrs, run, "AUDIT")
+    audit_name = audit.name if audit else None
+    if not authz.allow.applies:
+        run.note("no ALLOW policy applies: allowed")
+        return _finish(
+            run,
+            Verdict.ALLOW,
+            200 if is_http else None,
+            None,
+            "no ALLOW policy applies",
+            attrs,
+            upstream,
+            audit_name,
+        )
+    allow = _first(authz.allow, attrs, run, "ALLOW")
+    if allow is None:
+        rules = authz.allow.for_protocol(is_http)
+        why = (
+            ACCESS_DENIED
+            if rules
+            else f"{ACCESS_DENIED} (no ALLOW rule applies to {'HTTP' if is_http else 'TCP'})"
+        )
+        return _finish(run, Verdict.DENY, denied_status, None, why, attrs, upstream, audit_name)
+    return _finish(
+        run,
+        Verdict.ALLOW,
+        200 if is_http else None,
+        allow.name,
+        "allowed by ALLOW rule",
+        attrs,
+        upstream,
+        audit_name,
+    )
+
+
+def _first(rules: ActionRules, attrs: Attributes, run: _Run, label: str) -> CompiledRule | None:
+    rule_set = rules.for_protocol(attrs.is_http)
+    found = rule_set.first_match(attrs)
+    if run.trace is not None and rules.applies:
+        for rule, _matched, why in rule_set.explain(attrs):
+            run.note(f"{label} {rule.name}: {why}")
+        if not rule_set:
+            run.note(f"{label}: {len(rules.policies)} policies apply, no rule for this protocol")
+    return found
+
+
+def _shadow(rules: ActionRules, action: str, attrs: Attributes, run: _Run) -> None:
+    if not rules.applies:
+        return
+    matched = _first(rules, attrs, run, f"dry-run {action}")
+    if action == "DENY":
+        result = ShadowResult(
+            action, "denied" if matched else "allowed", matched.name if matched else None
+        )
+    else:
+        result = ShadowResult(
+            action, "allowed" if matched else "denied", matched.name if matched else None
+        )
+    run.shadow.append(result)
+    run.note(result.log_line())
+
+
+def _finish(
+    run: _Run,
+    verdict: Verdict,
+    status: int | None,
+    rule: str | None,
+    reason: str,
+    attrs: Attributes | None = None,
+    upstream: tuple[tuple[str, str], ...] = (),
+    audit: str | None = None,
+) -> Decision:
+    return Decision(
+        verdict=verdict,
+        status=status,
+        rule=rule,
+        reason=reason,
+        dry_run=tuple(run.shadow),
+        audit=audit,
+        trace=tuple(run.trace or ()),
+        upstream_headers=upstream if verdict is Verdict.ALLOW else (),
+        principal=attrs.principal if attrs else None,
+        request_principal=attrs.request_principal if attrs else None,
+    )
+
+
+def _http_attributes(
+    mesh: MeshPolicy,
+    request: Request,
+    target: WorkloadPolicy,
+    port: int,
+    attrs: Attributes,
+    run: _Run,
+) -> Decision | None:
+    http = request.http
+    assert http is not None
+    if http.method not in HTTP1_METHODS:
+        reason = f"method {http.method!r} is rejected by Envoy's HTTP/1 codec"
+        run.note(reason)
+        return _finish(run, Verdict.BAD_REQUEST, 400, None, reason)
+    if not http.path.startswith("/"):
+        reason = f"path {http.path!r} does not start with '/'"
+        run.note(reason)
+        return _finish(run, Verdict.BAD_REQUEST, 404, None, reason)
+    try:
+        normalized = normalize_path(http.path, mesh.path_normalization)
+    except PathRejected as exc:
+        run.note(f"path rejected: {exc.reason}")
+        return _finish(run, Verdict.BAD_REQUEST, 400, None, exc.reason)
+    if normalized.full != http.path:
+        run.note(
+            f"path {http.path} normalized to {normalized.full} ({mesh.path_normalization.value})"
+        )
+    headers: dict[str, tuple[str, ...]] = {}
+    for name, value in http.header_lines():
+        key = name.lower()
+        headers[key] = (*headers.get(key, ()), value)
+    host = http.host or _default_host(mesh, target.workload, port)
+    headers[":authority"] = (host,)
+    attrs.method, attrs.path, attrs.query = http.method, normalized.path, normalized.query
+    attrs.host, attrs.headers = host, headers
+    return None
+
+
+def _jwt_headers(result: JwtResult) -> tuple[tuple[str, str], ...]:
+    provider = result.provider
+    if provider is None:
+        return ()
+    out = []
+    for header, claim in provider.output_claim_to_headers:
+        value = result.claims.get(claim)
+        if isinstance(value, str | int | float | bool):
+            out.append(
+                (header.lower(), str(value).lower() if isinstance(value, bool) else str(value))
+            )
+    if provider.output_payload_to_header:
+        out.append((provider.output_payload_to_header.lower(), "<base64url payload>"))
+    return tuple(out)
+
+
+def _default_host(mesh: MeshPolicy, workload: Workload, port: int) -> str:
+    for service in mesh.snapshot.services:
+        if service.selects(workload):
+            for sp in service.ports:
+                if sp.target_port == port:
+                    return f"{service.name}.{service.namespace}:{sp.port}"
+            return f"{service.name}.{service.namespace}"
+    return f"{workload.name}.{workload.namespace}:{port}"
+
+
+def _tls_mismatch(tls: ClientTls, mode: m.MtlsMode) -> str | None:
+    if mode is m.MtlsMode.STRICT and not tls.mtls:
+        return "plaintext to a STRICT port finds no filter chain: connection reset"
+    if mode is m.MtlsMode.DISABLE and tls.mtls:
+        return "mTLS to a DISABLE port: the server expects plaintext, connection reset"
+    return None
+
+
+def _source_workload(mesh: MeshPolicy, request: Request) -> Workload | None:
+    if request.source.kind is not SourceKind.WORKLOAD:
+        return None
+    found = mesh.snapshot.workload(request.source.value)
+    if found is None:
+        raise RequestError(f"unknown source workload {request.source.value!r}")
+    return found
+
+
+def _port(request: Request, workload: Workload) -> int:
+    if request.port is not None:
+        if not 1 <= request.port <= 65535:
+            raise RequestError(f"port {request.port} is out of range")
+        return request.port
+    if len(set(workload.ports)) == 1:
+        return workload.ports[0]
+    raise RequestError(f"{workload.ref} declares ports {sorted(set(workload.ports))}: give --port")
+
+
+def _ip(value: str | None) -> IpAddress | None:
+    if not value:
+        return None
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise RequestError(f"{value!r} is not an IP address") from None
+
+
+def _egress(mesh: MeshPolicy, request: Request, source: Workload | None, run: _Run) -> Decision:
+    verdict, status, reason = egress_decision(mesh, request, source)
+    run.note(reason)
+    return _finish(run, verdict, status, None, reason)

@@ -1,0 +1,105 @@
+"""Runs PolicyTest cases against a compiled mesh (pure: ``now`` is passed in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trustmesh.api.policytest import Case, Expectation
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.decision import Decision, RequestError
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.request import HttpRequest, Request, Source
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    suite: str
+    case: str
+    location: str
+    passed: bool
+    failures: tuple[str, ...]
+    decision: Decision | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "suite": self.suite,
+            "case": self.case,
+            "location": self.location,
+            "passed": self.passed,
+            "failures": list(self.failures),
+            "decision": self.decision.as_dict() if self.decision else None,
+        }
+
+
+def case_request(case: Case) -> Request:
+    src = case.from_
+    if src.workload is not None:
+        source = Source.workload(src.workload, src.ip)
+    elif src.principal is not None:
+        source = Source.principal(src.principal, src.ip)
+    else:
+        source = Source.plaintext(src.ip)
+    http = None
+    if case.request is not None:
+        headers: list[tuple[str, str]] = []
+        for name, value in case.request.headers.items():
+            values = value if isinstance(value, list) else [value]
+            headers.extend((name, v) for v in values)
+        http = HttpRequest(
+            method=case.request.method,
+            path=case.request.path,
+            host=case.request.host,
+            headers=tuple(headers),
+            jwt=case.request.jwt,
+        )
+    return Request(
+        source=source,
+        destination=case.to.workload or "",
+        port=case.to.port,
+        http=http,
+        destination_host=case.to.host,
+    )
+
+
+def run_case(mesh: MeshPolicy, suite: str, location: str, case: Case, now: float) -> CaseResult:
+    try:
+        decision = evaluate(
+            mesh,
+            case_request(case),
+            now=float(case.now) if case.now is not None else now,
+            trace=True,
+            ext_authz={k: v == "allow" for k, v in case.ext_authz.items()},
+        )
+    except RequestError as exc:
+        return CaseResult(suite, case.name, location, False, (f"bad case: {exc}",), None)
+    failures = check(decision, case.expect)
+    return CaseResult(suite, case.name, location, not failures, tuple(failures), decision)
+
+
+def check(decision: Decision, expect: str | Expectation) -> list[str]:
+    if isinstance(expect, str):
+        expect = Expectation(verdict=expect)
+    failures = []
+    if expect.verdict is not None and decision.verdict.value != expect.verdict:
+        failures.append(
+            f"expected {expect.verdict}, got {decision.verdict.value} ({decision.reason})"
+        )
+    if expect.status is not None and decision.status != expect.status:
+        failures.append(f"expected status {expect.status}, got {decision.status}")
+    if expect.rule is not None and decision.rule != expect.rule:
+        failures.append(f"expected rule {expect.rule}, got {decision.rule}")
+    if expect.dry_run is not None:
+        results = {s.result for s in decision.dry_run}
+        if not results:
+            failures.append(f"expected dry-run {expect.dry_run}, but no dry-run policy applies")
+        elif expect.dry_run == "denied" and "denied" not in results:
+            failures.append("expected dry-run denied, got allowed")
+        elif expect.dry_run == "allowed" and "denied" in results:
+            failures.append("expected dry-run allowed, got denied")
+    got_headers = dict(decision.upstream_headers)
+    for name, value in expect.upstream_headers.items():
+        if got_headers.get(name.lower()) != value:
+            failures.append(
+                f"expected upstream header {name}: {value}, got {got_headers.get(name.lower())}"
+            )
+    return failures

@@ -1,0 +1,187 @@
+"""The client side of a connection: does it speak mesh mTLS, and may it leave the mesh?
+
+Client TLS follows Istio: an explicit DestinationRule ``tls`` setting always wins
+(looked up in the client's namespace, then the service's, then the root namespace);
+otherwise auto mTLS uses ISTIO_MUTUAL towards endpoints with a sidecar whose port is
+not DISABLE, and plaintext elsewhere. Egress follows ``outboundTrafficPolicy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.api import models as m
+from trustmesh.api.resources import Resource
+from trustmesh.api.snapshot import Service, Workload
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.decision import RequestError, Verdict
+from trustmesh.policy.request import Request, Source, SourceKind
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    mtls: bool
+    principal: str | None
+    sni: str | None
+    client_has_sidecar: bool
+    explanation: str
+    conflict: str | None = None  # a TLS the server side can never accept
+
+
+def client_tls(
+    mesh: MeshPolicy,
+    source: Source,
+    source_workload: Workload | None,
+    target: WorkloadPolicy,
+    port: int,
+    server_mode: m.MtlsMode,
+) -> ClientTls:
+    service, service_port = _service_for(mesh, target.workload, port)
+    sni = (
+        f"outbound_.{service_port}_._.{service.hostname}"
+        if service is not None and service_port is not None
+        else None
+    )
+    if source.kind is SourceKind.PLAINTEXT:
+        return ClientTls(False, None, None, False, "plaintext client: no certificate")
+    if source.kind is SourceKind.PRINCIPAL:
+        return ClientTls(True, source.value, sni, True, f"mTLS peer presenting {source.value}")
+    assert source_workload is not None
+    if not source_workload.has_sidecar:
+        return ClientTls(
+            False, None, None, False, f"source {source_workload.ref} has no sidecar: plaintext"
+        )
+    principal = source_workload.principal(mesh.snapshot.mesh.trust_domain)
+    setting = None
+    if service is not None:
+        setting = destination_rule_tls(mesh, source_workload.namespace, service, service_port)
+    if setting is not None:
+        rule, tls = setting
+        where = f"DestinationRule {rule.namespace}/{rule.name} tls {tls.mode.value}"
+        if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+            return ClientTls(True, principal, sni, True, f"{where}: mesh mTLS as {principal}")
+        if tls.mode is m.TlsMode.DISABLE:
+            return ClientTls(False, None, None, True, f"{where}: plaintext")
+        return ClientTls(
+            False,
+            None,
+            None,
+            True,
+            f"{where}: TLS with user certificates",
+            conflict=f"{where} originates TLS a sidecar does not terminate: connection reset",
+        )
+    if not mesh.snapshot.mesh.enable_auto_mtls:
+        return ClientTls(
+            False, None, None, True, "auto mTLS is off and no DestinationRule sets TLS: plaintext"
+        )
+    if server_mode is m.MtlsMode.DISABLE:
+        return ClientTls(
+            False, None, None, True, "auto mTLS: destination port is DISABLE, plaintext"
+        )
+    return ClientTls(
+        True, principal, sni, True, f"auto mTLS: destination has a sidecar, mTLS as {principal}"
+    )
+
+
+def _service_for(
+    mesh: MeshPolicy, workload: Workload, port: int
+) -> tuple[Service | None, int | None]:
+    fallback: Service | None = None
+    for service in mesh.snapshot.services:
+        if not service.selects(workload):
+            continue
+        fallback = fallback or service
+        for sp in service.ports:
+            if sp.target_port == port:
+                return service, sp.port
+    return fallback, None
+
+
+def destination_rule_tls(
+    mesh: MeshPolicy, client_namespace: str, service: Service, service_port: int | None
+) -> tuple[Resource[Any], m.ClientTlsSettings] | None:
+    """The DestinationRule TLS setting a client in ``client_namespace`` uses, if any."""
+    rules = mesh.snapshot.of_kind("DestinationRule")
+    root = mesh.snapshot.mesh.root_namespace
+    for namespace in dict.fromkeys((client_namespace, service.namespace, root)):
+        matching = [r for r in rules if r.namespace == namespace and _host_matches(r, service)]
+        if not matching:
+            continue
+        matching.sort(key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
+        policy: m.TrafficPolicy | None = matching[0].spec.traffic_policy
+        if policy is None:
+            return None
+        for level in policy.port_level_settings:
+            if level.port is not None and level.port.number == service_port and level.tls:
+                return matching[0], level.tls
+        return (matching[0], policy.tls) if policy.tls is not None else None
+    return None
+
+
+def _host_matches(rule: Resource[Any], service: Service) -> bool:
+    host: str = rule.spec.host
+    fqdn = service.hostname
+    if host == "*" or host == fqdn:
+        return True
+    if host.startswith("*."):
+        return fqdn.endswith(host[1:])
+    parts = host.split(".")
+    if len(parts) == 1:
+        return f"{host}.{rule.namespace}.svc.cluster.local" == fqdn
+    if len(parts) == 2:
+        return f"{host}.svc.cluster.local" == fqdn
+    return False
+
+
+def egress_decision(
+    mesh: MeshPolicy, request: Request, source: Workload | None
+) -> tuple[Verdict, int | None, str]:
+    """Outbound from ``source`` to a host outside the workload list."""
+    host = (
+        (request.destination_host or "").lower().rsplit(":", 1)[0]
+        if request.destination_host
+        else ""
+    )
+    is_http = request.http is not None
+    ok_status = 200 if is_http else None
+    if source is None:
+        raise RequestError("an egress question needs a source workload (--from NS/NAME)")
+    if not source.has_sidecar:
+        return (
+            Verdict.ALLOW,
+            ok_status,
+            f"source {source.ref} has no sidecar: egress is not controlled",
+        )
+    known = registry_entry(mesh, host)
+    if known:
+        return Verdict.ALLOW, ok_status, f"{host} is in the service registry ({known})"
+    source_policy = mesh.for_workload(source.ref)
+    mode = (
+        source_policy.egress_mode
+        if source_policy
+        else mesh.snapshot.mesh.outbound_traffic_policy.mode
+    )
+    if mode is m.OutboundTrafficPolicyMode.ALLOW_ANY:
+        return Verdict.ALLOW, ok_status, f"{host} is unknown; ALLOW_ANY passes it through"
+    if is_http:
+        return Verdict.DENY, 502, f"{host} is unknown under REGISTRY_ONLY: BlackHoleCluster (502)"
+    return Verdict.RESET, None, f"{host} is unknown under REGISTRY_ONLY: connection reset"
+
+
+def registry_entry(mesh: MeshPolicy, host: str) -> str | None:
+    """What makes ``host`` known: a Service or a ServiceEntry, or None."""
+    for service in mesh.snapshot.services:
+        forms = (
+            service.hostname,
+            f"{service.name}.{service.namespace}.svc",
+            f"{service.name}.{service.namespace}",
+        )
+        if host in forms:
+            return f"Service {service.namespace}/{service.name}"
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        for pattern in entry.spec.hosts:
+            pattern = pattern.lower()
+            if pattern == host or (pattern.startswith("*") and host.endswith(pattern[1:])):
+                return f"ServiceEntry {entry.namespace}/{entry.name}"
+    return None
