@@ -56,6 +56,7 @@ def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
 
 def _selector_and_targets(r: Resource[Any]) -> Iterator[Diagnostic]:
     spec = r.spec
+    yield from _selector(r)
     if spec.selector is not None and (spec.target_ref is not None or spec.target_refs):
         yield error(
             "selector-with-target-ref",
@@ -68,6 +69,21 @@ def _selector_and_targets(r: Resource[Any]) -> Iterator[Diagnostic]:
         )
 
 
+def _selector(r: Resource[Any]) -> Iterator[Diagnostic]:
+    selector = r.spec.selector
+    if selector is None:
+        return
+    if not selector.match_labels:
+        yield warning("empty-selector", r.location("selector"), "selector without labels")
+    for key, value in selector.match_labels.items():
+        if not key or "*" in key or "*" in value:
+            yield error(
+                "invalid-selector",
+                r.location("selector", "matchLabels", key),
+                f"empty keys and wildcards are not supported in selectors: {key}={value}",
+            )
+
+
 def _authorization_policy(r: Resource[Any], root_namespace: str) -> Iterator[Diagnostic]:
     spec: m.AuthorizationPolicySpec = r.spec
     yield from _selector_and_targets(r)
@@ -76,6 +92,12 @@ def _authorization_policy(r: Resource[Any], root_namespace: str) -> Iterator[Dia
             "invalid-dry-run",
             r.meta_location("annotations", DRY_RUN),
             f'{DRY_RUN} must be "true" or "false", got {r.annotations[DRY_RUN]!r}',
+        )
+    if is_dry_run_annotated(r) and spec.action not in (m.Action.ALLOW, m.Action.DENY):
+        yield error(
+            "dry-run-action",
+            r.meta_location("annotations", DRY_RUN),
+            f"{DRY_RUN} only supports action ALLOW or DENY, found {spec.action.value}",
         )
     if spec.action is m.Action.CUSTOM:
         if spec.provider is None or not spec.provider.name:
@@ -99,6 +121,45 @@ def _authorization_policy(r: Resource[Any], root_namespace: str) -> Iterator[Dia
         )
     for i, rule in enumerate(rules):
         yield from _rule(r, spec.action, i, rule)
+        if spec.action is m.Action.DENY and _denies_all_tcp(rule):
+            yield warning(
+                "deny-blocks-all-tcp",
+                r.location("rules", i),
+                "this DENY rule uses only HTTP attributes: on TCP ports they are dropped and it"
+                " denies all TCP traffic to the workload; add ports to scope it",
+            )
+
+
+_TCP_SOURCE_FIELDS = (
+    "principals",
+    "not_principals",
+    "ip_blocks",
+    "not_ip_blocks",
+    "namespaces",
+    "not_namespaces",
+    "remote_ip_blocks",
+    "not_remote_ip_blocks",
+    "service_accounts",
+    "not_service_accounts",
+)
+
+
+def _denies_all_tcp(rule: m.Rule) -> bool:
+    """Istio's warning: a DENY rule whose from has no TCP field, or whose to has no ports."""
+    has_tcp_source = any(getattr(f.source, n) for f in rule.from_ for n in _TCP_SOURCE_FIELDS)
+    if rule.from_ and not rule.to and not has_tcp_source:
+        return any(
+            f.source.request_principals or f.source.not_request_principals for f in rule.from_
+        )
+    if rule.to:
+        return not any(t.operation.ports or t.operation.not_ports for t in rule.to) and not (
+            has_tcp_source
+        )
+    return False
+
+
+def is_dry_run_annotated(r: Resource[Any]) -> bool:
+    return str(r.annotations.get(DRY_RUN, "")).lower() == "true"
 
 
 def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[Diagnostic]:
@@ -120,6 +181,14 @@ def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[
                     "serviceAccounts cannot be combined with principals or namespaces",
                 )
             for name in ("service_accounts", "not_service_accounts"):
+                for k, account in enumerate(getattr(source, name)):
+                    if "*" in account or account.count("/") > 1 or account.strip("/") != account:
+                        yield error(
+                            "invalid-service-account",
+                            r.location(*path, _camel(name), k),
+                            f"expected 'serviceAccount' or 'namespace/serviceAccount' without"
+                            f" wildcards, found {account!r}",
+                        )
                 if len(getattr(source, name)) > MAX_SERVICE_ACCOUNTS:
                     yield error(
                         "too-many-service-accounts",
@@ -237,6 +306,7 @@ def _ports(
 
 def _peer_authentication(r: Resource[Any], root_namespace: str) -> Iterator[Diagnostic]:
     spec: m.PeerAuthenticationSpec = r.spec
+    yield from _selector(r)
     if spec.port_level_mtls and (spec.selector is None or not spec.selector.match_labels):
         yield error(
             "port-level-without-selector",

@@ -17,11 +17,10 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot, Workload
+from trustmesh.api.validation import is_dry_run_annotated
 from trustmesh.policy.authz import CompiledRule, RuleSet, TrustBundle, compile_policy
 from trustmesh.policy.jwt import JwtProvider, parse_jwks
 from trustmesh.policy.pathnorm import PathNormalization
-
-DRY_RUN = "istio.io/dry-run"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,15 +202,11 @@ def compile_mesh(
     )
 
 
-def is_dry_run(policy: Resource[Any]) -> bool:
-    return str(policy.annotations.get(DRY_RUN, "")).lower() == "true"
-
-
 def _authz_policy(policies: list[Resource[Any]], rules_of: Any) -> AuthzPolicy:
     groups: dict[str, list[Resource[Any]]] = defaultdict(list)
     for policy in policies:
         action: m.Action = policy.spec.action
-        dry = is_dry_run(policy) and action in (m.Action.ALLOW, m.Action.DENY)
+        dry = is_dry_run_annotated(policy) and action in (m.Action.ALLOW, m.Action.DENY)
         groups[("dry-" if dry else "") + action.value].append(policy)
 
     def rules(name: str) -> ActionRules:

@@ -208,12 +208,12 @@ def _authorize(
         )
     allow = _first(authz.allow, attrs, run, "ALLOW")
     if allow is None:
-        rules = authz.allow.for_protocol(is_http)
-        why = (
-            ACCESS_DENIED
-            if rules
-            else f"{ACCESS_DENIED} (no ALLOW rule applies to {'HTTP' if is_http else 'TCP'})"
-        )
+        if not authz.allow.for_protocol(is_http):
+            protocol = "HTTP" if is_http else "TCP"
+            run.note(f"ALLOW policies apply but none has a rule for {protocol}: denied")
+        else:
+            run.note("no ALLOW rule matched: denied")
+        why = ACCESS_DENIED
         return _finish(run, Verdict.DENY, denied_status, None, why, attrs, upstream, audit_name)
     return _finish(
         run,

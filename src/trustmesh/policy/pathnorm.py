@@ -153,8 +153,8 @@ def _decode_escape(s: str, i: int, end: int) -> int:
 def _check_nested_escapes(s: str, next_i: int, end: int, bad_pct: int, out: list[str]) -> None:
     """Re-escape a stray '%' that decoding just turned into a valid-looking escape.
 
-    "%%30" would otherwise become "%0", and a second canonicalization (by the
-    backend, say) could turn "%%300" into "%00" - so the stray '%' becomes "%25".
+    Without this "%%300" would come out as "%00", which the next decoder (the
+    backend, say) reads as NUL; the stray '%' is written as "%25" instead.
     """
     length = len(out)
     last = out[-1]
@@ -186,7 +186,7 @@ def _back_up_to_previous_slash(out: list[str]) -> None:
 
 
 def _canonicalize(path: str) -> str | None:
-    """Port of googleurl's ``url::CanonicalizePath`` for 8-bit input.
+    """Behaviour of googleurl's ``url::CanonicalizePath`` on 8-bit input.
 
     Returns None where googleurl reports failure, which Envoy turns into a 400.
     That only happens for NUL, raw or as ``%00``; everything else is repaired.

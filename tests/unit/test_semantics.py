@@ -1,0 +1,412 @@
+"""One test per Istio semantic rule trustmesh must reproduce (istio-semantics.md)."""
+
+from __future__ import annotations
+
+from trustmesh.policy.decision import Verdict
+from trustmesh.policy.request import Source
+
+from .meshutil import compile_text, http, policy, tcp
+
+ALLOW, DENY, RESET = Verdict.ALLOW, Verdict.DENY, Verdict.RESET
+
+
+# --- TCP / HTTP field dropping --------------------------------------------------------
+
+
+def test_allow_rule_with_http_field_is_dropped_whole_on_tcp() -> None:
+    mesh = compile_text(
+        policy("tcp", "foo", """
+selector: {matchLabels: {app: tcp-echo}}
+rules:
+- to: [{operation: {methods: [GET], ports: ["9000"]}}]
+""")
+    )
+    assert tcp(mesh, 9000).verdict is DENY
+    assert tcp(mesh, 9001).verdict is DENY
+    assert "none has a rule for TCP" in " ".join(tcp(mesh, 9000).trace)
+
+
+def test_allow_ports_without_http_fields_still_work_on_tcp() -> None:
+    mesh = compile_text(
+        policy("tcp", "foo", """
+selector: {matchLabels: {app: tcp-echo}}
+rules:
+- to: [{operation: {ports: ["9000", "9001"]}}]
+""")
+    )
+    assert [tcp(mesh, p).verdict for p in (9000, 9001, 9002)] == [ALLOW, ALLOW, DENY]
+    assert tcp(mesh, 9000).rule == "ns[foo]-policy[tcp]-rule[0]"
+
+
+def test_deny_rule_loses_only_http_fields_on_tcp() -> None:
+    only_methods = compile_text(
+        policy("d", "foo", """
+selector: {matchLabels: {app: tcp-echo}}
+action: DENY
+rules:
+- to: [{operation: {methods: [GET]}}]
+""")
+    )
+    assert tcp(only_methods, 9000).verdict is DENY
+    assert tcp(only_methods, 9001).verdict is DENY
+    with_port = compile_text(
+        policy("d", "foo", """
+selector: {matchLabels: {app: tcp-echo}}
+action: DENY
+rules:
+- to: [{operation: {methods: [GET], ports: ["9000"]}}]
+""")
+    )
+    assert tcp(with_port, 9000).verdict is DENY
+    assert tcp(with_port, 9001).verdict is ALLOW
+
+
+def test_deny_on_http_header_condition_is_dropped_for_tcp() -> None:
+    mesh = compile_text(
+        policy("d", "foo", """
+selector: {matchLabels: {app: tcp-echo}}
+action: DENY
+rules:
+- from: [{source: {namespaces: [bar]}}]
+  when: [{key: "request.headers[x-token]", values: [admin]}]
+""")
+    )
+    assert tcp(mesh, 9000, src="bar/sleep").verdict is DENY  # header dropped: wider deny
+    assert tcp(mesh, 9000, src="foo/sleep").verdict is ALLOW
+
+
+# --- selection and composition --------------------------------------------------------
+
+
+def test_peer_authentication_oldest_wins_by_timestamp_then_appearance() -> None:
+    def pa(name: str, mode: str, stamp: str = "") -> str:
+        meta = f"  creationTimestamp: {stamp}\n" if stamp else ""
+        return policy(name, "foo", f"mtls: {{mode: {mode}}}", kind="PeerAuthentication",
+                      extra_meta=meta)
+
+    legacy = Source.workload("legacy/sleep")
+    by_time = compile_text(
+        pa("newer", "PERMISSIVE", "2024-05-01T00:00:00Z") + pa("older", "STRICT", "2023-01-01T00:00:00Z")
+    )
+    assert http(by_time, source=legacy).verdict is RESET
+    by_order = compile_text(pa("first", "PERMISSIVE") + pa("second", "STRICT"))
+    assert http(by_order, source=legacy).verdict is ALLOW
+    stamped_beats_unstamped = compile_text(pa("a", "PERMISSIVE") + pa("b", "STRICT", "2020-01-01T00:00:00Z"))
+    assert http(stamped_beats_unstamped, source=legacy).verdict is RESET
+    same_time_name_wins = compile_text(
+        pa("zz", "PERMISSIVE", "2020-01-01T00:00:00Z") + pa("aa", "STRICT", "2020-01-01T00:00:00Z")
+    )
+    assert http(same_time_name_wins, source=legacy).verdict is RESET
+
+
+def test_peer_authentication_with_selector_in_root_namespace_is_ignored() -> None:
+    mesh = compile_text(
+        policy("strict", "istio-system", """
+selector: {matchLabels: {app: httpbin}}
+mtls: {mode: STRICT}
+""", kind="PeerAuthentication")
+    )
+    assert http(mesh, src="legacy/sleep").verdict is ALLOW
+
+
+def test_authorization_policy_in_root_namespace_applies_mesh_wide_with_selector() -> None:
+    mesh = compile_text(
+        policy("deny-httpbin", "istio-system", """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules: [{}]
+""")
+    )
+    assert http(mesh, dst="bar/httpbin").rule == "ns[istio-system]-policy[deny-httpbin]-rule[0]"
+    assert http(mesh, dst="foo/httpbin").verdict is DENY
+
+
+def test_port_level_mtls_is_keyed_by_target_port_and_inherits_when_unset() -> None:
+    mesh = compile_text(
+        policy("w", "bar", """
+selector: {matchLabels: {app: httpbin}}
+mtls: {mode: STRICT}
+portLevelMtls:
+  8000: {mode: DISABLE}
+""", kind="PeerAuthentication")
+    )
+    assert http(mesh, src="legacy/sleep", dst="bar/httpbin").verdict is ALLOW
+    assert http(mesh, src="foo/sleep", dst="bar/httpbin").verdict is ALLOW  # auto mTLS → plaintext
+
+
+def test_target_ref_policies_are_ignored_for_sidecars() -> None:
+    mesh = compile_text(
+        policy("gw", "foo", """
+targetRefs: [{kind: Service, group: "", name: httpbin}]
+action: DENY
+rules: [{}]
+""")
+    )
+    assert http(mesh).verdict is ALLOW
+
+
+# --- trust domains --------------------------------------------------------------------
+
+
+def test_trust_domain_aliases_expand_principals() -> None:
+    config = policy("allow", "foo", """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- from: [{source: {principals: [old-td/ns/bar/sa/sleep]}}]
+""")
+    without = compile_text(config, mesh="trustDomain: new-td\n")
+    assert http(without, src="bar/sleep").verdict is DENY
+    aliased = compile_text(config, mesh="trustDomain: new-td\ntrustDomainAliases: [old-td]\n")
+    decision = http(aliased, src="bar/sleep")
+    assert decision.verdict is ALLOW
+    assert decision.principal == "new-td/ns/bar/sa/sleep"
+
+
+def test_cluster_local_principal_stands_for_the_current_trust_domain() -> None:
+    config = policy("allow", "foo", """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- from: [{source: {principals: [cluster.local/ns/bar/sa/sleep]}}]
+""")
+    mesh = compile_text(config, mesh="trustDomain: new-td\n")
+    assert http(mesh, src="bar/sleep").verdict is ALLOW
+
+
+# --- path normalization modes ---------------------------------------------------------
+
+DENY_ADMIN = policy("deny-admin", "foo", """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- to: [{operation: {paths: [/admin/secret]}}]
+""")
+
+
+def test_base_normalization_leaves_double_slash_and_encoded_slash() -> None:
+    mesh = compile_text(DENY_ADMIN)
+    assert http(mesh, "/admin/secret").verdict is DENY
+    assert http(mesh, "/x/../admin/secret").verdict is DENY
+    assert http(mesh, "/%61dmin/secret").verdict is DENY
+    assert http(mesh, "//admin/secret").verdict is ALLOW  # the documented bypass
+    assert http(mesh, "/admin%2Fsecret").verdict is ALLOW
+
+
+def test_merge_slashes_and_decode_modes_close_the_bypasses() -> None:
+    merge = compile_text(DENY_ADMIN, mesh="pathNormalization: {normalization: MERGE_SLASHES}\n")
+    assert http(merge, "//admin/secret").verdict is DENY
+    assert http(merge, "/admin%2Fsecret").verdict is ALLOW
+    decode = compile_text(
+        DENY_ADMIN, mesh="pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}\n"
+    )
+    assert http(decode, "/admin%2Fsecret").verdict is DENY
+    assert http(decode, "/admin%2fsecret").verdict is DENY
+
+
+def test_none_normalization_does_nothing() -> None:
+    mesh = compile_text(DENY_ADMIN, mesh="pathNormalization: {normalization: NONE}\n")
+    assert http(mesh, "/x/../admin/secret").verdict is ALLOW
+
+
+def test_paths_match_without_query_and_nul_is_400() -> None:
+    mesh = compile_text(DENY_ADMIN)
+    assert http(mesh, "/admin/secret?x=1").verdict is DENY
+    bad = http(mesh, "/admin/%00")
+    assert (bad.verdict, bad.status) == (Verdict.BAD_REQUEST, 400)
+
+
+# --- string match forms ---------------------------------------------------------------
+
+
+def _paths(values: str) -> str:
+    return policy("allow", "foo", f"""
+selector: {{matchLabels: {{app: httpbin}}}}
+rules:
+- to: [{{operation: {{paths: {values}}}}}]
+""")
+
+
+def test_string_match_forms() -> None:
+    mesh = compile_text(_paths('["/exact", "/pre*", "*.json", "/mid*dle/x"]'))
+    assert http(mesh, "/exact").verdict is ALLOW
+    assert http(mesh, "/exact/more").verdict is DENY
+    assert http(mesh, "/prefix/anything").verdict is ALLOW
+    assert http(mesh, "/data/file.json").verdict is ALLOW
+    assert http(mesh, "/middle/x").verdict is DENY  # no middle wildcard
+    assert http(mesh, "/mid*dle/x").verdict is ALLOW  # it is a literal '*'
+
+
+def test_path_templates() -> None:
+    mesh = compile_text(_paths('["/api/{*}/items", "/files/{**}"]'))
+    assert http(mesh, "/api/v1/items").verdict is ALLOW
+    assert http(mesh, "/api/v1/v2/items").verdict is DENY
+    assert http(mesh, "/files/a/b/c.txt").verdict is ALLOW
+
+
+def test_hosts_ignore_case_and_do_not_match_host_with_port() -> None:
+    mesh = compile_text(
+        policy("allow", "foo", """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- to: [{operation: {hosts: [httpbin.foo]}}]
+""")
+    )
+    assert http(mesh, host="HTTPBIN.foo").verdict is ALLOW
+    assert http(mesh, host="httpbin.foo:8000").verdict is DENY
+
+
+def test_methods_are_exact_and_unknown_methods_are_400() -> None:
+    mesh = compile_text(DENY_ADMIN)
+    bad = http(mesh, method="get")
+    assert (bad.verdict, bad.status) == (Verdict.BAD_REQUEST, 400)
+
+
+# --- conditions -----------------------------------------------------------------------
+
+NOT_ADMIN = policy("deny-not-admin", "foo", """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- to: [{operation: {methods: [GET]}}]
+  when: [{key: "request.headers[x-token]", notValues: [admin]}]
+""")
+
+
+def test_not_values_on_a_missing_or_empty_header_matches() -> None:
+    mesh = compile_text(NOT_ADMIN)
+    assert http(mesh, headers=(("x-token", "admin"),)).verdict is ALLOW
+    assert http(mesh, headers=(("X-Token", "guest"),)).verdict is DENY
+    assert http(mesh).verdict is DENY
+    assert http(mesh, headers=(("x-token", ""),)).verdict is DENY
+
+
+def test_header_values_are_case_sensitive() -> None:
+    mesh = compile_text(NOT_ADMIN)
+    assert http(mesh, headers=(("x-token", "ADMIN"),)).verdict is DENY
+
+
+def test_namespaces_and_service_accounts_and_principal_presence() -> None:
+    mesh = compile_text(
+        policy("allow", "foo", """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- from: [{source: {namespaces: ["ba*"]}}]
+  to: [{operation: {paths: [/ns]}}]
+- from: [{source: {serviceAccounts: [foo/sleep]}}]
+  to: [{operation: {paths: [/sa]}}]
+- from: [{source: {principals: ["*"]}}]
+  to: [{operation: {paths: [/any]}}]
+""")
+    )
+    assert http(mesh, "/ns", src="bar/sleep").verdict is ALLOW
+    assert http(mesh, "/ns", src="foo/sleep").verdict is DENY
+    assert http(mesh, "/sa", src="foo/sleep").verdict is ALLOW
+    assert http(mesh, "/sa", src="bar/sleep").verdict is DENY
+    assert http(mesh, "/any", src="bar/sleep").verdict is ALLOW
+    assert http(mesh, "/any", src="legacy/sleep").verdict is DENY  # no mTLS, no principal
+
+
+def test_unknown_source_ip_fails_closed_for_both_actions() -> None:
+    allow = compile_text(
+        policy("allow", "foo", """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- from: [{source: {ipBlocks: [10.0.0.0/8]}}]
+""")
+    )
+    assert http(allow).verdict is DENY
+    assert http(allow, source=Source.workload("foo/sleep", "10.1.2.3")).verdict is ALLOW
+    deny = compile_text(
+        policy("deny", "foo", """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- from: [{source: {notIpBlocks: [10.0.0.0/8]}}]
+""")
+    )
+    assert http(deny).verdict is DENY
+    assert http(deny, source=Source.workload("foo/sleep", "10.1.2.3")).verdict is ALLOW
+
+
+# --- actions and naming ---------------------------------------------------------------
+
+
+def test_deciding_rule_is_the_lexicographically_smallest_name() -> None:
+    rules = "\n".join("- to: [{operation: {paths: [/x]}}]" for _ in range(11))
+    mesh = compile_text(
+        policy("many", "foo", f"selector: {{matchLabels: {{app: httpbin}}}}\nrules:\n{rules}")
+    )
+    assert http(mesh, "/x").rule == "ns[foo]-policy[many]-rule[0]"
+    spec = "selector: {matchLabels: {app: httpbin}}\nrules:\n" + "\n".join(
+        "- to: [{operation: {paths: [/y]}}]" if i in (2, 10) else "- to: [{operation: {paths: [/z]}}]"
+        for i in range(11)
+    )
+    assert http(compile_text(policy("many", "foo", spec)), "/y").rule == "ns[foo]-policy[many]-rule[10]"
+
+
+def test_allow_nothing_and_allow_everything() -> None:
+    nothing = compile_text(policy("allow-nothing", "foo", "{}"))
+    decision = http(nothing)
+    assert (decision.verdict, decision.status, decision.reason) == (DENY, 403, "RBAC: access denied")
+    everything = compile_text(policy("all", "foo", "rules: [{}]"))
+    assert http(everything).rule == "ns[foo]-policy[all]-rule[0]"
+
+
+def test_only_dry_run_allow_policies_enforce_nothing_but_report() -> None:
+    mesh = compile_text(
+        policy("dry", "foo", "rules:\n- to: [{operation: {paths: [/ip]}}]",
+               extra_meta='  annotations: {"istio.io/dry-run": "true"}\n')
+    )
+    decision = http(mesh, "/get")
+    assert decision.verdict is ALLOW
+    assert [s.log_line() for s in decision.dry_run] == ["shadow denied"]
+
+
+def test_dry_run_deny_logs_shadow_denied_with_rule() -> None:
+    mesh = compile_text(
+        policy("dry", "foo", "action: DENY\nrules:\n- to: [{operation: {paths: [/headers]}}]",
+               extra_meta='  annotations: {"istio.io/dry-run": "true"}\n')
+    )
+    decision = http(mesh, "/headers")
+    assert decision.verdict is ALLOW
+    assert decision.dry_run[0].log_line() == (
+        "shadow denied, matched policy ns[foo]-policy[dry]-rule[0]"
+    )
+
+
+def test_custom_with_unknown_provider_fails_closed() -> None:
+    mesh = compile_text(
+        policy("ext", "foo", "action: CUSTOM\nprovider: {name: opa}\nrules: [{}]")
+    )
+    decision = http(mesh)
+    assert (decision.verdict, decision.rule) == (DENY, "ns[foo]-policy[ext]-rule[0]")
+    assert "extensionProviders" in decision.reason
+
+
+def test_audit_never_changes_the_decision() -> None:
+    mesh = compile_text(policy("audit", "foo", "action: AUDIT\nrules: [{}]"))
+    decision = http(mesh)
+    assert decision.verdict is ALLOW
+    assert decision.audit == "ns[foo]-policy[audit]-rule[0]"
+
+
+# --- mTLS -----------------------------------------------------------------------------
+
+
+def test_mesh_strict_resets_plaintext_and_destination_rule_disable_breaks_it() -> None:
+    strict = policy("default", "istio-system", "mtls: {mode: STRICT}", kind="PeerAuthentication")
+    mesh = compile_text(strict)
+    assert http(mesh, src="legacy/sleep").verdict is RESET
+    assert http(mesh, src="legacy/sleep").status is None
+    assert http(mesh, src="foo/sleep", dst="legacy/httpbin").verdict is ALLOW
+    assert http(mesh, src="foo/sleep", dst="bar/httpbin").verdict is ALLOW
+    dr = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: plain, namespace: foo}
+spec:
+  host: httpbin.bar.svc.cluster.local
+  trafficPolicy: {tls: {mode: DISABLE}}
+---
+"""
+    broken = compile_text(strict + dr)
+    decision = http(broken, src="foo/sleep", dst="bar/httpbin")
+    assert (decision.verdict, decision.status) == (RESET, 503)
