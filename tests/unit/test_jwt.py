@@ -32,12 +32,17 @@ def token(keys: dict[str, Any], key: str = "good", **claims: Any) -> str:
 
 def request_authn(keys: dict[str, Any], extra: str = "") -> str:
     jwks = keys["jwks"].replace('"', '\\"')
-    return policy("jwt", "foo", f"""
+    return policy(
+        "jwt",
+        "foo",
+        f"""
 selector: {{matchLabels: {{app: httpbin}}}}
 jwtRules:
 - issuer: {ISSUER}
   jwks: "{jwks}"
-{extra}""", kind="RequestAuthentication")
+{extra}""",
+        kind="RequestAuthentication",
+    )
 
 
 def test_invalid_tokens_are_401_and_no_token_passes(keys: dict[str, Any]) -> None:
@@ -73,18 +78,27 @@ def test_audience_mismatch_is_403_and_checked_before_signature(keys: dict[str, A
 
 def test_request_principals_split_at_last_slash(keys: dict[str, Any]) -> None:
     issuer_url = "https://issuer.example.com/realm"
-    allow = policy("allow", "foo", f"""
+    allow = policy(
+        "allow",
+        "foo",
+        f"""
 selector: {{matchLabels: {{app: httpbin}}}}
 rules:
 - from: [{{source: {{requestPrincipals: ["{issuer_url}/alice"]}}}}]
-""")
+""",
+    )
     jwks = keys["jwks"].replace('"', '\\"')
-    authn = policy("jwt", "foo", f"""
+    authn = policy(
+        "jwt",
+        "foo",
+        f"""
 selector: {{matchLabels: {{app: httpbin}}}}
 jwtRules:
 - issuer: {issuer_url}
   jwks: "{jwks}"
-""", kind="RequestAuthentication")
+""",
+        kind="RequestAuthentication",
+    )
     mesh = compile_text(authn + allow)
     alice = http(mesh, jwt=token(keys, iss=issuer_url, sub="alice"))
     assert alice.verdict is Verdict.ALLOW
@@ -94,7 +108,10 @@ jwtRules:
 
 
 def test_claims_lists_nested_and_space_delimited_scope(keys: dict[str, Any]) -> None:
-    allow = policy("allow", "foo", """
+    allow = policy(
+        "allow",
+        "foo",
+        """
 selector: {matchLabels: {app: httpbin}}
 rules:
 - to: [{operation: {paths: [/groups]}}]
@@ -103,7 +120,8 @@ rules:
   when: [{key: "request.auth.claims[realm][role]", values: [admin]}]
 - to: [{operation: {paths: [/scope]}}]
   when: [{key: "request.auth.claims[scope]", values: [write]}]
-""")
+""",
+    )
     mesh = compile_text(request_authn(keys) + allow)
     assert http(mesh, "/groups", jwt=token(keys, groups=["group1", "g2"])).verdict is Verdict.ALLOW
     assert http(mesh, "/groups", jwt=token(keys, groups=["g2"])).verdict is Verdict.DENY
@@ -128,11 +146,18 @@ def test_custom_location_and_claim_to_header(keys: dict[str, Any]) -> None:
 
 
 def test_unfetchable_jwks_uri_rejects_tokens_but_not_their_absence(keys: dict[str, Any]) -> None:
-    mesh = compile_text(policy("jwt", "foo", f"""
+    mesh = compile_text(
+        policy(
+            "jwt",
+            "foo",
+            f"""
 selector: {{matchLabels: {{app: httpbin}}}}
 jwtRules:
 - issuer: {ISSUER}
   jwksUri: https://example.com/jwks.json
-""", kind="RequestAuthentication"))
+""",
+            kind="RequestAuthentication",
+        )
+    )
     assert http(mesh, jwt=token(keys)).verdict is Verdict.UNAUTHENTICATED
     assert http(mesh).verdict is Verdict.ALLOW

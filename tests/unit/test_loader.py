@@ -114,7 +114,9 @@ def test_document_that_is_not_an_object() -> None:
 
 
 def test_missing_kind_and_bad_version() -> None:
-    result = load("apiVersion: v1\nmetadata: {name: x}\n---\n" + AP.format(name="y").replace("/v1", "/v9"))
+    result = load(
+        "apiVersion: v1\nmetadata: {name: x}\n---\n" + AP.format(name="y").replace("/v1", "/v9")
+    )
     fields = sorted((d.code, d.location.line) for d in result.diagnostics)
     assert fields == [("missing-field", 1), ("unsupported-version", 4)]
 

@@ -38,7 +38,7 @@ def _random_rules(seed: int, count: int) -> str:
             principal = rng.choice(PRINCIPALS)
             rules.append(
                 f"- from: [{{source: {{principals: [{principal}]}}}}]\n"
-                f"  to: [{{operation: {{paths: [{path}]}}}}, {{operation: {{ports: [\"9000\"]}}}}]"
+                f'  to: [{{operation: {{paths: [{path}]}}}}, {{operation: {{ports: ["9000"]}}}}]'
             )
         else:
             rules.append(f"- to: [{{operation: {{notPaths: [{path}]}}}}]")
@@ -47,7 +47,11 @@ def _random_rules(seed: int, count: int) -> str:
 
 def _rule_sets() -> list[RuleSet]:
     text = "".join(
-        policy(f"p{i}", "foo", "selector: {matchLabels: {app: httpbin}}\nrules:\n" + _random_rules(i, 30))
+        policy(
+            f"p{i}",
+            "foo",
+            "selector: {matchLabels: {app: httpbin}}\nrules:\n" + _random_rules(i, 30),
+        )
         for i in range(8)
     )
     authz = compile_text(text).workloads["foo/httpbin"].authz

@@ -15,11 +15,15 @@ ALLOW, DENY, RESET = Verdict.ALLOW, Verdict.DENY, Verdict.RESET
 
 def test_allow_rule_with_http_field_is_dropped_whole_on_tcp() -> None:
     mesh = compile_text(
-        policy("tcp", "foo", """
+        policy(
+            "tcp",
+            "foo",
+            """
 selector: {matchLabels: {app: tcp-echo}}
 rules:
 - to: [{operation: {methods: [GET], ports: ["9000"]}}]
-""")
+""",
+        )
     )
     assert tcp(mesh, 9000).verdict is DENY
     assert tcp(mesh, 9001).verdict is DENY
@@ -28,11 +32,15 @@ rules:
 
 def test_allow_ports_without_http_fields_still_work_on_tcp() -> None:
     mesh = compile_text(
-        policy("tcp", "foo", """
+        policy(
+            "tcp",
+            "foo",
+            """
 selector: {matchLabels: {app: tcp-echo}}
 rules:
 - to: [{operation: {ports: ["9000", "9001"]}}]
-""")
+""",
+        )
     )
     assert [tcp(mesh, p).verdict for p in (9000, 9001, 9002)] == [ALLOW, ALLOW, DENY]
     assert tcp(mesh, 9000).rule == "ns[foo]-policy[tcp]-rule[0]"
@@ -40,22 +48,30 @@ rules:
 
 def test_deny_rule_loses_only_http_fields_on_tcp() -> None:
     only_methods = compile_text(
-        policy("d", "foo", """
+        policy(
+            "d",
+            "foo",
+            """
 selector: {matchLabels: {app: tcp-echo}}
 action: DENY
 rules:
 - to: [{operation: {methods: [GET]}}]
-""")
+""",
+        )
     )
     assert tcp(only_methods, 9000).verdict is DENY
     assert tcp(only_methods, 9001).verdict is DENY
     with_port = compile_text(
-        policy("d", "foo", """
+        policy(
+            "d",
+            "foo",
+            """
 selector: {matchLabels: {app: tcp-echo}}
 action: DENY
 rules:
 - to: [{operation: {methods: [GET], ports: ["9000"]}}]
-""")
+""",
+        )
     )
     assert tcp(with_port, 9000).verdict is DENY
     assert tcp(with_port, 9001).verdict is ALLOW
@@ -63,13 +79,17 @@ rules:
 
 def test_deny_on_http_header_condition_is_dropped_for_tcp() -> None:
     mesh = compile_text(
-        policy("d", "foo", """
+        policy(
+            "d",
+            "foo",
+            """
 selector: {matchLabels: {app: tcp-echo}}
 action: DENY
 rules:
 - from: [{source: {namespaces: [bar]}}]
   when: [{key: "request.headers[x-token]", values: [admin]}]
-""")
+""",
+        )
     )
     assert tcp(mesh, 9000, src="bar/sleep").verdict is DENY  # header dropped: wider deny
     assert tcp(mesh, 9000, src="foo/sleep").verdict is ALLOW
@@ -81,17 +101,21 @@ rules:
 def test_peer_authentication_oldest_wins_by_timestamp_then_appearance() -> None:
     def pa(name: str, mode: str, stamp: str = "") -> str:
         meta = f"  creationTimestamp: {stamp}\n" if stamp else ""
-        return policy(name, "foo", f"mtls: {{mode: {mode}}}", kind="PeerAuthentication",
-                      extra_meta=meta)
+        return policy(
+            name, "foo", f"mtls: {{mode: {mode}}}", kind="PeerAuthentication", extra_meta=meta
+        )
 
     legacy = Source.workload("legacy/sleep")
     by_time = compile_text(
-        pa("newer", "PERMISSIVE", "2024-05-01T00:00:00Z") + pa("older", "STRICT", "2023-01-01T00:00:00Z")
+        pa("newer", "PERMISSIVE", "2024-05-01T00:00:00Z")
+        + pa("older", "STRICT", "2023-01-01T00:00:00Z")
     )
     assert http(by_time, source=legacy).verdict is RESET
     by_order = compile_text(pa("first", "PERMISSIVE") + pa("second", "STRICT"))
     assert http(by_order, source=legacy).verdict is ALLOW
-    stamped_beats_unstamped = compile_text(pa("a", "PERMISSIVE") + pa("b", "STRICT", "2020-01-01T00:00:00Z"))
+    stamped_beats_unstamped = compile_text(
+        pa("a", "PERMISSIVE") + pa("b", "STRICT", "2020-01-01T00:00:00Z")
+    )
     assert http(stamped_beats_unstamped, source=legacy).verdict is RESET
     same_time_name_wins = compile_text(
         pa("zz", "PERMISSIVE", "2020-01-01T00:00:00Z") + pa("aa", "STRICT", "2020-01-01T00:00:00Z")
@@ -101,21 +125,30 @@ def test_peer_authentication_oldest_wins_by_timestamp_then_appearance() -> None:
 
 def test_peer_authentication_with_selector_in_root_namespace_is_ignored() -> None:
     mesh = compile_text(
-        policy("strict", "istio-system", """
+        policy(
+            "strict",
+            "istio-system",
+            """
 selector: {matchLabels: {app: httpbin}}
 mtls: {mode: STRICT}
-""", kind="PeerAuthentication")
+""",
+            kind="PeerAuthentication",
+        )
     )
     assert http(mesh, src="legacy/sleep").verdict is ALLOW
 
 
 def test_authorization_policy_in_root_namespace_applies_mesh_wide_with_selector() -> None:
     mesh = compile_text(
-        policy("deny-httpbin", "istio-system", """
+        policy(
+            "deny-httpbin",
+            "istio-system",
+            """
 selector: {matchLabels: {app: httpbin}}
 action: DENY
 rules: [{}]
-""")
+""",
+        )
     )
     assert http(mesh, dst="bar/httpbin").rule == "ns[istio-system]-policy[deny-httpbin]-rule[0]"
     assert http(mesh, dst="foo/httpbin").verdict is DENY
@@ -123,12 +156,17 @@ rules: [{}]
 
 def test_port_level_mtls_is_keyed_by_target_port_and_inherits_when_unset() -> None:
     mesh = compile_text(
-        policy("w", "bar", """
+        policy(
+            "w",
+            "bar",
+            """
 selector: {matchLabels: {app: httpbin}}
 mtls: {mode: STRICT}
 portLevelMtls:
   8000: {mode: DISABLE}
-""", kind="PeerAuthentication")
+""",
+            kind="PeerAuthentication",
+        )
     )
     assert http(mesh, src="legacy/sleep", dst="bar/httpbin").verdict is ALLOW
     assert http(mesh, src="foo/sleep", dst="bar/httpbin").verdict is ALLOW  # auto mTLS → plaintext
@@ -136,11 +174,15 @@ portLevelMtls:
 
 def test_target_ref_policies_are_ignored_for_sidecars() -> None:
     mesh = compile_text(
-        policy("gw", "foo", """
+        policy(
+            "gw",
+            "foo",
+            """
 targetRefs: [{kind: Service, group: "", name: httpbin}]
 action: DENY
 rules: [{}]
-""")
+""",
+        )
     )
     assert http(mesh).verdict is ALLOW
 
@@ -149,11 +191,15 @@ rules: [{}]
 
 
 def test_trust_domain_aliases_expand_principals() -> None:
-    config = policy("allow", "foo", """
+    config = policy(
+        "allow",
+        "foo",
+        """
 selector: {matchLabels: {app: httpbin}}
 rules:
 - from: [{source: {principals: [old-td/ns/bar/sa/sleep]}}]
-""")
+""",
+    )
     without = compile_text(config, mesh="trustDomain: new-td\n")
     assert http(without, src="bar/sleep").verdict is DENY
     aliased = compile_text(config, mesh="trustDomain: new-td\ntrustDomainAliases: [old-td]\n")
@@ -163,23 +209,31 @@ rules:
 
 
 def test_cluster_local_principal_stands_for_the_current_trust_domain() -> None:
-    config = policy("allow", "foo", """
+    config = policy(
+        "allow",
+        "foo",
+        """
 selector: {matchLabels: {app: httpbin}}
 rules:
 - from: [{source: {principals: [cluster.local/ns/bar/sa/sleep]}}]
-""")
+""",
+    )
     mesh = compile_text(config, mesh="trustDomain: new-td\n")
     assert http(mesh, src="bar/sleep").verdict is ALLOW
 
 
 # --- path normalization modes ---------------------------------------------------------
 
-DENY_ADMIN = policy("deny-admin", "foo", """
+DENY_ADMIN = policy(
+    "deny-admin",
+    "foo",
+    """
 selector: {matchLabels: {app: httpbin}}
 action: DENY
 rules:
 - to: [{operation: {paths: [/admin/secret]}}]
-""")
+""",
+)
 
 
 def test_base_normalization_leaves_double_slash_and_encoded_slash() -> None:
@@ -218,11 +272,15 @@ def test_paths_match_without_query_and_nul_is_400() -> None:
 
 
 def _paths(values: str) -> str:
-    return policy("allow", "foo", f"""
+    return policy(
+        "allow",
+        "foo",
+        f"""
 selector: {{matchLabels: {{app: httpbin}}}}
 rules:
 - to: [{{operation: {{paths: {values}}}}}]
-""")
+""",
+    )
 
 
 def test_string_match_forms() -> None:
@@ -244,11 +302,15 @@ def test_path_templates() -> None:
 
 def test_hosts_ignore_case_and_do_not_match_host_with_port() -> None:
     mesh = compile_text(
-        policy("allow", "foo", """
+        policy(
+            "allow",
+            "foo",
+            """
 selector: {matchLabels: {app: httpbin}}
 rules:
 - to: [{operation: {hosts: [httpbin.foo]}}]
-""")
+""",
+        )
     )
     assert http(mesh, host="HTTPBIN.foo").verdict is ALLOW
     assert http(mesh, host="httpbin.foo:8000").verdict is DENY
@@ -262,13 +324,17 @@ def test_methods_are_exact_and_unknown_methods_are_400() -> None:
 
 # --- conditions -----------------------------------------------------------------------
 
-NOT_ADMIN = policy("deny-not-admin", "foo", """
+NOT_ADMIN = policy(
+    "deny-not-admin",
+    "foo",
+    """
 selector: {matchLabels: {app: httpbin}}
 action: DENY
 rules:
 - to: [{operation: {methods: [GET]}}]
   when: [{key: "request.headers[x-token]", notValues: [admin]}]
-""")
+""",
+)
 
 
 def test_not_values_on_a_missing_or_empty_header_matches() -> None:
@@ -286,7 +352,10 @@ def test_header_values_are_case_sensitive() -> None:
 
 def test_namespaces_and_service_accounts_and_principal_presence() -> None:
     mesh = compile_text(
-        policy("allow", "foo", """
+        policy(
+            "allow",
+            "foo",
+            """
 selector: {matchLabels: {app: httpbin}}
 rules:
 - from: [{source: {namespaces: ["ba*"]}}]
@@ -295,7 +364,8 @@ rules:
   to: [{operation: {paths: [/sa]}}]
 - from: [{source: {principals: ["*"]}}]
   to: [{operation: {paths: [/any]}}]
-""")
+""",
+        )
     )
     assert http(mesh, "/ns", src="bar/sleep").verdict is ALLOW
     assert http(mesh, "/ns", src="foo/sleep").verdict is DENY
@@ -307,21 +377,29 @@ rules:
 
 def test_unknown_source_ip_fails_closed_for_both_actions() -> None:
     allow = compile_text(
-        policy("allow", "foo", """
+        policy(
+            "allow",
+            "foo",
+            """
 selector: {matchLabels: {app: httpbin}}
 rules:
 - from: [{source: {ipBlocks: [10.0.0.0/8]}}]
-""")
+""",
+        )
     )
     assert http(allow).verdict is DENY
     assert http(allow, source=Source.workload("foo/sleep", "10.1.2.3")).verdict is ALLOW
     deny = compile_text(
-        policy("deny", "foo", """
+        policy(
+            "deny",
+            "foo",
+            """
 selector: {matchLabels: {app: httpbin}}
 action: DENY
 rules:
 - from: [{source: {notIpBlocks: [10.0.0.0/8]}}]
-""")
+""",
+        )
     )
     assert http(deny).verdict is DENY
     assert http(deny, source=Source.workload("foo/sleep", "10.1.2.3")).verdict is ALLOW
@@ -337,24 +415,37 @@ def test_deciding_rule_is_the_lexicographically_smallest_name() -> None:
     )
     assert http(mesh, "/x").rule == "ns[foo]-policy[many]-rule[0]"
     spec = "selector: {matchLabels: {app: httpbin}}\nrules:\n" + "\n".join(
-        "- to: [{operation: {paths: [/y]}}]" if i in (2, 10) else "- to: [{operation: {paths: [/z]}}]"
+        "- to: [{operation: {paths: [/y]}}]"
+        if i in (2, 10)
+        else "- to: [{operation: {paths: [/z]}}]"
         for i in range(11)
     )
-    assert http(compile_text(policy("many", "foo", spec)), "/y").rule == "ns[foo]-policy[many]-rule[10]"
+    assert (
+        http(compile_text(policy("many", "foo", spec)), "/y").rule
+        == "ns[foo]-policy[many]-rule[10]"
+    )
 
 
 def test_allow_nothing_and_allow_everything() -> None:
     nothing = compile_text(policy("allow-nothing", "foo", "{}"))
     decision = http(nothing)
-    assert (decision.verdict, decision.status, decision.reason) == (DENY, 403, "RBAC: access denied")
+    assert (decision.verdict, decision.status, decision.reason) == (
+        DENY,
+        403,
+        "RBAC: access denied",
+    )
     everything = compile_text(policy("all", "foo", "rules: [{}]"))
     assert http(everything).rule == "ns[foo]-policy[all]-rule[0]"
 
 
 def test_only_dry_run_allow_policies_enforce_nothing_but_report() -> None:
     mesh = compile_text(
-        policy("dry", "foo", "rules:\n- to: [{operation: {paths: [/ip]}}]",
-               extra_meta='  annotations: {"istio.io/dry-run": "true"}\n')
+        policy(
+            "dry",
+            "foo",
+            "rules:\n- to: [{operation: {paths: [/ip]}}]",
+            extra_meta='  annotations: {"istio.io/dry-run": "true"}\n',
+        )
     )
     decision = http(mesh, "/get")
     assert decision.verdict is ALLOW
@@ -363,8 +454,12 @@ def test_only_dry_run_allow_policies_enforce_nothing_but_report() -> None:
 
 def test_dry_run_deny_logs_shadow_denied_with_rule() -> None:
     mesh = compile_text(
-        policy("dry", "foo", "action: DENY\nrules:\n- to: [{operation: {paths: [/headers]}}]",
-               extra_meta='  annotations: {"istio.io/dry-run": "true"}\n')
+        policy(
+            "dry",
+            "foo",
+            "action: DENY\nrules:\n- to: [{operation: {paths: [/headers]}}]",
+            extra_meta='  annotations: {"istio.io/dry-run": "true"}\n',
+        )
     )
     decision = http(mesh, "/headers")
     assert decision.verdict is ALLOW
@@ -374,9 +469,7 @@ def test_dry_run_deny_logs_shadow_denied_with_rule() -> None:
 
 
 def test_custom_with_unknown_provider_fails_closed() -> None:
-    mesh = compile_text(
-        policy("ext", "foo", "action: CUSTOM\nprovider: {name: opa}\nrules: [{}]")
-    )
+    mesh = compile_text(policy("ext", "foo", "action: CUSTOM\nprovider: {name: opa}\nrules: [{}]"))
     decision = http(mesh)
     assert (decision.verdict, decision.rule) == (DENY, "ns[foo]-policy[ext]-rule[0]")
     assert "extensionProviders" in decision.reason

@@ -65,12 +65,18 @@ def test_authorization_policy_errors(spec: str, expected: tuple[str, str]) -> No
 
 
 def test_valid_policies_have_no_errors() -> None:
-    text = policy("p", "foo", """
+    text = policy(
+        "p",
+        "foo",
+        """
 rules:
 - from: [{source: {principals: ["cluster.local/ns/a/sa/b"], ipBlocks: ["10.0.0.1"]}}]
   to: [{operation: {methods: [GET], paths: ["/api/*"], ports: ["8000"]}}]
-  when: [{key: "request.headers[x-id]", values: ["*"]}, {key: "request.auth.claims[a][b]", values: [x]}]
-""")
+  when:
+  - {key: "request.headers[x-id]", values: ["*"]}
+  - {key: "request.auth.claims[a][b]", values: [x]}
+""",
+    )
     assert codes(text) == []
 
 
@@ -80,13 +86,18 @@ def test_peer_authentication_port_level_needs_selector() -> None:
 
 
 def test_request_authentication_errors() -> None:
-    text = policy("p", "foo", """
+    text = policy(
+        "p",
+        "foo",
+        """
 jwtRules:
 - issuer: a
   jwks: '{"keys": []}'
   jwksUri: https://x/jwks
 - jwksUri: ftp://x
-""", kind="RequestAuthentication")
+""",
+        kind="RequestAuthentication",
+    )
     found = codes(text)
     assert ("jwks-and-uri", "spec.jwtRules[0].jwks") in found
     assert ("missing-field", "spec.jwtRules[1].issuer") in found
@@ -94,7 +105,9 @@ jwtRules:
 
 
 def test_warnings_do_not_block() -> None:
-    text = policy("p", "foo", "rules:\n- from: [{source: {principals: [spiffe://cluster.local/ns/a/sa/b]}}]")
+    text = policy(
+        "p", "foo", "rules:\n- from: [{source: {principals: [spiffe://cluster.local/ns/a/sa/b]}}]"
+    )
     found = diagnostics_of(text, base=False)
     assert [d.code for d in found] == ["principal-with-scheme"]
     assert not found[0].is_error

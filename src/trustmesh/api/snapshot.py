@@ -82,15 +82,29 @@ class ConfigSnapshot:
     services: tuple[Service, ...]
     namespace_labels: Mapping[str, Mapping[str, str]]
     diagnostics: tuple[Diagnostic, ...] = ()
+    _by_kind: Mapping[str, tuple[Resource[Any], ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _by_ref: Mapping[str, Workload] = field(default_factory=dict, repr=False, compare=False)
 
-    def of_kind(self, kind: str) -> list[Resource[Any]]:
-        return [r for r in self.resources if r.kind == kind]
+    def __post_init__(self) -> None:
+        by_kind: dict[str, list[Resource[Any]]] = {}
+        for r in self.resources:
+            by_kind.setdefault(r.kind, []).append(r)
+        object.__setattr__(self, "_by_kind", {k: tuple(v) for k, v in by_kind.items()})
+        by_ref: dict[str, Workload] = {}
+        for w in self.workloads:
+            by_ref.setdefault(w.ref, w)  # a Pod and its Deployment may share a name
+        object.__setattr__(self, "_by_ref", by_ref)
+
+    def of_kind(self, kind: str) -> tuple[Resource[Any], ...]:
+        return self._by_kind.get(kind, ())
 
     def workload(self, ref: str) -> Workload | None:
-        for workload in self.workloads:
-            if workload.ref == ref:
-                return workload
-        return None
+        return self._by_ref.get(ref)
+
+    def services_of(self, workload: Workload) -> tuple[Service, ...]:
+        return tuple(s for s in self.services if s.selects(workload))
 
 
 def build_snapshot(

@@ -37,7 +37,7 @@ def diagnostics(items: Sequence[Diagnostic], output: str, summary: _Summary) -> 
         return
     for d in items:
         color = "red" if d.is_error else "yellow"
-        _out.print(f"[{color}]{d.severity.value}[/{color}] {_escape(str(d))}")
+        _out.print(f"[{color}]{_escape(str(d))}[/{color}]")
     errors = sum(1 for d in items if d.is_error)
     warnings = len(items) - errors
     if errors:

@@ -16,7 +16,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.resources import Resource
-from trustmesh.api.snapshot import ConfigSnapshot, Workload
+from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
 from trustmesh.api.validation import is_dry_run_annotated
 from trustmesh.policy.authz import CompiledRule, RuleSet, TrustBundle, compile_policy
 from trustmesh.policy.jwt import JwtProvider, parse_jwks
@@ -78,6 +78,7 @@ class WorkloadPolicy:
     authz: AuthzPolicy
     jwt_providers: tuple[JwtProvider, ...]
     egress_mode: m.OutboundTrafficPolicyMode
+    services: tuple[Service, ...] = ()  # Services selecting the workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ class MeshPolicy:
     path_normalization: PathNormalization
     extension_providers: frozenset[str]
     workloads: Mapping[str, WorkloadPolicy]
+    # Memo of values derived purely from this (immutable) mesh, e.g. the client TLS
+    # choice per (source, destination, port): the evaluator's hot path reads it.
+    memo: dict[object, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def for_workload(self, ref: str) -> WorkloadPolicy | None:
         return self.workloads.get(ref)
@@ -148,8 +152,8 @@ def compile_mesh(
     bundle = TrustBundle((mesh.trust_domain, *mesh.trust_domain_aliases))
     authz_selector = _Selector(snapshot.of_kind("AuthorizationPolicy"), root)
     jwt_selector = _Selector(snapshot.of_kind("RequestAuthentication"), root)
-    peer_policies = snapshot.of_kind("PeerAuthentication")
-    sidecars = snapshot.of_kind("Sidecar")
+    peer_policies = list(snapshot.of_kind("PeerAuthentication"))
+    sidecars = list(snapshot.of_kind("Sidecar"))
 
     compiled_rules: dict[int, tuple[list[CompiledRule], list[CompiledRule]]] = {}
     authz_cache: dict[tuple[int, ...], AuthzPolicy] = {}
@@ -192,6 +196,7 @@ def compile_mesh(
             authz=authz_for(authz_selector.select(workload)),
             jwt_providers=jwt_for(jwt_selector.select(workload)),
             egress_mode=_egress_mode(workload, sidecars, mesh, root),
+            services=snapshot.services_of(workload),
         )
     return MeshPolicy(
         snapshot=snapshot,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Verdict(enum.Enum):
@@ -31,8 +32,10 @@ class ShadowResult:
         return f"shadow {self.result}{matched}"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """The evaluator's answer. A NamedTuple: built once per decision on the hot path,
+    where a frozen dataclass's field-by-field ``__init__`` costs a tenth of the budget."""
+
     verdict: Verdict
     status: int | None  # HTTP status the client sees; None for TCP / reset
     rule: str | None  # the deciding Envoy policy name, if a rule decided

@@ -20,7 +20,7 @@ from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verd
 from trustmesh.policy.jwt import JwtResult, JwtStatus, authenticate
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
-from trustmesh.policy.tls import ClientTls, client_tls, egress_decision
+from trustmesh.policy.tls import ClientTls, client_tls, egress_decision, service_for
 
 # Methods Envoy's HTTP/1 codec accepts; anything else (or lower-case) is a 400.
 HTTP1_METHODS = frozenset(
@@ -72,9 +72,10 @@ class _Run:
     trace: list[str] | None
     shadow: list[ShadowResult] = field(default_factory=list)
 
-    def note(self, text: str) -> None:
+    def note(self, template: str, *args: object) -> None:
+        """Record a step; formatting happens only when tracing is on."""
         if self.trace is not None:
-            self.trace.append(text)
+            self.trace.append(template.format(*args) if args else template)
 
 
 def evaluate(
@@ -100,17 +101,26 @@ def evaluate(
     port = _port(request, target.workload)
     is_http = request.http is not None
     if not target.workload.has_sidecar:
-        run.note(f"destination {target.workload.ref} has no sidecar: no policy is enforced")
+        run.note("destination {} has no sidecar: no policy is enforced", target.workload.ref)
         return _finish(
             run, Verdict.ALLOW, 200 if is_http else None, None, "destination has no sidecar"
         )
 
     mode = target.mtls.for_port(port)
     run.note(
-        f"destination {target.workload.ref} port {port}: PeerAuthentication {mode.mode.value}"
-        + (f" (from {mode.scope} policy {mode.policy})" if mode.policy else " (default)")
+        "destination {} port {}: PeerAuthentication {} ({})",
+        target.workload.ref,
+        port,
+        mode.mode.value,
+        f"from {mode.scope} policy {mode.policy}" if mode.policy else "default",
     )
-    tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
+    # Only workload sources are memoized: their number is bounded by the config.
+    tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
+    tls = mesh.memo.get(tls_key) if tls_key else None
+    if tls is None:
+        tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
+        if tls_key:
+            mesh.memo[tls_key] = tls
     run.note(tls.explanation)
     reset = tls.conflict or _tls_mismatch(tls, mode.mode)
     if reset:
@@ -128,7 +138,7 @@ def evaluate(
     )
     attrs.remote_ip = attrs.source_ip
     if tls.principal:
-        run.note(f"peer principal {tls.principal}")
+        run.note("peer principal {}", tls.principal)
     if request.http is not None:
         rejected = _http_attributes(mesh, request, target, port, attrs, run)
         if rejected is not None:
@@ -173,7 +183,7 @@ def _authorize(
     upstream: tuple[tuple[str, str], ...] = ()
     if is_http and target.jwt_providers:
         jwt_result = authenticate(target.jwt_providers, attrs.headers, attrs.query, now)
-        run.note(f"JWT: {jwt_result.status.value}: {jwt_result.message}")
+        run.note("JWT: {}: {}", jwt_result.status.value, jwt_result.message)
         if jwt_result.status is JwtStatus.UNAUTHENTICATED:
             return _finish(run, Verdict.UNAUTHENTICATED, 401, None, jwt_result.message)
         if jwt_result.status is JwtStatus.AUDIENCE:
@@ -210,7 +220,7 @@ def _authorize(
     if allow is None:
         if not authz.allow.for_protocol(is_http):
             protocol = "HTTP" if is_http else "TCP"
-            run.note(f"ALLOW policies apply but none has a rule for {protocol}: denied")
+            run.note("ALLOW policies apply but none has a rule for {}: denied", protocol)
         else:
             run.note("no ALLOW rule matched: denied")
         why = ACCESS_DENIED
@@ -228,11 +238,13 @@ def _authorize(
 
 
 def _first(rules: ActionRules, attrs: Attributes, run: _Run, label: str) -> CompiledRule | None:
+    if not rules.applies:
+        return None
     rule_set = rules.for_protocol(attrs.is_http)
     found = rule_set.first_match(attrs)
-    if run.trace is not None and rules.applies:
+    if run.trace is not None:
         for rule, _matched, why in rule_set.explain(attrs):
-            run.note(f"{label} {rule.name}: {why}")
+            run.note("{} {}: {}", label, rule.name, why)
         if not rule_set:
             run.note(f"{label}: {len(rules.policies)} policies apply, no rule for this protocol")
     return found
@@ -292,24 +304,28 @@ def _http_attributes(
         reason = f"method {http.method!r} is rejected by Envoy's HTTP/1 codec"
         run.note(reason)
         return _finish(run, Verdict.BAD_REQUEST, 400, None, reason)
-    if not http.path.startswith("/"):
-        reason = f"path {http.path!r} does not start with '/'"
-        run.note(reason)
-        return _finish(run, Verdict.BAD_REQUEST, 404, None, reason)
     try:
         normalized = normalize_path(http.path, mesh.path_normalization)
     except PathRejected as exc:
-        run.note(f"path rejected: {exc.reason}")
-        return _finish(run, Verdict.BAD_REQUEST, 400, None, exc.reason)
+        run.note("path rejected: {}", exc.reason)
+        return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
     if normalized.full != http.path:
         run.note(
-            f"path {http.path} normalized to {normalized.full} ({mesh.path_normalization.value})"
+            "path {} normalized to {} ({})",
+            http.path,
+            normalized.full,
+            mesh.path_normalization.value,
         )
     headers: dict[str, tuple[str, ...]] = {}
     for name, value in http.header_lines():
         key = name.lower()
         headers[key] = (*headers.get(key, ()), value)
-    host = http.host or _default_host(mesh, target.workload, port)
+    host = http.host
+    if host is None:
+        host_key = ("host", target.workload.ref, port)
+        host = mesh.memo.get(host_key)
+        if host is None:
+            host = mesh.memo[host_key] = _default_host(target, port)
     headers[":authority"] = (host,)
     attrs.method, attrs.path, attrs.query = http.method, normalized.path, normalized.query
     attrs.host, attrs.headers = host, headers
@@ -332,14 +348,13 @@ def _jwt_headers(result: JwtResult) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _default_host(mesh: MeshPolicy, workload: Workload, port: int) -> str:
-    for service in mesh.snapshot.services:
-        if service.selects(workload):
-            for sp in service.ports:
-                if sp.target_port == port:
-                    return f"{service.name}.{service.namespace}:{sp.port}"
-            return f"{service.name}.{service.namespace}"
-    return f"{workload.name}.{workload.namespace}:{port}"
+def _default_host(target: WorkloadPolicy, port: int) -> str:
+    """What ``curl http://SVC.NS:PORT/`` sends as Host, as in the istio.io tasks."""
+    service, service_port = service_for(target, port)
+    if service is None:
+        return f"{target.workload.name}.{target.workload.namespace}:{port}"
+    suffix = f":{service_port}" if service_port is not None else ""
+    return f"{service.name}.{service.namespace}{suffix}"
 
 
 def _tls_mismatch(tls: ClientTls, mode: m.MtlsMode) -> str | None:

@@ -37,7 +37,7 @@ def client_tls(
     port: int,
     server_mode: m.MtlsMode,
 ) -> ClientTls:
-    service, service_port = _service_for(mesh, target.workload, port)
+    service, service_port = service_for(target, port)
     sni = (
         f"outbound_.{service_port}_._.{service.hostname}"
         if service is not None and service_port is not None
@@ -84,13 +84,10 @@ def client_tls(
     )
 
 
-def _service_for(
-    mesh: MeshPolicy, workload: Workload, port: int
-) -> tuple[Service | None, int | None]:
+def service_for(target: WorkloadPolicy, port: int) -> tuple[Service | None, int | None]:
+    """The Service (and its port) a client reaches ``port`` of the workload through."""
     fallback: Service | None = None
-    for service in mesh.snapshot.services:
-        if not service.selects(workload):
-            continue
+    for service in target.services:
         fallback = fallback or service
         for sp in service.ports:
             if sp.target_port == port:
