@@ -1,0 +1,119 @@
+"""Workloads, sidecars and mesh config as Istio resolves them before any policy."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trustmesh.api.loader import load_sources
+from trustmesh.api.snapshot import build_snapshot
+from trustmesh.api.yamldoc import parse_yaml
+
+NS = """apiVersion: v1
+kind: Namespace
+metadata: {name: %s, labels: {%s}}
+---
+"""
+
+
+def snapshot(text: str, mesh: str = ""):  # type: ignore[no-untyped-def]
+    loaded = load_sources([("in.yaml", text.encode())])
+    assert not loaded.errors, loaded.errors
+    docs = tuple(parse_yaml(mesh, "mesh.yaml")[0]) if mesh else ()
+    return build_snapshot(loaded, docs)
+
+
+def test_sidecar_from_namespace_label_revision_and_pod_override() -> None:
+    text = (
+        NS % ("inj", "istio-injection: enabled")
+        + NS % ("rev", "istio.io/rev: canary")
+        + NS % ("plain", "")
+        + """apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: inj}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: inj, annotations: {sidecar.istio.io/inject: "false"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: rev}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: plain, labels: {sidecar.istio.io/inject: "true"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e, namespace: plain}
+spec: {containers: [{name: app}, {name: istio-proxy}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: plain}
+spec: {address: 10.0.0.9, serviceAccount: vm-sa, labels: {app: vm}}
+"""
+    )
+    snap = snapshot(text)
+    sidecars = {w.ref: w.has_sidecar for w in snap.workloads}
+    assert sidecars == {
+        "inj/a": True,
+        "inj/b": False,
+        "rev/c": True,
+        "plain/d": True,
+        "plain/e": True,
+        "plain/vm": True,
+    }
+    vm = snap.workload("plain/vm")
+    assert vm is not None and (vm.service_account, vm.ip) == ("vm-sa", "10.0.0.9")
+    assert snap.workload("inj/a").service_account == "default"  # type: ignore[union-attr]
+
+
+def test_mesh_config_layers_configmap_operator_and_file() -> None:
+    text = """apiVersion: install.istio.io/v1alpha1
+kind: IstioOperator
+metadata: {name: op, namespace: istio-system}
+spec:
+  meshConfig: {trustDomain: from-operator, enableAutoMtls: false}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    trustDomain: from-configmap
+    outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+"""
+    snap = snapshot(text)
+    assert snap.mesh.trust_domain == "from-configmap"
+    assert snap.mesh.enable_auto_mtls is False
+    assert snap.mesh.outbound_traffic_policy.mode.value == "REGISTRY_ONLY"
+    overridden = snapshot(text, mesh="trustDomain: from-file\n")
+    assert overridden.mesh.trust_domain == "from-file"
+    assert [d.code for d in overridden.diagnostics] == ["mesh-config-layers"]
+
+
+def test_bad_mesh_config_is_reported_at_its_field() -> None:
+    loaded = load_sources([("in.yaml", b"")])
+    snap = build_snapshot(loaded, tuple(parse_yaml("enableAutoMtls: maybe\n", "m.yaml")[0]))
+    (problem,) = snap.diagnostics
+    assert (problem.location.file, problem.location.line, problem.location.field) == (
+        "m.yaml",
+        1,
+        "enableAutoMtls",
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_loader_never_raises_on_arbitrary_bytes(data: bytes) -> None:
+    result = load_sources([("fuzz.yaml", data)])
+    for problem in result.diagnostics:
+        assert problem.location.file == "fuzz.yaml"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="{}[]:-,'\"#&*!|>%@`\n \tabc01", max_size=200))
+def test_loader_never_raises_on_yaml_like_text(text: str) -> None:
+    load_sources([("fuzz.yaml", text.encode())])
