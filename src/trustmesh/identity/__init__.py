@@ -1,0 +1,1 @@
+"""Workload identity: SPIFFE IDs, the certificate authority, bootstrap tokens, rotation."""

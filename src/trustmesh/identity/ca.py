@@ -1,0 +1,485 @@
+"""The certificate authority: issues SPIFFE leaf certificates from CSRs.
+
+The identity in a certificate is what the *caller* is authorized for (a bootstrap token's
+namespace/service account, or the identity of the certificate it renews with), never
+what the CSR asks for: a CSR whose SANs differ from that identity is rejected, and the
+issued certificate is built from scratch with exactly one URI SAN.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from trustmesh.identity import pki
+from trustmesh.identity.rotation import (
+    RotationPolicy,
+    SlotState,
+    SlotTimes,
+    retired,
+    should_activate,
+    should_prepare,
+    trusted,
+)
+from trustmesh.identity.spiffe import SpiffeId
+from trustmesh.identity.store import CaStore, StoreError
+from trustmesh.identity.tokens import TokenGrant, issue_token, verify_token
+
+audit = logging.getLogger("trustmesh.ca.audit")
+
+PLUGIN_FILES = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem")
+
+
+class IssueRejected(ValueError):
+    """A refused request: ``code`` is stable, ``message`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class CaConfig:
+    trust_domain: str = "cluster.local"
+    trust_domain_aliases: tuple[str, ...] = ()
+    key_type: pki.KeyType = pki.KeyType.EC_P256
+    default_ttl: dt.timedelta = dt.timedelta(hours=24)
+    max_ttl: dt.timedelta = dt.timedelta(days=90)
+    root_ttl: dt.timedelta = dt.timedelta(days=3650)
+    rotation: RotationPolicy = field(default_factory=RotationPolicy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trust_domain": self.trust_domain,
+            "trust_domain_aliases": list(self.trust_domain_aliases),
+            "key_type": self.key_type.value,
+            "default_ttl_s": self.default_ttl.total_seconds(),
+            "max_ttl_s": self.max_ttl.total_seconds(),
+            "root_ttl_s": self.root_ttl.total_seconds(),
+            "rotation_overlap_s": self.rotation.overlap.total_seconds(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CaConfig:
+        return cls(
+            trust_domain=data["trust_domain"],
+            trust_domain_aliases=tuple(data.get("trust_domain_aliases", ())),
+            key_type=pki.KeyType(data["key_type"]),
+            default_ttl=dt.timedelta(seconds=data["default_ttl_s"]),
+            max_ttl=dt.timedelta(seconds=data["max_ttl_s"]),
+            root_ttl=dt.timedelta(seconds=data["root_ttl_s"]),
+            rotation=RotationPolicy(overlap=dt.timedelta(seconds=data["rotation_overlap_s"])),
+        )
+
+
+@dataclass(slots=True)
+class Slot:
+    """A signing key with its certificate, chain and trust anchor."""
+
+    slot_id: str
+    state: SlotState
+    key: pki.PrivateKey = field(repr=False)
+    chain: list[x509.Certificate]  # signing cert first, up to but excluding the root
+    root: x509.Certificate
+    prepared_at: dt.datetime
+    retire_after: dt.datetime | None = None
+    forced: bool = False
+    plugin: bool = False
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def times(self) -> SlotTimes:
+        return SlotTimes(
+            self.slot_id,
+            self.state,
+            self.cert.not_valid_before_utc,
+            self.cert.not_valid_after_utc,
+            self.prepared_at,
+            self.retire_after,
+            self.forced,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    identity: SpiffeId
+    serial: int
+    not_after: dt.datetime
+    chain_pem: tuple[str, ...]  # leaf, intermediates…, root
+
+
+class CertificateAuthority:
+    """Issues, renews and rotates. Every method takes ``now``; nothing reads the clock."""
+
+    def __init__(
+        self,
+        store: CaStore,
+        config: CaConfig,
+        slots: list[Slot],
+        token_key: ed25519.Ed25519PrivateKey,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.slots = slots
+        self.token_key = token_key
+        self.used_tokens = {r["jti"] for r in store.records("used-tokens.jsonl")}
+        self.revoked = {int(r["serial"]) for r in store.records("revoked.jsonl")}
+        self._issued_log: IO[str] | None = None
+
+    # --- creation and loading -------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls, directory: Path, config: CaConfig, now: dt.datetime, plugin_certs: Path | None = None
+    ) -> CertificateAuthority:
+        store = CaStore(directory)
+        if store.exists():
+            raise StoreError(f"{directory} already holds a CA (state.json exists)")
+        store.create()
+        token_key = pki.generate_token_key()
+        store.write(directory / "token-key.pem", pki.key_to_pem(token_key), secret=True)
+        if plugin_certs is not None:
+            slot = _plugin_slot(plugin_certs, now)
+        else:
+            slot = _new_root_slot(config, now, SlotState.ACTIVE)
+        ca = cls(store, config, [slot], token_key)
+        ca._save()
+        audit.info(
+            "ca initialized trust_domain=%s slot=%s plugin=%s",
+            config.trust_domain,
+            slot.slot_id,
+            slot.plugin,
+        )
+        return ca
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        store = CaStore(directory)
+        if not store.exists():
+            raise StoreError(f"{directory} holds no CA; run `trustmesh ca init` first")
+        store.check_permissions()
+        state = store.load_state()
+        config = CaConfig.from_json(state["config"])
+        slots = []
+        for entry in state["slots"]:
+            folder = store.slot_dir(entry["id"])
+            slots.append(
+                Slot(
+                    slot_id=entry["id"],
+                    state=SlotState(entry["state"]),
+                    key=pki.load_key(store.read(folder / "ca-key.pem")),
+                    chain=pki.load_certs(store.read(folder / "cert-chain.pem")),
+                    root=pki.load_certs(store.read(folder / "root-cert.pem"))[0],
+                    prepared_at=dt.datetime.fromisoformat(entry["prepared_at"]),
+                    retire_after=(
+                        dt.datetime.fromisoformat(entry["retire_after"])
+                        if entry.get("retire_after")
+                        else None
+                    ),
+                    forced=entry.get("forced", False),
+                    plugin=entry.get("plugin", False),
+                )
+            )
+        token_key = pki.load_token_key(store.read(directory / "token-key.pem"))
+        return cls(store, config, slots, token_key)
+
+    def _save(self) -> None:
+        for slot in self.slots:
+            folder = self.store.slot_dir(slot.slot_id)
+            if not (folder / "ca-key.pem").exists():
+                self.store.write(folder / "ca-key.pem", pki.key_to_pem(slot.key), secret=True)
+                self.store.write(folder / "ca-cert.pem", pki.cert_to_pem(slot.cert))
+                self.store.write(
+                    folder / "cert-chain.pem", b"".join(pki.cert_to_pem(c) for c in slot.chain)
+                )
+                self.store.write(folder / "root-cert.pem", pki.cert_to_pem(slot.root))
+        self.store.save_state(
+            {
+                "config": self.config.to_json(),
+                "slots": [
+                    {
+                        "id": s.slot_id,
+                        "state": s.state.value,
+                        "prepared_at": s.prepared_at.isoformat(),
+                        "retire_after": s.retire_after.isoformat() if s.retire_after else None,
+                        "forced": s.forced,
+                        "plugin": s.plugin,
+                    }
+                    for s in self.slots
+                ],
+            }
+        )
+
+    # --- trust ---------------------------------------------------------------------------
+
+    @property
+    def active(self) -> Slot:
+        return next(s for s in self.slots if s.state is SlotState.ACTIVE)
+
+    def trust_bundle(self, now: dt.datetime) -> list[x509.Certificate]:
+        """Every root a peer must trust now: active, prepared, and not-yet-retired old."""
+        keep = set(trusted([s.times() for s in self.slots], now))
+        roots: list[x509.Certificate] = []
+        for slot in self.slots:
+            if slot.slot_id in keep and slot.root not in roots:
+                roots.append(slot.root)
+        return roots
+
+    def bundle_pem(self, now: dt.datetime) -> bytes:
+        return b"".join(pki.cert_to_pem(c) for c in self.trust_bundle(now))
+
+    def trust_domains(self) -> tuple[str, ...]:
+        return (self.config.trust_domain, *self.config.trust_domain_aliases)
+
+    # --- issuing ---------------------------------------------------------------------------
+
+    def issue(
+        self, csr_pem: bytes, identity: SpiffeId, now: dt.datetime, ttl: dt.timedelta | None = None
+    ) -> Issued:
+        """Sign ``csr_pem`` for ``identity`` (already authenticated by the caller)."""
+        try:
+            return self._issue(csr_pem, identity, now, ttl)
+        except IssueRejected as exc:
+            audit.warning("rejected identity=%s code=%s reason=%s", identity, exc.code, exc.message)
+            raise
+
+    def _issue(
+        self, csr_pem: bytes, identity: SpiffeId, now: dt.datetime, ttl: dt.timedelta | None
+    ) -> Issued:
+        if identity.trust_domain != self.config.trust_domain:
+            raise IssueRejected("wrong-trust-domain", f"{identity} is not in this trust domain")
+        try:
+            info = pki.inspect_csr(csr_pem)
+        except pki.CsrError as exc:
+            raise IssueRejected(exc.code, str(exc)) from None
+        if info.key_problem:
+            raise IssueRejected("weak-key", info.key_problem)
+        if info.requests_ca:
+            raise IssueRejected("csr-requests-ca", "CSR asks for CA:true")
+        if info.other_sans:
+            raise IssueRejected(
+                "extra-san", f"CSR asks for other SANs: {', '.join(info.other_sans)}"
+            )
+        if info.uri_sans not in ((), (identity.uri,)):
+            asked = ", ".join(info.uri_sans)
+            raise IssueRejected("san-mismatch", f"CSR asks for {asked}, caller is {identity}")
+        slot = self.active
+        lifetime = min(ttl or self.config.default_ttl, self.config.max_ttl)
+        not_after = min(now + lifetime, slot.cert.not_valid_after_utc)
+        if not_after <= now:
+            raise IssueRejected("ca-expired", "the signing certificate has expired")
+        cert = pki.sign_leaf(
+            ca_key=slot.key,
+            ca_cert=slot.cert,
+            public_key=info.public_key,
+            uri=identity.uri,
+            not_before=now - dt.timedelta(minutes=1),
+            not_after=not_after,
+        )
+        issued = Issued(
+            identity,
+            cert.serial_number,
+            not_after,
+            tuple(pki.cert_to_pem(c).decode() for c in (cert, *slot.chain, slot.root)),
+        )
+        self._record_issued(issued, slot.slot_id, now)
+        return issued
+
+    def _record_issued(self, issued: Issued, slot_id: str, now: dt.datetime) -> None:
+        if self._issued_log is None:
+            self._issued_log = open(self.store.root / "issued.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._issued_log.write(
+            f'{{"serial": "{issued.serial:x}", "id": "{issued.identity}", "slot": "{slot_id}",'
+            f' "not_after": "{issued.not_after.isoformat()}", "at": "{now.isoformat()}"}}\n'
+        )
+        self._issued_log.flush()
+        audit.info(
+            "issued identity=%s serial=%x not_after=%s",
+            issued.identity,
+            issued.serial,
+            issued.not_after.isoformat(),
+        )
+
+    def server_certificate(
+        self,
+        now: dt.datetime,
+        hostnames: Sequence[str] = ("trustmesh-ca",),
+        ips: Sequence[str] = ("127.0.0.1",),
+    ) -> tuple[bytes, bytes]:
+        """(key PEM, chain PEM) for the CA's own TLS endpoint, issued by the CA itself."""
+        key = pki.generate_key(self.config.key_type)
+        slot = self.active
+        not_after = min(now + self.config.default_ttl, slot.cert.not_valid_after_utc)
+        cert = pki.sign_leaf(
+            ca_key=slot.key,
+            ca_cert=slot.cert,
+            public_key=key.public_key(),
+            uri=SpiffeId(self.config.trust_domain, "istio-system", "trustmesh-ca").uri,
+            not_before=now - dt.timedelta(minutes=1),
+            not_after=not_after,
+            dns_names=hostnames,
+            ip_addresses=ips,
+        )
+        chain = b"".join(pki.cert_to_pem(c) for c in (cert, *slot.chain))
+        return pki.key_to_pem(key), chain
+
+    # --- authentication of callers ----------------------------------------------------------
+
+    def token(
+        self,
+        namespace: str,
+        service_account: str,
+        now: dt.datetime,
+        ttl: dt.timedelta = dt.timedelta(minutes=10),
+        single_use: bool = True,
+    ) -> str:
+        return issue_token(
+            self.token_key,
+            namespace=namespace,
+            service_account=service_account,
+            now=now,
+            ttl=ttl,
+            single_use=single_use,
+        )
+
+    def redeem_token(self, token: str, now: dt.datetime) -> TokenGrant:
+        """Verify a bootstrap token and, if single use, burn it (persisted)."""
+        grant = verify_token(
+            token, self.token_key.public_key(), now=now, already_used=self.used_tokens.__contains__
+        )
+        if grant.single_use:
+            self.used_tokens.add(grant.token_id)
+            self.store.append(
+                "used-tokens.jsonl", {"jti": grant.token_id, "exp": grant.expires.isoformat()}
+            )
+        return grant
+
+    def identity_of_peer(self, leaf_pem: bytes, now: dt.datetime) -> SpiffeId:
+        """The identity a presented client certificate proves, for renewal only."""
+        try:
+            leaf = pki.load_certs(leaf_pem)[0]
+        except (ValueError, IndexError):
+            raise IssueRejected("renewal-bad-cert", "unreadable client certificate") from None
+        if leaf.serial_number in self.revoked:
+            raise IssueRejected("renewal-revoked", f"certificate {leaf.serial_number:x} is revoked")
+        intermediates = [c for s in self.slots for c in s.chain[1:]] + [
+            s.cert for s in self.slots if s.plugin
+        ]
+        try:
+            pki.verify_client_chain(leaf, intermediates, self.trust_bundle(now), now)
+        except ValueError as exc:
+            raise IssueRejected("renewal-untrusted", str(exc)) from None
+        uris = pki.uri_sans(leaf)
+        if len(uris) != 1:
+            raise IssueRejected("renewal-bad-cert", "client certificate has no single SPIFFE ID")
+        try:
+            return SpiffeId.parse(uris[0])
+        except ValueError as exc:
+            raise IssueRejected("renewal-bad-cert", str(exc)) from None
+
+    def revoke(self, serial: int) -> None:
+        self.revoked.add(serial)
+        self.store.append("revoked.jsonl", {"serial": serial})
+        audit.warning("revoked serial=%x", serial)
+
+    # --- rotation -----------------------------------------------------------------------------
+
+    def rotate_root(self, now: dt.datetime) -> Slot:
+        """Operator-started rotation: prepare a new root now, activate after the overlap."""
+        if any(s.state is SlotState.PREPARED for s in self.slots):
+            raise IssueRejected("rotation-in-progress", "a prepared root already exists")
+        slot = _new_root_slot(self.config, now, SlotState.PREPARED, forced=True)
+        self.slots.append(slot)
+        self._save()
+        audit.info("root prepared slot=%s (operator)", slot.slot_id)
+        return slot
+
+    def tick(self, now: dt.datetime) -> list[str]:
+        """Act on what the rotation functions decide; returns what was done."""
+        events: list[str] = []
+        times = [s.times() for s in self.slots]
+        if not any(s.plugin for s in self.slots) and should_prepare(
+            times, now, self.config.rotation
+        ):
+            slot = _new_root_slot(self.config, now, SlotState.PREPARED)
+            self.slots.append(slot)
+            events.append(f"prepared {slot.slot_id}")
+        times = [s.times() for s in self.slots]
+        if should_activate(times, now, self.config.rotation):
+            old = self.active
+            old.state = SlotState.OLD
+            old.retire_after = now + self.config.max_ttl
+            new = next(s for s in self.slots if s.state is SlotState.PREPARED)
+            new.state = SlotState.ACTIVE
+            events.append(f"activated {new.slot_id}, {old.slot_id} is old")
+        for slot in list(self.slots):
+            if retired(slot.times(), now):
+                self.slots.remove(slot)
+                shutil.rmtree(self.store.slot_dir(slot.slot_id), ignore_errors=True)
+                events.append(f"retired {slot.slot_id}")
+        if events:
+            self._save()
+            for event in events:
+                audit.info("root rotation: %s", event)
+        return events
+
+    def shorten_retirement(self, slot_id: str, when: dt.datetime) -> None:
+        """Retire an OLD root at ``when`` (e.g. once every workload has renewed)."""
+        for slot in self.slots:
+            if slot.slot_id == slot_id and slot.state is SlotState.OLD:
+                slot.retire_after = when
+        self._save()
+
+
+def _new_root_slot(
+    config: CaConfig, now: dt.datetime, state: SlotState, forced: bool = False
+) -> Slot:
+    key = pki.generate_key(config.key_type)
+    root = pki.self_signed_root(
+        key,
+        trust_domain=config.trust_domain,
+        organization=config.trust_domain,
+        not_before=now - dt.timedelta(minutes=5),
+        not_after=now + config.root_ttl,
+    )
+    slot_id = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    return Slot(slot_id, state, key, [root], root, prepared_at=now, forced=forced)
+
+
+def _plugin_slot(directory: Path, now: dt.datetime) -> Slot:
+    """Istio's ``cacerts`` layout: an intermediate signing key under an external root."""
+    missing = [f for f in PLUGIN_FILES if not (directory / f).exists()]
+    if missing:
+        raise StoreError(f"{directory} lacks {', '.join(missing)} (Istio cacerts layout)")
+    key = pki.load_key((directory / "ca-key.pem").read_bytes())
+    cert = pki.load_certs((directory / "ca-cert.pem").read_bytes())[0]
+    root = pki.load_certs((directory / "root-cert.pem").read_bytes())[0]
+    chain = [c for c in pki.load_certs((directory / "cert-chain.pem").read_bytes()) if c != root]
+    if not chain or chain[0] != cert:
+        chain = [cert, *[c for c in chain if c != cert]]
+    if not pki.public_keys_match(key, cert):
+        raise StoreError("ca-key.pem does not belong to ca-cert.pem")
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if not constraints.ca:
+        raise StoreError("ca-cert.pem is not a CA certificate")
+    return Slot(
+        f"plugin-{now:%Y%m%dT%H%M%S}",
+        SlotState.ACTIVE,
+        key,
+        chain,
+        root,
+        prepared_at=now,
+        plugin=True,
+    )

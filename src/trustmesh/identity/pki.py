@@ -1,0 +1,287 @@
+"""The one module that touches private keys and signs: keys, CSRs, certificates.
+
+Everything else in trustmesh handles PEM bytes and the small value types defined here.
+Leaf certificates are built field by field from what the CA decided, never copied from
+the CSR: the CSR contributes only its public key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+MAX_PEM_BYTES = 64 * 1024
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+
+
+class KeyType(enum.Enum):
+    EC_P256 = "ec-p256"
+    RSA_2048 = "rsa-2048"
+    RSA_4096 = "rsa-4096"
+
+
+def generate_key(kind: KeyType = KeyType.EC_P256) -> PrivateKey:
+    if kind is KeyType.EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    bits = 2048 if kind is KeyType.RSA_2048 else 4096
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def key_to_pem(key: PrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_key(pem: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("CA keys must be ECDSA or RSA")
+    return key
+
+
+def generate_token_key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def load_token_key(pem: bytes) -> ed25519.Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError("the token signing key must be Ed25519")
+    return key
+
+
+def _sign_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_certs(pem: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(pem)
+
+
+def build_csr(key: PrivateKey, uri_sans: Sequence[str], dns_sans: Sequence[str] = ()) -> bytes:
+    """A PKCS#10 request as an agent sends it (``dns_sans`` exists for attack tests)."""
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uri_sans]
+    names += [x509.DNSName(d) for d in dns_sans]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, _sign_hash(key)).public_bytes(serialization.Encoding.PEM)
+
+
+def build_ca_csr(key: PrivateKey) -> bytes:
+    """A CSR asking for CA:true — only ever built to prove the CA refuses it."""
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    return builder.sign(key, _sign_hash(key)).public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True, slots=True)
+class CsrInfo:
+    """What the CA needs to judge a CSR; the public key is the only part it will use."""
+
+    public_key: PublicKey
+    uri_sans: tuple[str, ...]
+    other_sans: tuple[str, ...]
+    requests_ca: bool
+    key_problem: str | None
+
+
+class CsrError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def inspect_csr(pem: bytes) -> CsrInfo:
+    """Parse and check a CSR's signature; raises :class:`CsrError` on anything malformed."""
+    if len(pem) > MAX_PEM_BYTES:
+        raise CsrError("csr-too-large", f"CSR is {len(pem)} bytes, over {MAX_PEM_BYTES}")
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError as exc:
+        raise CsrError("csr-malformed", f"not a PEM certificate request: {exc}") from None
+    try:
+        valid = csr.is_signature_valid
+    except (InvalidSignature, ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise CsrError("csr-bad-signature", "CSR signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise CsrError("weak-key", f"unsupported key type {type(key).__name__}")
+    uris: list[str] = []
+    others: list[str] = []
+    requests_ca = False
+    for extension in csr.extensions:
+        value = extension.value
+        if isinstance(value, x509.SubjectAlternativeName):
+            for name in value:
+                if isinstance(name, x509.UniformResourceIdentifier):
+                    uris.append(name.value)
+                else:
+                    others.append(f"{type(name).__name__}:{name.value}")
+        elif isinstance(value, x509.BasicConstraints) and value.ca:
+            requests_ca = True
+    return CsrInfo(key, tuple(uris), tuple(others), requests_ca, _key_problem(key))
+
+
+def _key_problem(key: PublicKey) -> str | None:
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return f"RSA key of {key.key_size} bits (minimum {MIN_RSA_BITS})"
+        return None
+    if not isinstance(key.curve, ALLOWED_CURVES):
+        return f"unsupported curve {key.curve.name}"
+    return None
+
+
+def self_signed_root(
+    key: PrivateKey,
+    *,
+    trust_domain: str,
+    organization: str,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"trustmesh root {trust_domain}"),
+        ]
+    )
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, _sign_hash(key))
+    )
+
+
+def sign_leaf(
+    *,
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: PublicKey,
+    uri: str,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str] = (),
+) -> x509.Certificate:
+    """A workload (or CA server) leaf: SAN = exactly what the CA decided."""
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    names += [x509.DNSName(d) for d in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        # An empty subject requires the SAN extension to be critical (RFC 5280 4.2.1.6).
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, _sign_hash(ca_key))
+    )
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def public_keys_match(key: PrivateKey, cert: x509.Certificate) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    return bool(key.public_key().public_bytes(enc, fmt) == cert.public_key().public_bytes(enc, fmt))
+
+
+def verify_client_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    now: dt.datetime,
+) -> None:
+    """RFC 5280 path validation of a client certificate; raises ValueError if it fails."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    verifier = PolicyBuilder().store(Store(list(roots))).time(now).build_client_verifier()
+    try:
+        verifier.verify(leaf, list(intermediates))
+    except VerificationError as exc:
+        raise ValueError(f"client certificate does not verify: {exc}") from None

@@ -1,0 +1,121 @@
+"""Bootstrap tokens: short-lived, signed by the CA, bound to namespace + service account.
+
+A token is a JWT (EdDSA) with ``typ: trustmesh-bootstrap+jwt`` so it can never be
+confused with an end-user token. It authorizes exactly one identity; by default it is
+single use: its ``jti`` is recorded (and persisted) when it is redeemed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from trustmesh.identity.spiffe import SpiffeId
+
+TOKEN_TYPE = "trustmesh-bootstrap+jwt"
+DEFAULT_AUDIENCE = "trustmesh-ca"
+MAX_TOKEN_BYTES = 4096
+
+
+class TokenRejected(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """What a valid token authorizes."""
+
+    namespace: str
+    service_account: str
+    token_id: str
+    expires: dt.datetime
+    single_use: bool
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.service_account)
+
+
+def issue_token(
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    namespace: str,
+    service_account: str,
+    now: dt.datetime,
+    ttl: dt.timedelta = dt.timedelta(minutes=10),
+    audience: str = DEFAULT_AUDIENCE,
+    single_use: bool = True,
+) -> str:
+    SpiffeId("example.org", namespace, service_account)  # validates both names
+    claims = {
+        "iss": "trustmesh-ca",
+        "aud": audience,
+        "ns": namespace,
+        "sa": service_account,
+        "iat": int(now.timestamp()),
+        "nbf": int(now.timestamp()) - 5,
+        "exp": int((now + ttl).timestamp()),
+        "jti": secrets.token_hex(16),
+        "single_use": single_use,
+    }
+    return pyjwt.encode(claims, key, algorithm="EdDSA", headers={"typ": TOKEN_TYPE})
+
+
+def verify_token(
+    token: str,
+    public_key: ed25519.Ed25519PublicKey,
+    *,
+    now: dt.datetime,
+    audience: str = DEFAULT_AUDIENCE,
+    already_used: Callable[[str], bool],
+) -> TokenGrant:
+    """Check signature, type, audience, time and reuse; raises :class:`TokenRejected`."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenRejected("token-too-large", "bootstrap token is too large")
+    try:
+        header = pyjwt.get_unverified_header(token)
+    except pyjwt.PyJWTError as exc:
+        raise TokenRejected("token-malformed", f"bootstrap token is malformed: {exc}") from None
+    if header.get("typ") != TOKEN_TYPE or header.get("alg") != "EdDSA":
+        raise TokenRejected("token-type", "not a trustmesh bootstrap token")
+    try:
+        claims = pyjwt.decode(
+            token,
+            public_key,
+            algorithms=["EdDSA"],
+            audience=audience,
+            issuer="trustmesh-ca",
+            options={"verify_exp": False, "verify_nbf": False, "require": ["exp", "jti"]},
+        )
+    except pyjwt.InvalidSignatureError:
+        raise TokenRejected("token-signature", "bootstrap token signature is invalid") from None
+    except pyjwt.PyJWTError as exc:
+        raise TokenRejected("token-invalid", f"bootstrap token rejected: {exc}") from None
+    stamp = now.timestamp()
+    if stamp >= claims["exp"]:
+        raise TokenRejected("token-expired", "bootstrap token has expired")
+    if stamp < claims.get("nbf", 0):
+        raise TokenRejected("token-not-yet-valid", "bootstrap token is not valid yet")
+    namespace, account, token_id = claims.get("ns"), claims.get("sa"), claims["jti"]
+    if (
+        not isinstance(namespace, str)
+        or not isinstance(account, str)
+        or not isinstance(token_id, str)
+    ):
+        raise TokenRejected("token-invalid", "bootstrap token lacks ns/sa/jti")
+    single_use = bool(claims.get("single_use", True))
+    if single_use and already_used(token_id):
+        raise TokenRejected("token-reused", "bootstrap token was already used")
+    return TokenGrant(
+        namespace,
+        account,
+        token_id,
+        dt.datetime.fromtimestamp(claims["exp"], dt.UTC),
+        single_use,
+    )
