@@ -1,0 +1,92 @@
+"""Client side of the CA API, used by the agent (and by tests and benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from trustmesh.identity import protocol
+
+DEFAULT_SERVER_NAME = "trustmesh-ca"
+
+
+class CaUnavailable(Exception):
+    """The CA could not be reached (retry later)."""
+
+
+class CaRefused(Exception):
+    """The CA answered and refused (do not retry the same request)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    key_pem: bytes
+    chain_pem: bytes
+
+
+class CaClient:
+    """One TLS channel to the CA; with ``client_cert`` the channel is mTLS (renewal)."""
+
+    def __init__(
+        self,
+        address: str,
+        ca_roots_pem: bytes,
+        *,
+        client_cert: ClientCertificate | None = None,
+        server_name: str = DEFAULT_SERVER_NAME,
+        timeout: float = 10.0,
+    ) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_roots_pem,
+            private_key=client_cert.key_pem if client_cert else None,
+            certificate_chain=client_cert.chain_pem if client_cert else None,
+        )
+        self._channel = grpc.aio.secure_channel(
+            address, credentials, options=[("grpc.ssl_target_name_override", server_name)]
+        )
+        self._timeout = timeout
+        self._create = self._channel.unary_unary(
+            protocol.CREATE_CERTIFICATE,
+            request_serializer=protocol.CertificateRequest.SerializeToString,
+            response_deserializer=protocol.CertificateResponse.FromString,
+        )
+        self._bundle = self._channel.unary_unary(
+            protocol.GET_TRUST_BUNDLE,
+            request_serializer=protocol.TrustBundleRequest.SerializeToString,
+            response_deserializer=protocol.TrustBundleResponse.FromString,
+        )
+
+    async def create_certificate(
+        self, csr_pem: bytes, *, token: str | None = None, ttl_seconds: int = 0
+    ) -> list[str]:
+        """The issued chain (leaf first, root last)."""
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        request = protocol.CertificateRequest(csr=csr_pem.decode(), validity_duration=ttl_seconds)
+        try:
+            response = await self._create(request, metadata=metadata, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return list(response.cert_chain)
+
+    async def trust_bundle(self) -> list[str]:
+        try:
+            response = await self._bundle(protocol.TrustBundleRequest(), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return list(response.roots)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _error(exc: grpc.aio.AioRpcError) -> Exception:
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CaUnavailable(exc.details() or code.name)
+    return CaRefused(code, exc.details() or "")
