@@ -9,6 +9,7 @@ issued certificate is built from scratch with exactly one URI SAN.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import secrets
 import shutil
@@ -82,7 +83,7 @@ class CaConfig:
         )
 
 
-@dataclass(slots=True)
+@dataclass
 class Slot:
     """A signing key with its certificate, chain and trust anchor."""
 
@@ -99,6 +100,11 @@ class Slot:
     @property
     def cert(self) -> x509.Certificate:
         return self.chain[0]
+
+    @functools.cached_property
+    def chain_and_root_pem(self) -> tuple[str, ...]:
+        """What follows a leaf in an issued chain: intermediates, then the root."""
+        return tuple(pki.cert_to_pem(c).decode() for c in (*self.chain, self.root))
 
     def times(self) -> SlotTimes:
         return SlotTimes(
@@ -137,6 +143,25 @@ class CertificateAuthority:
         self.used_tokens = {r["jti"] for r in store.records("used-tokens.jsonl")}
         self.revoked = {int(r["serial"]) for r in store.records("revoked.jsonl")}
         self._issued_log: IO[str] | None = None
+        self._seen = self._disk_stamp()
+
+    def _disk_stamp(self) -> tuple[float, float]:
+        def mtime(name: str) -> float:
+            path = self.store.root / name
+            return path.stat().st_mtime if path.exists() else 0.0
+
+        return mtime("state.json"), mtime("revoked.jsonl")
+
+    def reload_if_changed(self) -> bool:
+        """Pick up what another process (``ca rotate-root``, ``ca revoke``) wrote."""
+        if self._disk_stamp() == self._seen:
+            return False
+        fresh = CertificateAuthority.load(self.store.root)
+        self.slots, self.revoked = fresh.slots, fresh.revoked
+        self.used_tokens |= fresh.used_tokens
+        self._seen = self._disk_stamp()
+        audit.info("reloaded CA state from disk")
+        return True
 
     # --- creation and loading -------------------------------------------------------------
 
@@ -196,6 +221,10 @@ class CertificateAuthority:
         return cls(store, config, slots, token_key)
 
     def _save(self) -> None:
+        self._write_state()
+        self._seen = self._disk_stamp()
+
+    def _write_state(self) -> None:
         for slot in self.slots:
             folder = self.store.slot_dir(slot.slot_id)
             if not (folder / "ca-key.pem").exists():
@@ -292,7 +321,7 @@ class CertificateAuthority:
             identity,
             cert.serial_number,
             not_after,
-            tuple(pki.cert_to_pem(c).decode() for c in (cert, *slot.chain, slot.root)),
+            (pki.cert_to_pem(cert).decode(), *slot.chain_and_root_pem),
         )
         self._record_issued(issued, slot.slot_id, now)
         return issued
@@ -366,21 +395,39 @@ class CertificateAuthority:
             )
         return grant
 
-    def identity_of_peer(self, leaf_pem: bytes, now: dt.datetime) -> SpiffeId:
-        """The identity a presented client certificate proves, for renewal only."""
+    def identity_of_peer(
+        self, leaf_pem: bytes, now: dt.datetime, *, verified_by_tls: bool = False
+    ) -> SpiffeId:
+        """The identity a presented client certificate proves, for renewal only.
+
+        ``verified_by_tls``: the TLS handshake already validated the chain against this
+        CA's bundle (the renewal port requires it), so only what can change during a
+        long-lived connection is re-checked: validity at ``now``, revocation, and that
+        the issuer is still a trusted signing certificate. Otherwise the whole RFC 5280
+        path is validated here.
+        """
         try:
             leaf = pki.load_certs(leaf_pem)[0]
         except (ValueError, IndexError):
             raise IssueRejected("renewal-bad-cert", "unreadable client certificate") from None
         if leaf.serial_number in self.revoked:
             raise IssueRejected("renewal-revoked", f"certificate {leaf.serial_number:x} is revoked")
-        intermediates = [c for s in self.slots for c in s.chain[1:]] + [
-            s.cert for s in self.slots if s.plugin
-        ]
-        try:
-            pki.verify_client_chain(leaf, intermediates, self.trust_bundle(now), now)
-        except ValueError as exc:
-            raise IssueRejected("renewal-untrusted", str(exc)) from None
+        if verified_by_tls:
+            if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+                raise IssueRejected("renewal-untrusted", "client certificate is not valid now")
+            trusted_roots = self.trust_bundle(now)
+            if not any(
+                pki.issued_by(leaf, slot.cert) for slot in self.slots if slot.root in trusted_roots
+            ):
+                raise IssueRejected("renewal-untrusted", "issuer is no longer trusted")
+        else:
+            intermediates = [c for s in self.slots for c in s.chain[1:]] + [
+                s.cert for s in self.slots if s.plugin
+            ]
+            try:
+                pki.verify_client_chain(leaf, intermediates, self.trust_bundle(now), now)
+            except ValueError as exc:
+                raise IssueRejected("renewal-untrusted", str(exc)) from None
         uris = pki.uri_sans(leaf)
         if len(uris) != 1:
             raise IssueRejected("renewal-bad-cert", "client certificate has no single SPIFFE ID")
@@ -392,6 +439,7 @@ class CertificateAuthority:
     def revoke(self, serial: int) -> None:
         self.revoked.add(serial)
         self.store.append("revoked.jsonl", {"serial": serial})
+        self._seen = self._disk_stamp()
         audit.warning("revoked serial=%x", serial)
 
     # --- rotation -----------------------------------------------------------------------------

@@ -265,6 +265,23 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
+def issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Issuer name and key identifiers agree (the signature was checked by TLS)."""
+    if leaf.issuer != issuer.subject:
+        return False
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        # no key identifiers to compare (e.g. a plug-in intermediate): check the signature
+        try:
+            leaf.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+    return aki.key_identifier == ski.digest
+
+
 def public_keys_match(key: PrivateKey, cert: x509.Certificate) -> bool:
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     enc = serialization.Encoding.DER

@@ -136,6 +136,7 @@ class CaServer:
     async def run_rotation(self, stop: asyncio.Event, interval: float = 60.0) -> None:
         """Timer loop that acts on the rotation decisions; ends when ``stop`` is set."""
         while not stop.is_set():
+            self.ca.reload_if_changed()
             self.ca.tick(self.clock())
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
@@ -184,7 +185,9 @@ class CaServer:
         auth = context.auth_context()
         pem = list(auth.get("x509_pem_cert", ()))
         if pem:
-            return self.ca.identity_of_peer(pem[0], now), "renewal"
+            # Only the renewal port asks for client certificates, and it requires and
+            # verifies them against the bundle during the handshake.
+            return self.ca.identity_of_peer(pem[0], now, verified_by_tls=True), "renewal"
         raise IssueRejected("unauthenticated", "no bootstrap token and no client certificate")
 
     async def _trust_bundle(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
