@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from trustmesh.cli import render
+from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.ca import app as ca_app
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
@@ -29,6 +30,7 @@ app = typer.Typer(
 authz_app = typer.Typer(help="Authorization questions answered offline.", no_args_is_help=True)
 app.add_typer(authz_app, name="authz")
 app.add_typer(ca_app, name="ca")
+app.command("agent")(agent_command)
 
 Files = Annotated[
     list[str],
