@@ -4,7 +4,8 @@ The CA server runs in its own process (as in production); one client process run
 concurrent clients, each with its own TLS channel, issuing certificates back to back.
 Both ways of authenticating are measured side by side: renewal (mTLS with the current
 certificate, the steady state) and enrollment (bootstrap token; reusable tokens here so
-that the benchmark measures the CA, not token minting). Bounded by count and time.
+that the benchmark measures the CA, not token minting), next to a baseline RPC that does
+no cryptography at all (the ceiling gRPC sets). Bounded by count and time.
 
 Usage: python bench/bench_ca.py [--requests N] [--clients 8] [--key-type ec-p256]
 """
@@ -58,6 +59,7 @@ async def _client_loop(
     deadline: float,
     quota: int,
     latencies: list[float],
+    baseline: bool = False,
 ) -> None:
     client: CaClient = make_client()  # type: ignore[operator]
     try:
@@ -65,7 +67,10 @@ async def _client_loop(
             if time.perf_counter() > deadline:
                 break
             start = time.perf_counter()
-            await client.create_certificate(csrs[i % len(csrs)], token=token)
+            if baseline:
+                await client.trust_bundle()
+            else:
+                await client.create_certificate(csrs[i % len(csrs)], token=token)
             latencies.append(time.perf_counter() - start)
     finally:
         await client.close()
@@ -107,6 +112,7 @@ async def _run_mode(
                 time.perf_counter() + 5,
                 1,
                 [],
+                baseline=mode == "baseline_no_crypto",
             )
             for i in range(clients)
         )
@@ -123,6 +129,7 @@ async def _run_mode(
                 deadline,
                 requests // clients,
                 latencies,
+                baseline=mode == "baseline_no_crypto",
             )
             for i in range(clients)
         )
@@ -171,7 +178,9 @@ def main() -> None:
                         args.seconds,
                     )
                 )
-                for mode in ("renewal", "enrollment")
+                # baseline_no_crypto: the same clients calling GetTrustBundle, a handler
+                # that does no cryptography: the ceiling gRPC itself sets on this machine.
+                for mode in ("renewal", "enrollment", "baseline_no_crypto")
             }
         finally:
             stop.set()
