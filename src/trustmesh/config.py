@@ -37,6 +37,7 @@ class LoadedConfig:
     diagnostics: list[Diagnostic]
     tests: list[PolicyTestFile]
     mesh: MeshPolicy | None = None
+    helm_values: list[YamlDocument] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -113,7 +114,7 @@ def load_config(
                 )
             )
     diagnostics.sort(key=Diagnostic.sort_key)
-    result = LoadedConfig(snapshot, diagnostics, tests)
+    result = LoadedConfig(snapshot, diagnostics, tests, helm_values=loaded.helm_values)
     if compile_policy and not result.errors:
         result.mesh = compile_mesh(snapshot, jwks)
     return result

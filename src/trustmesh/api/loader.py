@@ -18,6 +18,26 @@ from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.yamldoc import FieldPath, YamlDocument, decode_text, parse_yaml
 
 TEST_GROUP = "trustmesh.dev"
+# Top-level keys of Istio's Helm values (istiod / base / cni charts): a document with no
+# apiVersion/kind made of these is a values file, not a broken resource.
+HELM_VALUE_KEYS = frozenset(
+    {
+        "global",
+        "pilot",
+        "meshConfig",
+        "cni",
+        "istio_cni",
+        "sidecarInjectorWebhook",
+        "components",
+        "telemetry",
+        "gateways",
+        "revision",
+        "base",
+        "defaults",
+        "istiodRemote",
+        "ztunnel",
+    }
+)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -68,6 +88,7 @@ class LoadResult:
     resources: list[Resource[Any]] = field(default_factory=list)
     unknown: list[UnknownResource] = field(default_factory=list)
     test_documents: list[tuple[YamlDocument, FieldPath]] = field(default_factory=list)
+    helm_values: list[YamlDocument] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
 
     @property
@@ -103,6 +124,15 @@ def _load_object(
         )
         return
     api_version, kind = body.get("apiVersion"), body.get("kind")
+    if (
+        api_version is None
+        and kind is None
+        and not base
+        and body
+        and (body.keys() <= HELM_VALUE_KEYS)
+    ):
+        result.helm_values.append(document)
+        return
     if not isinstance(api_version, str) or not api_version:
         result.diagnostics.append(
             error(

@@ -359,3 +359,7 @@ class ConfigMapObject(Loose):
 class IstioOperatorSpec(Loose):
     mesh_config: dict[str, object] | None = None
     values: dict[str, object] = Field(default_factory=dict)
+    components: dict[str, object] = Field(default_factory=dict)
+    tag: str | None = None
+    hub: str | None = None
+    revision: str | None = None

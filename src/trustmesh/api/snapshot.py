@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from trustmesh.api import models as m
-from trustmesh.api.diagnostics import Diagnostic, error, warning
+from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.loader import LoadResult, validate_model
 from trustmesh.api.resources import Resource
 from trustmesh.api.yamldoc import YamlDocument, parse_yaml
@@ -73,6 +73,15 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class MeshLayer:
+    """One place mesh config came from: an IstioOperator, the ConfigMap, a file."""
+
+    body: Mapping[str, Any]
+    document: YamlDocument = field(repr=False, compare=False)
+    path: tuple[str | int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigSnapshot:
     """Every resource of the input, typed, plus the derived mesh, workloads and services."""
 
@@ -82,6 +91,7 @@ class ConfigSnapshot:
     services: tuple[Service, ...]
     namespace_labels: Mapping[str, Mapping[str, str]]
     diagnostics: tuple[Diagnostic, ...] = ()
+    mesh_layers: tuple[MeshLayer, ...] = ()
     _by_kind: Mapping[str, tuple[Resource[Any], ...]] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -103,6 +113,18 @@ class ConfigSnapshot:
     def workload(self, ref: str) -> Workload | None:
         return self._by_ref.get(ref)
 
+    def mesh_location(self, *path: str) -> Location | None:
+        """Where a mesh config field was set (the last layer that sets it), if anywhere."""
+        for layer in reversed(self.mesh_layers):
+            value: Any = layer.body
+            for part in path:
+                if not isinstance(value, dict) or part not in value:
+                    break
+                value = value[part]
+            else:
+                return layer.document.location((*layer.path, *path))
+        return None
+
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
         return tuple(s for s in self.services if s.selects(workload))
 
@@ -112,7 +134,7 @@ def build_snapshot(
 ) -> ConfigSnapshot:
     """Resolve mesh config, workloads and services. ``mesh_documents``: --mesh-config files."""
     problems: list[Diagnostic] = []
-    mesh = _mesh_config(loaded.resources, mesh_documents, problems)
+    mesh, layers = _mesh_config(loaded.resources, mesh_documents, problems)
     namespaces = {r.name: dict(r.labels) for r in loaded.resources if r.kind == "Namespace"}
     workloads = tuple(_workloads(loaded.resources, namespaces))
     services = tuple(_services(loaded.resources))
@@ -123,6 +145,7 @@ def build_snapshot(
         services=services,
         namespace_labels=namespaces,
         diagnostics=tuple(problems),
+        mesh_layers=layers,
     )
 
 
@@ -130,7 +153,7 @@ def _mesh_config(
     resources: list[Resource[Any]],
     mesh_documents: tuple[YamlDocument, ...],
     problems: list[Diagnostic],
-) -> m.MeshConfigModel:
+) -> tuple[m.MeshConfigModel, tuple[MeshLayer, ...]]:
     layers: list[tuple[dict[str, Any], YamlDocument, tuple[str | int, ...]]] = []
     for r in resources:
         if r.kind == "IstioOperator" and r.spec.mesh_config is not None:
@@ -172,7 +195,8 @@ def _mesh_config(
                 f"mesh config given {len(layers)} times ({sources}); later fields override earlier",
             )
         )
-    return m.MeshConfigModel.model_validate(merged) if merged else m.MeshConfigModel()
+    model = m.MeshConfigModel.model_validate(merged) if merged else m.MeshConfigModel()
+    return model, tuple(MeshLayer(body, doc, path) for body, doc, path in layers)
 
 
 def _has_sidecar(

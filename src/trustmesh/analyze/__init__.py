@@ -1,0 +1,1 @@
+"""Security analyzer: findings about Istio configuration, computed from the policy model."""

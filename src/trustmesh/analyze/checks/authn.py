@@ -1,0 +1,3 @@
+"""authn checks."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""authz checks."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""edge checks."""
+
+from __future__ import annotations

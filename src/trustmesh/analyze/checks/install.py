@@ -1,0 +1,3 @@
+"""install checks."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""mtls checks."""
+
+from __future__ import annotations
