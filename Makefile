@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# The SARIF 2.1.0 JSON schema, to validate `trustmesh analyze -o sarif` in tests. No PyPI
+# package ships it; Microsoft's jest-sarif npm package does (pinned version).
+SARIF_PKG    := @microsoft/jest-sarif@1.0.0-beta.0
+SARIF_SCHEMA := $(VENV)/share/sarif-schema-2.1.0.json
+
 .PHONY: demo test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
@@ -22,7 +27,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+$(SARIF_SCHEMA): | $(STAMP)
+	rm -rf $(VENV)/share/sarif-npm && mkdir -p $(VENV)/share/sarif-npm
+	cd $(VENV)/share/sarif-npm && npm pack --silent $(SARIF_PKG) > /dev/null \
+	  && tar xzf *.tgz package/lib/schemas/sarif-2.1.0-rtm.5.json
+	cp $(VENV)/share/sarif-npm/package/lib/schemas/sarif-2.1.0-rtm.5.json $@
+
+unit: $(STAMP) $(SARIF_SCHEMA)
 	$(BIN)/pytest tests
 
 test: lint typecheck unit

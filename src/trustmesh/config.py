@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.loader import LoadResult, load_sources, validate_model
 from trustmesh.api.policytest import PolicyTestSpec
+from trustmesh.api.resources import UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
 from trustmesh.api.validation import validate_snapshot
 from trustmesh.api.yamldoc import YamlDocument, decode_text, parse_yaml
@@ -38,6 +39,7 @@ class LoadedConfig:
     tests: list[PolicyTestFile]
     mesh: MeshPolicy | None = None
     helm_values: list[YamlDocument] = field(default_factory=list)
+    unknown: list[UnknownResource] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -114,7 +116,9 @@ def load_config(
                 )
             )
     diagnostics.sort(key=Diagnostic.sort_key)
-    result = LoadedConfig(snapshot, diagnostics, tests, helm_values=loaded.helm_values)
+    result = LoadedConfig(
+        snapshot, diagnostics, tests, helm_values=loaded.helm_values, unknown=loaded.unknown
+    )
     if compile_policy and not result.errors:
         result.mesh = compile_mesh(snapshot, jwks)
     return result

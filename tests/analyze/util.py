@@ -23,7 +23,9 @@ def context_from(
     snapshot = build_snapshot(loaded, mesh_docs)
     errors = [d for d in loaded.diagnostics + validate_snapshot(snapshot) if d.is_error]
     assert not errors, "\n".join(map(str, errors))
-    return build_context(snapshot, compile_mesh(snapshot), loaded.helm_values, version)
+    return build_context(
+        snapshot, compile_mesh(snapshot), loaded.helm_values, version, loaded.unknown
+    )
 
 
 def run(text: str = "", *, rules: list[str] | None = None, **kwargs: object) -> AnalysisResult:

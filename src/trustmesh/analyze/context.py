@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from trustmesh.api.diagnostics import Location
-from trustmesh.api.resources import Resource
+from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.api.yamldoc import FieldPath, YamlDocument
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
@@ -65,6 +65,7 @@ class AnalysisContext:
     mesh: MeshPolicy
     install: InstallSettings = InstallSettings()
     istio_version: Setting | None = None
+    unknown_resources: tuple[UnknownResource, ...] = ()  # kinds trustmesh does not model
 
     # --- convenience for checks -------------------------------------------------------------
 
@@ -119,8 +120,9 @@ def istio_version(install: InstallSettings, given: str | None) -> Setting | None
 def build_context(
     snapshot: ConfigSnapshot,
     mesh: MeshPolicy,
-    helm_values: list[YamlDocument] = (),  # type: ignore[assignment]
+    helm_values: Sequence[YamlDocument] = (),
     version: str | None = None,
+    unknown: Sequence[UnknownResource] = (),
 ) -> AnalysisContext:
     install = install_settings(snapshot, list(helm_values))
-    return AnalysisContext(snapshot, mesh, install, istio_version(install, version))
+    return AnalysisContext(snapshot, mesh, install, istio_version(install, version), tuple(unknown))

@@ -13,6 +13,7 @@ import typer
 
 from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
+from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
@@ -31,6 +32,8 @@ authz_app = typer.Typer(help="Authorization questions answered offline.", no_arg
 app.add_typer(authz_app, name="authz")
 app.add_typer(ca_app, name="ca")
 app.command("agent")(agent_command)
+app.command("analyze")(analyze_command)
+app.command("harden")(harden_command)
 
 Files = Annotated[
     list[str],

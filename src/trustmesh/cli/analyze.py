@@ -1,0 +1,146 @@
+"""``trustmesh analyze`` and ``trustmesh harden``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from trustmesh.analyze import report
+from trustmesh.analyze.context import AnalysisContext, build_context
+from trustmesh.analyze.engine import AnalysisResult, Suppression, analyze
+from trustmesh.analyze.findings import Finding, Severity
+from trustmesh.analyze.harden import plan
+from trustmesh.analyze.registry import all_rules
+from trustmesh.cli import render
+from trustmesh.config import load_config
+
+Files = Annotated[
+    list[str], typer.Option("-f", "--filename", help="YAML file, directory or - for stdin.")
+]
+MeshConfigOpt = Annotated[
+    list[str] | None, typer.Option("--mesh-config", help="MeshConfig or IstioOperator file.")
+]
+VersionOpt = Annotated[
+    str | None, typer.Option("--istio-version", help="Istio version (else the install tag).")
+]
+_COLOR = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+
+def _context(
+    files: list[str], mesh_config: list[str] | None, version: str | None, output: str
+) -> AnalysisContext:
+    loaded = load_config(files, mesh_config=mesh_config or ())
+    if loaded.mesh is None:
+        render.diagnostics(
+            loaded.diagnostics, "json" if output == "json" else "table", summary=loaded
+        )
+        raise typer.Exit(1)
+    return build_context(loaded.snapshot, loaded.mesh, loaded.helm_values, version, loaded.unknown)
+
+
+def analyze_command(
+    files: Files,
+    mesh_config: MeshConfigOpt = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="text|json|yaml|sarif")] = "text",
+    fail_on: Annotated[
+        str, typer.Option("--fail-on", help="Exit 1 if a finding is at least this severe.")
+    ] = "error",
+    suppress: Annotated[
+        list[str] | None, typer.Option("--suppress", help="RULE or RULE=RESOURCE_GLOB")
+    ] = None,
+    rules: Annotated[
+        str | None, typer.Option("--rules", help="Comma-separated rule IDs, globs or families.")
+    ] = None,
+    istio_version: VersionOpt = None,
+    list_rules: Annotated[bool, typer.Option("--list-rules", help="List rules and exit.")] = False,
+) -> None:
+    """Find security risks in Istio configuration (exit 1 on findings ≥ --fail-on)."""
+    if list_rules:
+        for info in all_rules():
+            fix = " (fixable)" if info.fixable else ""
+            typer.echo(f"{info.id:<14} {info.severity.label:<8} {info.title}{fix}")
+        return
+    try:
+        if output not in ("text", "json", "yaml", "sarif"):
+            raise ValueError(f"-o must be text, json, yaml or sarif, got {output!r}")
+        threshold = Severity.parse(fail_on)
+        suppressions = [Suppression.parse(s) for s in suppress or ()]
+        selection = [r.strip() for r in rules.split(",") if r.strip()] if rules else None
+        context = _context(files, mesh_config, istio_version, output)
+        result = analyze(context, selection, suppressions)
+    except ValueError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    if output == "json":
+        sys.stdout.write(report.to_json(result))
+    elif output == "yaml":
+        sys.stdout.write(report.to_yaml(result))
+    elif output == "sarif":
+        sys.stdout.write(json.dumps(report.to_sarif(result), indent=2) + "\n")
+    else:
+        _text(result)
+    raise typer.Exit(1 if any(f.severity >= threshold for f in result.findings) else 0)
+
+
+def harden_command(
+    files: Files,
+    mesh_config: MeshConfigOpt = None,
+    out: Annotated[Path | None, typer.Option("-o", "--output", help="Write here, not stdout.")] = (
+        None
+    ),
+    istio_version: VersionOpt = None,
+) -> None:
+    """Write the YAML that fixes findings with a mechanical fix (never applied)."""
+    context = _context(files, mesh_config, istio_version, "text")
+    result = analyze(context)
+    fixes = plan(result.findings)
+    text = fixes.render()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+    fixed = sum(len(v) for v in fixes.reasons.values())
+    typer.echo(
+        f"# {fixed} finding(s) have a fix above; "
+        f"{sum(1 for f in result.findings if not f.rule.fixable)} need a person",
+        err=True,
+    )
+
+
+def _text(result: AnalysisResult) -> None:
+    console = Console(highlight=False, soft_wrap=True)
+    for finding in result.findings:
+        _print_finding(console, finding)
+    counts = report.summary(result)
+    console.print(
+        f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info; "
+        f"{counts['suppressed']} suppressed; {len(result.rules_run)} rules run"
+    )
+
+
+def _print_finding(console: Console, finding: Finding) -> None:
+    issue = finding.issue
+    color = _COLOR[finding.severity]
+    where = str(issue.location) if issue.location else "(mesh defaults)"
+    console.print(
+        f"[{color}]{finding.severity.label.upper()}[/{color}] [bold]{finding.rule.id}[/bold] "
+        f"{_esc(finding.rule.title)}"
+    )
+    console.print(f"  at {_esc(where)}")
+    console.print(f"  {_esc(issue.message)}")
+    if issue.workloads:
+        console.print(f"  workloads: {_esc(', '.join(issue.workloads))}")
+    console.print(f"  why: {_esc(finding.rule.rationale)}")
+    if issue.fix:
+        console.print("  fix:")
+        for line in issue.fix.rstrip().splitlines():
+            console.print(f"    {_esc(line)}")
+
+
+def _esc(text: str) -> str:
+    return text.replace("[", "\\[")
