@@ -50,12 +50,17 @@ class UsageError(Exception):
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
+    return dict(_pairs_list(values, what))
+
+
+def _pairs_list(values: list[str] | None, what: str) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` options in order (repeated keys kept: headers may repeat)."""
+    out = []
     for item in values or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
-        out[key] = value
+        out.append((key, value))
     return out
 
 
@@ -118,7 +123,7 @@ def authz_check(
         answers = _pairs(ext_authz, "--ext-authz")
         if any(v not in ("allow", "deny") for v in answers.values()):
             raise UsageError("--ext-authz values are allow or deny")
-        headers = tuple(_pairs_list(header))
+        headers = tuple(_pairs_list(header, "--header"))
         loaded = _load(files, mesh_config, jwks_files=_pairs(jwks, "--jwks"))
     except UsageError as exc:
         render.usage_error(str(exc))
@@ -148,16 +153,6 @@ def authz_check(
         raise typer.Exit(2) from None
     render.decision(decision, output)
     raise typer.Exit(0 if decision.verdict is Verdict.ALLOW else 3)
-
-
-def _pairs_list(values: list[str] | None) -> list[tuple[str, str]]:
-    out = []
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--header must look like NAME=VALUE, got {item!r}")
-        out.append((key, value))
-    return out
 
 
 @app.command("test")
