@@ -101,11 +101,7 @@ def corpus(resources: int) -> bytes:
     return "---\n".join(docs).encode()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resources", type=int, default=5000)
-    args = parser.parse_args()
-    data = corpus(args.resources)
+def _run(data: bytes) -> dict[str, object]:
     t0 = time.perf_counter()
     loaded = load_sources([("corpus.yaml", data)])
     t1 = time.perf_counter()
@@ -118,22 +114,30 @@ def main() -> None:
     t3 = time.perf_counter()
     assert not loaded.errors and not problems, (loaded.errors + problems)[:3]
     per_rule = Counter(f.rule.id for f in result.findings)
-    json.dump(
-        {
-            "resources": len(snapshot.resources) + len(loaded.unknown),
-            "workloads": len(snapshot.workloads),
-            "yaml_bytes": len(data),
-            "load_s": round(t1 - t0, 3),
-            "validate_compile_s": round(t2 - t1, 3),
-            "analyze_s": round(t3 - t2, 3),
-            "total_s": round(t3 - t0, 3),
-            "rules_run": len(result.rules_run),
-            "findings": len(result.findings),
-            "findings_per_rule": dict(sorted(per_rule.items())),
-        },
-        sys.stdout,
-        indent=2,
-    )
+    return {
+        "resources": len(snapshot.resources) + len(loaded.unknown),
+        "workloads": len(snapshot.workloads),
+        "yaml_bytes": len(data),
+        "load_s": round(t1 - t0, 3),
+        "validate_compile_s": round(t2 - t1, 3),
+        "analyze_s": round(t3 - t2, 3),
+        "total_s": round(t3 - t0, 3),
+        "rules_run": len(result.rules_run),
+        "findings": len(result.findings),
+        "findings_per_rule": dict(sorted(per_rule.items())),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resources", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3, help="report the fastest run")
+    args = parser.parse_args()
+    data = corpus(args.resources)
+    runs = [_run(data) for _ in range(args.repeat)]
+    best = min(runs, key=lambda r: float(r["total_s"]))  # type: ignore[arg-type]
+    best["all_totals_s"] = [r["total_s"] for r in runs]
+    json.dump(best, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 

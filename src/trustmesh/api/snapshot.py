@@ -96,6 +96,9 @@ class ConfigSnapshot:
         default_factory=dict, repr=False, compare=False
     )
     _by_ref: Mapping[str, Workload] = field(default_factory=dict, repr=False, compare=False)
+    _services_by_ns: Mapping[str, tuple[Service, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_kind: dict[str, list[Resource[Any]]] = {}
@@ -106,6 +109,10 @@ class ConfigSnapshot:
         for w in self.workloads:
             by_ref.setdefault(w.ref, w)  # a Pod and its Deployment may share a name
         object.__setattr__(self, "_by_ref", by_ref)
+        services: dict[str, list[Service]] = {}
+        for service in self.services:
+            services.setdefault(service.namespace, []).append(service)
+        object.__setattr__(self, "_services_by_ns", {k: tuple(v) for k, v in services.items()})
 
     def of_kind(self, kind: str) -> tuple[Resource[Any], ...]:
         return self._by_kind.get(kind, ())
@@ -126,7 +133,9 @@ class ConfigSnapshot:
         return None
 
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
-        return tuple(s for s in self.services if s.selects(workload))
+        return tuple(
+            s for s in self._services_by_ns.get(workload.namespace, ()) if s.selects(workload)
+        )
 
 
 def build_snapshot(

@@ -99,21 +99,62 @@ def destination_rule_tls(
     mesh: MeshPolicy, client_namespace: str, service: Service, service_port: int | None
 ) -> tuple[Resource[Any], m.ClientTlsSettings] | None:
     """The DestinationRule TLS setting a client in ``client_namespace`` uses, if any."""
-    rules = mesh.snapshot.of_kind("DestinationRule")
+    rule = _destination_rule(mesh, client_namespace, service)
+    if rule is None:
+        return None
+    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
+    if policy is None:
+        return None
+    for level in policy.port_level_settings:
+        if level.port is not None and level.port.number == service_port and level.tls:
+            return rule, level.tls
+    return (rule, policy.tls) if policy.tls is not None else None
+
+
+def _destination_rule(
+    mesh: MeshPolicy, client_namespace: str, service: Service
+) -> Resource[Any] | None:
+    """The DestinationRule that wins for this client namespace and service (memoized)."""
+    key = ("dr", client_namespace, service.namespace, service.name)
+    if key in mesh.memo:
+        found: Resource[Any] | None = mesh.memo[key]
+        return found
+    index = mesh.memo.get("dr-index")
+    if index is None:
+        index = mesh.memo["dr-index"] = _index_destination_rules(mesh)
     root = mesh.snapshot.mesh.root_namespace
+    result = None
     for namespace in dict.fromkeys((client_namespace, service.namespace, root)):
-        matching = [r for r in rules if r.namespace == namespace and _host_matches(r, service)]
-        if not matching:
+        exact, wildcards = index.get(namespace, ({}, []))
+        matching = exact.get(service.hostname, []) + [
+            r for r in wildcards if _host_matches(r, service)
+        ]
+        if matching:
+            result = min(matching, key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
+            break
+    mesh.memo[key] = result
+    return result
+
+
+_DrIndex = dict[str, tuple[dict[str, list[Resource[Any]]], list[Resource[Any]]]]
+
+
+def _index_destination_rules(mesh: MeshPolicy) -> _DrIndex:
+    """Per namespace: DestinationRules by the FQDN they name, and wildcard ones."""
+    index: _DrIndex = {}
+    for rule in mesh.snapshot.of_kind("DestinationRule"):
+        exact, wildcards = index.setdefault(rule.namespace, ({}, []))
+        host: str = rule.spec.host
+        if host.startswith("*"):
+            wildcards.append(rule)
             continue
-        matching.sort(key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
-        policy: m.TrafficPolicy | None = matching[0].spec.traffic_policy
-        if policy is None:
-            return None
-        for level in policy.port_level_settings:
-            if level.port is not None and level.port.number == service_port and level.tls:
-                return matching[0], level.tls
-        return (matching[0], policy.tls) if policy.tls is not None else None
-    return None
+        parts = host.split(".")
+        if len(parts) == 1:
+            host = f"{host}.{rule.namespace}.svc.cluster.local"
+        elif len(parts) == 2:
+            host = f"{host}.svc.cluster.local"
+        exact.setdefault(host, []).append(rule)
+    return index
 
 
 def _host_matches(rule: Resource[Any], service: Service) -> bool:

@@ -1,3 +1,13 @@
 """Check modules, one per family; importing this package registers every rule."""
 
-from trustmesh.analyze.checks import authn, authz, edge, install, mtls  # noqa: F401
+from trustmesh.analyze.checks import (  # noqa: F401
+    authn,
+    authz,
+    authz_scope,
+    capture,
+    edge,
+    install,
+    mtls,
+    mtls_client,
+    versions,
+)

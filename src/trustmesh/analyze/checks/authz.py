@@ -1,3 +1,734 @@
-"""authz checks."""
+"""Authorization checks on what rules match: negative matches, path and host bypasses,
+allow-all rules and HTTP-only rules on TCP ports (TM-AUTHZ-003 … TM-AUTHZ-007).
+
+Findings come from the compiled model the evaluator enforces: which workloads a policy
+applies to is read off each WorkloadPolicy (root-namespace scope, selectors, targetRef and
+dry-run already resolved), rule matching uses the compiled rules, and a bypass is only
+reported once :func:`trustmesh.policy.evaluate.evaluate` shows the variant request allowed.
+Policies enforced on no sidecar workload are left to the scope checks in ``authz_scope``,
+which also holds the helpers both modules share.
+"""
 
 from __future__ import annotations
+
+import functools
+import ipaddress
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from trustmesh.analyze.checks.authz_scope import (
+    MAX_SOURCES,
+    PLAINTEXT_REACH,
+    PROBE_IP,
+    Policy,
+    PortKind,
+    WorkloadPort,
+    compiled,
+    enforced_on,
+    http_only_fields,
+    http_ports,
+    label,
+    matches_tcp,
+    mesh_principals,
+    policies,
+    reachability,
+    refs,
+    tcp_ports,
+    workload_ports,
+)
+from trustmesh.analyze.context import AnalysisContext
+from trustmesh.analyze.findings import Issue
+from trustmesh.analyze.findings import Severity as S
+from trustmesh.analyze.registry import rule
+from trustmesh.api import models as m
+from trustmesh.policy import matchers as mt
+from trustmesh.policy.authz import CompiledRule, rule_name
+from trustmesh.policy.compose import WorkloadPolicy
+from trustmesh.policy.decision import Decision, RequestError, Verdict
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.pathnorm import PathNormalization, PathRejected, normalize_path
+from trustmesh.policy.request import Attributes, HttpRequest, Request, Source
+
+# No JWT is ever sent by these checks, so the clock never matters; a constant keeps
+# the analysis deterministic.
+_NOW = 0.0
+
+# --- building requests a rule decides, to prove a bypass with the evaluator ----------
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """An HTTP request shaped to satisfy one rule's non-path attributes."""
+
+    source: Source
+    port: WorkloadPort
+    method: str
+    path: str
+    host: str | None
+    headers: tuple[tuple[str, str], ...]
+
+    def decide(self, ctx: AnalysisContext, destination: str) -> Decision | None:
+        # Memoized: several checks (and several variants within one) ask the same request.
+        key = ("authz-probe", destination, self)
+        if key in ctx.mesh.memo:
+            cached: Decision | None = ctx.mesh.memo[key]
+            return cached
+        http = HttpRequest(self.method, self.path, self.host, self.headers)
+        try:
+            decision: Decision | None = evaluate(
+                ctx.mesh, Request(self.source, destination, self.port.number, http), now=_NOW
+            )
+        except RequestError:
+            decision = None
+        ctx.mesh.memo[key] = decision
+        return decision
+
+    def describe(self) -> str:
+        host = f" (Host: {self.host})" if self.host else ""
+        who = f"peer {self.source.value}" if self.source.value else "a plaintext client"
+        return f"`{self.method} {self.path}`{host} from {who}"
+
+
+@dataclass(frozen=True, slots=True)
+class Flip:
+    """Two requests that differ in one attribute and get opposite decisions."""
+
+    workload: str
+    base: Probe
+    variant: Probe
+    rule: str  # the Envoy policy name that decided the base request
+
+
+def sample_value(value: str) -> str:
+    """A concrete value an Istio string match accepts (``a*`` → ``a``, ``*a`` → ``xa``)."""
+    if value == "*":
+        return "x"
+    if value.endswith("*"):
+        return value[:-1]
+    if value.startswith("*"):
+        return "x" + value[1:]
+    return value
+
+
+def sample_path(value: str) -> str | None:
+    """A path the ``paths`` entry matches, with a segment after a trailing ``/``."""
+    if value in ("*", "/*"):
+        return None  # every path: no spelling escapes it
+    if mt.is_path_template(value):
+        path = value.replace("{**}", "x").replace("{*}", "x")
+    elif value.startswith("*"):
+        path = "/x" + value[1:]
+    else:
+        path = value[:-1] if value.endswith("*") else value
+        if path.endswith("/"):
+            path += "x"
+    return path if path.startswith("/") else None
+
+
+def probes_for(ctx: AnalysisContext, wp: WorkloadPolicy, r: m.Rule, op: m.Operation) -> list[Probe]:
+    """Requests that match every attribute of ``r`` we can synthesise offline (no JWT)."""
+    ports = list(http_ports(ctx, wp))
+    if op.ports:
+        ports = [p for p in ports if str(p.number) in op.ports]
+    ports = [p for p in ports if str(p.number) not in op.not_ports]
+    method = next((v for v in op.methods if "*" not in v), None)
+    if method is None:
+        method = next(v for v in ("GET", "POST", "PUT", "DELETE") if v not in op.not_methods)
+    host = sample_value(op.hosts[0]) if op.hosts else None
+    path = (sample_path(op.paths[0]) if op.paths else None) or "/"
+    headers = tuple(
+        (c.key[len("request.headers[") : -1], sample_value(c.values[0]))
+        for c in r.when
+        if c.key.startswith("request.headers[") and c.values
+    )
+    probes: list[Probe] = []
+    for source in _sources_for(ctx, r):
+        for port in ports:
+            probes.append(Probe(source, port, method, path, host, headers))
+    return probes
+
+
+def _sources_for(ctx: AnalysisContext, r: m.Rule) -> list[Source]:
+    td = ctx.snapshot.mesh.trust_domain
+    principals: list[str] = []
+    ips: list[str] = []
+    conditions = {c.key: c.values for c in r.when}
+    for f in r.from_:
+        s = f.source
+        principals += [p for p in s.principals if "*" not in p]
+        principals += [f"{td}/ns/{n}/sa/default" for n in s.namespaces if "*" not in n]
+        for account in s.service_accounts:
+            namespace, _, name = account.rpartition("/")
+            principals.append(f"{td}/ns/{namespace or 'default'}/sa/{name}")
+        ips += [*s.ip_blocks, *s.remote_ip_blocks]
+    principals += [p for p in conditions.get("source.principal", ()) if "*" not in p]
+    principals += [
+        f"{td}/ns/{n}/sa/default" for n in conditions.get("source.namespace", ()) if "*" not in n
+    ]
+    ips += [*conditions.get("source.ip", ()), *conditions.get("remote.ip", ())]
+    ip = _first_address(ips)
+    chosen = list(dict.fromkeys([*principals, *mesh_principals(ctx)]))[:MAX_SOURCES]
+    return [Source.plaintext(ip), *(Source.principal(p, ip) for p in chosen)]
+
+
+def _first_address(cidrs: Iterable[str]) -> str | None:
+    for cidr in cidrs:
+        try:
+            return str(ipaddress.ip_network(cidr, strict=False).network_address)
+        except ValueError:
+            continue
+    return None
+
+
+def find_flip(
+    ctx: AnalysisContext,
+    wp: WorkloadPolicy,
+    probes: Iterable[Probe],
+    change: Callable[[Probe], Probe],
+    *,
+    to: Verdict,
+    by: Policy,
+) -> tuple[bool, Flip | None]:
+    """Prove that changing one attribute flips the decision ``by`` makes.
+
+    ``to=ALLOW``: a probe a rule of ``by`` denies whose changed form is allowed (a bypass);
+    ``to=DENY``: a probe a rule of ``by`` admits whose changed form is denied. Returns
+    whether ``by`` decided any probe at all (else nothing could be proven), and the first
+    flip found.
+    """
+    base_verdict = Verdict.DENY if to is Verdict.ALLOW else Verdict.ALLOW
+    prefix = rule_name(by.namespace, by.name, 0)[: -len("0]")]
+    decided_any = False
+    for probe in probes:
+        base = probe.decide(ctx, wp.workload.ref)
+        if base is None or base.verdict is not base_verdict:
+            continue
+        if base.rule is None or not base.rule.startswith(prefix):
+            continue
+        decided_any = True
+        variant = change(probe)
+        after = variant.decide(ctx, wp.workload.ref)
+        if after is not None and after.verdict is to:
+            return True, Flip(wp.workload.ref, probe, variant, base.rule)
+    return decided_any, None
+
+
+def same_decisions(
+    ctx: AnalysisContext,
+    targets: Iterable[WorkloadPolicy],
+    *,
+    host_fixed: bool,
+    extra: Callable[[WorkloadPolicy], object] = lambda wp: None,
+) -> list[tuple[WorkloadPolicy, tuple[str, ...]]]:
+    """Targets grouped so that one evaluation answers for a whole group: (first, refs).
+
+    For a plaintext or principal source the evaluator's answer depends on the compiled
+    rules and JWT providers (objects shared by workloads the same policies select), the
+    number and mTLS mode of each port and, only when some rule reads them, the workload's
+    own default Host, SNI and IP. Namespace-wide policies over many workloads then cost
+    one evaluation per distinct policy set instead of one per workload.
+    """
+    groups: dict[object, list[WorkloadPolicy]] = defaultdict(list)
+    for wp in targets:
+        key: object = wp.workload.ref
+        if not _reads_own_attributes(wp, host_fixed):
+            ports = tuple((p.number, wp.mtls.for_port(p.number).mode) for p in http_ports(ctx, wp))
+            key = (id(wp.authz), id(wp.jwt_providers), ports, extra(wp))
+        groups[key].append(wp)
+    return [(wps[0], refs(wps)) for wps in groups.values()]
+
+
+def _reads_own_attributes(wp: WorkloadPolicy, host_fixed: bool) -> bool:
+    a = wp.authz
+    for group in (a.custom, a.deny, a.allow, a.audit, a.dry_run_deny, a.dry_run_allow):
+        for policy in group.policies:
+            for r in policy.spec.rules or ():
+                if any(c.key in ("connection.sni", "destination.ip") for c in r.when):
+                    return True
+                if not host_fixed and any(t.operation.hosts or t.operation.not_hosts for t in r.to):
+                    return True
+    return False
+
+
+def with_path(path: str) -> Callable[[Probe], Probe]:
+    return lambda probe: replace(probe, path=path)
+
+
+def with_host(host: str) -> Callable[[Probe], Probe]:
+    return lambda probe: replace(probe, host=host)
+
+
+# --- TM-AUTHZ-003 ----------------------------------------------------------------------
+
+_PEERS = "any other peer, plaintext clients (no identity) included"
+# (positive field, negative field, what the negative one lets through)
+_NEGATIVE_SOURCE = (
+    ("principals", "notPrincipals", _PEERS),
+    ("namespaces", "notNamespaces", _PEERS),
+    ("serviceAccounts", "notServiceAccounts", _PEERS),
+    ("ipBlocks", "notIpBlocks", "any other source address"),
+    ("remoteIpBlocks", "notRemoteIpBlocks", "any other client address (X-Forwarded-For)"),
+    ("requestPrincipals", "notRequestPrincipals", "any other JWT, and requests without one"),
+)
+_NEGATIVE_OPERATION = (
+    ("hosts", "notHosts", "any other Host, `host:port` forms of the listed hosts included"),
+    ("ports", "notPorts", "every other port, ports added later included"),
+    ("methods", "notMethods", "any other method, unexpected verbs (PATCH, custom) included"),
+    ("paths", "notPaths", "any other path, other spellings of the listed ones (`//a`) included"),
+)
+
+
+def _values(model: Any, camel: str) -> tuple[str, ...]:
+    snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
+    values: tuple[str, ...] = getattr(model, snake)
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class Negative:
+    """A negative match that admits requests on its own (it narrows no positive one)."""
+
+    path: tuple[str | int, ...]  # relative to the rule, for resource.location()
+    positive: str
+    values: tuple[str, ...]
+    admits: str
+
+
+def negatives(r: m.Rule) -> list[Negative]:
+    out: list[Negative] = []
+    for j, f in enumerate(r.from_):
+        for positive, negative, admits in _NEGATIVE_SOURCE:
+            values = _values(f.source, negative)
+            if values and not _values(f.source, positive):
+                out.append(Negative(("from", j, "source", negative), positive, values, admits))
+    for j, t in enumerate(r.to):
+        for positive, negative, admits in _NEGATIVE_OPERATION:
+            values = _values(t.operation, negative)
+            if values and not _values(t.operation, positive):
+                out.append(Negative(("to", j, "operation", negative), positive, values, admits))
+    for j, c in enumerate(r.when):
+        if c.not_values and not c.values:
+            admits = f"any other {c.key} value, the attribute being absent included"
+            out.append(Negative(("when", j, "notValues"), "values", c.not_values, admits))
+    return out
+
+
+@rule(
+    "TM-AUTHZ-003",
+    title="ALLOW rule matches by exclusion (notPaths, notMethods, notPrincipals, notValues…)",
+    severity=S.WARNING,
+    family="authz",
+    rationale="An ALLOW rule written as 'everything except X' allows whatever its author did "
+    "not think of: other spellings of X, new ports and methods, clients without an identity. "
+    "Allow-lists fail closed; exclusions inside an ALLOW fail open.",
+)
+def allow_negative_match(ctx: AnalysisContext) -> Iterator[Issue]:
+    for policy in policies(ctx):
+        spec: m.AuthorizationPolicySpec = policy.spec
+        enforced = enforced_on(ctx, policy) if spec.action is m.Action.ALLOW else ()
+        for i, r in enumerate(spec.rules or () if enforced else ()):
+            found = negatives(r)
+            # A rule with an HTTP-only field is dropped whole on TCP ports: only workloads
+            # that may speak HTTP get what it admits.
+            targets = (
+                tuple(wp for wp in enforced if http_ports(ctx, wp))
+                if http_only_fields(r)
+                else enforced
+            )
+            if not found or not targets:
+                continue
+            strict = PLAINTEXT_REACH not in {
+                reachability(wp, [p.number for p in workload_ports(ctx, wp)]) for wp in targets
+            }
+            for neg in found:
+                admits = neg.admits
+                if strict and admits == _PEERS:
+                    admits = "any other mesh identity"
+                yield Issue(
+                    message=(
+                        f"ALLOW rule {i} of {label(policy)} matches {neg.path[-1]}"
+                        f" {list(neg.values)}, so it allows {admits}, on"
+                        f" {', '.join(refs(targets))} (when the rest of the rule matches)"
+                    ),
+                    location=policy.location("rules", i, *neg.path),
+                    resource=policy.key,
+                    workloads=refs(targets),
+                    fix=f"Allow-list instead: replace {neg.path[-1]} with {neg.positive} naming"
+                    " what is allowed, or move the exclusion to a DENY policy.",
+                )
+
+
+# --- TM-AUTHZ-004 ----------------------------------------------------------------------
+
+_PATH_FIX = """\
+meshConfig:
+  pathNormalization:
+    normalization: DECODE_AND_MERGE_SLASHES
+"""
+
+
+def path_variants(path: str) -> list[tuple[str, str]]:
+    """Spellings of ``path`` a backend may serve as it that weak normalizations keep."""
+    out = [("/." + path, "dot-segment"), ("/" + path, "double-slash")]
+    cut = path.rfind("/")
+    if cut > 0:
+        out.append((f"{path[:cut]}%2F{path[cut + 1 :]}", "encoded-slash"))
+    return out
+
+
+@rule(
+    "TM-AUTHZ-004",
+    title="DENY/CUSTOM path match bypassable under the mesh path normalization",
+    severity=S.WARNING,
+    family="authz",
+    rationale="RBAC matches the path after Envoy's normalization. Under NONE or BASE `//admin` "
+    "and `/admin%2Fsecret` reach RBAC unchanged, so a DENY on `/admin/secret` misses them while "
+    "many backends serve them as the same resource; only DECODE_AND_MERGE_SLASHES closes both.",
+    fixable=True,
+)
+def deny_path_normalization(ctx: AnalysisContext) -> Iterator[Issue]:
+    mode = ctx.mesh.path_normalization
+    if mode is PathNormalization.DECODE_AND_MERGE_SLASHES:
+        return
+    setting = ctx.mesh_location("pathNormalization", "normalization")
+    where = f"set at {setting}" if setting else "the default"
+    for policy in policies(ctx):
+        spec: m.AuthorizationPolicySpec = policy.spec
+        if spec.action not in (m.Action.DENY, m.Action.CUSTOM):
+            continue
+        targets = tuple(wp for wp in enforced_on(ctx, policy) if http_ports(ctx, wp))
+        for i, r in enumerate(spec.rules or () if targets else ()):
+            for j, t in enumerate(r.to):
+                for k, value in enumerate(t.operation.paths):
+                    found = _path_bypass(ctx, policy, targets, r, t.operation, value, mode)
+                    if found is None:
+                        continue
+                    message, workloads = found
+                    yield Issue(
+                        message=f"{message} (pathNormalization {mode.value}, {where})",
+                        location=policy.location("rules", i, "to", j, "operation", "paths", k),
+                        resource=policy.key,
+                        workloads=workloads,
+                        fix=_PATH_FIX,
+                    )
+
+
+def _path_bypass(
+    ctx: AnalysisContext,
+    policy: Policy,
+    targets: tuple[WorkloadPolicy, ...],
+    r: m.Rule,
+    op: m.Operation,
+    value: str,
+    mode: PathNormalization,
+) -> tuple[str, tuple[str, ...]] | None:
+    sample = sample_path(value)
+    if sample is None:
+        return None
+    action = policy.spec.action.value
+    groups = same_decisions(ctx, targets, host_fixed=bool(op.hosts))
+    flips: list[tuple[str, Flip]] = []
+    proven: set[str] = set()
+    decided_any = False
+    for variant, kind in path_variants(sample):
+        for wp, members in groups:
+            probes = [replace(p, path=sample) for p in probes_for(ctx, wp, r, op)]
+            change = with_path(variant)
+            decided, flip = find_flip(ctx, wp, probes, change, to=Verdict.ALLOW, by=policy)
+            decided_any = decided_any or decided
+            if flip is not None:
+                flips.append((kind, flip))
+                proven.update(members)
+    if flips:
+        kinds = ", ".join(dict.fromkeys(kind for kind, _ in flips))
+        first = flips[0][1]
+        return (
+            f"{action} {first.rule} matches path {value!r}, but {kinds} spellings escape it:"
+            f" {first.base.describe()} is denied while {first.variant.describe()} is allowed"
+            f" on {first.workload}:{first.variant.port.number}",
+            tuple(sorted(proven)),
+        )
+    if decided_any:
+        return None  # every variant is denied anyway (another rule, or no ALLOW matches)
+    # No request this rule denies could be built offline (it needs a JWT, say): judge the
+    # path match alone, and keep only variants some client can get through with.
+    matcher = mt.path_match(op.paths)
+    escaping: list[str] = []
+    reached: set[str] = set()
+    for variant, kind in path_variants(sample):
+        try:
+            seen = normalize_path(variant, mode).path
+        except PathRejected:
+            continue
+        if matcher(seen):
+            continue
+        through = {
+            ref
+            for wp, members in groups
+            if any(
+                (d := replace(p, path=variant).decide(ctx, wp.workload.ref)) is not None
+                and d.verdict is Verdict.ALLOW
+                for p in probes_for(ctx, wp, r, op)
+            )
+            for ref in members
+        }
+        if through:
+            escaping.append(f"`{variant}` ({kind})")
+            reached |= through
+    if not escaping:
+        return None
+    return (
+        f"{action} policy {label(policy)} matches path {value!r}, but {', '.join(escaping)}"
+        f" reach RBAC unchanged, escape it and are allowed on {', '.join(sorted(reached))};"
+        " not confirmed against a request the rule denies (none could be built offline,"
+        " e.g. it needs a JWT)",
+        tuple(sorted(reached)),
+    )
+
+
+# --- TM-AUTHZ-005 ----------------------------------------------------------------------
+
+_PROBE_PRINCIPALS = (None, "cluster.local/ns/trustmesh-probe/sa/probe")
+_PROBE_IPS = (PROBE_IP, ipaddress.ip_address("203.0.113.7"))
+
+
+def _matches_everything(r: CompiledRule | None, ports: Iterable[int], is_http: bool) -> bool:
+    """Does the compiled rule match requests of every shape, from anyone, on ``ports``?"""
+    if r is None:
+        return False
+    for port in ports:
+        for principal in _PROBE_PRINCIPALS:
+            for ip in _PROBE_IPS:
+                base = Attributes(
+                    principal=principal,
+                    source_ip=ip,
+                    remote_ip=ip,
+                    destination_port=port,
+                    is_http=is_http,
+                )
+                if not is_http:
+                    if not r.matches(base):
+                        return False
+                    continue
+                for method in ("GET", "POST", "DELETE"):
+                    for path in ("/", "/admin/secret"):
+                        for host in ("probe.invalid", f"probe.invalid:{port}"):
+                            if not r.matches(replace(base, method=method, path=path, host=host)):
+                                return False
+    return True
+
+
+@rule(
+    "TM-AUTHZ-005",
+    title="ALLOW rule that matches every request (allow-all)",
+    severity=S.WARNING,
+    family="authz",
+    rationale="A rule like `rules: [{}]` (or one whose every field is a wildcard) allows all "
+    "traffic to the workloads it applies to and cancels a default-deny (allow-nothing) for "
+    'them. `principals: ["*"]` is not allow-all: plaintext clients never match it.',
+)
+def allow_all(ctx: AnalysisContext) -> Iterator[Issue]:
+    for policy in policies(ctx):
+        spec: m.AuthorizationPolicySpec = policy.spec
+        targets = enforced_on(ctx, policy) if spec.action is m.Action.ALLOW else ()
+        for i, r in enumerate(spec.rules or () if targets else ()):
+            if negatives(r):
+                continue  # an exclusion is reported by TM-AUTHZ-003
+            hit: list[WorkloadPolicy] = []
+            for wp in targets:
+                ports = workload_ports(ctx, wp) or (WorkloadPort(8000, PortKind.UNKNOWN),)
+                http = [p.number for p in ports if p.kind is not PortKind.TCP]
+                tcp = [p.number for p in ports if p.kind is PortKind.TCP]
+                if http and not _matches_everything(
+                    compiled(wp.authz.allow.http.rules, policy, i), http, True
+                ):
+                    continue
+                if tcp and not _matches_everything(
+                    compiled(wp.authz.allow.tcp.rules, policy, i), tcp, False
+                ):
+                    continue
+                hit.append(wp)
+            if not hit:
+                continue
+            reaches = {reachability(wp, [p.number for p in workload_ports(ctx, wp)]) for wp in hit}
+            reach = PLAINTEXT_REACH if PLAINTEXT_REACH in reaches else reaches.pop()
+            yield Issue(
+                message=(
+                    f"ALLOW rule {i} of {label(policy)} matches every request: it lets {reach}"
+                    f" send anything to {', '.join(refs(hit))}, whatever default-deny is in place"
+                ),
+                location=policy.location("rules", i),
+                resource=policy.key,
+                workloads=refs(hit),
+                fix="Name who may call and what, e.g.\n"
+                "  rules:\n  - from:\n    - source:\n"
+                '        principals: ["cluster.local/ns/<client-ns>/sa/<client-sa>"]\n'
+                '    to:\n    - operation:\n        methods: ["GET"]\n',
+            )
+
+
+# --- TM-AUTHZ-006 ----------------------------------------------------------------------
+
+
+def _hosts_without_port(hosts: Iterable[str]) -> list[tuple[int, str]]:
+    values = [h.lower() for h in hosts]
+    return [
+        (k, host)
+        for k, host in enumerate(values)
+        if "*" not in host
+        and ":" not in host
+        and not any(v.startswith(host + ":") for v in values)  # `host:*` written alongside
+    ]
+
+
+def _dialed_port(ctx: AnalysisContext, wp: WorkloadPolicy) -> int:
+    """The port clients put in Host: a Service port of an HTTP port, else the port itself."""
+    ports = http_ports(ctx, wp)
+    return next((p.service_port for p in ports if p.service_port), ports[0].number)
+
+
+@rule(
+    "TM-AUTHZ-006",
+    title="hosts entry without its `host:*` port form",
+    severity=S.WARNING,
+    family="authz",
+    rationale="`hosts` is an exact (case-insensitive) match on :authority, and clients dialing "
+    "a non-default port send `host:port`. An exact host in an ALLOW rule then denies them; in "
+    "a DENY rule it is bypassed by adding the port.",
+)
+def hosts_without_port(ctx: AnalysisContext) -> Iterator[Issue]:
+    for policy in policies(ctx):
+        spec: m.AuthorizationPolicySpec = policy.spec
+        if spec.action not in (m.Action.ALLOW, m.Action.DENY):
+            continue
+        targets = tuple(wp for wp in enforced_on(ctx, policy) if http_ports(ctx, wp))
+        for i, r in enumerate(spec.rules or () if targets else ()):
+            for j, t in enumerate(r.to):
+                for k, host in _hosts_without_port(t.operation.hosts):
+                    issue = _host_issue(ctx, policy, targets, r, t.operation, host)
+                    if issue is not None:
+                        yield replace(
+                            issue,
+                            location=policy.location("rules", i, "to", j, "operation", "hosts", k),
+                        )
+
+
+def _host_issue(
+    ctx: AnalysisContext,
+    policy: Policy,
+    targets: tuple[WorkloadPolicy, ...],
+    r: m.Rule,
+    op: m.Operation,
+    host: str,
+) -> Issue | None:
+    allow = policy.spec.action is m.Action.ALLOW
+    flips: list[Flip] = []
+    proven: set[str] = set()
+    considered: set[str] = set()
+    decided_any = False
+    port_of = functools.partial(_dialed_port, ctx)
+    for wp, members in same_decisions(ctx, targets, host_fixed=True, extra=port_of):
+        if allow and port_of(wp) == 80:
+            continue  # clients leave the default port out of Host: nothing breaks
+        considered.update(members)
+        probes = [replace(p, host=host) for p in probes_for(ctx, wp, r, op)]
+        dialed = with_host(f"{host}:{port_of(wp)}")
+        to = Verdict.DENY if allow else Verdict.ALLOW
+        decided, flip = find_flip(ctx, wp, probes, dialed, to=to, by=policy)
+        decided_any = decided_any or decided
+        if flip is not None:
+            flips.append(flip)
+            proven.update(members)
+    fix = f'Add the port form next to it: hosts: ["{host}", "{host}:*"]'
+    if flips:
+        first = flips[0]
+        outcome = (
+            f"{first.base.describe()} is allowed but {first.variant.describe()} is denied"
+            if allow
+            else f"{first.base.describe()} is denied but {first.variant.describe()} is allowed"
+        )
+        message = (
+            f"{policy.spec.action.value} {first.rule} matches Host {host!r} only without a port:"
+            f" {outcome} on {first.workload}"
+        )
+        workloads = tuple(sorted(proven))
+    elif allow and considered and not decided_any:
+        # Nothing this rule admits could be built offline; the match itself is certain.
+        workloads = tuple(sorted(considered))
+        message = (
+            f"ALLOW policy {label(policy)} matches Host {host!r} only without a port: requests"
+            f" sending `Host: {host}:<port>` never match it on {', '.join(workloads)}"
+        )
+    else:
+        return None  # the port form gets the same decision: nothing escapes or breaks
+    return Issue(message, None, policy.key, workloads, fix)
+
+
+# --- TM-AUTHZ-007 ----------------------------------------------------------------------
+
+
+def _scoped_by_port(r: m.Rule) -> bool:
+    return any(t.operation.ports or t.operation.not_ports for t in r.to) or any(
+        c.key == "destination.port" for c in r.when
+    )
+
+
+@rule(
+    "TM-AUTHZ-007",
+    title="HTTP-only rules on a workload with TCP ports (DENY blocks all TCP / ALLOW denies all)",
+    severity=S.WARNING,
+    family="authz",
+    rationale="On TCP filter chains Istio drops HTTP-only fields: a DENY rule keeps what is "
+    "left and then matches every TCP connection; an ALLOW rule using them is dropped whole, "
+    "and with no ALLOW rule left every TCP connection is denied.",
+)
+def http_only_on_tcp(ctx: AnalysisContext) -> Iterator[Issue]:
+    # (policy key, rule index or -1 for a whole ALLOW policy) -> [(workload, ports)]
+    hits: dict[tuple[str, int], list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
+    by_key = {p.key: p for p in policies(ctx)}
+    for wp in ctx.sidecar_workloads():
+        ports = tcp_ports(ctx, wp)
+        if not ports:
+            continue  # only HTTP or undeclared ports: nothing here is TCP for sure
+        allow = wp.authz.allow
+        # Under an allow-nothing policy TCP is denied on purpose until a rule names it.
+        if allow.http and not allow.tcp and all(p.spec.rules for p in allow.policies):
+            for p in allow.policies:
+                hits[(p.key, -1)].append((wp.workload.ref, ports))
+        for cr in wp.authz.deny.tcp.rules:
+            written = cr.policy.spec.rules[cr.rule_index]
+            if not http_only_fields(written) or _scoped_by_port(written):
+                continue
+            denied = tuple(p for p in ports if matches_tcp(ctx, cr, p))
+            if denied:
+                hits[(cr.policy.key, cr.rule_index)].append((wp.workload.ref, denied))
+    for (key, index), found in sorted(hits.items()):
+        policy = by_key[key]
+        shown = "; ".join(f"{ref} ports {', '.join(map(str, ports))}" for ref, ports in found)
+        if index < 0:
+            fields = sorted({f for r in policy.spec.rules for f in http_only_fields(r)})
+            message = (
+                f"every rule of ALLOW {label(policy)} uses HTTP-only fields ({', '.join(fields)}),"
+                " which drop the rule on TCP: with no ALLOW rule left for TCP, every connection"
+                f" to {shown} is denied"
+            )
+            where = policy.location("rules")
+            fix = (
+                "Add a rule for the TCP ports (or narrow the selector to HTTP workloads):\n"
+                '  - to:\n    - operation:\n        ports: ["<tcp-port>"]\n'
+            )
+        else:
+            fields = http_only_fields(policy.spec.rules[index])
+            message = (
+                f"DENY rule {index} of {label(policy)} uses HTTP-only attributes"
+                f" ({', '.join(fields)}) and no ports: on TCP they are dropped and what is left"
+                f" denies TCP connections to {shown}"
+            )
+            where = policy.location("rules", index)
+            fix = (
+                "Scope the rule to the HTTP ports it is meant for:\n"
+                '    to:\n    - operation:\n        ports: ["<http-port>"]\n'
+            )
+        yield Issue(message, where, key, tuple(ref for ref, _ in found), fix)
