@@ -36,6 +36,7 @@ HELM_VALUE_KEYS = frozenset(
         "defaults",
         "istiodRemote",
         "ztunnel",
+        "profile",
     }
 )
 M = TypeVar("M", bound=BaseModel)
