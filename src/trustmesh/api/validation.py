@@ -45,7 +45,7 @@ def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
     out: list[Diagnostic] = list(snapshot.diagnostics)
     for r in snapshot.resources:
         if r.kind == "AuthorizationPolicy":
-            out.extend(_authorization_policy(r, snapshot.mesh.root_namespace))
+            out.extend(_authorization_policy(r))
         elif r.kind == "PeerAuthentication":
             out.extend(_peer_authentication(r, snapshot.mesh.root_namespace))
         elif r.kind == "RequestAuthentication":
@@ -84,7 +84,7 @@ def _selector(r: Resource[Any]) -> Iterator[Diagnostic]:
             )
 
 
-def _authorization_policy(r: Resource[Any], root_namespace: str) -> Iterator[Diagnostic]:
+def _authorization_policy(r: Resource[Any]) -> Iterator[Diagnostic]:
     spec: m.AuthorizationPolicySpec = r.spec
     yield from _selector_and_targets(r)
     if DRY_RUN in r.annotations and r.annotations[DRY_RUN].lower() not in ("true", "false"):

@@ -10,7 +10,7 @@ and every policy is compiled once.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,7 +207,10 @@ def compile_mesh(
     )
 
 
-def _authz_policy(policies: list[Resource[Any]], rules_of: Any) -> AuthzPolicy:
+def _authz_policy(
+    policies: list[Resource[Any]],
+    rules_of: Callable[[Resource[Any]], tuple[list[CompiledRule], list[CompiledRule]]],
+) -> AuthzPolicy:
     groups: dict[str, list[Resource[Any]]] = defaultdict(list)
     for policy in policies:
         action: m.Action = policy.spec.action
