@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime
 
-import pytest
-
 from trustmesh.analyze.checks import versions
 from trustmesh.analyze.context import build_context
 from trustmesh.analyze.findings import Finding, Severity
@@ -244,17 +242,17 @@ spec: {gatewayClassName: istio, listeners: []}
 # --- 33: end of life ----------------------------------------------------------------------
 
 
-def test_end_of_life(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_end_of_life() -> None:
     [found] = findings("", "TM-INST-014", version="1.20.0")
     assert "reached end of life on 2024-06-25" in found.issue.message
     assert found.severity is Severity.WARNING
     assert findings("", "TM-INST-014", version="1.31.0") == []
     [old] = findings("", "TM-INST-014", version="1.5.2")
     assert "older than 1.7" in old.issue.message
-    monkeypatch.setattr(versions, "_today", lambda: datetime.date(2026, 10, 12))
-    assert findings("", "TM-INST-014", version="1.29.3") == []  # last day of support
-    monkeypatch.setattr(versions, "_today", lambda: datetime.date(2026, 10, 13))
-    assert len(findings("", "TM-INST-014", version="1.29.3")) == 1
+    last_day = datetime.date(2026, 10, 12)
+    assert findings("", "TM-INST-014", version="1.29.3", today=last_day) == []
+    day_after = datetime.date(2026, 10, 13)
+    assert len(findings("", "TM-INST-014", version="1.29.3", today=day_after)) == 1
 
 
 # --- 34: removed and deprecated APIs ------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 from trustmesh.analyze.context import AnalysisContext, build_context
 from trustmesh.analyze.engine import AnalysisResult, analyze
 from trustmesh.analyze.findings import Finding
@@ -15,7 +17,12 @@ from ..unit.meshutil import BASE
 
 
 def context_from(
-    text: str = "", *, base: bool = True, mesh: str = "", version: str | None = None
+    text: str = "",
+    *,
+    base: bool = True,
+    mesh: str = "",
+    version: str | None = None,
+    today: datetime.date | None = None,
 ) -> AnalysisContext:
     sources = ([("workloads.yaml", BASE)] if base else []) + [("config.yaml", text.encode())]
     loaded = load_sources(sources)
@@ -24,7 +31,7 @@ def context_from(
     errors = [d for d in loaded.diagnostics + validate_snapshot(snapshot) if d.is_error]
     assert not errors, "\n".join(map(str, errors))
     return build_context(
-        snapshot, compile_mesh(snapshot), loaded.helm_values, version, loaded.unknown
+        snapshot, compile_mesh(snapshot), loaded.helm_values, version, loaded.unknown, today
     )
 
 

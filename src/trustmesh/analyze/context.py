@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,8 @@ class AnalysisContext:
     install: InstallSettings = InstallSettings()
     istio_version: Setting | None = None
     unknown_resources: tuple[UnknownResource, ...] = ()  # kinds trustmesh does not model
+    # "Now" for date-dependent rules (end of life); passed in so runs are reproducible.
+    today: datetime.date = field(default_factory=datetime.date.today)
 
     # --- convenience for checks -------------------------------------------------------------
 
@@ -123,6 +126,14 @@ def build_context(
     helm_values: Sequence[YamlDocument] = (),
     version: str | None = None,
     unknown: Sequence[UnknownResource] = (),
+    today: datetime.date | None = None,
 ) -> AnalysisContext:
     install = install_settings(snapshot, list(helm_values))
-    return AnalysisContext(snapshot, mesh, install, istio_version(install, version), tuple(unknown))
+    return AnalysisContext(
+        snapshot,
+        mesh,
+        install,
+        istio_version(install, version),
+        tuple(unknown),
+        today or datetime.date.today(),
+    )

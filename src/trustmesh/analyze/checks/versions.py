@@ -66,10 +66,6 @@ def _v(text: str) -> Version:
     return parsed[0], parsed[1], parsed[2]
 
 
-def _today() -> datetime.date:
-    return datetime.date.today()  # a function so tests can pin the clock
-
-
 def in_range(version: Version, span: Mapping[str, str]) -> bool:
     if "before" in span:
         return version < _v(span["before"])
@@ -367,7 +363,7 @@ def security_bulletins(ctx: AnalysisContext) -> Iterator[Issue]:
     parsed = parse_version(str(given.value)) if given else None
     if given is None or parsed is None:
         return
-    location, today = given.location, _today()
+    location, today = given.location, ctx.today
     resource = owner_key(ctx, location)
     if parsed[2] is None:
         yield from _unknown_patch(parsed[0], parsed[1], given, resource)
@@ -470,7 +466,7 @@ def end_of_life(ctx: AnalysisContext) -> Iterator[Issue]:
     releases = bulletin_data()["releases"]
     known = {tuple(map(int, r["minor"].split("."))): r for r in releases}
     minor = parsed[:2]
-    today = _today()
+    today = ctx.today
     release = known.get(minor)
     oldest = min(known)
     if release is not None and release["eol"] is not None:
