@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from trustmesh.analyze.context import build_context
+from trustmesh.analyze.engine import analyze
 from trustmesh.config import load_config
 from trustmesh.policy.testing import run_case
 
@@ -64,7 +66,31 @@ def main() -> int:
         " -f examples/scenarios/02-deny-get/config.yaml"
         " --from foo/sleep --to foo/httpbin --path /get"
     )
+    _analyzer(console)
     return 1 if failures else 0
+
+
+def _analyzer(console: Console) -> None:
+    """The analyzer on an insecure-by-default install (examples/insecure)."""
+    loaded = load_config([str(HERE / "insecure")])
+    assert loaded.mesh is not None, loaded.errors
+    context = build_context(loaded.snapshot, loaded.mesh, loaded.helm_values, None, loaded.unknown)
+    result = analyze(context)
+    table = Table(title="trustmesh analyze examples/insecure")
+    for column in ("severity", "rule", "finding"):
+        table.add_column(column, overflow="fold")
+    for finding in result.findings:
+        color = {"error": "red", "warning": "yellow"}.get(finding.severity.label, "cyan")
+        table.add_row(
+            f"[{color}]{finding.severity.label}[/{color}]",
+            finding.rule.id,
+            finding.issue.message.replace("[", "\\["),
+        )
+    console.print(table)
+    console.print(
+        "Fixes to review: .venv/bin/trustmesh harden -f examples/insecure;"
+        " SARIF: .venv/bin/trustmesh analyze -f examples/insecure -o sarif"
+    )
 
 
 if __name__ == "__main__":
