@@ -503,3 +503,68 @@ spec:
     broken = compile_text(strict + dr)
     decision = http(broken, src="foo/sleep", dst="bar/httpbin")
     assert (decision.verdict, decision.status) == (RESET, 503)
+
+
+# --- found by the differential test against Envoy (tests/xds) --------------------------
+
+
+def test_dry_run_allow_is_not_evaluated_for_a_denied_request() -> None:
+    mesh = compile_text(
+        policy("deny", "foo", "action: DENY\nrules:\n- to: [{operation: {paths: [/x]}}]")
+        + policy(
+            "dry",
+            "foo",
+            "rules:\n- to: [{operation: {paths: [/y]}}]",
+            extra_meta='  annotations: {"istio.io/dry-run": "true"}\n',
+        )
+        + policy("audit", "foo", "action: AUDIT\nrules: [{}]")
+    )
+    denied = http(mesh, "/x")
+    assert denied.verdict is DENY and denied.dry_run == ()
+    assert denied.audit == "ns[foo]-policy[audit]-rule[0]"  # AUDIT runs before DENY
+    assert [s.result for s in http(mesh, "/z").dry_run] == ["denied"]
+
+
+def test_remote_ip_comes_from_the_last_x_forwarded_for_entry() -> None:
+    mesh = compile_text(
+        policy(
+            "allow",
+            "foo",
+            """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- from: [{source: {remoteIpBlocks: [203.0.113.0/24]}}]
+""",
+        )
+    )
+    source = Source.workload("foo/sleep", "10.0.0.1")
+    via = (("x-forwarded-for", "198.51.100.7, 203.0.113.9"),)
+    assert http(mesh, source=source, headers=via).verdict is ALLOW
+    spoofed_first = (("x-forwarded-for", "203.0.113.9, 198.51.100.7"),)
+    assert http(mesh, source=source, headers=spoofed_first).verdict is DENY
+    assert http(mesh, source=source).verdict is DENY
+
+
+def test_request_principal_wildcards_only_at_the_ends_of_the_whole_value() -> None:
+    from trustmesh.policy.matchers import request_principal_match
+
+    inner = request_principal_match(["iss*/sub"])  # '*' inside: literal
+    assert not inner("issuer", "sub") and inner("iss*", "sub")
+    assert request_principal_match(["iss/*"])("iss", "anyone")
+    assert not request_principal_match(["*/*"])("iss", "sub")  # subject is literally '*'
+    assert request_principal_match(["*/*"])("iss", "*")
+    assert request_principal_match(["*.example.com/alice"])("idp.example.com", "alice")
+    assert request_principal_match(["*"])("iss", "sub")
+
+
+def test_trust_bundle_expansion_follows_istio() -> None:
+    from trustmesh.policy.authz import TrustBundle
+
+    bundle = TrustBundle(("td1", "old-td"))
+    assert bundle.expand(["cluster.local/ns/a/sa/b"]) == ["td1/ns/a/sa/b", "old-td/ns/a/sa/b"]
+    assert bundle.expand(["*/ns/a/sa/b", "sa/b", "other/ns/a/sa/b"]) == [
+        "*/ns/a/sa/b",
+        "sa/b",
+        "other/ns/a/sa/b",
+    ]
+    assert bundle.expand(["*-td/ns/a/sa/b"]) == ["td1/ns/a/sa/b", "*-td/ns/a/sa/b"]

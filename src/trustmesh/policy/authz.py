@@ -212,15 +212,46 @@ class TrustBundle:
     domains: tuple[str, ...] = ("cluster.local",)
 
     def expand(self, principals: Iterable[str]) -> list[str]:
-        """A principal in a bundle domain or ``cluster.local`` stands for every domain."""
+        """Istio's ``ReplaceTrustDomainAliases``.
+
+        Only well-formed ``TD/ns/NS/sa/SA`` principals whose trust domain is not ``*`` are
+        touched: when that domain matches a bundle domain (wildcards allowed on either
+        side) or is ``cluster.local``, the principal stands for every bundle domain; a
+        bundle domain that the principal's own wildcard domain already covers keeps the
+        principal as written. Everything else is kept as written.
+        """
         out: list[str] = []
         for principal in principals:
-            domain, sep, rest = principal.partition("/")
-            if principal != "*" and sep and (domain in self.domains or domain == "cluster.local"):
-                out.extend(f"{d}/{rest}" for d in self.domains)
-            else:
+            parts = principal.split("/")
+            if len(parts) != 5 or parts[0] == "*":
                 out.append(principal)
+                continue
+            domain = parts[0]
+            if domain != "cluster.local" and not any(
+                _domains_match(domain, td) for td in self.domains
+            ):
+                out.append(principal)
+                continue
+            expanded: list[str] = []
+            for td in self.domains:
+                candidate = principal if _suffix(td, domain) else "/".join([td, *parts[1:]])
+                if candidate not in expanded:
+                    expanded.append(candidate)
+            out.extend(expanded)
         return out
+
+
+def _prefix(text: str, pattern: str) -> bool:
+    return pattern.endswith("*") and text.startswith(pattern[:-1])
+
+
+def _suffix(text: str, pattern: str) -> bool:
+    return pattern.startswith("*") and text.endswith(pattern[1:])
+
+
+def _domains_match(a: str, b: str) -> bool:
+    """Trust domains match exactly, or either side's ``*`` prefix/suffix covers the other."""
+    return a == b or b == "*" or _prefix(a, b) or _prefix(b, a) or _suffix(a, b) or _suffix(b, a)
 
 
 def compile_policy(

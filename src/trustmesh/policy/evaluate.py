@@ -8,6 +8,7 @@ comes from; with ``trace=False`` nothing is formatted.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -196,14 +197,17 @@ def _authorize(
             )
             upstream = _jwt_headers(jwt_result)
 
-    _shadow(authz.dry_run_deny, "DENY", attrs, run)
-    _shadow(authz.dry_run_allow, "ALLOW", attrs, run)
-
-    deny = _first(authz.deny, attrs, run, "DENY")
-    if deny is not None:
-        return _finish(run, Verdict.DENY, denied_status, deny.name, ACCESS_DENIED, attrs, upstream)
+    # Envoy's RBAC filters run AUDIT, then DENY (its dry-run rules as shadow rules), then
+    # ALLOW (likewise): dry-run ALLOW rules are never evaluated for a denied request.
     audit = _first(authz.audit, attrs, run, "AUDIT")
     audit_name = audit.name if audit else None
+    _shadow(authz.dry_run_deny, "DENY", attrs, run)
+    deny = _first(authz.deny, attrs, run, "DENY")
+    if deny is not None:
+        return _finish(
+            run, Verdict.DENY, denied_status, deny.name, ACCESS_DENIED, attrs, upstream, audit_name
+        )
+    _shadow(authz.dry_run_allow, "ALLOW", attrs, run)
     if not authz.allow.applies:
         run.note("no ALLOW policy applies: allowed")
         return _finish(
@@ -329,6 +333,13 @@ def _http_attributes(
     headers[":authority"] = (host,)
     attrs.method, attrs.path, attrs.query = http.method, normalized.path, normalized.query
     attrs.host, attrs.headers = host, headers
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        # Sidecars run with use_remote_address: false, so Envoy takes the client address
+        # (remote.ip / remoteIpBlocks) from the last X-Forwarded-For entry.
+        last = ",".join(forwarded).rsplit(",", 1)[-1].strip()
+        with contextlib.suppress(ValueError):  # not an address: the peer address stays
+            attrs.remote_ip = ipaddress.ip_address(last)
     return None
 
 

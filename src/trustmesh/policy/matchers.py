@@ -155,21 +155,40 @@ class RequestPrincipalMatch:
 
 
 def request_principal_match(values: Iterable[str]) -> RequestPrincipalMatch:
+    """Istio's split of ``iss/sub`` values (``requestPrincipalGenerator``).
+
+    A ``*`` counts only at the start or end of the WHOLE value: ``*`` alone matches any
+    token; ``*x/sub`` is an issuer suffix with an exact subject; ``iss/x*`` an exact
+    issuer with a subject prefix (``iss/*``: any subject); without ``/`` a leading ``*``
+    is a subject suffix and a trailing one an issuer prefix. Anything else is exact on
+    both parts, so a ``*`` inside (``a*/b``) is a literal character.
+    """
     anything = string_match(["*"])
+
+    def exact(text: str) -> StringMatch:
+        return StringMatch(exact=frozenset({text}))
+
     pairs: list[tuple[StringMatch, StringMatch]] = []
     for value in values:
+        iss, slash, sub = value.rpartition("/")
         if value == "*":
             pairs.append((anything, anything))
-            continue
-        if "/" in value:
-            iss, _, sub = value.rpartition("/")
-            pairs.append((string_match([iss]), string_match([sub])))
         elif value.startswith("*"):
-            pairs.append((anything, string_match([value])))
+            if slash:
+                issuer = anything if iss == "*" else StringMatch(suffixes=(iss[1:],))
+                pairs.append((issuer, exact(sub)))
+            else:
+                pairs.append((anything, StringMatch(suffixes=(value[1:],))))
         elif value.endswith("*"):
-            pairs.append((string_match([value]), anything))
+            if slash:
+                subject = anything if sub == "*" else StringMatch(prefixes=(sub[:-1],))
+                pairs.append((exact(iss), subject))
+            else:
+                pairs.append((StringMatch(prefixes=(value[:-1],)), anything))
+        elif slash:
+            pairs.append((exact(iss), exact(sub)))
         else:
-            pairs.append((string_match([value]), string_match([""])))
+            pairs.append((exact(value), exact("")))
     return RequestPrincipalMatch(tuple(pairs))
 
 
