@@ -1,0 +1,527 @@
+"""The client side of a sidecar: outbound clusters and HTTP route configurations (pure).
+
+Istio gives every sidecar a cluster per known service port, named
+``outbound|<port>||<fqdn>``, plus ``PassthroughCluster`` and ``BlackHoleCluster`` for
+hosts outside the registry; HTTP traffic picks its cluster by ``Host`` from a route
+configuration per port (named ``"<port>"``) whose last virtual host decides unknown hosts:
+``allow_any`` (to ``PassthroughCluster``) under ALLOW_ANY, ``block_all`` (a local 502)
+under REGISTRY_ONLY.
+
+Client TLS per cluster follows :mod:`trustmesh.policy.tls`, the evaluator's reading:
+
+* an explicit DestinationRule ``tls`` (client namespace, then service namespace, then
+  root) wins: ISTIO_MUTUAL → mesh mTLS to every endpoint; DISABLE → plaintext; SIMPLE /
+  MUTUAL → TLS with the rule's own files (or an SDS secret named by ``credentialName``);
+* otherwise, with auto mTLS on, Istio's ``transport_socket_matches``: mesh mTLS to an
+  endpoint labelled ``tlsMode: istio`` (it has a sidecar and its port is not DISABLE),
+  plaintext to the others; with auto mTLS off, plaintext.
+
+Mesh mTLS means: the workload certificate and trust bundle from SDS (secrets ``default``
+and ``ROOTCA``), SNI ``outbound_.<port>_._.<fqdn>``, ALPN ``istio-peer-exchange, istio``,
+TLS 1.2–1.3 (Envoy's client stops at 1.2 unless told), and the server's certificate
+pinned to the SPIFFE IDs of the service's workloads (every trust domain of the bundle). A
+service with no known workload pins nothing, as in Istio.
+
+Endpoints: EDS is not built yet, so clusters are STATIC with one endpoint per workload the
+Service selects, at ``<workload ip>:<target port>``. A workload with no known IP (a
+Deployment, not a Pod) gets :data:`PLACEHOLDER_ADDRESS`: the runtime fills in the real
+address; every endpoint names its workload in ``metadata.filter_metadata.trustmesh``.
+ServiceEntry hosts get clusters too: STRICT_DNS (resolution DNS), LOGICAL_DNS
+(DNS_ROUND_ROBIN), ORIGINAL_DST (NONE), or STATIC (placeholder endpoints).
+
+Not built here: DestinationRule subsets and load-balancer settings, Sidecar ``egress``
+host scoping, ServiceEntry ``endpoints`` and ``workloadSelector``, DestinationRules for
+ServiceEntry hosts.
+
+This module also holds the pieces the inbound side shares (socket addresses, SDS secret
+references, protocol detection, STATIC clusters).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Any
+
+from trustmesh.api import models as m
+from trustmesh.api.resources import Resource
+from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.tls import destination_rule_tls
+
+__all__ = [
+    "BLACKHOLE_CLUSTER",
+    "CLUSTER_TYPE",
+    "PASSTHROUGH_CLUSTER",
+    "PLACEHOLDER_ADDRESS",
+    "ROUTE_TYPE",
+    "Protocol",
+    "dns_cluster",
+    "outbound_clusters",
+    "outbound_routes",
+    "port_protocol",
+    "sds_secret",
+    "socket_address",
+    "static_cluster",
+    "target_port",
+]
+
+_T = "type.googleapis.com/"
+CLUSTER_TYPE = _T + "envoy.config.cluster.v3.Cluster"
+ROUTE_TYPE = _T + "envoy.config.route.v3.RouteConfiguration"
+_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_RAW_BUFFER = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+_HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+CERTIFICATE_SECRET = "default"  # what the agent's SDS server serves (Istio's names)
+TRUST_BUNDLE_SECRET = "ROOTCA"
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+# Stands in for the address of a workload the config does not know (a Deployment's pods):
+# an address nothing listens on, so a request fails (503) until the runtime fills it in.
+PLACEHOLDER_ADDRESS = "127.0.0.254"
+MESH_CLIENT_ALPN = ("istio-peer-exchange", "istio")
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_CONNECT_TIMEOUT = "10s"  # Istio's meshConfig.connectTimeout default
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_TLS_MODE_ISTIO = {"tlsMode": "istio"}
+
+
+class Protocol(enum.Enum):
+    """How a port is proxied: an HTTP connection manager, or a TCP proxy."""
+
+    HTTP = "HTTP"
+    TCP = "TCP"
+
+
+_L4 = frozenset({"", "TCP", "UDP", "SCTP"})  # Kubernetes `protocol` values, not app protocols
+_HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
+_TCP_NAMES = frozenset(
+    {"tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "kubernetes.io/wss"}
+)
+
+
+def port_protocol(name: str, protocol: str) -> Protocol:
+    """Istio's protocol selection: ``appProtocol`` (or a ServiceEntry ``protocol``) first,
+    then the port name's prefix before ``-``. Unknown protocols are treated as HTTP
+    (Istio would sniff the first bytes; an HTTP chain still carries HTTP/1 and HTTP/2)."""
+    return Protocol.TCP if _app_protocol(name, protocol) in _TCP_NAMES else Protocol.HTTP
+
+
+def _app_protocol(name: str, protocol: str) -> str:
+    return protocol.lower() if protocol not in _L4 else name.lower().split("-", 1)[0]
+
+
+def socket_address(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def sds_secret(name: str, sds_cluster: str) -> dict[str, Any]:
+    """A reference to an SDS secret served by the agent on ``sds_cluster`` (not over ADS:
+    the private key never leaves the workload's host)."""
+    return {
+        "name": name,
+        "sds_config": {
+            "resource_api_version": "V3",
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": sds_cluster,
+                            # The agent is a local socket: reconnecting fast is cheap, and
+                            # Envoy's default 0.5 s back-off would delay readiness.
+                            "retry_policy": {
+                                "retry_back_off": {"base_interval": "0.02s", "max_interval": "2s"}
+                            },
+                        }
+                    }
+                ],
+                "set_node_on_first_message_only": True,
+            },
+        },
+    }
+
+
+def mesh_validation(sds_cluster: str, peer_ids: Iterable[str] = ()) -> dict[str, Any]:
+    """Trust the mesh bundle from SDS; pin the peer's URI SAN to ``peer_ids`` if any."""
+    default: dict[str, Any] = {}
+    pinned = sorted(set(peer_ids))
+    if pinned:
+        default["match_typed_subject_alt_names"] = [
+            {"san_type": "URI", "matcher": {"exact": spiffe_id}} for spiffe_id in pinned
+        ]
+    return {
+        "default_validation_context": default,
+        "validation_context_sds_secret_config": sds_secret(TRUST_BUNDLE_SECRET, sds_cluster),
+    }
+
+
+def static_cluster(
+    name: str, endpoints: Iterable[dict[str, Any]], *, http2: bool = False
+) -> dict[str, Any]:
+    """A STATIC cluster over ready-made ``lb_endpoints`` entries."""
+    cluster: dict[str, Any] = {
+        "@type": CLUSTER_TYPE,
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": _CONNECT_TIMEOUT,
+        "load_assignment": {"cluster_name": name, "endpoints": []},
+    }
+    lb_endpoints = list(endpoints)
+    if lb_endpoints:
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": lb_endpoints}]
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def dns_cluster(name: str, host: str, port: int, *, logical: bool = False) -> dict[str, Any]:
+    """A cluster to ``host:port`` resolved by Envoy: STRICT_DNS (every address is an
+    endpoint) or LOGICAL_DNS (the first address, for round-robin DNS names)."""
+    return {
+        "@type": CLUSTER_TYPE,
+        "name": name,
+        "type": "LOGICAL_DNS" if logical else "STRICT_DNS",
+        "connect_timeout": _CONNECT_TIMEOUT,
+        "dns_lookup_family": "V4_ONLY",
+        "respect_dns_ttl": True,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}
+            ],
+        },
+    }
+
+
+def target_port(service_port: ServicePortInfo, workload: Workload) -> int | None:
+    """The workload port a Service port forwards to; a named ``targetPort`` is looked up
+    in the workload's container ports (None if it has no port of that name)."""
+    if isinstance(service_port.target_port, int):
+        return service_port.target_port
+    return _named_ports(workload).get(service_port.target_port)
+
+
+def _named_ports(workload: Workload) -> dict[str, int]:
+    spec = workload.resource.spec
+    if isinstance(spec, m.WorkloadEntrySpec):
+        return dict(spec.ports)
+    pod = getattr(spec, "spec", None) or getattr(getattr(spec, "template", None), "spec", None)
+    if not isinstance(pod, m.PodSpec):
+        return {}
+    return {p.name: p.container_port for c in pod.containers for p in c.ports if p.name}
+
+
+# ---------------------------------------------------------------------------- clusters
+
+
+def outbound_clusters(
+    wp: WorkloadPolicy, mesh: MeshPolicy, sds_cluster: str
+) -> list[dict[str, Any]]:
+    """Every cluster ``wp``'s sidecar sends outbound traffic to, sorted by name."""
+    clusters: dict[str, dict[str, Any]] = {
+        PASSTHROUGH_CLUSTER: {
+            "@type": CLUSTER_TYPE,
+            "name": PASSTHROUGH_CLUSTER,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": _CONNECT_TIMEOUT,
+        },
+        # No endpoints: whatever is routed here fails (503 / reset), Istio's REGISTRY_ONLY.
+        BLACKHOLE_CLUSTER: {
+            "@type": CLUSTER_TYPE,
+            "name": BLACKHOLE_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": _CONNECT_TIMEOUT,
+        },
+    }
+    for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
+        workloads = _selected(mesh, service)
+        for sp in service.ports:
+            cluster = _service_cluster(wp, mesh, service, sp, workloads, sds_cluster)
+            clusters.setdefault(cluster["name"], cluster)
+    for entry in _service_entries(mesh):
+        for cluster in _entry_clusters(entry):
+            clusters.setdefault(cluster["name"], cluster)
+    return [clusters[name] for name in sorted(clusters)]
+
+
+def _selected(mesh: MeshPolicy, service: Service) -> list[Workload]:
+    by_ref: dict[str, Workload] = {}
+    for workload in mesh.snapshot.workloads:
+        if service.selects(workload):
+            by_ref.setdefault(workload.ref, workload)
+    return [by_ref[ref] for ref in sorted(by_ref)]
+
+
+def _service_entries(mesh: MeshPolicy) -> list[Resource[Any]]:
+    return sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
+
+
+def _service_cluster(
+    wp: WorkloadPolicy,
+    mesh: MeshPolicy,
+    service: Service,
+    sp: ServicePortInfo,
+    workloads: list[Workload],
+    sds_cluster: str,
+) -> dict[str, Any]:
+    name = f"outbound|{sp.port}||{service.hostname}"
+    auto = False
+    tls: dict[str, Any] | None = None
+    setting = destination_rule_tls(mesh, wp.workload.namespace, service, sp.port)
+    if setting is not None:
+        tls = _destination_rule_socket(setting[1], service, sp, workloads, mesh, sds_cluster)
+    elif mesh.snapshot.mesh.enable_auto_mtls:
+        auto = True
+    endpoints = []
+    for workload in workloads:
+        port = target_port(sp, workload)
+        if port is None:
+            continue  # Istio drops an endpoint without the named port
+        metadata: dict[str, Any] = {"trustmesh": {"workload": workload.ref}}
+        if auto and _speaks_mesh_mtls(mesh, workload, port):
+            metadata["envoy.transport_socket_match"] = dict(_TLS_MODE_ISTIO)
+        endpoints.append(
+            {
+                "endpoint": {"address": socket_address(workload.ip or PLACEHOLDER_ADDRESS, port)},
+                "metadata": {"filter_metadata": metadata},
+            }
+        )
+    http2 = _app_protocol(sp.name, sp.protocol) in _HTTP2_NAMES
+    cluster = static_cluster(name, endpoints, http2=http2)
+    if tls is not None:
+        cluster["transport_socket"] = tls
+    elif auto:
+        cluster["transport_socket_matches"] = [
+            {
+                "name": "tlsMode-istio",
+                "match": dict(_TLS_MODE_ISTIO),
+                "transport_socket": _mesh_socket(service, sp, workloads, mesh, sds_cluster),
+            },
+            {
+                "name": "tlsMode-disabled",
+                "match": {},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": _RAW_BUFFER},
+                },
+            },
+        ]
+    return cluster
+
+
+def _speaks_mesh_mtls(mesh: MeshPolicy, workload: Workload, port: int) -> bool:
+    """Auto mTLS: the endpoint has a sidecar and its port does not DISABLE mTLS."""
+    if not workload.has_sidecar:
+        return False
+    policy = mesh.for_workload(workload.ref)
+    return policy is None or policy.mtls.for_port(port).mode is not m.MtlsMode.DISABLE
+
+
+def _mesh_socket(
+    service: Service,
+    sp: ServicePortInfo,
+    workloads: list[Workload],
+    mesh: MeshPolicy,
+    sds_cluster: str,
+) -> dict[str, Any]:
+    domains = mesh.bundle.domains
+    peer_ids = {
+        f"spiffe://{w.principal(domain)}" for w in workloads if w.has_sidecar for domain in domains
+    }
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": _UPSTREAM_TLS,
+            "sni": f"outbound_.{sp.port}_._.{service.hostname}",
+            "common_tls_context": {
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_2",
+                    "tls_maximum_protocol_version": "TLSv1_3",
+                },
+                "alpn_protocols": list(MESH_CLIENT_ALPN),
+                "tls_certificate_sds_secret_configs": [sds_secret(CERTIFICATE_SECRET, sds_cluster)],
+                "combined_validation_context": mesh_validation(sds_cluster, peer_ids),
+            },
+        },
+    }
+
+
+def _destination_rule_socket(
+    tls: m.ClientTlsSettings,
+    service: Service,
+    sp: ServicePortInfo,
+    workloads: list[Workload],
+    mesh: MeshPolicy,
+    sds_cluster: str,
+) -> dict[str, Any] | None:
+    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        return _mesh_socket(service, sp, workloads, mesh, sds_cluster)
+    if tls.mode is m.TlsMode.DISABLE:
+        return None
+    # SIMPLE / MUTUAL: TLS the application would otherwise originate, with the rule's keys.
+    common: dict[str, Any] = {"tls_params": {"tls_maximum_protocol_version": "TLSv1_3"}}
+    validation: dict[str, Any] = {}
+    if tls.subject_alt_names:
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": kind, "matcher": {"exact": san}}
+            for san in tls.subject_alt_names
+            for kind in ("DNS", "URI")
+        ]
+    if tls.credential_name:
+        common["validation_context_sds_secret_config"] = sds_secret(
+            f"{tls.credential_name}-cacert", sds_cluster
+        )
+        if tls.mode is m.TlsMode.MUTUAL:
+            common["tls_certificate_sds_secret_configs"] = [
+                sds_secret(tls.credential_name, sds_cluster)
+            ]
+    else:
+        if not tls.insecure_skip_verify:
+            validation["trusted_ca"] = {"filename": tls.ca_certificates or SYSTEM_CA_BUNDLE}
+        if validation:
+            common["validation_context"] = validation
+        if tls.mode is m.TlsMode.MUTUAL:
+            common["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": tls.client_certificate},
+                    "private_key": {"filename": tls.private_key},
+                }
+            ]
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": _UPSTREAM_TLS,
+            "sni": tls.sni or service.hostname,
+            "common_tls_context": common,
+        },
+    }
+
+
+def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
+    spec: m.ServiceEntrySpec = entry.spec
+    out = []
+    for host in sorted(set(spec.hosts)):
+        for port in spec.ports:
+            name = f"outbound|{port.number}||{host}"
+            resolution = spec.resolution.upper()
+            if resolution in ("DNS", "DNS_ROUND_ROBIN") and not host.startswith("*"):
+                out.append(dns_cluster(name, host, port.number, logical=resolution != "DNS"))
+            elif resolution == "STATIC":
+                placeholder = {
+                    "endpoint": {"address": socket_address(PLACEHOLDER_ADDRESS, port.number)},
+                    "metadata": {"filter_metadata": {"trustmesh": {"service_entry": host}}},
+                }
+                out.append(static_cluster(name, [placeholder]))
+            else:
+                # NONE (or a wildcard host): forward to the address the app connected to.
+                out.append(
+                    {
+                        "@type": CLUSTER_TYPE,
+                        "name": name,
+                        "type": "ORIGINAL_DST",
+                        "lb_policy": "CLUSTER_PROVIDED",
+                        "connect_timeout": _CONNECT_TIMEOUT,
+                    }
+                )
+    return out
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+def outbound_routes(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]]:
+    """One route configuration per HTTP port of the registry, named ``"<port>"``: a
+    virtual host per service on that port, then Istio's default for unknown hosts."""
+    hosts: dict[int, dict[str, dict[str, Any]]] = {}
+    client_namespace = wp.workload.namespace
+    for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
+        for sp in service.ports:
+            if port_protocol(sp.name, sp.protocol) is not Protocol.HTTP:
+                continue
+            short = f"{service.name}.{service.namespace}"
+            names = [service.hostname, f"{short}.svc", short]
+            if service.namespace == client_namespace:
+                names.append(service.name)  # Istio adds the short name for its own namespace
+            vhost_name = f"{service.hostname}:{sp.port}"
+            hosts.setdefault(sp.port, {})[vhost_name] = _virtual_host(
+                vhost_name, names, sp.port, f"outbound|{sp.port}||{service.hostname}"
+            )
+    for entry in _service_entries(mesh):
+        spec: m.ServiceEntrySpec = entry.spec
+        for port in spec.ports:
+            if port_protocol(port.name, port.protocol) is not Protocol.HTTP:
+                continue
+            for host in sorted(set(spec.hosts)):
+                vhost_name = f"{host}:{port.number}"
+                hosts.setdefault(port.number, {}).setdefault(
+                    vhost_name,
+                    _virtual_host(
+                        vhost_name, [host], port.number, f"outbound|{port.number}||{host}"
+                    ),
+                )
+    routes = []
+    for number in sorted(hosts):
+        seen: set[str] = set()
+        virtual_hosts = []
+        for vhost in hosts[number].values():
+            # Envoy refuses a domain listed in two virtual hosts: the first one keeps it.
+            vhost["domains"] = [d for d in vhost["domains"] if d not in seen]
+            seen.update(vhost["domains"])
+            if vhost["domains"]:
+                virtual_hosts.append(vhost)
+        virtual_hosts.append(_default_virtual_host(wp.egress_mode))
+        routes.append(
+            {
+                "@type": ROUTE_TYPE,
+                "name": str(number),
+                "virtual_hosts": virtual_hosts,
+                "validate_clusters": False,
+            }
+        )
+    return routes
+
+
+def _virtual_host(name: str, hostnames: list[str], port: int, cluster: str) -> dict[str, Any]:
+    domains = [d for host in hostnames for d in (host, f"{host}:{port}")]
+    return {
+        "name": name,
+        "domains": domains,
+        "routes": [
+            {
+                "name": "default",
+                "match": {"prefix": "/"},
+                "route": {"cluster": cluster, "timeout": "0s"},
+            }
+        ],
+    }
+
+
+def _default_virtual_host(mode: m.OutboundTrafficPolicyMode) -> dict[str, Any]:
+    if mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
+        return {
+            "name": "block_all",
+            "domains": ["*"],
+            "routes": [
+                {"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}
+            ],
+        }
+    return {
+        "name": "allow_any",
+        "domains": ["*"],
+        "routes": [
+            {
+                "name": "allow_any",
+                "match": {"prefix": "/"},
+                "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+            }
+        ],
+    }

@@ -1,0 +1,410 @@
+"""AuthorizationPolicy → Envoy RBAC filters for one workload's inbound chains (pure).
+
+This is Istio's ``pilot/pkg/security/authz`` (``builder.go``, ``model.go``) for sidecars,
+read from the same :class:`~trustmesh.policy.compose.WorkloadPolicy` the offline
+evaluator reads, so that a request gets the same verdict offline and through Envoy:
+
+* one Envoy policy per rule, named ``ns[<ns>]-policy[<name>]-rule[<i>]``; Envoy keeps
+  them in a ``std::map`` and reports the lexicographically smallest match, which is the
+  order :class:`~trustmesh.policy.authz.RuleSet` uses too;
+* each ``from`` is one principal (an AND of its fields), each ``to`` one permission;
+  ``when`` conditions are ANDed into every principal (source / request keys) or every
+  permission (destination / connection keys); no ``from`` / ``to`` means ``any``;
+* a policy with no rules gets one never-matching policy (ALLOW with nothing = deny all);
+* dry-run (``istio.io/dry-run: "true"``) ALLOW / DENY policies become the
+  ``shadow_rules`` of the same action's filter: evaluated and reported, never enforced;
+* a value Istio's generator refuses (an HTTP-only attribute on a TCP chain, a bad CIDR
+  or port) drops the whole rule for ALLOW — a narrower allow — and only that value
+  (or that JWT key) for DENY / AUDIT / CUSTOM — a wider deny (Istio's ``checkError``);
+  an unknown ``when`` key drops the rule for every action.
+
+Filter order on the inbound HTTP chain: :func:`http_custom_filters`, then jwt_authn,
+then :func:`http_rbac_filters` (AUDIT, DENY, ALLOW), then the router.
+
+CUSTOM (ext_authz) is not built yet. Until it is, CUSTOM rules fail closed: they become
+the DENY filter Istio itself generates when a CUSTOM provider cannot be used (policy
+names ``istio-ext-authz-<provider>-ns[..]-policy[..]-rule[..]-deny-due-to-bad-CUSTOM-
+action``). The offline evaluator agrees by default: it denies a matching CUSTOM rule
+unless it is given the external authorizer's answer.
+
+Principals reach Envoy with ``spiffe://`` and trust-domain aliases expanded by the same
+:meth:`~trustmesh.policy.authz.TrustBundle.expand` the evaluator uses.
+
+Outputs are proto3-JSON dicts (``json_format.ParseDict`` them at the edge). Per-policy
+results are memoized on ``mesh.memo``, so dicts returned for two workloads of one mesh may
+share sub-dicts: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from trustmesh.api import models as m
+from trustmesh.api.resources import Resource
+from trustmesh.policy.authz import TrustBundle, rule_name
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.xds import rbac_matchers as mt
+from trustmesh.xds.rbac_matchers import Json, Unsupported
+
+__all__ = [
+    "DRY_RUN_ALLOW_PREFIX",
+    "DRY_RUN_DENY_PREFIX",
+    "HTTP_RBAC",
+    "HTTP_RBAC_TYPE",
+    "NETWORK_RBAC",
+    "NETWORK_RBAC_TYPE",
+    "http_custom_filters",
+    "http_rbac_filters",
+    "network_rbac_filters",
+    "policy_rules",
+]
+
+HTTP_RBAC = "envoy.filters.http.rbac"
+NETWORK_RBAC = "envoy.filters.network.rbac"
+HTTP_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+NETWORK_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+DRY_RUN_ALLOW_PREFIX = "istio_dry_run_allow_"
+DRY_RUN_DENY_PREFIX = "istio_dry_run_deny_"
+TCP_STAT_PREFIX = "tcp."
+_EXT_AUTHZ_PREFIX = "istio-ext-authz"
+_BAD_CUSTOM_SUFFIX = "-deny-due-to-bad-CUSTOM-action"
+
+# Envoy's never-matching policy, for a policy without rules (Istio rbacPolicyMatchNever).
+_MATCH_NEVER: Json = {
+    "permissions": [{"not_rule": {"any": True}}],
+    "principals": [{"not_id": {"any": True}}],
+}
+
+# RBAC action per AuthorizationPolicy action (CUSTOM rules are built as DENY, like Istio).
+_ENVOY_ACTION = {
+    m.Action.ALLOW: "ALLOW",
+    m.Action.DENY: "DENY",
+    m.Action.AUDIT: "LOG",
+    m.Action.CUSTOM: "DENY",
+}
+
+
+# --- filters ------------------------------------------------------------------------
+
+
+def http_custom_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
+    """What stands in for CUSTOM ext_authz on the HTTP chain (before jwt_authn): one
+    fail-closed RBAC DENY filter per provider, or nothing if no CUSTOM policy applies."""
+    return [_http_filter(config) for config in _custom_configs(wp, mesh, for_tcp=False)]
+
+
+def http_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
+    """The RBAC HTTP filters of ``wp``'s inbound chain, in order: AUDIT (``LOG``), DENY,
+    ALLOW — each only if a policy of that action (enforced or dry-run) applies.
+
+    Example: a DENY ``methods: [GET]`` policy gives one filter, ``rules.action: DENY``
+    with the policy ``ns[foo]-policy[deny-get]-rule[0]``.
+    """
+    return [_http_filter(config) for config in _action_configs(wp, mesh, for_tcp=False) if config]
+
+
+def network_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy, port: int) -> list[Json]:
+    """The RBAC network filters of ``wp``'s TCP chain for ``port``: CUSTOM (fail closed),
+    AUDIT, DENY, ALLOW, with Istio's TCP handling of HTTP-only attributes.
+
+    The rules are the same for every port — port conditions are ``destination_port``
+    matchers inside them, as in Istio — so ``port`` is only checked.
+    """
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port!r}")
+    configs = [*_custom_configs(wp, mesh, for_tcp=True), *_action_configs(wp, mesh, for_tcp=True)]
+    return [_network_filter(config) for config in configs if config]
+
+
+def _http_filter(config: Json) -> Json:
+    return {"name": HTTP_RBAC, "typed_config": {"@type": HTTP_RBAC_TYPE, **config}}
+
+
+def _network_filter(config: Json) -> Json:
+    typed = {"@type": NETWORK_RBAC_TYPE, "stat_prefix": TCP_STAT_PREFIX, **config}
+    return {"name": NETWORK_RBAC, "typed_config": typed}
+
+
+def _action_configs(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> list[Json | None]:
+    authz = wp.authz
+    return [
+        _rbac_config(mesh, m.Action.AUDIT, authz.audit.policies, (), for_tcp),
+        _rbac_config(
+            mesh, m.Action.DENY, authz.deny.policies, authz.dry_run_deny.policies, for_tcp
+        ),
+        _rbac_config(
+            mesh, m.Action.ALLOW, authz.allow.policies, authz.dry_run_allow.policies, for_tcp
+        ),
+    ]
+
+
+def _rbac_config(
+    mesh: MeshPolicy,
+    action: m.Action,
+    enforced: Sequence[Resource[Any]],
+    dry_run: Sequence[Resource[Any]],
+    for_tcp: bool,
+) -> Json | None:
+    if not enforced and not dry_run:
+        return None
+    envoy_action = _ENVOY_ACTION[action]
+    config: Json = {}
+    if enforced:
+        config["rules"] = _rbac(envoy_action, _merged(mesh, enforced, action, for_tcp))
+    if dry_run:
+        config["shadow_rules"] = _rbac(envoy_action, _merged(mesh, dry_run, action, for_tcp))
+    # Istio names the prefix after the shadow rules' action, and falls back to the ALLOW
+    # prefix when there are none (a nil RBAC's action reads as ALLOW); kept for parity.
+    dry_deny = dry_run and action is m.Action.DENY
+    config["shadow_rules_stat_prefix"] = DRY_RUN_DENY_PREFIX if dry_deny else DRY_RUN_ALLOW_PREFIX
+    return config
+
+
+def _rbac(action: str, policies: dict[str, Json]) -> Json:
+    return {"action": action, "policies": policies}
+
+
+def _merged(
+    mesh: MeshPolicy, policies: Iterable[Resource[Any]], action: m.Action, for_tcp: bool
+) -> dict[str, Json]:
+    merged: dict[str, Json] = {}
+    for policy in policies:
+        merged.update(_memo_rules(mesh, policy, action, for_tcp))
+    return dict(sorted(merged.items()))
+
+
+def _custom_configs(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> list[Json]:
+    by_provider: dict[str, list[Resource[Any]]] = defaultdict(list)
+    for policy in wp.authz.custom.policies:
+        spec: m.AuthorizationPolicySpec = policy.spec
+        by_provider[spec.provider.name if spec.provider else ""].append(policy)
+    configs = []
+    for provider in sorted(by_provider):
+        prefix = f"{_EXT_AUTHZ_PREFIX}-{provider}-" if provider else f"{_EXT_AUTHZ_PREFIX}-"
+        rules = _merged(mesh, by_provider[provider], m.Action.CUSTOM, for_tcp)
+        policies = {f"{prefix}{name}{_BAD_CUSTOM_SUFFIX}": p for name, p in rules.items()}
+        configs.append({"rules": _rbac("DENY", dict(sorted(policies.items())))})
+    return configs
+
+
+def _memo_rules(
+    mesh: MeshPolicy, policy: Resource[Any], action: m.Action, for_tcp: bool
+) -> dict[str, Json]:
+    # The mesh holds every policy for its lifetime, so id() is a stable key here.
+    key = ("xds.rbac", id(policy), action, for_tcp)
+    found: dict[str, Json] | None = mesh.memo.get(key)
+    if found is None:
+        found = mesh.memo[key] = policy_rules(policy, mesh.bundle, action, for_tcp=for_tcp)
+    return found
+
+
+# --- one policy -----------------------------------------------------------------------
+
+
+def policy_rules(
+    policy: Resource[Any], bundle: TrustBundle, action: m.Action, *, for_tcp: bool
+) -> dict[str, Json]:
+    """The Envoy RBAC policies (name → Policy) of one AuthorizationPolicy, built for
+    ``action`` (its own, or CUSTOM / dry-run handled as the caller decides)."""
+    spec: m.AuthorizationPolicySpec = policy.spec
+    namespace, name = policy.namespace, policy.name
+    if not spec.rules:
+        return {rule_name(namespace, name, 0): _MATCH_NEVER}
+    strict = action is m.Action.ALLOW  # Istio's checkError: only ALLOW propagates errors
+    out: dict[str, Json] = {}
+    for index, rule in enumerate(spec.rules):
+        try:
+            out[rule_name(namespace, name, index)] = _rule_policy(
+                rule, namespace, bundle, strict=strict, for_tcp=for_tcp
+            )
+        except (Unsupported, _UnknownAttribute):
+            continue  # Istio: "skipped rule ..." (logged by istiod, not an error)
+    return out
+
+
+class _UnknownAttribute(Exception):
+    """A ``when`` key Istio does not know: the rule is skipped for every action."""
+
+
+_Generate = Callable[[str], Json]
+_GenerateAll = Callable[[Sequence[str]], Json]
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One key of a principal or permission: Istio's ``rule`` struct. ``one`` builds a
+    matcher per value (values ORed); ``every`` builds one matcher from all values."""
+
+    values: Sequence[str]
+    not_values: Sequence[str]
+    one: _Generate | None = None
+    every: _GenerateAll | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """Field names of the RBAC Principal or Permission message."""
+
+    all_of: str
+    any_of: str
+    items: str
+    negated: str
+
+
+_PRINCIPAL = _Shape("and_ids", "or_ids", "ids", "not_id")
+_PERMISSION = _Shape("and_rules", "or_rules", "rules", "not_rule")
+
+
+def _rule_policy(
+    rule: m.Rule, namespace: str, bundle: TrustBundle, *, strict: bool, for_tcp: bool
+) -> Json:
+    principal_when, permission_when = _conditions(rule.when, namespace, bundle, for_tcp)
+    permissions = [
+        _generate(
+            [*_operation_fields(to.operation, for_tcp), *permission_when], _PERMISSION, strict
+        )
+        for to in rule.to
+    ] or [_generate(permission_when, _PERMISSION, strict)]
+    principals = [
+        _generate(
+            [*_source_fields(f.source, namespace, bundle, for_tcp), *principal_when],
+            _PRINCIPAL,
+            strict,
+        )
+        for f in rule.from_
+    ] or [_generate(principal_when, _PRINCIPAL, strict)]
+    return {"permissions": permissions, "principals": principals}
+
+
+def _source_fields(s: m.Source, namespace: str, bundle: TrustBundle, for_tcp: bool) -> list[_Field]:
+    # Istio's order: each key is inserted at the front, so the last inserted comes first.
+    return [
+        _Field(bundle.expand(s.principals), bundle.expand(s.not_principals), mt.source_principal),
+        _Field(
+            s.request_principals,
+            s.not_request_principals,
+            every=partial(mt.request_principals, "request.auth.principal", for_tcp=for_tcp),
+        ),
+        _Field(
+            s.service_accounts,
+            s.not_service_accounts,
+            partial(mt.source_service_account, policy_namespace=namespace),
+        ),
+        _Field(s.namespaces, s.not_namespaces, mt.source_namespace),
+        _Field(s.remote_ip_blocks, s.not_remote_ip_blocks, mt.remote_ip),
+        _Field(s.ip_blocks, s.not_ip_blocks, mt.direct_remote_ip),
+    ]
+
+
+def _operation_fields(op: m.Operation, for_tcp: bool) -> list[_Field]:
+    return [
+        _Field(op.hosts, op.not_hosts, partial(mt.host, for_tcp=for_tcp)),
+        _Field(op.methods, op.not_methods, partial(mt.method, for_tcp=for_tcp)),
+        _Field(op.paths, op.not_paths, partial(mt.path, for_tcp=for_tcp)),
+        _Field(op.ports, op.not_ports, mt.destination_port),
+    ]
+
+
+def _conditions(
+    conditions: Sequence[m.Condition], namespace: str, bundle: TrustBundle, for_tcp: bool
+) -> tuple[list[_Field], list[_Field]]:
+    """``when`` conditions split into principal-side and permission-side fields."""
+    principal: list[_Field] = []
+    permission: list[_Field] = []
+    for c in conditions:
+        key, values, not_values = c.key, c.values, c.not_values
+        if key == "destination.ip":
+            permission.append(_Field(values, not_values, mt.destination_ip))
+        elif key == "destination.port":
+            permission.append(_Field(values, not_values, mt.destination_port))
+        elif key == "connection.sni":
+            permission.append(_Field(values, not_values, mt.connection_sni))
+        elif key.startswith("experimental.envoy.filters."):
+            every = partial(mt.envoy_filter_metadata, key)
+            permission.append(_Field(values, not_values, every=every))
+        elif key == "source.ip":
+            principal.append(_Field(values, not_values, mt.direct_remote_ip))
+        elif key == "remote.ip":
+            principal.append(_Field(values, not_values, mt.remote_ip))
+        elif key == "source.namespace":
+            principal.append(_Field(values, not_values, mt.source_namespace))
+        elif key == "source.trustDomain":
+            expand = partial(_expand_trust_domains, bundle)
+            principal.append(_Field(expand(values), expand(not_values), mt.source_trust_domain))
+        elif key == "source.serviceAccount":
+            one = partial(mt.source_service_account, policy_namespace=namespace)
+            principal.append(_Field(values, not_values, one))
+        elif key == "source.principal":
+            expanded = _Field(bundle.expand(values), bundle.expand(not_values), mt.source_principal)
+            principal.append(expanded)
+        elif key in _JWT_KEYS:
+            principal.append(
+                _Field(values, not_values, every=partial(_JWT_KEYS[key], key, for_tcp=for_tcp))
+            )
+        elif key.startswith("request.headers"):
+            one = partial(mt.request_header, key, for_tcp=for_tcp)
+            principal.append(_Field(values, not_values, one))
+        elif key.startswith("request.auth.claims"):
+            every = partial(mt.request_claim, key, for_tcp=for_tcp)
+            principal.append(_Field(values, not_values, every=every))
+        else:
+            raise _UnknownAttribute(key)
+    return principal, permission
+
+
+_JWT_KEYS: dict[str, Callable[..., Json]] = {
+    "request.auth.principal": mt.request_principals,
+    "request.auth.audiences": mt.request_audiences,
+    "request.auth.presenter": mt.request_presenter,
+}
+
+
+def _expand_trust_domains(bundle: TrustBundle, values: Sequence[str]) -> list[str]:
+    """Istio ``ExpandTrustDomainAliases``: a bundle domain stands for all of them."""
+    out: list[str] = []
+    for value in values:
+        for domain in bundle.domains if value in bundle.domains else (value,):
+            if domain not in out:
+                out.append(domain)
+    return out
+
+
+def _generate(fields: Iterable[_Field], shape: _Shape, strict: bool) -> Json:
+    """An AND over the fields (``any`` if nothing is left), Istio's generatePrincipal /
+    generatePermission. ``strict`` (ALLOW) lets :class:`Unsupported` drop the rule."""
+    all_of: list[Json] = []
+    for field in fields:
+        for negate, values in ((False, field.values), (True, field.not_values)):
+            if not values:
+                continue
+            matcher = _field_matcher(field, values, shape, strict)
+            if matcher is not None:
+                all_of.append({shape.negated: matcher} if negate else matcher)
+    return {shape.all_of: {shape.items: all_of or [{"any": True}]}}
+
+
+def _field_matcher(
+    field: _Field, values: Sequence[str], shape: _Shape, strict: bool
+) -> Json | None:
+    if field.every is not None:
+        try:
+            return field.every(values)
+        except Unsupported:
+            if strict:
+                raise
+            return None  # DENY / AUDIT / CUSTOM: the key is dropped, the rest still applies
+    assert field.one is not None
+    alternatives: list[Json] = []
+    for value in values:
+        try:
+            alternatives.append(field.one(value))
+        except Unsupported:
+            if strict:
+                raise
+    if not alternatives:
+        return None
+    return {shape.any_of: {shape.items: alternatives}}

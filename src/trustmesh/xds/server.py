@@ -1,0 +1,354 @@
+"""The ADS server: State-of-the-World aggregated xDS over grpc.aio, fed by a SnapshotCache.
+
+Every Envoy opens one ``StreamAggregatedResources`` stream and subscribes to each type on
+it. The server answers from the newest :class:`~trustmesh.xds.cache.Snapshot` of that
+Envoy's node id and pushes again whenever the cache holds different content for a type
+the stream subscribed to. It knows nothing about what the resources mean: translation is
+somebody else's job.
+
+Protocol rules it follows (each one learned the hard way, see envoy-notes pitfall 9):
+
+- nonces are a counter per stream; a request whose nonce is not the last one sent for its
+  type is stale (Envoy has not seen the newest response yet) and is ignored;
+- an ACK is never answered; in general a response is sent only when its content differs
+  from what this stream last sent for that type;
+- listeners and clusters are wildcard (every resource of the type is sent, and one left
+  out is deleted); routes, secrets, filter configs and endpoints are sent by the names
+  Envoy asks for;
+- a NACK is recorded (:attr:`SnapshotCache.nacks`) and not answered: Envoy keeps running
+  the last configuration it accepted, and the next snapshot is pushed as usual.
+
+Each stream is one task reading requests into an inbox and one loop that owns the stream's
+state; a cache change or :meth:`AdsServer.stop` is one more message in that inbox.
+
+Example::
+
+    cache = SnapshotCache()
+    server = AdsServer(cache, address="127.0.0.1:15010",
+                       authorize=lambda node_id, context: node_id in allowed)
+    port = await server.start()
+    cache.set(node_id, snapshot)   # pushed to that node's open stream, if any
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from trustmesh.xds.cache import (
+    PUSH_ORDER,
+    WILDCARD_TYPES,
+    Nack,
+    Snapshot,
+    SnapshotCache,
+    content_version,
+)
+
+__all__ = ["ADS_SERVICE", "AdsServer", "Authorize", "peer_spiffe_ids"]
+
+_log = logging.getLogger(__name__)
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Authorize = Callable[[str, Context], bool]
+"""``authorize(node_id, context)``: may this peer receive ``node_id``'s configuration?"""
+
+
+def peer_spiffe_ids(context: Context) -> tuple[str, ...]:
+    """The ``spiffe://`` URI SANs of the mTLS peer's certificate; empty without mTLS.
+
+    For an ``authorize`` hook that gives a proxy only its own configuration, e.g. by
+    checking that the node id names the namespace and service account of the peer's ID.
+    The certificate is verified only if the server credentials require client
+    authentication (``grpc.ssl_server_credentials(..., require_client_auth=True)``).
+    """
+    # gRPC lists a verified peer certificate's URI SANs (only those) under "peer_uri".
+    uris = context.auth_context().get("peer_uri", ())
+    ids = (uri.decode(errors="replace") for uri in uris)
+    return tuple(sorted(san for san in ids if san.startswith("spiffe://")))
+
+
+class _Signal(enum.Enum):
+    SNAPSHOT = enum.auto()  # the cache holds a different snapshot for this node
+    CLOSED = enum.auto()  # the request stream ended, or the server is stopping
+
+
+@dataclass(slots=True)
+class _Watch:
+    """One type on one stream: what Envoy asked for and what it was last sent."""
+
+    names: frozenset[str] = frozenset()
+    nonce: str = ""  # of the last response of this type; "" until one is sent
+    version: str = ""  # version_info of that response
+    sent: Mapping[str, str] | None = None  # name → content digest in it; None before any
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Protocol state of one ADS stream, owned by that stream's loop alone (no lock)."""
+
+    id: int
+    node_id: str
+    watches: dict[str, _Watch] = field(default_factory=dict)
+    nonces: int = 0
+
+    def next_nonce(self) -> str:
+        self.nonces += 1
+        return str(self.nonces)
+
+
+def _push_rank(type_url: str) -> tuple[int, str]:
+    if type_url in PUSH_ORDER:
+        return PUSH_ORDER.index(type_url), ""
+    return len(PUSH_ORDER), type_url
+
+
+def _selection(type_url: str, watch: _Watch, snapshot: Snapshot) -> dict[str, str]:
+    """Name → digest of the resources a response for ``watch`` carries now."""
+    digests = snapshot.digests(type_url)
+    if type_url in WILDCARD_TYPES or "*" in watch.names:
+        return dict(digests)
+    return {name: digests[name] for name in sorted(watch.names) if name in digests}
+
+
+class AdsServer:
+    """Serves a :class:`SnapshotCache` to Envoys over ADS (state of the world, gRPC).
+
+    ``authorize`` runs once per stream, on the node id of its first request; anything but
+    ``True`` (an exception too) ends the stream with ``PERMISSION_DENIED`` before anything
+    is sent.
+    ``server_credentials`` turns on TLS (use ``grpc.ssl_server_credentials`` with
+    ``require_client_auth=True`` for mTLS); without them the port speaks plaintext and
+    should only listen on loopback.
+
+    ``pushes``, ``acks`` and ``nacks`` count responses sent and the ACKs and NACKs
+    received, over all streams.
+    """
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        *,
+        address: str = "127.0.0.1:0",
+        authorize: Authorize | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self._cache = cache
+        self._address = address
+        self._authorize = authorize
+        self._credentials = server_credentials
+        self._server: grpc.aio.Server | None = None
+        self._stopping = asyncio.Event()
+        self._stream_ids = itertools.count(1)
+        self._port = 0
+        self.pushes = 0
+        self.acks = 0
+        self.nacks = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port (known once started)."""
+        return self._port
+
+    async def start(self) -> int:
+        """Listen on ``address`` and return the bound port (useful with port 0)."""
+        if self._server is not None:
+            raise RuntimeError("AdsServer already started")
+        self._stopping = asyncio.Event()
+        # No SO_REUSEPORT: a second server on the same port must fail, not silently take
+        # half of the new streams.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((self._handlers(),))
+        try:
+            if self._credentials is None:
+                port = server.add_insecure_port(self._address)
+            else:
+                port = server.add_secure_port(self._address, self._credentials)
+            if not port:
+                raise OSError(f"cannot listen on {self._address}")
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            raise
+        self._server, self._port = server, port
+        _log.debug("ads serving on %s (port %d)", self._address, port)
+        return port
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """End every stream (Envoy keeps its config and reconnects) and stop listening."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        await server.stop(grace)
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        # DeltaAggregatedResources is left out on purpose: gRPC answers it UNIMPLEMENTED.
+        return grpc.method_handlers_generic_handler(
+            ADS_SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._stream_resources,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def _stream_resources(self, requests: AsyncIterator[Any], context: Context) -> None:
+        reader = aiter(requests)
+        try:
+            first = await anext(reader)
+        except StopAsyncIteration:
+            return
+        node_id = first.node.id
+        if not node_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request has no node.id")
+        if not self._authorized(node_id, context):
+            _log.warning("ads: refused node %r from %s", node_id, context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not authorized: {node_id}")
+        stream = _Stream(next(self._stream_ids), node_id)
+        _log.debug("ads stream %d opened by %s (%s)", stream.id, node_id, context.peer())
+        # Everything that can wake this stream lands in one inbox, so one loop owns the
+        # stream's state and is the only writer on it.
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        inbox.put_nowait(first)
+        async with asyncio.TaskGroup() as tasks:
+            pumps = (
+                tasks.create_task(_pump_requests(reader, inbox)),
+                tasks.create_task(self._pump_snapshots(node_id, inbox)),
+                tasks.create_task(self._pump_stop(inbox)),
+            )
+            try:
+                await self._serve(stream, inbox, context)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+        _log.debug("ads stream %d (%s) closed", stream.id, node_id)
+
+    def _authorized(self, node_id: str, context: Context) -> bool:
+        if self._authorize is None:
+            return True
+        try:
+            return self._authorize(node_id, context) is True
+        except Exception:  # fail closed: a broken hook must not hand out configuration
+            _log.exception("ads: authorize hook failed for node %r", node_id)
+            return False
+
+    async def _serve(self, stream: _Stream, inbox: asyncio.Queue[Any], context: Context) -> None:
+        while True:
+            event = await inbox.get()
+            if event is _Signal.CLOSED:
+                return
+            if event is _Signal.SNAPSHOT:
+                types = sorted(stream.watches, key=_push_rank)
+            else:
+                wanted = self._on_request(stream, event)
+                types = [wanted] if wanted is not None else []
+            # Read once per event: a newer snapshot set meanwhile is its own SNAPSHOT event.
+            snapshot = self._cache.get(stream.node_id)
+            if snapshot is None:
+                continue  # subscribed before the node has config: its first set wakes us
+            for type_url in types:
+                await self._respond(stream, type_url, snapshot, context)
+
+    def _on_request(self, stream: _Stream, request: Any) -> str | None:
+        """Take one DiscoveryRequest; the type to (maybe) respond for, or None."""
+        type_url: str = request.type_url
+        if not type_url:
+            _log.warning("ads stream %d (%s): request without type_url", stream.id, stream.node_id)
+            return None
+        watch = stream.watches.setdefault(type_url, _Watch())
+        names = frozenset(request.resource_names)
+        if not watch.nonce:
+            # Nothing sent for this type on this stream: a subscription, whatever nonce an
+            # Envoy reconnecting from an earlier stream still carries.
+            watch.names = names
+            return type_url
+        if request.response_nonce != watch.nonce:
+            return None  # stale: Envoy sends its full subscription again once it catches up
+        if request.HasField("error_detail"):
+            self.nacks += 1
+            nack = Nack(
+                type_url=type_url,
+                rejected_version=watch.version,
+                kept_version=request.version_info,
+                error_detail=request.error_detail.message,
+                code=request.error_detail.code,
+            )
+            self._cache.record_nack(stream.node_id, nack)
+            _log.warning(
+                "ads stream %d (%s) rejected %s version %s, keeps %r: %s",
+                stream.id,
+                stream.node_id,
+                type_url,
+                watch.version,
+                request.version_info,
+                nack.error_detail,
+            )
+            # Not answered: re-sending would only be rejected again. The next snapshot
+            # (or subscription change) is compared with what was sent, the rejected one.
+            watch.names = names
+            return None
+        self.acks += 1
+        self._cache.record_ack(stream.node_id, type_url, request.version_info)
+        watch.names = names
+        return type_url  # answered only if the subscription now selects other content
+
+    async def _respond(
+        self, stream: _Stream, type_url: str, snapshot: Snapshot, context: Context
+    ) -> None:
+        watch = stream.watches[type_url]
+        content = _selection(type_url, watch, snapshot)
+        if content == watch.sent:
+            return  # Envoy has exactly this (an ACK, a repeat, an unrelated change)
+        if watch.sent is None and not content and type_url not in WILDCARD_TYPES:
+            return  # none of the names exist yet: Envoy waits, as for any missing resource
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=content_version(content),
+            type_url=type_url,
+            nonce=stream.next_nonce(),
+            resources=[snapshot.packed(type_url, name) for name in content],
+        )
+        watch.nonce, watch.version, watch.sent = response.nonce, response.version_info, content
+        self.pushes += 1  # counted before the await: a reader may see the ACK before we resume
+        await context.write(response)
+        _log.debug(
+            "ads stream %d (%s): pushed %s v%s (%d resources, nonce %s)",
+            stream.id,
+            stream.node_id,
+            type_url,
+            response.version_info,
+            len(content),
+            response.nonce,
+        )
+
+    async def _pump_snapshots(self, node_id: str, inbox: asyncio.Queue[Any]) -> None:
+        versions: Mapping[str, str] = {}
+        while True:
+            snapshot = await self._cache.wait_newer(node_id, versions)
+            versions = snapshot.versions
+            inbox.put_nowait(_Signal.SNAPSHOT)
+
+    async def _pump_stop(self, inbox: asyncio.Queue[Any]) -> None:
+        await self._stopping.wait()
+        inbox.put_nowait(_Signal.CLOSED)
+
+
+async def _pump_requests(reader: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
+    try:
+        async for request in reader:
+            inbox.put_nowait(request)
+    except Exception as error:  # any read failure just ends the stream; Envoy reconnects
+        _log.debug("ads stream read ended: %r", error)
+    finally:
+        inbox.put_nowait(_Signal.CLOSED)

@@ -1,0 +1,288 @@
+"""One workload's Envoy configuration from the compiled mesh: the entry point (pure).
+
+:func:`translate` reads the same :class:`~trustmesh.policy.compose.WorkloadPolicy` the
+offline evaluator reads and returns every resource its sidecar needs, as proto3-JSON dicts
+with their ``@type`` (ready for :meth:`trustmesh.xds.cache.Snapshot.from_resources`):
+
+* listeners — ``virtualInbound`` (:mod:`trustmesh.xds.inbound`), absent for a workload
+  without ports (a pure client such as ``sleep``);
+* clusters — ``inbound|<port>||`` to the application, ``outbound|<port>||<host>`` per
+  registry port, ``PassthroughCluster`` / ``BlackHoleCluster``, and one per ``jwksUri``
+  host (:mod:`trustmesh.xds.outbound`, :mod:`trustmesh.xds.jwt`);
+* routes — the outbound HTTP route configuration per port;
+* extension configs — the HTTP policy filters when delivered over ECDS (the default).
+
+Why ECDS: Envoy applies a listener (LDS) change only to new connections, and keeps old
+keep-alive connections on the old filters until they drain (600 s by default), so a
+revoked permission would stay usable on an open connection. A filter fetched over ECDS is
+replaced on existing connections at once. Each HTTP chain therefore names fixed slots —
+``trustmesh.authn.jwt``, ``trustmesh.authz.audit``, ``trustmesh.authz.deny``,
+``trustmesh.authz.allow`` (after one ``trustmesh.authz.custom.<i>`` per CUSTOM provider,
+which run before JWT as in Istio) — filled with a pass-through config when nothing of that
+kind applies, so adding or removing a policy changes an extension config, not the
+listener. Network (TCP) RBAC stays in the listener: it is checked once per connection.
+:attr:`FilterDelivery.INLINE` puts every filter in the listener, exactly as Istio does.
+
+Example::
+
+    resources = translate(mesh, "foo/httpbin", inbound_address="127.0.0.20")
+    snapshot = Snapshot.from_resources(resources.all())
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import ipaddress
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.xds.inbound import (
+    inbound_clusters,
+    inbound_listener,
+    inbound_ports,
+)
+from trustmesh.xds.jwt import JWT_FILTER, jwks_clusters, jwt_authn_config
+from trustmesh.xds.outbound import (
+    Protocol,
+    outbound_clusters,
+    outbound_routes,
+    socket_address,
+)
+from trustmesh.xds.rbac import (
+    HTTP_RBAC_TYPE,
+    http_custom_filters,
+    http_rbac_filters,
+    network_rbac_filters,
+)
+
+__all__ = [
+    "ECDS_TYPE",
+    "FilterDelivery",
+    "ProxyResources",
+    "static_bootstrap",
+    "translate",
+]
+
+ECDS_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+JWT_SLOT = "trustmesh.authn.jwt"
+# RBAC action → slot, in filter order.
+_RBAC_SLOTS = {
+    "LOG": "trustmesh.authz.audit",
+    "DENY": "trustmesh.authz.deny",
+    "ALLOW": "trustmesh.authz.allow",
+}
+_CUSTOM_SLOT = "trustmesh.authz.custom.{}"
+
+
+class FilterDelivery(enum.Enum):
+    """Where the HTTP policy filters (CUSTOM stand-in, jwt_authn, RBAC) are delivered."""
+
+    ECDS = "ECDS"  # as extension configs: a change applies to open connections at once
+    INLINE = "INLINE"  # inside the listener, as Istio does
+
+
+@dataclass(frozen=True)
+class ProxyResources:
+    """Everything one sidecar is served, each tuple sorted by resource name.
+
+    Dicts may share sub-dicts (with each other and with other workloads' results):
+    treat them as read-only.
+    """
+
+    listeners: tuple[dict[str, Any], ...]
+    clusters: tuple[dict[str, Any], ...]
+    routes: tuple[dict[str, Any], ...]
+    extension_configs: tuple[dict[str, Any], ...] = ()
+
+    def all(self) -> tuple[dict[str, Any], ...]:
+        """Every resource, clusters first (what a listener or route refers to exists)."""
+        return (*self.clusters, *self.listeners, *self.routes, *self.extension_configs)
+
+
+def translate(
+    mesh: MeshPolicy,
+    workload_ref: str,
+    *,
+    inbound_address: str,
+    sds_cluster: str = "sds-grpc",
+    app_address: str = "127.0.0.1",
+    delivery: FilterDelivery = FilterDelivery.ECDS,
+) -> ProxyResources:
+    """The Envoy resources of ``workload_ref``'s sidecar (``namespace/name``).
+
+    ``inbound_address``: where the inbound listener binds the workload's ports;
+    ``app_address``: where the application itself listens on the same ports;
+    ``sds_cluster``: the bootstrap cluster of the agent's SDS server.
+    Raises ``LookupError`` for an unknown workload, ``ValueError`` for a workload without
+    a sidecar or an address that is not an IP.
+    """
+    wp = mesh.for_workload(workload_ref)
+    if wp is None:
+        raise LookupError(f"unknown workload {workload_ref!r}")
+    if not wp.workload.has_sidecar:
+        raise ValueError(f"{workload_ref} has no sidecar: there is no Envoy to configure")
+    for what, address in (("inbound_address", inbound_address), ("app_address", app_address)):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{what} must be an IP address, got {address!r}") from None
+    if not sds_cluster:
+        raise ValueError("sds_cluster must be non-empty")
+
+    ports = inbound_ports(wp)
+    listeners: list[dict[str, Any]] = []
+    extension_configs: list[dict[str, Any]] = []
+    if ports:
+        http_filters: list[dict[str, Any]] = []
+        if any(p.protocol is Protocol.HTTP for p in ports):
+            http_filters, extension_configs = _http_policy_filters(wp, mesh, delivery)
+        listeners.append(
+            inbound_listener(
+                wp,
+                mesh,
+                ports,
+                address=inbound_address,
+                sds_cluster=sds_cluster,
+                http_filters=http_filters,
+                network_filters=lambda port: network_rbac_filters(wp, mesh, port),
+            )
+        )
+    clusters: dict[str, dict[str, Any]] = {}
+    for cluster in (
+        *inbound_clusters(ports, app_address),
+        *outbound_clusters(wp, mesh, sds_cluster),
+        *jwks_clusters(wp.jwt_providers, mesh.snapshot),
+    ):
+        clusters.setdefault(cluster["name"], cluster)
+    return ProxyResources(
+        listeners=tuple(listeners),
+        clusters=tuple(clusters[name] for name in sorted(clusters)),
+        routes=tuple(sorted(outbound_routes(wp, mesh), key=lambda r: str(r["name"]))),
+        extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
+    )
+
+
+def _http_policy_filters(
+    wp: WorkloadPolicy, mesh: MeshPolicy, delivery: FilterDelivery
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The HTTP policy filters in Istio's order — CUSTOM, jwt_authn, AUDIT, DENY, ALLOW —
+    and, under ECDS, the extension configs they name."""
+    custom = http_custom_filters(wp, mesh)
+    rbac = http_rbac_filters(wp, mesh)
+    jwt = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
+    if delivery is FilterDelivery.INLINE:
+        filters = list(custom)
+        if wp.jwt_providers:
+            filters.append({"name": JWT_FILTER, "typed_config": jwt})
+        return [*filters, *rbac], []
+
+    slots: list[tuple[str, dict[str, Any]]] = [
+        (_CUSTOM_SLOT.format(i), f["typed_config"]) for i, f in enumerate(custom)
+    ]
+    slots.append((JWT_SLOT, jwt))
+    by_action: dict[str, dict[str, Any]] = {}
+    for f in rbac:
+        action = _rbac_action(f["typed_config"])
+        if action in by_action or action not in _RBAC_SLOTS:
+            # rbac.py builds at most one filter per action; anything else is a bug there.
+            raise ValueError(f"rbac.py built an unexpected second or {action!r} RBAC filter")
+        by_action[action] = f["typed_config"]
+    for action, slot in _RBAC_SLOTS.items():
+        # An RBAC filter without rules enforces nothing and logs nothing: a free slot.
+        slots.append((slot, by_action.get(action, {"@type": HTTP_RBAC_TYPE})))
+    filters = [
+        {
+            "name": name,
+            "config_discovery": {
+                "config_source": {"ads": {}, "resource_api_version": "V3"},
+                "type_urls": [config["@type"]],
+            },
+        }
+        for name, config in slots
+    ]
+    configs = [{"@type": ECDS_TYPE, "name": name, "typed_config": config} for name, config in slots]
+    return filters, configs
+
+
+def _rbac_action(config: Mapping[str, Any]) -> str:
+    rules = config.get("rules") or config.get("shadow_rules") or {}
+    return str(rules.get("action", "ALLOW"))
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+
+def static_bootstrap(
+    resources: ProxyResources,
+    *,
+    node_id: str,
+    sds_socket: str,
+    node_cluster: str = "",
+    sds_cluster: str = "sds-grpc",
+    admin_address: str = "127.0.0.1",
+    admin_port: int = 0,
+) -> dict[str, Any]:
+    """A bootstrap serving ``resources`` without an ADS server: listeners and clusters as
+    static resources, extension configs put back inline, the agent's SDS socket as
+    ``sds_cluster``. Route configurations are left out: nothing here refers to them by RDS.
+
+    For tests, ``envoy --mode validate`` and running a sidecar before the ADS server
+    exists. Returns new dicts; ``resources`` is not modified.
+    """
+    extensions = {e["name"]: e["typed_config"] for e in resources.extension_configs}
+    listeners = [_inline_extensions(_untyped(r), extensions) for r in resources.listeners]
+    clusters = [_untyped(c) for c in resources.clusters]
+    clusters.append(
+        {
+            "name": sds_cluster,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": _HTTP_OPTIONS,
+                    "explicit_http_config": {"http2_protocol_options": {}},  # gRPC
+                }
+            },
+            "load_assignment": {
+                "cluster_name": sds_cluster,
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": sds_socket}}}}]}
+                ],
+            },
+        }
+    )
+    return {
+        "node": {"id": node_id, "cluster": node_cluster or node_id},
+        "admin": {"address": socket_address(admin_address, admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _untyped(resource: Mapping[str, Any]) -> dict[str, Any]:
+    # A top-level resource's "@type" names it for xDS; a bootstrap field must not carry it.
+    return {k: copy.deepcopy(v) for k, v in resource.items() if k != "@type"}
+
+
+def _inline_extensions(value: Any, extensions: Mapping[str, Any]) -> Any:
+    for node in _objects(value):
+        if "config_discovery" in node:
+            name = node["name"]
+            if name not in extensions:
+                raise ValueError(f"filter {name!r} refers to a missing extension config")
+            del node["config_discovery"]
+            node["typed_config"] = copy.deepcopy(extensions[name])
+    return value
+
+
+def _objects(value: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(value, dict):
+        yield value
+        for item in list(value.values()):
+            yield from _objects(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _objects(item)
