@@ -15,6 +15,7 @@ from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
+from trustmesh.cli.sample import app as sample_app
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
@@ -31,6 +32,7 @@ app = typer.Typer(
 authz_app = typer.Typer(help="Authorization questions answered offline.", no_args_is_help=True)
 app.add_typer(authz_app, name="authz")
 app.add_typer(ca_app, name="ca")
+app.add_typer(sample_app, name="sample")
 app.command("agent")(agent_command)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
