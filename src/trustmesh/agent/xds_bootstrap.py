@@ -1,0 +1,168 @@
+"""The bootstrap of a sidecar Envoy that gets everything from the control plane over ADS.
+
+Unlike :func:`trustmesh.agent.envoy.sidecar_bootstrap`, which spells out the listeners
+itself, this bootstrap holds only what Envoy needs before it can talk to anybody:
+
+* ``sds-grpc``: the agent's SDS server on a Unix socket — the workload certificate
+  (``default``) and the trust bundle (``ROOTCA``);
+* ``xds-grpc``: the control plane, reached over mTLS. Envoy presents the workload
+  certificate (that is how the control plane knows which configuration this proxy may
+  have) and accepts the server only if its certificate chains to ``ROOTCA`` and carries the
+  control plane's SPIFFE ID as URI SAN;
+* ``dynamic_resources``: listeners and clusters over ADS on ``xds-grpc``; routes, filter
+  configs (ECDS) and the rest follow from them over the same stream.
+
+Example::
+
+    bootstrap = ads_bootstrap(
+        node_id="sidecar~127.0.0.20~httpbin.foo~foo.svc.cluster.local",
+        cluster="httpbin.foo",
+        sds_socket="/run/trustmesh/httpbin/sds.sock",
+        xds_address="127.0.0.1",
+        xds_port=15012,
+    )
+    envoy = EnvoyProcess(bootstrap, workdir=Path("/var/lib/trustmesh/httpbin"))
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from trustmesh.agent.envoy import (
+    _check_spiffe_ids,
+    _common_tls_context,
+    _is_ip,
+    _sds_cluster,
+    _socket_address,
+)
+from trustmesh.identity.spiffe import SpiffeId
+
+__all__ = [
+    "CONTROL_PLANE_ID",
+    "XDS_CLUSTER",
+    "ads_bootstrap",
+    "control_plane_spiffe_id",
+]
+
+XDS_CLUSTER = "xds-grpc"  # Istio's name for the control-plane cluster
+
+
+def control_plane_spiffe_id(trust_domain: str) -> str:
+    """The SPIFFE ID the control plane's serving certificate carries in ``trust_domain``.
+
+    It is the identity :meth:`CertificateAuthority.server_certificate
+    <trustmesh.identity.ca.CertificateAuthority.server_certificate>` puts in its leaf: the
+    CA and the xDS server are one control plane, as in istiod.
+    """
+    return SpiffeId(trust_domain, "istio-system", "trustmesh-ca").uri
+
+
+CONTROL_PLANE_ID = control_plane_spiffe_id("cluster.local")
+
+_T = "type.googleapis.com/"
+_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_ADS = {"ads": {}, "resource_api_version": "V3"}
+# While the control plane is down Envoy retries after a random delay of up to
+# max_interval (measured: back ~0.25 s after a restart). Cheap for a host's worth of
+# sidecars; Envoy's default (0.5 s doubling up to 30 s) would leave a proxy without
+# updates for up to half a minute after the control plane returns.
+_RETRY_BACK_OFF = {"base_interval": "0.05s", "max_interval": "0.5s"}
+
+
+def ads_bootstrap(
+    *,
+    node_id: str,
+    cluster: str,
+    sds_socket: str,
+    xds_address: str,
+    xds_port: int,
+    admin_address: str = "127.0.0.1",
+    admin_port: int = 0,
+    control_plane_id: str = CONTROL_PLANE_ID,
+) -> dict[str, Any]:
+    """The proto3-JSON bootstrap of a sidecar fed over ADS; pure, same input → same dict.
+
+    ``node_id`` must be the id the control plane registered this proxy under (it gives a
+    proxy only the configuration of the identity its certificate proves).
+    ``xds_address`` is an IP or a DNS name. ``control_plane_id`` is the URI SAN the
+    control plane's certificate must carry (``control_plane_spiffe_id(trust_domain)``).
+    ``admin_port`` may be 0 (Envoy picks one; :class:`~trustmesh.agent.envoy.EnvoyProcess`
+    reads it back); the admin endpoint must be on loopback.
+    """
+    if not node_id or not cluster:
+        raise ValueError("node_id and cluster must be non-empty")
+    if not os.path.isabs(sds_socket):
+        raise ValueError(f"sds_socket must be an absolute path, got {sds_socket!r}")
+    if not isinstance(xds_address, str) or not xds_address:
+        raise ValueError(f"xds_address must be a non-empty string, got {xds_address!r}")
+    if not isinstance(xds_port, int) or isinstance(xds_port, bool) or not 1 <= xds_port <= 65535:
+        raise ValueError(f"xds_port must be 1..65535, got {xds_port!r}")
+    if not _is_ip(admin_address) or not ipaddress.ip_address(admin_address).is_loopback:
+        raise ValueError(f"admin address must be a loopback IP, got {admin_address!r}")
+    if not isinstance(admin_port, int) or not 0 <= admin_port <= 65535:
+        raise ValueError(f"admin port must be 0..65535, got {admin_port!r}")
+    _check_spiffe_ids("control_plane_id", frozenset({control_plane_id}), allow_empty=False)
+
+    return {
+        "node": {"id": node_id, "cluster": cluster},
+        "admin": {"address": _socket_address(admin_address, admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            "retry_policy": {"retry_back_off": dict(_RETRY_BACK_OFF)},
+                        }
+                    }
+                ],
+            },
+            "lds_config": dict(_ADS),
+            "cds_config": dict(_ADS),
+        },
+        "static_resources": {
+            "clusters": [
+                _xds_cluster(xds_address, xds_port, control_plane_id),
+                _sds_cluster(sds_socket),
+            ]
+        },
+    }
+
+
+def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
+    """The control plane as a gRPC (HTTP/2) upstream over mTLS with the workload identity."""
+    tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _UPSTREAM_TLS,
+            # gRPC servers negotiate HTTP/2 by ALPN; the server identity is pinned by SAN.
+            "common_tls_context": _common_tls_context(frozenset({server_id}), ("h2",)),
+        },
+    }
+    return {
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if _is_ip(address) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        # As Istio's xds-grpc cluster: notice a control plane that vanished without a
+        # reset (a host gone, a NAT entry dropped), so Envoy reconnects.
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 300}},
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(address, port)}}]}
+            ],
+        },
+        "transport_socket": tls,
+    }

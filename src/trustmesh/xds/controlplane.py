@@ -1,0 +1,542 @@
+"""The control plane: configuration files → compiled mesh → each sidecar's Envoy config,
+served over ADS with mutual TLS, and re-served when the files change.
+
+:class:`ControlPlane` wires pieces that each do one thing elsewhere: ``load_config``
+(read, validate, compile), ``xds.translate`` (one proxy's resources, pure),
+``SnapshotCache`` (content-hashed, so an unchanged proxy gets no push) and ``AdsServer``
+(the gRPC stream protocol).
+
+Who gets what. The runtime registers each sidecar it starts (:meth:`ControlPlane.register`):
+its Envoy node id, its workload and its addresses. The xDS port requires a client
+certificate issued by the mesh CA, and a stream is served only if its node id is
+registered and the certificate's one SPIFFE ID is that workload's identity
+(``spiffe://<trust domain>/ns/<namespace>/sa/<service account>``): a proxy only ever
+gets its own configuration, and the node id itself is never trusted to say who it is.
+
+Changes. :meth:`~ControlPlane.watch` polls the files' size, inode and mtime (a few stat
+calls per interval), waits until they settle (editors write in steps), then reloads
+(:meth:`~ControlPlane.reload`). A configuration with errors is refused as a whole: every
+proxy keeps what it has, and the diagnostics say why. Loading, compiling and translating
+run in a worker thread so the streams keep being served meanwhile.
+
+Example::
+
+    plane = ControlPlane(["mesh/"], ca=ca, address="127.0.0.1:15012")
+    plane.register(ProxyRegistration.sidecar("foo/httpbin", "127.0.0.20"))
+    port = await plane.start()                 # raises ConfigRejected on errors
+    watcher = asyncio.create_task(plane.watch(stop))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import grpc
+
+from trustmesh.api.diagnostics import Diagnostic, Location, error
+from trustmesh.config import YAML_SUFFIXES, load_config
+from trustmesh.identity import pki
+from trustmesh.identity.ca import CertificateAuthority
+from trustmesh.identity.server import Clock, utc_now
+from trustmesh.identity.spiffe import SpiffeId
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.xds.cache import Snapshot, SnapshotCache
+from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
+from trustmesh.xds.translate import FilterDelivery, translate
+
+__all__ = [
+    "XDS_SERVER_NAME",
+    "ConfigRejected",
+    "ControlPlane",
+    "Fingerprint",
+    "ProxyRegistration",
+]
+
+_log = logging.getLogger(__name__)
+
+XDS_SERVER_NAME = "trustmesh-xds"  # DNS SAN of the serving certificate (for gRPC clients)
+MAX_WATCHED_FILES = 5_000  # bounds the stat calls of one poll
+_SHOWN_ERRORS = 20
+
+
+# ---------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRegistration:
+    """Which workload the Envoy with ``node_id`` serves, and where.
+
+    ``inbound_address``: the IP its inbound listener binds (the workload's own address);
+    ``app_address``: where the application itself listens, on the workload's ports.
+    The node id is only a lookup key: authorization uses the workload's identity.
+    """
+
+    node_id: str
+    workload_ref: str  # "namespace/name"
+    inbound_address: str
+    app_address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str) or not self.node_id:
+            raise ValueError("node_id must be a non-empty string")
+        namespace, _, name = self.workload_ref.partition("/")
+        if not namespace or not name or "/" in name:
+            raise ValueError(f"workload_ref must be namespace/name, got {self.workload_ref!r}")
+        for what in ("inbound_address", "app_address"):
+            try:
+                ipaddress.ip_address(getattr(self, what))
+            except ValueError:
+                raise ValueError(f"{what} must be an IP, got {getattr(self, what)!r}") from None
+
+    @classmethod
+    def sidecar(
+        cls, workload_ref: str, inbound_address: str, *, app_address: str = "127.0.0.1"
+    ) -> ProxyRegistration:
+        """A registration under Istio's sidecar node id,
+        ``sidecar~<inbound address>~<name>.<namespace>~<namespace>.svc.cluster.local``."""
+        namespace, _, name = workload_ref.partition("/")
+        node_id = f"sidecar~{inbound_address}~{name}.{namespace}~{namespace}.svc.cluster.local"
+        return cls(node_id, workload_ref, inbound_address, app_address)
+
+
+class ConfigRejected(ValueError):
+    """The configuration has errors; ``diagnostics`` holds every one, sorted."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
+        self.diagnostics = tuple(diagnostics)
+        shown = "\n  ".join(str(d) for d in self.diagnostics[:_SHOWN_ERRORS])
+        more = len(self.diagnostics) - _SHOWN_ERRORS
+        tail = f"\n  … and {more} more" if more > 0 else ""
+        super().__init__(
+            f"configuration refused ({len(self.diagnostics)} errors):\n  {shown}{tail}"
+        )
+
+
+# A file's identity and content stamp; (path,) alone when it cannot be read.
+_Stamp = tuple[str, int, int, int] | tuple[str]
+Fingerprint = tuple[_Stamp, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Build:
+    """What one reload computed (in a worker thread), before anything is published."""
+
+    errors: tuple[Diagnostic, ...]  # configuration errors: nothing may be published
+    mesh: MeshPolicy | None
+    registrations: Mapping[str, ProxyRegistration]  # what was translated
+    snapshots: Mapping[str, Snapshot]
+    problems: tuple[Diagnostic, ...]  # proxies that could not be translated
+
+
+# ---------------------------------------------------------------------------- control plane
+
+
+class ControlPlane:
+    """Serves each registered sidecar its own Envoy configuration over ADS + mTLS.
+
+    ``config_paths`` / ``mesh_config``: files or directories, as for ``load_config``.
+    ``ca`` issues the serving certificate and its trust bundle decides which client
+    certificates are accepted. ``debounce``: how long the files must stay unchanged
+    before :meth:`watch` reloads.
+
+    ``reloads`` counts configurations applied (the one :meth:`start` loads included),
+    ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
+    reload returned. Methods are called from the event loop's thread.
+    """
+
+    def __init__(
+        self,
+        config_paths: Sequence[str],
+        *,
+        ca: CertificateAuthority,
+        address: str = "127.0.0.1:0",
+        clock: Clock = utc_now,
+        debounce: float = 0.05,
+        mesh_config: Sequence[str] = (),
+    ) -> None:
+        if isinstance(config_paths, str) or isinstance(mesh_config, str):
+            raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
+        if not config_paths:
+            raise ValueError("config_paths must name at least one file or directory")
+        if "-" in (*config_paths, *mesh_config):
+            raise ValueError("the control plane reads files it can watch, not stdin ('-')")
+        if debounce < 0:
+            raise ValueError(f"debounce must be >= 0, got {debounce}")
+        self._paths = tuple(config_paths)
+        self._mesh_config = tuple(mesh_config)
+        self._ca = ca
+        self._host, self._port = _split_address(address)
+        self._clock = clock
+        self._debounce = debounce
+        self._cache = SnapshotCache()
+        self._registrations: dict[str, ProxyRegistration] = {}
+        self._mesh: MeshPolicy | None = None
+        self._seen: Fingerprint | None = None  # of the files the last reload read
+        self._reloading = asyncio.Lock()
+        self._server: AdsServer | None = None
+        self._tls_bundle = b""
+        self._tls_refresh_at = dt.datetime.min.replace(tzinfo=dt.UTC)
+        self._spiffe_id = ""
+        self.last_errors: list[Diagnostic] = []
+        self.reloads = 0
+        self.rejected_reloads = 0
+
+    # -- what it serves
+
+    @property
+    def port(self) -> int:
+        """The xDS port (known once started; kept across stop/start)."""
+        return self._port
+
+    @property
+    def cache(self) -> SnapshotCache:
+        """The published snapshots and what each proxy acknowledged or rejected."""
+        return self._cache
+
+    @property
+    def server(self) -> AdsServer | None:
+        """The running ADS server (its push/ACK/NACK counters), None while stopped."""
+        return self._server
+
+    @property
+    def mesh(self) -> MeshPolicy | None:
+        """The last configuration that compiled without errors."""
+        return self._mesh
+
+    @property
+    def spiffe_id(self) -> str:
+        """The URI SAN of the serving certificate: what a sidecar pins (known once started)."""
+        return self._spiffe_id
+
+    @property
+    def registrations(self) -> Mapping[str, ProxyRegistration]:
+        return MappingProxyType(dict(self._registrations))
+
+    def register(self, registration: ProxyRegistration) -> None:
+        """Serve ``registration.node_id`` its workload's config (from now on, if started).
+
+        Raises ``ValueError`` if the node id is registered for something else; once a
+        configuration is loaded, ``LookupError`` / ``ValueError`` if the workload is
+        unknown or has no sidecar (nothing is registered then).
+        """
+        if not isinstance(registration, ProxyRegistration):
+            raise TypeError(f"expected a ProxyRegistration, not {type(registration).__name__}")
+        existing = self._registrations.get(registration.node_id)
+        if existing == registration:
+            return
+        if existing is not None:
+            raise ValueError(f"node {registration.node_id!r} is already {existing.workload_ref}")
+        if self._mesh is not None:
+            snapshot = _snapshot_for(self._mesh, registration)
+            self._registrations[registration.node_id] = registration
+            self._cache.set(registration.node_id, snapshot)
+        else:
+            self._registrations[registration.node_id] = registration
+
+    def unregister(self, node_id: str) -> None:
+        """Forget a proxy that is gone. An open stream keeps its config until it closes;
+        a new one is refused."""
+        self._registrations.pop(node_id, None)
+        self._cache.clear(node_id)
+
+    def identity_of(self, node_id: str) -> str | None:
+        """The SPIFFE ID a peer must prove to get ``node_id``'s config (None: nobody)."""
+        registration = self._registrations.get(node_id)
+        mesh = self._mesh
+        if registration is None or mesh is None:
+            return None
+        policy = mesh.for_workload(registration.workload_ref)
+        if policy is None:
+            return None
+        workload = policy.workload
+        trust_domain = self._ca.config.trust_domain  # the domain its certificate is issued in
+        return SpiffeId(trust_domain, workload.namespace, workload.service_account).uri
+
+    # -- lifecycle
+
+    async def start(self) -> int:
+        """Load and compile the configuration, publish every registered proxy's snapshot
+        and serve ADS over mTLS; the bound port.
+
+        Raises :class:`ConfigRejected` with the diagnostics if the configuration has
+        errors or a registered proxy cannot be configured.
+        """
+        if self._server is not None:
+            raise RuntimeError("control plane already started")
+        problems = await self.reload()
+        if problems:
+            raise ConfigRejected(problems)
+        server = AdsServer(
+            self._cache,
+            address=_join_address(self._host, self._port),
+            authorize=self._authorize,
+            server_credentials=self._server_credentials(),
+        )
+        self._port = await server.start()  # a restart binds the same port again
+        self._server = server
+        _log.info(
+            "control plane serving xDS on %s (%d proxies)",
+            _join_address(self._host, self._port),
+            len(self._registrations),
+        )
+        return self._port
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """Stop serving. Envoys keep their config and reconnect when it is back."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+            _log.info("control plane stopped serving xDS on port %d", self._port)
+
+    async def reload(self) -> list[Diagnostic]:
+        """Read the configuration again and publish what changed; the errors, if any.
+
+        With configuration errors nothing is published (every proxy keeps its last good
+        snapshot) and those errors are returned. Otherwise every registered proxy gets a
+        new snapshot — one whose content did not change pushes nothing — and the return
+        value lists proxies that could not be configured (they keep their last one).
+        """
+        async with self._reloading:
+            registrations = dict(self._registrations)
+            # Taken before reading: an edit made while this reload reads is seen by watch().
+            self._seen = await asyncio.to_thread(self.fingerprint)
+            try:
+                build = await asyncio.to_thread(
+                    _build, self._paths, self._mesh_config, registrations
+                )
+            except Exception as exc:  # a bug must not end the watcher: report it as data
+                _log.exception("control plane: reloading the configuration failed")
+                where = Location(self._paths[0])
+                build = _Build((error("reload-failed", where, repr(exc)),), None, {}, {}, ())
+            if build.errors or build.mesh is None:
+                self.rejected_reloads += 1
+                self.last_errors = list(build.errors)
+                _log.warning(
+                    "configuration refused, still serving the last good one:\n  %s",
+                    "\n  ".join(map(str, build.errors[:_SHOWN_ERRORS])),
+                )
+                return list(self.last_errors)
+            self._mesh = build.mesh
+            problems, changed = self._publish(build)
+            self.reloads += 1
+            self.last_errors = problems
+            _log.info(
+                "configuration applied: %d of %d proxies changed, %d could not be configured",
+                changed,
+                len(self._registrations),
+                len(problems),
+            )
+            return list(problems)
+
+    async def watch(self, stop: asyncio.Event, interval: float = 0.2) -> None:
+        """Reload whenever the configuration files change, until ``stop`` is set.
+
+        Each ``interval`` costs one ``stat`` per file (at most ``MAX_WATCHED_FILES``); a
+        change is acted on once the files stayed the same for ``debounce`` seconds.
+        """
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
+        while not await _stopped_within(stop, interval):
+            current = await asyncio.to_thread(self.fingerprint)
+            if current == self._seen:
+                continue
+            while True:  # settle: an editor or `cp -r` writes in several steps
+                if await _stopped_within(stop, self._debounce):
+                    return
+                settled = await asyncio.to_thread(self.fingerprint)
+                if settled == current:
+                    break
+                current = settled
+            await self.reload()
+
+    def fingerprint(self) -> Fingerprint:
+        """Path, inode, size and mtime of every configuration file, in reading order."""
+        return _fingerprint((*self._paths, *self._mesh_config))
+
+    # -- internals
+
+    def _publish(self, build: _Build) -> tuple[list[Diagnostic], int]:
+        assert build.mesh is not None
+        problems = list(build.problems)
+        changed = 0
+        for node_id, registration in list(self._registrations.items()):
+            if build.registrations.get(node_id) == registration:
+                snapshot = build.snapshots.get(node_id)
+                if snapshot is None:
+                    continue  # it could not be configured: reported in build.problems
+            else:  # registered while the reload ran, against the old mesh
+                try:
+                    snapshot = _snapshot_for(build.mesh, registration)
+                except (LookupError, ValueError) as exc:
+                    problems.append(_proxy_problem(registration, exc))
+                    continue
+            try:
+                changed += self._cache.get(node_id) != snapshot
+                self._cache.set(node_id, snapshot)
+            except ValueError as exc:
+                problems.append(_proxy_problem(registration, exc))
+        return sorted(problems, key=Diagnostic.sort_key), changed
+
+    def _authorize(self, node_id: str, context: Context) -> bool:
+        expected = self.identity_of(node_id)
+        presented = peer_spiffe_ids(context)
+        if expected is not None and presented == (expected,):
+            return True
+        _log.warning(
+            "xds: refused node %r to peer %s presenting %s (needs %s)",
+            node_id,
+            context.peer(),
+            list(presented) or "no SPIFFE ID",
+            expected or "a registered node id",
+        )
+        return False
+
+    def _server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._certificate_configuration(),
+            self._refreshed_configuration,  # type: ignore[arg-type]  # None keeps the current
+            require_client_authentication=True,
+        )
+
+    def _certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
+        now = self._clock()
+        hostnames, ips = _server_names(self._host)
+        key, chain = self._ca.server_certificate(now, hostnames, ips)
+        leaf = pki.load_certs(chain)[0]
+        life = leaf.not_valid_after_utc - now
+        self._tls_bundle = self._ca.bundle_pem(now)
+        self._tls_refresh_at = now + life / 2
+        self._spiffe_id = pki.uri_sans(leaf)[0]
+        return grpc.ssl_server_certificate_configuration(
+            [(key, chain)], root_certificates=self._tls_bundle
+        )
+
+    def _refreshed_configuration(self) -> grpc.ServerCertificateConfiguration | None:
+        # gRPC asks before each handshake (from its own threads): a new serving
+        # certificate at half its life, new client roots as soon as the bundle changes.
+        try:
+            now = self._clock()
+            if now < self._tls_refresh_at and self._ca.bundle_pem(now) == self._tls_bundle:
+                return None
+            return self._certificate_configuration()
+        except Exception:  # keep serving the current certificate rather than fail handshakes
+            _log.exception("xds: refreshing the serving certificate failed")
+            return None
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _build(
+    paths: Sequence[str], mesh_config: Sequence[str], registrations: Mapping[str, ProxyRegistration]
+) -> _Build:
+    """Load, compile and translate for every proxy; pure apart from reading the files."""
+    loaded = load_config(paths, mesh_config=mesh_config)
+    if loaded.errors or loaded.mesh is None:
+        errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
+        return _Build(tuple(errors), None, registrations, {}, ())
+    snapshots: dict[str, Snapshot] = {}
+    problems = []
+    for node_id, registration in sorted(registrations.items()):
+        try:
+            snapshots[node_id] = _snapshot_for(loaded.mesh, registration)
+        except (LookupError, ValueError) as exc:
+            problems.append(_proxy_problem(registration, exc))
+        except Exception as exc:  # a bug for one workload must not stall every other update
+            _log.exception("translating %s for %s failed", registration.workload_ref, node_id)
+            problems.append(_proxy_problem(registration, exc))
+    return _Build((), loaded.mesh, registrations, snapshots, tuple(problems))
+
+
+def _snapshot_for(mesh: MeshPolicy, registration: ProxyRegistration) -> Snapshot:
+    """One proxy's checked snapshot; ``LookupError`` / ``ValueError`` if there is none."""
+    resources = translate(
+        mesh,
+        registration.workload_ref,
+        inbound_address=registration.inbound_address,
+        app_address=registration.app_address,
+        delivery=FilterDelivery.ECDS,  # authorization changes reach open connections
+    )
+    snapshot = Snapshot.from_resources(resources.all())
+    # Checked (and encoded, which is memoized) here, off the event loop: publishing it
+    # later repeats neither.
+    problems = snapshot.consistency_errors() or snapshot.encoding_errors()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return snapshot
+
+
+def _proxy_problem(registration: ProxyRegistration, exc: BaseException) -> Diagnostic:
+    where = Location(f"<proxy {registration.node_id}>")
+    message = f"{registration.workload_ref}: {exc}; it keeps its last configuration"
+    return error("proxy-not-configured", where, message)
+
+
+# ---------------------------------------------------------------------------- watching
+
+
+def _fingerprint(paths: Sequence[str]) -> Fingerprint:
+    stamps: list[_Stamp] = []
+    for path in _config_files(paths):
+        if len(stamps) >= MAX_WATCHED_FILES:
+            _log.warning("watching only the first %d configuration files", MAX_WATCHED_FILES)
+            break
+        try:
+            info = os.stat(path)
+        except OSError:
+            stamps.append((path,))
+            continue
+        # The inode catches an os.replace whose size and coarse mtime happen to match.
+        stamps.append((path, info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(stamps)
+
+
+def _config_files(paths: Sequence[str]) -> Iterator[str]:
+    """The files ``load_config`` reads from ``paths``, in its order."""
+    for raw in paths:
+        if not os.path.isdir(raw):
+            yield raw
+            continue
+        found = []
+        for folder, folders, files in os.walk(raw):
+            folders.sort()
+            found += [os.path.join(folder, f) for f in files if f.endswith(YAML_SUFFIXES)]
+        yield from sorted(found)
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- addresses
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _server_names(host: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """DNS and IP SANs of the serving certificate for a server bound to ``host``."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return (XDS_SERVER_NAME, host), ()
+    return (XDS_SERVER_NAME,), (() if ip.is_unspecified else (host,))
