@@ -41,6 +41,8 @@ from envoy.extensions.transport_sockets.tls.v3 import (
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
+from trustmesh.streaming import pump_requests
+
 __all__ = [
     "CERTIFICATE_SECRET",
     "SECRET_TYPE_URL",
@@ -322,7 +324,7 @@ class SdsServer:
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         async with asyncio.TaskGroup() as tasks:
             pumps = (
-                tasks.create_task(_pump_requests(requests, inbox)),
+                tasks.create_task(pump_requests(requests, inbox, _Signal.CLOSED, _log)),
                 tasks.create_task(self._pump_versions(inbox)),
                 tasks.create_task(self._pump_stop(inbox)),
             )
@@ -385,14 +387,4 @@ class SdsServer:
 
     async def _pump_stop(self, inbox: asyncio.Queue[Any]) -> None:
         await self._stopping.wait()
-        inbox.put_nowait(_Signal.CLOSED)
-
-
-async def _pump_requests(requests: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
-    try:
-        async for request in requests:
-            inbox.put_nowait(request)
-    except Exception as error:  # any read failure just ends the stream; Envoy reconnects
-        _log.debug("sds stream read ended: %r", error)
-    finally:
         inbox.put_nowait(_Signal.CLOSED)

@@ -37,7 +37,7 @@ from trustmesh.agent.envoy import (
     _sds_cluster,
     _socket_address,
 )
-from trustmesh.identity.spiffe import SpiffeId
+from trustmesh.identity.ca import control_plane_identity
 
 __all__ = [
     "CONTROL_PLANE_ID",
@@ -56,7 +56,7 @@ def control_plane_spiffe_id(trust_domain: str) -> str:
     <trustmesh.identity.ca.CertificateAuthority.server_certificate>` puts in its leaf: the
     CA and the xDS server are one control plane, as in istiod.
     """
-    return SpiffeId(trust_domain, "istio-system", "trustmesh-ca").uri
+    return control_plane_identity(trust_domain).uri
 
 
 CONTROL_PLANE_ID = control_plane_spiffe_id("cluster.local")

@@ -40,6 +40,11 @@ audit = logging.getLogger("trustmesh.ca.audit")
 PLUGIN_FILES = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem")
 
 
+def control_plane_identity(trust_domain: str) -> SpiffeId:
+    """The identity in the CA / control plane serving certificates (like istiod's)."""
+    return SpiffeId(trust_domain, "istio-system", "trustmesh-ca")
+
+
 class IssueRejected(ValueError):
     """A refused request: ``code`` is stable, ``message`` says why."""
 
@@ -355,7 +360,7 @@ class CertificateAuthority:
             ca_key=slot.key,
             ca_cert=slot.cert,
             public_key=key.public_key(),
-            uri=SpiffeId(self.config.trust_domain, "istio-system", "trustmesh-ca").uri,
+            uri=control_plane_identity(self.config.trust_domain).uri,
             not_before=now - dt.timedelta(minutes=1),
             not_after=not_after,
             dns_names=hostnames,

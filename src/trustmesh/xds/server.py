@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from trustmesh.streaming import pump_requests
 from trustmesh.xds.cache import (
     PUSH_ORDER,
     WILDCARD_TYPES,
@@ -224,7 +225,7 @@ class AdsServer:
         inbox.put_nowait(first)
         async with asyncio.TaskGroup() as tasks:
             pumps = (
-                tasks.create_task(_pump_requests(reader, inbox)),
+                tasks.create_task(pump_requests(reader, inbox, _Signal.CLOSED, _log)),
                 tasks.create_task(self._pump_snapshots(node_id, inbox)),
                 tasks.create_task(self._pump_stop(inbox)),
             )
@@ -341,14 +342,4 @@ class AdsServer:
 
     async def _pump_stop(self, inbox: asyncio.Queue[Any]) -> None:
         await self._stopping.wait()
-        inbox.put_nowait(_Signal.CLOSED)
-
-
-async def _pump_requests(reader: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
-    try:
-        async for request in reader:
-            inbox.put_nowait(request)
-    except Exception as error:  # any read failure just ends the stream; Envoy reconnects
-        _log.debug("ads stream read ended: %r", error)
-    finally:
         inbox.put_nowait(_Signal.CLOSED)
