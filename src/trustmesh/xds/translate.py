@@ -5,7 +5,9 @@ offline evaluator reads and returns every resource its sidecar needs, as proto3-
 with their ``@type`` (ready for :meth:`trustmesh.xds.cache.Snapshot.from_resources`):
 
 * listeners — ``virtualInbound`` (:mod:`trustmesh.xds.inbound`), absent for a workload
-  without ports (a pure client such as ``sleep``);
+  without ports (a pure client such as ``sleep``); with ``outbound_address``, also the
+  outbound listeners the app reaches by address — the HTTP proxy ``outbound_http`` and a
+  TCP listener per non-HTTP Service port (:mod:`trustmesh.xds.outbound_listeners`);
 * clusters — ``inbound|<port>||`` to the application, ``outbound|<port>||<host>`` per
   registry port, ``PassthroughCluster`` / ``BlackHoleCluster``, and one per ``jwksUri``
   host (:mod:`trustmesh.xds.outbound`, :mod:`trustmesh.xds.jwt`);
@@ -51,6 +53,7 @@ from trustmesh.xds.outbound import (
     outbound_routes,
     socket_address,
 )
+from trustmesh.xds.outbound_listeners import outbound_listeners, outbound_proxy_clusters
 from trustmesh.xds.rbac import (
     HTTP_RBAC_TYPE,
     http_custom_filters,
@@ -111,21 +114,28 @@ def translate(
     sds_cluster: str = "sds-grpc",
     app_address: str = "127.0.0.1",
     delivery: FilterDelivery = FilterDelivery.ECDS,
+    outbound_address: str | None = None,
 ) -> ProxyResources:
     """The Envoy resources of ``workload_ref``'s sidecar (``namespace/name``).
 
     ``inbound_address``: where the inbound listener binds the workload's ports;
     ``app_address``: where the application itself listens on the same ports;
-    ``sds_cluster``: the bootstrap cluster of the agent's SDS server.
+    ``sds_cluster``: the bootstrap cluster of the agent's SDS server;
+    ``outbound_address``: where the outbound listeners bind (none without it), for an
+    app that reaches services through its sidecar by address (no traffic capture).
     Raises ``LookupError`` for an unknown workload, ``ValueError`` for a workload without
-    a sidecar or an address that is not an IP.
+    a sidecar, an address that is not an IP, or an outbound listener that would bind an
+    inbound port of the same address.
     """
     wp = mesh.for_workload(workload_ref)
     if wp is None:
         raise LookupError(f"unknown workload {workload_ref!r}")
     if not wp.workload.has_sidecar:
         raise ValueError(f"{workload_ref} has no sidecar: there is no Envoy to configure")
-    for what, address in (("inbound_address", inbound_address), ("app_address", app_address)):
+    addresses = [("inbound_address", inbound_address), ("app_address", app_address)]
+    if outbound_address is not None:
+        addresses.append(("outbound_address", outbound_address))
+    for what, address in addresses:
         try:
             ipaddress.ip_address(address)
         except ValueError:
@@ -151,10 +161,23 @@ def translate(
                 network_filters=lambda port: network_rbac_filters(wp, mesh, port),
             )
         )
+    proxy_clusters: list[dict[str, Any]] = []
+    if outbound_address is not None:
+        outbound = outbound_listeners(wp, mesh, outbound_address)
+        if ipaddress.ip_address(outbound_address) == ipaddress.ip_address(inbound_address):
+            bound = {p.port for p in ports} & {_listener_port(x) for x in outbound}
+            if bound:
+                raise ValueError(
+                    f"outbound_address {outbound_address} would bind inbound port(s) "
+                    f"{sorted(bound)} a second time: use another address"
+                )
+        listeners = sorted([*listeners, *outbound], key=lambda x: str(x["name"]))
+        proxy_clusters = outbound_proxy_clusters(wp)
     clusters: dict[str, dict[str, Any]] = {}
     for cluster in (
         *inbound_clusters(ports, app_address),
         *outbound_clusters(wp, mesh, sds_cluster),
+        *proxy_clusters,
         *jwks_clusters(wp.jwt_providers, mesh.snapshot),
     ):
         clusters.setdefault(cluster["name"], cluster)
@@ -164,6 +187,10 @@ def translate(
         routes=tuple(sorted(outbound_routes(wp, mesh), key=lambda r: str(r["name"]))),
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
     )
+
+
+def _listener_port(listener: Mapping[str, Any]) -> int:
+    return int(listener["address"]["socket_address"]["port_value"])
 
 
 def _http_policy_filters(

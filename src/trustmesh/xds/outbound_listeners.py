@@ -1,0 +1,308 @@
+"""The client side of a local-process sidecar: outbound listeners the app reaches by address.
+
+In Kubernetes, iptables sends every outbound connection of a pod to its sidecar, and the
+sidecar learns the intended destination from the connection itself. A local-process mesh
+has no capture: the application reaches services through its sidecar by explicit
+addresses, on ``outbound_address`` (an IP of the workload's own):
+
+* ``outbound_http`` on ``<outbound_address>:15001`` — an HTTP/1.1 forward proxy, for
+  ``HTTP_PROXY=http://<outbound_address>:15001``. Absolute-form targets
+  (``GET http://httpbin.foo:8000/get``) are accepted and the ``Host`` picks the cluster:
+  one virtual host per known service port and ServiceEntry host port, then the default
+  for unknown hosts. The route configuration is inline in the listener (not RDS) so the
+  listener is complete on its own, also in :func:`~trustmesh.xds.translate.static_bootstrap`,
+  which serves no route resources.
+* ``outbound_tcp_<port>`` on ``<outbound_address>:<port>`` per non-HTTP Service port —
+  TCP carries no ``Host``, so the port alone names the service (``tcp_proxy``).
+
+Domains of a Service ``name`` in namespace ``ns``, for each HTTP port ``p``:
+``name.ns.svc.cluster.local``, ``name.ns.svc``, ``name.ns`` and — only for the client's
+own namespace, which is where a DNS search path resolves a short name — ``name``, each
+as ``host:p``; the bare ``host`` (no port, which HTTP reads as port 80) goes to port 80
+if the service has it as an HTTP port, otherwise to its lowest HTTP port. ServiceEntry
+hosts likewise (the host as written). A domain claimed twice keeps its first virtual host
+(Envoy refuses duplicates): Services by hostname, then ServiceEntries by namespace/name.
+
+Unknown hosts (istio-semantics §6):
+
+* REGISTRY_ONLY — ``block_all``: a local 502, as Istio's sidecar answers;
+* ALLOW_ANY — ``allow_any``: Istio's ``PassthroughCluster`` is ORIGINAL_DST, which only
+  works on captured connections (the destination of an explicit proxy's connection is the
+  proxy). Here ``allow_any`` routes to :data:`DYNAMIC_FORWARD_PROXY_CLUSTER`, which
+  resolves the request's ``Host`` itself (the ``dynamic_forward_proxy`` HTTP filter
+  fills its DNS cache; for any other cluster that filter does nothing).
+
+Not built: HTTPS through the proxy (``CONNECT``), TCP listeners for ServiceEntry ports,
+Sidecar ``egress`` scoping. Two Services with the same TCP port cannot both have a
+listener on one address: the client's own namespace wins, then the lowest hostname.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.api import models as m
+from trustmesh.api.snapshot import Service
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.xds.outbound import CLUSTER_TYPE, Protocol, port_protocol, socket_address
+
+__all__ = [
+    "DYNAMIC_FORWARD_PROXY_CLUSTER",
+    "OUTBOUND_HTTP_LISTENER",
+    "OUTBOUND_HTTP_PORT",
+    "outbound_http_route",
+    "outbound_listeners",
+    "outbound_proxy_clusters",
+    "outbound_tcp_ports",
+]
+
+_T = "type.googleapis.com/"
+_LISTENER_TYPE = _T + "envoy.config.listener.v3.Listener"
+_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+_TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_STDOUT_LOG = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_DFP_CLUSTER = _T + "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"
+_DFP_FILTER = _T + "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"
+
+OUTBOUND_HTTP_LISTENER = "outbound_http"
+OUTBOUND_HTTP_PORT = 15001  # Istio's outbound capture port, reused for the explicit proxy
+DYNAMIC_FORWARD_PROXY_CLUSTER = "DynamicForwardProxyCluster"
+# The filter and the cluster must name the same cache: the filter resolves, the cluster reads.
+_DNS_CACHE = {"name": "outbound_http_dns_cache", "dns_lookup_family": "V4_ONLY"}
+_DEFAULT_HTTP_PORT = 80
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One virtual host of the proxy: the hosts naming one cluster on one port."""
+
+    hosts: tuple[str, ...]
+    port: int
+    cluster: str
+    bare: bool  # also match the hosts without a port
+
+    @property
+    def name(self) -> str:
+        return f"{self.hosts[0]}:{self.port}"
+
+    def domains(self) -> list[str]:
+        with_port = [f"{h}:{self.port}" for h in self.hosts]
+        return [*with_port, *self.hosts] if self.bare else with_port
+
+
+def outbound_listeners(wp: WorkloadPolicy, mesh: MeshPolicy, address: str) -> list[dict[str, Any]]:
+    """The HTTP proxy listener and one TCP listener per non-HTTP Service port, all on
+    ``address``, sorted by name."""
+    listeners = [
+        {
+            "@type": _LISTENER_TYPE,
+            "name": OUTBOUND_HTTP_LISTENER,
+            "address": socket_address(address, OUTBOUND_HTTP_PORT),
+            "filter_chains": [{"filters": [_http_proxy(wp, mesh)]}],
+        }
+    ]
+    for port, cluster in outbound_tcp_ports(wp, mesh).items():
+        listeners.append(
+            {
+                "@type": _LISTENER_TYPE,
+                "name": f"outbound_tcp_{port}",
+                "address": socket_address(address, port),
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.tcp_proxy",
+                                "typed_config": {
+                                    "@type": _TCP_PROXY,
+                                    "stat_prefix": cluster,
+                                    "cluster": cluster,
+                                    "access_log": [_log(wp, _tcp_fields())],
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    return sorted(listeners, key=lambda listener: str(listener["name"]))
+
+
+def outbound_proxy_clusters(wp: WorkloadPolicy) -> list[dict[str, Any]]:
+    """The clusters the proxy listener needs beyond :func:`outbound_clusters`: the dynamic
+    forward proxy cluster under ALLOW_ANY, nothing under REGISTRY_ONLY."""
+    if wp.egress_mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
+        return []
+    return [
+        {
+            "@type": CLUSTER_TYPE,
+            "name": DYNAMIC_FORWARD_PROXY_CLUSTER,
+            "connect_timeout": "10s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.dynamic_forward_proxy",
+                "typed_config": {"@type": _DFP_CLUSTER, "dns_cache_config": dict(_DNS_CACHE)},
+            },
+        }
+    ]
+
+
+def outbound_tcp_ports(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[int, str]:
+    """Service port → the outbound cluster its TCP listener forwards to, by port.
+
+    The client's namespace first, then by hostname, takes a port several Services share;
+    the proxy's own port is never a TCP listener."""
+    own = wp.workload.namespace
+    ports: dict[int, str] = {}
+    for service in sorted(mesh.snapshot.services, key=lambda s: (s.namespace != own, s.hostname)):
+        for sp in sorted(service.ports, key=lambda p: p.port):
+            tcp = port_protocol(sp.name, sp.protocol) is Protocol.TCP
+            if tcp and sp.port != OUTBOUND_HTTP_PORT:
+                ports.setdefault(sp.port, f"outbound|{sp.port}||{service.hostname}")
+    return dict(sorted(ports.items()))
+
+
+def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
+    """The proxy's route configuration ``outbound_http`` (inline in its listener): a
+    virtual host per known HTTP service port and ServiceEntry host port, then the
+    default for unknown hosts."""
+    seen: set[str] = set()
+    virtual_hosts = []
+    for target in _targets(wp, mesh):
+        # Envoy refuses a domain listed twice in one route configuration: first one wins.
+        domains = [d for d in dict.fromkeys(target.domains()) if d not in seen]
+        seen.update(domains)
+        if domains:
+            virtual_hosts.append(
+                {
+                    "name": target.name,
+                    "domains": domains,
+                    "routes": [
+                        {
+                            "name": "default",
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": target.cluster, "timeout": "0s"},
+                        }
+                    ],
+                }
+            )
+    virtual_hosts.append(_default_virtual_host(wp.egress_mode))
+    return {
+        "name": OUTBOUND_HTTP_LISTENER,
+        "virtual_hosts": virtual_hosts,
+        "validate_clusters": False,
+    }
+
+
+def _targets(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[_Target]:
+    targets: list[_Target] = []
+    for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
+        ports = [
+            sp.port for sp in service.ports if port_protocol(sp.name, sp.protocol) is Protocol.HTTP
+        ]
+        hosts = tuple(_service_hosts(service, wp.workload.namespace))
+        targets += _port_targets(hosts, ports, service.hostname)
+    entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
+    for entry in entries:
+        spec: m.ServiceEntrySpec = entry.spec
+        ports = [p.number for p in spec.ports if port_protocol(p.name, p.protocol) is Protocol.HTTP]
+        for host in sorted(set(spec.hosts)):
+            targets += _port_targets((host,), ports, host)
+    return targets
+
+
+def _service_hosts(service: Service, client_namespace: str) -> Iterable[str]:
+    short = f"{service.name}.{service.namespace}"
+    yield from (service.hostname, f"{short}.svc", short)
+    if service.namespace == client_namespace:
+        yield service.name
+
+
+def _port_targets(hosts: tuple[str, ...], ports: list[int], fqdn: str) -> list[_Target]:
+    if not ports:
+        return []
+    numbers = sorted(set(ports))
+    bare = _DEFAULT_HTTP_PORT if _DEFAULT_HTTP_PORT in numbers else numbers[0]
+    return [_Target(hosts, p, f"outbound|{p}||{fqdn}", p == bare) for p in numbers]
+
+
+def _default_virtual_host(mode: m.OutboundTrafficPolicyMode) -> dict[str, Any]:
+    if mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
+        return {
+            "name": "block_all",
+            "domains": ["*"],
+            "routes": [
+                {"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}
+            ],
+        }
+    return {
+        "name": "allow_any",
+        "domains": ["*"],
+        "routes": [
+            {
+                "name": "allow_any",
+                "match": {"prefix": "/"},
+                "route": {"cluster": DYNAMIC_FORWARD_PROXY_CLUSTER, "timeout": "0s"},
+            }
+        ],
+    }
+
+
+def _http_proxy(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
+    filters: list[dict[str, Any]] = []
+    if wp.egress_mode is not m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
+        filters.append(
+            {
+                "name": "envoy.filters.http.dynamic_forward_proxy",
+                "typed_config": {"@type": _DFP_FILTER, "dns_cache_config": dict(_DNS_CACHE)},
+            }
+        )
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _HCM,
+            "stat_prefix": OUTBOUND_HTTP_LISTENER,
+            "codec_type": "HTTP1",
+            # What makes it a forward proxy: `GET http://host:port/path` is accepted and
+            # its authority becomes the Host that picks the virtual host.
+            "http_protocol_options": {"allow_absolute_url": True},
+            "route_config": outbound_http_route(wp, mesh),
+            "http_filters": filters,
+            "use_remote_address": False,
+            "access_log": [_log(wp, _http_fields())],
+        },
+    }
+
+
+def _log(wp: WorkloadPolicy, fields: dict[str, str]) -> dict[str, Any]:
+    common = {
+        "start_time": "%START_TIME%",
+        "workload": wp.workload.ref,
+        "direction": "outbound",
+        "downstream_local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        "duration_ms": "%DURATION%",
+    }
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": common | fields}},
+    }
+
+
+def _http_fields() -> dict[str, str]:
+    return {
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "authority": "%REQ(:AUTHORITY)%",
+        "response_code": "%RESPONSE_CODE%",
+        "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    }
+
+
+def _tcp_fields() -> dict[str, str]:
+    return {"bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%"}
