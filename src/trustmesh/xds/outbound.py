@@ -478,7 +478,7 @@ def outbound_routes(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]
             seen.update(vhost["domains"])
             if vhost["domains"]:
                 virtual_hosts.append(vhost)
-        virtual_hosts.append(_default_virtual_host(wp.egress_mode))
+        virtual_hosts.append(default_virtual_host(wp.egress_mode))
         routes.append(
             {
                 "@type": ROUTE_TYPE,
@@ -505,7 +505,10 @@ def _virtual_host(name: str, hostnames: list[str], port: int, cluster: str) -> d
     }
 
 
-def _default_virtual_host(mode: m.OutboundTrafficPolicyMode) -> dict[str, Any]:
+def default_virtual_host(
+    mode: m.OutboundTrafficPolicyMode, allow_any_cluster: str = PASSTHROUGH_CLUSTER
+) -> dict[str, Any]:
+    """The catch-all virtual host: 502 under REGISTRY_ONLY, else to ``allow_any_cluster``."""
     if mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
         return {
             "name": "block_all",
@@ -521,7 +524,7 @@ def _default_virtual_host(mode: m.OutboundTrafficPolicyMode) -> dict[str, Any]:
             {
                 "name": "allow_any",
                 "match": {"prefix": "/"},
-                "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+                "route": {"cluster": allow_any_cluster, "timeout": "0s"},
             }
         ],
     }

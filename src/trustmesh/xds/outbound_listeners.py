@@ -46,7 +46,13 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.snapshot import Service
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
-from trustmesh.xds.outbound import CLUSTER_TYPE, Protocol, port_protocol, socket_address
+from trustmesh.xds.outbound import (
+    CLUSTER_TYPE,
+    Protocol,
+    default_virtual_host,
+    port_protocol,
+    socket_address,
+)
 
 __all__ = [
     "DYNAMIC_FORWARD_PROXY_CLUSTER",
@@ -188,7 +194,7 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
                     ],
                 }
             )
-    virtual_hosts.append(_default_virtual_host(wp.egress_mode))
+    virtual_hosts.append(default_virtual_host(wp.egress_mode, DYNAMIC_FORWARD_PROXY_CLUSTER))
     return {
         "name": OUTBOUND_HTTP_LISTENER,
         "virtual_hosts": virtual_hosts,
@@ -226,28 +232,6 @@ def _port_targets(hosts: tuple[str, ...], ports: list[int], fqdn: str) -> list[_
     numbers = sorted(set(ports))
     bare = _DEFAULT_HTTP_PORT if _DEFAULT_HTTP_PORT in numbers else numbers[0]
     return [_Target(hosts, p, f"outbound|{p}||{fqdn}", p == bare) for p in numbers]
-
-
-def _default_virtual_host(mode: m.OutboundTrafficPolicyMode) -> dict[str, Any]:
-    if mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
-        return {
-            "name": "block_all",
-            "domains": ["*"],
-            "routes": [
-                {"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}
-            ],
-        }
-    return {
-        "name": "allow_any",
-        "domains": ["*"],
-        "routes": [
-            {
-                "name": "allow_any",
-                "match": {"prefix": "/"},
-                "route": {"cluster": DYNAMIC_FORWARD_PROXY_CLUSTER, "timeout": "0s"},
-            }
-        ],
-    }
 
 
 def _http_proxy(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
