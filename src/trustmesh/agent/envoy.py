@@ -135,7 +135,7 @@ class InboundListener:
             raise TypeError(f"upstream must be a Backend or DirectResponse, not {self.upstream!r}")
         if not isinstance(self.mode, MtlsMode):
             raise TypeError(f"mode must be an MtlsMode, not {self.mode!r}")
-        _check_spiffe_ids("allowed_peer_ids", self.allowed_peer_ids, allow_empty=True)
+        check_spiffe_ids("allowed_peer_ids", self.allowed_peer_ids, allow_empty=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +160,7 @@ class OutboundListener:
             raise TypeError(f"upstream must be a Backend, not {self.upstream!r}")
         # Zero trust: a client that would accept any mesh identity could be man-in-the-middled
         # by any workload, so the expected server identity is not optional.
-        _check_spiffe_ids("expected_server_ids", self.expected_server_ids, allow_empty=False)
+        check_spiffe_ids("expected_server_ids", self.expected_server_ids, allow_empty=False)
 
 
 def _check_port(what: str, port: int) -> None:
@@ -175,7 +175,7 @@ def _check_ip(what: str, address: str) -> None:
         raise ValueError(f"{what} must be an IP address, got {address!r}") from None
 
 
-def _check_spiffe_ids(what: str, ids: frozenset[str], *, allow_empty: bool) -> None:
+def check_spiffe_ids(what: str, ids: frozenset[str], *, allow_empty: bool) -> None:
     if not isinstance(ids, frozenset):
         raise TypeError(f"{what} must be a frozenset of SPIFFE IDs, not {type(ids).__name__}")
     if not ids and not allow_empty:
@@ -187,7 +187,7 @@ def _check_spiffe_ids(what: str, ids: frozenset[str], *, allow_empty: bool) -> N
             raise ValueError(f"{what}: {spiffe_id!r} has no trust domain")
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -229,7 +229,7 @@ def sidecar_bootstrap(
         raise ValueError(f"two listeners on the same address and port: {sorted(bound)}")
 
     listeners: list[dict[str, Any]] = []
-    clusters: list[dict[str, Any]] = [_sds_cluster(sds_socket)]
+    clusters: list[dict[str, Any]] = [sds_cluster(sds_socket)]
     if inbound is not None:
         listener, backend_cluster = _inbound(inbound)
         listeners.append(listener)
@@ -240,16 +240,16 @@ def sidecar_bootstrap(
         clusters.append(upstream_cluster)
     return {
         "node": {"id": node_id, "cluster": cluster},
-        "admin": {"address": _socket_address(admin_address, admin_port)},
+        "admin": {"address": socket_address(admin_address, admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 
-def _socket_address(address: str, port: int) -> dict[str, Any]:
+def socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
-def _sds_cluster(sds_socket: str) -> dict[str, Any]:
+def sds_cluster(sds_socket: str) -> dict[str, Any]:
     return {
         "name": SDS_CLUSTER,
         "type": "STATIC",
@@ -297,7 +297,7 @@ def _sds_secret(name: str) -> dict[str, Any]:
     }
 
 
-def _common_tls_context(peer_ids: frozenset[str], alpn: tuple[str, ...]) -> dict[str, Any]:
+def common_tls_context(peer_ids: frozenset[str], alpn: tuple[str, ...]) -> dict[str, Any]:
     """Mesh identity and trust from SDS; the peer's URI SAN pinned to ``peer_ids`` if any."""
     peer_check: dict[str, Any] = {}
     if peer_ids:
@@ -345,14 +345,14 @@ def _cluster(
 ) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC" if _is_ip(backend.host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip(backend.host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {"endpoint": {"address": _socket_address(backend.host, backend.port)}}
+                        {"endpoint": {"address": socket_address(backend.host, backend.port)}}
                     ]
                 }
             ],
@@ -394,11 +394,11 @@ def _inbound(spec: InboundListener) -> tuple[dict[str, Any], list[dict[str, Any]
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": _DOWNSTREAM_TLS,
-            "common_tls_context": _common_tls_context(spec.allowed_peer_ids, _SERVER_ALPN),
+            "common_tls_context": common_tls_context(spec.allowed_peer_ids, _SERVER_ALPN),
             "require_client_certificate": True,
         },
     }
-    listener: dict[str, Any] = {"name": name, "address": _socket_address(spec.address, spec.port)}
+    listener: dict[str, Any] = {"name": name, "address": socket_address(spec.address, spec.port)}
     if spec.mode is MtlsMode.STRICT:
         listener["filter_chains"] = [{"transport_socket": tls, "filters": [hcm()]}]
     else:
@@ -430,13 +430,13 @@ def _outbound(spec: OutboundListener) -> tuple[dict[str, Any], dict[str, Any]]:
         "typed_config": {
             "@type": _UPSTREAM_TLS,
             "sni": spec.sni if spec.sni is not None else f"outbound_.{port}_._.{host}",
-            "common_tls_context": _common_tls_context(spec.expected_server_ids, _MESH_CLIENT_ALPN),
+            "common_tls_context": common_tls_context(spec.expected_server_ids, _MESH_CLIENT_ALPN),
         },
     }
     route = {"match": {"prefix": "/"}, "route": {"cluster": name}}
     listener = {
         "name": name,
-        "address": _socket_address(spec.address, spec.port),
+        "address": socket_address(spec.address, spec.port),
         "filter_chains": [
             {"filters": [_http_connection_manager(f"outbound_{spec.port}", route, inbound=False)]}
         ],

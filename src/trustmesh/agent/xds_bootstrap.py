@@ -31,11 +31,11 @@ import os
 from typing import Any
 
 from trustmesh.agent.envoy import (
-    _check_spiffe_ids,
-    _common_tls_context,
-    _is_ip,
-    _sds_cluster,
-    _socket_address,
+    check_spiffe_ids,
+    common_tls_context,
+    is_ip,
+    sds_cluster,
+    socket_address,
 )
 from trustmesh.identity.ca import control_plane_identity
 
@@ -100,15 +100,15 @@ def ads_bootstrap(
         raise ValueError(f"xds_address must be a non-empty string, got {xds_address!r}")
     if not isinstance(xds_port, int) or isinstance(xds_port, bool) or not 1 <= xds_port <= 65535:
         raise ValueError(f"xds_port must be 1..65535, got {xds_port!r}")
-    if not _is_ip(admin_address) or not ipaddress.ip_address(admin_address).is_loopback:
+    if not is_ip(admin_address) or not ipaddress.ip_address(admin_address).is_loopback:
         raise ValueError(f"admin address must be a loopback IP, got {admin_address!r}")
     if not isinstance(admin_port, int) or not 0 <= admin_port <= 65535:
         raise ValueError(f"admin port must be 0..65535, got {admin_port!r}")
-    _check_spiffe_ids("control_plane_id", frozenset({control_plane_id}), allow_empty=False)
+    check_spiffe_ids("control_plane_id", frozenset({control_plane_id}), allow_empty=False)
 
     return {
         "node": {"id": node_id, "cluster": cluster},
-        "admin": {"address": _socket_address(admin_address, admin_port)},
+        "admin": {"address": socket_address(admin_address, admin_port)},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",
@@ -129,7 +129,7 @@ def ads_bootstrap(
         "static_resources": {
             "clusters": [
                 _xds_cluster(xds_address, xds_port, control_plane_id),
-                _sds_cluster(sds_socket),
+                sds_cluster(sds_socket),
             ]
         },
     }
@@ -142,12 +142,12 @@ def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
         "typed_config": {
             "@type": _UPSTREAM_TLS,
             # gRPC servers negotiate HTTP/2 by ALPN; the server identity is pinned by SAN.
-            "common_tls_context": _common_tls_context(frozenset({server_id}), ("h2",)),
+            "common_tls_context": common_tls_context(frozenset({server_id}), ("h2",)),
         },
     }
     return {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(address) else "STRICT_DNS",
+        "type": "STATIC" if is_ip(address) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -161,7 +161,7 @@ def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": XDS_CLUSTER,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _socket_address(address, port)}}]}
+                {"lb_endpoints": [{"endpoint": {"address": socket_address(address, port)}}]}
             ],
         },
         "transport_socket": tls,
