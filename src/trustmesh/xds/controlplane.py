@@ -74,7 +74,10 @@ class ProxyRegistration:
     """Which workload the Envoy with ``node_id`` serves, and where.
 
     ``inbound_address``: the IP its inbound listener binds (the workload's own address);
-    ``app_address``: where the application itself listens, on the workload's ports.
+    ``app_address``: where the application itself listens, on the workload's ports;
+    ``outbound_address``: where the sidecar offers the app its outbound listeners (HTTP
+    proxy on 15001, one TCP listener per TCP service port) — None: no outbound listeners;
+    its connections to other workloads then leave from ``inbound_address``, the pod IP.
     The node id is only a lookup key: authorization uses the workload's identity.
     """
 
@@ -82,6 +85,7 @@ class ProxyRegistration:
     workload_ref: str  # "namespace/name"
     inbound_address: str
     app_address: str = "127.0.0.1"
+    outbound_address: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
@@ -89,7 +93,9 @@ class ProxyRegistration:
         namespace, _, name = self.workload_ref.partition("/")
         if not namespace or not name or "/" in name:
             raise ValueError(f"workload_ref must be namespace/name, got {self.workload_ref!r}")
-        for what in ("inbound_address", "app_address"):
+        for what in ("inbound_address", "app_address", "outbound_address"):
+            if what == "outbound_address" and self.outbound_address is None:
+                continue
             try:
                 ipaddress.ip_address(getattr(self, what))
             except ValueError:
@@ -97,13 +103,18 @@ class ProxyRegistration:
 
     @classmethod
     def sidecar(
-        cls, workload_ref: str, inbound_address: str, *, app_address: str = "127.0.0.1"
+        cls,
+        workload_ref: str,
+        inbound_address: str,
+        *,
+        app_address: str = "127.0.0.1",
+        outbound_address: str | None = None,
     ) -> ProxyRegistration:
         """A registration under Istio's sidecar node id,
         ``sidecar~<inbound address>~<name>.<namespace>~<namespace>.svc.cluster.local``."""
         namespace, _, name = workload_ref.partition("/")
         node_id = f"sidecar~{inbound_address}~{name}.{namespace}~{namespace}.svc.cluster.local"
-        return cls(node_id, workload_ref, inbound_address, app_address)
+        return cls(node_id, workload_ref, inbound_address, app_address, outbound_address)
 
 
 class ConfigRejected(ValueError):
@@ -463,6 +474,8 @@ def _snapshot_for(mesh: MeshPolicy, registration: ProxyRegistration) -> Snapshot
         inbound_address=registration.inbound_address,
         app_address=registration.app_address,
         delivery=FilterDelivery.ECDS,  # authorization changes reach open connections
+        outbound_address=registration.outbound_address,
+        upstream_source_address=registration.inbound_address,
     )
     snapshot = Snapshot.from_resources(resources.all())
     # Checked (and encoded, which is memoized) here, off the event loop: publishing it

@@ -115,6 +115,7 @@ def translate(
     app_address: str = "127.0.0.1",
     delivery: FilterDelivery = FilterDelivery.ECDS,
     outbound_address: str | None = None,
+    upstream_source_address: str | None = None,
 ) -> ProxyResources:
     """The Envoy resources of ``workload_ref``'s sidecar (``namespace/name``).
 
@@ -122,7 +123,10 @@ def translate(
     ``app_address``: where the application itself listens on the same ports;
     ``sds_cluster``: the bootstrap cluster of the agent's SDS server;
     ``outbound_address``: where the outbound listeners bind (none without it), for an
-    app that reaches services through its sidecar by address (no traffic capture).
+    app that reaches services through its sidecar by address (no traffic capture);
+    ``upstream_source_address``: the source IP of this sidecar's connections to other
+    services (the workload's own address, so ``source.ip`` rules see the pod IP as in
+    Istio; the kernel's choice, 127.0.0.1, without it).
     Raises ``LookupError`` for an unknown workload, ``ValueError`` for a workload without
     a sidecar, an address that is not an IP, or an outbound listener that would bind an
     inbound port of the same address.
@@ -135,6 +139,8 @@ def translate(
     addresses = [("inbound_address", inbound_address), ("app_address", app_address)]
     if outbound_address is not None:
         addresses.append(("outbound_address", outbound_address))
+    if upstream_source_address is not None:
+        addresses.append(("upstream_source_address", upstream_source_address))
     for what, address in addresses:
         try:
             ipaddress.ip_address(address)
@@ -173,11 +179,14 @@ def translate(
                 )
         listeners = sorted([*listeners, *outbound], key=lambda x: str(x["name"]))
         proxy_clusters = outbound_proxy_clusters(wp)
+    upstream = [*outbound_clusters(wp, mesh, sds_cluster), *proxy_clusters]
+    if upstream_source_address is not None:
+        bind = {"source_address": {"address": upstream_source_address, "port_value": 0}}
+        upstream = [{**cluster, "upstream_bind_config": bind} for cluster in upstream]
     clusters: dict[str, dict[str, Any]] = {}
     for cluster in (
         *inbound_clusters(ports, app_address),
-        *outbound_clusters(wp, mesh, sds_cluster),
-        *proxy_clusters,
+        *upstream,
         *jwks_clusters(wp.jwt_providers, mesh.snapshot),
     ):
         clusters.setdefault(cluster["name"], cluster)
