@@ -278,10 +278,16 @@ class ContainerPort(Loose):
     protocol: str = "TCP"
 
 
+class EnvVar(Loose):
+    name: str = Field(min_length=1)
+    value: str = ""
+
+
 class Container(Loose):
     name: str = ""
     command: Strings = ()
     args: Strings = ()
+    env: tuple[EnvVar, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
 
 

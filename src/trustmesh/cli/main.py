@@ -6,11 +6,14 @@ tests, 2 bad arguments, 3 ``authz check`` decided not to allow.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from trustmesh.cli import mesh as mesh_cli
 from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
@@ -21,6 +24,8 @@ from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 from trustmesh.policy.testing import run_case
+from trustmesh.runtime.layout import DEFAULT_STATE
+from trustmesh.runtime.live import LiveRunner
 
 app = typer.Typer(
     name="trustmesh",
@@ -34,6 +39,12 @@ app.add_typer(authz_app, name="authz")
 app.add_typer(ca_app, name="ca")
 app.add_typer(sample_app, name="sample")
 app.command("agent")(agent_command)
+app.command("up")(mesh_cli.up)
+app.command("status")(mesh_cli.status)
+app.command("logs")(mesh_cli.logs)
+app.command("down")(mesh_cli.down)
+app.command("proxy-config")(mesh_cli.proxy_config)
+app.command("request")(mesh_cli.request)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
 
@@ -165,8 +176,17 @@ def test_command(
     jwks: Annotated[list[str] | None, typer.Option("--jwks", help="URI=FILE for jwksUri.")] = None,
     now: Annotated[float | None, typer.Option("--now", help="Clock, epoch seconds.")] = None,
     output: Output = "table",
+    live: Annotated[
+        bool, typer.Option("--live", help="Send every case through the running mesh.")
+    ] = False,
+    state: mesh_cli.State = Path(DEFAULT_STATE),
 ) -> None:
-    """Run PolicyTest cases; exit 0 only when every case passes."""
+    """Run PolicyTest cases; exit 0 only when every case passes.
+
+    With --live each case is also sent as a real request through the mesh `trustmesh up`
+    runs; a case fails if the live answer misses the expectation or differs from the
+    offline verdict.
+    """
     try:
         _check_output(output)
         loaded = _load(files, mesh_config, test_paths=test_files, jwks_files=_pairs(jwks, "--jwks"))
@@ -179,6 +199,8 @@ def test_command(
     if not loaded.tests:
         render.usage_error("no PolicyTest found in the given test files")
         raise typer.Exit(1)
+    if live:
+        raise typer.Exit(_live_tests(loaded, state, output))
     clock = time.time() if now is None else now
     results = [
         run_case(loaded.mesh, suite.name, str(suite.location), case, clock)
@@ -187,6 +209,21 @@ def test_command(
     ]
     render.test_results(results, output)
     raise typer.Exit(0 if all(r.passed for r in results) else 1)
+
+
+def _live_tests(loaded: LoadedConfig, state: Path, output: str) -> int:
+    assert loaded.mesh is not None
+    running = mesh_cli._open(state.resolve())
+    runner = LiveRunner(running.plan, running.layout)
+    suites = [(s.name, str(s.location), s.spec.cases) for s in loaded.tests]
+    try:
+        asyncio.run(running.wait_synced())
+    except TimeoutError as exc:
+        render.usage_error(str(exc))
+        return 1
+    results = asyncio.run(runner.run(loaded.mesh, suites))
+    render.live_results(results, output)
+    return 0 if all(r.passed for r in results) else 1
 
 
 @app.command("version")

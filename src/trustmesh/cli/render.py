@@ -13,6 +13,7 @@ from rich.table import Table
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.policy.decision import Decision, Verdict
 from trustmesh.policy.testing import CaseResult
+from trustmesh.runtime.live import LiveCaseResult
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -103,3 +104,36 @@ def test_results(results: Sequence[CaseResult], output: str) -> None:
 
 def _escape(text: str) -> str:
     return text.replace("[", "\\[")
+
+
+def live_results(results: Sequence[LiveCaseResult], output: str) -> None:
+    passed = sum(r.passed for r in results)
+    not_run = sum(bool(r.not_run) for r in results)
+    failed = len(results) - passed - not_run
+    if output == "json":
+        _json(
+            {
+                "passed": passed,
+                "failed": failed,
+                "notRun": not_run,
+                "cases": [r.as_dict() for r in results],
+            }
+        )
+        return
+    for r in results:
+        if r.not_run:
+            mark = "[yellow]NOT RUN[/yellow]"
+        else:
+            mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
+        live = "" if r.live is None else f" — live {r.live.verdict}"
+        if r.live is not None and r.live.status is not None:
+            live += f" {r.live.status}"
+        _out.print(f"{mark} {_escape(r.suite)} / {_escape(r.case)}{_escape(live)}")
+        if r.not_run:
+            _out.print(f"     {_escape(r.not_run)}")
+        elif not r.passed:
+            _out.print(f"     at {_escape(r.location)}")
+            _out.print(f"     {_escape(r.detail)}")
+            for problem in (*r.failures, *(f"offline differs: {m}" for m in r.mismatches)):
+                _out.print(f"     {_escape(problem)}")
+    _out.print(f"{passed} passed, {failed} failed, {not_run} not run live")

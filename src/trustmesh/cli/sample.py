@@ -69,17 +69,28 @@ def httpbin(
 def tcp_echo(
     host: Host = DEFAULT_HOST,
     port: Annotated[
-        int, typer.Option("--port", envvar="PORT", min=0, max=65535, help=_PORT_HELP)
-    ] = tcp_echo_sample.DEFAULT_PORT,
+        list[int] | None,
+        typer.Option("--port", envvar="PORT", min=0, max=65535, help=_PORT_HELP + " Repeatable."),
+    ] = None,
     prefix: Annotated[
         str, typer.Option("--prefix", help='Answer "PREFIX LINE" to each line (Istio: hello).')
     ] = "",
 ) -> None:
-    """Istio's tcp-echo: every line received is sent back, after the prefix."""
-    _run(
-        lambda stop: tcp_echo_sample.serve(host, port, stop=stop, ready=_announce, prefix=prefix),
-        format_address(host, port),
-    )
+    """Istio's tcp-echo: every line received is sent back, after the prefix.
+
+    Istio's image listens on 9000, 9001 and 9002: ``--port 9000 --port 9001 --port 9002``.
+    """
+    ports = port or [tcp_echo_sample.DEFAULT_PORT]
+
+    async def serve_all(stop: asyncio.Event) -> None:
+        await asyncio.gather(
+            *(
+                tcp_echo_sample.serve(host, p, stop=stop, ready=_announce, prefix=prefix)
+                for p in dict.fromkeys(ports)
+            )
+        )
+
+    _run(serve_all, ", ".join(format_address(host, p) for p in ports))
 
 
 @app.command("sleep")

@@ -76,28 +76,56 @@ def run_case(mesh: MeshPolicy, suite: str, location: str, case: Case, now: float
     return CaseResult(suite, case.name, location, not failures, tuple(failures), decision)
 
 
-def check(decision: Decision, expect: str | Expectation) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a request came to — decided offline, or observed on the wire (``None``:
+    not observable there, e.g. the ALLOW rule that let a request through)."""
+
+    verdict: str
+    status: int | None
+    rule: str | None
+    dry_run: frozenset[str] | None  # "allowed" / "denied" per applicable dry-run policy
+    upstream_headers: dict[str, str] | None
+    reason: str = ""
+    rule_known: bool = True  # False: the deciding rule was not observable (rule is None)
+    status_known: bool = True  # False: the status was not observable (status is None)
+
+    @classmethod
+    def of(cls, decision: Decision) -> Outcome:
+        return cls(
+            decision.verdict.value,
+            decision.status,
+            decision.rule,
+            frozenset(s.result for s in decision.dry_run),
+            dict(decision.upstream_headers),
+            decision.reason,
+        )
+
+
+def check(decision: Decision | Outcome, expect: str | Expectation) -> list[str]:
+    """Why ``decision`` does not meet ``expect`` (empty: it does). An outcome field that
+    is ``None`` was not observed and is not checked."""
+    got = decision if isinstance(decision, Outcome) else Outcome.of(decision)
     if isinstance(expect, str):
         expect = Expectation(verdict=expect)
     failures = []
-    if expect.verdict is not None and decision.verdict.value != expect.verdict:
-        failures.append(
-            f"expected {expect.verdict}, got {decision.verdict.value} ({decision.reason})"
-        )
-    if expect.status is not None and decision.status != expect.status:
-        failures.append(f"expected status {expect.status}, got {decision.status}")
-    if expect.rule is not None and decision.rule != expect.rule:
-        failures.append(f"expected rule {expect.rule}, got {decision.rule}")
-    if expect.dry_run is not None:
-        results = {s.result for s in decision.dry_run}
+    if expect.verdict is not None and got.verdict != expect.verdict:
+        failures.append(f"expected {expect.verdict}, got {got.verdict} ({got.reason})")
+    if expect.status is not None and got.status_known and got.status != expect.status:
+        failures.append(f"expected status {expect.status}, got {got.status}")
+    if expect.rule is not None and got.rule_known and got.rule != expect.rule:
+        failures.append(f"expected rule {expect.rule}, got {got.rule}")
+    if expect.dry_run is not None and got.dry_run is not None:
+        results = got.dry_run
         if not results:
             failures.append(f"expected dry-run {expect.dry_run}, but no dry-run policy applies")
         elif expect.dry_run == "denied" and "denied" not in results:
             failures.append("expected dry-run denied, got allowed")
         elif expect.dry_run == "allowed" and "denied" in results:
             failures.append("expected dry-run allowed, got denied")
-    got_headers = dict(decision.upstream_headers)
-    for name, value in expect.upstream_headers.items():
+    got_headers = got.upstream_headers if got.upstream_headers is not None else {}
+    expected_headers = expect.upstream_headers if got.upstream_headers is not None else {}
+    for name, value in expected_headers.items():
         if got_headers.get(name.lower()) != value:
             failures.append(
                 f"expected upstream header {name}: {value}, got {got_headers.get(name.lower())}"

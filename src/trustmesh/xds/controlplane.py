@@ -155,7 +155,8 @@ class ControlPlane:
     ``config_paths`` / ``mesh_config``: files or directories, as for ``load_config``.
     ``ca`` issues the serving certificate and its trust bundle decides which client
     certificates are accepted. ``debounce``: how long the files must stay unchanged
-    before :meth:`watch` reloads.
+    before :meth:`watch` reloads. ``workload_addresses``: workload ref → IP where the
+    manifests carry none (a Deployment's pods), for the service endpoints of every proxy.
 
     ``reloads`` counts configurations applied (the one :meth:`start` loads included),
     ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
@@ -171,6 +172,7 @@ class ControlPlane:
         clock: Clock = utc_now,
         debounce: float = 0.05,
         mesh_config: Sequence[str] = (),
+        workload_addresses: Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(config_paths, str) or isinstance(mesh_config, str):
             raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
@@ -182,6 +184,7 @@ class ControlPlane:
             raise ValueError(f"debounce must be >= 0, got {debounce}")
         self._paths = tuple(config_paths)
         self._mesh_config = tuple(mesh_config)
+        self._addresses = MappingProxyType(dict(workload_addresses or {}))
         self._ca = ca
         self._host, self._port = _split_address(address)
         self._clock = clock
@@ -245,7 +248,7 @@ class ControlPlane:
         if existing is not None:
             raise ValueError(f"node {registration.node_id!r} is already {existing.workload_ref}")
         if self._mesh is not None:
-            snapshot = _snapshot_for(self._mesh, registration)
+            snapshot = _snapshot_for(self._mesh, registration, self._addresses)
             self._registrations[registration.node_id] = registration
             self._cache.set(registration.node_id, snapshot)
         else:
@@ -269,6 +272,22 @@ class ControlPlane:
         workload = policy.workload
         trust_domain = self._ca.config.trust_domain  # the domain its certificate is issued in
         return SpiffeId(trust_domain, workload.namespace, workload.service_account).uri
+
+    def sync_status(self) -> dict[str, dict[str, object]]:
+        """Per registered node: its workload, whether it accepted everything it is meant
+        to have now (``synced``, istioctl's SYNCED) and its last rejection, if any."""
+        nacks = self._cache.nacks
+        server = self._server
+        status: dict[str, dict[str, object]] = {}
+        for node_id, registration in sorted(self._registrations.items()):
+            synced = server is not None and server.synced(node_id)
+            nack = nacks.get(node_id)
+            status[node_id] = {
+                "workload": registration.workload_ref,
+                "synced": synced,
+                "nack": None if nack is None else f"{nack.type_url}: {nack.error_detail}",
+            }
+        return status
 
     # -- lifecycle
 
@@ -320,7 +339,7 @@ class ControlPlane:
             self._seen = await asyncio.to_thread(self.fingerprint)
             try:
                 build = await asyncio.to_thread(
-                    _build, self._paths, self._mesh_config, registrations
+                    _build, self._paths, self._mesh_config, registrations, self._addresses
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -384,7 +403,7 @@ class ControlPlane:
                     continue  # it could not be configured: reported in build.problems
             else:  # registered while the reload ran, against the old mesh
                 try:
-                    snapshot = _snapshot_for(build.mesh, registration)
+                    snapshot = _snapshot_for(build.mesh, registration, self._addresses)
                 except (LookupError, ValueError) as exc:
                     problems.append(_proxy_problem(registration, exc))
                     continue
@@ -446,7 +465,10 @@ class ControlPlane:
 
 
 def _build(
-    paths: Sequence[str], mesh_config: Sequence[str], registrations: Mapping[str, ProxyRegistration]
+    paths: Sequence[str],
+    mesh_config: Sequence[str],
+    registrations: Mapping[str, ProxyRegistration],
+    addresses: Mapping[str, str],
 ) -> _Build:
     """Load, compile and translate for every proxy; pure apart from reading the files."""
     loaded = load_config(paths, mesh_config=mesh_config)
@@ -457,7 +479,7 @@ def _build(
     problems = []
     for node_id, registration in sorted(registrations.items()):
         try:
-            snapshots[node_id] = _snapshot_for(loaded.mesh, registration)
+            snapshots[node_id] = _snapshot_for(loaded.mesh, registration, addresses)
         except (LookupError, ValueError) as exc:
             problems.append(_proxy_problem(registration, exc))
         except Exception as exc:  # a bug for one workload must not stall every other update
@@ -466,7 +488,9 @@ def _build(
     return _Build((), loaded.mesh, registrations, snapshots, tuple(problems))
 
 
-def _snapshot_for(mesh: MeshPolicy, registration: ProxyRegistration) -> Snapshot:
+def _snapshot_for(
+    mesh: MeshPolicy, registration: ProxyRegistration, addresses: Mapping[str, str]
+) -> Snapshot:
     """One proxy's checked snapshot; ``LookupError`` / ``ValueError`` if there is none."""
     resources = translate(
         mesh,
@@ -476,6 +500,7 @@ def _snapshot_for(mesh: MeshPolicy, registration: ProxyRegistration) -> Snapshot
         delivery=FilterDelivery.ECDS,  # authorization changes reach open connections
         outbound_address=registration.outbound_address,
         upstream_source_address=registration.inbound_address,
+        workload_addresses=addresses,
     )
     snapshot = Snapshot.from_resources(resources.all())
     # Checked (and encoded, which is memoized) here, off the event loop: publishing it

@@ -343,6 +343,7 @@ def _http_log(workload: str, port: int) -> dict[str, Any]:
             "method": "%REQ(:METHOD)%",
             "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
             "authority": "%REQ(:AUTHORITY)%",
+            "request_id": "%REQ(X-REQUEST-ID)%",  # ties a client's request to this line
             "response_code": "%RESPONSE_CODE%",
             "response_code_details": "%RESPONSE_CODE_DETAILS%",
             "request_principal_iss": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:payload:iss)%",

@@ -40,7 +40,7 @@ references, protocol detection, STATIC clusters).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trustmesh.api import models as m
@@ -223,9 +223,16 @@ def _named_ports(workload: Workload) -> dict[str, int]:
 
 
 def outbound_clusters(
-    wp: WorkloadPolicy, mesh: MeshPolicy, sds_cluster: str
+    wp: WorkloadPolicy,
+    mesh: MeshPolicy,
+    sds_cluster: str,
+    addresses: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every cluster ``wp``'s sidecar sends outbound traffic to, sorted by name."""
+    """Every cluster ``wp``'s sidecar sends outbound traffic to, sorted by name.
+
+    ``addresses``: workload ref → IP for workloads whose manifests carry none (a
+    Deployment's pods get theirs when they run: the local runtime's plan says where).
+    """
     clusters: dict[str, dict[str, Any]] = {
         PASSTHROUGH_CLUSTER: {
             "@type": CLUSTER_TYPE,
@@ -245,7 +252,9 @@ def outbound_clusters(
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         workloads = _selected(mesh, service)
         for sp in service.ports:
-            cluster = _service_cluster(wp, mesh, service, sp, workloads, sds_cluster)
+            cluster = _service_cluster(
+                wp, mesh, service, sp, workloads, sds_cluster, addresses or {}
+            )
             clusters.setdefault(cluster["name"], cluster)
     for entry in _service_entries(mesh):
         for cluster in _entry_clusters(entry):
@@ -272,6 +281,7 @@ def _service_cluster(
     sp: ServicePortInfo,
     workloads: list[Workload],
     sds_cluster: str,
+    addresses: Mapping[str, str],
 ) -> dict[str, Any]:
     name = f"outbound|{sp.port}||{service.hostname}"
     auto = False
@@ -286,12 +296,13 @@ def _service_cluster(
         port = target_port(sp, workload)
         if port is None:
             continue  # Istio drops an endpoint without the named port
+        address = addresses.get(workload.ref) or workload.ip or PLACEHOLDER_ADDRESS
         metadata: dict[str, Any] = {"trustmesh": {"workload": workload.ref}}
         if auto and _speaks_mesh_mtls(mesh, workload, port):
             metadata["envoy.transport_socket_match"] = dict(_TLS_MODE_ISTIO)
         endpoints.append(
             {
-                "endpoint": {"address": socket_address(workload.ip or PLACEHOLDER_ADDRESS, port)},
+                "endpoint": {"address": socket_address(address, port)},
                 "metadata": {"filter_metadata": metadata},
             }
         )

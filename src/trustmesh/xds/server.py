@@ -101,6 +101,7 @@ class _Stream:
     node_id: str
     watches: dict[str, _Watch] = field(default_factory=dict)
     nonces: int = 0
+    seen: str = ""  # version of the last snapshot every watch was answered from
 
     def next_nonce(self) -> str:
         self.nonces += 1
@@ -151,6 +152,7 @@ class AdsServer:
         self._stopping = asyncio.Event()
         self._stream_ids = itertools.count(1)
         self._port = 0
+        self._streams: dict[int, _Stream] = {}
         self.pushes = 0
         self.acks = 0
         self.nacks = 0
@@ -223,6 +225,7 @@ class AdsServer:
         # stream's state and is the only writer on it.
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         inbox.put_nowait(first)
+        self._streams[stream.id] = stream
         async with asyncio.TaskGroup() as tasks:
             pumps = (
                 tasks.create_task(pump_requests(reader, inbox, _Signal.CLOSED, _log)),
@@ -234,6 +237,7 @@ class AdsServer:
             finally:
                 for pump in pumps:
                     pump.cancel()
+                self._streams.pop(stream.id, None)
         _log.debug("ads stream %d (%s) closed", stream.id, node_id)
 
     def _authorized(self, node_id: str, context: Context) -> bool:
@@ -261,6 +265,22 @@ class AdsServer:
                 continue  # subscribed before the node has config: its first set wakes us
             for type_url in types:
                 await self._respond(stream, type_url, snapshot, context)
+            if event is _Signal.SNAPSHOT:
+                stream.seen = snapshot.version
+
+    def synced(self, node_id: str) -> bool:
+        """istioctl's SYNCED: a stream of ``node_id`` was answered from its current
+        snapshot and Envoy ACKed the last response of every type it subscribed to."""
+        current = self._cache.get(node_id)
+        streams = [s for s in self._streams.values() if s.node_id == node_id]
+        if current is None or not streams:
+            return False
+        stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
+        acked = self._cache.acked(node_id)
+        return stream.seen == current.version and all(
+            watch.sent is None or acked.get(type_url) == watch.version
+            for type_url, watch in stream.watches.items()
+        )
 
     def _on_request(self, stream: _Stream, request: Any) -> str | None:
         """Take one DiscoveryRequest; the type to (maybe) respond for, or None."""

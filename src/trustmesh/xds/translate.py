@@ -116,6 +116,7 @@ def translate(
     delivery: FilterDelivery = FilterDelivery.ECDS,
     outbound_address: str | None = None,
     upstream_source_address: str | None = None,
+    workload_addresses: Mapping[str, str] | None = None,
 ) -> ProxyResources:
     """The Envoy resources of ``workload_ref``'s sidecar (``namespace/name``).
 
@@ -126,7 +127,8 @@ def translate(
     app that reaches services through its sidecar by address (no traffic capture);
     ``upstream_source_address``: the source IP of this sidecar's connections to other
     services (the workload's own address, so ``source.ip`` rules see the pod IP as in
-    Istio; the kernel's choice, 127.0.0.1, without it).
+    Istio; the kernel's choice, 127.0.0.1, without it); ``workload_addresses``: the IP
+    of each workload (``namespace/name``) whose manifest has none, for service endpoints.
     Raises ``LookupError`` for an unknown workload, ``ValueError`` for a workload without
     a sidecar, an address that is not an IP, or an outbound listener that would bind an
     inbound port of the same address.
@@ -179,7 +181,7 @@ def translate(
                 )
         listeners = sorted([*listeners, *outbound], key=lambda x: str(x["name"]))
         proxy_clusters = outbound_proxy_clusters(wp)
-    upstream = [*outbound_clusters(wp, mesh, sds_cluster), *proxy_clusters]
+    upstream = [*outbound_clusters(wp, mesh, sds_cluster, workload_addresses), *proxy_clusters]
     if upstream_source_address is not None:
         bind = {"source_address": {"address": upstream_source_address, "port_value": 0}}
         upstream = [{**cluster, "upstream_bind_config": bind} for cluster in upstream]

@@ -1,0 +1,343 @@
+"""``trustmesh up / status / logs / down / proxy-config / request``: the local mesh.
+
+Thin: parse arguments, call :mod:`trustmesh.runtime`, render. The mesh is found through
+its state directory (``--state``, default ``./.trustmesh``; ``TRUSTMESH_STATE`` too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trustmesh.cli import render
+from trustmesh.runtime.client import HttpResult, RequestError, http_request, tcp_exchange
+from trustmesh.runtime.layout import DEFAULT_STATE, Layout
+from trustmesh.runtime.plan import DEFAULT_BASE
+from trustmesh.runtime.running import NotRunning, RunningMesh
+from trustmesh.runtime.supervisor import MeshRuntime, StartError
+
+__all__ = ["down", "logs", "proxy_config", "request", "status", "up"]
+
+State = Annotated[
+    Path,
+    typer.Option("--state", envvar="TRUSTMESH_STATE", help="The mesh's state directory."),
+]
+_err = Console(stderr=True, highlight=False)
+_out = Console(highlight=False, soft_wrap=True)
+DETACH_TIMEOUT = 180.0
+RESET_EXIT = 56  # curl's "failure receiving network data"
+
+
+def _open(state: Path) -> RunningMesh:
+    try:
+        return RunningMesh.open(state)
+    except NotRunning as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+
+
+def up(
+    config: Annotated[list[Path], typer.Argument(help="Manifests: files or directories.")],
+    mesh_config: Annotated[
+        list[Path] | None, typer.Option("--mesh-config", help="MeshConfig / IstioOperator.")
+    ] = None,
+    state: State = Path(DEFAULT_STATE),
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
+    base: Annotated[str, typer.Option("--base", help="First pod address block.")] = DEFAULT_BASE,
+) -> None:
+    """Start the control plane, the CA and every workload of the manifests, with sidecars."""
+    state = state.resolve()
+    try:
+        running = RunningMesh.open(state)
+        if running.supervisor_alive:
+            pid = running.record.get("supervisor_pid")
+            render.usage_error(f"a mesh already runs from {state} (pid {pid}): trustmesh down")
+            raise typer.Exit(1)
+    except NotRunning:
+        pass
+    if detach:
+        _up_detached(config, mesh_config or [], state, base)
+        return
+    runtime = MeshRuntime(
+        [str(p) for p in config],
+        Layout(state),
+        mesh_config=[str(p) for p in mesh_config or []],
+        base=base,
+        progress=lambda message: _err.print(message, markup=False),
+    )
+    raise typer.Exit(asyncio.run(_run_foreground(runtime)))
+
+
+async def _run_foreground(runtime: MeshRuntime) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.up()
+    except StartError as exc:
+        render.usage_error(str(exc))
+        for problem in exc.diagnostics:
+            _err.print(f"  {problem}", markup=False)
+        return 1
+    _pods_table(RunningMesh.open(runtime.layout.root), None)
+    _err.print("serving; Ctrl-C or `trustmesh down` stops the mesh", markup=False)
+    try:
+        await runtime.supervise(stop)
+    finally:
+        await runtime.down()
+    return 0
+
+
+def _up_detached(config: list[Path], mesh_config: list[Path], state: Path, base: str) -> None:
+    """Run ``trustmesh up`` as a background process; return once the mesh is ready."""
+    Layout(state).create()
+    argv = [sys.executable, "-m", "trustmesh", "up", *map(str, config), "--state", str(state)]
+    argv += [x for m in mesh_config for x in ("--mesh-config", str(m))] + ["--base", base]
+    log_path = Layout(state).logs / "supervisor.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            render.usage_error(f"the mesh did not start (see {log_path}):")
+            _err.print(log_path.read_text(errors="replace")[-4000:], markup=False)
+            raise typer.Exit(1)
+        try:
+            running = RunningMesh.open(state)
+        except NotRunning:
+            running = None
+        ours = running is not None and running.record.get("supervisor_pid") == process.pid
+        if running is not None and ours and running.state == "ready":
+            _pods_table(running, None)
+            _err.print(f"mesh running in the background (pid {process.pid})", markup=False)
+            return
+        time.sleep(0.1)  # waiting on another process's progress: no event crosses over
+    process.terminate()
+    render.usage_error(f"the mesh was not ready after {DETACH_TIMEOUT:.0f}s (see {log_path})")
+    raise typer.Exit(1)
+
+
+def status(
+    state: State = Path(DEFAULT_STATE),
+    output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
+) -> None:
+    """Pods, their addresses and processes, and whether each proxy has its config."""
+    running = _open(state.resolve())
+    sync = running.syncz()
+    if output == "json":
+        record = dict(running.record)
+        record["supervisor_alive"] = running.supervisor_alive
+        record["sync"] = sync
+        sys.stdout.write(json.dumps(record, indent=2) + "\n")
+        return
+    _out.print(
+        f"mesh {running.state}"
+        + ("" if running.supervisor_alive else " (its supervisor is not running)"),
+        markup=False,
+    )
+    _pods_table(running, sync)
+    if sync is not None and sync.get("errors"):
+        _out.print("configuration errors (proxies keep their last good config):", markup=False)
+        for problem in sync["errors"]:
+            _out.print(f"  {problem}", markup=False)
+
+
+def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
+    proxies = {p["workload"]: p for p in (sync or {}).get("proxies", {}).values()}
+    table = Table(box=None, pad_edge=False)
+    for column in ("POD", "POD IP", "SIDECAR", "PROXY", "APP PID", "STATUS"):
+        table.add_column(column)
+    for pod in running.plan.pods:
+        record = running.pod_record(pod.ref)
+        proxy = "-"
+        if pod.sidecar:
+            seen = proxies.get(pod.ref)
+            if seen is None:
+                proxy = "?" if sync is None else "NOT CONNECTED"
+            else:
+                proxy = "NACK" if seen.get("nack") else "SYNCED" if seen["synced"] else "STALE"
+        table.add_row(
+            pod.ref,
+            pod.pod_ip,
+            f"envoy {record.get('envoy_pid', '?')}" if pod.sidecar else "none",
+            proxy,
+            str(record.get("app_pid", "-")),
+            str(record.get("status", "?")),
+        )
+    _out.print(table)
+
+
+def logs(
+    pod: Annotated[str, typer.Argument(help="NAMESPACE/POD")],
+    proxy: Annotated[bool, typer.Option("--proxy", help="The sidecar's Envoy log.")] = False,
+    agent: Annotated[bool, typer.Option("--agent", help="The sidecar's agent log.")] = False,
+    tail: Annotated[int, typer.Option("--tail", help="Last N lines (0: all).")] = 0,
+    state: State = Path(DEFAULT_STATE),
+) -> None:
+    """A pod's app output (or its sidecar's Envoy / agent log)."""
+    running = _open(state.resolve())
+    try:
+        plan = running.pod(pod)
+    except LookupError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+    layout = running.layout
+    path = layout.app_log(plan.key)
+    if proxy or agent:
+        if not plan.sidecar:
+            render.usage_error(f"{pod} has no sidecar")
+            raise typer.Exit(1)
+        path = layout.envoy_log(plan.key) if proxy else layout.agent_log(plan.key)
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        text = ""
+    lines = text.splitlines()
+    sys.stdout.write("\n".join(lines[-tail:] if tail else lines) + ("\n" if lines else ""))
+
+
+def down(state: State = Path(DEFAULT_STATE)) -> None:
+    """Stop everything the mesh started (by PID), and nothing else."""
+    running = _open(state.resolve())
+    if running.state == "stopped" and not running.supervisor_alive:
+        _err.print("the mesh is already stopped", markup=False)
+        return
+    stopped = running.stop()
+    _err.print(f"mesh stopped ({stopped} process(es) signalled)", markup=False)
+
+
+_SECTIONS = {
+    "listeners": "ListenersConfigDump",
+    "clusters": "ClustersConfigDump",
+    "routes": "RoutesConfigDump",
+    "secrets": "SecretsConfigDump",
+    "rbac": "EcdsConfigDump",
+}
+
+
+def proxy_config(
+    pod: Annotated[str, typer.Argument(help="NAMESPACE/POD")],
+    kind: Annotated[
+        str, typer.Argument(help="listeners, clusters, routes, secrets, rbac or all")
+    ] = "all",
+    state: State = Path(DEFAULT_STATE),
+) -> None:
+    """The sidecar's Envoy configuration, from its admin /config_dump."""
+    if kind != "all" and kind not in _SECTIONS:
+        render.usage_error(f"kind must be one of {', '.join(_SECTIONS)} or all, not {kind!r}")
+        raise typer.Exit(2)
+    running = _open(state.resolve())
+    try:
+        dump = json.loads(running.envoy_get(pod, "/config_dump"))
+    except LookupError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        render.usage_error(f"{pod}: its Envoy admin does not answer: {exc}")
+        raise typer.Exit(1) from None
+    if kind != "all":
+        dump = _section(dump, kind)
+    sys.stdout.write(json.dumps(dump, indent=2) + "\n")
+
+
+def _section(dump: dict[str, Any], kind: str) -> Any:
+    wanted = _SECTIONS[kind]
+    for config in dump.get("configs", []):
+        if str(config.get("@type", "")).endswith(wanted):
+            if kind != "rbac":
+                return config
+            # The authorization filters are delivered over ECDS; keep the RBAC ones.
+            filters = config.get("ecds_filters", [])
+            return [f for f in filters if "rbac" in json.dumps(f.get("ecds_filter", {}))[:400]]
+    return {}
+
+
+def request(
+    source: Annotated[str, typer.Option("--from", help="Send as this pod: NAMESPACE/POD.")],
+    url: Annotated[str | None, typer.Argument(help="http://HOST[:PORT]/PATH")] = None,
+    method: Annotated[str, typer.Option("-X", "--request", help="HTTP method.")] = "GET",
+    header: Annotated[list[str] | None, typer.Option("-H", "--header", help="K: V")] = None,
+    jwt: Annotated[str, typer.Option("--jwt", help="Sent as Authorization: Bearer.")] = "",
+    data: Annotated[str | None, typer.Option("-d", "--data", help="Body / TCP payload.")] = None,
+    tcp: Annotated[str, typer.Option("--tcp", help="HOST:PORT: a TCP exchange instead.")] = "",
+    timeout: Annotated[float, typer.Option("--timeout")] = 10.0,
+    state: State = Path(DEFAULT_STATE),
+) -> None:
+    """Send a request as a workload (through its sidecar; directly without one).
+
+    Prints status, headers and body. Exit 0 when an answer came (any status), 56 when
+    the connection was reset or closed first (as curl), 1/2 for errors.
+    """
+    running = _open(state.resolve())
+    try:
+        pod = running.pod(source)
+    except LookupError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+    if bool(tcp) == bool(url):
+        render.usage_error("give either a URL or --tcp HOST:PORT")
+        raise typer.Exit(2)
+    try:
+        if tcp:
+            host, _, port = tcp.rpartition(":")
+            if not host or not port.isdigit():
+                raise RequestError(f"--tcp must be HOST:PORT, got {tcp!r}")
+            payload = (data if data is not None else "hello") + "\n"
+            result = asyncio.run(
+                tcp_exchange(running.plan, pod, host, int(port), payload.encode(), timeout=timeout)
+            )
+            if result.reset or not result.received:
+                _err.print(f"reset: {result.why}", markup=False)
+                raise typer.Exit(RESET_EXIT)
+            sys.stdout.write(result.received.decode(errors="replace"))
+            return
+        assert url is not None
+        headers = [_header(h) for h in header or []]
+        if jwt:
+            headers.append(("Authorization", f"Bearer {jwt}"))
+        body = (data or "").encode()
+        answer = asyncio.run(
+            http_request(
+                running.plan, pod, url, method=method, headers=headers, body=body, timeout=timeout
+            )
+        )
+    except RequestError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    _print_http(answer)
+    if answer.reset:
+        raise typer.Exit(RESET_EXIT)
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise RequestError(f"-H must look like 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _print_http(answer: HttpResult) -> None:
+    if answer.reset:
+        _err.print(f"reset: {answer.why}", markup=False)
+        return
+    _out.print(f"HTTP {answer.status} {answer.reason}", markup=False)
+    for name, value in answer.headers:
+        _out.print(f"{name}: {value}", markup=False)
+    _out.print("", markup=False)
+    sys.stdout.flush()
+    sys.stdout.write(answer.body.decode(errors="replace"))
+    if answer.body and not answer.body.endswith(b"\n"):
+        sys.stdout.write("\n")

@@ -1,0 +1,1 @@
+"""The local mesh: manifests → processes (control plane, sidecars, apps) on one host."""

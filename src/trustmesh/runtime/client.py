@@ -1,0 +1,218 @@
+"""Requests sent *as* a workload of a running local mesh (``trustmesh request``).
+
+A pod with a sidecar talks the way its app does: HTTP through the sidecar's HTTP proxy
+(``$OUTBOUND_IP:15001``, absolute-form request target), TCP to ``$OUTBOUND_IP:<port>``;
+the sidecar then opens the mTLS connection with the pod's identity. A pod without one
+connects straight to the service's endpoint (the runtime's plan plays kube-proxy), from
+its own pod IP, in plaintext — exactly the "legacy" client of the Istio tasks.
+
+Outcomes are data: :class:`HttpResult` or :class:`TcpResult`; a connection that is reset
+or closed before any answer is ``reset=True`` with the reason, as ``curl`` exit 56 / 35.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from trustmesh.runtime.plan import HTTP_PROXY_PORT, MeshPlan, PodPlan
+
+__all__ = [
+    "HttpResult",
+    "RequestError",
+    "TcpResult",
+    "http_request",
+    "outside_pod",
+    "tcp_exchange",
+]
+
+MAX_BODY = 4 * 1024 * 1024
+_READ_ERRORS = (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
+
+
+class RequestError(ValueError):
+    """The request cannot be sent as asked (unknown host, bad URL); nothing was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResult:
+    status: int = 0  # 0 when reset
+    reason: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    reset: bool = False
+    why: str = ""  # for a reset: what the client saw
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpResult:
+    received: bytes = b""
+    reset: bool = False
+    why: str = ""
+    sent: bytes = field(default=b"", repr=False)
+
+    @property
+    def echoed(self) -> bool:
+        return bool(self.sent) and self.received.rstrip(b"\n").endswith(self.sent.rstrip(b"\n"))
+
+
+def outside_pod(address: str = "127.0.0.1") -> PodPlan:
+    """A client outside the mesh (no sidecar, no identity) at ``address``."""
+    return PodPlan("", "outside", "", False, address, address, None, (), ("-",))
+
+
+def _split_url(url: str) -> tuple[str, int, str]:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http":
+        raise RequestError(f"only http:// URLs are sent (TLS origination is the sidecar's): {url}")
+    if not parts.hostname:
+        raise RequestError(f"no host in {url!r}")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, parts.port or 80, target
+
+
+def _resolve(plan: MeshPlan, host: str, port: int) -> tuple[str, int]:
+    """Where a client without a sidecar connects for ``host:port`` (no DNS here)."""
+    target = plan.services.get(f"{host}:{port}")
+    if target is not None:
+        return target.address, target.port
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return host, port
+    raise RequestError(
+        f"{host}:{port} is not a service port of this mesh; a pod without a sidecar has no "
+        "DNS here (use a service name or an IP)"
+    )
+
+
+async def _connect(
+    address: str, port: int, source: str, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(address, port, local_addr=(source, 0), limit=MAX_BODY),
+        timeout,
+    )
+
+
+async def http_request(
+    plan: MeshPlan,
+    pod: PodPlan,
+    url: str,
+    *,
+    method: str = "GET",
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout: float = 10.0,
+) -> HttpResult:
+    """Send one HTTP/1.1 request as ``pod`` and read the whole answer."""
+    host, port, target = _split_url(url)
+    authority = host if port == 80 else f"{host}:{port}"
+    if pod.sidecar:
+        assert pod.outbound_ip is not None
+        address, connect_port, source = pod.outbound_ip, HTTP_PROXY_PORT, pod.app_ip
+        request_target = f"http://{authority}{target}"  # what an app with HTTP_PROXY sends
+    else:
+        (address, connect_port), source = _resolve(plan, host, port), pod.pod_ip
+        request_target = target
+    names = {k.lower() for k, _ in headers}
+    lines = [f"{method} {request_target} HTTP/1.1"]
+    if "host" not in names:
+        lines.append(f"Host: {authority}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    wire = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    try:
+        reader, writer = await _connect(address, connect_port, source, timeout)
+    except (OSError, TimeoutError) as exc:
+        return HttpResult(reset=True, why=f"connect to {address}:{connect_port}: {exc}")
+    try:
+        writer.write(wire)
+        await writer.drain()
+        return await asyncio.wait_for(_read_response(reader), timeout)
+    except _READ_ERRORS as exc:
+        return HttpResult(reset=True, why=f"{type(exc).__name__}: {exc}")
+    except TimeoutError:
+        return HttpResult(reset=True, why=f"no answer within {timeout:.0f}s")
+    finally:
+        writer.transport.abort()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> HttpResult:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    _, status, reason = [*status_line.split(" ", 2), ""][:3]
+    headers = tuple(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in header_lines)
+    )
+    result = HttpResult(int(status), reason, headers)
+    length = result.header("content-length")
+    if result.header("transfer-encoding") == "chunked":
+        body = await _read_chunked(reader)
+    elif length is not None:
+        body = await reader.readexactly(min(int(length), MAX_BODY))
+    else:
+        body = await reader.read(MAX_BODY)
+    return HttpResult(result.status, result.reason, headers, body)
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return body
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+        if len(body) > MAX_BODY:
+            return body
+
+
+async def tcp_exchange(
+    plan: MeshPlan,
+    pod: PodPlan,
+    host: str,
+    port: int,
+    data: bytes = b"hello\n",
+    *,
+    timeout: float = 5.0,
+) -> TcpResult:
+    """Connect as ``pod``, send ``data`` and read until a line comes back or the peer
+    closes; a close without a byte is a reset (Envoy's RBAC or a refused handshake)."""
+    if pod.sidecar:
+        assert pod.outbound_ip is not None
+        address, connect_port, source = pod.outbound_ip, port, pod.app_ip
+    else:
+        (address, connect_port), source = _resolve(plan, host, port), pod.pod_ip
+    try:
+        reader, writer = await _connect(address, connect_port, source, timeout)
+    except ConnectionRefusedError:
+        why = f"connection refused by {address}:{connect_port}"
+        if pod.sidecar:
+            why += f" (the sidecar has no outbound listener for port {port}: not routed)"
+        return TcpResult(reset=True, why=why, sent=data)
+    except (OSError, TimeoutError) as exc:
+        return TcpResult(reset=True, why=f"connect: {exc}", sent=data)
+    try:
+        writer.write(data)
+        await writer.drain()
+        received = await asyncio.wait_for(reader.readline(), timeout)
+    except _READ_ERRORS as exc:
+        return TcpResult(reset=True, why=f"{type(exc).__name__}: {exc}", sent=data)
+    except TimeoutError:
+        return TcpResult(why=f"nothing came back within {timeout:.0f}s", sent=data)
+    finally:
+        writer.transport.abort()
+    if not received:
+        return TcpResult(reset=True, why="closed by the peer before answering", sent=data)
+    return TcpResult(received=received, sent=data)

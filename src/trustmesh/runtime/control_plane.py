@@ -1,0 +1,179 @@
+"""The local mesh's control plane as a process: CA + xDS + a debug endpoint, like istiod.
+
+``python -m trustmesh.runtime.control_plane <state>`` — started (and restarted if it dies)
+by the runtime supervisor. It reads ``<state>/control-plane-args.json`` (configuration
+paths, ports: 0 picks one) and ``<state>/plan.json``; creates the CA in ``<state>/ca`` on
+first start (trust domain from the mesh config), writes the trust bundle and one
+single-use bootstrap token per sidecar pod, serves the CA (enrollment and renewal ports)
+and ADS over mTLS for every sidecar of the plan, and watches the configuration files.
+When it serves it writes ``<state>/control-plane.json`` and prints it as one JSON line.
+
+The debug endpoint (HTTP on 127.0.0.1) answers ``GET /debug/syncz``: the configuration
+generation, the errors of the last reload and, per proxy, SYNCED or not and its last
+NACK — what ``trustmesh status`` and ``trustmesh test --live`` wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from trustmesh.identity.ca import CaConfig, CertificateAuthority
+from trustmesh.identity.server import CaServer
+from trustmesh.identity.store import CaStore
+from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.plan import MeshPlan, PodPlan
+from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
+
+__all__ = ["ARGS_FILE", "main", "node_id", "serve"]
+
+_log = logging.getLogger("trustmesh.control_plane")
+ARGS_FILE = "control-plane-args.json"
+WATCH_INTERVAL = 0.1  # seconds between stat polls of the configuration files
+TOKEN_TTL = dt.timedelta(minutes=30)
+
+
+def node_id(pod: PodPlan) -> str:
+    """The sidecar's Envoy node id (Istio's ``sidecar~IP~name.ns~ns.svc.cluster.local``)."""
+    return ProxyRegistration.sidecar(pod.ref, pod.pod_ip).node_id
+
+
+def _registration(pod: PodPlan) -> ProxyRegistration:
+    return ProxyRegistration.sidecar(
+        pod.ref, pod.pod_ip, app_address=pod.app_ip, outbound_address=pod.outbound_ip
+    )
+
+
+def _open_ca(layout: Layout, plan: MeshPlan, now: dt.datetime) -> CertificateAuthority:
+    if CaStore(layout.ca).exists():  # a restart: same roots, tokens already burnt stay so
+        return CertificateAuthority.load(layout.ca)
+    return CertificateAuthority.init(layout.ca, CaConfig(trust_domain=plan.trust_domain), now)
+
+
+def _write_tokens(
+    layout: Layout, ca: CertificateAuthority, plan: MeshPlan, now: dt.datetime
+) -> None:
+    for pod in plan.pods:
+        if not pod.sidecar:
+            continue
+        layout.pod_dir(pod.key).mkdir(mode=0o700, parents=True, exist_ok=True)
+        token = ca.token(pod.namespace, pod.service_account, now, ttl=TOKEN_TTL)
+        path = layout.token(pod.key)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
+
+
+async def _debug_server(plane: ControlPlane, port: int) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+            request = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            path = request.split(" ", 2)[1] if request.count(" ") >= 2 else ""
+            if path == "/debug/syncz":
+                body = json.dumps(
+                    {
+                        "generation": plane.reloads,
+                        "rejected": plane.rejected_reloads,
+                        "errors": [str(d) for d in plane.last_errors],
+                        "proxies": plane.sync_status(),
+                    }
+                ).encode()
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            else:
+                body, head = b"not found\n", b"HTTP/1.1 404 Not Found\r\n"
+            writer.write(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+            writer.write(body)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+async def serve(layout: Layout, stop: asyncio.Event) -> int:
+    """Serve until ``stop``; 1 if the configuration is refused at start."""
+    args = read_json(layout.root / ARGS_FILE)
+    plan = MeshPlan.from_json(read_json(layout.plan))
+    ports: dict[str, int] = args["ports"]
+    now = dt.datetime.now(dt.UTC)
+    ca = _open_ca(layout, plan, now)
+    layout.roots.write_bytes(ca.bundle_pem(now))
+    _write_tokens(layout, ca, plan, now)
+    ca_server = CaServer(
+        ca,
+        address=f"127.0.0.1:{ports.get('ca', 0)}",
+        renewal_address=f"127.0.0.1:{ports.get('ca_renewal', 0)}",
+    )
+    plane = ControlPlane(
+        args["config"],
+        ca=ca,
+        address=f"127.0.0.1:{ports.get('xds', 0)}",
+        mesh_config=args["mesh_config"],
+        workload_addresses={pod.ref: pod.pod_ip for pod in plan.pods},
+    )
+    for pod in plan.pods:
+        if pod.sidecar:
+            plane.register(_registration(pod))
+    await ca_server.start()
+    tasks: list[asyncio.Task[None]] = []
+    debug: asyncio.Server | None = None
+    try:
+        try:
+            xds_port = await plane.start()
+        except ConfigRejected as exc:
+            print(json.dumps({"ready": False, "error": str(exc)}), flush=True)
+            return 1
+        debug = await _debug_server(plane, ports.get("debug", 0))
+        tasks.append(asyncio.create_task(ca_server.run_rotation(stop)))
+        tasks.append(asyncio.create_task(plane.watch(stop, WATCH_INTERVAL)))
+        info = {
+            "ready": True,
+            "pid": os.getpid(),
+            "ports": {
+                "xds": xds_port,
+                "ca": ca_server.port,
+                "ca_renewal": ca_server.renewal_port,
+                "debug": debug.sockets[0].getsockname()[1],
+            },
+            "spiffe_id": plane.spiffe_id,
+            "trust_domain": ca.config.trust_domain,
+        }
+        write_json(layout.control_plane, info)
+        print(json.dumps(info), flush=True)
+        await stop.wait()
+        return 0
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if debug is not None:
+            debug.close()
+        await plane.stop()
+        await ca_server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m trustmesh.runtime.control_plane STATE_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    layout = Layout(Path(args[0]))
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await serve(layout, stop)
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Where a running local mesh keeps its files (one state directory per mesh).
+
+```
+<state>/mesh.json            what runs: PIDs, addresses, ports (written by the supervisor)
+<state>/plan.json            the pods and addresses planned from the manifests
+<state>/ca/                  the mesh CA (0700; its keys never leave this directory)
+<state>/ca-roots.pem         the trust bundle agents use to verify the CA at enrollment
+<state>/control-plane.json   the control plane's ports, once it serves
+<state>/logs/                control-plane.log, <ns>_<pod>.app.log, <ns>_<pod>.agent.log
+<state>/pods/<ns>_<pod>/     sidecar.json, token (0600), envoy.json, envoy.log
+<state>/s/<n>.sock           SDS sockets (short paths: a Unix socket path has 107 bytes)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_STATE", "Layout", "read_json", "write_json"]
+
+DEFAULT_STATE = ".trustmesh"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    root: Path
+
+    @property
+    def mesh(self) -> Path:
+        return self.root / "mesh.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def roots(self) -> Path:
+        return self.root / "ca-roots.pem"
+
+    @property
+    def control_plane(self) -> Path:
+        return self.root / "control-plane.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def pod_dir(self, key: str) -> Path:
+        return self.root / "pods" / key
+
+    def token(self, key: str) -> Path:
+        return self.pod_dir(key) / "token"
+
+    def sidecar_spec(self, key: str) -> Path:
+        return self.pod_dir(key) / "sidecar.json"
+
+    def envoy_log(self, key: str) -> Path:
+        return self.pod_dir(key) / "envoy.log"
+
+    def app_log(self, key: str) -> Path:
+        return self.logs / f"{key}.app.log"
+
+    def agent_log(self, key: str) -> Path:
+        return self.logs / f"{key}.agent.log"
+
+    def sds_socket(self, index: int) -> Path:
+        return self.root / "s" / f"{index}.sock"
+
+    def create(self) -> None:
+        for folder in (self.root, self.logs, self.root / "pods", self.root / "s"):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+
+def write_json(path: Path, value: Any, *, mode: int = 0o600) -> None:
+    """Replace ``path`` whole (readers never see half a file), readable by the owner only."""
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as out:
+        json.dump(value, out, indent=2, sort_keys=True)
+    os.replace(partial, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -1,0 +1,363 @@
+"""``trustmesh test --live``: PolicyTest cases sent as real requests through the running mesh.
+
+Each case becomes what its ``from`` workload would really do — an HTTP request through its
+sidecar (or straight to the service's endpoint for a pod without one), or a TCP exchange
+— and what came back is turned into the same :class:`~trustmesh.policy.testing.Outcome`
+the offline evaluator produces:
+
+* HTTP status 401 → ``unauthenticated``, 403 → ``deny``, 400 → ``bad-request``, a 502 the
+  client's own sidecar answers (REGISTRY_ONLY) → ``deny``, a connection reset or closed
+  before any answer, or the client sidecar's 503 for an upstream reset → ``reset``; any
+  other status is the app's answer → ``allow``.
+* TCP: the line echoed back → ``allow``; a close without an answer → ``deny`` if the
+  destination sidecar's access log shows its network RBAC refused it, else ``reset``.
+* The deciding rule and the dry-run results come from the destination sidecar's access
+  log line for the request (found by its ``x-request-id``): ``rbac_access_denied_matched_
+  policy[…]`` for a denial, the RBAC filters' dynamic metadata for an allow and for
+  dry-run policies. Headers the app received come from httpbin's echo.
+
+A case fails if the live outcome misses the expectation, and is reported as a mismatch if
+it differs from the offline verdict. Cases that cannot be sent for real — a ``from``
+principal or source IP no local workload has — are reported as not run, with why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustmesh.api.policytest import Case
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.testing import Outcome, check, run_case
+from trustmesh.runtime.client import HttpResult, TcpResult, http_request, outside_pod, tcp_exchange
+from trustmesh.runtime.layout import Layout
+from trustmesh.runtime.plan import MeshPlan, PodPlan
+
+__all__ = ["LiveCaseResult", "LiveRunner"]
+
+LOG_WAIT = 2.0  # seconds to wait for an access-log line (sidecars flush every 100 ms)
+_DENIED = "rbac_access_denied_matched_policy["
+_SHADOW = {
+    "istio_dry_run_deny_shadow_engine_result",
+    "istio_dry_run_allow_shadow_engine_result",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCaseResult:
+    suite: str
+    case: str
+    location: str
+    live: Outcome | None
+    offline: Outcome | None
+    failures: tuple[str, ...] = ()  # live vs the expectation
+    mismatches: tuple[str, ...] = ()  # live vs offline
+    not_run: str = ""  # why the case could not be sent for real
+    detail: str = ""  # what was sent and seen, for the report
+
+    @property
+    def passed(self) -> bool:
+        return not self.not_run and not self.failures and not self.mismatches
+
+    def as_dict(self) -> dict[str, object]:
+        def outcome(o: Outcome | None) -> dict[str, object] | None:
+            if o is None:
+                return None
+            return {
+                "verdict": o.verdict,
+                "status": o.status,
+                "rule": o.rule if o.rule_known else "(not observed)",
+                "dryRun": sorted(o.dry_run) if o.dry_run is not None else None,
+            }
+
+        return {
+            "suite": self.suite,
+            "case": self.case,
+            "location": self.location,
+            "passed": self.passed,
+            "live": outcome(self.live),
+            "offline": outcome(self.offline),
+            "failures": list(self.failures),
+            "mismatches": list(self.mismatches),
+            "notRun": self.not_run or None,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class LiveRunner:
+    """Runs cases against the mesh whose state is in ``layout``, planned as ``plan``."""
+
+    plan: MeshPlan
+    layout: Layout
+    outside_address: str = "127.0.0.1"
+    timeout: float = 10.0
+    _log_offsets: dict[str, int] = field(default_factory=dict)
+
+    async def run(
+        self, mesh: MeshPolicy, suites: Sequence[tuple[str, str, Sequence[Case]]]
+    ) -> list[LiveCaseResult]:
+        results = []
+        for suite, location, cases in suites:
+            for case in cases:
+                results.append(await self.run_case(mesh, suite, location, case))
+        return results
+
+    async def run_case(
+        self, mesh: MeshPolicy, suite: str, location: str, case: Case
+    ) -> LiveCaseResult:
+        # Live requests meet the real clock; the offline verdict is taken at the same time.
+        offline_result = run_case(mesh, suite, location, case, time.time())
+        decision = offline_result.decision
+        offline = Outcome.of(decision) if decision is not None else None
+        source, why = self._source(case)
+        if source is None:
+            return LiveCaseResult(suite, case.name, location, None, offline, not_run=why)
+        if case.tcp:
+            live, detail = await self._tcp(source, case)
+        else:
+            live, detail = await self._http(source, case)
+        failures = tuple(check(live, case.expect))
+        mismatches = tuple(_differences(live, offline)) if offline is not None else ()
+        return LiveCaseResult(
+            suite, case.name, location, live, offline, failures, mismatches, detail=detail
+        )
+
+    # -- who sends, and to where
+
+    def _source(self, case: Case) -> tuple[PodPlan | None, str]:
+        origin = case.from_
+        if origin.principal is not None:
+            return None, (
+                f"no workload of this mesh holds the identity {origin.principal}: only the "
+                "mesh CA could issue it, and it issues only to enrolled workloads"
+            )
+        if origin.ip is not None:
+            return None, f"source IP {origin.ip}: local pods have their own addresses"
+        if origin.plaintext:
+            return outside_pod(self.outside_address), ""
+        assert origin.workload is not None
+        pod = self.plan.pod(origin.workload)
+        if pod is None:
+            return None, f"{origin.workload} is not a pod of the running mesh"
+        return pod, ""
+
+    def _destination(self, case: Case) -> tuple[str, int, PodPlan | None]:
+        """(host, port, destination pod) the request is addressed to."""
+        port = case.to.port or 80
+        if case.to.host is not None:
+            return case.to.host, port, None
+        assert case.to.workload is not None
+        pod = self.plan.pod(case.to.workload)
+        if pod is None:
+            raise LookupError(f"{case.to.workload} is not a pod of the running mesh")
+        names = [
+            key.rpartition(":")[0]
+            for key, target in self.plan.services.items()
+            if target.pod == pod.ref and key.endswith(f":{port}")
+        ]
+        # The short form users type (httpbin.foo); the pod IP if no service covers the port.
+        host = min(names, key=len) if names else pod.pod_ip
+        return host, port, pod
+
+    # -- HTTP
+
+    async def _http(self, source: PodPlan, case: Case) -> tuple[Outcome, str]:
+        assert case.request is not None
+        host, port, destination = self._destination(case)
+        request_id = str(uuid.uuid4())
+        headers: list[tuple[str, str]] = [("x-request-id", request_id)]
+        if case.request.host is not None:
+            headers.append(("Host", case.request.host))
+        for name, value in case.request.headers.items():
+            for item in value if isinstance(value, list) else [value]:
+                headers.append((name, item))
+        if case.request.jwt is not None:
+            headers.append(("Authorization", f"Bearer {case.request.jwt}"))
+        url = f"http://{host}:{port}{case.request.path}"
+        log = self._log_of(destination)
+        offset = _size(log)
+        result = await http_request(
+            self.plan,
+            source,
+            url,
+            method=case.request.method,
+            headers=headers,
+            timeout=self.timeout,
+        )
+        detail = f"{case.request.method} {url} as {source.ref} → {_describe(result)}"
+        outcome = _http_outcome(result)
+        if log is not None and outcome.verdict in ("allow", "deny") and result.status != 502:
+            line = await _wait_log_line(log, offset, lambda e: e.get("request_id") == request_id)
+            if line is not None:
+                outcome = _with_log(outcome, line)
+        return outcome, detail
+
+    # -- TCP
+
+    async def _tcp(self, source: PodPlan, case: Case) -> tuple[Outcome, str]:
+        host, port, destination = self._destination(case)
+        log = self._log_of(destination)
+        offset = _size(log)
+        result = await tcp_exchange(self.plan, source, host, port, timeout=self.timeout / 2)
+        detail = f"tcp {host}:{port} as {source.ref} → {_describe_tcp(result)}"
+        if result.echoed:
+            outcome = Outcome("allow", None, None, None, None, "echoed", rule_known=False)
+        else:
+            outcome = Outcome("reset", None, None, None, None, result.why, rule_known=False)
+        if log is not None:
+            line = await _wait_log_line(log, offset, lambda e: e.get("port") == str(port))
+            if line is not None:
+                outcome = _tcp_with_log(outcome, line)
+        return outcome, detail
+
+    def _log_of(self, pod: PodPlan | None) -> Path | None:
+        if pod is None or not pod.sidecar:
+            return None
+        return self.layout.envoy_log(pod.key)
+
+
+# ---------------------------------------------------------------------------- outcomes
+
+
+def _http_outcome(result: HttpResult) -> Outcome:
+    if result.reset:
+        return Outcome("reset", None, None, None, None, result.why, rule_known=False)
+    status = result.status
+    body = result.body[:200].decode(errors="replace")
+    if status == 503 and ("reset" in body or "connection termination" in body):
+        return Outcome("reset", None, None, None, None, f"503 {body}", rule_known=False)
+    verdict = {401: "unauthenticated", 403: "deny", 400: "bad-request", 502: "deny"}.get(
+        status, "allow"
+    )
+    headers = _echoed_headers(result) if verdict == "allow" else None
+    known = verdict in ("unauthenticated", "bad-request")  # no RBAC rule decides these
+    return Outcome(verdict, status, None, None, headers, f"{status} {body}", rule_known=known)
+
+
+def _echoed_headers(result: HttpResult) -> dict[str, str] | None:
+    """The request headers the app saw, when it is httpbin echoing them."""
+    try:
+        echoed = json.loads(result.body)
+    except ValueError:
+        return None
+    headers = echoed.get("headers") if isinstance(echoed, dict) else None
+    if not isinstance(headers, dict):
+        return None
+    return {str(k).lower(): str(v) for k, v in headers.items()}
+
+
+def _rbac(entry: dict[str, Any]) -> dict[str, Any]:
+    value = entry.get("rbac")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _with_log(outcome: Outcome, entry: dict[str, Any]) -> Outcome:
+    rbac = _rbac(entry)
+    details = str(entry.get("response_code_details") or "")
+    if details.startswith(_DENIED):
+        rule: str | None = details.removeprefix(_DENIED).removesuffix("]")
+        rule = None if rule == "none" else rule
+    else:
+        rule = rbac.get("enforced_effective_policy_id")
+    shadow = frozenset(str(rbac[k]) for k in _SHADOW if k in rbac)
+    return Outcome(
+        outcome.verdict,
+        outcome.status,
+        rule,
+        shadow,
+        outcome.upstream_headers,
+        outcome.reason,
+        rule_known=True,
+    )
+
+
+def _tcp_with_log(outcome: Outcome, entry: dict[str, Any]) -> Outcome:
+    details = str(entry.get("connection_termination_details") or "")
+    rbac = _rbac(entry)
+    if details.startswith(_DENIED):
+        rule: str | None = details.removeprefix(_DENIED).removesuffix("]")
+        rule = None if rule == "none" else rule
+        return Outcome("deny", None, rule, None, None, details, rule_known=True)
+    if outcome.verdict == "allow" and "enforced_effective_policy_id" in rbac:
+        # Envoy's network RBAC names the ALLOW policy only in some versions; 1.40 does not.
+        rule = rbac["enforced_effective_policy_id"]
+        return Outcome("allow", None, rule, None, None, outcome.reason, rule_known=True)
+    return outcome
+
+
+def _differences(live: Outcome, offline: Outcome) -> list[str]:
+    out = []
+    if live.verdict != offline.verdict:
+        out.append(f"live {live.verdict}, offline {offline.verdict}")
+    elif (
+        live.verdict != "allow"  # an allowed request's status is the app's, not the mesh's
+        and live.status is not None
+        and offline.status is not None
+        and live.status != offline.status
+    ):
+        out.append(f"live status {live.status}, offline {offline.status}")
+    if live.rule_known and live.rule != offline.rule and live.verdict == offline.verdict:
+        out.append(f"live rule {live.rule}, offline {offline.rule}")
+    if live.dry_run is not None and live.dry_run != offline.dry_run:
+        out.append(f"live dry-run {sorted(live.dry_run)}, offline {sorted(offline.dry_run or ())}")
+    return out
+
+
+def _describe(result: HttpResult) -> str:
+    if result.reset:
+        return f"reset ({result.why})"
+    return f"{result.status} {result.body[:60].decode(errors='replace').strip()!r}"
+
+
+def _describe_tcp(result: TcpResult) -> str:
+    if result.echoed:
+        return f"echoed {result.received.strip()!r}"
+    return f"reset ({result.why})" if result.reset else f"no echo ({result.why})"
+
+
+# ---------------------------------------------------------------------------- access logs
+
+
+def _size(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+async def _wait_log_line(path: Path, offset: int, wanted: Any) -> dict[str, Any] | None:
+    """The first JSON access-log line after ``offset`` that ``wanted`` accepts."""
+    deadline = time.monotonic() + LOG_WAIT
+    while True:
+        try:
+            with path.open("rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            if not line.startswith("{"):
+                continue  # Envoy's own log lines share the file
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and wanted(entry):
+                return entry
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.02)  # the sidecar flushes its access log every 100 ms

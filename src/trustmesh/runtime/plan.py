@@ -1,0 +1,267 @@
+"""Which local processes a mesh directory becomes, and where each one listens (pure).
+
+``trustmesh up DIR`` runs every Deployment / StatefulSet / DaemonSet / Pod of DIR as one
+"pod": its first container's ``command`` + ``args`` as a local process and, when the
+namespace or pod asks for injection, a sidecar (agent + Envoy). Kubernetes gives each pod
+an IP; here each pod gets addresses on loopback, from ``base`` (default 127.10.0.0), pod
+number ``k`` using ``127.10.<k>.1-3``:
+
+* ``pod_ip`` (``.1``): what other workloads connect to. With a sidecar Envoy's inbound
+  listener binds it on the workload's ports (the iptables redirect of a real pod); without
+  one, the app itself listens there. Sidecar connections to other services leave from it,
+  so ``source.ip`` rules see the pod IP as in Istio.
+* ``app_ip`` (``.2``): where the app listens behind its sidecar (``HOST``).
+* ``outbound_ip`` (``.3``): the sidecar's outbound listeners for the app — an HTTP proxy
+  on 15001 (``HTTP_PROXY``) and one TCP listener per TCP service port of the mesh: the
+  app reaches ``tcp-echo.foo:9000`` at ``$OUTBOUND_IP:9000``. A separate address because
+  a service port may equal one of the pod's own ports.
+
+The app is told ``HOST`` / ``PORT`` (its first container port), ``POD_IP``,
+``OUTBOUND_IP``, ``POD_NAME``, ``POD_NAMESPACE``, ``SERVICE_ACCOUNT`` and, with a sidecar,
+``HTTP_PROXY``; a container's own ``env`` entries override those. ``command[0] ==
+"trustmesh"`` runs this installation's trustmesh (``trustmesh sample httpbin``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustmesh.api import models as m
+from trustmesh.api.diagnostics import Diagnostic, Location, error
+from trustmesh.api.snapshot import ConfigSnapshot, Workload
+
+__all__ = [
+    "DEFAULT_BASE",
+    "HTTP_PROXY_PORT",
+    "MAX_PODS",
+    "MeshPlan",
+    "PodPlan",
+    "ServiceTarget",
+    "plan_mesh",
+]
+
+DEFAULT_BASE = "127.10.0.0"
+HTTP_PROXY_PORT = 15001
+MAX_PODS = 250  # one /24 step of the third octet per pod
+_RUNNABLE = ("Deployment", "StatefulSet", "DaemonSet", "Pod")
+
+
+@dataclass(frozen=True, slots=True)
+class PodPlan:
+    """One workload run as local processes."""
+
+    namespace: str
+    name: str
+    service_account: str
+    sidecar: bool
+    pod_ip: str
+    app_ip: str  # == pod_ip without a sidecar
+    outbound_ip: str | None  # None without a sidecar
+    ports: tuple[int, ...]
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe name (namespaces and names are DNS labels: no dots, no '_')."""
+        return f"{self.namespace}_{self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "name": self.name,
+            "service_account": self.service_account,
+            "sidecar": self.sidecar,
+            "pod_ip": self.pod_ip,
+            "app_ip": self.app_ip,
+            "outbound_ip": self.outbound_ip,
+            "ports": list(self.ports),
+            "command": list(self.command),
+            "env": dict(self.env),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PodPlan:
+        return cls(
+            namespace=data["namespace"],
+            name=data["name"],
+            service_account=data["service_account"],
+            sidecar=bool(data["sidecar"]),
+            pod_ip=data["pod_ip"],
+            app_ip=data["app_ip"],
+            outbound_ip=data["outbound_ip"],
+            ports=tuple(data["ports"]),
+            command=tuple(data["command"]),
+            env=dict(data["env"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTarget:
+    """Where a service port's traffic goes without a sidecar (kube-proxy's job)."""
+
+    pod: str  # namespace/name
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPlan:
+    pods: tuple[PodPlan, ...]
+    trust_domain: str
+    # "<host>:<port>" for every name a service port answers to → its first endpoint
+    services: Mapping[str, ServiceTarget] = field(default_factory=dict)
+
+    def pod(self, ref: str) -> PodPlan | None:
+        return next((p for p in self.pods if p.ref == ref), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trust_domain": self.trust_domain,
+            "pods": [p.to_json() for p in self.pods],
+            "services": {
+                k: {"pod": t.pod, "address": t.address, "port": t.port}
+                for k, t in sorted(self.services.items())
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MeshPlan:
+        return cls(
+            pods=tuple(PodPlan.from_json(p) for p in data["pods"]),
+            trust_domain=data["trust_domain"],
+            services={k: ServiceTarget(**v) for k, v in data["services"].items()},
+        )
+
+
+def plan_mesh(
+    snapshot: ConfigSnapshot, *, base: str = DEFAULT_BASE
+) -> tuple[MeshPlan | None, list[Diagnostic]]:
+    """The processes and addresses of every runnable workload; errors name file and field."""
+    try:
+        first = ipaddress.IPv4Address(base)
+    except ValueError:
+        return None, [error("bad-address-base", _nowhere(), f"base {base!r} is not an IPv4")]
+    if not first.is_loopback or int(first) & 0xFFFF:
+        return None, [
+            error("bad-address-base", _nowhere(), f"base {base} must be a 127.x.0.0 address")
+        ]
+    workloads = [w for w in snapshot.workloads if w.kind in _RUNNABLE]
+    problems: list[Diagnostic] = []
+    if len(workloads) > MAX_PODS:
+        where = workloads[MAX_PODS].resource.location()
+        return None, [error("too-many-pods", where, f"at most {MAX_PODS} pods run on one host")]
+    pods: list[PodPlan] = []
+    seen: set[str] = set()
+    for index, workload in enumerate(workloads):
+        if workload.ref in seen:  # a Pod and the Deployment that owns it: run it once
+            continue
+        seen.add(workload.ref)
+        pod, problem = _pod(workload, first + (index << 8))
+        if problem is not None:
+            problems.append(problem)
+        elif pod is not None:
+            pods.append(pod)
+    if problems:
+        return None, problems
+    plan = MeshPlan(tuple(pods), snapshot.mesh.trust_domain, _service_targets(snapshot, pods))
+    return plan, []
+
+
+def _pod(
+    workload: Workload, block: ipaddress.IPv4Address
+) -> tuple[PodPlan | None, Diagnostic | None]:
+    resource = workload.resource
+    spec: m.PodSpec
+    # A Pod's model is the whole object; a controller's is its spec.
+    prefix: tuple[str, ...] = ("spec",) if workload.kind == "Pod" else ("template", "spec")
+    spec = resource.spec.spec if workload.kind == "Pod" else resource.spec.template.spec
+    where = resource.location(*prefix, "containers")
+    if not spec.containers:
+        return None, error("no-container", where, f"{workload.ref} has no container to run")
+    container = spec.containers[0]
+    argv = (*container.command, *container.args)
+    if not argv:
+        where = resource.location(*prefix, "containers", 0, "command")
+        return None, error(
+            "no-command",
+            where,
+            f"{workload.ref}: the local runtime runs the container's command as a process; "
+            "set command (e.g. [trustmesh, sample, httpbin])",
+        )
+    pod_ip = str(block + 1)
+    app_ip = str(block + 2) if workload.has_sidecar else pod_ip
+    outbound_ip = str(block + 3) if workload.has_sidecar else None
+    ports = workload.ports
+    env = {
+        "HOST": app_ip,
+        "POD_IP": pod_ip,
+        "POD_NAME": workload.name,
+        "POD_NAMESPACE": workload.namespace,
+        "SERVICE_ACCOUNT": workload.service_account,
+    }
+    if ports:
+        env["PORT"] = str(ports[0])
+    if outbound_ip is not None:
+        proxy = f"http://{outbound_ip}:{HTTP_PROXY_PORT}"
+        env |= {"OUTBOUND_IP": outbound_ip, "HTTP_PROXY": proxy, "http_proxy": proxy}
+    env |= {var.name: var.value for var in container.env}
+    plan = PodPlan(
+        namespace=workload.namespace,
+        name=workload.name,
+        service_account=workload.service_account,
+        sidecar=workload.has_sidecar,
+        pod_ip=pod_ip,
+        app_ip=app_ip,
+        outbound_ip=outbound_ip,
+        ports=ports,
+        command=argv,
+        env=env,
+    )
+    return plan, None
+
+
+def _service_targets(snapshot: ConfigSnapshot, pods: list[PodPlan]) -> dict[str, ServiceTarget]:
+    by_ref = {p.ref: p for p in pods}
+    targets: dict[str, ServiceTarget] = {}
+    for service in snapshot.services:
+        selected = [
+            w for w in snapshot.workloads if w.ref in by_ref and service.namespace == w.namespace
+        ]
+        selected = [w for w in selected if service.selects(w)]
+        if not selected:
+            continue
+        pod = by_ref[selected[0].ref]
+        names = (
+            service.hostname,
+            f"{service.name}.{service.namespace}.svc",
+            f"{service.name}.{service.namespace}",
+        )
+        for port in service.ports:
+            target = port.target_port
+            if isinstance(target, str):  # a named container port
+                target = _named_port(selected[0], target) or port.port
+            for name in names:
+                targets[f"{name}:{port.port}"] = ServiceTarget(pod.ref, pod.pod_ip, target)
+    return targets
+
+
+def _named_port(workload: Workload, name: str) -> int | None:
+    spec = workload.resource.spec
+    pod_spec: m.PodSpec = spec.spec if workload.kind == "Pod" else spec.template.spec
+    for container in pod_spec.containers:
+        for port in container.ports:
+            if port.name == name:
+                return port.container_port
+    return None
+
+
+def _nowhere() -> Location:
+    return Location("<trustmesh up>")

@@ -1,0 +1,139 @@
+"""A running local mesh seen from outside: its state files, its processes, its sync status.
+
+What ``trustmesh status / logs / down / proxy-config / request / test --live`` use: they
+run as separate processes and find the mesh through its state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trustmesh.runtime.layout import Layout, read_json
+from trustmesh.runtime.plan import MeshPlan, PodPlan
+from trustmesh.runtime.supervisor import stop_recorded
+
+__all__ = ["NotRunning", "RunningMesh"]
+
+
+class NotRunning(RuntimeError):
+    """No mesh runs from that state directory (or it cannot be read)."""
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@dataclass(frozen=True)
+class RunningMesh:
+    layout: Layout
+    record: dict[str, Any]
+    plan: MeshPlan
+
+    @classmethod
+    def open(cls, state: Path) -> RunningMesh:
+        layout = Layout(state)
+        try:
+            record = read_json(layout.mesh)
+            plan = MeshPlan.from_json(read_json(layout.plan))
+        except FileNotFoundError:
+            raise NotRunning(f"no mesh was started from {state} (trustmesh up DIR)") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise NotRunning(f"cannot read the mesh state in {state}: {exc}") from None
+        return cls(layout, record, plan)
+
+    @property
+    def state(self) -> str:
+        return str(self.record.get("state", "unknown"))
+
+    @property
+    def supervisor_alive(self) -> bool:
+        return self.state not in ("stopped",) and _alive(self.record.get("supervisor_pid"))
+
+    def pod(self, ref: str) -> PodPlan:
+        pod = self.plan.pod(ref)
+        if pod is None:
+            known = ", ".join(p.ref for p in self.plan.pods)
+            raise LookupError(f"no pod {ref!r} in this mesh (pods: {known})")
+        return pod
+
+    def pod_record(self, ref: str) -> dict[str, Any]:
+        return dict(self.record.get("pods", {}).get(ref, {}))
+
+    def admin(self, ref: str) -> str:
+        pod = self.pod(ref)
+        if not pod.sidecar:
+            raise LookupError(f"{ref} has no sidecar (its namespace is not injected)")
+        admin = self.pod_record(ref).get("admin")
+        if not admin:
+            raise LookupError(f"{ref}: its sidecar has not reported an admin address")
+        return str(admin)
+
+    def envoy_get(self, ref: str, path: str, timeout: float = 5.0) -> bytes:
+        with urllib.request.urlopen(f"http://{self.admin(ref)}{path}", timeout=timeout) as r:
+            body: bytes = r.read()
+            return body
+
+    def syncz(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The control plane's /debug/syncz, None if it does not answer."""
+        try:
+            port = read_json(self.layout.control_plane)["ports"]["debug"]
+            url = f"http://127.0.0.1:{port}/debug/syncz"
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                value: dict[str, Any] = json.loads(response.read())
+                return value
+        except (OSError, ValueError, KeyError):
+            return None
+
+    async def wait_synced(self, *, after_generation: int = -1, timeout: float = 15.0) -> int:
+        """Wait until the control plane applied a generation > ``after_generation`` (the
+        files as they are now, when -1) and every proxy ACKed it; that generation."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            last = await asyncio.to_thread(self.syncz)
+            if last is not None and last["generation"] > after_generation:
+                proxies = last["proxies"].values()
+                if all(p["synced"] for p in proxies):
+                    return int(last["generation"])
+            await asyncio.sleep(0.05)  # polling another process's debug endpoint
+        stale = [] if last is None else [n for n, p in last["proxies"].items() if not p["synced"]]
+        errors = [] if last is None else last.get("errors", [])
+        raise TimeoutError(
+            f"the mesh did not sync within {timeout:.0f}s"
+            + (f"; not synced: {', '.join(stale)}" if stale else "")
+            + (f"; errors: {'; '.join(errors[:5])}" if errors else "")
+            + ("; the control plane does not answer" if last is None else "")
+        )
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop the mesh: SIGTERM to the supervisor (which stops what it started), or, if
+        it is gone, SIGKILL to every recorded process that is still this mesh's."""
+        pid = self.record.get("supervisor_pid")
+        if self.supervisor_alive and isinstance(pid, int):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)  # waiting for another process to exit: no event to wait on
+            if not _alive(pid):
+                return 1 + stop_recorded(read_json(self.layout.mesh), self.layout)
+        return stop_recorded(self.record, self.layout)

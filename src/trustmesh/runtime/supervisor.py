@@ -1,0 +1,428 @@
+"""``trustmesh up``: a whole mesh as local processes, started, watched and stopped by PID.
+
+:class:`MeshRuntime` plans the pods (:mod:`trustmesh.runtime.plan`), then starts
+
+1. the control plane process (CA + xDS, :mod:`trustmesh.runtime.control_plane`) and waits
+   for its ready line;
+2. one sidecar process per injected pod (agent + SDS + Envoy,
+   :mod:`trustmesh.runtime.sidecar`), all at once, and waits until every Envoy is ready —
+   which means it has its certificate and its first configuration over ADS;
+3. every pod's app (its container command) with ``HOST``/``PORT`` set, and waits until
+   each app with ports accepts connections on them.
+
+Anything that does not become ready within its timeout stops the whole start with a
+message naming the pod and the tail of its log. While it runs, a control plane that exits
+is started again on the same ports (Envoys keep their configuration meanwhile and
+reconnect); a sidecar or app that exits is reported in ``mesh.json`` (and by ``trustmesh
+status``). Stopping kills exactly the processes it started, by PID.
+
+Every child gets ``TRUSTMESH_MESH=<state dir>`` in its environment: :func:`stop_recorded`
+checks it before signalling a recorded PID, so a PID reused by an unrelated process after
+a crash is never killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
+from trustmesh.api.diagnostics import Diagnostic
+from trustmesh.config import load_config
+from trustmesh.runtime.control_plane import ARGS_FILE, node_id
+from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.plan import DEFAULT_BASE, MeshPlan, PodPlan, plan_mesh
+from trustmesh.runtime.sidecar import SidecarSpec
+
+__all__ = ["MESH_ENV", "MeshRuntime", "StartError", "stop_recorded"]
+
+_log = logging.getLogger("trustmesh.runtime")
+MESH_ENV = "TRUSTMESH_MESH"
+CONTROL_PLANE_TIMEOUT = 30.0
+SIDECAR_TIMEOUT = 60.0
+APP_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+
+Progress = Callable[[str], None]
+
+
+class StartError(RuntimeError):
+    """The mesh could not start; ``diagnostics`` holds configuration errors, if that is why."""
+
+    def __init__(self, message: str, diagnostics: Sequence[Diagnostic] = ()) -> None:
+        super().__init__(message)
+        self.diagnostics = tuple(diagnostics)
+
+
+@dataclass
+class _Child:
+    name: str
+    process: asyncio.subprocess.Process
+    log: IO[bytes]
+    pump: asyncio.Task[None] | None = None
+
+
+@dataclass
+class MeshRuntime:
+    """One mesh: ``config`` files/directories (+ ``mesh_config``) run from ``layout``."""
+
+    config: Sequence[str]
+    layout: Layout
+    mesh_config: Sequence[str] = ()
+    base: str = DEFAULT_BASE
+    progress: Progress = field(default=lambda message: None)
+    plan: MeshPlan | None = None
+    control_plane: dict[str, Any] = field(default_factory=dict)
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _children: dict[str, _Child] = field(default_factory=dict)
+    _restarts: int = 0
+
+    # -- start
+
+    async def up(self) -> None:
+        """Start everything; raises :class:`StartError` (with everything stopped again)."""
+        started = time.monotonic()
+        try:
+            await self._up()
+        except BaseException:
+            await self.down()
+            raise
+        self.progress(f"mesh ready in {time.monotonic() - started:.1f}s")
+
+    async def _up(self) -> None:
+        config = [str(Path(p).resolve()) for p in self.config]
+        mesh_config = [str(Path(p).resolve()) for p in self.mesh_config]
+        loaded = await asyncio.to_thread(load_config, config, mesh_config=mesh_config)
+        if loaded.errors:
+            raise StartError("the configuration has errors", loaded.errors)
+        plan, problems = plan_mesh(loaded.snapshot, base=self.base)
+        if plan is None:
+            raise StartError("the workloads cannot run locally", problems)
+        if not plan.pods:
+            raise StartError("no Deployment, StatefulSet, DaemonSet or Pod to run")
+        self.plan = plan
+        self.layout.create()
+        write_json(self.layout.plan, plan.to_json())
+        write_json(
+            self.layout.root / ARGS_FILE,
+            {"config": config, "mesh_config": mesh_config, "ports": {}},
+        )
+        self.pods = {pod.ref: {**pod.to_json(), "status": "starting"} for pod in plan.pods}
+        self._record("starting", config, mesh_config)
+        await self._start_control_plane()
+        sidecars = [pod for pod in plan.pods if pod.sidecar]
+        self.progress(f"starting {len(sidecars)} sidecars (agent + Envoy)")
+        await asyncio.gather(*(self._start_sidecar(i, pod) for i, pod in enumerate(sidecars)))
+        self.progress(f"starting {len(plan.pods)} apps")
+        await asyncio.gather(*(self._start_app(pod) for pod in plan.pods))
+        for pod in plan.pods:
+            self.pods[pod.ref]["status"] = "running"
+        self._record("ready", config, mesh_config)
+
+    async def _start_control_plane(self) -> None:
+        args_path = self.layout.root / ARGS_FILE
+        args = read_json(args_path)
+        args["ports"] = self.control_plane.get("ports", {})
+        write_json(args_path, args)
+        self.progress("starting the control plane (CA + xDS)")
+        child = await self._spawn(
+            "control-plane",
+            [sys.executable, "-m", "trustmesh.runtime.control_plane", str(self.layout.root)],
+            self.layout.logs / "control-plane.log",
+            ready_line=True,
+        )
+        info = await self._ready_line(child, CONTROL_PLANE_TIMEOUT)
+        self.control_plane = info
+
+    async def _start_sidecar(self, index: int, pod: PodPlan) -> None:
+        assert self.plan is not None
+        ports = self.control_plane["ports"]
+        spec = SidecarSpec(
+            namespace=pod.namespace,
+            service_account=pod.service_account,
+            trust_domain=self.plan.trust_domain,
+            node_id=node_id(pod),
+            cluster=f"{pod.name}.{pod.namespace}",
+            ca_address=f"127.0.0.1:{ports['ca']}",
+            ca_renewal_address=f"127.0.0.1:{ports['ca_renewal']}",
+            roots_file=str(self.layout.roots),
+            token_file=str(self.layout.token(pod.key)),
+            sds_socket=str(self.layout.sds_socket(index)),
+            xds_port=ports["xds"],
+            control_plane_id=self.control_plane.get("spiffe_id")
+            or control_plane_spiffe_id(self.plan.trust_domain),
+            workdir=str(self.layout.pod_dir(pod.key)),
+        )
+        write_json(self.layout.sidecar_spec(pod.key), spec.to_json())
+        child = await self._spawn(
+            f"sidecar {pod.ref}",
+            [
+                sys.executable,
+                "-m",
+                "trustmesh.runtime.sidecar",
+                str(self.layout.sidecar_spec(pod.key)),
+            ],
+            self.layout.agent_log(pod.key),
+            ready_line=True,
+        )
+        info = await self._ready_line(child, SIDECAR_TIMEOUT, self.layout.envoy_log(pod.key))
+        self.pods[pod.ref] |= {
+            "sidecar_pid": child.process.pid,
+            "envoy_pid": info["envoy_pid"],
+            "admin": info["admin"],
+        }
+        self.progress(f"  {pod.ref}: sidecar ready (Envoy pid {info['envoy_pid']})")
+
+    async def _start_app(self, pod: PodPlan) -> None:
+        argv = list(pod.command)
+        if argv[0] == "trustmesh":  # this installation's, whatever PATH says
+            argv = [sys.executable, "-m", "trustmesh", *argv[1:]]
+        child = await self._spawn(
+            f"app {pod.ref}", argv, self.layout.app_log(pod.key), env=dict(pod.env)
+        )
+        self.pods[pod.ref]["app_pid"] = child.process.pid
+        deadline = time.monotonic() + APP_TIMEOUT
+        for port in pod.ports:
+            while not await _accepts(pod.app_ip, port):
+                if child.process.returncode is not None:
+                    raise StartError(
+                        f"{pod.ref}: the app exited with status {child.process.returncode}"
+                        + _tail(self.layout.app_log(pod.key))
+                    )
+                if time.monotonic() > deadline:
+                    raise StartError(
+                        f"{pod.ref}: the app does not accept connections on "
+                        f"{pod.app_ip}:{port} after {APP_TIMEOUT:.0f}s"
+                        + _tail(self.layout.app_log(pod.key))
+                    )
+                await asyncio.sleep(0.05)  # a readiness probe: nothing to wait on but the port
+        self.progress(f"  {pod.ref}: app running (pid {child.process.pid})")
+
+    # -- processes
+
+    async def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        ready_line: bool = False,
+    ) -> _Child:
+        log = log_path.open("ab")
+        environment = {**os.environ, **(env or {}), MESH_ENV: str(self.layout.root)}
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if ready_line else log,
+                stderr=log,
+                env=environment,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches only the supervisor
+            )
+        except OSError as exc:
+            log.close()
+            raise StartError(f"{name}: cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        child = _Child(name, process, log)
+        self._children[name] = child
+        return child
+
+    async def _ready_line(
+        self, child: _Child, timeout: float, extra_log: Path | None = None
+    ) -> dict[str, Any]:
+        """The child's JSON ready line; then its further output goes to its log."""
+        assert child.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(child.process.stdout.readline(), timeout)
+        except TimeoutError:
+            raise StartError(
+                f"{child.name} is not ready after {timeout:.0f}s" + _tail(Path(child.log.name))
+            ) from None
+        try:
+            info: dict[str, Any] = json.loads(line) if line else {"ready": False}
+        except ValueError:
+            info = {"ready": False, "error": line.decode(errors="replace")}
+        if not info.get("ready"):
+            why = info.get("error") or f"exited with status {await child.process.wait()}"
+            logs = _tail(Path(child.log.name)) + (_tail(extra_log) if extra_log else "")
+            raise StartError(f"{child.name} failed to start: {why}{logs}")
+        child.pump = asyncio.create_task(_pump(child.process.stdout, child.log))
+        return info
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: restart the control plane if it exits; note pods that exit."""
+        while not stop.is_set():
+            waits = {
+                asyncio.ensure_future(c.process.wait()): name
+                for name, c in self._children.items()
+                if c.process.returncode is None
+            }
+            stopped = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({*waits, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            for future in waits:
+                future.cancel()
+            stopped.cancel()
+            if stop.is_set():
+                return
+            for future in done:
+                name = waits.get(future)
+                if name is None:
+                    continue
+                await self._exited(name)
+
+    async def _exited(self, name: str) -> None:
+        child = self._children.pop(name)
+        child.log.close()
+        _log.warning("%s exited with status %s", name, child.process.returncode)
+        if name == "control-plane":
+            self._restarts += 1
+            self.progress(f"control plane exited ({child.process.returncode}); restarting")
+            try:
+                await self._start_control_plane()
+            except StartError as exc:
+                self.progress(f"control plane restart failed: {exc}")
+            self._record("ready")
+            return
+        kind, _, ref = name.partition(" ")
+        if ref in self.pods:
+            self.pods[ref]["status"] = f"{kind} exited ({child.process.returncode})"
+            self._record("degraded")
+
+    # -- stop
+
+    async def down(self) -> None:
+        """Stop apps, then sidecars, then the control plane (each: TERM, then KILL)."""
+        self._record("stopping")
+        order = ("app ", "sidecar ", "control-plane")
+        for prefix in order:
+            group = [c for name, c in self._children.items() if name.startswith(prefix)]
+            await asyncio.gather(*(_terminate(c.process) for c in group))
+        for child in self._children.values():
+            if child.pump is not None:
+                child.pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.pump
+            child.log.close()
+        self._children.clear()
+        # An Envoy whose sidecar was killed hard would outlive it: stop it by its PID.
+        stop_recorded({"pods": self.pods}, self.layout, only_envoys=True)
+        self._record("stopped")
+
+    # -- state file
+
+    def _record(
+        self, state: str, config: Sequence[str] | None = None, mesh_config: Sequence[str] = ()
+    ) -> None:
+        if not self.layout.root.exists():
+            return
+        previous: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            previous = read_json(self.layout.mesh)
+        record = {
+            "state": state,
+            "supervisor_pid": os.getpid(),
+            "config": list(config) if config is not None else previous.get("config", []),
+            "mesh_config": list(mesh_config) or previous.get("mesh_config", []),
+            "base": self.base,
+            "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "control_plane": {
+                **self.control_plane,
+                "pid": self._pid("control-plane"),
+                "restarts": self._restarts,
+            },
+            "pods": self.pods,
+        }
+        write_json(self.layout.mesh, record)
+
+    def _pid(self, name: str) -> int | None:
+        child = self._children.get(name)
+        return child.process.pid if child is not None else None
+
+
+async def _pump(stream: asyncio.StreamReader, log: IO[bytes]) -> None:
+    with contextlib.suppress(ValueError, OSError):  # the log was closed at shutdown
+        while line := await stream.readline():
+            log.write(line)
+            log.flush()
+
+
+async def _terminate(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), STOP_GRACE)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+async def _accepts(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_bytes()[-16_384:].decode(errors="replace")
+    except OSError:
+        return ""
+    shown = "\n    ".join(text.splitlines()[-lines:])
+    return f"\n  last lines of {path}:\n    {shown}" if shown else ""
+
+
+# ---------------------------------------------------------------------------- by PID
+
+
+def _belongs(pid: int, layout: Layout) -> bool:
+    """Is ``pid`` still a process this mesh started (not a reused PID)?"""
+    marker = f"{MESH_ENV}={layout.root}".encode()
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    if marker in environ.split(b"\0"):
+        return True
+    # Envoy is started by a sidecar with the sidecar's environment, so it has the marker
+    # too; its command line names its bootstrap under the state directory as a fallback.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(layout.root).encode() in cmdline
+
+
+def stop_recorded(record: dict[str, Any], layout: Layout, *, only_envoys: bool = False) -> int:
+    """SIGKILL every recorded process of this mesh that still runs; how many were."""
+    pids: list[int] = []
+    for pod in record.get("pods", {}).values():
+        keys = ("envoy_pid",) if only_envoys else ("app_pid", "envoy_pid", "sidecar_pid")
+        pids += [pod[k] for k in keys if isinstance(pod.get(k), int)]
+    if not only_envoys:
+        pid = record.get("control_plane", {}).get("pid")
+        if isinstance(pid, int):
+            pids.append(pid)
+    killed = 0
+    for pid in pids:
+        if _belongs(pid, layout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    return killed

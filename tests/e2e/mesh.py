@@ -1,0 +1,132 @@
+"""A real local mesh for end-to-end tests: ``trustmesh up --detach`` in a temp directory.
+
+The mesh runs as separate processes, exactly as a user starts it; :class:`LiveMesh`
+rewrites its configuration files (the control plane watches them), waits until every
+proxy ACKed the new configuration, and stops everything by PID at the end — also when a
+test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.unit.meshutil import ROOT
+from trustmesh.config import LoadedConfig, load_config
+from trustmesh.runtime.live import LiveCaseResult, LiveRunner
+from trustmesh.runtime.running import RunningMesh
+
+EXAMPLES = ROOT / "examples"
+SCENARIOS = EXAMPLES / "scenarios"
+START_TIMEOUT = 240
+
+
+def trustmesh(*args: str, state: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TRUSTMESH_STATE": str(state)}
+    return subprocess.run(
+        [sys.executable, "-m", "trustmesh", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+@dataclass
+class LiveMesh:
+    root: Path
+    state: Path
+    config_dir: Path
+    mesh_config: Path
+
+    @property
+    def running(self) -> RunningMesh:
+        return RunningMesh.open(self.state)
+
+    def apply(self, scenario: Path | None, mesh_config: str | None = None) -> LoadedConfig:
+        """Make ``scenario``'s config.yaml (and mesh.yaml) the mesh's, wait until every
+        proxy has it, and return the same configuration loaded for offline answers."""
+        target = self.config_dir / "scenario.yaml"
+        text = (scenario / "config.yaml").read_text() if scenario is not None else ""
+        if scenario is not None and (scenario / "mesh.yaml").exists():
+            mesh_config = (scenario / "mesh.yaml").read_text()
+        sync = self.running.syncz()
+        assert sync is not None, "the control plane does not answer"
+        changed = _replace(target, text) | _replace(self.mesh_config, mesh_config or "{}\n")
+        # A change must be seen as a new generation; unchanged files need no reload.
+        after = sync["generation"] if changed else -1
+        asyncio.run(self.running.wait_synced(after_generation=after, timeout=30))
+        loaded = load_config([str(self.config_dir)], mesh_config=[str(self.mesh_config)])
+        assert not loaded.errors, loaded.errors
+        return loaded
+
+    def run_cases(self, loaded: LoadedConfig, test_file: Path) -> list[LiveCaseResult]:
+        tests = load_config(
+            [str(self.config_dir)], mesh_config=[str(self.mesh_config)], test_paths=[str(test_file)]
+        ).tests
+        assert tests and loaded.mesh is not None
+        running = self.running
+        runner = LiveRunner(running.plan, running.layout)
+        suites = [(s.name, str(s.location), s.spec.cases) for s in tests]
+        return asyncio.run(runner.run(loaded.mesh, suites))
+
+
+def _replace(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` whole; whether that changed it."""
+    if path.exists() and path.read_text() == text:
+        return False
+    partial = path.with_suffix(".partial")  # not .yaml: never read half written
+    partial.write_text(text)
+    os.replace(partial, path)
+    return True
+
+
+@contextmanager
+def live_mesh(root: Path, *, base: str, scenario: Path | None = None) -> Iterator[LiveMesh]:
+    """Start the example mesh (with ``scenario``'s config, whose workloads then run too)
+    and stop it afterwards."""
+    config_dir, state = root / "config", root / "state"
+    config_dir.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "mesh" / "workloads.yaml", config_dir / "workloads.yaml")
+    seed = (scenario / "config.yaml").read_text() if scenario is not None else ""
+    (config_dir / "scenario.yaml").write_text(seed)
+    mesh_file = root / "mesh.yaml"
+    has_mesh = scenario is not None and (scenario / "mesh.yaml").exists()
+    mesh_file.write_text((scenario / "mesh.yaml").read_text() if has_mesh else "{}\n")
+    started = trustmesh(
+        "up",
+        str(config_dir),
+        "--mesh-config",
+        str(mesh_file),
+        "--detach",
+        "--base",
+        base,
+        state=state,
+        timeout=START_TIMEOUT,
+    )
+    try:
+        assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
+        yield LiveMesh(root, state, config_dir, mesh_file)
+    finally:
+        stopped = trustmesh("down", state=state)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def report(results: list[LiveCaseResult]) -> str:
+    lines = []
+    for r in results:
+        if r.passed:
+            continue
+        lines.append(f"{r.suite} / {r.case}: {r.not_run or ''}")
+        lines.append(f"    {r.detail}")
+        lines += [f"    {f}" for f in r.failures]
+        lines += [f"    offline differs: {m}" for m in r.mismatches]
+    return "\n".join(lines)
