@@ -172,6 +172,7 @@ def test_a_tcp_listener_per_tcp_service_port() -> None:
         "outbound_tcp_9000",
         "outbound_tcp_9001",
         "outbound_tcp_9002",
+        "outbound_tls_443",
     ]
     for port in (9000, 9001, 9002):
         listener = listeners[f"outbound_tcp_{port}"]
@@ -205,6 +206,44 @@ spec:
 
     assert cluster("foo/sleep") == "outbound|9000||tcp-echo.foo.svc.cluster.local"
     assert cluster("bar/sleep") == "outbound|9000||aaa-echo.bar.svc.cluster.local"
+
+
+def test_tls_egress_is_routed_by_sni_and_unknown_names_blackholed_under_registry_only() -> None:
+    entry = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: google, namespace: default}
+spec:
+  hosts: [www.google.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 8443, name: tls, protocol: TLS}]
+  resolution: DNS
+"""
+    mesh = "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
+    resources = translate(
+        compile_text(entry, mesh=mesh),
+        "foo/sleep",
+        inbound_address="10.0.0.1",
+        outbound_address=OUT,
+    )
+    listeners = _listeners(resources)
+    for port in (443, 8443):
+        listener = listeners[f"outbound_tls_{port}"]
+        assert listener["listener_filters"][0]["name"] == "envoy.filters.listener.tls_inspector"
+        (chain,) = listener["filter_chains"]
+        assert chain["filter_chain_match"] == {"server_names": ["www.google.com"]}
+        assert chain["filters"][-1]["typed_config"]["cluster"] == f"outbound|{port}||www.google.com"
+        default = listener["default_filter_chain"]["filters"]
+        assert [f["typed_config"]["cluster"] for f in default] == ["BlackHoleCluster"]
+
+
+def test_tls_egress_under_allow_any_forwards_by_sni() -> None:
+    listener = _listeners(_sleep())["outbound_tls_443"]
+    assert listener["filter_chains"] == []  # no ServiceEntry
+    names = [f["name"] for f in listener["default_filter_chain"]["filters"]]
+    assert names == [
+        "envoy.filters.network.sni_dynamic_forward_proxy",
+        "envoy.filters.network.tcp_proxy",
+    ]
 
 
 def test_outbound_address_is_checked() -> None:

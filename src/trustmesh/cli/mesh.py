@@ -299,6 +299,9 @@ def request(
             result = asyncio.run(
                 tcp_exchange(running.plan, pod, host, int(port), payload.encode(), timeout=timeout)
             )
+            if result.tls_peer:
+                _out.print(f"TLS handshake with {result.tls_peer} completed", markup=False)
+                return
             if result.reset or not result.received:
                 _err.print(f"reset: {result.why}", markup=False)
                 raise typer.Exit(RESET_EXIT)

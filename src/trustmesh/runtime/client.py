@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -58,10 +59,23 @@ class TcpResult:
     reset: bool = False
     why: str = ""
     sent: bytes = field(default=b"", repr=False)
+    tls_peer: str = ""  # for a TLS exchange: the handshake completed with this server
 
     @property
     def echoed(self) -> bool:
         return bool(self.sent) and self.received.rstrip(b"\n").endswith(self.sent.rstrip(b"\n"))
+
+    @property
+    def connected(self) -> bool:
+        return self.echoed or bool(self.tls_peer)
+
+
+TLS_PORT = 443
+
+
+def speaks_tls(plan: MeshPlan, host: str, port: int) -> bool:
+    """An app's https:// connection: port 443 to a host outside the mesh's services."""
+    return port == TLS_PORT and f"{host}:{port}" not in plan.services
 
 
 def outside_pod(address: str = "127.0.0.1") -> PodPlan:
@@ -188,7 +202,13 @@ async def tcp_exchange(
     timeout: float = 5.0,
 ) -> TcpResult:
     """Connect as ``pod``, send ``data`` and read until a line comes back or the peer
-    closes; a close without a byte is a reset (Envoy's RBAC or a refused handshake)."""
+    closes; a close without a byte is a reset (Envoy's RBAC or a refused handshake).
+
+    To an external host on 443 it opens TLS instead (what ``curl https://host`` does, SNI
+    = ``host``): the handshake completing is the answer.
+    """
+    if speaks_tls(plan, host, port):
+        return await _tls_handshake(plan, pod, host, port, timeout)
     if pod.sidecar:
         assert pod.outbound_ip is not None
         address, connect_port, source = pod.outbound_ip, port, pod.app_ip
@@ -216,3 +236,27 @@ async def tcp_exchange(
     if not received:
         return TcpResult(reset=True, why="closed by the peer before answering", sent=data)
     return TcpResult(received=received, sent=data)
+
+
+async def _tls_handshake(
+    plan: MeshPlan, pod: PodPlan, host: str, port: int, timeout: float
+) -> TcpResult:
+    if pod.sidecar:
+        assert pod.outbound_ip is not None
+        address, source = pod.outbound_ip, pod.app_ip
+    else:
+        (address, port), source = _resolve(plan, host, port), pod.pod_ip
+    context = ssl.create_default_context()  # the public server must prove it is `host`
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                address, port, ssl=context, server_hostname=host, local_addr=(source, 0)
+            ),
+            timeout,
+        )
+    except ssl.SSLCertVerificationError as exc:
+        return TcpResult(why=f"TLS to {host}: {exc.verify_message}", tls_peer="")
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return TcpResult(reset=True, why=f"TLS to {host} via {address}:{port}: {exc}")
+    writer.transport.abort()
+    return TcpResult(tls_peer=host)

@@ -9,8 +9,13 @@ the offline evaluator produces:
   client's own sidecar answers (REGISTRY_ONLY) → ``deny``, a connection reset or closed
   before any answer, or the client sidecar's 503 for an upstream reset → ``reset``; any
   other status is the app's answer → ``allow``.
-* TCP: the line echoed back → ``allow``; a close without an answer → ``deny`` if the
-  destination sidecar's access log shows its network RBAC refused it, else ``reset``.
+* TCP: the line echoed back (TLS to an external host on 443: the handshake completed)
+  → ``allow``; a close without an answer → ``deny`` if the destination sidecar's access
+  log shows its network RBAC refused it, else ``reset``.
+* Egress this host cannot complete (it has no route to the internet): the client
+  sidecar's access log shows whether the request left the mesh through a ServiceEntry's
+  (or ALLOW_ANY's) cluster — ``allow``, status not observed — or hit
+  ``BlackHoleCluster`` (REGISTRY_ONLY) — ``reset`` / the 502 it answered.
 * The deciding rule and the dry-run results come from the destination sidecar's access
   log line for the request (found by its ``x-request-id``): ``rbac_access_denied_matched_
   policy[…]`` for a denial, the RBAC filters' dynamic metadata for an allow and for
@@ -38,6 +43,7 @@ from trustmesh.policy.testing import Outcome, check, run_case
 from trustmesh.runtime.client import HttpResult, TcpResult, http_request, outside_pod, tcp_exchange
 from trustmesh.runtime.layout import Layout
 from trustmesh.runtime.plan import MeshPlan, PodPlan
+from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
 
 __all__ = ["LiveCaseResult", "LiveRunner"]
 
@@ -183,6 +189,8 @@ class LiveRunner:
         url = f"http://{host}:{port}{case.request.path}"
         log = self._log_of(destination)
         offset = _size(log)
+        egress_log = self._log_of(source) if destination is None else None
+        egress_offset = _size(egress_log)
         result = await http_request(
             self.plan,
             source,
@@ -197,6 +205,11 @@ class LiveRunner:
             line = await _wait_log_line(log, offset, lambda e: e.get("request_id") == request_id)
             if line is not None:
                 outcome = _with_log(outcome, line)
+        if egress_log is not None and result.status == 503:
+            line = await _wait_log_line(
+                egress_log, egress_offset, lambda e: e.get("request_id") == request_id
+            )
+            outcome = _egress(outcome, line)
         return outcome, detail
 
     # -- TCP
@@ -205,16 +218,25 @@ class LiveRunner:
         host, port, destination = self._destination(case)
         log = self._log_of(destination)
         offset = _size(log)
+        egress_log = self._log_of(source) if destination is None else None
+        egress_offset = _size(egress_log)
         result = await tcp_exchange(self.plan, source, host, port, timeout=self.timeout / 2)
         detail = f"tcp {host}:{port} as {source.ref} → {_describe_tcp(result)}"
-        if result.echoed:
-            outcome = Outcome("allow", None, None, None, None, "echoed", rule_known=False)
+        if result.connected:
+            outcome = Outcome("allow", None, None, None, None, "connected", rule_known=False)
         else:
             outcome = Outcome("reset", None, None, None, None, result.why, rule_known=False)
         if log is not None:
             line = await _wait_log_line(log, offset, lambda e: e.get("port") == str(port))
             if line is not None:
                 outcome = _tcp_with_log(outcome, line)
+        if egress_log is not None and not result.connected:
+
+            def ours(entry: dict[str, Any]) -> bool:
+                local = str(entry.get("downstream_local_address", ""))
+                return entry.get("workload") == source.ref and local.endswith(f":{port}")
+
+            outcome = _egress(outcome, await _wait_log_line(egress_log, egress_offset, ours))
         return outcome, detail
 
     def _log_of(self, pod: PodPlan | None) -> Path | None:
@@ -297,12 +319,32 @@ def _tcp_with_log(outcome: Outcome, entry: dict[str, Any]) -> Outcome:
     return outcome
 
 
+# Envoy response flags of an upstream that could not be reached (connect failure, no
+# healthy host, DNS resolution failed, retries exhausted).
+_UNREACHABLE = {"UF", "UH", "DF", "URX", "UC", "UO"}
+
+
+def _egress(outcome: Outcome, entry: dict[str, Any] | None) -> Outcome:
+    """Egress whose upstream could not be reached: the client sidecar's access log tells
+    whether the mesh let it out (a ServiceEntry's or the passthrough cluster) — this host
+    has no route to the internet, so that is all there is to observe — or blocked it."""
+    if entry is None:
+        return outcome
+    cluster = str(entry.get("upstream_cluster") or "-")
+    flags = set(str(entry.get("response_flags") or "-").split(","))
+    if cluster in ("-", BLACKHOLE_CLUSTER) or not flags & _UNREACHABLE:
+        return outcome
+    why = f"left the mesh via {cluster}; unreachable from this host ({','.join(sorted(flags))})"
+    return Outcome("allow", None, None, None, None, why, rule_known=False, status_known=False)
+
+
 def _differences(live: Outcome, offline: Outcome) -> list[str]:
     out = []
     if live.verdict != offline.verdict:
         out.append(f"live {live.verdict}, offline {offline.verdict}")
     elif (
         live.verdict != "allow"  # an allowed request's status is the app's, not the mesh's
+        and live.status_known
         and live.status is not None
         and offline.status is not None
         and live.status != offline.status
@@ -322,6 +364,8 @@ def _describe(result: HttpResult) -> str:
 
 
 def _describe_tcp(result: TcpResult) -> str:
+    if result.tls_peer:
+        return f"TLS handshake with {result.tls_peer} completed"
     if result.echoed:
         return f"echoed {result.received.strip()!r}"
     return f"reset ({result.why})" if result.reset else f"no echo ({result.why})"

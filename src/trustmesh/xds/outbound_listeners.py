@@ -32,9 +32,15 @@ Unknown hosts (istio-semantics §6):
   resolves the request's ``Host`` itself (the ``dynamic_forward_proxy`` HTTP filter
   fills its DNS cache; for any other cluster that filter does nothing).
 
-Not built: HTTPS through the proxy (``CONNECT``), TCP listeners for ServiceEntry ports,
-Sidecar ``egress`` scoping. Two Services with the same TCP port cannot both have a
-listener on one address: the client's own namespace wins, then the lowest hostname.
+* ``outbound_tls_<port>`` on ``<outbound_address>:<port>`` for 443 and every other TLS /
+  HTTPS ServiceEntry port — TLS egress as the app opens it (``https://www.google.com``
+  reaches ``$OUTBOUND_IP:443``): the SNI of the ClientHello picks the ServiceEntry host's
+  cluster; any other SNI goes to ``BlackHoleCluster`` (a reset, curl exit 35) under
+  REGISTRY_ONLY, or is resolved by SNI and forwarded under ALLOW_ANY.
+
+Not built: HTTPS through the proxy (``CONNECT``), Sidecar ``egress`` scoping. Two
+Services with the same TCP port cannot both have a listener on one address: the client's
+own namespace wins, then the lowest hostname.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from trustmesh.api import models as m
 from trustmesh.api.snapshot import Service
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.outbound import (
+    BLACKHOLE_CLUSTER,
     CLUSTER_TYPE,
     Protocol,
     default_virtual_host,
@@ -62,6 +69,7 @@ __all__ = [
     "outbound_listeners",
     "outbound_proxy_clusters",
     "outbound_tcp_ports",
+    "tls_egress_ports",
 ]
 
 _T = "type.googleapis.com/"
@@ -72,6 +80,8 @@ _TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _STDOUT_LOG = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 _DFP_CLUSTER = _T + "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"
 _DFP_FILTER = _T + "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"
+_SNI_DFP_FILTER = _T + "envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig"
+_TLS_INSPECTOR = _T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 
 OUTBOUND_HTTP_LISTENER = "outbound_http"
 OUTBOUND_HTTP_PORT = 15001  # Istio's outbound capture port, reused for the explicit proxy
@@ -133,7 +143,73 @@ def outbound_listeners(wp: WorkloadPolicy, mesh: MeshPolicy, address: str) -> li
                 ],
             }
         )
+    taken = {OUTBOUND_HTTP_PORT, *outbound_tcp_ports(wp, mesh)}
+    for port, hosts in tls_egress_ports(mesh).items():
+        if port not in taken:
+            listeners.append(_tls_egress_listener(wp, address, port, hosts))
     return sorted(listeners, key=lambda listener: str(listener["name"]))
+
+
+TLS_EGRESS_PORT = 443  # always listened on: where an app's https:// connections go
+
+
+def tls_egress_ports(mesh: MeshPolicy) -> dict[int, list[str]]:
+    """TLS egress port → the ServiceEntry hosts (SNI names) served on it, by port."""
+    ports: dict[int, list[str]] = {TLS_EGRESS_PORT: []}
+    for entry in sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name)):
+        spec: m.ServiceEntrySpec = entry.spec
+        for port in spec.ports:
+            if port.protocol.upper() in ("TLS", "HTTPS"):
+                hosts = ports.setdefault(port.number, [])
+                hosts += [h for h in spec.hosts if h not in hosts]
+    return dict(sorted(ports.items()))
+
+
+def _tls_egress_listener(
+    wp: WorkloadPolicy, address: str, port: int, hosts: list[str]
+) -> dict[str, Any]:
+    def chain(cluster: str, extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        tcp = {
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": _TCP_PROXY,
+                "stat_prefix": cluster,
+                "cluster": cluster,
+                "access_log": [_log(wp, _tcp_fields())],
+            },
+        }
+        return {"filters": [*(extra or []), tcp]}
+
+    chains = []
+    for host in hosts:
+        matched = chain(f"outbound|{port}||{host}")
+        matched["filter_chain_match"] = {"server_names": [host]}
+        chains.append(matched)
+    if wp.egress_mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
+        default = chain(BLACKHOLE_CLUSTER)  # no endpoints: the connection is closed
+    else:
+        resolve = {
+            "name": "envoy.filters.network.sni_dynamic_forward_proxy",
+            "typed_config": {
+                "@type": _SNI_DFP_FILTER,
+                "dns_cache_config": dict(_DNS_CACHE),
+                "port_value": port,
+            },
+        }
+        default = chain(DYNAMIC_FORWARD_PROXY_CLUSTER, [resolve])
+    return {
+        "@type": _LISTENER_TYPE,
+        "name": f"outbound_tls_{port}",
+        "address": socket_address(address, port),
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {"@type": _TLS_INSPECTOR},
+            }
+        ],
+        "filter_chains": chains,
+        "default_filter_chain": default,
+    }
 
 
 def outbound_proxy_clusters(wp: WorkloadPolicy) -> list[dict[str, Any]]:
@@ -280,6 +356,7 @@ def _log(wp: WorkloadPolicy, fields: dict[str, str]) -> dict[str, Any]:
 
 def _http_fields() -> dict[str, str]:
     return {
+        "request_id": "%REQ(X-REQUEST-ID)%",
         "method": "%REQ(:METHOD)%",
         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "authority": "%REQ(:AUTHORITY)%",
