@@ -51,18 +51,23 @@ class LiveMesh:
     def running(self) -> RunningMesh:
         return RunningMesh.open(self.state)
 
-    def apply(self, scenario: Path | None, mesh_config: str | None = None) -> LoadedConfig:
-        """Make ``scenario``'s config.yaml (and mesh.yaml) the mesh's, wait until every
-        proxy has it, and return the same configuration loaded for offline answers."""
-        target = self.config_dir / "scenario.yaml"
+    def write(self, scenario: Path | None) -> bool:
+        """Make ``scenario``'s config.yaml and mesh.yaml (None: none) the mesh's files;
+        whether that changed them. The control plane notices by itself."""
         text = (scenario / "config.yaml").read_text() if scenario is not None else ""
+        mesh_config = "{}\n"
         if scenario is not None and (scenario / "mesh.yaml").exists():
             mesh_config = (scenario / "mesh.yaml").read_text()
+        changed = _replace(self.config_dir / "scenario.yaml", text)
+        return _replace(self.mesh_config, mesh_config) | changed
+
+    def apply(self, scenario: Path | None) -> LoadedConfig:
+        """:meth:`write`, wait until every proxy has it, and return the same configuration
+        loaded for offline answers."""
         sync = self.running.syncz()
         assert sync is not None, "the control plane does not answer"
-        changed = _replace(target, text) | _replace(self.mesh_config, mesh_config or "{}\n")
         # A change must be seen as a new generation; unchanged files need no reload.
-        after = sync["generation"] if changed else -1
+        after = sync["generation"] if self.write(scenario) else -1
         asyncio.run(self.running.wait_synced(after_generation=after, timeout=30))
         loaded = load_config([str(self.config_dir)], mesh_config=[str(self.mesh_config)])
         assert not loaded.errors, loaded.errors

@@ -32,12 +32,6 @@ TRUST_DOMAIN = ["16a-trust-domain-migrated", "16b-trust-domain-alias"]
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
-    with live_mesh(tmp_path_factory.mktemp("live"), base="127.30.0.0") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def new_td_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
     # The CA issues in new-td from the start; the scenario's workloads run too.
     first = SCENARIOS / TRUST_DOMAIN[0]
