@@ -1,13 +1,23 @@
-"""`make demo`: the istio.io security tasks, decided offline by trustmesh.
+"""`make demo`: the istio.io security tasks, offline and then live through real Envoy.
 
-For every scenario under examples/scenarios (istio-semantics.md §7) it loads the
-example mesh plus that scenario's Istio YAML, asks each of the scenario's requests, and
-prints the verdict with the rule that decided it, checked against the expectation.
+1. For every scenario under examples/scenarios (istio-semantics.md §7) it loads the
+   example mesh plus that scenario's Istio YAML, asks each of the scenario's requests, and
+   prints the verdict with the rule that decided it, checked against the expectation.
+2. `trustmesh up` starts the example mesh as local processes (control plane + CA, a
+   sidecar Envoy per injected pod, the sample apps); a handful of scenarios are applied
+   to it in turn and their requests sent for real — allow, deny, reset, 401, 502, TCP —
+   with the deciding rule read from the sidecar's access log; then `trustmesh down`.
+3. The security analyzer on an insecure-by-default install (examples/insecure).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -17,6 +27,8 @@ from trustmesh.analyze.context import build_context
 from trustmesh.analyze.engine import analyze
 from trustmesh.config import load_config
 from trustmesh.policy.testing import run_case
+from trustmesh.runtime.live import LiveRunner
+from trustmesh.runtime.running import RunningMesh
 
 HERE = Path(__file__).resolve().parent
 NOW = 1_790_000_000.0  # the example tokens' clock
@@ -66,8 +78,95 @@ def main() -> int:
         " -f examples/scenarios/02-deny-get/config.yaml"
         " --from foo/sleep --to foo/httpbin --path /get"
     )
+    failures += _live(console)
     _analyzer(console)
     return 1 if failures else 0
+
+
+LIVE_SCENARIOS = (
+    "02-deny-get",
+    "05-tcp-allow-ports",
+    "09-jwt-request-authentication",
+    "12-mesh-strict",
+    "15-dry-run-deny",
+    "17a-registry-only",
+)
+
+
+def _live(console: Console) -> int:
+    """Start the example mesh, send some scenarios' requests for real, stop it."""
+    work = Path(tempfile.mkdtemp(prefix="trustmesh-demo-"))
+    config, state, mesh_file = work / "config", work / "state", work / "mesh.yaml"
+    config.mkdir()
+    shutil.copy(HERE / "mesh" / "workloads.yaml", config / "workloads.yaml")
+    mesh_file.write_text("{}\n")
+    console.print(f"\n[bold]trustmesh up {config}[/bold] (state in {state})")
+    env = {**os.environ, "TRUSTMESH_STATE": str(state)}
+    trustmesh = [sys.executable, "-m", "trustmesh"]
+    started = subprocess.run(
+        [*trustmesh, "up", str(config), "--mesh-config", str(mesh_file), "--detach"],
+        env=env,
+        check=False,
+    )
+    if started.returncode != 0:
+        console.print("[red]the mesh did not start[/red]")
+        return 1
+    try:
+        return _live_table(console, state, config, mesh_file)
+    finally:
+        subprocess.run([*trustmesh, "down"], env=env, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _live_table(console: Console, state: Path, config: Path, mesh_file: Path) -> int:
+    running = RunningMesh.open(state)
+    runner = LiveRunner(running.plan, running.layout)
+    table = Table(title="the same requests, live through real Envoy sidecars (trustmesh up)")
+    for column in ("scenario", "request", "live", "deciding rule (access log)", "offline"):
+        table.add_column(column, overflow="fold")
+    failures = 0
+    for name in LIVE_SCENARIOS:
+        scenario = HERE / "scenarios" / name
+        generation = (running.syncz() or {}).get("generation", 0)
+        (config / "scenario.yaml").write_text((scenario / "config.yaml").read_text())
+        mesh_yaml = scenario / "mesh.yaml"
+        mesh_file.write_text(mesh_yaml.read_text() if mesh_yaml.exists() else "{}\n")
+        asyncio.run(running.wait_synced(after_generation=generation, timeout=30))
+        loaded = load_config(
+            [str(config)], mesh_config=[str(mesh_file)], test_paths=[str(scenario / "test.yaml")]
+        )
+        assert loaded.mesh is not None, loaded.errors
+        suites = [(s.name, str(s.location), s.spec.cases) for s in loaded.tests]
+        first = True
+        for result in asyncio.run(runner.run(loaded.mesh, suites)):
+            live = result.live
+            if live is None:
+                shown, rule = f"not run: {result.not_run}", "-"
+            else:
+                shown = live.verdict + (f" {live.status}" if live.status else "")
+                rule = (live.rule or "-") if live.rule_known else "(not logged)"
+                if live.dry_run:
+                    rule += f"; dry-run {', '.join(sorted(live.dry_run))}"
+            color = "green" if live is not None and live.verdict == "allow" else "red"
+            offline = result.offline.verdict if result.offline else "?"
+            ok = result.passed or bool(result.not_run)
+            table.add_row(
+                name if first else "",
+                result.case,
+                f"[{color}]{shown}[/{color}]",
+                rule.replace("[", "\\["),
+                ("[green]✓[/green] " if ok else "[red]✗[/red] ") + offline,
+            )
+            failures += not ok
+            first = False
+        table.add_section()
+    console.print(table)
+    console.print(
+        "Try it: .venv/bin/trustmesh up examples/mesh -d; "
+        ".venv/bin/trustmesh request --from foo/sleep http://httpbin.foo:8000/headers; "
+        ".venv/bin/trustmesh down"
+    )
+    return failures
 
 
 def _analyzer(console: Console) -> None:
