@@ -32,7 +32,7 @@ State = Annotated[
     Path,
     typer.Option("--state", envvar="TRUSTMESH_STATE", help="The mesh's state directory."),
 ]
-_err = Console(stderr=True, highlight=False)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)  # paths stay on one line
 _out = Console(highlight=False, soft_wrap=True)
 DETACH_TIMEOUT = 180.0
 RESET_EXIT = 56  # curl's "failure receiving network data"
