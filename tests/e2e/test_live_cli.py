@@ -122,3 +122,29 @@ spec:
     assert "Traceback" not in result.stderr
     record = json.loads((tmp_path / "state" / "mesh.json").read_text())
     assert record["state"] == "stopped"  # and everything it started is stopped again
+
+
+def test_live_tests_refuse_to_run_against_a_configuration_the_mesh_refused(
+    mesh: LiveMesh,
+) -> None:
+    mesh.apply(None)
+    bad = mesh.config_dir / "bad.yaml"
+    bad.write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: p, namespace: foo}\nspec:\n  action: MAYBE\n"
+    )
+    try:
+        test_file = SCENARIOS / "02-deny-get" / "test.yaml"
+        files = ["-f", str(SCENARIOS / "02-deny-get" / "config.yaml")]
+        result = trustmesh("test", *files, str(test_file), "--live", state=mesh.state)
+        assert result.returncode == 1
+        assert "refused the configuration" in result.stderr
+        assert "bad.yaml:5 spec.action" in result.stderr
+        # The proxies kept the last good configuration: no policy, GET allowed.
+        get = trustmesh(
+            "request", "--from", "foo/sleep", "http://httpbin.foo:8000/get", state=mesh.state
+        )
+        assert get.stdout.startswith("HTTP 200")
+    finally:
+        bad.unlink()
+    mesh.apply(None)

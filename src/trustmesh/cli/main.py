@@ -218,7 +218,7 @@ def _live_tests(loaded: LoadedConfig, state: Path, output: str) -> int:
     suites = [(s.name, str(s.location), s.spec.cases) for s in loaded.tests]
     try:
         asyncio.run(running.wait_synced())
-    except TimeoutError as exc:
+    except (TimeoutError, ValueError) as exc:
         render.usage_error(str(exc))
         return 1
     results = asyncio.run(runner.run(loaded.mesh, suites))

@@ -80,6 +80,7 @@ async def _debug_server(plane: ControlPlane, port: int) -> asyncio.Server:
                 body = json.dumps(
                     {
                         "generation": plane.reloads,
+                        "files": plane.loaded_digest,
                         "rejected": plane.rejected_reloads,
                         "errors": [str(d) for d in plane.last_errors],
                         "proxies": plane.sync_status(),

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trustmesh.runtime.control_plane import ARGS_FILE
 from trustmesh.runtime.layout import Layout, read_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.supervisor import stop_recorded
+from trustmesh.xds.controlplane import fingerprint_digest
 
 __all__ = ["NotRunning", "RunningMesh"]
 
@@ -105,16 +107,25 @@ class RunningMesh:
             return None
 
     async def wait_synced(self, *, after_generation: int = -1, timeout: float = 15.0) -> int:
-        """Wait until the control plane applied a generation > ``after_generation`` (the
-        files as they are now, when -1) and every proxy ACKed it; that generation."""
+        """Wait until the control plane applied a generation > ``after_generation`` — by
+        default, the configuration files as they are now — and every proxy ACKed it;
+        that generation. ``ValueError`` if the control plane refused the files."""
+        args = read_json(self.layout.root / ARGS_FILE)
+        files_now = fingerprint_digest([*args["config"], *args["mesh_config"]])
         deadline = time.monotonic() + timeout
         last: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             last = await asyncio.to_thread(self.syncz)
-            if last is not None and last["generation"] > after_generation:
-                proxies = last["proxies"].values()
-                if all(p["synced"] for p in proxies):
-                    return int(last["generation"])
+            read_now = last is not None and last.get("files") == files_now
+            if last is not None and read_now and last["errors"]:
+                raise ValueError(
+                    "the control plane refused the configuration as it is now (proxies "
+                    "keep the last good one):\n  " + "\n  ".join(last["errors"][:20])
+                )
+            newer = last is not None and last["generation"] > after_generation
+            applied = newer if after_generation >= 0 else read_now
+            if last is not None and applied and all(p["synced"] for p in last["proxies"].values()):
+                return int(last["generation"])
             await asyncio.sleep(0.05)  # polling another process's debug endpoint
         stale = [] if last is None else [n for n, p in last["proxies"].items() if not p["synced"]]
         errors = [] if last is None else last.get("errors", [])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
@@ -57,6 +58,7 @@ __all__ = [
     "ControlPlane",
     "Fingerprint",
     "ProxyRegistration",
+    "fingerprint_digest",
 ]
 
 _log = logging.getLogger(__name__)
@@ -193,6 +195,7 @@ class ControlPlane:
         self._registrations: dict[str, ProxyRegistration] = {}
         self._mesh: MeshPolicy | None = None
         self._seen: Fingerprint | None = None  # of the files the last reload read
+        self._outcome_of: Fingerprint | None = None  # … once its result is published
         self._reloading = asyncio.Lock()
         self._server: AdsServer | None = None
         self._tls_bundle = b""
@@ -336,7 +339,7 @@ class ControlPlane:
         async with self._reloading:
             registrations = dict(self._registrations)
             # Taken before reading: an edit made while this reload reads is seen by watch().
-            self._seen = await asyncio.to_thread(self.fingerprint)
+            seen = self._seen = await asyncio.to_thread(self.fingerprint)
             try:
                 build = await asyncio.to_thread(
                     _build, self._paths, self._mesh_config, registrations, self._addresses
@@ -352,11 +355,13 @@ class ControlPlane:
                     "configuration refused, still serving the last good one:\n  %s",
                     "\n  ".join(map(str, build.errors[:_SHOWN_ERRORS])),
                 )
+                self._outcome_of = seen
                 return list(self.last_errors)
             self._mesh = build.mesh
             problems, changed = self._publish(build)
             self.reloads += 1
             self.last_errors = problems
+            self._outcome_of = seen  # published: streams push from here on
             _log.info(
                 "configuration applied: %d of %d proxies changed, %d could not be configured",
                 changed,
@@ -389,6 +394,12 @@ class ControlPlane:
     def fingerprint(self) -> Fingerprint:
         """Path, inode, size and mtime of every configuration file, in reading order."""
         return _fingerprint((*self._paths, *self._mesh_config))
+
+    @property
+    def loaded_digest(self) -> str:
+        """:func:`fingerprint_digest` of the files the last finished reload read (its
+        snapshots are published, or its errors are in :attr:`last_errors`)."""
+        return _digest(self._outcome_of) if self._outcome_of is not None else ""
 
     # -- internals
 
@@ -534,6 +545,16 @@ def _fingerprint(paths: Sequence[str]) -> Fingerprint:
         # The inode catches an os.replace whose size and coarse mtime happen to match.
         stamps.append((path, info.st_ino, info.st_size, info.st_mtime_ns))
     return tuple(stamps)
+
+
+def fingerprint_digest(paths: Sequence[str]) -> str:
+    """A short digest of the configuration files' stamps: equal to a running control
+    plane's :attr:`~ControlPlane.loaded_digest` once it has read the files as they are."""
+    return _digest(_fingerprint(paths))
+
+
+def _digest(fingerprint: Fingerprint) -> str:
+    return hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]
 
 
 def _config_files(paths: Sequence[str]) -> Iterator[str]:
