@@ -375,3 +375,22 @@ def test_acks_and_nacks_are_recorded_per_node() -> None:
         assert cache.acked(NODE) == {} and cache.get(NODE) is None
 
     run(scenario())
+
+
+def test_a_shared_canonical_gives_the_same_snapshots_as_encoding_each_alone() -> None:
+    from trustmesh.xds.cache import Canonical
+
+    shared_cluster = {
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "shared",
+        "type": "STATIC",
+    }
+    canonical = Canonical()
+    for own in ("a", "b"):
+        mine = {**shared_cluster, "name": own}
+        alone = Snapshot.from_resources([shared_cluster, mine])
+        together = Snapshot.from_resources([shared_cluster, mine], canonical)
+        assert together == alone and together.version == alone.version
+    shared = Snapshot.from_resources([shared_cluster], canonical)
+    shared_cluster["type"] = "EDS"  # only a fresh Canonical sees a changed dict
+    assert Snapshot.from_resources([shared_cluster], Canonical()) != shared

@@ -82,6 +82,7 @@ def ads_bootstrap(
     admin_address: str = "127.0.0.1",
     admin_port: int = 0,
     control_plane_id: str = CONTROL_PLANE_ID,
+    source_address: str | None = None,
 ) -> dict[str, Any]:
     """The proto3-JSON bootstrap of a sidecar fed over ADS; pure, same input → same dict.
 
@@ -90,7 +91,10 @@ def ads_bootstrap(
     ``xds_address`` is an IP or a DNS name. ``control_plane_id`` is the URI SAN the
     control plane's certificate must carry (``control_plane_spiffe_id(trust_domain)``).
     ``admin_port`` may be 0 (Envoy picks one; :class:`~trustmesh.agent.envoy.EnvoyProcess`
-    reads it back); the admin endpoint must be on loopback.
+    reads it back); the admin endpoint must be on loopback. ``source_address``: the IP
+    every upstream connection of this Envoy leaves from — the workload's own, so
+    ``source.ip`` rules at the peer see the pod IP as in Istio (the kernel's choice,
+    127.0.0.1 on loopback, without it).
     """
     if not node_id or not cluster:
         raise ValueError("node_id and cluster must be non-empty")
@@ -105,8 +109,10 @@ def ads_bootstrap(
     if not isinstance(admin_port, int) or not 0 <= admin_port <= 65535:
         raise ValueError(f"admin port must be 0..65535, got {admin_port!r}")
     check_spiffe_ids("control_plane_id", frozenset({control_plane_id}), allow_empty=False)
+    if source_address is not None and not is_ip(source_address):
+        raise ValueError(f"source_address must be an IP, got {source_address!r}")
 
-    return {
+    bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": socket_address(admin_address, admin_port)},
         "dynamic_resources": {
@@ -133,6 +139,15 @@ def ads_bootstrap(
             ]
         },
     }
+    if source_address is not None:
+        # Cluster manager wide: one setting instead of one per cluster, so the clusters
+        # themselves stay the same for every proxy (and are built and hashed once).
+        bootstrap["cluster_manager"] = {
+            "upstream_bind_config": {
+                "source_address": socket_address(source_address, 0)["socket_address"]
+            }
+        }
+    return bootstrap
 
 
 def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:

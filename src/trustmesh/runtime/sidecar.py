@@ -50,6 +50,7 @@ class SidecarSpec:
     xds_port: int
     control_plane_id: str
     workdir: str
+    source_address: str  # the pod IP: where its connections to other workloads come from
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +93,7 @@ async def run_sidecar(spec: SidecarSpec, stop: asyncio.Event) -> int:
             xds_address="127.0.0.1",
             xds_port=spec.xds_port,
             control_plane_id=spec.control_plane_id,
+            source_address=spec.source_address,
         )
         # One worker thread: a host runs many sidecars (Istio's default is 2 per proxy).
         # Access logs flushed every 100 ms: `trustmesh logs --proxy` and `test --live`

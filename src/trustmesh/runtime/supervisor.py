@@ -163,6 +163,7 @@ class MeshRuntime:
             control_plane_id=self.control_plane.get("spiffe_id")
             or control_plane_spiffe_id(self.plan.trust_domain),
             workdir=str(self.layout.pod_dir(pod.key)),
+            source_address=pod.pod_ip,
         )
         write_json(self.layout.sidecar_spec(pod.key), spec.to_json())
         child = await self._spawn(

@@ -48,7 +48,7 @@ from trustmesh.identity.ca import CertificateAuthority
 from trustmesh.identity.server import Clock, utc_now
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.xds.cache import Snapshot, SnapshotCache
+from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
 from trustmesh.xds.translate import FilterDelivery, translate
 
@@ -488,9 +488,10 @@ def _build(
         return _Build(tuple(errors), None, registrations, {}, ())
     snapshots: dict[str, Snapshot] = {}
     problems = []
+    canonical = Canonical()  # what the proxies share is encoded once
     for node_id, registration in sorted(registrations.items()):
         try:
-            snapshots[node_id] = _snapshot_for(loaded.mesh, registration, addresses)
+            snapshots[node_id] = _snapshot_for(loaded.mesh, registration, addresses, canonical)
         except (LookupError, ValueError) as exc:
             problems.append(_proxy_problem(registration, exc))
         except Exception as exc:  # a bug for one workload must not stall every other update
@@ -500,7 +501,10 @@ def _build(
 
 
 def _snapshot_for(
-    mesh: MeshPolicy, registration: ProxyRegistration, addresses: Mapping[str, str]
+    mesh: MeshPolicy,
+    registration: ProxyRegistration,
+    addresses: Mapping[str, str],
+    canonical: Canonical | None = None,
 ) -> Snapshot:
     """One proxy's checked snapshot; ``LookupError`` / ``ValueError`` if there is none."""
     resources = translate(
@@ -510,10 +514,9 @@ def _snapshot_for(
         app_address=registration.app_address,
         delivery=FilterDelivery.ECDS,  # authorization changes reach open connections
         outbound_address=registration.outbound_address,
-        upstream_source_address=registration.inbound_address,
         workload_addresses=addresses,
     )
-    snapshot = Snapshot.from_resources(resources.all())
+    snapshot = Snapshot.from_resources(resources.all(), canonical)
     # Checked (and encoded, which is memoized) here, off the event loop: publishing it
     # later repeats neither.
     problems = snapshot.consistency_errors() or snapshot.encoding_errors()

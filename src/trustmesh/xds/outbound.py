@@ -263,11 +263,23 @@ def outbound_clusters(
 
 
 def _selected(mesh: MeshPolicy, service: Service) -> list[Workload]:
+    # Every proxy asks this about every service: computed once per compiled mesh, over
+    # the workloads of the service's namespace only.
+    key = ("service-endpoints", service.namespace, service.name)
+    found: list[Workload] | None = mesh.memo.get(key)
+    if found is not None:
+        return found
+    by_namespace = mesh.memo.get("workloads-by-namespace")
+    if by_namespace is None:
+        by_namespace = mesh.memo["workloads-by-namespace"] = {}
+        for workload in mesh.snapshot.workloads:
+            by_namespace.setdefault(workload.namespace, []).append(workload)
     by_ref: dict[str, Workload] = {}
-    for workload in mesh.snapshot.workloads:
+    for workload in by_namespace.get(service.namespace, ()):
         if service.selects(workload):
             by_ref.setdefault(workload.ref, workload)
-    return [by_ref[ref] for ref in sorted(by_ref)]
+    found = mesh.memo[key] = [by_ref[ref] for ref in sorted(by_ref)]
+    return found
 
 
 def _service_entries(mesh: MeshPolicy) -> list[Resource[Any]]:

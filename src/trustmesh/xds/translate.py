@@ -36,9 +36,9 @@ from __future__ import annotations
 import copy
 import enum
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.inbound import (
@@ -115,7 +115,6 @@ def translate(
     app_address: str = "127.0.0.1",
     delivery: FilterDelivery = FilterDelivery.ECDS,
     outbound_address: str | None = None,
-    upstream_source_address: str | None = None,
     workload_addresses: Mapping[str, str] | None = None,
 ) -> ProxyResources:
     """The Envoy resources of ``workload_ref``'s sidecar (``namespace/name``).
@@ -125,10 +124,13 @@ def translate(
     ``sds_cluster``: the bootstrap cluster of the agent's SDS server;
     ``outbound_address``: where the outbound listeners bind (none without it), for an
     app that reaches services through its sidecar by address (no traffic capture);
-    ``upstream_source_address``: the source IP of this sidecar's connections to other
-    services (the workload's own address, so ``source.ip`` rules see the pod IP as in
-    Istio; the kernel's choice, 127.0.0.1, without it); ``workload_addresses``: the IP
-    of each workload (``namespace/name``) whose manifest has none, for service endpoints.
+    ``workload_addresses``: the IP of each workload (``namespace/name``) whose manifest
+    has none, for service endpoints.
+
+    What every client in a namespace shares — outbound clusters and routes — is built
+    once per compiled mesh and shared between the proxies' resources (treat them as
+    read-only); a fleet's rebuild then costs little more per proxy than its own inbound
+    side.
     Raises ``LookupError`` for an unknown workload, ``ValueError`` for a workload without
     a sidecar, an address that is not an IP, or an outbound listener that would bind an
     inbound port of the same address.
@@ -141,8 +143,6 @@ def translate(
     addresses = [("inbound_address", inbound_address), ("app_address", app_address)]
     if outbound_address is not None:
         addresses.append(("outbound_address", outbound_address))
-    if upstream_source_address is not None:
-        addresses.append(("upstream_source_address", upstream_source_address))
     for what, address in addresses:
         try:
             ipaddress.ip_address(address)
@@ -181,23 +181,51 @@ def translate(
                 )
         listeners = sorted([*listeners, *outbound], key=lambda x: str(x["name"]))
         proxy_clusters = outbound_proxy_clusters(wp)
-    upstream = [*outbound_clusters(wp, mesh, sds_cluster, workload_addresses), *proxy_clusters]
-    if upstream_source_address is not None:
-        bind = {"source_address": {"address": upstream_source_address, "port_value": 0}}
-        upstream = [{**cluster, "upstream_bind_config": bind} for cluster in upstream]
     clusters: dict[str, dict[str, Any]] = {}
     for cluster in (
         *inbound_clusters(ports, app_address),
-        *upstream,
+        *_shared(
+            mesh,
+            wp,
+            ("clusters", sds_cluster, _addresses_key(workload_addresses)),
+            lambda: outbound_clusters(wp, mesh, sds_cluster, workload_addresses),
+        ),
+        *proxy_clusters,
         *jwks_clusters(wp.jwt_providers, mesh.snapshot),
     ):
         clusters.setdefault(cluster["name"], cluster)
+    routes = _shared(
+        mesh,
+        wp,
+        ("routes",),
+        lambda: sorted(outbound_routes(wp, mesh), key=lambda r: str(r["name"])),
+    )
     return ProxyResources(
         listeners=tuple(listeners),
         clusters=tuple(clusters[name] for name in sorted(clusters)),
-        routes=tuple(sorted(outbound_routes(wp, mesh), key=lambda r: str(r["name"]))),
+        routes=tuple(routes),
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
     )
+
+
+_Shared = TypeVar("_Shared")
+
+
+def _shared(
+    mesh: MeshPolicy, wp: WorkloadPolicy, what: tuple[object, ...], build: Callable[[], _Shared]
+) -> _Shared:
+    """``build()`` once per compiled mesh for all clients alike: outbound clusters and
+    routes depend on the client only through its namespace (DestinationRule scope, short
+    names) and its egress mode."""
+    key = ("translate", *what, wp.workload.namespace, wp.egress_mode)
+    if key not in mesh.memo:
+        mesh.memo[key] = build()
+    found: _Shared = mesh.memo[key]
+    return found
+
+
+def _addresses_key(addresses: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(addresses.items())) if addresses else ()
 
 
 def _listener_port(listener: Mapping[str, Any]) -> int:
