@@ -30,7 +30,7 @@ from tests.envoy.conftest import (  # fixtures are registered by importing them
     workroot,
 )
 from tests.unit.meshutil import compile_text
-from tests.xds.test_translate import SLEEP_ID, _app, _bootstrap_patch, _mesh, _request
+from tests.xds.translate_rig import SLEEP_ID, _app, _bootstrap_patch, _mesh, _request
 from trustmesh.agent.envoy import validate_bootstrap
 from trustmesh.xds.cache import Snapshot
 from trustmesh.xds.outbound_listeners import (

@@ -26,7 +26,7 @@ from envoy.extensions.path.match.uri_template.v3 import uri_template_match_pb2  
 from google.protobuf import json_format
 
 from tests.unit.meshutil import compile_text, policy
-from tests.xds.test_rbac_differential import http_listener, jwt_filter, static_cluster, tcp_listener
+from tests.xds.rbac_rig import http_listener, jwt_filter, static_cluster, tcp_listener
 from trustmesh.agent.envoy import validate_bootstrap
 from trustmesh.api import models as m
 from trustmesh.api.loader import load_sources

@@ -1,0 +1,338 @@
+"""The Envoy side of the RBAC differential test (test_rbac_differential, and the
+listener builders test_rbac_golden reuses).
+
+Provides the Envoy config (``http_listener`` with Istio's path normalization and a JSON
+access log, ``tcp_listener``, ``jwt_filter``, ``static_cluster``, ``bootstrap``), the
+answers compared (``Answer``: ``offline`` from the evaluator, ``from_envoy`` from the
+wire and the access log), and ``run_envoy``, which sends every probe of every case
+through one Envoy and returns the ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.xds.rbac_cases import CLIENT, Case, Probe
+from trustmesh.agent.envoy import EnvoyProcess
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.xds.rbac import http_custom_filters, http_rbac_filters, network_rbac_filters
+
+NOW = 1_790_000_000.0
+_T = "type.googleapis.com/envoy.extensions."
+_HCM = _T + "filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = _T + "filters.http.router.v3.Router"
+_TCP_PROXY = _T + "filters.network.tcp_proxy.v3.TcpProxy"
+_FILE_LOG = _T + "access_loggers.file.v3.FileAccessLog"
+_JWT_AUTHN = _T + "filters.http.jwt_authn.v3.JwtAuthentication"
+# Dynamic metadata the RBAC filters write, by the name this test reports it under.
+_METADATA = {
+    "allow-id": "enforced_effective_policy_id",
+    "shadow-deny": "istio_dry_run_deny_shadow_engine_result",
+    "shadow-deny-id": "istio_dry_run_deny_shadow_effective_policy_id",
+    "shadow-allow": "istio_dry_run_allow_shadow_engine_result",
+    "shadow-allow-id": "istio_dry_run_allow_shadow_effective_policy_id",
+}
+_SHADOW_KEYS = tuple(k for k in _METADATA if k.startswith("shadow"))
+
+
+# --- answers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What must be equal: status (TCP: 200 = echoed, 0 = closed), deciding policy and
+    dry-run reports (``-`` = none)."""
+
+    status: int
+    rule: str = "-"
+    shadow: tuple[tuple[str, str], ...] = ()
+
+
+def offline(case: Case, probe: Probe) -> Answer:
+    http = None
+    if probe.method is not None:
+        http = HttpRequest(probe.method, probe.path, probe.host, probe.headers)
+    request = Request(Source.plaintext(probe.client), case.destination, case.port, http)
+    decision = evaluate(case.mesh, request, now=NOW)
+    if http is None:
+        return Answer(200 if decision.verdict.value == "allow" else 0)
+    assert decision.status is not None
+    shadow = dict.fromkeys(_SHADOW_KEYS, "-")
+    for result in decision.dry_run:
+        shadow[f"shadow-{result.action.lower()}"] = result.result
+        shadow[f"shadow-{result.action.lower()}-id"] = result.rule or "-"
+    rule = {200: decision.rule or "-", 403: decision.rule or "none"}.get(decision.status, "-")
+    return Answer(decision.status, rule, tuple(shadow.items()))
+
+
+def from_envoy(status: int, logged: dict[str, Any]) -> Answer:
+    """Envoy's answer: the status on the wire and the request's access-log line (empty
+    when the HTTP codec refused the request before the HCM saw it)."""
+
+    def value(key: str) -> str:
+        found = logged.get(_METADATA.get(key, key))
+        return "-" if found is None else str(found)
+
+    rule, details = "-", value("details")
+    if status == 403 and details.startswith("rbac_access_denied_matched_policy["):
+        rule = details.removeprefix("rbac_access_denied_matched_policy[").removesuffix("]")
+        # The CUSTOM stand-in reports Istio's fail-closed name; evaluate() the rule's own.
+        rule = rule.removeprefix("istio-ext-authz-opa-").removesuffix(
+            "-deny-due-to-bad-CUSTOM-action"
+        )
+    elif status == 200:
+        rule = value("allow-id")
+    return Answer(status, rule, tuple((key, value(key)) for key in _SHADOW_KEYS))
+
+
+# --- Envoy configuration -----------------------------------------------------------------
+
+
+def normalization(mode: str) -> dict[str, Any]:
+    """The HCM fields Istio sets for ``meshConfig.pathNormalization`` (listener_builder.go)."""
+    fields: dict[str, Any] = {
+        "normalize_path": mode != "NONE",
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+    }
+    if mode in ("MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"):
+        fields["merge_slashes"] = True
+    if mode == "DECODE_AND_MERGE_SLASHES":
+        fields["path_with_escaped_slashes_action"] = "UNESCAPE_AND_FORWARD"
+    return fields
+
+
+def jwt_filter(mesh: MeshPolicy) -> list[dict[str, Any]]:
+    """A jwt_authn filter shaped like Istio's (policy_applier.go) for the one inline-JWKS
+    RequestAuthentication rule of ``mesh``: no token passes, a bad one is refused, the
+    payload lands in metadata under ``payload`` with ``scope`` / ``permission`` split."""
+    rules = [r for p in mesh.snapshot.of_kind("RequestAuthentication") for r in p.spec.jwt_rules]
+    if not rules:
+        return []
+    assert len(rules) == 1 and rules[0].jwks, "one inline-JWKS rule is all this test builds"
+    provider = {
+        "issuer": rules[0].issuer,
+        "local_jwks": {"inline_string": rules[0].jwks},
+        "payload_in_metadata": "payload",
+        "normalize_payload_in_metadata": {"space_delimited_claims": ["permission", "scope"]},
+    }
+    requires = {
+        "requires_any": {"requirements": [{"provider_name": "origins-0"}, {"allow_missing": {}}]}
+    }
+    config = {
+        "@type": _JWT_AUTHN,
+        "providers": {"origins-0": provider},
+        "rules": [{"match": {"prefix": "/"}, "requires": requires}],
+        "bypass_cors_preflight": True,
+    }
+    return [{"name": "envoy.filters.http.jwt_authn", "typed_config": config}]
+
+
+def access_log(path: Path) -> list[dict[str, Any]]:
+    """A JSON line per request, written as the stream ends, after every RBAC filter has
+    recorded its results. (Local-reply headers cannot carry them: with Envoy 1.40 a 403's
+    headers lacked the denying filter's own shadow results.)"""
+    fields = {"probe": "%REQ(x-probe)%", "details": "%RESPONSE_CODE_DETAILS%"}
+    fields |= {
+        key: f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{key})%" for key in _METADATA.values()
+    }
+    config = {"@type": _FILE_LOG, "path": str(path), "log_format": {"json_format": fields}}
+    return [{"name": "envoy.access_loggers.file", "typed_config": config}]
+
+
+def http_listener(
+    name: str, address: str, port: int, filters: list[dict[str, Any]], mode: str, log: Path
+) -> dict[str, Any]:
+    """HCM (normalization per ``mode``) → ``filters`` → a router answering 200 itself."""
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
+    manager = {
+        "@type": _HCM,
+        "stat_prefix": name,
+        "codec_type": "HTTP1",
+        "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": [route]}]},
+        "http_filters": [*filters, {"name": "router", "typed_config": {"@type": _ROUTER}}],
+        "access_log": access_log(log),
+        **normalization(mode),
+    }
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+    return _listener(name, address, port, [hcm])
+
+
+def tcp_listener(
+    name: str, address: str, port: int, filters: list[dict[str, Any]], cluster: str
+) -> dict[str, Any]:
+    proxy = {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": cluster}
+    return _listener(name, address, port, [*filters, {"name": "tcp", "typed_config": proxy}])
+
+
+def _listener(name: str, address: str, port: int, filters: list[Any]) -> dict[str, Any]:
+    socket_address = {"address": address, "port_value": port}
+    return {"name": name, "address": {"socket_address": socket_address}, "filter_chains": [
+        {"filters": filters}
+    ]}  # fmt: skip
+
+
+def static_cluster(name: str, address: str, port: int) -> dict[str, Any]:
+    endpoint = {"address": {"socket_address": {"address": address, "port_value": port}}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+        },
+    }
+
+
+def bootstrap(listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+    resources = {"listeners": listeners, "clusters": clusters}
+    return {
+        "node": {"id": "rbac-test", "cluster": "rbac-test"},
+        "admin": admin,
+        "static_resources": resources,
+    }
+
+
+# --- running it ----------------------------------------------------------------------
+
+
+async def send(case: Case, probe: Probe, number: int, timeout: float = 5) -> int:
+    """Send ``probe`` raw; the HTTP status, or for TCP 200 if echoed and 0 if closed."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            case.address, case.port, local_addr=(probe.client, 0)
+        )
+        try:
+            writer.write(probe.wire(number))
+            if probe.method is None:
+                with contextlib.suppress(ConnectionError):
+                    return 200 if await reader.readline() == b"ping\n" else 0
+                return 0
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            status_line, *lines = head.removesuffix("\r\n\r\n").split("\r\n")
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)
+            }
+            if probe.method != "HEAD":
+                await reader.readexactly(int(headers.get("content-length", "0")))
+            return int(status_line.split()[1])
+        finally:
+            writer.transport.abort()  # no wait for Envoy's delayed close
+
+
+def free_addresses(count: int, ports: tuple[int, ...], skip: frozenset[str]) -> list[str]:
+    """Loopback addresses where all ``ports`` can be bound (Linux routes 127/8 to lo)."""
+    found: list[str] = []
+    for last in range(150, 250):
+        address = f"127.0.0.{last}"
+        if address in skip:
+            continue
+        try:
+            for port in ports:
+                with socket.socket() as taken:
+                    taken.bind((address, port))
+        except OSError:
+            continue
+        found.append(address)
+        if len(found) == count:
+            return found
+    pytest.skip(f"not {count} loopback addresses with ports {ports} free")
+
+
+@contextlib.contextmanager
+def reaped(envoy: EnvoyProcess) -> Iterator[EnvoyProcess]:
+    """Kill Envoy by its PID whatever happens to the test (even a timeout)."""
+    try:
+        yield envoy
+    finally:
+        if envoy.pid is not None and envoy.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(envoy.pid, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def echo_server() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(await reader.readline())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, CLIENT, 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Everything one Envoy run showed, with the offline answer next to Envoy's."""
+
+    results: list[tuple[Case, Probe, Answer, Answer]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def disagreements(self) -> list[str]:
+        """Every request where Envoy and the evaluator answer differently."""
+        return [
+            f"{case.name}: {probe}\n    envoy   {got}\n    offline {want}"
+            for case, probe, got, want in self.results
+            if got != want
+        ]
+
+
+async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome:
+    log = workdir / "access.log"
+    async with echo_server() as echo_port:
+        listeners, clusters = [], [static_cluster("echo", CLIENT, echo_port)]
+        for i, case in enumerate(http):
+            wp = case.mesh.for_workload(case.destination)
+            assert wp is not None
+            filters = [*http_custom_filters(wp, case.mesh), *jwt_filter(case.mesh)]
+            filters += http_rbac_filters(wp, case.mesh)
+            mode = case.mesh.path_normalization.value
+            listeners.append(http_listener(f"http{i}", case.address, case.port, filters, mode, log))
+        for i, case in enumerate(tcp):
+            wp = case.mesh.for_workload(case.destination)
+            assert wp is not None
+            filters = network_rbac_filters(wp, case.mesh, case.port)
+            listeners.append(tcp_listener(f"tcp{i}", case.address, case.port, filters, "echo"))
+        jobs = [(case, probe) for case in (*http, *tcp) for probe in case.probes]
+        envoy = EnvoyProcess(bootstrap(listeners, clusters), workdir=workdir, concurrency=2)
+        with reaped(envoy):
+            await envoy.start(timeout=15)
+            try:
+                limit = asyncio.Semaphore(16)
+
+                async def one(number: int, case: Case, probe: Probe) -> int:
+                    async with limit:
+                        return await send(case, probe, number)
+
+                started = time.perf_counter()
+                statuses = await asyncio.gather(*(one(n, *job) for n, job in enumerate(jobs)))
+                seconds = time.perf_counter() - started
+            finally:
+                await envoy.stop()  # Envoy flushes its access log as it exits
+    logged = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("probe") is not None:
+            logged[int(entry["probe"])] = entry
+    outcome = Outcome(seconds=seconds)
+    for number, ((case, probe), status) in enumerate(zip(jobs, statuses, strict=True)):
+        got = from_envoy(status, logged.get(number, {})) if probe.method else Answer(status)
+        outcome.results.append((case, probe, got, offline(case, probe)))
+    return outcome
