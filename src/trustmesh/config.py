@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from trustmesh.api.diagnostics import Diagnostic, Location, error
-from trustmesh.api.loader import LoadResult, load_sources, validate_model
+from trustmesh.api.loader import LoadResult, SourceCache, load_sources, validate_model
 from trustmesh.api.policytest import PolicyTestSpec
 from trustmesh.api.resources import UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
@@ -81,10 +81,16 @@ def load_config(
     test_paths: Sequence[str] = (),
     stdin: BinaryIO | None = None,
     compile_policy: bool = True,
+    source_cache: SourceCache | None = None,
 ) -> LoadedConfig:
-    """Load, validate and (when there are no errors) compile the configuration."""
+    """Load, validate and (when there are no errors) compile the configuration.
+
+    ``source_cache`` keeps what each file loaded to between calls (a control plane
+    reloading after one edit then parses only the edited file)."""
     sources, problems = read_sources(paths, stdin)
-    loaded = load_sources(sources)
+    loaded = load_sources(sources, cache=source_cache)
+    if source_cache is not None:
+        source_cache.forget_unused()
     test_sources, test_problems = read_sources(test_paths, stdin)
     tests_loaded = load_sources(test_sources)
     problems.extend(test_problems)

@@ -164,3 +164,34 @@ def test_garbage_never_raises(text: str) -> None:
     assert result.resources == []
     assert any(d.is_error for d in result.diagnostics)
     assert all(d.location.file == "policies.yaml" for d in result.diagnostics)
+
+
+def test_a_source_cache_reparses_only_changed_files_and_keeps_input_order() -> None:
+    from trustmesh.api.loader import SourceCache
+
+    def policy(name: str) -> bytes:
+        return (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            f"metadata: {{name: {name}, namespace: foo}}\nspec: {{}}\n"
+        ).encode()
+
+    cache = SourceCache()
+    first = load_sources(
+        [("a.yaml", policy("a") + b"---\n" + policy("b")), ("c.yaml", policy("c"))], cache=cache
+    )
+    again = load_sources(
+        [("a.yaml", policy("a") + b"---\n" + policy("b")), ("c.yaml", policy("d"))], cache=cache
+    )
+    assert [r.name for r in first.resources] == ["a", "b", "c"]
+    assert [r.name for r in again.resources] == ["a", "b", "d"]
+    assert [r.order for r in again.resources] == [0, 1, 2]  # "oldest wins" still sees input order
+    assert again.resources[0] is first.resources[0]  # a.yaml was not parsed again
+    uncached = load_sources(
+        [("c.yaml", policy("d")), ("a.yaml", policy("a") + b"---\n" + policy("b"))]
+    )
+    cached = load_sources(
+        [("c.yaml", policy("d")), ("a.yaml", policy("a") + b"---\n" + policy("b"))], cache=cache
+    )
+    assert [(r.name, r.order) for r in cached.resources] == [
+        (r.name, r.order) for r in uncached.resources
+    ]

@@ -117,3 +117,36 @@ def test_loader_never_raises_on_arbitrary_bytes(data: bytes) -> None:
 @given(st.text(alphabet="{}[]:-,'\"#&*!|>%@`\n \tabc01", max_size=200))
 def test_loader_never_raises_on_yaml_like_text(text: str) -> None:
     load_sources([("fuzz.yaml", text.encode())])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from("abc"), st.sampled_from("xy"), max_size=3), max_size=4
+    ),
+    st.lists(
+        st.dictionaries(st.sampled_from("abc"), st.sampled_from("xy"), max_size=3), max_size=4
+    ),
+)
+def test_services_of_matches_every_selector_check(
+    pod_labels: list[dict[str, str]], selectors: list[dict[str, str]]
+) -> None:
+    """The label index behind services_of answers exactly what checking every service's
+    selector against the workload answers."""
+    docs = []
+    for i, labels in enumerate(pod_labels):
+        docs.append(
+            "apiVersion: v1\nkind: Pod\n"
+            f"metadata: {{name: p{i}, namespace: ns, labels: {dict(labels) or '{}'}}}\n"
+            "spec: {containers: [{name: c}]}\n"
+        )
+    for i, selector in enumerate(selectors):
+        docs.append(
+            "apiVersion: v1\nkind: Service\n"
+            f"metadata: {{name: s{i}, namespace: ns}}\n"
+            f"spec: {{selector: {dict(selector) or '{}'}, ports: [{{port: 80}}]}}\n"
+        )
+    snap = snapshot("---\n".join(docs))
+    for workload in snap.workloads:
+        expected = [s.name for s in snap.services if s.selects(workload)]
+        assert [s.name for s in snap.services_of(workload)] == expected

@@ -6,6 +6,8 @@ Pure: callers hand in ``(name, bytes)`` pairs; reading files is the caller's bus
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -97,21 +99,64 @@ class LoadResult:
         return [d for d in self.diagnostics if d.is_error]
 
 
+class SourceCache:
+    """What each source file loaded to, by name and content: a control plane that reloads
+    after one file changed parses only that file again. Results are immutable values, so
+    sharing them between loads is safe; entries for content no longer seen are dropped."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, bytes], LoadResult] = {}
+        self._used: set[tuple[str, bytes]] = set()
+
+    def load(self, name: str, data: bytes, default_namespace: str) -> LoadResult:
+        key = (name, hashlib.sha256(data).digest() + default_namespace.encode())
+        self._used.add(key)
+        found = self._entries.get(key)
+        if found is None:
+            found = self._entries[key] = _load_source(name, data, default_namespace)
+        return found
+
+    def forget_unused(self) -> None:
+        """Drop what the loads since the last call did not ask for."""
+        self._entries = {k: v for k, v in self._entries.items() if k in self._used}
+        self._used = set()
+
+
 def load_sources(
-    sources: Iterable[tuple[str, bytes]], default_namespace: str = "default"
+    sources: Iterable[tuple[str, bytes]],
+    default_namespace: str = "default",
+    cache: SourceCache | None = None,
 ) -> LoadResult:
     """Parse and type every document of every source. Never raises on bad input."""
     result = LoadResult()
     for name, data in sources:
-        text, problems = decode_text(data, name)
-        result.diagnostics.extend(problems)
-        if text is None:
-            continue
-        documents, problems = parse_yaml(text, name)
-        result.diagnostics.extend(problems)
-        for document in documents:
-            _load_object(document, document.body, (), default_namespace, result)
+        if cache is None:
+            one = _load_source(name, data, default_namespace)
+        else:
+            one = cache.load(name, data, default_namespace)
+        offset = len(result.resources)  # "oldest wins" counts positions over all sources
+        result.resources += [
+            r if r.order == offset + i else dataclasses.replace(r, order=offset + i)
+            for i, r in enumerate(one.resources)
+        ]
+        result.unknown += one.unknown
+        result.test_documents += one.test_documents
+        result.helm_values += one.helm_values
+        result.diagnostics += one.diagnostics
     result.diagnostics.sort(key=Diagnostic.sort_key)
+    return result
+
+
+def _load_source(name: str, data: bytes, default_namespace: str) -> LoadResult:
+    result = LoadResult()
+    text, problems = decode_text(data, name)
+    result.diagnostics.extend(problems)
+    if text is None:
+        return result
+    documents, problems = parse_yaml(text, name)
+    result.diagnostics.extend(problems)
+    for document in documents:
+        _load_object(document, document.body, (), default_namespace, result)
     return result
 
 

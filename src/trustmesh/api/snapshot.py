@@ -99,6 +99,9 @@ class ConfigSnapshot:
     _services_by_ns: Mapping[str, tuple[Service, ...]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _services_by_label: Mapping[tuple[str, str, str], tuple[Service, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_kind: dict[str, list[Resource[Any]]] = {}
@@ -113,6 +116,12 @@ class ConfigSnapshot:
         for service in self.services:
             services.setdefault(service.namespace, []).append(service)
         object.__setattr__(self, "_services_by_ns", {k: tuple(v) for k, v in services.items()})
+        by_label: dict[tuple[str, str, str], list[Service]] = {}
+        for service in self.services:
+            if service.selector:  # an empty selector selects nothing
+                key, value = min(service.selector.items())
+                by_label.setdefault((service.namespace, key, value), []).append(service)
+        object.__setattr__(self, "_services_by_label", {k: tuple(v) for k, v in by_label.items()})
 
     def of_kind(self, kind: str) -> tuple[Resource[Any], ...]:
         return self._by_kind.get(kind, ())
@@ -133,9 +142,16 @@ class ConfigSnapshot:
         return None
 
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
-        return tuple(
-            s for s in self._services_by_ns.get(workload.namespace, ()) if s.selects(workload)
-        )
+        # Only services whose first selector label the workload carries can select it:
+        # a fleet of N workloads and N services costs N lookups, not N × N matches.
+        index = self._services_by_label
+        candidates = {
+            id(s): s
+            for key, value in workload.labels.items()
+            for s in index.get((workload.namespace, key, value), ())
+        }
+        order = self._services_by_ns.get(workload.namespace, ())
+        return tuple(s for s in order if id(s) in candidates and s.selects(workload))
 
 
 def build_snapshot(

@@ -281,6 +281,7 @@ class Snapshot:
     version: str = field(init=False)
     _digests: Mapping[str, Mapping[str, str]] = field(init=False, repr=False)
     _versions: Mapping[str, str] = field(init=False, repr=False)
+    _consistency: tuple[str, ...] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self, canonical: Canonical | None) -> None:
         encode = canonical.encode if canonical is not None else _canonical
@@ -366,8 +367,12 @@ class Snapshot:
         Checks that each resource is filed under its own ``@type`` and name, and that every
         route configuration (RDS), cluster load assignment (EDS), secret (SDS) and filter
         config (ECDS) a resource fetches over ADS is in the snapshot: Envoy would otherwise
-        keep the listener or cluster warming until its initial fetch timeout.
+        keep the listener or cluster warming until its initial fetch timeout. Computed
+        once per snapshot (a control plane checks it while building, the cache again when
+        publishing).
         """
+        if self._consistency is not None:
+            return list(self._consistency)
         errors = []
         for type_url, by_name in self.resources.items():
             name_field = _NAME_FIELD.get(type_url, "name")
@@ -387,6 +392,7 @@ class Snapshot:
                             f"{where}: {path} refers to {_short(ref_type)} {ref_name!r},"
                             " which is not in the snapshot"
                         )
+        object.__setattr__(self, "_consistency", tuple(sorted(errors)))
         return sorted(errors)
 
     def encoding_errors(self) -> list[str]:

@@ -269,15 +269,18 @@ def _selected(mesh: MeshPolicy, service: Service) -> list[Workload]:
     found: list[Workload] | None = mesh.memo.get(key)
     if found is not None:
         return found
-    by_namespace = mesh.memo.get("workloads-by-namespace")
-    if by_namespace is None:
-        by_namespace = mesh.memo["workloads-by-namespace"] = {}
+    by_label = mesh.memo.get("workloads-by-label")
+    if by_label is None:  # (namespace, label, value) → workloads carrying that label
+        by_label = mesh.memo["workloads-by-label"] = {}
         for workload in mesh.snapshot.workloads:
-            by_namespace.setdefault(workload.namespace, []).append(workload)
+            for label in workload.labels.items():
+                by_label.setdefault((workload.namespace, *label), []).append(workload)
     by_ref: dict[str, Workload] = {}
-    for workload in by_namespace.get(service.namespace, ()):
-        if service.selects(workload):
-            by_ref.setdefault(workload.ref, workload)
+    if service.selector:  # an empty selector selects nothing
+        first = min(service.selector.items())
+        for workload in by_label.get((service.namespace, *first), ()):
+            if service.selects(workload):
+                by_ref.setdefault(workload.ref, workload)
     found = mesh.memo[key] = [by_ref[ref] for ref in sorted(by_ref)]
     return found
 
