@@ -22,7 +22,7 @@ from rich.table import Table
 from trustmesh.cli import render
 from trustmesh.runtime.client import HttpResult, RequestError, http_request, tcp_exchange
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
-from trustmesh.runtime.plan import DEFAULT_BASE
+from trustmesh.runtime.plan import DEFAULT_BASE, PodPlan
 from trustmesh.runtime.running import NotRunning, RunningMesh
 from trustmesh.runtime.supervisor import MeshRuntime, StartError
 
@@ -42,6 +42,14 @@ def _open(state: Path) -> RunningMesh:
     try:
         return RunningMesh.open(state)
     except NotRunning as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+
+
+def _pod(running: RunningMesh, ref: str) -> PodPlan:
+    try:
+        return running.pod(ref)
+    except LookupError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(1) from None
 
@@ -189,11 +197,7 @@ def logs(
 ) -> None:
     """A pod's app output (or its sidecar's Envoy / agent log)."""
     running = _open(state.resolve())
-    try:
-        plan = running.pod(pod)
-    except LookupError as exc:
-        render.usage_error(str(exc))
-        raise typer.Exit(1) from None
+    plan = _pod(running, pod)
     layout = running.layout
     path = layout.app_log(plan.key)
     if proxy or agent:
@@ -282,11 +286,7 @@ def request(
     the connection was reset or closed first (as curl), 1/2 for errors.
     """
     running = _open(state.resolve())
-    try:
-        pod = running.pod(source)
-    except LookupError as exc:
-        render.usage_error(str(exc))
-        raise typer.Exit(1) from None
+    pod = _pod(running, source)
     if bool(tcp) == bool(url):
         render.usage_error("give either a URL or --tcp HOST:PORT")
         raise typer.Exit(2)

@@ -19,9 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -30,11 +28,11 @@ from trustmesh.identity.server import CaServer
 from trustmesh.identity.store import CaStore
 from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
+from trustmesh.runtime.process import run_until_signalled
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
 
 __all__ = ["ARGS_FILE", "main", "node_id", "serve"]
 
-_log = logging.getLogger("trustmesh.control_plane")
 ARGS_FILE = "control-plane-args.json"
 # A poll costs one stat per configuration file: every 20 ms is free for a local mesh's
 # handful of files and keeps file write → reload start at ~20-40 ms.
@@ -167,17 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m trustmesh.runtime.control_plane STATE_DIR", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     layout = Layout(Path(args[0]))
-
-    async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await serve(layout, stop)
-
-    return asyncio.run(run())
+    return run_until_signalled(lambda stop: serve(layout, stop))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,10 @@ from trustmesh.agent.sds import SdsServer, SecretStore
 from trustmesh.agent.workload import AgentConfig, WorkloadAgent
 from trustmesh.agent.xds_bootstrap import ads_bootstrap
 from trustmesh.identity.spiffe import SpiffeId
+from trustmesh.runtime.process import run_until_signalled
 
 __all__ = ["SidecarSpec", "main", "run_sidecar"]
 
-_log = logging.getLogger("trustmesh.sidecar")
 ENROLL_TIMEOUT = 30.0
 ENVOY_READY_TIMEOUT = 30.0
 
@@ -122,17 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m trustmesh.runtime.sidecar SIDECAR_JSON", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = SidecarSpec.from_json(json.loads(Path(args[0]).read_text()))
-
-    async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await run_sidecar(spec, stop)
-
-    return asyncio.run(run())
+    return run_until_signalled(lambda stop: run_sidecar(spec, stop))
 
 
 if __name__ == "__main__":

@@ -126,21 +126,7 @@ def outbound_listeners(wp: WorkloadPolicy, mesh: MeshPolicy, address: str) -> li
                 "@type": _LISTENER_TYPE,
                 "name": f"outbound_tcp_{port}",
                 "address": socket_address(address, port),
-                "filter_chains": [
-                    {
-                        "filters": [
-                            {
-                                "name": "envoy.filters.network.tcp_proxy",
-                                "typed_config": {
-                                    "@type": _TCP_PROXY,
-                                    "stat_prefix": cluster,
-                                    "cluster": cluster,
-                                    "access_log": [_log(wp, _tcp_fields())],
-                                },
-                            }
-                        ]
-                    }
-                ],
+                "filter_chains": [{"filters": [_tcp_proxy(wp, cluster)]}],
             }
         )
     taken = {OUTBOUND_HTTP_PORT, *outbound_tcp_ports(wp, mesh)}
@@ -169,16 +155,7 @@ def _tls_egress_listener(
     wp: WorkloadPolicy, address: str, port: int, hosts: list[str]
 ) -> dict[str, Any]:
     def chain(cluster: str, extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        tcp = {
-            "name": "envoy.filters.network.tcp_proxy",
-            "typed_config": {
-                "@type": _TCP_PROXY,
-                "stat_prefix": cluster,
-                "cluster": cluster,
-                "access_log": [_log(wp, _tcp_fields())],
-            },
-        }
-        return {"filters": [*(extra or []), tcp]}
+        return {"filters": [*(extra or []), _tcp_proxy(wp, cluster)]}
 
     chains = []
     for host in hosts:
@@ -209,6 +186,18 @@ def _tls_egress_listener(
         ],
         "filter_chains": chains,
         "default_filter_chain": default,
+    }
+
+
+def _tcp_proxy(wp: WorkloadPolicy, cluster: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": _TCP_PROXY,
+            "stat_prefix": cluster,
+            "cluster": cluster,
+            "access_log": [_log(wp, _tcp_fields())],
+        },
     }
 
 
