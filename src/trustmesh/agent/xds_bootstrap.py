@@ -35,8 +35,8 @@ from trustmesh.agent.envoy import (
     common_tls_context,
     is_ip,
     sds_cluster,
-    socket_address,
 )
+from trustmesh.envoy_json import socket_address
 from trustmesh.identity.ca import control_plane_identity
 
 __all__ = [

@@ -39,15 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.envoy_json import CERTIFICATE_SECRET, mesh_validation, sds_secret, socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.pathnorm import PathNormalization
 from trustmesh.xds.outbound import (
-    CERTIFICATE_SECRET,
     Protocol,
-    mesh_validation,
     port_protocol,
-    sds_secret,
-    socket_address,
     static_cluster,
     target_port,
 )

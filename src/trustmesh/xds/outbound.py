@@ -46,6 +46,12 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
+from trustmesh.envoy_json import (
+    CERTIFICATE_SECRET,
+    mesh_validation,
+    sds_secret,
+    socket_address,
+)
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.tls import destination_rule_tls
 
@@ -60,8 +66,6 @@ __all__ = [
     "outbound_clusters",
     "outbound_routes",
     "port_protocol",
-    "sds_secret",
-    "socket_address",
     "static_cluster",
     "target_port",
 ]
@@ -73,8 +77,6 @@ _UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsConte
 _RAW_BUFFER = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 _HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
-CERTIFICATE_SECRET = "default"  # what the agent's SDS server serves (Istio's names)
-TRUST_BUNDLE_SECRET = "ROOTCA"
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
 # Stands in for the address of a workload the config does not know (a Deployment's pods):
@@ -110,52 +112,6 @@ def port_protocol(name: str, protocol: str) -> Protocol:
 
 def _app_protocol(name: str, protocol: str) -> str:
     return protocol.lower() if protocol not in _L4 else name.lower().split("-", 1)[0]
-
-
-def socket_address(address: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": address, "port_value": port}}
-
-
-def sds_secret(name: str, sds_cluster: str) -> dict[str, Any]:
-    """A reference to an SDS secret served by the agent on ``sds_cluster`` (not over ADS:
-    the private key never leaves the workload's host)."""
-    return {
-        "name": name,
-        "sds_config": {
-            "resource_api_version": "V3",
-            "api_config_source": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {
-                            "cluster_name": sds_cluster,
-                            # The agent is a local socket: reconnecting fast is cheap, and
-                            # Envoy's default 0.5 s back-off would delay readiness.
-                            "retry_policy": {
-                                "retry_back_off": {"base_interval": "0.02s", "max_interval": "2s"}
-                            },
-                        }
-                    }
-                ],
-                "set_node_on_first_message_only": True,
-            },
-        },
-    }
-
-
-def mesh_validation(sds_cluster: str, peer_ids: Iterable[str] = ()) -> dict[str, Any]:
-    """Trust the mesh bundle from SDS; pin the peer's URI SAN to ``peer_ids`` if any."""
-    default: dict[str, Any] = {}
-    pinned = sorted(set(peer_ids))
-    if pinned:
-        default["match_typed_subject_alt_names"] = [
-            {"san_type": "URI", "matcher": {"exact": spiffe_id}} for spiffe_id in pinned
-        ]
-    return {
-        "default_validation_context": default,
-        "validation_context_sds_secret_config": sds_secret(TRUST_BUNDLE_SECRET, sds_cluster),
-    }
 
 
 def static_cluster(

@@ -51,6 +51,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.snapshot import Service
+from trustmesh.envoy_json import socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.outbound import (
     BLACKHOLE_CLUSTER,
@@ -58,7 +59,6 @@ from trustmesh.xds.outbound import (
     Protocol,
     default_virtual_host,
     port_protocol,
-    socket_address,
 )
 
 __all__ = [

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from trustmesh.envoy_json import socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.inbound import (
     inbound_clusters,
@@ -51,7 +52,6 @@ from trustmesh.xds.outbound import (
     Protocol,
     outbound_clusters,
     outbound_routes,
-    socket_address,
 )
 from trustmesh.xds.outbound_listeners import outbound_listeners, outbound_proxy_clusters
 from trustmesh.xds.rbac import (
