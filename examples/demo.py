@@ -83,6 +83,7 @@ def main() -> int:
     return 1 if failures else 0
 
 
+LOG_EVERY_REQUEST = "\naccessLogFile: /dev/stdout\n"
 LIVE_SCENARIOS = (
     "02-deny-get",
     "05-tcp-allow-ports",
@@ -99,7 +100,7 @@ def _live(console: Console) -> int:
     config, state, mesh_file = work / "config", work / "state", work / "mesh.yaml"
     config.mkdir()
     shutil.copy(HERE / "mesh" / "workloads.yaml", config / "workloads.yaml")
-    mesh_file.write_text("{}\n")
+    mesh_file.write_text(LOG_EVERY_REQUEST)
     console.print(f"\n[bold]trustmesh up {config}[/bold] (state in {state})")
     env = {**os.environ, "TRUSTMESH_STATE": str(state)}
     trustmesh = [sys.executable, "-m", "trustmesh"]
@@ -129,7 +130,10 @@ def _live_table(console: Console, state: Path, config: Path, mesh_file: Path) ->
         scenario = HERE / "scenarios" / name
         (config / "scenario.yaml").write_text((scenario / "config.yaml").read_text())
         mesh_yaml = scenario / "mesh.yaml"
-        mesh_file.write_text(mesh_yaml.read_text() if mesh_yaml.exists() else "{}\n")
+        # Every request logged (Istio's accessLogFile), to show the rule that allowed it.
+        mesh_file.write_text(
+            (mesh_yaml.read_text() if mesh_yaml.exists() else "") + LOG_EVERY_REQUEST
+        )
         asyncio.run(running.wait_synced(timeout=30))  # the files as just written
         loaded = load_config(
             [str(config)], mesh_config=[str(mesh_file)], test_paths=[str(scenario / "test.yaml")]

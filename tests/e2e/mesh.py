@@ -51,20 +51,20 @@ class LiveMesh:
     def running(self) -> RunningMesh:
         return RunningMesh.open(self.state)
 
-    def write(self, scenario: Path | None) -> bool:
+    def write(self, scenario: Path | None, *, log_every_request: bool = True) -> bool:
         """Make ``scenario``'s config.yaml and mesh.yaml (None: none) the mesh's files;
         whether that changed them. The control plane notices by itself."""
         text = (scenario / "config.yaml").read_text() if scenario is not None else ""
-        mesh_config = "{}\n"
-        if scenario is not None and (scenario / "mesh.yaml").exists():
-            mesh_config = (scenario / "mesh.yaml").read_text()
         changed = _replace(self.config_dir / "scenario.yaml", text)
+        mesh_config = mesh_config_of(scenario)
+        if not log_every_request:
+            mesh_config = mesh_config.replace(LOG_EVERY_REQUEST, "") or "{}\n"
         return _replace(self.mesh_config, mesh_config) | changed
 
-    def apply(self, scenario: Path | None) -> LoadedConfig:
+    def apply(self, scenario: Path | None, *, log_every_request: bool = True) -> LoadedConfig:
         """:meth:`write`, wait until every proxy has it, and return the same configuration
         loaded for offline answers."""
-        self.write(scenario)
+        self.write(scenario, log_every_request=log_every_request)
         asyncio.run(self.running.wait_synced(timeout=30))  # the files as just written
         loaded = load_config([str(self.config_dir)], mesh_config=[str(self.mesh_config)])
         assert not loaded.errors, loaded.errors
@@ -79,6 +79,19 @@ class LiveMesh:
         runner = LiveRunner(running.plan, running.layout)
         suites = [(s.name, str(s.location), s.spec.cases) for s in tests]
         return asyncio.run(runner.run(loaded.mesh, suites))
+
+
+# Every request logged, so live tests also read the rule that ALLOWed a request and
+# dry-run "allowed" results (by default sidecars log refused requests only).
+LOG_EVERY_REQUEST = "accessLogFile: /dev/stdout\n"
+
+
+def mesh_config_of(scenario: Path | None) -> str:
+    """The scenario's mesh.yaml (none: an empty one) with every request logged."""
+    text = ""
+    if scenario is not None and (scenario / "mesh.yaml").exists():
+        text = (scenario / "mesh.yaml").read_text()
+    return text + ("\n" if text and not text.endswith("\n") else "") + LOG_EVERY_REQUEST
 
 
 def _replace(path: Path, text: str) -> bool:
@@ -101,8 +114,7 @@ def live_mesh(root: Path, *, base: str, scenario: Path | None = None) -> Iterato
     seed = (scenario / "config.yaml").read_text() if scenario is not None else ""
     (config_dir / "scenario.yaml").write_text(seed)
     mesh_file = root / "mesh.yaml"
-    has_mesh = scenario is not None and (scenario / "mesh.yaml").exists()
-    mesh_file.write_text((scenario / "mesh.yaml").read_text() if has_mesh else "{}\n")
+    mesh_file.write_text(mesh_config_of(scenario))
     started = trustmesh(
         "up",
         str(config_dir),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -147,4 +148,45 @@ def test_live_tests_refuse_to_run_against_a_configuration_the_mesh_refused(
         assert get.stdout.startswith("HTTP 200")
     finally:
         bad.unlink()
+    mesh.apply(None)
+
+
+def test_without_access_logging_only_refused_requests_are_logged(mesh: LiveMesh) -> None:
+    """meshConfig.accessLogFile unset (Istio's default): the sidecar still logs every
+    refused request with the policy that refused it, and nothing else."""
+    mesh.apply(SCENARIOS / "02-deny-get", log_every_request=False)
+    # The log settings live in the listener's filter chains: connections an old filter
+    # chain still holds keep its settings until it has drained (1 s; Envoy updates the
+    # chains in place). Wait for that, by Envoy's stats.
+    for _ in range(200):
+        dump = mesh.running.envoy_get("foo/httpbin", "/config_dump?resource=dynamic_listeners")
+        active = b"warming_state" not in dump and b"trustmesh.access_log.min_status" in dump
+        stats = mesh.running.envoy_get("foo/httpbin", "/stats?filter=draining").decode()
+        counts = [line.rpartition(": ")[2] for line in stats.splitlines() if ": " in line]
+        if active and counts and all(count == "0" for count in counts):
+            break
+        time.sleep(0.05)  # polling Envoy's admin: no event to wait on
+    else:
+        raise AssertionError(f"foo/httpbin's old filter chains never drained:\n{stats}")
+    log = mesh.running.layout.envoy_log(mesh.running.pod("foo/httpbin").key)
+    before = log.stat().st_size
+    for method, request_id in (("POST", "allowed-0001"), ("GET", "denied-0001")):
+        trustmesh(
+            "request",
+            "--from",
+            "foo/sleep",
+            "-X",
+            method,
+            "-H",
+            f"x-request-id: {request_id}",
+            f"http://httpbin.foo:8000/{method.lower()}",
+            state=mesh.state,
+        )
+    for _ in range(100):
+        written = log.read_bytes()[before:].decode()
+        if "denied-0001" in written:
+            break
+        time.sleep(0.05)  # the sidecar flushes its access log every 100 ms
+    assert "denied-0001" in written and "deny-method-get" in written
+    assert "allowed-0001" not in written
     mesh.apply(None)

@@ -344,6 +344,7 @@ class MeshConfigModel(Loose):
     outbound_traffic_policy: OutboundTrafficPolicy = Field(default_factory=OutboundTrafficPolicy)
     path_normalization: PathNormalizationSetting = Field(default_factory=PathNormalizationSetting)
     extension_providers: tuple[ExtensionProvider, ...] = ()
+    access_log_file: str = ""  # set (Istio: /dev/stdout): every request is logged
 
 
 # --- whole-object payloads for kinds whose interesting part is not just ``spec`` ------

@@ -48,6 +48,7 @@ from trustmesh.xds.outbound import (
     static_cluster,
     target_port,
 )
+from trustmesh.xds.rbac import DRY_RUN_ALLOW_PREFIX, DRY_RUN_DENY_PREFIX
 
 __all__ = [
     "INBOUND_LISTENER",
@@ -289,7 +290,7 @@ def _http_manager(
         "forward_client_cert_details": "SANITIZE_SET",
         "set_current_client_cert_details": {"subject": True, "uri": True},
         "use_remote_address": False,
-        "access_log": [_http_log(workload, port)],
+        "access_log": [_http_log(workload, port, every_request=logs_every_request(mesh))],
     }
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
 
@@ -331,7 +332,49 @@ def _connection_fields(workload: str) -> dict[str, str]:
     }
 
 
-def _http_log(workload: str, port: int) -> dict[str, Any]:
+def logs_every_request(mesh: MeshPolicy) -> bool:
+    """``meshConfig.accessLogFile`` set: Istio's switch for logging every request."""
+    return bool(mesh.snapshot.mesh.access_log_file)
+
+
+# Security-relevant requests are logged even with access logging off: what was refused
+# (any status >= 400: RBAC 403, JWT 401, normalization 400, upstream errors) and what a
+# dry-run policy would have denied. A JSON line with dynamic metadata costs Envoy ~15 % of
+# a request (callgrind, bench/bench_dataplane.py), too much to pay on every success.
+_DENIED_STATUS: dict[str, Any] = {
+    "status_code_filter": {
+        "comparison": {
+            "op": "GE",
+            "value": {"default_value": 400, "runtime_key": "trustmesh.access_log.min_status"},
+        }
+    }
+}
+
+
+def denied_requests_only(*, dry_run: bool) -> dict[str, Any]:
+    """An access-log filter passing refused requests (and, with ``dry_run``, requests a
+    dry-run policy would have denied)."""
+    if not dry_run:
+        return _DENIED_STATUS
+    shadow = [
+        {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": "envoy.filters.http.rbac",
+                    "path": [{"key": f"{prefix}shadow_engine_result"}],
+                    "value": {"string_match": {"exact": "denied"}},
+                },
+                # Envoy's default logs a request without the key: no dry-run, no line.
+                "match_if_key_not_found": False,
+            }
+        }
+        for prefix in (DRY_RUN_DENY_PREFIX, DRY_RUN_ALLOW_PREFIX)
+    ]
+    return {"or_filter": {"filters": [_DENIED_STATUS, *shadow]}}
+
+
+def _http_log(workload: str, port: int, *, every_request: bool) -> dict[str, Any]:
+    extra = {} if every_request else {"filter": denied_requests_only(dry_run=True)}
     return _stdout_log(
         {
             **_connection_fields(workload),
@@ -349,7 +392,8 @@ def _http_log(workload: str, port: int) -> dict[str, Any]:
             "rbac": "%DYNAMIC_METADATA(envoy.filters.http.rbac)%",
             "upstream_host": "%UPSTREAM_HOST%",
             "duration_ms": "%DURATION%",
-        }
+        },
+        **extra,
     )
 
 

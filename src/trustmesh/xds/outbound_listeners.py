@@ -53,6 +53,7 @@ from trustmesh.api import models as m
 from trustmesh.api.snapshot import Service
 from trustmesh.envoy_json import socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.xds.inbound import denied_requests_only, logs_every_request
 from trustmesh.xds.outbound import (
     BLACKHOLE_CLUSTER,
     CLUSTER_TYPE,
@@ -321,12 +322,16 @@ def _http_proxy(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
             "route_config": outbound_http_route(wp, mesh),
             "http_filters": filters,
             "use_remote_address": False,
-            "access_log": [_log(wp, _http_fields())],
+            "access_log": [_log(wp, _http_fields(), every_request=logs_every_request(mesh))],
         },
     }
 
 
-def _log(wp: WorkloadPolicy, fields: dict[str, str]) -> dict[str, Any]:
+def _log(
+    wp: WorkloadPolicy, fields: dict[str, str], *, every_request: bool = True
+) -> dict[str, Any]:
+    """The JSON access log of an outbound listener; for HTTP without ``every_request``
+    only what failed (502 for a blocked host, 503 for an unreachable one)."""
     common = {
         "start_time": "%START_TIME%",
         "workload": wp.workload.ref,
@@ -337,10 +342,13 @@ def _log(wp: WorkloadPolicy, fields: dict[str, str]) -> dict[str, Any]:
         "upstream_host": "%UPSTREAM_HOST%",
         "duration_ms": "%DURATION%",
     }
-    return {
+    log: dict[str, Any] = {
         "name": "envoy.access_loggers.stdout",
         "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": common | fields}},
     }
+    if not every_request:
+        log["filter"] = denied_requests_only(dry_run=False)
+    return log
 
 
 def _http_fields() -> dict[str, str]:
