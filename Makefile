@@ -41,6 +41,8 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_ca.py
+	$(BIN)/python bench/bench_dataplane.py
+	$(BIN)/python bench/bench_fleet.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
