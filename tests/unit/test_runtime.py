@@ -233,3 +233,13 @@ def test_request_names_unknown_pods(tmp_path: Path) -> None:
         app, ["request", "--from", "foo/nope", "http://x", "--state", str(state)]
     )
     assert result.exit_code == 1 and "no pod 'foo/nope'" in result.output
+
+
+def test_up_refuses_a_state_directory_inside_the_configuration(tmp_path: Path) -> None:
+    config = tmp_path / "mesh"
+    config.mkdir()
+    (config / "workloads.yaml").write_text((MESH / "workloads.yaml").read_text())
+    result = runner.invoke(app, ["up", str(config), "--state", str(config / ".trustmesh")])
+    assert result.exit_code == 1
+    assert "inside the configuration directory" in result.output
+    assert not (config / ".trustmesh" / "mesh.json").exists()  # nothing was started

@@ -103,6 +103,14 @@ class MeshRuntime:
     async def _up(self) -> None:
         config = [str(Path(p).resolve()) for p in self.config]
         mesh_config = [str(Path(p).resolve()) for p in self.mesh_config]
+        state = self.layout.root.resolve()
+        for folder in config:
+            if state.is_relative_to(folder):
+                # The control plane would read the mesh's own JSON state as configuration.
+                raise StartError(
+                    f"the state directory {state} is inside the configuration directory "
+                    f"{folder}: use --state to put it elsewhere"
+                )
         loaded = await asyncio.to_thread(load_config, config, mesh_config=mesh_config)
         if loaded.errors:
             raise StartError("the configuration has errors", loaded.errors)
