@@ -80,8 +80,9 @@ class ProxyRegistration:
     ``inbound_address``: the IP its inbound listener binds (the workload's own address);
     ``app_address``: where the application itself listens, on the workload's ports;
     ``outbound_address``: where the sidecar offers the app its outbound listeners (HTTP
-    proxy on 15001, one TCP listener per TCP service port) — None: no outbound listeners;
-    its connections to other workloads then leave from ``inbound_address``, the pod IP.
+    proxy on 15001, one TCP listener per TCP service port, TLS egress on 443) — None: no
+    outbound listeners. (Which IP its upstream connections leave from is the bootstrap's
+    business: ``ads_bootstrap(source_address=...)``.)
     The node id is only a lookup key: authorization uses the workload's identity.
     """
 
