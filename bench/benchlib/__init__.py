@@ -1,0 +1,1 @@
+"""Helpers of the benchmarks under bench/: load generation, Envoy configs, mesh wiring."""
