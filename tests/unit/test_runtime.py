@@ -243,3 +243,26 @@ def test_up_refuses_a_state_directory_inside_the_configuration(tmp_path: Path) -
     assert result.exit_code == 1
     assert "inside the configuration directory" in result.output
     assert not (config / ".trustmesh" / "mesh.json").exists()  # nothing was started
+
+
+def test_a_live_case_that_does_not_fit_the_mesh_fails_with_why(tmp_path: Path) -> None:
+    import asyncio
+
+    from trustmesh.api.policytest import Case
+
+    loaded = load_config([str(MESH)])
+    plan, _ = plan_mesh(loaded.snapshot)
+    assert plan is not None and loaded.mesh is not None
+    case = Case.model_validate(
+        {
+            "name": "to a pod that is not running",
+            "from": {"workload": "foo/sleep"},
+            "to": {"workload": "foo/nope", "port": 8000},
+            "request": {"path": "/"},
+            "expect": "allow",
+        }
+    )
+    runner_ = live.LiveRunner(plan, Layout(tmp_path))
+    (result,) = asyncio.run(runner_.run(loaded.mesh, [("suite", "t.yaml", (case,))]))
+    assert not result.passed and not result.not_run
+    assert "cannot be sent in this mesh" in result.failures[0] and "foo/nope" in result.failures[0]

@@ -33,14 +33,21 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trustmesh.api.policytest import Case
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.testing import Outcome, check, run_case
-from trustmesh.runtime.client import HttpResult, TcpResult, http_request, outside_pod, tcp_exchange
+from trustmesh.runtime.client import (
+    HttpResult,
+    RequestError,
+    TcpResult,
+    http_request,
+    outside_pod,
+    tcp_exchange,
+)
 from trustmesh.runtime.layout import Layout
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
@@ -104,7 +111,6 @@ class LiveRunner:
     layout: Layout
     outside_address: str = "127.0.0.1"
     timeout: float = 10.0
-    _log_offsets: dict[str, int] = field(default_factory=dict)
 
     async def run(
         self, mesh: MeshPolicy, suites: Sequence[tuple[str, str, Sequence[Case]]]
@@ -125,10 +131,14 @@ class LiveRunner:
         source, why = self._source(case)
         if source is None:
             return LiveCaseResult(suite, case.name, location, None, offline, not_run=why)
-        if case.tcp:
-            live, detail = await self._tcp(source, case)
-        else:
-            live, detail = await self._http(source, case)
+        try:
+            if case.tcp:
+                live, detail = await self._tcp(source, case)
+            else:
+                live, detail = await self._http(source, case)
+        except (LookupError, RequestError) as exc:  # the case does not fit this mesh
+            failure = (f"cannot be sent in this mesh: {exc}",)
+            return LiveCaseResult(suite, case.name, location, None, offline, failure)
         failures = tuple(check(live, case.expect))
         mismatches = tuple(_differences(live, offline)) if offline is not None else ()
         return LiveCaseResult(
