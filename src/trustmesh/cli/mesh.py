@@ -113,7 +113,7 @@ def _up_detached(config: list[Path], mesh_config: list[Path], state: Path, base:
     argv = [sys.executable, "-m", "trustmesh", "up", *map(str, config), "--state", str(state)]
     argv += [x for m in mesh_config for x in ("--mesh-config", str(m))] + ["--base", base]
     log_path = Layout(state).logs / "supervisor.log"
-    with log_path.open("ab") as log:
+    with log_path.open("wb") as log:  # this start's output only: it is shown on failure
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )

@@ -105,6 +105,15 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     ports: dict[str, int] = args["ports"]
     now = dt.datetime.now(dt.UTC)
     ca = _open_ca(layout, plan, now)
+    if ca.config.trust_domain != plan.trust_domain:
+        # Kept from an earlier `up` of this state directory: its workload certificates
+        # would carry the old trust domain, and every principal would be wrong.
+        why = (
+            f"{layout.ca} holds a CA for trust domain {ca.config.trust_domain!r}, the mesh "
+            f"config says {plan.trust_domain!r}: use another --state or remove {layout.ca}"
+        )
+        print(json.dumps({"ready": False, "error": why}), flush=True)
+        return 1
     layout.roots.write_bytes(ca.bundle_pem(now))
     _write_tokens(layout, ca, plan, now)
     ca_server = CaServer(
