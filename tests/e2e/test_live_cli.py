@@ -190,3 +190,42 @@ def test_without_access_logging_only_refused_requests_are_logged(mesh: LiveMesh)
     assert "denied-0001" in written and "deny-method-get" in written
     assert "allowed-0001" not in written
     mesh.apply(None)
+
+
+def test_a_kept_ca_of_another_trust_domain_is_refused(tmp_path: Path) -> None:
+    """A state directory reused after trustDomain changed would issue certificates in the
+    old domain: the second up stops and says what to do."""
+    config = tmp_path / "mesh.yaml"
+    config.write_text(
+        """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: idle, namespace: default}
+spec:
+  template:
+    spec:
+      containers:
+      - name: idle
+        command: [trustmesh, sample, sleep]
+"""
+    )
+    state = tmp_path / "state"
+    first = trustmesh("up", str(config), "--base", "127.51.0.0", "-d", state=state, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert trustmesh("down", state=state).returncode == 0
+    other = tmp_path / "other-td.yaml"
+    other.write_text("trustDomain: other-td\n")
+    second = trustmesh(
+        "up",
+        str(config),
+        "--mesh-config",
+        str(other),
+        "--base",
+        "127.51.0.0",
+        "-d",
+        state=state,
+        timeout=120,
+    )
+    assert second.returncode == 1
+    assert "holds a CA for trust domain 'cluster.local'" in second.stderr
+    assert "the mesh config says 'other-td'" in second.stderr
