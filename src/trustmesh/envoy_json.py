@@ -1,9 +1,9 @@
 """Envoy proto3-JSON fragments both the agent's bootstraps and the xDS translation use.
 
-Pure values, no I/O: how a socket address is spelled, how a secret is fetched from the
-workload agent's SDS server, and how a TLS context trusts the mesh bundle and pins the
-peer's SPIFFE ID. One definition, so a sidecar's bootstrap and its ADS-delivered config
-can never disagree on them.
+Pure values, no I/O: the type URLs several modules name, how a socket address is
+spelled, how a secret is fetched from the workload agent's SDS server, and how a TLS
+context trusts the mesh bundle and pins the peer's SPIFFE ID. One definition, so a
+sidecar's bootstrap and its ADS-delivered config can never disagree on them.
 """
 
 from __future__ import annotations
@@ -13,11 +13,31 @@ from typing import Any
 
 __all__ = [
     "CERTIFICATE_SECRET",
+    "DOWNSTREAM_TLS_TYPE",
+    "HCM_TYPE",
+    "HTTP_OPTIONS_TYPE",
+    "LISTENER_TYPE",
+    "ROUTER_TYPE",
+    "STDOUT_LOG_TYPE",
+    "TCP_PROXY_TYPE",
+    "TLS_INSPECTOR_TYPE",
     "TRUST_BUNDLE_SECRET",
+    "UPSTREAM_TLS_TYPE",
     "mesh_validation",
     "sds_secret",
     "socket_address",
 ]
+
+_T = "type.googleapis.com/"
+DOWNSTREAM_TLS_TYPE = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+HCM_TYPE = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+HTTP_OPTIONS_TYPE = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+LISTENER_TYPE = _T + "envoy.config.listener.v3.Listener"
+ROUTER_TYPE = _T + "envoy.extensions.filters.http.router.v3.Router"
+STDOUT_LOG_TYPE = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+TCP_PROXY_TYPE = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+TLS_INSPECTOR_TYPE = _T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+UPSTREAM_TLS_TYPE = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 # The secret names Istio's agent serves (the workload certificate and the trust bundle),
 # so Istio-shaped configurations work unchanged.

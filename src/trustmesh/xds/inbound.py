@@ -39,7 +39,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustmesh.api import models as m
-from trustmesh.envoy_json import CERTIFICATE_SECRET, mesh_validation, sds_secret, socket_address
+from trustmesh.envoy_json import (
+    CERTIFICATE_SECRET,
+    DOWNSTREAM_TLS_TYPE,
+    HCM_TYPE,
+    LISTENER_TYPE,
+    ROUTER_TYPE,
+    STDOUT_LOG_TYPE,
+    TCP_PROXY_TYPE,
+    TLS_INSPECTOR_TYPE,
+    mesh_validation,
+    sds_secret,
+    socket_address,
+)
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.pathnorm import PathNormalization
 from trustmesh.xds.outbound import (
@@ -61,14 +73,6 @@ __all__ = [
     "inbound_ports",
 ]
 
-_T = "type.googleapis.com/"
-LISTENER_TYPE = _T + "envoy.config.listener.v3.Listener"
-_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
-_DOWNSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
-_TLS_INSPECTOR = _T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
-_STDOUT_LOG = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 
 INBOUND_LISTENER = "virtualInbound"
 # What a mesh client offers (Istio's allIstioMtlsALPNs): a PERMISSIVE port tells mesh
@@ -200,7 +204,7 @@ def inbound_listener(
         listener["listener_filters"] = [
             {
                 "name": "envoy.filters.listener.tls_inspector",
-                "typed_config": {"@type": _TLS_INSPECTOR},
+                "typed_config": {"@type": TLS_INSPECTOR_TYPE},
             }
         ]
         # A server-speaks-first protocol sends nothing for the inspector to read: after the
@@ -225,7 +229,7 @@ def _downstream_tls(protocol: Protocol, sds_cluster: str) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _DOWNSTREAM_TLS,
+            "@type": DOWNSTREAM_TLS_TYPE,
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
@@ -260,7 +264,7 @@ def _http_manager(
 ) -> dict[str, Any]:
     cluster = app_cluster_name(port)
     config: dict[str, Any] = {
-        "@type": _HCM,
+        "@type": HCM_TYPE,
         "stat_prefix": f"inbound_{port}",
         "codec_type": "AUTO",
         "route_config": {
@@ -282,7 +286,7 @@ def _http_manager(
         },
         "http_filters": [
             *policy_filters,
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}},
         ],
         **path_normalization(mesh.path_normalization),
         # The application learns its caller from x-forwarded-client-cert: a value the
@@ -300,7 +304,7 @@ def _tcp_proxy(workload: str, port: int) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": {
-            "@type": _TCP_PROXY,
+            "@type": TCP_PROXY_TYPE,
             "stat_prefix": cluster,
             "cluster": cluster,
             "access_log": [_tcp_log(workload, port)],
@@ -312,7 +316,7 @@ def _stdout_log(fields: dict[str, str], **extra: Any) -> dict[str, Any]:
     return {
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
-            "@type": _STDOUT_LOG,
+            "@type": STDOUT_LOG_TYPE,
             "log_format": {"json_format": fields},
         },
         **extra,

@@ -48,6 +48,8 @@ from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
 from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
+    HTTP_OPTIONS_TYPE,
+    UPSTREAM_TLS_TYPE,
     mesh_validation,
     sds_secret,
     socket_address,
@@ -73,9 +75,7 @@ __all__ = [
 _T = "type.googleapis.com/"
 CLUSTER_TYPE = _T + "envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = _T + "envoy.config.route.v3.RouteConfiguration"
-_UPSTREAM_TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _RAW_BUFFER = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
-_HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
@@ -131,7 +131,7 @@ def static_cluster(
     if http2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
+                "@type": HTTP_OPTIONS_TYPE,
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         }
@@ -322,7 +322,7 @@ def _mesh_socket(
     return {
         "name": _TLS_SOCKET,
         "typed_config": {
-            "@type": _UPSTREAM_TLS,
+            "@type": UPSTREAM_TLS_TYPE,
             "sni": f"outbound_.{sp.port}_._.{service.hostname}",
             "common_tls_context": {
                 "tls_params": {
@@ -381,7 +381,7 @@ def _destination_rule_socket(
     return {
         "name": _TLS_SOCKET,
         "typed_config": {
-            "@type": _UPSTREAM_TLS,
+            "@type": UPSTREAM_TLS_TYPE,
             "sni": tls.sni or service.hostname,
             "common_tls_context": common,
         },

@@ -51,7 +51,15 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.snapshot import Service
-from trustmesh.envoy_json import socket_address
+from trustmesh.envoy_json import (
+    HCM_TYPE,
+    LISTENER_TYPE,
+    ROUTER_TYPE,
+    STDOUT_LOG_TYPE,
+    TCP_PROXY_TYPE,
+    TLS_INSPECTOR_TYPE,
+    socket_address,
+)
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request
 from trustmesh.xds.outbound import (
@@ -74,15 +82,9 @@ __all__ = [
 ]
 
 _T = "type.googleapis.com/"
-_LISTENER_TYPE = _T + "envoy.config.listener.v3.Listener"
-_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
-_TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_STDOUT_LOG = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 _DFP_CLUSTER = _T + "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"
 _DFP_FILTER = _T + "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"
 _SNI_DFP_FILTER = _T + "envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig"
-_TLS_INSPECTOR = _T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 
 OUTBOUND_HTTP_LISTENER = "outbound_http"
 OUTBOUND_HTTP_PORT = 15001  # Istio's outbound capture port, reused for the explicit proxy
@@ -115,7 +117,7 @@ def outbound_listeners(wp: WorkloadPolicy, mesh: MeshPolicy, address: str) -> li
     ``address``, sorted by name."""
     listeners = [
         {
-            "@type": _LISTENER_TYPE,
+            "@type": LISTENER_TYPE,
             "name": OUTBOUND_HTTP_LISTENER,
             "address": socket_address(address, OUTBOUND_HTTP_PORT),
             "filter_chains": [{"filters": [_http_proxy(wp, mesh)]}],
@@ -124,7 +126,7 @@ def outbound_listeners(wp: WorkloadPolicy, mesh: MeshPolicy, address: str) -> li
     for port, cluster in outbound_tcp_ports(wp, mesh).items():
         listeners.append(
             {
-                "@type": _LISTENER_TYPE,
+                "@type": LISTENER_TYPE,
                 "name": f"outbound_tcp_{port}",
                 "address": socket_address(address, port),
                 "filter_chains": [{"filters": [_tcp_proxy(wp, cluster)]}],
@@ -176,13 +178,13 @@ def _tls_egress_listener(
         }
         default = chain(DYNAMIC_FORWARD_PROXY_CLUSTER, [resolve])
     return {
-        "@type": _LISTENER_TYPE,
+        "@type": LISTENER_TYPE,
         "name": f"outbound_tls_{port}",
         "address": socket_address(address, port),
         "listener_filters": [
             {
                 "name": "envoy.filters.listener.tls_inspector",
-                "typed_config": {"@type": _TLS_INSPECTOR},
+                "typed_config": {"@type": TLS_INSPECTOR_TYPE},
             }
         ],
         "filter_chains": chains,
@@ -194,7 +196,7 @@ def _tcp_proxy(wp: WorkloadPolicy, cluster: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": {
-            "@type": _TCP_PROXY,
+            "@type": TCP_PROXY_TYPE,
             "stat_prefix": cluster,
             "cluster": cluster,
             "access_log": [_log(wp, _tcp_fields())],
@@ -309,11 +311,11 @@ def _http_proxy(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
                 "typed_config": {"@type": _DFP_FILTER, "dns_cache_config": dict(_DNS_CACHE)},
             }
         )
-    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}})
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
-            "@type": _HCM,
+            "@type": HCM_TYPE,
             "stat_prefix": OUTBOUND_HTTP_LISTENER,
             "codec_type": "HTTP1",
             # What makes it a forward proxy: `GET http://host:port/path` is accepted and
@@ -344,7 +346,7 @@ def _log(
     }
     log: dict[str, Any] = {
         "name": "envoy.access_loggers.stdout",
-        "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": common | fields}},
+        "typed_config": {"@type": STDOUT_LOG_TYPE, "log_format": {"json_format": common | fields}},
     }
     if not every_request:
         log["filter"] = denied_requests_only(dry_run=False)
