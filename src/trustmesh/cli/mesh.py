@@ -265,7 +265,14 @@ def _section(dump: dict[str, Any], kind: str) -> Any:
                 return config
             # The authorization filters are delivered over ECDS; keep the RBAC ones.
             filters = config.get("ecds_filters", [])
-            return [f for f in filters if "rbac" in json.dumps(f.get("ecds_filter", {}))[:400]]
+            rbac_type = "envoy.extensions.filters.http.rbac.v3.RBAC"
+            return [
+                f
+                for f in filters
+                if str(f.get("ecds_filter", {}).get("typed_config", {}).get("@type", "")).endswith(
+                    rbac_type
+                )
+            ]
     return {}
 
 

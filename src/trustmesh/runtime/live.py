@@ -295,12 +295,18 @@ def _rbac(entry: dict[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _denied_rule(details: str) -> str | None:
+    """The policy in ``rbac_access_denied_matched_policy[…]``; None for Envoy's "none"
+    (no ALLOW policy matched)."""
+    rule = details.removeprefix(_DENIED).removesuffix("]")
+    return None if rule == "none" else rule
+
+
 def _with_log(outcome: Outcome, entry: dict[str, Any]) -> Outcome:
     rbac = _rbac(entry)
     details = str(entry.get("response_code_details") or "")
     if details.startswith(_DENIED):
-        rule: str | None = details.removeprefix(_DENIED).removesuffix("]")
-        rule = None if rule == "none" else rule
+        rule = _denied_rule(details)
     else:
         rule = rbac.get("enforced_effective_policy_id")
     shadow = frozenset(str(rbac[k]) for k in _SHADOW if k in rbac)
@@ -319,9 +325,7 @@ def _tcp_with_log(outcome: Outcome, entry: dict[str, Any]) -> Outcome:
     details = str(entry.get("connection_termination_details") or "")
     rbac = _rbac(entry)
     if details.startswith(_DENIED):
-        rule: str | None = details.removeprefix(_DENIED).removesuffix("]")
-        rule = None if rule == "none" else rule
-        return Outcome("deny", None, rule, None, None, details, rule_known=True)
+        return Outcome("deny", None, _denied_rule(details), None, None, details, rule_known=True)
     if outcome.verdict == "allow" and "enforced_effective_policy_id" in rbac:
         # Envoy's network RBAC names the ALLOW policy only in some versions; 1.40 does not.
         rule = rbac["enforced_effective_policy_id"]

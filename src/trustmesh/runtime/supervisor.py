@@ -41,7 +41,7 @@ from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.config import load_config
 from trustmesh.runtime.control_plane import ARGS_FILE, node_id
-from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.layout import Layout, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, MeshPlan, PodPlan, plan_mesh
 from trustmesh.runtime.sidecar import SidecarSpec
 
@@ -87,6 +87,8 @@ class MeshRuntime:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     _children: dict[str, _Child] = field(default_factory=dict)
     _restarts: int = 0
+    _config_paths: list[str] = field(default_factory=list)  # resolved, as recorded
+    _mesh_config_paths: list[str] = field(default_factory=list)
 
     # -- start
 
@@ -101,8 +103,8 @@ class MeshRuntime:
         self.progress(f"mesh ready in {time.monotonic() - started:.1f}s")
 
     async def _up(self) -> None:
-        config = [str(Path(p).resolve()) for p in self.config]
-        mesh_config = [str(Path(p).resolve()) for p in self.mesh_config]
+        config = self._config_paths = [str(Path(p).resolve()) for p in self.config]
+        mesh_config = self._mesh_config_paths = [str(Path(p).resolve()) for p in self.mesh_config]
         state = self.layout.root.resolve()
         for folder in config:
             if state.is_relative_to(folder):
@@ -122,12 +124,8 @@ class MeshRuntime:
         self.plan = plan
         self.layout.create()
         write_json(self.layout.plan, plan.to_json())
-        write_json(
-            self.layout.root / ARGS_FILE,
-            {"config": config, "mesh_config": mesh_config, "ports": {}},
-        )
         self.pods = {pod.ref: {**pod.to_json(), "status": "starting"} for pod in plan.pods}
-        self._record("starting", config, mesh_config)
+        self._record("starting")
         await self._start_control_plane()
         sidecars = [pod for pod in plan.pods if pod.sidecar]
         self.progress(f"starting {len(sidecars)} sidecars (agent + Envoy)")
@@ -136,13 +134,16 @@ class MeshRuntime:
         await asyncio.gather(*(self._start_app(pod) for pod in plan.pods))
         for pod in plan.pods:
             self.pods[pod.ref]["status"] = "running"
-        self._record("ready", config, mesh_config)
+        self._record("ready")
 
     async def _start_control_plane(self) -> None:
-        args_path = self.layout.root / ARGS_FILE
-        args = read_json(args_path)
-        args["ports"] = self.control_plane.get("ports", {})
-        write_json(args_path, args)
+        # A restart keeps the ports the proxies and agents already use.
+        args = {
+            "config": self._config_paths,
+            "mesh_config": self._mesh_config_paths,
+            "ports": self.control_plane.get("ports", {}),
+        }
+        write_json(self.layout.root / ARGS_FILE, args)
         self.progress("starting the control plane (CA + xDS)")
         child = await self._spawn(
             "control-plane",
@@ -330,19 +331,14 @@ class MeshRuntime:
 
     # -- state file
 
-    def _record(
-        self, state: str, config: Sequence[str] | None = None, mesh_config: Sequence[str] = ()
-    ) -> None:
+    def _record(self, state: str) -> None:
         if not self.layout.root.exists():
             return
-        previous: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            previous = read_json(self.layout.mesh)
         record = {
             "state": state,
             "supervisor_pid": os.getpid(),
-            "config": list(config) if config is not None else previous.get("config", []),
-            "mesh_config": list(mesh_config) or previous.get("mesh_config", []),
+            "config": list(self._config_paths),
+            "mesh_config": list(self._mesh_config_paths),
             "base": self.base,
             "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "control_plane": {
