@@ -18,7 +18,7 @@ SLEEP = SpiffeId("cluster.local", "foo", "sleep")
 
 
 def test_renewal_time_is_half_life_with_bounded_jitter() -> None:
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)  # calendar: ok, pure arithmetic
     end = start + dt.timedelta(hours=24)
     times = [renewal_time(start, end, 0.5, 0.01, random.Random(i)) for i in range(200)]
     assert min(times) >= start + dt.timedelta(hours=12) - dt.timedelta(minutes=15)

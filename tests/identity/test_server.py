@@ -18,7 +18,11 @@ from trustmesh.identity.server import CaServer
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.identity.tokens import issue_token
 
-NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+# Every scenario makes real TLS handshakes, and BoringSSL checks certificate validity
+# against the real clock: the CA's serving certificate and the leaves must be issued at
+# the real now, or the suite starts failing once a fixed instant falls out of their
+# validity. The injected clock starts here and only moves forward (expiry scenarios).
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 SLEEP = SpiffeId("cluster.local", "foo", "sleep")
 
 
