@@ -289,16 +289,28 @@ class Container(Loose):
     args: Strings = ()
     env: tuple[EnvVar, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
+    restart_policy: str = ""  # "Always" on an init container: a native sidecar
 
 
 class PodSpec(Loose):
     service_account_name: str = ""
     service_account: str = ""
     containers: tuple[Container, ...] = ()
+    init_containers: tuple[Container, ...] = ()
+    host_network: bool = False
 
 
 class PodStatus(Loose):
     pod_ip: str = Field(default="", alias="podIP")
+    phase: str = ""
+    host_ip: str = Field(default="", alias="hostIP")
+
+
+class LiveObjectMeta(Loose):
+    """The metadata only the API server writes: set on objects read back from a cluster."""
+
+    uid: str = ""
+    resource_version: str = ""
 
 
 class PodTemplate(Loose):
@@ -355,8 +367,18 @@ class Empty(Loose):
 
 
 class PodObject(Loose):
+    metadata: LiveObjectMeta = Field(default_factory=LiveObjectMeta)
     spec: PodSpec = Field(default_factory=PodSpec)
     status: PodStatus = Field(default_factory=PodStatus)
+
+    @property
+    def is_live(self) -> bool:
+        """Read back from a running cluster (``kubectl get pods -o yaml``), not a manifest:
+        what the admission webhooks did to it is already in its spec."""
+        meta, status = self.metadata, self.status
+        return bool(
+            meta.uid or meta.resource_version or status.phase or status.pod_ip or status.host_ip
+        )
 
 
 class ConfigMapObject(Loose):

@@ -2,8 +2,8 @@
 
 Built from a :class:`LoadResult` (pure). It resolves what Istio resolves before any
 policy is looked at: the mesh config (IstioOperator < ConfigMap ``istio`` < an explicit
-mesh-config file), the workloads (Pods, pod templates, WorkloadEntries) with their
-sidecar status, and the services that select them.
+mesh-config file), the workloads (Pods, pod templates, WorkloadEntries) with how each takes
+part in the mesh (:mod:`trustmesh.api.dataplane`), and the services that select them.
 """
 
 from __future__ import annotations
@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import (
+    INJECT,  # noqa: F401  (re-exported: checks read the annotation name here)
+    Dataplane,
+    InjectionSettings,
+    MeshMode,
+    PodFacts,
+    classify,
+)
 from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.loader import LoadResult, validate_model
 from trustmesh.api.resources import Resource
 from trustmesh.api.yamldoc import YamlDocument, parse_yaml
 
-INJECT = "sidecar.istio.io/inject"
 _CONTROLLERS = ("Deployment", "StatefulSet", "DaemonSet")
 
 
@@ -31,7 +38,7 @@ class Workload:
     kind: str
     labels: Mapping[str, str]
     service_account: str
-    has_sidecar: bool
+    dataplane: Dataplane
     ports: tuple[int, ...]
     ip: str | None
     resource: Resource[Any] = field(repr=False, compare=False)
@@ -39,6 +46,12 @@ class Workload:
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def has_sidecar(self) -> bool:
+        """An injected istio-proxy enforces this workload's inbound policy (not a gateway,
+        not ambient, not unknown)."""
+        return self.dataplane.mode is MeshMode.SIDECAR
 
     def principal(self, trust_domain: str) -> str:
         """SPIFFE ID without ``spiffe://``, the form AuthorizationPolicy principals use."""
@@ -155,13 +168,21 @@ class ConfigSnapshot:
 
 
 def build_snapshot(
-    loaded: LoadResult, mesh_documents: tuple[YamlDocument, ...] = ()
+    loaded: LoadResult,
+    mesh_documents: tuple[YamlDocument, ...] = (),
+    *,
+    assume_injected: bool = False,
 ) -> ConfigSnapshot:
-    """Resolve mesh config, workloads and services. ``mesh_documents``: --mesh-config files."""
+    """Resolve mesh config, workloads and services. ``mesh_documents``: --mesh-config files.
+
+    ``assume_injected``: workloads whose namespace is not among the inputs (so its
+    injection labels are unknown) are taken to have a sidecar, not left unknown.
+    """
     problems: list[Diagnostic] = []
     mesh, layers = _mesh_config(loaded.resources, mesh_documents, problems)
     namespaces = {r.name: dict(r.labels) for r in loaded.resources if r.kind == "Namespace"}
-    workloads = tuple(_workloads(loaded.resources, namespaces))
+    settings = _injection_settings(loaded)
+    workloads = tuple(_workloads(loaded.resources, namespaces, settings, assume_injected))
     services = tuple(_services(loaded.resources))
     return ConfigSnapshot(
         mesh=mesh,
@@ -224,37 +245,34 @@ def _mesh_config(
     return model, tuple(MeshLayer(body, doc, path) for body, doc, path in layers)
 
 
-def _has_sidecar(
-    namespace_labels: Mapping[str, str] | None,
-    labels: Mapping[str, str],
-    annotations: Mapping[str, str],
-    containers: tuple[m.Container, ...],
-) -> bool:
-    if any(c.name == "istio-proxy" for c in containers):
-        return True  # already injected (a `kubectl get -o yaml` dump)
-    explicit = labels.get(INJECT, annotations.get(INJECT))
-    if explicit is not None:
-        return explicit.lower() == "true"
-    ns = namespace_labels or {}
-    if ns.get("istio-injection") == "disabled":
-        return False
-    return ns.get("istio-injection") == "enabled" or "istio.io/rev" in ns
+def _injection_settings(loaded: LoadResult) -> InjectionSettings:
+    values: list[Mapping[str, Any]] = [
+        r.spec.values for r in loaded.resources if r.kind == "IstioOperator"
+    ]
+    values += [d.body for d in loaded.helm_values if isinstance(d.body, dict)]
+    return InjectionSettings.from_values(values)
 
 
 def _workloads(
-    resources: list[Resource[Any]], namespaces: Mapping[str, Mapping[str, str]]
+    resources: list[Resource[Any]],
+    namespaces: Mapping[str, Mapping[str, str]],
+    settings: InjectionSettings,
+    assume_injected: bool,
 ) -> list[Workload]:
     out: list[Workload] = []
     for r in resources:
         if r.kind == "Pod" or r.kind in _CONTROLLERS:
+            live = False
             if r.kind == "Pod":
                 labels, annotations = r.labels, r.annotations
                 spec: m.PodSpec = r.spec.spec
                 ip = r.spec.status.pod_ip or None
+                live = r.spec.is_live
             else:
                 template: m.PodTemplate = r.spec.template
                 labels, annotations = template.metadata.labels, template.metadata.annotations
                 spec, ip = template.spec, None
+            facts = PodFacts(r.kind, r.namespace, labels, annotations, spec, live)
             out.append(
                 Workload(
                     namespace=r.namespace,
@@ -262,8 +280,11 @@ def _workloads(
                     kind=r.kind,
                     labels=labels,
                     service_account=spec.service_account_name or spec.service_account or "default",
-                    has_sidecar=_has_sidecar(
-                        namespaces.get(r.namespace), labels, annotations, spec.containers
+                    dataplane=classify(
+                        facts,
+                        namespaces.get(r.namespace),
+                        settings,
+                        assume_injected=assume_injected,
                     ),
                     ports=tuple(p.container_port for c in spec.containers for p in c.ports),
                     ip=ip,
@@ -279,7 +300,9 @@ def _workloads(
                     kind=r.kind,
                     labels=entry.labels,
                     service_account=entry.service_account or "default",
-                    has_sidecar=True,
+                    dataplane=Dataplane(
+                        MeshMode.SIDECAR, "WorkloadEntry: a VM or host running an Istio sidecar"
+                    ),
                     ports=tuple(entry.ports.values()),
                     ip=entry.address or None,
                     resource=r,
