@@ -151,14 +151,12 @@ class InjectionSettings:
             by_default = webhook.get("enableNamespacesByDefault")
             if isinstance(by_default, bool):
                 settings = dataclasses.replace(settings, namespaces_by_default=by_default)
-            for key, attr in (
-                ("neverInjectSelector", "never_inject"),
-                ("alwaysInjectSelector", "always_inject"),
-            ):
-                selectors = webhook.get(key)
-                if isinstance(selectors, list):
-                    parsed = tuple(s for s in map(_selector, selectors) if s is not None)
-                    settings = dataclasses.replace(settings, **{attr: parsed})
+            never = _selectors(webhook.get("neverInjectSelector"))
+            if never is not None:
+                settings = dataclasses.replace(settings, never_inject=never)
+            always = _selectors(webhook.get("alwaysInjectSelector"))
+            if always is not None:
+                settings = dataclasses.replace(settings, always_inject=always)
         return settings
 
 
@@ -169,6 +167,12 @@ def _dig(body: Mapping[str, Any], *path: str) -> Any:
             return None
         value = value.get(part)
     return value
+
+
+def _selectors(raw: Any) -> tuple[LabelSelector, ...] | None:
+    if not isinstance(raw, list):
+        return None
+    return tuple(s for s in map(_selector, raw) if s is not None)
 
 
 def _selector(raw: Any) -> LabelSelector | None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import INJECT as INJECT  # re-exported for the checks
 from trustmesh.api.dataplane import (
-    INJECT,  # noqa: F401  (re-exported: checks read the annotation name here)
     Dataplane,
     InjectionSettings,
     MeshMode,
