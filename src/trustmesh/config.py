@@ -82,13 +82,18 @@ def load_config(
     stdin: BinaryIO | None = None,
     compile_policy: bool = True,
     source_cache: SourceCache | None = None,
+    default_namespace: str = "default",
+    assume_injected: bool = False,
 ) -> LoadedConfig:
     """Load, validate and (when there are no errors) compile the configuration.
 
     ``source_cache`` keeps what each file loaded to between calls (a control plane
-    reloading after one edit then parses only the edited file)."""
+    reloading after one edit then parses only the edited file). ``default_namespace``
+    is where objects without ``metadata.namespace`` go (kubectl's ``-n``);
+    ``assume_injected`` treats workloads whose namespace is not among the inputs as
+    injected instead of unknown."""
     sources, problems = read_sources(paths, stdin)
-    loaded = load_sources(sources, cache=source_cache)
+    loaded = load_sources(sources, default_namespace, cache=source_cache)
     if source_cache is not None:
         source_cache.forget_unused()
     test_sources, test_problems = read_sources(test_paths, stdin)
@@ -110,7 +115,7 @@ def load_config(
             jwks[uri] = Path(file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(error("unreadable", Location(file), f"jwks for {uri}: {exc}"))
-    snapshot = build_snapshot(loaded, tuple(mesh_docs))
+    snapshot = build_snapshot(loaded, tuple(mesh_docs), assume_injected=assume_injected)
     diagnostics = problems + loaded.diagnostics + validate_snapshot(snapshot)
     tests = _tests(loaded, diagnostics) + _tests(tests_loaded, diagnostics)
     diagnostics.extend(d for d in tests_loaded.diagnostics)

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Location
 from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot
@@ -76,9 +77,45 @@ class AnalysisContext:
         return self.snapshot.of_kind(kind)
 
     def sidecar_workloads(self) -> Iterator[WorkloadPolicy]:
+        """Workloads whose injected sidecar enforces their inbound policy (Envoy semantics)."""
         for policy in self.mesh.workloads.values():
             if policy.workload.has_sidecar:
                 yield policy
+
+    def enforcing_workloads(self) -> Iterator[WorkloadPolicy]:
+        """Workloads where PeerAuthentication and AuthorizationPolicy are enforced on
+        inbound traffic: a sidecar, or ztunnel for ambient ones."""
+        for policy in self.mesh.workloads.values():
+            if policy.workload.dataplane.mode in (MeshMode.SIDECAR, MeshMode.AMBIENT):
+                yield policy
+
+    def dataplane_notes(self) -> tuple[str, ...]:
+        """What the findings assume about workloads whose mesh mode the input does not show."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for workload in self.snapshot.workloads:
+            dataplane = workload.dataplane
+            if not dataplane.uncertain:
+                continue
+            key = (dataplane.mode.value, dataplane.reason.replace(workload.namespace, "{ns}"))
+            groups.setdefault(key, []).append(workload.ref)
+        notes = []
+        for (mode, _), refs in sorted(groups.items()):
+            namespaces = sorted({ref.split("/", 1)[0] for ref in refs})
+            where = ", ".join(namespaces)
+            shown = ", ".join(refs[:8]) + (f" and {len(refs) - 8} more" if len(refs) > 8 else "")
+            if mode == MeshMode.UNKNOWN.value:
+                notes.append(
+                    f"sidecar injection unknown for {shown}: namespace {where} is not among the"
+                    " inputs, so its istio-injection / istio.io/rev labels are unknown; they are"
+                    " analyzed as not injected (checks of sidecar workloads skip them, and"
+                    " mTLS / default-deny findings for them are not reported). Pass"
+                    " --assume-injected to analyze them as injected, or add the Namespace."
+                )
+            else:
+                reason = self.snapshot.workload(refs[0])
+                why = reason.dataplane.reason if reason is not None else ""
+                notes.append(f"assumed {mode} for {shown}: {why}")
+        return tuple(notes)
 
     def mesh_location(self, *path: str) -> Location | None:
         return self.snapshot.mesh_location(*path)

@@ -36,6 +36,9 @@ class AnalysisResult:
     findings: tuple[Finding, ...]
     suppressed: tuple[Finding, ...]
     rules_run: tuple[str, ...]
+    # What the findings rest on that the input does not show (e.g. sidecar injection of
+    # workloads whose namespace is not among the inputs).
+    notes: tuple[str, ...] = ()
 
 
 def select_rules(selection: Sequence[str] | None) -> list[str]:
@@ -78,7 +81,7 @@ def analyze(
             else:
                 kept.append(finding)
     kept.sort(key=Finding.sort_key)
-    return AnalysisResult(tuple(kept), tuple(dropped), tuple(chosen))
+    return AnalysisResult(tuple(kept), tuple(dropped), tuple(chosen), context.dataplane_notes())
 
 
 def _annotation_suppressions(context: AnalysisContext) -> dict[str, tuple[str, ...]]:

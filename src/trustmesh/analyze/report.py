@@ -36,6 +36,7 @@ def as_document(result: AnalysisResult) -> dict[str, Any]:
         "findings": [f.as_dict() for f in result.findings],
         "summary": summary(result),
         "rules_run": list(result.rules_run),
+        "notes": list(result.notes),
     }
 
 
@@ -66,6 +67,7 @@ def to_sarif(result: AnalysisResult, base_dir: str | None = None) -> dict[str, A
                 },
                 "results": [_sarif_result(f, index[f.rule.id], base) for f in result.findings],
                 "columnKind": "unicodeCodePoints",
+                "properties": {"notes": list(result.notes)},
             }
         ],
     }

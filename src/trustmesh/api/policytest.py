@@ -11,6 +11,7 @@ spec:
     to: {workload: foo/httpbin, port: 8000}   # or {host: api.example.com, port: 443} (egress)
     request: {method: GET, path: /get, headers: {x-token: guest}, jwt: eyJ...}
     expect: deny                       # allow | deny | unauthenticated | reset | bad-request
+                                       # | unsupported
                                        # or {verdict, status, rule, dryRun, upstreamHeaders}
 ```
 """
@@ -23,7 +24,9 @@ from pydantic import Field, model_validator
 
 from trustmesh.api.models import Strict
 
-VerdictName = Literal["allow", "deny", "unauthenticated", "reset", "bad-request"]
+# "unsupported": trustmesh cannot decide the case exactly (e.g. an ambient waypoint); a test
+# may state it, and any other expectation then fails with the reason.
+VerdictName = Literal["allow", "deny", "unauthenticated", "reset", "bad-request", "unsupported"]
 
 
 class CaseSource(Strict):

@@ -17,6 +17,7 @@ from trustmesh.analyze.findings import Finding, Severity
 from trustmesh.analyze.harden import plan
 from trustmesh.analyze.registry import all_rules
 from trustmesh.cli import render
+from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem
 from trustmesh.config import load_config
 
 Files = Annotated[
@@ -32,9 +33,22 @@ _COLOR = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cya
 
 
 def _context(
-    files: list[str], mesh_config: list[str] | None, version: str | None, output: str
+    files: list[str],
+    mesh_config: list[str] | None,
+    version: str | None,
+    output: str,
+    namespace: str = "default",
+    assume_injected: bool = False,
 ) -> AnalysisContext:
-    loaded = load_config(files, mesh_config=mesh_config or ())
+    problem = namespace_problem(namespace)
+    if problem:
+        raise ValueError(problem)
+    loaded = load_config(
+        files,
+        mesh_config=mesh_config or (),
+        default_namespace=namespace,
+        assume_injected=assume_injected,
+    )
     if loaded.mesh is None:
         render.diagnostics(
             loaded.diagnostics, "json" if output == "json" else "table", summary=loaded
@@ -58,6 +72,8 @@ def analyze_command(
     ] = None,
     istio_version: VersionOpt = None,
     list_rules: Annotated[bool, typer.Option("--list-rules", help="List rules and exit.")] = False,
+    namespace: NamespaceOpt = "default",
+    assume_injected: AssumeInjectedOpt = False,
 ) -> None:
     """Find security risks in Istio configuration (exit 1 on findings ≥ --fail-on)."""
     if list_rules:
@@ -71,7 +87,7 @@ def analyze_command(
         threshold = Severity.parse(fail_on)
         suppressions = [Suppression.parse(s) for s in suppress or ()]
         selection = [r.strip() for r in rules.split(",") if r.strip()] if rules else None
-        context = _context(files, mesh_config, istio_version, output)
+        context = _context(files, mesh_config, istio_version, output, namespace, assume_injected)
         result = analyze(context, selection, suppressions)
     except ValueError as exc:
         render.usage_error(str(exc))
@@ -94,10 +110,18 @@ def harden_command(
         None
     ),
     istio_version: VersionOpt = None,
+    namespace: NamespaceOpt = "default",
+    assume_injected: AssumeInjectedOpt = False,
 ) -> None:
     """Write the YAML that fixes findings with a mechanical fix (never applied)."""
-    context = _context(files, mesh_config, istio_version, "text")
+    try:
+        context = _context(files, mesh_config, istio_version, "text", namespace, assume_injected)
+    except ValueError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
     result = analyze(context)
+    for note in result.notes:
+        typer.echo(f"# note: {note}", err=True)
     fixes = plan(result.findings)
     text = fixes.render()
     if out is None:
@@ -114,6 +138,8 @@ def harden_command(
 
 def _text(result: AnalysisResult) -> None:
     console = Console(highlight=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]NOTE[/yellow] {_esc(note)}")
     for finding in result.findings:
         _print_finding(console, finding)
     counts = report.summary(result)

@@ -1,7 +1,8 @@
 """``trustmesh`` command line.
 
 Exit codes: 0 success (``authz check``: allowed), 1 invalid configuration or failed
-tests, 2 bad arguments, 3 ``authz check`` decided not to allow.
+tests, 2 bad arguments, 3 ``authz check`` decided not to allow, 4 ``authz check`` cannot
+decide it exactly (``unsupported``: e.g. traffic through an ambient waypoint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
+from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
@@ -81,17 +83,28 @@ def _load(files: list[str], mesh_config: list[str] | None, **kwargs: object) -> 
     return load_config(files, mesh_config=mesh_config or (), **kwargs)  # type: ignore[arg-type]
 
 
-def _check_output(output: str) -> None:
+def _check_output(output: str, namespace: str = "default") -> None:
     if output not in ("table", "json"):
         raise UsageError(f"-o must be table or json, got {output!r}")
+    problem = namespace_problem(namespace)
+    if problem:
+        raise UsageError(problem)
+
+
+EXIT_ALLOWED, EXIT_NOT_ALLOWED, EXIT_UNSUPPORTED = 0, 3, 4
 
 
 @app.command()
-def validate(files: Files, mesh_config: MeshConfigOpt = None, output: Output = "table") -> None:
+def validate(
+    files: Files,
+    mesh_config: MeshConfigOpt = None,
+    output: Output = "table",
+    namespace: NamespaceOpt = "default",
+) -> None:
     """Check configuration the way Istio's admission webhook would."""
     try:
-        _check_output(output)
-        loaded = _load(files, mesh_config, compile_policy=False)
+        _check_output(output, namespace)
+        loaded = _load(files, mesh_config, compile_policy=False, default_namespace=namespace)
     except UsageError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None
@@ -124,10 +137,17 @@ def authz_check(
     now: Annotated[float | None, typer.Option("--now", help="Clock, epoch seconds.")] = None,
     mesh_config: MeshConfigOpt = None,
     output: Output = "table",
+    namespace: NamespaceOpt = "default",
+    assume_injected: AssumeInjectedOpt = False,
 ) -> None:
-    """Would this request be allowed, and by which rule?"""
+    """Would this request be allowed, and by which rule?
+
+    Exit 0 allowed, 3 not allowed (deny, unauthenticated, reset, bad-request), 4
+    unsupported: trustmesh cannot decide it exactly (traffic through an ambient waypoint,
+    a gateway's listeners), the reason says why; 1 invalid configuration, 2 bad arguments.
+    """
     try:
-        _check_output(output)
+        _check_output(output, namespace)
         sources = [bool(from_), bool(principal), plaintext]
         if sum(sources) != 1:
             raise UsageError("give exactly one of --from, --principal or --plaintext")
@@ -137,7 +157,13 @@ def authz_check(
         if any(v not in ("allow", "deny") for v in answers.values()):
             raise UsageError("--ext-authz values are allow or deny")
         headers = tuple(_pairs_list(header, "--header"))
-        loaded = _load(files, mesh_config, jwks_files=_pairs(jwks, "--jwks"))
+        loaded = _load(
+            files,
+            mesh_config,
+            jwks_files=_pairs(jwks, "--jwks"),
+            default_namespace=namespace,
+            assume_injected=assume_injected,
+        )
     except UsageError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None
@@ -145,6 +171,7 @@ def authz_check(
         render.diagnostics(loaded.diagnostics, output, summary=loaded)
         raise typer.Exit(1)
     ip = source_ip or None
+    to, from_ = qualify(to, namespace), qualify(from_, namespace)
     if from_:
         source = Source.workload(from_, ip)
     elif principal:
@@ -165,7 +192,9 @@ def authz_check(
         render.usage_error(str(exc))
         raise typer.Exit(2) from None
     render.decision(decision, output)
-    raise typer.Exit(0 if decision.verdict is Verdict.ALLOW else 3)
+    if decision.verdict is Verdict.UNSUPPORTED:
+        raise typer.Exit(EXIT_UNSUPPORTED)
+    raise typer.Exit(EXIT_ALLOWED if decision.verdict is Verdict.ALLOW else EXIT_NOT_ALLOWED)
 
 
 @app.command("test")
@@ -180,6 +209,8 @@ def test_command(
         bool, typer.Option("--live", help="Send every case through the running mesh.")
     ] = False,
     state: mesh_cli.State = Path(DEFAULT_STATE),
+    namespace: NamespaceOpt = "default",
+    assume_injected: AssumeInjectedOpt = False,
 ) -> None:
     """Run PolicyTest cases; exit 0 only when every case passes.
 
@@ -188,8 +219,15 @@ def test_command(
     offline verdict.
     """
     try:
-        _check_output(output)
-        loaded = _load(files, mesh_config, test_paths=test_files, jwks_files=_pairs(jwks, "--jwks"))
+        _check_output(output, namespace)
+        loaded = _load(
+            files,
+            mesh_config,
+            test_paths=test_files,
+            jwks_files=_pairs(jwks, "--jwks"),
+            default_namespace=namespace,
+            assume_injected=assume_injected,
+        )
     except UsageError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None

@@ -53,6 +53,7 @@ _COLORS = {
     Verdict.UNAUTHENTICATED: "red",
     Verdict.RESET: "red",
     Verdict.BAD_REQUEST: "red",
+    Verdict.UNSUPPORTED: "yellow",
 }
 
 
@@ -77,6 +78,8 @@ def decision(d: Decision, output: str) -> None:
         table.add_row("audit", _escape(d.audit))
     for name, value in d.upstream_headers:
         table.add_row("upstream header", _escape(f"{name}: {value}"))
+    for assumption in d.assumptions:
+        table.add_row("[yellow]assumed[/yellow]", _escape(assumption))
     _out.print(table)
     _out.print("trace:")
     for step in d.trace:
@@ -86,12 +89,24 @@ def decision(d: Decision, output: str) -> None:
 def test_results(results: Sequence[CaseResult], output: str) -> None:
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
+    assumptions = list(
+        dict.fromkeys(a for r in results if r.decision for a in r.decision.assumptions)
+    )
     if output == "json":
-        _json({"passed": passed, "failed": failed, "cases": [r.as_dict() for r in results]})
+        _json(
+            {
+                "passed": passed,
+                "failed": failed,
+                "assumptions": assumptions,
+                "cases": [r.as_dict() for r in results],
+            }
+        )
         return
     for r in results:
         mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
-        _out.print(f"{mark} {_escape(r.suite)} / {_escape(r.case)}")
+        assumed = r.decision is not None and bool(r.decision.assumptions)
+        suffix = " [yellow](rests on an assumption, see below)[/yellow]" if assumed else ""
+        _out.print(f"{mark} {_escape(r.suite)} / {_escape(r.case)}{suffix}")
         if not r.passed:
             _out.print(f"     at {_escape(r.location)}")
             for failure in r.failures:
@@ -99,6 +114,8 @@ def test_results(results: Sequence[CaseResult], output: str) -> None:
             if r.decision is not None:
                 for step in r.decision.trace:
                     _out.print(f"       · {_escape(step)}")
+    for assumption in assumptions:
+        _out.print(f"[yellow]assumed:[/yellow] {_escape(assumption)}")
     _out.print(f"{passed} passed, {failed} failed")
 
 

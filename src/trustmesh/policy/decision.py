@@ -13,6 +13,9 @@ class Verdict(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     RESET = "reset"
     BAD_REQUEST = "bad-request"
+    # trustmesh cannot decide it exactly (a waypoint's L7 enforcement, a gateway's
+    # listeners, how ztunnel reaches a sidecar): never guessed, the reason says why.
+    UNSUPPORTED = "unsupported"
 
 
 class RequestError(ValueError):
@@ -46,6 +49,9 @@ class Decision(NamedTuple):
     upstream_headers: tuple[tuple[str, str], ...] = ()
     principal: str | None = None
     request_principal: str | None = None
+    # How a workload the answer depends on was taken to meet the mesh without the input
+    # showing it (namespace not given: injection unknown or assumed).
+    assumptions: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -61,5 +67,6 @@ class Decision(NamedTuple):
             "principal": self.principal,
             "request_principal": self.request_principal,
             "upstream_headers": dict(self.upstream_headers),
+            "assumptions": list(self.assumptions),
             "trace": list(self.trace),
         }

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
@@ -22,6 +23,7 @@ from trustmesh.policy.jwt import JwtResult, JwtStatus, authenticate
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.tls import ClientTls, client_tls, egress_decision, service_for
+from trustmesh.policy.ztunnel_eval import ambient_source_tls, evaluate_ztunnel
 
 # Methods Envoy's HTTP/1 codec accepts; anything else (or lower-case) is a 400.
 HTTP1_METHODS = frozenset(
@@ -72,6 +74,7 @@ class _Run:
 
     trace: list[str] | None
     shadow: list[ShadowResult] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
 
     def note(self, template: str, *args: object) -> None:
         """Record a step; formatting happens only when tracing is on."""
@@ -94,6 +97,8 @@ def evaluate(
     """
     run = _Run([] if trace else None)
     source_workload = _source_workload(mesh, request)
+    if source_workload is not None:
+        _dataplane(run, "source", source_workload)
     if request.destination_host is not None:
         return _egress(mesh, request, source_workload, run)
     target = mesh.for_workload(request.destination)
@@ -101,11 +106,27 @@ def evaluate(
         raise RequestError(f"unknown destination workload {request.destination!r}")
     port = _port(request, target.workload)
     is_http = request.http is not None
-    if not target.workload.has_sidecar:
-        run.note("destination {} has no sidecar: no policy is enforced", target.workload.ref)
-        return _finish(
-            run, Verdict.ALLOW, 200 if is_http else None, None, "destination has no sidecar"
+    destination = target.workload.dataplane
+    _dataplane(run, "destination", target.workload)
+    if destination.mode is MeshMode.AMBIENT:
+        verdict, status, rule, reason, principal = evaluate_ztunnel(
+            mesh, request, source_workload, target, port, run.note
         )
+        return _finish(run, verdict, status, rule, reason, principal=principal)
+    if destination.mode is MeshMode.GATEWAY:
+        reason = (
+            f"destination {target.workload.ref} is a gateway ({destination.reason}): its"
+            " listeners come from Gateway / VirtualService resources, which trustmesh does not"
+            " model; it decides sidecar and ztunnel enforcement only"
+        )
+        run.note(reason)
+        return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
+    if destination.mode is not MeshMode.SIDECAR:
+        run.note("destination {} has no sidecar: no policy is enforced", target.workload.ref)
+        reason = "destination has no sidecar"
+        if destination.mode is MeshMode.UNKNOWN:
+            reason = "destination's sidecar injection is unknown: answered as not injected"
+        return _finish(run, Verdict.ALLOW, 200 if is_http else None, None, reason)
 
     mode = target.mtls.for_port(port)
     run.note(
@@ -118,6 +139,11 @@ def evaluate(
     # Only workload sources are memoized: their number is bounded by the config.
     tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
     tls = mesh.memo.get(tls_key) if tls_key else None
+    if tls is None and source_workload and source_workload.dataplane.mode is MeshMode.AMBIENT:
+        tls, unsupported = ambient_source_tls(mesh, source_workload, target, port, mode.mode)
+        if unsupported is not None:
+            run.note(unsupported)
+            return _finish(run, Verdict.UNSUPPORTED, None, None, unsupported)
     if tls is None:
         tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
         if tls_key:
@@ -279,6 +305,8 @@ def _finish(
     attrs: Attributes | None = None,
     upstream: tuple[tuple[str, str], ...] = (),
     audit: str | None = None,
+    *,
+    principal: str | None = None,
 ) -> Decision:
     return Decision(
         verdict=verdict,
@@ -289,9 +317,18 @@ def _finish(
         audit=audit,
         trace=tuple(run.trace or ()),
         upstream_headers=upstream if verdict is Verdict.ALLOW else (),
-        principal=attrs.principal if attrs else None,
+        principal=attrs.principal if attrs else principal,
         request_principal=attrs.request_principal if attrs else None,
+        assumptions=tuple(run.assumptions),
     )
+
+
+def _dataplane(run: _Run, role: str, workload: Workload) -> None:
+    """Trace how ``workload`` meets the mesh; keep it when the input does not show it."""
+    dataplane = workload.dataplane
+    run.note("{} {}: {}", role, workload.ref, dataplane.describe())
+    if dataplane.uncertain:
+        run.assumptions.append(f"{role} {workload.ref}: {dataplane.describe()}")
 
 
 def _http_attributes(

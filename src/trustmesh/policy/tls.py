@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import USE_WAYPOINT, MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
@@ -48,7 +49,7 @@ def client_tls(
     if source.kind is SourceKind.PRINCIPAL:
         return ClientTls(True, source.value, sni, True, f"mTLS peer presenting {source.value}")
     assert source_workload is not None
-    if not source_workload.has_sidecar:
+    if source_workload.dataplane.mode not in (MeshMode.SIDECAR, MeshMode.GATEWAY):
         return ClientTls(
             False, None, None, False, f"source {source_workload.ref} has no sidecar: plaintext"
         )
@@ -185,7 +186,30 @@ def egress_decision(
     ok_status = 200 if is_http else None
     if source is None:
         raise RequestError("an egress question needs a source workload (--from NS/NAME)")
-    if not source.has_sidecar:
+    dataplane = source.dataplane.mode
+    if dataplane is MeshMode.GATEWAY:
+        return (
+            Verdict.UNSUPPORTED,
+            None,
+            f"source {source.ref} is a gateway: where it sends traffic follows its Gateway /"
+            " VirtualService routes, which trustmesh does not model",
+        )
+    if dataplane is MeshMode.AMBIENT:
+        waypoint = _egress_waypoint(mesh, host)
+        if waypoint is not None:
+            return (
+                Verdict.UNSUPPORTED,
+                None,
+                f"unsupported: ambient: {host} is bound to egress waypoint {waypoint};"
+                " trustmesh does not model a waypoint's enforcement",
+            )
+        return (
+            Verdict.ALLOW,
+            ok_status,
+            f"source {source.ref} is ambient: ztunnel does not apply outboundTrafficPolicy"
+            " (only sidecars and egress waypoints do), egress is not controlled",
+        )
+    if dataplane is not MeshMode.SIDECAR:
         return (
             Verdict.ALLOW,
             ok_status,
@@ -205,6 +229,18 @@ def egress_decision(
     if is_http:
         return Verdict.DENY, 502, f"{host} is unknown under REGISTRY_ONLY: BlackHoleCluster (502)"
     return Verdict.RESET, None, f"{host} is unknown under REGISTRY_ONLY: connection reset"
+
+
+def _egress_waypoint(mesh: MeshPolicy, host: str) -> str | None:
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        waypoint = entry.labels.get(USE_WAYPOINT)
+        if not waypoint or waypoint == "none":
+            continue
+        for pattern in entry.spec.hosts:
+            pattern = pattern.lower()
+            if pattern == host or (pattern.startswith("*") and host.endswith(pattern[1:])):
+                return f"{waypoint} (ServiceEntry {entry.namespace}/{entry.name})"
+    return None
 
 
 def registry_entry(mesh: MeshPolicy, host: str) -> str | None:
