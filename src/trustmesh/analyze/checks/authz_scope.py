@@ -22,6 +22,7 @@ from trustmesh.analyze.findings import Issue
 from trustmesh.analyze.findings import Severity as S
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Workload
 from trustmesh.api.validation import DRY_RUN, is_dry_run_annotated
@@ -210,13 +211,18 @@ def reachability(wp: WorkloadPolicy, ports: Iterable[int]) -> str:
 
 
 def mesh_principals(ctx: AnalysisContext) -> list[str]:
-    """Principals of the sidecar workloads, sorted: the mesh peers a probe may pose as."""
+    """Principals of the workloads with a mesh identity (sidecar, ambient, gateway), sorted:
+    the mesh peers a probe may pose as."""
     key = (_MEMO, "principals")
     found: list[str] | None = ctx.mesh.memo.get(key)
     if found is None:
         td = ctx.snapshot.mesh.trust_domain
         found = ctx.mesh.memo[key] = sorted(
-            {wp.workload.principal(td) for wp in ctx.sidecar_workloads()}
+            {
+                wp.workload.principal(td)
+                for wp in ctx.mesh.workloads.values()
+                if wp.workload.dataplane.has_mesh_identity
+            }
         )
     return found
 
@@ -265,7 +271,7 @@ def _allow_nothing(namespace: str, comment: str) -> str:
 def no_default_deny(ctx: AnalysisContext) -> Iterator[Issue]:
     root = ctx.root_namespace
     open_by_namespace: dict[str, list[WorkloadPolicy]] = defaultdict(list)
-    for wp in ctx.sidecar_workloads():
+    for wp in ctx.enforcing_workloads():
         if serves(wp) and not wp.authz.allow.applies:
             open_by_namespace[wp.workload.namespace].append(wp)
     declared = {r.name: r for r in ctx.resources("Namespace")}
@@ -308,7 +314,7 @@ def no_default_deny(ctx: AnalysisContext) -> Iterator[Issue]:
     "every request through; AUDIT and dry-run policies enforce nothing and do not count.",
 )
 def uncovered_workload(ctx: AnalysisContext) -> Iterator[Issue]:
-    for wp in ctx.sidecar_workloads():
+    for wp in ctx.enforcing_workloads():
         a = wp.authz
         if not serves(wp) or a.custom.applies or a.deny.applies or a.allow.applies:
             continue
@@ -319,9 +325,10 @@ def uncovered_workload(ctx: AnalysisContext) -> Iterator[Issue]:
         workload = wp.workload
         labels = {"app": workload.labels["app"]} if "app" in workload.labels else workload.labels
         match = ", ".join(f"{k}: {v}" for k, v in sorted(labels.items()))
+        proxy = "a sidecar" if workload.has_sidecar else "ztunnel (ambient)"
         yield Issue(
             message=(
-                f"{workload.ref} has a sidecar but no AuthorizationPolicy applies to it{note}:"
+                f"{workload.ref} has {proxy} but no AuthorizationPolicy applies to it{note}:"
                 " every request that reaches it is allowed"
             ),
             location=workload.resource.meta_location("name"),
@@ -378,11 +385,18 @@ def policy_enforces_nothing(ctx: AnalysisContext) -> Iterator[Issue]:
         if not in_scope:
             continue  # the input holds no workloads there: nothing to compare with
         hits = applied(ctx, policy)
-        if any(wp.workload.has_sidecar for wp in hits):
+        if any(_enforces(wp.workload, spec.action) for wp in hits):
             continue
         selector = ", ".join(f"{k}={v}" for k, v in sorted(spec.selector.match_labels.items()))
         scope = "any namespace" if policy.namespace == root else f"namespace {policy.namespace}"
-        if hits:
+        ambient = [wp for wp in hits if wp.workload.dataplane.mode is MeshMode.AMBIENT]
+        if ambient:
+            problem = (
+                f"selects only workloads without a sidecar ({', '.join(refs(hits))}); ztunnel,"
+                f" which enforces policy for the ambient ones, does not support the"
+                f" {spec.action.value} action: nothing enforces it"
+            )
+        elif hits:
             problem = (
                 f"selects only workloads without a sidecar ({', '.join(refs(hits))}):"
                 " nothing enforces it"
@@ -397,6 +411,15 @@ def policy_enforces_nothing(ctx: AnalysisContext) -> Iterator[Issue]:
             fix="Fix the labels to those of the workloads to protect"
             + (" (and inject their sidecar)" if hits else ""),
         )
+
+
+def _enforces(workload: Workload, action: m.Action) -> bool:
+    """Something enforces a selector-bound policy with ``action`` for ``workload``: its
+    sidecar or gateway proxy, or ztunnel (ALLOW and DENY only) for an ambient one."""
+    mode = workload.dataplane.mode
+    if mode is MeshMode.AMBIENT:
+        return action in (m.Action.ALLOW, m.Action.DENY)
+    return mode in (MeshMode.SIDECAR, MeshMode.GATEWAY)
 
 
 def _ignored_target_refs(ctx: AnalysisContext, policy: Policy) -> Iterator[Issue]:

@@ -26,6 +26,7 @@ from trustmesh.analyze.context import AnalysisContext
 from trustmesh.analyze.findings import Issue, Severity
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Workload
 
@@ -82,11 +83,21 @@ def _egress_notes(ctx: AnalysisContext, index: GatewayIndex) -> tuple[list[str],
             "no egress gateway (a Gateway selecting istio: egressgateway): traffic leaves "
             "from every pod directly, with no single exit to monitor or restrict"
         )
-    uncaptured = sorted({w.ref for w in ctx.snapshot.workloads if not w.has_sidecar})
-    uncaptured = [ref for ref in uncaptured if ref not in index.gateway_workloads()]
+    gateways = index.gateway_workloads()
+    uncaptured = sorted(
+        w.ref
+        for w in ctx.snapshot.workloads
+        if w.dataplane.mode in (MeshMode.NONE, MeshMode.UNKNOWN) and w.ref not in gateways
+    )
     if uncaptured:
         notes.append(
             f"{_names(uncaptured)} have no sidecar, so no outbound policy applies to them at all"
+        )
+    ambient = sorted(w.ref for w in ctx.snapshot.workloads if w.dataplane.mode is MeshMode.AMBIENT)
+    if ambient:
+        notes.append(
+            f"{_names(ambient)} are ambient: ztunnel does not apply outboundTrafficPolicy, only"
+            " an egress waypoint (a ServiceEntry with istio.io/use-waypoint) restricts them"
         )
     return notes, not external
 

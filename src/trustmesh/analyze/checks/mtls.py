@@ -28,12 +28,14 @@ from trustmesh.analyze.context import AnalysisContext
 from trustmesh.analyze.findings import Issue, Severity
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.yamldoc import FieldPath
 from trustmesh.policy.compose import ModeSource, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.policy.ztunnel import plaintext_refused
 
 _RANK = {m.MtlsMode.DISABLE: 0, m.MtlsMode.PERMISSIVE: 1, m.MtlsMode.STRICT: 2}
 _PA_API = "security.istio.io/v1"
@@ -103,11 +105,18 @@ def _mode_of(policy: WorkloadPolicy, port: int | None) -> ModeSource:
 
 def _exposures(ctx: AnalysisContext, scopes: _PeerScopes) -> list[_Exposure]:
     out = []
-    for policy in ctx.sidecar_workloads():
+    for policy in ctx.enforcing_workloads():
+        ambient = policy.workload.dataplane.mode is MeshMode.AMBIENT
         for port in inbound_ports(policy) or (None,):
             source = _mode_of(policy, port)
-            if source.mode is not m.MtlsMode.STRICT:
-                out.append(_Exposure(policy, port, source, _enclosing(scopes, policy, source)))
+            if ambient:
+                # ztunnel's own reading of PeerAuthentication (DISABLE means PERMISSIVE).
+                refused, _ = plaintext_refused(ctx.snapshot, policy.workload, port or 0)
+                if refused:
+                    continue
+            elif source.mode is m.MtlsMode.STRICT:
+                continue
+            out.append(_Exposure(policy, port, source, _enclosing(scopes, policy, source)))
     return sorted(out, key=lambda e: (e.policy.workload.ref, e.port or 0))
 
 
@@ -143,7 +152,11 @@ def _plaintext_clients(ctx: AnalysisContext) -> list[str]:
 
     Pure clients (no port served) first, as they make the clearest example.
     """
-    plain = [p.workload for p in ctx.mesh.workloads.values() if not p.workload.has_sidecar]
+    plain = [
+        p.workload
+        for p in ctx.mesh.workloads.values()
+        if not p.workload.dataplane.has_mesh_identity
+    ]
     return [w.ref for w in sorted(plain, key=lambda w: (bool(w.ports), w.ref))]
 
 
@@ -178,8 +191,9 @@ def _peer_authentication(
     severity=Severity.WARNING,
     family="mtls",
     rationale=(
-        "Without a STRICT PeerAuthentication in the root namespace every sidecar not made"
-        " STRICT by a narrower policy also accepts plaintext, which carries no peer identity:"
+        "Without a STRICT PeerAuthentication in the root namespace every sidecar (and ztunnel,"
+        " for ambient workloads) not made STRICT by a narrower policy also accepts plaintext,"
+        " which carries no peer identity:"
         " any pod (or a process bypassing its sidecar) can talk to it unauthenticated."
     ),
     fixable=True,
@@ -261,7 +275,12 @@ def downgraded_mtls(ctx: AnalysisContext) -> Iterator[Issue]:
             "port": f"port {first.port}",
             "namespace": f"namespace {policy.namespace}",
         }.get(first.source.scope, "the selected workloads")
-        effect = "only plaintext (mTLS refused)" if mode is m.MtlsMode.DISABLE else "plaintext"
+        sidecars = all(e.policy.workload.has_sidecar for e in exposures)
+        effect = (
+            "only plaintext (mTLS refused)"
+            if mode is m.MtlsMode.DISABLE and sidecars
+            else "plaintext"
+        )
         yield Issue(
             message=(
                 f"PeerAuthentication {key} sets {what} to {mode.value} under"

@@ -23,6 +23,7 @@ from trustmesh.analyze.context import AnalysisContext
 from trustmesh.analyze.findings import Issue, Severity
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import field_path
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
@@ -151,7 +152,9 @@ class _Hits:
 def _conflict(server: WorkloadPolicy, port: int, mode: m.TlsMode) -> _Conflict | None:
     """What goes wrong when a client with DestinationRule TLS ``mode`` reaches ``port``."""
     if not server.workload.has_sidecar:
-        if mode is m.TlsMode.ISTIO_MUTUAL:
+        # Only a pod known to be outside the mesh refuses mesh mTLS for sure: ambient pods
+        # (HBONE), gateways and pods of unknown injection are not judged here.
+        if mode is m.TlsMode.ISTIO_MUTUAL and server.workload.dataplane.mode is MeshMode.NONE:
             return _Conflict(
                 "mtls-to-no-sidecar",
                 Severity.ERROR,
