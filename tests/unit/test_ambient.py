@@ -286,3 +286,16 @@ def test_ambient_egress_is_not_controlled_by_outbound_traffic_policy() -> None:
     assert d.verdict is Verdict.ALLOW and "ztunnel does not apply" in d.reason
     sidecar = Request(Source.workload("side/client"), "", 80, HttpRequest(), "example.com")
     assert evaluate(m, sidecar, now=NOW).status == 502
+
+
+def test_the_local_runtime_refuses_ambient_pods_it_cannot_enforce() -> None:
+    from trustmesh.runtime.plan import plan_mesh
+
+    plan, problems = plan_mesh(mesh().snapshot)
+    assert plan is None
+    assert {p.code for p in problems} == {"ambient-not-run"}
+    assert {p.message.split(" ", 1)[0] for p in problems} == {
+        "amb/httpbin",
+        "amb/curl",
+        "amb/other",
+    }

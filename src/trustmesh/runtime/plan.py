@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.snapshot import ConfigSnapshot, Workload
 
@@ -184,6 +185,15 @@ def _pod(
     prefix: tuple[str, ...] = ("spec",) if workload.kind == "Pod" else ("template", "spec")
     spec = resource.spec.spec if workload.kind == "Pod" else resource.spec.template.spec
     where = resource.location(*prefix, "containers")
+    if workload.dataplane.mode is MeshMode.AMBIENT:
+        # Run without enforcement it would answer differently from `authz check`.
+        return None, error(
+            "ambient-not-run",
+            resource.meta_location("name"),
+            f"{workload.ref} is in ambient mode ({workload.dataplane.reason}); the local"
+            " runtime runs sidecars, not ztunnel: label it istio.io/dataplane-mode=none or"
+            " inject a sidecar",
+        )
     if not spec.containers:
         return None, error("no-container", where, f"{workload.ref} has no container to run")
     container = spec.containers[0]
