@@ -13,6 +13,7 @@ from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.api.yamldoc import FieldPath, YamlDocument
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.ztunnel import waypoint_for
 
 SUPPRESS_ANNOTATION = "trustmesh.dev/suppress"
 
@@ -82,11 +83,17 @@ class AnalysisContext:
             if policy.workload.has_sidecar:
                 yield policy
 
-    def enforcing_workloads(self) -> Iterator[WorkloadPolicy]:
+    def enforcing_workloads(self, *, with_waypoint: bool = True) -> Iterator[WorkloadPolicy]:
         """Workloads where PeerAuthentication and AuthorizationPolicy are enforced on
-        inbound traffic: a sidecar, or ztunnel for ambient ones."""
+        inbound traffic: a sidecar, or ztunnel for ambient ones (without those a waypoint
+        also enforces for, unless ``with_waypoint``)."""
         for policy in self.mesh.workloads.values():
-            if policy.workload.dataplane.mode in (MeshMode.SIDECAR, MeshMode.AMBIENT):
+            mode = policy.workload.dataplane.mode
+            ambient_counted = mode is MeshMode.AMBIENT and (
+                with_waypoint
+                or waypoint_for(self.snapshot, policy.workload, policy.services) is None
+            )
+            if mode is MeshMode.SIDECAR or ambient_counted:
                 yield policy
 
     def dataplane_notes(self) -> tuple[str, ...]:

@@ -213,6 +213,11 @@ def classify(
     gateway = _gateway(pod)
     if gateway is not None:
         return Dataplane(MeshMode.GATEWAY, gateway)
+    if pod.spec.host_network:
+        # Istio never injects or captures them: a proxy container there captures nothing.
+        return Dataplane(
+            MeshMode.NONE, "hostNetwork: true: Istio never injects or captures host-network pods"
+        )
     proxy = _proxy_container(pod.spec)
     if proxy is not None:
         return Dataplane(MeshMode.SIDECAR, f"{proxy} (already injected)")
@@ -226,10 +231,6 @@ def classify(
             MeshMode.NONE,
             "running Pod (read back from a cluster) without an istio-proxy container:"
             " not injected, whatever its namespace says",
-        )
-    if pod.spec.host_network:
-        return Dataplane(
-            MeshMode.NONE, "hostNetwork: true: Istio never injects or captures host-network pods"
         )
     if ns in NEVER_INJECTED_NAMESPACES:
         return Dataplane(MeshMode.NONE, f"namespace {ns}: Istio never injects it")

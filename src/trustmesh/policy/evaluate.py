@@ -110,7 +110,7 @@ def evaluate(
     _dataplane(run, "destination", target.workload)
     if destination.mode is MeshMode.AMBIENT:
         verdict, status, rule, reason, principal = evaluate_ztunnel(
-            mesh, request, source_workload, target, port, run.note
+            mesh, request, source_workload, target, port, run.note, tracing=run.trace is not None
         )
         return _finish(run, verdict, status, rule, reason, principal=principal)
     if destination.mode is MeshMode.GATEWAY:
@@ -326,7 +326,8 @@ def _finish(
 def _dataplane(run: _Run, role: str, workload: Workload) -> None:
     """Trace how ``workload`` meets the mesh; keep it when the input does not show it."""
     dataplane = workload.dataplane
-    run.note("{} {}: {}", role, workload.ref, dataplane.describe())
+    if run.trace is not None:
+        run.note("{} {}: {}", role, workload.ref, dataplane.describe())
     if dataplane.uncertain:
         run.assumptions.append(f"{role} {workload.ref}: {dataplane.describe()}")
 

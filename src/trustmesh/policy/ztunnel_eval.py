@@ -42,8 +42,11 @@ def evaluate_ztunnel(
     target: WorkloadPolicy,
     port: int,
     note: Note,
+    *,
+    tracing: bool = True,
 ) -> Answer:
-    """ztunnel's decision for ``request`` to the ambient workload ``target``."""
+    """ztunnel's decision for ``request`` to the ambient workload ``target``; ``note``
+    records trace steps (explanations are only worked out when ``tracing``)."""
     workload = target.workload
     waypoint = waypoint_for(mesh.snapshot, workload, target.services)
     if waypoint is not None:
@@ -74,18 +77,21 @@ def evaluate_ztunnel(
         destination_port=port,
     )
     attrs.remote_ip = attrs.source_ip
-    _not_enforced(target, note)
-    deny, allow = _policies(mesh, target, note)
-    for policy in deny:
-        _explain(policy, attrs, note)
+    if tracing:
+        _not_enforced(target, note)
+    deny, allow = _policies(mesh, target, note if tracing else None)
+    if tracing:
+        for policy in deny:
+            _explain(policy, attrs, note)
     denied = sorted(r.name for p in deny if (r := p.first_match(attrs)) is not None)
     if denied:
         return Verdict.DENY, None, denied[0], f"denied by ztunnel: {CLOSED}", principal
     if not allow:
         note("no ALLOW policy applies: allowed")
         return Verdict.ALLOW, _ok(request), None, "no ALLOW policy applies", principal
-    for policy in allow:
-        _explain(policy, attrs, note)
+    if tracing:
+        for policy in allow:
+            _explain(policy, attrs, note)
     allowed = sorted(r.name for p in allow if (r := p.first_match(attrs)) is not None)
     if allowed:
         return Verdict.ALLOW, _ok(request), allowed[0], "allowed by ALLOW rule", principal
@@ -171,7 +177,7 @@ def _not_enforced(target: WorkloadPolicy, note: Note) -> None:
 
 
 def _policies(
-    mesh: MeshPolicy, target: WorkloadPolicy, note: Note
+    mesh: MeshPolicy, target: WorkloadPolicy, note: Note | None
 ) -> tuple[list[ZtunnelPolicy], list[ZtunnelPolicy]]:
     def compiled(policy: object) -> ZtunnelPolicy:
         key = ("ztunnel", id(policy))
@@ -182,10 +188,11 @@ def _policies(
 
     deny = [compiled(p) for p in target.authz.deny.policies]
     allow = [compiled(p) for p in target.authz.allow.policies]
-    for policy in (*deny, *allow):
-        weakened = policy.weakening()
-        if weakened:
-            note("{} {}: {}", policy.action.value, policy.key, weakened)
+    if note is not None:
+        for policy in (*deny, *allow):
+            weakened = policy.weakening()
+            if weakened:
+                note("{} {}: {}", policy.action.value, policy.key, weakened)
     return deny, allow
 
 

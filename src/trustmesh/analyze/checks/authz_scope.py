@@ -271,7 +271,7 @@ def _allow_nothing(namespace: str, comment: str) -> str:
 def no_default_deny(ctx: AnalysisContext) -> Iterator[Issue]:
     root = ctx.root_namespace
     open_by_namespace: dict[str, list[WorkloadPolicy]] = defaultdict(list)
-    for wp in ctx.enforcing_workloads():
+    for wp in ctx.enforcing_workloads(with_waypoint=False):
         if serves(wp) and not wp.authz.allow.applies:
             open_by_namespace[wp.workload.namespace].append(wp)
     declared = {r.name: r for r in ctx.resources("Namespace")}
@@ -314,7 +314,7 @@ def no_default_deny(ctx: AnalysisContext) -> Iterator[Issue]:
     "every request through; AUDIT and dry-run policies enforce nothing and do not count.",
 )
 def uncovered_workload(ctx: AnalysisContext) -> Iterator[Issue]:
-    for wp in ctx.enforcing_workloads():
+    for wp in ctx.enforcing_workloads(with_waypoint=False):
         a = wp.authz
         if not serves(wp) or a.custom.applies or a.deny.applies or a.allow.applies:
             continue
