@@ -121,3 +121,31 @@ spec: {mtls: {mode: DISABLE}}
     # ztunnel has no DISABLE: plaintext is accepted, mTLS is not refused.
     assert "plaintext is accepted" in downgrade.issue.message
     assert "mTLS refused" not in downgrade.issue.message
+
+
+def test_a_gateway_opting_out_of_the_sidecar_is_not_an_injection_opt_out() -> None:
+    gateway = """apiVersion: v1
+kind: Namespace
+metadata: {name: ingress, labels: {istio-injection: enabled}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: istio-ingressgateway, namespace: ingress}
+spec:
+  template:
+    metadata:
+      labels: {istio: ingressgateway}
+      annotations: {sidecar.istio.io/inject: "false"}
+    spec:
+      containers: [{name: istio-proxy, args: [proxy, router], ports: [{containerPort: 8080}]}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app, namespace: ingress}
+spec:
+  template:
+    metadata: {labels: {app: app}, annotations: {sidecar.istio.io/inject: "false"}}
+    spec: {containers: [{name: app, ports: [{containerPort: 8080}]}]}
+"""
+    (f,) = findings(gateway, "TM-INST-010", base=False)
+    assert f.issue.workloads == ("ingress/app",)

@@ -25,6 +25,7 @@ from trustmesh.analyze.context import AnalysisContext
 from trustmesh.analyze.findings import Issue, Severity
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Location
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import INJECT
@@ -221,6 +222,8 @@ def injection_opt_out(ctx: AnalysisContext) -> Iterator[Issue]:
         value = (pod.labels if where == "labels" else pod.annotations).get(INJECT)
         if value is None or not is_false(value) or pod.has_sidecar:
             continue
+        if pod.workload is not None and pod.workload.dataplane.mode is MeshMode.GATEWAY:
+            continue  # a gateway runs its own proxy: opting out of the sidecar is by design
         if pod.labels.get("istio.io/dataplane-mode") == "ambient":
             continue  # captured by ztunnel instead of a sidecar
         if not _injected_namespace(ctx, pod.resource.namespace):
