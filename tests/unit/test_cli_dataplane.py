@@ -401,3 +401,17 @@ def test_a_live_pod_dump_is_read_as_running(tmp_path: Path) -> None:
     analysis = json.loads(invoke("analyze", "-f", files[0], "-o", "json").stdout)
     enforced = [f for f in analysis["findings"] if f["rule"] == "TM-AUTHZ-008"]
     assert enforced and "without a sidecar" in enforced[0]["message"]
+
+
+def test_no_enforces_nothing_claim_on_workloads_of_unknown_injection(tmp_path: Path) -> None:
+    selector = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: details-viewer}
+spec:
+  selector: {matchLabels: {app: details}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]}]
+"""
+    files = write(tmp_path, "bookinfo.yaml", BOOKINFO_LIKE + "---\n" + selector)
+    body = json.loads(invoke("analyze", "-f", files, "-o", "json").stdout)
+    assert not [f for f in body["findings"] if f["rule"] == "TM-AUTHZ-008"]
+    assert body["notes"]

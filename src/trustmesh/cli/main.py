@@ -142,9 +142,11 @@ def authz_check(
 ) -> None:
     """Would this request be allowed, and by which rule?
 
-    Exit 0 allowed, 3 not allowed (deny, unauthenticated, reset, bad-request), 4
-    unsupported: trustmesh cannot decide it exactly (traffic through an ambient waypoint,
-    a gateway's listeners), the reason says why; 1 invalid configuration, 2 bad arguments.
+    Exit codes:
+    0 allowed;
+    3 not allowed (deny, unauthenticated, reset, bad-request);
+    4 unsupported: not decidable exactly (ambient waypoint, gateway), the reason says why;
+    1 invalid configuration; 2 bad arguments.
     """
     try:
         _check_output(output, namespace)

@@ -387,6 +387,8 @@ def policy_enforces_nothing(ctx: AnalysisContext) -> Iterator[Issue]:
         hits = applied(ctx, policy)
         if any(_enforces(wp.workload, spec.action) for wp in hits):
             continue
+        if any(wp.workload.dataplane.mode is MeshMode.UNKNOWN for wp in hits):
+            continue  # injection unknown (namespace not in the input): no claim either way
         selector = ", ".join(f"{k}={v}" for k, v in sorted(spec.selector.match_labels.items()))
         scope = "any namespace" if policy.namespace == root else f"namespace {policy.namespace}"
         ambient = [wp for wp in hits if wp.workload.dataplane.mode is MeshMode.AMBIENT]

@@ -87,7 +87,7 @@ def _egress_notes(ctx: AnalysisContext, index: GatewayIndex) -> tuple[list[str],
     uncaptured = sorted(
         w.ref
         for w in ctx.snapshot.workloads
-        if w.dataplane.mode in (MeshMode.NONE, MeshMode.UNKNOWN) and w.ref not in gateways
+        if w.dataplane.mode is MeshMode.NONE and w.ref not in gateways
     )
     if uncaptured:
         notes.append(
