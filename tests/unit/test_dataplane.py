@@ -347,3 +347,18 @@ def test_workload_entries_keep_their_sidecar() -> None:
         "metadata: {name: vm1, namespace: vm}\nspec: {address: 10.0.0.9, labels: {app: vm}}\n"
     )
     assert MeshMode.SIDECAR.value == modes(snapshot(text))["vm/vm1"]
+
+
+def test_a_controller_of_unknown_injection_follows_its_running_pods() -> None:
+    # `kubectl get all -o yaml` holds Deployments and Pods but no Namespace objects.
+    pods = "".join(
+        LIVE_POD.replace("labels: {app: %s}", "labels: {app: %s, pod-template-hash: 6d5f}")
+        % (f"web-6d5f-{i}", f"00000000000{i}", "web", "[{name: web}, {name: istio-proxy}]", i)
+        for i in (1, 2)
+    )
+    text = deployment("web", "app") + pods + deployment("batch", "app")
+    snap = snapshot(text)
+    web = snap.workload("app/web")
+    assert web is not None and web.has_sidecar and not web.dataplane.uncertain
+    assert "running pods (app/web-6d5f-1, app/web-6d5f-2)" in web.dataplane.reason
+    assert modes(snap)["app/batch"] == "unknown"  # no running pod tells

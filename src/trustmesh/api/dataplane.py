@@ -396,3 +396,16 @@ def _ambient(
         why += f"; namespace {pod.namespace} is not among the inputs: no waypoint assumed"
         assumed = True
     return Dataplane(MeshMode.AMBIENT, why, assumed, waypoint or None)
+
+
+def running_pods_mode(pods: Sequence[tuple[str, Dataplane]]) -> Dataplane | None:
+    """The mode a controller's running pods agree on, if they do (None: no pods, or they
+    disagree, e.g. some created before the namespace was labelled)."""
+    modes = {d.mode for _, d in pods}
+    if len(modes) != 1:
+        return None
+    (mode,) = modes
+    names = ", ".join(ref for ref, _ in pods[:3]) + (" …" if len(pods) > 3 else "")
+    first = pods[0][1]
+    assumed = any(d.assumed for _, d in pods)
+    return Dataplane(mode, f"its running pods ({names}): {first.reason}", assumed, first.waypoint)

@@ -8,6 +8,7 @@ part in the mesh (:mod:`trustmesh.api.dataplane`), and the services that select 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -20,6 +21,7 @@ from trustmesh.api.dataplane import (
     MeshMode,
     PodFacts,
     classify,
+    running_pods_mode,
 )
 from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.loader import LoadResult, validate_model
@@ -308,6 +310,29 @@ def _workloads(
                     resource=r,
                 )
             )
+    return _follow_running_pods(out)
+
+
+def _follow_running_pods(workloads: list[Workload]) -> list[Workload]:
+    """A controller whose injection the input leaves uncertain takes the mode its running
+    pods show (a ``kubectl get all`` dump holds them but not the Namespace objects)."""
+    running = [w for w in workloads if w.kind == "Pod" and w.resource.spec.is_live]
+    if not running:
+        return workloads
+    out = []
+    for w in workloads:
+        if w.kind in _CONTROLLERS and w.dataplane.uncertain:
+            pods = [
+                p
+                for p in running
+                if p.namespace == w.namespace
+                and w.labels
+                and all(p.labels.get(k) == v for k, v in w.labels.items())
+            ]
+            adopted = running_pods_mode([(p.ref, p.dataplane) for p in pods])
+            if adopted is not None:
+                w = dataclasses.replace(w, dataplane=adopted)
+        out.append(w)
     return out
 
 
