@@ -115,9 +115,10 @@ def evaluate(
         return _finish(run, verdict, status, rule, reason, principal=principal)
     if destination.mode is MeshMode.GATEWAY:
         reason = (
-            f"destination {target.workload.ref} is a gateway ({destination.reason}): its"
-            " listeners come from Gateway / VirtualService resources, which trustmesh does not"
-            " model; it decides sidecar and ztunnel enforcement only"
+            f"unsupported: gateway: destination {target.workload.ref} is a gateway"
+            f" ({destination.reason}): its listeners come from Gateway / VirtualService"
+            " resources, which trustmesh does not model; it decides sidecar and ztunnel"
+            " enforcement only"
         )
         run.note(reason)
         return _finish(run, Verdict.UNSUPPORTED, None, None, reason)

@@ -191,8 +191,8 @@ def egress_decision(
         return (
             Verdict.UNSUPPORTED,
             None,
-            f"source {source.ref} is a gateway: where it sends traffic follows its Gateway /"
-            " VirtualService routes, which trustmesh does not model",
+            f"unsupported: gateway: source {source.ref} is a gateway: where it sends traffic"
+            " follows its Gateway / VirtualService routes, which trustmesh does not model",
         )
     if dataplane is MeshMode.AMBIENT:
         waypoint = _egress_waypoint(mesh, host)
