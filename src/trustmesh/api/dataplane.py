@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trustmesh.api import models as m
@@ -64,13 +64,19 @@ class Dataplane:
 
     ``assumed`` marks a mode taken without knowing the namespace's labels (the namespace
     is not among the inputs): from ``--assume-injected``, or from a pod-level label that
-    a namespace label could still override.
+    a namespace label could still override. ``uncertain``: the mode rests on an
+    assumption about labels the input does not show (assumed, or unknown).
     """
 
     mode: MeshMode
     reason: str
     assumed: bool = False
     waypoint: str | None = None  # ambient: the istio.io/use-waypoint the pod or namespace names
+    # Read on every decision: a field, not a property.
+    uncertain: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uncertain", self.assumed or self.mode is MeshMode.UNKNOWN)
 
     @property
     def has_sidecar(self) -> bool:
@@ -85,11 +91,6 @@ class Dataplane:
     def enforces_policy(self) -> bool:
         """Something (a sidecar, ztunnel or the gateway itself) enforces selector policies."""
         return self.mode in (MeshMode.SIDECAR, MeshMode.AMBIENT, MeshMode.GATEWAY)
-
-    @property
-    def uncertain(self) -> bool:
-        """The mode rests on an assumption about labels the input does not show."""
-        return self.assumed or self.mode is MeshMode.UNKNOWN
 
     def describe(self) -> str:
         label = self.mode.value

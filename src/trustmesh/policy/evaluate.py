@@ -74,7 +74,7 @@ class _Run:
 
     trace: list[str] | None
     shadow: list[ShadowResult] = field(default_factory=list)
-    assumptions: list[str] = field(default_factory=list)
+    assumptions: tuple[str, ...] = ()  # rarely set: no list built per decision
 
     def note(self, template: str, *args: object) -> None:
         """Record a step; formatting happens only when tracing is on."""
@@ -97,7 +97,9 @@ def evaluate(
     """
     run = _Run([] if trace else None)
     source_workload = _source_workload(mesh, request)
-    if source_workload is not None:
+    if source_workload is not None and (
+        run.trace is not None or source_workload.dataplane.uncertain
+    ):
         _dataplane(run, "source", source_workload)
     if request.destination_host is not None:
         return _egress(mesh, request, source_workload, run)
@@ -107,27 +109,10 @@ def evaluate(
     port = _port(request, target.workload)
     is_http = request.http is not None
     destination = target.workload.dataplane
-    _dataplane(run, "destination", target.workload)
-    if destination.mode is MeshMode.AMBIENT:
-        verdict, status, rule, reason, principal = evaluate_ztunnel(
-            mesh, request, source_workload, target, port, run.note, tracing=run.trace is not None
-        )
-        return _finish(run, verdict, status, rule, reason, principal=principal)
-    if destination.mode is MeshMode.GATEWAY:
-        reason = (
-            f"unsupported: gateway: destination {target.workload.ref} is a gateway"
-            f" ({destination.reason}): its listeners come from Gateway / VirtualService"
-            " resources, which trustmesh does not model; it decides sidecar and ztunnel"
-            " enforcement only"
-        )
-        run.note(reason)
-        return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
-    if destination.mode is not MeshMode.SIDECAR:
-        run.note("destination {} has no sidecar: no policy is enforced", target.workload.ref)
-        reason = "destination has no sidecar"
-        if destination.mode is MeshMode.UNKNOWN:
-            reason = "destination's sidecar injection is unknown: answered as not injected"
-        return _finish(run, Verdict.ALLOW, 200 if is_http else None, None, reason)
+    if run.trace is not None or destination.uncertain:
+        _dataplane(run, "destination", target.workload)
+    if destination.mode is not _SIDECAR:
+        return _without_sidecar(mesh, request, source_workload, target, port, run)
 
     mode = target.mtls.for_port(port)
     run.note(
@@ -140,7 +125,7 @@ def evaluate(
     # Only workload sources are memoized: their number is bounded by the config.
     tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
     tls = mesh.memo.get(tls_key) if tls_key else None
-    if tls is None and source_workload and source_workload.dataplane.mode is MeshMode.AMBIENT:
+    if tls is None and source_workload and source_workload.dataplane.mode is _AMBIENT:
         tls, unsupported = ambient_source_tls(mesh, source_workload, target, port, mode.mode)
         if unsupported is not None:
             run.note(unsupported)
@@ -320,8 +305,42 @@ def _finish(
         upstream_headers=upstream if verdict is Verdict.ALLOW else (),
         principal=attrs.principal if attrs else principal,
         request_principal=attrs.request_principal if attrs else None,
-        assumptions=tuple(run.assumptions),
+        assumptions=run.assumptions,
     )
+
+
+_SIDECAR, _AMBIENT = MeshMode.SIDECAR, MeshMode.AMBIENT
+
+
+def _without_sidecar(
+    mesh: MeshPolicy,
+    request: Request,
+    source: Workload | None,
+    target: WorkloadPolicy,
+    port: int,
+    run: _Run,
+) -> Decision:
+    """A destination whose inbound traffic no sidecar decides: ztunnel, a gateway, nothing."""
+    destination = target.workload.dataplane
+    if destination.mode is MeshMode.AMBIENT:
+        verdict, status, rule, reason, principal = evaluate_ztunnel(
+            mesh, request, source, target, port, run.note, tracing=run.trace is not None
+        )
+        return _finish(run, verdict, status, rule, reason, principal=principal)
+    if destination.mode is MeshMode.GATEWAY:
+        reason = (
+            f"unsupported: gateway: destination {target.workload.ref} is a gateway"
+            f" ({destination.reason}): its listeners come from Gateway / VirtualService"
+            " resources, which trustmesh does not model; it decides sidecar and ztunnel"
+            " enforcement only"
+        )
+        run.note(reason)
+        return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
+    run.note("destination {} has no sidecar: no policy is enforced", target.workload.ref)
+    reason = "destination has no sidecar"
+    if destination.mode is MeshMode.UNKNOWN:
+        reason = "destination's sidecar injection is unknown: answered as not injected"
+    return _finish(run, Verdict.ALLOW, 200 if request.http is not None else None, None, reason)
 
 
 def _dataplane(run: _Run, role: str, workload: Workload) -> None:
@@ -330,7 +349,7 @@ def _dataplane(run: _Run, role: str, workload: Workload) -> None:
     if run.trace is not None:
         run.note("{} {}: {}", role, workload.ref, dataplane.describe())
     if dataplane.uncertain:
-        run.assumptions.append(f"{role} {workload.ref}: {dataplane.describe()}")
+        run.assumptions += (f"{role} {workload.ref}: {dataplane.describe()}",)
 
 
 def _http_attributes(
