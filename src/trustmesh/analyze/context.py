@@ -90,8 +90,7 @@ class AnalysisContext:
         for policy in self.mesh.workloads.values():
             mode = policy.workload.dataplane.mode
             ambient_counted = mode is MeshMode.AMBIENT and (
-                with_waypoint
-                or waypoint_for(self.snapshot, policy.workload, policy.services) is None
+                with_waypoint or waypoint_for(self.mesh, policy) is None
             )
             if mode is MeshMode.SIDECAR or ambient_counted:
                 yield policy

@@ -39,9 +39,10 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import USE_WAYPOINT
 from trustmesh.api.resources import Resource
-from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
+from trustmesh.api.snapshot import ConfigSnapshot, Workload
 from trustmesh.policy import matchers as mt
 from trustmesh.policy.authz import Check, rule_name
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.request import Attributes
 
 L4_WHEN_KEYS = frozenset(
@@ -465,22 +466,34 @@ def _describe(scope: str, policy: Resource[Any]) -> str:
 # --- waypoints and interoperability ----------------------------------------------------
 
 
-def waypoint_for(
-    snapshot: ConfigSnapshot, workload: Workload, services: Sequence[Service]
-) -> str | None:
-    """The waypoint traffic to ``workload`` may go through: its own or its namespace's
-    ``istio.io/use-waypoint``, or a selecting Service's (``none`` opts out)."""
+def waypoint_for(mesh: MeshPolicy, target: WorkloadPolicy) -> str | None:
+    """The waypoint traffic to ``target`` may go through: the pod's own or its namespace's
+    ``istio.io/use-waypoint``, or a selecting Service's (``none`` opts out). Memoized."""
+    workload = target.workload
+    key = ("waypoint", workload.ref)
+    if key in mesh.memo:
+        found: str | None = mesh.memo[key]
+        return found
+    labels = mesh.memo.get("service-labels")
+    if labels is None:
+        labels = mesh.memo["service-labels"] = {
+            (r.namespace, r.name): r.labels for r in mesh.snapshot.of_kind("Service")
+        }
+    result = None
     if workload.dataplane.waypoint:
-        return f"{workload.dataplane.waypoint} (istio.io/use-waypoint of the pod or namespace)"
-    namespace_default = snapshot.namespace_labels.get(workload.namespace, {}).get(USE_WAYPOINT)
-    by_key = {r.key: r for r in snapshot.of_kind("Service")}
-    for service in services:
-        resource = by_key.get(f"Service/{service.namespace}/{service.name}")
-        labels = resource.labels if resource is not None else {}
-        value = labels.get(USE_WAYPOINT, namespace_default)
-        if value and value != "none":
-            return f"{value} (istio.io/use-waypoint of Service {service.namespace}/{service.name})"
-    return None
+        result = f"{workload.dataplane.waypoint} (istio.io/use-waypoint of the pod or namespace)"
+    else:
+        namespace = mesh.snapshot.namespace_labels.get(workload.namespace, {})
+        for service in target.services:
+            own = labels.get((service.namespace, service.name), {})
+            value = own.get(USE_WAYPOINT, namespace.get(USE_WAYPOINT))
+            if value and value != "none":
+                result = (
+                    f"{value} (istio.io/use-waypoint of Service {service.namespace}/{service.name})"
+                )
+                break
+    mesh.memo[key] = result
+    return result
 
 
 def sidecars_speak_hbone(snapshot: ConfigSnapshot, workload: Workload) -> bool:

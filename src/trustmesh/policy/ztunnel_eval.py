@@ -48,7 +48,7 @@ def evaluate_ztunnel(
     """ztunnel's decision for ``request`` to the ambient workload ``target``; ``note``
     records trace steps (explanations are only worked out when ``tracing``)."""
     workload = target.workload
-    waypoint = waypoint_for(mesh.snapshot, workload, target.services)
+    waypoint = waypoint_for(mesh, target)
     if waypoint is not None:
         reason = (
             f"unsupported: ambient: traffic to {workload.ref} goes through waypoint {waypoint};"
@@ -65,7 +65,10 @@ def evaluate_ztunnel(
     note(how)
     if request.http is not None:
         note("ztunnel sees a TCP connection: method, path, host and headers are not visible")
-    refused, via = plaintext_refused(mesh.snapshot, workload, port)
+    key = ("ztunnel-plaintext", workload.ref, port)
+    refused, via = mesh.memo.get(key) or mesh.memo.setdefault(
+        key, plaintext_refused(mesh.snapshot, workload, port)
+    )
     note("port {}: plaintext {} ({})", port, "refused" if refused else "accepted", via)
     if principal is None and refused:
         reason = f"plaintext to a STRICT port ({via}): {CLOSED}"

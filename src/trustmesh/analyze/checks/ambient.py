@@ -42,8 +42,7 @@ def _ztunnel_only(ctx: AnalysisContext, policy: Resource[Any]) -> list[WorkloadP
     return [
         wp
         for wp in applied(ctx, policy)
-        if wp.workload.dataplane.mode is MeshMode.AMBIENT
-        and waypoint_for(ctx.snapshot, wp.workload, wp.services) is None
+        if wp.workload.dataplane.mode is MeshMode.AMBIENT and waypoint_for(ctx.mesh, wp) is None
     ]
 
 
@@ -92,7 +91,7 @@ def _request_authentication(ctx: AnalysisContext) -> Iterator[Issue]:
     for wp in ctx.mesh.workloads.values():
         if wp.workload.dataplane.mode is not MeshMode.AMBIENT or not wp.jwt_providers:
             continue
-        if waypoint_for(ctx.snapshot, wp.workload, wp.services) is not None:
+        if waypoint_for(ctx.mesh, wp) is not None:
             continue
         for provider in wp.jwt_providers:
             by_policy[provider.source].append(wp)
