@@ -230,8 +230,8 @@ def classify(
             )
         return Dataplane(
             MeshMode.NONE,
-            "running Pod (read back from a cluster) without an istio-proxy container:"
-            " not injected, whatever its namespace says",
+            "running Pod (read back from a cluster) without an istio-proxy container or"
+            f" {AMBIENT_REDIRECTION}=enabled: not in the mesh, whatever its namespace says",
         )
     if ns in NEVER_INJECTED_NAMESPACES:
         return Dataplane(MeshMode.NONE, f"namespace {ns}: Istio never injects it")
