@@ -71,6 +71,8 @@ class AnalysisContext:
     unknown_resources: tuple[UnknownResource, ...] = ()  # kinds trustmesh does not model
     # "Now" for date-dependent rules (end of life); passed in so runs are reproducible.
     today: datetime.date = field(default_factory=datetime.date.today)
+    # The instant certificates in Secrets are checked against (the real clock by default).
+    now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
     # --- convenience for checks -------------------------------------------------------------
 
@@ -170,6 +172,7 @@ def build_context(
     version: str | None = None,
     unknown: Sequence[UnknownResource] = (),
     today: datetime.date | None = None,
+    now: datetime.datetime | None = None,
 ) -> AnalysisContext:
     install = install_settings(snapshot, list(helm_values))
     return AnalysisContext(
@@ -179,4 +182,5 @@ def build_context(
         istio_version(install, version),
         tuple(unknown),
         today or datetime.date.today(),
+        now or datetime.datetime.now(datetime.UTC),
     )

@@ -211,7 +211,9 @@ def _load_object(
     if info is None:
         name = meta.name if meta else "?"
         namespace = (meta.namespace if meta else None) or default_ns
-        result.unknown.append(UnknownResource(api_version, kind, name, namespace, where, body))
+        result.unknown.append(
+            UnknownResource(api_version, kind, name, namespace, where, body, document, base)
+        )
         return
     if version not in info.versions:
         served = ", ".join(sorted(f"{group}/{v}" if group else v for v in info.versions))

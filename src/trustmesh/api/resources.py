@@ -72,3 +72,6 @@ class UnknownResource:
     namespace: str
     location: Location
     body: Any = field(repr=False, compare=False)
+    # where the object sits, so a check can point at one of its fields
+    document: YamlDocument | None = field(default=None, repr=False, compare=False)
+    base_path: FieldPath = field(default=(), repr=False, compare=False)

@@ -72,6 +72,19 @@ def _sign_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     return hashes.SHA256()
 
 
+def key_pair_problem(key_pem: bytes, cert: x509.Certificate) -> str | None:
+    """Why ``key_pem`` cannot serve ``cert`` (not a PEM key, another key), None if it can."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return "is not an unencrypted PEM private key"
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        return "is neither an ECDSA nor an RSA key"
+    if not public_keys_match(key, cert):
+        return "is not the private key of the certificate"
+    return None
+
+
 def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 

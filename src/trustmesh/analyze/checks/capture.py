@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from trustmesh.analyze.checks.control_plane import Injection, control_plane
 from trustmesh.analyze.checks.install_util import (
     PodTemplate,
     dig,
@@ -257,9 +258,16 @@ def injection_opt_out(ctx: AnalysisContext) -> Iterator[Issue]:
     "no mTLS, no egress policy, no telemetry.",
 )
 def proxy_uid(ctx: AnalysisContext) -> Iterator[Issue]:
+    cp = control_plane(ctx)
     for pod in pod_templates(ctx):
-        if not pod.has_sidecar:
-            continue
+        verdict = cp.injection(pod)
+        if not pod.has_sidecar and _opted_out(ctx, pod):
+            continue  # never injected, so nothing to bypass
+        later = (
+            ""
+            if pod.has_sidecar or verdict.injection is Injection.YES
+            else f" once it is injected (today: {verdict.reason})"
+        )
         for field, index, container in pod.containers():
             name = str(container.get("name", ""))
             if name in _PROXY_CONTAINERS:
@@ -274,16 +282,29 @@ def proxy_uid(ctx: AnalysisContext) -> Iterator[Issue]:
                     if own is not None
                     else pod.at("securityContext", key)
                 )
-                yield _uid_issue(pod, name, key, location)
+                yield _uid_issue(pod, name, key, location, later)
 
 
-def _uid_issue(pod: PodTemplate, name: str, key: str, location: Location) -> Issue:
+def _opted_out(ctx: AnalysisContext, pod: PodTemplate) -> bool:
+    """Explicitly never injected: host network, inject "false", namespace disabled."""
+    labels, notes = pod.labels, pod.annotations
+    explicit = labels.get(INJECT, notes.get(INJECT))
+    namespace = ctx.snapshot.namespace_labels.get(pod.resource.namespace) or {}
+    return (
+        pod.spec.get("hostNetwork") is True
+        or (explicit is not None and is_false(explicit))
+        or namespace.get("istio-injection") == "disabled"
+    )
+
+
+def _uid_issue(pod: PodTemplate, name: str, key: str, location: Location, later: str) -> Issue:
     return Issue(
         message=f"container '{name}' of {pod.ref} runs with {key} 1337, the proxy's identity: "
-        "its outbound traffic is not captured by the sidecar",
+        f"its outbound traffic is not captured by the sidecar{later}",
         location=location,
         resource=pod.resource.key,
         workloads=(pod.ref,),
+        severity=Severity.INFO if later else None,
         fix=f"# {pod.ref}, container {name}: run as any other non-root ID\n"
         f"securityContext:\n  {key}: 1000\n",
     )

@@ -557,11 +557,15 @@ def _mutual_ca(index: GatewayIndex, server: Server) -> Iterator[Issue]:
 def gateway_credentials(ctx: AnalysisContext) -> Iterator[Issue]:
     index = GatewayIndex(ctx)
     have_secrets = index.has_secrets
+    deployed = sorted(index.gateway_workloads())
     for server in index.servers:
         if not server.terminates:
             continue
         namespaces = index.workload_namespaces(server)
         assumed = not namespaces
+        if assumed and deployed and server.credentials():
+            yield _orphan_issue(server, deployed)
+            continue
         for path, name in server.credentials():
             for namespace in namespaces or [server.gateway.namespace]:
                 found = _credential_issue(index, server, name, namespace, assumed, have_secrets)
@@ -576,6 +580,20 @@ def gateway_credentials(ctx: AnalysisContext) -> Iterator[Issue]:
                         fix=fix,
                         severity=severity,
                     )
+
+
+def _orphan_issue(server: Server, deployed: list[str]) -> Issue:
+    """A TLS server whose Gateway selects none of the gateway workloads among the inputs."""
+    selector = ", ".join(f"{k}={v}" for k, v in sorted(server.selector.items())) or "(none)"
+    return Issue(
+        message=f"Gateway {server.ref} servers[{server.index}]: the selector {selector} matches "
+        f"none of the gateway workloads among the inputs ({', '.join(deployed)}), so no gateway "
+        "serves this TLS server and where its credentialName would be read from is unknown",
+        location=server.gateway.location("selector"),
+        resource=server.gateway.key,
+        fix="selector:\n  istio: ingressgateway  # the labels of the gateway pods that should "
+        "serve it\n",
+    )
 
 
 def _credential_issue(

@@ -365,11 +365,17 @@ def _dr_clients(ctx: AnalysisContext, dr: Resource[Any]) -> tuple[str, ...]:
     return result
 
 
-def _unverified(tls: m.ClientTlsSettings, defaults: _Defaults) -> bool:
+def _sidecar_credential(dr: Resource[Any], tls: m.ClientTlsSettings) -> bool:
+    """Whether sidecars load ``credentialName``: only with a workloadSelector (istio/api
+    ClientTLSSettings.credential_name); otherwise only gateways read it."""
+    return bool(tls.credential_name) and dr.spec.workload_selector is not None
+
+
+def _unverified(dr: Resource[Any], tls: m.ClientTlsSettings, defaults: _Defaults) -> bool:
     """The server certificate is certainly not verified at all."""
     if tls.insecure_skip_verify:
         return True
-    return not tls.ca_certificates and not tls.credential_name and defaults.verify is False
+    return not tls.ca_certificates and not _sidecar_credential(dr, tls) and defaults.verify is False
 
 
 @rule(
@@ -402,8 +408,14 @@ def server_not_verified(ctx: AnalysisContext) -> Iterator[Issue]:
                     " for the OS trust store) and subjectAltNames.",
                 )
                 continue
-            if tls.ca_certificates or tls.credential_name or defaults.verify is True:
+            if tls.ca_certificates or _sidecar_credential(dr, tls) or defaults.verify is True:
                 continue  # verified: by the given CA, the credential, or the OS trust store
+            gateway_only = (
+                f": credentialName {tls.credential_name} is read only by gateways (the"
+                " DestinationRule has no workloadSelector), so sidecars get no CA from it:"
+                if tls.credential_name
+                else " has no caCertificates or credentialName:"
+            )
             if defaults.verify is False:
                 why, severity = f"the server is never verified ({defaults.basis})", None
             else:
@@ -413,11 +425,17 @@ def server_not_verified(ctx: AnalysisContext) -> Iterator[Issue]:
                 )
                 severity = Severity.INFO
             yield Issue(
-                message=f"{head} has no caCertificates or credentialName: {why}{who}",
+                message=f"{head}{gateway_only} {why}{who}",
                 location=dr.location(*path, "caCertificates"),
                 resource=dr.key,
                 workloads=clients,
-                fix=f"Set {field_path(('spec', *path, 'caCertificates'))} to the CA file that"
+                fix=(
+                    "Add spec.workloadSelector for the client workloads (sidecars then load"
+                    " credentialName), or set "
+                    if tls.credential_name
+                    else "Set "
+                )
+                + f"{field_path(('spec', *path, 'caCertificates'))} to the CA file that"
                 " signs the server (or `system` for the OS trust store).",
                 severity=severity,
             )
@@ -462,7 +480,7 @@ def server_name_not_checked(ctx: AnalysisContext) -> Iterator[Issue]:
         clients = _dr_clients(ctx, dr)
         who = f"; clients: {listing(clients)}" if clients else ""
         for path, tls, port in _user_tls_settings(dr):
-            if tls.subject_alt_names or _unverified(tls, defaults):
+            if tls.subject_alt_names or _unverified(dr, tls, defaults):
                 continue  # names are checked, or nothing is (TM-MTLS-004 reports that)
             head = (
                 f"DestinationRule {dr.namespace}/{dr.name} {tls.mode.value} TLS to {dr.spec.host}"
