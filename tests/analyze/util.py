@@ -23,6 +23,7 @@ def context_from(
     mesh: str = "",
     version: str | None = None,
     today: datetime.date | None = None,
+    now: datetime.datetime | None = None,
 ) -> AnalysisContext:
     sources = ([("workloads.yaml", BASE)] if base else []) + [("config.yaml", text.encode())]
     loaded = load_sources(sources)
@@ -31,7 +32,7 @@ def context_from(
     errors = [d for d in loaded.diagnostics + validate_snapshot(snapshot) if d.is_error]
     assert not errors, "\n".join(map(str, errors))
     return build_context(
-        snapshot, compile_mesh(snapshot), loaded.helm_values, version, loaded.unknown, today
+        snapshot, compile_mesh(snapshot), loaded.helm_values, version, loaded.unknown, today, now
     )
 
 

@@ -261,11 +261,13 @@ def proxy_uid(ctx: AnalysisContext) -> Iterator[Issue]:
     cp = control_plane(ctx)
     for pod in pod_templates(ctx):
         verdict = cp.injection(pod)
-        if not pod.has_sidecar and _opted_out(ctx, pod):
+        if _opted_out(ctx, pod) and not any(
+            c.get("name") == "istio-proxy" for _, _, c in pod.containers()
+        ):
             continue  # never injected, so nothing to bypass
         later = (
             ""
-            if pod.has_sidecar or verdict.injection is Injection.YES
+            if verdict.injection is Injection.YES or pod.has_sidecar
             else f" once it is injected (today: {verdict.reason})"
         )
         for field, index, container in pod.containers():

@@ -116,8 +116,9 @@ class Webhook:
 def webhooks(ctx: AnalysisContext, kind: str) -> Iterator[Webhook]:
     for config in raw_objects(ctx, kind, groups=("admissionregistration.k8s.io",)):
         for index, entry in enumerate(items(config.get("webhooks"))):
-            body = mapping(entry)
-            yield Webhook(config, index, str(body.get("name", "")), body)
+            if isinstance(entry, Mapping):  # anything else the API server refuses
+                name = str(entry.get("name") or f"webhooks[{index}]")
+                yield Webhook(config, index, name, entry)
 
 
 def is_istio_webhook(hook: Webhook) -> bool:
