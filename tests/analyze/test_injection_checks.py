@@ -47,6 +47,7 @@ def test_pod_manifests_are_not_missing_a_proxy_only_running_pods() -> None:
     text = namespace("shop", "{istio-injection: enabled}")
     text += pod("manifest", "shop", "[{name: app, image: app:1}]")
     text += pod("running", "shop", "[{name: app, image: app:1}]", extra=RUNNING)
+    text += pod("job-done", "shop", "[{name: app, image: a}]", extra="status: {phase: Succeeded}\n")
     found = findings(text, "TM-INST-019", base=False)
     assert [f.issue.resource for f in found] == ["Pod/shop/running"]
 

@@ -372,6 +372,15 @@ def is_dumped(pod: PodTemplate) -> bool:
     return bool(mapping(body).get("status") or pod.spec.get("nodeName") or meta.get("uid"))
 
 
+def has_finished(pod: PodTemplate) -> bool:
+    """A dumped Pod that has run to completion (a Job's): it serves no traffic any more."""
+    body = pod.resource.document.body
+    for part in pod.resource.base_path:
+        body = body[part]
+    phase = mapping(mapping(body).get("status")).get("phase")
+    return phase in ("Succeeded", "Failed")
+
+
 def istiod_env(ctx: AnalysisContext, name: str) -> tuple[str | None, Location | None]:
     """An istiod environment variable's value and where it is set, from the istiod
     Deployments/Pods among the inputs (their ``discovery`` container) or the install values;

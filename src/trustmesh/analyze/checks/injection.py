@@ -24,6 +24,7 @@ from trustmesh.analyze.checks.control_plane import (
     ControlPlane,
     Injection,
     control_plane,
+    has_finished,
     is_dumped,
     proxy_containers,
 )
@@ -195,7 +196,7 @@ def conflicting_injection_labels(ctx: AnalysisContext) -> Iterator[Issue]:
 def pod_missing_proxy(ctx: AnalysisContext) -> Iterator[Issue]:
     cp = control_plane(ctx)
     for pod in pod_templates(ctx):
-        if not is_dumped(pod) or any(proxy_containers(pod)):
+        if not is_dumped(pod) or any(proxy_containers(pod)) or has_finished(pod):
             continue
         verdict = cp.injection(pod)
         if verdict.injection is not Injection.YES:
