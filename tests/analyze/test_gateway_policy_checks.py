@@ -257,3 +257,15 @@ spec:
     blocked = iop % '{BLOCKED_CIDRS_IN_JWKS_URIS: "10.0.0.0/8"}'
     assert findings(ra + blocked, "TM-AUTHN-005") == []
     assert findings(ra, "TM-AUTHN-005") == []  # neither istiod nor its install given
+
+
+def test_secret_contents_checked_where_the_gateway_may_run_when_no_workload_is_given() -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    cert, _ = tls_pair(now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    text = secret_and_gateway(f"data: {{tls.crt: {cert}}}\n").replace(GATEWAY_POD, "")
+    text = text.replace("metadata: {name: shop, namespace: istio-system}", "metadata: {name: shop}")
+    [found] = findings(text, "TM-EDGE-006", base=False)
+    assert found.issue.resource == "Gateway/default/shop"
+    assert found.severity is Severity.WARNING
+    assert "if the gateway runs in istio-system" in found.issue.message
+    assert found.issue.location is not None and found.issue.location.field == "data.tls.crt"

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -79,7 +81,9 @@ class _Clock:
     def certificates(self, data: bytes, what: str) -> tuple[list[str], bool]:
         """Problems of a PEM certificate bundle, and whether it parsed at all."""
         try:
-            certs = load_certs(data)
+            with warnings.catch_warnings():  # a non-positive serial: reported by nobody here
+                warnings.simplefilter("ignore")
+                certs = load_certs(data)
         except ValueError:
             return [f"{what} is not a PEM certificate"], False
         return [p for p in (self.problem(c, what) for c in certs) if p], True
@@ -100,7 +104,9 @@ def _server_problems(secret: _Secret, clock: _Clock) -> tuple[list[str], str]:
     cert_key, key_key = pair
     problems, parsed = clock.certificates(secret.values[cert_key], cert_key)
     if parsed:
-        leaf = load_certs(secret.values[cert_key])[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            leaf = load_certs(secret.values[cert_key])[0]
         wrong = key_pair_problem(secret.values[key_key], leaf)
         if wrong:
             problems.append(f"{key_key} {wrong}")
@@ -157,6 +163,16 @@ def _credential_issue(
     )
 
 
+def _assumed(issue: Issue, namespace: str) -> Issue:
+    """The same finding when the gateway workload is not among the inputs."""
+    return dataclasses.replace(
+        issue,
+        message=f"{issue.message} (if the gateway runs in {namespace}: no gateway workload "
+        "among the inputs matches its selector)",
+        severity=Severity.WARNING,
+    )
+
+
 @rule(
     "TM-EDGE-006",
     title="Gateway credential Secret that cannot be served",
@@ -176,8 +192,13 @@ def gateway_secret_contents(ctx: AnalysisContext) -> Iterator[Issue]:
     for server in index.servers:
         if not server.terminates:
             continue
-        namespaces = index.workload_namespaces(server) or [server.gateway.namespace]
+        deployed = index.workload_namespaces(server)
         for path, name in server.credentials():
+            # Without the gateway workload among the inputs, where it runs is unknown: every
+            # namespace holding a Secret of that name is a candidate.
+            namespaces = deployed or sorted(
+                {server.gateway.namespace} | {ns for ns, n in secrets if n == name}
+            )
             for namespace in namespaces:
                 target_ns, _, short = name.rpartition("/")
                 if target_ns and target_ns != namespace:
@@ -187,11 +208,13 @@ def gateway_secret_contents(ctx: AnalysisContext) -> Iterator[Issue]:
                     continue  # missing: TM-EDGE-005
                 problems, key = _server_problems(secret, clock)
                 if problems:
-                    yield _credential_issue(server, path, secret, problems, key)
+                    issue = _credential_issue(server, path, secret, problems, key)
+                    yield issue if deployed else _assumed(issue, namespace)
                 if server.mode not in _MUTUAL or server.tls.get("caCertificates"):
                     continue
                 ca_problems, holder, ca_key = _ca_problems(secrets, namespace, short, clock)
                 if ca_problems and holder is not None:
-                    yield _credential_issue(
+                    issue = _credential_issue(
                         server, path, holder, ca_problems, ca_key, client_ca_of=name
                     )
+                    yield issue if deployed else _assumed(issue, namespace)

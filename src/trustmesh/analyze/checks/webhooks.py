@@ -39,9 +39,9 @@ def _label_sets(revisions: set[str], key: str, values: tuple[str, ...]) -> list[
     title="Injection webhooks that select the same pods",
     severity=Severity.ERROR,
     family="install",
-    rationale="When more than one injector webhook selects a pod it is mutated by each of them "
-    "(two proxies, or the wrong revision's proxy, whichever runs last): leftovers of an "
-    "upgrade or a revision installed next to a revisionless one.",
+    rationale="When more than one injector webhook selects a pod, each is called: the pod gets "
+    "the proxy of whichever runs first (or two), not the revision its labels chose; leftovers "
+    "of an upgrade or a revision installed next to a revisionless one.",
 )
 def overlapping_injectors(ctx: AnalysisContext) -> Iterator[Issue]:
     hooks = [h for h in webhooks(ctx, "MutatingWebhookConfiguration") if is_istio_webhook(h)]
@@ -55,7 +55,7 @@ def overlapping_injectors(ctx: AnalysisContext) -> Iterator[Issue]:
             matched = [h for h in hooks if h.selects(ns_labels, pod_labels)]
             if len(matched) < 2:
                 continue
-            example = ", ".join(f"{k}={v}" for k, v in {**ns_labels}.items()) or "no labels"
+            example = ", ".join(f"{k}={v}" for k, v in ns_labels.items()) or "no labels"
             pod_example = ", ".join(f"{k}={v}" for k, v in pod_labels.items()) or "no labels"
             for hook in matched:
                 entry = overlaps.setdefault(
@@ -65,8 +65,9 @@ def overlapping_injectors(ctx: AnalysisContext) -> Iterator[Issue]:
     for hook, others, example in overlaps.values():
         yield Issue(
             message=f"Injection webhook {hook.label} selects the same pods as "
-            f"{', '.join(sorted(others))} (e.g. {example}): such pods are injected more than "
-            "once, by whichever revision runs last",
+            f"{', '.join(sorted(others))} (e.g. {example}): such pods go to more than one "
+            "injector and get the proxy of whichever runs first (or are injected twice), not "
+            "the revision their labels chose",
             location=hook.at("namespaceSelector"),
             resource=hook.config.key,
             fix="# delete the injector configuration left by the old install, or make the "
