@@ -1,5 +1,5 @@
 """Gateway credentials, policy attachment, egressProxy, EnvoyFilters, policy status and JWT
-checks (TM-EDGE-006…008, TM-INST-025, TM-AUTHZ-012, TM-AUTHN-004/005): the variants the
+checks (TM-EDGE-006…008, TM-INST-025, TM-AMBIENT-002, TM-AUTHN-004/005): the variants the
 istio_coverage inputs do not show. Certificates are made around the real clock."""
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ status:
   - {type: Accepted, status: "False", reason: Invalid}
   - {type: Something, status: "False"}
 """
-    [found] = findings(text, "TM-AUTHZ-012")
+    [found] = findings(text, "TM-AMBIENT-002")
     assert "Istio does not enforce it (Accepted=False, Invalid)" in found.issue.message
 
 

@@ -1,4 +1,4 @@
-"""AuthorizationPolicies the cluster reports as not (fully) enforced (TM-AUTHZ-012).
+"""AuthorizationPolicies the cluster reports as not (fully) enforced (TM-AMBIENT-002).
 
 In a cluster dump istiod's verdict on each policy is in ``status.conditions``: ztunnel or a
 waypoint refusing a policy (``ZtunnelAccepted`` / ``WaypointAccepted`` False), or a waypoint
@@ -19,10 +19,10 @@ _ENFORCERS = {"ZtunnelAccepted": "ztunnel", "WaypointAccepted": "the waypoint", 
 
 
 @rule(
-    "TM-AUTHZ-012",
+    "TM-AMBIENT-002",
     title="AuthorizationPolicy the cluster reports as not enforced",
     severity=Severity.ERROR,
-    family="authz",
+    family="ambient",
     rationale="istiod writes into an AuthorizationPolicy's status when ztunnel or a waypoint "
     "cannot enforce it (an unsupported action or field, a targetRef that does not resolve): "
     "the requests the policy was written to deny or restrict are not handled as written.",
