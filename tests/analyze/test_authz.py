@@ -240,25 +240,46 @@ def test_deny_path_bypassed_under_base_is_proven_by_evaluation() -> None:
         "spec.rules[0].to[0].operation.paths[0]",
     )
     assert "`GET //admin/secret` from a plaintext client is allowed" in f.issue.message
-    assert "double-slash, encoded-slash" in f.issue.message
+    for spelling in (
+        "`//admin/secret` (double-slash)",
+        "`/admin%2Fsecret` (encoded-slash)",
+        "`/admin/secret/` (trailing-slash)",
+        "`/admin/secret%2F` (encoded trailing-slash)",
+    ):
+        assert spelling in f.issue.message
+    assert "dot-segment" not in f.issue.message  # BASE resolves `/./`
     assert "DECODE_AND_MERGE_SLASHES" in f.issue.fix and f.rule.fixable
+    # No normalization removes a trailing slash: the policy needs the `/*` form too.
+    assert '#   paths: ["/admin/secret", "/admin/secret/*"]' in f.issue.fix
 
 
 def test_merge_slashes_closes_double_slash_but_not_encoded_slash() -> None:
     f = only(findings(DENY_ADMIN, "TM-AUTHZ-004", mesh=normalization("MERGE_SLASHES")))
-    assert "encoded-slash spellings" in f.issue.message
+    assert "`/admin%2Fsecret` (encoded-slash)" in f.issue.message
     assert "double-slash" not in f.issue.message
     assert "`GET /admin%2Fsecret`" in f.issue.message
 
 
 def test_none_also_misses_dot_segments() -> None:
     f = only(findings(DENY_ADMIN, "TM-AUTHZ-004", mesh=normalization("NONE")))
-    assert "dot-segment, double-slash, encoded-slash" in f.issue.message
+    assert "`/./admin/secret` (dot-segment), `//admin/secret` (double-slash)" in f.issue.message
 
 
-def test_decode_and_merge_slashes_is_quiet() -> None:
+def test_decode_and_merge_slashes_leaves_only_the_trailing_slash() -> None:
     mesh = normalization("DECODE_AND_MERGE_SLASHES")
-    assert findings(DENY_ADMIN, "TM-AUTHZ-004", mesh=mesh) == []
+    f = only(findings(DENY_ADMIN, "TM-AUTHZ-004", mesh=mesh))
+    assert "`/admin/secret/` (trailing-slash)" in f.issue.message
+    assert "double-slash" not in f.issue.message
+    assert "`/admin%2Fsecret`" not in f.issue.message
+    # The mesh setting is in place: the fix is the policy's, and harden has nothing to add.
+    assert "meshConfig" not in f.issue.fix
+    assert '"/admin/secret/*"' in f.issue.fix
+    assert plan([f]).render() == ""
+
+
+def test_prefix_deny_is_quiet_under_decode_and_merge_slashes() -> None:
+    prefix = DENY_ADMIN.replace('"/admin/secret"', '"/admin/*"')
+    assert findings(prefix, "TM-AUTHZ-004", mesh=normalization("DECODE_AND_MERGE_SLASHES")) == []
 
 
 def test_variants_denied_by_an_allow_policy_are_not_a_bypass() -> None:
@@ -270,15 +291,16 @@ def test_variants_denied_by_an_allow_policy_are_not_a_bypass() -> None:
     assert findings(DENY_ADMIN + allow_public, "TM-AUTHZ-004") == []
 
 
-def test_jwt_scoped_deny_is_judged_on_the_path_match_alone() -> None:
+def test_jwt_scoped_deny_without_request_authentication_is_left_to_authn_002() -> None:
+    # No RequestAuthentication selects bar/httpbin: no request carries claims, the DENY
+    # never matches, and TM-AUTHN-002 says so; there is nothing to bypass.
     rules = (
         '  - to:\n    - operation:\n        paths: ["/ops/*"]\n'
         "    when:\n    - key: request.auth.claims[role]\n      values: [guest]\n"
     )
-    f = only(findings(policy("jwt-deny", rules, action="DENY", namespace="bar"), "TM-AUTHZ-004"))
-    assert f.issue.workloads == ("bar/httpbin",)
-    assert "`//ops/x` (double-slash)" in f.issue.message
-    assert "not confirmed" in f.issue.message
+    text = policy("jwt-deny", rules, action="DENY", namespace="bar")
+    assert findings(text, "TM-AUTHZ-004") == []
+    assert [f.rule.id for f in findings(text, "TM-AUTHN-002")] == ["TM-AUTHN-002"]
 
 
 def test_root_namespace_deny_applies_mesh_wide() -> None:

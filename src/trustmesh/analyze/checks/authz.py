@@ -18,8 +18,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from trustmesh.analyze.checks.authz_probe import (
+    Probe,
+    Requirement,
+    allowed_probes,
+    bypass_probes,
+    probes_matching,
+    sample_path,
+)
 from trustmesh.analyze.checks.authz_scope import (
-    MAX_SOURCES,
     PLAINTEXT_REACH,
     PROBE_IP,
     Policy,
@@ -31,7 +38,6 @@ from trustmesh.analyze.checks.authz_scope import (
     http_ports,
     label,
     matches_tcp,
-    mesh_principals,
     policies,
     reachability,
     refs,
@@ -46,49 +52,11 @@ from trustmesh.api import models as m
 from trustmesh.policy import matchers as mt
 from trustmesh.policy.authz import CompiledRule, rule_name
 from trustmesh.policy.compose import WorkloadPolicy
-from trustmesh.policy.decision import Decision, RequestError, Verdict
-from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.decision import Verdict
 from trustmesh.policy.pathnorm import PathNormalization, PathRejected, normalize_path
-from trustmesh.policy.request import Attributes, HttpRequest, Request, Source
+from trustmesh.policy.request import Attributes
 
-# No JWT is ever sent by these checks, so the clock never matters; a constant keeps
-# the analysis deterministic.
-_NOW = 0.0
-
-# --- building requests a rule decides, to prove a bypass with the evaluator ----------
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """An HTTP request shaped to satisfy one rule's non-path attributes."""
-
-    source: Source
-    port: WorkloadPort
-    method: str
-    path: str
-    host: str | None
-    headers: tuple[tuple[str, str], ...]
-
-    def decide(self, ctx: AnalysisContext, destination: str) -> Decision | None:
-        # Memoized: several checks (and several variants within one) ask the same request.
-        key = ("authz-probe", destination, self)
-        if key in ctx.mesh.memo:
-            cached: Decision | None = ctx.mesh.memo[key]
-            return cached
-        http = HttpRequest(self.method, self.path, self.host, self.headers)
-        try:
-            decision: Decision | None = evaluate(
-                ctx.mesh, Request(self.source, destination, self.port.number, http), now=_NOW
-            )
-        except RequestError:
-            decision = None
-        ctx.mesh.memo[key] = decision
-        return decision
-
-    def describe(self) -> str:
-        host = f" (Host: {self.host})" if self.host else ""
-        who = f"peer {self.source.value}" if self.source.value else "a plaintext client"
-        return f"`{self.method} {self.path}`{host} from {who}"
+# --- proving a finding with the evaluator ---------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,85 +69,48 @@ class Flip:
     rule: str  # the Envoy policy name that decided the base request
 
 
-def sample_value(value: str) -> str:
-    """A concrete value an Istio string match accepts (``a*`` → ``a``, ``*a`` → ``xa``)."""
-    if value == "*":
-        return "x"
-    if value.endswith("*"):
-        return value[:-1]
-    if value.startswith("*"):
-        return "x" + value[1:]
-    return value
+def compiled_rule(wp: WorkloadPolicy, policy: Policy, index: int) -> CompiledRule | None:
+    """Rule ``index`` of ``policy`` as compiled for ``wp``'s HTTP filter chain."""
+    a = wp.authz
+    group = {
+        m.Action.ALLOW: a.allow,
+        m.Action.DENY: a.deny,
+        m.Action.CUSTOM: a.custom,
+        m.Action.AUDIT: a.audit,
+    }[policy.spec.action]
+    return compiled(group.http.rules, policy, index)
 
 
-def sample_path(value: str) -> str | None:
-    """A path the ``paths`` entry matches, with a segment after a trailing ``/``."""
-    if value in ("*", "/*"):
-        return None  # every path: no spelling escapes it
-    if mt.is_path_template(value):
-        path = value.replace("{**}", "x").replace("{*}", "x")
-    elif value.startswith("*"):
-        path = "/x" + value[1:]
-    else:
-        path = value[:-1] if value.endswith("*") else value
-        if path.endswith("/"):
-            path += "x"
-    return path if path.startswith("/") else None
+def admitted(
+    ctx: AnalysisContext,
+    wp: WorkloadPolicy,
+    policy: Policy,
+    index: int,
+    operation: int,
+    **fixed: str,
+) -> list[Probe]:
+    """Requests rule ``index`` of ``policy`` matches through its ``to[operation]`` entry."""
+    rule = compiled_rule(wp, policy, index)
+    if rule is None:
+        return []
+    return probes_matching(ctx, wp, [Requirement(rule, operation)], **fixed)
 
 
-def probes_for(ctx: AnalysisContext, wp: WorkloadPolicy, r: m.Rule, op: m.Operation) -> list[Probe]:
-    """Requests that match every attribute of ``r`` we can synthesise offline (no JWT)."""
-    ports = list(http_ports(ctx, wp))
-    if op.ports:
-        ports = [p for p in ports if str(p.number) in op.ports]
-    ports = [p for p in ports if str(p.number) not in op.not_ports]
-    method = next((v for v in op.methods if "*" not in v), None)
-    if method is None:
-        method = next(v for v in ("GET", "POST", "PUT", "DELETE") if v not in op.not_methods)
-    host = sample_value(op.hosts[0]) if op.hosts else None
-    path = (sample_path(op.paths[0]) if op.paths else None) or "/"
-    headers = tuple(
-        (c.key[len("request.headers[") : -1], sample_value(c.values[0]))
-        for c in r.when
-        if c.key.startswith("request.headers[") and c.values
-    )
-    probes: list[Probe] = []
-    for source in _sources_for(ctx, r):
-        for port in ports:
-            probes.append(Probe(source, port, method, path, host, headers))
-    return probes
-
-
-def _sources_for(ctx: AnalysisContext, r: m.Rule) -> list[Source]:
-    td = ctx.snapshot.mesh.trust_domain
-    principals: list[str] = []
-    ips: list[str] = []
-    conditions = {c.key: c.values for c in r.when}
-    for f in r.from_:
-        s = f.source
-        principals += [p for p in s.principals if "*" not in p]
-        principals += [f"{td}/ns/{n}/sa/default" for n in s.namespaces if "*" not in n]
-        for account in s.service_accounts:
-            namespace, _, name = account.rpartition("/")
-            principals.append(f"{td}/ns/{namespace or 'default'}/sa/{name}")
-        ips += [*s.ip_blocks, *s.remote_ip_blocks]
-    principals += [p for p in conditions.get("source.principal", ()) if "*" not in p]
-    principals += [
-        f"{td}/ns/{n}/sa/default" for n in conditions.get("source.namespace", ()) if "*" not in n
-    ]
-    ips += [*conditions.get("source.ip", ()), *conditions.get("remote.ip", ())]
-    ip = _first_address(ips)
-    chosen = list(dict.fromkeys([*principals, *mesh_principals(ctx)]))[:MAX_SOURCES]
-    return [Source.plaintext(ip), *(Source.principal(p, ip) for p in chosen)]
-
-
-def _first_address(cidrs: Iterable[str]) -> str | None:
-    for cidr in cidrs:
-        try:
-            return str(ipaddress.ip_network(cidr, strict=False).network_address)
-        except ValueError:
-            continue
-    return None
+def escaping(
+    ctx: AnalysisContext,
+    wp: WorkloadPolicy,
+    policy: Policy,
+    index: int,
+    operation: int,
+    variant: dict[str, str],
+    **fixed: str,
+) -> Iterator[Probe]:
+    """Requests rule ``index`` of ``policy`` denies whose ``variant`` form an ALLOW rule of
+    ``wp`` (if any applies) admits: the sources that could really use a bypass."""
+    rule = compiled_rule(wp, policy, index)
+    if rule is None:
+        return iter(())
+    return bypass_probes(ctx, wp, Requirement(rule, operation), variant, **fixed)
 
 
 def find_flip(
@@ -369,29 +300,41 @@ meshConfig:
 """
 
 
-def path_variants(path: str) -> list[tuple[str, str]]:
-    """Spellings of ``path`` a backend may serve as it that weak normalizations keep."""
+def path_variants(path: str, whole: bool = False) -> list[tuple[str, str]]:
+    """Spellings of ``path`` that many backends serve as ``path`` itself.
+
+    Dot segments, doubled and escaped slashes are undone by the stronger mesh
+    normalizations. A trailing slash never is (``/admin/`` stays ``/admin/``): tried when
+    the policy value matches ``path`` as a whole (``whole``: exact or URI template), since
+    then ``/admin/`` is outside it while most frameworks route it to ``/admin``.
+    """
     out = [("/." + path, "dot-segment"), ("/" + path, "double-slash")]
     cut = path.rfind("/")
     if cut > 0:
         out.append((f"{path[:cut]}%2F{path[cut + 1 :]}", "encoded-slash"))
+    if whole and not path.endswith("/"):
+        out += [(path + "/", "trailing-slash"), (path + "%2F", "encoded trailing-slash")]
     return out
+
+
+def _matches_whole(value: str) -> bool:
+    """An exact path or a URI template: nothing after the matched path is accepted."""
+    return mt.is_path_template(value) or "*" not in value
 
 
 @rule(
     "TM-AUTHZ-004",
-    title="DENY/CUSTOM path match bypassable under the mesh path normalization",
+    title="DENY/CUSTOM path match bypassable by another spelling of the path",
     severity=S.WARNING,
     family="authz",
     rationale="RBAC matches the path after Envoy's normalization. Under NONE or BASE `//admin` "
     "and `/admin%2Fsecret` reach RBAC unchanged, so a DENY on `/admin/secret` misses them while "
-    "many backends serve them as the same resource; only DECODE_AND_MERGE_SLASHES closes both.",
+    "many backends serve them as the same resource; only DECODE_AND_MERGE_SLASHES closes both. "
+    "No normalization removes a trailing slash: an exact `/admin` misses `/admin/`.",
     fixable=True,
 )
 def deny_path_normalization(ctx: AnalysisContext) -> Iterator[Issue]:
     mode = ctx.mesh.path_normalization
-    if mode is PathNormalization.DECODE_AND_MERGE_SLASHES:
-        return
     setting = ctx.mesh_location("pathNormalization", "normalization")
     where = f"set at {setting}" if setting else "the default"
     for policy in policies(ctx):
@@ -402,39 +345,63 @@ def deny_path_normalization(ctx: AnalysisContext) -> Iterator[Issue]:
         for i, r in enumerate(spec.rules or () if targets else ()):
             for j, t in enumerate(r.to):
                 for k, value in enumerate(t.operation.paths):
-                    found = _path_bypass(ctx, policy, targets, r, t.operation, value, mode)
+                    found = _path_bypass(ctx, policy, targets, i, j, value, mode)
                     if found is None:
                         continue
-                    message, workloads = found
+                    message, workloads, fix = found
                     yield Issue(
                         message=f"{message} (pathNormalization {mode.value}, {where})",
                         location=policy.location("rules", i, "to", j, "operation", "paths", k),
                         resource=policy.key,
                         workloads=workloads,
-                        fix=_PATH_FIX,
+                        fix=fix,
                     )
+
+
+def _path_fix(value: str, op: m.Operation, escaped: list[str], mode: PathNormalization) -> str:
+    """The mesh setting when it closes a spelling, the policy change when none does."""
+    matcher = mt.path_match(op.paths)
+    strongest = PathNormalization.DECODE_AND_MERGE_SLASHES
+    needs_policy = needs_mesh = False
+    for variant in escaped:
+        try:
+            closed = matcher(normalize_path(variant, strongest).path)
+        except PathRejected:
+            closed = True
+        needs_mesh |= closed and mode is not strongest
+        needs_policy |= not closed
+    fix = _PATH_FIX if needs_mesh else ""
+    if needs_policy:
+        under = f"{value}/{{**}}" if mt.is_path_template(value) else f"{value}/*"
+        fix += (
+            "# and in the policy, match what lies under the path too (paths are exact):\n"
+            f'#   paths: ["{value}", "{under}"]\n'
+        )
+    return fix
 
 
 def _path_bypass(
     ctx: AnalysisContext,
     policy: Policy,
     targets: tuple[WorkloadPolicy, ...],
-    r: m.Rule,
-    op: m.Operation,
+    index: int,
+    operation: int,
     value: str,
     mode: PathNormalization,
-) -> tuple[str, tuple[str, ...]] | None:
+) -> tuple[str, tuple[str, ...], str] | None:
     sample = sample_path(value)
     if sample is None:
         return None
+    op = (policy.spec.rules or ())[index].to[operation].operation
     action = policy.spec.action.value
     groups = same_decisions(ctx, targets, host_fixed=bool(op.hosts))
     flips: list[tuple[str, Flip]] = []
     proven: set[str] = set()
     decided_any = False
-    for variant, kind in path_variants(sample):
+    variants = path_variants(sample, _matches_whole(value))
+    for variant, kind in variants:
         for wp, members in groups:
-            probes = [replace(p, path=sample) for p in probes_for(ctx, wp, r, op)]
+            probes = escaping(ctx, wp, policy, index, operation, {"path": variant}, path=sample)
             change = with_path(variant)
             decided, flip = find_flip(ctx, wp, probes, change, to=Verdict.ALLOW, by=policy)
             decided_any = decided_any or decided
@@ -442,22 +409,27 @@ def _path_bypass(
                 flips.append((kind, flip))
                 proven.update(members)
     if flips:
-        kinds = ", ".join(dict.fromkeys(kind for kind, _ in flips))
+        spelled = {flip.variant.path: kind for kind, flip in flips}
         first = flips[0][1]
+        listed = ", ".join(f"`{path}` ({kind})" for path, kind in spelled.items())
         return (
-            f"{action} {first.rule} matches path {value!r}, but {kinds} spellings escape it:"
+            f"{action} {first.rule} matches path {value!r}, but {listed} escape it:"
             f" {first.base.describe()} is denied while {first.variant.describe()} is allowed"
             f" on {first.workload}:{first.variant.port.number}",
             tuple(sorted(proven)),
+            _path_fix(value, op, list(spelled), mode),
         )
     if decided_any:
         return None  # every variant is denied anyway (another rule, or no ALLOW matches)
-    # No request this rule denies could be built offline (it needs a JWT, say): judge the
-    # path match alone, and keep only variants some client can get through with.
+    if not any(admitted(ctx, wp, policy, index, operation, path=sample) for wp, _ in groups):
+        return None  # no request can match the rule (a JWT claim with no RequestAuthentication)
+    # The rule's requests could not be confirmed as denied by it (a condition on the
+    # destination address, say): judge the path match alone, and keep only variants some
+    # client can get through with.
     matcher = mt.path_match(op.paths)
-    escaping: list[str] = []
+    found: list[str] = []
     reached: set[str] = set()
-    for variant, kind in path_variants(sample):
+    for variant, _kind in variants:
         try:
             seen = normalize_path(variant, mode).path
         except PathRejected:
@@ -468,23 +440,23 @@ def _path_bypass(
             ref
             for wp, members in groups
             if any(
-                (d := replace(p, path=variant).decide(ctx, wp.workload.ref)) is not None
-                and d.verdict is Verdict.ALLOW
-                for p in probes_for(ctx, wp, r, op)
+                (d := p.decide(ctx, wp.workload.ref)) is not None and d.verdict is Verdict.ALLOW
+                for p in allowed_probes(ctx, wp, path=variant)
             )
             for ref in members
         }
         if through:
-            escaping.append(f"`{variant}` ({kind})")
+            found.append(variant)
             reached |= through
-    if not escaping:
+    if not found:
         return None
+    listed = ", ".join(f"`{v}` ({dict(variants)[v]})" for v in found)
     return (
-        f"{action} policy {label(policy)} matches path {value!r}, but {', '.join(escaping)}"
+        f"{action} policy {label(policy)} matches path {value!r}, but {listed}"
         f" reach RBAC unchanged, escape it and are allowed on {', '.join(sorted(reached))};"
-        " not confirmed against a request the rule denies (none could be built offline,"
-        " e.g. it needs a JWT)",
+        " not confirmed against a request the rule denies (none could be built offline)",
         tuple(sorted(reached)),
+        _path_fix(value, op, found, mode),
     )
 
 
@@ -607,7 +579,7 @@ def hosts_without_port(ctx: AnalysisContext) -> Iterator[Issue]:
         for i, r in enumerate(spec.rules or () if targets else ()):
             for j, t in enumerate(r.to):
                 for k, host in _hosts_without_port(t.operation.hosts):
-                    issue = _host_issue(ctx, policy, targets, r, t.operation, host)
+                    issue = _host_issue(ctx, policy, targets, i, j, host)
                     if issue is not None:
                         yield replace(
                             issue,
@@ -619,8 +591,8 @@ def _host_issue(
     ctx: AnalysisContext,
     policy: Policy,
     targets: tuple[WorkloadPolicy, ...],
-    r: m.Rule,
-    op: m.Operation,
+    index: int,
+    operation: int,
     host: str,
 ) -> Issue | None:
     allow = policy.spec.action is m.Action.ALLOW
@@ -633,8 +605,13 @@ def _host_issue(
         if allow and port_of(wp) == 80:
             continue  # clients leave the default port out of Host: nothing breaks
         considered.update(members)
-        probes = [replace(p, host=host) for p in probes_for(ctx, wp, r, op)]
-        dialed = with_host(f"{host}:{port_of(wp)}")
+        dialed_host = f"{host}:{port_of(wp)}"
+        probes: Iterable[Probe]
+        if allow:
+            probes = admitted(ctx, wp, policy, index, operation, host=host)
+        else:
+            probes = escaping(ctx, wp, policy, index, operation, {"host": dialed_host}, host=host)
+        dialed = with_host(dialed_host)
         to = Verdict.DENY if allow else Verdict.ALLOW
         decided, flip = find_flip(ctx, wp, probes, dialed, to=to, by=policy)
         decided_any = decided_any or decided
