@@ -473,12 +473,31 @@ def test_selector_matching_only_workloads_without_sidecar() -> None:
     assert "without a sidecar" in f.issue.message
 
 
-def test_matching_selector_and_unknown_namespaces_are_quiet() -> None:
+def test_matching_selector_and_root_namespace_are_quiet() -> None:
     good = policy("ok", "  - {}\n", selector="app: httpbin")
-    # no workload of namespace "elsewhere" is in the input: nothing to compare with
-    elsewhere = policy("x", "  - {}\n", namespace="elsewhere", selector="app: nothing")
     root = policy("r", "  - {}\n", namespace="istio-system", selector="app: httpbin")
-    assert findings(good + elsewhere + root, "TM-AUTHZ-008") == []
+    assert findings(good + root, "TM-AUTHZ-008") == []
+
+
+def test_policy_in_a_namespace_without_workloads_applies_nowhere() -> None:
+    deny = policy("deny", "  - {}\n", namespace="fooo", action="DENY")
+    allow = policy("allow", "  - {}\n", namespace="elsewhere", selector="app: nothing")
+    found = {f.issue.resource: f for f in findings(deny + allow, "TM-AUTHZ-008")}
+    assert set(found) == {"AuthorizationPolicy/fooo/deny", "AuthorizationPolicy/elsewhere/allow"}
+    hole = found["AuthorizationPolicy/fooo/deny"]
+    assert hole.severity is Severity.WARNING and "a hole" in hole.issue.message
+    assert "did you mean namespace 'foo'?" in hole.issue.message
+    assert (where(hole).line, where(hole).field) == (
+        line_of(deny, "namespace: fooo"),
+        "metadata.namespace",
+    )
+    denial = found["AuthorizationPolicy/elsewhere/allow"]
+    assert denial.severity is Severity.INFO and "fails closed" in denial.issue.message
+
+
+def test_namespace_judged_only_when_the_inputs_hold_workloads() -> None:
+    deny = policy("deny", "  - {}\n", namespace="fooo", action="DENY")
+    assert findings(deny, "TM-AUTHZ-008", base=False) == []
 
 
 def test_target_ref_to_a_sidecar_service_is_ignored() -> None:
@@ -545,8 +564,8 @@ def test_missing_namespace_and_service_account() -> None:
 def test_existing_and_wildcard_references_are_quiet() -> None:
     rules = (
         "  - from:\n    - source:\n"
-        '        principals: ["cluster.local/ns/foo/sa/sleep", "*/ns/bar/sa/*",'
-        ' "cluster.local/ns/bar/sa/default"]\n'
+        '        principals: ["cluster.local/ns/foo/sa/sleep", "*/ns/bar/sa/sleep",'
+        ' "cluster.local/ns/bar/sa/default", "cluster.local/ns/bar/*"]\n'
         '    - source:\n        namespaces: [legacy, "team-*"]\n'
     )
     assert findings(policy("refs", rules, selector="app: httpbin"), "TM-AUTHZ-009") == []

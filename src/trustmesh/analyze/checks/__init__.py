@@ -5,6 +5,7 @@ from trustmesh.analyze.checks import (  # noqa: F401
     authn,
     authz,
     authz_scope,
+    authz_values,
     capture,
     edge,
     envoy_filters,

@@ -278,7 +278,7 @@ def _gather(ctx: AnalysisContext, rules: Iterable[CompiledRule]) -> _Values:
         namespace, _, name = value.rpartition("/")
         return f"{td}/ns/{namespace or policy_namespace}/sa/{name}"
 
-    known = sorted({w.principal(td) for w in ctx.snapshot.workloads})
+    known = _known_principals(ctx)
 
     def sample(value: str) -> list[str]:
         return _principal_samples(value, td, known)
@@ -353,6 +353,15 @@ def _principal_samples(value: str, td: str, known: Sequence[str]) -> list[str]:
         elif head.count("/") == 3 and head.split("/")[1] == "ns" and head.endswith("/"):
             tail = "sa/probe"
         found.append(head + tail)
+    return found
+
+
+def _known_principals(ctx: AnalysisContext) -> list[str]:
+    key = (_MEMO, "known")
+    found: list[str] | None = ctx.mesh.memo.get(key)
+    if found is None:
+        td = ctx.snapshot.mesh.trust_domain
+        found = ctx.mesh.memo[key] = sorted({w.principal(td) for w in ctx.snapshot.workloads})
     return found
 
 
@@ -566,12 +575,12 @@ def _realize(
                 break  # nothing satisfies every rule on this attribute
         else:
             checks = by_dim.get("principal", ())
-            peers = [
+            accepted = (
                 v
                 for v in candidates["principal"]
                 if _accepts(checks, "principal", v, wp, number, mode)
-            ]
-            yield from _probes(chosen, peers[:MAX_SOURCES], port)
+            )
+            yield from _probes(chosen, list(islice(accepted, MAX_SOURCES)), port)
 
 
 def _probes(

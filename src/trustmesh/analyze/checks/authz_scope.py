@@ -1,6 +1,6 @@
 """Authorization checks on where policies apply: default-deny, coverage, selectors and
-targetRefs, dangling identity references, CUSTOM providers and dry-run policies
-(TM-AUTHZ-001, 002, 008 … 011), plus the helpers every authz check shares.
+targetRefs, CUSTOM providers and dry-run policies (TM-AUTHZ-001, 002, 008, 010, 011),
+plus the helpers every authz check shares.
 
 Which workloads a policy applies to is read off the compiled WorkloadPolicy of each
 workload, so root-namespace scope, selectors, targetRef (ignored by sidecars) and dry-run
@@ -10,6 +10,7 @@ serve something: without a sidecar nothing is enforced, and a pure client is nev
 
 from __future__ import annotations
 
+import difflib
 import enum
 import ipaddress
 from collections import defaultdict
@@ -364,13 +365,16 @@ def _target_refs(spec: m.AuthorizationPolicySpec) -> list[tuple[tuple[str | int,
 
 @rule(
     "TM-AUTHZ-008",
-    title="Policy that enforces nothing: selector matches no sidecar, or targetRef on sidecars",
+    title="Policy that enforces nothing: selector matches no sidecar, targetRef on sidecars, "
+    "or a namespace without workloads",
     severity=S.WARNING,
     family="authz",
     rationale="A selector that matches no workload (a typo in a label) or only workloads "
     "without a sidecar enforces nothing, and sidecars ignore policies attached with "
-    "targetRef/targetRefs (those are for gateways and waypoints): the protection the policy "
-    "seems to give is not there.",
+    "targetRef/targetRefs (those are for gateways and waypoints); a policy outside the root "
+    "namespace applies only in its own namespace, so one in a namespace with no workloads (a "
+    "typo in metadata.namespace) applies nowhere: the protection the policy seems to give is "
+    "not there. A DENY that applies nowhere is a hole; an ALLOW, a denial.",
 )
 def policy_enforces_nothing(ctx: AnalysisContext) -> Iterator[Issue]:
     root = ctx.root_namespace
@@ -378,6 +382,9 @@ def policy_enforces_nothing(ctx: AnalysisContext) -> Iterator[Issue]:
         spec: m.AuthorizationPolicySpec = policy.spec
         if spec.target_ref is not None or spec.target_refs:
             yield from _ignored_target_refs(ctx, policy)
+            continue
+        if _in_empty_namespace(ctx, policy):
+            yield _empty_namespace_issue(ctx, policy)
             continue
         if spec.selector is None or not spec.selector.match_labels:
             continue
@@ -424,6 +431,48 @@ def _enforces(workload: Workload, action: m.Action) -> bool:
     return mode in (MeshMode.SIDECAR, MeshMode.GATEWAY)
 
 
+def _in_empty_namespace(ctx: AnalysisContext, policy: Policy) -> bool:
+    """A non-root namespace without workloads, when the inputs do hold workloads."""
+    workloads = ctx.snapshot.workloads
+    return (
+        policy.namespace != ctx.root_namespace
+        and bool(workloads)
+        and not any(w.namespace == policy.namespace for w in workloads)
+    )
+
+
+def _empty_namespace_issue(ctx: AnalysisContext, policy: Policy) -> Issue:
+    action: m.Action = policy.spec.action
+    populated = sorted({w.namespace for w in ctx.snapshot.workloads})
+    close = difflib.get_close_matches(policy.namespace, populated, n=1, cutoff=0.6)
+    hint = f" (did you mean namespace {close[0]!r}?)" if close else ""
+    if action in (m.Action.DENY, m.Action.CUSTOM):
+        severity = S.WARNING
+        effect = "the requests it was meant to deny are denied nowhere: a hole"
+    elif action is m.Action.ALLOW:
+        severity = S.INFO
+        effect = (
+            "it allows nothing anywhere: where a default-deny applies, the traffic it was"
+            " written for is denied (fails closed)"
+        )
+    else:
+        severity, effect = S.INFO, "it audits nothing"
+    return Issue(
+        message=(
+            f"{action.value} {label(policy)} is in namespace {policy.namespace!r}, which holds no"
+            f" workload in the inputs{hint}: a policy only applies in its own namespace (or"
+            f" mesh-wide from {ctx.root_namespace}), so {effect}"
+        ),
+        location=policy.meta_location("namespace"),
+        resource=policy.key,
+        fix=(
+            f"Move it to the namespace of the workloads it protects{hint}, or to"
+            f" {ctx.root_namespace} to apply mesh-wide."
+        ),
+        severity=severity,
+    )
+
+
 def _ignored_target_refs(ctx: AnalysisContext, policy: Policy) -> Iterator[Issue]:
     for path, ref in _target_refs(policy.spec):
         if ref.kind != "Service" or ref.group not in ("", "core"):
@@ -453,119 +502,6 @@ def _ignored_target_refs(ctx: AnalysisContext, policy: Policy) -> Iterator[Issue
                 f"  selector:\n    matchLabels: {{{match}}}\n"
             ),
         )
-
-
-# --- TM-AUTHZ-009 ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Reference:
-    path: tuple[str | int, ...]  # relative to the spec
-    kind: str  # "principal" | "namespace" | "serviceAccount"
-    value: str
-
-
-_SOURCE_IDENTITIES = (
-    ("principals", "principal"),
-    ("notPrincipals", "principal"),
-    ("namespaces", "namespace"),
-    ("notNamespaces", "namespace"),
-    ("serviceAccounts", "serviceAccount"),
-    ("notServiceAccounts", "serviceAccount"),
-)
-_CONDITION_IDENTITIES = {
-    "source.principal": "principal",
-    "source.namespace": "namespace",
-    "source.serviceAccount": "serviceAccount",
-}
-
-
-def _references(policy: Policy) -> Iterator[_Reference]:
-    """Every identity a policy names, in ``from`` sources and ``when`` conditions."""
-    spec: m.AuthorizationPolicySpec = policy.spec
-    for i, r in enumerate(spec.rules or ()):
-        for j, f in enumerate(r.from_):
-            for name, kind in _SOURCE_IDENTITIES:
-                snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
-                for k, value in enumerate(getattr(f.source, snake)):
-                    yield _Reference(("rules", i, "from", j, "source", name, k), kind, value)
-        for j, c in enumerate(r.when):
-            kind = _CONDITION_IDENTITIES.get(c.key, "")
-            for name, values in (("values", c.values), ("notValues", c.not_values)):
-                for k, value in enumerate(values if kind else ()):
-                    yield _Reference(("rules", i, "when", j, name, k), kind, value)
-
-
-@rule(
-    "TM-AUTHZ-009",
-    title="Policy names a namespace, service account or trust domain that does not exist",
-    severity=S.INFO,
-    family="authz",
-    rationale="An identity that exists nowhere never matches: an ALLOW entry for it lets no "
-    "one in, a DENY entry keeps no one out, and a principal in a trust domain that is neither "
-    "the mesh's nor an alias never matches at all (often left over from a trust-domain change).",
-)
-def dangling_references(ctx: AnalysisContext) -> Iterator[Issue]:
-    domains = set(ctx.mesh.bundle.domains) | {"cluster.local"}
-    namespaces = ctx.namespaces()
-    judge_namespaces = bool(ctx.snapshot.namespace_labels)  # the input lists namespaces
-    accounts: dict[str, set[str]] = defaultdict(set)
-    for r in ctx.resources("ServiceAccount"):
-        accounts[r.namespace].add(r.name)
-    for w in ctx.snapshot.workloads:
-        accounts[w.namespace].add(w.service_account)
-    for policy in policies(ctx):
-        targets = refs(exposed(ctx, policy))
-        for ref in _references(policy):
-            if "*" in ref.value:
-                continue  # wildcards match whatever exists
-            domain, namespace, account = _identity(ref, policy.namespace)
-            if ref.kind == "principal" and namespace is None:
-                continue  # not a SPIFFE-style principal: nothing to compare with
-            problem, severity, fix = "", None, ""
-            if domain is not None and domain not in domains:
-                problem = (
-                    f"trust domain {domain!r} is neither the mesh trust domain"
-                    f" ({ctx.snapshot.mesh.trust_domain}) nor an alias: it never matches"
-                )
-                severity = S.WARNING
-                fix = f"meshConfig:\n  trustDomainAliases: [{domain}]\n"
-            elif judge_namespaces and namespace is not None and namespace not in namespaces:
-                problem = f"namespace {namespace!r} does not exist: it matches no workload today"
-            elif (
-                account is not None
-                and namespace in namespaces
-                and accounts.get(namespace or "")
-                and account != "default"
-                and account not in accounts[namespace or ""]
-            ):
-                problem = (
-                    f"service account {namespace}/{account} does not exist (no ServiceAccount or"
-                    " workload uses it): it matches no workload today"
-                )
-            if not problem:
-                continue
-            yield Issue(
-                message=f"{ref.kind} {ref.value!r} in {label(policy)}: {problem}",
-                location=policy.location(*ref.path),
-                resource=policy.key,
-                workloads=targets,
-                fix=fix or "Correct the reference, or remove it if the identity is gone.",
-                severity=severity,
-            )
-
-
-def _identity(ref: _Reference, policy_namespace: str) -> tuple[str | None, str | None, str | None]:
-    """(trust domain, namespace, service account) named by a reference; None = not named."""
-    if ref.kind == "namespace":
-        return None, ref.value, None
-    if ref.kind == "serviceAccount":
-        namespace, _, account = ref.value.rpartition("/")
-        return None, namespace or policy_namespace, account
-    parts = ref.value.split("/")
-    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-        return parts[0], parts[2], parts[4]
-    return None, None, None
 
 
 # --- TM-AUTHZ-010 ----------------------------------------------------------------------
