@@ -69,11 +69,17 @@ def test_findings_sarif_validates_against_the_schema(probe_rules: None) -> None:
     jsonschema.Draft4Validator(json.loads(SCHEMA.read_text())).validate(sarif)
     run = sarif["runs"][0]
     assert run["tool"]["driver"]["rules"][0]["id"] == "TM-TEST-001"
-    located = next(r for r in run["results"] if "locations" in r)
+    by_message = {r["message"]["text"].split("\n")[0]: r for r in run["results"]}
+    located = by_message["PeerAuthentication/foo/default is PERMISSIVE"]
     region = located["locations"][0]["physicalLocation"]
     assert region["artifactLocation"]["uri"] == "config.yaml"
     assert region["region"]["startLine"] == 8
     assert located["level"] == "warning"
+    # A mesh default has no line of its own: it is shown at the root namespace.
+    nearest = by_message["mesh default"]["locations"][0]
+    assert nearest["physicalLocation"]["artifactLocation"]["uri"] == "workloads.yaml"
+    assert nearest["physicalLocation"]["region"]["startLine"] == 24  # name: istio-system
+    assert nearest["message"]["text"].startswith("nearest file")
 
 
 def test_suppression_by_flag_glob_and_annotation(probe_rules: None) -> None:
@@ -143,4 +149,4 @@ def test_cli_fail_on_and_outputs(probe_rules: None, tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("kind: [\n")
     invalid = runner.invoke(app, ["analyze", "-f", str(broken)])
-    assert invalid.exit_code == 1 and "broken.yaml:1" in invalid.stdout
+    assert invalid.exit_code == 3 and "broken.yaml:1" in invalid.stdout

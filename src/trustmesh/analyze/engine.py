@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from trustmesh.analyze.anchors import nearest
 from trustmesh.analyze.context import SUPPRESS_ANNOTATION, AnalysisContext
 from trustmesh.analyze.findings import Finding
 from trustmesh.analyze.registry import RULES, all_rules
@@ -72,7 +73,7 @@ def analyze(
     for rule_id in chosen:
         info, check = RULES[rule_id]
         for issue in check(context):
-            finding = Finding(info, issue)
+            finding = Finding(info, issue, nearest(context, info, issue))
             by_annotation = any(
                 _rule_matches(pattern, rule_id) for pattern in annotated.get(issue.resource, ())
             )

@@ -56,6 +56,9 @@ class Issue:
 class Finding:
     rule: RuleInfo
     issue: Issue
+    # Where a CI tool shows it: the issue's own location, or for a finding about something
+    # missing the nearest file a person would fix it in (see analyze.anchors).
+    anchor: Location | None = None
 
     @property
     def severity(self) -> Severity:

@@ -6,14 +6,17 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from importlib.metadata import version as dist_version
 from typing import Any
 
 import yaml
 
+from trustmesh.analyze import anchors
 from trustmesh.analyze.engine import AnalysisResult
 from trustmesh.analyze.findings import Finding, RuleInfo, Severity
 from trustmesh.analyze.registry import all_rules
+from trustmesh.api.diagnostics import Diagnostic
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 _SARIF_LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
@@ -33,10 +36,30 @@ def summary(result: AnalysisResult) -> dict[str, int]:
 
 def as_document(result: AnalysisResult) -> dict[str, Any]:
     return {
+        "valid": True,
         "findings": [f.as_dict() for f in result.findings],
         "summary": summary(result),
         "rules_run": list(result.rules_run),
         "notes": list(result.notes),
+    }
+
+
+def invalid_input_document(diagnostics: Sequence[Diagnostic]) -> dict[str, Any]:
+    """What ``-o json|yaml`` prints when the input is invalid: nothing was analyzed."""
+    errors = [d for d in diagnostics if d.is_error]
+    return {
+        "valid": False,
+        "findings": [],
+        "input_errors": [d.as_dict() for d in errors],
+        "diagnostics": [d.as_dict() for d in diagnostics],
+        "summary": {
+            "error": 0,
+            "warning": 0,
+            "info": 0,
+            "suppressed": 0,
+            "input_errors": len(errors),
+        },
+        "rules_run": [],
     }
 
 
@@ -49,10 +72,69 @@ def to_yaml(result: AnalysisResult) -> str:
 
 
 def to_sarif(result: AnalysisResult, base_dir: str | None = None) -> dict[str, Any]:
-    """A SARIF 2.1.0 log; file paths relative to ``base_dir`` (default: cwd) for CI."""
+    """A SARIF 2.1.0 log; file paths relative to ``base_dir`` (default: cwd) for CI.
+
+    Every result has a physical location (GitHub code scanning rejects the whole file
+    otherwise): findings about something missing point at their nearest file.
+    """
     base = base_dir or os.getcwd()
     rules = [r for r in all_rules() if r.id in set(result.rules_run)]
     index = {r.id: i for i, r in enumerate(rules)}
+    results = [_sarif_result(f, index[f.rule.id], base) for f in result.findings]
+    return _sarif_log([_sarif_rule(r) for r in rules], results, successful=True, notes=result.notes)
+
+
+INPUT_RULE = RuleInfo(
+    "TM-INPUT-001",
+    "Input that Istio or Kubernetes would refuse",
+    Severity.ERROR,
+    "input",
+    "The configuration has errors (YAML syntax, unknown fields or kinds, values Istio's "
+    "admission checks reject): nothing was analyzed, since any answer about a configuration "
+    "that cannot be applied would be a guess.",
+)
+
+
+def invalid_input_sarif(
+    diagnostics: Sequence[Diagnostic], base_dir: str | None = None
+) -> dict[str, Any]:
+    """A SARIF 2.1.0 log for invalid input: each problem a result of :data:`INPUT_RULE`."""
+    base = base_dir or os.getcwd()
+    results = []
+    for d in diagnostics:
+        level = "error" if d.is_error else "warning"
+        physical: dict[str, Any] = {
+            "artifactLocation": {"uri": _uri(d.location.file, base)},
+            "region": {"startLine": max(d.location.line, 1)},
+        }
+        location: dict[str, Any] = {"physicalLocation": physical}
+        if d.location.field:
+            location["message"] = {"text": d.location.field}
+        results.append(
+            {
+                "ruleId": INPUT_RULE.id,
+                "ruleIndex": 0,
+                "level": level,
+                "message": {"text": f"{d.message} ({level}[{d.code}])"},
+                "locations": [location],
+                "partialFingerprints": {
+                    "trustmeshInput/v1": hashlib.sha256(
+                        "\x1f".join((d.code, d.location.field, d.message)).encode()
+                    ).hexdigest()[:32]
+                },
+                "properties": {"code": d.code},
+            }
+        )
+    return _sarif_log([_sarif_rule(INPUT_RULE)], results, successful=False)
+
+
+def _sarif_log(
+    rules: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    successful: bool,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
     return {
         "$schema": SARIF_SCHEMA,
         "version": "2.1.0",
@@ -62,12 +144,13 @@ def to_sarif(result: AnalysisResult, base_dir: str | None = None) -> dict[str, A
                     "driver": {
                         "name": "trustmesh",
                         "version": dist_version("trustmesh"),
-                        "rules": [_sarif_rule(r) for r in rules],
+                        "rules": rules,
                     }
                 },
-                "results": [_sarif_result(f, index[f.rule.id], base) for f in result.findings],
+                "invocations": [{"executionSuccessful": successful}],
+                "results": results,
                 "columnKind": "unicodeCodePoints",
-                "properties": {"notes": list(result.notes)},
+                "properties": {"notes": list(notes)},
             }
         ],
     }
@@ -101,26 +184,29 @@ def _sarif_result(finding: Finding, rule_index: int, base: str) -> dict[str, Any
         "partialFingerprints": {"trustmeshFinding/v1": _fingerprint(finding)},
         "properties": {"workloads": list(issue.workloads)},
     }
-    location = issue.location
-    locations: list[dict[str, Any]] = []
-    if location is not None and location.file and not location.file.startswith("<"):
-        physical: dict[str, Any] = {
-            "artifactLocation": {"uri": _uri(location.file, base)},
-        }
-        if location.line > 0:
-            physical["region"] = {"startLine": location.line}
-        entry: dict[str, Any] = {"physicalLocation": physical}
-        if issue.resource:
-            entry["logicalLocations"] = [{"fullyQualifiedName": issue.resource, "kind": "resource"}]
-        if location.field:
-            entry["message"] = {"text": location.field}
-        locations.append(entry)
-    if locations:
-        result["locations"] = locations
+    own = issue.location if anchors.usable(issue.location) else None
+    where = own or finding.anchor
+    physical: dict[str, Any] = {
+        "artifactLocation": {"uri": _uri(where.file if where else "<stdin>", base)},
+    }
+    # GitHub wants a region on every result; a file-level place is its first line.
+    physical["region"] = {"startLine": max(where.line, 1) if where is not None else 1}
+    entry: dict[str, Any] = {"physicalLocation": physical}
+    if issue.resource:
+        entry["logicalLocations"] = [{"fullyQualifiedName": issue.resource, "kind": "resource"}]
+    if own is not None and own.field:
+        entry["message"] = {"text": own.field}
+    elif own is None:
+        # Something is missing: shown where a person would add it, and said so.
+        entry["message"] = {"text": "nearest file: the finding is about something missing"}
+        result["properties"]["nearest"] = True
+    result["locations"] = [entry]
     return result
 
 
 def _uri(path: str, base: str) -> str:
+    if path.startswith("<"):
+        return "stdin"  # read from `-f -`: there is no file to point at
     absolute = os.path.abspath(path)
     try:
         relative = os.path.relpath(absolute, base)

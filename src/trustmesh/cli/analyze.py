@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 
 from trustmesh.analyze import report
@@ -31,6 +32,12 @@ VersionOpt = Annotated[
 ]
 _COLOR = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 
+# Exit codes of `analyze` (and `harden`), documented in README.md and --help.
+EXIT_CLEAN = 0  # no finding at or above --fail-on
+EXIT_FINDINGS = 1  # a finding at or above --fail-on
+EXIT_USAGE = 2  # bad command line (unknown option value, rule, suppression)
+EXIT_INVALID_INPUT = 3  # the configuration has errors: nothing was analyzed
+
 
 def _context(
     files: list[str],
@@ -50,10 +57,18 @@ def _context(
         assume_injected=assume_injected,
     )
     if loaded.mesh is None:
-        render.diagnostics(
-            loaded.diagnostics, "json" if output == "json" else "table", summary=loaded
-        )
-        raise typer.Exit(1)
+        if output == "sarif":
+            sys.stdout.write(json.dumps(report.invalid_input_sarif(loaded.diagnostics), indent=2))
+            sys.stdout.write("\n")
+        elif output == "json":
+            document = report.invalid_input_document(loaded.diagnostics)
+            sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        elif output == "yaml":
+            document = report.invalid_input_document(loaded.diagnostics)
+            sys.stdout.write(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+        else:
+            render.diagnostics(loaded.diagnostics, "table", summary=loaded)
+        raise typer.Exit(EXIT_INVALID_INPUT)
     return build_context(loaded.snapshot, loaded.mesh, loaded.helm_values, version, loaded.unknown)
 
 
@@ -62,7 +77,10 @@ def analyze_command(
     mesh_config: MeshConfigOpt = None,
     output: Annotated[str, typer.Option("-o", "--output", help="text|json|yaml|sarif")] = "text",
     fail_on: Annotated[
-        str, typer.Option("--fail-on", help="Exit 1 if a finding is at least this severe.")
+        str,
+        typer.Option(
+            "--fail-on", help="Exit 1 if a finding is at least this severe (info|warning|error)."
+        ),
     ] = "error",
     suppress: Annotated[
         list[str] | None, typer.Option("--suppress", help="RULE or RULE=RESOURCE_GLOB")
@@ -75,7 +93,14 @@ def analyze_command(
     namespace: NamespaceOpt = "default",
     assume_injected: AssumeInjectedOpt = False,
 ) -> None:
-    """Find security risks in Istio configuration (exit 1 on findings ≥ --fail-on)."""
+    """Find security risks in Istio configuration.
+
+    Exit codes:
+    0 no finding at or above --fail-on,
+    1 findings at or above --fail-on,
+    2 bad command line,
+    3 invalid input: nothing analyzed (-o json|yaml|sarif still write the input errors).
+    """
     if list_rules:
         for info in all_rules():
             fix = " (fixable)" if info.fixable else ""
@@ -91,7 +116,7 @@ def analyze_command(
         result = analyze(context, selection, suppressions)
     except ValueError as exc:
         render.usage_error(str(exc))
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     if output == "json":
         sys.stdout.write(report.to_json(result))
     elif output == "yaml":
@@ -100,7 +125,8 @@ def analyze_command(
         sys.stdout.write(json.dumps(report.to_sarif(result), indent=2) + "\n")
     else:
         _text(result)
-    raise typer.Exit(1 if any(f.severity >= threshold for f in result.findings) else 0)
+    failed = any(f.severity >= threshold for f in result.findings)
+    raise typer.Exit(EXIT_FINDINGS if failed else EXIT_CLEAN)
 
 
 def harden_command(
@@ -113,12 +139,15 @@ def harden_command(
     namespace: NamespaceOpt = "default",
     assume_injected: AssumeInjectedOpt = False,
 ) -> None:
-    """Write the YAML that fixes findings with a mechanical fix (never applied)."""
+    """Write the YAML that fixes findings with a mechanical fix (never applied).
+
+    Exit codes: 0 written; 2 bad command line; 3 invalid input (nothing written).
+    """
     try:
         context = _context(files, mesh_config, istio_version, "text", namespace, assume_injected)
     except ValueError as exc:
         render.usage_error(str(exc))
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     result = analyze(context)
     for note in result.notes:
         typer.echo(f"# note: {note}", err=True)
