@@ -27,6 +27,8 @@ from trustmesh.analyze.registry import all_rules
 from trustmesh.cli.main import app
 from trustmesh.config import load_config
 
+from .test_ambient import DENY_POST
+from .test_ambient import WORKLOADS as AMBIENT
 from .test_edge import ADMIN, GUEST, INGRESS, gateway, virtual_service
 from .test_mtls import DENY_LEGACY
 from .util import context_from
@@ -210,10 +212,11 @@ spec:
 """
 
 
-def every_rule_inputs() -> list[str]:
-    """Config texts that, between them and the examples, make every rule fire."""
+def every_rule_inputs() -> list[tuple[str, bool]]:
+    """Config texts (and whether the istio.io layout is their base) that, between them and
+    the examples, make every rule fire."""
     edge = INGRESS + gateway(GUEST + ADMIN) + virtual_service("admin", '"admin.example.com"', "gw")
-    return [MORE, edge, DENY_LEGACY]
+    return [(MORE, True), (edge, True), (DENY_LEGACY, True), (AMBIENT + DENY_POST, False)]
 
 
 def github_problems(sarif: dict[str, Any]) -> list[str]:
@@ -276,8 +279,8 @@ def test_every_rule_fires_on_examples_or_fixtures_and_gives_located_results(
         assert len(results) == len(result.findings)
         fired |= {r["ruleId"] for r in results}
         nearest_rules |= {r["ruleId"] for r in results if r["properties"].get("nearest")}
-    for text in every_rule_inputs():
-        result = analyze(context_from(text))
+    for text, base in every_rule_inputs():
+        result = analyze(context_from(text, base=base))
         sarif = report.to_sarif(result, base_dir=str(ROOT))
         check(sarif)
         fired |= {r["ruleId"] for r in sarif["runs"][0]["results"]}
