@@ -22,14 +22,21 @@ from trustmesh.analyze.findings import Finding
 class HardenPlan:
     resources: list[dict[str, Any]] = field(default_factory=list)
     mesh_config: dict[str, Any] = field(default_factory=dict)
-    reasons: dict[str, list[str]] = field(default_factory=dict)  # resource key → rule IDs
+    # resource key → rule IDs it fixes (or "implied calls" for an ALLOW that keeps them)
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+    comments: dict[str, list[str]] = field(default_factory=dict)  # resource key → lines
     skipped: list[Finding] = field(default_factory=list)
 
     def render(self) -> str:
         chunks: list[str] = []
         for resource in self.resources:
-            key = _key(resource)
-            header = f"# fixes {', '.join(sorted(set(self.reasons[key])))}\n"
+            key = resource_key(resource)
+            reasons = sorted(set(self.reasons[key]))
+            rules = [r for r in reasons if r.startswith("TM-")]
+            header = f"# fixes {', '.join(rules)}\n" if rules else ""
+            if len(rules) < len(reasons):
+                header += "# keeps calls the inputs imply working under the fixes above\n"
+            header += "".join(f"# {line}\n" for line in self.comments.get(key, ()))
             chunks.append(header + yaml.safe_dump(resource, sort_keys=False))
         if self.mesh_config:
             overlay = {
@@ -38,9 +45,9 @@ class HardenPlan:
                 "metadata": {"name": "trustmesh-harden", "namespace": "istio-system"},
                 "spec": {"meshConfig": self.mesh_config},
             }
-            rules = ", ".join(sorted(set(self.reasons.get("meshConfig", []))))
+            fixed = ", ".join(sorted(set(self.reasons.get("meshConfig", []))))
             chunks.append(
-                f"# fixes {rules}\n# merge into your install: istioctl install -f <this file>\n"
+                f"# fixes {fixed}\n# merge into your install: istioctl install -f <this file>\n"
                 + yaml.safe_dump(overlay, sort_keys=False)
             )
         return "---\n".join(chunks)
@@ -66,7 +73,7 @@ def plan(findings: Iterable[Finding]) -> HardenPlan:
                     _merge(result.mesh_config, mesh)
                     result.reasons.setdefault("meshConfig", []).append(finding.rule.id)
                     continue
-                key = _key(document)
+                key = resource_key(document)
                 if key not in seen:
                     seen[key] = document
                     result.resources.append(document)
@@ -79,7 +86,8 @@ def plan(findings: Iterable[Finding]) -> HardenPlan:
     return result
 
 
-def _key(document: dict[str, Any]) -> str:
+def resource_key(document: dict[str, Any]) -> str:
+    """``Kind/namespace/name`` of a resource document, as :attr:`Resource.key` spells it."""
     meta = document.get("metadata") or {}
     return f"{document.get('kind')}/{meta.get('namespace', '')}/{meta.get('name', '')}"
 

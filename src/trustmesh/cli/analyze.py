@@ -16,6 +16,7 @@ from trustmesh.analyze.context import AnalysisContext, build_context
 from trustmesh.analyze.engine import AnalysisResult, Suppression, analyze
 from trustmesh.analyze.findings import Finding, Severity
 from trustmesh.analyze.harden import plan
+from trustmesh.analyze.harden_calls import CallReport, keep_implied_calls
 from trustmesh.analyze.registry import all_rules
 from trustmesh.cli import render
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem
@@ -138,6 +139,15 @@ def harden_command(
     istio_version: VersionOpt = None,
     namespace: NamespaceOpt = "default",
     assume_injected: AssumeInjectedOpt = False,
+    keep_calls: Annotated[
+        bool,
+        typer.Option(
+            "--keep-implied-calls/--list-implied-calls",
+            help="Add ALLOW policies that keep the calls the inputs imply (Service names in"
+            " env/args, Istio's bookinfo layout, gateway routes) working under the proposed"
+            " default-deny, or only list what it would deny.",
+        ),
+    ] = True,
 ) -> None:
     """Write the YAML that fixes findings with a mechanical fix (never applied).
 
@@ -152,6 +162,7 @@ def harden_command(
     for note in result.notes:
         typer.echo(f"# note: {note}", err=True)
     fixes = plan(result.findings)
+    calls = keep_implied_calls(context, fixes, generate=keep_calls)
     text = fixes.render()
     if out is None:
         sys.stdout.write(text)
@@ -163,6 +174,31 @@ def harden_command(
         f"{sum(1 for f in result.findings if not f.rule.fixable)} need a person",
         err=True,
     )
+    _calls_summary(calls)
+
+
+def _calls_summary(calls: CallReport) -> None:
+    broken = calls.broken
+    if calls.outcomes:
+        typer.echo(
+            f"# {len(calls.outcomes)} call(s) implied by the inputs; the fixes would stop"
+            f" {len(broken)} of them",
+            err=True,
+        )
+    if calls.generated:
+        typer.echo(
+            f"# {len(calls.generated)} ALLOW policy(ies) added to keep them"
+            f" ({', '.join(calls.generated)}); each was decided with every fix applied: its"
+            " callers are allowed, a plaintext client and another identity are not",
+            err=True,
+        )
+    elif broken:
+        for o in broken:
+            typer.echo(f"#   would stop {o.call.describe()} [{o.call.evidence}]", err=True)
+    for line in calls.unkept:
+        typer.echo(f"# not kept: {line}", err=True)
+    for note in calls.notes:
+        typer.echo(f"# note: {note}", err=True)
 
 
 def _text(result: AnalysisResult) -> None:
