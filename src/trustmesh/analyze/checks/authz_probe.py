@@ -468,16 +468,13 @@ def _attributes(dim: str, value: Any, wp: WorkloadPolicy, port: int, mode: Any) 
     return a
 
 
-Tests = Sequence[tuple[Check, Mapping[str, Any]]]
+Tests = Sequence[Check]
 
 
 def _accepts(checks: Tests, dim: str, value: Any, wp: WorkloadPolicy, port: int, mode: Any) -> bool:
-    """Do all ``checks`` (each with its rule's overrides) accept ``value`` for ``dim``?"""
-    for check, overrides in checks:
-        chosen = overrides.get(dim, value)
-        if not check.test(_attributes(dim, chosen, wp, port, mode)):
-            return False
-    return True
+    """Do all ``checks`` accept ``value`` for ``dim``?"""
+    attributes = _attributes(dim, value, wp, port, mode)
+    return all(check.test(attributes) for check in checks)
 
 
 def _choices(rule: CompiledRule, operation: int | None) -> list[tuple[Check, ...]]:
@@ -502,8 +499,31 @@ def probes_matching(
     """HTTP requests to ``wp`` that match every required rule, as far as offline allows.
 
     ``path`` / ``host`` fix those attributes of the request (the caller varies them);
-    everything else is chosen. Only candidates are returned: the evaluator decides.
+    everything else is chosen. A requirement's overridden attributes are left to the
+    caller (who varies them) and to the evaluator. Only candidates are returned: the
+    evaluator decides. Memoized: the spellings of one path ask for the same requests.
     """
+    key = (
+        _MEMO,
+        "probes",
+        wp.workload.ref,
+        tuple((id(r.rule), r.operation, tuple(k for k, _ in r.overrides)) for r in required),
+        path,
+        host,
+    )
+    cached: list[Probe] | None = ctx.mesh.memo.get(key)
+    if cached is None:
+        cached = ctx.mesh.memo[key] = _probes_matching(ctx, wp, required, path, host)
+    return cached
+
+
+def _probes_matching(
+    ctx: AnalysisContext,
+    wp: WorkloadPolicy,
+    required: Sequence[Requirement],
+    path: str | None,
+    host: str | None,
+) -> list[Probe]:
     ports = http_ports(ctx, wp)
     if not ports:
         return []
@@ -536,11 +556,13 @@ def probes_matching(
     combos = [_choices(r.rule, r.operation) for r in required]
     probes: dict[Probe, None] = {}
     for picked in islice(product(*combos), _MAX_COMBINATIONS):
-        by_dim: dict[str, list[tuple[Check, Mapping[str, Any]]]] = {}
+        by_dim: dict[str, list[Check]] = {}
         for requirement, checks in zip(required, picked, strict=True):
-            overrides = dict(requirement.overrides)
+            overridden = {k for k, _ in requirement.overrides}
             for check in checks:
-                by_dim.setdefault(dimension(check.label), []).append((check, overrides))
+                dim = dimension(check.label)
+                if dim not in overridden:
+                    by_dim.setdefault(dim, []).append(check)
         for probe in _realize(wp, candidates, by_dim, ports, mode):
             probes.setdefault(probe)
     return list(probes)
