@@ -168,3 +168,29 @@ def test_probe_tokens_are_only_trusted_by_the_analyzers_copy_of_the_mesh() -> No
     assert real.verdict is Verdict.UNAUTHENTICATED  # the real mesh never trusts the probe key
     probed = http(probe_mesh(ctx), "/get", source=peer, jwt=token)
     assert probed.verdict is Verdict.ALLOW
+
+
+def test_allow_admitting_other_methods_only_is_not_a_bypass() -> None:
+    deny_post = policy(
+        "deny-post-admin",
+        '  - to:\n    - operation:\n        methods: [POST]\n        paths: ["/admin"]\n',
+        action="DENY",
+        selector="app: httpbin",
+    )
+    get_only = allow("  - to:\n    - operation:\n        methods: [GET]\n")
+    assert findings(STRICT + deny_post + get_only, "TM-AUTHZ-004") == []
+    mesh = context_from(STRICT + deny_post + get_only).mesh
+    assert http(mesh, "//admin", method="POST").verdict is Verdict.DENY  # no ALLOW for POST
+
+
+def test_rule_reading_what_no_probe_sets_is_judged_on_the_path_alone() -> None:
+    sni = policy(
+        "deny-admin-sni",
+        '  - to:\n    - operation:\n        paths: ["/admin"]\n'
+        "    when:\n    - key: connection.sni\n      values: [internal.example.com]\n",
+        action="DENY",
+        selector="app: httpbin",
+    )
+    f = only(findings(sni, "TM-AUTHZ-004"))
+    assert "not confirmed against a request the rule denies" in f.issue.message
+    assert "`//admin` (double-slash)" in f.issue.message

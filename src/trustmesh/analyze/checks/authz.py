@@ -23,6 +23,7 @@ from trustmesh.analyze.checks.authz_probe import (
     Requirement,
     allowed_probes,
     bypass_probes,
+    dimension,
     probes_matching,
     sample_path,
 )
@@ -181,6 +182,14 @@ def _reads_own_attributes(wp: WorkloadPolicy, host_fixed: bool) -> bool:
                 if not host_fixed and any(t.operation.hosts or t.operation.not_hosts for t in r.to):
                     return True
     return False
+
+
+def _undecidable(rule: CompiledRule | None) -> bool:
+    """Does the rule read attributes a probe cannot set (so the evaluator may not match)?"""
+    if rule is None:
+        return False
+    clauses = (*(rule.sources or ()), *(rule.operations or ()), rule.conditions)
+    return any(dimension(c.label) == "fixed" for clause in clauses for c in clause)
 
 
 def with_path(path: str) -> Callable[[Probe], Probe]:
@@ -421,11 +430,13 @@ def _path_bypass(
         )
     if decided_any:
         return None  # every variant is denied anyway (another rule, or no ALLOW matches)
-    if not any(admitted(ctx, wp, policy, index, operation, path=sample) for wp, _ in groups):
-        return None  # no request can match the rule (a JWT claim with no RequestAuthentication)
-    # The rule's requests could not be confirmed as denied by it (a condition on the
-    # destination address, say): judge the path match alone, and keep only variants some
-    # client can get through with.
+    if not any(_undecidable(compiled_rule(wp, policy, index)) for wp, _ in groups):
+        # Every request the rule matches was built and decided: none it denies has an
+        # allowed spelling (the ALLOW rules admit other methods, say), or none exists.
+        return None
+    # The rule reads what no offline request sets (the destination address, SNI, filter
+    # metadata): judge the path match alone, and keep only variants some client can get
+    # through with.
     matcher = mt.path_match(op.paths)
     found: list[str] = []
     reached: set[str] = set()
