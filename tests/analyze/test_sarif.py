@@ -409,3 +409,15 @@ def test_exit_codes_tell_invalid_input_from_findings(broken: Path, tmp_path: Pat
     assert runner.invoke(app, ["analyze", "-f", insecure, "--fail-on", "often"]).exit_code == 2
     assert runner.invoke(app, ["harden", "-f", str(broken)]).exit_code == 3
     assert "Exit codes" in runner.invoke(app, ["analyze", "--help"]).stdout
+
+
+def test_json_gives_the_nearest_file_of_a_finding_without_a_location() -> None:
+    result = CliRunner().invoke(
+        app, ["analyze", "-f", str(ROOT / "examples" / "insecure"), "-o", "json"]
+    )
+    found = {f["rule"]: f for f in json.loads(result.stdout)["findings"]}
+    edge = found["TM-EDGE-001"]
+    assert edge["file"] is None  # nothing of its own to point at
+    assert edge["nearest"]["file"].endswith("examples/insecure/install.yaml")
+    assert edge["nearest"]["line"] > 0
+    assert "nearest" not in found["TM-AUTHZ-004"]

@@ -89,4 +89,9 @@ class Finding:
             "why": self.rule.rationale,
             "fix": self.issue.fix or None,
             **({"properties": dict(self.issue.properties)} if self.issue.properties else {}),
+            **(
+                {"nearest": {"file": self.anchor.file, "line": self.anchor.line}}
+                if loc is None and self.anchor is not None
+                else {}
+            ),
         }
