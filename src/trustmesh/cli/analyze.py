@@ -174,11 +174,18 @@ def harden_command(
         f"{sum(1 for f in result.findings if not f.rule.fixable)} need a person",
         err=True,
     )
-    _calls_summary(calls)
+    _calls_summary(calls, any(d.get("kind") == "AuthorizationPolicy" for d in fixes.resources))
 
 
-def _calls_summary(calls: CallReport) -> None:
+def _calls_summary(calls: CallReport, default_deny: bool) -> None:
     broken = calls.broken
+    if not calls.outcomes and default_deny:
+        typer.echo(
+            "# no call between the inputs' workloads is implied (no Service named in env, args"
+            " or command, no known sample, no gateway route): check what the proposed"
+            " default-deny stops before applying it",
+            err=True,
+        )
     if calls.outcomes:
         typer.echo(
             f"# {len(calls.outcomes)} call(s) implied by the inputs; the fixes would stop"
