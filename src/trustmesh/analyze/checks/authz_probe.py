@@ -128,8 +128,10 @@ class Probe:
 class Requirement:
     """A compiled rule the probe must match, optionally through one of its ``to`` entries.
 
-    ``overrides`` replace attributes when *this* rule's checks are tested: an ALLOW rule
-    must admit the variant request (``//admin``), not the base one the DENY rule matches.
+    ``overrides`` are attributes the caller varies for *this* rule: an ALLOW rule must
+    admit the variant request (``//admin``), not the base one the DENY rule matches. Its
+    checks on them are not used to shape the request; :func:`bypass_probes` keeps only
+    ALLOW rules that can admit the variant, and the evaluator has the last word.
     """
 
     rule: CompiledRule
