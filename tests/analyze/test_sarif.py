@@ -263,6 +263,12 @@ def corpus(tmp_path: Path) -> list[list[str]]:
     mesh = str(ROOT / "examples" / "mesh")
     runs = [[str(ROOT / "examples" / "insecure")], [mesh, str(fixture)]]
     runs += [[mesh, str(s / "config.yaml")] for s in SCENARIOS if (s / "config.yaml").exists()]
+    # Inputs in the style of istioctl analyze's tests, where the suite has them: every
+    # rule they make fire must give located results too.
+    coverage = Path(__file__).parent / "istio_coverage"
+    if (coverage / "reference.yaml").exists():
+        cases = yaml.safe_load((coverage / "reference.yaml").read_text())["cases"]
+        runs += [[str(coverage / "inputs" / name) for name in c["inputs"]] for c in cases]
     return runs
 
 
