@@ -1,4 +1,4 @@
-"""Values that can never match (TM-AUTHZ-012) and `*` in the middle of a value (TM-AUTHZ-009).
+"""Values that can never match (TM-AUTHZ-013) and `*` in the middle of a value (TM-AUTHZ-009).
 
 Each finding's severity follows what the dead value costs: a DENY that misses what it was
 written for is a hole, an ALLOW that admits nothing fails closed, and for the negative
@@ -30,7 +30,7 @@ def allow(body: str, **kwargs: str) -> str:
 
 
 def never(text: str, **kwargs: object) -> list[Finding]:
-    return findings(text, "TM-AUTHZ-012", **kwargs)
+    return findings(text, "TM-AUTHZ-013", **kwargs)
 
 
 # --- methods --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ its severity follows.
 - TM-AUTHZ-009: identities that do not exist (namespace, service account, trust domain),
   and values with a ``*`` anywhere but at the start or end, which Istio matches literally
   (``cluster.local/ns/*/sa/sleep``, ``/api/*/admin``, ``api.*.example.com``).
-- TM-AUTHZ-012: values no request can carry after Envoy has parsed and normalized it: a
+- TM-AUTHZ-013: values no request can carry after Envoy has parsed and normalized it: a
   method that is not upper-case, a path without a leading ``/`` or in a form normalization
   rewrites, a port the selected workloads do not expose, a host that is a URL or names
   another Service, a request principal of an issuer no RequestAuthentication accepts.
@@ -310,7 +310,7 @@ def _identity(ref: _Reference, policy_namespace: str) -> tuple[str | None, str |
     return None, None, None
 
 
-# --- TM-AUTHZ-012 ----------------------------------------------------------------------
+# --- TM-AUTHZ-013 ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,7 +615,7 @@ def _entries(
 
 
 @rule(
-    "TM-AUTHZ-012",
+    "TM-AUTHZ-013",
     title="AuthorizationPolicy value that can never match (method case, path form, port, "
     "host, issuer)",
     severity=S.WARNING,
