@@ -20,6 +20,7 @@ from trustmesh.analyze.harden import plan
 from trustmesh.analyze.registry import RULES
 from trustmesh.cli.main import app
 
+from ..unit.meshutil import BASE
 from .util import context_from
 
 SCHEMA = Path(sys.prefix) / "share" / "sarif-schema-2.1.0.json"
@@ -78,7 +79,8 @@ def test_findings_sarif_validates_against_the_schema(probe_rules: None) -> None:
     # A mesh default has no line of its own: it is shown at the root namespace.
     nearest = by_message["mesh default"]["locations"][0]
     assert nearest["physicalLocation"]["artifactLocation"]["uri"] == "workloads.yaml"
-    assert nearest["physicalLocation"]["region"]["startLine"] == 24  # name: istio-system
+    root_line = BASE.decode().splitlines().index("  name: istio-system") + 1
+    assert nearest["physicalLocation"]["region"]["startLine"] == root_line
     assert nearest["message"]["text"].startswith("nearest file")
 
 
