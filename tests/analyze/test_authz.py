@@ -566,9 +566,19 @@ def test_existing_and_wildcard_references_are_quiet() -> None:
         "  - from:\n    - source:\n"
         '        principals: ["cluster.local/ns/foo/sa/sleep", "*/ns/bar/sa/sleep",'
         ' "cluster.local/ns/bar/sa/default", "cluster.local/ns/bar/*"]\n'
-        '    - source:\n        namespaces: [legacy, "team-*"]\n'
+        '    - source:\n        namespaces: [legacy, "leg*", "*acy"]\n'
     )
     assert findings(policy("refs", rules, selector="app: httpbin"), "TM-AUTHZ-009") == []
+
+
+def test_namespace_pattern_matching_no_namespace_is_reported() -> None:
+    rules = '  - from:\n    - source:\n        namespaces: [legacy, "team-*", "*-prod"]\n'
+    found = findings(policy("refs", rules, selector="app: httpbin"), "TM-AUTHZ-009")
+    assert sorted(where(f).field for f in found) == [
+        "spec.rules[0].from[0].source.namespaces[1]",
+        "spec.rules[0].from[0].source.namespaces[2]",
+    ]
+    assert "matches no namespace" in found[0].issue.message
 
 
 # --- TM-AUTHZ-010 CUSTOM provider missing ----------------------------------------------

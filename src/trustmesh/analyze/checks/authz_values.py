@@ -238,7 +238,25 @@ def dangling_references(ctx: AnalysisContext) -> Iterator[Issue]:
         yield from _literal_stars(policy, targets)
         for ref in _references(policy):
             if "*" in ref.value:
-                continue  # wildcards match whatever exists; misplaced ones are reported above
+                # A prefix/suffix namespace pattern that no namespace of the input matches
+                # today is as dead as a misspelt name (istioctl's IST0101 says the same).
+                if (
+                    ref.kind == "namespace"
+                    and judge_namespaces
+                    and ref.value != "*"
+                    and not any(_pattern_matches(ref.value, ns) for ns in namespaces)
+                ):
+                    yield Issue(
+                        message=(
+                            f"namespace pattern {ref.value!r} in {label(policy)} matches"
+                            " no namespace of the inputs: it matches no workload today"
+                        ),
+                        location=policy.location(*ref.path),
+                        resource=policy.key,
+                        workloads=targets,
+                        fix="Correct the pattern, or remove it if those namespaces are gone.",
+                    )
+                continue  # other wildcards match whatever exists; misplaced ones: above
             domain, namespace, account = _identity(ref, policy.namespace)
             if ref.kind == "principal" and namespace is None:
                 continue  # not a SPIFFE-style principal: nothing to compare with
@@ -273,6 +291,17 @@ def dangling_references(ctx: AnalysisContext) -> Iterator[Issue]:
                 fix=fix or "Correct the reference, or remove it if the identity is gone.",
                 severity=severity,
             )
+
+
+def _pattern_matches(pattern: str, value: str) -> bool:
+    """Istio's string match for a namespace: exact, `*`, `prefix*` or `*suffix`."""
+    if pattern == "*":
+        return bool(value)
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    return value == pattern
 
 
 def _literal_stars(policy: Policy, targets: tuple[str, ...]) -> Iterator[Issue]:
