@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from trustmesh.identity import pki
 from trustmesh.identity.ca import CaConfig, CertificateAuthority, IssueRejected
+from trustmesh.identity.revocation import RevocationList
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.identity.store import StoreError
 from trustmesh.identity.tokens import TokenRejected, issue_token
@@ -170,6 +171,46 @@ def test_used_tokens_and_revocations_survive_a_restart(tmp_path: Path) -> None:
         again.identity_of_peer(issued.chain_pem[0].encode(), NOW)
     assert revoked.value.code == "renewal-revoked"
     assert again.active.root == ca.active.root
+
+
+def test_revocations_appended_by_another_writer_apply_to_the_next_check(
+    ca: CertificateAuthority,
+) -> None:
+    first = ca.issue(csr_for(), SLEEP, NOW)
+    second = ca.issue(csr_for(), SLEEP, NOW)
+    record = ca.store.root / "revoked.jsonl"
+    other_process = RevocationList(record)  # what `trustmesh ca revoke` does
+    other_process.add(first.serial)
+    with pytest.raises(IssueRejected) as revoked:
+        ca.identity_of_peer(first.chain_pem[0].encode(), NOW)
+    assert revoked.value.code == "renewal-revoked"
+    assert ca.identity_of_peer(second.chain_pem[0].encode(), NOW) == SLEEP
+    # half a line (a write in progress) is not read yet; once complete it is
+    line = f'{{"serial": {second.serial}}}\n'.encode()
+    with open(record, "ab") as out:
+        out.write(line[:10])
+    assert ca.revoked == {first.serial}
+    with open(record, "ab") as out:
+        out.write(line[10:])
+    assert ca.revoked == {first.serial, second.serial}
+    # a replaced record (an operator's edit) is read again from the start
+    replacement = record.with_name("revoked.new")
+    replacement.write_text(f'{{"serial": "{second.serial:x}"}}\n')
+    os.replace(replacement, record)
+    assert ca.revoked == {second.serial}
+    assert ca.identity_of_peer(first.chain_pem[0].encode(), NOW) == SLEEP
+
+
+def test_an_unreadable_revocation_record_refuses_every_renewal(ca: CertificateAuthority) -> None:
+    issued = ca.issue(csr_for(), SLEEP, NOW)
+    record = ca.store.root / "revoked.jsonl"
+    record.write_text('{"serial": 1}\n{"serial": "not hex"}\n')
+    with pytest.raises(IssueRejected) as refused:
+        ca.identity_of_peer(issued.chain_pem[0].encode(), NOW)
+    assert refused.value.code == "renewal-revocations-unreadable"
+    assert f"{record}:2: not a revocation record" in refused.value.message
+    with pytest.raises(StoreError, match=r"revoked.jsonl:2: not a revocation record"):
+        CertificateAuthority.load(ca.store.root)  # and a restart refuses to start
 
 
 def test_renewal_identity_comes_from_a_valid_unrevoked_certificate(

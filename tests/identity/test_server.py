@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -197,5 +198,51 @@ def test_client_must_verify_the_ca_server(tmp_path: Path) -> None:
             )
         await client.close()
         assert server.issued == 0
+
+    run(tmp_path, scenario)
+
+
+def test_revocation_by_another_process_refuses_the_very_next_renewal(tmp_path: Path) -> None:
+    """`trustmesh ca revoke` (its own process) against a serving CA: no window at all.
+
+    The renewal connections stay open across the revoke, and the server's timer loop is
+    not running: only the per-request check of the revocation record can refuse.
+    """
+
+    async def revoke_in_another_process(serial: int) -> None:
+        cli = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "trustmesh", "ca", "revoke", f"{serial:x}"),
+            *("--dir", str(tmp_path / "ca")),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await cli.communicate()
+        assert cli.returncode == 0, err.decode()
+        assert out.decode().strip() == f"revoked {serial:x}"
+
+    async def scenario(
+        ca: CertificateAuthority, server: CaServer, clock: Clock, roots: bytes
+    ) -> None:
+        renewers: list[tuple[int, CaClient]] = []
+        for _ in range(2):
+            key, chain = await enroll(server, roots, ca.token("foo", "sleep", NOW))
+            cert = ClientCertificate(pki.key_to_pem(key), "".join(chain).encode())
+            serial = pki.load_certs(chain[0].encode())[0].serial_number
+            renewers.append((serial, CaClient(renewal(server), roots, client_cert=cert)))
+        csr = pki.build_csr(pki.generate_key(), [SLEEP.uri])
+        for _, client in renewers:  # both renew, and their connections stay open
+            await client.create_certificate(csr)
+        (first_serial, first), (second_serial, second) = renewers
+        await revoke_in_another_process(first_serial)
+        error = await refused(first.create_certificate(csr))
+        assert error.code is grpc.StatusCode.UNAUTHENTICATED
+        assert f"renewal-revoked: certificate {first_serial:x} is revoked" in error.message
+        await second.create_certificate(csr)  # not revoked: still renews
+        await revoke_in_another_process(second_serial)  # a second append is seen too
+        error = await refused(second.create_certificate(csr))
+        assert f"certificate {second_serial:x} is revoked" in error.message
+        await refused(first.create_certificate(csr))
+        for _, client in renewers:
+            await client.close()
 
     run(tmp_path, scenario)

@@ -154,10 +154,22 @@ def rotate_root(directory: DirOpt = DEFAULT_DIR) -> None:
 
 @app.command()
 def revoke(serial: str, directory: DirOpt = DEFAULT_DIR) -> None:
-    """Refuse renewals authenticated by certificate SERIAL (hex)."""
+    """Refuse renewals authenticated by certificate SERIAL (hex, as `ca inspect` shows it).
+
+    A running CA (``ca serve``, the local mesh's control plane) refuses the very next
+    renewal with that certificate: it re-reads the revocation record on every request.
+    """
+    text = serial.strip().lower().removeprefix("0x").replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{1,40}", text) or int(text, 16) == 0:
+        render.usage_error(f"'{serial}' is not a certificate serial (hex, e.g. 3f9a0c…)")
+        raise typer.Exit(2)
     ca = _load(directory)
-    ca.revoke(int(serial, 16))
-    typer.echo(f"revoked {serial}")
+    try:
+        ca.revoke(int(text, 16))
+    except (StoreError, OSError) as exc:
+        render.usage_error(f"cannot record the revocation: {exc}")
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked {int(text, 16):x}")
 
 
 @app.command()

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from trustmesh.identity import pki
+from trustmesh.identity.revocation import RevocationList
 from trustmesh.identity.rotation import (
     RotationPolicy,
     SlotState,
@@ -146,23 +147,31 @@ class CertificateAuthority:
         self.slots = slots
         self.token_key = token_key
         self.used_tokens = {r["jti"] for r in store.records("used-tokens.jsonl")}
-        self.revoked = {int(r["serial"]) for r in store.records("revoked.jsonl")}
+        self.revocations = RevocationList(store.root / "revoked.jsonl")
+        self.revocations.current()  # an unreadable record refuses to start, naming the line
         self._issued_log: IO[str] | None = None
         self._seen = self._disk_stamp()
 
-    def _disk_stamp(self) -> tuple[float, float]:
-        def mtime(name: str) -> float:
-            path = self.store.root / name
-            return path.stat().st_mtime if path.exists() else 0.0
+    @property
+    def revoked(self) -> frozenset[int]:
+        """Revoked serials as the record on disk holds them now (another process's too)."""
+        return self.revocations.current()
 
-        return mtime("state.json"), mtime("revoked.jsonl")
+    def _disk_stamp(self) -> tuple[int, int, int, int]:
+        # state.json is replaced atomically, so a write shows as a new inode; size and
+        # nanosecond mtime catch an in-place edit.
+        try:
+            info = self.store.state_file.stat()
+        except FileNotFoundError:
+            return (0, 0, 0, 0)
+        return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
     def reload_if_changed(self) -> bool:
-        """Pick up what another process (``ca rotate-root``, ``ca revoke``) wrote."""
+        """Pick up signing slots another process (``ca rotate-root``) wrote; one stat."""
         if self._disk_stamp() == self._seen:
             return False
         fresh = CertificateAuthority.load(self.store.root)
-        self.slots, self.revoked = fresh.slots, fresh.revoked
+        self.slots = fresh.slots
         self.used_tokens |= fresh.used_tokens
         self._seen = self._disk_stamp()
         audit.info("reloaded CA state from disk")
@@ -415,7 +424,11 @@ class CertificateAuthority:
             leaf = pki.load_certs(leaf_pem)[0]
         except (ValueError, IndexError):
             raise IssueRejected("renewal-bad-cert", "unreadable client certificate") from None
-        if leaf.serial_number in self.revoked:
+        try:
+            revoked = self.revocations.current()
+        except StoreError as exc:  # fail closed: nobody renews while revocations are unknown
+            raise IssueRejected("renewal-revocations-unreadable", str(exc)) from None
+        if leaf.serial_number in revoked:
             raise IssueRejected("renewal-revoked", f"certificate {leaf.serial_number:x} is revoked")
         if verified_by_tls:
             if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
@@ -442,9 +455,8 @@ class CertificateAuthority:
             raise IssueRejected("renewal-bad-cert", str(exc)) from None
 
     def revoke(self, serial: int) -> None:
-        self.revoked.add(serial)
-        self.store.append("revoked.jsonl", {"serial": serial})
-        self._seen = self._disk_stamp()
+        """Refuse renewals with certificate ``serial`` from now on, in every process."""
+        self.revocations.add(serial)
         audit.warning("revoked serial=%x", serial)
 
     # --- rotation -----------------------------------------------------------------------------

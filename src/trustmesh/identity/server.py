@@ -23,6 +23,7 @@ import grpc
 from trustmesh.identity import protocol
 from trustmesh.identity.ca import CertificateAuthority, IssueRejected
 from trustmesh.identity.spiffe import SpiffeId
+from trustmesh.identity.store import StoreError
 from trustmesh.identity.tokens import TokenRejected
 
 log = logging.getLogger("trustmesh.ca.server")
@@ -150,6 +151,7 @@ class CaServer:
     ) -> Any:
         now = self.clock()
         peer = context.peer()
+        self._pick_up_disk_changes()
         try:
             identity, how = self._authenticate(context, now)
             seconds = int(request.validity_duration)
@@ -190,7 +192,16 @@ class CaServer:
             return self.ca.identity_of_peer(pem[0], now, verified_by_tls=True), "renewal"
         raise IssueRejected("unauthenticated", "no bootstrap token and no client certificate")
 
+    def _pick_up_disk_changes(self) -> None:
+        # Another process (`ca rotate-root`) may have changed the slots: one stat tells.
+        # Revocations need no call here: the CA re-reads their record on every renewal.
+        try:
+            self.ca.reload_if_changed()
+        except (StoreError, ValueError, KeyError) as exc:
+            log.error("CA state on disk is unreadable, serving the last good one: %s", exc)
+
     async def _trust_bundle(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self._pick_up_disk_changes()
         roots = [c.decode() for c in _split_pem(self.ca.bundle_pem(self.clock()))]
         return protocol.TrustBundleResponse(roots=roots)
 

@@ -89,8 +89,13 @@ class CaStore:
         self.write(self.state_file, json.dumps(state, indent=2, sort_keys=True).encode())
 
     def append(self, name: str, record: dict[str, Any]) -> None:
-        with open(self.root / name, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record, sort_keys=True) + "\n")
+        """One ``O_APPEND`` write of one line: another process reading never sees half."""
+        line = json.dumps(record, sort_keys=True).encode() + b"\n"
+        fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def records(self, name: str) -> Iterator[dict[str, Any]]:
         path = self.root / name
