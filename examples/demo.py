@@ -53,8 +53,8 @@ def main() -> int:
             return 1
         first = True
         for suite in loaded.tests:
-            for case in suite.spec.cases:
-                result = run_case(loaded.mesh, suite.name, str(suite.location), case, NOW)
+            for where, case in suite.located_cases():
+                result = run_case(loaded.mesh, suite.name, where, case, NOW)
                 decision = result.decision
                 verdict = "?" if decision is None else decision.verdict.value
                 status = (
@@ -139,7 +139,7 @@ def _live_table(console: Console, state: Path, config: Path, mesh_file: Path) ->
             [str(config)], mesh_config=[str(mesh_file)], test_paths=[str(scenario / "test.yaml")]
         )
         assert loaded.mesh is not None, loaded.errors
-        suites = [(s.name, str(s.location), s.spec.cases) for s in loaded.tests]
+        suites = [(s.name, s.located_cases()) for s in loaded.tests]
         first = True
         for result in asyncio.run(runner.run(loaded.mesh, suites)):
             live = result.live

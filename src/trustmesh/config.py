@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.loader import LoadResult, SourceCache, load_sources, validate_model
-from trustmesh.api.policytest import PolicyTestSpec
+from trustmesh.api.policytest import Case, PolicyTestSpec
 from trustmesh.api.resources import UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
 from trustmesh.api.validation import validate_snapshot
@@ -30,6 +30,13 @@ class PolicyTestFile:
     location: Location
     spec: PolicyTestSpec
     document: YamlDocument = field(repr=False, compare=False)
+    case_locations: tuple[Location, ...] = ()  # one per case: ``file:line spec.cases[i]``
+
+    def located_cases(self) -> list[tuple[str, Case]]:
+        """Each case with where it is written (``file:line spec.cases[i]``)."""
+        where = [*map(str, self.case_locations)]
+        where += [str(self.location)] * (len(self.spec.cases) - len(where))
+        return list(zip(where, self.spec.cases, strict=True))
 
 
 @dataclass(slots=True)
@@ -97,6 +104,16 @@ def load_config(
     if source_cache is not None:
         source_cache.forget_unused()
     test_sources, test_problems = read_sources(test_paths, stdin)
+    # A test file inside a `-f` directory (or named twice) is loaded once: its tests are
+    # already among the configuration's documents, and `test -f dir dir` is common.
+    seen = {_file_key(name) for name, _ in sources}
+    unique_tests: list[tuple[str, bytes]] = []
+    for name, data in test_sources:
+        key = _file_key(name)
+        if key not in seen:
+            seen.add(key)
+            unique_tests.append((name, data))
+    test_sources = unique_tests
     tests_loaded = load_sources(test_sources)
     problems.extend(test_problems)
     mesh_docs: list[YamlDocument] = []
@@ -135,6 +152,15 @@ def load_config(
     return result
 
 
+def _file_key(name: str) -> str:
+    if name == "<stdin>":
+        return name
+    try:
+        return str(Path(name).resolve())
+    except OSError:
+        return name
+
+
 def _tests(loaded: LoadResult, diagnostics: list[Diagnostic]) -> list[PolicyTestFile]:
     out: list[PolicyTestFile] = []
     for document, base in loaded.test_documents:
@@ -153,5 +179,8 @@ def _tests(loaded: LoadResult, diagnostics: list[Diagnostic]) -> list[PolicyTest
         spec, problems = validate_model(PolicyTestSpec, body.get("spec"), document, (*base, "spec"))
         diagnostics.extend(problems)
         if spec is not None:
-            out.append(PolicyTestFile(str(name), document.location(base), spec, document))
+            cases = tuple(
+                document.location((*base, "spec", "cases", i)) for i in range(len(spec.cases))
+            )
+            out.append(PolicyTestFile(str(name), document.location(base), spec, document, cases))
     return out

@@ -77,7 +77,7 @@ class LiveMesh:
         assert tests and loaded.mesh is not None
         running = self.running
         runner = LiveRunner(running.plan, running.layout)
-        suites = [(s.name, str(s.location), s.spec.cases) for s in tests]
+        suites = [(s.name, s.located_cases()) for s in tests]
         return asyncio.run(runner.run(loaded.mesh, suites))
 
 

@@ -152,3 +152,39 @@ def test_console_script_prints_no_traceback_on_garbage(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "garbage.yaml:1" in proc.stdout
+
+
+def test_policy_tests_in_a_config_directory_run_once_and_each_case_has_its_line(
+    tmp_path: Path,
+) -> None:
+    """`test -f dir dir` (config and tests side by side) runs each case once, located at
+    its own line — also in the second document of a file."""
+    scenario = SCENARIOS / "02-deny-get"
+    folder = tmp_path / "mesh"
+    folder.mkdir()
+    (folder / "workloads.yaml").write_text((ROOT / "examples/mesh/workloads.yaml").read_text())
+    (folder / "policy.yaml").write_text((scenario / "config.yaml").read_text())
+    suite = (scenario / "test.yaml").read_text()
+    (folder / "test.yaml").write_text(suite + "---\n" + suite.replace("deny-method-get}", "again}"))
+    lines = (folder / "test.yaml").read_text().splitlines()
+    expected = [
+        f"{folder / 'test.yaml'}:{n} spec.cases[{i % 2}]"
+        for i, n in enumerate(n + 1 for n, line in enumerate(lines) if line.startswith("  - name:"))
+    ]
+    assert len(expected) == 4
+    for tests in (
+        [str(folder)],
+        [str(folder), str(folder / "test.yaml")],
+        [str(folder / "test.yaml")],
+    ):
+        result = invoke("test", "-f", str(folder), *tests, "-o", "json")
+        assert result.exit_code == 0, result.output
+        body = json.loads(result.stdout)
+        assert (body["passed"], body["failed"]) == (4, 0)
+        assert [c["location"] for c in body["cases"]] == expected
+    # a config document in a test path that is not configuration is still refused
+    stray = tmp_path / "stray.yaml"
+    stray.write_text((scenario / "config.yaml").read_text())
+    refused = invoke("test", "-f", str(folder), str(stray))
+    assert refused.exit_code == 1
+    assert "AuthorizationPolicy in a test file: pass config with -f" in refused.output

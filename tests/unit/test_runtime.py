@@ -263,6 +263,6 @@ def test_a_live_case_that_does_not_fit_the_mesh_fails_with_why(tmp_path: Path) -
         }
     )
     runner_ = live.LiveRunner(plan, Layout(tmp_path))
-    (result,) = asyncio.run(runner_.run(loaded.mesh, [("suite", "t.yaml", (case,))]))
+    (result,) = asyncio.run(runner_.run(loaded.mesh, [("suite", [("t.yaml", case)])]))
     assert not result.passed and not result.not_run
     assert "cannot be sent in this mesh" in result.failures[0] and "foo/nope" in result.failures[0]

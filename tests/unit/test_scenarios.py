@@ -47,9 +47,9 @@ def run_scenario(directory: Path) -> list[CaseResult]:
     assert loaded.mesh is not None
     assert loaded.tests, f"{directory.name}: test.yaml holds no PolicyTest"
     return [
-        run_case(loaded.mesh, suite.name, str(suite.location), case, now=NOW)
+        run_case(loaded.mesh, suite.name, where, case, now=NOW)
         for suite in loaded.tests
-        for case in suite.spec.cases
+        for where, case in suite.located_cases()
     ]
 
 

@@ -243,9 +243,9 @@ def test_command(
         raise typer.Exit(_live_tests(loaded, state, output))
     clock = time.time() if now is None else now
     results = [
-        run_case(loaded.mesh, suite.name, str(suite.location), case, clock)
+        run_case(loaded.mesh, suite.name, where, case, clock)
         for suite in loaded.tests
-        for case in suite.spec.cases
+        for where, case in suite.located_cases()
     ]
     render.test_results(results, output)
     raise typer.Exit(0 if all(r.passed for r in results) else 1)
@@ -255,7 +255,7 @@ def _live_tests(loaded: LoadedConfig, state: Path, output: str) -> int:
     assert loaded.mesh is not None
     running = mesh_cli._open(state.resolve())
     runner = LiveRunner(running.plan, running.layout)
-    suites = [(s.name, str(s.location), s.spec.cases) for s in loaded.tests]
+    suites = [(s.name, s.located_cases()) for s in loaded.tests]
     try:
         asyncio.run(running.wait_synced())
     except (TimeoutError, ValueError) as exc:

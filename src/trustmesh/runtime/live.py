@@ -113,11 +113,12 @@ class LiveRunner:
     timeout: float = 10.0
 
     async def run(
-        self, mesh: MeshPolicy, suites: Sequence[tuple[str, str, Sequence[Case]]]
+        self, mesh: MeshPolicy, suites: Sequence[tuple[str, Sequence[tuple[str, Case]]]]
     ) -> list[LiveCaseResult]:
+        """Every case of ``suites``: (suite name, [(where the case is written, case)])."""
         results = []
-        for suite, location, cases in suites:
-            for case in cases:
+        for suite, cases in suites:
+            for location, case in cases:
                 results.append(await self.run_case(mesh, suite, location, case))
         return results
 
