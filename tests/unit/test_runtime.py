@@ -3,6 +3,7 @@ errors. (The processes themselves are exercised in tests/e2e.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,44 @@ def test_a_live_case_that_does_not_fit_the_mesh_fails_with_why(tmp_path: Path) -
     (result,) = asyncio.run(runner_.run(loaded.mesh, [("suite", [("t.yaml", case)])]))
     assert not result.passed and not result.not_run
     assert "cannot be sent in this mesh" in result.failures[0] and "foo/nope" in result.failures[0]
+
+
+def test_status_shows_no_pid_of_a_process_that_is_not_running(tmp_path: Path) -> None:
+    """After `down` (or a crash) the record keeps old PIDs: one that exited, one reused
+    by another program. Neither is shown as this mesh's running process."""
+    state = tmp_path / "state"
+    layout = Layout(state)
+    layout.create()
+    plan, _ = _plan()
+    assert plan is not None
+    write_json(layout.plan, plan.to_json())
+    exited = subprocess.Popen([sys.executable, "-c", "pass"], env={"TRUSTMESH_MESH": str(state)})
+    exited.wait()
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    own = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], env={"TRUSTMESH_MESH": str(state)}
+    )
+    try:
+        pods = {
+            "foo/httpbin": {"status": "running", "app_pid": exited.pid, "envoy_pid": stranger.pid},
+            "foo/sleep": {"status": "running", "app_pid": own.pid, "envoy_pid": stranger.pid},
+        }
+        record = {"state": "stopped", "supervisor_pid": exited.pid, "pods": pods}
+        write_json(layout.mesh, record)
+        table = runner.invoke(app, ["status", "--state", str(state)])
+        assert table.exit_code == 0, table.output
+        rows = {line.split()[0]: line for line in table.output.splitlines() if "/" in line}
+        for pid in (exited.pid, stranger.pid):
+            assert str(pid) not in table.output
+        assert rows["foo/httpbin"].split()[-1] == "stopped"
+        assert str(own.pid) in rows["foo/sleep"]  # still running: shown, and what is gone
+        assert rows["foo/sleep"].endswith("not running: envoy")
+        as_json = json.loads(
+            runner.invoke(app, ["status", "--state", str(state), "-o", "json"]).stdout
+        )
+        assert as_json["running"]["foo/httpbin"] == {"app": None, "sidecar": None, "envoy": None}
+        assert as_json["running"]["foo/sleep"]["app"] == own.pid
+    finally:
+        for process in (stranger, own):
+            process.kill()
+            process.wait()

@@ -148,6 +148,7 @@ def status(
     if output == "json":
         record = dict(running.record)
         record["supervisor_alive"] = running.supervisor_alive
+        record["running"] = {pod.ref: running.pod_processes(pod.ref) for pod in running.plan.pods}
         record["sync"] = sync
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
         return
@@ -170,6 +171,9 @@ def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
         table.add_column(column)
     for pod in running.plan.pods:
         record = running.pod_record(pod.ref)
+        # Only processes that run now are shown with a PID: the record keeps the PIDs of
+        # a stopped or crashed mesh, which may belong to other programs by now.
+        processes = running.pod_processes(pod.ref)
         proxy = "-"
         if pod.sidecar:
             seen = proxies.get(pod.ref)
@@ -177,13 +181,20 @@ def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
                 proxy = "?" if sync is None else "NOT CONNECTED"
             else:
                 proxy = "NACK" if seen.get("nack") else "SYNCED" if seen["synced"] else "STALE"
+        envoy, app = processes["envoy"], processes["app"]
+        status = str(record.get("status", "?"))
+        gone = [kind for kind in ("app", "envoy")[: 1 + pod.sidecar] if processes[kind] is None]
+        if not any(processes.values()):
+            status = "stopped" if running.state in ("stopped", "stopping") else "not running"
+        elif status == "running" and gone:
+            status = f"not running: {', '.join(gone)}"
         table.add_row(
             pod.ref,
             pod.pod_ip,
-            f"envoy {record.get('envoy_pid', '?')}" if pod.sidecar else "none",
+            ("envoy " + (str(envoy) if envoy else "-")) if pod.sidecar else "none",
             proxy,
-            str(record.get("app_pid", "-")),
-            str(record.get("status", "?")),
+            str(app) if app else "-",
+            status,
         )
     _out.print(table)
 

@@ -19,7 +19,7 @@ from typing import Any
 from trustmesh.runtime.control_plane import ARGS_FILE
 from trustmesh.runtime.layout import Layout, read_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
-from trustmesh.runtime.supervisor import stop_recorded
+from trustmesh.runtime.supervisor import belongs_to, stop_recorded
 from trustmesh.xds.controlplane import fingerprint_digest
 
 __all__ = ["NotRunning", "RunningMesh"]
@@ -80,6 +80,20 @@ class RunningMesh:
 
     def pod_record(self, ref: str) -> dict[str, Any]:
         return dict(self.record.get("pods", {}).get(ref, {}))
+
+    def runs(self, pid: object) -> bool:
+        """Is ``pid`` a process of this mesh that still runs? A recorded PID outlives its
+        process (a stopped mesh, a crash) and may since belong to another program: the
+        process must carry this mesh's marker."""
+        return isinstance(pid, int) and _alive(pid) and belongs_to(pid, self.layout)
+
+    def pod_processes(self, ref: str) -> dict[str, int | None]:
+        """``app`` / ``sidecar`` / ``envoy`` → the PID if that process runs now, else None."""
+        record = self.pod_record(ref)
+        return {
+            kind: pid if self.runs(pid := record.get(f"{kind}_pid")) else None
+            for kind in ("app", "sidecar", "envoy")
+        }
 
     def admin(self, ref: str) -> str:
         pod = self.pod(ref)

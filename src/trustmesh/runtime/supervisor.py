@@ -45,7 +45,7 @@ from trustmesh.runtime.layout import Layout, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, MeshPlan, PodPlan, plan_mesh
 from trustmesh.runtime.sidecar import SidecarSpec
 
-__all__ = ["MESH_ENV", "MeshRuntime", "StartError", "stop_recorded"]
+__all__ = ["MESH_ENV", "MeshRuntime", "StartError", "belongs_to", "stop_recorded"]
 
 _log = logging.getLogger("trustmesh.runtime")
 MESH_ENV = "TRUSTMESH_MESH"
@@ -327,6 +327,8 @@ class MeshRuntime:
         self._children.clear()
         # An Envoy whose sidecar was killed hard would outlive it: stop it by its PID.
         stop_recorded({"pods": self.pods}, self.layout, only_envoys=True)
+        for pod in self.pods.values():
+            pod["status"] = "stopped"
         self._record("stopped")
 
     # -- state file
@@ -396,7 +398,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 # ---------------------------------------------------------------------------- by PID
 
 
-def _belongs(pid: int, layout: Layout) -> bool:
+def belongs_to(pid: int, layout: Layout) -> bool:
     """Is ``pid`` still a process this mesh started (not a reused PID)?"""
     marker = f"{MESH_ENV}={layout.root}".encode()
     try:
@@ -426,7 +428,7 @@ def stop_recorded(record: dict[str, Any], layout: Layout, *, only_envoys: bool =
             pids.append(pid)
     killed = 0
     for pid in pids:
-        if _belongs(pid, layout):
+        if belongs_to(pid, layout):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
