@@ -115,23 +115,36 @@ def live_mesh(root: Path, *, base: str, scenario: Path | None = None) -> Iterato
     (config_dir / "scenario.yaml").write_text(seed)
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(mesh_config_of(scenario))
-    started = trustmesh(
-        "up",
-        str(config_dir),
-        "--mesh-config",
-        str(mesh_file),
-        "--detach",
-        "--base",
-        base,
-        state=state,
-        timeout=START_TIMEOUT,
-    )
+    started = _up_in_a_free_block(config_dir, mesh_file, state, base)
     try:
         assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
         yield LiveMesh(root, state, config_dir, mesh_file)
     finally:
         stopped = trustmesh("down", state=state)
         assert stopped.returncode == 0, stopped.stderr
+
+
+def _up_in_a_free_block(
+    config_dir: Path, mesh_file: Path, state: Path, base: str
+) -> subprocess.CompletedProcess[str]:
+    """``up -d`` at ``base``, or — while another mesh (another checkout's test session)
+    holds that address block — at the next free one of the following ten."""
+    first = int(base.split(".")[1])
+    for block in range(first, first + 10):
+        started = trustmesh(
+            "up",
+            str(config_dir),
+            "--mesh-config",
+            str(mesh_file),
+            "--detach",
+            "--base",
+            f"127.{block}.0.0",
+            state=state,
+            timeout=START_TIMEOUT,
+        )
+        if started.returncode == 0 or "are used by the mesh running from" not in started.stderr:
+            return started
+    return started
 
 
 def report(results: list[LiveCaseResult]) -> str:

@@ -80,7 +80,8 @@ def test_logs_and_proxy_config(mesh: LiveMesh) -> None:
     listeners = trustmesh("proxy-config", "foo/sleep", "listeners", state=mesh.state)
     assert "outbound_http" in listeners.stdout
     app_log = trustmesh("logs", "foo/httpbin", state=mesh.state)
-    assert "listening on 127.30.0.2:8000" in app_log.stdout
+    httpbin = mesh.running.pod("foo/httpbin")
+    assert f"listening on {httpbin.app_ip}:8000" in app_log.stdout
     # The denied request's access-log line names the policy that denied it (after a
     # flush: the sidecars flush every 100 ms, the request above came back first).
     proxy_log = _eventually_contains(mesh, "rbac_access_denied_matched_policy")

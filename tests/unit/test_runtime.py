@@ -308,3 +308,21 @@ def test_status_shows_no_pid_of_a_process_that_is_not_running(tmp_path: Path) ->
         for process in (stranger, own):
             process.kill()
             process.wait()
+
+
+def test_up_refuses_addresses_another_program_listens_on_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.56.0.1", 8000))  # foo/httpbin's pod address in that block
+        squatter.listen()
+        state = tmp_path / "state"
+        result = runner.invoke(
+            app, ["up", str(MESH), "--base", "127.56.0.0", "--state", str(state)]
+        )
+    assert result.exit_code == 1
+    assert "127.56.0.1:8000 is already in use by pid" in result.output
+    assert "start this mesh with another --base" in result.output
+    assert not (state / "plan.json").exists()  # nothing was started

@@ -120,8 +120,9 @@ def _up_detached(config: list[Path], mesh_config: list[Path], state: Path, base:
     deadline = time.monotonic() + DETACH_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            render.usage_error(f"the mesh did not start (see {log_path}):")
-            _err.print(log_path.read_text(errors="replace")[-4000:], markup=False)
+            output = log_path.read_text(errors="replace")
+            _err.print(_start_failure(output, process.returncode), markup=False)
+            _err.print(f"(the whole output of this start is in {log_path})", markup=False)
             raise typer.Exit(1)
         try:
             running = RunningMesh.open(state)
@@ -136,6 +137,19 @@ def _up_detached(config: list[Path], mesh_config: list[Path], state: Path, base:
     process.terminate()
     render.usage_error(f"the mesh was not ready after {DETACH_TIMEOUT:.0f}s (see {log_path})")
     raise typer.Exit(1)
+
+
+def _start_failure(output: str, status: int) -> str:
+    """Why a background start failed, reason first: the ``error:`` block the foreground
+    ``up`` printed (with its diagnostics and log tails), else the end of its output."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if starts:
+        return "\n".join(lines[starts[-1] :])[-6000:]
+    tail = "\n".join(lines[-40:])
+    return f"error: the mesh did not start (exit status {status})" + (
+        f"; its last output:\n{tail}" if tail else ""
+    )
 
 
 def status(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.runtime.control_plane import ARGS_FILE
-from trustmesh.runtime.layout import Layout, read_json
+from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.supervisor import belongs_to, stop_recorded
 from trustmesh.xds.controlplane import fingerprint_digest
@@ -161,4 +161,11 @@ class RunningMesh:
                 time.sleep(0.05)  # waiting for another process to exit: no event to wait on
             if not _alive(pid):
                 return 1 + stop_recorded(read_json(self.layout.mesh), self.layout)
-        return stop_recorded(self.record, self.layout)
+        killed = stop_recorded(self.record, self.layout)
+        # The supervisor is gone (it crashed or was killed): record the stop in its place.
+        record = dict(self.record, state="stopped")
+        record["pods"] = {
+            ref: dict(pod, status="stopped") for ref, pod in self.record.get("pods", {}).items()
+        }
+        write_json(self.layout.mesh, record)
+        return killed

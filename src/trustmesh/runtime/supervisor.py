@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,14 @@ from typing import IO, Any
 from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.config import load_config
+from trustmesh.runtime.addresses import (
+    MESH_ENV,
+    AddressConflict,
+    BlockClaim,
+    claim_block,
+    planned_addresses,
+    probe,
+)
 from trustmesh.runtime.control_plane import ARGS_FILE, node_id
 from trustmesh.runtime.layout import Layout, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, MeshPlan, PodPlan, plan_mesh
@@ -48,9 +57,9 @@ from trustmesh.runtime.sidecar import SidecarSpec
 __all__ = ["MESH_ENV", "MeshRuntime", "StartError", "belongs_to", "stop_recorded"]
 
 _log = logging.getLogger("trustmesh.runtime")
-MESH_ENV = "TRUSTMESH_MESH"
 CONTROL_PLANE_TIMEOUT = 30.0
 SIDECAR_TIMEOUT = 60.0
+SYNC_TIMEOUT = 30.0  # every sidecar ACKs (or NACKs) its first configuration
 APP_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 
@@ -89,6 +98,7 @@ class MeshRuntime:
     _restarts: int = 0
     _config_paths: list[str] = field(default_factory=list)  # resolved, as recorded
     _mesh_config_paths: list[str] = field(default_factory=list)
+    _claim: BlockClaim | None = None  # this mesh's address block, held until down()
 
     # -- start
 
@@ -121,6 +131,11 @@ class MeshRuntime:
             raise StartError("the workloads cannot run locally", problems)
         if not plan.pods:
             raise StartError("no Deployment, StatefulSet, DaemonSet or Pod to run")
+        try:  # before anything binds: a second mesh in the block would break the first
+            self._claim = claim_block(self.base, self.layout.root)
+            probe(planned_addresses(plan))
+        except AddressConflict as exc:
+            raise StartError(str(exc)) from None
         self.plan = plan
         self.layout.create()
         write_json(self.layout.plan, plan.to_json())
@@ -130,6 +145,8 @@ class MeshRuntime:
         sidecars = [pod for pod in plan.pods if pod.sidecar]
         self.progress(f"starting {len(sidecars)} sidecars (agent + Envoy)")
         await asyncio.gather(*(self._start_sidecar(i, pod) for i, pod in enumerate(sidecars)))
+        if sidecars:
+            await self._wait_configured(sidecars)
         self.progress(f"starting {len(plan.pods)} apps")
         await asyncio.gather(*(self._start_app(pod) for pod in plan.pods))
         for pod in plan.pods:
@@ -193,6 +210,40 @@ class MeshRuntime:
             "admin": info["admin"],
         }
         self.progress(f"  {pod.ref}: sidecar ready (Envoy pid {info['envoy_pid']})")
+
+    async def _wait_configured(self, sidecars: list[PodPlan]) -> None:
+        """Until every sidecar ACKed its configuration; a NACK (Envoy refused what the
+        control plane sent, and runs without it) stops the start naming the pods and
+        Envoy's own error detail."""
+        port = self.control_plane["ports"]["debug"]
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        while True:
+            status = await asyncio.to_thread(_syncz, port)
+            proxies = {p["workload"]: p for p in (status or {}).get("proxies", {}).values()}
+            rejected: dict[str, list[str]] = {}
+            for ref, proxy in sorted(proxies.items()):
+                if proxy.get("nack"):
+                    rejected.setdefault(str(proxy["nack"]), []).append(ref)
+            if rejected:
+                lines = [
+                    f"  {', '.join(refs)}: {_nack_text(detail)}"
+                    for detail, refs in rejected.items()
+                ]
+                count = sum(map(len, rejected.values()))
+                raise StartError(
+                    f"{count} sidecar(s) rejected their configuration (Envoy NACK); Envoy "
+                    "said:\n" + "\n".join(lines)
+                )
+            waiting = [pod.ref for pod in sidecars if not proxies.get(pod.ref, {}).get("synced")]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise StartError(
+                    f"not configured after {SYNC_TIMEOUT:.0f}s (no ACK from their Envoy): "
+                    + ", ".join(waiting)
+                    + _tail(self.layout.logs / "control-plane.log")
+                )
+            await asyncio.sleep(0.05)  # polling the control plane's debug endpoint
 
     async def _start_app(self, pod: PodPlan) -> None:
         argv = list(pod.command)
@@ -330,6 +381,9 @@ class MeshRuntime:
         for pod in self.pods.values():
             pod["status"] = "stopped"
         self._record("stopped")
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     # -- state file
 
@@ -355,6 +409,22 @@ class MeshRuntime:
     def _pid(self, name: str) -> int | None:
         child = self._children.get(name)
         return child.process.pid if child is not None else None
+
+
+def _nack_text(nack: str) -> str:
+    """``type.googleapis.com/envoy.config.cluster.v3.Cluster: detail`` → ``Cluster: detail``."""
+    type_url, _, detail = nack.partition(": ")
+    return f"{type_url.rsplit('.', 1)[-1]}: {detail}" if detail else nack
+
+
+def _syncz(port: int) -> dict[str, Any] | None:
+    """The control plane's ``/debug/syncz``; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/syncz", timeout=2) as r:
+            value: dict[str, Any] = json.loads(r.read())
+            return value
+    except (OSError, ValueError):
+        return None
 
 
 async def _pump(stream: asyncio.StreamReader, log: IO[bytes]) -> None:
