@@ -190,10 +190,22 @@ def test_stop_recorded_never_signals_a_process_the_mesh_did_not_start(tmp_path: 
         stranger.wait()
 
 
+def _sleeper(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A process with ``env`` that has exec'd (until then /proc shows its parent's
+    environment): it says so before sleeping."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stdout.readline() == b"up\n"
+    return process
+
+
 def test_stop_recorded_kills_its_own_processes(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "state")
     env = {"TRUSTMESH_MESH": str(layout.root), "PATH": "/usr/bin:/bin"}
-    own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    own = _sleeper(env)
     try:
         assert stop_recorded({"pods": {"foo/x": {"app_pid": own.pid}}}, layout) == 1
         assert own.wait(timeout=5) != 0
@@ -281,9 +293,7 @@ def test_status_shows_no_pid_of_a_process_that_is_not_running(tmp_path: Path) ->
     exited = subprocess.Popen([sys.executable, "-c", "pass"], env={"TRUSTMESH_MESH": str(state)})
     exited.wait()
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    own = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)"], env={"TRUSTMESH_MESH": str(state)}
-    )
+    own = _sleeper({"TRUSTMESH_MESH": str(state)})
     try:
         pods = {
             "foo/httpbin": {"status": "running", "app_pid": exited.pid, "envoy_pid": stranger.pid},

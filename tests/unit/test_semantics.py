@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from trustmesh.policy.decision import Verdict
-from trustmesh.policy.request import Source
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.request import HttpRequest, Request, Source
 
-from .meshutil import compile_text, http, policy, tcp
+from .meshutil import NOW, compile_text, http, policy, tcp
 
 ALLOW, DENY, RESET = Verdict.ALLOW, Verdict.DENY, Verdict.RESET
 
@@ -468,11 +469,43 @@ def test_dry_run_deny_logs_shadow_denied_with_rule() -> None:
     )
 
 
-def test_custom_with_unknown_provider_fails_closed() -> None:
-    mesh = compile_text(policy("ext", "foo", "action: CUSTOM\nprovider: {name: opa}\nrules: [{}]"))
+def test_custom_with_unknown_provider_fails_closed_under_the_name_envoy_logs() -> None:
+    """Istio's builder turns the rule into a DENY named as Envoy's access log then reports
+    it (``rbac_access_denied_matched_policy[…]``), so `expect.rule` agrees live."""
+    mesh = compile_text(
+        policy("ext", "foo", "action: CUSTOM\nprovider: {name: not-configured}\nrules: [{}]")
+    )
     decision = http(mesh)
-    assert (decision.verdict, decision.rule) == (DENY, "ns[foo]-policy[ext]-rule[0]")
+    assert (decision.verdict, decision.status) == (DENY, 403)
+    assert decision.rule == (
+        "istio-ext-authz-not-configured-ns[foo]-policy[ext]-rule[0]-deny-due-to-bad-CUSTOM-action"
+    )
     assert "extensionProviders" in decision.reason
+
+
+def test_custom_rule_names_follow_istio_for_configured_and_several_providers() -> None:
+    configured = "extensionProviders: [{name: opa}, {name: oauth}]\n"
+    custom = "action: CUSTOM\nprovider: {name: opa}\nrules: [{to: [{operation: {paths: [/x]}}]}]"
+    mesh = compile_text(policy("ext", "foo", custom), mesh=configured)
+    asked = evaluate(mesh, _request("/x"), now=NOW, ext_authz={"opa": False})
+    assert (asked.verdict, asked.rule) == (DENY, "istio-ext-authz-opa-ns[foo]-policy[ext]-rule[0]")
+    assert evaluate(mesh, _request("/x"), now=NOW, ext_authz={"opa": True}).verdict is ALLOW
+    # Two providers on one workload: Istio (flag off by default) makes every rule a DENY;
+    # Envoy's filters run in provider order, so oauth's rule decides.
+    other = "action: CUSTOM\nprovider: {name: oauth}\nrules: [{}]"
+    both = compile_text(
+        policy("ext", "foo", custom) + policy("b-other", "foo", other), mesh=configured
+    )
+    decision = evaluate(both, _request("/x"), now=NOW, ext_authz={"opa": True, "oauth": True})
+    assert decision.verdict is DENY
+    assert decision.rule == (
+        "istio-ext-authz-oauth-ns[foo]-policy[b-other]-rule[0]-deny-due-to-bad-CUSTOM-action"
+    )
+    assert "PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS" in decision.reason
+
+
+def _request(path: str) -> Request:
+    return Request(Source.workload("foo/sleep"), "foo/httpbin", 8000, HttpRequest("GET", path))
 
 
 def test_audit_never_changes_the_decision() -> None:

@@ -90,10 +90,6 @@ def from_envoy(status: int, logged: dict[str, Any]) -> Answer:
     rule, details = "-", value("details")
     if status == 403 and details.startswith("rbac_access_denied_matched_policy["):
         rule = details.removeprefix("rbac_access_denied_matched_policy[").removesuffix("]")
-        # The CUSTOM stand-in reports Istio's fail-closed name; evaluate() the rule's own.
-        rule = rule.removeprefix("istio-ext-authz-opa-").removesuffix(
-            "-deny-due-to-bad-CUSTOM-action"
-        )
     elif status == 200:
         rule = value("allow-id")
     return Answer(status, rule, tuple((key, value(key)) for key in _SHADOW_KEYS))

@@ -174,13 +174,28 @@ def _authorize(
     custom = _first(authz.custom, attrs, run, "CUSTOM")
     if custom is not None:
         provider = custom.provider or ""
+        providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
+        if len(providers) > 1:
+            # Istio's default (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS off) turns every
+            # CUSTOM rule into a DENY; one filter per provider, in provider order.
+            matched = [r for r in authz.custom.for_protocol(is_http).rules if r.matches(attrs)]
+            first = min(matched, key=lambda r: custom_rule_name(r, configured=False))
+            reason = (
+                f"CUSTOM providers {', '.join(providers)} on one workload: Istio fails closed"
+                " (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS is off by default)"
+            )
+            run.note(reason)
+            rule = custom_rule_name(first, configured=False)
+            return _finish(run, Verdict.DENY, denied_status, rule, reason)
         if provider not in mesh.extension_providers:
             reason = (
                 f"CUSTOM provider {provider!r} is not in meshConfig.extensionProviders"
                 " (fails closed)"
             )
             run.note(reason)
-            return _finish(run, Verdict.DENY, denied_status, custom.name, reason)
+            rule = custom_rule_name(custom, configured=False)
+            return _finish(run, Verdict.DENY, denied_status, rule, reason)
+        rule = custom_rule_name(custom, configured=True)
         allowed = ext_authz.get(provider)
         if allowed is None:
             reason = (
@@ -188,10 +203,10 @@ def _authorize(
                 " (--ext-authz), taken as deny"
             )
             run.note(reason)
-            return _finish(run, Verdict.DENY, denied_status, custom.name, reason)
+            return _finish(run, Verdict.DENY, denied_status, rule, reason)
         run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
         if not allowed:
-            return _finish(run, Verdict.DENY, denied_status, custom.name, f"denied by {provider}")
+            return _finish(run, Verdict.DENY, denied_status, rule, f"denied by {provider}")
 
     upstream: tuple[tuple[str, str], ...] = ()
     if is_http and target.jwt_providers:
@@ -251,6 +266,16 @@ def _authorize(
         upstream,
         audit_name,
     )
+
+
+def custom_rule_name(rule: CompiledRule, *, configured: bool) -> str:
+    """The name Envoy reports for a CUSTOM rule, as Istio's authz builder generates it:
+    ``istio-ext-authz-<provider>-ns[..]-policy[..]-rule[..]`` (the RBAC rule that sends
+    the request to the provider), with ``-deny-due-to-bad-CUSTOM-action`` when the
+    provider is not configured and the rule became a DENY (what the access log's
+    ``rbac_access_denied_matched_policy[…]`` then names)."""
+    prefix = f"istio-ext-authz-{rule.provider}-" if rule.provider else "istio-ext-authz-"
+    return prefix + rule.name + ("" if configured else "-deny-due-to-bad-CUSTOM-action")
 
 
 def _first(rules: ActionRules, attrs: Attributes, run: _Run, label: str) -> CompiledRule | None:
