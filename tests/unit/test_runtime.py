@@ -336,3 +336,43 @@ def test_up_refuses_addresses_another_program_listens_on_before_starting_anythin
     assert "127.56.0.1:8000 is already in use by pid" in result.output
     assert "start this mesh with another --base" in result.output
     assert not (state / "plan.json").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(("method", "interim"), [("HEAD", False), ("GET", False), ("GET", True)])
+def test_a_head_answer_has_no_body_whatever_its_content_length(method: str, interim: bool) -> None:
+    """Envoy answers HEAD with the Content-Length a GET would get and keeps the
+    connection open: the client must not wait for a body (that was a 'reset')."""
+    import asyncio
+
+    from trustmesh.runtime.client import http_request, outside_pod
+    from trustmesh.runtime.plan import MeshPlan
+
+    async def scenario() -> HttpResult:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await reader.readuntil(b"\r\n\r\n")
+            body = b"" if request.startswith(b"HEAD ") else b"x" * 19
+            writer.write(
+                (b"HTTP/1.1 100 Continue\r\n\r\n" if interim else b"")
+                + b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+            await asyncio.sleep(30)  # like a keep-alive proxy: the connection stays open
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await http_request(
+                MeshPlan((), "cluster.local"),
+                outside_pod(),
+                f"http://127.0.0.1:{port}/status/403",
+                method=method,
+                timeout=3,
+            )
+        finally:
+            server.close()
+
+    result = asyncio.run(scenario())
+    assert not result.reset, result.why
+    assert (result.status, result.body) == (403, b"" if method == "HEAD" else b"x" * 19)
+    assert live._http_outcome(result).verdict == "deny"

@@ -152,25 +152,34 @@ async def http_request(
     try:
         writer.write(wire)
         await writer.drain()
-        return await asyncio.wait_for(_read_response(reader), timeout)
+        return await asyncio.wait_for(_read_response(reader, method), timeout)
     except _READ_ERRORS as exc:
         return HttpResult(reset=True, why=f"{type(exc).__name__}: {exc}")
     except TimeoutError:
         return HttpResult(reset=True, why=f"no answer within {timeout:.0f}s")
+    except ValueError:  # a status line or chunk size that is not a number
+        return HttpResult(reset=True, why="the answer is not HTTP/1.1")
     finally:
         writer.transport.abort()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> HttpResult:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-    _, status, reason = [*status_line.split(" ", 2), ""][:3]
-    headers = tuple(
-        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in header_lines)
-    )
-    result = HttpResult(int(status), reason, headers)
+async def _read_response(reader: asyncio.StreamReader, method: str = "GET") -> HttpResult:
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        _, status, reason = [*status_line.split(" ", 2), ""][:3]
+        headers = tuple(
+            (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in header_lines)
+        )
+        result = HttpResult(int(status), reason, headers)
+        if not 100 <= result.status < 200 or result.status == 101:
+            break  # an interim 1xx answer (100 Continue) is followed by the real one
     length = result.header("content-length")
-    if result.header("transfer-encoding") == "chunked":
+    if method == "HEAD" or result.status in (204, 304) or 100 <= result.status < 200:
+        # RFC 9110: no body follows, whatever Content-Length says (for HEAD it is the
+        # length a GET would get); waiting for one would take the timeout for a reset.
+        body = b""
+    elif (result.header("transfer-encoding") or "").lower() == "chunked":
         body = await _read_chunked(reader)
     elif length is not None:
         body = await reader.readexactly(min(int(length), MAX_BODY))
