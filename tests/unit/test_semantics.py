@@ -601,3 +601,26 @@ def test_trust_bundle_expansion_follows_istio() -> None:
         "other/ns/a/sa/b",
     ]
     assert bundle.expand(["*-td/ns/a/sa/b"]) == ["td1/ns/a/sa/b", "*-td/ns/a/sa/b"]
+
+
+def test_a_port_the_workload_does_not_declare_reaches_nothing() -> None:
+    """httpbin declares 8000 only. Istio's sidecar captures port 9999 too and enforces
+    policy first; what it lets through finds nothing listening (503 over HTTP, a closed
+    connection over TCP) — never an 'allow'."""
+    mesh = compile_text()
+    allowed = http(mesh, port=9999)
+    assert (allowed.verdict, allowed.status) == (RESET, 503)
+    assert "nothing listens on port 9999 of foo/httpbin (it declares 8000)" in allowed.reason
+    assert allowed.reason in allowed.trace
+    assert (http(mesh, port=8000).verdict, http(mesh, port=8000).status) == (ALLOW, 200)
+    plaintext_to_legacy = http(mesh, port=9999, source=Source.plaintext(), dst="legacy/httpbin")
+    assert (plaintext_to_legacy.verdict, plaintext_to_legacy.status) == (RESET, None)
+    assert tcp(mesh, 9999, dst="foo/httpbin").verdict is RESET
+    # the sidecar still enforces first: a denial stays a denial (403), as in Istio
+    deny_all = compile_text(policy("deny", "foo", "action: DENY\nrules: [{}]"))
+    denied = http(deny_all, port=9999)
+    assert (denied.verdict, denied.status, denied.rule) == (
+        DENY,
+        403,
+        "ns[foo]-policy[deny]-rule[0]",
+    )

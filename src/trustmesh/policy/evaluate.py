@@ -95,6 +95,20 @@ def evaluate(
     ``ext_authz`` answers CUSTOM providers (name → allowed); a provider with no answer
     is taken to deny (fail closed) and the trace says so.
     """
+    decision = _decide(mesh, request, now=now, trace=trace, ext_authz=ext_authz)
+    if decision.verdict is Verdict.ALLOW and request.destination_host is None:
+        return _unless_nothing_listens(mesh, request, decision)
+    return decision
+
+
+def _decide(
+    mesh: MeshPolicy,
+    request: Request,
+    *,
+    now: float,
+    trace: bool,
+    ext_authz: Mapping[str, bool] | None,
+) -> Decision:
     run = _Run([] if trace else None)
     source_workload = _source_workload(mesh, request)
     if source_workload is not None and (
@@ -366,6 +380,59 @@ def _without_sidecar(
     if destination.mode is MeshMode.UNKNOWN:
         reason = "destination's sidecar injection is unknown: answered as not injected"
     return _finish(run, Verdict.ALLOW, 200 if request.http is not None else None, None, reason)
+
+
+def listening_ports(target: WorkloadPolicy) -> frozenset[int]:
+    """The ports the workload declares (container ports, Service target ports): what is
+    known to listen. Empty when it declares none (then nothing is assumed)."""
+    ports = set(target.workload.ports)
+    named: dict[str, int] = {}
+    spec = target.workload.resource.spec
+    pod = getattr(spec, "spec", None) or getattr(getattr(spec, "template", None), "spec", None)
+    if isinstance(pod, m.PodSpec):
+        named = {p.name: p.container_port for c in pod.containers for p in c.ports if p.name}
+    for service in target.services:
+        for sp in service.ports:
+            if isinstance(sp.target_port, int):
+                ports.add(sp.target_port)
+            elif sp.target_port in named:
+                ports.add(named[sp.target_port])
+    return frozenset(ports)
+
+
+def _unless_nothing_listens(mesh: MeshPolicy, request: Request, decision: Decision) -> Decision:
+    """An allowed request to a port the workload does not declare reaches nothing: the
+    mesh let it through (Istio's sidecar captures every port and enforces policy first),
+    then the connection to the app is refused — a 503 from the sidecar for HTTP, a
+    closed connection for TCP."""
+    target = mesh.for_workload(request.destination)
+    if target is None or request.port is None:
+        return decision  # the port was the workload's only one
+    key = ("listening", target.workload.ref)
+    ports: frozenset[int] | None = mesh.memo.get(key)
+    if ports is None:
+        ports = mesh.memo[key] = listening_ports(target)
+    if not ports or request.port in ports:
+        return decision
+    source = _source_workload(mesh, request)
+    client_sidecar = request.source.kind is SourceKind.PRINCIPAL or (
+        source is not None and source.dataplane.mode in (_SIDECAR, MeshMode.GATEWAY)
+    )
+    proxy = target.workload.dataplane.mode is _SIDECAR or client_sidecar
+    http = request.http is not None
+    declared = ", ".join(map(str, sorted(ports)))
+    reason = (
+        f"nothing listens on port {request.port} of {target.workload.ref} (it declares"
+        f" {declared}): the connection to the app is refused"
+        + (", its sidecar answers 503" if http and proxy else "")
+    )
+    return decision._replace(
+        verdict=Verdict.RESET,
+        status=503 if http and proxy else None,
+        reason=reason,
+        trace=(*decision.trace, reason) if decision.trace else (),
+        upstream_headers=(),
+    )
 
 
 def _dataplane(run: _Run, role: str, workload: Workload) -> None:
