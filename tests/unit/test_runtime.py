@@ -58,7 +58,7 @@ def test_each_pod_gets_its_addresses_command_and_environment() -> None:
     assert "HTTP_PROXY" not in legacy.env and legacy.env["HOST"] == legacy.pod_ip
     # kube-proxy's part: every name of a service port reaches its endpoint's pod IP.
     for name in ("httpbin.foo", "httpbin.foo.svc", "httpbin.foo.svc.cluster.local"):
-        target = plan.services[f"{name}:8000"]
+        (target,) = plan.services[f"{name}:8000"]
         assert (target.pod, target.address, target.port) == ("foo/httpbin", "127.10.0.1", 8000)
     assert plan.trust_domain == "cluster.local"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from trustmesh.policy.decision import Verdict
+import pytest
+
+from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 
@@ -624,3 +626,32 @@ def test_a_port_the_workload_does_not_declare_reaches_nothing() -> None:
         403,
         "ns[foo]-policy[deny]-rule[0]",
     )
+
+
+def test_a_sidecar_client_is_routed_by_its_host() -> None:
+    """Istio's outbound route for port 8000 picks the cluster by Host: a name of the
+    destination's Service reaches it over mTLS; a name of no service is passed through
+    in plaintext (ALLOW_ANY) or answered 502 (REGISTRY_ONLY); another service's name
+    goes to that service."""
+    mesh = compile_text()
+    for host in ("httpbin.foo:8000", "HTTPBIN.foo.svc.cluster.local", "httpbin", "httpbin:8000"):
+        delivered = http(mesh, host=host)
+        assert (delivered.verdict, delivered.principal) == (ALLOW, "cluster.local/ns/foo/sa/sleep")
+    passed = http(mesh, host="internal.foo")
+    assert (passed.verdict, passed.principal) == (ALLOW, None)
+    assert any("PassthroughCluster" in step for step in passed.trace)
+    assert http(mesh, host="httpbin.foo:9999").principal is None  # not a domain of port 8000
+    strict = compile_text(
+        policy("strict", "foo", "mtls: {mode: STRICT}", kind="PeerAuthentication")
+    )
+    reset = http(strict, host="internal.foo")
+    assert (reset.verdict, reset.status) == (RESET, 503)
+    blocked = http(
+        compile_text(mesh="outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"), host="internal.foo"
+    )
+    assert (blocked.verdict, blocked.status) == (DENY, 502)
+    # a principal source is no sidecar of this config: its Host is delivered as given
+    peer = Source.principal("cluster.local/ns/x/sa/y")
+    assert http(mesh, host="internal.foo", source=peer).principal == "cluster.local/ns/x/sa/y"
+    with pytest.raises(RequestError, match="routes to Service bar/httpbin"):
+        http(mesh, host="httpbin.bar:8000")

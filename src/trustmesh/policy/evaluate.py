@@ -22,7 +22,14 @@ from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verd
 from trustmesh.policy.jwt import JwtResult, JwtStatus, authenticate
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
-from trustmesh.policy.tls import ClientTls, client_tls, egress_decision, service_for
+from trustmesh.policy.tls import (
+    ClientTls,
+    RouteKind,
+    client_tls,
+    egress_decision,
+    service_for,
+    sidecar_client_route,
+)
 from trustmesh.policy.ztunnel_eval import ambient_source_tls, evaluate_ztunnel
 
 # Methods Envoy's HTTP/1 codec accepts; anything else (or lower-case) is a 400.
@@ -136,6 +143,15 @@ def _decide(
         mode.mode.value,
         f"from {mode.scope} policy {mode.policy}" if mode.policy else "default",
     )
+    passthrough: ClientTls | None = None
+    host = request.http.host if request.http is not None else None
+    if host is not None and source_workload and source_workload.dataplane.mode is _SIDECAR:
+        route = sidecar_client_route(mesh, source_workload, target, port, host)
+        run.note(route.explanation)
+        if route.kind is RouteKind.BLOCKED:
+            return _finish(run, Verdict.DENY, 502, None, route.explanation)
+        if route.kind is RouteKind.PASSTHROUGH:
+            passthrough = ClientTls(False, None, None, True, route.explanation)
     # Only workload sources are memoized: their number is bounded by the config.
     tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
     tls = mesh.memo.get(tls_key) if tls_key else None
@@ -148,6 +164,7 @@ def _decide(
         tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
         if tls_key:
             mesh.memo[tls_key] = tls
+    tls = passthrough or tls
     run.note(tls.explanation)
     reset = tls.conflict or _tls_mismatch(tls, mode.mode)
     if reset:

@@ -8,6 +8,7 @@ not DISABLE, and plaintext elsewhere. Egress follows ``outboundTrafficPolicy``.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,132 @@ def client_tls(
     return ClientTls(
         True, principal, sni, True, f"auto mTLS: destination has a sidecar, mTLS as {principal}"
     )
+
+
+class RouteKind(enum.Enum):
+    """Where a sidecar client's outbound HTTP route sends a request, chosen by its Host."""
+
+    SERVICE = "service"  # the destination's Service: its cluster, mesh mTLS as usual
+    PASSTHROUGH = "passthrough"  # no virtual host: PassthroughCluster, plaintext
+    BLOCKED = "blocked"  # no virtual host under REGISTRY_ONLY: a local 502
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRoute:
+    kind: RouteKind
+    explanation: str
+
+
+# Port protocols a sidecar proxies as TCP (no Host routing): Istio's protocol selection
+# by appProtocol, else the port name's prefix (the same list as xds.outbound).
+_TCP_PROTOCOLS = frozenset(
+    {"tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "kubernetes.io/wss"}
+)
+_L4_PROTOCOLS = frozenset({"", "TCP", "UDP", "SCTP"})
+
+
+def sidecar_client_route(
+    mesh: MeshPolicy, client: Workload, target: WorkloadPolicy, port: int, host: str
+) -> ClientRoute:
+    """How a sidecar client's request with ``Host: host`` to the destination's Service
+    port is routed: Istio's outbound route for that port has a virtual host per Service
+    (and ServiceEntry) on it — ``name.ns.svc.cluster.local``, ``name.ns.svc``,
+    ``name.ns``, ``name`` in the client's own namespace, each with and without
+    ``:port``, matched case-insensitively — and a catch-all that passes anything else
+    through in plaintext (ALLOW_ANY) or answers 502 (REGISTRY_ONLY).
+
+    ``RequestError`` when the Host names another service: the request goes there.
+    """
+    service, service_port = service_for(target, port)
+    if service is None or service_port is None:
+        return ClientRoute(RouteKind.SERVICE, f"no Service covers port {port}: sent to the pod")
+    service_ports = [sp for sp in service.ports if sp.port == service_port]
+    if any(_proxied_as_tcp(sp.name, sp.protocol) for sp in service_ports):
+        return ClientRoute(
+            RouteKind.SERVICE, f"{service.hostname}:{service_port} is TCP: routed by port"
+        )
+    owner = _virtual_host_owner(mesh, client.namespace, service_port, host.lower())
+    ours = f"Service {service.namespace}/{service.name}"
+    if owner == ours:
+        return ClientRoute(
+            RouteKind.SERVICE, f"Host {host} is a name of {service.hostname}:{service_port}"
+        )
+    if owner is not None:
+        raise RequestError(
+            f"from a sidecar client, Host {host} routes to {owner} (port {service_port}), not"
+            f" to {target.workload.ref}: the client sidecar picks the destination by Host"
+        )
+    policy = mesh.for_workload(client.ref)
+    mode = policy.egress_mode if policy else mesh.snapshot.mesh.outbound_traffic_policy.mode
+    if mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY:
+        return ClientRoute(
+            RouteKind.BLOCKED,
+            f"Host {host} names no service on port {service_port}: the client sidecar"
+            " answers 502 (REGISTRY_ONLY, block_all)",
+        )
+    return ClientRoute(
+        RouteKind.PASSTHROUGH,
+        f"Host {host} names no service on port {service_port}: the client sidecar passes"
+        f" it through (PassthroughCluster) to {target.workload.ref} in plaintext, without"
+        " its identity",
+    )
+
+
+def _proxied_as_tcp(name: str, protocol: str) -> bool:
+    chosen = protocol.lower() if protocol not in _L4_PROTOCOLS else name.lower().split("-")[0]
+    return chosen in _TCP_PROTOCOLS
+
+
+def _virtual_host_owner(
+    mesh: MeshPolicy, client_namespace: str, port: int, host: str
+) -> str | None:
+    key = ("virtual hosts", client_namespace, port)
+    index: tuple[dict[str, str], list[tuple[str, str]]] | None = mesh.memo.get(key)
+    if index is None:
+        index = mesh.memo[key] = _virtual_hosts(mesh, client_namespace, port)
+    exact, wildcards = index
+    found = exact.get(host)
+    if found is not None:
+        return found
+    bare = host.rsplit(":", 1)[0] if host.endswith(f":{port}") else host
+    for suffix, owner in wildcards:  # "*.example.com" → ".example.com"
+        if bare.endswith(suffix) and len(bare) > len(suffix):
+            return owner
+    return None
+
+
+def _virtual_hosts(
+    mesh: MeshPolicy, client_namespace: str, port: int
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    exact: dict[str, str] = {}
+    wildcards: list[tuple[str, str]] = []
+    for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
+        ports = [sp for sp in service.ports if sp.port == port]
+        if not ports or any(_proxied_as_tcp(sp.name, sp.protocol) for sp in ports):
+            continue
+        short = f"{service.name}.{service.namespace}"
+        names = [service.hostname, f"{short}.svc", short]
+        if service.namespace == client_namespace:
+            names.append(service.name)
+        for name in names:
+            for domain in (name, f"{name}:{port}"):
+                exact.setdefault(domain.lower(), f"Service {service.namespace}/{service.name}")
+    entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
+    for entry in entries:
+        spec: m.ServiceEntrySpec = entry.spec
+        if not any(
+            p.number == port and not _proxied_as_tcp(p.name, p.protocol) for p in spec.ports
+        ):
+            continue
+        owner = f"ServiceEntry {entry.namespace}/{entry.name}"
+        for pattern in spec.hosts:
+            pattern = pattern.lower()
+            if pattern.startswith("*"):
+                wildcards.append((pattern[1:], owner))
+            else:
+                for domain in (pattern, f"{pattern}:{port}"):
+                    exact.setdefault(domain, owner)
+    return exact, wildcards
 
 
 def service_for(target: WorkloadPolicy, port: int) -> tuple[Service | None, int | None]:

@@ -94,10 +94,11 @@ def _split_url(url: str) -> tuple[str, int, str]:
 
 
 def _resolve(plan: MeshPlan, host: str, port: int) -> tuple[str, int]:
-    """Where a client without a sidecar connects for ``host:port`` (no DNS here)."""
-    target = plan.services.get(f"{host}:{port}")
-    if target is not None:
-        return target.address, target.port
+    """Where a client without a sidecar connects for ``host:port`` (no DNS here): the
+    service's first endpoint (kube-proxy would pick one)."""
+    targets = plan.services.get(f"{host}:{port}")
+    if targets:
+        return targets[0].address, targets[0].port
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
         return host, port
@@ -125,11 +126,20 @@ async def http_request(
     headers: Sequence[tuple[str, str]] = (),
     body: bytes = b"",
     timeout: float = 10.0,
+    direct: tuple[str, int] | None = None,
 ) -> HttpResult:
-    """Send one HTTP/1.1 request as ``pod`` and read the whole answer."""
+    """Send one HTTP/1.1 request as ``pod`` and read the whole answer.
+
+    ``direct``: connect to this address and port from the pod's own IP in plaintext,
+    not through its sidecar — one endpoint of a service, as kube-proxy would pick it
+    for a pod without a sidecar, or what a sidecar's passthrough sends on.
+    """
     host, port, target = _split_url(url)
     authority = host if port == 80 else f"{host}:{port}"
-    if pod.sidecar:
+    if direct is not None:
+        (address, connect_port), source = direct, pod.pod_ip
+        request_target = target
+    elif pod.sidecar:
         assert pod.outbound_ip is not None
         address, connect_port, source = pod.outbound_ip, HTTP_PROXY_PORT, pod.app_ip
         request_target = f"http://{authority}{target}"  # what an app with HTTP_PROXY sends
@@ -209,6 +219,7 @@ async def tcp_exchange(
     data: bytes = b"hello\n",
     *,
     timeout: float = 5.0,
+    direct: tuple[str, int] | None = None,
 ) -> TcpResult:
     """Connect as ``pod``, send ``data`` and read until a line comes back or the peer
     closes; a close without a byte is a reset (Envoy's RBAC or a refused handshake).
@@ -216,9 +227,11 @@ async def tcp_exchange(
     To an external host on 443 it opens TLS instead (what ``curl https://host`` does, SNI
     = ``host``): the handshake completing is the answer.
     """
-    if speaks_tls(plan, host, port):
+    if direct is None and speaks_tls(plan, host, port):
         return await _tls_handshake(plan, pod, host, port, timeout)
-    if pod.sidecar:
+    if direct is not None:
+        (address, connect_port), source = direct, pod.pod_ip
+    elif pod.sidecar:
         assert pod.outbound_ip is not None
         address, connect_port, source = pod.outbound_ip, port, pod.app_ip
     else:
@@ -227,7 +240,7 @@ async def tcp_exchange(
         reader, writer = await _connect(address, connect_port, source, timeout)
     except ConnectionRefusedError:
         why = f"connection refused by {address}:{connect_port}"
-        if pod.sidecar:
+        if pod.sidecar and direct is None:
             why += f" (the sidecar has no outbound listener for port {port}: not routed)"
         return TcpResult(reset=True, why=why, sent=data)
     except (OSError, TimeoutError) as exc:

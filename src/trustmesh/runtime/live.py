@@ -39,7 +39,10 @@ from typing import Any
 
 from trustmesh.api.policytest import Case
 from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.decision import RequestError as PolicyRequestError
+from trustmesh.policy.evaluate import listening_ports
 from trustmesh.policy.testing import Outcome, check, run_case
+from trustmesh.policy.tls import RouteKind, sidecar_client_route
 from trustmesh.runtime.client import (
     HttpResult,
     RequestError,
@@ -51,6 +54,7 @@ from trustmesh.runtime.client import (
 from trustmesh.runtime.layout import Layout
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
+from trustmesh.xds.outbound_listeners import WORKLOAD_HEADER
 
 __all__ = ["LiveCaseResult", "LiveRunner"]
 
@@ -103,6 +107,35 @@ class LiveCaseResult:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """How one case's request travels from its source."""
+
+    name: str  # the URL's host: a Service name, a pod IP, an egress host or the case's Host
+    port: int  # the URL's port; 0 when ``name`` carries it (or means 80)
+    destination: PodPlan | None  # whose sidecar log tells the deciding rule
+    host: str | None = None  # the Host header (the case's)
+    direct: tuple[str, int] | None = None  # connect here from the pod IP, not via a sidecar
+    headers: tuple[tuple[str, str], ...] = ()  # for the client sidecar's routing
+    target_port: int | None = None  # the destination workload's port
+    not_run: str = ""  # why the local mesh cannot send it as a cluster would
+
+    @classmethod
+    def refused(cls, why: str) -> _Route:
+        return cls("", 0, None, not_run=why)
+
+    @property
+    def authority(self) -> str:
+        return f"{self.name}:{self.port}" if self.port else self.name
+
+
+def _bare_host_port(plan: MeshPlan, name: str) -> int:
+    """The port the local HTTP proxy reads a Service name without a port as (80 if the
+    Service has it, else its lowest port)."""
+    ports = sorted(int(k.rpartition(":")[2]) for k in plan.services if k.rpartition(":")[0] == name)
+    return 80 if 80 in ports or not ports else ports[0]
+
+
 @dataclass
 class LiveRunner:
     """Runs cases against the mesh whose state is in ``layout``, planned as ``plan``."""
@@ -133,11 +166,16 @@ class LiveRunner:
         if source is None:
             return LiveCaseResult(suite, case.name, location, None, offline, not_run=why)
         try:
+            route = self._route(mesh, case, source, offline)
+            if route.not_run:
+                return LiveCaseResult(
+                    suite, case.name, location, None, offline, not_run=route.not_run
+                )
             if case.tcp:
-                live, detail = await self._tcp(source, case)
+                live, detail = await self._tcp(source, route)
             else:
-                live, detail = await self._http(source, case)
-        except (LookupError, RequestError) as exc:  # the case does not fit this mesh
+                live, detail = await self._http(source, case, route)
+        except (LookupError, RequestError, PolicyRequestError) as exc:  # does not fit
             failure = (f"cannot be sent in this mesh: {exc}",)
             return LiveCaseResult(suite, case.name, location, None, offline, failure)
         failures = tuple(check(live, case.expect))
@@ -165,39 +203,94 @@ class LiveRunner:
             return None, f"{origin.workload} is not a pod of the running mesh"
         return pod, ""
 
-    def _destination(self, case: Case) -> tuple[str, int, PodPlan | None]:
-        """(host, port, destination pod) the request is addressed to."""
-        port = case.to.port or 80
-        if case.to.host is not None:
-            return case.to.host, port, None
+    def _route(
+        self, mesh: MeshPolicy, case: Case, source: PodPlan, offline: Outcome | None
+    ) -> _Route:
+        """How the case's request travels, as its ``from`` workload would send it."""
+        host = case.request.host if case.request is not None else None
+        if case.to.host is not None:  # egress
+            return _Route(case.to.host, case.to.port or 80, None, host)
         assert case.to.workload is not None
         pod = self.plan.pod(case.to.workload)
         if pod is None:
             raise LookupError(f"{case.to.workload} is not a pod of the running mesh")
-        names = [
-            key.rpartition(":")[0]
-            for key, target in self.plan.services.items()
-            if target.pod == pod.ref and key.endswith(f":{port}")
+        target_port = case.to.port
+        if target_port is None:
+            if len(set(pod.ports)) != 1:
+                raise LookupError(f"{pod.ref} has ports {sorted(set(pod.ports))}: give to.port")
+            target_port = pod.ports[0]
+        # `to.port` is the workload's (target) port; a client addresses the Service port
+        # that forwards to it (httpbin: Service 8000 → container 8080), by its short name.
+        served = [
+            (key.rpartition(":")[0], int(key.rpartition(":")[2]), targets)
+            for key, targets in self.plan.services.items()
+            if any(t.pod == pod.ref and t.port == target_port for t in targets)
         ]
-        # The short form users type (httpbin.foo); the pod IP if no service covers the port.
-        host = min(names, key=len) if names else pod.pod_ip
-        return host, port, pod
+        endpoint = (pod.pod_ip, target_port)
+        policy = mesh.for_workload(pod.ref)
+        declared = listening_ports(policy) if policy is not None else frozenset()
+        if (
+            declared
+            and target_port not in declared
+            and (offline is None or offline.verdict != "reset")
+        ):
+            return _Route.refused(
+                f"port {target_port} is not a port {pod.ref} declares: the local sidecar "
+                "listens on declared ports only, where a cluster's sidecar captures every "
+                f"port and enforces policy first (offline: {offline.verdict if offline else '?'})"
+            )
+        if not served:  # no Service: the client addresses the pod itself
+            direct = None if source.sidecar else endpoint
+            return _Route(
+                pod.pod_ip, target_port, pod, host, direct=direct, target_port=target_port
+            )
+        name, service_port, targets = min(served, key=lambda s: (s[1], len(s[0])))
+        several = len(targets) > 1
+        if not source.sidecar:  # kube-proxy: this workload's endpoint, Host as given
+            return _Route(name, service_port, pod, host, direct=endpoint, target_port=target_port)
+        headers = ((WORKLOAD_HEADER, pod.ref),) if several else ()
+        if case.tcp:
+            if several:
+                return _Route.refused(
+                    f"{name}:{service_port} has {len(targets)} workloads and TCP carries no "
+                    "Host or header to pick one: the client sidecar balances over them (send "
+                    "the case from a pod without a sidecar, which reaches one endpoint)"
+                )
+            return _Route(name, service_port, pod, target_port=target_port)
+        if host is None:
+            return _Route(name, service_port, pod, None, headers=headers, target_port=target_port)
+        source_workload = mesh.snapshot.workload(source.ref)
+        assert policy is not None and source_workload is not None
+        decided = sidecar_client_route(mesh, source_workload, policy, target_port, host)
+        if decided.kind is RouteKind.PASSTHROUGH:
+            # What the client sidecar's PassthroughCluster sends to the original
+            # destination; a local sidecar has no original destination (no capture).
+            return _Route(name, service_port, pod, host, direct=endpoint, target_port=target_port)
+        if decided.kind is RouteKind.BLOCKED:
+            return _Route(host, 0, None, host)  # its sidecar answers 502
+        bare_port = _bare_host_port(self.plan, name)
+        if ":" not in host and bare_port != service_port:
+            return _Route.refused(
+                f"Host {host} has no port: an app's HTTP proxy request then means port "
+                f"{bare_port}, and the local sidecar cannot send it to port {service_port}"
+            )
+        return _Route(host, 0, pod, host, headers=headers, target_port=target_port)
 
     # -- HTTP
 
-    async def _http(self, source: PodPlan, case: Case) -> tuple[Outcome, str]:
+    async def _http(self, source: PodPlan, case: Case, route: _Route) -> tuple[Outcome, str]:
         assert case.request is not None
-        host, port, destination = self._destination(case)
+        destination = route.destination
         request_id = str(uuid.uuid4())
-        headers: list[tuple[str, str]] = [("x-request-id", request_id)]
-        if case.request.host is not None:
-            headers.append(("Host", case.request.host))
+        headers: list[tuple[str, str]] = [("x-request-id", request_id), *route.headers]
+        if route.host is not None:
+            headers.append(("Host", route.host))
         for name, value in case.request.headers.items():
             for item in value if isinstance(value, list) else [value]:
                 headers.append((name, item))
         if case.request.jwt is not None:
             headers.append(("Authorization", f"Bearer {case.request.jwt}"))
-        url = f"http://{host}:{port}{case.request.path}"
+        url = f"http://{route.authority}{case.request.path}"
         log = self._log_of(destination)
         offset = _size(log)
         egress_log = self._log_of(source) if destination is None else None
@@ -209,8 +302,11 @@ class LiveRunner:
             method=case.request.method,
             headers=headers,
             timeout=self.timeout,
+            direct=route.direct,
         )
-        detail = f"{case.request.method} {url} as {source.ref} → {_describe(result)}"
+        via = f" via {route.direct[0]}:{route.direct[1]}" if route.direct else ""
+        host = f" Host: {route.host}" if route.host else ""
+        detail = f"{case.request.method} {url}{host} as {source.ref}{via} → {_describe(result)}"
         outcome = _http_outcome(result)
         if log is not None and outcome.verdict in ("allow", "deny") and result.status != 502:
             line = await _wait_log_line(log, offset, lambda e: e.get("request_id") == request_id)
@@ -225,20 +321,25 @@ class LiveRunner:
 
     # -- TCP
 
-    async def _tcp(self, source: PodPlan, case: Case) -> tuple[Outcome, str]:
-        host, port, destination = self._destination(case)
+    async def _tcp(self, source: PodPlan, route: _Route) -> tuple[Outcome, str]:
+        destination, port = route.destination, route.port
         log = self._log_of(destination)
         offset = _size(log)
         egress_log = self._log_of(source) if destination is None else None
         egress_offset = _size(egress_log)
-        result = await tcp_exchange(self.plan, source, host, port, timeout=self.timeout / 2)
-        detail = f"tcp {host}:{port} as {source.ref} → {_describe_tcp(result)}"
+        host = route.name
+        result = await tcp_exchange(
+            self.plan, source, host, port, timeout=self.timeout / 2, direct=route.direct
+        )
+        via = f" via {route.direct[0]}:{route.direct[1]}" if route.direct else ""
+        detail = f"tcp {host}:{port} as {source.ref}{via} → {_describe_tcp(result)}"
         if result.connected:
             outcome = Outcome("allow", None, None, None, None, "connected", rule_known=False)
         else:
             outcome = Outcome("reset", None, None, None, None, result.why, rule_known=False)
         if log is not None:
-            line = await _wait_log_line(log, offset, lambda e: e.get("port") == str(port))
+            logged_port = str(route.target_port)
+            line = await _wait_log_line(log, offset, lambda e: e.get("port") == logged_port)
             if line is not None:
                 outcome = _tcp_with_log(outcome, line)
         if egress_log is not None and not result.connected:

@@ -106,7 +106,8 @@ class PodPlan:
 
 @dataclass(frozen=True, slots=True)
 class ServiceTarget:
-    """Where a service port's traffic goes without a sidecar (kube-proxy's job)."""
+    """One endpoint of a service port: a pod, its address and the target port (where
+    kube-proxy sends a client without a sidecar)."""
 
     pod: str  # namespace/name
     address: str
@@ -117,8 +118,9 @@ class ServiceTarget:
 class MeshPlan:
     pods: tuple[PodPlan, ...]
     trust_domain: str
-    # "<host>:<port>" for every name a service port answers to → its first endpoint
-    services: Mapping[str, ServiceTarget] = field(default_factory=dict)
+    # "<host>:<port>" for every name a service port answers to → its endpoints, one per
+    # selected pod (a Service over reviews v1, v2, v3 has three)
+    services: Mapping[str, tuple[ServiceTarget, ...]] = field(default_factory=dict)
 
     def pod(self, ref: str) -> PodPlan | None:
         return next((p for p in self.pods if p.ref == ref), None)
@@ -128,8 +130,8 @@ class MeshPlan:
             "trust_domain": self.trust_domain,
             "pods": [p.to_json() for p in self.pods],
             "services": {
-                k: {"pod": t.pod, "address": t.address, "port": t.port}
-                for k, t in sorted(self.services.items())
+                k: [{"pod": t.pod, "address": t.address, "port": t.port} for t in targets]
+                for k, targets in sorted(self.services.items())
             },
         }
 
@@ -138,7 +140,7 @@ class MeshPlan:
         return cls(
             pods=tuple(PodPlan.from_json(p) for p in data["pods"]),
             trust_domain=data["trust_domain"],
-            services={k: ServiceTarget(**v) for k, v in data["services"].items()},
+            services={k: tuple(ServiceTarget(**t) for t in v) for k, v in data["services"].items()},
         )
 
 
@@ -238,28 +240,38 @@ def _pod(
     return plan, None
 
 
-def _service_targets(snapshot: ConfigSnapshot, pods: list[PodPlan]) -> dict[str, ServiceTarget]:
+def _service_targets(
+    snapshot: ConfigSnapshot, pods: list[PodPlan]
+) -> dict[str, tuple[ServiceTarget, ...]]:
     by_ref = {p.ref: p for p in pods}
-    targets: dict[str, ServiceTarget] = {}
+    targets: dict[str, tuple[ServiceTarget, ...]] = {}
     for service in snapshot.services:
         selected = [
             w for w in snapshot.workloads if w.ref in by_ref and service.namespace == w.namespace
         ]
-        selected = [w for w in selected if service.selects(w)]
+        selected = list({w.ref: w for w in selected if service.selects(w)}.values())
         if not selected:
             continue
-        pod = by_ref[selected[0].ref]
         names = (
             service.hostname,
             f"{service.name}.{service.namespace}.svc",
             f"{service.name}.{service.namespace}",
         )
         for port in service.ports:
-            target = port.target_port
-            if isinstance(target, str):  # a named container port
-                target = _named_port(selected[0], target) or port.port
+            endpoints = []
+            for workload in selected:
+                target = (
+                    port.target_port
+                    if isinstance(port.target_port, int)
+                    else _named_port(workload, port.target_port)  # a named container port
+                )
+                if target is None:
+                    continue  # Kubernetes drops an endpoint without the named port
+                pod = by_ref[workload.ref]
+                endpoints.append(ServiceTarget(pod.ref, pod.pod_ip, target))
             for name in names:
-                targets[f"{name}:{port.port}"] = ServiceTarget(pod.ref, pod.pod_ip, target)
+                if endpoints:
+                    targets[f"{name}:{port.port}"] = tuple(endpoints)
     return targets
 
 

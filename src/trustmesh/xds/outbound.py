@@ -68,6 +68,7 @@ __all__ = [
     "outbound_clusters",
     "outbound_routes",
     "port_protocol",
+    "selected_workloads",
     "static_cluster",
     "target_port",
 ]
@@ -216,6 +217,11 @@ def outbound_clusters(
         for cluster in _entry_clusters(entry):
             clusters.setdefault(cluster["name"], cluster)
     return [clusters[name] for name in sorted(clusters)]
+
+
+def selected_workloads(mesh: MeshPolicy, service: Service) -> list[Workload]:
+    """The workloads ``service`` selects (its endpoints), by reference."""
+    return _selected(mesh, service)
 
 
 def _selected(mesh: MeshPolicy, service: Service) -> list[Workload]:

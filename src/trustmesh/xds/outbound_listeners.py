@@ -38,6 +38,14 @@ Unknown hosts (istio-semantics §6):
   cluster; any other SNI goes to ``BlackHoleCluster`` (a reset, curl exit 35) under
   REGISTRY_ONLY, or is resolved by SNI and forwarded under ALLOW_ANY.
 
+One workload of a Service with several (bookinfo's reviews v1, v2, v3): a request with
+``x-trustmesh-workload: NS/NAME`` goes to that workload only — a route ahead of the
+service's default one, to a cluster ``outbound|<port>|workload-<name>|<fqdn>`` holding
+that workload's endpoint with the service cluster's TLS (as a DestinationRule subset
+and a VirtualService header match would); the header is removed before the request
+leaves the sidecar, so the destination sees the request any client of the Service
+sends. ``trustmesh test --live`` uses it to reach the workload a case names.
+
 Not built: HTTPS through the proxy (``CONNECT``), Sidecar ``egress`` scoping. Two
 Services with the same TCP port cannot both have a listener on one address: the client's
 own namespace wins, then the lowest hostname.
@@ -45,6 +53,7 @@ own namespace wins, then the lowest hostname.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -68,17 +77,21 @@ from trustmesh.xds.outbound import (
     Protocol,
     default_virtual_host,
     port_protocol,
+    selected_workloads,
 )
 
 __all__ = [
     "DYNAMIC_FORWARD_PROXY_CLUSTER",
     "OUTBOUND_HTTP_LISTENER",
     "OUTBOUND_HTTP_PORT",
+    "WORKLOAD_HEADER",
     "outbound_http_route",
     "outbound_listeners",
     "outbound_proxy_clusters",
     "outbound_tcp_ports",
     "tls_egress_ports",
+    "workload_subset",
+    "workload_subset_clusters",
 ]
 
 _T = "type.googleapis.com/"
@@ -94,6 +107,16 @@ _DNS_CACHE = {"name": "outbound_http_dns_cache", "dns_lookup_family": "V4_ONLY"}
 _DEFAULT_HTTP_PORT = 80
 
 
+WORKLOAD_HEADER = "x-trustmesh-workload"
+
+
+def workload_subset(cluster: str, workload_ref: str) -> str:
+    """``outbound|9080||reviews.default.svc.cluster.local`` + ``default/reviews-v2`` →
+    ``outbound|9080|workload-reviews-v2|reviews.default.svc.cluster.local``."""
+    direction, port, _, fqdn = cluster.split("|", 3)
+    return f"{direction}|{port}|workload-{workload_ref.partition('/')[2]}|{fqdn}"
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     """One virtual host of the proxy: the hosts naming one cluster on one port."""
@@ -102,6 +125,7 @@ class _Target:
     port: int
     cluster: str
     bare: bool  # also match the hosts without a port
+    workloads: tuple[str, ...] = ()  # a Service's endpoints, when it has several
 
     @property
     def name(self) -> str:
@@ -254,11 +278,12 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
                     "name": target.name,
                     "domains": domains,
                     "routes": [
+                        *(_workload_route(target.cluster, ref) for ref in target.workloads),
                         {
                             "name": "default",
                             "match": {"prefix": "/"},
                             "route": {"cluster": target.cluster, "timeout": "0s"},
-                        }
+                        },
                     ],
                 }
             )
@@ -270,6 +295,51 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
     }
 
 
+def _workload_route(cluster: str, workload_ref: str) -> dict[str, Any]:
+    return {
+        "name": f"workload {workload_ref}",
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": WORKLOAD_HEADER, "string_match": {"exact": workload_ref}}],
+        },
+        "route": {"cluster": workload_subset(cluster, workload_ref), "timeout": "0s"},
+        "request_headers_to_remove": [WORKLOAD_HEADER],
+    }
+
+
+def workload_subset_clusters(
+    wp: WorkloadPolicy, mesh: MeshPolicy, clusters: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The per-workload clusters the proxy's routes name: each a copy of its service
+    cluster (same TLS, same SNI) with only that workload's endpoint."""
+    by_name = {str(c["name"]): c for c in clusters}
+    out = []
+    for target in _targets(wp, mesh):
+        service_cluster = by_name.get(target.cluster)
+        if service_cluster is None:
+            continue
+        for ref in target.workloads:
+            name = workload_subset(target.cluster, ref)
+            groups = service_cluster.get("load_assignment", {}).get("endpoints", [])
+            endpoints = [
+                e
+                for group in groups
+                for e in group.get("lb_endpoints", [])
+                if e.get("metadata", {})
+                .get("filter_metadata", {})
+                .get("trustmesh", {})
+                .get("workload")
+                == ref
+            ]
+            subset = dict(service_cluster, name=name)
+            subset["load_assignment"] = {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": endpoints}] if endpoints else [],
+            }
+            out.append(subset)
+    return out
+
+
 def _targets(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[_Target]:
     targets: list[_Target] = []
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
@@ -277,7 +347,12 @@ def _targets(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[_Target]:
             sp.port for sp in service.ports if port_protocol(sp.name, sp.protocol) is Protocol.HTTP
         ]
         hosts = tuple(_service_hosts(service, wp.workload.namespace))
-        targets += _port_targets(hosts, ports, service.hostname)
+        workloads = [w.ref for w in selected_workloads(mesh, service)]
+        several = tuple(workloads) if len(workloads) > 1 else ()
+        targets += [
+            dataclasses.replace(t, workloads=several)
+            for t in _port_targets(hosts, ports, service.hostname)
+        ]
     entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
     for entry in entries:
         spec: m.ServiceEntrySpec = entry.spec

@@ -53,7 +53,11 @@ from trustmesh.xds.outbound import (
     outbound_clusters,
     outbound_routes,
 )
-from trustmesh.xds.outbound_listeners import outbound_listeners, outbound_proxy_clusters
+from trustmesh.xds.outbound_listeners import (
+    outbound_listeners,
+    outbound_proxy_clusters,
+    workload_subset_clusters,
+)
 from trustmesh.xds.rbac import (
     HTTP_RBAC_TYPE,
     http_custom_filters,
@@ -180,16 +184,23 @@ def translate(
                     f"{sorted(bound)} a second time: use another address"
                 )
         listeners = sorted([*listeners, *outbound], key=lambda x: str(x["name"]))
-        proxy_clusters = outbound_proxy_clusters(wp)
+    service_clusters = _shared(
+        mesh,
+        wp,
+        ("clusters", sds_cluster, _addresses_key(workload_addresses)),
+        lambda: outbound_clusters(wp, mesh, sds_cluster, workload_addresses),
+    )
+    if outbound_address is not None:
+        proxy_clusters = outbound_proxy_clusters(wp) + _shared(
+            mesh,
+            wp,
+            ("workload subsets", sds_cluster, _addresses_key(workload_addresses)),
+            lambda: workload_subset_clusters(wp, mesh, service_clusters),
+        )
     clusters: dict[str, dict[str, Any]] = {}
     for cluster in (
         *inbound_clusters(ports, app_address),
-        *_shared(
-            mesh,
-            wp,
-            ("clusters", sds_cluster, _addresses_key(workload_addresses)),
-            lambda: outbound_clusters(wp, mesh, sds_cluster, workload_addresses),
-        ),
+        *service_clusters,
         *proxy_clusters,
         *jwks_clusters(wp.jwt_providers, mesh.snapshot),
     ):
