@@ -142,7 +142,8 @@ def _up_in_a_free_block(
             state=state,
             timeout=START_TIMEOUT,
         )
-        if started.returncode == 0 or "are used by the mesh running from" not in started.stderr:
+        taken = ("are used by the mesh running from", "is already in use by")
+        if started.returncode == 0 or not any(why in started.stderr for why in taken):
             return started
     return started
 
