@@ -376,3 +376,11 @@ def test_a_head_answer_has_no_body_whatever_its_content_length(method: str, inte
     assert not result.reset, result.why
     assert (result.status, result.body) == (403, b"" if method == "HEAD" else b"x" * 19)
     assert live._http_outcome(result).verdict == "deny"
+
+
+def test_ca_revoke_refuses_what_is_not_a_serial(tmp_path: Path) -> None:
+    for serial in ("zz", "0", "12 34", "0x"):
+        result = runner.invoke(app, ["ca", "revoke", serial, "--dir", str(tmp_path)])
+        assert result.exit_code == 2, (serial, result.output)
+        assert "is not a certificate serial" in result.output
+        assert "Traceback" not in result.output

@@ -147,11 +147,12 @@ def _decide(
     host = request.http.host if request.http is not None else None
     if host is not None and source_workload and source_workload.dataplane.mode is _SIDECAR:
         route = sidecar_client_route(mesh, source_workload, target, port, host)
-        run.note(route.explanation)
+        if route.kind is RouteKind.PASSTHROUGH:  # noted below, as the client's TLS choice
+            passthrough = ClientTls(False, None, None, True, route.explanation)
+        else:
+            run.note(route.explanation)
         if route.kind is RouteKind.BLOCKED:
             return _finish(run, Verdict.DENY, 502, None, route.explanation)
-        if route.kind is RouteKind.PASSTHROUGH:
-            passthrough = ClientTls(False, None, None, True, route.explanation)
     # Only workload sources are memoized: their number is bounded by the config.
     tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
     tls = mesh.memo.get(tls_key) if tls_key else None
