@@ -384,3 +384,19 @@ def test_ca_revoke_refuses_what_is_not_a_serial(tmp_path: Path) -> None:
         assert result.exit_code == 2, (serial, result.output)
         assert "is not a certificate serial" in result.output
         assert "Traceback" not in result.output
+
+
+def test_an_address_block_is_claimed_once_and_freed_with_its_holder(tmp_path: Path) -> None:
+    from trustmesh.runtime.addresses import AddressConflict, claim_block
+
+    first = claim_block("127.60.0.0", tmp_path / "first", claims_dir=tmp_path / "claims")
+    with pytest.raises(AddressConflict) as taken:
+        claim_block("127.60.0.0", tmp_path / "second", claims_dir=tmp_path / "claims")
+    assert str(taken.value).startswith(
+        f"addresses 127.60.0.0/16 are used by the mesh running from {tmp_path / 'first'} (pid "
+    )
+    other = claim_block("127.61.0.0", tmp_path / "second", claims_dir=tmp_path / "claims")
+    first.release()
+    again = claim_block("127.60.0.0", tmp_path / "second", claims_dir=tmp_path / "claims")
+    for claim in (other, again):
+        claim.release()

@@ -68,10 +68,13 @@ def claim_block(base: str, state: Path, *, claims_dir: Path | None = None) -> Bl
     """Claim ``base``'s block for the mesh in ``state``; :class:`AddressConflict` naming
     the mesh that holds it."""
     folder = claims_dir or _claims_dir()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     block = block_of(base)
     path = folder / f"{block}.lock"
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the mesh's life
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the mesh's life
+    except OSError as exc:
+        raise AddressConflict(f"cannot claim {block}.0.0/16 ({path}): {exc.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
