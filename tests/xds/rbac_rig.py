@@ -29,6 +29,7 @@ from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.xds.guards import HOST_HCM_FIELDS, request_guard_filters
 from trustmesh.xds.rbac import http_custom_filters, http_rbac_filters, network_rbac_filters
 
 _T = "type.googleapis.com/envoy.extensions."
@@ -152,7 +153,8 @@ def access_log(path: Path) -> list[dict[str, Any]]:
 def http_listener(
     name: str, address: str, port: int, filters: list[dict[str, Any]], mode: str, log: Path
 ) -> dict[str, Any]:
-    """HCM (normalization per ``mode``) → ``filters`` → a router answering 200 itself."""
+    """HCM (normalization per ``mode``, Host as trustmesh's inbound listener treats it) →
+    ``filters`` → a router answering 200 itself."""
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
     manager = {
         "@type": _HCM,
@@ -162,6 +164,7 @@ def http_listener(
         "http_filters": [*filters, {"name": "router", "typed_config": {"@type": _ROUTER}}],
         "access_log": access_log(log),
         **normalization(mode),
+        **HOST_HCM_FIELDS,
     }
     hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
     return _listener(name, address, port, [hcm])
@@ -297,7 +300,8 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
         for i, case in enumerate(http):
             wp = case.mesh.for_workload(case.destination)
             assert wp is not None
-            filters = [*http_custom_filters(wp, case.mesh), *jwt_filter(case.mesh)]
+            filters = [*request_guard_filters(wp, case.mesh), *http_custom_filters(wp, case.mesh)]
+            filters += jwt_filter(case.mesh)
             filters += http_rbac_filters(wp, case.mesh)
             mode = case.mesh.path_normalization.value
             listeners.append(http_listener(f"http{i}", case.address, case.port, filters, mode, log))

@@ -348,6 +348,17 @@ class ExtensionProvider(Loose):
     name: str
 
 
+class RepeatedPolicyHeaders(enum.Enum):
+    """``meshConfig.repeatedPolicyHeaders`` (trustmesh's own; istiod ignores the field).
+
+    What a sidecar does with a request that carries a header more than once when an
+    AuthorizationPolicy ``request.headers[...]`` condition applying to it names that header.
+    """
+
+    REJECT = "REJECT"  # 400 before any policy filter (the default: fails closed)
+    FORWARD = "FORWARD"  # Istio's behaviour: a condition matches if any one line matches
+
+
 class MeshConfigModel(Loose):
     root_namespace: str = "istio-system"
     trust_domain: str = "cluster.local"
@@ -357,6 +368,7 @@ class MeshConfigModel(Loose):
     path_normalization: PathNormalizationSetting = Field(default_factory=PathNormalizationSetting)
     extension_providers: tuple[ExtensionProvider, ...] = ()
     access_log_file: str = ""  # set (Istio: /dev/stdout): every request is logged
+    repeated_policy_headers: RepeatedPolicyHeaders = RepeatedPolicyHeaders.REJECT
 
 
 # --- whole-object payloads for kinds whose interesting part is not just ``spec`` ------

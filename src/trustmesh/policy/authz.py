@@ -285,6 +285,21 @@ def compile_policy(
     return compiled
 
 
+def condition_header_names(policy: Resource[Any]) -> frozenset[str]:
+    """Lower-case names of the headers ``policy``'s ``request.headers[NAME]`` conditions read.
+
+    Example: ``when: [{key: "request.headers[X-User]", notValues: [ops]}]`` → ``{"x-user"}``.
+    """
+    spec: m.AuthorizationPolicySpec = policy.spec
+    names = set()
+    for rule in spec.rules or ():
+        for condition in rule.when:
+            found = _HEADER_KEY.match(condition.key)
+            if found:
+                names.add(found.group(1).lower())
+    return frozenset(names)
+
+
 def _uses_http_only(rule: m.Rule) -> bool:
     for f in rule.from_:
         if f.source.request_principals or f.source.not_request_principals:

@@ -18,7 +18,13 @@ from trustmesh.api import models as m
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
 from trustmesh.api.validation import is_dry_run_annotated
-from trustmesh.policy.authz import CompiledRule, RuleSet, TrustBundle, compile_policy
+from trustmesh.policy.authz import (
+    CompiledRule,
+    RuleSet,
+    TrustBundle,
+    compile_policy,
+    condition_header_names,
+)
 from trustmesh.policy.jwt import JwtProvider, parse_jwks
 from trustmesh.policy.pathnorm import PathNormalization
 
@@ -67,6 +73,9 @@ class AuthzPolicy:
     audit: ActionRules
     dry_run_deny: ActionRules
     dry_run_allow: ActionRules
+    # Headers some applicable policy's request.headers[...] condition reads (lower case):
+    # the ones a request may not repeat (see trustmesh.policy.headers).
+    condition_headers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +239,7 @@ def _authz_policy(
         audit=rules("AUDIT"),
         dry_run_deny=rules("dry-DENY"),
         dry_run_allow=rules("dry-ALLOW"),
+        condition_headers=frozenset().union(*(condition_header_names(p) for p in policies)),
     )
 
 

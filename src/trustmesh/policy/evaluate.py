@@ -19,6 +19,16 @@ from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
+from trustmesh.policy.headers import (
+    HOST_GUARD_POLICY,
+    authority_rejected,
+    header_view,
+    is_plain_authority,
+    joined_authority,
+    repeated,
+    split_absolute_form,
+    strip_trailing_host_dot,
+)
 from trustmesh.policy.jwt import JwtResult, JwtStatus, authenticate
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
@@ -477,28 +487,48 @@ def _http_attributes(
         run.note(reason)
         return _finish(run, Verdict.BAD_REQUEST, 400, None, reason)
     try:
-        normalized = normalize_path(http.path, mesh.path_normalization)
+        uri_authority, target_path = split_absolute_form(http.path)
+    except PathRejected as exc:
+        run.note("request target rejected: {}", exc.reason)
+        return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
+    lines = http.header_lines()
+    if uri_authority is not None:
+        host = uri_authority  # the codec takes an absolute-form target's authority
+        run.note("absolute-form target: authority {}", host)
+    else:
+        host_lines = [value for name, value in lines if name.lower() == "host"]
+        if http.host is not None:
+            host_lines.insert(0, http.host)
+        if host_lines:
+            host = joined_authority(host_lines)
+        else:
+            host_key = ("host", target.workload.ref, port)
+            remembered: str | None = mesh.memo.get(host_key)
+            if remembered is None:
+                remembered = mesh.memo[host_key] = _default_host(target, port)
+            host = remembered
+    if authority_rejected(host):
+        reason = f"Host {host!r} has characters Envoy's authority check refuses"
+        run.note(reason)
+        return _finish(run, Verdict.BAD_REQUEST, 400, None, reason)
+    try:
+        normalized = normalize_path(target_path, mesh.path_normalization)
     except PathRejected as exc:
         run.note("path rejected: {}", exc.reason)
         return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
-    if normalized.full != http.path:
+    if normalized.full != target_path:
         run.note(
             "path {} normalized to {} ({})",
-            http.path,
+            target_path,
             normalized.full,
             mesh.path_normalization.value,
         )
-    headers: dict[str, tuple[str, ...]] = {}
-    for name, value in http.header_lines():
-        key = name.lower()
-        headers[key] = (*headers.get(key, ()), value)
-    host = http.host
-    if host is None:
-        host_key = ("host", target.workload.ref, port)
-        host = mesh.memo.get(host_key)
-        if host is None:
-            host = mesh.memo[host_key] = _default_host(target, port)
-    headers[":authority"] = (host,)
+    stripped = strip_trailing_host_dot(host)
+    if stripped != host:
+        run.note("Host {} has its trailing dot stripped: {}", host, stripped)
+        host = stripped
+    headers = header_view(lines)
+    headers[":authority"] = headers["host"] = (host,)
     attrs.method, attrs.path, attrs.query = http.method, normalized.path, normalized.query
     attrs.host, attrs.headers = host, headers
     forwarded = headers.get("x-forwarded-for")
@@ -508,7 +538,41 @@ def _http_attributes(
         last = ",".join(forwarded).rsplit(",", 1)[-1].strip()
         with contextlib.suppress(ValueError):  # not an address: the peer address stays
             attrs.remote_ip = ipaddress.ip_address(last)
-    return None
+    return _guards(mesh, target, attrs, run)
+
+
+def _guards(
+    mesh: MeshPolicy, target: WorkloadPolicy, attrs: Attributes, run: _Run
+) -> Decision | None:
+    """trustmesh's request-smuggling guards, in front of every policy filter."""
+    host = attrs.host or ""
+    if not is_plain_authority(host):
+        reason = (
+            f"Host {host!r} is not one plain host[:port] (Host lines joined, userinfo, a"
+            " second trailing dot, escapes): refused before any policy"
+        )
+        run.note("{}: {}", HOST_GUARD_POLICY, reason)
+        return _finish(run, Verdict.DENY, 403, HOST_GUARD_POLICY, reason, attrs)
+    names = target.authz.condition_headers
+    if not names:
+        return None
+    twice = repeated(attrs.headers, names)
+    if not twice:
+        return None
+    lines = ", ".join(f"{name} ({len(attrs.headers[name])} lines)" for name in twice)
+    if mesh.snapshot.mesh.repeated_policy_headers is m.RepeatedPolicyHeaders.FORWARD:
+        run.note(
+            "repeated {}: forwarded (meshConfig.repeatedPolicyHeaders: FORWARD); a condition"
+            " on it matches if any one line matches",
+            lines,
+        )
+        return None
+    reason = (
+        f"repeated header {lines} named by a policy condition: refused"
+        " (meshConfig.repeatedPolicyHeaders: REJECT)"
+    )
+    run.note(reason)
+    return _finish(run, Verdict.BAD_REQUEST, 400, None, reason, attrs)
 
 
 def _jwt_headers(result: JwtResult) -> tuple[tuple[str, str], ...]:

@@ -19,8 +19,9 @@ DISABLE     ``inbound|<port>|plaintext`` only: TLS finds no chain.
 
 HTTP ports (see :func:`~trustmesh.xds.outbound.port_protocol`) run an HTTP connection
 manager: path normalization per ``meshConfig.pathNormalization`` (what RBAC path rules
-see), ``x-forwarded-client-cert`` sanitized and set from the verified peer certificate,
-then the policy filters — CUSTOM stand-ins, jwt_authn, RBAC (AUDIT, DENY, ALLOW) — handed
+see), one trailing dot stripped from Host, ``x-forwarded-client-cert`` sanitized and set
+from the verified peer certificate, then the request guards (:mod:`trustmesh.xds.guards`)
+and the policy filters — CUSTOM stand-ins, jwt_authn, RBAC (AUDIT, DENY, ALLOW) — handed
 in by :mod:`trustmesh.xds.translate`, then the router to ``inbound|<port>||``, a STATIC
 cluster at ``<app address>:<port>``. TCP ports run the network RBAC filters, then a TCP
 proxy to the same cluster.
@@ -54,6 +55,7 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.pathnorm import PathNormalization
+from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.outbound import (
     Protocol,
     port_protocol,
@@ -289,6 +291,8 @@ def _http_manager(
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}},
         ],
         **path_normalization(mesh.path_normalization),
+        # Not Istio's: ``internal.foo.`` would otherwise escape hosts: ["internal.foo"].
+        **HOST_HCM_FIELDS,
         # The application learns its caller from x-forwarded-client-cert: a value the
         # caller sent itself is dropped and replaced by what the handshake verified.
         "forward_client_cert_details": "SANITIZE_SET",

@@ -18,6 +18,7 @@ Why ECDS: Envoy applies a listener (LDS) change only to new connections, and kee
 keep-alive connections on the old filters until they drain (600 s by default), so a
 revoked permission would stay usable on an open connection. A filter fetched over ECDS is
 replaced on existing connections at once. Each HTTP chain therefore names fixed slots —
+``trustmesh.guard.headers`` (the repeated-header guard, :mod:`trustmesh.xds.guards`),
 ``trustmesh.authn.jwt``, ``trustmesh.authz.audit``, ``trustmesh.authz.deny``,
 ``trustmesh.authz.allow`` (after one ``trustmesh.authz.custom.<i>`` per CUSTOM provider,
 which run before JWT as in Istio) — filled with a pass-through config when nothing of that
@@ -42,6 +43,13 @@ from typing import Any, TypeVar
 
 from trustmesh.envoy_json import socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.xds.guards import (
+    HEADER_GUARD_SLOT,
+    HEADER_GUARD_TYPES,
+    header_guard_config,
+    host_guard_filter,
+    request_guard_filters,
+)
 from trustmesh.xds.inbound import (
     inbound_clusters,
     inbound_listener,
@@ -247,19 +255,19 @@ def _http_policy_filters(
     wp: WorkloadPolicy, mesh: MeshPolicy, delivery: FilterDelivery
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The HTTP policy filters in Istio's order — CUSTOM, jwt_authn, AUDIT, DENY, ALLOW —
-    and, under ECDS, the extension configs they name."""
+    behind trustmesh's request guards, and, under ECDS, the extension configs they name."""
     custom = http_custom_filters(wp, mesh)
     rbac = http_rbac_filters(wp, mesh)
     jwt = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
     if delivery is FilterDelivery.INLINE:
-        filters = list(custom)
+        filters = [*request_guard_filters(wp, mesh), *custom]
         if wp.jwt_providers:
             filters.append({"name": JWT_FILTER, "typed_config": jwt})
         return [*filters, *rbac], []
 
-    slots: list[tuple[str, dict[str, Any]]] = [
-        (_CUSTOM_SLOT.format(i), f["typed_config"]) for i, f in enumerate(custom)
-    ]
+    # The host guard depends on nothing a policy says: it stays in the listener.
+    slots: list[tuple[str, dict[str, Any]]] = [(HEADER_GUARD_SLOT, header_guard_config(wp, mesh))]
+    slots += [(_CUSTOM_SLOT.format(i), f["typed_config"]) for i, f in enumerate(custom)]
     slots.append((JWT_SLOT, jwt))
     by_action: dict[str, dict[str, Any]] = {}
     for f in rbac:
@@ -271,12 +279,15 @@ def _http_policy_filters(
     for action, slot in _RBAC_SLOTS.items():
         # An RBAC filter without rules enforces nothing and logs nothing: a free slot.
         slots.append((slot, by_action.get(action, {"@type": HTTP_RBAC_TYPE})))
-    filters = [
+    filters = [host_guard_filter()]
+    filters += [
         {
             "name": name,
             "config_discovery": {
                 "config_source": {"ads": {}, "resource_api_version": "V3"},
-                "type_urls": [config["@type"]],
+                "type_urls": list(HEADER_GUARD_TYPES)
+                if name == HEADER_GUARD_SLOT
+                else [config["@type"]],
             },
         }
         for name, config in slots
