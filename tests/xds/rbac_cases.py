@@ -157,6 +157,65 @@ JWT_KITCHEN_SINK = (
 """,
     )
 )
+# Request-smuggling attacks (trustmesh.policy.headers): header conditions of every kind
+# (ALLOW values, DENY notValues, DENY values), a header Envoy joins itself (user-agent),
+# request.headers[host], and a DENY on hosts.
+SMUGGLING = (
+    _policy(
+        "writes-need-ops",
+        """  action: DENY
+  rules:
+  - to: [{operation: {methods: ["POST", "PUT", "DELETE"]}}]
+    when: [{key: "request.headers[x-user]", notValues: ["ops"]}]
+""",
+    )
+    + _policy(
+        "no-mallory",
+        """  action: DENY
+  rules:
+  - when: [{key: "request.headers[X-Blocked]", values: ["mallory", "evil*"]}]
+  - when: [{key: "request.headers[user-agent]", values: ["bad-bot*"]}]
+  - when: [{key: "request.headers[host]", values: ["secret.foo"]}]
+  - to: [{operation: {hosts: ["internal.foo"]}}]
+""",
+    )
+    + _policy(
+        "admin-needs-role",
+        """  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+    when: [{key: "request.headers[x-role]", values: ["admin"]}]
+  - to: [{operation: {notPaths: ["/admin*"]}}]
+""",
+    )
+)
+SMUGGLING_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
+    (), (("x-user", "ops"),), (("x-user", "mallory"),), (("x-user", "ops"), ("x-user", "mallory")),
+    (("x-user", "mallory"), ("x-user", "ops")), (("X-User", "ops"), ("x-user", "mallory")),
+    (("x-user", "ops,mallory"),), (("x-user", "ops"), ("x-user", "ops")),
+    (("x-user", ""), ("x-user", "ops")), (("x-role", "admin"),),
+    (("x-role", "guest"), ("x-role", "admin")), (("X-Role", "admin"), ("x-ROLE", "guest")),
+    (("x-blocked", "ops"), ("x-blocked", "mallory")), (("x-blocked", "evil-twin"),),
+    (("x-blocked", "ok"),), (("user-agent", "ok"), ("user-agent", "bad-bot/1")),
+    (("user-agent", "bad-bot/1"), ("user-agent", "ok")),
+    (("user-agent", ""), ("user-agent", "bad-bot")),
+    (("x-other", "a"), ("x-other", "b")),
+)  # fmt: skip
+# Host as sent (the probe's Host line, then any extra Host lines) and absolute-form targets.
+SMUGGLING_HOSTS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("internal.foo", ()), ("internal.foo.", ()), ("INTERNAL.FOO.", ()), ("internal.foo.:8000", ()),
+    ("internal.foo..", ()), ("internal.foo:8000", ()), ("user@internal.foo", ()),
+    ("internal.foo", (("Host", "httpbin.foo:8000"),)),
+    ("httpbin.foo:8000", (("Host", "internal.foo"),)),
+    ("internal.foo,httpbin.foo", ()), ("internal%2Efoo", ()), ("", ()), ("[::1]:8000", ()),
+    ("secret.foo", ()), ("secret.foo.", ()), ("Secret.foo", ()), ("httpbin.foo", ()),
+    ("internal.foo:", ()), (".internal.foo", ()), ("internal.foo x", ()), ("a{b}", ()),
+    ("10.0.0.1:8000", ()), ("httpbin_x.foo", ()),
+)  # fmt: skip
+SMUGGLING_TARGETS = (
+    "http://internal.foo/get", "HTTP://user:pw@internal.foo/get", "https://internal.foo./admin",
+    "http://httpbin.foo:8000/get", "http://internal.foo", "http://internal.foo?x=1",
+    "ftp://internal.foo/get", "http:///get", "http://a@b@internal.foo/get", "//internal.foo/get",
+)  # fmt: skip
 JWT_PATHS = ("/headers", "/any-token", "/iss-any-sub", "/any-iss", "/no-token", "/scope", "/foo",
              "/not-group2", "/aud", "/principal", "/no-slash", "/inner-wildcard")  # fmt: skip
 TOKENS = {
@@ -240,6 +299,25 @@ def _attribute_grid() -> list[Probe]:
     ]
 
 
+def _smuggling_grid() -> list[Probe]:
+    probes = [
+        Probe(method, path, "httpbin.foo:8000", headers)
+        for method in ("GET", "POST")
+        for path in ("/get", "/admin")
+        for headers in SMUGGLING_HEADERS
+    ]
+    probes += [
+        Probe(method, "/get", host, extra)
+        for method in ("GET", "POST")
+        for host, extra in SMUGGLING_HOSTS
+    ]
+    return probes + [
+        Probe(method, target, "httpbin.foo:8000", (("x-user", "ops"),))
+        for method in ("GET", "POST")
+        for target in SMUGGLING_TARGETS
+    ]
+
+
 def _token_grid() -> list[Probe]:
     return [
         Probe(method, path, "httpbin.foo:8000", headers)
@@ -267,8 +345,8 @@ class Case:
     address: str = ""
 
 
-def _mesh(text: str, mode: str = "BASE") -> MeshPolicy:
-    return compile_text(text, mesh=f"pathNormalization:\n  normalization: {mode}\n")
+def _mesh(text: str, mode: str = "BASE", extra: str = "") -> MeshPolicy:
+    return compile_text(text, mesh=f"pathNormalization:\n  normalization: {mode}\n{extra}")
 
 
 def http_cases() -> list[Case]:
@@ -284,6 +362,9 @@ def http_cases() -> list[Case]:
     for name in ("10-jwt-require-principal", "11-jwt-require-group-claim"):
         cases.append(case(name, _mesh(_scenario_text(name)), _jwt_grid(("/headers",))))
     cases.append(case("jwt-kitchen-sink", _mesh(JWT_KITCHEN_SINK), _jwt_grid()))
+    cases.append(case("smuggling", _mesh(SMUGGLING), _smuggling_grid()))
+    forward = _mesh(SMUGGLING, extra="repeatedPolicyHeaders: FORWARD\n")
+    cases.append(case("smuggling/FORWARD", forward, _smuggling_grid()))
     return cases
 
 

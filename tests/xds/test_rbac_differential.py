@@ -4,13 +4,16 @@ ONE Envoy serves a plaintext listener per (policy set, path-normalization mode),
 its own loopback address and on the destination workload's own target port (8000 for
 foo/httpbin, 9000-9002 for foo/tcp-echo), so ``ports`` / ``destination.port`` rules see
 the same port on both sides. HTTP chains are what a sidecar runs: the HCM with Istio's
-path-normalization fields for the mode, our CUSTOM stand-in and RBAC filters, then a
-router answering 200 itself. TCP chains: network RBAC, then tcp_proxy to an echo server.
+path-normalization fields for the mode and trustmesh's Host handling, the request guards,
+our CUSTOM stand-in and RBAC filters, then a router answering 200 itself. TCP chains:
+network RBAC, then tcp_proxy to an echo server.
 
 Every request of a grid (paths that normalization rewrites or rejects, methods, headers
 present / absent / empty / repeated, Host with and without port, two client addresses,
-X-Forwarded-For, JWTs) is sent raw and must get the same answer as ``evaluate()`` gives for a
-plaintext client (the destinations are PERMISSIVE): the same status, the same deciding
+X-Forwarded-For, JWTs, request-smuggling attacks: repeated header lines, several Host
+lines, trailing dots, userinfo, absolute-form targets) is sent raw and must get the same
+answer as ``evaluate()`` gives for a plaintext client (the destinations are PERMISSIVE):
+the same status, the same deciding
 policy (Envoy logs it in the response code details of a 403 and in its RBAC dynamic
 metadata on a 200) and the same dry-run (shadow) results. TCP: allowed or closed.
 
@@ -30,7 +33,10 @@ import asyncio
 import pytest
 
 from tests.xds.rbac_cases import HTTP_PORT, TCP_PORTS, http_cases, tcp_cases
-from tests.xds.rbac_rig import Outcome, free_addresses, run_envoy
+from tests.xds.rbac_rig import Answer, Outcome, free_addresses, run_envoy
+from trustmesh.policy.headers import HOST_GUARD_POLICY
+
+Headers = tuple[tuple[str, str], ...]
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +75,49 @@ def test_every_outcome_is_exercised(outcome: Outcome) -> None:
     assert any("ext" in got.rule for _, _, got, _ in outcome.results)
     shadows = {v for _, _, got, _ in outcome.results for _, v in got.shadow}
     assert {"allowed", "denied", "ns[foo]-policy[shadow-deny]-rule[0]"} <= shadows
+
+
+def test_smuggling_attacks_are_refused_through_envoy(outcome: Outcome) -> None:
+    """The attacks of trustmesh.policy.headers, as real Envoy answers them (the evaluator
+    agrees: see above). Under FORWARD the repeated-header ones pass, as in Istio."""
+
+    def answer(case: str, method: str, path: str, host: str, headers: Headers) -> Answer:
+        (found,) = [
+            got
+            for c, p, got, _ in outcome.results
+            if (c.name, p.method, p.path, p.host, p.headers) == (case, method, path, host, headers)
+        ]
+        return found
+
+    plain = "httpbin.foo:8000"
+    ops_then_mallory = (("x-user", "ops"), ("x-user", "mallory"))
+    for case, expected in (("smuggling", 400), ("smuggling/FORWARD", 200)):
+        # DENY writes unless x-user is ops (notValues), differing case, ALLOW with values
+        # on /admin, DENY with values: each repeated header is refused with 400 by default.
+        for method, path, headers in (
+            ("POST", "/get", ops_then_mallory),
+            ("POST", "/get", (("X-User", "ops"), ("x-user", "mallory"))),
+            ("GET", "/admin", (("x-role", "guest"), ("x-role", "admin"))),
+            ("GET", "/get", (("x-blocked", "ops"), ("x-blocked", "mallory"))),
+        ):
+            got = answer(case, method, path, plain, headers)
+            if case == "smuggling/FORWARD" and headers[0][0] == "x-blocked":
+                expected = 403  # DENY with values: one matching line is enough for Envoy
+            assert got.status == expected, (case, headers, got)
+    # Host: a trailing dot no longer escapes hosts: ["internal.foo"]; a second Host line,
+    # userinfo or a second dot is refused by the host guard.
+    deny_hosts = "ns[foo]-policy[no-mallory]-rule[3]"
+    assert answer("smuggling", "GET", "/get", "internal.foo.", ()).rule == deny_hosts
+    assert answer("smuggling", "GET", "/get", "internal.foo", ()).rule == deny_hosts
+    for host, extra in (
+        ("httpbin.foo:8000", (("Host", "internal.foo"),)),
+        ("user@internal.foo", ()),
+        ("internal.foo..", ()),
+    ):
+        got = answer("smuggling", "GET", "/get", host, extra)
+        assert (got.status, got.rule) == (403, HOST_GUARD_POLICY), (host, extra, got)
+    # A header Envoy joins itself stays one value: no 400, matched on the joined value.
+    joined = (("user-agent", "bad-bot/1"), ("user-agent", "ok"))
+    assert answer("smuggling", "GET", "/get", plain, joined).rule == (
+        "ns[foo]-policy[no-mallory]-rule[1]"
+    )
