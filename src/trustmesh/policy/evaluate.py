@@ -21,9 +21,9 @@ from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
 from trustmesh.policy.headers import (
     HOST_GUARD_POLICY,
+    authority_problem,
     authority_rejected,
     header_view,
-    is_plain_authority,
     joined_authority,
     repeated,
     split_absolute_form,
@@ -546,11 +546,9 @@ def _guards(
 ) -> Decision | None:
     """trustmesh's request-smuggling guards, in front of every policy filter."""
     host = attrs.host or ""
-    if not is_plain_authority(host):
-        reason = (
-            f"Host {host!r} is not one plain host[:port] (Host lines joined, userinfo, a"
-            " second trailing dot, escapes): refused before any policy"
-        )
+    problem = authority_problem(host)
+    if problem is not None:
+        reason = f"Host {host!r} is not one plain host[:port]: {problem}; refused before any policy"
         run.note("{}: {}", HOST_GUARD_POLICY, reason)
         return _finish(run, Verdict.DENY, 403, HOST_GUARD_POLICY, reason, attrs)
     names = target.authz.condition_headers

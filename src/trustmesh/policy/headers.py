@@ -155,6 +155,21 @@ def is_plain_authority(authority: str) -> bool:
     return _PLAIN_AUTHORITY.fullmatch(authority) is not None
 
 
+def authority_problem(authority: str) -> str | None:
+    """Why the host guard refuses this (already dot-stripped) authority, or None."""
+    if is_plain_authority(authority):
+        return None
+    if "," in authority:
+        return "it joins several Host values"
+    if "@" in authority:
+        return "it carries userinfo"
+    if authority.endswith(".") or ".:" in authority:
+        return "it ends in a second dot"
+    if "%" in authority:
+        return "it is percent-encoded"
+    return "it is not a host name or address with an optional port"
+
+
 def header_view(lines: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
     """Header name (lower case) → the values Envoy's filters see, one per line except for
     :data:`ENVOY_JOINED_HEADERS`, which get one joined value. ``host`` lines are the
