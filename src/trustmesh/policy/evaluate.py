@@ -1,8 +1,10 @@
 """The evaluator: would Istio + Envoy let this request through, and which rule decided?
 
 Order is the inbound filter chain's: TLS (PeerAuthentication vs. the client's TLS
-choice), the HTTP codec and path normalization, CUSTOM (ext_authz), JWT authentication,
-dry-run shadow rules, DENY, AUDIT, ALLOW. The trace records the same steps the verdict
+choice), the HTTP codec (methods, Host, header lines: :mod:`trustmesh.policy.headers`) and
+path normalization, trustmesh's request guards (an ambiguous Host, a repeated header a
+policy reads), CUSTOM (ext_authz), JWT authentication, dry-run shadow rules, DENY, AUDIT,
+ALLOW. The trace records the same steps the verdict
 comes from; with ``trace=False`` nothing is formatted.
 """
 

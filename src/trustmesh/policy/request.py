@@ -48,7 +48,13 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
-    """An HTTP/1.1 request as a client sends it. ``path`` may carry a query."""
+    """An HTTP/1.1 request as a client sends it.
+
+    ``path`` is the request target: origin form (``/x?q``) or absolute form
+    (``http://host/x``, whose authority Envoy takes over Host). ``host`` is the first Host
+    line (None: what ``curl`` would send); ``Host`` entries in ``headers`` are further Host
+    lines. ``headers`` keeps every line in order, repeated names and their spelling too.
+    """
 
     method: str = "GET"
     path: str = "/"
