@@ -26,8 +26,8 @@ from trustmesh.policy.headers import (
     authority_problem,
     authority_rejected,
     header_view,
-    joined_authority,
     repeated,
+    sent_authority,
     split_absolute_form,
     strip_trailing_host_dot,
 )
@@ -156,7 +156,7 @@ def _decide(
         f"from {mode.scope} policy {mode.policy}" if mode.policy else "default",
     )
     passthrough: ClientTls | None = None
-    host = request.http.host if request.http is not None else None
+    host = _client_authority(request)
     if host is not None and source_workload and source_workload.dataplane.mode is _SIDECAR:
         route = sidecar_client_route(mesh, source_workload, target, port, host)
         if route.kind is RouteKind.PASSTHROUGH:  # noted below, as the client's TLS choice
@@ -495,20 +495,16 @@ def _http_attributes(
         return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
     lines = http.header_lines()
     if uri_authority is not None:
-        host = uri_authority  # the codec takes an absolute-form target's authority
-        run.note("absolute-form target: authority {}", host)
+        run.note("absolute-form target: authority {}", uri_authority)
+    sent = sent_authority(http.path, http.host, lines)
+    if sent is not None:
+        host = sent
     else:
-        host_lines = [value for name, value in lines if name.lower() == "host"]
-        if http.host is not None:
-            host_lines.insert(0, http.host)
-        if host_lines:
-            host = joined_authority(host_lines)
-        else:
-            host_key = ("host", target.workload.ref, port)
-            remembered: str | None = mesh.memo.get(host_key)
-            if remembered is None:
-                remembered = mesh.memo[host_key] = _default_host(target, port)
-            host = remembered
+        host_key = ("host", target.workload.ref, port)
+        remembered: str | None = mesh.memo.get(host_key)
+        if remembered is None:
+            remembered = mesh.memo[host_key] = _default_host(target, port)
+        host = remembered
     if authority_rejected(host):
         reason = f"Host {host!r} has characters Envoy's authority check refuses"
         run.note(reason)
@@ -541,6 +537,17 @@ def _http_attributes(
         with contextlib.suppress(ValueError):  # not an address: the peer address stays
             attrs.remote_ip = ipaddress.ip_address(last)
     return _guards(mesh, target, attrs, run)
+
+
+def _client_authority(request: Request) -> str | None:
+    """The authority a client sidecar routes the request by (None: it names none)."""
+    http = request.http
+    if http is None:
+        return None
+    try:
+        return sent_authority(http.path, http.host, http.header_lines())
+    except PathRejected:
+        return None  # refused further on, by the destination's codec
 
 
 def _guards(

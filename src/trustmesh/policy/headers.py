@@ -130,6 +130,20 @@ def joined_authority(host_lines: Iterable[str]) -> str:
     return _join(host_lines)
 
 
+def sent_authority(target: str, host: str | None, lines: Iterable[tuple[str, str]]) -> str | None:
+    """The ``:authority`` Envoy's codec makes of an HTTP/1.1 request: an absolute-form
+    target's authority, else its Host lines (``host`` first, then ``Host`` entries of
+    ``lines``) joined; None when the request sends none. Raises :class:`PathRejected`
+    for a target the codec refuses."""
+    authority, _ = split_absolute_form(target)
+    if authority is not None:
+        return authority
+    host_lines = [value for name, value in lines if name.lower() == "host"]
+    if host is not None:
+        host_lines.insert(0, host)
+    return joined_authority(host_lines) if host_lines else None
+
+
 def authority_rejected(authority: str) -> bool:
     """Does Envoy refuse this authority with 400 (``http.invalid_authority``)?"""
     return not AUTHORITY_CHARS.issuperset(authority)
