@@ -14,31 +14,64 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from trustmesh.api import kinds
 from trustmesh.api import models as m
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.yamldoc import FieldPath, YamlDocument, decode_text, parse_yaml
 
 TEST_GROUP = "trustmesh.dev"
-# Top-level keys of Istio's Helm values (istiod / base / cni charts): a document with no
-# apiVersion/kind made of these is a values file, not a broken resource.
+# Top-level keys of Istio's Helm charts' values (base, istiod, cni, ztunnel, gateway(s))
+# and of its helm-profiles: a document with no apiVersion, metadata or spec that sets
+# some of these is a values file (`helm install -f`), not a broken resource.
 HELM_VALUE_KEYS = frozenset(
     {
+        "_internal_defaults_do_not_set",
         "global",
         "pilot",
         "meshConfig",
         "cni",
         "istio_cni",
         "sidecarInjectorWebhook",
+        "sidecarInjectorWebhookAnnotations",
         "components",
         "telemetry",
         "gateways",
         "revision",
+        "revisionTags",
         "base",
         "defaults",
+        "defaultRevision",
         "istiodRemote",
         "ztunnel",
         "profile",
+        "experimental",
+        "resourceQuotas",
+        "seLinuxOptions",
+        "trustedZtunnelName",
+        "trustedZtunnelNamespace",
+        "configMap",
+        "ambient",
+        "cniBinDir",
+        "cniConfDir",
+        "chained",
+        "provider",
+        "hub",
+        "tag",
+        "variant",
+        "autoscaleEnabled",
+        "replicaCount",
+        "env",
+        "service",
+        "networkGateway",
+        "podAnnotations",
+        "podLabels",
+        "resources",
+        "xdsAddress",
+        "caAddress",
+        "istioNamespace",
+        "multiCluster",
+        "network",
     }
 )
 M = TypeVar("M", bound=BaseModel)
@@ -46,42 +79,36 @@ M = TypeVar("M", bound=BaseModel)
 
 @dataclass(frozen=True, slots=True)
 class KindInfo:
+    """How trustmesh reads a kind it models; served versions come from :mod:`kinds`."""
+
     model: type[BaseModel]
-    versions: frozenset[str]
     payload: str | None = "spec"  # None: the model reads the whole object
     namespaced: bool = True
+    name_required: bool = True
 
-
-_ISTIO_SECURITY = frozenset({"v1", "v1beta1"})
-_ISTIO_NETWORKING = frozenset({"v1", "v1beta1", "v1alpha3"})
-_V1 = frozenset({"v1"})
 
 KINDS: dict[tuple[str, str], KindInfo] = {
-    ("security.istio.io", "PeerAuthentication"): KindInfo(
-        m.PeerAuthenticationSpec, _ISTIO_SECURITY
-    ),
-    ("security.istio.io", "RequestAuthentication"): KindInfo(
-        m.RequestAuthenticationSpec, _ISTIO_SECURITY
-    ),
-    ("security.istio.io", "AuthorizationPolicy"): KindInfo(
-        m.AuthorizationPolicySpec, _ISTIO_SECURITY
-    ),
-    ("networking.istio.io", "DestinationRule"): KindInfo(m.DestinationRuleSpec, _ISTIO_NETWORKING),
-    ("networking.istio.io", "ServiceEntry"): KindInfo(m.ServiceEntrySpec, _ISTIO_NETWORKING),
-    ("networking.istio.io", "WorkloadEntry"): KindInfo(m.WorkloadEntrySpec, _ISTIO_NETWORKING),
-    ("networking.istio.io", "Sidecar"): KindInfo(m.SidecarSpec, _ISTIO_NETWORKING),
-    ("networking.istio.io", "Gateway"): KindInfo(m.HostsSpec, _ISTIO_NETWORKING),
-    ("networking.istio.io", "VirtualService"): KindInfo(m.HostsSpec, _ISTIO_NETWORKING),
-    ("", "Namespace"): KindInfo(m.Empty, _V1, None, namespaced=False),
-    ("", "ServiceAccount"): KindInfo(m.Empty, _V1, None),
-    ("", "Pod"): KindInfo(m.PodObject, _V1, None),
-    ("", "Service"): KindInfo(m.ServiceSpec, _V1),
-    ("", "ConfigMap"): KindInfo(m.ConfigMapObject, _V1, None),
-    ("apps", "Deployment"): KindInfo(m.WorkloadControllerSpec, _V1),
-    ("apps", "StatefulSet"): KindInfo(m.WorkloadControllerSpec, _V1),
-    ("apps", "DaemonSet"): KindInfo(m.WorkloadControllerSpec, _V1),
-    ("install.istio.io", "IstioOperator"): KindInfo(m.IstioOperatorSpec, frozenset({"v1alpha1"})),
+    ("security.istio.io", "PeerAuthentication"): KindInfo(m.PeerAuthenticationSpec),
+    ("security.istio.io", "RequestAuthentication"): KindInfo(m.RequestAuthenticationSpec),
+    ("security.istio.io", "AuthorizationPolicy"): KindInfo(m.AuthorizationPolicySpec),
+    ("networking.istio.io", "DestinationRule"): KindInfo(m.DestinationRuleSpec),
+    ("networking.istio.io", "ServiceEntry"): KindInfo(m.ServiceEntrySpec),
+    ("networking.istio.io", "WorkloadEntry"): KindInfo(m.WorkloadEntrySpec),
+    ("networking.istio.io", "Sidecar"): KindInfo(m.SidecarSpec),
+    ("networking.istio.io", "Gateway"): KindInfo(m.HostsSpec),
+    ("networking.istio.io", "VirtualService"): KindInfo(m.HostsSpec),
+    ("", "Namespace"): KindInfo(m.Empty, None, namespaced=False),
+    ("", "ServiceAccount"): KindInfo(m.Empty, None),
+    ("", "Pod"): KindInfo(m.PodObject, None),
+    ("", "Service"): KindInfo(m.ServiceSpec),
+    ("", "ConfigMap"): KindInfo(m.ConfigMapObject, None),
+    ("apps", "Deployment"): KindInfo(m.WorkloadControllerSpec),
+    ("apps", "StatefulSet"): KindInfo(m.WorkloadControllerSpec),
+    ("apps", "DaemonSet"): KindInfo(m.WorkloadControllerSpec),
+    # istioctl reads IstioOperator files (Istio's own profiles have no metadata at all).
+    ("install.istio.io", "IstioOperator"): KindInfo(m.IstioOperatorSpec, name_required=False),
 }
+assert all(kinds.is_served(group, kind) for group, kind in KINDS)
 
 
 @dataclass(slots=True)
@@ -170,13 +197,7 @@ def _load_object(
         )
         return
     api_version, kind = body.get("apiVersion"), body.get("kind")
-    if (
-        api_version is None
-        and kind is None
-        and not base
-        and body
-        and (body.keys() <= HELM_VALUE_KEYS)
-    ):
+    if not base and _is_helm_values(body):
         result.helm_values.append(document)
         return
     if not isinstance(api_version, str) or not api_version:
@@ -191,11 +212,18 @@ def _load_object(
             error("missing-field", document.location((*base, "kind")), "kind is required")
         )
         return
-    if kind == "List" and api_version == "v1":
+    if kind == "List" or (kind.endswith("List") and "items" in body):
+        # kubectl flattens v1 List and any <Kind>List (a `kubectl get -o yaml` dump).
         items = body.get("items")
+        if items is None:
+            return
         if not isinstance(items, list):
             result.diagnostics.append(
-                error("invalid-field", document.location((*base, "items")), "items must be a list")
+                error(
+                    "invalid-field",
+                    document.location((*base, "items")),
+                    f"expected a list of objects, got {_kind_of(items)}",
+                )
             )
             return
         for index, item in enumerate(items):
@@ -205,26 +233,30 @@ def _load_object(
     if group == TEST_GROUP:
         result.test_documents.append((document, base))
         return
-    info = KINDS.get((group, kind))
-    metadata = body.get("metadata")
-    meta, meta_problems = _validate(m.ObjectMeta, metadata, document, (*base, "metadata"))
-    if info is None:
-        name = meta.name if meta else "?"
-        namespace = (meta.namespace if meta else None) or default_ns
-        result.unknown.append(
-            UnknownResource(api_version, kind, name, namespace, where, body, document, base)
+    refusal = kinds.check(api_version, kind)
+    if refusal is not None:
+        result.diagnostics.append(
+            error(refusal.code, document.location((*base, refusal.field)), refusal.message)
         )
         return
-    if version not in info.versions:
-        served = ", ".join(sorted(f"{group}/{v}" if group else v for v in info.versions))
-        result.diagnostics.append(
-            error(
-                "unsupported-version",
-                document.location((*base, "apiVersion")),
-                f"{api_version} is not a served version of {kind} (served: {served})",
+    info = KINDS.get((group, kind))
+    metadata = body.get("metadata")
+    if info is None:
+        name, namespace = _name_and_namespace(metadata)
+        result.unknown.append(
+            UnknownResource(
+                api_version, kind, name, namespace or default_ns, where, body, document, base
             )
         )
         return
+    if metadata is None and not info.name_required:
+        metadata = {}
+    meta, meta_problems = _validate(m.ObjectMeta, metadata, document, (*base, "metadata"))
+    if meta is not None and not meta.name and info.name_required:
+        meta, meta_problems = (
+            None,
+            [error("missing-field", document.location((*base, "metadata", "name")), "is required")],
+        )
     payload_path: FieldPath = (info.payload,) if info.payload else ()
     payload = body.get(info.payload, {}) if info.payload else body
     if payload is None:
@@ -252,6 +284,67 @@ def _load_object(
             spec_path=payload_path,
         )
     )
+
+
+def _is_helm_values(body: dict[str, Any]) -> bool:
+    """A Helm values document: no Kubernetes object fields, some of Istio's value keys."""
+    if "apiVersion" in body or "metadata" in body or "spec" in body:
+        return False
+    return not body.keys().isdisjoint(HELM_VALUE_KEYS)
+
+
+def _name_and_namespace(metadata: Any) -> tuple[str, str | None]:
+    if not isinstance(metadata, dict):
+        return "?", None
+    name, namespace = metadata.get("name"), metadata.get("namespace")
+    return (
+        name if isinstance(name, str) and name else "?",
+        namespace if isinstance(namespace, str) and namespace else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IgnoredKind:
+    """Resources of one kind and apiVersion that trustmesh kept but does not read."""
+
+    api_version: str
+    kind: str
+    locations: tuple[Location, ...]
+    known: bool  # served by Istio or Kubernetes (not modelled) vs. a kind unknown here
+
+    @property
+    def count(self) -> int:
+        return len(self.locations)
+
+    @property
+    def reason(self) -> str:
+        return "not modelled by trustmesh" if self.known else "unknown kind, not checked"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "apiVersion": self.api_version,
+            "count": self.count,
+            "reason": self.reason,
+            "locations": [{"file": loc.file, "line": loc.line} for loc in self.locations],
+        }
+
+
+def ignored_kinds(unknown: Iterable[UnknownResource]) -> list[IgnoredKind]:
+    """The kept-but-ignored resources grouped by kind and apiVersion, unknown kinds first."""
+    groups: dict[tuple[str, str], list[Location]] = {}
+    for u in unknown:
+        groups.setdefault((u.api_version, u.kind), []).append(u.location)
+    out = [
+        IgnoredKind(
+            api_version,
+            kind,
+            tuple(locations),
+            kinds.is_served(api_version.rpartition("/")[0], kind),
+        )
+        for (api_version, kind), locations in groups.items()
+    ]
+    return sorted(out, key=lambda i: (i.known, i.kind, i.api_version))
 
 
 def validate_model(
@@ -310,4 +403,12 @@ def _kind_of(value: Any) -> str:
     return type(value).__name__
 
 
-__all__ = ["KINDS", "LoadResult", "Location", "load_sources", "validate_model"]
+__all__ = [
+    "KINDS",
+    "IgnoredKind",
+    "LoadResult",
+    "Location",
+    "ignored_kinds",
+    "load_sources",
+    "validate_model",
+]

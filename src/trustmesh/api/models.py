@@ -33,7 +33,7 @@ class Loose(BaseModel):
 
 
 class ObjectMeta(Loose):
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(default="", max_length=253)  # required except where the loader says
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from trustmesh.api.loader import ignored_kinds
 from trustmesh.cli import mesh as mesh_cli
 from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
@@ -108,7 +109,9 @@ def validate(
     except UsageError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None
-    render.diagnostics(loaded.diagnostics, output, summary=loaded)
+    render.diagnostics(
+        loaded.diagnostics, output, summary=loaded, ignored=ignored_kinds(loaded.unknown)
+    )
     raise typer.Exit(1 if loaded.errors else 0)
 
 

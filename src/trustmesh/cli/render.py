@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trustmesh.api.diagnostics import Diagnostic
+from trustmesh.api.loader import IgnoredKind
 from trustmesh.policy.decision import Decision, Verdict
 from trustmesh.policy.testing import CaseResult
 from trustmesh.runtime.live import LiveCaseResult
@@ -32,19 +33,50 @@ def _json(value: object) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
-def diagnostics(items: Sequence[Diagnostic], output: str, summary: _Summary) -> None:
+def diagnostics(
+    items: Sequence[Diagnostic],
+    output: str,
+    summary: _Summary,
+    ignored: Sequence[IgnoredKind] | None = None,
+) -> None:
+    """Every diagnostic and a verdict line; ``ignored`` (validate): kinds kept unread."""
     if output == "json":
-        _json({"valid": not summary.errors, "diagnostics": [d.as_dict() for d in items]})
+        body: dict[str, object] = {
+            "valid": not summary.errors,
+            "diagnostics": [d.as_dict() for d in items],
+        }
+        if ignored is not None:
+            body["ignored"] = [i.as_dict() for i in ignored]
+        _json(body)
         return
     for d in items:
         color = "red" if d.is_error else "yellow"
         _out.print(f"[{color}]{_escape(str(d))}[/{color}]")
+    if ignored:
+        _ignored(ignored)
     errors = sum(1 for d in items if d.is_error)
     warnings = len(items) - errors
     if errors:
         _out.print(f"{errors} error(s), {warnings} warning(s): configuration is invalid")
     else:
         _out.print(f"configuration is valid ({warnings} warning(s))")
+
+
+_SHOWN_LOCATIONS = 5
+
+
+def _ignored(ignored: Sequence[IgnoredKind]) -> None:
+    total = sum(i.count for i in ignored)
+    _out.print(f"ignored {total} resource(s) of kinds trustmesh does not read (never enforced):")
+    for item in ignored:
+        shown = ", ".join(f"{loc.file}:{loc.line}" for loc in item.locations[:_SHOWN_LOCATIONS])
+        more = item.count - _SHOWN_LOCATIONS
+        if more > 0:
+            shown += f" and {more} more"
+        _out.print(
+            f"  {_escape(item.kind)} ({_escape(item.api_version)}) ×{item.count},"
+            f" {item.reason}: {_escape(shown)}"
+        )
 
 
 _COLORS = {
