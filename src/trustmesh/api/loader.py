@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from trustmesh.api import kinds
 from trustmesh.api import models as m
+from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.yamldoc import FieldPath, YamlDocument, decode_text, parse_yaml
@@ -120,6 +121,8 @@ class LoadResult:
     test_documents: list[tuple[YamlDocument, FieldPath]] = field(default_factory=list)
     helm_values: list[YamlDocument] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    # Earlier documents of an object defined again later (kept only to be validated).
+    replaced: list[Resource[Any]] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -154,7 +157,10 @@ def load_sources(
     default_namespace: str = "default",
     cache: SourceCache | None = None,
 ) -> LoadResult:
-    """Parse and type every document of every source. Never raises on bad input."""
+    """Parse and type every document of every source. Never raises on bad input.
+
+    An object defined twice is kept once, as ``kubectl apply`` leaves it (see
+    :mod:`trustmesh.api.applied`)."""
     result = LoadResult()
     for name, data in sources:
         if cache is None:
@@ -170,6 +176,10 @@ def load_sources(
         result.test_documents += one.test_documents
         result.helm_values += one.helm_values
         result.diagnostics += one.diagnostics
+    result.resources, result.replaced, problems = last_applied(result.resources)
+    result.diagnostics += problems
+    result.unknown, _, problems = last_applied_unknown(result.unknown)
+    result.diagnostics += problems
     result.diagnostics.sort(key=Diagnostic.sort_key)
     return result
 

@@ -107,6 +107,9 @@ class ConfigSnapshot:
     namespace_labels: Mapping[str, Mapping[str, str]]
     diagnostics: tuple[Diagnostic, ...] = ()
     mesh_layers: tuple[MeshLayer, ...] = ()
+    # Documents a later one with the same kind/namespace/name replaced: never enforced,
+    # still validated (the cluster's webhook would have refused them when applied).
+    replaced: tuple[Resource[Any], ...] = field(default=(), repr=False, compare=False)
     _by_kind: Mapping[str, tuple[Resource[Any], ...]] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -194,6 +197,7 @@ def build_snapshot(
         namespace_labels=namespaces,
         diagnostics=tuple(problems),
         mesh_layers=layers,
+        replaced=tuple(loaded.replaced),
     )
 
 

@@ -43,7 +43,7 @@ _IDENTITY_KEYS = frozenset({"source.namespace", "source.principal", "source.serv
 def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
     """Every Istio validation error and warning for the snapshot, sorted by location."""
     out: list[Diagnostic] = list(snapshot.diagnostics)
-    for r in snapshot.resources:
+    for r in (*snapshot.resources, *snapshot.replaced):
         if r.kind == "AuthorizationPolicy":
             out.extend(_authorization_policy(r))
         elif r.kind == "PeerAuthentication":
