@@ -62,8 +62,8 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
     return asyncio.run(bounded())
 
 
-def spiffe_id(namespace: str, service_account: str) -> str:
-    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
+def spiffe_id(namespace: str, service_account: str, trust_domain: str = TRUST_DOMAIN) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 # ---------------------------------------------------------------------------- test CA
@@ -111,8 +111,10 @@ class MiniCA:
         )
         self.root_pem = self.root.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, namespace: str, service_account: str) -> WorkloadSecret:
-        """A fresh key and leaf for ``spiffe://cluster.local/ns/<ns>/sa/<sa>``."""
+    def issue(
+        self, namespace: str, service_account: str, trust_domain: str = TRUST_DOMAIN
+    ) -> WorkloadSecret:
+        """A fresh key and leaf for ``spiffe://<trust domain>/ns/<ns>/sa/<sa>``."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         leaf = (
@@ -126,7 +128,11 @@ class MiniCA:
             .add_extension(
                 # Critical because the subject is empty (RFC 5280 §4.2.1.6).
                 x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(spiffe_id(namespace, service_account))]
+                    [
+                        x509.UniformResourceIdentifier(
+                            spiffe_id(namespace, service_account, trust_domain)
+                        )
+                    ]
                 ),
                 critical=True,
             )

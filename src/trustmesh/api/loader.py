@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from trustmesh.api import kinds
+from trustmesh.api import expected, kinds
 from trustmesh.api import models as m
 from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error
@@ -380,37 +380,56 @@ def _validate(
     try:
         return model.model_validate(value), []
     except ValidationError as exc:
-        return None, [_pydantic_problem(e, document, path) for e in exc.errors()]
+        problems: dict[FieldPath, Diagnostic] = {}
+        for err in exc.errors():
+            loc, problem = _pydantic_problem(model, err, document, path)
+            problems.setdefault(loc, problem)  # a union reports once per member type
+        return None, list(problems.values())
 
 
-def _pydantic_problem(err: Any, document: YamlDocument, base: FieldPath) -> Diagnostic:
-    loc: FieldPath = tuple(p for p in err["loc"] if isinstance(p, str | int) and p != "[key]")
-    # Pydantic appends the tried type to union locations ("int", "str"): not a field.
-    while loc and isinstance(loc[-1], str) and loc[-1] in {"int", "str", "constrained-int"}:
-        loc = loc[:-1]
-    location = document.location((*base, *loc))
+def _pydantic_problem(
+    model: type[BaseModel], err: Any, document: YamlDocument, base: FieldPath
+) -> tuple[FieldPath, Diagnostic]:
+    """One pydantic error in YAML terms: what was expected where, and what was given."""
+    raw: tuple[Any, ...] = err["loc"]
+    is_key = "[key]" in raw
+    loc: FieldPath = tuple(p for p in raw if isinstance(p, str | int) and p != "[key]")
     kind = err["type"]
     if kind == "extra_forbidden":
-        return error("unknown-field", location, "unknown field")
+        names = expected.field_names(model, loc[:-1])
+        unknown = str(loc[-1]) if loc else ""
+        message = f"unknown field {unknown!r}"
+        close = expected.closest_field(unknown, names)
+        if close is not None:
+            message += f"; did you mean {close}?"
+        return loc, error("unknown-field", document.location((*base, *loc)), message)
+    # Pydantic appends the tried member of a union to the location ("int", "str"): not
+    # a field. Drop trailing parts until the location names a field of the model.
+    while loc and isinstance(loc[-1], str) and expected.expected_at(model, loc) is None:
+        loc = loc[:-1]
+    location = document.location((*base, *loc))
     if kind == "missing":
-        return error("missing-field", location, "is required")
-    message = err["msg"]
-    if "input" in err and kind not in {"missing"}:
-        message = f"{message} (got {_short(err['input'])})"
-    return error("invalid-field", location, message)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        return loc, error("missing-field", location, "is required")
+    given = err.get("input")
+    if kind == "value_error":
+        text = str(err.get("msg", "")).removeprefix("Value error, ")
+        return loc, error("invalid-field", location, text)
+    if kind == "string_too_short" and isinstance(given, str) and given == "":
+        return loc, error("invalid-field", location, "must not be empty")
+    wanted = expected.expected_at(model, loc, key=is_key)
+    shown = expected.yaml_short(given)
+    if isinstance(given, dict | list):
+        shown = f"{expected.kind_of(given)} {shown}"
+    if wanted is None:
+        return loc, error("invalid-field", location, f"invalid value {shown}")
+    what = "key" if is_key else ""
+    return loc, error(
+        "invalid-field", location, f"expected {wanted}{' as ' + what if what else ''}, got {shown}"
+    )
 
 
 def _kind_of(value: Any) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    return type(value).__name__
+    return expected.kind_of(value)
 
 
 __all__ = [

@@ -9,24 +9,34 @@ fields of (Pods, Deployments, Gateways, …) keep their other fields and ignore 
 from __future__ import annotations
 
 import enum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 Strings = tuple[str, ...]
+
+
+def _null_fields_absent(data: Any) -> Any:
+    """A field set to null is absent, as the API server treats it (CRD schemas prune it,
+    built-in types decode it to the zero value). Entries of a map or list stay checked."""
+    if isinstance(data, dict) and None in data.values():
+        return {k: v for k, v in data.items() if v is not None}
+    return data
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True
     )
+    _nulls = model_validator(mode="before")(_null_fields_absent)
 
 
 class Loose(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
     )
+    _nulls = model_validator(mode="before")(_null_fields_absent)
 
 
 # --- shared -------------------------------------------------------------------------
@@ -46,7 +56,15 @@ class TemplateMeta(Loose):
 
 
 class WorkloadSelector(Strict):
+    """``istio.type.v1beta1.WorkloadSelector`` (security kinds, DestinationRule)."""
+
     match_labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NetworkingWorkloadSelector(Strict):
+    """``networking.v1alpha3.WorkloadSelector`` of Sidecar and ServiceEntry: ``labels``."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class PolicyTargetReference(Strict):
@@ -127,6 +145,9 @@ class Source(Strict):
     not_ip_blocks: Strings = ()
     remote_ip_blocks: Strings = ()
     not_remote_ip_blocks: Strings = ()
+    # The peer certificate's SPIFFE trust domain (istio/api, 2026): exact, x*, *x or *.
+    trust_domains: Strings = ()
+    not_trust_domains: Strings = ()
 
 
 class Operation(Strict):
@@ -237,7 +258,7 @@ class ServiceEntrySpec(Loose):
     location: str = "MESH_EXTERNAL"
     resolution: str = "NONE"
     export_to: Strings = ()
-    workload_selector: WorkloadSelector | None = None
+    workload_selector: NetworkingWorkloadSelector | None = None
 
 
 class WorkloadEntrySpec(Loose):
@@ -258,7 +279,7 @@ class OutboundTrafficPolicy(Loose):
 
 
 class SidecarSpec(Loose):
-    workload_selector: WorkloadSelector | None = None
+    workload_selector: NetworkingWorkloadSelector | None = None
     outbound_traffic_policy: OutboundTrafficPolicy | None = None
 
 
@@ -401,6 +422,6 @@ class IstioOperatorSpec(Loose):
     mesh_config: dict[str, object] | None = None
     values: dict[str, object] = Field(default_factory=dict)
     components: dict[str, object] = Field(default_factory=dict)
-    tag: str | None = None
+    tag: str | int | float | None = None  # istioctl takes any scalar (`tag: 1.22`)
     hub: str | None = None
     revision: str | None = None

@@ -28,6 +28,7 @@ _PLAIN_KEYS = frozenset(
         "source.namespace",
         "source.principal",
         "source.serviceAccount",
+        "source.trustDomain",
         "request.auth.principal",
         "request.auth.audiences",
         "request.auth.presenter",
@@ -37,7 +38,10 @@ _PLAIN_KEYS = frozenset(
     }
 )
 _KEYED = re.compile(r"^(request\.headers|request\.auth\.claims)((?:\[[^\[\]]+\])+)$")
-_IDENTITY_KEYS = frozenset({"source.namespace", "source.principal", "source.serviceAccount"})
+_IDENTITY_KEYS = frozenset(
+    {"source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain"}
+)
+_TRUST_DOMAIN_FIELDS = frozenset({"trust_domains", "not_trust_domains"})
 
 
 def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
@@ -50,6 +54,8 @@ def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
             out.extend(_peer_authentication(r, snapshot.mesh.root_namespace))
         elif r.kind == "RequestAuthentication":
             out.extend(_request_authentication(r))
+        elif r.kind in ("Sidecar", "ServiceEntry"):
+            out.extend(_networking_selector(r))
     out.sort(key=Diagnostic.sort_key)
     return out
 
@@ -80,6 +86,26 @@ def _selector(r: Resource[Any]) -> Iterator[Diagnostic]:
             yield error(
                 "invalid-selector",
                 r.location("selector", "matchLabels", key),
+                f"empty keys and wildcards are not supported in selectors: {key}={value}",
+            )
+
+
+def _networking_selector(r: Resource[Any]) -> Iterator[Diagnostic]:
+    """Istio's ``ValidateAlphaWorkloadSelector`` (Sidecar / ServiceEntry ``labels``)."""
+    selector: m.NetworkingWorkloadSelector | None = r.spec.workload_selector
+    if selector is None:
+        return
+    if not selector.labels:
+        yield warning(
+            "empty-selector",
+            r.location("workloadSelector"),
+            "workloadSelector without labels selects every workload in the namespace",
+        )
+    for key, value in selector.labels.items():
+        if not key or "*" in key or "*" in value:
+            yield error(
+                "invalid-selector",
+                r.location("workloadSelector", "labels", key),
                 f"empty keys and wildcards are not supported in selectors: {key}={value}",
             )
 
@@ -203,6 +229,8 @@ def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[
                 "not_namespaces",
                 "service_accounts",
                 "not_service_accounts",
+                "trust_domains",
+                "not_trust_domains",
                 "request_principals",
                 "not_request_principals",
             ):
@@ -213,6 +241,9 @@ def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[
                         "CUSTOM runs before authentication: identity fields are not allowed",
                     )
         for name, values in source:
+            if name in _TRUST_DOMAIN_FIELDS:
+                yield from _wildcards(r, (*path, _camel(name)), values, slash_allowed=False)
+                continue
             yield from _values(r, (*path, _camel(name)), values)
             if name.endswith("ip_blocks"):
                 yield from _cidrs(r, (*path, _camel(name)), values)
@@ -261,6 +292,9 @@ def _condition(
         )
     for name in ("values", "not_values"):
         values = getattr(condition, name)
+        if key == "source.trustDomain":
+            yield from _wildcards(r, (*path, _camel(name)), values, slash_allowed=True)
+            continue
         yield from _values(r, (*path, _camel(name)), values)
         if key in ("source.ip", "remote.ip", "destination.ip"):
             yield from _cidrs(r, (*path, _camel(name)), values)
@@ -279,6 +313,29 @@ def _values(
                 "literal-wildcard",
                 r.location(*path, k),
                 f"{value!r}: '*' only works at the start or end; here it is matched literally",
+            )
+
+
+def _wildcards(
+    r: Resource[Any], path: tuple[str | int, ...], values: tuple[str, ...], *, slash_allowed: bool
+) -> Iterator[Diagnostic]:
+    """Istio's ``CheckWildcardValues`` / ``CheckTrustDomainValues``: one ``*`` at most, at
+    the start or end, and (for ``trustDomains``) no ``/``."""
+    for k, value in enumerate(values):
+        where = r.location(*path, k)
+        if value == "":
+            yield error("empty-value", where, "empty value is not allowed")
+        elif value.count("*") > 1:
+            yield error("invalid-wildcard", where, f"{value!r}: at most one '*' is allowed")
+        elif "*" in value and not (value.startswith("*") or value.endswith("*")):
+            yield error(
+                "invalid-wildcard", where, f"{value!r}: '*' is only allowed at the start or end"
+            )
+        elif not slash_allowed and "/" in value:
+            yield error(
+                "invalid-trust-domain",
+                where,
+                f"{value!r}: a trust domain has no '/' (write cluster.local, not a principal)",
             )
 
 

@@ -240,6 +240,16 @@ class TrustBundle:
             out.extend(expanded)
         return out
 
+    def expand_domains(self, values: Iterable[str]) -> list[str]:
+        """Istio's ``ExpandTrustDomainAliases`` for ``trustDomains`` values: a value equal
+        to a bundle domain stands for every domain of the bundle; others stay as written."""
+        out: list[str] = []
+        for value in values:
+            for domain in self.domains if value in self.domains else (value,):
+                if domain not in out:
+                    out.append(domain)
+        return out
+
 
 def _prefix(text: str, pattern: str) -> bool:
     return pattern.endswith("*") and text.startswith(pattern[:-1])
@@ -372,6 +382,10 @@ class _ClauseBuilder:
             if values:
                 match = mt.service_account_match(values, self.namespace)
                 add(self._peer_check(_label("serviceAccounts", negate), match, negate))
+        for negate, values in ((False, s.trust_domains), (True, s.not_trust_domains)):
+            if values:
+                match = mt.trust_domain_match(self.bundle.expand_domains(values))
+                add(self._peer_check(_label("trustDomains", negate), match, negate))
         for negate, values in ((False, s.ip_blocks), (True, s.not_ip_blocks)):
             if values:
                 add(self._ip_check(_label("ipBlocks", negate), "source_ip", values, negate))
@@ -431,6 +445,9 @@ class _ClauseBuilder:
             return self._peer_check(label, mt.namespace_match(values), negate)
         if key == "source.serviceAccount":
             return self._peer_check(label, mt.service_account_match(values, self.namespace), negate)
+        if key == "source.trustDomain":
+            match = mt.trust_domain_match(self.bundle.expand_domains(values))
+            return self._peer_check(label, match, negate)
         if key in ("source.ip", "remote.ip", "destination.ip"):
             attr = {"source.ip": "source_ip", "remote.ip": "remote_ip"}.get(key, "destination_ip")
             return self._ip_check(label, attr, values, negate)

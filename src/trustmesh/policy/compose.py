@@ -336,14 +336,14 @@ def _egress_mode(
 ) -> m.OutboundTrafficPolicyMode:
     def selects(sidecar: Resource[Any]) -> bool:
         selector = sidecar.spec.workload_selector
-        labels = selector.match_labels if selector else {}
+        labels = selector.labels if selector else {}
         return all(workload.labels.get(k) == v for k, v in labels.items())
 
     own = [s for s in sidecars if s.namespace == workload.namespace and selects(s)]
-    chosen = _oldest(s for s in own if s.spec.workload_selector) or _oldest(own)
+    chosen = _oldest(s for s in own if s.spec.workload_selector is not None) or _oldest(own)
     if chosen is None:
         chosen = _oldest(
-            s for s in sidecars if s.namespace == root and not s.spec.workload_selector
+            s for s in sidecars if s.namespace == root and s.spec.workload_selector is None
         )
     if chosen is not None and chosen.spec.outbound_traffic_policy is not None:
         mode: m.OutboundTrafficPolicyMode = chosen.spec.outbound_traffic_policy.mode

@@ -92,6 +92,24 @@ def namespace_match(values: Iterable[str]) -> StringMatch:
     return StringMatch(regexes=tuple(patterns))
 
 
+def trust_domain_match(values: Iterable[str]) -> StringMatch:
+    """``trustDomains`` / ``source.trustDomain`` on the peer principal (``TD/ns/…``), as
+    Istio's ``srcTrustDomainGenerator``: ``*`` any peer identity; ``td`` the prefix
+    ``td/``; ``x*`` / ``*x`` a trust domain (no ``/``) starting / ending with ``x``."""
+    prefixes: list[str] = []
+    patterns: list[re.Pattern[str]] = []
+    present = False
+    for value in values:
+        if value == "*":
+            present = True
+        elif "*" not in value:
+            prefixes.append(f"{value}/")
+        else:
+            before, _, after = value.partition("*")
+            patterns.append(re.compile(f"{re.escape(before)}[^/]*{re.escape(after)}/.*"))
+    return StringMatch(prefixes=tuple(prefixes), regexes=tuple(patterns), present=present)
+
+
 def service_account_match(values: Iterable[str], policy_namespace: str) -> StringMatch:
     """``serviceAccounts``: ``sa`` or ``ns/sa``; the trust domain is not pinned."""
     patterns = []

@@ -294,6 +294,11 @@ def _source_fields(s: m.Source, namespace: str, bundle: TrustBundle, for_tcp: bo
             s.not_service_accounts,
             partial(mt.source_service_account, policy_namespace=namespace),
         ),
+        _Field(
+            bundle.expand_domains(s.trust_domains),
+            bundle.expand_domains(s.not_trust_domains),
+            mt.source_trust_domain,
+        ),
         _Field(s.namespaces, s.not_namespaces, mt.source_namespace),
         _Field(s.remote_ip_blocks, s.not_remote_ip_blocks, mt.remote_ip),
         _Field(s.ip_blocks, s.not_ip_blocks, mt.direct_remote_ip),
@@ -333,7 +338,7 @@ def _conditions(
         elif key == "source.namespace":
             principal.append(_Field(values, not_values, mt.source_namespace))
         elif key == "source.trustDomain":
-            expand = partial(_expand_trust_domains, bundle)
+            expand = bundle.expand_domains
             principal.append(_Field(expand(values), expand(not_values), mt.source_trust_domain))
         elif key == "source.serviceAccount":
             one = partial(mt.source_service_account, policy_namespace=namespace)
@@ -361,16 +366,6 @@ _JWT_KEYS: dict[str, Callable[..., Json]] = {
     "request.auth.audiences": mt.request_audiences,
     "request.auth.presenter": mt.request_presenter,
 }
-
-
-def _expand_trust_domains(bundle: TrustBundle, values: Sequence[str]) -> list[str]:
-    """Istio ``ExpandTrustDomainAliases``: a bundle domain stands for all of them."""
-    out: list[str] = []
-    for value in values:
-        for domain in bundle.domains if value in bundle.domains else (value,):
-            if domain not in out:
-                out.append(domain)
-    return out
 
 
 def _generate(fields: Iterable[_Field], shape: _Shape, strict: bool) -> Json:

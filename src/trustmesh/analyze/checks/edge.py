@@ -53,7 +53,7 @@ def _sidecar_for(
 
     def selects(sidecar: Resource[Any]) -> bool:
         selector = sidecar.spec.workload_selector
-        labels = selector.match_labels if selector else {}
+        labels = selector.labels if selector else {}
         return all(workload.labels.get(k) == v for k, v in labels.items())
 
     def oldest(candidates: list[Resource[Any]]) -> Resource[Any] | None:

@@ -317,13 +317,17 @@ _POSITIVE = (
     ("principals", "principals"),
     ("namespaces", "namespaces"),
     ("service_accounts", "serviceAccounts"),
+    ("trust_domains", "trustDomains"),
 )
 _NEGATIVE = (
     ("not_principals", "notPrincipals"),
     ("not_namespaces", "notNamespaces"),
     ("not_service_accounts", "notServiceAccounts"),
+    ("not_trust_domains", "notTrustDomains"),
 )
-_IDENTITY_KEYS = frozenset({"source.principal", "source.namespace", "source.serviceAccount"})
+_IDENTITY_KEYS = frozenset(
+    {"source.principal", "source.namespace", "source.serviceAccount", "source.trustDomain"}
+)
 
 
 def _positive(source: m.Source) -> list[tuple[str, tuple[str, ...]]]:
