@@ -322,3 +322,11 @@ def test_long_values_are_cut_and_strings_that_look_like_other_types_are_quoted()
     text = AP + 'spec: {rules: [{to: [{operation: {ports: [80, "true"]}}]}]}'
     [problem] = load_sources([("in.yaml", text.encode())]).errors
     assert problem.message == "expected a string, got 80"
+
+
+def test_a_mesh_config_given_as_a_resource_says_where_it_belongs() -> None:
+    text = "defaultConfig: {holdApplicationUntilProxyStarts: true}\ntrustDomain: td\n"
+    [problem] = load_sources([("mesh.yaml", text.encode())]).errors
+    assert problem.message == (
+        "apiVersion is required (a MeshConfig file? pass it with --mesh-config)"
+    )

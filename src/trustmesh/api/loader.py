@@ -75,6 +75,21 @@ HELM_VALUE_KEYS = frozenset(
         "network",
     }
 )
+# MeshConfig fields a bare mesh config document (the `istio` ConfigMap's `mesh`) sets.
+_MESH_CONFIG_KEYS = frozenset(
+    {
+        "defaultConfig",
+        "trustDomain",
+        "trustDomainAliases",
+        "rootNamespace",
+        "outboundTrafficPolicy",
+        "enableAutoMtls",
+        "extensionProviders",
+        "accessLogFile",
+        "pathNormalization",
+        "networks",
+    }
+)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -211,10 +226,11 @@ def _load_object(
         result.helm_values.append(document)
         return
     if not isinstance(api_version, str) or not api_version:
+        message = "apiVersion is required"
+        if not base and not body.keys().isdisjoint(_MESH_CONFIG_KEYS):
+            message += " (a MeshConfig file? pass it with --mesh-config)"
         result.diagnostics.append(
-            error(
-                "missing-field", document.location((*base, "apiVersion")), "apiVersion is required"
-            )
+            error("missing-field", document.location((*base, "apiVersion")), message)
         )
         return
     if not isinstance(kind, str) or not kind:
