@@ -96,7 +96,7 @@ def test_authz_check_usage_errors_exit_2() -> None:
     assert both.exit_code == 2
     unknown = invoke("authz", "check", "-f", MESH, "--plaintext", "--to", "foo/nope")
     assert unknown.exit_code == 2
-    assert "unknown destination workload" in unknown.output
+    assert "no workload or Service foo/nope" in unknown.output
 
 
 def test_test_command_passes_and_fails(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 import typer
 
@@ -26,6 +26,7 @@ from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.policy.targets import request_to, resolve_destination
 from trustmesh.policy.testing import run_case
 from trustmesh.runtime.layout import DEFAULT_STATE
 from trustmesh.runtime.live import LiveRunner
@@ -63,6 +64,12 @@ Output = Annotated[str, typer.Option("-o", "--output", help="table or json")]
 
 class UsageError(Exception):
     pass
+
+
+class _EvaluateOptions(TypedDict):
+    now: float
+    trace: bool
+    ext_authz: dict[str, bool]
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -118,11 +125,15 @@ def validate(
 @authz_app.command("check")
 def authz_check(
     files: Files,
-    to: Annotated[str, typer.Option("--to", help="Destination workload NS/NAME.")] = "",
+    to: Annotated[
+        str, typer.Option("--to", help="Destination NS/NAME: a workload or a Service.")
+    ] = "",
     to_host: Annotated[
         str, typer.Option("--to-host", help="Egress: a host outside the mesh.")
     ] = "",
-    port: Annotated[int | None, typer.Option("--port", help="Workload (target) port.")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Workload port; for a Service, its port.")
+    ] = None,
     from_: Annotated[str, typer.Option("--from", help="Source workload NS/NAME.")] = "",
     principal: Annotated[str, typer.Option("--principal", help="mTLS peer principal.")] = "",
     plaintext: Annotated[bool, typer.Option("--plaintext", help="Client without a cert.")] = False,
@@ -185,14 +196,24 @@ def authz_check(
         source = Source.plaintext(ip)
     http = None if tcp else HttpRequest(method, path, host or None, headers, jwt or None)
     request = Request(source, to, port, http, to_host or None)
+    options = _EvaluateOptions(
+        now=time.time() if now is None else now,
+        trace=True,
+        ext_authz={k: v == "allow" for k, v in answers.items()},
+    )
     try:
-        decision = evaluate(
-            loaded.mesh,
-            request,
-            now=time.time() if now is None else now,
-            trace=True,
-            ext_authz={k: v == "allow" for k, v in answers.items()},
-        )
+        if to:
+            destination = resolve_destination(loaded.snapshot, to, port)
+            request = request_to(request, destination.targets[0])
+            if destination.is_service:
+                decisions = [
+                    (t, evaluate(loaded.mesh, request_to(request, t), **options))
+                    for t in destination.targets
+                ]
+                render.service_decisions(destination, decisions, output)
+                allowed = all(d.verdict is Verdict.ALLOW for _, d in decisions)
+                raise typer.Exit(0 if allowed else 3)
+        decision = evaluate(loaded.mesh, request, **options)
     except RequestError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None

@@ -13,6 +13,7 @@ from rich.table import Table
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.api.loader import IgnoredKind
 from trustmesh.policy.decision import Decision, Verdict
+from trustmesh.policy.targets import Destination, Target
 from trustmesh.policy.testing import CaseResult
 from trustmesh.runtime.live import LiveCaseResult
 
@@ -116,6 +117,40 @@ def decision(d: Decision, output: str) -> None:
     _out.print("trace:")
     for step in d.trace:
         _out.print(f"  {_escape(step)}")
+
+
+def service_decisions(
+    destination: Destination, decisions: Sequence[tuple[Target, Decision]], output: str
+) -> None:
+    """``authz check --to`` a Service: which workloads it selects and each one's answer."""
+    verdicts = {d.verdict for _, d in decisions}
+    overall = next(iter(verdicts)).value if len(verdicts) == 1 else "mixed"
+    if output == "json":
+        _json(
+            {
+                "service": destination.ref,
+                "port": destination.service_port,
+                "verdict": overall,
+                "workloads": [
+                    {"workload": t.workload.ref, "port": t.port, **d.as_dict()}
+                    for t, d in decisions
+                ],
+            }
+        )
+        return
+    refs = ", ".join(t.workload.ref for t, _ in decisions)
+    _out.print(
+        f"Service {_escape(destination.ref)} port {destination.service_port} selects "
+        f"{len(decisions)} workload(s): {_escape(refs)}"
+    )
+    for target, d in decisions:
+        _out.print(f"\n[bold]{_escape(target.workload.ref)}[/bold] port {target.port}:")
+        decision(d, output)
+    if overall == "mixed":
+        _out.print(
+            "\n[yellow]the workloads answer differently: a request to the Service may land on"
+            " any of them[/yellow]"
+        )
 
 
 def test_results(results: Sequence[CaseResult], output: str) -> None:
