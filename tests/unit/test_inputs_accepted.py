@@ -87,6 +87,14 @@ def test_null_rules_are_no_rules_allow_nothing() -> None:
     assert http(compile_text(allow_nothing)).verdict is Verdict.DENY
 
 
+def test_a_null_map_entry_is_pruned_as_the_api_server_prunes_it_from_a_crd() -> None:
+    text = policy("p", "foo", "selector: {matchLabels: {app: null}}\naction: DENY\nrules: [{}]")
+    problems = diagnostics_of(text)
+    assert [(d.code, d.is_error) for d in problems] == [("empty-selector", False)]
+    decision = http(compile_text(text))  # the selector selects the whole namespace
+    assert decision.rule == "ns[foo]-policy[p]-rule[0]"
+
+
 def test_a_null_inside_a_list_is_still_an_error_with_its_place() -> None:
     text = policy("p", "foo", "rules: [{to: [{operation: {paths: [/a, null]}}]}]")
     [problem] = [d for d in diagnostics_of(text) if d.is_error]
@@ -256,8 +264,6 @@ WRONG_SHAPES = [
      "spec.rules[0].when[0].values[0]", "expected a string, got true"),
     (AP + "spec: {selector: {matchLabels: [app]}}", "spec.selector.matchLabels",
      "expected a mapping of strings to strings, got a list [app]"),
-    (AP + "spec: {selector: {matchLabels: {app: null}}}", "spec.selector.matchLabels.app",
-     "expected a string, got null"),
     (AP + "spec: {selector: {labels: {app: a}}}", "spec.selector.labels",
      "unknown field 'labels'; did you mean matchLabels?"),
     (AP + "spec: [a, b]", "spec", "expected a mapping, got a list"),

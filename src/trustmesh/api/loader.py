@@ -19,7 +19,7 @@ from trustmesh.api import models as m
 from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.resources import Resource, UnknownResource
-from trustmesh.api.yamldoc import FieldPath, YamlDocument, decode_text, parse_yaml
+from trustmesh.api.yamldoc import FieldPath, YamlDocument, decode_text, iter_yaml
 
 TEST_GROUP = "trustmesh.dev"
 # Top-level keys of Istio's Helm charts' values (base, istiod, cni, ztunnel, gateway(s))
@@ -143,6 +143,10 @@ class LoadResult:
     def errors(self) -> list[Diagnostic]:
         return [d for d in self.diagnostics if d.is_error]
 
+    def kept_count(self) -> int:
+        """How many raw documents or objects are kept as they were written."""
+        return len(self.unknown) + len(self.test_documents) + len(self.helm_values)
+
 
 class SourceCache:
     """What each source file loaded to, by name and content: a control plane that reloads
@@ -205,20 +209,41 @@ def _load_source(name: str, data: bytes, default_namespace: str) -> LoadResult:
     result.diagnostics.extend(problems)
     if text is None:
         return result
-    documents, problems = parse_yaml(text, name)
-    result.diagnostics.extend(problems)
-    for document in documents:
-        _load_object(document, document.body, (), default_namespace, result)
+    for item in iter_yaml(text, name):
+        if isinstance(item, Diagnostic):
+            result.diagnostics.append(item)
+        elif isinstance(item, YamlDocument):
+            _load_document(item, default_namespace, result)
+        else:  # a syntax error: the stream is read again part by part
+            result = LoadResult(diagnostics=list(problems))
     return result
+
+
+def _load_document(document: YamlDocument, default_namespace: str, result: LoadResult) -> None:
+    typed, kept = len(result.resources), result.kept_count()
+    _load_object(document, document.body, (), default_namespace, result)
+    document.drop_tree()  # positions found while loading; later lookups compose again
+    added = result.resources[typed:]
+    if added and kept == result.kept_count() and all(_fully_typed(r) for r in added):
+        document.release_body()  # its models hold everything it said
+
+
+def _fully_typed(resource: Resource[Any]) -> bool:
+    """The model reads every field (unknown ones are errors), so the raw value adds
+    nothing; loosely modelled kinds (Pods, Services…) keep theirs for the analyzer."""
+    return isinstance(resource.spec, m.Strict)
 
 
 def _load_object(
     document: YamlDocument, body: Any, base: FieldPath, default_ns: str, result: LoadResult
 ) -> None:
-    where = document.location(base)
     if not isinstance(body, dict):
         result.diagnostics.append(
-            error("not-an-object", where, f"expected a Kubernetes object, got {_kind_of(body)}")
+            error(
+                "not-an-object",
+                document.location(base),
+                f"expected a Kubernetes object, got {_kind_of(body)}",
+            )
         )
         return
     api_version, kind = body.get("apiVersion"), body.get("kind")
@@ -269,6 +294,7 @@ def _load_object(
     metadata = body.get("metadata")
     if info is None:
         name, namespace = _name_and_namespace(metadata)
+        where = document.location(base)
         result.unknown.append(
             UnknownResource(
                 api_version, kind, name, namespace or default_ns, where, body, document, base

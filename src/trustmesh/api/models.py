@@ -1,5 +1,7 @@
 """Pydantic models of the resource specs trustmesh reads.
 
+A key set to null never reaches them: the YAML reader drops it, as the API server does.
+
 Istio's security kinds (PeerAuthentication, RequestAuthentication, AuthorizationPolicy)
 and the TLS settings of DestinationRule are strict: an unknown field is an error, as the
 Kubernetes API server's structural schema makes it. Kinds trustmesh reads only a few
@@ -9,34 +11,24 @@ fields of (Pods, Deployments, Gateways, …) keep their other fields and ignore 
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 Strings = tuple[str, ...]
-
-
-def _null_fields_absent(data: Any) -> Any:
-    """A field set to null is absent, as the API server treats it (CRD schemas prune it,
-    built-in types decode it to the zero value). Entries of a map or list stay checked."""
-    if isinstance(data, dict) and None in data.values():
-        return {k: v for k, v in data.items() if v is not None}
-    return data
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True
     )
-    _nulls = model_validator(mode="before")(_null_fields_absent)
 
 
 class Loose(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
     )
-    _nulls = model_validator(mode="before")(_null_fields_absent)
 
 
 # --- shared -------------------------------------------------------------------------

@@ -192,7 +192,9 @@ def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[
     for j, rule_from in enumerate(rule.from_):
         path = ("rules", i, "from", j, "source")
         source = rule_from.source
-        if not source.model_dump(exclude_defaults=True):
+        set_fields = [(name, getattr(source, name)) for name in _SOURCE_FIELDS]
+        set_fields = [(name, values) for name, values in set_fields if values]
+        if not set_fields:
             yield error("empty-source", r.location(*path), "from.source must not be empty")
         if source.service_accounts or source.not_service_accounts:
             if (
@@ -240,7 +242,7 @@ def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[
                         r.location(*path, _camel(name)),
                         "CUSTOM runs before authentication: identity fields are not allowed",
                     )
-        for name, values in source:
+        for name, values in set_fields:
             if name in _TRUST_DOMAIN_FIELDS:
                 yield from _wildcards(r, (*path, _camel(name)), values, slash_allowed=False)
                 continue
@@ -258,9 +260,11 @@ def _rule(r: Resource[Any], action: m.Action, i: int, rule: m.Rule) -> Iterator[
     for j, rule_to in enumerate(rule.to):
         path = ("rules", i, "to", j, "operation")
         operation = rule_to.operation
-        if not operation.model_dump(exclude_defaults=True):
+        set_fields = [(name, getattr(operation, name)) for name in _OPERATION_FIELDS]
+        set_fields = [(name, values) for name, values in set_fields if values]
+        if not set_fields:
             yield error("empty-operation", r.location(*path), "to.operation must not be empty")
-        for name, values in operation:
+        for name, values in set_fields:
             yield from _values(r, (*path, _camel(name)), values)
             if name.endswith("ports"):
                 yield from _ports(r, (*path, _camel(name)), values)
@@ -443,5 +447,13 @@ def _jwks(r: Resource[Any], path: tuple[str | int, ...], text: str) -> Iterator[
 
 
 def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
+    found = _CAMEL.get(name)
+    if found is None:
+        head, *rest = name.split("_")
+        found = _CAMEL[name] = head + "".join(p.title() for p in rest)
+    return found
+
+
+_CAMEL: dict[str, str] = {}
+_SOURCE_FIELDS = tuple(m.Source.model_fields)
+_OPERATION_FIELDS = tuple(m.Operation.model_fields)

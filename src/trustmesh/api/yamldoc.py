@@ -2,17 +2,23 @@
 
 Why not ``yaml.safe_load_all``: it loses line numbers, silently keeps the last of two
 duplicate keys, expands aliases without bound ("billion laughs"), and one syntax error
-drops every later document of the stream. Here the stream is split at ``---`` lines the
-way kubectl splits it, each document is composed by libyaml on its own, and the node
-tree is kept so that an error found later (by validation) can name its line.
+drops every later document of the stream.
+
+Here libyaml composes the stream; each document's node tree is turned into plain values
+(with depth, size and duplicate-key checks) and then dropped: a tree costs ~20 times the
+memory of its values, and lines are asked for rarely (an error, a finding). A document
+keeps where its text is, and the first line lookup composes that text again. When the
+stream has a syntax error, it is split at ``---`` lines the way kubectl splits it and each
+part is composed on its own, so one broken document does not take the others down.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
@@ -23,69 +29,107 @@ try:  # libyaml ships in PyYAML's wheels; the pure-Python parser is a slow fallb
 except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
-
-class _FastLoader(_Loader):
-    """libyaml with a cheaper tag resolver.
-
-    PyYAML's composer calls back into Python to resolve every scalar's tag and to
-    track path resolvers (which trustmesh never registers): half of the load time of
-    a large dump. Same implicit-tag table, looked up by first character only.
-    """
-
-    _IMPLICIT: ClassVar[dict[str, tuple[tuple[str, re.Pattern[str]], ...]]] = {
-        first: tuple(entries) for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
-        return None
-
-    def ascend_resolver(self) -> None:
-        return None
-
-    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-        if kind is yaml.ScalarNode:
-            if implicit[0]:
-                for tag, regexp in self._IMPLICIT.get(value[:1], ()):
-                    if regexp.match(value):
-                        return str(tag)
-            return _STR_TAG
-        return _SEQ_TAG if kind is yaml.SequenceNode else _MAP_TAG
-
-
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 100
 MAX_NODES_PER_DOCUMENT = 2_000_000
 
-_SEPARATOR = re.compile(r"^---(?:[ \t].*)?$")
 _STR_TAG = "tag:yaml.org,2002:str"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MAP_TAG = "tag:yaml.org,2002:map"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-_SCALAR_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_SEPARATOR = re.compile(r"^---(?:[ \t][^\n]*)?$", re.MULTILINE)
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+# YAML 1.1's implicit types for plain scalars, looked up by first character.
+_IMPLICIT: dict[str, tuple[tuple[str, re.Pattern[str]], ...]] = {
+    first: tuple(entries) for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+class _FastLoader(_Loader):
+    """libyaml without the Python callbacks trustmesh does not need.
+
+    PyYAML's C composer calls back into Python to resolve every node's tag and to track
+    path resolvers (which trustmesh never registers): half of the load time of a large
+    dump. Built-in callables that return a constant stand in; plain scalars get their
+    YAML 1.1 type from their text in :func:`_scalar`, which sees the scalar's style.
+    """
+
+    resolve = _STR_TAG.format  # (kind, value, implicit) → the str tag; no Python frame
+    descend_resolver: Any = {}.get  # (parent, index) → ignored
+    ascend_resolver = tuple  # type: ignore[assignment]  # () → ignored
+
 
 FieldPath = tuple[str | int, ...]
 
 
+class _Origin:
+    """Where a document's text is: enough to compose its node tree again on demand, and
+    the document's value (which may be dropped and built again from the text)."""
+
+    __slots__ = ("body", "end", "line", "node", "start", "text")
+
+    def __init__(self, text: str, start: int, end: int, line: int, body: Any) -> None:
+        self.text = text  # the whole (shared) source text
+        self.start = start  # first character of the line the document's root starts on
+        self.end = end
+        self.line = line  # 0-based line of ``start``
+        self.node: yaml.Node | None = None
+        self.body = body
+
+    def compose(self) -> yaml.Node | None:
+        if self.node is None:
+            try:
+                self.node = yaml.compose(self.text[self.start : self.end], Loader=_FastLoader)
+            except yaml.YAMLError:
+                return None
+        return self.node
+
+    def rebuildable(self) -> bool:
+        """The text alone gives the value back: no tag that a ``%TAG`` directive outside
+        the document's own text could have defined."""
+        return self.text.find("!", self.start, self.end) == -1
+
+
 @dataclass(frozen=True, slots=True)
 class YamlDocument:
-    """One document of a YAML stream: its plain value and its node tree for positions."""
+    """One document of a YAML stream: its plain value, and where its text is."""
 
     file: str
     index: int
-    line: int
-    body: Any
-    node: yaml.Node = field(repr=False, compare=False)
-    line_offset: int = field(repr=False, default=0)
+    line: int  # 1-based line of the document's root value
+    origin: _Origin = field(repr=False, compare=False)
+
+    @property
+    def body(self) -> Any:
+        """The document's value (dicts, lists, scalars) as parsed."""
+        origin = self.origin
+        if origin.body is None:
+            node = origin.compose()
+            origin.body = _build_document(node) if node is not None else {}
+            origin.node = None
+        return origin.body
+
+    def drop_tree(self) -> None:
+        """Forget the node tree a line lookup composed (it is composed again if needed)."""
+        self.origin.node = None
+
+    def release_body(self) -> None:
+        """Drop the value until asked for again (a large input's typed resources keep
+        only their models); kept when the text alone would not give it back."""
+        if self.origin.rebuildable():
+            self.origin.body = None
 
     def line_of(self, path: FieldPath) -> int:
         """1-based line of the value at ``path``, or of its deepest existing parent."""
-        node: yaml.Node = self.node
+        if not path:
+            return self.line
+        node = self.origin.compose()
+        if node is None or node.start_mark.line + self.origin.line + 1 != self.line:
+            return self.line
         for part in path:
             child = _child(node, part)
             if child is None:
                 break
             node = child
-        return node.start_mark.line + 1 + self.line_offset
+        return int(node.start_mark.line) + 1 + self.origin.line
 
     def location(self, path: FieldPath) -> Location:
         return Location(self.file, self.line_of(path), field_path(path))
@@ -128,101 +172,104 @@ def decode_text(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
         ]
 
 
-def _split_documents(text: str) -> Iterator[tuple[int, str]]:
-    """Yield (0-based first line, text) per document, splitting on ``---`` lines."""
-    start = 0
-    chunk: list[str] = []
-    for number, line in enumerate(text.splitlines()):
-        if _SEPARATOR.match(line):
-            yield start, "\n".join(chunk)
-            start, chunk = number, [line]
-        else:
-            chunk.append(line)
-    yield start, "\n".join(chunk)
+class Restart:
+    """Yielded by :func:`iter_yaml` when the stream turned out to have a syntax error:
+    forget what came before; the documents come again, part by part."""
 
 
 def parse_yaml(text: str, file: str) -> tuple[list[YamlDocument], list[Diagnostic]]:
     """Parse a YAML stream; every document that parses is returned, every problem reported."""
     documents: list[YamlDocument] = []
     problems: list[Diagnostic] = []
-    for offset, chunk in _split_documents(text):
-        try:
-            nodes = list(yaml.compose_all(chunk, Loader=_FastLoader))
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            # A problem found at the end of the document belongs to its last line.
-            last = chunk.count("\n")
-            line = min(mark.line, last) + 1 + offset if mark else offset + 1
-            what = exc.problem or "malformed YAML"
-            if exc.context and exc.context_mark:
-                what = f"{exc.context} (line {exc.context_mark.line + 1 + offset}): {what}"
-            problems.append(error("yaml-syntax", Location(file, line), f"malformed YAML: {what}"))
-            continue
-        except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
-            problems.append(error("yaml-syntax", Location(file, offset + 1), f"bad YAML: {exc}"))
-            continue
-        for node in nodes:
-            if node is None:
-                continue
-            try:
-                body = _Builder().build(node, 0)
-            except _NodeError as exc:
-                path = _path_to(node, exc.node)
-                location = Location(file, exc.line + offset, field_path(path))
-                problems.append(error("yaml-structure", location, exc.message))
-                continue
-            except RecursionError:
-                location = Location(file, node.start_mark.line + 1 + offset)
-                problems.append(error("yaml-structure", location, "document nested too deeply"))
-                continue
-            if body is None:
-                continue
-            line = node.start_mark.line + 1 + offset
-            documents.append(YamlDocument(file, len(documents), line, body, node, offset))
+    for item in iter_yaml(text, file):
+        if isinstance(item, YamlDocument):
+            documents.append(item)
+        elif isinstance(item, Diagnostic):
+            problems.append(item)
+        else:
+            documents.clear()
+            problems.clear()
     return documents, problems
 
 
-class _Builder:
-    """Node tree → dict/list/scalars with depth, size and duplicate-key checks.
+def iter_yaml(text: str, file: str) -> Iterator[YamlDocument | Diagnostic | Restart]:
+    """:func:`parse_yaml` one document at a time, so a caller can turn each into what it
+    needs and let its value go before the next is built (a large file's peak memory)."""
+    if "\r" in text:  # line breaks as libyaml counts them, so lines agree everywhere
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    counter = itertools.count()
+    try:
+        yield from _parse_part(text, 0, len(text), 0, file, counter)
+        return
+    except yaml.YAMLError:
+        pass
+    yield Restart()
+    counter = itertools.count()
+    for start, end, line in _split_documents(text):
+        try:
+            yield from _parse_part(text, start, end, line, file, counter)
+        except yaml.MarkedYAMLError as exc:
+            yield _syntax_problem(exc, text, start, end, line, file)
+        except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+            yield error("yaml-syntax", Location(file, line + 1), f"bad YAML: {exc}")
 
-    Field paths are worked out only when something is wrong (``_path_to``): building
-    them for every value would cost more than the rest of the walk.
-    """
 
-    def __init__(self) -> None:
-        self.nodes = 0
-
-    def build(self, node: yaml.Node, depth: int) -> Any:
-        self.nodes += 1
-        if self.nodes > MAX_NODES_PER_DOCUMENT:
-            raise _NodeError(node, f"document has more than {MAX_NODES_PER_DOCUMENT} values")
-        if depth > MAX_DEPTH:
-            raise _NodeError(node, f"nesting deeper than {MAX_DEPTH} levels")
-        kind = type(node)
-        if kind is yaml.ScalarNode:
-            tag = node.tag
-            # Kubernetes reads YAML through JSON: timestamps stay strings.
-            if tag in (_STR_TAG, _TIMESTAMP_TAG):
-                return node.value
+def _parse_part(
+    text: str, start: int, end: int, line: int, file: str, counter: Iterator[int]
+) -> Iterator[YamlDocument | Diagnostic]:
+    """Compose ``text[start:end]`` (whose first line is ``line``) document by document."""
+    loader = _FastLoader(text[start:end] if start or end != len(text) else text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            first = node.start_mark.line + line
             try:
-                return _SCALAR_CONSTRUCTOR.construct_object(node)
-            except yaml.YAMLError as exc:
-                raise _NodeError(node, f"bad scalar: {exc}") from None
-        if kind is yaml.SequenceNode:
-            depth += 1
-            return [self.build(item, depth) for item in node.value]
-        if kind is yaml.MappingNode:
-            out: dict[str, Any] = {}
-            depth += 1
-            for key_node, value_node in node.value:
-                if type(key_node) is not yaml.ScalarNode:
-                    raise _NodeError(key_node, "mapping keys must be scalars")
-                key = str(key_node.value)
-                if key in out:
-                    raise _NodeError(value_node, f"duplicate key {key!r}", key_node)
-                out[key] = self.build(value_node, depth)
-            return out
-        raise _NodeError(node, f"unsupported YAML node {kind.__name__}")
+                body = _build_document(node)
+            except _NodeError as exc:
+                location = Location(file, exc.line + line, field_path(_path_to(node, exc.node)))
+                yield error("yaml-structure", location, exc.message)
+                continue
+            except RecursionError:
+                location = Location(file, first + 1)
+                yield error("yaml-structure", location, "document nested too deeply")
+                continue
+            if body is None:
+                continue
+            line_start = text.rfind("\n", start, start + node.start_mark.index) + 1 or start
+            origin = _Origin(text, line_start, start + node.end_mark.index, first, body)
+            del node, body  # the tree goes now; the consumer decides about the value
+            yield YamlDocument(file, next(counter), first + 1, origin)
+    finally:
+        loader.dispose()
+
+
+def _syntax_problem(
+    exc: yaml.MarkedYAMLError, text: str, start: int, end: int, line: int, file: str
+) -> Diagnostic:
+    mark = exc.problem_mark or exc.context_mark
+    # A problem found at the end of the document belongs to its last line.
+    last = text.count("\n", start, end)
+    if end > start and text[end - 1] == "\n":
+        last -= 1
+    at = min(mark.line, max(last, 0)) + 1 + line if mark else line + 1
+    what = exc.problem or "malformed YAML"
+    if exc.context and exc.context_mark:
+        what = f"{exc.context} (line {exc.context_mark.line + 1 + line}): {what}"
+    return error("yaml-syntax", Location(file, at), f"malformed YAML: {what}")
+
+
+def _split_documents(text: str) -> Iterator[tuple[int, int, int]]:
+    """(start, end, 0-based first line) per part, splitting at ``---`` lines as kubectl."""
+    starts = [0, *(m.start() for m in _SEPARATOR.finditer(text) if m.start())]
+    lines = [0]
+    for previous, current in itertools.pairwise(starts):
+        lines.append(lines[-1] + text.count("\n", previous, current))
+    ends = [*starts[1:], len(text)]
+    for start, end, line in zip(starts, ends, lines, strict=True):
+        # kubectl drops the separator's line break; the part ends before it.
+        yield start, (end - 1 if end < len(text) and end > start else end), line
 
 
 class _NodeError(Exception):
@@ -231,6 +278,88 @@ class _NodeError(Exception):
         self.node = node
         self.message = message
         self.line = (mark_node or node).start_mark.line + 1
+
+
+_ScalarNode = yaml.ScalarNode
+_SequenceNode = yaml.SequenceNode
+_MappingNode = yaml.MappingNode
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    """A scalar's value as Kubernetes reads YAML (through JSON: timestamps stay text)."""
+    value: str = node.value
+    tag = node.tag
+    if tag == _STR_TAG:
+        if node.style:  # quoted or block: a string
+            return value
+        for implicit, regexp in _IMPLICIT.get(value[:1], ()):
+            if regexp.match(value):
+                tag = implicit
+                break
+        else:
+            return value
+    if tag in (_STR_TAG, _TIMESTAMP_TAG):
+        return value
+    construct = _CONSTRUCTOR.yaml_constructors.get(tag)
+    if construct is None:
+        raise _NodeError(node, f"bad scalar: unsupported tag {tag}")
+    try:
+        return construct(_CONSTRUCTOR, node)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        raise _NodeError(node, f"bad scalar: {exc}") from None
+
+
+def _build_document(root: yaml.Node) -> Any:
+    """Node tree → dict/list/scalars with depth, size and duplicate-key checks.
+
+    Field paths are worked out only when something is wrong (``_path_to``): building
+    them for every value would cost more than the rest of the walk. Scalars (most nodes)
+    are converted inline rather than by a call per node.
+    """
+    count = 0
+
+    def build(node: yaml.Node, depth: int) -> Any:
+        nonlocal count
+        kind = type(node)
+        if isinstance(node, _ScalarNode):
+            count += 1
+            return _scalar(node)
+        if depth > MAX_DEPTH:
+            raise _NodeError(node, f"nesting deeper than {MAX_DEPTH} levels")
+        items = node.value
+        count += len(items) + 1
+        if count > MAX_NODES_PER_DOCUMENT:
+            raise _NodeError(node, f"document has more than {MAX_NODES_PER_DOCUMENT} values")
+        depth += 1
+        if kind is _MappingNode:
+            out: dict[str, Any] = {}
+            nulls: set[str] | None = None
+            for key_node, value_node in items:
+                if type(key_node) is not _ScalarNode:
+                    raise _NodeError(key_node, "mapping keys must be scalars")
+                key = key_node.value
+                if key in out or (nulls is not None and key in nulls):
+                    raise _NodeError(value_node, f"duplicate key {key!r}", key_node)
+                if type(value_node) is _ScalarNode:
+                    value = _scalar(value_node)
+                else:
+                    value = build(value_node, depth)
+                if value is None:
+                    # The API server treats a key set to null as absent: CRD schemas prune
+                    # it (map entries too), built-in types decode it to the zero value.
+                    nulls = nulls or set()
+                    nulls.add(key)
+                else:
+                    out[key] = value
+            return out
+        if kind is _SequenceNode:
+            return [
+                _scalar(item) if isinstance(item, _ScalarNode) else build(item, depth)
+                for item in items
+            ]
+        raise _NodeError(node, f"unsupported YAML node {kind.__name__}")
+
+    return build(root, 0)
 
 
 def _path_to(root: yaml.Node, target: yaml.Node) -> FieldPath:
@@ -249,3 +378,16 @@ def _path_to(root: yaml.Node, target: yaml.Node) -> FieldPath:
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((v, (*path, i)) for i, v in enumerate(node.value))
     return ()
+
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_NODES_PER_DOCUMENT",
+    "FieldPath",
+    "Restart",
+    "YamlDocument",
+    "decode_text",
+    "iter_yaml",
+    "parse_yaml",
+]
