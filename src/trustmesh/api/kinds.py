@@ -151,6 +151,22 @@ class Refusal:
 def check(api_version_text: str, kind: str) -> Refusal | None:
     """None when a cluster with Istio installed would accept ``apiVersion`` + ``kind``, or
     when the group is not one trustmesh can judge; else why it would be refused."""
+    key = (api_version_text, kind)
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        pass
+    found = _check(api_version_text, kind)
+    if len(_CHECKED) < _CHECKED_MAX:  # a large input repeats a handful of pairs
+        _CHECKED[key] = found
+    return found
+
+
+_CHECKED: dict[tuple[str, str], Refusal | None] = {}
+_CHECKED_MAX = 4096
+
+
+def _check(api_version_text: str, kind: str) -> Refusal | None:
     if not _API_VERSION.match(api_version_text):
         return Refusal(
             Problem.BAD_API_VERSION,

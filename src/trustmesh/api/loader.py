@@ -303,7 +303,7 @@ def _load_object(
         return
     if metadata is None and not info.name_required:
         metadata = {}
-    meta, meta_problems = _validate(m.ObjectMeta, metadata, document, (*base, "metadata"))
+    meta, meta_problems = _object_meta(metadata, document, (*base, "metadata"))
     if meta is not None and not meta.name and info.name_required:
         meta, meta_problems = (
             None,
@@ -336,6 +336,30 @@ def _load_object(
             spec_path=payload_path,
         )
     )
+
+
+_META_FIELDS = frozenset({"name", "namespace", "labels", "annotations"})
+
+
+def _object_meta(
+    metadata: Any, document: YamlDocument, path: FieldPath
+) -> tuple[m.ObjectMeta | None, list[Diagnostic]]:
+    """ObjectMeta; the common shape (strings and maps of strings) skips full validation."""
+    if (
+        type(metadata) is dict
+        and metadata.keys() <= _META_FIELDS
+        and type(metadata.get("name", "")) is str
+        and len(metadata.get("name", "")) <= 253
+        and type(metadata.get("namespace", "")) is str
+        and _string_map(metadata.get("labels", {}))
+        and _string_map(metadata.get("annotations", {}))
+    ):
+        return m.ObjectMeta.model_construct(**metadata), []
+    return _validate(m.ObjectMeta, metadata, document, path)
+
+
+def _string_map(value: Any) -> bool:
+    return type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
 
 
 def _is_helm_values(body: dict[str, Any]) -> bool:

@@ -34,6 +34,9 @@ MAX_DEPTH = 100
 MAX_NODES_PER_DOCUMENT = 2_000_000
 
 _STR_TAG = "tag:yaml.org,2002:str"
+# What the composer marks an untagged node with: its type comes from its text (plain
+# scalars) or is a string (quoted and block scalars). Never a tag a document can write.
+_UNTAGGED = "tag:trustmesh.dev,untagged"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _SEPARATOR = re.compile(r"^---(?:[ \t][^\n]*)?$", re.MULTILINE)
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
@@ -52,7 +55,7 @@ class _FastLoader(_Loader):
     YAML 1.1 type from their text in :func:`_scalar`, which sees the scalar's style.
     """
 
-    resolve = _STR_TAG.format  # (kind, value, implicit) → the str tag; no Python frame
+    resolve = _UNTAGGED.format  # (kind, value, implicit) → _UNTAGGED; no Python frame
     descend_resolver: Any = {}.get  # (parent, index) → ignored
     ascend_resolver = tuple  # type: ignore[assignment]  # () → ignored
 
@@ -267,9 +270,9 @@ def _split_documents(text: str) -> Iterator[tuple[int, int, int]]:
     for previous, current in itertools.pairwise(starts):
         lines.append(lines[-1] + text.count("\n", previous, current))
     ends = [*starts[1:], len(text)]
-    for start, end, line in zip(starts, ends, lines, strict=True):
-        # kubectl drops the separator's line break; the part ends before it.
-        yield start, (end - 1 if end < len(text) and end > start else end), line
+    # Each part keeps its last line break, as kubectl's reader does (a block scalar
+    # before a separator ends with "\n").
+    yield from zip(starts, ends, lines, strict=True)
 
 
 class _NodeError(Exception):
@@ -289,7 +292,7 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     """A scalar's value as Kubernetes reads YAML (through JSON: timestamps stay text)."""
     value: str = node.value
     tag = node.tag
-    if tag == _STR_TAG:
+    if tag == _UNTAGGED:
         if node.style:  # quoted or block: a string
             return value
         for implicit, regexp in _IMPLICIT.get(value[:1], ()):
@@ -340,10 +343,14 @@ def _build_document(root: yaml.Node) -> Any:
                 key = key_node.value
                 if key in out or (nulls is not None and key in nulls):
                     raise _NodeError(value_node, f"duplicate key {key!r}", key_node)
-                if type(value_node) is _ScalarNode:
-                    value = _scalar(value_node)
-                else:
+                if type(value_node) is not _ScalarNode:
                     value = build(value_node, depth)
+                elif value_node.tag == _UNTAGGED and (
+                    value_node.style or value_node.value[:1] not in _IMPLICIT
+                ):
+                    value = value_node.value  # the common case, without a call
+                else:
+                    value = _scalar(value_node)
                 if value is None:
                     # The API server treats a key set to null as absent: CRD schemas prune
                     # it (map entries too), built-in types decode it to the zero value.
@@ -354,7 +361,15 @@ def _build_document(root: yaml.Node) -> Any:
             return out
         if kind is _SequenceNode:
             return [
-                _scalar(item) if isinstance(item, _ScalarNode) else build(item, depth)
+                (
+                    (
+                        item.value
+                        if item.tag == _UNTAGGED and (item.style or item.value[:1] not in _IMPLICIT)
+                        else _scalar(item)
+                    )
+                    if isinstance(item, _ScalarNode)
+                    else build(item, depth)
+                )
                 for item in items
             ]
         raise _NodeError(node, f"unsupported YAML node {kind.__name__}")
