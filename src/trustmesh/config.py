@@ -22,6 +22,7 @@ from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
 from trustmesh.api.validation import validate_snapshot
 from trustmesh.api.yamldoc import YamlDocument, decode_text, parse_yaml
 from trustmesh.policy.compose import MeshPolicy, compile_mesh
+from trustmesh.yamlread import read_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -149,7 +150,7 @@ def _load_config(
     assume_injected: bool,
 ) -> LoadedConfig:
     sources, problems = read_sources(paths, stdin)
-    loaded = load_sources(sources, default_namespace, cache=source_cache)
+    loaded = load_sources(sources, default_namespace, cache=source_cache, parse=read_yaml)
     if source_cache is not None:
         source_cache.forget_unused()
     test_sources, test_problems = read_sources(test_paths, stdin)

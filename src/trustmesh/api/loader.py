@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -19,7 +19,7 @@ from trustmesh.api import models as m
 from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.resources import Resource, UnknownResource
-from trustmesh.api.yamldoc import FieldPath, YamlDocument, decode_text, iter_yaml
+from trustmesh.api.yamldoc import FieldPath, Item, YamlDocument, decode_text, iter_yaml
 
 TEST_GROUP = "trustmesh.dev"
 # Top-level keys of Istio's Helm charts' values (base, istiod, cni, ztunnel, gateway(s))
@@ -171,19 +171,24 @@ class SourceCache:
         self._used = set()
 
 
+Parse = Callable[[str, str], Iterable[Item]]
+
+
 def load_sources(
     sources: Iterable[tuple[str, bytes]],
     default_namespace: str = "default",
     cache: SourceCache | None = None,
+    parse: Parse = iter_yaml,
 ) -> LoadResult:
     """Parse and type every document of every source. Never raises on bad input.
 
     An object defined twice is kept once, as ``kubectl apply`` leaves it (see
-    :mod:`trustmesh.api.applied`)."""
+    :mod:`trustmesh.api.applied`). ``parse`` reads one source's text (a caller may read
+    large files in parallel; the result must be :func:`iter_yaml`'s)."""
     result = LoadResult()
     for name, data in sources:
         if cache is None:
-            one = _load_source(name, data, default_namespace)
+            one = _load_source(name, data, default_namespace, parse)
         else:
             one = cache.load(name, data, default_namespace)
         offset = len(result.resources)  # "oldest wins" counts positions over all sources
@@ -203,13 +208,15 @@ def load_sources(
     return result
 
 
-def _load_source(name: str, data: bytes, default_namespace: str) -> LoadResult:
+def _load_source(
+    name: str, data: bytes, default_namespace: str, parse: Parse = iter_yaml
+) -> LoadResult:
     result = LoadResult()
     text, problems = decode_text(data, name)
     result.diagnostics.extend(problems)
     if text is None:
         return result
-    for item in iter_yaml(text, name):
+    for item in parse(text, name):
         if isinstance(item, Diagnostic):
             result.diagnostics.append(item)
         elif isinstance(item, YamlDocument):
@@ -303,7 +310,7 @@ def _load_object(
         return
     if metadata is None and not info.name_required:
         metadata = {}
-    meta, meta_problems = _object_meta(metadata, document, (*base, "metadata"))
+    meta, meta_problems = _validate(m.ObjectMeta, metadata, document, (*base, "metadata"))
     if meta is not None and not meta.name and info.name_required:
         meta, meta_problems = (
             None,
@@ -336,30 +343,6 @@ def _load_object(
             spec_path=payload_path,
         )
     )
-
-
-_META_FIELDS = frozenset({"name", "namespace", "labels", "annotations"})
-
-
-def _object_meta(
-    metadata: Any, document: YamlDocument, path: FieldPath
-) -> tuple[m.ObjectMeta | None, list[Diagnostic]]:
-    """ObjectMeta; the common shape (strings and maps of strings) skips full validation."""
-    if (
-        type(metadata) is dict
-        and metadata.keys() <= _META_FIELDS
-        and type(metadata.get("name", "")) is str
-        and len(metadata.get("name", "")) <= 253
-        and type(metadata.get("namespace", "")) is str
-        and _string_map(metadata.get("labels", {}))
-        and _string_map(metadata.get("annotations", {}))
-    ):
-        return m.ObjectMeta.model_construct(**metadata), []
-    return _validate(m.ObjectMeta, metadata, document, path)
-
-
-def _string_map(value: Any) -> bool:
-    return type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
 
 
 def _is_helm_values(body: dict[str, Any]) -> bool:

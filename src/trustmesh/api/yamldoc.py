@@ -222,6 +222,7 @@ def _parse_part(
 ) -> Iterator[YamlDocument | Diagnostic]:
     """Compose ``text[start:end]`` (whose first line is ``line``) document by document."""
     loader = _FastLoader(text[start:end] if start or end != len(text) else text)
+    shared: dict[str, str] = {}
     try:
         while loader.check_node():
             node = loader.get_node()
@@ -229,7 +230,7 @@ def _parse_part(
                 continue
             first = node.start_mark.line + line
             try:
-                body = _build_document(node)
+                body = _build_document(node, shared)
             except _NodeError as exc:
                 location = Location(file, exc.line + line, field_path(_path_to(node, exc.node)))
                 yield error("yaml-structure", location, exc.message)
@@ -275,6 +276,35 @@ def _split_documents(text: str) -> Iterator[tuple[int, int, int]]:
     yield from zip(starts, ends, lines, strict=True)
 
 
+Item = YamlDocument | Diagnostic | Restart
+WireItem = tuple[Any, ...] | Diagnostic
+
+
+def to_wire(item: YamlDocument | Diagnostic) -> WireItem:
+    """A parsed item as plain data to send to another process, without the source text
+    (the receiver has it: :func:`from_wire`)."""
+    if isinstance(item, Diagnostic):
+        return item
+    origin = item.origin
+    body = origin.body if origin.body is not None else item.body
+    return (item.file, item.line, origin.start, origin.end, origin.line, body)
+
+
+def from_wire(text: str, wire: WireItem, index: int) -> YamlDocument | Diagnostic:
+    """The item :func:`to_wire` made, its positions in ``text`` (the same text)."""
+    if isinstance(wire, Diagnostic):
+        return wire
+    file, line, start, end, origin_line, body = wire
+    return YamlDocument(file, index, line, _Origin(text, start, end, origin_line, body))
+
+
+def split_point(text: str) -> int | None:
+    """Where a stream can be cut in two halves read independently: the start of a ``---``
+    line near the middle (a YAML document never spans one), or None."""
+    found = _SEPARATOR.search(text, len(text) // 2)
+    return found.start() if found else None
+
+
 class _NodeError(Exception):
     def __init__(self, node: yaml.Node, message: str, mark_node: yaml.Node | None = None):
         super().__init__(message)
@@ -283,6 +313,9 @@ class _NodeError(Exception):
         self.line = (mark_node or node).start_mark.line + 1
 
 
+# Keys and short values repeat across the documents of a large file (kinds, namespaces,
+# principals, methods): one string object each instead of one per occurrence.
+_SHARED_MAX = 64
 _ScalarNode = yaml.ScalarNode
 _SequenceNode = yaml.SequenceNode
 _MappingNode = yaml.MappingNode
@@ -312,7 +345,7 @@ def _scalar(node: yaml.ScalarNode) -> Any:
         raise _NodeError(node, f"bad scalar: {exc}") from None
 
 
-def _build_document(root: yaml.Node) -> Any:
+def _build_document(root: yaml.Node, shared: dict[str, str] | None = None) -> Any:
     """Node tree → dict/list/scalars with depth, size and duplicate-key checks.
 
     Field paths are worked out only when something is wrong (``_path_to``): building
@@ -320,6 +353,8 @@ def _build_document(root: yaml.Node) -> Any:
     are converted inline rather than by a call per node.
     """
     count = 0
+    if shared is None:
+        shared = {}
 
     def build(node: yaml.Node, depth: int) -> Any:
         nonlocal count
@@ -340,7 +375,7 @@ def _build_document(root: yaml.Node) -> Any:
             for key_node, value_node in items:
                 if type(key_node) is not _ScalarNode:
                     raise _NodeError(key_node, "mapping keys must be scalars")
-                key = key_node.value
+                key = shared.setdefault(key_node.value, key_node.value)
                 if key in out or (nulls is not None and key in nulls):
                     raise _NodeError(value_node, f"duplicate key {key!r}", key_node)
                 if type(value_node) is not _ScalarNode:
@@ -349,6 +384,8 @@ def _build_document(root: yaml.Node) -> Any:
                     value_node.style or value_node.value[:1] not in _IMPLICIT
                 ):
                     value = value_node.value  # the common case, without a call
+                    if len(value) <= _SHARED_MAX:
+                        value = shared.setdefault(value, value)
                 else:
                     value = _scalar(value_node)
                 if value is None:
@@ -400,9 +437,14 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_NODES_PER_DOCUMENT",
     "FieldPath",
+    "Item",
     "Restart",
+    "WireItem",
     "YamlDocument",
     "decode_text",
+    "from_wire",
     "iter_yaml",
     "parse_yaml",
+    "split_point",
+    "to_wire",
 ]
