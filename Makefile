@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_ca.py
 	$(BIN)/python bench/bench_dataplane.py
 	$(BIN)/python bench/bench_fleet.py
+	$(BIN)/python bench/bench_validate.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

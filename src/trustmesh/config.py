@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -115,6 +115,7 @@ def load_config(
     source_cache: SourceCache | None = None,
     default_namespace: str = "default",
     assume_injected: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadedConfig:
     """Load, validate and (when there are no errors) compile the configuration.
 
@@ -122,7 +123,8 @@ def load_config(
     reloading after one edit then parses only the edited file). ``default_namespace``
     is where objects without ``metadata.namespace`` go (kubectl's ``-n``);
     ``assume_injected`` treats workloads whose namespace is not among the inputs as
-    injected instead of unknown."""
+    injected instead of unknown. ``progress`` is told ``(read, total)`` in characters
+    now and then while the files are read."""
     with _collector_paused():
         return _load_config(
             paths,
@@ -134,6 +136,7 @@ def load_config(
             source_cache=source_cache,
             default_namespace=default_namespace,
             assume_injected=assume_injected,
+            progress=progress,
         )
 
 
@@ -148,9 +151,17 @@ def _load_config(
     source_cache: SourceCache | None,
     default_namespace: str,
     assume_injected: bool,
+    progress: Callable[[int, int], None] | None,
 ) -> LoadedConfig:
     sources, problems = read_sources(paths, stdin)
-    loaded = load_sources(sources, default_namespace, cache=source_cache, parse=read_yaml)
+    total = sum(len(data) for _, data in sources)
+    loaded = load_sources(
+        sources,
+        default_namespace,
+        cache=source_cache,
+        parse=read_yaml,
+        progress=None if progress is None else (lambda done: progress(done, total)),
+    )
     if source_cache is not None:
         source_cache.forget_unused()
     test_sources, test_problems = read_sources(test_paths, stdin)

@@ -179,16 +179,20 @@ def load_sources(
     default_namespace: str = "default",
     cache: SourceCache | None = None,
     parse: Parse = iter_yaml,
+    progress: Progress | None = None,
 ) -> LoadResult:
     """Parse and type every document of every source. Never raises on bad input.
 
     An object defined twice is kept once, as ``kubectl apply`` leaves it (see
     :mod:`trustmesh.api.applied`). ``parse`` reads one source's text (a caller may read
-    large files in parallel; the result must be :func:`iter_yaml`'s)."""
+    large files in parallel; the result must be :func:`iter_yaml`'s). ``progress`` is
+    told how many characters of input were read so far, now and then."""
     result = LoadResult()
+    done = 0
     for name, data in sources:
         if cache is None:
-            one = _load_source(name, data, default_namespace, parse)
+            report = None if progress is None else _Reporter(progress, done)
+            one = _load_source(name, data, default_namespace, parse, report)
         else:
             one = cache.load(name, data, default_namespace)
         offset = len(result.resources)  # "oldest wins" counts positions over all sources
@@ -200,6 +204,9 @@ def load_sources(
         result.test_documents += one.test_documents
         result.helm_values += one.helm_values
         result.diagnostics += one.diagnostics
+        done += len(data)
+        if progress is not None:
+            progress(done)
     result.resources, result.replaced, problems = last_applied(result.resources)
     result.diagnostics += problems
     result.unknown, _, problems = last_applied_unknown(result.unknown)
@@ -208,8 +215,30 @@ def load_sources(
     return result
 
 
+Progress = Callable[[int], None]
+
+
+class _Reporter:
+    """Tells ``progress`` where the reading is, every few hundred documents."""
+
+    __slots__ = ("base", "count", "progress")
+    EVERY = 256
+
+    def __init__(self, progress: Progress, base: int) -> None:
+        self.progress, self.base, self.count = progress, base, 0
+
+    def document(self, document: YamlDocument) -> None:
+        self.count += 1
+        if self.count % self.EVERY == 0:
+            self.progress(self.base + document.origin.end)
+
+
 def _load_source(
-    name: str, data: bytes, default_namespace: str, parse: Parse = iter_yaml
+    name: str,
+    data: bytes,
+    default_namespace: str,
+    parse: Parse = iter_yaml,
+    report: _Reporter | None = None,
 ) -> LoadResult:
     result = LoadResult()
     text, problems = decode_text(data, name)
@@ -221,6 +250,8 @@ def _load_source(
             result.diagnostics.append(item)
         elif isinstance(item, YamlDocument):
             _load_document(item, default_namespace, result)
+            if report is not None:
+                report.document(item)
         else:  # a syntax error: the stream is read again part by part
             result = LoadResult(diagnostics=list(problems))
     return result

@@ -51,12 +51,14 @@ def _context(
     problem = namespace_problem(namespace)
     if problem:
         raise ValueError(problem)
-    loaded = load_config(
-        files,
-        mesh_config=mesh_config or (),
-        default_namespace=namespace,
-        assume_injected=assume_injected,
-    )
+    with render.LoadProgress() as progress:
+        loaded = load_config(
+            files,
+            mesh_config=mesh_config or (),
+            default_namespace=namespace,
+            assume_injected=assume_injected,
+            progress=progress,
+        )
     if loaded.mesh is None:
         if output == "sarif":
             sys.stdout.write(json.dumps(report.invalid_input_sarif(loaded.diagnostics), indent=2))

@@ -88,7 +88,13 @@ def _pairs_list(values: list[str] | None, what: str) -> list[tuple[str, str]]:
 
 
 def _load(files: list[str], mesh_config: list[str] | None, **kwargs: object) -> LoadedConfig:
-    return load_config(files, mesh_config=mesh_config or (), **kwargs)  # type: ignore[arg-type]
+    with render.LoadProgress() as progress:
+        return load_config(
+            files,
+            mesh_config=mesh_config or (),
+            progress=progress,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
 
 def _check_output(output: str, namespace: str = "default") -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from trustmesh.api.diagnostics import Diagnostic
@@ -24,6 +33,52 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 class _Summary(Protocol):
     @property
     def errors(self) -> list[Diagnostic]: ...
+
+
+class LoadProgress:
+    """A progress bar on stderr for loading that takes more than ``delay`` seconds.
+
+    Only on a terminal: a CI log gets no redraws (and fast loads show nothing at all).
+    Use as a context manager and pass the instance as ``load_config(progress=…)``.
+    """
+
+    def __init__(
+        self,
+        console: Console | None = None,
+        delay: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._console = console or _err
+        self._delay = delay
+        self._clock = clock
+        self._started = clock()
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> LoadProgress:
+        self._started = self._clock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            if not self._console.is_terminal or self._clock() - self._started < self._delay:
+                return
+            self._bar = Progress(
+                TextColumn("reading configuration"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                console=self._console,
+                transient=True,
+            )
+            self._task = self._bar.add_task("read", total=max(total, 1))
+            self._bar.start()
+        assert self._task is not None
+        self._bar.update(self._task, completed=min(done, total))
 
 
 def usage_error(message: str) -> None:
