@@ -265,14 +265,15 @@ spec:
 """
 
 
-def test_removed_rbac_api_is_refused_by_the_loader() -> None:
-    """A cluster no longer serves rbac.istio.io: the input is an error (not a finding), so
-    neither `validate` nor `analyze` can call a configuration relying on it valid."""
+def test_removed_rbac_api_is_an_error() -> None:
     text = "# leading comment\n" + SERVICE_ROLE
-    [problem] = [d for d in load_sources([("config.yaml", text.encode())]).errors]
-    assert problem.location.line == line_of(text, "apiVersion")
-    assert "removed in Istio 1.6" in problem.message
-    assert "AuthorizationPolicy (security.istio.io/v1)" in problem.message
+    [found] = findings(text, "TM-INST-015")
+    assert found.severity is Severity.ERROR
+    assert found.issue.resource == "ServiceRole/foo/viewer"
+    assert found.issue.location is not None
+    assert found.issue.location.line == line_of(text, "apiVersion")
+    assert "Istio ignores it" in found.issue.message
+    assert "`to.operation`" in found.issue.fix
     policy = SERVICE_ROLE.replace("rbac.istio.io/v1alpha1", "security.istio.io/v1").replace(
         "ServiceRole", "AuthorizationPolicy"
     )

@@ -113,7 +113,7 @@ spec:
         body = json.loads(out)
         assert body["verdict"] == "allow"
         assert "service" not in body  # a workload of that name: the single-answer shape
-        assert "port 8080" in body["trace"][0]
+        assert any("destination bookinfo/httpbin port 8080" in t for t in body["trace"])
     via_service = config.replace("name: httpbin, namespace", "name: web, namespace", 1)
     args = ("--to", "bookinfo/web", "--from", "bookinfo/productpage-v1", "--port", "8000")
     code, out = check(tmp_path, via_service, *args, "-o", "json")

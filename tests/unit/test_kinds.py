@@ -80,8 +80,6 @@ def test_case_matters_as_it_does_for_the_api_server() -> None:
         ("securty.istio.io/v1", "AuthorizationPolicy", 1, "is in security.istio.io"),
         ("policy.istio.io/v1", "Widget", 1, "Istio serves extensions.istio.io,"),
         ("securiti.istio.io/v1", "Widget", 1, "did you mean security.istio.io?"),
-        ("rbac.istio.io/v1alpha1", "ServiceRole", 1, "removed in Istio 1.6"),
-        ("authentication.istio.io/v1alpha1", "Policy", 1, "PeerAuthentication"),
         ("networking.istio.io/v1", "Sidecars", 2, "did you mean Sidecar?"),
         ("security.istio.io", "PeerAuthentication", 1, "GROUP/VERSION"),
     ],
@@ -126,7 +124,6 @@ def test_kinds_istio_or_kubernetes_serve_but_trustmesh_does_not_model_are_kept(
         ("v1", "pod", "did you mean Pod?"),
         ("app/v1", "Deployment", "use apiVersion: apps/v1"),
         ("apps/v1beta2", "Deployment", "served: apps/v1"),
-        ("extensions/v1beta1", "Deployment", "removed in Kubernetes 1.16"),
         ("v1", "Deployment", "Deployment is in apps"),
     ],
 )
@@ -135,6 +132,30 @@ def test_misspelled_kubernetes_builtins_are_refused_like_the_api_server_does(
 ) -> None:
     problem = only_error(f"apiVersion: {api}\nkind: {kind}\nmetadata: {{name: x}}\n")
     assert expected in problem.message
+
+
+@pytest.mark.parametrize(
+    ("api", "kind", "expected"),
+    [
+        ("rbac.istio.io/v1alpha1", "ServiceRole", "removed in Istio 1.6"),
+        ("authentication.istio.io/v1alpha1", "Policy", "PeerAuthentication"),
+        ("config.istio.io/v1alpha2", "QuotaSpec", "removed with Mixer"),
+        ("extensions/v1beta1", "Deployment", "removed in Kubernetes 1.16"),
+    ],
+)
+def test_removed_apis_are_named_and_kept_unenforced(api: str, kind: str, expected: str) -> None:
+    """No cluster serves them, so Istio enforces nothing of them either: a warning at the
+    apiVersion (the analyzer's TM-INST-015 gives the rewrite), never a silent skip."""
+    text = f"apiVersion: {api}\nkind: {kind}\nmetadata: {{name: old, namespace: foo}}\n"
+    result = load_sources([("old.yaml", text.encode())])
+    [problem] = result.diagnostics
+    assert (problem.is_error, problem.code, problem.location.field) == (
+        False,
+        "removed-api",
+        "apiVersion",
+    )
+    assert expected in problem.message
+    assert [(u.kind, u.api_version) for u in result.unknown] == [(kind, api)]
 
 
 def test_every_served_kind_and_version_is_accepted_and_a_typo_finds_it() -> None:

@@ -130,6 +130,7 @@ class Problem(enum.Enum):
     WRONG_GROUP = "wrong-group"
     UNSERVED_VERSION = "unsupported-version"
     UNKNOWN_KIND = "unknown-kind"
+    REMOVED_API = "removed-api"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,13 @@ class Refusal:
     @property
     def code(self) -> str:
         return self.problem.value
+
+    @property
+    def is_error(self) -> bool:
+        """A removed API is a warning: no current cluster serves it, so Istio enforces
+        none of it — which is also what trustmesh decides (the analyzer's TM-INST-015
+        reports it as an error finding with the rewrite)."""
+        return self.problem is not Problem.REMOVED_API
 
 
 def check(api_version_text: str, kind: str) -> Refusal | None:
@@ -176,11 +184,11 @@ def _check(api_version_text: str, kind: str) -> Refusal | None:
     group, _, version = api_version_text.rpartition("/")
     if group in REMOVED_GROUPS:
         return Refusal(
-            Problem.UNKNOWN_GROUP, f"{kind} in {api_version_text} was {REMOVED_GROUPS[group]}"
+            Problem.REMOVED_API, f"{kind} in {api_version_text} was {REMOVED_GROUPS[group]}"
         )
     removed = REMOVED_KINDS.get((group, kind))
     if removed is not None:
-        return Refusal(Problem.UNKNOWN_GROUP, f"{kind} in {api_version_text} was {removed}")
+        return Refusal(Problem.REMOVED_API, f"{kind} in {api_version_text} was {removed}")
     if not is_closed_group(group):
         return _near_miss_group(group, kind)
     served = SERVED.get(group)

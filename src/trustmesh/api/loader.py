@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from trustmesh.api import expected, kinds
 from trustmesh.api import models as m
 from trustmesh.api.applied import last_applied, last_applied_unknown
-from trustmesh.api.diagnostics import Diagnostic, Location, error
+from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.yamldoc import FieldPath, Item, YamlDocument, decode_text, iter_yaml
 
@@ -324,10 +324,11 @@ def _load_object(
         return
     refusal = kinds.check(api_version, kind)
     if refusal is not None:
-        result.diagnostics.append(
-            error(refusal.code, document.location((*base, refusal.field)), refusal.message)
-        )
-        return
+        where_field = document.location((*base, refusal.field))
+        if refusal.is_error:
+            result.diagnostics.append(error(refusal.code, where_field, refusal.message))
+            return
+        result.diagnostics.append(warning(refusal.code, where_field, refusal.message))
     info = KINDS.get((group, kind))
     metadata = body.get("metadata")
     if info is None:
