@@ -1,4 +1,8 @@
-"""``trustmesh sample …``: run a sample workload (httpbin, tcp-echo, sleep) in the foreground.
+"""``trustmesh sample …``: run a sample workload in the foreground.
+
+httpbin, tcp-echo, sleep, helloworld and bookinfo's productpage, details, reviews and
+ratings: the stand-ins ``trustmesh up`` runs for Istio's sample images
+(:mod:`trustmesh.samples.images`), each reading the environment its image reads.
 
 Servers print one line, ``listening on HOST:PORT``, once they accept connections (the
 port actually bound, so ``--port 0`` is usable), and exit 0 on SIGTERM or SIGINT. HOST and
@@ -15,13 +19,16 @@ from typing import Annotated, Any
 import typer
 
 from trustmesh.cli import render
-from trustmesh.samples import format_address
+from trustmesh.samples import bookinfo, format_address, productpage
+from trustmesh.samples import helloworld as helloworld_sample
 from trustmesh.samples import httpbin as httpbin_sample
 from trustmesh.samples import sleep as sleep_sample
 from trustmesh.samples import tcp_echo as tcp_echo_sample
+from trustmesh.samples.http1 import Router, serve_http
 
 app = typer.Typer(
-    help="Sample workloads for the local mesh (Istio's httpbin, tcp-echo and sleep).",
+    help="Sample workloads for the local mesh (Istio's httpbin, tcp-echo, sleep, helloworld, "
+    "bookinfo).",
     no_args_is_help=True,
 )
 
@@ -109,3 +116,56 @@ def sleep(
     """
     del host, port
     _run(lambda stop: sleep_sample.serve(stop=stop), "nothing")
+
+
+def _port_option() -> Any:
+    return typer.Option("--port", envvar="PORT", min=0, max=65535, help=_PORT_HELP)
+
+
+def _serve(router: Router, host: str, port: int) -> None:
+    _run(
+        lambda stop: serve_http(router, host, port, stop=stop, ready=_announce),
+        format_address(host, port),
+    )
+
+
+BookinfoPort = Annotated[int, _port_option()]
+
+
+@app.command("helloworld")
+def helloworld(
+    host: Host = DEFAULT_HOST,
+    port: Annotated[int, _port_option()] = (helloworld_sample.DEFAULT_PORT),
+) -> None:
+    """Istio's helloworld: GET /hello answers "Hello version: $SERVICE_VERSION, instance:
+    $HOSTNAME"."""
+    _serve(helloworld_sample.HelloWorld().route, host, port)
+
+
+@app.command("productpage")
+def productpage_command(
+    host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT
+) -> None:
+    """Bookinfo's product page: /productpage calls details and reviews (by name, through
+    $HTTP_PROXY when set) and shows the book, its reviews and their stars."""
+    _serve(productpage.ProductPage().route, host, port)
+
+
+@app.command("details")
+def details(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT) -> None:
+    """Bookinfo's details: GET /details/ID answers the book's details."""
+    _serve(bookinfo.Details().route, host, port)
+
+
+@app.command("reviews")
+def reviews(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT) -> None:
+    """Bookinfo's reviews: GET /reviews/ID; with ENABLE_RATINGS=true it calls ratings and
+    adds stars in $STAR_COLOR (Istio's v2: black, v3: red)."""
+    _serve(bookinfo.Reviews().route, host, port)
+
+
+@app.command("ratings")
+def ratings(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT) -> None:
+    """Bookinfo's ratings: GET /ratings/ID answers each reviewer's stars ($SERVICE_VERSION
+    picks Istio's faulty, delayed and unavailable variants)."""
+    _serve(bookinfo.Ratings().route, host, port)
