@@ -87,7 +87,7 @@ spec:
     assert pod.env["PORT"] == "9999" and pod.env["MODE"] == "demo"
 
 
-def test_a_container_without_a_command_is_an_error_with_its_location() -> None:
+def test_an_unknown_image_without_a_command_is_an_error_at_its_image_line() -> None:
     plan, problems = _plan(
         """
 apiVersion: apps/v1
@@ -103,9 +103,28 @@ spec:
     )
     assert plan is None
     (problem,) = problems
+    assert problem.code == "unknown-image"
+    assert problem.location.file == "pods.yaml" and problem.location.line == 10
+    assert problem.location.field == "spec.template.spec.containers[0].image"
+    assert "'nginx'" in problem.message and "--image IMAGE=COMMAND" in problem.message
+
+
+def test_a_container_with_neither_command_nor_image_is_an_error_at_its_command() -> None:
+    plan, problems = _plan(
+        """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  containers:
+  - name: web
+"""
+    )
+    assert plan is None
+    (problem,) = problems
     assert problem.code == "no-command"
-    assert problem.location.file == "pods.yaml" and problem.location.line == 9
-    assert problem.location.field == "spec.template.spec.containers[0].command"
+    assert problem.location.line == 7
+    assert problem.location.field == "spec.containers[0].command"
 
 
 def test_the_address_base_must_be_a_loopback_block() -> None:

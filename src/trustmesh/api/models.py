@@ -298,6 +298,7 @@ class EnvVar(Loose):
 
 class Container(Loose):
     name: str = ""
+    image: str = ""
     command: Strings = ()
     args: Strings = ()
     env: tuple[EnvVar, ...] = ()
@@ -311,6 +312,7 @@ class PodSpec(Loose):
     containers: tuple[Container, ...] = ()
     init_containers: tuple[Container, ...] = ()
     host_network: bool = False
+    restart_policy: str = ""  # Always (Kubernetes' default), OnFailure or Never
 
 
 class PodStatus(Loose):

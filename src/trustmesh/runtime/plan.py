@@ -1,8 +1,10 @@
 """Which local processes a mesh directory becomes, and where each one listens (pure).
 
 ``trustmesh up DIR`` runs every Deployment / StatefulSet / DaemonSet / Pod of DIR as one
-"pod": its first container's ``command`` + ``args`` as a local process and, when the
-namespace or pod asks for injection, a sidecar (agent + Envoy). Kubernetes gives each pod
+"pod": its first container as a local process (its ``command`` + ``args``, or for a
+container with only an ``image``, a ``--image`` mapping or trustmesh's stand-in for a
+known image: :mod:`trustmesh.runtime.commands`) and, when the namespace or pod asks for
+injection, a sidecar (agent + Envoy). Kubernetes gives each pod
 an IP; here each pod gets addresses on loopback, from ``base`` (default 127.10.0.0), pod
 number ``k`` using ``127.10.<k>.1-3``:
 
@@ -17,15 +19,16 @@ number ``k`` using ``127.10.<k>.1-3``:
   a service port may equal one of the pod's own ports.
 
 The app is told ``HOST`` / ``PORT`` (its first container port), ``POD_IP``,
-``OUTBOUND_IP``, ``POD_NAME``, ``POD_NAMESPACE``, ``SERVICE_ACCOUNT`` and, with a sidecar,
-``HTTP_PROXY``; a container's own ``env`` entries override those. ``command[0] ==
+``OUTBOUND_IP``, ``POD_NAME``, ``HOSTNAME`` (the pod's name, as in a pod),
+``POD_NAMESPACE``, ``SERVICE_ACCOUNT`` and, with a sidecar, ``HTTP_PROXY``; a container's
+own ``env`` entries override those, which override the image's own ``ENV``. ``command[0] ==
 "trustmesh"`` runs this installation's trustmesh (``trustmesh sample httpbin``).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,7 @@ from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.snapshot import ConfigSnapshot, Workload
+from trustmesh.runtime.commands import ImageCommand, container_run, restart_policy
 
 __all__ = [
     "DEFAULT_BASE",
@@ -64,6 +68,7 @@ class PodPlan:
     ports: tuple[int, ...]
     command: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    restart_policy: str = "Always"  # Always, OnFailure or Never (bare Pods only)
 
     @property
     def ref(self) -> str:
@@ -86,6 +91,7 @@ class PodPlan:
             "ports": list(self.ports),
             "command": list(self.command),
             "env": dict(self.env),
+            "restart_policy": self.restart_policy,
         }
 
     @classmethod
@@ -101,6 +107,7 @@ class PodPlan:
             ports=tuple(data["ports"]),
             command=tuple(data["command"]),
             env=dict(data["env"]),
+            restart_policy=str(data.get("restart_policy", "Always")),
         )
 
 
@@ -145,9 +152,15 @@ class MeshPlan:
 
 
 def plan_mesh(
-    snapshot: ConfigSnapshot, *, base: str = DEFAULT_BASE
+    snapshot: ConfigSnapshot,
+    *,
+    base: str = DEFAULT_BASE,
+    images: Sequence[ImageCommand] = (),
 ) -> tuple[MeshPlan | None, list[Diagnostic]]:
-    """The processes and addresses of every runnable workload; errors name file and field."""
+    """The processes and addresses of every runnable workload; errors name file and field.
+
+    ``images``: ``--image IMAGE=COMMAND`` mappings, tried in order before the built-in
+    stand-ins."""
     try:
         first = ipaddress.IPv4Address(base)
     except ValueError:
@@ -167,7 +180,7 @@ def plan_mesh(
         if workload.ref in seen:  # a Pod and the Deployment that owns it: run it once
             continue
         seen.add(workload.ref)
-        pod, problem = _pod(workload, first + (index << 8))
+        pod, problem = _pod(workload, first + (index << 8), images)
         if problem is not None:
             problems.append(problem)
         elif pod is not None:
@@ -179,7 +192,7 @@ def plan_mesh(
 
 
 def _pod(
-    workload: Workload, block: ipaddress.IPv4Address
+    workload: Workload, block: ipaddress.IPv4Address, images: Sequence[ImageCommand] = ()
 ) -> tuple[PodPlan | None, Diagnostic | None]:
     resource = workload.resource
     spec: m.PodSpec
@@ -199,23 +212,22 @@ def _pod(
     if not spec.containers:
         return None, error("no-container", where, f"{workload.ref} has no container to run")
     container = spec.containers[0]
-    argv = (*container.command, *container.args)
-    if not argv:
-        where = resource.location(*prefix, "containers", 0, "command")
-        return None, error(
-            "no-command",
-            where,
-            f"{workload.ref}: the local runtime runs the container's command as a process; "
-            "set command (e.g. [trustmesh, sample, httpbin])",
-        )
+    run = container_run(resource, prefix, workload.ref, container, images)
+    if isinstance(run, Diagnostic):
+        return None, run
+    restarts = restart_policy(resource, prefix, workload.kind, spec)
+    if isinstance(restarts, Diagnostic):
+        return None, restarts
     pod_ip = str(block + 1)
     app_ip = str(block + 2) if workload.has_sidecar else pod_ip
     outbound_ip = str(block + 3) if workload.has_sidecar else None
     ports = workload.ports
     env = {
+        **run.image_env,
         "HOST": app_ip,
         "POD_IP": pod_ip,
         "POD_NAME": workload.name,
+        "HOSTNAME": workload.name,
         "POD_NAMESPACE": workload.namespace,
         "SERVICE_ACCOUNT": workload.service_account,
     }
@@ -234,8 +246,9 @@ def _pod(
         app_ip=app_ip,
         outbound_ip=outbound_ip,
         ports=ports,
-        command=argv,
+        command=run.argv,
         env=env,
+        restart_policy=restarts,
     )
     return plan, None
 
