@@ -21,8 +21,10 @@ from rich.table import Table
 
 from trustmesh.cli import render
 from trustmesh.runtime.client import HttpResult, RequestError, http_request, tcp_exchange
+from trustmesh.runtime.commands import parse_image_command
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
 from trustmesh.runtime.plan import DEFAULT_BASE, PodPlan
+from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff
 from trustmesh.runtime.running import NotRunning, RunningMesh
 from trustmesh.runtime.supervisor import MeshRuntime, StartError
 
@@ -62,8 +64,30 @@ def up(
     state: State = Path(DEFAULT_STATE),
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
     base: Annotated[str, typer.Option("--base", help="First pod address block.")] = DEFAULT_BASE,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--image",
+            help="IMAGE=COMMAND: containers of IMAGE without a command run COMMAND (their "
+            "args appended). Repeatable; tried in order, before the built-in stand-ins.",
+        ),
+    ] = None,
+    restart_backoff: Annotated[
+        float,
+        typer.Option(
+            "--restart-backoff",
+            help="Seconds before restarting an app that exited; doubles per crash up to 30x,"
+            " as the kubelet's 10 s / 5 min.",
+        ),
+    ] = DEFAULT_BACKOFF.initial,
 ) -> None:
     """Start the control plane, the CA and every workload of the manifests, with sidecars."""
+    try:
+        images = [parse_image_command(text) for text in image or []]
+        backoff = Backoff.scaled(restart_backoff)
+    except ValueError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
     state = state.resolve()
     try:
         running = RunningMesh.open(state)
@@ -74,7 +98,9 @@ def up(
     except NotRunning:
         pass
     if detach:
-        _up_detached(config, mesh_config or [], state, base)
+        extra = [x for text in image or [] for x in ("--image", text)]
+        extra += ["--restart-backoff", repr(restart_backoff)]
+        _up_detached(config, mesh_config or [], state, base, extra)
         return
     runtime = MeshRuntime(
         [str(p) for p in config],
@@ -82,6 +108,8 @@ def up(
         mesh_config=[str(p) for p in mesh_config or []],
         base=base,
         progress=lambda message: _err.print(message, markup=False),
+        images=images,
+        backoff=backoff,
     )
     raise typer.Exit(asyncio.run(_run_foreground(runtime)))
 
@@ -107,11 +135,14 @@ async def _run_foreground(runtime: MeshRuntime) -> int:
     return 0
 
 
-def _up_detached(config: list[Path], mesh_config: list[Path], state: Path, base: str) -> None:
+def _up_detached(
+    config: list[Path], mesh_config: list[Path], state: Path, base: str, extra: list[str]
+) -> None:
     """Run ``trustmesh up`` as a background process; return once the mesh is ready."""
     Layout(state).create()
     argv = [sys.executable, "-m", "trustmesh", "up", *map(str, config), "--state", str(state)]
     argv += [x for m in mesh_config for x in ("--mesh-config", str(m))] + ["--base", base]
+    argv += extra
     log_path = Layout(state).logs / "supervisor.log"
     with log_path.open("wb") as log:  # this start's output only: it is shown on failure
         process = subprocess.Popen(
@@ -180,8 +211,9 @@ def status(
 
 def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
     proxies = {p["workload"]: p for p in (sync or {}).get("proxies", {}).values()}
-    table = Table(box=None, pad_edge=False)
-    for column in ("POD", "POD IP", "SIDECAR", "PROXY", "APP PID", "STATUS"):
+    table = Table(box=None, pad_edge=False, collapse_padding=True)
+    notes: list[str] = []
+    for column in ("POD", "POD IP", "SIDECAR", "PROXY", "APP PID", "RESTARTS", "STATUS"):
         table.add_column(column)
     for pod in running.plan.pods:
         record = running.pod_record(pod.ref)
@@ -208,9 +240,32 @@ def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
             ("envoy " + (str(envoy) if envoy else "-")) if pod.sidecar else "none",
             proxy,
             str(app) if app else "-",
+            str(int(record.get("restarts", 0) or 0)),
             status,
         )
+        if running.supervisor_alive and (note := _restart_note(record)):
+            notes.append(f"{pod.ref}: {note}")
     _out.print(table)
+    for note in notes:
+        _out.print(note, markup=False)
+
+
+def _restart_note(record: dict[str, Any]) -> str:
+    """The last exit, the last and next restart (UTC) and readiness, when the app exited."""
+    ended = record.get("last_exit")
+    if not isinstance(ended, dict):
+        return ""
+    how = f"exit code {ended.get('exit_code')}"
+    if ended.get("signal"):
+        how = f"{ended['signal']}, {how}"
+    parts = [f"last exit {how} at {ended.get('finished_at')}"]
+    if record.get("last_restart"):
+        parts.append(f"last restart at {record['last_restart']}")
+    if record.get("next_restart"):
+        parts.append(f"next restart at {record['next_restart']}")
+    if not record.get("ready", True):
+        parts.append("not ready: its endpoints get no traffic")
+    return "; ".join(parts)
 
 
 def logs(

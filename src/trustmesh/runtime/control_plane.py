@@ -9,8 +9,14 @@ and ADS over mTLS for every sidecar of the plan, and watches the configuration f
 When it serves it writes ``<state>/control-plane.json`` and prints it as one JSON line.
 
 The debug endpoint (HTTP on 127.0.0.1) answers ``GET /debug/syncz``: the configuration
-generation, the errors of the last reload and, per proxy, SYNCED or not and its last
-NACK — what ``trustmesh status`` and ``trustmesh test --live`` wait on.
+generation, the errors of the last reload, the pods whose endpoints are out of the mesh
+and, per proxy, SYNCED or not and its last NACK — what ``trustmesh status`` and
+``trustmesh test --live`` wait on.
+
+Readiness: the supervisor writes ``<state>/not-ready.json`` (``{"not_ready": [pod refs]}``)
+when a pod's app exits and again once it accepts connections after its restart; the
+control plane watches that file and takes those pods' endpoints out of every proxy's
+configuration meanwhile, as Kubernetes does with a pod that is not Ready.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
@@ -31,7 +38,7 @@ from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.process import run_until_signalled
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
 
-__all__ = ["ARGS_FILE", "main", "node_id", "serve"]
+__all__ = ["ARGS_FILE", "main", "node_id", "read_not_ready", "serve", "write_not_ready"]
 
 ARGS_FILE = "control-plane-args.json"
 # A poll costs one stat per configuration file: every 20 ms is free for a local mesh's
@@ -84,6 +91,7 @@ async def _debug_server(plane: ControlPlane, port: int) -> asyncio.Server:
                         "files": plane.loaded_digest,
                         "rejected": plane.rejected_reloads,
                         "errors": [str(d) for d in plane.last_errors],
+                        "not_ready": sorted(plane.not_ready),
                         "proxies": plane.sync_status(),
                     }
                 ).encode()
@@ -96,6 +104,40 @@ async def _debug_server(plane: ControlPlane, port: int) -> asyncio.Server:
         writer.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+def read_not_ready(layout: Layout) -> list[str]:
+    """The pods the supervisor says are not ready (none when it has not said)."""
+    try:
+        refs = read_json(layout.not_ready).get("not_ready", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [ref for ref in refs if isinstance(ref, str)] if isinstance(refs, list) else []
+
+
+def write_not_ready(layout: Layout, refs: Iterable[str]) -> None:
+    write_json(layout.not_ready, {"not_ready": sorted(refs)})
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+async def _watch_not_ready(
+    plane: ControlPlane, layout: Layout, stop: asyncio.Event, seen: tuple[int, int, int] | None
+) -> None:
+    """Apply ``not-ready.json`` whenever it differs from ``seen`` (one stat per interval)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+        now = _stamp(layout.not_ready)
+        if now != seen:
+            seen = now
+            await plane.set_not_ready(read_not_ready(layout))
 
 
 async def serve(layout: Layout, stop: asyncio.Event) -> int:
@@ -121,6 +163,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
         address=f"127.0.0.1:{ports.get('ca', 0)}",
         renewal_address=f"127.0.0.1:{ports.get('ca_renewal', 0)}",
     )
+    not_ready_seen = _stamp(layout.not_ready)  # before reading: a later write is seen
     plane = ControlPlane(
         args["config"],
         ca=ca,
@@ -128,6 +171,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
         mesh_config=args["mesh_config"],
         debounce=WATCH_DEBOUNCE,
         workload_addresses={pod.ref: pod.pod_ip for pod in plan.pods},
+        not_ready=read_not_ready(layout),
     )
     for pod in plan.pods:
         if pod.sidecar:
@@ -144,6 +188,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
         debug = await _debug_server(plane, ports.get("debug", 0))
         tasks.append(asyncio.create_task(ca_server.run_rotation(stop)))
         tasks.append(asyncio.create_task(plane.watch(stop, WATCH_INTERVAL)))
+        tasks.append(asyncio.create_task(_watch_not_ready(plane, layout, stop, not_ready_seen)))
         info = {
             "ready": True,
             "pid": os.getpid(),

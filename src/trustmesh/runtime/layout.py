@@ -6,6 +6,7 @@
 <state>/ca/                  the mesh CA (0700; its keys never leave this directory)
 <state>/ca-roots.pem         the trust bundle agents use to verify the CA at enrollment
 <state>/control-plane.json   the control plane's ports, once it serves
+<state>/not-ready.json       pods whose endpoints are out of the mesh (an app that exited)
 <state>/logs/                control-plane.log, <ns>_<pod>.app.log, <ns>_<pod>.agent.log
 <state>/pods/<ns>_<pod>/     sidecar.json, token (0600), envoy.json, envoy.log
 <state>/s/<n>.sock           SDS sockets (short paths: a Unix socket path has 107 bytes)
@@ -48,6 +49,10 @@ class Layout:
     @property
     def control_plane(self) -> Path:
         return self.root / "control-plane.json"
+
+    @property
+    def not_ready(self) -> Path:
+        return self.root / "not-ready.json"
 
     @property
     def logs(self) -> Path:

@@ -13,8 +13,13 @@
 Anything that does not become ready within its timeout stops the whole start with a
 message naming the pod and the tail of its log. While it runs, a control plane that exits
 is started again on the same ports (Envoys keep their configuration meanwhile and
-reconnect); a sidecar or app that exits is reported in ``mesh.json`` (and by ``trustmesh
-status``). Stopping kills exactly the processes it started, by PID.
+reconnect). A pod's app that exits is handled as the kubelet handles a container
+(:mod:`trustmesh.runtime.restarts`): the pod is not ready — its endpoints leave every
+proxy's configuration (``not-ready.json``, read by the control plane) — and, as its
+``restartPolicy`` says, the app is started again after the back-off; it is ready again
+once it accepts connections on its ports. Restarts, the last exit and the last restart
+are in ``mesh.json`` (and ``trustmesh status``). A sidecar that exits makes its pod not
+ready and is reported. Stopping kills exactly the processes it started, by PID.
 
 Every child gets ``TRUSTMESH_MESH=<state dir>`` in its environment: :func:`stop_recorded`
 checks it before signalling a recorded PID, so a PID reused by an unrelated process after
@@ -49,9 +54,11 @@ from trustmesh.runtime.addresses import (
     planned_addresses,
     probe,
 )
-from trustmesh.runtime.control_plane import ARGS_FILE, node_id
+from trustmesh.runtime.commands import ImageCommand
+from trustmesh.runtime.control_plane import ARGS_FILE, node_id, write_not_ready
 from trustmesh.runtime.layout import Layout, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, MeshPlan, PodPlan, plan_mesh
+from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff, Exit, should_restart
 from trustmesh.runtime.sidecar import SidecarSpec
 
 __all__ = ["MESH_ENV", "MeshRuntime", "StartError", "belongs_to", "stop_recorded"]
@@ -91,6 +98,9 @@ class MeshRuntime:
     mesh_config: Sequence[str] = ()
     base: str = DEFAULT_BASE
     progress: Progress = field(default=lambda message: None)
+    images: Sequence[ImageCommand] = ()  # --image IMAGE=COMMAND, tried in order
+    backoff: Backoff = DEFAULT_BACKOFF
+    clock: Callable[[], float] = time.monotonic  # how long an app ran (its back-off)
     plan: MeshPlan | None = None
     control_plane: dict[str, Any] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -99,6 +109,11 @@ class MeshRuntime:
     _config_paths: list[str] = field(default_factory=list)  # resolved, as recorded
     _mesh_config_paths: list[str] = field(default_factory=list)
     _claim: BlockClaim | None = None  # this mesh's address block, held until down()
+    _not_ready: set[str] = field(default_factory=set)  # pods whose endpoints are out
+    _restarting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _app_started: dict[str, float] = field(default_factory=dict)  # by clock()
+    _last_delay: dict[str, float] = field(default_factory=dict)  # back-off before the last start
+    _wake: asyncio.Event | None = None  # supervise() watches a new child
 
     # -- start
 
@@ -126,7 +141,7 @@ class MeshRuntime:
         loaded = await asyncio.to_thread(load_config, config, mesh_config=mesh_config)
         if loaded.errors:
             raise StartError("the configuration has errors", loaded.errors)
-        plan, problems = plan_mesh(loaded.snapshot, base=self.base)
+        plan, problems = plan_mesh(loaded.snapshot, base=self.base, images=self.images)
         if plan is None:
             raise StartError("the workloads cannot run locally", problems)
         if not plan.pods:
@@ -150,7 +165,7 @@ class MeshRuntime:
         self.progress(f"starting {len(plan.pods)} apps")
         await asyncio.gather(*(self._start_app(pod) for pod in plan.pods))
         for pod in plan.pods:
-            self.pods[pod.ref]["status"] = "running"
+            self.pods[pod.ref] |= {"status": "running", "ready": True, "restarts": 0}
         self._record("ready")
 
     async def _start_control_plane(self) -> None:
@@ -246,6 +261,13 @@ class MeshRuntime:
             await asyncio.sleep(0.05)  # polling the control plane's debug endpoint
 
     async def _start_app(self, pod: PodPlan) -> None:
+        child = await self._spawn_app(pod)
+        problem = await self._wait_ready(pod, child, APP_TIMEOUT)
+        if problem is not None:
+            raise StartError(problem + _tail(self.layout.app_log(pod.key)))
+        self.progress(f"  {pod.ref}: app running (pid {child.process.pid})")
+
+    async def _spawn_app(self, pod: PodPlan) -> _Child:
         argv = list(pod.command)
         if argv[0] == "trustmesh":  # this installation's, whatever PATH says
             argv = [sys.executable, "-m", "trustmesh", *argv[1:]]
@@ -253,22 +275,24 @@ class MeshRuntime:
             f"app {pod.ref}", argv, self.layout.app_log(pod.key), env=dict(pod.env)
         )
         self.pods[pod.ref]["app_pid"] = child.process.pid
-        deadline = time.monotonic() + APP_TIMEOUT
+        self._app_started[pod.ref] = self.clock()
+        return child
+
+    async def _wait_ready(self, pod: PodPlan, child: _Child, timeout: float | None) -> str | None:
+        """None once the app accepts connections on every port; else why it does not:
+        it exited, or ``timeout`` seconds passed (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for port in pod.ports:
             while not await _accepts(pod.app_ip, port):
                 if child.process.returncode is not None:
-                    raise StartError(
-                        f"{pod.ref}: the app exited with status {child.process.returncode}"
-                        + _tail(self.layout.app_log(pod.key))
-                    )
-                if time.monotonic() > deadline:
-                    raise StartError(
+                    return f"{pod.ref}: the app exited with status {child.process.returncode}"
+                if deadline is not None and time.monotonic() > deadline:
+                    return (
                         f"{pod.ref}: the app does not accept connections on "
-                        f"{pod.app_ip}:{port} after {APP_TIMEOUT:.0f}s"
-                        + _tail(self.layout.app_log(pod.key))
+                        f"{pod.app_ip}:{port} after {timeout:.0f}s"
                     )
                 await asyncio.sleep(0.05)  # a readiness probe: nothing to wait on but the port
-        self.progress(f"  {pod.ref}: app running (pid {child.process.pid})")
+        return None
 
     # -- processes
 
@@ -323,6 +347,7 @@ class MeshRuntime:
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Until ``stop``: restart the control plane if it exits; note pods that exit."""
+        wake = self._wake = asyncio.Event()
         while not stop.is_set():
             waits = {
                 asyncio.ensure_future(c.process.wait()): name
@@ -330,10 +355,15 @@ class MeshRuntime:
                 if c.process.returncode is None
             }
             stopped = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({*waits, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            woken = asyncio.ensure_future(wake.wait())
+            done, _ = await asyncio.wait(
+                {*waits, stopped, woken}, return_when=asyncio.FIRST_COMPLETED
+            )
             for future in waits:
                 future.cancel()
             stopped.cancel()
+            woken.cancel()
+            wake.clear()  # a restarted app is in _children: the next round watches it
             if stop.is_set():
                 return
             for future in done:
@@ -356,15 +386,95 @@ class MeshRuntime:
             self._record("ready")
             return
         kind, _, ref = name.partition(" ")
-        if ref in self.pods:
+        if ref not in self.pods or child.process.returncode is None:
+            return
+        if kind == "app":
+            self._app_exited(ref, child.process.returncode)
+        else:
             self.pods[ref]["status"] = f"{kind} exited ({child.process.returncode})"
-            self._record("degraded")
+            self._set_ready(ref, ready=False)
+        self._record(self._running_state())
+
+    # -- pods that exit
+
+    def _app_exited(self, ref: str, returncode: int) -> None:
+        """Take the pod out of the mesh and, as its restart policy says, schedule its app."""
+        assert self.plan is not None
+        pod = self.plan.pod(ref)
+        assert pod is not None
+        ended = Exit.of(returncode, _now())
+        record = self.pods[ref]
+        record["last_exit"] = ended.to_json()
+        self._set_ready(ref, ready=False)
+        if not should_restart(pod.restart_policy, ended.exit_code):
+            record["status"] = "completed" if ended.exit_code == 0 else "failed"
+            record.pop("next_restart", None)
+            self.progress(
+                f"{ref}: the app ended ({ended.describe()}); restartPolicy "
+                f"{pod.restart_policy}: not restarted"
+            )
+            return
+        ran_for = self.clock() - self._app_started.get(ref, self.clock())
+        delay = self.backoff.next_delay(self._last_delay.get(ref), ran_for)
+        self._last_delay[ref] = delay
+        record["status"] = "back-off"
+        record["next_restart"] = (ended.at + dt.timedelta(seconds=delay)).isoformat(
+            timespec="seconds"
+        )
+        self.progress(f"{ref}: the app exited ({ended.describe()}); restarting in {delay:g}s")
+        self._restarting[ref] = asyncio.create_task(self._restart_app(pod, delay))
+
+    async def _restart_app(self, pod: PodPlan, delay: float) -> None:
+        record = self.pods[pod.ref]
+        try:
+            await asyncio.sleep(delay)  # the back-off itself: waiting is the point
+            try:
+                child = await self._spawn_app(pod)
+            except StartError as exc:  # the command cannot run at all: back off again
+                record["start_error"] = str(exc)
+                self._app_exited(pod.ref, 127)
+                self._record(self._running_state())
+                return
+            record.pop("next_restart", None)
+            record.pop("start_error", None)
+            record["restarts"] = int(record.get("restarts", 0)) + 1
+            record["last_restart"] = _now().isoformat(timespec="seconds")
+            record["status"] = "running"
+            self._record(self._running_state())
+            if self._wake is not None:
+                self._wake.set()
+            if await self._wait_ready(pod, child, None) is None:
+                self._set_ready(pod.ref, ready=True)
+                self._record(self._running_state())
+                self.progress(f"{pod.ref}: the app runs again and accepts connections")
+        finally:
+            if self._restarting.get(pod.ref) is asyncio.current_task():
+                del self._restarting[pod.ref]
+
+    def _set_ready(self, ref: str, *, ready: bool) -> None:
+        """The pod's endpoints in (ready) or out of the mesh; the control plane follows
+        ``not-ready.json``."""
+        before = set(self._not_ready)
+        if ready:
+            self._not_ready.discard(ref)
+        else:
+            self._not_ready.add(ref)
+        self.pods[ref]["ready"] = ready
+        if self._not_ready != before:
+            write_not_ready(self.layout, self._not_ready)
+
+    def _running_state(self) -> str:
+        return "degraded" if self._not_ready else "ready"
 
     # -- stop
 
     async def down(self) -> None:
         """Stop apps, then sidecars, then the control plane (each: TERM, then KILL)."""
         self._record("stopping")
+        restarting = list(self._restarting.values())
+        for task in restarting:
+            task.cancel()
+        await asyncio.gather(*restarting, return_exceptions=True)
         order = ("app ", "sidecar ", "control-plane")
         for prefix in order:
             group = [c for name, c in self._children.items() if name.startswith(prefix)]
@@ -409,6 +519,10 @@ class MeshRuntime:
     def _pid(self, name: str) -> int | None:
         child = self._children.get(name)
         return child.process.pid if child is not None else None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _nack_text(nack: str) -> str:

@@ -51,6 +51,7 @@ from trustmesh.identity.server import Clock, utc_now
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
+from trustmesh.xds.readiness import EndpointFilter
 from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
 from trustmesh.xds.translate import FilterDelivery, translate
 
@@ -162,6 +163,8 @@ class ControlPlane:
     certificates are accepted. ``debounce``: how long the files must stay unchanged
     before :meth:`watch` reloads. ``workload_addresses``: workload ref → IP where the
     manifests carry none (a Deployment's pods), for the service endpoints of every proxy.
+    ``not_ready``: workloads whose endpoints no proxy gets (pods that are not Ready);
+    :meth:`set_not_ready` changes it while serving.
 
     ``reloads`` counts configurations applied (the one :meth:`start` loads included),
     ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
@@ -178,6 +181,7 @@ class ControlPlane:
         debounce: float = 0.05,
         mesh_config: Sequence[str] = (),
         workload_addresses: Mapping[str, str] | None = None,
+        not_ready: Sequence[str] = (),
     ) -> None:
         if isinstance(config_paths, str) or isinstance(mesh_config, str):
             raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
@@ -190,6 +194,7 @@ class ControlPlane:
         self._paths = tuple(config_paths)
         self._mesh_config = tuple(mesh_config)
         self._addresses = MappingProxyType(dict(workload_addresses or {}))
+        self._not_ready = frozenset(not_ready)
         self._ca = ca
         self._host, self._port = _split_address(address)
         self._clock = clock
@@ -255,11 +260,46 @@ class ControlPlane:
         if existing is not None:
             raise ValueError(f"node {registration.node_id!r} is already {existing.workload_ref}")
         if self._mesh is not None:
-            snapshot = _snapshot_for(self._mesh, registration, self._addresses)
+            endpoints = EndpointFilter(self._not_ready)
+            snapshot = _snapshot_for(self._mesh, registration, self._addresses, endpoints)
             self._registrations[registration.node_id] = registration
             self._cache.set(registration.node_id, snapshot)
         else:
             self._registrations[registration.node_id] = registration
+
+    @property
+    def not_ready(self) -> frozenset[str]:
+        """Workloads whose endpoints are left out of every proxy's configuration."""
+        return self._not_ready
+
+    async def set_not_ready(self, workloads: Sequence[str]) -> bool:
+        """Leave the endpoints of ``workloads`` (``namespace/name``) out from now on and
+        push every proxy whose configuration that changes; whether the set changed.
+
+        Built from the last configuration that compiled, without reading the files: a
+        pod's readiness changes what proxies get even while the files have errors."""
+        wanted = frozenset(workloads)
+        if wanted == self._not_ready:
+            return False
+        async with self._reloading:
+            self._not_ready = wanted
+            mesh = self._mesh
+            if mesh is None:
+                return True  # nothing published yet: the first build uses it
+            registrations = dict(self._registrations)
+            build = await asyncio.to_thread(
+                _translate_all, mesh, registrations, self._addresses, wanted
+            )
+            problems, changed = self._publish(build)
+            _log.info(
+                "not ready: %s; %d of %d proxies changed",
+                ", ".join(sorted(wanted)) or "none",
+                changed,
+                len(self._registrations),
+            )
+            if problems:
+                self.last_errors = problems
+        return True
 
     def unregister(self, node_id: str) -> None:
         """Forget a proxy that is gone. An open stream keeps its config until it closes;
@@ -352,6 +392,7 @@ class ControlPlane:
                     registrations,
                     self._addresses,
                     self._sources,
+                    self._not_ready,
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -423,7 +464,8 @@ class ControlPlane:
                     continue  # it could not be configured: reported in build.problems
             else:  # registered while the reload ran, against the old mesh
                 try:
-                    snapshot = _snapshot_for(build.mesh, registration, self._addresses)
+                    endpoints = EndpointFilter(self._not_ready)
+                    snapshot = _snapshot_for(build.mesh, registration, self._addresses, endpoints)
                 except (LookupError, ValueError) as exc:
                     problems.append(_proxy_problem(registration, exc))
                     continue
@@ -490,6 +532,7 @@ def _build_without_gc(
     registrations: Mapping[str, ProxyRegistration],
     addresses: Mapping[str, str],
     sources: SourceCache | None = None,
+    not_ready: frozenset[str] = frozenset(),
 ) -> _Build:
     """:func:`_build` with the cyclic garbage collector paused: a fleet's build makes
     hundreds of thousands of short-lived dicts, and collections triggered by them scan
@@ -498,7 +541,7 @@ def _build_without_gc(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(paths, mesh_config, registrations, addresses, sources)
+        return _build(paths, mesh_config, registrations, addresses, sources, not_ready)
     finally:
         if was_enabled:
             gc.enable()
@@ -510,30 +553,43 @@ def _build(
     registrations: Mapping[str, ProxyRegistration],
     addresses: Mapping[str, str],
     sources: SourceCache | None = None,
+    not_ready: frozenset[str] = frozenset(),
 ) -> _Build:
     """Load, compile and translate for every proxy; pure apart from reading the files."""
     loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources)
     if loaded.errors or loaded.mesh is None:
         errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
         return _Build(tuple(errors), None, registrations, {}, ())
+    return _translate_all(loaded.mesh, registrations, addresses, not_ready)
+
+
+def _translate_all(
+    mesh: MeshPolicy,
+    registrations: Mapping[str, ProxyRegistration],
+    addresses: Mapping[str, str],
+    not_ready: frozenset[str],
+) -> _Build:
+    """Every registered proxy's snapshot from one compiled mesh (pure)."""
     snapshots: dict[str, Snapshot] = {}
     problems = []
     canonical = Canonical()  # what the proxies share is encoded once
+    endpoints = EndpointFilter(not_ready)  # … and filtered once
     for node_id, registration in sorted(registrations.items()):
         try:
-            snapshots[node_id] = _snapshot_for(loaded.mesh, registration, addresses, canonical)
+            snapshots[node_id] = _snapshot_for(mesh, registration, addresses, endpoints, canonical)
         except (LookupError, ValueError) as exc:
             problems.append(_proxy_problem(registration, exc))
         except Exception as exc:  # a bug for one workload must not stall every other update
             _log.exception("translating %s for %s failed", registration.workload_ref, node_id)
             problems.append(_proxy_problem(registration, exc))
-    return _Build((), loaded.mesh, registrations, snapshots, tuple(problems))
+    return _Build((), mesh, registrations, snapshots, tuple(problems))
 
 
 def _snapshot_for(
     mesh: MeshPolicy,
     registration: ProxyRegistration,
     addresses: Mapping[str, str],
+    endpoints: EndpointFilter,
     canonical: Canonical | None = None,
 ) -> Snapshot:
     """One proxy's checked snapshot; ``LookupError`` / ``ValueError`` if there is none."""
@@ -546,7 +602,7 @@ def _snapshot_for(
         outbound_address=registration.outbound_address,
         workload_addresses=addresses,
     )
-    snapshot = Snapshot.from_resources(resources.all(), canonical)
+    snapshot = Snapshot.from_resources(endpoints.apply(resources.all()), canonical)
     # Checked (and encoded, which is memoized) here, off the event loop: publishing it
     # later repeats neither.
     problems = snapshot.consistency_errors() or snapshot.encoding_errors()
