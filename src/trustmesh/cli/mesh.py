@@ -255,12 +255,12 @@ def _restart_note(record: dict[str, Any]) -> str:
     ended = record.get("last_exit")
     if not isinstance(ended, dict):
         return ""
-    how = f"exit code {ended.get('exit_code')}"
+    how = f"code {ended.get('exit_code')}"
     if ended.get("signal"):
         how = f"{ended['signal']}, {how}"
-    parts = [f"last exit {how} at {ended.get('finished_at')}"]
+    parts = [f"exited ({how}) at {ended.get('finished_at')}"]
     if record.get("last_restart"):
-        parts.append(f"last restart at {record['last_restart']}")
+        parts.append(f"restarted at {record['last_restart']}")
     if record.get("next_restart"):
         parts.append(f"next restart at {record['next_restart']}")
     if not record.get("ready", True):

@@ -336,7 +336,9 @@ class Reviews:
         url = f"{service_url(self.env, 'ratings')}/ratings/{product_id}"
         headers = [("Accept", "application/json"), *forwarded(request)]
         try:
-            answer = await http_get(url, headers=headers, timeout=self.ratings_timeout)
+            answer = await http_get(
+                url, headers=headers, timeout=self.ratings_timeout, environ=self.env
+            )
             if answer.status != 200:
                 return {}
             body = answer.json()

@@ -36,7 +36,7 @@ class ImageRef:
     path: str
     tag: str = ""
     digest: str = ""
-    explicit_registry: bool = False
+    explicit_registry: bool = field(default=False, compare=False)  # as written, not its value
 
     @property
     def name(self) -> str:

@@ -125,7 +125,7 @@ class ProductPage:
     ) -> tuple[int, object]:
         url = f"{service_url(self.env, service)}/{service}/{product_id}"
         try:
-            answer = await http_get(url, headers=headers, timeout=CALL_TIMEOUT)
+            answer = await http_get(url, headers=headers, timeout=CALL_TIMEOUT, environ=self.env)
         except CallFailed:
             self.results[(service, 500)] += 1
             return 500, {"error": sorry}
