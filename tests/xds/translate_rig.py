@@ -23,7 +23,13 @@ from typing import Any
 from tests.envoy.conftest import MiniCA, mesh_client_tls
 from tests.unit.meshutil import ROOT, compile_text
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.xds.translate import FilterDelivery, ProxyResources, static_bootstrap, translate
+from trustmesh.xds.translate import (
+    CaptureMode,
+    FilterDelivery,
+    ProxyResources,
+    static_bootstrap,
+    translate,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "translate"
 SCENARIOS = ROOT / "examples" / "scenarios"
@@ -46,19 +52,41 @@ def _mesh(*scenarios: str) -> MeshPolicy:
     return compile_text(text, mesh=mesh_config)
 
 
+# The example mesh's Services as a sandboxed runtime would address them (golden files).
+CLUSTER_IPS = {
+    "foo/httpbin": "10.96.0.10",
+    "foo/tcp-echo": "10.96.0.11",
+    "bar/httpbin": "10.96.0.12",
+    "legacy/httpbin": "10.96.0.13",
+}
+POD_IP = "10.88.0.5"  # golden files of captured sidecars: only the node id would use it
+
+
 @dataclass(frozen=True)
 class Case:
     scenario: str  # "" = the example mesh alone
     workload: str
     delivery: FilterDelivery = FilterDelivery.ECDS
+    capture: CaptureMode = CaptureMode.PROCESS
 
     @property
     def id(self) -> str:
         suffix = ".inline" if self.delivery is FilterDelivery.INLINE else ""
+        if self.capture is CaptureMode.TRANSPARENT:
+            suffix += ".transparent"
         return f"{self.scenario or 'base'}__{self.workload.replace('/', '-')}{suffix}"
 
     def translate(self) -> ProxyResources:
         mesh = _mesh(*filter(None, [self.scenario]))
+        if self.capture is CaptureMode.TRANSPARENT:
+            return translate(
+                mesh,
+                self.workload,
+                inbound_address=POD_IP,
+                delivery=self.delivery,
+                capture=self.capture,
+                service_addresses=CLUSTER_IPS,
+            )
         return translate(
             mesh, self.workload, inbound_address=INBOUND_ADDRESS, delivery=self.delivery
         )
@@ -79,6 +107,14 @@ CASES = [
     Case("14b-workload-strict-port-disable", "bar/httpbin"),
     Case("14b-workload-strict-port-disable", "foo/sleep"),
     Case("17b-registry-only-service-entry", "foo/sleep"),
+    # Istio's layout behind capture rules (a sandboxed pod).
+    Case("", "foo/httpbin", capture=CaptureMode.TRANSPARENT),
+    Case("", "foo/sleep", capture=CaptureMode.TRANSPARENT),
+    Case("02-deny-get", "foo/httpbin", FilterDelivery.INLINE, CaptureMode.TRANSPARENT),
+    Case("05-tcp-allow-ports", "foo/tcp-echo", capture=CaptureMode.TRANSPARENT),
+    Case("12-mesh-strict", "foo/httpbin", capture=CaptureMode.TRANSPARENT),
+    Case("14b-workload-strict-port-disable", "bar/httpbin", capture=CaptureMode.TRANSPARENT),
+    Case("17b-registry-only-service-entry", "foo/sleep", capture=CaptureMode.TRANSPARENT),
 ]
 
 

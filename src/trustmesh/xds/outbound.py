@@ -63,6 +63,7 @@ __all__ = [
     "PASSTHROUGH_CLUSTER",
     "PLACEHOLDER_ADDRESS",
     "ROUTE_TYPE",
+    "WORKLOAD_HEADER",
     "Protocol",
     "dns_cluster",
     "outbound_clusters",
@@ -71,6 +72,8 @@ __all__ = [
     "selected_workloads",
     "static_cluster",
     "target_port",
+    "workload_route",
+    "workload_subset",
 ]
 
 _T = "type.googleapis.com/"
@@ -426,11 +429,25 @@ def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- routes
 
 
-def outbound_routes(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]]:
+def outbound_routes(
+    wp: WorkloadPolicy,
+    mesh: MeshPolicy,
+    service_addresses: Mapping[str, str] | None = None,
+    *,
+    workload_routes: bool = False,
+) -> list[dict[str, Any]]:
     """One route configuration per HTTP port of the registry, named ``"<port>"``: a
-    virtual host per service on that port, then Istio's default for unknown hosts."""
+    virtual host per service on that port, then Istio's default for unknown hosts.
+
+    ``service_addresses`` (Service ``namespace/name`` → ClusterIP): each service's
+    virtual host also answers to its ClusterIP (``ip`` and ``ip:port``), as Istio's do —
+    what a captured client that dialled the address sends as ``Host``.
+    ``workload_routes``: a service with several workloads also routes
+    ``x-trustmesh-workload: NS/NAME`` to that workload's subset cluster (see
+    :func:`workload_route`)."""
     hosts: dict[int, dict[str, dict[str, Any]]] = {}
     client_namespace = wp.workload.namespace
+    addresses = service_addresses or {}
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         for sp in service.ports:
             if port_protocol(sp.name, sp.protocol) is not Protocol.HTTP:
@@ -439,10 +456,17 @@ def outbound_routes(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]
             names = [service.hostname, f"{short}.svc", short]
             if service.namespace == client_namespace:
                 names.append(service.name)  # Istio adds the short name for its own namespace
+            cluster_ip = addresses.get(f"{service.namespace}/{service.name}")
+            if cluster_ip:
+                names.append(cluster_ip)
             vhost_name = f"{service.hostname}:{sp.port}"
-            hosts.setdefault(sp.port, {})[vhost_name] = _virtual_host(
-                vhost_name, names, sp.port, f"outbound|{sp.port}||{service.hostname}"
-            )
+            cluster = f"outbound|{sp.port}||{service.hostname}"
+            vhost = _virtual_host(vhost_name, names, sp.port, cluster)
+            if workload_routes:
+                workloads = [w.ref for w in _selected(mesh, service)]
+                if len(workloads) > 1:
+                    vhost["routes"][:0] = [workload_route(cluster, ref) for ref in workloads]
+            hosts.setdefault(sp.port, {})[vhost_name] = vhost
     for entry in _service_entries(mesh):
         spec: m.ServiceEntrySpec = entry.spec
         for port in spec.ports:
@@ -476,6 +500,30 @@ def outbound_routes(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]
             }
         )
     return routes
+
+
+WORKLOAD_HEADER = "x-trustmesh-workload"
+
+
+def workload_subset(cluster: str, workload_ref: str) -> str:
+    """``outbound|9080||reviews.default.svc.cluster.local`` + ``default/reviews-v2`` →
+    ``outbound|9080|workload-reviews-v2|reviews.default.svc.cluster.local``."""
+    direction, port, _, fqdn = cluster.split("|", 3)
+    return f"{direction}|{port}|workload-{workload_ref.partition('/')[2]}|{fqdn}"
+
+
+def workload_route(cluster: str, workload_ref: str) -> dict[str, Any]:
+    """A route ahead of a service's default one: ``x-trustmesh-workload: NS/NAME`` goes
+    to that workload's subset cluster only, and the header is removed on the way."""
+    return {
+        "name": f"workload {workload_ref}",
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": WORKLOAD_HEADER, "string_match": {"exact": workload_ref}}],
+        },
+        "route": {"cluster": workload_subset(cluster, workload_ref), "timeout": "0s"},
+        "request_headers_to_remove": [WORKLOAD_HEADER],
+    }
 
 
 def _virtual_host(name: str, hostnames: list[str], port: int, cluster: str) -> dict[str, Any]:

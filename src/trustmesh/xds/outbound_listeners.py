@@ -74,10 +74,13 @@ from trustmesh.xds.inbound import denied_requests_only, logs_every_request
 from trustmesh.xds.outbound import (
     BLACKHOLE_CLUSTER,
     CLUSTER_TYPE,
+    WORKLOAD_HEADER,
     Protocol,
     default_virtual_host,
     port_protocol,
     selected_workloads,
+    workload_route,
+    workload_subset,
 )
 
 __all__ = [
@@ -85,10 +88,13 @@ __all__ = [
     "OUTBOUND_HTTP_LISTENER",
     "OUTBOUND_HTTP_PORT",
     "WORKLOAD_HEADER",
+    "access_log",
+    "http_log_fields",
     "outbound_http_route",
     "outbound_listeners",
     "outbound_proxy_clusters",
     "outbound_tcp_ports",
+    "tcp_log_fields",
     "tls_egress_ports",
     "workload_subset",
     "workload_subset_clusters",
@@ -105,16 +111,6 @@ DYNAMIC_FORWARD_PROXY_CLUSTER = "DynamicForwardProxyCluster"
 # The filter and the cluster must name the same cache: the filter resolves, the cluster reads.
 _DNS_CACHE = {"name": "outbound_http_dns_cache", "dns_lookup_family": "V4_ONLY"}
 _DEFAULT_HTTP_PORT = 80
-
-
-WORKLOAD_HEADER = "x-trustmesh-workload"
-
-
-def workload_subset(cluster: str, workload_ref: str) -> str:
-    """``outbound|9080||reviews.default.svc.cluster.local`` + ``default/reviews-v2`` →
-    ``outbound|9080|workload-reviews-v2|reviews.default.svc.cluster.local``."""
-    direction, port, _, fqdn = cluster.split("|", 3)
-    return f"{direction}|{port}|workload-{workload_ref.partition('/')[2]}|{fqdn}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +219,7 @@ def _tcp_proxy(wp: WorkloadPolicy, cluster: str) -> dict[str, Any]:
             "@type": TCP_PROXY_TYPE,
             "stat_prefix": cluster,
             "cluster": cluster,
-            "access_log": [_log(wp, _tcp_fields())],
+            "access_log": [access_log(wp, tcp_log_fields())],
         },
     }
 
@@ -278,7 +274,7 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
                     "name": target.name,
                     "domains": domains,
                     "routes": [
-                        *(_workload_route(target.cluster, ref) for ref in target.workloads),
+                        *(workload_route(target.cluster, ref) for ref in target.workloads),
                         {
                             "name": "default",
                             "match": {"prefix": "/"},
@@ -292,18 +288,6 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
         "name": OUTBOUND_HTTP_LISTENER,
         "virtual_hosts": virtual_hosts,
         "validate_clusters": False,
-    }
-
-
-def _workload_route(cluster: str, workload_ref: str) -> dict[str, Any]:
-    return {
-        "name": f"workload {workload_ref}",
-        "match": {
-            "prefix": "/",
-            "headers": [{"name": WORKLOAD_HEADER, "string_match": {"exact": workload_ref}}],
-        },
-        "route": {"cluster": workload_subset(cluster, workload_ref), "timeout": "0s"},
-        "request_headers_to_remove": [WORKLOAD_HEADER],
     }
 
 
@@ -399,12 +383,14 @@ def _http_proxy(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
             "route_config": outbound_http_route(wp, mesh),
             "http_filters": filters,
             "use_remote_address": False,
-            "access_log": [_log(wp, _http_fields(), every_request=logs_every_request(mesh))],
+            "access_log": [
+                access_log(wp, http_log_fields(), every_request=logs_every_request(mesh))
+            ],
         },
     }
 
 
-def _log(
+def access_log(
     wp: WorkloadPolicy, fields: dict[str, str], *, every_request: bool = True
 ) -> dict[str, Any]:
     """The JSON access log of an outbound listener; for HTTP without ``every_request``
@@ -428,7 +414,7 @@ def _log(
     return log
 
 
-def _http_fields() -> dict[str, str]:
+def http_log_fields() -> dict[str, str]:
     return {
         "request_id": "%REQ(X-REQUEST-ID)%",
         "method": "%REQ(:METHOD)%",
@@ -439,5 +425,5 @@ def _http_fields() -> dict[str, str]:
     }
 
 
-def _tcp_fields() -> dict[str, str]:
+def tcp_log_fields() -> dict[str, str]:
     return {"bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%"}

@@ -107,14 +107,17 @@ def http_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
     return [_http_filter(config) for config in _action_configs(wp, mesh, for_tcp=False) if config]
 
 
-def network_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy, port: int) -> list[Json]:
-    """The RBAC network filters of ``wp``'s TCP chain for ``port``: CUSTOM (fail closed),
-    AUDIT, DENY, ALLOW, with Istio's TCP handling of HTTP-only attributes.
+def network_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy, port: int | None) -> list[Json]:
+    """The RBAC network filters of ``wp``'s TCP chain for ``port`` (None: a passthrough
+    chain, any port): CUSTOM (fail closed), AUDIT, DENY, ALLOW, with Istio's TCP handling
+    of HTTP-only attributes.
 
     The rules are the same for every port — port conditions are ``destination_port``
     matchers inside them, as in Istio — so ``port`` is only checked.
     """
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+    if port is not None and (
+        not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535
+    ):
         raise ValueError(f"port must be 1..65535, got {port!r}")
     configs = [*_custom_configs(wp, mesh, for_tcp=True), *_action_configs(wp, mesh, for_tcp=True)]
     return [_network_filter(config) for config in configs if config]

@@ -51,9 +51,13 @@ from trustmesh.xds.guards import (
     request_guard_filters,
 )
 from trustmesh.xds.inbound import (
+    capture_inbound_clusters,
     inbound_clusters,
     inbound_listener,
     inbound_ports,
+    passthrough_scopes,
+    service_ports,
+    virtual_inbound_listener,
 )
 from trustmesh.xds.jwt import JWT_FILTER, jwks_clusters, jwt_authn_config
 from trustmesh.xds.outbound import (
@@ -61,6 +65,7 @@ from trustmesh.xds.outbound import (
     outbound_clusters,
     outbound_routes,
 )
+from trustmesh.xds.outbound_capture import service_port_listeners, virtual_outbound_listener
 from trustmesh.xds.outbound_listeners import (
     outbound_listeners,
     outbound_proxy_clusters,
@@ -75,6 +80,7 @@ from trustmesh.xds.rbac import (
 
 __all__ = [
     "ECDS_TYPE",
+    "CaptureMode",
     "FilterDelivery",
     "ProxyResources",
     "static_bootstrap",
@@ -91,6 +97,21 @@ _RBAC_SLOTS = {
     "ALLOW": "trustmesh.authz.allow",
 }
 _CUSTOM_SLOT = "trustmesh.authz.custom.{}"
+
+
+class CaptureMode(enum.Enum):
+    """How the app's traffic reaches its sidecar — which listener layout Envoy gets.
+
+    ``PROCESS``: no capture (a local-process mesh): Envoy binds the workload's ports on its
+    own address and offers the app outbound listeners by address (an HTTP proxy).
+    ``TRANSPARENT``: the pod's network namespace redirects inbound TCP to 15006 and
+    outbound TCP to 15001 (istio-init's rules): Istio's ``virtualInbound`` /
+    ``virtualOutbound`` layout with original destinations and per-port outbound
+    listeners that bind nothing.
+    """
+
+    PROCESS = "process"
+    TRANSPARENT = "transparent"
 
 
 class FilterDelivery(enum.Enum):
@@ -128,8 +149,17 @@ def translate(
     delivery: FilterDelivery = FilterDelivery.ECDS,
     outbound_address: str | None = None,
     workload_addresses: Mapping[str, str] | None = None,
+    capture: CaptureMode = CaptureMode.PROCESS,
+    service_addresses: Mapping[str, str] | None = None,
 ) -> ProxyResources:
     """The Envoy resources of ``workload_ref``'s sidecar (``namespace/name``).
+
+    ``capture`` picks the listener layout (:class:`CaptureMode`). Under ``TRANSPARENT``
+    the listeners bind no workload address: ``inbound_address`` is the pod IP (for the
+    node id only), ``app_address`` is unused (the app is reached at the address the
+    client dialled, from 127.0.0.6), ``outbound_address`` must be None, and
+    ``service_addresses`` (Service ``namespace/name`` → ClusterIP) says where each
+    Service is dialled.
 
     ``inbound_address``: where the inbound listener binds the workload's ports;
     ``app_address``: where the application itself listens on the same ports;
@@ -162,6 +192,12 @@ def translate(
             raise ValueError(f"{what} must be an IP address, got {address!r}") from None
     if not sds_cluster:
         raise ValueError("sds_cluster must be non-empty")
+    if capture is CaptureMode.TRANSPARENT:
+        if outbound_address is not None:
+            raise ValueError("a captured sidecar has no outbound_address: the app dials services")
+        return _transparent(
+            mesh, wp, sds_cluster, delivery, workload_addresses, _cluster_ips(service_addresses)
+        )
 
     ports = inbound_ports(wp)
     listeners: list[dict[str, Any]] = []
@@ -221,6 +257,84 @@ def translate(
     )
     return ProxyResources(
         listeners=tuple(listeners),
+        clusters=tuple(clusters[name] for name in sorted(clusters)),
+        routes=tuple(routes),
+        extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
+    )
+
+
+def _cluster_ips(addresses: Mapping[str, str] | None) -> dict[str, str]:
+    checked = {}
+    for service, address in sorted((addresses or {}).items()):
+        namespace, _, name = service.partition("/")
+        if not namespace or not name or "/" in name:
+            raise ValueError(f"service_addresses keys are namespace/name, got {service!r}")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"ClusterIP of {service} must be an IP, got {address!r}") from None
+        checked[service] = address
+    return checked
+
+
+def _transparent(
+    mesh: MeshPolicy,
+    wp: WorkloadPolicy,
+    sds_cluster: str,
+    delivery: FilterDelivery,
+    workload_addresses: Mapping[str, str] | None,
+    cluster_ips: Mapping[str, str],
+) -> ProxyResources:
+    """Istio's layout for a sidecar behind capture rules (see :class:`CaptureMode`)."""
+    ports = service_ports(wp)
+    scopes = passthrough_scopes(wp, ports)
+    # Passthrough chains always carry HTTP: the HTTP policy filters are always needed.
+    http_filters, extension_configs = _http_policy_filters(wp, mesh, delivery)
+    listeners = [
+        virtual_inbound_listener(
+            wp,
+            mesh,
+            ports,
+            scopes,
+            sds_cluster=sds_cluster,
+            http_filters=http_filters,
+            network_filters=lambda port: network_rbac_filters(wp, mesh, port),
+        ),
+        virtual_outbound_listener(wp),
+        *service_port_listeners(wp, mesh, cluster_ips),
+    ]
+    addresses_key = _addresses_key(workload_addresses)
+    service_clusters = _shared(
+        mesh,
+        wp,
+        ("clusters", sds_cluster, addresses_key),
+        lambda: outbound_clusters(wp, mesh, sds_cluster, workload_addresses),
+    )
+    subset_clusters = _shared(
+        mesh,
+        wp,
+        ("workload subsets", sds_cluster, addresses_key),
+        lambda: workload_subset_clusters(wp, mesh, service_clusters),
+    )
+    clusters: dict[str, dict[str, Any]] = {}
+    for cluster in (
+        *capture_inbound_clusters(ports),
+        *service_clusters,
+        *subset_clusters,
+        *jwks_clusters(wp.jwt_providers, mesh.snapshot),
+    ):
+        clusters.setdefault(cluster["name"], cluster)
+    routes = _shared(
+        mesh,
+        wp,
+        ("captured routes", _addresses_key(cluster_ips)),
+        lambda: sorted(
+            outbound_routes(wp, mesh, cluster_ips, workload_routes=True),
+            key=lambda r: str(r["name"]),
+        ),
+    )
+    return ProxyResources(
+        listeners=tuple(sorted(listeners, key=lambda x: str(x["name"]))),
         clusters=tuple(clusters[name] for name in sorted(clusters)),
         routes=tuple(routes),
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
@@ -315,14 +429,18 @@ def static_bootstrap(
     admin_port: int = 0,
 ) -> dict[str, Any]:
     """A bootstrap serving ``resources`` without an ADS server: listeners and clusters as
-    static resources, extension configs put back inline, the agent's SDS socket as
-    ``sds_cluster``. Route configurations are left out: nothing here refers to them by RDS.
+    static resources, extension configs and the route configurations a listener fetches
+    by RDS put back inline, the agent's SDS socket as ``sds_cluster``.
 
     For tests, ``envoy --mode validate`` and running a sidecar before the ADS server
     exists. Returns new dicts; ``resources`` is not modified.
     """
     extensions = {e["name"]: e["typed_config"] for e in resources.extension_configs}
-    listeners = [_inline_extensions(_untyped(r), extensions) for r in resources.listeners]
+    routes = {str(r["name"]): r for r in resources.routes}
+    listeners = [
+        _inline_routes(_inline_extensions(_untyped(r), extensions), routes)
+        for r in resources.listeners
+    ]
     clusters = [_untyped(c) for c in resources.clusters]
     clusters.append(
         {
@@ -363,6 +481,16 @@ def _inline_extensions(value: Any, extensions: Mapping[str, Any]) -> Any:
                 raise ValueError(f"filter {name!r} refers to a missing extension config")
             del node["config_discovery"]
             node["typed_config"] = copy.deepcopy(extensions[name])
+    return value
+
+
+def _inline_routes(value: Any, routes: Mapping[str, Any]) -> Any:
+    for node in _objects(value):
+        if "rds" in node:
+            name = node.pop("rds")["route_config_name"]
+            if name not in routes:
+                raise ValueError(f"a listener refers to a missing route configuration {name!r}")
+            node["route_config"] = _untyped(routes[name])
     return value
 
 
