@@ -296,6 +296,13 @@ class EnvVar(Loose):
     value: str = ""
 
 
+class SecurityContext(Loose):
+    """The user a pod's or container's processes run as (the local runtime's netns mode)."""
+
+    run_as_user: int | None = Field(default=None, ge=0)
+    run_as_group: int | None = Field(default=None, ge=0)
+
+
 class Container(Loose):
     name: str = ""
     command: Strings = ()
@@ -303,6 +310,7 @@ class Container(Loose):
     env: tuple[EnvVar, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
     restart_policy: str = ""  # "Always" on an init container: a native sidecar
+    security_context: SecurityContext = Field(default_factory=SecurityContext)
 
 
 class PodSpec(Loose):
@@ -311,6 +319,7 @@ class PodSpec(Loose):
     containers: tuple[Container, ...] = ()
     init_containers: tuple[Container, ...] = ()
     host_network: bool = False
+    security_context: SecurityContext = Field(default_factory=SecurityContext)
 
 
 class PodStatus(Loose):
