@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SARIF_PKG    := @microsoft/jest-sarif@1.0.0-beta.0
 SARIF_SCHEMA := $(VENV)/share/sarif-schema-2.1.0.json
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean sandbox-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,17 @@ $(SARIF_SCHEMA): | $(STAMP)
 	  && tar xzf *.tgz package/lib/schemas/sarif-2.1.0-rtm.5.json
 	cp $(VENV)/share/sarif-npm/package/lib/schemas/sarif-2.1.0-rtm.5.json $@
 
-unit: $(STAMP) $(SARIF_SCHEMA)
+# The pod sandbox (`trustmesh up --isolation netns`, tests/sandbox) runs nftables through
+# Debian's `nft`, and its pods' Python as other users: when this Python lives in a private
+# home (pyenv under /root), Debian's python3.11 of the same ABI runs them instead. Both are
+# installed when missing and we are root (CI); without root the sandbox tests are skipped.
+sandbox-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { ! command -v nft >/dev/null || ! [ -x /usr/bin/python3.11 ]; }; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables python3.11 >/dev/null; \
+	fi
+
+unit: $(STAMP) $(SARIF_SCHEMA) sandbox-deps
 	$(BIN)/pytest tests
 
 test: lint typecheck unit

@@ -296,6 +296,13 @@ class EnvVar(Loose):
     value: str = ""
 
 
+class SecurityContext(Loose):
+    """The user a pod's or container's processes run as (the local runtime's netns mode)."""
+
+    run_as_user: int | None = Field(default=None, ge=0)
+    run_as_group: int | None = Field(default=None, ge=0)
+
+
 class Container(Loose):
     name: str = ""
     image: str = ""
@@ -304,6 +311,7 @@ class Container(Loose):
     env: tuple[EnvVar, ...] = ()
     ports: tuple[ContainerPort, ...] = ()
     restart_policy: str = ""  # "Always" on an init container: a native sidecar
+    security_context: SecurityContext = Field(default_factory=SecurityContext)
 
 
 class PodSpec(Loose):
@@ -313,6 +321,7 @@ class PodSpec(Loose):
     init_containers: tuple[Container, ...] = ()
     host_network: bool = False
     restart_policy: str = ""  # Always (Kubernetes' default), OnFailure or Never
+    security_context: SecurityContext = Field(default_factory=SecurityContext)
 
 
 class PodStatus(Loose):

@@ -23,10 +23,21 @@ The app is told ``HOST`` / ``PORT`` (its first container port), ``POD_IP``,
 ``POD_NAMESPACE``, ``SERVICE_ACCOUNT`` and, with a sidecar, ``HTTP_PROXY``; a container's
 own ``env`` entries override those, which override the image's own ``ENV``. ``command[0] ==
 "trustmesh"`` runs this installation's trustmesh (``trustmesh sample httpbin``).
+
+With ``isolation=NETNS`` (the pod sandbox) every pod is a network namespace instead: pod
+*k* gets ``10.88.<1 + k // 200>.<10 + k % 200>`` on the mesh bridge (``10.88.0.1``, the
+node namespace, where the control plane listens), the app listens on ``0.0.0.0:PORT``
+(``HOST=0.0.0.0``) and reaches Services by name at their ClusterIP (``10.96.0.10`` on, one
+per Service in namespace/name order) — capture rules take its traffic to the sidecar, no
+proxy variable. The app runs as ``securityContext.runAsUser`` (container, else pod) or
+uid ``20000 + k``; never as root or as the proxy's 1337. Namespace names are
+``tm-<mesh id>-<k>`` and ``tm-<mesh id>-node``. The addresses exist only inside the mesh's
+own namespaces, so two meshes never collide.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,11 +48,18 @@ from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.snapshot import ConfigSnapshot, Workload
 from trustmesh.runtime.commands import ImageCommand, container_run, restart_policy
+from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
+from trustmesh.runtime.capture import PROXY_UID, CaptureSpec, capture_spec
 
 __all__ = [
+    "APP_UID_BASE",
     "DEFAULT_BASE",
     "HTTP_PROXY_PORT",
     "MAX_PODS",
+    "NODE_IP",
+    "POD_CIDR",
+    "SERVICE_CIDR",
+    "Isolation",
     "MeshPlan",
     "PodPlan",
     "ServiceTarget",
@@ -52,6 +70,29 @@ DEFAULT_BASE = "127.10.0.0"
 HTTP_PROXY_PORT = 15001
 MAX_PODS = 250  # one /24 step of the third octet per pod
 _RUNNABLE = ("Deployment", "StatefulSet", "DaemonSet", "Pod")
+
+# The sandbox's addresses: they exist only inside the mesh's own network namespaces.
+POD_CIDR = "10.88.0.0/16"
+NODE_IP = "10.88.0.1"  # the bridge, in the node namespace: control plane, pods' gateway
+SERVICE_CIDR = "10.96.0.0/16"
+APP_UID_BASE = 20000  # pod k's app runs as 20000 + k unless its securityContext says
+
+
+class Isolation(enum.Enum):
+    """How pods are kept apart: ``process`` (loopback addresses, one user) or ``netns``
+    (a network namespace per pod, capture rules, users)."""
+
+    PROCESS = "process"
+    NETNS = "netns"
+
+
+def netns_name(mesh_id: str, suffix: str) -> str:
+    """``tm-<mesh id>-<suffix>``: short, as ``ip netns`` shows it."""
+    return f"tm-{mesh_id}-{suffix}"
+
+
+def sandbox_pod_ip(index: int) -> str:
+    return f"10.88.{1 + index // 200}.{10 + index % 200}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +110,12 @@ class PodPlan:
     command: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     restart_policy: str = "Always"  # Always, OnFailure or Never (bare Pods only)
+    # netns isolation only: the pod's namespace, its app's uid/gid, its capture rules
+    netns: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    capture: CaptureSpec | None = None
+    index: int = 0  # the pod's number in the plan (its namespace and uid derive from it)
 
     @property
     def ref(self) -> str:
@@ -92,6 +139,11 @@ class PodPlan:
             "command": list(self.command),
             "env": dict(self.env),
             "restart_policy": self.restart_policy,
+            "netns": self.netns,
+            "uid": self.uid,
+            "gid": self.gid,
+            "capture": None if self.capture is None else self.capture.to_json(),
+            "index": self.index,
         }
 
     @classmethod
@@ -108,6 +160,11 @@ class PodPlan:
             command=tuple(data["command"]),
             env=dict(data["env"]),
             restart_policy=str(data.get("restart_policy", "Always")),
+            netns=data.get("netns"),
+            uid=data.get("uid"),
+            gid=data.get("gid"),
+            capture=CaptureSpec.from_json(data["capture"]) if data.get("capture") else None,
+            index=int(data.get("index", 0)),
         )
 
 
@@ -128,9 +185,17 @@ class MeshPlan:
     # "<host>:<port>" for every name a service port answers to → its endpoints, one per
     # selected pod (a Service over reviews v1, v2, v3 has three)
     services: Mapping[str, tuple[ServiceTarget, ...]] = field(default_factory=dict)
+    isolation: Isolation = Isolation.PROCESS
+    mesh_id: str = ""  # netns: names the mesh's namespaces
+    # netns: Service hostname (name.ns.svc.cluster.local) → its ClusterIP
+    cluster_ips: Mapping[str, str] = field(default_factory=dict)
 
     def pod(self, ref: str) -> PodPlan | None:
         return next((p for p in self.pods if p.ref == ref), None)
+
+    @property
+    def node_netns(self) -> str:
+        return netns_name(self.mesh_id, "node")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +205,9 @@ class MeshPlan:
                 k: [{"pod": t.pod, "address": t.address, "port": t.port} for t in targets]
                 for k, targets in sorted(self.services.items())
             },
+            "isolation": self.isolation.value,
+            "mesh_id": self.mesh_id,
+            "cluster_ips": dict(sorted(self.cluster_ips.items())),
         }
 
     @classmethod
@@ -148,6 +216,9 @@ class MeshPlan:
             pods=tuple(PodPlan.from_json(p) for p in data["pods"]),
             trust_domain=data["trust_domain"],
             services={k: tuple(ServiceTarget(**t) for t in v) for k, v in data["services"].items()},
+            isolation=Isolation(data.get("isolation", "process")),
+            mesh_id=data.get("mesh_id", ""),
+            cluster_ips=dict(data.get("cluster_ips", {})),
         )
 
 
@@ -156,11 +227,16 @@ def plan_mesh(
     *,
     base: str = DEFAULT_BASE,
     images: Sequence[ImageCommand] = (),
+    isolation: Isolation = Isolation.PROCESS,
+    mesh_id: str = "",
 ) -> tuple[MeshPlan | None, list[Diagnostic]]:
     """The processes and addresses of every runnable workload; errors name file and field.
 
     ``images``: ``--image IMAGE=COMMAND`` mappings, tried in order before the built-in
-    stand-ins."""
+    stand-ins. ``mesh_id`` (netns isolation) names the mesh's namespaces: the runtime
+    derives it from the state directory."""
+    if isolation is Isolation.NETNS:
+        return _plan_sandbox(snapshot, mesh_id, images)
     try:
         first = ipaddress.IPv4Address(base)
     except ValueError:
@@ -286,6 +362,130 @@ def _service_targets(
                 if endpoints:
                     targets[f"{name}:{port.port}"] = tuple(endpoints)
     return targets
+
+
+def _plan_sandbox(
+    snapshot: ConfigSnapshot, mesh_id: str, images: Sequence[ImageCommand]
+) -> tuple[MeshPlan | None, list[Diagnostic]]:
+    if not mesh_id or not mesh_id.isalnum() or len(mesh_id) > 8:
+        return None, [error("bad-mesh-id", _nowhere(), f"mesh id {mesh_id!r}: 1-8 letters/digits")]
+    workloads = [w for w in snapshot.workloads if w.kind in _RUNNABLE]
+    if len(workloads) > MAX_PODS:
+        where = workloads[MAX_PODS].resource.location()
+        return None, [error("too-many-pods", where, f"at most {MAX_PODS} pods run on one host")]
+    pods: list[PodPlan] = []
+    problems: list[Diagnostic] = []
+    seen: set[str] = set()
+    for workload in workloads:
+        if workload.ref in seen:
+            continue
+        seen.add(workload.ref)
+        pod, found = _sandbox_pod(workload, len(pods), mesh_id, images)
+        problems += found
+        if pod is not None:
+            pods.append(pod)
+    if problems:
+        return None, problems
+    cluster_ips = _cluster_ips(snapshot.services)
+    plan = MeshPlan(
+        tuple(pods),
+        snapshot.mesh.trust_domain,
+        _service_targets(snapshot, pods),
+        isolation=Isolation.NETNS,
+        mesh_id=mesh_id,
+        cluster_ips=cluster_ips,
+    )
+    return plan, []
+
+
+def _cluster_ips(services: tuple[Service, ...]) -> dict[str, str]:
+    """One virtual address per Service, in namespace/name order (deterministic)."""
+    network = ipaddress.IPv4Network(SERVICE_CIDR)
+    ordered = sorted(
+        {(s.namespace, s.name): s for s in services}.values(), key=lambda s: (s.namespace, s.name)
+    )
+    return {s.hostname: str(network[10 + i]) for i, s in enumerate(ordered)}
+
+
+def _sandbox_pod(
+    workload: Workload, index: int, mesh_id: str, images: Sequence[ImageCommand]
+) -> tuple[PodPlan | None, list[Diagnostic]]:
+    base, problem = _pod(workload, ipaddress.IPv4Address("127.0.0.0"), images)
+    if base is None:
+        return None, [problem] if problem is not None else []
+    resource = workload.resource
+    is_pod = workload.kind == "Pod"
+    prefix: tuple[str, ...] = ("spec",) if is_pod else ("template", "spec")
+    spec: m.PodSpec = resource.spec.spec if is_pod else resource.spec.template.spec
+    container = spec.containers[0]
+    problems: list[Diagnostic] = []
+    uid = container.security_context.run_as_user
+    gid = container.security_context.run_as_group
+    user_at: tuple[str | int, ...] = (*prefix, "containers", 0, "securityContext")
+    if uid is None:
+        uid, user_at = spec.security_context.run_as_user, (*prefix, "securityContext")
+    if gid is None:
+        gid = spec.security_context.run_as_group
+    if uid is None:
+        uid = APP_UID_BASE + index
+    for what, value in (("runAsUser", uid), ("runAsGroup", gid)):
+        if value == 0:
+            problems.append(
+                error(
+                    "runs-as-root",
+                    resource.location(*user_at, what),
+                    f"{workload.ref}: {what} 0: the local runtime never runs an app as root "
+                    "(it would own the host's files); remove it or choose another id",
+                )
+            )
+        elif value == PROXY_UID:
+            problems.append(
+                error(
+                    "runs-as-proxy",
+                    resource.location(*user_at, what),
+                    f"{workload.ref}: {what} {PROXY_UID} is the sidecar's: its traffic would "
+                    "bypass the capture rules (Istio refuses this id for apps too)",
+                )
+            )
+    annotations = resource.annotations if is_pod else resource.spec.template.metadata.annotations
+
+    def where(name: str) -> Location:
+        if is_pod:
+            return resource.meta_location("annotations", name)
+        return resource.location("template", "metadata", "annotations", name)
+
+    capture = None
+    if workload.has_sidecar:
+        capture, found = capture_spec(annotations, where)
+        problems += found
+    if problems:
+        return None, problems
+    host_network = spec.host_network and not workload.has_sidecar
+    pod_ip = NODE_IP if host_network else sandbox_pod_ip(index)
+    env = {
+        k: v for k, v in base.env.items() if k not in ("OUTBOUND_IP", "HTTP_PROXY", "http_proxy")
+    }
+    own = {var.name for var in container.env}
+    env |= {k: v for k, v in (("HOST", "0.0.0.0"), ("POD_IP", pod_ip)) if k not in own}
+    plan = PodPlan(
+        namespace=base.namespace,
+        name=base.name,
+        service_account=base.service_account,
+        sidecar=base.sidecar,
+        pod_ip=pod_ip,
+        app_ip=pod_ip,
+        outbound_ip=None,
+        ports=base.ports,
+        command=base.command,
+        env=env,
+        restart_policy=base.restart_policy,
+        netns=netns_name(mesh_id, "node" if host_network else str(index)),
+        uid=uid,
+        gid=uid if gid is None else gid,
+        capture=capture,
+        index=index,
+    )
+    return plan, []
 
 
 def _named_port(workload: Workload, name: str) -> int | None:

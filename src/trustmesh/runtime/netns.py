@@ -1,0 +1,248 @@
+"""Network namespaces, links, addresses and routes (pyroute2), nftables (the ``nft`` binary).
+
+The doing half of the sandbox: :mod:`trustmesh.runtime.plan` decides addresses, this
+module makes them exist. Everything happens inside namespaces the runtime created: links
+are created in the node namespace and one end is moved into the pod's, so nothing is
+configured in the host's own network namespace.
+
+Why two tools: netlink (namespaces, veth pairs, the bridge, addresses, routes, link state)
+goes through pyroute2 instead of running ``ip``; nftables rules go through the
+distribution's ``nft`` because pyroute2's nftables support cannot build nat/redirect rules,
+and ``nft -f`` applies a whole table as one transaction.
+
+Per-thread namespace switches (:func:`entered`) rely on Linux keeping the network
+namespace per thread: only the calling thread moves, and it moves back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+
+from trustmesh.runtime.interpreter import sandbox_python
+from trustmesh.runtime.ledger import Entry, Ledger
+
+__all__ = [
+    "BRIDGE",
+    "NETNS_DIR",
+    "NftError",
+    "SandboxUnavailable",
+    "apply_nft",
+    "attach_pod",
+    "create_netns",
+    "entered",
+    "netns_socket",
+    "remove_entry",
+    "sandbox_support",
+    "setup_node",
+]
+
+NETNS_DIR = Path("/run/netns")
+BRIDGE = "br0"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class SandboxUnavailable(RuntimeError):
+    """This host cannot run the sandbox; the message says what is missing."""
+
+
+class NftError(RuntimeError):
+    """``nft`` refused a ruleset; the message carries its error output."""
+
+
+def sandbox_support() -> str | None:
+    """Why the sandbox cannot run here (None: it can): root, ``nft``, network namespaces."""
+    if os.geteuid() != 0:
+        return "not running as root (namespaces, links and nftables need it)"
+    if shutil.which("nft") is None:
+        return "the nft command is missing (Debian: apt-get install nftables)"
+    if not Path("/proc/self/ns/net").exists():
+        return "this kernel has no network namespaces"
+    python = sandbox_python()
+    if isinstance(python, str):
+        return python
+    return None
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"setns: {os.strerror(code)}")
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the block with this thread in network namespace ``name``, then return."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(NETNS_DIR / name, os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def netns_socket(
+    name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A socket that lives in namespace ``name`` (a socket keeps the namespace it was
+    made in, whatever thread uses it later)."""
+    with entered(name):
+        return socket.socket(family, kind)
+
+
+def _sysctl(path: str, value: str) -> None:
+    """Write ``/proc/sys/<path>`` as seen from the current thread's namespace."""
+    Path("/proc/sys", path).write_text(value)
+
+
+def create_netns(ledger: Ledger, name: str) -> None:
+    ledger.record("netns", name)
+    if (NETNS_DIR / name).exists():
+        return  # recorded by an earlier start that crashed right after creating it
+    pyroute2_netns.create(name)
+    with entered(name):
+        _sysctl("net/ipv6/conf/all/disable_ipv6", "1")
+        _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+    with IPRoute(netns=name) as ip:
+        ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+
+
+def setup_node(ledger: Ledger, name: str, address: str, prefix: int) -> None:
+    """The node namespace: a bridge holding ``address`` (the pods' gateway), forwarding on
+    (for extra source addresses), no ICMP redirects (pods must not learn to skip it)."""
+    create_netns(ledger, name)
+    ledger.record("link", BRIDGE, name)
+    with IPRoute(netns=name) as ip:
+        if not ip.link_lookup(ifname=BRIDGE):
+            ip.link("add", ifname=BRIDGE, kind="bridge")
+        bridge = ip.link_lookup(ifname=BRIDGE)[0]
+        with contextlib.suppress(Exception):  # already there after a crashed start
+            ip.addr("add", index=bridge, address=address, prefixlen=prefix)
+        ip.link("set", index=bridge, state="up")
+    with entered(name):
+        _sysctl("net/ipv4/ip_forward", "1")
+        _sysctl("net/ipv4/conf/all/send_redirects", "0")
+        _sysctl(f"net/ipv4/conf/{BRIDGE}/send_redirects", "0")
+
+
+def attach_pod(
+    ledger: Ledger,
+    node: str,
+    pod: str,
+    peer: str,
+    addresses: tuple[str, ...],
+    prefix: int,
+    gateway: str,
+) -> None:
+    """Namespace ``pod`` with ``eth0`` holding ``addresses``, its peer ``peer`` on the
+    node's bridge, and a default route via ``gateway``."""
+    create_netns(ledger, pod)
+    ledger.record("link", peer, node)
+    with IPRoute(netns=node) as ip:
+        if not ip.link_lookup(ifname=peer):
+            ip.link("add", ifname=peer, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
+        index = ip.link_lookup(ifname=peer)[0]
+        ip.link("set", index=index, master=ip.link_lookup(ifname=BRIDGE)[0], state="up")
+    with entered(pod):
+        _sysctl("net/ipv4/conf/all/accept_redirects", "0")
+    with IPRoute(netns=pod) as ip:
+        eth0 = ip.link_lookup(ifname="eth0")[0]
+        for i, address in enumerate(addresses):
+            # the first address is the pod's own (on the bridge's subnet); others are
+            # extra source addresses a test asked for, reachable through the node's route
+            length = prefix if i == 0 else 32
+            with contextlib.suppress(Exception):
+                ip.addr("add", index=eth0, address=address, prefixlen=length)
+        ip.link("set", index=eth0, state="up")
+        with contextlib.suppress(Exception):
+            ip.route("add", dst="default", gateway=gateway)
+
+
+def route_to(node: str, address: str) -> None:
+    """In the node namespace: ``address``/32 is reached over the bridge (an extra source
+    address outside the pod subnet, held by one namespace)."""
+    with IPRoute(netns=node) as ip:
+        bridge = ip.link_lookup(ifname=BRIDGE)[0]
+        with contextlib.suppress(Exception):
+            ip.route("add", dst=f"{address}/32", oif=bridge)
+
+
+def apply_nft(ledger: Ledger, netns: str, table: str, ruleset: str) -> None:
+    """Apply ``ruleset`` (``nft -f`` text) inside ``netns``, as one transaction."""
+    ledger.record("nft", table, netns)
+    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
+    try:
+        done = subprocess.run(
+            ["nft", "-f", "-"],
+            input=ruleset.encode(),
+            capture_output=True,
+            pass_fds=(fd,),
+            preexec_fn=lambda: _setns(fd),
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    if done.returncode != 0:
+        raise NftError(f"nft in {netns}: {done.stderr.decode(errors='replace').strip()}")
+
+
+def remove_entry(entry: Entry) -> None:
+    """Remove one ledger entry's object; an object already gone is not an error."""
+    if entry.kind == "netns":
+        path = NETNS_DIR / entry.name
+        if path.exists():
+            pyroute2_netns.remove(entry.name)
+    elif entry.kind == "dir":
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(entry.name)
+    elif entry.kind in ("link", "nft"):
+        assert entry.netns is not None
+        if not (NETNS_DIR / entry.netns).exists():
+            return  # gone with its namespace
+        if entry.kind == "link":
+            with IPRoute(netns=entry.netns) as ip:
+                for index in ip.link_lookup(ifname=entry.name):
+                    with contextlib.suppress(Exception):
+                        ip.link("del", index=index)
+        else:
+            with contextlib.suppress(NftError):
+                _nft_delete(entry.netns, entry.name)
+
+
+def _nft_delete(netns: str, table: str) -> None:
+    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
+    try:
+        done = subprocess.run(
+            ["nft", "delete", "table", "ip", table],
+            capture_output=True,
+            pass_fds=(fd,),
+            preexec_fn=lambda: _setns(fd),
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    stderr = done.stderr.decode(errors="replace")
+    if done.returncode != 0 and "No such file" not in stderr:
+        raise NftError(stderr.strip())
+
+
+def exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
