@@ -46,10 +46,9 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Diagnostic, Location, error
-from trustmesh.api.snapshot import ConfigSnapshot, Workload
-from trustmesh.runtime.commands import ImageCommand, container_run, restart_policy
 from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
 from trustmesh.runtime.capture import PROXY_UID, CaptureSpec, capture_spec
+from trustmesh.runtime.commands import ImageCommand, container_run, restart_policy
 
 __all__ = [
     "APP_UID_BASE",
