@@ -25,6 +25,17 @@ class StoreError(Exception):
     pass
 
 
+def _check_private(path: Path, rule: str) -> None:
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise StoreError(f"{path} is mode {mode:o}; {rule}")
+    if info.st_uid not in (os.geteuid(), 0):  # root may own anything it could read anyway
+        raise StoreError(
+            f"{path} belongs to uid {info.st_uid}, not to the CA's user (uid {os.geteuid()})"
+        )
+
+
 class CaStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -47,14 +58,14 @@ class CaStore:
         (self.root / "slots").mkdir(mode=0o700, exist_ok=True)
 
     def check_permissions(self) -> None:
-        """Refuse a CA directory or key that others can read (like ssh does)."""
-        mode = stat.S_IMODE(self.root.stat().st_mode)
-        if mode & 0o077:
-            raise StoreError(f"{self.root} is mode {mode:o}; it must be 0700")
-        for key in [self.root / "token-key.pem", *self.root.glob("slots/*/ca-key.pem")]:
-            key_mode = stat.S_IMODE(key.stat().st_mode)
-            if key_mode & 0o077:
-                raise StoreError(f"{key} is mode {key_mode:o}; CA keys must be 0600")
+        """Refuse a CA directory or key that others can read or that another user owns
+        (like ssh does): whoever owns them can read the keys or put in their own."""
+        slots = self.root / "slots"
+        folders = [self.root, *(p for p in [slots, *slots.glob("*")] if p.is_dir())]
+        for folder in folders:
+            _check_private(folder, "it must be 0700")
+        for key in [self.root / "token-key.pem", *slots.glob("*/ca-key.pem")]:
+            _check_private(key, "CA keys must be 0600")
 
     # --- files --------------------------------------------------------------------------
 

@@ -8,10 +8,11 @@ single-use bootstrap token per sidecar pod, serves the CA (enrollment and renewa
 and ADS over mTLS for every sidecar of the plan, and watches the configuration files.
 When it serves it writes ``<state>/control-plane.json`` and prints it as one JSON line.
 
-The debug endpoint (HTTP on 127.0.0.1) answers ``GET /debug/syncz``: the configuration
-generation, the errors of the last reload, the pods whose endpoints are out of the mesh
-and, per proxy, SYNCED or not and its last NACK — what ``trustmesh status`` and
-``trustmesh test --live`` wait on.
+The debug endpoint — HTTP on the Unix socket ``<state>/control-plane/debug.sock``, mode
+0600, its owner only, never TCP (:mod:`trustmesh.runtime.debug_endpoint`) — answers
+``GET /debug/syncz``: the configuration generation, the errors of the last reload, the
+pods whose endpoints are out of the mesh and, per proxy, SYNCED or not and its last NACK —
+what ``trustmesh status`` and ``trustmesh test --live`` wait on.
 
 Readiness: the supervisor writes ``<state>/not-ready.json`` (``{"not_ready": [pod refs]}``)
 when a pod's app exits and again once it accepts connections after its restart; the
@@ -29,10 +30,17 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.server import CaServer
-from trustmesh.identity.store import CaStore
+from trustmesh.identity.store import CaStore, StoreError
+from trustmesh.runtime.debug_endpoint import (
+    SYNCZ,
+    DebugEndpointError,
+    DebugServer,
+    debug_socket,
+)
 from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.process import run_until_signalled
@@ -79,31 +87,15 @@ def _write_tokens(
             out.write(token)
 
 
-async def _debug_server(plane: ControlPlane, port: int) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
-            request = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            path = request.split(" ", 2)[1] if request.count(" ") >= 2 else ""
-            if path == "/debug/syncz":
-                body = json.dumps(
-                    {
-                        "generation": plane.reloads,
-                        "files": plane.loaded_digest,
-                        "rejected": plane.rejected_reloads,
-                        "errors": [str(d) for d in plane.last_errors],
-                        "not_ready": sorted(plane.not_ready),
-                        "proxies": plane.sync_status(),
-                    }
-                ).encode()
-                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            else:
-                body, head = b"not found\n", b"HTTP/1.1 404 Not Found\r\n"
-            writer.write(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-            writer.write(body)
-            await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", port)
+def _syncz(plane: ControlPlane) -> dict[str, Any]:
+    return {
+        "generation": plane.reloads,
+        "files": plane.loaded_digest,
+        "rejected": plane.rejected_reloads,
+        "errors": [str(d) for d in plane.last_errors],
+        "not_ready": sorted(plane.not_ready),
+        "proxies": plane.sync_status(),
+    }
 
 
 def read_not_ready(layout: Layout) -> list[str]:
@@ -146,7 +138,11 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     plan = MeshPlan.from_json(read_json(layout.plan))
     ports: dict[str, int] = args["ports"]
     now = dt.datetime.now(dt.UTC)
-    ca = _open_ca(layout, plan, now)
+    try:
+        ca = _open_ca(layout, plan, now)
+    except StoreError as exc:  # keys others can read or replace: not this mesh's CA
+        print(json.dumps({"ready": False, "error": f"the mesh CA is refused: {exc}"}), flush=True)
+        return 1
     if ca.config.trust_domain != plan.trust_domain:
         # Kept from an earlier `up` of this state directory: its workload certificates
         # would carry the old trust domain, and every principal would be wrong.
@@ -178,14 +174,20 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
             plane.register(_registration(pod))
     await ca_server.start()
     tasks: list[asyncio.Task[None]] = []
-    debug: asyncio.Server | None = None
+    debug = DebugServer(debug_socket(layout.root), {SYNCZ: lambda: _syncz(plane)})
     try:
         try:
             xds_port = await plane.start()
         except ConfigRejected as exc:
             print(json.dumps({"ready": False, "error": str(exc)}), flush=True)
             return 1
-        debug = await _debug_server(plane, ports.get("debug", 0))
+        try:
+            await debug.start()
+        except (OSError, DebugEndpointError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            why = f"cannot serve the debug endpoint at {debug.socket_path}: {detail}"
+            print(json.dumps({"ready": False, "error": why}), flush=True)
+            return 1
         tasks.append(asyncio.create_task(ca_server.run_rotation(stop)))
         tasks.append(asyncio.create_task(plane.watch(stop, WATCH_INTERVAL)))
         tasks.append(asyncio.create_task(_watch_not_ready(plane, layout, stop, not_ready_seen)))
@@ -196,8 +198,8 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
                 "xds": xds_port,
                 "ca": ca_server.port,
                 "ca_renewal": ca_server.renewal_port,
-                "debug": debug.sockets[0].getsockname()[1],
             },
+            "debug_socket": str(debug.socket_path),
             "spiffe_id": plane.spiffe_id,
             "trust_domain": ca.config.trust_domain,
         }
@@ -208,8 +210,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if debug is not None:
-            debug.close()
+        await debug.stop()
         await plane.stop()
         await ca_server.stop()
 

@@ -7,7 +7,6 @@ run as separate processes and find the mesh through its state directory.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -16,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trustmesh.runtime import debug_client
 from trustmesh.runtime.control_plane import ARGS_FILE
+from trustmesh.runtime.debug_endpoint import SYNCZ
 from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.supervisor import belongs_to, stop_recorded
@@ -111,14 +112,7 @@ class RunningMesh:
 
     def syncz(self, timeout: float = 2.0) -> dict[str, Any] | None:
         """The control plane's /debug/syncz, None if it does not answer."""
-        try:
-            port = read_json(self.layout.control_plane)["ports"]["debug"]
-            url = f"http://127.0.0.1:{port}/debug/syncz"
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                value: dict[str, Any] = json.loads(response.read())
-                return value
-        except (OSError, ValueError, KeyError):
-            return None
+        return debug_client.get(self.layout.root, SYNCZ, timeout)
 
     async def wait_synced(self, *, after_generation: int = -1, timeout: float = 15.0) -> int:
         """Wait until the control plane applied a generation > ``after_generation`` — by

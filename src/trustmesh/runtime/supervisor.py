@@ -37,7 +37,6 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import IO, Any
 from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.config import load_config
+from trustmesh.runtime import debug_client
 from trustmesh.runtime.addresses import (
     MESH_ENV,
     AddressConflict,
@@ -230,10 +230,9 @@ class MeshRuntime:
         """Until every sidecar ACKed its configuration; a NACK (Envoy refused what the
         control plane sent, and runs without it) stops the start naming the pods and
         Envoy's own error detail."""
-        port = self.control_plane["ports"]["debug"]
         deadline = time.monotonic() + SYNC_TIMEOUT
         while True:
-            status = await asyncio.to_thread(_syncz, port)
+            status = await asyncio.to_thread(debug_client.get, self.layout.root)
             proxies = {p["workload"]: p for p in (status or {}).get("proxies", {}).values()}
             rejected: dict[str, list[str]] = {}
             for ref, proxy in sorted(proxies.items()):
@@ -529,16 +528,6 @@ def _nack_text(nack: str) -> str:
     """``type.googleapis.com/envoy.config.cluster.v3.Cluster: detail`` → ``Cluster: detail``."""
     type_url, _, detail = nack.partition(": ")
     return f"{type_url.rsplit('.', 1)[-1]}: {detail}" if detail else nack
-
-
-def _syncz(port: int) -> dict[str, Any] | None:
-    """The control plane's ``/debug/syncz``; None while it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/syncz", timeout=2) as r:
-            value: dict[str, Any] = json.loads(r.read())
-            return value
-    except (OSError, ValueError):
-        return None
 
 
 async def _pump(stream: asyncio.StreamReader, log: IO[bytes]) -> None:
