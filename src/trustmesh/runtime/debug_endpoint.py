@@ -179,10 +179,12 @@ class DebugServer:
             writer.close()
 
     async def _reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-        if _peer_uid(writer) not in self._allowed:
-            return _response("403 Forbidden", b"owner only\n", "text/plain")
         async with asyncio.timeout(REQUEST_TIMEOUT):
+            # Read first even from a caller who is refused: closing on an unread request
+            # would reset the connection, and the caller would not see why.
             head = await reader.readuntil(b"\r\n\r\n")
+        if _peer_uid(writer) not in self._allowed:
+            return _response("403 Forbidden", b"the control plane's owner only\n", "text/plain")
         method, _, rest = head.decode("latin-1").partition(" ")
         path = rest.partition(" ")[0].partition("?")[0]
         route = self._routes.get(path)
