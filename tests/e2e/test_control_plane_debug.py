@@ -19,34 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.mesh import LiveMesh, trustmesh
-from tests.unit.otheruser import as_other_user, requires_root
+from tests.unit.localaccess import as_other_user, listening_ports, requires_root
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.layout import read_json
 
 pytestmark = pytest.mark.envoy
-
-LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
-
-
-def _listening_ports(pid: int) -> set[int]:
-    """The TCP ports process ``pid`` listens on, from its own network namespace's tables
-    (matched by socket inode, so other processes' listeners do not count)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == LISTEN and fields[9] in inodes:
-                ports.add(int(fields[1].rpartition(":")[2], 16))
-    return ports
 
 
 def _plain_http_answer(port: int) -> bytes:
@@ -65,7 +43,7 @@ def test_no_tcp_listener_of_the_control_plane_serves_debug(mesh: LiveMesh) -> No
     info = read_json(mesh.state / "control-plane.json")
     ports = info["ports"]
     assert "debug" not in ports
-    listening = _listening_ports(info["pid"])
+    listening = listening_ports(info["pid"])
     # Exactly the mTLS services the agents use: ADS and the CA's two ports.
     assert listening == {ports["xds"], ports["ca"], ports["ca_renewal"]}
     for port in listening:  # and none of them hands out the debug data in plain HTTP

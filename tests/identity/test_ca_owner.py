@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.otheruser import NOBODY, as_other_user, requires_root
+from tests.unit.localaccess import NOBODY, as_other_user, requires_root
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.store import StoreError
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.otheruser import NOBODY, as_other_user, requires_root
+from tests.unit.localaccess import NOBODY, as_other_user, requires_root
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.debug_endpoint import (
     SYNCZ,

@@ -1,5 +1,5 @@
-"""Run a probe as another local user (a forked child that drops root), to observe what the
-kernel or a server refuses that user. Needs root; CI runs as root."""
+"""What other local users and processes can reach: a probe run as another user (a forked
+child that drops root; needs root, as CI has) and the TCP ports a process listens on."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import json
 import os
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 NOBODY = 65534
 PR_SET_DUMPABLE = 4
+LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -48,3 +50,24 @@ def as_other_user(probe: Callable[[], Any], uid: int = NOBODY) -> Any:
     result = json.loads(answer)
     assert result["uid"] == result["euid"] == uid
     return result["value"]
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on, from its own network namespace's tables
+    (matched by socket inode, so other processes' listeners do not count)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in (Path(f"/proc/{pid}/net/tcp"), Path(f"/proc/{pid}/net/tcp6")):
+        lines = table.read_text().splitlines()[1:] if table.exists() else []
+        for line in lines:
+            fields = line.split()
+            if fields[3] == LISTEN and fields[9] in inodes:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
