@@ -161,3 +161,109 @@ jwtRules:
     )
     assert http(mesh, jwt=token(keys)).verdict is Verdict.UNAUTHENTICATED
     assert http(mesh).verdict is Verdict.ALLOW
+
+
+# --- where Envoy's jwt_authn finds tokens (measured: tests/xds/jwt_cases.py) -------------
+
+WHO = policy(
+    "who",
+    "foo",
+    f"""
+selector: {{matchLabels: {{app: httpbin}}}}
+rules:
+- from: [{{source: {{requestPrincipals: ["{ISSUER}/alice"]}}}}]
+- from: [{{source: {{requestPrincipals: ["other.example/bob"]}}}}]
+- to: [{{operation: {{paths: [/anyone]}}}}]
+- to: [{{operation: {{paths: [/auth-header]}}}}]
+  when: [{{key: "request.headers[authorization]", values: ["*"]}}]
+""",
+)
+
+
+def _principal(decision: Any) -> str | None:
+    return str(decision.request_principal) if decision.request_principal else None
+
+
+def test_the_prefix_is_found_anywhere_and_the_token_runs_to_the_end(keys: dict[str, Any]) -> None:
+    mesh = compile_text(request_authn(keys) + WHO)
+    alice = token(keys, sub="alice")
+    for value in (f"x Bearer {alice}", f"xBearer {alice}", f"Basic a, Bearer {alice}"):
+        decision = http(mesh, headers=(("authorization", value),))
+        assert decision.verdict is Verdict.ALLOW, value
+        assert _principal(decision) == f"{ISSUER}/alice"
+    # "<jwt> x" is the token: the space and what follows sit in the signature part, where
+    # Envoy's base64 decoder skips whitespace, and a 65-byte ECDSA signature is read as r, s.
+    assert http(mesh, headers=(("authorization", f"Bearer {alice} x"),)).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(("authorization", f"Bearer {alice} xy"),)).status == 401
+    assert http(mesh, headers=(("authorization", f"Bearer {alice},x"),)).status == 401
+    # Case-sensitive: "bearer <jwt>" carries no token, so no identity (403 from the ALLOW).
+    lower = http(mesh, headers=(("authorization", f"bearer {alice}"),))
+    assert (lower.status, lower.request_principal) == (403, None)
+
+
+def test_a_query_parameter_counts_once_with_its_first_value(keys: dict[str, Any]) -> None:
+    mesh = compile_text(request_authn(keys) + WHO)
+    good, bad = token(keys, sub="alice"), token(keys, key="other")
+    assert http(mesh, f"/get?access_token={good}&access_token={bad}").verdict is Verdict.ALLOW
+    assert http(mesh, f"/get?access_token={bad}&access_token={good}").status == 401
+    encoded = good.replace(".", "%2E")
+    assert http(mesh, f"/get?access_token={encoded}").verdict is Verdict.ALLOW
+    assert http(mesh, f"/get?access_token={good}+").status == 401  # "+" is not a space
+
+
+def test_a_verified_token_header_is_gone_before_rbac(keys: dict[str, Any]) -> None:
+    mesh = compile_text(request_authn(keys) + WHO)
+    # forwardOriginalToken is false: Envoy removes the Authorization header it verified.
+    verified = http(mesh, "/auth-header", headers=(("authorization", f"Bearer {token(keys)}"),))
+    assert verified.rule != "ns[foo]-policy[who]-rule[3]"
+    unverified = http(mesh, "/auth-header", headers=(("authorization", "Basic abc"),))
+    assert unverified.rule == "ns[foo]-policy[who]-rule[3]"
+
+
+def test_another_providers_location_is_not_ones_own(keys: dict[str, Any]) -> None:
+    other_jwks = keys["jwks"].replace('"', '\\"')
+    extra = f"""  fromHeaders: [{{name: x-a}}]
+- issuer: other.example
+  jwks: "{other_jwks}"
+"""
+    mesh = compile_text(request_authn(keys, extra) + WHO)
+    alice = token(keys, sub="alice")
+    assert http(mesh, headers=(("x-a", alice),)).verdict is Verdict.ALLOW
+    # ISSUER's token where only other.example looks: "Jwt issuer is not configured".
+    misplaced = http(mesh, headers=(("authorization", f"Bearer {alice}"),))
+    assert (misplaced.status, misplaced.reason) == (401, "Jwt issuer is not configured")
+
+
+def test_an_accepted_token_is_removed_before_the_next_provider_looks(keys: dict[str, Any]) -> None:
+    other_jwks = keys["jwks"].replace('"', '\\"')
+    both = f"""- issuer: other.example
+  jwks: "{other_jwks}"
+"""
+    mesh = compile_text(request_authn(keys, both) + WHO)
+    alice, bob = token(keys, sub="alice"), token(keys, iss="other.example", sub="bob")
+    # Each token sits where both providers look. other.example accepts bob (from the query)
+    # and removes it, then fails on alice; ISSUER's provider, looking again, accepts alice.
+    decision = http(
+        mesh, f"/get?access_token={bob}", headers=(("authorization", f"Bearer {alice}"),)
+    )
+    assert decision.verdict is Verdict.ALLOW
+    assert _principal(decision) == f"{ISSUER}/alice"
+
+
+def test_a_cors_preflight_is_not_authenticated(keys: dict[str, Any]) -> None:
+    mesh = compile_text(request_authn(keys) + WHO)
+    forged = ("authorization", f"Bearer {token(keys, key='other')}")
+    preflight = (("origin", "https://app.example"), ("access-control-request-method", "GET"))
+    decision = http(mesh, "/anyone", method="OPTIONS", headers=(*preflight, forged))
+    assert decision.verdict is Verdict.ALLOW
+    assert http(mesh, "/anyone", method="OPTIONS", headers=(forged,)).status == 401
+
+
+def test_payload_types_and_cookie_quotes_as_envoy_reads_them(keys: dict[str, Any]) -> None:
+    mesh = compile_text(request_authn(keys, "  fromCookies: [session]\n") + WHO)
+    alice = token(keys, sub="alice")
+    assert http(mesh, headers=(("cookie", f'a=1; session="{alice}"'),)).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(("cookie", f"session={alice}"),)).verdict is Verdict.ALLOW
+    not_a_number = token(keys, sub="alice", exp=str(int(NOW) + 3600))
+    decision = http(mesh, headers=(("cookie", f"session={not_a_number}"),))
+    assert (decision.status, decision.reason) == (401, "Jwt payload [exp] field is not an integer")

@@ -9,10 +9,12 @@ grid (``http_cases``, ``tcp_cases``), and the ports and client addresses they us
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.unit.meshutil import compile_text
+from tests.xds import jwt_cases
 from trustmesh.policy.compose import MeshPolicy
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
@@ -365,7 +367,23 @@ def http_cases() -> list[Case]:
     cases.append(case("smuggling", _mesh(SMUGGLING), _smuggling_grid()))
     forward = _mesh(SMUGGLING, extra="repeatedPolicyHeaders: FORWARD\n")
     cases.append(case("smuggling/FORWARD", forward, _smuggling_grid()))
-    return cases
+    return cases + _jwt_extraction_cases(case)
+
+
+def _jwt_extraction_cases(case: Callable[[str, MeshPolicy, list[Probe]], Case]) -> list[Case]:
+    """Token locations and combinations (jwt_cases): the header conditions of the ``who``
+    policy are read with repeated lines forwarded, so that the JWT filter, not the
+    repeated-header guard, answers two token lines."""
+    tokens = jwt_cases.make_tokens()
+    out = []
+    for name, config in jwt_cases.policy_sets(tokens).items():
+        mesh = _mesh(config + jwt_cases.who_policy(), extra="repeatedPolicyHeaders: FORWARD\n")
+        probes = [
+            Probe(method, path, "httpbin.foo:8000", headers)
+            for method, path, headers in jwt_cases.probes(name, tokens)
+        ]
+        out.append(case(f"jwt-extraction/{name}", mesh, probes))
+    return out
 
 
 def tcp_cases() -> list[Case]:

@@ -2,10 +2,10 @@
 listener builders test_rbac_golden reuses).
 
 Provides the Envoy config (``http_listener`` with Istio's path normalization and a JSON
-access log, ``tcp_listener``, ``jwt_filter``, ``static_cluster``, ``bootstrap``), the
-answers compared (``Answer``: ``offline`` from the evaluator, ``from_envoy`` from the
-wire and the access log), and ``run_envoy``, which sends every probe of every case
-through one Envoy and returns the ``Outcome``.
+access log, ``tcp_listener``, ``jwt_filter`` (translate()'s), ``static_cluster``,
+``bootstrap``), the answers compared (``Answer``: ``offline`` from the evaluator,
+``from_envoy`` from the wire and the access log), and ``run_envoy``, which sends every
+probe of every case through one Envoy and returns the ``Outcome``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import pytest
 
 from tests.xds.rbac_cases import CLIENT, Case, Probe
 from trustmesh.agent.envoy import EnvoyProcess
-from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.evaluate import ACCESS_DENIED, evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 from trustmesh.xds.guards import HOST_HCM_FIELDS, request_guard_filters
+from trustmesh.xds.jwt import JWT_FILTER, jwt_authn_config
 from trustmesh.xds.rbac import http_custom_filters, http_rbac_filters, network_rbac_filters
 
 _T = "type.googleapis.com/envoy.extensions."
@@ -37,7 +38,6 @@ _HCM = _T + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = _T + "filters.http.router.v3.Router"
 _TCP_PROXY = _T + "filters.network.tcp_proxy.v3.TcpProxy"
 _FILE_LOG = _T + "access_loggers.file.v3.FileAccessLog"
-_JWT_AUTHN = _T + "filters.http.jwt_authn.v3.JwtAuthentication"
 # Dynamic metadata the RBAC filters write, by the name this test reports it under.
 _METADATA = {
     "allow-id": "enforced_effective_policy_id",
@@ -76,7 +76,10 @@ def offline(case: Case, probe: Probe) -> Answer:
     for result in decision.dry_run:
         shadow[f"shadow-{result.action.lower()}"] = result.result
         shadow[f"shadow-{result.action.lower()}-id"] = result.rule or "-"
-    rule = {200: decision.rule or "-", 403: decision.rule or "none"}.get(decision.status, "-")
+    # A 403 without a rule is RBAC's "no ALLOW matched" — or jwt_authn's audience check,
+    # which Envoy logs without any policy.
+    denied = decision.rule or ("none" if decision.reason == ACCESS_DENIED else "-")
+    rule = {200: decision.rule or "-", 403: denied}.get(decision.status, "-")
     return Answer(decision.status, rule, tuple(shadow.items()))
 
 
@@ -112,30 +115,13 @@ def normalization(mode: str) -> dict[str, Any]:
     return fields
 
 
-def jwt_filter(mesh: MeshPolicy) -> list[dict[str, Any]]:
-    """A jwt_authn filter shaped like Istio's (policy_applier.go) for the one inline-JWKS
-    RequestAuthentication rule of ``mesh``: no token passes, a bad one is refused, the
-    payload lands in metadata under ``payload`` with ``scope`` / ``permission`` split."""
-    rules = [r for p in mesh.snapshot.of_kind("RequestAuthentication") for r in p.spec.jwt_rules]
-    if not rules:
+def jwt_filter(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]]:
+    """The jwt_authn filter translate() gives the workload: Istio's shape (providers in
+    issuer order, ``requires_any[provider, allow_missing]``, payload in metadata)."""
+    if not wp.jwt_providers:
         return []
-    assert len(rules) == 1 and rules[0].jwks, "one inline-JWKS rule is all this test builds"
-    provider = {
-        "issuer": rules[0].issuer,
-        "local_jwks": {"inline_string": rules[0].jwks},
-        "payload_in_metadata": "payload",
-        "normalize_payload_in_metadata": {"space_delimited_claims": ["permission", "scope"]},
-    }
-    requires = {
-        "requires_any": {"requirements": [{"provider_name": "origins-0"}, {"allow_missing": {}}]}
-    }
-    config = {
-        "@type": _JWT_AUTHN,
-        "providers": {"origins-0": provider},
-        "rules": [{"match": {"prefix": "/"}, "requires": requires}],
-        "bypass_cors_preflight": True,
-    }
-    return [{"name": "envoy.filters.http.jwt_authn", "typed_config": config}]
+    config = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
+    return [{"name": JWT_FILTER, "typed_config": config}]
 
 
 def access_log(path: Path) -> list[dict[str, Any]]:
@@ -301,7 +287,7 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
             wp = case.mesh.for_workload(case.destination)
             assert wp is not None
             filters = [*request_guard_filters(wp, case.mesh), *http_custom_filters(wp, case.mesh)]
-            filters += jwt_filter(case.mesh)
+            filters += jwt_filter(wp, case.mesh)
             filters += http_rbac_filters(wp, case.mesh)
             mode = case.mesh.path_normalization.value
             listeners.append(http_listener(f"http{i}", case.address, case.port, filters, mode, log))

@@ -18,7 +18,9 @@ policy (Envoy logs it in the response code details of a 403 and in its RBAC dyna
 metadata on a 200) and the same dry-run (shadow) results. TCP: allowed or closed.
 
 End-user JWT rules are exercised too: listeners whose mesh has a RequestAuthentication get
-a jwt_authn filter shaped like Istio's before RBAC, and requests carry the scenario tokens.
+translate()'s jwt_authn filter (Istio's shape) before RBAC, and requests carry the scenario
+tokens — and, in the ``jwt-extraction`` sets (jwt_cases.py), tokens in every place and
+form Envoy might or might not take one from, with one or two providers.
 Without TLS, peer-identity rules (principals, namespaces, service accounts) cannot be: the
 golden tests pin their shape and ``envoy --mode validate`` checks it.
 
@@ -32,6 +34,7 @@ import asyncio
 
 import pytest
 
+from tests.xds import jwt_cases
 from tests.xds.rbac_cases import HTTP_PORT, TCP_PORTS, http_cases, tcp_cases
 from tests.xds.rbac_rig import Answer, Outcome, free_addresses, run_envoy
 from trustmesh.policy.headers import HOST_GUARD_POLICY
@@ -121,3 +124,49 @@ def test_smuggling_attacks_are_refused_through_envoy(outcome: Outcome) -> None:
     assert answer("smuggling", "GET", "/get", plain, joined).rule == (
         "ns[foo]-policy[no-mallory]-rule[1]"
     )
+
+
+def test_jwt_tokens_are_found_where_envoy_finds_them(outcome: Outcome) -> None:
+    """Envoy's own answers for the token placements of jwt_cases (the evaluator agrees:
+    see above): on ``/who`` rule[0] is alice, rule[1] alice2, rule[4] no identity."""
+    t = jwt_cases.make_tokens()
+
+    def who(case: str, headers: Headers, query: str = "", method: str = "GET") -> Answer:
+        (found,) = [
+            got
+            for c, p, got, _ in outcome.results
+            if (c.name, p.method, p.path, p.headers)
+            == (f"jwt-extraction/{case}", method, f"/who{query}", headers)
+        ]
+        return found
+
+    alice, nobody = "ns[foo]-policy[who]-rule[0]", "ns[foo]-policy[who]-rule[4]"
+    auth = "authorization"
+    # The prefix is found anywhere in the value, case-sensitively; the token runs from the
+    # next base64url character to the end of the value (whitespace inside is skipped).
+    for value in (f"x Bearer {t.alice}", f"xBearer {t.alice}", f"Basic abc, Bearer {t.alice}"):
+        assert who("default", ((auth, value),)).rule == alice, value
+    assert who("default", ((auth, f"Bearer {t.alice} x"),)).rule == alice
+    assert who("default", ((auth, f"Bearer {t.alice},junk"),)).status == 401
+    assert who("default", ((auth, f"bearer {t.alice}"),)).rule == nobody
+    assert who("default", ((auth, f"BEARER {t.forged}"),)).rule == nobody
+    # Two Authorization lines are joined into one value: one token that does not parse.
+    two = ((auth, f"Bearer {t.alice}"), (auth, f"Bearer {t.alice2}"))
+    assert who("default", two).status == 401
+    # A query parameter: its first value only.
+    assert who("default", (), f"?access_token={t.alice}&access_token={t.forged}").rule == alice
+    assert who("default", (), f"?access_token={t.forged}&access_token={t.alice}").status == 401
+    # Headers Envoy keeps line by line give one token per line; every one must verify.
+    assert who("custom", (("x-jwt", t.alice), ("x-jwt", t.forged))).status == 401
+    assert who("custom", (("cookie", f"session={t.alice}; session={t.forged}"),)).rule == alice
+    # Two providers at the same location: the one that accepts a token removes it before
+    # the next one looks, so a token of each is accepted.
+    both = who("two-default", ((auth, f"Bearer {t.alice}"),), f"?access_token={t.bob}")
+    assert both.rule == alice
+    # A CORS preflight is not authenticated at all.
+    preflight = (
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "GET"),
+        (auth, f"Bearer {t.forged}"),
+    )
+    assert who("default", preflight, method="OPTIONS").rule == nobody

@@ -336,7 +336,8 @@ def test_envoy_validates_every_generated_filter(tmp_path: Path) -> None:
     listeners, port = [], 10000
     for name, mesh, ref in _all_meshes():
         rendered, port = render(mesh, ref), port + 2
-        http = [*rendered["http_custom_filters"], *jwt_filter(mesh), *rendered["http_filters"]]
+        jwt = jwt_filter(_workload(mesh, ref), mesh)
+        http = [*rendered["http_custom_filters"], *jwt, *rendered["http_filters"]]
         log = tmp_path / "access.log"
         listeners.append(http_listener(f"{name}-http", "127.0.0.1", port, http, "BASE", log))
         tcp = rendered["network_filters"]

@@ -31,7 +31,8 @@ from trustmesh.policy.headers import (
     split_absolute_form,
     strip_trailing_host_dot,
 )
-from trustmesh.policy.jwt import JwtResult, JwtStatus, authenticate
+from trustmesh.policy.jwt import JwtStatus
+from trustmesh.policy.jwt_filter import run_jwt_filter
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.tls import (
@@ -254,19 +255,20 @@ def _authorize(
 
     upstream: tuple[tuple[str, str], ...] = ()
     if is_http and target.jwt_providers:
-        jwt_result = authenticate(target.jwt_providers, attrs.headers, attrs.query, now)
-        run.note("JWT: {}: {}", jwt_result.status.value, jwt_result.message)
-        if jwt_result.status is JwtStatus.UNAUTHENTICATED:
-            return _finish(run, Verdict.UNAUTHENTICATED, 401, None, jwt_result.message)
-        if jwt_result.status is JwtStatus.AUDIENCE:
-            return _finish(run, Verdict.DENY, 403, None, jwt_result.message)
-        if jwt_result.status is JwtStatus.OK:
-            attrs.issuer, attrs.subject, attrs.claims = (
-                jwt_result.issuer,
-                jwt_result.subject,
-                jwt_result.claims,
-            )
-            upstream = _jwt_headers(jwt_result)
+        jwt = run_jwt_filter(target.jwt_providers, attrs.headers, attrs.query, attrs.method, now)
+        if run.trace is not None:
+            for step in jwt.steps:
+                run.note("JWT {}", step)
+        run.note("JWT: {}: {}", jwt.status.value, jwt.message)
+        if jwt.status is JwtStatus.UNAUTHENTICATED:
+            return _finish(run, Verdict.UNAUTHENTICATED, 401, None, jwt.message)
+        if jwt.status is JwtStatus.AUDIENCE:
+            return _finish(run, Verdict.DENY, 403, None, jwt.message)
+        # What RBAC reads next: verified tokens' headers removed, claim headers added.
+        attrs.headers, attrs.query = jwt.headers, jwt.query
+        if jwt.status is JwtStatus.OK:
+            attrs.issuer, attrs.subject, attrs.claims = jwt.issuer, jwt.subject, jwt.claims
+            upstream = jwt.added
 
     # Envoy's RBAC filters run AUDIT, then DENY (its dry-run rules as shadow rules), then
     # ALLOW (likewise): dry-run ALLOW rules are never evaluated for a denied request.
@@ -580,22 +582,6 @@ def _guards(
     )
     run.note(reason)
     return _finish(run, Verdict.BAD_REQUEST, 400, None, reason, attrs)
-
-
-def _jwt_headers(result: JwtResult) -> tuple[tuple[str, str], ...]:
-    provider = result.provider
-    if provider is None:
-        return ()
-    out = []
-    for header, claim in provider.output_claim_to_headers:
-        value = result.claims.get(claim)
-        if isinstance(value, str | int | float | bool):
-            out.append(
-                (header.lower(), str(value).lower() if isinstance(value, bool) else str(value))
-            )
-    if provider.output_payload_to_header:
-        out.append((provider.output_payload_to_header.lower(), "<base64url payload>"))
-    return tuple(out)
 
 
 def _default_host(target: WorkloadPolicy, port: int) -> str:
