@@ -25,7 +25,6 @@ from trustmesh.policy.headers import (
     HOST_GUARD_POLICY,
     authority_problem,
     authority_rejected,
-    header_view,
     repeated,
     sent_authority,
     split_absolute_form,
@@ -35,6 +34,12 @@ from trustmesh.policy.jwt import JwtStatus
 from trustmesh.policy.jwt_filter import run_jwt_filter
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
+from trustmesh.policy.request_headers import (
+    XFCC,
+    filter_headers,
+    xfcc_depends_on_hash,
+    xfcc_parts,
+)
 from trustmesh.policy.tls import (
     ClientTls,
     RouteKind,
@@ -498,6 +503,27 @@ def _http_attributes(
     lines = http.header_lines()
     if uri_authority is not None:
         run.note("absolute-form target: authority {}", uri_authority)
+    local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
+    try:
+        headers = filter_headers(
+            ((name, value) for name, value in lines if name.lower() != "host"),
+            peer=attrs.principal,
+            local=local,
+        )
+    except PathRejected as exc:
+        run.note("request refused before any filter: {}", exc.reason)
+        verdict = Verdict.BAD_REQUEST if exc.status == 400 else Verdict.DENY
+        return _finish(run, verdict, exc.status, None, exc.reason)
+    if attrs.principal is not None and XFCC in target.authz.condition_headers:
+        before, after = xfcc_parts(attrs.principal, local)
+        if xfcc_depends_on_hash(_xfcc_patterns(target), before, after):
+            reason = (
+                f"unsupported: a policy condition on {XFCC} depends on the SHA-256 of the"
+                " client's certificate, which Envoy writes there over mTLS and trustmesh"
+                " cannot know offline"
+            )
+            run.note(reason)
+            return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
     sent = sent_authority(http.path, http.host, lines)
     if sent is not None:
         host = sent
@@ -527,7 +553,6 @@ def _http_attributes(
     if stripped != host:
         run.note("Host {} has its trailing dot stripped: {}", host, stripped)
         host = stripped
-    headers = header_view(lines)
     headers[":authority"] = headers["host"] = (host,)
     attrs.method, attrs.path, attrs.query = http.method, normalized.path, normalized.query
     attrs.host, attrs.headers = host, headers
@@ -539,6 +564,23 @@ def _http_attributes(
         with contextlib.suppress(ValueError):  # not an address: the peer address stays
             attrs.remote_ip = ipaddress.ip_address(last)
     return _guards(mesh, target, attrs, run)
+
+
+def _xfcc_patterns(target: WorkloadPolicy) -> list[str]:
+    """The values of every applicable ``request.headers[x-forwarded-client-cert]``
+    condition (values and notValues)."""
+    authz = target.authz
+    groups = (authz.custom, authz.deny, authz.allow, authz.audit)
+    policies = [p for g in (*groups, authz.dry_run_deny, authz.dry_run_allow) for p in g.policies]
+    key = f"request.headers[{XFCC}]"
+    return [
+        value
+        for policy in policies
+        for rule in policy.spec.rules or ()
+        for condition in rule.when
+        if condition.key.lower() == key
+        for value in (*condition.values, *condition.not_values)
+    ]
 
 
 def _client_authority(request: Request) -> str | None:

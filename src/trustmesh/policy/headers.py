@@ -138,9 +138,10 @@ def sent_authority(target: str, host: str | None, lines: Iterable[tuple[str, str
     authority, _ = split_absolute_form(target)
     if authority is not None:
         return authority
-    host_lines = [value for name, value in lines if name.lower() == "host"]
+    # The codec drops a value's leading and trailing spaces and tabs.
+    host_lines = [value.strip(" \t") for name, value in lines if name.lower() == "host"]
     if host is not None:
-        host_lines.insert(0, host)
+        host_lines.insert(0, host.strip(" \t"))
     return joined_authority(host_lines) if host_lines else None
 
 

@@ -20,7 +20,9 @@ DISABLE     ``inbound|<port>|plaintext`` only: TLS finds no chain.
 HTTP ports (see :func:`~trustmesh.xds.outbound.port_protocol`) run an HTTP connection
 manager: path normalization per ``meshConfig.pathNormalization`` (what RBAC path rules
 see), one trailing dot stripped from Host, ``x-forwarded-client-cert`` sanitized and set
-from the verified peer certificate, then the request guards (:mod:`trustmesh.xds.guards`)
+from the verified peer certificate, websocket upgrades and ``Expect`` forwarded as in
+Istio (:func:`inbound_request_fields`; what they leave of a request's headers is
+:mod:`trustmesh.policy.request_headers`), then the request guards (:mod:`trustmesh.xds.guards`)
 and the policy filters — CUSTOM stand-ins, jwt_authn, RBAC (AUDIT, DENY, ALLOW) — handed
 in by :mod:`trustmesh.xds.translate`, then the router to ``inbound|<port>||``, a STATIC
 cluster at ``<app address>:<port>``. TCP ports run the network RBAC filters, then a TCP
@@ -523,6 +525,26 @@ def _downstream_tls(protocol: Protocol, sds_cluster: str) -> dict[str, Any]:
     }
 
 
+def inbound_request_fields() -> dict[str, Any]:
+    """How the inbound connection manager treats request headers before any filter runs —
+    what :mod:`trustmesh.policy.request_headers` models for the evaluator (the RBAC
+    differential test's listeners use it too, so both sides see the same request)."""
+    return {
+        # Not Istio's: ``internal.foo.`` would otherwise escape hosts: ["internal.foo"].
+        **HOST_HCM_FIELDS,
+        # The application learns its caller from x-forwarded-client-cert: a value the
+        # caller sent itself is dropped and replaced by what the handshake verified (Istio
+        # appends instead).
+        "forward_client_cert_details": "SANITIZE_SET",
+        "set_current_client_cert_details": {"subject": True, "uri": True},
+        "use_remote_address": False,
+        # Istio's: websocket upgrades reach the filters and the app (any other upgrade is
+        # a 403), and Expect: 100-continue is forwarded (ENABLE_100_CONTINUE_HEADERS).
+        "upgrade_configs": [{"upgrade_type": "websocket"}],
+        "proxy_100_continue": True,
+    }
+
+
 def path_normalization(mode: PathNormalization) -> dict[str, Any]:
     """HCM fields for ``meshConfig.pathNormalization``, as Istio's listener builder sets
     them (checked against Envoy 1.40, istio-semantics.md §5)."""
@@ -573,13 +595,7 @@ def _http_manager(
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}},
         ],
         **path_normalization(mesh.path_normalization),
-        # Not Istio's: ``internal.foo.`` would otherwise escape hosts: ["internal.foo"].
-        **HOST_HCM_FIELDS,
-        # The application learns its caller from x-forwarded-client-cert: a value the
-        # caller sent itself is dropped and replaced by what the handshake verified.
-        "forward_client_cert_details": "SANITIZE_SET",
-        "set_current_client_cert_details": {"subject": True, "uri": True},
-        "use_remote_address": False,
+        **inbound_request_fields(),
         "access_log": [_http_log(workload, port, every_request=logs_every_request(mesh))],
     }
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}

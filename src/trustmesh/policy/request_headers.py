@@ -1,0 +1,214 @@
+"""The request headers a sidecar's policy filters see: what Envoy 1.40's HTTP/1.1 codec and
+connection manager, configured as trustmesh's inbound listener (:mod:`trustmesh.xds.inbound`,
+``inbound_request_fields``) and Istio's sidecar inbound, drop or rewrite first.
+
+``request.headers[...]`` conditions, the request guards and the JWT locations read this
+view, not what the client sent. Every entry of the tables below was measured by sending it
+through the real binary with the translated listener and reading the headers back at the
+position of the policy filters (``tests/xds/test_request_headers.py``), and the verdicts
+are compared request by request in the ``hop-by-hop`` cases of
+``tests/xds/test_rbac_differential.py``.
+
+In order:
+
+1. The codec: a header name must be an HTTP token, a value may not hold control characters
+   (tab aside) — else 400. Names are case-insensitive; leading and trailing spaces and tabs
+   of a value are dropped. Lines of a header Envoy keeps inline are joined (:mod:`.headers`).
+2. An upgrade (``Upgrade`` plus an ``upgrade`` token in ``Connection``): ``websocket`` (any
+   case) is forwarded with both headers, as Istio's ``upgrade_configs`` allow; ``h2c`` is
+   dropped with ``HTTP2-Settings``; anything else is refused with 403 (``upgrade_failed``).
+3. Otherwise ``Connection`` nominates headers to drop (RFC 7230 hop-by-hop): every token
+   but ``close``, ``keep-alive``, ``upgrade``, ``http2-settings`` and ``connection`` names a
+   header that is removed — ``Connection: x-user`` deletes ``x-user`` before any policy
+   sees it. ``te`` stays as ``trailers`` when it lists ``trailers``. Nominating
+   ``x-forwarded-for``, ``x-forwarded-host``, ``x-forwarded-proto`` or a pseudo-header, or
+   ten or more tokens, is refused with 400; nominating ``host`` leaves no Host: 400.
+4. :data:`ALWAYS_REMOVED` are removed; a non-empty ``te`` is kept only as ``trailers``
+   (exactly that token, case-sensitive); ``x-forwarded-client-cert`` is replaced
+   (``SANITIZE_SET``): gone over plaintext, Envoy's own ``By=…;Hash=…;Subject="";URI=…``
+   over mTLS; ``x-forwarded-proto`` is set (``http`` / ``https``) when absent and
+   ``x-request-id`` generated when absent or empty. ``Expect`` is forwarded
+   (``proxy_100_continue``, Istio's default).
+
+Nothing is "internal" to these listeners (``use_remote_address: false`` and no internal
+address list: a single ``X-Forwarded-For`` address does not make a request internal), so
+the internal ``x-envoy-*`` headers of :data:`ENVOY_INTERNAL_REMOVED` go from every request;
+other ``x-envoy-*`` headers reach the filters as sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from trustmesh.policy.headers import header_view
+from trustmesh.policy.pathnorm import PathRejected
+
+# RFC 7230 tchar: anything else in a header name is a 400 from the codec.
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_OWS: Final = " \t"
+_TRIM: Final = " \t\f\v\n\r"  # StringUtil::trim, for Connection and TE tokens
+
+# Hop-by-hop headers the connection manager removes from every request (measured: each
+# sent alone, absent at the filters): ``mutateRequestHeaders``' "clean proxy headers".
+ALWAYS_REMOVED: Final = frozenset({"keep-alive", "proxy-connection", "transfer-encoding"})
+# Internal x-envoy-* headers removed from a request that is not internal, which on these
+# listeners is every request (measured with and without a single X-Forwarded-For address,
+# loopback and RFC 1918 alike). The other x-envoy-* headers Envoy knows
+# (x-envoy-original-path, -decorator-operation, -downstream-service-cluster/-node,
+# -external-address, -attempt-count, -peer-metadata, …) reach the filters as sent.
+ENVOY_INTERNAL_REMOVED: Final = frozenset(
+    {
+        "x-envoy-internal",
+        "x-envoy-retriable-status-codes",
+        "x-envoy-retriable-header-names",
+        "x-envoy-retry-on",
+        "x-envoy-retry-grpc-on",
+        "x-envoy-max-retries",
+        "x-envoy-upstream-alt-stat-name",
+        "x-envoy-upstream-rq-timeout-ms",
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "x-envoy-upstream-rq-timeout-alt-response",
+        "x-envoy-expected-rq-timeout-ms",
+        "x-envoy-force-trace",
+        "x-envoy-ip-tags",
+        "x-envoy-original-url",
+        "x-envoy-hedge-on-per-try-timeout",
+        "x-envoy-upstream-stream-duration-ms",
+    }
+)
+# Connection tokens that nominate no header (measured: the header of that name, if any,
+# is left alone by the nomination).
+_NOT_NOMINATIONS: Final = frozenset({"close", "keep-alive", "upgrade", "http2-settings"})
+# Nominating these is refused with 400 (they would hide where a request came from).
+_REFUSED_NOMINATIONS: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"}
+)
+_MAX_CONNECTION_TOKENS: Final = 10  # ten or more tokens: 400
+# What Envoy sets when the client sent none; its value is random (a UUID), so a policy
+# can only tell that it is there.
+GENERATED_REQUEST_ID: Final = "<request id generated by Envoy>"
+# Stands for the hex SHA-256 of the client certificate in Envoy's x-forwarded-client-cert:
+# not known offline. A condition whose answer depends on it is not decided (see
+# :func:`xfcc_depends_on_hash`); every other one answers the same for any hash.
+UNKNOWN_CERT_HASH: Final = "0" * 64
+XFCC: Final = "x-forwarded-client-cert"
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def filter_headers(
+    lines: Iterable[tuple[str, str]], *, peer: str | None = None, local: str | None = None
+) -> dict[str, tuple[str, ...]]:
+    """Header name (lower case) → values, as the first policy filter of the inbound chain
+    sees them, for a request with these header lines (``Host`` lines excluded, they are the
+    authority's). ``peer`` / ``local``: the SPIFFE IDs of an mTLS connection (None: plain).
+
+    Raises :class:`PathRejected` with the status Envoy answers itself with (400, 403).
+    """
+    kept: list[tuple[str, str]] = []
+    for name, value in lines:
+        if not name or not _TOKEN_CHARS.issuperset(name):
+            raise PathRejected(f"header name {name!r} is not an HTTP token")
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+            raise PathRejected(f"header {name} has a control character in its value")
+        kept.append((name, value.strip(_OWS)))
+    headers = header_view(kept)
+    connection = ",".join(headers.get("connection", ()))
+    tokens = [t.strip(_TRIM).lower() for t in connection.split(",") if t.strip(_TRIM)]
+    upgrade = headers.get("upgrade")
+    websocket = False
+    if upgrade and "upgrade" in tokens:
+        kind = upgrade[0].lower()
+        websocket = kind == "websocket"
+        if not websocket and kind != "h2c":
+            raise PathRejected(f"upgrade to {upgrade[0]!r} is not configured", status=403)
+        if not websocket:
+            headers.pop("http2-settings", None)
+    if not websocket:  # a websocket upgrade keeps Connection and Upgrade, nominees too
+        _remove_nominated(headers, tokens)
+        headers.pop("connection", None)
+        headers.pop("upgrade", None)
+    for name in (*ALWAYS_REMOVED, *ENVOY_INTERNAL_REMOVED):
+        headers.pop(name, None)
+    _set_envoy_headers(headers, peer, local)
+    return headers
+
+
+def xfcc_parts(peer: str, local: str | None) -> tuple[str, str]:
+    """The known text around the hash in the x-forwarded-client-cert Envoy writes over
+    mTLS (``SANITIZE_SET`` with subject and URI): ``(before, after)``."""
+    by = f"By=spiffe://{local};" if local else ""
+    return f"{by}Hash=", f';Subject="";URI=spiffe://{peer}'
+
+
+def xfcc_depends_on_hash(patterns: Iterable[str], before: str, after: str) -> bool:
+    """Does matching Istio string patterns (``v``, ``v*``, ``*v``, ``*``) against
+    ``before + <64 hex digits> + after`` depend on which hex digits they are?"""
+    for pattern in patterns:
+        if pattern == "*":
+            continue
+        if pattern.endswith("*"):
+            text = pattern[:-1]
+            rest = text[len(before) :] if text.startswith(before) else None
+            if rest and _hex_then(rest, after, from_start=True):
+                return True
+        elif pattern.startswith("*"):
+            text = pattern[1:]
+            rest = text[: len(text) - len(after)] if text.endswith(after) else None
+            if rest and _hex_then(rest[::-1], before[::-1], from_start=True):
+                return True
+        elif pattern.startswith(before) and pattern.endswith(after):
+            middle = pattern[len(before) : len(pattern) - len(after)]
+            if len(middle) == 64 and _HEX.issuperset(middle):
+                return True
+    return False
+
+
+def _hex_then(text: str, following: str, *, from_start: bool) -> bool:
+    """``text`` is up to 64 hex digits, then (if longer) the start of ``following``."""
+    digits, tail = text[:64], text[64:]
+    return _HEX.issuperset(digits) and (not tail or following.startswith(tail))
+
+
+def _remove_nominated(headers: dict[str, tuple[str, ...]], tokens: list[str]) -> None:
+    """``Utility::sanitizeConnectionHeader``."""
+    if not tokens:
+        return
+    if len(tokens) >= _MAX_CONNECTION_TOKENS:
+        raise PathRejected(f"Connection nominates {len(tokens)} headers (10 or more)")
+    for token in tokens:
+        if token in _NOT_NOMINATIONS or token == "connection":
+            continue
+        if token in _REFUSED_NOMINATIONS or token.startswith(":"):
+            raise PathRejected(f"Connection nominates {token}, which may not be removed")
+        if token == "host":
+            raise PathRejected("Connection nominates host: the request is left without one")
+        if token == "te":
+            values = headers.get("te", ())
+            listed = values and any(
+                part.strip(_TRIM).lower() == "trailers" for part in values[0].split(",")
+            )
+            if listed:
+                headers["te"] = ("trailers",)
+                continue
+        headers.pop(token, None)
+
+
+def _set_envoy_headers(
+    headers: dict[str, tuple[str, ...]], peer: str | None, local: str | None
+) -> None:
+    te = headers.get("te")
+    if te and te[0]:  # an empty TE is left alone
+        if any(part.strip(_TRIM) == "trailers" for part in te[0].split(",")):
+            headers["te"] = ("trailers",)
+        else:
+            del headers["te"]
+    headers.pop(XFCC, None)
+    if peer is not None:
+        before, after = xfcc_parts(peer, local)
+        headers[XFCC] = (before + UNKNOWN_CERT_HASH + after,)
+    headers.setdefault("x-forwarded-proto", ("https" if peer is not None else "http",))
+    if not headers.get("x-request-id", ("",))[0]:  # absent or empty
+        headers["x-request-id"] = (GENERATED_REQUEST_ID,)

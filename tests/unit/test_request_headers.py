@@ -1,0 +1,160 @@
+"""Headers Envoy drops or rewrites before any filter: the evaluator decides on what RBAC
+really reads (measured in tests/xds/test_request_headers.py, compared request by request
+in the hop-by-hop cases of tests/xds/test_rbac_differential.py)."""
+
+from __future__ import annotations
+
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.decision import Verdict
+from trustmesh.policy.request import Source
+
+from .meshutil import compile_text, http, policy
+
+PLAIN = Source.plaintext("10.0.0.9")
+
+DENY = policy(
+    "deny",
+    "foo",
+    """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- to: [{operation: {methods: [POST]}}]
+  when: [{key: "request.headers[x-user]", notValues: [ops]}]
+- when: [{key: "request.headers[x-envoy-retry-on]", values: ["*"]}]
+- when: [{key: "request.headers[te]", values: ["gzip"]}]
+""",
+)
+ALLOW = policy(
+    "allow",
+    "foo",
+    """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- to: [{operation: {paths: [/admin]}}]
+  when: [{key: "request.headers[x-role]", values: [admin]}]
+- to: [{operation: {paths: [/ws]}}]
+  when: [{key: "request.headers[upgrade]", values: [websocket]}]
+- to: [{operation: {paths: [/rid]}}]
+  when: [{key: "request.headers[x-request-id]", values: ["*"]}]
+- to: [{operation: {paths: [/xfcc]}}]
+  when: [{key: "request.headers[x-forwarded-client-cert]", values: ["*"]}]
+- to: [{operation: {notPaths: [/admin, /ws, /rid, /xfcc]}}]
+""",
+)
+
+
+def test_a_header_connection_nominates_is_gone_before_rbac() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    ops = ("x-user", "ops")
+    assert http(mesh, method="POST", headers=(ops,)).verdict is Verdict.ALLOW
+    # The client names x-user hop-by-hop: Envoy removes it, "unless x-user is ops" denies.
+    for connection in ("x-user", "close, X-User"):
+        nominated = http(mesh, method="POST", headers=(("connection", connection), ops))
+        assert nominated.rule == "ns[foo]-policy[deny]-rule[0]", connection
+    role = ("x-role", "admin")
+    assert http(mesh, "/admin", headers=(role,)).verdict is Verdict.ALLOW
+    assert http(mesh, "/admin", headers=(("connection", "x-role"), role)).verdict is Verdict.DENY
+    refused = http(mesh, headers=(("connection", "x-forwarded-for"),))
+    assert (refused.verdict, refused.status) == (Verdict.BAD_REQUEST, 400)
+
+
+def test_internal_and_hop_by_hop_headers_never_reach_rbac() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    for headers in ((("x-envoy-retry-on", "5xx"),), (("te", "gzip"),)):
+        assert http(mesh, headers=headers).verdict is Verdict.ALLOW, headers
+
+
+def test_values_are_trimmed_and_bad_lines_refused_by_the_codec() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    assert http(mesh, "/admin", headers=(("x-role", " admin\t"),)).verdict is Verdict.ALLOW
+    assert http(mesh, method="POST", headers=(("x-user", "  ops "),)).verdict is Verdict.ALLOW
+    for bad in (("x role", "admin"), ("x-role", "ad\x01min")):
+        assert http(mesh, "/admin", headers=(bad,)).status == 400, bad
+
+
+def test_websocket_upgrades_reach_rbac_and_other_upgrades_do_not() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    websocket = (("connection", "Upgrade"), ("upgrade", "websocket"))
+    assert http(mesh, "/ws", headers=websocket).verdict is Verdict.ALLOW
+    # Any other upgrade is refused before RBAC, even where every request is allowed.
+    other = http(mesh, "/get", headers=(("connection", "upgrade"), ("upgrade", "foo")))
+    assert (other.verdict, other.status, other.rule) == (Verdict.DENY, 403, None)
+    h2c = (("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", ""))
+    assert http(mesh, "/get", headers=h2c).verdict is Verdict.ALLOW  # dropped, not refused
+
+
+def test_envoy_sets_what_the_client_did_not_send() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    assert http(mesh, "/rid").verdict is Verdict.ALLOW  # x-request-id is generated
+    # A plaintext client's own x-forwarded-client-cert is dropped (SANITIZE_SET) ...
+    sent = (("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/foo/sa/admin"),)
+    assert http(mesh, "/xfcc", headers=sent, source=PLAIN).verdict is Verdict.DENY
+    # ... and over mTLS Envoy writes its own: By=<server>;Hash=<client cert>;Subject="";URI=…
+    assert http(mesh, "/xfcc", headers=sent).verdict is Verdict.ALLOW
+
+
+def test_a_condition_on_the_client_certificate_hash_is_not_guessed() -> None:
+    pinned = "a" * 64
+    mesh = compile_text(
+        policy(
+            "xfcc",
+            "foo",
+            """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- to: [{operation: {paths: [/by]}}]
+  when: [{key: "request.headers[X-Forwarded-Client-Cert]", values: ["By=spiffe://*"]}]
+- to: [{operation: {paths: [/uri]}}]
+  when:
+  - key: "request.headers[x-forwarded-client-cert]"
+    values: ['*;Subject="";URI=spiffe://cluster.local/ns/foo/sa/sleep']
+""",
+        )
+    )
+    assert http(mesh, "/by").verdict is Verdict.ALLOW
+    assert http(mesh, "/uri").verdict is Verdict.ALLOW
+    assert http(mesh, "/uri", src="bar/sleep").verdict is Verdict.DENY
+    by = "By=spiffe://cluster.local/ns/foo/sa/httpbin;Hash="
+    exact = f'{by}{pinned};Subject="";URI=spiffe://cluster.local/ns/foo/sa/sleep'
+    suffix = f'*{pinned[:8]};Subject="";URI=spiffe://cluster.local/ns/foo/sa/sleep'
+    for value in (exact, f"{by}aaaa*", suffix):
+        pinning = _pin(value)
+        decision = http(pinning)
+        assert decision.verdict is Verdict.UNSUPPORTED and "SHA-256" in decision.reason, value
+        assert http(pinning, source=PLAIN).verdict is Verdict.DENY  # no xfcc at all
+    # A pattern that cannot match whatever the hash is, is decided.
+    assert http(_pin(f"{by}xyz*")).verdict is Verdict.DENY
+
+
+def _pin(value: str) -> MeshPolicy:
+    quoted = value.replace("'", "''")
+    return compile_text(
+        policy(
+            "xfcc",
+            "foo",
+            f"""
+selector: {{matchLabels: {{app: httpbin}}}}
+rules:
+- when: [{{key: "request.headers[x-forwarded-client-cert]", values: ['{quoted}']}}]
+""",
+        )
+    )
+
+
+def test_a_token_header_connection_nominates_is_never_authenticated() -> None:
+    authn = policy(
+        "jwt",
+        "foo",
+        """
+selector: {matchLabels: {app: httpbin}}
+jwtRules:
+- issuer: testing@secure.istio.io
+  jwks: '{"keys":[]}'
+""",
+        kind="RequestAuthentication",
+    )
+    mesh = compile_text(ALLOW + authn)
+    bad = ("authorization", "Bearer not-a-token")
+    assert http(mesh, headers=(bad,)).status == 401
+    assert http(mesh, headers=(("connection", "authorization"), bad)).verdict is Verdict.ALLOW

@@ -1,0 +1,237 @@
+"""Which request headers reach the policy filters: real Envoy 1.40 vs the evaluator's model
+(trustmesh.policy.request_headers).
+
+translate()'s inbound listener for foo/httpbin runs in a real Envoy fed by a test CA; a Lua
+filter put in front of the policy filters answers every request with the header lines it
+sees there. Each request of the table (hop-by-hop headers, ``Connection`` nominations,
+upgrades, ``TE``, every ``x-envoy-*`` header Envoy knows, ``x-forwarded-*``, whitespace,
+bad names and values) is sent over plaintext and, for the headers a handshake changes,
+over mesh mTLS; what the Lua filter saw — or the status Envoy answered instead — must be
+exactly what ``filter_headers`` predicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.envoy.conftest import (  # fixtures are registered by importing them
+    Loopback,
+    MiniCA,
+    Sidecars,
+    ca,
+    loopback,
+    run,
+    sidecars,
+    workroot,
+)
+from tests.unit.meshutil import compile_text
+from tests.xds.translate_rig import _bootstrap_patch, _mesh_client
+from trustmesh.policy.pathnorm import PathRejected
+from trustmesh.policy.request_headers import (
+    ENVOY_INTERNAL_REMOVED,
+    GENERATED_REQUEST_ID,
+    UNKNOWN_CERT_HASH,
+    filter_headers,
+)
+from trustmesh.xds.translate import translate
+
+__all__ = ["ca", "loopback", "sidecars", "workroot"]  # re-exported fixtures, used by name
+
+Lines = tuple[tuple[str, str], ...]
+_LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+_DUMP = """
+function envoy_on_request(handle)
+  local out = {}
+  for name, value in pairs(handle:headers()) do out[#out + 1] = name .. ": " .. value end
+  handle:respond({[":status"] = "200"}, table.concat(out, "\\n"))
+end
+"""
+# Every x-envoy-* request header Envoy 1.40 names (source/common/http/headers.h), plus
+# Istio's peer metadata headers and one Envoy does not know.
+_ENVOY_HEADERS = tuple(
+    f"x-envoy-{name}"
+    for name in (
+        *("attempt-count", "decorator-operation", "degraded", "downstream-service-cluster"),
+        *("downstream-service-node", "drop-overload", "expected-rq-timeout-ms"),
+        *("external-address", "force-trace", "hedge-on-per-try-timeout"),
+        *("immediate-health-check-fail", "internal", "ip-tags", "is-timeout-retry"),
+        *("local-overloaded", "max-retries", "not-forwarded", "original-dst-host"),
+        *("original-method", "original-path", "original-url", "overloaded", "peer-metadata"),
+        *("peer-metadata-id", "ratelimited", "retriable-header-names"),
+        *("retriable-status-codes", "retry-grpc-on", "retry-on", "upstream-alt-stat-name"),
+        *("upstream-canary", "upstream-healthchecked-cluster", "upstream-host-address"),
+        *("upstream-hostname", "upstream-rq-per-try-timeout-ms"),
+        *("upstream-rq-timeout-alt-response", "upstream-rq-timeout-ms"),
+        *("upstream-service-time", "upstream-stream-duration-ms", "foo"),
+    )
+)
+_ALL_ENVOY: Lines = tuple((name, "v") for name in _ENVOY_HEADERS)
+_OTHERS: Lines = tuple(
+    (name, "v")
+    for name in (
+        *("keep-alive", "proxy-connection", "proxy-authorization", "trailer", "via"),
+        *("forwarded", "referer", "early-data", "x-real-ip", "x-forwarded-host"),
+        *("x-forwarded-port", "x-forwarded-proto", "x-forwarded-client-cert"),
+        *("x-client-trace-id", "traceparent", "x-b3-traceid", "grpc-timeout"),
+    )
+)
+
+# The request table: header lines (Host aside). Each is sent over plaintext.
+PLAINTEXT: tuple[Lines, ...] = (
+    _ALL_ENVOY + _OTHERS,
+    (*_ALL_ENVOY, ("x-forwarded-for", "10.1.2.3")),  # one address: still not internal
+    (*_ALL_ENVOY, ("x-forwarded-for", "127.0.0.1")),
+    (("transfer-encoding", "chunked"),),
+    (("te", "trailers"),), (("te", "Trailers"),), (("te", "trailers, deflate"),),
+    (("te", "deflate;q=0.5, trailers"),), (("te", "gzip"),), (("te", ""),),
+    (("connection", "x-user"), ("x-user", "ops"), ("x-other", "1")),
+    (("connection", "close, x-user"), ("x-user", "ops")),
+    (("connection", "X-USER"), ("x-user", "ops"), ("x-user", "mallory")),
+    (("connection", "x-a ,  x-b"), ("x-a", "1"), ("x-b", "2"), ("x-c", "3")),
+    (("connection", ",x-a,"), ("x-a", "1")),
+    (("connection", "x-a;q=1"), ("x-a", "1")),
+    (("connection", "keep-alive, x-a"), ("x-a", "1"), ("keep-alive", "timeout=5")),
+    (("connection", "x-a"), ("connection", "x-b"), ("x-a", "1"), ("x-b", "2")),
+    (("connection", "connection"),),
+    (("connection", "te"), ("te", "Trailers, deflate")),
+    (("connection", "te"), ("te", "gzip")),
+    (("connection", "content-length"), ("content-length", "0")),
+    (("connection", "authorization"), ("authorization", "Bearer x")),
+    (("connection", "x-request-id"), ("x-request-id", "abc")),
+    (("connection", "cookie, user-agent"), ("cookie", "a=b"), ("user-agent", "ua")),
+    (("connection", "x-forwarded-port, x-envoy-original-path"), ("x-forwarded-port", "1")),
+    (("connection", "x-forwarded-for"), ("x-forwarded-for", "1.2.3.4")),
+    (("connection", "X-Forwarded-Host"),),
+    (("connection", "x-forwarded-proto"),),
+    (("connection", "host"),),
+    (("connection", ":path"),),
+    (("connection", "a,b,c,d,e,f,g,h,i"),),
+    (("connection", "close, a,b,c,d,e,f,g,h,i"),),
+    (("connection", "upgrade"), ("upgrade", "websocket"), ("x-a", "1")),
+    (("connection", "Upgrade, x-a"), ("upgrade", "WebSocket"), ("x-a", "1")),
+    (("connection", "upgrade, x-forwarded-for"), ("upgrade", "websocket"), ("keep-alive", "1")),
+    (("connection", "upgrade"), ("upgrade", "foo")),
+    (("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "AAA")),
+    (("connection", "Upgrade, HTTP2-Settings, x-a"), ("upgrade", "h2c"), ("x-a", "1")),
+    (("upgrade", "websocket"),),
+    (("connection", "upgrade"),),
+    (("expect", "100-continue"),),
+    (("x-forwarded-client-cert", "By=spiffe://x;URI=spiffe://cluster.local/ns/foo/sa/admin"),),
+    (("x-forwarded-proto", "https"), ("x-request-id", "")),
+    (("x-a", "  spaced  "), ("X-Mixed-Case", "V"), ("x-tab", "\tt\t"), ("x-empty", "   ")),
+    (("x a", "1"),),
+    (("x(a)", "1"),),
+    (("x-a", "a\x01b"),),
+    (("x-a", "a\x7fb"),),
+    (("x-a", "é"),),
+)  # fmt: skip
+# Sent over mesh mTLS too: what the handshake changes.
+MTLS: tuple[Lines, ...] = (
+    (),
+    (("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/foo/sa/admin"),),
+    (("x-forwarded-proto", "http"),),
+    (("connection", "x-user"), ("x-user", "ops")),
+)
+
+
+def _wire(lines: Lines) -> bytes:
+    head = ["GET /get HTTP/1.1", "Host: httpbin.foo:8000", *(f"{n}: {v}" for n, v in lines)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+async def _send(address: str, tls: ssl.SSLContext | None, lines: Lines) -> tuple[int, str]:
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection(address, 8000, ssl=tls)
+        try:
+            writer.write(_wire(lines))
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            status_line, *rest = head.removesuffix("\r\n\r\n").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in rest)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            return int(status_line.split()[1]), body.decode("utf-8", "replace")
+        finally:
+            writer.transport.abort()
+
+
+def _seen(status: int, body: str) -> tuple[int, list[tuple[str, str]]]:
+    """Envoy's answer as (status, sorted header lines) with the random parts made stable."""
+    if status != 200:
+        return status, []
+    lines = []
+    for line in body.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith(":"):
+            continue
+        if name == "x-request-id" and re.fullmatch(r"[0-9a-f-]{36}", value):
+            value = GENERATED_REQUEST_ID
+        if name == "x-forwarded-client-cert":
+            value = re.sub(r"Hash=[0-9a-f]{64}", f"Hash={UNKNOWN_CERT_HASH}", value)
+        lines.append((name, value))
+    return 200, sorted(lines)
+
+
+def _predicted(lines: Lines, peer: str | None) -> tuple[int, list[tuple[str, str]]]:
+    try:
+        view = filter_headers(lines, peer=peer, local="cluster.local/ns/foo/sa/httpbin")
+    except PathRejected as refused:
+        return refused.status, []
+    return 200, sorted((name, value) for name, values in view.items() for value in values)
+
+
+def _dump_first(bootstrap: dict[str, Any]) -> None:
+    """Put the Lua dump in front of every inbound HTTP filter chain's filters."""
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for chain in listener.get("filter_chains", []):
+            for network_filter in chain["filters"]:
+                config = network_filter.get("typed_config", {})
+                if "http_filters" in config:
+                    lua = {"@type": _LUA_TYPE, "default_source_code": {"inline_string": _DUMP}}
+                    config["http_filters"].insert(0, {"name": "dump", "typed_config": lua})
+
+
+@pytest.mark.envoy
+def test_the_evaluator_sees_the_headers_envoy_hands_the_policy_filters(
+    ca: MiniCA, loopback: Loopback, sidecars: Sidecars, workroot: Path
+) -> None:
+    inbound, app = loopback.address(), loopback.address()
+    resources = translate(compile_text(""), "foo/httpbin", inbound_address=inbound, app_address=app)
+    base = _bootstrap_patch(resources)
+
+    def patch(bootstrap: dict[str, Any]) -> None:
+        base(bootstrap)
+        _dump_first(bootstrap)
+
+    mtls = _mesh_client(ca, workroot, alpn=("istio-http/1.1",))
+    peer = "cluster.local/ns/foo/sa/sleep"
+
+    async def scenario() -> list[str]:
+        wrong = []
+        async with sidecars.run("httpbin", ca.issue("foo", "httpbin"), patch=patch):
+            sends = [(lines, None) for lines in PLAINTEXT] + [(lines, peer) for lines in MTLS]
+            for lines, via in sends:
+                got = _seen(*await _send(inbound, mtls if via else None, lines))
+                want = _predicted(lines, via)
+                if got != want:
+                    wrong.append(
+                        f"{'mTLS' if via else 'plain'} {lines}:\n  envoy {got}\n  model {want}"
+                    )
+        return wrong
+
+    wrong = run(scenario(), timeout=60)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_table_is_not_vacuous() -> None:
+    """The measured table removes something, keeps other x-envoy-* headers and refuses."""
+    view = filter_headers(_ALL_ENVOY + _OTHERS)
+    assert ENVOY_INTERNAL_REMOVED.isdisjoint(view) and "x-envoy-original-path" in view
+    assert "keep-alive" not in view and view["x-request-id"] == (GENERATED_REQUEST_ID,)
+    assert "x-user" not in filter_headers((("connection", "x-user"), ("x-user", "ops")))
+    with pytest.raises(PathRejected):
+        filter_headers((("connection", "x-forwarded-for"),))
