@@ -190,6 +190,57 @@ SMUGGLING = (
 """,
     )
 )
+# Headers Envoy drops or rewrites before any filter (trustmesh.policy.request_headers):
+# conditions on hop-by-hop, internal x-envoy-*, upgrade, expect, x-forwarded-* headers.
+HOP_BY_HOP = _policy(
+    "hop-deny",
+    """  action: DENY
+  rules:
+  - to: [{operation: {methods: ["POST"]}}]
+    when: [{key: "request.headers[x-user]", notValues: ["ops"]}]
+  - when: [{key: "request.headers[x-envoy-retry-on]", values: ["*"]}]
+  - when: [{key: "request.headers[te]", values: ["gzip*"]}]
+  - when: [{key: "request.headers[keep-alive]", values: ["*"]}]
+""",
+) + _policy(
+    "hop-allow",
+    """  rules:
+  - to: [{operation: {paths: ["/admin"]}}]
+    when: [{key: "request.headers[x-role]", values: ["admin"]}]
+  - to: [{operation: {paths: ["/ws"]}}]
+    when: [{key: "request.headers[upgrade]", values: ["websocket", "WebSocket"]}]
+  - to: [{operation: {paths: ["/expect"]}}]
+    when: [{key: "request.headers[expect]", values: ["100-continue"]}]
+  - to: [{operation: {paths: ["/xfcc"]}}]
+    when: [{key: "request.headers[x-forwarded-client-cert]", values: ["*"]}]
+  - to: [{operation: {paths: ["/rid"]}}]
+    when: [{key: "request.headers[x-request-id]", values: ["*"]}]
+  - to: [{operation: {paths: ["/proto"]}}]
+    when: [{key: "request.headers[x-forwarded-proto]", values: ["http"]}]
+  - to: [{operation: {paths: ["/envoy"]}}]
+    when: [{key: "request.headers[x-envoy-original-path]", values: ["/x"]}]
+  - to: [{operation: {notPaths: ["/admin", "/ws", "/expect", "/xfcc", "/rid", "/proto", "/envoy"]}}]
+""",
+)
+HOP_BY_HOP_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
+    (), (("x-user", "ops"),), (("connection", "x-user"), ("x-user", "ops")),
+    (("connection", "close, X-User"), ("x-user", "ops")), (("x-user", "  ops\t"),),
+    (("x-role", "admin"),), (("connection", "x-role"), ("x-role", "admin")),
+    (("x-role", " admin "),), (("connection", "x-forwarded-for"), ("x-role", "admin")),
+    (("connection", "a,b,c,d,e,f,g,h,i,j"),), (("connection", "host"),),
+    (("x-envoy-retry-on", "5xx"),), (("te", "gzip"),), (("te", "trailers"),),
+    (("keep-alive", "timeout=5"),), (("connection", "te"), ("te", "gzip, trailers")),
+    (("connection", "upgrade"), ("upgrade", "websocket")),
+    (("connection", "Upgrade, x-user"), ("upgrade", "WebSocket"), ("x-user", "ops")),
+    (("connection", "upgrade"), ("upgrade", "foo")), (("upgrade", "websocket"),),
+    (("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "A")),
+    (("expect", "100-continue"),), (("x-forwarded-client-cert", "URI=spiffe://x"),),
+    (("x-request-id", "abc"),), (("x-request-id", ""),), (("x-forwarded-proto", "https"),),
+    (("x-envoy-original-path", "/x"),), (("connection", "x-envoy-original-path"),
+    ("x-envoy-original-path", "/x")), (("x a", "1"),), (("x-user", "o\x01ps"),),
+)  # fmt: skip
+HOP_BY_HOP_PATHS = ("/get", "/admin", "/ws", "/expect", "/xfcc", "/rid", "/proto", "/envoy")
+
 SMUGGLING_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
     (), (("x-user", "ops"),), (("x-user", "mallory"),), (("x-user", "ops"), ("x-user", "mallory")),
     (("x-user", "mallory"), ("x-user", "ops")), (("X-User", "ops"), ("x-user", "mallory")),
@@ -367,6 +418,13 @@ def http_cases() -> list[Case]:
     cases.append(case("smuggling", _mesh(SMUGGLING), _smuggling_grid()))
     forward = _mesh(SMUGGLING, extra="repeatedPolicyHeaders: FORWARD\n")
     cases.append(case("smuggling/FORWARD", forward, _smuggling_grid()))
+    hop = [
+        Probe(method, path, "httpbin.foo:8000", headers)
+        for method in ("GET", "POST")
+        for path in HOP_BY_HOP_PATHS
+        for headers in HOP_BY_HOP_HEADERS
+    ]
+    cases.append(case("hop-by-hop", _mesh(HOP_BY_HOP), hop))
     return cases + _jwt_extraction_cases(case)
 
 

@@ -29,7 +29,8 @@ from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.evaluate import ACCESS_DENIED, evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
-from trustmesh.xds.guards import HOST_HCM_FIELDS, request_guard_filters
+from trustmesh.xds.guards import request_guard_filters
+from trustmesh.xds.inbound import inbound_request_fields
 from trustmesh.xds.jwt import JWT_FILTER, jwt_authn_config
 from trustmesh.xds.rbac import http_custom_filters, http_rbac_filters, network_rbac_filters
 
@@ -139,8 +140,8 @@ def access_log(path: Path) -> list[dict[str, Any]]:
 def http_listener(
     name: str, address: str, port: int, filters: list[dict[str, Any]], mode: str, log: Path
 ) -> dict[str, Any]:
-    """HCM (normalization per ``mode``, Host as trustmesh's inbound listener treats it) →
-    ``filters`` → a router answering 200 itself."""
+    """HCM (normalization per ``mode``, request headers as trustmesh's inbound listener
+    treats them) → ``filters`` → a router answering 200 itself."""
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
     manager = {
         "@type": _HCM,
@@ -150,7 +151,7 @@ def http_listener(
         "http_filters": [*filters, {"name": "router", "typed_config": {"@type": _ROUTER}}],
         "access_log": access_log(log),
         **normalization(mode),
-        **HOST_HCM_FIELDS,
+        **inbound_request_fields(),
     }
     hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
     return _listener(name, address, port, [hcm])

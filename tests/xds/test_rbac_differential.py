@@ -170,3 +170,44 @@ def test_jwt_tokens_are_found_where_envoy_finds_them(outcome: Outcome) -> None:
         (auth, f"Bearer {t.forged}"),
     )
     assert who("default", preflight, method="OPTIONS").rule == nobody
+
+
+def test_hop_by_hop_and_internal_headers_never_reach_rbac(outcome: Outcome) -> None:
+    """Envoy's own answers for headers it drops or rewrites before any filter (the
+    evaluator agrees: see above)."""
+
+    def answer(method: str, path: str, headers: Headers) -> Answer:
+        (found,) = [
+            got
+            for c, p, got, _ in outcome.results
+            if (c.name, p.method, p.path, p.headers) == ("hop-by-hop", method, path, headers)
+        ]
+        return found
+
+    deny_writes = "ns[foo]-policy[hop-deny]-rule[0]"
+    assert answer("POST", "/get", (("x-user", "ops"),)).status == 200
+    # Connection nominates x-user: it is removed, so "unless x-user is ops" denies.
+    assert answer("POST", "/get", (("connection", "x-user"), ("x-user", "ops"))).rule == deny_writes
+    assert answer("POST", "/get", (("x-user", "  ops\t"),)).status == 200  # trimmed
+    assert answer("GET", "/admin", (("connection", "x-role"), ("x-role", "admin"))).status == 403
+    assert answer("GET", "/admin", (("x-role", " admin "),)).status == 200
+    # Internal x-envoy-* and keep-alive are gone, TE is kept only as "trailers".
+    for headers in (
+        (("x-envoy-retry-on", "5xx"),),
+        (("te", "gzip"),),
+        (("keep-alive", "timeout=5"),),
+    ):
+        assert answer("GET", "/get", headers).status == 200, headers
+    # Envoy sets what the client did not: a request id, x-forwarded-proto; it replaces xfcc.
+    assert answer("GET", "/rid", ()).status == 200
+    assert answer("GET", "/proto", ()).status == 200
+    assert answer("GET", "/xfcc", (("x-forwarded-client-cert", "URI=spiffe://x"),)).status == 403
+    # Upgrades: websocket reaches RBAC with its headers, any other is refused before it.
+    assert answer("GET", "/ws", (("connection", "upgrade"), ("upgrade", "websocket"))).status == 200
+    refused = answer("GET", "/ws", (("connection", "upgrade"), ("upgrade", "foo")))
+    assert (refused.status, refused.rule) == (403, "-")  # no policy decided it
+    assert answer("GET", "/expect", (("expect", "100-continue"),)).status == 200
+    assert (
+        answer("GET", "/get", (("connection", "x-forwarded-for"), ("x-role", "admin"))).status
+        == 400
+    )
