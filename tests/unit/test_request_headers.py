@@ -82,6 +82,10 @@ def test_websocket_upgrades_reach_rbac_and_other_upgrades_do_not() -> None:
     assert (other.verdict, other.status, other.rule) == (Verdict.DENY, 403, None)
     h2c = (("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", ""))
     assert http(mesh, "/get", headers=h2c).verdict is Verdict.ALLOW  # dropped, not refused
+    # Envoy refuses the upgrade only after path normalization and its authority check.
+    foo = (("connection", "upgrade"), ("upgrade", "foo"))
+    assert http(mesh, "/xyz/.%00../abc", headers=foo).status == 400
+    assert http(mesh, "/get", host="a b", headers=foo).status == 400
 
 
 def test_envoy_sets_what_the_client_did_not_send() -> None:

@@ -238,8 +238,28 @@ HOP_BY_HOP_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("x-request-id", "abc"),), (("x-request-id", ""),), (("x-forwarded-proto", "https"),),
     (("x-envoy-original-path", "/x"),), (("connection", "x-envoy-original-path"),
     ("x-envoy-original-path", "/x")), (("x a", "1"),), (("x-user", "o\x01ps"),),
+    (("connection", "a,b,c,d,e,f,g,h,i"),),  # ten tokens with the rig's own "close"
 )  # fmt: skip
 HOP_BY_HOP_PATHS = ("/get", "/admin", "/ws", "/expect", "/xfcc", "/rid", "/proto", "/envoy")
+# Which refusal comes first when a request earns two: the codec's (bad header line, bad
+# Host), the connection manager's (Connection nominations, upgrades, path normalization)
+# or the Host guard's.
+HOP_BY_HOP_ORDER: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = tuple(
+    (path, host, headers)
+    for path, host in (
+        ("/xyz/.%00../abc", "httpbin.foo:8000"),
+        ("/get", "user@internal.foo"),
+        ("/get", "internal.foo.."),
+        ("/get", "a b"),
+    )
+    for headers in (
+        (("connection", "upgrade"), ("upgrade", "foo")),
+        (("connection", "upgrade, x-forwarded-for"), ("upgrade", "foo")),
+        (("connection", "x-forwarded-for"),),
+        (("x a", "1"),),
+        (("x-user", "ops"), ("x-user", "mallory"), ("connection", "upgrade"), ("upgrade", "x")),
+    )
+)
 
 SMUGGLING_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
     (), (("x-user", "ops"),), (("x-user", "mallory"),), (("x-user", "ops"), ("x-user", "mallory")),
@@ -424,6 +444,7 @@ def http_cases() -> list[Case]:
         for path in HOP_BY_HOP_PATHS
         for headers in HOP_BY_HOP_HEADERS
     ]
+    hop += [Probe("GET", path, host, headers) for path, host, headers in HOP_BY_HOP_ORDER]
     cases.append(case("hop-by-hop", _mesh(HOP_BY_HOP), hop))
     return cases + _jwt_extraction_cases(case)
 

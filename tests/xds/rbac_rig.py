@@ -66,7 +66,9 @@ class Answer:
 def offline(case: Case, probe: Probe) -> Answer:
     http = None
     if probe.method is not None:
-        http = HttpRequest(probe.method, probe.path, probe.host, probe.headers)
+        # The rig's own Connection: close line (Probe.wire) is part of what Envoy sees.
+        lines = (*probe.headers, ("connection", "close"))
+        http = HttpRequest(probe.method, probe.path, probe.host, lines)
     request = Request(Source.plaintext(probe.client), case.destination, case.port, http)
     # Envoy checks JWT expiry against the real clock: so does the offline side.
     decision = evaluate(case.mesh, request, now=time.time())

@@ -16,7 +16,8 @@ In order:
    of a value are dropped. Lines of a header Envoy keeps inline are joined (:mod:`.headers`).
 2. An upgrade (``Upgrade`` plus an ``upgrade`` token in ``Connection``): ``websocket`` (any
    case) is forwarded with both headers, as Istio's ``upgrade_configs`` allow; ``h2c`` is
-   dropped with ``HTTP2-Settings``; anything else is refused with 403 (``upgrade_failed``).
+   dropped with ``HTTP2-Settings``; anything else is refused with 403 (``upgrade_failed``)
+   — after the codec's authority check and path normalization, whose 400 wins.
 3. Otherwise ``Connection`` nominates headers to drop (RFC 7230 hop-by-hop): every token
    but ``close``, ``keep-alive``, ``upgrade``, ``http2-settings`` and ``connection`` names a
    header that is removed — ``Connection: x-user`` deletes ``x-user`` before any policy
