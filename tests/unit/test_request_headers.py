@@ -162,3 +162,47 @@ jwtRules:
     bad = ("authorization", "Bearer not-a-token")
     assert http(mesh, headers=(bad,)).status == 401
     assert http(mesh, headers=(("connection", "authorization"), bad)).verdict is Verdict.ALLOW
+
+
+def test_the_codec_refuses_what_it_cannot_frame_or_hold() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    for headers, status in (
+        ((("content-length", "abc"),), 400),
+        ((("content-length", "0"), ("content-length", "0")), 400),
+        ((("transfer-encoding", "gzip"),), 501),
+        ((("transfer-encoding", "chunked"), ("content-length", "0")), 400),
+    ):
+        decision = http(mesh, headers=headers)
+        assert (decision.verdict, decision.status) == (Verdict.BAD_REQUEST, status), headers
+    assert http(mesh, headers=(("transfer-encoding", " Chunked "),)).verdict is Verdict.ALLOW
+    # 100 headers, the Host curl sends included; an inline header's lines count once.
+    numbered = tuple((f"x-h{i}", "v") for i in range(99))
+    assert http(mesh, headers=numbered).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(*numbered, ("x-h", "v"))).status == 431
+    agents = (("user-agent", "a"), ("user-agent", "b"))
+    assert http(mesh, headers=(*numbered[:98], *agents)).verdict is Verdict.ALLOW
+    # 60 KiB from "GET /get HTTP/1.1" to the empty line (Host: httpbin.foo:8000 sent).
+    assert http(mesh, headers=(("x-big", "a" * 61386),)).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(("x-big", "a" * 61387),)).status == 431
+    # Too big is found before a bad line; a bad line before too many headers.
+    assert http(mesh, headers=(("x y", "1"), ("x-big", "a" * 62000))).status == 431
+    assert http(mesh, headers=(("x y", "1"), *numbered, ("x-h", "v"))).status == 400
+
+
+def test_hop_by_hop_lines_are_joined_before_envoy_reads_them() -> None:
+    trailers = policy(
+        "te",
+        "foo",
+        """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- when: [{key: "request.headers[te]", values: [trailers]}]
+""",
+    )
+    # TE lines gzip + trailers make one "gzip,trailers", which Envoy keeps as "trailers".
+    decision = http(compile_text(trailers), headers=(("te", "gzip"), ("te", "trailers")))
+    assert decision.rule == "ns[foo]-policy[te]-rule[0]"
+    mesh = compile_text(DENY + ALLOW)
+    two = (("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "foo"))
+    assert http(mesh, "/ws", headers=two).status == 403  # "websocket,foo" is no websocket

@@ -239,6 +239,10 @@ HOP_BY_HOP_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("x-envoy-original-path", "/x"),), (("connection", "x-envoy-original-path"),
     ("x-envoy-original-path", "/x")), (("x a", "1"),), (("x-user", "o\x01ps"),),
     (("connection", "a,b,c,d,e,f,g,h,i"),),  # ten tokens with the rig's own "close"
+    (("content-length", "abc"),), (("transfer-encoding", "gzip"),),
+    (("transfer-encoding", "chunked"), ("content-length", "0")),
+    (("te", "gzip"), ("te", "trailers")),
+    (("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "foo")),
 )  # fmt: skip
 HOP_BY_HOP_PATHS = ("/get", "/admin", "/ws", "/expect", "/xfcc", "/rid", "/proto", "/envoy")
 # Which refusal comes first when a request earns two: the codec's (bad header line, bad

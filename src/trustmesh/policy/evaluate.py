@@ -503,35 +503,6 @@ def _http_attributes(
     lines = http.header_lines()
     if uri_authority is not None:
         run.note("absolute-form target: authority {}", uri_authority)
-    local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
-    # An upgrade with no configuration (403) is refused only after the codec's authority
-    # check and path normalization have passed the request (measured: 400 wins).
-    refused_upgrade: PathRejected | None = None
-    try:
-        headers = filter_headers(
-            ((name, value) for name, value in lines if name.lower() != "host"),
-            peer=attrs.principal,
-            local=local,
-        )
-    except PathRejected as exc:
-        if exc.status != 403:
-            run.note("request refused before any filter: {}", exc.reason)
-            return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
-        headers, refused_upgrade = {}, exc
-    if (
-        refused_upgrade is None
-        and attrs.principal is not None
-        and XFCC in target.authz.condition_headers
-    ):
-        before, after = xfcc_parts(attrs.principal, local)
-        if xfcc_depends_on_hash(_xfcc_patterns(target), before, after):
-            reason = (
-                f"unsupported: a policy condition on {XFCC} depends on the SHA-256 of the"
-                " client's certificate, which Envoy writes there over mTLS and trustmesh"
-                " cannot know offline"
-            )
-            run.note(reason)
-            return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
     sent = sent_authority(http.path, http.host, lines)
     if sent is not None:
         host = sent
@@ -541,6 +512,26 @@ def _http_attributes(
         if remembered is None:
             remembered = mesh.memo[host_key] = _default_host(target, port)
         host = remembered
+    local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
+    # An upgrade with no configuration (403) is refused only after the codec's authority
+    # check and path normalization have passed the request (measured: 400 wins).
+    refused_upgrade: PathRejected | None = None
+    sent_hosts = [value for name, value in lines if name.lower() == "host"]
+    if http.host is not None or not sent_hosts:  # no Host at all: curl sends one
+        sent_hosts.insert(0, http.host if http.host is not None else host)
+    try:
+        headers = filter_headers(
+            [(name, value) for name, value in lines if name.lower() != "host"],
+            peer=attrs.principal,
+            local=local,
+            request_line=f"{http.method} {http.path} HTTP/1.1",
+            host_lines=sent_hosts,
+        )
+    except PathRejected as exc:
+        if exc.status != 403:
+            run.note("request refused before any filter: {}", exc.reason)
+            return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
+        headers, refused_upgrade = {}, exc
     if authority_rejected(host):
         reason = f"Host {host!r} has characters Envoy's authority check refuses"
         run.note(reason)
@@ -560,6 +551,16 @@ def _http_attributes(
     if refused_upgrade is not None:
         run.note("request refused before any filter: {}", refused_upgrade.reason)
         return _finish(run, Verdict.DENY, 403, None, refused_upgrade.reason)
+    if attrs.principal is not None and XFCC in target.authz.condition_headers:
+        before, after = xfcc_parts(attrs.principal, local)
+        if xfcc_depends_on_hash(_xfcc_patterns(target), before, after):
+            reason = (
+                f"unsupported: a policy condition on {XFCC} depends on the SHA-256 of the"
+                " client's certificate, which Envoy writes there over mTLS and trustmesh"
+                " cannot know offline"
+            )
+            run.note(reason)
+            return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
     stripped = strip_trailing_host_dot(host)
     if stripped != host:
         run.note("Host {} has its trailing dot stripped: {}", host, stripped)

@@ -130,6 +130,11 @@ def joined_authority(host_lines: Iterable[str]) -> str:
     return _join(host_lines)
 
 
+def joined_value(lines: Iterable[str]) -> str:
+    """The one value Envoy makes of the lines of a header it keeps inline."""
+    return _join(lines)
+
+
 def sent_authority(target: str, host: str | None, lines: Iterable[tuple[str, str]]) -> str | None:
     """The ``:authority`` Envoy's codec makes of an HTTP/1.1 request: an absolute-form
     target's authority, else its Host lines (``host`` first, then ``Host`` entries of
