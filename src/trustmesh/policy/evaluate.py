@@ -512,20 +512,27 @@ def _http_attributes(
         if remembered is None:
             remembered = mesh.memo[host_key] = _default_host(target, port)
         host = remembered
-    local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
+    local = None
+    if attrs.principal is not None:  # only an mTLS peer gets Envoy's xfcc, which names it
+        local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
     # An upgrade with no configuration (403) is refused only after the codec's authority
     # check and path normalization have passed the request (measured: 400 wins).
     refused_upgrade: PathRejected | None = None
-    sent_hosts = [value for name, value in lines if name.lower() == "host"]
-    if http.host is not None or not sent_hosts:  # no Host at all: curl sends one
-        sent_hosts.insert(0, http.host if http.host is not None else host)
+    # The first Host line: the request's own, or curl's when it sends none (the authority).
+    first_host: tuple[str, ...] = ()
+    if http.host is not None:
+        first_host = (http.host,)
+    elif sent is None or (
+        uri_authority is not None and not any(name.lower() == "host" for name, _ in lines)
+    ):
+        first_host = (host,)
     try:
         headers = filter_headers(
-            [(name, value) for name, value in lines if name.lower() != "host"],
+            lines,
             peer=attrs.principal,
             local=local,
             request_line=f"{http.method} {http.path} HTTP/1.1",
-            host_lines=sent_hosts,
+            host_lines=first_host,
         )
     except PathRejected as exc:
         if exc.status != 403:

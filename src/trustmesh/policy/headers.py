@@ -192,13 +192,14 @@ def authority_problem(authority: str) -> str | None:
 
 def header_view(lines: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
     """Header name (lower case) → the values Envoy's filters see, one per line except for
-    :data:`ENVOY_JOINED_HEADERS`, which get one joined value. ``host`` lines are the
-    authority's business (:func:`joined_authority`) and are left out."""
+    :data:`ENVOY_JOINED_HEADERS`, which get one joined value; the codec trims spaces and
+    tabs around each value. ``host`` lines are the authority's business
+    (:func:`joined_authority`) and are left out."""
     grouped: dict[str, list[str]] = {}
     for name, value in lines:
         key = name.lower()
         if key != "host":
-            grouped.setdefault(key, []).append(value)
+            grouped.setdefault(key, []).append(value.strip(" \t"))
     return {
         name: (_join(values),) if name in ENVOY_JOINED_HEADERS else tuple(values)
         for name, values in grouped.items()
