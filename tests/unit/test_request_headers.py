@@ -206,3 +206,18 @@ rules:
     mesh = compile_text(DENY + ALLOW)
     two = (("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "foo"))
     assert http(mesh, "/ws", headers=two).status == 403  # "websocket,foo" is no websocket
+
+
+def test_the_trace_says_what_envoy_removed_and_set() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    nominated = http(mesh, method="POST", headers=(("connection", "x-user"), ("x-user", "ops")))
+    assert any("removes connection, x-user before any filter" in s for s in nominated.trace)
+    sent = (("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/foo/sa/admin"),)
+    replaced = http(mesh, "/xfcc", headers=sent)
+    (line,) = [s for s in replaced.trace if "replaces the client's x-forwarded-client-cert" in s]
+    assert "Hash=<SHA-256 of the client certificate>" in line, line
+    assert "URI=spiffe://cluster.local/ns/foo/sa/sleep" in line
+    # Only headers a policy names are shown as set (x-request-id is, x-forwarded-proto not).
+    plain = http(mesh, "/rid").trace
+    assert any(s.startswith("Envoy sets x-request-id") for s in plain)
+    assert not any("x-forwarded-proto" in s for s in plain)

@@ -35,6 +35,7 @@ from trustmesh.policy.jwt_filter import run_jwt_filter
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.request_headers import (
+    UNKNOWN_CERT_HASH,
     XFCC,
     filter_headers,
     xfcc_depends_on_hash,
@@ -539,6 +540,8 @@ def _http_attributes(
             run.note("request refused before any filter: {}", exc.reason)
             return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
         headers, refused_upgrade = {}, exc
+    if run.trace is not None and refused_upgrade is None:
+        _note_envoy_headers(run, lines, headers, target.authz.condition_headers)
     if authority_rejected(host):
         reason = f"Host {host!r} has characters Envoy's authority check refuses"
         run.note(reason)
@@ -583,6 +586,31 @@ def _http_attributes(
         with contextlib.suppress(ValueError):  # not an address: the peer address stays
             attrs.remote_ip = ipaddress.ip_address(last)
     return _guards(mesh, target, attrs, run)
+
+
+def _note_envoy_headers(
+    run: _Run,
+    lines: tuple[tuple[str, str], ...],
+    headers: dict[str, tuple[str, ...]],
+    named: frozenset[str],
+) -> None:
+    """Trace what the connection manager removed before the filters read the request, and
+    what it set or replaced of the headers a policy names."""
+    sent = {name.lower() for name, _ in lines} - {"host"}
+    removed = sorted(sent - headers.keys())
+    if removed:
+        run.note(
+            "Envoy removes {} before any filter (hop-by-hop, named in Connection or internal)",
+            ", ".join(removed),
+        )
+    for name in sorted(named & (headers.keys() - sent)):
+        run.note("Envoy sets {}: {}", name, _shown(headers[name][0]))
+    if XFCC in named and XFCC in sent and XFCC in headers:
+        run.note("Envoy replaces the client's {}: {}", XFCC, _shown(headers[XFCC][0]))
+
+
+def _shown(value: str) -> str:
+    return value.replace(f"Hash={UNKNOWN_CERT_HASH}", "Hash=<SHA-256 of the client certificate>")
 
 
 def _xfcc_patterns(target: WorkloadPolicy) -> list[str]:
