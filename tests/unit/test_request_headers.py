@@ -175,18 +175,26 @@ def test_the_codec_refuses_what_it_cannot_frame_or_hold() -> None:
         decision = http(mesh, headers=headers)
         assert (decision.verdict, decision.status) == (Verdict.BAD_REQUEST, status), headers
     assert http(mesh, headers=(("transfer-encoding", " Chunked "),)).verdict is Verdict.ALLOW
-    # 100 headers, the Host curl sends included; an inline header's lines count once.
+    # A client without a sidecar: 100 headers, the Host curl sends included; an inline
+    # header's lines count once.
     numbered = tuple((f"x-h{i}", "v") for i in range(99))
-    assert http(mesh, headers=numbered).verdict is Verdict.ALLOW
-    assert http(mesh, headers=(*numbered, ("x-h", "v"))).status == 431
+    assert http(mesh, headers=numbered, source=PLAIN).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(*numbered, ("x-h", "v")), source=PLAIN).status == 431
     agents = (("user-agent", "a"), ("user-agent", "b"))
-    assert http(mesh, headers=(*numbered[:98], *agents)).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(*numbered[:98], *agents), source=PLAIN).verdict is Verdict.ALLOW
     # 60 KiB from "GET /get HTTP/1.1" to the empty line (Host: httpbin.foo:8000 sent).
-    assert http(mesh, headers=(("x-big", "a" * 61386),)).verdict is Verdict.ALLOW
-    assert http(mesh, headers=(("x-big", "a" * 61387),)).status == 431
+    assert http(mesh, headers=(("x-big", "a" * 61386),), source=PLAIN).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(("x-big", "a" * 61387),), source=PLAIN).status == 431
     # Too big is found before a bad line; a bad line before too many headers.
     assert http(mesh, headers=(("x y", "1"), ("x-big", "a" * 62000))).status == 431
     assert http(mesh, headers=(("x y", "1"), *numbered, ("x-h", "v"))).status == 400
+    # Through the client's sidecar the destination also counts the x-forwarded-proto and
+    # x-request-id that sidecar adds (when the client sent none).
+    assert http(mesh, headers=numbered[:97]).verdict is Verdict.ALLOW
+    assert http(mesh, headers=numbered[:98]).status == 431
+    assert http(mesh, headers=(*numbered[:97], ("x-request-id", "a"))).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(("x-big", "a" * 61309),)).verdict is Verdict.ALLOW
+    assert http(mesh, headers=(("x-big", "a" * 61310),)).status == 431
 
 
 def test_hop_by_hop_lines_are_joined_before_envoy_reads_them() -> None:
@@ -221,3 +229,22 @@ def test_the_trace_says_what_envoy_removed_and_set() -> None:
     plain = http(mesh, "/rid").trace
     assert any(s.startswith("Envoy sets x-request-id") for s in plain)
     assert not any("x-forwarded-proto" in s for s in plain)
+
+
+def test_x_forwarded_proto_is_what_the_client_sidecar_sets() -> None:
+    proto = policy(
+        "proto",
+        "foo",
+        """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- when: [{key: "request.headers[x-forwarded-proto]", notValues: [https]}]
+""",
+    )
+    mesh = compile_text(proto)
+    # The app speaks plaintext to its own sidecar, which says so, although the hop to the
+    # destination is mesh mTLS: "DENY unless https" denies every sidecar client.
+    assert http(mesh).rule == "ns[foo]-policy[proto]-rule[0]"
+    assert http(mesh, source=PLAIN).rule == "ns[foo]-policy[proto]-rule[0]"
+    assert http(mesh, headers=(("x-forwarded-proto", "https"),)).verdict is Verdict.ALLOW

@@ -37,6 +37,7 @@ from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.request_headers import (
     UNKNOWN_CERT_HASH,
     XFCC,
+    ClientProxy,
     filter_headers,
     xfcc_depends_on_hash,
     xfcc_parts,
@@ -204,7 +205,8 @@ def _decide(
     if tls.principal:
         run.note("peer principal {}", tls.principal)
     if request.http is not None:
-        rejected = _http_attributes(mesh, request, target, port, attrs, run)
+        proxied = tls.client_has_sidecar
+        rejected = _http_attributes(mesh, request, target, port, attrs, run, proxied)
         if rejected is not None:
             return rejected
     return _authorize(mesh, target, attrs, run, ext_authz or {}, now)
@@ -489,7 +491,10 @@ def _http_attributes(
     port: int,
     attrs: Attributes,
     run: _Run,
+    proxied: bool,
 ) -> Decision | None:
+    """The request as the destination's policy filters read it. ``proxied``: it comes
+    through the client's own sidecar, which reads and forwards it first."""
     http = request.http
     assert http is not None
     if http.method not in HTTP1_METHODS:
@@ -534,6 +539,9 @@ def _http_attributes(
             local=local,
             request_line=f"{http.method} {http.path} HTTP/1.1",
             host_lines=first_host,
+            client_proxy=(
+                ClientProxy(f"{http.method} {target_path} HTTP/1.1", host) if proxied else None
+            ),
         )
     except PathRejected as exc:
         if exc.status != 403:

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from trustmesh.policy.headers import ENVOY_JOINED_HEADERS, header_view, joined_value
@@ -118,6 +119,8 @@ _HTTP: Final = ("http",)
 _HTTPS: Final = ("https",)
 _NO_ID: Final = ("",)
 _GENERATED_ID: Final = (GENERATED_REQUEST_ID,)
+# A request id the client's sidecar generated: a UUID (36 characters) on the wire.
+_FORWARDED_ID: Final = ("0" * 36,)
 # What only the hop-by-hop pass handles: a request without any of them skips it.
 _HOP_BY_HOP: Final = _JOINED_HOP_BY_HOP | ALWAYS_REMOVED | ENVOY_INTERNAL_REMOVED
 _REMOVED: Final = ALWAYS_REMOVED | ENVOY_INTERNAL_REMOVED
@@ -136,6 +139,18 @@ _INLINE_HEADERS: Final = frozenset(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class ClientProxy:
+    """The request reaches the destination through the client's own sidecar (or gateway),
+    whose connection manager has read it first: it forwards the head in origin form with
+    one Host (``request_line``, ``authority``), the headers it kept and, when absent,
+    ``x-forwarded-proto: http`` (the application spoke plaintext to it) and a generated
+    ``x-request-id``. The destination's limits apply to that head."""
+
+    request_line: str
+    authority: str
+
+
 def filter_headers(
     lines: Sequence[tuple[str, str]],
     *,
@@ -143,13 +158,14 @@ def filter_headers(
     local: str | None = None,
     request_line: str = "",
     host_lines: Sequence[str] = (),
+    client_proxy: ClientProxy | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Header name (lower case) → values, as the first policy filter of the inbound chain
     sees them, for a request with these header lines (``Host`` lines are the authority's
     and left out of the view). ``peer`` / ``local``: the SPIFFE IDs of an mTLS connection
     (None: plain). ``request_line`` (``GET /x HTTP/1.1``) and ``host_lines`` (a Host line
     sent before ``lines``, such as curl's) count towards the codec's limits on the request
-    head's size and number of headers.
+    head's size and number of headers. ``client_proxy``: the client's sidecar read it first.
 
     Raises :class:`PathRejected` with the status Envoy answers itself with (400, 403, 431,
     501).
@@ -158,8 +174,40 @@ def filter_headers(
     headers = header_view(lines) if lines else {}
     if headers and not _HOP_BY_HOP.isdisjoint(headers):
         _hop_by_hop(headers)
-    _set_envoy_headers(headers, peer, local)
+    if headers:
+        _sanitize(headers)
+    if client_proxy is not None:
+        headers.setdefault("x-forwarded-proto", _HTTP)
+        if not headers.get("x-request-id", _NO_ID)[0]:
+            headers["x-request-id"] = _FORWARDED_ID
+        _check_forwarded_head(headers, client_proxy)
+    if peer is not None:
+        headers[XFCC] = (_xfcc_value(peer, local),)
+    headers.setdefault("x-forwarded-proto", _HTTPS if peer is not None else _HTTP)
+    request_id = headers.get("x-request-id", _NO_ID)
+    if request_id is _FORWARDED_ID or not request_id[0]:  # generated, here or by the client's
+        headers["x-request-id"] = _GENERATED_ID
     return headers
+
+
+def _check_forwarded_head(headers: Mapping[str, tuple[str, ...]], proxy: ClientProxy) -> None:
+    """The destination's codec limits on the head the client's sidecar forwards."""
+    size = len(proxy.request_line.encode()) + 4 + len(proxy.authority.encode()) + 8
+    count = 1
+    for name, values in headers.items():
+        count += len(values)
+        size += sum(len(name) + len(value.encode()) + 4 for value in values)
+    if size > MAX_HEAD_BYTES:
+        raise PathRejected(
+            f"the head the client's sidecar forwards is {size} bytes, over Envoy's"
+            f" {MAX_HEAD_BYTES}",
+            status=431,
+        )
+    if count > MAX_HEADER_COUNT:
+        raise PathRejected(
+            f"the client's sidecar forwards {count} headers, over Envoy's {MAX_HEADER_COUNT}",
+            status=431,
+        )
 
 
 def _hop_by_hop(headers: dict[str, tuple[str, ...]]) -> None:
@@ -320,19 +368,12 @@ def _remove_nominated(headers: dict[str, tuple[str, ...]], tokens: list[str]) ->
         headers.pop(token, None)
 
 
-def _set_envoy_headers(
-    headers: dict[str, tuple[str, ...]], peer: str | None, local: str | None
-) -> None:
-    if headers:
-        te = headers.get("te")
-        if te and te[0]:  # an empty TE is left alone (Envoy only rewrites a non-empty one)
-            if any(part.strip(_TRIM) == "trailers" for part in te[0].split(",")):
-                headers["te"] = ("trailers",)
-            else:
-                del headers["te"]
-        headers.pop(XFCC, None)
-    if peer is not None:
-        headers[XFCC] = (_xfcc_value(peer, local),)
-    headers.setdefault("x-forwarded-proto", _HTTPS if peer is not None else _HTTP)
-    if not headers.get("x-request-id", _NO_ID)[0]:  # absent or empty
-        headers["x-request-id"] = _GENERATED_ID
+def _sanitize(headers: dict[str, tuple[str, ...]]) -> None:
+    """TE kept only as ``trailers``; the client's x-forwarded-client-cert dropped."""
+    te = headers.get("te")
+    if te and te[0]:  # an empty TE is left alone (Envoy only rewrites a non-empty one)
+        if any(part.strip(_TRIM) == "trailers" for part in te[0].split(",")):
+            headers["te"] = ("trailers",)
+        else:
+            del headers["te"]
+    headers.pop(XFCC, None)
