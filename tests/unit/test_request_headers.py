@@ -76,16 +76,42 @@ def test_values_are_trimmed_and_bad_lines_refused_by_the_codec() -> None:
 def test_websocket_upgrades_reach_rbac_and_other_upgrades_do_not() -> None:
     mesh = compile_text(DENY + ALLOW)
     websocket = (("connection", "Upgrade"), ("upgrade", "websocket"))
-    assert http(mesh, "/ws", headers=websocket).verdict is Verdict.ALLOW
+    assert http(mesh, "/ws", headers=websocket, source=PLAIN).verdict is Verdict.ALLOW
     # Any other upgrade is refused before RBAC, even where every request is allowed.
-    other = http(mesh, "/get", headers=(("connection", "upgrade"), ("upgrade", "foo")))
+    foo = (("connection", "upgrade"), ("upgrade", "foo"))
+    other = http(mesh, "/get", headers=foo, source=PLAIN)
     assert (other.verdict, other.status, other.rule) == (Verdict.DENY, 403, None)
     h2c = (("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", ""))
     assert http(mesh, "/get", headers=h2c).verdict is Verdict.ALLOW  # dropped, not refused
     # Envoy refuses the upgrade only after path normalization and its authority check.
-    foo = (("connection", "upgrade"), ("upgrade", "foo"))
-    assert http(mesh, "/xyz/.%00../abc", headers=foo).status == 400
-    assert http(mesh, "/get", host="a b", headers=foo).status == 400
+    assert http(mesh, "/xyz/.%00../abc", headers=foo, source=PLAIN).status == 400
+    assert http(mesh, "/get", host="a b", headers=foo, source=PLAIN).status == 400
+
+
+def test_a_sidecar_client_meets_its_own_sidecar_first() -> None:
+    """trustmesh's outbound listeners configure no upgrade and no proxy_100_continue
+    (Istio's do): the client's sidecar refuses a websocket upgrade itself, before the
+    destination's path checks, and answers Expect: 100-continue itself, removing it."""
+    mesh = compile_text(DENY + ALLOW)
+    websocket = (("connection", "Upgrade"), ("upgrade", "websocket"))
+    refused = http(mesh, "/ws", headers=websocket)
+    assert (refused.verdict, refused.status, refused.rule) == (Verdict.DENY, 403, None)
+    assert any("refused by the client's sidecar" in line for line in refused.trace)
+    assert http(mesh, "/xyz/.%00../abc", headers=websocket).status == 403
+    expect = policy(
+        "expect",
+        "foo",
+        """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- when: [{key: "request.headers[expect]", values: ["100-continue", "100-Continue"]}]
+""",
+    )
+    expecting = compile_text(expect)
+    for value in ("100-continue", "100-Continue"):
+        sent = (("expect", value),)
+        assert http(expecting, headers=sent, source=PLAIN).verdict is Verdict.ALLOW, value
+        assert http(expecting, headers=sent).verdict is Verdict.DENY, value
 
 
 def test_envoy_sets_what_the_client_did_not_send() -> None:

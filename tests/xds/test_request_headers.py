@@ -174,10 +174,14 @@ PLAINTEXT: tuple[Lines, ...] = (
     _numbered(101, ("connection", "x-forwarded-for")),
 )  # fmt: skip
 # Sent through the client's own sidecar (its HTTP proxy listener, as HTTP_PROXY clients
-# do): what that sidecar adds and the destination then counts. (Not here: an Upgrade,
-# which trustmesh's outbound listeners do not configure yet — see the report of 2026-12-06.)
+# do): what that sidecar adds and the destination then counts, and what it refuses or
+# answers itself (upgrades, Expect: trustmesh's outbound listeners differ from Istio's).
 PROXIED: tuple[Lines, ...] = (
     (),
+    (("connection", "upgrade"), ("upgrade", "websocket")),
+    (("connection", "upgrade"), ("upgrade", "foo")),
+    (("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "A")),
+    (("expect", "100-continue"),), (("expect", "100-Continue"),), (("expect", "foo"),),
     (("x-forwarded-proto", "https"),),
     (("x-request-id", "abc"),), (("x-request-id", ""),),
     (("connection", "x-user"), ("x-user", "ops")),
@@ -224,6 +228,8 @@ async def _send(
         try:
             writer.write(_wire(lines, request_line))
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            if head.startswith("HTTP/1.1 100 "):  # a sidecar answering Expect itself
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             status_line, *rest = head.removesuffix("\r\n\r\n").split("\r\n")
             headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in rest)}
             body = await reader.readexactly(int(headers.get("content-length", "0")))
@@ -362,5 +368,5 @@ def test_the_table_is_not_vacuous() -> None:
     proxied = [
         _predicted(lines, "cluster.local/ns/foo/sa/sleep", proxied=True) for lines in PROXIED
     ]
-    assert {status for status, _ in proxied} == {200, 400, 431, 501}
+    assert {status for status, _ in proxied} == {200, 400, 403, 431, 501}
     assert ("x-forwarded-proto", "http") in proxied[0][1]

@@ -544,6 +544,9 @@ def _http_attributes(
             ),
         )
     except PathRejected as exc:
+        if exc.status == 403 and proxied:  # by the client's sidecar, before any of this
+            run.note("request refused by the client's sidecar: {}", exc.reason)
+            return _finish(run, Verdict.DENY, 403, None, exc.reason)
         if exc.status != 403:
             run.note("request refused before any filter: {}", exc.reason)
             return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
