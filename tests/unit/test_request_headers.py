@@ -274,3 +274,41 @@ rules:
     assert http(mesh).rule == "ns[foo]-policy[proto]-rule[0]"
     assert http(mesh, source=PLAIN).rule == "ns[foo]-policy[proto]-rule[0]"
     assert http(mesh, headers=(("x-forwarded-proto", "https"),)).verdict is Verdict.ALLOW
+
+
+GATEWAY = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  template:
+    metadata:
+      labels: {app: istio-ingressgateway, istio: ingressgateway}
+      annotations: {sidecar.istio.io/inject: "false"}
+    spec:
+      containers:
+      - name: istio-proxy
+        args: [proxy, router, --domain, $(POD_NAMESPACE).svc.cluster.local]
+        ports: [{containerPort: 8080}]
+---
+"""
+
+
+def test_an_istio_gateway_client_forwards_upgrades_and_expect() -> None:
+    mesh = compile_text(GATEWAY + DENY + ALLOW)
+    gateway = "istio-system/istio-ingressgateway"
+    websocket = (("connection", "Upgrade"), ("upgrade", "websocket"))
+    assert http(mesh, "/ws", src=gateway, headers=websocket).verdict is Verdict.ALLOW
+    assert http(mesh, "/ws", headers=websocket).status == 403  # a trustmesh sidecar client
+    expect = policy(
+        "expect",
+        "foo",
+        """
+selector: {matchLabels: {app: httpbin}}
+rules:
+- when: [{key: "request.headers[expect]", values: ["100-continue"]}]
+""",
+    )
+    expecting = compile_text(GATEWAY + expect)
+    sent = (("expect", "100-continue"),)
+    assert http(expecting, src=gateway, headers=sent).verdict is Verdict.ALLOW
+    assert http(expecting, headers=sent).verdict is Verdict.DENY

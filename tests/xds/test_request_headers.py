@@ -36,6 +36,7 @@ from trustmesh.policy.pathnorm import PathRejected
 from trustmesh.policy.request_headers import (
     ENVOY_INTERNAL_REMOVED,
     GENERATED_REQUEST_ID,
+    TRUSTMESH_SIDECAR,
     UNKNOWN_CERT_HASH,
     ClientProxy,
     filter_headers,
@@ -265,7 +266,7 @@ def _predicted(
             local="cluster.local/ns/foo/sa/httpbin",
             request_line=_PROXY_LINE if proxied else _REQUEST_LINE,
             host_lines=(_HOST,),
-            client_proxy=ClientProxy(_REQUEST_LINE, _HOST) if proxied else None,
+            client_proxy=ClientProxy(TRUSTMESH_SIDECAR, _REQUEST_LINE, _HOST) if proxied else None,
         )
     except PathRejected as refused:
         return refused.status, []

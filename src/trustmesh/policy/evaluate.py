@@ -35,9 +35,12 @@ from trustmesh.policy.jwt_filter import run_jwt_filter
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.request_headers import (
+    ISTIO_GATEWAY,
+    TRUSTMESH_SIDECAR,
     UNKNOWN_CERT_HASH,
     XFCC,
     ClientProxy,
+    ClientProxyKind,
     filter_headers,
     xfcc_depends_on_hash,
     xfcc_parts,
@@ -205,8 +208,11 @@ def _decide(
     if tls.principal:
         run.note("peer principal {}", tls.principal)
     if request.http is not None:
-        proxied = tls.client_has_sidecar
-        rejected = _http_attributes(mesh, request, target, port, attrs, run, proxied)
+        proxy = None
+        if tls.client_has_sidecar:
+            gateway = source_workload is not None and source_workload.dataplane.mode is _GATEWAY
+            proxy = ISTIO_GATEWAY if gateway else TRUSTMESH_SIDECAR
+        rejected = _http_attributes(mesh, request, target, port, attrs, run, proxy)
         if rejected is not None:
             return rejected
     return _authorize(mesh, target, attrs, run, ext_authz or {}, now)
@@ -388,7 +394,7 @@ def _finish(
     )
 
 
-_SIDECAR, _AMBIENT = MeshMode.SIDECAR, MeshMode.AMBIENT
+_SIDECAR, _AMBIENT, _GATEWAY = MeshMode.SIDECAR, MeshMode.AMBIENT, MeshMode.GATEWAY
 
 
 def _without_sidecar(
@@ -491,10 +497,10 @@ def _http_attributes(
     port: int,
     attrs: Attributes,
     run: _Run,
-    proxied: bool,
+    proxy: ClientProxyKind | None,
 ) -> Decision | None:
-    """The request as the destination's policy filters read it. ``proxied``: it comes
-    through the client's own sidecar, which reads and forwards it first."""
+    """The request as the destination's policy filters read it. ``proxy``: it comes
+    through the client's own sidecar or gateway, which reads and forwards it first."""
     http = request.http
     assert http is not None
     if http.method not in HTTP1_METHODS:
@@ -540,12 +546,14 @@ def _http_attributes(
             request_line=f"{http.method} {http.path} HTTP/1.1",
             host_lines=first_host,
             client_proxy=(
-                ClientProxy(f"{http.method} {target_path} HTTP/1.1", host) if proxied else None
+                ClientProxy(proxy, f"{http.method} {target_path} HTTP/1.1", host)
+                if proxy is not None
+                else None
             ),
         )
     except PathRejected as exc:
-        if exc.status == 403 and proxied:  # by the client's sidecar, before any of this
-            run.note("request refused by the client's sidecar: {}", exc.reason)
+        if exc.status == 403 and proxy is not None:  # by the client's proxy, before all this
+            run.note("request refused by {}: {}", proxy.name, exc.reason)
             return _finish(run, Verdict.DENY, 403, None, exc.reason)
         if exc.status != 403:
             run.note("request refused before any filter: {}", exc.reason)

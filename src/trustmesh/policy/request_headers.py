@@ -95,15 +95,9 @@ _REFUSED_NOMINATIONS: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"}
 )
 _MAX_CONNECTION_TOKENS: Final = 10  # ten or more tokens: 400
-# Upgrade types the connection managers accept (lower case). The inbound one has Istio's
-# websocket (xds/inbound.py). trustmesh's outbound ones (xds/outbound_listeners.py,
-# outbound_capture.py) configure none and no proxy_100_continue, unlike Istio's: a sidecar
-# client's websocket upgrade is refused with 403 by its own sidecar, which also answers
-# "Expect: 100-continue" itself and removes it. Measured (tests/xds/test_request_headers.py,
-# through the client sidecar); change these with those listeners.
+# Upgrade types the inbound connection manager accepts (lower case): Istio's websocket
+# (xds/inbound.py). What a client's own proxy accepts is its ClientProxyKind.
 INBOUND_UPGRADES: Final = frozenset({"websocket"})
-CLIENT_SIDECAR_UPGRADES: Final[frozenset[str]] = frozenset()
-CLIENT_SIDECAR_PROXIES_100_CONTINUE: Final = False
 _CONTINUE: Final = "100-continue"
 # The codec's limits with Istio's settings (it sets neither, so Envoy's defaults hold:
 # max_request_headers_kb 60, max_headers_count 100). The size is the whole head, request
@@ -129,7 +123,7 @@ _HTTP: Final = ("http",)
 _HTTPS: Final = ("https",)
 _NO_ID: Final = ("",)
 _GENERATED_ID: Final = (GENERATED_REQUEST_ID,)
-# A request id the client's sidecar generated: a UUID (36 characters) on the wire.
+# A request id the client's proxy generated: a UUID (36 characters) on the wire.
 _FORWARDED_ID: Final = ("0" * 36,)
 # What only the hop-by-hop pass handles: a request without any of them skips it.
 _HOP_BY_HOP: Final = _JOINED_HOP_BY_HOP | ALWAYS_REMOVED | ENVOY_INTERNAL_REMOVED
@@ -150,13 +144,33 @@ _INLINE_HEADERS: Final = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class ClientProxyKind:
+    """How a client's own proxy treats what :func:`filter_headers` does not already model
+    for every Envoy: the upgrade types it accepts (others: 403 there) and whether it
+    forwards ``Expect: 100-continue`` (else it answers 100 itself and removes it)."""
+
+    name: str
+    upgrades: frozenset[str]
+    proxies_100_continue: bool
+
+
+# trustmesh's outbound listeners (xds/outbound_listeners.py, outbound_capture.py) set no
+# upgrade_configs and no proxy_100_continue, unlike Istio's (measured through the client
+# sidecar in tests/xds/test_request_headers.py; change this with those listeners).
+TRUSTMESH_SIDECAR: Final = ClientProxyKind("the client's sidecar", frozenset(), False)
+# An Istio gateway's connection manager: websocket upgrades, Expect forwarded.
+ISTIO_GATEWAY: Final = ClientProxyKind("the client gateway", frozenset({"websocket"}), True)
+
+
+@dataclass(frozen=True, slots=True)
 class ClientProxy:
-    """The request reaches the destination through the client's own sidecar (or gateway),
+    """The request reaches the destination through the client's own proxy (``kind``),
     whose connection manager has read it first: it forwards the head in origin form with
     one Host (``request_line``, ``authority``), the headers it kept and, when absent,
     ``x-forwarded-proto: http`` (the application spoke plaintext to it) and a generated
     ``x-request-id``. The destination's limits apply to that head."""
 
+    kind: ClientProxyKind
     request_line: str
     authority: str
 
@@ -175,7 +189,7 @@ def filter_headers(
     and left out of the view). ``peer`` / ``local``: the SPIFFE IDs of an mTLS connection
     (None: plain). ``request_line`` (``GET /x HTTP/1.1``) and ``host_lines`` (a Host line
     sent before ``lines``, such as curl's) count towards the codec's limits on the request
-    head's size and number of headers. ``client_proxy``: the client's sidecar read it first.
+    head's size and number of headers. ``client_proxy``: the client's own proxy read it first.
 
     Raises :class:`PathRejected` with the status Envoy answers itself with (400, 403, 431,
     501).
@@ -183,14 +197,14 @@ def filter_headers(
     _check_head(lines, request_line, host_lines)
     headers = header_view(lines) if lines else {}
     if headers and not _HOP_BY_HOP.isdisjoint(headers):
-        upgrades = CLIENT_SIDECAR_UPGRADES if client_proxy is not None else INBOUND_UPGRADES
+        upgrades = client_proxy.kind.upgrades if client_proxy is not None else INBOUND_UPGRADES
         _hop_by_hop(headers, upgrades)
     if headers:
         _sanitize(headers)
     if client_proxy is not None:
         expect = headers.get("expect")
-        if expect and not CLIENT_SIDECAR_PROXIES_100_CONTINUE and expect[0].lower() == _CONTINUE:
-            del headers["expect"]  # the client's sidecar answers 100 Continue itself
+        if expect and not client_proxy.kind.proxies_100_continue and expect[0].lower() == _CONTINUE:
+            del headers["expect"]  # the client's proxy answers 100 Continue itself
         headers.setdefault("x-forwarded-proto", _HTTP)
         if not headers.get("x-request-id", _NO_ID)[0]:
             headers["x-request-id"] = _FORWARDED_ID
@@ -205,7 +219,7 @@ def filter_headers(
 
 
 def _check_forwarded_head(headers: Mapping[str, tuple[str, ...]], proxy: ClientProxy) -> None:
-    """The destination's codec limits on the head the client's sidecar forwards."""
+    """The destination's codec limits on the head the client's proxy forwards."""
     size = len(proxy.request_line.encode()) + 4 + len(proxy.authority.encode()) + 8
     count = 1
     for name, values in headers.items():
@@ -213,13 +227,12 @@ def _check_forwarded_head(headers: Mapping[str, tuple[str, ...]], proxy: ClientP
         size += sum(len(name) + len(value.encode()) + 4 for value in values)
     if size > MAX_HEAD_BYTES:
         raise PathRejected(
-            f"the head the client's sidecar forwards is {size} bytes, over Envoy's"
-            f" {MAX_HEAD_BYTES}",
+            f"the head {proxy.kind.name} forwards is {size} bytes, over Envoy's {MAX_HEAD_BYTES}",
             status=431,
         )
     if count > MAX_HEADER_COUNT:
         raise PathRejected(
-            f"the client's sidecar forwards {count} headers, over Envoy's {MAX_HEADER_COUNT}",
+            f"{proxy.kind.name} forwards {count} headers, over Envoy's {MAX_HEADER_COUNT}",
             status=431,
         )
 
