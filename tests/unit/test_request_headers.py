@@ -312,3 +312,21 @@ rules:
     sent = (("expect", "100-continue"),)
     assert http(expecting, src=gateway, headers=sent).verdict is Verdict.ALLOW
     assert http(expecting, headers=sent).verdict is Verdict.DENY
+
+
+def test_line_breaks_in_values_are_read_as_envoy_reads_the_wire() -> None:
+    mesh = compile_text(DENY + ALLOW)
+    # A carriage return is dropped: "ad\rmin" is admin to Envoy.
+    assert http(mesh, "/admin", headers=(("x-role", "ad\rmin"),)).verdict is Verdict.ALLOW
+    # A continuation line (obs-fold) joins the value.
+    folded = http(mesh, "/admin", headers=(("x-role", "guest\r\n admin"),))
+    assert folded.verdict is Verdict.DENY
+    # "name: value" after a line break is a header of its own — Host included.
+    injected = (("x-a", "1\r\nx-role: admin"),)
+    assert http(mesh, "/admin", headers=injected).verdict is Verdict.ALLOW
+    host = http(mesh, headers=(("x-a", "1\nHost: internal.foo"),))
+    assert host.rule == "trustmesh-ambiguous-host"  # httpbin.foo:8000,internal.foo
+    # An empty line ends the head: what follows is not a header of this request.
+    cut = (("x-a", "1\r\n\r\nx-role: admin"),)
+    assert http(mesh, "/admin", headers=cut).verdict is Verdict.DENY
+    assert http(mesh, headers=(("x-a", "1\nno colon"),)).status == 400

@@ -243,6 +243,8 @@ HOP_BY_HOP_HEADERS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("transfer-encoding", "chunked"), ("content-length", "0")),
     (("te", "gzip"), ("te", "trailers")),
     (("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "foo")),
+    (("x-role", "ad\rmin"),), (("x-role", "guest\r\n admin"),), (("x-a", "1\r\nx-role: admin"),),
+    (("x-a", "1\nHost: internal.foo"),), (("x-a", "1\nno colon"),),
 )  # fmt: skip
 HOP_BY_HOP_PATHS = ("/get", "/admin", "/ws", "/expect", "/xfcc", "/rid", "/proto", "/envoy")
 # Which refusal comes first when a request earns two: the codec's (bad header line, bad

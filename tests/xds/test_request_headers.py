@@ -143,6 +143,17 @@ PLAINTEXT: tuple[Lines, ...] = (
     (("x-a", "a\x01b"),),
     (("x-a", "a\x7fb"),),
     (("x-a", "é"),),
+    # Line breaks inside a value, as written on the wire: a continuation (obs-fold) joins
+    # the value, "name: value" is one more header (Host too), an empty line ends the head,
+    # a carriage return is dropped, a line without a colon is a 400.
+    (("x-a", "a\r\n b"),), (("x-a", "a\r\n\tb"),), (("x-a", "a\n b"),), (("x-a", "a\rb"),),
+    (("x-a", "a\r\n   b"),), (("x-a", "a \r\n b "),), (("x-a", "a\r\n b\r\n c"),),
+    (("x-a", "\r\n b"),), (("x-a", "a\r\rb"),), (("x-a", "a\r"),), (("x-a", "\rb"),),
+    (("x-a", "a\nx-b: c"),), (("x-a", "a\r\nx-b: c"),), (("x-a", "a\n\tx-b: c"),),
+    (("x-a", "a\r\n\r\nx-b: c"),), (("x-a", "a\n"), ("x-b", "c")),
+    (("x-a", "a"), ("x-a", "\r\n b")), (("x-a", "a\nHost: evil"),),
+    (("user-agent", "a\nuser-agent: b"),), (("x-a", "1\r\n b"), ("connection", "x-a")),
+    (("x-a", "a\nfoo"),), (("x-a", "a\n: c"),), (("x\ra", "1"),), (("x-a", "a\x0bb"),),
     # Joined before they are read: TE lines, Upgrade lines, an empty Connection line.
     (("te", "gzip"), ("te", "trailers")),
     (("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "foo")),

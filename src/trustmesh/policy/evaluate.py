@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ from trustmesh.policy.request_headers import (
     ClientProxy,
     ClientProxyKind,
     filter_headers,
+    wire_lines,
     xfcc_depends_on_hash,
     xfcc_parts,
 )
@@ -395,6 +397,7 @@ def _finish(
 
 
 _SIDECAR, _AMBIENT, _GATEWAY = MeshMode.SIDECAR, MeshMode.AMBIENT, MeshMode.GATEWAY
+_BREAK = re.compile("[\r\n]")
 
 
 def _without_sidecar(
@@ -513,17 +516,29 @@ def _http_attributes(
         run.note("request target rejected: {}", exc.reason)
         return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
     lines = http.header_lines()
+    first_line_host = http.host
+    written = lines
+    if http.host is not None and _BREAK.search(http.host):
+        written, first_line_host = (("host", http.host), *lines), None
+    try:
+        read = wire_lines(written)
+    except PathRejected as exc:
+        run.note("request refused by Envoy's codec: {}", exc.reason)
+        return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
+    if read is not written:
+        hosts_sent = any(name.lower() == "host" for name, _ in written)
+        lines = tuple(read)
+        # curl still sends its own Host first when the one read here was inside a value.
+        if http.host is None and not hosts_sent and any(n.lower() == "host" for n, _ in lines):
+            first_line_host = _remembered_default_host(mesh, target, port)
+        run.note(
+            "line breaks inside header values: Envoy's codec reads the lines {}",
+            "; ".join(f"{name}: {value}" for name, value in lines),
+        )
     if uri_authority is not None:
         run.note("absolute-form target: authority {}", uri_authority)
-    sent = sent_authority(http.path, http.host, lines)
-    if sent is not None:
-        host = sent
-    else:
-        host_key = ("host", target.workload.ref, port)
-        remembered: str | None = mesh.memo.get(host_key)
-        if remembered is None:
-            remembered = mesh.memo[host_key] = _default_host(target, port)
-        host = remembered
+    sent = sent_authority(http.path, first_line_host, lines)
+    host = sent if sent is not None else _remembered_default_host(mesh, target, port)
     local = None
     if attrs.principal is not None:  # only an mTLS peer gets Envoy's xfcc, which names it
         local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
@@ -532,8 +547,8 @@ def _http_attributes(
     refused_upgrade: PathRejected | None = None
     # The first Host line: the request's own, or curl's when it sends none (the authority).
     first_host: tuple[str, ...] = ()
-    if http.host is not None:
-        first_host = (http.host,)
+    if first_line_host is not None:
+        first_host = (first_line_host,)
     elif sent is None or (
         uri_authority is not None and not any(name.lower() == "host" for name, _ in lines)
     ):
@@ -690,6 +705,14 @@ def _guards(
     )
     run.note(reason)
     return _finish(run, Verdict.BAD_REQUEST, 400, None, reason, attrs)
+
+
+def _remembered_default_host(mesh: MeshPolicy, target: WorkloadPolicy, port: int) -> str:
+    host_key = ("host", target.workload.ref, port)
+    remembered: str | None = mesh.memo.get(host_key)
+    if remembered is None:
+        remembered = mesh.memo[host_key] = _default_host(target, port)
+    return remembered
 
 
 def _default_host(target: WorkloadPolicy, port: int) -> str:
