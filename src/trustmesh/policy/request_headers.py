@@ -11,6 +11,9 @@ are compared request by request in the ``hop-by-hop`` cases of
 
 In order:
 
+0. The lines as written on the wire (:func:`wire_lines`): a line break inside a value
+   starts a new line (a continuation, a header of its own, or the end of the head) and a
+   carriage return is dropped.
 1. The codec: a head over 60 KiB (request line to the empty line) is a 431; a header name
    must be an HTTP token, a value may not hold control characters (tab aside), a
    Content-Length must be one decimal number below 2^64 — else 400; over 100 headers (Host
@@ -34,6 +37,12 @@ In order:
    over mTLS; ``x-forwarded-proto`` is set (``http`` / ``https``) when absent and
    ``x-request-id`` generated when absent or empty. ``Expect`` is forwarded
    (``proxy_100_continue``, Istio's default).
+
+A client with a sidecar (or a gateway) reaches the destination through that proxy's
+connection manager first (:class:`ClientProxy`): it applies 0–3 itself, refuses the
+upgrades it has no configuration for, may answer ``Expect`` itself, adds
+``x-forwarded-proto: http`` and a request id when absent, and the destination's limits
+then apply to the head it forwards (measured through translate()'s client listener).
 
 Nothing is "internal" to these listeners (``use_remote_address: false`` and no internal
 address list: a single ``X-Forwarded-For`` address does not make a request internal), so
