@@ -277,7 +277,7 @@ def _predicted(
             local="cluster.local/ns/foo/sa/httpbin",
             request_line=_PROXY_LINE if proxied else _REQUEST_LINE,
             host_lines=(_HOST,),
-            client_proxy=ClientProxy(TRUSTMESH_SIDECAR, _REQUEST_LINE, _HOST) if proxied else None,
+            client_proxy=ClientProxy(TRUSTMESH_SIDECAR, "GET", "/get", _HOST) if proxied else None,
         )
     except PathRejected as refused:
         return refused.status, []

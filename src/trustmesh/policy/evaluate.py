@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trustmesh.api import models as m
@@ -397,7 +396,6 @@ def _finish(
 
 
 _SIDECAR, _AMBIENT, _GATEWAY = MeshMode.SIDECAR, MeshMode.AMBIENT, MeshMode.GATEWAY
-_BREAK = re.compile("[\r\n]")
 
 
 def _without_sidecar(
@@ -518,13 +516,15 @@ def _http_attributes(
     lines = http.header_lines()
     first_line_host = http.host
     written = lines
-    if http.host is not None and _BREAK.search(http.host):
-        written, first_line_host = (("host", http.host), *lines), None
-    try:
-        read = wire_lines(written)
-    except PathRejected as exc:
-        run.note("request refused by Envoy's codec: {}", exc.reason)
-        return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
+    read: Sequence[tuple[str, str]] = lines
+    if first_line_host is not None and ("\n" in first_line_host or "\r" in first_line_host):
+        written, first_line_host = (("host", first_line_host), *lines), None
+    if written:
+        try:
+            read = wire_lines(written)
+        except PathRejected as exc:
+            run.note("request refused by Envoy's codec: {}", exc.reason)
+            return _finish(run, Verdict.BAD_REQUEST, exc.status, None, exc.reason)
     if read is not written:
         hosts_sent = any(name.lower() == "host" for name, _ in written)
         lines = tuple(read)
@@ -541,7 +541,12 @@ def _http_attributes(
     host = sent if sent is not None else _remembered_default_host(mesh, target, port)
     local = None
     if attrs.principal is not None:  # only an mTLS peer gets Envoy's xfcc, which names it
-        local = target.workload.principal(mesh.snapshot.mesh.trust_domain)
+        local_key = ("principal", id(target))  # target lives as long as mesh and its memo
+        local = mesh.memo.get(local_key)
+        if local is None:
+            local = mesh.memo[local_key] = target.workload.principal(
+                mesh.snapshot.mesh.trust_domain
+            )
     # An upgrade with no configuration (403) is refused only after the codec's authority
     # check and path normalization have passed the request (measured: 400 wins).
     refused_upgrade: PathRejected | None = None
@@ -561,9 +566,7 @@ def _http_attributes(
             request_line=f"{http.method} {http.path} HTTP/1.1",
             host_lines=first_host,
             client_proxy=(
-                ClientProxy(proxy, f"{http.method} {target_path} HTTP/1.1", host)
-                if proxy is not None
-                else None
+                ClientProxy(proxy, http.method, target_path, host) if proxy is not None else None
             ),
         )
     except PathRejected as exc:

@@ -56,7 +56,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from trustmesh.policy.headers import ENVOY_JOINED_HEADERS, header_view, joined_value
 from trustmesh.policy.pathnorm import PathRejected
@@ -137,7 +137,6 @@ _FORWARDED_ID: Final = ("0" * 36,)
 # What only the hop-by-hop pass handles: a request without any of them skips it.
 _HOP_BY_HOP: Final = _JOINED_HOP_BY_HOP | ALWAYS_REMOVED | ENVOY_INTERNAL_REMOVED
 _REMOVED: Final = ALWAYS_REMOVED | ENVOY_INTERNAL_REMOVED
-_BREAK: Final = re.compile("[\r\n]")
 # A control character the codec refuses in a value (tab is allowed).
 _CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 # Every header Envoy keeps inline, measured: two lines of one count as one header.
@@ -172,16 +171,17 @@ TRUSTMESH_SIDECAR: Final = ClientProxyKind("the client's sidecar", frozenset(), 
 ISTIO_GATEWAY: Final = ClientProxyKind("the client gateway", frozenset({"websocket"}), True)
 
 
-@dataclass(frozen=True, slots=True)
-class ClientProxy:
+class ClientProxy(NamedTuple):
     """The request reaches the destination through the client's own proxy (``kind``),
-    whose connection manager has read it first: it forwards the head in origin form with
-    one Host (``request_line``, ``authority``), the headers it kept and, when absent,
-    ``x-forwarded-proto: http`` (the application spoke plaintext to it) and a generated
-    ``x-request-id``. The destination's limits apply to that head."""
+    whose connection manager has read it first: it forwards the head in origin form
+    (``method``, ``target``) with one Host (``authority``), the headers it kept and, when
+    absent, ``x-forwarded-proto: http`` (the application spoke plaintext to it) and a
+    generated ``x-request-id``. The destination's limits apply to that head. A NamedTuple:
+    one is made per decision."""
 
     kind: ClientProxyKind
-    request_line: str
+    method: str
+    target: str
     authority: str
 
 
@@ -192,7 +192,10 @@ def wire_lines(lines: Sequence[tuple[str, str]]) -> Sequence[tuple[str, str]]:
     one more header (``Host`` too); an empty line ends the head, and what follows is no
     header of this request. A carriage return inside a value is dropped. A line with no
     colon is a 400 (:class:`PathRejected`). Measured: tests/xds/test_request_headers.py."""
-    if not any(_BREAK.search(name) or _BREAK.search(value) for name, value in lines):
+    for name, value in lines:
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            break
+    else:
         return lines
     read: list[tuple[str, str]] = []
     text = "".join(f"{name}: {value}\r\n" for name, value in lines)
@@ -229,13 +232,15 @@ def filter_headers(
     Raises :class:`PathRejected` with the status Envoy answers itself with (400, 403, 431,
     501).
     """
-    lines = wire_lines(lines)
-    _check_head(lines, request_line, host_lines)
+    size = _plain_head_size(lines, request_line, host_lines)
+    if size < 0 or size * 4 > MAX_HEAD_BYTES or len(lines) >= MAX_HEADER_COUNT:
+        lines = wire_lines(lines)
+        size = _check_head(lines, request_line, host_lines)
     headers = header_view(lines) if lines else {}
     if headers and not _HOP_BY_HOP.isdisjoint(headers):
         upgrades = client_proxy.kind.upgrades if client_proxy is not None else INBOUND_UPGRADES
         _hop_by_hop(headers, upgrades)
-    if headers:
+    if "te" in headers or XFCC in headers:
         _sanitize(headers)
     if client_proxy is not None:
         expect = headers.get("expect")
@@ -244,7 +249,10 @@ def filter_headers(
         headers.setdefault("x-forwarded-proto", _HTTP)
         if not headers.get("x-request-id", _NO_ID)[0]:
             headers["x-request-id"] = _FORWARDED_ID
-        _check_forwarded_head(headers, client_proxy)
+        # The proxy forwards at most what it read plus its two headers and the authority.
+        added = len(client_proxy.authority) + len(_FORWARDED_ID[0]) + 64
+        if (size + added) * 4 > MAX_HEAD_BYTES or len(lines) + 3 > MAX_HEADER_COUNT:
+            _check_forwarded_head(headers, client_proxy)
     if peer is not None:
         headers[XFCC] = (_xfcc_value(peer, local),)
     headers.setdefault("x-forwarded-proto", _HTTPS if peer is not None else _HTTP)
@@ -256,7 +264,8 @@ def filter_headers(
 
 def _check_forwarded_head(headers: Mapping[str, tuple[str, ...]], proxy: ClientProxy) -> None:
     """The destination's codec limits on the head the client's proxy forwards."""
-    size = len(proxy.request_line.encode()) + 4 + len(proxy.authority.encode()) + 8
+    request_line = f"{proxy.method} {proxy.target} HTTP/1.1"
+    size = len(request_line.encode()) + 4 + len(proxy.authority.encode()) + 8
     count = 1
     for name, values in headers.items():
         count += len(values)
@@ -341,11 +350,29 @@ def _hex_then(text: str, following: str, *, from_start: bool) -> bool:
     return _HEX.issuperset(digits) and (not tail or following.startswith(tail))
 
 
+def _plain_head_size(
+    lines: Sequence[tuple[str, str]], request_line: str, host_lines: Sequence[str]
+) -> int:
+    """The head's size in characters when every line is plainly fine — token names, no
+    control characters, no Content-Length — else -1 (:func:`_check_head` decides)."""
+    size = len(request_line) + 4
+    for value in host_lines:
+        size += len(value) + 8
+    for name, value in lines:
+        if len(name) == 14 or not name or not _TOKEN_CHARS.issuperset(name):
+            return -1
+        if _CONTROL.search(value):
+            return -1
+        size += len(name) + len(value) + 4
+    return size
+
+
 def _check_head(
     lines: Sequence[tuple[str, str]], request_line: str, host_lines: Sequence[str]
-) -> None:
+) -> int:
     """The codec's checks while it reads the head, in its order: size, each line (header
-    names, control characters, Content-Length), then the number of headers."""
+    names, control characters, Content-Length), then the number of headers. Returns the
+    head's size in characters."""
     # CRLF after the request line and the head; "Host: " + CRLF; ": " + CRLF per line.
     size = len(request_line) + 4
     for value in host_lines:
@@ -367,7 +394,7 @@ def _check_head(
     if bad_line is not None:
         raise bad_line
     if len(lines) < MAX_HEADER_COUNT:  # with Host, at most MAX_HEADER_COUNT entries
-        return
+        return size
     names = [name.lower() for name, _ in lines]
     inline = set(names) & _INLINE_HEADERS
     if host_lines:
@@ -377,6 +404,7 @@ def _check_head(
         raise PathRejected(
             f"the request has {count} headers, over Envoy's {MAX_HEADER_COUNT}", status=431
         )
+    return size
 
 
 def _line_problem(name: str, value: str, lengths_before: int) -> PathRejected | None:
