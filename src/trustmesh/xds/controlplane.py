@@ -195,6 +195,9 @@ class ControlPlane:
         self._mesh_config = tuple(mesh_config)
         self._addresses = MappingProxyType(dict(workload_addresses or {}))
         self._not_ready = frozenset(not_ready)
+        # What the published snapshots leave out: syncz reports this one, so "every proxy
+        # synced" never pairs a new readiness with the configuration from before it.
+        self._served_not_ready = self._not_ready
         self._ca = ca
         self._host, self._port = _split_address(address)
         self._clock = clock
@@ -269,8 +272,9 @@ class ControlPlane:
 
     @property
     def not_ready(self) -> frozenset[str]:
-        """Workloads whose endpoints are left out of every proxy's configuration."""
-        return self._not_ready
+        """Workloads whose endpoints are left out of the configuration last published to
+        every proxy (a change :meth:`set_not_ready` is still translating is not here yet)."""
+        return self._served_not_ready
 
     async def set_not_ready(self, workloads: Sequence[str]) -> bool:
         """Leave the endpoints of ``workloads`` (``namespace/name``) out from now on and
@@ -285,12 +289,14 @@ class ControlPlane:
             self._not_ready = wanted
             mesh = self._mesh
             if mesh is None:
+                self._served_not_ready = wanted
                 return True  # nothing published yet: the first build uses it
             registrations = dict(self._registrations)
             build = await asyncio.to_thread(
                 _translate_all, mesh, registrations, self._addresses, wanted
             )
             problems, changed = self._publish(build)
+            self._served_not_ready = wanted
             _log.info(
                 "not ready: %s; %d of %d proxies changed",
                 ", ".join(sorted(wanted)) or "none",
@@ -384,6 +390,7 @@ class ControlPlane:
             registrations = dict(self._registrations)
             # Taken before reading: an edit made while this reload reads is seen by watch().
             seen = self._seen = await asyncio.to_thread(self.fingerprint)
+            not_ready = self._not_ready
             try:
                 build = await asyncio.to_thread(
                     _build_without_gc,
@@ -392,7 +399,7 @@ class ControlPlane:
                     registrations,
                     self._addresses,
                     self._sources,
-                    self._not_ready,
+                    not_ready,
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -409,6 +416,7 @@ class ControlPlane:
                 return list(self.last_errors)
             self._mesh = build.mesh
             problems, changed = self._publish(build)
+            self._served_not_ready = not_ready
             self.reloads += 1
             self.last_errors = problems
             self._outcome_of = seen  # published: streams push from here on
