@@ -304,3 +304,58 @@ def test_stop_ends_open_streams() -> None:
             assert await call.code() == grpc.StatusCode.OK
 
     run(scenario())
+
+
+# ---------------------------------------------------------------------------- peer check
+
+
+@contextlib.asynccontextmanager
+async def gated(allow: Any) -> AsyncIterator[Harness]:
+    folder = tempfile.mkdtemp(prefix="tm-sds-", dir="/tmp")
+    private = os.path.join(folder, "private")
+    os.mkdir(private, 0o700)
+    store = SecretStore()
+    store.update(secret())
+    server = SdsServer(
+        store, os.path.join(folder, "sds.sock"), allow_peer=allow, private_dir=private
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"unix:{server.socket_path}")
+    try:
+        yield Harness(store, server, sds_pb2_grpc.SecretDiscoveryServiceStub(channel))
+    finally:
+        await channel.close()
+        await server.stop()
+        assert os.listdir(folder) == ["private"] and not os.listdir(private)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_peer_checked_socket_serves_the_allowed_process() -> None:
+    seen = []
+
+    def allow(peer: Any) -> bool:
+        seen.append(peer)
+        return bool(peer.pid == os.getpid())
+
+    async def scenario() -> None:
+        async with gated(allow) as h:
+            response = await h.stub.FetchSecrets(request(BOTH))
+            assert set(decode(response)) == set(BOTH)
+            assert stat.S_IMODE(os.stat(h.server.socket_path).st_mode) == 0o600
+            assert h.server.refused == []
+
+    run(scenario())
+    assert seen and seen[0].pid == os.getpid() and seen[0].uid == os.getuid()
+
+
+def test_a_peer_checked_socket_refuses_any_other_process() -> None:
+    """Every sidecar's Envoy has uid 1337: only the pid tells this pod's from another's."""
+
+    async def scenario() -> None:
+        async with gated(lambda peer: peer.pid == os.getpid() + 100_000) as h:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await h.stub.FetchSecrets(request(BOTH), timeout=2)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert h.server.refused and h.server.refused[0].pid == os.getpid()
+
+    run(scenario())

@@ -15,7 +15,11 @@ Example::
     await sds.start()
     store.update(WorkloadSecret(chain_pem, key_pem, roots_pem))  # every open stream gets it
 
-The private key crosses only the Unix socket, which is created with mode 0600.
+The private key crosses only the Unix socket, which is created with mode 0600. With
+``allow_peer`` (the sandboxed sidecar: every pod's Envoy has the same uid) the socket is a
+:class:`~trustmesh.agent.peer_gate.PeerGate` that serves only the processes ``allow_peer``
+accepts by their kernel credentials — the agent's own Envoy, by pid — and gRPC listens on
+a socket in ``private_dir``, a directory only this pod's proxy processes can open.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,7 @@ from envoy.extensions.transport_sockets.tls.v3 import (
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
+from trustmesh.agent.peer_gate import PeerCredentials, PeerGate
 from trustmesh.envoy_json import CERTIFICATE_SECRET, TRUST_BUNDLE_SECRET
 from trustmesh.streaming import pump_requests
 
@@ -237,11 +242,23 @@ class SdsServer:
     DiscoveryResponses sent (streamed and fetched), for tests and metrics.
     """
 
-    def __init__(self, store: SecretStore, socket_path: str) -> None:
+    def __init__(
+        self,
+        store: SecretStore,
+        socket_path: str,
+        *,
+        allow_peer: Callable[[PeerCredentials], bool] | None = None,
+        private_dir: str | None = None,
+    ) -> None:
         self._store = store
         self._socket_path = os.path.abspath(socket_path)
+        self._allow_peer = allow_peer
+        self._private_dir = private_dir
+        self._gate: PeerGate | None = None
+        self._refused: list[PeerCredentials] = []
         self._server: Any = None
         self._socket_inode: int | None = None
+        self._grpc_path = self._socket_path
         self._stopping = asyncio.Event()
         self._stream_ids = itertools.count(1)
         self.pushes = 0
@@ -250,18 +267,38 @@ class SdsServer:
     def socket_path(self) -> str:
         return self._socket_path
 
+    @property
+    def refused(self) -> list[PeerCredentials]:
+        """Connections the peer check turned away (pid, uid, gid of each)."""
+        return list(self._refused)
+
     async def start(self) -> None:
         """Listen on ``unix:<socket_path>``; the socket file is mode 0600 before anyone can
         connect, and replaces whatever stale file is left at that path."""
         if self._server is not None:
             raise RuntimeError("SdsServer already started")
-        parent = os.path.dirname(self._socket_path)
+        if self._allow_peer is None:
+            await self._listen(self._socket_path)
+            return
+        folder = self._private_dir or os.path.dirname(self._socket_path)
+        upstream = os.path.join(folder, f"sds-{os.getpid()}.grpc")
+        await self._listen(upstream)
+        self._gate = PeerGate(self._socket_path, upstream, self._allow_peer)
+        self._refused = self._gate.refused
+        try:
+            await self._gate.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _listen(self, socket_path: str) -> None:
+        parent = os.path.dirname(socket_path)
         # gRPC creates the socket with the process umask; binding it inside a fresh 0700
         # directory and renaming it into place after the chmod leaves no window in which
         # another local user could connect and read the private key.
         bind_dir = tempfile.mkdtemp(prefix=".sds-", dir=parent)
         bind_path = os.path.join(bind_dir, "s")
-        for path in (self._socket_path, bind_path):
+        for path in (socket_path, bind_path):
             if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
                 os.rmdir(bind_dir)
                 raise ValueError(f"Unix socket path too long (max {_MAX_SOCKET_PATH}): {path}")
@@ -272,7 +309,7 @@ class SdsServer:
             server.add_insecure_port(f"unix:{bind_path}")
             await server.start()
             os.chmod(bind_path, 0o600)
-            os.replace(bind_path, self._socket_path)
+            os.replace(bind_path, socket_path)
         except BaseException:
             await server.stop(None)
             raise
@@ -280,9 +317,10 @@ class SdsServer:
             with contextlib.suppress(OSError):
                 os.unlink(bind_path)
             os.rmdir(bind_dir)
-        self._socket_inode = os.stat(self._socket_path).st_ino
+        self._grpc_path = socket_path
+        self._socket_inode = os.stat(socket_path).st_ino
         self._server = server
-        _log.debug("sds serving on unix:%s", self._socket_path)
+        _log.debug("sds serving on unix:%s", socket_path)
 
     async def stop(self, grace: float = 0.5) -> None:
         """End every stream, stop listening and remove the socket file."""
@@ -290,11 +328,14 @@ class SdsServer:
         if server is None:
             return
         self._stopping.set()
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            await gate.stop()
         await server.stop(grace)
         # Only our own socket: a newer server may already have replaced the file.
         with contextlib.suppress(OSError):
-            if os.stat(self._socket_path).st_ino == self._socket_inode:
-                os.unlink(self._socket_path)
+            if os.stat(self._grpc_path).st_ino == self._socket_inode:
+                os.unlink(self._grpc_path)
 
     def _handlers(self) -> Any:
         request_type = discovery_pb2.DiscoveryRequest

@@ -10,6 +10,20 @@
 <state>/logs/                control-plane.log, <ns>_<pod>.app.log, <ns>_<pod>.agent.log
 <state>/pods/<ns>_<pod>/     sidecar.json, token (0600), envoy.json, envoy.log
 <state>/s/<n>.sock           SDS sockets (short paths: a Unix socket path has 107 bytes)
+<state>/debug.sock           the control plane's debug endpoint (0600: root, or the user)
+<state>/ledger.jsonl         netns isolation: what the sandbox created (see ledger.py)
+```
+
+In netns isolation a pod's processes run as other users, who cannot enter the state
+directory; what they need lives under ``/run/trustmesh/<mesh id>/<k>/`` (:class:`PodPaths`):
+
+```
+hosts, resolv.conf   0644 root     the pod's /etc/hosts and /etc/resolv.conf
+app/                 0700 app uid  the app's working directory
+sds/                 0700 1337     the SDS socket (the agent serves only its own Envoy)
+proxy/               0070 root:G   sidecar.json, token, SDS gRPC socket, Envoy's files;
+                                   G is the pod's own group, given to its proxy processes
+                                   only (every pod's proxy is uid 1337)
 ```
 """
 
@@ -21,9 +35,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_STATE", "Layout", "read_json", "write_json"]
+__all__ = ["DEFAULT_STATE", "RUN_ROOT", "Layout", "PodPaths", "read_json", "write_json"]
 
 DEFAULT_STATE = ".trustmesh"
+RUN_ROOT = Path("/run/trustmesh")
+POD_GROUP_BASE = 40000  # pod k's proxy processes get supplementary group 40000 + k
+
+
+@dataclass(frozen=True, slots=True)
+class PodPaths:
+    """A sandboxed pod's runtime files (see the module docstring)."""
+
+    root: Path
+    index: int
+
+    @classmethod
+    def of(cls, mesh_id: str, index: int) -> PodPaths:
+        return cls(RUN_ROOT / mesh_id / str(index), index)
+
+    @property
+    def group(self) -> int:
+        return POD_GROUP_BASE + self.index
+
+    @property
+    def hosts(self) -> Path:
+        return self.root / "hosts"
+
+    @property
+    def resolv(self) -> Path:
+        return self.root / "resolv.conf"
+
+    @property
+    def app(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def sds_dir(self) -> Path:
+        return self.root / "sds"
+
+    @property
+    def sds_socket(self) -> Path:
+        return self.sds_dir / "sds.sock"
+
+    @property
+    def proxy(self) -> Path:
+        return self.root / "proxy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +135,25 @@ class Layout:
     def sds_socket(self, index: int) -> Path:
         return self.root / "s" / f"{index}.sock"
 
+    @property
+    def debug_socket(self) -> Path:
+        return self.root / "debug.sock"
+
+    # -- a pod's sidecar files, wherever its isolation mode keeps them
+
+    def proxy_dir(self, key: str, paths: PodPaths | None) -> Path:
+        return paths.proxy if paths is not None else self.pod_dir(key)
+
+    def envoy_log_of(self, key: str, paths: PodPaths | None) -> Path:
+        return self.proxy_dir(key, paths) / "envoy.log"
+
+    def token_of(self, key: str, paths: PodPaths | None) -> Path:
+        return self.proxy_dir(key, paths) / "token"
+
     def create(self) -> None:
         for folder in (self.root, self.logs, self.root / "pods", self.root / "s"):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        os.chmod(self.root, 0o700)  # the CA, tokens and logs: the mesh's user (root) only
 
 
 def write_json(path: Path, value: Any, *, mode: int = 0o600) -> None:

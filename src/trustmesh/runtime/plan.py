@@ -49,6 +49,7 @@ from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
 from trustmesh.runtime.capture import PROXY_UID, CaptureSpec, capture_spec
 from trustmesh.runtime.commands import ImageCommand, container_run, restart_policy
+from trustmesh.runtime.layout import PodPaths
 
 __all__ = [
     "APP_UID_BASE",
@@ -195,6 +196,14 @@ class MeshPlan:
     @property
     def node_netns(self) -> str:
         return netns_name(self.mesh_id, "node")
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.isolation is Isolation.NETNS
+
+    def paths(self, pod: PodPlan) -> PodPaths | None:
+        """Where a sandboxed pod's runtime files are (None in process mode)."""
+        return PodPaths.of(self.mesh_id, pod.index) if self.sandboxed else None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -5,8 +5,9 @@ and files — built from a :class:`~trustmesh.runtime.plan.MeshPlan`, torn down 
 
 1. ``/run/trustmesh/<mesh id>/`` (0711): per pod ``<k>/hosts`` and ``<k>/resolv.conf``
    (0644), ``<k>/app/`` (0700, the app's uid: its working directory) and, with a sidecar,
-   ``<k>/proxy/`` (0700, uid 1337: sidecar spec, bootstrap token, SDS socket, Envoy's
-   files) — no other pod's app can open it, and the agent accepts only its own Envoy;
+   ``<k>/sds/`` (0700, uid 1337: the SDS socket, which the agent answers for its own
+   Envoy only) and ``<k>/proxy/`` (0070, the pod's own group: sidecar spec, bootstrap
+   token, Envoy's files) — see :class:`~trustmesh.runtime.layout.PodPaths`;
 2. the node namespace ``tm-<id>-node`` with the bridge holding ``10.88.0.1/16``;
 3. per pod its namespace, veth pair (``eth0`` ↔ ``v<k>`` on the bridge), address, route;
 4. per pod its nftables table: capture (sidecar pods) and Service DNAT (every pod).
@@ -25,13 +26,13 @@ from pathlib import Path
 
 from trustmesh.runtime import netns
 from trustmesh.runtime.capture import PROXY_UID, TABLE, ServiceDnat, pod_ruleset
+from trustmesh.runtime.layout import RUN_ROOT, PodPaths
 from trustmesh.runtime.ledger import Ledger
 from trustmesh.runtime.names import hosts_file, resolv_conf
 from trustmesh.runtime.plan import NODE_IP, POD_CIDR, MeshPlan, PodPlan, netns_name
 
-__all__ = ["RUN_ROOT", "Sandbox", "mesh_id", "service_dnat"]
+__all__ = ["Sandbox", "mesh_id", "service_dnat"]
 
-RUN_ROOT = Path("/run/trustmesh")
 LEDGER_FILE = "ledger.jsonl"
 _PREFIX = int(POD_CIDR.rsplit("/", 1)[1])
 # Extra source namespaces (a PolicyTest's `from.ip`) take addresses from here when the
@@ -87,20 +88,14 @@ class Sandbox:
     def run_dir(self) -> Path:
         return RUN_ROOT / self.plan.mesh_id
 
-    def pod_dir(self, pod: PodPlan) -> Path:
-        return self.run_dir / str(pod.index)
-
-    def app_dir(self, pod: PodPlan) -> Path:
-        return self.pod_dir(pod) / "app"
-
-    def proxy_dir(self, pod: PodPlan) -> Path:
-        return self.pod_dir(pod) / "proxy"
+    def paths(self, pod: PodPlan) -> PodPaths:
+        return PodPaths.of(self.plan.mesh_id, pod.index)
 
     def hosts(self, pod: PodPlan) -> Path:
-        return self.pod_dir(pod) / "hosts"
+        return self.paths(pod).hosts
 
     def resolv(self, pod: PodPlan) -> Path:
-        return self.pod_dir(pod) / "resolv.conf"
+        return self.paths(pod).resolv
 
     # -- build
 
@@ -129,13 +124,15 @@ class Sandbox:
         self.timings["total"] = time.monotonic() - started
 
     def _files(self, pod: PodPlan) -> None:
-        folder = self.pod_dir(pod)
-        _mkdir(folder, 0o711)
-        _write(self.hosts(pod), hosts_file(self.plan, pod), 0o644)
-        _write(self.resolv(pod), resolv_conf(pod), 0o644)
-        _mkdir(self.app_dir(pod), 0o700, pod.uid)
+        paths = self.paths(pod)
+        _mkdir(paths.root, 0o711)
+        _write(paths.hosts, hosts_file(self.plan, pod), 0o644)
+        _write(paths.resolv, resolv_conf(pod), 0o644)
+        _mkdir(paths.app, 0o700, pod.uid)
         if pod.sidecar:
-            _mkdir(self.proxy_dir(pod), 0o700, PROXY_UID)
+            _mkdir(paths.sds_dir, 0o700, PROXY_UID)
+            _mkdir(paths.proxy, 0o070)
+            os.chown(paths.proxy, 0, paths.group)
 
     def add_source(self, address: str, number: int) -> str:
         """A namespace outside every pod holding ``address`` on the bridge (a client at a

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.agent.envoy import EnvoyProcess, EnvoyStartError
+from trustmesh.agent.peer_gate import PeerCredentials
 from trustmesh.agent.sds import SdsServer, SecretStore
 from trustmesh.agent.workload import AgentConfig, WorkloadAgent
 from trustmesh.agent.xds_bootstrap import ads_bootstrap
@@ -48,14 +49,23 @@ class SidecarSpec:
     xds_port: int
     control_plane_id: str
     workdir: str
-    source_address: str  # the pod IP: where its connections to other workloads come from
+    # the pod IP: where its connections to other workloads come from (None: the kernel's
+    # choice, which in a pod's own namespace is the pod IP)
+    source_address: str | None
+    xds_address: str = "127.0.0.1"
+    admin_port: int = 0  # 0: Envoy picks one (process mode); 15000 in a pod's namespace
+    # the sandbox: SDS answers only this sidecar's Envoy (by pid), gRPC listens in
+    # private_dir (only this pod's proxy processes can open it)
+    peer_check: bool = False
+    private_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SidecarSpec:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        fields = dataclasses.fields(cls)
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
 
 def _announce(value: dict[str, Any]) -> None:
@@ -73,11 +83,22 @@ async def run_sidecar(spec: SidecarSpec, stop: asyncio.Event) -> int:
         Path(spec.token_file).read_text().strip(),
     )
     store = SecretStore()
-    sds = SdsServer(store, spec.sds_socket)
+    envoy: EnvoyProcess | None = None
+
+    def own_envoy(peer: PeerCredentials) -> bool:
+        # Envoy connects to SDS from its own process: the pid the kernel reports is the
+        # one this agent started (and restarts, under the same object).
+        return envoy is not None and envoy.pid == peer.pid
+
+    sds = SdsServer(
+        store,
+        spec.sds_socket,
+        allow_peer=own_envoy if spec.peer_check else None,
+        private_dir=spec.private_dir,
+    )
     await sds.start()
     agent = WorkloadAgent(config, store)
     tasks = [asyncio.create_task(agent.run(stop))]
-    envoy: EnvoyProcess | None = None
     try:
         try:
             await asyncio.wait_for(agent.ready.wait(), ENROLL_TIMEOUT)
@@ -88,8 +109,9 @@ async def run_sidecar(spec: SidecarSpec, stop: asyncio.Event) -> int:
             node_id=spec.node_id,
             cluster=spec.cluster,
             sds_socket=spec.sds_socket,
-            xds_address="127.0.0.1",
+            xds_address=spec.xds_address,
             xds_port=spec.xds_port,
+            admin_port=spec.admin_port,
             control_plane_id=spec.control_plane_id,
             source_address=spec.source_address,
         )
