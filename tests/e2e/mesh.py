@@ -133,6 +133,8 @@ def _up_in_a_free_block(
     for block in range(first, first + 10):
         started = trustmesh(
             "up",
+            "--isolation",
+            "process",
             str(config_dir),
             "--mesh-config",
             str(mesh_file),

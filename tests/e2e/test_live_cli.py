@@ -116,7 +116,14 @@ spec:
 """
     )
     result = trustmesh(
-        "up", str(config), "--base", "127.50.0.0", state=tmp_path / "state", timeout=120
+        "up",
+        "--isolation",
+        "process",
+        str(config),
+        "--base",
+        "127.50.0.0",
+        state=tmp_path / "state",
+        timeout=120,
     )
     assert result.returncode == 1
     assert "default/broken: the app exited with status 3" in result.stderr
@@ -211,13 +218,25 @@ spec:
 """
     )
     state = tmp_path / "state"
-    first = trustmesh("up", str(config), "--base", "127.51.0.0", "-d", state=state, timeout=120)
+    first = trustmesh(
+        "up",
+        "--isolation",
+        "process",
+        str(config),
+        "--base",
+        "127.51.0.0",
+        "-d",
+        state=state,
+        timeout=120,
+    )
     assert first.returncode == 0, first.stderr
     assert trustmesh("down", state=state).returncode == 0
     other = tmp_path / "other-td.yaml"
     other.write_text("trustDomain: other-td\n")
     second = trustmesh(
         "up",
+        "--isolation",
+        "process",
         str(config),
         "--mesh-config",
         str(other),

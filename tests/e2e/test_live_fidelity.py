@@ -188,7 +188,17 @@ def test_live_cases_reach_what_they_name_and_agree_with_offline(tmp_path: Path) 
     tests = tmp_path / "test.yaml"
     tests.write_text(json.dumps(suite))
     state = tmp_path / "state"
-    started = trustmesh("up", str(config), "-d", "--base", "127.57.0.0", state=state, timeout=180)
+    started = trustmesh(
+        "up",
+        "--isolation",
+        "process",
+        str(config),
+        "-d",
+        "--base",
+        "127.57.0.0",
+        state=state,
+        timeout=180,
+    )
     try:
         assert started.returncode == 0, started.stderr
         offline = trustmesh("test", "-f", str(config), str(tests), "-o", "json", state=state)

@@ -55,7 +55,17 @@ def test_up_fails_reason_first_when_a_proxy_nacks_and_status_shows_it_stopped(
     config = tmp_path / "mesh.yaml"
     config.write_text(NACKED + MISSING_CA)
     state = tmp_path / "state"
-    result = trustmesh("up", str(config), "-d", "--base", "127.55.0.0", state=state, timeout=120)
+    result = trustmesh(
+        "up",
+        "--isolation",
+        "process",
+        str(config),
+        "-d",
+        "--base",
+        "127.55.0.0",
+        state=state,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0] == "error: 1 sidecar(s) rejected their configuration (Envoy NACK); Envoy said:"
@@ -75,7 +85,17 @@ def test_up_fails_reason_first_when_a_proxy_nacks_and_status_shows_it_stopped(
 
     # Fixed, it starts; after `down`, no PID of it is listed as running.
     config.write_text(NACKED)
-    started = trustmesh("up", str(config), "-d", "--base", "127.55.0.0", state=state, timeout=120)
+    started = trustmesh(
+        "up",
+        "--isolation",
+        "process",
+        str(config),
+        "-d",
+        "--base",
+        "127.55.0.0",
+        state=state,
+        timeout=120,
+    )
     assert started.returncode == 0, started.stderr
     running = json.loads(trustmesh("status", "-o", "json", state=state).stdout)
     pids = running["running"]["shop/sleep"]
@@ -93,7 +113,15 @@ def test_a_second_mesh_in_the_same_address_block_is_refused(mesh: LiveMesh, tmp_
     mesh.apply(None)
     base = mesh.running.record["base"]
     second = trustmesh(
-        "up", str(mesh.config_dir), "-d", "--base", base, state=tmp_path / "second", timeout=120
+        "up",
+        "--isolation",
+        "process",
+        str(mesh.config_dir),
+        "-d",
+        "--base",
+        base,
+        state=tmp_path / "second",
+        timeout=120,
     )
     assert second.returncode == 1
     assert second.stderr.startswith(

@@ -187,12 +187,24 @@ def test_image_mappings_come_first_and_take_the_containers_args() -> None:
 def test_up_refuses_a_bad_image_mapping_and_names_an_unknown_image(tmp_path: Path) -> None:
     runner = CliRunner()
     bad = runner.invoke(
-        app, ["up", str(BOOKINFO), "--image", "nocommand", "--state", str(tmp_path)]
+        app,
+        [
+            "up",
+            "--isolation",
+            "process",
+            str(BOOKINFO),
+            "--image",
+            "nocommand",
+            "--state",
+            str(tmp_path),
+        ],
     )
     assert bad.exit_code == 2 and "--image must be IMAGE=COMMAND" in bad.output
     config = tmp_path / "config.yaml"
     config.write_text(_deployment("        image: example.com/unknown:1"))
-    refused = runner.invoke(app, ["up", str(config), "--state", str(tmp_path / "s")])
+    refused = runner.invoke(
+        app, ["up", "--isolation", "process", str(config), "--state", str(tmp_path / "s")]
+    )
     assert refused.exit_code == 1
     assert f"{config}:10" in refused.output and "unknown-image" in refused.output
 

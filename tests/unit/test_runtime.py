@@ -247,7 +247,9 @@ def test_up_refuses_invalid_configuration_with_locations(tmp_path: Path) -> None
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
         "metadata: {name: p, namespace: foo}\nspec:\n  action: MAYBE\n"
     )
-    result = runner.invoke(app, ["up", str(bad), "--state", str(tmp_path / "state")])
+    result = runner.invoke(
+        app, ["up", "--isolation", "process", str(bad), "--state", str(tmp_path / "state")]
+    )
     assert result.exit_code == 1
     assert "policy.yaml:5" in result.output and "spec.action" in result.output
     assert "Traceback" not in result.output
@@ -271,7 +273,9 @@ def test_up_refuses_a_state_directory_inside_the_configuration(tmp_path: Path) -
     config = tmp_path / "mesh"
     config.mkdir()
     (config / "workloads.yaml").write_text((MESH / "workloads.yaml").read_text())
-    result = runner.invoke(app, ["up", str(config), "--state", str(config / ".trustmesh")])
+    result = runner.invoke(
+        app, ["up", "--isolation", "process", str(config), "--state", str(config / ".trustmesh")]
+    )
     assert result.exit_code == 1
     assert "inside the configuration directory" in result.output
     assert not (config / ".trustmesh" / "mesh.json").exists()  # nothing was started
@@ -349,7 +353,17 @@ def test_up_refuses_addresses_another_program_listens_on_before_starting_anythin
         squatter.listen()
         state = tmp_path / "state"
         result = runner.invoke(
-            app, ["up", str(MESH), "--base", "127.56.0.0", "--state", str(state)]
+            app,
+            [
+                "up",
+                "--isolation",
+                "process",
+                str(MESH),
+                "--base",
+                "127.56.0.0",
+                "--state",
+                str(state),
+            ],
         )
     assert result.exit_code == 1
     assert "127.56.0.1:8000 is already in use by pid" in result.output

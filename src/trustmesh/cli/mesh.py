@@ -7,6 +7,7 @@ its state directory (``--state``, default ``./.trustmesh``; ``TRUSTMESH_STATE`` 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import subprocess
@@ -20,10 +21,17 @@ from rich.console import Console
 from rich.table import Table
 
 from trustmesh.cli import render
-from trustmesh.runtime.client import HttpResult, RequestError, http_request, tcp_exchange
+from trustmesh.runtime.client import (
+    HttpResult,
+    RequestError,
+    TcpResult,
+    http_request,
+    tcp_exchange,
+)
 from trustmesh.runtime.commands import parse_image_command
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
-from trustmesh.runtime.plan import DEFAULT_BASE, PodPlan
+from trustmesh.runtime.plan import DEFAULT_BASE, Isolation, PodPlan
+from trustmesh.runtime.podclient import request_in_pod
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff
 from trustmesh.runtime.running import NotRunning, RunningMesh
 from trustmesh.runtime.supervisor import MeshRuntime, StartError
@@ -80,11 +88,21 @@ def up(
             " as the kubelet's 10 s / 5 min.",
         ),
     ] = DEFAULT_BACKOFF.initial,
+    isolation: Annotated[
+        str | None,
+        typer.Option(
+            "--isolation",
+            help="netns: every pod in its own network namespace with transparent capture "
+            "and its own users (needs root and nft); process: pods as processes of this "
+            "user on loopback addresses. Default: netns when this host allows it.",
+        ),
+    ] = None,
 ) -> None:
     """Start the control plane, the CA and every workload of the manifests, with sidecars."""
     try:
         images = [parse_image_command(text) for text in image or []]
         backoff = Backoff.scaled(restart_backoff)
+        mode = _isolation(isolation)
     except ValueError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None
@@ -100,6 +118,7 @@ def up(
     if detach:
         extra = [x for text in image or [] for x in ("--image", text)]
         extra += ["--restart-backoff", repr(restart_backoff)]
+        extra += ["--isolation", isolation] if isolation is not None else []
         _up_detached(config, mesh_config or [], state, base, extra)
         return
     runtime = MeshRuntime(
@@ -110,8 +129,18 @@ def up(
         progress=lambda message: _err.print(message, markup=False),
         images=images,
         backoff=backoff,
+        isolation=mode,
     )
     raise typer.Exit(asyncio.run(_run_foreground(runtime)))
+
+
+def _isolation(text: str | None) -> Isolation | None:
+    if text is None:
+        return None
+    try:
+        return Isolation(text)
+    except ValueError:
+        raise ValueError(f"--isolation must be netns or process, not {text!r}") from None
 
 
 async def _run_foreground(runtime: MeshRuntime) -> int:
@@ -383,9 +412,17 @@ def request(
             if not host or not port.isdigit():
                 raise RequestError(f"--tcp must be HOST:PORT, got {tcp!r}")
             payload = (data if data is not None else "hello") + "\n"
-            result = asyncio.run(
-                tcp_exchange(running.plan, pod, host, int(port), payload.encode(), timeout=timeout)
-            )
+            if running.plan.sandboxed:  # from inside the pod, as its app
+                wanted = {"kind": "tcp", "host": host, "port": int(port), "timeout": timeout}
+                wanted["data"] = base64.b64encode(payload.encode()).decode()
+                result = request_in_pod(running.plan, pod, wanted)
+                assert isinstance(result, TcpResult)
+            else:
+                result = asyncio.run(
+                    tcp_exchange(
+                        running.plan, pod, host, int(port), payload.encode(), timeout=timeout
+                    )
+                )
             if result.tls_peer:
                 _out.print(f"TLS handshake with {result.tls_peer} completed", markup=False)
                 return
@@ -399,11 +436,33 @@ def request(
         if jwt:
             headers.append(("Authorization", f"Bearer {jwt}"))
         body = (data or "").encode()
-        answer = asyncio.run(
-            http_request(
-                running.plan, pod, url, method=method, headers=headers, body=body, timeout=timeout
+        if running.plan.sandboxed:  # from inside the pod, as its app: through capture
+            sent = request_in_pod(
+                running.plan,
+                pod,
+                {
+                    "kind": "http",
+                    "url": url,
+                    "method": method,
+                    "headers": headers,
+                    "body": base64.b64encode(body).decode(),
+                    "timeout": timeout,
+                },
             )
-        )
+            assert isinstance(sent, HttpResult)
+            answer = sent
+        else:
+            answer = asyncio.run(
+                http_request(
+                    running.plan,
+                    pod,
+                    url,
+                    method=method,
+                    headers=headers,
+                    body=body,
+                    timeout=timeout,
+                )
+            )
     except RequestError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None

@@ -45,8 +45,17 @@ from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.process import run_until_signalled
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
+from trustmesh.xds.translate import CaptureMode
 
-__all__ = ["ARGS_FILE", "main", "node_id", "read_not_ready", "serve", "write_not_ready"]
+__all__ = [
+    "ARGS_FILE",
+    "main",
+    "node_id",
+    "read_not_ready",
+    "serve",
+    "service_addresses",
+    "write_not_ready",
+]
 
 ARGS_FILE = "control-plane-args.json"
 # A poll costs one stat per configuration file: every 20 ms is free for a local mesh's
@@ -61,10 +70,27 @@ def node_id(pod: PodPlan) -> str:
     return ProxyRegistration.sidecar(pod.ref, pod.pod_ip).node_id
 
 
-def _registration(pod: PodPlan) -> ProxyRegistration:
+def _registration(plan: MeshPlan, pod: PodPlan) -> ProxyRegistration:
+    if plan.sandboxed:  # its traffic is captured: Istio's virtualInbound/Outbound layout
+        return ProxyRegistration.sidecar(
+            pod.ref,
+            pod.pod_ip,
+            app_address=pod.app_ip,
+            capture=CaptureMode.TRANSPARENT,
+            service_addresses=service_addresses(plan),
+        )
     return ProxyRegistration.sidecar(
         pod.ref, pod.pod_ip, app_address=pod.app_ip, outbound_address=pod.outbound_ip
     )
+
+
+def service_addresses(plan: MeshPlan) -> dict[str, str]:
+    """Service ``namespace/name`` → its ClusterIP (``name.ns.svc.cluster.local`` keys)."""
+    out = {}
+    for host, address in plan.cluster_ips.items():
+        name, namespace = host.split(".")[:2]
+        out[f"{namespace}/{name}"] = address
+    return out
 
 
 def _open_ca(layout: Layout, plan: MeshPlan, now: dt.datetime) -> CertificateAuthority:
@@ -137,6 +163,9 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     args = read_json(layout.root / ARGS_FILE)
     plan = MeshPlan.from_json(read_json(layout.plan))
     ports: dict[str, int] = args["ports"]
+    # Where the CA and xDS listen: loopback, or in a sandbox the bridge address of the
+    # node namespace (the pods' gateway; nothing outside the mesh's namespaces sees it)
+    listen = str(args.get("listen", "127.0.0.1"))
     now = dt.datetime.now(dt.UTC)
     try:
         ca = _open_ca(layout, plan, now)
@@ -156,14 +185,14 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     _write_tokens(layout, ca, plan, now)
     ca_server = CaServer(
         ca,
-        address=f"127.0.0.1:{ports.get('ca', 0)}",
-        renewal_address=f"127.0.0.1:{ports.get('ca_renewal', 0)}",
+        address=f"{listen}:{ports.get('ca', 0)}",
+        renewal_address=f"{listen}:{ports.get('ca_renewal', 0)}",
     )
     not_ready_seen = _stamp(layout.not_ready)  # before reading: a later write is seen
     plane = ControlPlane(
         args["config"],
         ca=ca,
-        address=f"127.0.0.1:{ports.get('xds', 0)}",
+        address=f"{listen}:{ports.get('xds', 0)}",
         mesh_config=args["mesh_config"],
         debounce=WATCH_DEBOUNCE,
         workload_addresses={pod.ref: pod.pod_ip for pod in plan.pods},
@@ -171,7 +200,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     )
     for pod in plan.pods:
         if pod.sidecar:
-            plane.register(_registration(pod))
+            plane.register(_registration(plan, pod))
     await ca_server.start()
     tasks: list[asyncio.Task[None]] = []
     debug = DebugServer(debug_socket(layout.root), {SYNCZ: lambda: _syncz(plane)})

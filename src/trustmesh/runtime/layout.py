@@ -10,7 +10,6 @@
 <state>/logs/                control-plane.log, <ns>_<pod>.app.log, <ns>_<pod>.agent.log
 <state>/pods/<ns>_<pod>/     sidecar.json, token (0600), envoy.json, envoy.log
 <state>/s/<n>.sock           SDS sockets (short paths: a Unix socket path has 107 bytes)
-<state>/debug.sock           the control plane's debug endpoint (0600: root, or the user)
 <state>/ledger.jsonl         netns isolation: what the sandbox created (see ledger.py)
 ```
 
@@ -134,10 +133,6 @@ class Layout:
 
     def sds_socket(self, index: int) -> Path:
         return self.root / "s" / f"{index}.sock"
-
-    @property
-    def debug_socket(self) -> Path:
-        return self.root / "debug.sock"
 
     # -- a pod's sidecar files, wherever its isolation mode keeps them
 

@@ -11,7 +11,11 @@ distribution's ``nft`` because pyroute2's nftables support cannot build nat/redi
 and ``nft -f`` applies a whole table as one transaction.
 
 Per-thread namespace switches (:func:`entered`) rely on Linux keeping the network
-namespace per thread: only the calling thread moves, and it moves back.
+namespace per thread: only the calling thread moves, and it moves back. Namespaces are
+created and netlink sockets opened that way, never by pyroute2's own helpers for named
+namespaces: those fork a copy of the calling process and SIGTERM it afterwards, and a
+forked copy of an asyncio program passes the signal on to the parent's event loop
+(through the shared signal wake-up descriptor) — the supervisor would stop itself.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ __all__ = [
 NETNS_DIR = Path("/run/netns")
 BRIDGE = "br0"
 CLONE_NEWNET = 0x40000000
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_SHARED = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -113,15 +120,67 @@ def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys", path).write_text(value)
 
 
+@contextlib.contextmanager
+def _rtnl(name: str) -> Iterator[IPRoute]:
+    """A netlink socket of namespace ``name`` (opened from inside it, without a fork)."""
+    with entered(name):
+        ip = IPRoute()
+    try:
+        yield ip
+    finally:
+        ip.close()
+
+
+def _share_run_dir() -> None:
+    """/run/netns as ``ip netns`` prepares it: a shared mount, so a namespace bound on a
+    file there is seen from every mount namespace."""
+    NETNS_DIR.mkdir(mode=0o755, exist_ok=True)
+    target = str(NETNS_DIR).encode()
+    if _libc.mount(b"", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
+        return
+    if _libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"bind-mounting {NETNS_DIR}: {os.strerror(code)}")
+    if _libc.mount(b"", target, b"none", _MS_SHARED | _MS_REC, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"sharing {NETNS_DIR}: {os.strerror(code)}")
+
+
+def _new_netns(name: str) -> None:
+    """``ip netns add name`` in this thread: unshare, bind the new namespace on
+    /run/netns/name, and return to the thread's namespace."""
+    _share_run_dir()
+    path = NETNS_DIR / name
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"unshare(network namespace): {os.strerror(code)}")
+        try:
+            source = b"/proc/thread-self/ns/net"
+            if _libc.mount(source, str(path).encode(), b"none", _MS_BIND, None) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"binding {path}: {os.strerror(code)}")
+        finally:
+            _setns(home)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    finally:
+        os.close(home)
+
+
 def create_netns(ledger: Ledger, name: str) -> None:
     ledger.record("netns", name)
     if (NETNS_DIR / name).exists():
         return  # recorded by an earlier start that crashed right after creating it
-    pyroute2_netns.create(name)
+    _new_netns(name)
     with entered(name):
         _sysctl("net/ipv6/conf/all/disable_ipv6", "1")
         _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
-    with IPRoute(netns=name) as ip:
+    with _rtnl(name) as ip:
         ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
 
 
@@ -130,7 +189,7 @@ def setup_node(ledger: Ledger, name: str, address: str, prefix: int) -> None:
     (for extra source addresses), no ICMP redirects (pods must not learn to skip it)."""
     create_netns(ledger, name)
     ledger.record("link", BRIDGE, name)
-    with IPRoute(netns=name) as ip:
+    with _rtnl(name) as ip:
         if not ip.link_lookup(ifname=BRIDGE):
             ip.link("add", ifname=BRIDGE, kind="bridge")
         bridge = ip.link_lookup(ifname=BRIDGE)[0]
@@ -156,14 +215,19 @@ def attach_pod(
     node's bridge, and a default route via ``gateway``."""
     create_netns(ledger, pod)
     ledger.record("link", peer, node)
-    with IPRoute(netns=node) as ip:
+    with _rtnl(node) as ip:
         if not ip.link_lookup(ifname=peer):
-            ip.link("add", ifname=peer, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
+            target = os.open(NETNS_DIR / pod, os.O_RDONLY)
+            try:
+                eth0 = {"ifname": "eth0", "net_ns_fd": target}
+                ip.link("add", ifname=peer, kind="veth", peer=eth0)
+            finally:
+                os.close(target)
         index = ip.link_lookup(ifname=peer)[0]
         ip.link("set", index=index, master=ip.link_lookup(ifname=BRIDGE)[0], state="up")
     with entered(pod):
         _sysctl("net/ipv4/conf/all/accept_redirects", "0")
-    with IPRoute(netns=pod) as ip:
+    with _rtnl(pod) as ip:
         eth0 = ip.link_lookup(ifname="eth0")[0]
         for i, address in enumerate(addresses):
             # the first address is the pod's own (on the bridge's subnet); others are
@@ -179,7 +243,7 @@ def attach_pod(
 def route_to(node: str, address: str) -> None:
     """In the node namespace: ``address``/32 is reached over the bridge (an extra source
     address outside the pod subnet, held by one namespace)."""
-    with IPRoute(netns=node) as ip:
+    with _rtnl(node) as ip:
         bridge = ip.link_lookup(ifname=BRIDGE)[0]
         with contextlib.suppress(Exception):
             ip.route("add", dst=f"{address}/32", oif=bridge)
@@ -218,7 +282,7 @@ def remove_entry(entry: Entry) -> None:
         if not (NETNS_DIR / entry.netns).exists():
             return  # gone with its namespace
         if entry.kind == "link":
-            with IPRoute(netns=entry.netns) as ip:
+            with _rtnl(entry.netns) as ip:
                 for index in ip.link_lookup(ifname=entry.name):
                     with contextlib.suppress(Exception):
                         ip.link("del", index=index)

@@ -106,9 +106,18 @@ class RunningMesh:
         return str(admin)
 
     def envoy_get(self, ref: str, path: str, timeout: float = 5.0) -> bytes:
-        with urllib.request.urlopen(f"http://{self.admin(ref)}{path}", timeout=timeout) as r:
-            body: bytes = r.read()
-            return body
+        url = f"http://{self.admin(ref)}{path}"
+        pod = self.pod(ref)
+        if pod.netns is None:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                body: bytes = r.read()
+                return body
+        # In the sandbox the admin port is on the pod's own loopback: ask from inside.
+        from trustmesh.runtime.netns import entered
+
+        with entered(pod.netns), urllib.request.urlopen(url, timeout=timeout) as r:
+            inside: bytes = r.read()
+            return inside
 
     def syncz(self, timeout: float = 2.0) -> dict[str, Any] | None:
         """The control plane's /debug/syncz, None if it does not answer."""

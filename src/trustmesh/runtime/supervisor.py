@@ -56,9 +56,19 @@ from trustmesh.runtime.addresses import (
 )
 from trustmesh.runtime.commands import ImageCommand
 from trustmesh.runtime.control_plane import ARGS_FILE, node_id, write_not_ready
-from trustmesh.runtime.layout import Layout, write_json
-from trustmesh.runtime.plan import DEFAULT_BASE, MeshPlan, PodPlan, plan_mesh
+from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
+from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff, Exit, should_restart
+from trustmesh.runtime.sandbox import Sandbox
+from trustmesh.runtime.sandbox import mesh_id as sandbox_mesh_id
+from trustmesh.runtime.sandboxed import (
+    accepts_in,
+    app_argv,
+    choose_isolation,
+    control_plane_argv,
+    install_proxy_file,
+    sidecar_argv,
+)
 from trustmesh.runtime.sidecar import SidecarSpec
 
 __all__ = ["MESH_ENV", "MeshRuntime", "StartError", "belongs_to", "stop_recorded"]
@@ -69,6 +79,7 @@ SIDECAR_TIMEOUT = 60.0
 SYNC_TIMEOUT = 30.0  # every sidecar ACKs (or NACKs) its first configuration
 APP_TIMEOUT = 30.0
 STOP_GRACE = 5.0
+SANDBOX_ADMIN_PORT = 15000  # Envoy's admin in a pod: on the pod's own 127.0.0.1, as in Istio
 
 Progress = Callable[[str], None]
 
@@ -101,7 +112,10 @@ class MeshRuntime:
     images: Sequence[ImageCommand] = ()  # --image IMAGE=COMMAND, tried in order
     backoff: Backoff = DEFAULT_BACKOFF
     clock: Callable[[], float] = time.monotonic  # how long an app ran (its back-off)
+    # None: the pod sandbox when this host allows it, else process mode (said once)
+    isolation: Isolation | None = None
     plan: MeshPlan | None = None
+    sandbox: Sandbox | None = None  # netns isolation: the namespaces, rules and files
     control_plane: dict[str, Any] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     _children: dict[str, _Child] = field(default_factory=dict)
@@ -141,18 +155,34 @@ class MeshRuntime:
         loaded = await asyncio.to_thread(load_config, config, mesh_config=mesh_config)
         if loaded.errors:
             raise StartError("the configuration has errors", loaded.errors)
-        plan, problems = plan_mesh(loaded.snapshot, base=self.base, images=self.images)
+        try:
+            isolation, note = choose_isolation(self.isolation)
+        except ValueError as exc:
+            raise StartError(str(exc)) from None
+        if note is not None:
+            self.progress(note)
+        identity = sandbox_mesh_id(state) if isolation is Isolation.NETNS else ""
+        plan, problems = plan_mesh(
+            loaded.snapshot,
+            base=self.base,
+            images=self.images,
+            isolation=isolation,
+            mesh_id=identity,
+        )
         if plan is None:
             raise StartError("the workloads cannot run locally", problems)
         if not plan.pods:
             raise StartError("no Deployment, StatefulSet, DaemonSet or Pod to run")
-        try:  # before anything binds: a second mesh in the block would break the first
-            self._claim = claim_block(self.base, self.layout.root)
-            probe(planned_addresses(plan))
-        except AddressConflict as exc:
-            raise StartError(str(exc)) from None
-        self.plan = plan
+        if not plan.sandboxed:
+            try:  # before anything binds: a second mesh in the block would break the first
+                self._claim = claim_block(self.base, self.layout.root)
+                probe(planned_addresses(plan))
+            except AddressConflict as exc:
+                raise StartError(str(exc)) from None
         self.layout.create()
+        if plan.sandboxed:
+            await self._build_sandbox(plan)
+        self.plan = plan
         write_json(self.layout.plan, plan.to_json())
         self.pods = {pod.ref: {**pod.to_json(), "status": "starting"} for pod in plan.pods}
         self._record("starting")
@@ -168,26 +198,51 @@ class MeshRuntime:
             self.pods[pod.ref] |= {"status": "running", "ready": True, "restarts": 0}
         self._record("ready")
 
+    async def _build_sandbox(self, plan: MeshPlan) -> None:
+        """The mesh's namespaces, links, rules and files — after removing whatever an
+        earlier start from this state directory left (its processes, then its ledger)."""
+        with contextlib.suppress(OSError, ValueError):
+            stop_recorded(read_json(self.layout.mesh), self.layout)
+        sandbox = Sandbox(plan, self.layout.root)
+        left = await asyncio.to_thread(sandbox.teardown)
+        if left:
+            raise StartError(
+                "an earlier mesh from this state directory left objects that cannot be "
+                "removed:\n  " + "\n  ".join(left)
+            )
+        self.sandbox = sandbox
+        self.progress(f"building the pod sandbox ({len(plan.pods)} network namespaces)")
+        try:
+            await asyncio.to_thread(sandbox.build)
+        except (OSError, RuntimeError) as exc:
+            raise StartError(f"the pod sandbox cannot be built: {exc}") from None
+
     async def _start_control_plane(self) -> None:
         # A restart keeps the ports the proxies and agents already use.
+        assert self.plan is not None
         args = {
             "config": self._config_paths,
             "mesh_config": self._mesh_config_paths,
             "ports": self.control_plane.get("ports", {}),
+            "listen": NODE_IP if self.plan.sandboxed else "127.0.0.1",
         }
         write_json(self.layout.root / ARGS_FILE, args)
         self.progress("starting the control plane (CA + xDS)")
+        argv = [sys.executable, "-m", "trustmesh.runtime.control_plane", str(self.layout.root)]
+        if self.plan.sandboxed:
+            argv = control_plane_argv(self.plan, self.layout.root)
         child = await self._spawn(
-            "control-plane",
-            [sys.executable, "-m", "trustmesh.runtime.control_plane", str(self.layout.root)],
-            self.layout.logs / "control-plane.log",
-            ready_line=True,
+            "control-plane", argv, self.layout.logs / "control-plane.log", ready_line=True
         )
         info = await self._ready_line(child, CONTROL_PLANE_TIMEOUT)
         self.control_plane = info
 
     async def _start_sidecar(self, index: int, pod: PodPlan) -> None:
         assert self.plan is not None
+        paths = self.plan.paths(pod)
+        if paths is not None:
+            await self._start_sandboxed_sidecar(pod, paths)
+            return
         ports = self.control_plane["ports"]
         spec = SidecarSpec(
             namespace=pod.namespace,
@@ -219,12 +274,53 @@ class MeshRuntime:
             ready_line=True,
         )
         info = await self._ready_line(child, SIDECAR_TIMEOUT, self.layout.envoy_log(pod.key))
+        self._sidecar_ready(pod, child, info)
+
+    def _sidecar_ready(self, pod: PodPlan, child: _Child, info: dict[str, Any]) -> None:
         self.pods[pod.ref] |= {
             "sidecar_pid": child.process.pid,
             "envoy_pid": info["envoy_pid"],
             "admin": info["admin"],
         }
         self.progress(f"  {pod.ref}: sidecar ready (Envoy pid {info['envoy_pid']})")
+
+    async def _start_sandboxed_sidecar(self, pod: PodPlan, paths: PodPaths) -> None:
+        """Agent + Envoy in the pod's namespace as uid 1337 (see runtime.sandboxed)."""
+        assert self.plan is not None
+        ports = self.control_plane["ports"]
+        token = install_proxy_file(self.layout.token(pod.key), paths, "token")
+        roots = install_proxy_file(self.layout.roots, paths, "ca-roots.pem")
+        spec = SidecarSpec(
+            namespace=pod.namespace,
+            service_account=pod.service_account,
+            trust_domain=self.plan.trust_domain,
+            node_id=node_id(pod),
+            cluster=f"{pod.name}.{pod.namespace}",
+            ca_address=f"{NODE_IP}:{ports['ca']}",
+            ca_renewal_address=f"{NODE_IP}:{ports['ca_renewal']}",
+            roots_file=str(roots),
+            token_file=str(token),
+            sds_socket=str(paths.sds_socket),
+            xds_port=ports["xds"],
+            control_plane_id=self.control_plane.get("spiffe_id")
+            or control_plane_spiffe_id(self.plan.trust_domain),
+            workdir=str(paths.proxy),
+            source_address=None,  # the pod's own address: the only one it has
+            xds_address=NODE_IP,
+            admin_port=SANDBOX_ADMIN_PORT,
+            peer_check=True,
+            private_dir=str(paths.proxy),
+        )
+        spec_file = self.layout.sidecar_spec(pod.key)
+        write_json(spec_file, spec.to_json())
+        spec_file = install_proxy_file(spec_file, paths, "sidecar.json")
+        argv, env = sidecar_argv(pod, paths, spec_file)
+        child = await self._spawn(
+            f"sidecar {pod.ref}", argv, self.layout.agent_log(pod.key), env=env, ready_line=True
+        )
+        envoy_log = self.layout.envoy_log_of(pod.key, paths)
+        info = await self._ready_line(child, SIDECAR_TIMEOUT, envoy_log)
+        self._sidecar_ready(pod, child, info)
 
     async def _wait_configured(self, sidecars: list[PodPlan]) -> None:
         """Until every sidecar ACKed its configuration; a NACK (Envoy refused what the
@@ -267,6 +363,16 @@ class MeshRuntime:
         self.progress(f"  {pod.ref}: app running (pid {child.process.pid})")
 
     async def _spawn_app(self, pod: PodPlan) -> _Child:
+        assert self.plan is not None
+        paths = self.plan.paths(pod)
+        if paths is not None:
+            argv, env = app_argv(pod, paths)
+            child = await self._spawn(
+                f"app {pod.ref}", argv, self.layout.app_log(pod.key), env=env, clean_env=True
+            )
+            self.pods[pod.ref]["app_pid"] = child.process.pid
+            self._app_started[pod.ref] = self.clock()
+            return child
         argv = list(pod.command)
         if argv[0] == "trustmesh":  # this installation's, whatever PATH says
             argv = [sys.executable, "-m", "trustmesh", *argv[1:]]
@@ -282,7 +388,7 @@ class MeshRuntime:
         it exited, or ``timeout`` seconds passed (None: no limit)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for port in pod.ports:
-            while not await _accepts(pod.app_ip, port):
+            while not await self._app_accepts(pod, port):
                 if child.process.returncode is not None:
                     return f"{pod.ref}: the app exited with status {child.process.returncode}"
                 if deadline is not None and time.monotonic() > deadline:
@@ -292,6 +398,11 @@ class MeshRuntime:
                     )
                 await asyncio.sleep(0.05)  # a readiness probe: nothing to wait on but the port
         return None
+
+    async def _app_accepts(self, pod: PodPlan, port: int) -> bool:
+        if pod.netns is not None:  # from inside the pod, on its loopback (not captured)
+            return await accepts_in(pod.netns, port)
+        return await _accepts(pod.app_ip, port)
 
     # -- processes
 
@@ -303,9 +414,11 @@ class MeshRuntime:
         *,
         env: dict[str, str] | None = None,
         ready_line: bool = False,
+        clean_env: bool = False,
     ) -> _Child:
         log = log_path.open("ab")
-        environment = {**os.environ, **(env or {}), MESH_ENV: str(self.layout.root)}
+        inherited = {} if clean_env else dict(os.environ)
+        environment = {**inherited, **(env or {}), MESH_ENV: str(self.layout.root)}
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -489,6 +602,11 @@ class MeshRuntime:
         stop_recorded({"pods": self.pods}, self.layout, only_envoys=True)
         for pod in self.pods.values():
             pod["status"] = "stopped"
+        if self.sandbox is not None:  # after every process: then by the ledger
+            left = await asyncio.to_thread(self.sandbox.teardown)
+            for problem in left:
+                self.progress(f"could not remove {problem}")
+            self.sandbox = None
         self._record("stopped")
         if self._claim is not None:
             self._claim.release()
@@ -505,6 +623,7 @@ class MeshRuntime:
             "config": list(self._config_paths),
             "mesh_config": list(self._mesh_config_paths),
             "base": self.base,
+            "isolation": None if self.plan is None else self.plan.isolation.value,
             "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "control_plane": {
                 **self.control_plane,

@@ -53,7 +53,7 @@ from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.readiness import EndpointFilter
 from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
-from trustmesh.xds.translate import FilterDelivery, translate
+from trustmesh.xds.translate import CaptureMode, FilterDelivery, translate
 
 __all__ = [
     "XDS_SERVER_NAME",
@@ -84,6 +84,9 @@ class ProxyRegistration:
     proxy on 15001, one TCP listener per TCP service port, TLS egress on 443) — None: no
     outbound listeners. (Which IP its upstream connections leave from is the bootstrap's
     business: ``ads_bootstrap(source_address=...)``.)
+    ``capture``: the listener layout (a sandboxed pod's traffic is captured: TRANSPARENT),
+    with ``service_addresses`` (Service ``namespace/name``, ClusterIP) where the app
+    dials each Service.
     The node id is only a lookup key: authorization uses the workload's identity.
     """
 
@@ -92,6 +95,8 @@ class ProxyRegistration:
     inbound_address: str
     app_address: str = "127.0.0.1"
     outbound_address: str | None = None
+    capture: CaptureMode = CaptureMode.PROCESS
+    service_addresses: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
@@ -115,12 +120,17 @@ class ProxyRegistration:
         *,
         app_address: str = "127.0.0.1",
         outbound_address: str | None = None,
+        capture: CaptureMode = CaptureMode.PROCESS,
+        service_addresses: Mapping[str, str] | None = None,
     ) -> ProxyRegistration:
         """A registration under Istio's sidecar node id,
         ``sidecar~<inbound address>~<name>.<namespace>~<namespace>.svc.cluster.local``."""
         namespace, _, name = workload_ref.partition("/")
         node_id = f"sidecar~{inbound_address}~{name}.{namespace}~{namespace}.svc.cluster.local"
-        return cls(node_id, workload_ref, inbound_address, app_address, outbound_address)
+        services = tuple(sorted((service_addresses or {}).items()))
+        return cls(
+            node_id, workload_ref, inbound_address, app_address, outbound_address, capture, services
+        )
 
 
 class ConfigRejected(ValueError):
@@ -609,6 +619,8 @@ def _snapshot_for(
         delivery=FilterDelivery.ECDS,  # authorization changes reach open connections
         outbound_address=registration.outbound_address,
         workload_addresses=addresses,
+        capture=registration.capture,
+        service_addresses=dict(registration.service_addresses) or None,
     )
     snapshot = Snapshot.from_resources(endpoints.apply(resources.all()), canonical)
     # Checked (and encoded, which is memoized) here, off the event loop: publishing it
