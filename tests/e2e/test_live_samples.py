@@ -62,7 +62,8 @@ def running_mesh(config: Path, state: Path, base: str, *extra: str) -> Iterator[
     try:
         for block in range(first, first + 10):
             started = trustmesh(
-                "up", "--isolation", "process", str(config), "-d", "--base", f"127.{block}.0.0", *extra,
+                "up", "--isolation", "process", str(config), "-d",
+                "--base", f"127.{block}.0.0", *extra,
                 state=state, timeout=START_TIMEOUT,
             )  # fmt: skip
             taken = ("are used by the mesh running from", "is already in use by")

@@ -328,7 +328,11 @@ def down(state: State = Path(DEFAULT_STATE)) -> None:
     if running.state == "stopped" and not running.supervisor_alive:
         _err.print("the mesh is already stopped", markup=False)
         return
-    stopped = running.stop()
+    try:
+        stopped = running.stop()
+    except OSError as exc:  # the sandbox's namespaces or rules could not all be removed
+        render.usage_error(f"the mesh's processes are stopped, but {exc}")
+        raise typer.Exit(1) from None
     _err.print(f"mesh stopped ({stopped} process(es) signalled)", markup=False)
 
 
