@@ -9,6 +9,7 @@ REGISTRY_ONLY. One mesh for the whole module: each ``up`` costs seconds.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,30 @@ def test_an_app_cannot_change_its_pods_rules(mesh: SandboxedMesh) -> None:
     # the capture is still in place: the black hole still holds
     target = mesh.pod("legacy/unregistered")
     assert _connect(mesh, "foo/sleep", target.pod_ip, 9000) in ("ConnectionResetError", "b''")
+
+
+# ------------------------------------------------------------------- users and privileges
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def test_each_process_runs_as_its_own_user_without_privileges(mesh: SandboxedMesh) -> None:
+    for ref in ("foo/httpbin", "foo/sleep"):
+        pod, record, paths = mesh.pod(ref), mesh.record(ref), mesh.paths(ref)
+        app = _status(record["app_pid"])
+        assert app["Uid"].split() == [str(pod.uid)] * 4 and pod.uid not in (0, PROXY_UID)
+        assert app["Groups"].strip() == ""
+        assert int(app["CapEff"], 16) == int(app["CapPrm"], 16) == int(app["CapBnd"], 16) == 0
+        assert app["NoNewPrivs"].strip() == "1"
+        for kind in ("sidecar_pid", "envoy_pid"):
+            proxy = _status(record[kind])
+            assert proxy["Uid"].split() == [str(PROXY_UID)] * 4, kind
+            assert proxy["Gid"].split()[0] == str(paths.group), kind  # this pod's group only
+            assert int(proxy["CapEff"], 16) == 0 and proxy["NoNewPrivs"].strip() == "1"
+        # every process is in the pod's namespace, not the host's
+        host = os.readlink("/proc/self/ns/net")
+        for kind in ("app_pid", "sidecar_pid", "envoy_pid"):
+            assert os.readlink(f"/proc/{record[kind]}/ns/net") != host
