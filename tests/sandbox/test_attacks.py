@@ -17,7 +17,9 @@ import pytest
 
 from tests.sandbox.conftest import requires_root
 from tests.sandbox.meshrun import PYTHON, SandboxedMesh, sandboxed_mesh
+from tests.unit.localaccess import listening_ports
 from trustmesh.runtime.capture import PROXY_UID
+from trustmesh.runtime.debug_endpoint import debug_socket
 
 pytestmark = requires_root
 HERE = Path(__file__).parent
@@ -206,3 +208,19 @@ def test_each_process_runs_as_its_own_user_without_privileges(mesh: SandboxedMes
         host = os.readlink("/proc/self/ns/net")
         for kind in ("app_pid", "sidecar_pid", "envoy_pid"):
             assert os.readlink(f"/proc/{record[kind]}/ns/net") != host
+
+
+# ------------------------------------------------------------- (d) control plane debug
+
+
+def test_the_control_plane_has_no_tcp_debug_port(mesh: SandboxedMesh) -> None:
+    """In the node namespace the control plane listens on TCP only for what the pods need
+    (xDS and the CA, both mTLS / token); its debug endpoint is the 0600 Unix socket, which
+    no pod's user can open."""
+    record = mesh.running.record["control_plane"]
+    ports = record["ports"]
+    assert listening_ports(record["pid"]) == {ports["xds"], ports["ca"], ports["ca_renewal"]}
+    socket_path = str(debug_socket(mesh.state))
+    for ref, options in (("foo/sleep", {}), ("foo/sleep", {"uid": PROXY_UID})):
+        answer = mesh.python(ref, "sds_probe.py", socket_path, **options)
+        assert answer == {"connect": "EACCES"}, (ref, options, answer)

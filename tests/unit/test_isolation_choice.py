@@ -27,7 +27,7 @@ def test_without_the_sandbox_process_mode_says_what_is_not_isolated(
     mode, note = choose_isolation(None)
     assert mode is Isolation.PROCESS and note is not None
     assert note.startswith("the pod sandbox is not available (not running as root)")
-    for exposed in ("SDS socket", "admin port", "debug endpoint", "HTTP_PROXY"):
+    for exposed in ("SDS socket", "admin port", "without its sidecar", "HTTP_PROXY"):
         assert exposed in note
     # asked for explicitly, the sandbox is an error naming the reason, not a silent fallback
     with pytest.raises(ValueError, match="--isolation netns is not possible here: not running"):

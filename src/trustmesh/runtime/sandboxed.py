@@ -48,9 +48,8 @@ __all__ = [
 PROCESS_MODE_NOTE = (
     "process isolation: pods are processes of one user on shared loopback addresses — "
     "not isolated: any local process can connect to an app's own port behind its sidecar, "
-    "read any pod's SDS socket (its private key), use every Envoy's admin port and the "
-    "control plane's debug endpoint, and reach any address without its sidecar; apps "
-    "reach the mesh through HTTP_PROXY"
+    "read any pod's SDS socket (its private key), use every Envoy's admin port, and "
+    "reach any address without its sidecar; apps reach the mesh through HTTP_PROXY"
 )
 _BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 
