@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from tests.sandbox.conftest import requires_root
@@ -97,6 +98,17 @@ def test_status_request_and_down_after_the_supervisor_crashed(tmp_path: Path) ->
         assert all(isinstance(processes[k], int) for k in ("app", "sidecar", "envoy"))
         answer = mesh.request("shop/sleep", "http://api:8080/get")
         assert answer.returncode == 0 and answer.stdout.startswith("HTTP 200"), answer.stdout
+        # a sidecar's Envoy log is in its pod's proxy directory: `logs --proxy` finds it
+        # (sidecars log every answer >= 400)
+        teapot = mesh.request("shop/sleep", "http://api:8080/status/418")
+        assert teapot.stdout.startswith("HTTP 418"), teapot.stdout
+        deadline = time.monotonic() + 10
+        while True:  # Envoy flushes its access log every 100 ms: poll the file it writes
+            proxy_log = trustmesh("logs", "shop/api", "--proxy", state=state)
+            assert proxy_log.returncode == 0, proxy_log.stderr
+            if '"path":"/status/418"' in proxy_log.stdout or time.monotonic() > deadline:
+                break
+        assert '"path":"/status/418"' in proxy_log.stdout, proxy_log.stdout[-2000:]
         # the supervisor dies without cleaning up: its pods and namespaces stay ...
         os.kill(_supervisor(state), signal.SIGKILL)
         assert marked_processes(state)

@@ -313,7 +313,8 @@ def logs(
         if not plan.sidecar:
             render.usage_error(f"{pod} has no sidecar")
             raise typer.Exit(1)
-        path = layout.envoy_log(plan.key) if proxy else layout.agent_log(plan.key)
+        envoy_log = layout.envoy_log_of(plan.key, running.plan.paths(plan))  # in its pod
+        path = envoy_log if proxy else layout.agent_log(plan.key)
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
