@@ -316,7 +316,12 @@ class MeshRuntime:
         spec_file = install_proxy_file(spec_file, paths, "sidecar.json")
         argv, env = sidecar_argv(pod, paths, spec_file)
         child = await self._spawn(
-            f"sidecar {pod.ref}", argv, self.layout.agent_log(pod.key), env=env, ready_line=True
+            f"sidecar {pod.ref}",
+            argv,
+            self.layout.agent_log(pod.key),
+            env=env,
+            ready_line=True,
+            clean_env=True,  # its own environment only, as the app's
         )
         envoy_log = self.layout.envoy_log_of(pod.key, paths)
         info = await self._ready_line(child, SIDECAR_TIMEOUT, envoy_log)
