@@ -28,6 +28,7 @@ proxy/               0070 root:G   sidecar.json, token, SDS gRPC socket, Envoy's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ __all__ = ["DEFAULT_STATE", "RUN_ROOT", "Layout", "PodPaths", "read_json", "writ
 
 DEFAULT_STATE = ".trustmesh"
 RUN_ROOT = Path("/run/trustmesh")
-POD_GROUP_BASE = 40000  # pod k's proxy processes get supplementary group 40000 + k
+# A pod's own group (its proxy processes'): distinct per mesh as well as per pod, so the
+# proxy of another mesh's pod k cannot open this mesh's pod k proxy directory.
+POD_GROUP_BASE = 0x20000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +50,17 @@ class PodPaths:
 
     root: Path
     index: int
+    mesh_id: str = ""
 
     @classmethod
     def of(cls, mesh_id: str, index: int) -> PodPaths:
-        return cls(RUN_ROOT / mesh_id / str(index), index)
+        return cls(RUN_ROOT / mesh_id / str(index), index, mesh_id)
 
     @property
     def group(self) -> int:
-        return POD_GROUP_BASE + self.index
+        """``0x20000000 + (20 bits of the mesh id's hash) * 256 + k`` (k < 256)."""
+        digest = hashlib.sha256(self.mesh_id.encode()).hexdigest()
+        return POD_GROUP_BASE + (int(digest[:5], 16) << 8) + self.index
 
     @property
     def hosts(self) -> Path:
