@@ -113,6 +113,11 @@ def test_no_app_can_open_any_pods_sds_socket(mesh: SandboxedMesh) -> None:
         for attacker in ("foo/sleep", "foo/httpbin", "legacy/sleep"):
             answer = mesh.python(attacker, "sds_probe.py", socket_path)
             assert answer == {"connect": "EACCES"}, (attacker, target, answer)
+    # nor its own pod's proxy files (bootstrap token, the gate's upstream socket)
+    for ref in ("foo/httpbin", "foo/sleep"):
+        for private in (mesh.paths(ref).proxy, mesh.paths(ref).sds_dir):
+            done = mesh.run(ref, "ls", str(private))
+            assert done.returncode != 0 and "Permission denied" in done.stderr, (ref, private)
 
 
 def test_another_pods_proxy_uid_is_refused_by_the_peer_gate(mesh: SandboxedMesh) -> None:
