@@ -3,6 +3,8 @@ else process mode saying plainly what is not isolated; --isolation forces either
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -38,3 +40,23 @@ def test_an_unknown_isolation_is_a_usage_error() -> None:
     result = CliRunner().invoke(app, ["up", "--isolation", "vm", "x.yaml"])
     assert result.exit_code == 2
     assert "--isolation must be netns or process, not 'vm'" in result.output
+
+
+def test_up_says_once_what_process_mode_does_not_isolate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sandboxed, "sandbox_support", lambda: "not running as root")
+    missing = tmp_path / "nothing.yaml"
+    result = CliRunner().invoke(app, ["up", str(missing), "--state", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert result.output.count("the pod sandbox is not available (not running as root)") == 1
+    # explicit process mode: no note; explicit netns: the reason, and nothing started
+    result = CliRunner().invoke(
+        app, ["up", "--isolation", "process", str(missing), "--state", str(tmp_path / "s")]
+    )
+    assert "not available" not in result.output
+    result = CliRunner().invoke(
+        app, ["up", "--isolation", "netns", str(missing), "--state", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 1
+    assert "--isolation netns is not possible here: not running as root" in result.output

@@ -34,6 +34,7 @@ from trustmesh.runtime.plan import DEFAULT_BASE, Isolation, PodPlan
 from trustmesh.runtime.podclient import request_in_pod
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff
 from trustmesh.runtime.running import NotRunning, RunningMesh
+from trustmesh.runtime.sandboxed import choose_isolation
 from trustmesh.runtime.supervisor import MeshRuntime, StartError
 
 __all__ = ["down", "logs", "proxy_config", "request", "status", "up"]
@@ -115,10 +116,17 @@ def up(
             raise typer.Exit(1)
     except NotRunning:
         pass
+    try:
+        mode, note = choose_isolation(mode)
+    except ValueError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+    if note is not None:  # once, here: the runtime (or background start) gets the mode
+        _err.print(note, markup=False)
     if detach:
         extra = [x for text in image or [] for x in ("--image", text)]
         extra += ["--restart-backoff", repr(restart_backoff)]
-        extra += ["--isolation", isolation] if isolation is not None else []
+        extra += ["--isolation", mode.value]
         _up_detached(config, mesh_config or [], state, base, extra)
         return
     runtime = MeshRuntime(
