@@ -129,11 +129,14 @@ class SandboxedMesh:
 
 @contextlib.contextmanager
 def sandboxed_mesh(
-    state: Path, config: Sequence[Path], mesh_config: Sequence[Path] = ()
+    state: Path,
+    config: Sequence[Path],
+    mesh_config: Sequence[Path] = (),
+    extra: Sequence[str] = (),
 ) -> Iterator[SandboxedMesh]:
     identity = mesh_id(state)
     before = host_state(identity)
-    args = ["up", "--isolation", "netns", "-d", *map(str, config)]
+    args = ["up", "--isolation", "netns", "-d", *extra, *map(str, config)]
     for path in mesh_config:
         args += ["--mesh-config", str(path)]
     try:

@@ -90,7 +90,7 @@ def test_status_request_and_down_after_the_supervisor_crashed(tmp_path: Path) ->
     config = tmp_path / "mesh.yaml"
     config.write_text(SMALL)
     state = tmp_path / "state"
-    with sandboxed_mesh(state, [config]) as mesh:
+    with sandboxed_mesh(state, [config], extra=["--restart-backoff", "0.2"]) as mesh:
         status = trustmesh("status", "-o", "json", state=state)
         record = json.loads(status.stdout)
         assert record["isolation"] == "netns" and record["state"] == "ready"
@@ -109,6 +109,23 @@ def test_status_request_and_down_after_the_supervisor_crashed(tmp_path: Path) ->
             if '"path":"/status/418"' in proxy_log.stdout or time.monotonic() > deadline:
                 break
         assert '"path":"/status/418"' in proxy_log.stdout, proxy_log.stdout[-2000:]
+        # a pod without a sidecar reaches the Service by name too (kube-proxy's DNAT)
+        plain = mesh.request("shop/api", "http://api.shop.svc.cluster.local:8080/get")
+        assert plain.stdout.startswith("HTTP 200"), plain.stdout
+        # an app that exits is restarted in its sandbox, as its user, and serves again
+        first_app = mesh.record("shop/api")["app_pid"]
+        os.kill(first_app, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the supervisor's restart, seen from outside
+            record = mesh.record("shop/api")
+            if record.get("restarts") == 1 and record.get("ready"):
+                break
+            time.sleep(0.05)  # another process's state file: no event to wait on
+        assert record["restarts"] == 1 and record["ready"], record
+        again = mesh.request("shop/sleep", "http://api:8080/get")
+        assert again.stdout.startswith("HTTP 200"), again.stdout
+        uid_line = Path(f"/proc/{record['app_pid']}/status").read_text().split("Uid:")[1]
+        assert uid_line.split()[0] == str(mesh.pod("shop/api").uid)
         # the supervisor dies without cleaning up: its pods and namespaces stay ...
         os.kill(_supervisor(state), signal.SIGKILL)
         assert marked_processes(state)
