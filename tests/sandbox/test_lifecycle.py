@@ -94,6 +94,9 @@ def test_status_request_and_down_after_the_supervisor_crashed(tmp_path: Path) ->
         status = trustmesh("status", "-o", "json", state=state)
         record = json.loads(status.stdout)
         assert record["isolation"] == "netns" and record["state"] == "ready"
+        table = trustmesh("status", state=state).stdout
+        assert table.startswith("mesh ready; pods sandboxed (netns)"), table
+        assert "SYNCED" in table and "10.88." in table, table
         processes = record["running"]["shop/api"]
         assert all(isinstance(processes[k], int) for k in ("app", "sidecar", "envoy"))
         answer = mesh.request("shop/sleep", "http://api:8080/get")

@@ -234,9 +234,11 @@ def status(
         record["sync"] = sync
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
         return
+    isolation = "pods sandboxed (netns)" if running.plan.sandboxed else "process isolation"
     _out.print(
         f"mesh {running.state}"
-        + ("" if running.supervisor_alive else " (its supervisor is not running)"),
+        + ("" if running.supervisor_alive else " (its supervisor is not running)")
+        + f"; {isolation}",
         markup=False,
     )
     _pods_table(running, sync)
