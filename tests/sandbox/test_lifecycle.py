@@ -12,6 +12,8 @@ from pathlib import Path
 from tests.sandbox.conftest import requires_root
 from tests.sandbox.hoststate import host_state
 from tests.sandbox.meshrun import leftovers, marked_processes, sandboxed_mesh, trustmesh
+from trustmesh.runtime import netns
+from trustmesh.runtime.ledger import Ledger
 from trustmesh.runtime.sandbox import mesh_id
 
 pytestmark = requires_root
@@ -139,6 +141,13 @@ def test_status_request_and_down_after_the_supervisor_crashed(tmp_path: Path) ->
         assert marked_processes(state) == []
         assert not (state / "ledger.jsonl").exists()
         assert not any(mesh_id(state) in name for name in host_state(mesh_id(state))["netns"])
+        # a teardown that failed half-way leaves its ledger: `down` again finishes it
+        leftover = f"tm-{mesh_id(state)}-99"
+        netns.create_netns(Ledger(state / "ledger.jsonl"), leftover)
+        again = trustmesh("down", state=state)
+        assert again.returncode == 0 and "already stopped" in again.stderr, again.stderr
+        assert leftover not in host_state(mesh_id(state))["netns"]  # type: ignore[operator]
+        assert not (state / "ledger.jsonl").exists()
 
 
 def test_up_over_a_crashed_mesh_removes_what_it_left_first(tmp_path: Path) -> None:

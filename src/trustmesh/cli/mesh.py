@@ -337,6 +337,11 @@ def down(state: State = Path(DEFAULT_STATE)) -> None:
     """Stop everything the mesh started (by PID), and nothing else."""
     running = _open(state.resolve())
     if running.state == "stopped" and not running.supervisor_alive:
+        try:  # a sandbox whose teardown failed before: the ledger says what is left
+            running.remove_sandbox()
+        except OSError as exc:
+            render.usage_error(f"the mesh is stopped, but {exc}")
+            raise typer.Exit(1) from None
         _err.print("the mesh is already stopped", markup=False)
         return
     try:

@@ -164,10 +164,10 @@ class RunningMesh:
                 time.sleep(0.05)  # waiting for another process to exit: no event to wait on
             if not _alive(pid):
                 killed = 1 + stop_recorded(read_json(self.layout.mesh), self.layout)
-                self._remove_sandbox()
+                self.remove_sandbox()
                 return killed
         killed = stop_recorded(self.record, self.layout)
-        self._remove_sandbox()  # after its processes: what the ledger lists, nothing else
+        self.remove_sandbox()  # after its processes: what the ledger lists, nothing else
         # The supervisor is gone (it crashed or was killed): record the stop in its place.
         record = dict(self.record, state="stopped")
         record["pods"] = {
@@ -176,7 +176,7 @@ class RunningMesh:
         write_json(self.layout.mesh, record)
         return killed
 
-    def _remove_sandbox(self) -> None:
+    def remove_sandbox(self) -> None:
         """A sandboxed mesh whose supervisor could not tear it down (it crashed): remove
         what its ledger lists. Nothing to do when the supervisor did (an empty ledger)."""
         if not self.plan.sandboxed:
