@@ -142,15 +142,16 @@ def install_proxy_file(source: Path, paths: PodPaths, name: str) -> Path:
     return target
 
 
-async def accepts_in(netns_name: str, port: int) -> bool:
-    """Does something accept on ``127.0.0.1:port`` inside the namespace? (The app's
-    readiness probe: loopback is never captured, so Envoy does not answer for it.)"""
+async def accepts_in(netns_name: str, address: str, port: int) -> bool:
+    """Does something accept on ``address:port``, connecting from inside the namespace?
+    (The app's readiness probe, at its pod IP as the kubelet's: from the pod itself the
+    connection is not captured — only uid 1337's would be — so Envoy does not answer for
+    the app.)"""
     sock = netns.netns_socket(netns_name)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(
-            asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 1
-        )
+        connecting = asyncio.get_running_loop().sock_connect(sock, (address, port))
+        await asyncio.wait_for(connecting, 1)
     except (OSError, TimeoutError):
         return False
     finally:

@@ -405,8 +405,8 @@ class MeshRuntime:
         return None
 
     async def _app_accepts(self, pod: PodPlan, port: int) -> bool:
-        if pod.netns is not None:  # from inside the pod, on its loopback (not captured)
-            return await accepts_in(pod.netns, port)
+        if pod.netns is not None:  # from inside the pod (not captured), at its pod IP
+            return await accepts_in(pod.netns, pod.pod_ip, port)
         return await _accepts(pod.app_ip, port)
 
     # -- processes
