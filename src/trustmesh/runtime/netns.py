@@ -53,6 +53,7 @@ __all__ = [
 
 NETNS_DIR = Path("/run/netns")
 BRIDGE = "br0"
+BRIDGE_MAC = "02:00:0a:58:00:01"  # locally administered; each mesh has its own L2
 CLONE_NEWNET = 0x40000000
 _MS_BIND = 4096
 _MS_REC = 16384
@@ -191,7 +192,10 @@ def setup_node(ledger: Ledger, name: str, address: str, prefix: int) -> None:
     ledger.record("link", BRIDGE, name)
     with _rtnl(name) as ip:
         if not ip.link_lookup(ifname=BRIDGE):
-            ip.link("add", ifname=BRIDGE, kind="bridge")
+            # A fixed address: a bridge whose MAC is not set takes its lowest port's, which
+            # changes when a port joins (a source namespace added later) and leaves every
+            # pod's ARP entry for the gateway stale — their replies then go nowhere.
+            ip.link("add", ifname=BRIDGE, kind="bridge", address=BRIDGE_MAC)
         bridge = ip.link_lookup(ifname=BRIDGE)[0]
         with contextlib.suppress(Exception):  # already there after a crashed start
             ip.addr("add", index=bridge, address=address, prefixlen=prefix)

@@ -99,8 +99,17 @@ def sidecar_argv(
     assert pod.netns is not None
     python = pod_python()
     command = python.argv("trustmesh.runtime.sidecar", str(spec_file))
+    # The pod's names, as the app's: the host's resolv.conf names a server no pod reaches,
+    # and Envoy's DNS clusters (ServiceEntry hosts) would wait on it before warming.
     argv = podexec_argv(
-        sys.executable, pod.netns, command, uid=PROXY_UID, gid=paths.group, cwd=str(paths.proxy)
+        sys.executable,
+        pod.netns,
+        command,
+        uid=PROXY_UID,
+        gid=paths.group,
+        hosts=str(paths.hosts),
+        resolv=str(paths.resolv),
+        cwd=str(paths.proxy),
     )
     env = {**_base_env(), **python.env, "HOME": str(paths.proxy)}
     return argv, env
