@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,6 +210,14 @@ def test_each_process_runs_as_its_own_user_without_privileges(mesh: SandboxedMes
             assert proxy["Uid"].split() == [str(PROXY_UID)] * 4, kind
             assert proxy["Gid"].split()[0] == str(paths.group), kind  # this pod's group only
             assert int(proxy["CapEff"], 16) == 0 and proxy["NoNewPrivs"].strip() == "1"
+        # the app's host name is its pod's, as in a pod
+        named = subprocess.run(
+            ["nsenter", "--target", str(record["app_pid"]), "--uts", "hostname"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert named.stdout.strip() == pod.name
         # every process is in the pod's namespace, not the host's
         host = os.readlink("/proc/self/ns/net")
         for kind in ("app_pid", "sidecar_pid", "envoy_pid"):

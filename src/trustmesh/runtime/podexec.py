@@ -6,19 +6,21 @@ What a container runtime does for each container, in the order that keeps it saf
 2. with ``--hosts`` / ``--resolv``: a private mount namespace (nothing propagates back to
    the host) in which the pod's own files are bind-mounted read-only over /etc/hosts and
    /etc/resolv.conf — what ``ip netns exec`` does with /etc/netns/NAME;
-3. with ``--uid``: drop every capability from the bounding set, clear supplementary
+3. with ``--hostname``: a private UTS namespace whose host name is the pod's name (what
+   ``hostname`` and ``socket.gethostname()`` say in a pod);
+4. with ``--uid``: drop every capability from the bounding set, clear supplementary
    groups, switch gid then uid (the kernel clears the permitted and effective
    capabilities on the switch away from root), so the process cannot change its
    namespace's routes or nftables rules (EPERM) nor gain privileges back;
-4. ``no_new_privs`` (set-uid binaries and file capabilities grant nothing);
-5. ``exec`` the command (``--cwd`` first).
+5. ``no_new_privs`` (set-uid binaries and file capabilities grant nothing);
+6. ``exec`` the command (``--cwd`` first).
 
 Kept to the standard library and ctypes (no pyroute2 import): a mesh starts several of
 these per pod and Python's import time is most of their cost. Python 3.11 has neither
 ``os.setns`` nor ``os.unshare``, hence the libc calls.
 
-Usage: ``podexec --netns tm-ab12-3 [--hosts F --resolv F] [--uid U --gid G] [--cwd D] --
-COMMAND ARGS...``; exit status 126 with a message on stderr when the sandbox cannot be
+Usage: ``podexec --netns tm-ab12-3 [--hosts F --resolv F] [--hostname H] [--uid U --gid G]
+[--cwd D] -- COMMAND ARGS...``; exit status 126 with a message on stderr when the sandbox cannot be
 entered (the command never runs outside it).
 """
 
@@ -33,6 +35,7 @@ __all__ = ["main", "podexec_argv"]
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
@@ -54,6 +57,7 @@ def podexec_argv(
     hosts: str | None = None,
     resolv: str | None = None,
     cwd: str | None = None,
+    hostname: str | None = None,
 ) -> list[str]:
     """The argv that runs ``command`` in the sandbox (built in one place, parsed below)."""
     argv = [python, "-m", "trustmesh.runtime.podexec", "--netns", netns]
@@ -62,6 +66,8 @@ def podexec_argv(
             argv += [flag, str(value)]
     if cwd is not None:
         argv += ["--cwd", cwd]
+    if hostname is not None:
+        argv += ["--hostname", hostname]
     return [*argv, "--", *command]
 
 
@@ -84,7 +90,7 @@ def _parse(args: list[str]) -> tuple[dict[str, str], list[str]]:
         raise _Fail("usage: podexec --netns NAME [options] -- COMMAND ...")
     split = args.index("--")
     options, command = args[:split], args[split + 1 :]
-    known = {"--netns", "--uid", "--gid", "--hosts", "--resolv", "--cwd"}
+    known = {"--netns", "--uid", "--gid", "--hosts", "--resolv", "--cwd", "--hostname"}
     parsed: dict[str, str] = {}
     if len(options) % 2:
         raise _Fail(f"options come in pairs: {options}")
@@ -124,6 +130,10 @@ def enter(options: dict[str, str]) -> None:
             _check(libc.mount(src, dst, None, MS_BIND, None), f"bind {source} on {target}")
             flags = MS_BIND | MS_REMOUNT | MS_RDONLY
             _check(libc.mount(src, dst, None, flags, None), f"read-only {target}")
+    if "hostname" in options:
+        host = options["hostname"].encode()
+        _check(libc.unshare(CLONE_NEWUTS), "unshare(UTS namespace)")
+        _check(libc.sethostname(host, len(host)), f"host name {options['hostname']}")
     if "uid" in options:
         uid = int(options["uid"])
         gid = int(options.get("gid", uid))

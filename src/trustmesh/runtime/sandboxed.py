@@ -132,6 +132,7 @@ def app_argv(pod: PodPlan, paths: PodPaths) -> tuple[list[str], dict[str, str]]:
         hosts=str(paths.hosts),
         resolv=str(paths.resolv),
         cwd=str(paths.app),
+        hostname=pod.name[:64],  # a pod's host name is its name (HOSTNAME too)
     )
     env = {**_base_env(), **python.env, "HOME": str(paths.app), **pod.env}
     return argv, env
