@@ -27,6 +27,7 @@ class LoadPath:
     port: int
     request: bytes
     roles: dict[str, int]  # role → Envoy PID, for CPU accounting
+    netns: str | None = None  # the client pod's network namespace (sandboxed paths)
 
 
 async def sleep_until(moment: float) -> None:
@@ -45,6 +46,7 @@ async def measure(path: LoadPath, load: LoadGenerator, args: argparse.Namespace)
         args.warmup,
         args.duration,
         max_requests=args.max_requests,
+        netns=path.netns,
     )
     running = asyncio.create_task(asyncio.to_thread(load.run, job))
     roles = {**path.roles, "generator": 0}

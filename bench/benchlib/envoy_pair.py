@@ -109,11 +109,9 @@ def _tls_certificate(creds: Credentials) -> dict[str, Any]:
     }
 
 
-def handwritten_client_bootstrap(
-    address: str, server: str, creds: Credentials, access_log: Sequence[dict[str, Any]] = ()
-) -> dict[str, Any]:
-    """HTTP proxy listener → cluster over mTLS, the server pinned by its SPIFFE ID."""
-    tls = {
+def upstream_tls(creds: Credentials) -> dict[str, Any]:
+    """Client side of mTLS: our certificate, the server pinned by its SPIFFE ID."""
+    return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": _UPSTREAM_TLS,
@@ -128,23 +126,11 @@ def handwritten_client_bootstrap(
             },
         },
     }
-    route = {"match": {"prefix": "/"}, "route": {"cluster": "server"}}
-    # Absolute-form requests need no option: Envoy's HTTP/1 codec accepts them by default.
-    manager = _hcm("client", route, access_log=list(access_log))
-    listener = {
-        "name": "client",
-        "address": _address(address, OUTBOUND_HTTP_PORT),
-        "filter_chains": [{"filters": [manager]}],
-    }
-    cluster = _static_cluster("server", server, APP_PORT, transport_socket=tls)
-    return _bootstrap("handwritten-client", listener, [cluster])
 
 
-def handwritten_server_bootstrap(
-    address: str, app: str, creds: Credentials, access_log: Sequence[dict[str, Any]] = ()
-) -> dict[str, Any]:
-    """mTLS listener (client certificate required) → RBAC ALLOW sleep → router → app."""
-    tls = {
+def downstream_tls(creds: Credentials) -> dict[str, Any]:
+    """Server side of mTLS: a client certificate from the mesh's roots is required."""
+    return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": _DOWNSTREAM_TLS,
@@ -155,8 +141,12 @@ def handwritten_server_bootstrap(
             },
         },
     }
+
+
+def allow_sleep_rbac() -> dict[str, Any]:
+    """The HTTP RBAC filter ALLOWing sleep's principal (the policy of both benchmarks)."""
     principal = {"authenticated": {"principal_name": {"exact": SLEEP.uri}}}
-    rbac = {
+    return {
         "name": "envoy.filters.http.rbac",
         "typed_config": {
             "@type": _RBAC,
@@ -168,11 +158,33 @@ def handwritten_server_bootstrap(
             },
         },
     }
+
+
+def handwritten_client_bootstrap(
+    address: str, server: str, creds: Credentials, access_log: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """HTTP proxy listener → cluster over mTLS, the server pinned by its SPIFFE ID."""
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "server"}}
+    # Absolute-form requests need no option: Envoy's HTTP/1 codec accepts them by default.
+    manager = _hcm("client", route, access_log=list(access_log))
+    listener = {
+        "name": "client",
+        "address": _address(address, OUTBOUND_HTTP_PORT),
+        "filter_chains": [{"filters": [manager]}],
+    }
+    cluster = _static_cluster("server", server, APP_PORT, transport_socket=upstream_tls(creds))
+    return _bootstrap("handwritten-client", listener, [cluster])
+
+
+def handwritten_server_bootstrap(
+    address: str, app: str, creds: Credentials, access_log: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """mTLS listener (client certificate required) → RBAC ALLOW sleep → router → app."""
     route = {"match": {"prefix": "/"}, "route": {"cluster": "app"}}
-    manager = _hcm("server", route, [rbac], access_log=list(access_log))
+    manager = _hcm("server", route, [allow_sleep_rbac()], access_log=list(access_log))
     listener = {
         "name": "server",
         "address": _address(address, APP_PORT),
-        "filter_chains": [{"transport_socket": tls, "filters": [manager]}],
+        "filter_chains": [{"transport_socket": downstream_tls(creds), "filters": [manager]}],
     }
     return _bootstrap("handwritten-server", listener, [_static_cluster("app", app, APP_PORT)])

@@ -5,6 +5,10 @@ one request in flight per connection, a prebuilt request, responses framed by
 Content-Length. :class:`LoadGenerator` starts the workers once (spawn) and reuses them;
 :func:`merge` turns their samples into requests/s and latency percentiles. Also
 :func:`probe` / :func:`wait_serving`: single requests until a path serves.
+
+A job or probe with ``netns`` opens its connections inside that network namespace (a
+pod's, as its app would: the pod's capture rules apply to them); a socket keeps the
+namespace it was made in.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import selectors
 import socket
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -34,6 +38,7 @@ class Job:
     warmup: float
     duration: float
     max_requests: int  # per worker: a bound in case the window is never reached
+    netns: str | None = None  # connect from inside this network namespace
 
 
 @dataclass(slots=True)
@@ -78,8 +83,25 @@ def _response_end(buf: bytearray) -> int:
     return total if len(buf) >= total else 0
 
 
+@contextlib.contextmanager
+def _inside(netns: str | None) -> Iterator[None]:
+    """This thread in network namespace ``netns`` for the block (no-op for None)."""
+    if netns is None:
+        yield
+        return
+    from trustmesh.runtime.netns import entered  # pyroute2: only where namespaces are used
+
+    with entered(netns):
+        yield
+
+
 def run_load(job: Job) -> JobResult:
     """Closed loop on ``job.connections`` connections; latencies of the measured window."""
+    with _inside(job.netns):
+        return _run_load(job)
+
+
+def _run_load(job: Job) -> JobResult:
     selector = selectors.DefaultSelector()
     clock = time.perf_counter_ns  # CLOCK_MONOTONIC, like time.monotonic()
     latencies: array[int] = array("q")
@@ -233,9 +255,11 @@ class LoadGenerator:
                 process.join()
 
 
-def probe(host: str, port: int, request: bytes) -> tuple[bytes, bytes]:
-    """One request on a fresh connection: (status line, body)."""
-    with socket.create_connection((host, port), timeout=5) as sock:
+def probe(host: str, port: int, request: bytes, netns: str | None = None) -> tuple[bytes, bytes]:
+    """One request on a fresh connection (from ``netns``): (status line, body)."""
+    with _inside(netns):
+        sock = socket.create_connection((host, port), timeout=5)
+    with sock:
         sock.sendall(request)
         buf = bytearray()
         while (size := _response_end(buf)) == 0:
@@ -250,14 +274,19 @@ def probe(host: str, port: int, request: bytes) -> tuple[bytes, bytes]:
 
 
 async def wait_serving(
-    host: str, port: int, request: bytes, expected: bytes, timeout: float = 10
+    host: str,
+    port: int,
+    request: bytes,
+    expected: bytes,
+    timeout: float = 10,
+    netns: str | None = None,
 ) -> None:
     """Until ``request`` through ``host:port`` gets 200 and the ``expected`` body (the
     listeners on the way warmed)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            status, body = await asyncio.to_thread(probe, host, port, request)
+            status, body = await asyncio.to_thread(probe, host, port, request, netns)
             if status.endswith(b"200 OK") and body == expected:
                 return
             last = f"{status!r} {body[:200]!r}"
