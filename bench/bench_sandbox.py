@@ -24,16 +24,26 @@ httpbin's pod as the pod's app uid; sidecars run as uid 1337 through ``podexec``
 capabilities, no_new_privs), every Envoy with one worker thread. The load generator's
 workers open their connections inside sleep's namespace as an app would (uid 0, so the
 capture takes them) to httpbin's ClusterIP:8000 (``GET /get``, ``Host: httpbin.foo:8000``).
-Paths are interleaved round by round; medians and ratios as in bench_dataplane.py.
+Paths are interleaved round by round in A B, B A order; medians and ratios as in
+bench_dataplane.py, plus ``sidecar_cpu_ratio_app_normalized``: each run's sidecar CPU per
+request divided by the app's in the same run. The app does identical work on both paths,
+so its CPU per request measures how much the rest of the machine slowed that run (cache
+and core contention on a shared host); the normalized ratio is the sidecars' own cost.
 
 After the run both sandboxes are torn down by their ledgers and the host is checked: no
 namespace of either mesh, the host's links and nftables tables as before
 (``teardown.leftovers`` in the JSON).
 
+Then ``up_down`` (bench/benchlib/sandbox_updown.py): ``trustmesh up -d --isolation netns``
+of ``--pods`` (20) helloworld pods, each with a sidecar, timed until it returns and until
+every pod answers through the mesh; ``trustmesh down``; the host checked for anything the
+mesh left (namespaces, links, nftables tables, mounts, its run directory, processes).
+
 Needs root, ``nft`` and network namespaces (the sandbox's own requirements).
 
 Usage: python bench/bench_sandbox.py [--rounds 3] [--duration 5] [--warmup 1]
-       [--workers 2] [--connections 8] [--state DIR]
+       [--workers 2] [--connections 8] [--state DIR] [--pods 20] [--isolation netns]
+       [--skip-pair] [--skip-up-down]
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +71,7 @@ from benchlib.mesh_rig import RunningAgent
 from benchlib.procstat import machine
 from benchlib.sandbox_handwritten import captured_client_bootstrap, captured_server_bootstrap
 from benchlib.sandbox_pods import BuiltMesh, PodEnvoy, build_sandbox, write_config
+from benchlib.sandbox_updown import up_and_down
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.server import CaServer
 from trustmesh.runtime.capture import PROXY_UID
@@ -67,6 +79,7 @@ from trustmesh.runtime.netns import sandbox_support
 from trustmesh.xds.controlplane import ProxyRegistration
 from trustmesh.xds.translate import CaptureMode, static_bootstrap, translate
 
+UP_TARGET_S = 10.0  # `up` of 20 pods ready
 SERVICE = "foo/httpbin"
 SERVICE_HOST = "httpbin.foo.svc.cluster.local"
 # What an unmodified app sends to http://httpbin.foo:8000/get (origin form: no proxy).
@@ -94,6 +107,18 @@ def host_snapshot(mesh_ids: list[str]) -> dict[str, Any]:
         "nft_tables": _run("nft", "list", "tables").split("\n"),
         "run_dirs": [m for m in mesh_ids if Path(f"/run/trustmesh/{m}").exists()],
     }
+
+
+def app_normalized(rounds: list[dict[str, dict[str, Any]]], path: str, baseline: str) -> float:
+    """Median over rounds of (sidecar CPU / app CPU per request) on ``path`` over the same
+    on ``baseline``: the sidecars' cost with the run's contention divided out."""
+
+    def relative(run: dict[str, Any]) -> float:
+        cpu = run["cpu_us_per_request"]
+        return float(cpu["client"] + cpu["server"]) / max(float(cpu["app"]), 1e-9)
+
+    ratios = [relative(r[path]) / relative(r[baseline]) for r in rounds]
+    return round(statistics.median(ratios), 3)
 
 
 class Bench:
@@ -223,7 +248,7 @@ class Bench:
         return {"problems": problems}
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     mesh_ids: list[str] = []
     before = host_snapshot([])
@@ -246,7 +271,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rounds: list[dict[str, dict[str, Any]]] = []
                 for number in range(args.rounds):
                     rounds.append({})
-                    for path in paths:
+                    # A B, B A, …: drift in the machine's load hits both paths alike.
+                    for path in paths if number % 2 == 0 else paths[::-1]:
                         got = await measure(path, load, args)
                         rounds[-1][path.name] = got
                         log(
@@ -276,8 +302,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     medians = summarize(rounds)
     ratios = {"trustmesh_vs_handwritten": compare(rounds, medians, "trustmesh", "handwritten")}
+    ratios["trustmesh_vs_handwritten"]["sidecar_cpu_ratio_app_normalized"] = app_normalized(
+        rounds, "trustmesh", "handwritten"
+    )
     return {
-        "machine": machine(),
         "setup": {
             "isolation": "netns",
             "envoy_concurrency": 1,
@@ -323,11 +351,32 @@ def main() -> None:
         default=Path("/var/tmp/trustmesh-bench-sandbox"),
         help="the sandboxes' ledgers (a run after a crash removes what they list first)",
     )
+    parser.add_argument("--pods", type=int, default=20, help="pods started by `up`")
+    parser.add_argument("--isolation", default="netns", help="`up --isolation` (up_down)")
+    parser.add_argument("--skip-pair", action="store_true", help="no sidecar pair comparison")
+    parser.add_argument("--skip-up-down", action="store_true", help="no up/down of --pods")
     args = parser.parse_args()
     problem = sandbox_support()
     if problem is not None:
         raise SystemExit(f"bench_sandbox needs the pod sandbox: {problem}")
-    result = asyncio.run(run(args))
+    started = time.monotonic()
+    result: dict[str, Any] = {"machine": machine()}
+    if not args.skip_pair:
+        result["pair"] = asyncio.run(run_pair(args))
+    if not args.skip_up_down:
+        log(f"up of {args.pods} pods ({args.isolation}), then down")
+        with tempfile.TemporaryDirectory(prefix="bench-sandbox-up-") as tmp:
+            updown = up_and_down(Path(tmp), args.pods, args.isolation)
+        updown["targets"] = {"up_s_max": UP_TARGET_S, "down_leaves_nothing": True}
+        updown["meets_targets"] = (
+            updown.get("all_serving_s", float("inf")) <= UP_TARGET_S and updown["clean"]
+        )
+        result["up_down"] = updown
+        log(
+            f"up {updown.get('up_s')}s, all serving {updown.get('all_serving_s')}s, "
+            f"down {updown.get('down_s')}s, clean {updown['clean']}"
+        )
+    result["runtime_s"] = round(time.monotonic() - started, 1)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
