@@ -1,10 +1,7 @@
-"""Istio's samples unchanged, and pods that behave like pods, through ``trustmesh up``
-(process mode, real Envoy sidecars, real mTLS).
+"""Pods that behave like pods, through ``trustmesh up`` (process mode, real Envoy
+sidecars, real mTLS). Bookinfo as published, with Istio's HTTP authorization task, is
+tests/sandbox/test_bookinfo_sandbox.py (each isolation mode).
 
-* bookinfo as published (images, no commands) runs on the built-in stand-ins: reviews
-  answers productpage, the product page shows reviews and each version's stars, and a
-  DENY on ratings turns the stars into Istio's "Ratings service is currently unavailable"
-  — the offline verdict agreeing for that hop.
 * An app that exits is restarted after its back-off, its endpoint is out of the mesh until
   it accepts connections again (a Service's other pod takes every request meanwhile), and
   ``status`` shows the restart and the exit; a Pod with ``restartPolicy: Never`` stays
@@ -18,39 +15,15 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.mesh import START_TIMEOUT, trustmesh
 from tests.envoy.conftest import eventually
-from tests.unit.meshutil import ROOT
 from trustmesh.runtime.client import http_request
 from trustmesh.runtime.running import RunningMesh
-
-BOOKINFO = ROOT / "examples" / "bookinfo"
-SERVED_BY = re.compile(r"Reviews served by: (\S+?)<")
-STARS = re.compile(r'<div class="stars text-(\w+)-500"[^>]*>(.*?)</div>')
-UNAVAILABLE = "Ratings service is currently unavailable"
-DENY_RATINGS = """apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-ratings
-  namespace: default
-spec:
-  selector:
-    matchLabels: {app: ratings}
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/bookinfo-reviews"]
-"""
 
 
 @contextlib.contextmanager
@@ -80,78 +53,6 @@ def _get(running: RunningMesh, source: str, url: str) -> tuple[int, str]:
     answer = asyncio.run(http_request(running.plan, pod, url, timeout=15))
     assert not answer.reset, answer.why
     return answer.status, answer.body.decode(errors="replace")
-
-
-def _pages_by_version(running: RunningMesh, wanted: int = 3) -> dict[str, str]:
-    """Product pages until each reviews version served one (round robin: a few requests)."""
-    pages: dict[str, str] = {}
-    for _ in range(12 * wanted):
-        status, page = _get(running, "default/details-v1", "http://productpage:9080/productpage")
-        assert status == 200, page
-        served = SERVED_BY.search(page)
-        assert served is not None, page
-        pages.setdefault(served.group(1), page)
-        if len(pages) == wanted:
-            break
-    return pages
-
-
-@pytest.fixture(scope="module")
-def bookinfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningMesh, Path]]:
-    root = tmp_path_factory.mktemp("bookinfo")
-    config = root / "config"
-    shutil.copytree(BOOKINFO, config)
-    with running_mesh(config, root / "state", "127.70.0.0") as running:
-        yield running, config
-
-
-def test_bookinfo_as_published_shows_reviews_and_each_versions_stars(
-    bookinfo: tuple[RunningMesh, Path],
-) -> None:
-    running, _ = bookinfo
-    answer = trustmesh(
-        "request", "--from", "default/productpage-v1", "http://reviews:9080/reviews/0",
-        state=running.layout.root,
-    )  # fmt: skip
-    assert answer.returncode == 0 and answer.stdout.startswith("HTTP 200"), answer.stderr
-    body = json.loads(answer.stdout.split("\n\n", 1)[1])
-    assert body["reviews"][0]["reviewer"] == "Reviewer1"
-    assert body["podname"] in ("reviews-v1", "reviews-v2", "reviews-v3")
-
-    pages = _pages_by_version(running)
-    assert set(pages) == {"reviews-v1", "reviews-v2", "reviews-v3"}
-    for version, page in pages.items():
-        assert "The Comedy of Errors" in page and "Book Details" in page, version
-        assert "An extremely entertaining play by Shakespeare." in page
-        assert "Error fetching" not in page and UNAVAILABLE not in page
-    assert STARS.findall(pages["reviews-v1"]) == []  # v1 does not call ratings
-    for version, color in (("reviews-v2", "black"), ("reviews-v3", "red")):
-        stars = STARS.findall(pages[version])
-        assert [(c, body.count('glyphicon-star"')) for c, body in stars] == [(color, 5), (color, 4)]
-
-
-def test_a_deny_on_ratings_shows_istios_ratings_unavailable_text(
-    bookinfo: tuple[RunningMesh, Path],
-) -> None:
-    running, config = bookinfo
-    offline = ["authz", "check", "-f", str(config), "--from", "default/reviews-v2"]
-    offline += ["--to", "default/ratings", "--port", "9080", "--path", "/ratings/0"]
-    assert trustmesh(*offline, state=running.layout.root).returncode == 0  # allowed
-    policy = config / "deny-ratings.yaml"
-    policy.write_text(DENY_RATINGS)
-    try:
-        asyncio.run(running.wait_synced(timeout=30))
-        verdict = trustmesh(*offline, state=running.layout.root)
-        assert verdict.returncode == 3 and "deny-ratings" in verdict.stdout, verdict.stdout
-        pages = _pages_by_version(running)
-        for version in ("reviews-v2", "reviews-v3"):
-            page = pages[version]
-            assert page.count(UNAVAILABLE) == 2, page
-            assert "glyphicon-star" not in page and "Book Reviews" in page
-        assert UNAVAILABLE not in pages["reviews-v1"]  # it never asks ratings
-    finally:
-        policy.unlink()
-        asyncio.run(running.wait_synced(timeout=30))
 
 
 # ---------------------------------------------------------------------------- restarts

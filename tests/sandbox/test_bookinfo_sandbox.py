@@ -193,7 +193,7 @@ def bookinfo(
             )
         else:
             # Another checkout's test session may hold an address block: try the next.
-            for block in range(71, 81):
+            for block in range(70, 80):
                 started = trustmesh(
                     "up", str(config), "-d", "--base", f"127.{block}.0.0",
                     state=state, timeout=START_TIMEOUT,
