@@ -48,12 +48,14 @@ unit: $(STAMP) $(SARIF_SCHEMA) sandbox-deps
 
 test: lint typecheck unit
 
-bench: $(STAMP)
+bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_ca.py
 	$(BIN)/python bench/bench_dataplane.py
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_validate.py
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/bench_sandbox.py; \
+	else echo "bench_sandbox.py needs root (network namespaces, nftables): not run"; fi
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
