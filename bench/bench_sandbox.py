@@ -74,7 +74,7 @@ from benchlib.sandbox_pods import BuiltMesh, PodEnvoy, build_sandbox, write_conf
 from benchlib.sandbox_updown import up_and_down
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.server import CaServer
-from trustmesh.runtime.capture import PROXY_UID
+from trustmesh.runtime.capture import PROXY_UID, TABLE
 from trustmesh.runtime.netns import sandbox_support
 from trustmesh.xds.controlplane import ProxyRegistration
 from trustmesh.xds.translate import CaptureMode, static_bootstrap, translate
@@ -206,6 +206,23 @@ class Bench:
             )
             await self.pod_envoy("trustmesh", role, ref, bootstrap, sidecar=True)
 
+    def capture_rules(self) -> dict[str, Any]:
+        """Each pod's nftables table as the kernel holds it, per pair: the same rules."""
+        tables: dict[str, dict[str, str]] = {}
+        for pair, built in self.meshes.items():
+            tables[pair] = {
+                pod.ref: _run(
+                    "ip", "netns", "exec", built.netns(pod.ref), "nft", "list", "table", "ip", TABLE
+                )
+                for pod in built.plan.pods
+            }
+        first, *others = tables.values()
+        return {
+            "identical_in_both_meshes": all(other == first for other in others),
+            "rules_per_pod": {ref: text.count("\n") for ref, text in first.items()},
+            "sleep": first["foo/sleep"].splitlines(),
+        }
+
     def paths(self) -> list[LoadPath]:
         out = []
         for pair in ("handwritten", "trustmesh"):
@@ -280,6 +297,7 @@ async def run_pair(args: argparse.Namespace) -> dict[str, Any]:
                             f"p50 {got['p50_ms']} ms, errors {got['errors']}"
                         )
                 proof = await bench.evidence()
+                proof["capture_rules"] = bench.capture_rules()
                 builds = {pair: round(b.build_s, 3) for pair, b in bench.meshes.items()}
                 plans = {
                     pair: {
