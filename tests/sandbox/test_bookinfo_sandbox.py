@@ -195,13 +195,14 @@ def bookinfo(
             # Another checkout's test session may hold an address block: try the next.
             for block in range(70, 80):
                 started = trustmesh(
-                    "up", str(config), "-d", "--base", f"127.{block}.0.0",
-                    state=state, timeout=START_TIMEOUT,
+                    "up", str(config), "-d", "--isolation", "process",
+                    "--base", f"127.{block}.0.0", state=state, timeout=START_TIMEOUT,
                 )  # fmt: skip
                 taken = ("are used by the mesh running from", "is already in use by")
                 if started.returncode == 0 or not any(w in started.stderr for w in taken):
                     break
         assert started is not None and started.returncode == 0, started and started.stderr
+        assert RunningMesh.open(state).plan.isolation.value == isolation
         yield Bookinfo(config, state)
     finally:
         trustmesh("down", state=state)
