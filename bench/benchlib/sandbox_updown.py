@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib.loadgen import probe
 from trustmesh.runtime.client import http_request
 from trustmesh.runtime.running import RunningMesh
 from trustmesh.runtime.sandbox import mesh_id
@@ -123,17 +124,33 @@ def _mesh_pids(state: Path) -> list[int]:
 
 
 async def _ask_every_pod(state: Path, pods: int) -> list[str]:
-    """From hello-0, ``GET /hello`` on every Service at once (what ``trustmesh request``
-    sends, in this process); the failures."""
+    """From hello-0, ``GET /hello`` on every Service at once; the failures. In the sandbox
+    the connection is made inside hello-0's namespace to the Service's ClusterIP (the
+    capture takes it to hello-0's sidecar, as the app's would be); in process mode through
+    hello-0's sidecar proxy, as ``trustmesh request`` does."""
     running = RunningMesh.open(state)
+    plan = running.plan
     source = running.pod("hello/hello-0")
 
     async def ask(n: int) -> str | None:
         url = f"http://hello-{n}:{PORT}/hello"
-        answer = await http_request(running.plan, source, url, timeout=20)
-        if answer.status == 200 and b"Hello version: v1" in answer.body:
+        if plan.sandboxed:
+            assert source.netns is not None
+            address = plan.cluster_ips[f"hello-{n}.hello.svc.cluster.local"]
+            request = f"GET /hello HTTP/1.1\r\nHost: hello-{n}:{PORT}\r\n\r\n".encode()
+            try:
+                status_line, body = await asyncio.to_thread(
+                    probe, address, PORT, request, source.netns
+                )
+            except OSError as exc:
+                return f"hello-{n}: {exc!r}"
+            status = int(status_line.split()[1])
+        else:
+            answer = await http_request(plan, source, url, timeout=20)
+            status, body = answer.status, answer.body
+        if status == 200 and b"Hello version: v1" in body:
             return None
-        return f"hello-{n}: {answer.status} {answer.why or answer.body[:200]!r}"
+        return f"hello-{n}: {status} {body[:200]!r}"
 
     found = await asyncio.gather(*(ask(n) for n in range(pods)))
     return [f for f in found if f is not None]
