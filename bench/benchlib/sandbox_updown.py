@@ -156,6 +156,54 @@ async def _ask_every_pod(state: Path, pods: int) -> list[str]:
     return [f for f in found if f is not None]
 
 
+# The supervisor's progress lines that open each phase of `up`.
+PHASES = {
+    "sandbox": "building the pod sandbox",
+    "control_plane": "starting the control plane",
+    "sidecars": "sidecars (agent + Envoy)",
+    "sidecars_configured": "starting",  # the "starting N apps" line follows the wait
+    "ready": "mesh ready in",
+}
+
+
+def _timed_up(
+    state: Path, config: Path, flags: list[str]
+) -> tuple[subprocess.CompletedProcess[str], dict[str, float]]:
+    """``up -d``, noting when each phase's progress line reached the supervisor's log
+    (seconds from the start; polled every 20 ms, so to ±20 ms)."""
+    argv = [sys.executable, "-m", "trustmesh", "up", str(config), "-d", *flags]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [*argv, "--state", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = state / "logs" / "supervisor.log"
+    seen: dict[str, float] = {}
+    while True:
+        finished = process.poll() is not None
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for name, marker in PHASES.items():
+            if name in seen:
+                continue
+            if name == "sidecars_configured":
+                hit = any(line.startswith("starting") and line.endswith(" apps") for line in lines)
+            else:
+                hit = any(marker in line for line in lines)
+            if hit:
+                seen[name] = round(time.monotonic() - started, 2)
+        if finished:
+            break
+        time.sleep(0.02)  # another process's progress: its log is all there is to watch
+    out, err = process.communicate()
+    done = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return done, seen
+
+
 def up_and_down(workdir: Path, pods: int, isolation: str | None) -> dict[str, Any]:
     """Start ``pods`` pods, wait until each answers, stop, check what is left."""
     config = pods_config(workdir / "config", pods)
@@ -164,7 +212,7 @@ def up_and_down(workdir: Path, pods: int, isolation: str | None) -> dict[str, An
     before = host_state(mesh)
     flags = ["--isolation", isolation] if isolation else []
     started = time.monotonic()
-    up = _trustmesh(state, "up", str(config), "-d", *flags)
+    up, phases = _timed_up(state, config, flags)
     up_s = time.monotonic() - started
     result: dict[str, Any] = {"pods": pods, "isolation": isolation or "default"}
     pids: list[int] = []
@@ -178,6 +226,7 @@ def up_and_down(workdir: Path, pods: int, isolation: str | None) -> dict[str, An
         pids = _mesh_pids(state)
         result |= {
             "up_s": round(up_s, 2),
+            "up_phases_s": phases,
             "all_serving_s": round(serving_s, 2),
             "requests_failed": failures,
             "namespaces_while_up": len(during["netns"]),

@@ -6,25 +6,22 @@ ratings: the stand-ins ``trustmesh up`` runs for Istio's sample images
 
 Servers print one line, ``listening on HOST:PORT``, once they accept connections (the
 port actually bound, so ``--port 0`` is usable), and exit 0 on SIGTERM or SIGINT. HOST and
-PORT in the environment set the defaults, as a workload launcher would pass them.
+PORT in the environment set the defaults, as a workload launcher would pass them. The
+serving itself is :func:`trustmesh.samples.run.serve`, which ``python -m trustmesh sample``
+reaches without loading this command line when the arguments are plain ones.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import typer
 
-from trustmesh.cli import render
-from trustmesh.samples import bookinfo, format_address, productpage
+from trustmesh.samples import bookinfo
 from trustmesh.samples import helloworld as helloworld_sample
 from trustmesh.samples import httpbin as httpbin_sample
-from trustmesh.samples import sleep as sleep_sample
 from trustmesh.samples import tcp_echo as tcp_echo_sample
-from trustmesh.samples.http1 import Router, serve_http
+from trustmesh.samples.run import DEFAULT_HOST, Invocation, serve
 
 app = typer.Typer(
     help="Sample workloads for the local mesh (Istio's httpbin, tcp-echo, sleep, helloworld, "
@@ -32,30 +29,14 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-DEFAULT_HOST = "127.0.0.1"
 Host = Annotated[str, typer.Option("--host", envvar="HOST", help="Address to listen on.")]
 _PORT_HELP = "Port to listen on (0: any free port)."
 
 
-def _announce(host: str, port: int) -> None:
-    print(f"listening on {format_address(host, port)}", flush=True)
-
-
-def _run(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], where: str) -> None:
-    """Run ``main(stop)`` with SIGTERM and SIGINT setting ``stop``; bind errors exit 1."""
-
-    async def supervised() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
-    try:
-        asyncio.run(supervised())
-    except OSError as exc:
-        render.usage_error(f"cannot listen on {where}: {exc.strerror or exc}")
-        raise typer.Exit(1) from None
+def _run(invocation: Invocation) -> None:
+    code = serve(invocation)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("httpbin")
@@ -66,10 +47,7 @@ def httpbin(
     ] = httpbin_sample.DEFAULT_PORT,
 ) -> None:
     """An httpbin.org look-alike: /get, /headers, /ip, /status/N, /post, /anything."""
-    _run(
-        lambda stop: httpbin_sample.serve(host, port, stop=stop, ready=_announce),
-        format_address(host, port),
-    )
+    _run(Invocation("httpbin", host, (port,)))
 
 
 @app.command("tcp-echo")
@@ -87,17 +65,7 @@ def tcp_echo(
 
     Istio's image listens on 9000, 9001 and 9002: ``--port 9000 --port 9001 --port 9002``.
     """
-    ports = port or [tcp_echo_sample.DEFAULT_PORT]
-
-    async def serve_all(stop: asyncio.Event) -> None:
-        await asyncio.gather(
-            *(
-                tcp_echo_sample.serve(host, p, stop=stop, ready=_announce, prefix=prefix)
-                for p in dict.fromkeys(ports)
-            )
-        )
-
-    _run(serve_all, ", ".join(format_address(host, p) for p in ports))
+    _run(Invocation("tcp-echo", host, tuple(port or [tcp_echo_sample.DEFAULT_PORT]), prefix))
 
 
 @app.command("sleep")
@@ -114,19 +82,12 @@ def sleep(
     --host and --port are accepted so a launcher can start every sample the same way (like
     Istio's sleep Service, whose port has no listener behind it).
     """
-    del host, port
-    _run(lambda stop: sleep_sample.serve(stop=stop), "nothing")
+    del port
+    _run(Invocation("sleep", host))
 
 
 def _port_option() -> Any:
     return typer.Option("--port", envvar="PORT", min=0, max=65535, help=_PORT_HELP)
-
-
-def _serve(router: Router, host: str, port: int) -> None:
-    _run(
-        lambda stop: serve_http(router, host, port, stop=stop, ready=_announce),
-        format_address(host, port),
-    )
 
 
 BookinfoPort = Annotated[int, _port_option()]
@@ -139,7 +100,7 @@ def helloworld(
 ) -> None:
     """Istio's helloworld: GET /hello answers "Hello version: $SERVICE_VERSION, instance:
     $HOSTNAME"."""
-    _serve(helloworld_sample.HelloWorld().route, host, port)
+    _run(Invocation("helloworld", host, (port,)))
 
 
 @app.command("productpage")
@@ -148,24 +109,24 @@ def productpage_command(
 ) -> None:
     """Bookinfo's product page: /productpage calls details and reviews (by name, through
     $HTTP_PROXY when set) and shows the book, its reviews and their stars."""
-    _serve(productpage.ProductPage().route, host, port)
+    _run(Invocation("productpage", host, (port,)))
 
 
 @app.command("details")
 def details(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT) -> None:
     """Bookinfo's details: GET /details/ID answers the book's details."""
-    _serve(bookinfo.Details().route, host, port)
+    _run(Invocation("details", host, (port,)))
 
 
 @app.command("reviews")
 def reviews(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT) -> None:
     """Bookinfo's reviews: GET /reviews/ID; with ENABLE_RATINGS=true it calls ratings and
     adds stars in $STAR_COLOR (Istio's v2: black, v3: red)."""
-    _serve(bookinfo.Reviews().route, host, port)
+    _run(Invocation("reviews", host, (port,)))
 
 
 @app.command("ratings")
 def ratings(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_PORT) -> None:
     """Bookinfo's ratings: GET /ratings/ID answers each reviewer's stars ($SERVICE_VERSION
     picks Istio's faulty, delayed and unavailable variants)."""
-    _serve(bookinfo.Ratings().route, host, port)
+    _run(Invocation("ratings", host, (port,)))
