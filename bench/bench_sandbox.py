@@ -71,6 +71,7 @@ from benchlib.mesh_rig import RunningAgent
 from benchlib.procstat import machine
 from benchlib.sandbox_handwritten import captured_client_bootstrap, captured_server_bootstrap
 from benchlib.sandbox_pods import BuiltMesh, PodEnvoy, build_sandbox, write_config
+from benchlib.sandbox_up_pair import UpPair, up_config
 from benchlib.sandbox_updown import up_and_down
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.server import CaServer
@@ -125,12 +126,15 @@ class Bench:
     """Both meshes, their processes and agents; :meth:`close` stops them all by PID and
     tears the sandboxes down."""
 
-    def __init__(self, workdir: Path, state: Path) -> None:
+    def __init__(self, workdir: Path, state: Path, up_path: bool) -> None:
         self.workdir = workdir
         self.state = state
         self.meshes: dict[str, BuiltMesh] = {}
-        self.envoys: dict[str, dict[str, PodEnvoy]] = {}
+        self.envoys: dict[str, dict[str, Any]] = {}  # pair → role → PodEnvoy / UpEnvoy
         self.stack = contextlib.AsyncExitStack()
+        self.up_path = up_path
+        self.up: UpPair | None = None
+        self.up_problem = ""
 
     async def pod_envoy(
         self, pair: str, role: str, ref: str, bootstrap: dict[str, Any], sidecar: bool
@@ -138,11 +142,12 @@ class Bench:
         built = self.meshes[pair]
         pod = built.plan.pod(ref)
         assert pod is not None and pod.uid is not None
-        if sidecar:
-            uid, workdir = PROXY_UID, built.sandbox.proxy_dir(pod)
+        paths = built.sandbox.paths(pod)
+        if sidecar:  # uid 1337 with the pod's own group, which alone opens proxy/
+            uid, gid, workdir = PROXY_UID, paths.group, paths.proxy
         else:
-            uid, workdir = pod.uid, built.sandbox.app_dir(pod)
-        envoy = PodEnvoy(f"{pair} {role}", built.netns(ref), uid, workdir)
+            uid, gid, workdir = pod.uid, pod.gid or pod.uid, paths.app
+        envoy = PodEnvoy(f"{pair} {role}", built.netns(ref), uid, gid, workdir)
         self.stack.push_async_callback(envoy.stop)  # before start: a failed start is stopped
         await envoy.start(bootstrap)
         self.envoys.setdefault(pair, {})[role] = envoy
@@ -171,6 +176,25 @@ class Bench:
             True,
         )
         await self.trustmesh_sidecars(ca)
+        if self.up_path:
+            await self.start_up()
+
+    async def start_up(self) -> None:
+        """The third pair: ``trustmesh up --isolation netns`` of the same pods."""
+        public = self.state / "up-files"  # the app's bootstrap, readable by its uid
+        public.mkdir(parents=True, exist_ok=True)
+        for folder in (self.state, public):
+            folder.chmod(0o755)
+        config = up_config(self.workdir / "up-config", public)
+        up = await asyncio.to_thread(UpPair.start, config, self.state / "up")
+        self.up = up
+
+        async def stop() -> None:
+            self.up_problem = await asyncio.to_thread(up.stop)
+
+        self.stack.push_async_callback(stop)
+        self.envoys["trustmesh_up"] = dict(up.envoys)
+        log(f"trustmesh_up: up --isolation netns in {up.up_s:.1f}s")
 
     async def trustmesh_sidecars(self, ca: CertificateAuthority) -> None:
         """Agents (enrolled with a bootstrap token, SDS in the pod's proxy directory) and
@@ -185,9 +209,9 @@ class Bench:
         for role, identity, ref in (("server", HTTPBIN, SERVICE), ("client", SLEEP, "foo/sleep")):
             pod = built.plan.pod(ref)
             assert pod is not None
-            proxy_dir = built.sandbox.proxy_dir(pod)
+            sds_dir = built.sandbox.paths(pod).sds_dir  # 0700, uid 1337
             agent = await RunningAgent.start(
-                identity, ca, (ca_server.port, ca_server.renewal_port), proxy_dir, 10
+                identity, ca, (ca_server.port, ca_server.renewal_port), sds_dir, 10
             )
             self.stack.push_async_callback(agent.close)
             # The agent (here: this root process) owns the socket; its Envoy's uid may use it.
@@ -208,13 +232,16 @@ class Bench:
 
     def capture_rules(self) -> dict[str, Any]:
         """Each pod's nftables table as the kernel holds it, per pair: the same rules."""
+        plans = {pair: built.plan for pair, built in self.meshes.items()}
+        if self.up is not None:
+            plans["trustmesh_up"] = self.up.running.plan
         tables: dict[str, dict[str, str]] = {}
-        for pair, built in self.meshes.items():
+        for pair, plan in plans.items():
             tables[pair] = {
                 pod.ref: _run(
-                    "ip", "netns", "exec", built.netns(pod.ref), "nft", "list", "table", "ip", TABLE
+                    "ip", "netns", "exec", str(pod.netns), "nft", "list", "table", "ip", TABLE
                 )
-                for pod in built.plan.pods
+                for pod in plan.pods
             }
         first, *others = tables.values()
         return {
@@ -225,6 +252,8 @@ class Bench:
 
     def paths(self) -> list[LoadPath]:
         out = []
+        if self.up is not None:
+            out.append(self.up.path("trustmesh_up", REQUEST))
         for pair in ("handwritten", "trustmesh"):
             built, envoys = self.meshes[pair], self.envoys[pair]
             roles = {role: envoy.pid for role, envoy in envoys.items()}
@@ -262,6 +291,8 @@ class Bench:
             pair: await asyncio.to_thread(built.sandbox.teardown)
             for pair, built in self.meshes.items()
         }
+        if self.up is not None:
+            problems["trustmesh_up"] = [self.up_problem] if self.up_problem else []
         return {"problems": problems}
 
 
@@ -274,10 +305,12 @@ async def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="bench-sandbox-") as tmp:
             workdir = Path(tmp)
             ca = CertificateAuthority.init(workdir / "ca", CaConfig(), dt.datetime.now(dt.UTC))
-            bench = Bench(workdir, args.state)
+            bench = Bench(workdir, args.state, args.up_path)
             try:
                 await bench.build(ca)
                 mesh_ids = [built.plan.mesh_id for built in bench.meshes.values()]
+                if bench.up is not None:
+                    mesh_ids.append(bench.up.mesh_id)
                 paths = bench.paths()
                 for path in paths:
                     await wait_serving(
@@ -320,9 +353,14 @@ async def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     }
     medians = summarize(rounds)
     ratios = {"trustmesh_vs_handwritten": compare(rounds, medians, "trustmesh", "handwritten")}
-    ratios["trustmesh_vs_handwritten"]["sidecar_cpu_ratio_app_normalized"] = app_normalized(
-        rounds, "trustmesh", "handwritten"
-    )
+    if "trustmesh_up" in medians:
+        ratios["trustmesh_up_vs_handwritten"] = compare(
+            rounds, medians, "trustmesh_up", "handwritten"
+        )
+    for name, ratio in ratios.items():
+        ratio["sidecar_cpu_ratio_app_normalized"] = app_normalized(
+            rounds, name.split("_vs_")[0], "handwritten"
+        )
     return {
         "setup": {
             "isolation": "netns",
@@ -368,6 +406,12 @@ def main() -> None:
         type=Path,
         default=Path("/var/tmp/trustmesh-bench-sandbox"),
         help="the sandboxes' ledgers (a run after a crash removes what they list first)",
+    )
+    parser.add_argument(
+        "--up-path",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the pair `trustmesh up --isolation netns` runs",
     )
     parser.add_argument("--pods", type=int, default=20, help="pods started by `up`")
     parser.add_argument("--isolation", default="netns", help="`up --isolation` (up_down)")

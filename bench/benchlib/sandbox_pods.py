@@ -140,14 +140,16 @@ def build_sandbox(config: Path, state: Path) -> BuiltMesh:
 class PodEnvoy:
     """An Envoy (one worker thread) inside a pod's namespace, as ``uid``.
 
-    Its files live in ``workdir`` (a directory ``uid`` owns): ``envoy.json``, ``envoy.log``,
-    ``admin.address``. The admin listens on 127.0.0.1 of the pod, port chosen by Envoy.
+    Its files live in ``workdir`` (a directory ``uid`` / ``gid`` can write):
+    ``envoy.json``, ``envoy.log``, ``admin.address``. The admin listens on 127.0.0.1 of
+    the pod, port chosen by Envoy.
     """
 
-    def __init__(self, label: str, netns: str, uid: int, workdir: Path) -> None:
+    def __init__(self, label: str, netns: str, uid: int, gid: int, workdir: Path) -> None:
         self.label = label
         self.netns = netns
         self.uid = uid
+        self.gid = gid
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.admin: tuple[str, int] | None = None
@@ -185,7 +187,7 @@ class PodEnvoy:
             "1",
         ]
         argv = podexec_argv(
-            sys.executable, self.netns, command, uid=self.uid, gid=self.uid, cwd=str(self.workdir)
+            sys.executable, self.netns, command, uid=self.uid, gid=self.gid, cwd=str(self.workdir)
         )
         with (self.workdir / "envoy.log").open("ab") as log:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
