@@ -1,11 +1,12 @@
 """Sandbox benchmark: trustmesh's sidecar pair in pod network namespaces next to a
 hand-written Envoy pair behind the very same capture rules, side by side in one run.
 
-Both pairs run in a two-pod mesh (foo/sleep → foo/httpbin, mesh-wide STRICT, an
+The pairs run in a two-pod mesh (foo/sleep → foo/httpbin, mesh-wide STRICT, an
 AuthorizationPolicy ALLOWing sleep on httpbin) built by the sandbox library — one node
 namespace with a bridge, a namespace per pod with its veth, pod IP and route, istio-init's
 capture and kube-proxy's DNAT as the pod's nftables table (``capture.pod_ruleset``), every
-object on the ledger — one such mesh per pair, so the pairs share nothing but the CPU:
+object on the ledger — one such mesh per pair, so the pairs share nothing but the CPU
+(the third is built by ``up`` itself, with the same rules):
 
 1. ``handwritten``: the minimal pair a user would write for captured pods
    (bench/benchlib/sandbox_handwritten.py): client Envoy with one listener on 15001
@@ -19,20 +20,25 @@ object on the ledger — one such mesh per pair, so the pairs share nothing but 
    (``static_bootstrap``: what the control plane would serve over ADS, the ECDS filters
    inline), certificates over SDS from two real WorkloadAgents enrolled with the CA server.
 
+3. ``trustmesh_up`` (``--no-up-path`` leaves it out): ``trustmesh up --isolation netns`` of
+   the same pods (bench/benchlib/sandbox_up_pair.py) — the control plane over ADS (ECDS
+   policy filters, RDS), agents behind the SDS peer gate, processes started by the
+   supervisor; httpbin's app is the same Envoy, as the container's ``command``.
+
 In each mesh the app is an Envoy answering a ``direct_response`` on 0.0.0.0:8000 in
 httpbin's pod as the pod's app uid; sidecars run as uid 1337 through ``podexec`` (no
 capabilities, no_new_privs), every Envoy with one worker thread. The load generator's
 workers open their connections inside sleep's namespace as an app would (uid 0, so the
 capture takes them) to httpbin's ClusterIP:8000 (``GET /get``, ``Host: httpbin.foo:8000``).
-Paths are interleaved round by round in A B, B A order; medians and ratios as in
+Paths are interleaved round by round in A B C, C B A order; medians and ratios as in
 bench_dataplane.py, plus ``sidecar_cpu_ratio_app_normalized``: each run's sidecar CPU per
-request divided by the app's in the same run. The app does identical work on both paths,
+request divided by the app's in the same run. The app does identical work on every path,
 so its CPU per request measures how much the rest of the machine slowed that run (cache
 and core contention on a shared host); the normalized ratio is the sidecars' own cost.
 
-After the run both sandboxes are torn down by their ledgers and the host is checked: no
-namespace of either mesh, the host's links and nftables tables as before
-(``teardown.leftovers`` in the JSON).
+After the run the sandboxes are torn down by their ledgers (``up``'s by ``trustmesh
+down``) and the host is checked: no namespace of any of the meshes, the host's links and
+nftables tables as before (``teardown.leftovers`` in the JSON).
 
 Then ``up_down`` (bench/benchlib/sandbox_updown.py): ``trustmesh up -d --isolation netns``
 of ``--pods`` (20) helloworld pods, each with a sidecar, timed until it returns and until
