@@ -3,9 +3,9 @@ does it, through ``trustmesh up`` with real Envoy sidecars and real mTLS.
 
 The mesh: examples/bookinfo (bookinfo.yaml unchanged — images, no commands — a Namespace
 labelled for injection, destination-rule-all-mtls.yaml, mesh-wide STRICT) plus the task's
-policies, written from its description: ``allow-nothing`` for the default namespace, GET
-on productpage from anyone, GET on details and on reviews from productpage's service
-account, GET on ratings from reviews' service account.
+policies (examples/bookinfo-authz-http), written from its description: ``allow-nothing``
+for the default namespace, GET on productpage from anyone, GET on details and on reviews
+from productpage's service account, GET on ratings from reviews' service account.
 
 Checked, for each isolation mode:
 
@@ -39,41 +39,12 @@ BOOKINFO = ROOT / "examples" / "bookinfo"
 SERVED_BY = re.compile(r"Reviews served by: (\S+?)<")
 STARS = re.compile(r'<div class="stars text-(\w+)-500"[^>]*>(.*?)</div>')
 UNAVAILABLE = "Ratings service is currently unavailable"
-PRODUCTPAGE_SA = "cluster.local/ns/default/sa/bookinfo-productpage"
 REVIEWS_SA = "cluster.local/ns/default/sa/bookinfo-reviews"
 
 
-def _viewer(name: str, app: str, principal: str | None) -> str:
-    source = f"\n  - from:\n    - source:\n        principals: [{principal!r}]" if principal else ""
-    rule = "\n    to:" if principal else "\n  - to:"
-    return f"""apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: {app}
-  action: ALLOW
-  rules:{source}{rule}
-    - operation:
-        methods: ["GET"]
-"""
-
-
-# Istio's "HTTP Traffic" task (security/authorization/authz-http), step by step.
-TASK_POLICIES = "---\n".join(
-    [
-        # allow-nothing: no selector, empty spec — every workload of default refuses all
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-        "metadata:\n  name: allow-nothing\n  namespace: default\nspec: {}\n",
-        _viewer("productpage-viewer", "productpage", None),
-        _viewer("details-viewer", "details", PRODUCTPAGE_SA),
-        _viewer("reviews-viewer", "reviews", PRODUCTPAGE_SA),
-        _viewer("ratings-viewer", "ratings", REVIEWS_SA),
-    ]
-)
+# Istio's "HTTP Traffic" task (security/authorization/authz-http), step by step: written
+# from the task's description, shipped as an example next to bookinfo.
+TASK_POLICIES = ROOT / "examples" / "bookinfo-authz-http" / "authz-http.yaml"
 
 DENY_RATINGS = f"""apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -183,7 +154,7 @@ def bookinfo(
     root = tmp_path_factory.mktemp(f"bookinfo-{isolation}")
     config = root / "config"
     shutil.copytree(BOOKINFO, config)
-    (config / "authz-http-task.yaml").write_text(TASK_POLICIES)
+    shutil.copy(TASK_POLICIES, config / "authz-http.yaml")
     state = root / "state"
     try:
         started = None
@@ -260,3 +231,21 @@ def test_a_deny_on_ratings_shows_the_ratings_unavailable_text(bookinfo: Bookinfo
     finally:
         policy.unlink()
         bookinfo.synced()
+
+
+def test_the_example_holds_the_tasks_five_policies() -> None:
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(TASK_POLICIES.read_text()) if d]
+    names = {(d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs}
+    assert names == {
+        ("AuthorizationPolicy", "default", name)
+        for name in (
+            "allow-nothing",
+            "productpage-viewer",
+            "details-viewer",
+            "reviews-viewer",
+            "ratings-viewer",
+        )
+    }
+    assert next(d for d in docs if d["metadata"]["name"] == "allow-nothing")["spec"] == {}
