@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.sandbox.conftest import requires_root
-from tests.sandbox.meshrun import PYTHON, SandboxedMesh, sandboxed_mesh
+from tests.sandbox.meshrun import PYTHON, SandboxedMesh, sandboxed_mesh, trustmesh
 from tests.unit.localaccess import listening_ports
 from trustmesh.runtime.capture import PROXY_UID
 from trustmesh.runtime.debug_endpoint import debug_socket
@@ -178,6 +178,16 @@ def test_an_app_cannot_bypass_its_sidecar_to_an_unregistered_address(
     # ... but an app with a sidecar is captured, and REGISTRY_ONLY black-holes it
     refused = _connect(mesh, "foo/sleep", target.pod_ip, 9000)
     assert refused in ("ConnectionResetError", "b''"), refused
+    # the same through `trustmesh request --tcp`, sent from inside each pod as its app
+    address = f"{target.pod_ip}:9000"
+    plain = trustmesh(
+        "request", "--from", "legacy/sleep", "--tcp", address, "-d", "hi", state=mesh.state
+    )
+    assert plain.returncode == 0 and plain.stdout.strip().endswith("hi"), plain
+    captured = trustmesh(
+        "request", "--from", "foo/sleep", "--tcp", address, "-d", "hi", state=mesh.state
+    )
+    assert captured.returncode == 56 and captured.stderr.startswith("reset"), captured
 
 
 def test_an_app_cannot_change_its_pods_rules(mesh: SandboxedMesh) -> None:
