@@ -655,3 +655,56 @@ def test_a_sidecar_client_is_routed_by_its_host() -> None:
     assert http(mesh, host="internal.foo", source=peer).principal == "cluster.local/ns/x/sa/y"
     with pytest.raises(RequestError, match="routes to Service bar/httpbin"):
         http(mesh, host="httpbin.bar:8000")
+
+
+METRICS_PORT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: metrics, namespace: foo}
+spec:
+  selector: {matchLabels: {app: metrics}}
+  template:
+    metadata: {labels: {app: metrics}}
+    spec:
+      serviceAccountName: metrics
+      containers: [{name: m, ports: [{containerPort: 8000}, {containerPort: 9191}]}]
+"""
+
+
+def test_a_sidecar_client_dialling_a_port_no_service_covers_leaves_without_mtls() -> None:
+    """foo/metrics declares 9191 and no Service: a sidecar client dials its pod IP, for
+    which Istio's sidecar has no listener or cluster. TCP falls to virtualOutbound:
+    PassthroughCluster in plaintext (ALLOW_ANY) — so the peer sees no identity and STRICT
+    resets it — or BlackHoleCluster (REGISTRY_ONLY). HTTP to a port some HTTP Service uses
+    (8000) meets that port's listener, whose route has no virtual host for a pod IP."""
+    mesh = compile_text(METRICS_PORT)
+    passed = tcp(mesh, 9191, dst="foo/metrics")
+    assert passed.verdict is ALLOW
+    assert any("PassthroughCluster" in step for step in passed.trace), passed.trace
+    only_sleep = policy(
+        "only-sleep", "foo", "selector: {matchLabels: {app: metrics}}\n"
+        "rules: [{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]",
+    )  # fmt: skip
+    # no identity reaches the peer: an ALLOW on sleep's principal denies it
+    assert (
+        tcp(compile_text(METRICS_PORT + "---\n" + only_sleep), 9191, dst="foo/metrics").verdict
+        is DENY
+    )
+    strict = policy("strict", "foo", "mtls: {mode: STRICT}", kind="PeerAuthentication")
+    assert (
+        tcp(compile_text(METRICS_PORT + "---\n" + strict), 9191, dst="foo/metrics").verdict is RESET
+    )
+    registry_only = compile_text(
+        METRICS_PORT, mesh="outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
+    )
+    closed = tcp(registry_only, 9191, dst="foo/metrics")
+    assert (closed.verdict, closed.status) == (RESET, None)
+    assert "BlackHoleCluster" in closed.reason
+    # HTTP on 8000, an HTTP Service port elsewhere, with no Service of foo/metrics on it
+    blocked = http(registry_only, dst="foo/metrics", port=8000, host="10.88.0.9:8000")
+    assert (blocked.verdict, blocked.status) == (DENY, 502)
+    through = http(mesh, dst="foo/metrics", port=8000, host="10.88.0.9:8000")
+    assert (through.verdict, through.principal) == (ALLOW, None)
+    # the Service's own names still go to the Service
+    with pytest.raises(RequestError, match="routes to Service foo/httpbin"):
+        http(mesh, dst="foo/metrics", port=8000, host="httpbin.foo:8000")
