@@ -65,7 +65,7 @@ class Pod:
     workdir: Path
     captured: bool
 
-    def socket(self) -> socket.socket:
+    def tcp_socket(self) -> socket.socket:
         """A TCP socket of this pod's namespace, non-blocking, for the event loop."""
         sock = netns.netns_socket(self.netns)
         sock.setblocking(False)
@@ -75,7 +75,7 @@ class Pod:
         self, address: str, port: int, *, timeout: float = 5
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a connection from this pod, as its app would (captured if the pod is)."""
-        sock = self.socket()
+        sock = self.tcp_socket()
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
