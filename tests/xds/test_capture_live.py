@@ -12,6 +12,9 @@ PeerAuthentication — and the offline evaluator says the same for each request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import time
 
 import pytest
@@ -33,6 +36,8 @@ from tests.xds.capture_rig import (
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.runtime.capture import PROXY_UID
+from trustmesh.runtime.livenet import app_socket
 from trustmesh.xds.translate import CaptureMode, translate
 
 __all__ = ["ca", "lab"]  # fixtures, used by name
@@ -385,3 +390,38 @@ def _offline(
     http = HttpRequest(method=method, path=path) if method else None
     decision = evaluate(policy, Request(source, destination, port, http), now=time.time())
     return decision.verdict.value, decision.status
+
+
+def test_a_socket_made_as_the_app_uid_is_captured_and_as_1337_is_not(lab: Lab, ca: MiniCA) -> None:
+    """``livenet.app_socket`` makes a socket inside a pod as a given uid (``test --live``
+    sends a workload's cases that way): the capture rules match its owner, so as the
+    app's uid a connection to a host outside the registry meets the sidecar and is closed
+    (REGISTRY_ONLY), while as Envoy's uid 1337 the same connection leaves uncaptured."""
+    policy = _policy(mesh=REGISTRY_ONLY)
+    sleep = lab.pod("sleep", captured=True)
+    ext = lab.pod("ext", captured=False, host=EXT_HOST)
+
+    async def exchange(uid: int) -> bytes:
+        sock = app_socket(sleep.netns, uid, uid)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(5):
+            await loop.sock_connect(sock, (ext.ip, 7777))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            try:
+                writer.write(b"out")
+                await writer.drain()
+                return await reader.read(100)
+            finally:
+                writer.transport.abort()
+
+    async def scenario() -> None:
+        async with Mesh(lab).running() as cp, echo_app(ext, 7777):
+            await _sidecars(cp, ca, policy, sleep)
+            with app_socket(sleep.netns, 20001, 20001) as probe:
+                assert os.fstat(probe.fileno()).st_uid == 20001
+            assert await exchange(PROXY_UID) == f"{sleep.ip}|out".encode()
+            with contextlib.suppress(ConnectionError):
+                assert await exchange(20001) == b""  # BlackHoleCluster: closed at once
+
+    run(scenario(), timeout=60)
