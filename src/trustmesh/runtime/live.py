@@ -42,13 +42,14 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trustmesh.api.policytest import Case
 from trustmesh.policy.compose import MeshPolicy
@@ -66,16 +67,12 @@ from trustmesh.runtime.client import (
     tcp_exchange,
 )
 from trustmesh.runtime.layout import Layout
-from trustmesh.runtime.livenet import (
-    OUTSIDE_ADDRESS,
-    LiveSources,
-    app_socket,
-    resolve,
-    source_problem,
-)
 from trustmesh.runtime.plan import Isolation, MeshPlan, PodPlan
 from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
 from trustmesh.xds.outbound_listeners import WORKLOAD_HEADER
+
+if TYPE_CHECKING:  # the sandbox's modules load pyroute2: only when a mesh is sandboxed
+    from trustmesh.runtime.livenet import LiveSources
 
 __all__ = ["LiveCaseResult", "LiveRunner"]
 
@@ -246,18 +243,32 @@ class LiveRunner:
 
     def _sandbox_source(self, case: Case) -> tuple[PodPlan | None, Opener | None, str]:
         """The client of a case in a sandboxed mesh and how to make its socket."""
+        from trustmesh.runtime import livenet
+
         origin = case.from_
         if origin.principal is not None:
             return None, None, self._source(case)[1]
+        if os.geteuid() != 0:
+            return (
+                None,
+                None,
+                (
+                    "the mesh runs in the pod sandbox: sending a case from a pod's or a source"
+                    " address's network namespace needs root"
+                ),
+            )
         if origin.plaintext:
-            address = origin.ip or OUTSIDE_ADDRESS
-            problem = source_problem(self.plan, address)
+            address = origin.ip or livenet.OUTSIDE_ADDRESS
+            problem = livenet.source_problem(self.plan, address)
             if problem is not None:
                 return None, None, problem
             if self._sources is None:
-                self._sources = LiveSources(self.plan, self.layout.root)
-            namespace = self._sources.namespace(address)
-            return outside_pod(address), partial(app_socket, namespace, None, None), ""
+                self._sources = livenet.LiveSources(self.plan, self.layout.root)
+            try:
+                namespace = self._sources.namespace(address)
+            except livenet.SourceError as exc:
+                return None, None, str(exc)
+            return outside_pod(address), partial(livenet.app_socket, namespace, None, None), ""
         assert origin.workload is not None
         pod = self.plan.pod(origin.workload)
         if pod is None or pod.netns is None:
@@ -267,12 +278,12 @@ class LiveRunner:
                 None,
                 None,
                 (
-                    f"source IP {origin.ip}: {pod.ref} has the address {pod.pod_ip} in this mesh and"
-                    " its sidecar's connections leave from it (send from that address, or from"
-                    f" plaintext at {origin.ip})"
+                    f"source IP {origin.ip}: {pod.ref} has the address {pod.pod_ip} in this"
+                    " mesh and its sidecar's connections leave from it (send from that"
+                    f" address, or from plaintext at {origin.ip})"
                 ),
             )
-        return pod, partial(app_socket, pod.netns, pod.uid, pod.gid), ""
+        return pod, partial(livenet.app_socket, pod.netns, pod.uid, pod.gid), ""
 
     def _sandbox_route(
         self, mesh: MeshPolicy, case: Case, source: PodPlan, opener: Opener
@@ -281,6 +292,8 @@ class LiveRunner:
         a sidecar client dials the Service's ClusterIP (or the pod IP when no Service
         covers the port); a client without a sidecar — a pod without one, or a plaintext
         source — reaches the named workload's endpoint, as kube-proxy would pick it."""
+        from trustmesh.runtime.livenet import resolve
+
         host = case.request.host if case.request is not None else None
         in_pod = source if source.netns is not None else None
         if case.to.host is not None:  # egress: the address the app resolved the host to

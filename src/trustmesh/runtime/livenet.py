@@ -29,6 +29,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyroute2 import NetlinkError
+
 from trustmesh.runtime import netns
 from trustmesh.runtime.names import service_names
 from trustmesh.runtime.plan import (
@@ -44,6 +46,7 @@ from trustmesh.runtime.sandbox import SOURCE_BASE, Sandbox
 __all__ = [
     "OUTSIDE_ADDRESS",
     "LiveSources",
+    "SourceError",
     "app_socket",
     "resolve",
     "source_problem",
@@ -122,6 +125,10 @@ def source_problem(plan: MeshPlan, address: str) -> str | None:
     return None
 
 
+class SourceError(RuntimeError):
+    """A source namespace could not be made; the message says for which address and why."""
+
+
 @dataclass
 class LiveSources:
     """The source namespaces of one running sandboxed mesh, made on first use."""
@@ -146,5 +153,8 @@ class LiveSources:
                 os.replace(partial, registry)
             name = netns_name(self.plan.mesh_id, f"s{number}")
             if not netns.exists(name):
-                name = Sandbox(self.plan, self.state).add_source(address, number)
+                try:
+                    name = Sandbox(self.plan, self.state).add_source(address, number)
+                except (OSError, NetlinkError, netns.NftError) as exc:
+                    raise SourceError(f"no source namespace for {address}: {exc}") from exc
         return name
