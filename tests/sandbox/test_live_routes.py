@@ -9,6 +9,7 @@ or a Service holds are refused with why.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -113,15 +114,33 @@ def test_routes_follow_what_each_client_dials(
     )
 
 
-def test_sources_a_cluster_cannot_have_are_not_run(plan: MeshPlan, tmp_path: Path) -> None:
+def test_sources_a_cluster_cannot_have_are_not_run(
+    plan: MeshPlan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trustmesh.runtime.live.os.geteuid", lambda: 0)  # decided before
     runner = LiveRunner(plan, Layout(tmp_path))
     sleep_ip = _pod(plan, "foo/sleep").pod_ip
     to = {"workload": "foo/httpbin", "port": 8000}
-    elsewhere = runner._sandbox_source(_case({"workload": "foo/sleep", "ip": "10.88.9.9"}, to))
+
+    def client(case: Case) -> tuple[PodPlan | None, object, str]:
+        return asyncio.run(runner._sandbox_source(case))
+
+    elsewhere = client(_case({"workload": "foo/sleep", "ip": "10.88.9.9"}, to))
     assert elsewhere[0] is None and f"has the address {sleep_ip}" in elsewhere[2]
-    taken = runner._sandbox_source(_case({"plaintext": True, "ip": sleep_ip}, to))
+    taken = client(_case({"plaintext": True, "ip": sleep_ip}, to))
     assert taken[0] is None and "pod IP of foo/sleep" in taken[2]
-    peer = runner._sandbox_source(_case({"principal": "cluster.local/ns/x/sa/y"}, to))
+    peer = client(_case({"principal": "cluster.local/ns/x/sa/y"}, to))
     assert peer[0] is None and "only the mesh CA could issue it" in peer[2]
-    own = runner._sandbox_source(_case({"workload": "foo/sleep", "ip": sleep_ip}, to))
+    own = client(_case({"workload": "foo/sleep", "ip": sleep_ip}, to))
     assert own[0] is not None and own[0].ref == "foo/sleep"
+
+
+def test_without_root_a_sandboxed_case_is_not_run(
+    plan: MeshPlan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trustmesh.runtime.live.os.geteuid", lambda: 1000)
+    runner = LiveRunner(plan, Layout(tmp_path))
+    to = {"workload": "foo/httpbin", "port": 8000}
+    case = _case({"workload": "foo/sleep"}, to)
+    source, _, why = asyncio.run(runner._sandbox_source(case))
+    assert source is None and "needs root" in why

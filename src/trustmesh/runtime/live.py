@@ -187,7 +187,7 @@ class LiveRunner:
         self, mesh: MeshPolicy, suite: str, location: str, case: Case
     ) -> LiveCaseResult:
         if self.sandboxed:
-            source, opener, why = self._sandbox_source(case)
+            source, opener, why = await self._sandbox_source(case)
             if source is not None and case.from_.ip is None:
                 # the address it really has: ipBlocks decide on it, offline too
                 origin = case.from_.model_copy(update={"ip": source.pod_ip})
@@ -241,7 +241,7 @@ class LiveRunner:
             return None, f"{origin.workload} is not a pod of the running mesh"
         return pod, ""
 
-    def _sandbox_source(self, case: Case) -> tuple[PodPlan | None, Opener | None, str]:
+    async def _sandbox_source(self, case: Case) -> tuple[PodPlan | None, Opener | None, str]:
         """The client of a case in a sandboxed mesh and how to make its socket."""
         from trustmesh.runtime import livenet
 
@@ -265,7 +265,8 @@ class LiveRunner:
             if self._sources is None:
                 self._sources = livenet.LiveSources(self.plan, self.layout.root)
             try:
-                namespace = self._sources.namespace(address)
+                # pyroute2 runs an event loop of its own: not on this one
+                namespace = await asyncio.to_thread(self._sources.namespace, address)
             except livenet.SourceError as exc:
                 return None, None, str(exc)
             return outside_pod(address), partial(livenet.app_socket, namespace, None, None), ""
