@@ -66,7 +66,7 @@ from trustmesh.runtime.client import (
     outside_pod,
     tcp_exchange,
 )
-from trustmesh.runtime.layout import Layout
+from trustmesh.runtime.layout import Layout, PodPaths
 from trustmesh.runtime.plan import Isolation, MeshPlan, PodPlan
 from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
 from trustmesh.xds.outbound_listeners import WORKLOAD_HEADER
@@ -514,7 +514,8 @@ class LiveRunner:
     def _log_of(self, pod: PodPlan | None) -> Path | None:
         if pod is None or not pod.sidecar:
             return None
-        return self.layout.envoy_log(pod.key)
+        paths = PodPaths.of(self.plan.mesh_id, pod.index) if self.sandboxed else None
+        return self.layout.envoy_log_of(pod.key, paths)
 
 
 def _entry_address(mesh: MeshPolicy, host: str) -> str | None:
