@@ -425,3 +425,39 @@ def test_a_socket_made_as_the_app_uid_is_captured_and_as_1337_is_not(lab: Lab, c
                 assert await exchange(20001) == b""  # BlackHoleCluster: closed at once
 
     run(scenario(), timeout=60)
+
+
+IP_BLOCKS = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: from-addresses, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  rules: [{from: [{source: {ipBlocks: ["10.88.0.7/32"]}}]}]
+"""
+
+
+def test_ip_blocks_see_the_address_a_request_comes_from(lab: Lab, ca: MiniCA) -> None:
+    """An ALLOW on ``ipBlocks: [10.88.0.7/32]``: the same plaintext request is allowed
+    from a namespace holding 10.88.0.7 and denied (403) from one holding 10.88.0.8 —
+    Envoy sees the real peer address through capture — as the offline verdict says."""
+    policy = _policy(IP_BLOCKS)
+    httpbin = lab.pod("httpbin", captured=True)
+    allowed_source = lab.pod("src-7", captured=False, host=7)
+    other_source = lab.pod("src-8", captured=False, host=8)
+    seen: list[Seen] = []
+
+    async def scenario() -> None:
+        async with Mesh(lab).running() as cp, http_app(httpbin, 8000, seen):
+            await _sidecars(cp, ca, policy, httpbin)
+            allowed = await http_request(allowed_source, httpbin.ip, 8000, "GET", "/ip")
+            assert allowed.status == 200, allowed
+            denied = await http_request(other_source, httpbin.ip, 8000, "GET", "/ip")
+            assert (denied.status, denied.body) == (403, b"RBAC: access denied")
+            assert len(seen) == 1
+            _apps_saw_only_envoy(seen, httpbin)
+
+    run(scenario(), timeout=60)
+    for address, verdict in (("10.88.0.7", ("allow", 200)), ("10.88.0.8", ("deny", 403))):
+        source = Source.plaintext(address)
+        assert _offline(policy, source, "foo/httpbin", 8000, "GET", "/ip") == verdict
