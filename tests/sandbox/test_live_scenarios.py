@@ -146,7 +146,7 @@ spec:
     from: {{plaintext: true, ip: 10.88.7.7}}
     to: {{workload: foo/httpbin, port: 8000}}
     request: {{method: GET, path: /ip}}
-    expect: {{verdict: allow, status: 200, rule: ns[foo]-policy[from-addresses]-rule[0]}}
+    expect: {{verdict: allow, status: 200, rule: "ns[foo]-policy[from-addresses]-rule[0]"}}
   - name: plaintext from 10.88.7.8 is denied
     from: {{plaintext: true, ip: 10.88.7.8}}
     to: {{workload: foo/httpbin, port: 8000}}
@@ -161,7 +161,7 @@ spec:
     from: {{plaintext: true, ip: 192.168.7.66}}
     to: {{workload: foo/httpbin, port: 8000}}
     request: {{method: GET, path: /ip}}
-    expect: {{verdict: deny, status: 403, rule: ns[foo]-policy[deny-one]-rule[0]}}
+    expect: {{verdict: deny, status: 403, rule: "ns[foo]-policy[deny-one]-rule[0]"}}
   - name: a POST from 192.168.8.1 is denied too
     from: {{plaintext: true, ip: 192.168.8.1}}
     to: {{workload: foo/httpbin, port: 8000}}
