@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trustmesh.policy.decision import RequestError, Verdict
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.decision import Decision, RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 
@@ -708,3 +709,31 @@ def test_a_sidecar_client_dialling_a_port_no_service_covers_leaves_without_mtls(
     # the Service's own names still go to the Service
     with pytest.raises(RequestError, match="routes to Service foo/httpbin"):
         http(mesh, dst="foo/metrics", port=8000, host="httpbin.foo:8000")
+
+
+def test_http_egress_under_registry_only_is_502_only_where_a_listener_routes_by_host() -> None:
+    """A sidecar has an outbound HTTP listener on a port only when some Service or
+    ServiceEntry serves HTTP there; its route answers an unknown Host with 502. On any
+    other port the request meets virtualOutbound, whose BlackHoleCluster closes it."""
+    registry_only = "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
+
+    def egress(mesh: MeshPolicy, port: int) -> Decision:
+        request = Request(
+            Source.workload("foo/sleep"), "", port, HttpRequest("GET", "/"), "unknown.example"
+        )
+        return evaluate(mesh, request, now=NOW)
+
+    plain = compile_text(mesh=registry_only)
+    assert (egress(plain, 8000).verdict, egress(plain, 8000).status) == (DENY, 502)  # httpbin's
+    closed = egress(plain, 80)
+    assert (closed.verdict, closed.status) == (RESET, None)
+    assert "BlackHoleCluster" in closed.reason
+    gateway = """apiVersion: v1
+kind: Service
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  ports: [{name: http2, port: 80, targetPort: 8080}]
+"""
+    with_gateway = compile_text(gateway, mesh=registry_only)
+    assert (egress(with_gateway, 80).verdict, egress(with_gateway, 80).status) == (DENY, 502)

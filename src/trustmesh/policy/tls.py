@@ -473,9 +473,31 @@ def egress_decision(
     )
     if mode is m.OutboundTrafficPolicyMode.ALLOW_ANY:
         return Verdict.ALLOW, ok_status, f"{host} is unknown; ALLOW_ANY passes it through"
+    port = _egress_port(request)
+    if is_http and (port is None or _http_port_in_registry(mesh, port)):
+        return (
+            Verdict.DENY,
+            502,
+            f"{host} is unknown under REGISTRY_ONLY: the outbound HTTP route of port"
+            f" {port or 80} has no virtual host for it (block_all: 502)",
+        )
     if is_http:
-        return Verdict.DENY, 502, f"{host} is unknown under REGISTRY_ONLY: BlackHoleCluster (502)"
+        return (
+            Verdict.RESET,
+            None,
+            f"{host} is unknown under REGISTRY_ONLY and no Service or ServiceEntry serves HTTP"
+            f" on port {port}, so the sidecar has no HTTP listener there: virtualOutbound"
+            " sends the connection to BlackHoleCluster, which closes it",
+        )
     return Verdict.RESET, None, f"{host} is unknown under REGISTRY_ONLY: connection reset"
+
+
+def _egress_port(request: Request) -> int | None:
+    """The port an egress request goes to: the question's, else one in its host."""
+    if request.port is not None:
+        return request.port
+    _, colon, port = (request.destination_host or "").rpartition(":")
+    return int(port) if colon and port.isdigit() else None
 
 
 def _egress_waypoint(mesh: MeshPolicy, host: str) -> str | None:
