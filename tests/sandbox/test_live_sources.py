@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -72,6 +73,17 @@ async def echo_peer(namespace: str, port: int) -> AsyncIterator[list[str]]:
         await server.wait_closed()
 
 
+def _bridge_mac(plan: MeshPlan) -> str:
+    shown = subprocess.run(
+        ["ip", "-n", plan.node_netns, "-j", "link", "show", netns.BRIDGE],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    address: str = json.loads(shown.stdout)[0]["address"]
+    return address
+
+
 def _case(source: dict[str, object]) -> Case:
     return Case.model_validate(
         {
@@ -105,7 +117,10 @@ def test_cases_leave_from_namespaces_holding_their_address(
             results = [await runner.run_case(mesh, "s", "here", _case(c)) for c in cases]
         return results, peers
 
+    gateway_mac = _bridge_mac(plan)
     results, peers = asyncio.run(scenario())
+    # new ports on the bridge must not move the pods' gateway (their ARP entries for it)
+    assert _bridge_mac(plan) == gateway_mac
     assert [r.live.verdict if r.live else r.not_run for r in results] == ["allow"] * 5
     assert all(r.passed for r in results), [r.as_dict() for r in results]
     expected = ["10.88.7.7", "192.168.7.9", "10.88.250.10", legacy_sleep.pod_ip, "192.168.7.9"]
