@@ -206,3 +206,32 @@ def test_ip_blocks_decide_by_the_address_the_request_comes_from(
     mesh_id = mesh.running.plan.mesh_id
     for address in addresses:
         assert (NETNS_DIR / f"tm-{mesh_id}-s{known[address]}").exists(), address
+
+
+def test_cli_test_live_sends_source_addresses_in_the_sandbox(
+    mesh: LiveMesh, tmp_path: Path
+) -> None:
+    """``trustmesh test --live`` itself against the sandboxed mesh: the ipBlocks cases
+    pass (exit 0); a wrong expectation for the case from 10.88.7.8 fails naming it."""
+    bar_sleep = mesh.running.plan.pod("bar/sleep")
+    assert bar_sleep is not None
+    scenario = tmp_path / "ip-blocks"
+    scenario.mkdir()
+    (scenario / "config.yaml").write_text(IP_POLICY.format(bar_sleep=bar_sleep.pod_ip))
+    cases = scenario / "test.yaml"
+    cases.write_text(IP_CASES.format(bar_sleep=bar_sleep.pod_ip))
+    mesh.apply(scenario)
+    files = ["-f", str(mesh.config_dir), "--mesh-config", str(mesh.mesh_config)]
+    ok = trustmesh("test", *files, str(cases), "--live", state=mesh.state)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "0 failed" in ok.stdout
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(
+        cases.read_text().replace(
+            "    expect: {verdict: deny, status: 403}\n", "    expect: allow\n", 1
+        )
+    )
+    bad = trustmesh("test", *files, str(wrong), "--live", state=mesh.state)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "plaintext from 10.88.7.8 is denied" in bad.stdout
+    assert "expected allow, got deny" in bad.stdout
