@@ -285,7 +285,7 @@ def test_ambient_egress_is_not_controlled_by_outbound_traffic_policy() -> None:
     d = evaluate(m, question, now=NOW)
     assert d.verdict is Verdict.ALLOW and "ztunnel does not apply" in d.reason
     sidecar = Request(Source.workload("side/client"), "", 80, HttpRequest(), "example.com")
-    assert evaluate(m, sidecar, now=NOW).status == 502
+    assert evaluate(m, sidecar, now=NOW).verdict is Verdict.RESET  # no HTTP listener on 80
 
 
 def test_the_local_runtime_refuses_ambient_pods_it_cannot_enforce() -> None:

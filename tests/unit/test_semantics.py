@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trustmesh.policy.decision import RequestError, Verdict
+from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.decision import Decision, RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 
@@ -655,3 +656,84 @@ def test_a_sidecar_client_is_routed_by_its_host() -> None:
     assert http(mesh, host="internal.foo", source=peer).principal == "cluster.local/ns/x/sa/y"
     with pytest.raises(RequestError, match="routes to Service bar/httpbin"):
         http(mesh, host="httpbin.bar:8000")
+
+
+METRICS_PORT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: metrics, namespace: foo}
+spec:
+  selector: {matchLabels: {app: metrics}}
+  template:
+    metadata: {labels: {app: metrics}}
+    spec:
+      serviceAccountName: metrics
+      containers: [{name: m, ports: [{containerPort: 8000}, {containerPort: 9191}]}]
+"""
+
+
+def test_a_sidecar_client_dialling_a_port_no_service_covers_leaves_without_mtls() -> None:
+    """foo/metrics declares 9191 and no Service: a sidecar client dials its pod IP, for
+    which Istio's sidecar has no listener or cluster. TCP falls to virtualOutbound:
+    PassthroughCluster in plaintext (ALLOW_ANY) — so the peer sees no identity and STRICT
+    resets it — or BlackHoleCluster (REGISTRY_ONLY). HTTP to a port some HTTP Service uses
+    (8000) meets that port's listener, whose route has no virtual host for a pod IP."""
+    mesh = compile_text(METRICS_PORT)
+    passed = tcp(mesh, 9191, dst="foo/metrics")
+    assert passed.verdict is ALLOW
+    assert any("PassthroughCluster" in step for step in passed.trace), passed.trace
+    only_sleep = policy(
+        "only-sleep", "foo", "selector: {matchLabels: {app: metrics}}\n"
+        "rules: [{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]",
+    )  # fmt: skip
+    # no identity reaches the peer: an ALLOW on sleep's principal denies it
+    assert (
+        tcp(compile_text(METRICS_PORT + "---\n" + only_sleep), 9191, dst="foo/metrics").verdict
+        is DENY
+    )
+    strict = policy("strict", "foo", "mtls: {mode: STRICT}", kind="PeerAuthentication")
+    assert (
+        tcp(compile_text(METRICS_PORT + "---\n" + strict), 9191, dst="foo/metrics").verdict is RESET
+    )
+    registry_only = compile_text(
+        METRICS_PORT, mesh="outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
+    )
+    closed = tcp(registry_only, 9191, dst="foo/metrics")
+    assert (closed.verdict, closed.status) == (RESET, None)
+    assert "BlackHoleCluster" in closed.reason
+    # HTTP on 8000, an HTTP Service port elsewhere, with no Service of foo/metrics on it
+    blocked = http(registry_only, dst="foo/metrics", port=8000, host="10.88.0.9:8000")
+    assert (blocked.verdict, blocked.status) == (DENY, 502)
+    through = http(mesh, dst="foo/metrics", port=8000, host="10.88.0.9:8000")
+    assert (through.verdict, through.principal) == (ALLOW, None)
+    # the Service's own names still go to the Service
+    with pytest.raises(RequestError, match="routes to Service foo/httpbin"):
+        http(mesh, dst="foo/metrics", port=8000, host="httpbin.foo:8000")
+
+
+def test_http_egress_under_registry_only_is_502_only_where_a_listener_routes_by_host() -> None:
+    """A sidecar has an outbound HTTP listener on a port only when some Service or
+    ServiceEntry serves HTTP there; its route answers an unknown Host with 502. On any
+    other port the request meets virtualOutbound, whose BlackHoleCluster closes it."""
+    registry_only = "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
+
+    def egress(mesh: MeshPolicy, port: int) -> Decision:
+        request = Request(
+            Source.workload("foo/sleep"), "", port, HttpRequest("GET", "/"), "unknown.example"
+        )
+        return evaluate(mesh, request, now=NOW)
+
+    plain = compile_text(mesh=registry_only)
+    assert (egress(plain, 8000).verdict, egress(plain, 8000).status) == (DENY, 502)  # httpbin's
+    closed = egress(plain, 80)
+    assert (closed.verdict, closed.status) == (RESET, None)
+    assert "BlackHoleCluster" in closed.reason
+    gateway = """apiVersion: v1
+kind: Service
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  ports: [{name: http2, port: 80, targetPort: 8080}]
+"""
+    with_gateway = compile_text(gateway, mesh=registry_only)
+    assert (egress(with_gateway, 80).verdict, egress(with_gateway, 80).status) == (DENY, 502)

@@ -169,14 +169,17 @@ def _decide(
     )
     passthrough: ClientTls | None = None
     host = _client_authority(request)
-    if host is not None and source_workload and source_workload.dataplane.mode is _SIDECAR:
-        route = sidecar_client_route(mesh, source_workload, target, port, host)
+    sidecar_client = source_workload is not None and source_workload.dataplane.mode is _SIDECAR
+    if source_workload and sidecar_client and (host is not None or not _covered(target, port)):
+        route = sidecar_client_route(mesh, source_workload, target, port, host, is_http=is_http)
         if route.kind is RouteKind.PASSTHROUGH:  # noted below, as the client's TLS choice
             passthrough = ClientTls(False, None, None, True, route.explanation)
         else:
             run.note(route.explanation)
         if route.kind is RouteKind.BLOCKED:
             return _finish(run, Verdict.DENY, 502, None, route.explanation)
+        if route.kind is RouteKind.CLOSED:
+            return _finish(run, Verdict.RESET, None, None, route.explanation)
     # Only workload sources are memoized: their number is bounded by the config.
     tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
     tls = mesh.memo.get(tls_key) if tls_key else None
@@ -422,6 +425,15 @@ def _without_sidecar(
         )
         run.note(reason)
         return _finish(run, Verdict.UNSUPPORTED, None, None, reason)
+    if source is not None and source.dataplane.mode is _SIDECAR and not _covered(target, port):
+        route = sidecar_client_route(
+            mesh, source, target, port, _client_authority(request), is_http=request.http is not None
+        )
+        run.note(route.explanation)
+        if route.kind is RouteKind.BLOCKED:
+            return _finish(run, Verdict.DENY, 502, None, route.explanation)
+        if route.kind is RouteKind.CLOSED:
+            return _finish(run, Verdict.RESET, None, None, route.explanation)
     run.note("destination {} has no sidecar: no policy is enforced", target.workload.ref)
     reason = "destination has no sidecar"
     if destination.mode is MeshMode.UNKNOWN:
@@ -665,6 +677,11 @@ def _xfcc_patterns(target: WorkloadPolicy) -> list[str]:
         if condition.key.lower() == key
         for value in (*condition.values, *condition.not_values)
     ]
+
+
+def _covered(target: WorkloadPolicy, port: int) -> bool:
+    """Does a Service of the destination target ``port`` (so a client dials a Service)?"""
+    return service_for(target, port)[1] is not None
 
 
 def _client_authority(request: Request) -> str | None:

@@ -159,7 +159,7 @@ def _target_port(workload: Workload, target: int | str | None) -> int | None:
     """A named target port is looked up among the workload's container ports."""
     if isinstance(target, int) or target is None:
         return target
-    for name, number in _named_ports(workload):
+    for name, number in named_ports(workload):
         if name == target:
             return number
     raise RequestError(
@@ -167,7 +167,9 @@ def _target_port(workload: Workload, target: int | str | None) -> int | None:
     )
 
 
-def _named_ports(workload: Workload) -> list[tuple[str, int]]:
+def named_ports(workload: Workload) -> list[tuple[str, int]]:
+    """The workload's named ports (container ports, WorkloadEntry ports): a Service's
+    named targetPort resolves among them."""
     spec = workload.resource.spec
     if isinstance(spec, m.WorkloadEntrySpec):
         return list(spec.ports.items())

@@ -19,6 +19,7 @@ from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.request import Request, Source, SourceKind
+from trustmesh.policy.targets import named_ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +88,13 @@ def client_tls(
 
 
 class RouteKind(enum.Enum):
-    """Where a sidecar client's outbound HTTP route sends a request, chosen by its Host."""
+    """Where a sidecar client's outbound listeners send a request: by its Host over HTTP,
+    by its port (and the address it dials) otherwise."""
 
     SERVICE = "service"  # the destination's Service: its cluster, mesh mTLS as usual
-    PASSTHROUGH = "passthrough"  # no virtual host: PassthroughCluster, plaintext
+    PASSTHROUGH = "passthrough"  # no virtual host / listener: PassthroughCluster, plaintext
     BLOCKED = "blocked"  # no virtual host under REGISTRY_ONLY: a local 502
+    CLOSED = "closed"  # no listener under REGISTRY_ONLY: BlackHoleCluster closes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,20 +112,29 @@ _L4_PROTOCOLS = frozenset({"", "TCP", "UDP", "SCTP"})
 
 
 def sidecar_client_route(
-    mesh: MeshPolicy, client: Workload, target: WorkloadPolicy, port: int, host: str
+    mesh: MeshPolicy,
+    client: Workload,
+    target: WorkloadPolicy,
+    port: int,
+    host: str | None,
+    *,
+    is_http: bool = True,
 ) -> ClientRoute:
     """How a sidecar client's request with ``Host: host`` to the destination's Service
     port is routed: Istio's outbound route for that port has a virtual host per Service
     (and ServiceEntry) on it — ``name.ns.svc.cluster.local``, ``name.ns.svc``,
     ``name.ns``, ``name`` in the client's own namespace, each with and without
     ``:port``, matched case-insensitively — and a catch-all that passes anything else
-    through in plaintext (ALLOW_ANY) or answers 502 (REGISTRY_ONLY).
+    through in plaintext (ALLOW_ANY) or answers 502 (REGISTRY_ONLY). A port no Service
+    of the destination covers is dialled at the pod IP: see :func:`_pod_port_route`.
 
     ``RequestError`` when the Host names another service: the request goes there.
     """
     service, service_port = service_for(target, port)
     if service is None or service_port is None:
-        return ClientRoute(RouteKind.SERVICE, f"no Service covers port {port}: sent to the pod")
+        return _pod_port_route(mesh, client, target, port, host, is_http)
+    if host is None:
+        return ClientRoute(RouteKind.SERVICE, f"{service.hostname}:{service_port}: by port")
     service_ports = [sp for sp in service.ports if sp.port == service_port]
     if any(_proxied_as_tcp(sp.name, sp.protocol) for sp in service_ports):
         return ClientRoute(
@@ -153,6 +165,104 @@ def sidecar_client_route(
         f" it through (PassthroughCluster) to {target.workload.ref} in plaintext, without"
         " its identity",
     )
+
+
+def _pod_port_route(
+    mesh: MeshPolicy,
+    client: Workload,
+    target: WorkloadPolicy,
+    port: int,
+    host: str | None,
+    is_http: bool,
+) -> ClientRoute:
+    """A port no Service of the destination covers: the client dials the pod IP, and its
+    sidecar has no cluster for that address. HTTP to a port some HTTP Service or
+    ServiceEntry of the registry uses meets that port's outbound listener, which routes
+    by Host (a pod IP names no service): on through ``PassthroughCluster`` (ALLOW_ANY) or
+    502 (REGISTRY_ONLY). Anything else falls to ``virtualOutbound``: passed through
+    (ALLOW_ANY) or closed by ``BlackHoleCluster`` (REGISTRY_ONLY). Passed through means
+    plaintext, without the client's identity, as Istio's passthrough is — unless a
+    ServiceEntry's TCP port without addresses claims every connection to that port."""
+    where = f"no Service covers port {port} of {target.workload.ref}: the client dials its pod IP"
+    policy = mesh.for_workload(client.ref)
+    mode = policy.egress_mode if policy else mesh.snapshot.mesh.outbound_traffic_policy.mode
+    registry_only = mode is m.OutboundTrafficPolicyMode.REGISTRY_ONLY
+    if is_http and _http_port_in_registry(mesh, port):
+        owner = _virtual_host_owner(mesh, client.namespace, port, host.lower()) if host else None
+        if owner is not None:
+            raise RequestError(
+                f"from a sidecar client, Host {host} routes to {owner} (port {port}), not"
+                f" to {target.workload.ref}: the client sidecar picks the destination by Host"
+            )
+        if registry_only:
+            return ClientRoute(
+                RouteKind.BLOCKED,
+                f"{where}; its Host names no service on port {port}: the client sidecar"
+                " answers 502 (REGISTRY_ONLY, block_all)",
+            )
+        return ClientRoute(
+            RouteKind.PASSTHROUGH,
+            f"{where}; its Host names no service on port {port}: the client sidecar passes"
+            " it through (PassthroughCluster) in plaintext, without its identity",
+        )
+    entry = _tcp_entry_on(mesh, port)
+    if entry is not None:
+        raise RequestError(
+            f"from a sidecar client, every connection to port {port} goes to {entry} (a TCP"
+            f" port without addresses), not to {target.workload.ref}"
+        )
+    if registry_only:
+        return ClientRoute(
+            RouteKind.CLOSED,
+            f"{where}, which is not in the service registry: the client sidecar closes the"
+            " connection (REGISTRY_ONLY, BlackHoleCluster)",
+        )
+    return ClientRoute(
+        RouteKind.PASSTHROUGH,
+        f"{where}, which is not in the service registry: the client sidecar passes it"
+        " through (PassthroughCluster) in plaintext, without its identity",
+    )
+
+
+def _http_port_in_registry(mesh: MeshPolicy, port: int) -> bool:
+    """Does some Service or ServiceEntry serve HTTP on ``port`` (so a sidecar has an
+    outbound HTTP listener on ``0.0.0.0:port``)?"""
+    key = ("http ports",)
+    ports: frozenset[int] | None = mesh.memo.get(key)
+    if ports is None:
+        found = {
+            sp.port
+            for service in mesh.snapshot.services
+            for sp in service.ports
+            if not _proxied_as_tcp(sp.name, sp.protocol)
+        }
+        for entry in mesh.snapshot.of_kind("ServiceEntry"):
+            found |= {
+                p.number
+                for p in entry.spec.ports
+                if not _proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
+            }
+        ports = mesh.memo[key] = frozenset(found)
+    return port in ports
+
+
+def _tcp_entry_on(mesh: MeshPolicy, port: int) -> str | None:
+    """The ServiceEntry whose TCP port ``port`` has no addresses: its sidecar listener on
+    ``0.0.0.0:port`` takes every connection to that port (Istio's behaviour)."""
+    entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
+    for entry in entries:
+        spec: m.ServiceEntrySpec = entry.spec
+        if spec.addresses:
+            continue
+        for p in spec.ports:
+            protocol = p.protocol.upper()
+            if (
+                p.number == port
+                and protocol not in ("TLS", "HTTPS")
+                and _proxied_as_tcp(p.name, p.protocol)
+            ):
+                return f"ServiceEntry {entry.namespace}/{entry.name}"
+    return None
 
 
 def _proxied_as_tcp(name: str, protocol: str) -> bool:
@@ -215,10 +325,20 @@ def _virtual_hosts(
 def service_for(target: WorkloadPolicy, port: int) -> tuple[Service | None, int | None]:
     """The Service (and its port) a client reaches ``port`` of the workload through."""
     fallback: Service | None = None
+    named: dict[str, int] | None = None
     for service in target.services:
         fallback = fallback or service
         for sp in service.ports:
-            if sp.target_port == port:
+            number: int | None
+            if sp.target_port is None:
+                number = sp.port
+            elif isinstance(sp.target_port, str):  # named: the workload's container port
+                if named is None:
+                    named = dict(named_ports(target.workload))
+                number = named.get(sp.target_port)
+            else:
+                number = sp.target_port
+            if number == port:
                 return service, sp.port
     return fallback, None
 
@@ -353,9 +473,31 @@ def egress_decision(
     )
     if mode is m.OutboundTrafficPolicyMode.ALLOW_ANY:
         return Verdict.ALLOW, ok_status, f"{host} is unknown; ALLOW_ANY passes it through"
+    port = _egress_port(request)
+    if is_http and (port is None or _http_port_in_registry(mesh, port)):
+        return (
+            Verdict.DENY,
+            502,
+            f"{host} is unknown under REGISTRY_ONLY: the outbound HTTP route of port"
+            f" {port or 80} has no virtual host for it (block_all: 502)",
+        )
     if is_http:
-        return Verdict.DENY, 502, f"{host} is unknown under REGISTRY_ONLY: BlackHoleCluster (502)"
+        return (
+            Verdict.RESET,
+            None,
+            f"{host} is unknown under REGISTRY_ONLY and no Service or ServiceEntry serves HTTP"
+            f" on port {port}, so the sidecar has no HTTP listener there: virtualOutbound"
+            " sends the connection to BlackHoleCluster, which closes it",
+        )
     return Verdict.RESET, None, f"{host} is unknown under REGISTRY_ONLY: connection reset"
+
+
+def _egress_port(request: Request) -> int | None:
+    """The port an egress request goes to: the question's, else one in its host."""
+    if request.port is not None:
+        return request.port
+    _, colon, port = (request.destination_host or "").rpartition(":")
+    return int(port) if colon and port.isdigit() else None
 
 
 def _egress_waypoint(mesh: MeshPolicy, host: str) -> str | None:

@@ -6,6 +6,10 @@ the sidecar then opens the mTLS connection with the pod's identity. A pod withou
 connects straight to the service's endpoint (the runtime's plan plays kube-proxy), from
 its own pod IP, in plaintext — exactly the "legacy" client of the Istio tasks.
 
+In a sandboxed mesh (netns isolation) the caller passes an ``opener``: a function making
+a socket inside the client's network namespace (as its app's uid), and ``direct``: the
+address the app dials (a ClusterIP, a pod IP) — the pod's capture rules do the rest.
+
 Outcomes are data: :class:`HttpResult` or :class:`TcpResult`; a connection that is reset
 or closed before any answer is ``reset=True`` with the reason, as ``curl`` exit 56 / 35.
 """
@@ -15,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -24,6 +29,7 @@ from trustmesh.runtime.plan import HTTP_PROXY_PORT, MeshPlan, PodPlan
 
 __all__ = [
     "HttpResult",
+    "Opener",
     "RequestError",
     "TcpResult",
     "http_request",
@@ -33,6 +39,8 @@ __all__ = [
 
 MAX_BODY = 4 * 1024 * 1024
 _READ_ERRORS = (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
+# Makes a TCP socket where the client lives (its network namespace, its uid).
+Opener = Callable[[], socket.socket]
 
 
 class RequestError(ValueError):
@@ -109,12 +117,41 @@ def _resolve(plan: MeshPlan, host: str, port: int) -> tuple[str, int]:
 
 
 async def _connect(
-    address: str, port: int, source: str, timeout: float
+    address: str,
+    port: int,
+    source: str,
+    timeout: float,
+    opener: Opener | None = None,
+    tls: tuple[ssl.SSLContext, str] | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(
-        asyncio.open_connection(address, port, local_addr=(source, 0), limit=MAX_BODY),
-        timeout,
-    )
+    """Connect from ``source`` (with an ``opener``: from its socket, bound to ``source``
+    when given); ``tls``: then handshake with this context and server name."""
+    context, server_name = tls if tls is not None else (None, None)
+    if opener is None:
+        return await asyncio.wait_for(
+            asyncio.open_connection(
+                address,
+                port,
+                local_addr=(source, 0),
+                limit=MAX_BODY,
+                ssl=context,
+                server_hostname=server_name,
+            ),
+            timeout,
+        )
+    sock = opener()
+    try:
+        sock.setblocking(False)
+        if source:
+            sock.bind((source, 0))
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+            return await asyncio.open_connection(
+                sock=sock, limit=MAX_BODY, ssl=context, server_hostname=server_name
+            )
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def http_request(
@@ -127,12 +164,15 @@ async def http_request(
     body: bytes = b"",
     timeout: float = 10.0,
     direct: tuple[str, int] | None = None,
+    opener: Opener | None = None,
 ) -> HttpResult:
     """Send one HTTP/1.1 request as ``pod`` and read the whole answer.
 
     ``direct``: connect to this address and port from the pod's own IP in plaintext,
     not through its sidecar — one endpoint of a service, as kube-proxy would pick it
-    for a pod without a sidecar, or what a sidecar's passthrough sends on.
+    for a pod without a sidecar, or what a sidecar's passthrough sends on. With an
+    ``opener`` (a sandboxed pod), ``direct`` is what the app dials, captured or not by
+    its namespace's rules.
     """
     host, port, target = _split_url(url)
     authority = host if port == 80 else f"{host}:{port}"
@@ -156,7 +196,7 @@ async def http_request(
     lines.append("Connection: close")
     wire = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
     try:
-        reader, writer = await _connect(address, connect_port, source, timeout)
+        reader, writer = await _connect(address, connect_port, source, timeout, opener)
     except (OSError, TimeoutError) as exc:
         return HttpResult(reset=True, why=f"connect to {address}:{connect_port}: {exc}")
     try:
@@ -220,15 +260,17 @@ async def tcp_exchange(
     *,
     timeout: float = 5.0,
     direct: tuple[str, int] | None = None,
+    opener: Opener | None = None,
 ) -> TcpResult:
     """Connect as ``pod``, send ``data`` and read until a line comes back or the peer
     closes; a close without a byte is a reset (Envoy's RBAC or a refused handshake).
 
     To an external host on 443 it opens TLS instead (what ``curl https://host`` does, SNI
-    = ``host``): the handshake completing is the answer.
+    = ``host``): the handshake completing is the answer. ``opener``: see
+    :func:`http_request`.
     """
-    if direct is None and speaks_tls(plan, host, port):
-        return await _tls_handshake(plan, pod, host, port, timeout)
+    if (direct is None or opener is not None) and speaks_tls(plan, host, port):
+        return await _tls_handshake(plan, pod, host, port, timeout, direct, opener)
     if direct is not None:
         (address, connect_port), source = direct, pod.pod_ip
     elif pod.sidecar:
@@ -237,7 +279,7 @@ async def tcp_exchange(
     else:
         (address, connect_port), source = _resolve(plan, host, port), pod.pod_ip
     try:
-        reader, writer = await _connect(address, connect_port, source, timeout)
+        reader, writer = await _connect(address, connect_port, source, timeout, opener)
     except ConnectionRefusedError:
         why = f"connection refused by {address}:{connect_port}"
         if pod.sidecar and direct is None:
@@ -261,21 +303,24 @@ async def tcp_exchange(
 
 
 async def _tls_handshake(
-    plan: MeshPlan, pod: PodPlan, host: str, port: int, timeout: float
+    plan: MeshPlan,
+    pod: PodPlan,
+    host: str,
+    port: int,
+    timeout: float,
+    direct: tuple[str, int] | None = None,
+    opener: Opener | None = None,
 ) -> TcpResult:
-    if pod.sidecar:
+    if direct is not None:
+        (address, port), source = direct, pod.pod_ip
+    elif pod.sidecar:
         assert pod.outbound_ip is not None
         address, source = pod.outbound_ip, pod.app_ip
     else:
         (address, port), source = _resolve(plan, host, port), pod.pod_ip
     context = ssl.create_default_context()  # the public server must prove it is `host`
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                address, port, ssl=context, server_hostname=host, local_addr=(source, 0)
-            ),
-            timeout,
-        )
+        _, writer = await _connect(address, port, source, timeout, opener, (context, host))
     except ssl.SSLCertVerificationError as exc:
         return TcpResult(why=f"TLS to {host}: {exc.verify_message}", tls_peer="")
     except (OSError, TimeoutError, ssl.SSLError) as exc:

@@ -24,18 +24,32 @@ the offline evaluator produces:
 A case fails if the live outcome misses the expectation, and is reported as a mismatch if
 it differs from the offline verdict. Cases that cannot be sent for real — a ``from``
 principal or source IP no local workload has — are reported as not run, with why.
+
+In a sandboxed mesh (netns isolation) each case is sent the way a cluster would carry it
+(:mod:`trustmesh.runtime.livenet`): from a workload, out of that pod's network namespace
+as its app's uid, to the address its app dials (a Service's ClusterIP, a pod IP, an
+external host's address), through capture, its own Envoy and mesh mTLS; from
+``plaintext`` (``ip: X``), out of a source namespace on the mesh bridge holding X (default
+10.88.250.10), straight to the destination pod, whose capture sends it through its Envoy.
+The offline verdict is then taken for the source address the request really had (a
+workload's pod IP), so ``ipBlocks`` and ``remoteIpBlocks`` are compared too. Every port
+is captured there, so a port the workload does not declare is sent as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
+import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trustmesh.api.policytest import Case
 from trustmesh.policy.compose import MeshPolicy
@@ -45,20 +59,28 @@ from trustmesh.policy.testing import Outcome, check, run_case
 from trustmesh.policy.tls import RouteKind, sidecar_client_route
 from trustmesh.runtime.client import (
     HttpResult,
+    Opener,
     RequestError,
     TcpResult,
     http_request,
     outside_pod,
     tcp_exchange,
 )
-from trustmesh.runtime.layout import Layout
-from trustmesh.runtime.plan import MeshPlan, PodPlan
+from trustmesh.runtime.layout import Layout, PodPaths
+from trustmesh.runtime.plan import Isolation, MeshPlan, PodPlan
 from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
 from trustmesh.xds.outbound_listeners import WORKLOAD_HEADER
+
+if TYPE_CHECKING:  # the sandbox's modules load pyroute2: only when a mesh is sandboxed
+    from trustmesh.runtime.livenet import LiveSources
 
 __all__ = ["LiveCaseResult", "LiveRunner"]
 
 LOG_WAIT = 2.0  # seconds to wait for an access-log line (sidecars flush every 100 ms)
+# What a sandboxed app dials for an external host it resolved (there is no DNS in the
+# sandbox): a documentation address (RFC 5737) that is nobody's. Its sidecar picks the
+# listener by port and the route by Host or SNI, as for the host's real address.
+EXTERNAL_ADDRESS = "192.0.2.10"
 _DENIED = "rbac_access_denied_matched_policy["
 _SHADOW = {
     "istio_dry_run_deny_shadow_engine_result",
@@ -119,6 +141,7 @@ class _Route:
     headers: tuple[tuple[str, str], ...] = ()  # for the client sidecar's routing
     target_port: int | None = None  # the destination workload's port
     not_run: str = ""  # why the local mesh cannot send it as a cluster would
+    opener: Opener | None = None  # sandboxed: makes the client's socket (``direct`` dialled)
 
     @classmethod
     def refused(cls, why: str) -> _Route:
@@ -144,6 +167,11 @@ class LiveRunner:
     layout: Layout
     outside_address: str = "127.0.0.1"
     timeout: float = 10.0
+    _sources: LiveSources | None = field(default=None, init=False, repr=False)
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.plan.isolation is Isolation.NETNS
 
     async def run(
         self, mesh: MeshPolicy, suites: Sequence[tuple[str, Sequence[tuple[str, Case]]]]
@@ -158,15 +186,25 @@ class LiveRunner:
     async def run_case(
         self, mesh: MeshPolicy, suite: str, location: str, case: Case
     ) -> LiveCaseResult:
+        if self.sandboxed:
+            source, opener, why = await self._sandbox_source(case)
+            if source is not None and case.from_.ip is None:
+                # the address it really has: ipBlocks decide on it, offline too
+                origin = case.from_.model_copy(update={"ip": source.pod_ip})
+                case = case.model_copy(update={"from_": origin})
+        else:
+            (source, why), opener = self._source(case), None
         # Live requests meet the real clock; the offline verdict is taken at the same time.
         offline_result = run_case(mesh, suite, location, case, time.time())
         decision = offline_result.decision
         offline = Outcome.of(decision) if decision is not None else None
-        source, why = self._source(case)
         if source is None:
             return LiveCaseResult(suite, case.name, location, None, offline, not_run=why)
         try:
-            route = self._route(mesh, case, source, offline)
+            if opener is not None:
+                route = self._sandbox_route(mesh, case, source, opener)
+            else:
+                route = self._route(mesh, case, source, offline)
             if route.not_run:
                 return LiveCaseResult(
                     suite, case.name, location, None, offline, not_run=route.not_run
@@ -202,6 +240,121 @@ class LiveRunner:
         if pod is None:
             return None, f"{origin.workload} is not a pod of the running mesh"
         return pod, ""
+
+    async def _sandbox_source(self, case: Case) -> tuple[PodPlan | None, Opener | None, str]:
+        """The client of a case in a sandboxed mesh and how to make its socket."""
+        from trustmesh.runtime import livenet
+
+        origin = case.from_
+        if origin.principal is not None:
+            return None, None, self._source(case)[1]
+        if os.geteuid() != 0:
+            return (
+                None,
+                None,
+                (
+                    "the mesh runs in the pod sandbox: sending a case from a pod's or a source"
+                    " address's network namespace needs root"
+                ),
+            )
+        if origin.plaintext:
+            address = origin.ip or livenet.OUTSIDE_ADDRESS
+            problem = livenet.source_problem(self.plan, address)
+            if problem is not None:
+                return None, None, problem
+            if self._sources is None:
+                self._sources = livenet.LiveSources(self.plan, self.layout.root)
+            try:
+                # pyroute2 runs an event loop of its own: not on this one
+                namespace = await asyncio.to_thread(self._sources.namespace, address)
+            except livenet.SourceError as exc:
+                return None, None, str(exc)
+            return outside_pod(address), partial(livenet.app_socket, namespace, None, None), ""
+        assert origin.workload is not None
+        pod = self.plan.pod(origin.workload)
+        if pod is None or pod.netns is None:
+            return None, None, f"{origin.workload} is not a pod of the running mesh"
+        if origin.ip is not None and origin.ip != pod.pod_ip:
+            return (
+                None,
+                None,
+                (
+                    f"source IP {origin.ip}: {pod.ref} has the address {pod.pod_ip} in this"
+                    " mesh and its sidecar's connections leave from it (send from that"
+                    f" address, or from plaintext at {origin.ip})"
+                ),
+            )
+        return pod, partial(livenet.app_socket, pod.netns, pod.uid, pod.gid), ""
+
+    def _sandbox_route(
+        self, mesh: MeshPolicy, case: Case, source: PodPlan, opener: Opener
+    ) -> _Route:
+        """Where the case's client dials in a sandboxed mesh, and whose log tells the rule:
+        a sidecar client dials the Service's ClusterIP (or the pod IP when no Service
+        covers the port); a client without a sidecar — a pod without one, or a plaintext
+        source — reaches the named workload's endpoint, as kube-proxy would pick it."""
+        from trustmesh.runtime.livenet import resolve
+
+        host = case.request.host if case.request is not None else None
+        in_pod = source if source.netns is not None else None
+        if case.to.host is not None:  # egress: the address the app resolved the host to
+            port = case.to.port or 80
+            address = resolve(self.plan, in_pod, case.to.host) or _entry_address(mesh, case.to.host)
+            direct = (address or EXTERNAL_ADDRESS, port)
+            return _Route(case.to.host, port, None, host, direct=direct, opener=opener)
+        assert case.to.workload is not None
+        pod = self.plan.pod(case.to.workload)
+        if pod is None:
+            raise LookupError(f"{case.to.workload} is not a pod of the running mesh")
+        target_port = case.to.port
+        if target_port is None:
+            if len(set(pod.ports)) != 1:
+                raise LookupError(f"{pod.ref} has ports {sorted(set(pod.ports))}: give to.port")
+            target_port = pod.ports[0]
+        served = [
+            (key.rpartition(":")[0], int(key.rpartition(":")[2]), targets)
+            for key, targets in self.plan.services.items()
+            if any(t.pod == pod.ref and t.port == target_port for t in targets)
+        ]
+        endpoint = (pod.pod_ip, target_port)
+        if not served:  # no Service: the client dials the pod IP (captured if it has a sidecar)
+            return _Route(
+                pod.pod_ip, target_port, pod, host, endpoint, target_port=target_port, opener=opener
+            )
+        name, service_port, targets = min(served, key=lambda s: (s[1], len(s[0])))
+        if not source.sidecar:  # kube-proxy's choice: this workload's endpoint
+            return _Route(
+                name, service_port, pod, host, endpoint, target_port=target_port, opener=opener
+            )
+        several = len(targets) > 1
+        if case.tcp and several:
+            return _Route.refused(
+                f"{name}:{service_port} has {len(targets)} workloads and TCP carries no "
+                "Host or header to pick one: the client sidecar balances over them (send "
+                "the case from a pod without a sidecar, which reaches one endpoint)"
+            )
+        address = resolve(self.plan, source, name)
+        if address is None:
+            raise LookupError(f"{name} has no ClusterIP in this mesh")
+        headers = ((WORKLOAD_HEADER, pod.ref),) if several and not case.tcp else ()
+        destination: PodPlan | None = pod
+        if host is not None and not case.tcp:
+            source_workload = mesh.snapshot.workload(source.ref)
+            policy = mesh.for_workload(pod.ref)
+            assert policy is not None and source_workload is not None
+            decided = sidecar_client_route(mesh, source_workload, policy, target_port, host)
+            if decided.kind is RouteKind.BLOCKED:
+                destination = None  # its own sidecar answers 502
+        return _Route(
+            name,
+            service_port,
+            destination,
+            host,
+            direct=(address, service_port),
+            headers=headers,
+            target_port=target_port,
+            opener=opener,
+        )
 
     def _route(
         self, mesh: MeshPolicy, case: Case, source: PodPlan, offline: Outcome | None
@@ -303,6 +456,7 @@ class LiveRunner:
             headers=headers,
             timeout=self.timeout,
             direct=route.direct,
+            opener=route.opener,
         )
         via = f" via {route.direct[0]}:{route.direct[1]}" if route.direct else ""
         host = f" Host: {route.host}" if route.host else ""
@@ -329,7 +483,13 @@ class LiveRunner:
         egress_offset = _size(egress_log)
         host = route.name
         result = await tcp_exchange(
-            self.plan, source, host, port, timeout=self.timeout / 2, direct=route.direct
+            self.plan,
+            source,
+            host,
+            port,
+            timeout=self.timeout / 2,
+            direct=route.direct,
+            opener=route.opener,
         )
         via = f" via {route.direct[0]}:{route.direct[1]}" if route.direct else ""
         detail = f"tcp {host}:{port} as {source.ref}{via} → {_describe_tcp(result)}"
@@ -354,7 +514,20 @@ class LiveRunner:
     def _log_of(self, pod: PodPlan | None) -> Path | None:
         if pod is None or not pod.sidecar:
             return None
-        return self.layout.envoy_log(pod.key)
+        paths = PodPaths.of(self.plan.mesh_id, pod.index) if self.sandboxed else None
+        return self.layout.envoy_log_of(pod.key, paths)
+
+
+def _entry_address(mesh: MeshPolicy, host: str) -> str | None:
+    """The first IPv4 address of a ServiceEntry for ``host`` (what its clients dial)."""
+    wanted = host.lower()
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        if wanted not in (h.lower() for h in entry.spec.hosts):
+            continue
+        for address in entry.spec.addresses:
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.IPv4Network(address, strict=False).network_address)
+    return None
 
 
 # ---------------------------------------------------------------------------- outcomes
