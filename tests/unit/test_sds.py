@@ -27,6 +27,7 @@ from envoy.extensions.transport_sockets.tls.v3 import (  # type: ignore[import-u
 from envoy.service.discovery.v3 import discovery_pb2  # type: ignore[import-untyped, unused-ignore]
 from envoy.service.secret.v3 import sds_pb2_grpc  # type: ignore[import-untyped, unused-ignore]
 
+from trustmesh.agent.peer_gate import REFUSED_KEPT, PeerGate
 from trustmesh.agent.sds import SECRET_TYPE_URL, SdsServer, SecretStore, WorkloadSecret
 
 T = TypeVar("T")
@@ -359,3 +360,23 @@ def test_a_peer_checked_socket_refuses_any_other_process() -> None:
             assert h.server.refused and h.server.refused[0].pid == os.getpid()
 
     run(scenario())
+
+
+def test_the_peer_gate_keeps_only_the_latest_refusals_but_counts_all(tmp_path: Path) -> None:
+    """A local process reconnecting without end must not grow the agent's memory."""
+    gate = PeerGate(str(tmp_path / "public.sock"), str(tmp_path / "up.sock"), lambda _: False)
+
+    async def scenario() -> None:
+        await gate.start()
+        try:
+            for _ in range(REFUSED_KEPT + 36):
+                reader, writer = await asyncio.open_unix_connection(gate.public)
+                assert await reader.read() == b""  # closed by the gate at once
+                writer.close()
+        finally:
+            await gate.stop()
+
+    asyncio.run(scenario())
+    assert gate.refused_total == REFUSED_KEPT + 36
+    assert len(gate.refused) == REFUSED_KEPT
+    assert all(peer.pid == os.getpid() for peer in gate.refused)

@@ -3,15 +3,16 @@
 Every sidecar's Envoy runs as uid 1337, so file permissions on the SDS socket cannot tell
 this pod's Envoy from another pod's. The kernel can: ``SO_PEERCRED`` gives the pid, uid
 and gid of the process that connected. :class:`PeerGate` listens on the public socket,
-asks ``allow(pid, uid, gid)`` for each connection, closes refused ones at once (counting
-them in ``refused``) and relays accepted ones byte for byte to the real server's socket
-(gRPC offers no hook at accept time). The relay is cheap: SDS carries a few kilobytes
-per certificate rotation.
+asks ``allow(pid, uid, gid)`` for each connection, closes refused ones at once (the
+latest in ``refused``, all counted in ``refused_total``) and relays accepted ones byte for
+byte to the real server's socket (gRPC offers no hook at accept time). The relay is
+cheap: SDS carries a few kilobytes per certificate rotation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -25,6 +26,9 @@ __all__ = ["PeerCredentials", "PeerGate"]
 
 _log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")
+# The refused connections kept for inspection: the latest ones only, so a local process
+# that connects again and again cannot grow the agent's memory.
+REFUSED_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,8 @@ class PeerGate:
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.refused: list[PeerCredentials] = []
+        self.refused: collections.deque[PeerCredentials] = collections.deque(maxlen=REFUSED_KEPT)
+        self.refused_total = 0
 
     async def start(self) -> None:
         # Bound inside a fresh 0700 directory and renamed into place after the chmod, so
@@ -102,6 +107,7 @@ class PeerGate:
             return
         if not self._allow(peer):
             self.refused.append(peer)
+            self.refused_total += 1
             _log.warning(
                 "refused a connection to %s from pid %d (uid %d): not this sidecar's Envoy",
                 self.public,

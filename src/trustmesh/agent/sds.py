@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,7 +255,7 @@ class SdsServer:
         self._allow_peer = allow_peer
         self._private_dir = private_dir
         self._gate: PeerGate | None = None
-        self._refused: list[PeerCredentials] = []
+        self._refused: Sequence[PeerCredentials] = ()
         self._server: Any = None
         self._socket_inode: int | None = None
         self._grpc_path = self._socket_path
