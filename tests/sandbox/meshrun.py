@@ -126,6 +126,15 @@ class SandboxedMesh:
     def request(self, source: str, url: str) -> subprocess.CompletedProcess[str]:
         return trustmesh("request", "--from", source, url, state=self.state, timeout=60)
 
+    def http(self, ref: str, url: str) -> tuple[int, str]:
+        """Status and body of a GET sent from inside ``ref`` as its app (0 and the error
+        when there is no HTTP answer)."""
+        done = self.request(ref, url)
+        if done.returncode != 0:
+            return 0, done.stderr
+        status_line, _, rest = done.stdout.partition("\n")
+        return int(status_line.split()[1]), rest.partition("\n\n")[2]
+
 
 @contextlib.contextmanager
 def sandboxed_mesh(

@@ -36,15 +36,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxedMesh]:
         yield running
 
 
-def _http(mesh: SandboxedMesh, ref: str, url: str) -> tuple[int, str]:
-    """Status and body of a GET sent from inside ``ref`` as its app (0: no HTTP answer)."""
-    done = mesh.request(ref, url)
-    if done.returncode != 0:
-        return 0, done.stderr
-    status_line, _, rest = done.stdout.partition("\n")
-    return int(status_line.split()[1]), rest.partition("\n\n")[2]
-
-
 def _connect(mesh: SandboxedMesh, ref: str | None, host: str, port: int, **kw: object) -> str:
     """Send a line over TCP from ``ref``; what came back, or the error."""
     code = (
@@ -70,20 +61,20 @@ def test_plaintext_to_the_apps_own_address_goes_through_its_sidecar(mesh: Sandbo
     httpbin = mesh.pod("foo/httpbin")
     direct = f"http://{httpbin.pod_ip}:8000"
     for path in ("/admin", "/admin/x"):
-        status, _ = _http(mesh, "legacy/sleep", f"{direct}{path}")
+        status, _ = mesh.http("legacy/sleep", f"{direct}{path}")
         assert status == 403, path
     # the pod answers what the policy allows: the refusal is the policy's
-    status, body = _http(mesh, "legacy/sleep", f"{direct}/get")
+    status, body = mesh.http("legacy/sleep", f"{direct}/get")
     assert status == 200 and '"url"' in body, body
     # by Service name, from a pod with a sidecar (mTLS): the same answers
-    status, _ = _http(mesh, "foo/sleep", "http://httpbin.foo:8000/admin")
+    status, _ = mesh.http("foo/sleep", "http://httpbin.foo:8000/admin")
     assert status == 403
-    status, _ = _http(mesh, "foo/sleep", "http://httpbin:8000/get")
+    status, _ = mesh.http("foo/sleep", "http://httpbin:8000/get")
     assert status == 200
     # an app with a sidecar dialling the pod IP is captured by its own sidecar, which
     # under REGISTRY_ONLY has no route for an address (Istio's 502 BlackHole): never 200
     for path in ("/admin", "/get"):
-        status, _ = _http(mesh, "foo/sleep", f"{direct}{path}")
+        status, _ = mesh.http("foo/sleep", f"{direct}{path}")
         assert status == 502, path
 
 

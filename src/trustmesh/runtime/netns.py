@@ -245,12 +245,15 @@ def attach_pod(
 
 
 def route_to(node: str, address: str) -> None:
-    """In the node namespace: ``address``/32 is reached over the bridge (an extra source
-    address outside the pod subnet, held by one namespace)."""
+    """In the node namespace: ``address`` (``/32`` unless a CIDR) is reached over the
+    bridge — an extra source address outside the pod subnet, held by one namespace, or
+    the ClusterIP range, which hostNetwork pods' connections must be routable to before
+    the node's kube-proxy rules DNAT them (the kernel picks a route at ``connect``)."""
+    destination = address if "/" in address else f"{address}/32"
     with _rtnl(node) as ip:
         bridge = ip.link_lookup(ifname=BRIDGE)[0]
         with contextlib.suppress(Exception):
-            ip.route("add", dst=f"{address}/32", oif=bridge)
+            ip.route("add", dst=destination, oif=bridge)
 
 
 def apply_nft(ledger: Ledger, netns: str, table: str, ruleset: str) -> None:

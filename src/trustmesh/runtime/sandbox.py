@@ -29,7 +29,14 @@ from trustmesh.runtime.capture import PROXY_UID, TABLE, ServiceDnat, pod_ruleset
 from trustmesh.runtime.layout import RUN_ROOT, PodPaths
 from trustmesh.runtime.ledger import Ledger
 from trustmesh.runtime.names import hosts_file, resolv_conf
-from trustmesh.runtime.plan import NODE_IP, POD_CIDR, MeshPlan, PodPlan, netns_name
+from trustmesh.runtime.plan import (
+    NODE_IP,
+    POD_CIDR,
+    SERVICE_CIDR,
+    MeshPlan,
+    PodPlan,
+    netns_name,
+)
 
 __all__ = ["Sandbox", "mesh_id", "service_dnat"]
 
@@ -121,6 +128,7 @@ class Sandbox:
             netns.apply_nft(self.ledger, pod.netns, TABLE, pod_ruleset(pod.capture, services))
         if host_network and services:  # hostNetwork pods reach Services from the node
             netns.apply_nft(self.ledger, node, TABLE, pod_ruleset(None, services))
+            netns.route_to(node, SERVICE_CIDR)  # the node has no default route
         self.timings["total"] = time.monotonic() - started
 
     def _files(self, pod: PodPlan) -> None:
