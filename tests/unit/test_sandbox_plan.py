@@ -11,6 +11,7 @@ from tests.unit.meshutil import BASE
 from trustmesh.api.diagnostics import Location
 from trustmesh.api.loader import load_sources
 from trustmesh.api.snapshot import build_snapshot
+from trustmesh.runtime import sandbox as sandbox_module
 from trustmesh.runtime.capture import (
     CaptureSpec,
     ServiceDnat,
@@ -19,8 +20,8 @@ from trustmesh.runtime.capture import (
 )
 from trustmesh.runtime.ledger import Entry, Ledger
 from trustmesh.runtime.names import hosts_file, resolv_conf
-from trustmesh.runtime.plan import Isolation, MeshPlan, plan_mesh
-from trustmesh.runtime.sandbox import service_dnat
+from trustmesh.runtime.plan import SERVICE_CIDR, Isolation, MeshPlan, plan_mesh
+from trustmesh.runtime.sandbox import Sandbox, service_dnat
 
 
 def _plan(extra: str = "") -> tuple[MeshPlan | None, list[str]]:
@@ -293,3 +294,44 @@ def test_the_ledger_is_kept_until_everything_is_gone(tmp_path: Path) -> None:
     assert ledger.entries() == [Entry("netns", "tm-1-0")]
     with pytest.raises(ValueError, match="unknown ledger kind"):
         ledger.record("user", "x")
+
+
+HOST_NETWORK_POD = """
+apiVersion: v1
+kind: Pod
+metadata:
+  name: node-agent
+  namespace: foo
+spec:
+  hostNetwork: true
+  containers:
+  - name: agent
+    command: ["trustmesh", "sample", "sleep"]
+"""
+
+
+def test_a_host_network_pod_gets_the_nodes_dnat_and_a_route_to_cluster_ips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node namespace has no default route: without one to the ClusterIP range a
+    hostNetwork pod's connect() to a Service fails (ENETUNREACH) before kube-proxy's DNAT
+    could apply. (tests/sandbox/test_capture_annotations.py sends the traffic.)"""
+    plan, problems = _plan(HOST_NETWORK_POD)
+    assert plan is not None, problems
+    pod = plan.pod("foo/node-agent")
+    assert pod is not None and not pod.sidecar and pod.netns == plan.node_netns
+    calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def recorder(name: str) -> object:
+        return lambda *args: calls.append((name, args))
+
+    for name in ("setup_node", "attach_pod", "apply_nft", "route_to"):
+        monkeypatch.setattr(sandbox_module.netns, name, recorder(name))
+    monkeypatch.setattr(sandbox_module, "RUN_ROOT", tmp_path / "run")
+    monkeypatch.setattr(Sandbox, "_files", lambda self, pod: None)
+    Sandbox(plan, tmp_path).build()
+    node = plan.node_netns
+    assert ("route_to", (node, SERVICE_CIDR)) in calls
+    node_rules = [args[3] for name, args in calls if name == "apply_nft" and args[1] == node]
+    assert len(node_rules) == 1 and "dnat to" in str(node_rules[0])
+    assert not any(name == "attach_pod" and args[2] == node for name, args in calls)
