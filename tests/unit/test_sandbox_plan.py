@@ -11,6 +11,7 @@ from tests.unit.meshutil import BASE
 from trustmesh.api.diagnostics import Location
 from trustmesh.api.loader import load_sources
 from trustmesh.api.snapshot import build_snapshot
+from trustmesh.runtime import netns
 from trustmesh.runtime import sandbox as sandbox_module
 from trustmesh.runtime.capture import (
     CaptureSpec,
@@ -326,7 +327,7 @@ def test_a_host_network_pod_gets_the_nodes_dnat_and_a_route_to_cluster_ips(
         return lambda *args: calls.append((name, args))
 
     for name in ("setup_node", "attach_pod", "apply_nft", "route_to"):
-        monkeypatch.setattr(sandbox_module.netns, name, recorder(name))
+        monkeypatch.setattr(netns, name, recorder(name))
     monkeypatch.setattr(sandbox_module, "RUN_ROOT", tmp_path / "run")
     monkeypatch.setattr(Sandbox, "_files", lambda self, pod: None)
     Sandbox(plan, tmp_path).build()
