@@ -67,7 +67,7 @@ from trustmesh.runtime.client import (
     tcp_exchange,
 )
 from trustmesh.runtime.layout import Layout, PodPaths
-from trustmesh.runtime.plan import Isolation, MeshPlan, PodPlan
+from trustmesh.runtime.plan import Isolation, MeshPlan, PodPlan, ServiceTarget
 from trustmesh.xds.outbound import BLACKHOLE_CLUSTER
 from trustmesh.xds.outbound_listeners import WORKLOAD_HEADER
 
@@ -286,6 +286,29 @@ class LiveRunner:
             )
         return pod, partial(livenet.app_socket, pod.netns, pod.uid, pod.gid), ""
 
+    def _destination(
+        self, case: Case
+    ) -> tuple[PodPlan, int, list[tuple[str, int, tuple[ServiceTarget, ...]]]]:
+        """The case's destination pod, its target port, and every (Service name, Service
+        port, endpoints) forwarding to that port. ``to.port`` is the workload's (target)
+        port; a client addresses the Service port that forwards to it (httpbin: Service
+        8000 → container 8080), by its short name."""
+        assert case.to.workload is not None
+        pod = self.plan.pod(case.to.workload)
+        if pod is None:
+            raise LookupError(f"{case.to.workload} is not a pod of the running mesh")
+        target_port = case.to.port
+        if target_port is None:
+            if len(set(pod.ports)) != 1:
+                raise LookupError(f"{pod.ref} has ports {sorted(set(pod.ports))}: give to.port")
+            target_port = pod.ports[0]
+        served = [
+            (key.rpartition(":")[0], int(key.rpartition(":")[2]), targets)
+            for key, targets in self.plan.services.items()
+            if any(t.pod == pod.ref and t.port == target_port for t in targets)
+        ]
+        return pod, target_port, served
+
     def _sandbox_route(
         self, mesh: MeshPolicy, case: Case, source: PodPlan, opener: Opener
     ) -> _Route:
@@ -302,20 +325,7 @@ class LiveRunner:
             address = resolve(self.plan, in_pod, case.to.host) or _entry_address(mesh, case.to.host)
             direct = (address or EXTERNAL_ADDRESS, port)
             return _Route(case.to.host, port, None, host, direct=direct, opener=opener)
-        assert case.to.workload is not None
-        pod = self.plan.pod(case.to.workload)
-        if pod is None:
-            raise LookupError(f"{case.to.workload} is not a pod of the running mesh")
-        target_port = case.to.port
-        if target_port is None:
-            if len(set(pod.ports)) != 1:
-                raise LookupError(f"{pod.ref} has ports {sorted(set(pod.ports))}: give to.port")
-            target_port = pod.ports[0]
-        served = [
-            (key.rpartition(":")[0], int(key.rpartition(":")[2]), targets)
-            for key, targets in self.plan.services.items()
-            if any(t.pod == pod.ref and t.port == target_port for t in targets)
-        ]
+        pod, target_port, served = self._destination(case)
         endpoint = (pod.pod_ip, target_port)
         if not served:  # no Service: the client dials the pod IP (captured if it has a sidecar)
             return _Route(
@@ -363,22 +373,7 @@ class LiveRunner:
         host = case.request.host if case.request is not None else None
         if case.to.host is not None:  # egress
             return _Route(case.to.host, case.to.port or 80, None, host)
-        assert case.to.workload is not None
-        pod = self.plan.pod(case.to.workload)
-        if pod is None:
-            raise LookupError(f"{case.to.workload} is not a pod of the running mesh")
-        target_port = case.to.port
-        if target_port is None:
-            if len(set(pod.ports)) != 1:
-                raise LookupError(f"{pod.ref} has ports {sorted(set(pod.ports))}: give to.port")
-            target_port = pod.ports[0]
-        # `to.port` is the workload's (target) port; a client addresses the Service port
-        # that forwards to it (httpbin: Service 8000 → container 8080), by its short name.
-        served = [
-            (key.rpartition(":")[0], int(key.rpartition(":")[2]), targets)
-            for key, targets in self.plan.services.items()
-            if any(t.pod == pod.ref and t.port == target_port for t in targets)
-        ]
+        pod, target_port, served = self._destination(case)
         endpoint = (pod.pod_ip, target_port)
         policy = mesh.for_workload(pod.ref)
         declared = listening_ports(policy) if policy is not None else frozenset()
