@@ -29,12 +29,13 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
+from typing import TYPE_CHECKING
 
 from trustmesh.runtime.interpreter import sandbox_python
 from trustmesh.runtime.ledger import Entry, Ledger
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 __all__ = [
     "BRIDGE",
@@ -124,6 +125,10 @@ def _sysctl(path: str, value: str) -> None:
 @contextlib.contextmanager
 def _rtnl(name: str) -> Iterator[IPRoute]:
     """A netlink socket of namespace ``name`` (opened from inside it, without a fork)."""
+    # Imported here: every CLI command imports the runtime, only a sandbox needs netlink
+    # (pyroute2 costs ~60 ms of start-up).
+    from pyroute2 import IPRoute
+
     with entered(name):
         ip = IPRoute()
     try:
@@ -280,6 +285,8 @@ def remove_entry(entry: Entry) -> None:
     if entry.kind == "netns":
         path = NETNS_DIR / entry.name
         if path.exists():
+            from pyroute2 import netns as pyroute2_netns
+
             pyroute2_netns.remove(entry.name)
     elif entry.kind == "dir":
         with contextlib.suppress(FileNotFoundError):
