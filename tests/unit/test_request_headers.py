@@ -43,6 +43,17 @@ rules:
 """,
 )
 
+DENY_INTERNAL_HOST = policy(
+    "deny-internal",
+    "foo",
+    """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules:
+- to: [{operation: {hosts: [internal.foo, "internal.foo:*"]}}]
+""",
+)
+
 
 def test_a_header_connection_nominates_is_gone_before_rbac() -> None:
     mesh = compile_text(DENY + ALLOW)
@@ -324,8 +335,12 @@ def test_line_breaks_in_values_are_read_as_envoy_reads_the_wire() -> None:
     # "name: value" after a line break is a header of its own — Host included.
     injected = (("x-a", "1\r\nx-role: admin"),)
     assert http(mesh, "/admin", headers=injected).verdict is Verdict.ALLOW
-    host = http(mesh, headers=(("x-a", "1\nHost: internal.foo"),))
-    assert host.rule == "trustmesh-ambiguous-host"  # httpbin.foo:8000,internal.foo
+    smuggled = (("x-a", "1\nHost: internal.foo"),)  # Host: httpbin.foo:8000,internal.foo
+    # No policy here reads Host: the joined value cannot change a decision and passes on.
+    assert http(mesh, headers=smuggled).rule == "ns[foo]-policy[allow]-rule[4]"
+    reads_host = compile_text(DENY + ALLOW + DENY_INTERNAL_HOST)
+    assert http(reads_host, headers=smuggled).rule == "trustmesh-ambiguous-host"
+    assert http(reads_host).verdict is Verdict.ALLOW
     # An empty line ends the head: what follows is not a header of this request.
     cut = (("x-a", "1\r\n\r\nx-role: admin"),)
     assert http(mesh, "/admin", headers=cut).verdict is Verdict.DENY

@@ -26,6 +26,7 @@ from trustmesh.policy.headers import (
 )
 from trustmesh.policy.pathnorm import PathRejected
 from trustmesh.xds.guards import LUA_TYPE, _lua_string, header_guard_config, request_guard_filters
+from trustmesh.xds.translate import translate
 
 from .meshutil import ROOT, compile_text, diagnostics_of, http
 
@@ -264,6 +265,43 @@ def test_lua_guard_lists_the_names_safely() -> None:
         "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
     }
     assert [f["name"] for f in request_guard_filters(forward, FORWARD)] == ["trustmesh.guard.host"]
+
+
+def test_the_host_guard_stands_where_a_policy_reads_host() -> None:
+    """A policy with ``hosts`` (here no-mallory), a Host condition or CUSTOM puts the guard
+    in front; where none does, an ambiguous Host cannot change a decision: no guard, in the
+    evaluator as in the translation (inline: no filter; ECDS: its slot switched off)."""
+    guarded = REJECT.for_workload("foo/httpbin")
+    assert guarded is not None and guarded.authz.reads_host
+    assert request_guard_filters(guarded, REJECT)[0]["name"] == "trustmesh.guard.host"
+    joined = (("host", "httpbin.foo:8000"), ("host", "internal.foo"))
+    assert http(REJECT, headers=joined).rule == HOST_GUARD_POLICY
+
+    plain = compile_text(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: writes-need-ops, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: DENY
+  rules:
+  - to: [{operation: {methods: ["POST"], paths: ["/admin*"]}}]
+"""
+    )
+    wp = plain.for_workload("foo/httpbin")
+    assert wp is not None and not wp.authz.reads_host
+    assert request_guard_filters(wp, plain) == []
+    assert http(plain, headers=joined).verdict is Verdict.ALLOW
+    resources = translate(plain, "foo/httpbin", inbound_address="127.0.0.20")
+    slots = {e["name"]: e["typed_config"] for e in resources.extension_configs}
+    assert len(slots["trustmesh.guard.host"]) == 1  # the bare pass-through
+    (route,) = [r for r in resources.routes if r["name"] == "inbound|8000||"]
+    enabled = set(route["virtual_hosts"][0]["typed_per_filter_config"])
+    assert enabled == {"trustmesh.authz.deny"}
+    guarded_resources = translate(REJECT, "foo/httpbin", inbound_address="127.0.0.20")
+    (route,) = [r for r in guarded_resources.routes if r["name"] == "inbound|8000||"]
+    assert "trustmesh.guard.host" in route["virtual_hosts"][0]["typed_per_filter_config"]
 
 
 # --- the command line and PolicyTest -----------------------------------------------------

@@ -137,10 +137,11 @@ def test_config_change_reaches_an_open_connection_while_traffic_flows(
                 report("file written -> enforced on an open connection", enforced)
                 report("  file written -> snapshot published (poll, debounce, reload)", published)
                 report("  snapshot published -> enforced (ADS push, ECDS)", applied)
-                # Each change was one reload and one push (httpbin's deny filter over
-                # ECDS): sleep's unchanged config and the listener were never re-sent.
+                # Each change was one reload and two pushes to httpbin: its deny filter
+                # over ECDS and its inbound route, switching the deny slot on or off, over
+                # RDS. Sleep's unchanged config and the listener were never re-sent.
                 assert plane.reloads == reloads + 2 * rounds
-                assert server.pushes == pushes + 2 * rounds
+                assert server.pushes == pushes + 2 * 2 * rounds
                 assert plane.cache.acked(node_id)[TYPE_LISTENER] == listener_version
                 assert plane.cache.get(rig.sleep.node_id) is sleep_snapshot
                 assert plane.last_errors == [] and plane.cache.nacks == {}

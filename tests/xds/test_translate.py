@@ -150,12 +150,9 @@ def test_jwt_filter_has_istio_shape() -> None:
     )
     manager = resources.listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in manager["http_filters"]]
-    assert names == [
-        "trustmesh.guard.host",
-        "envoy.filters.http.jwt_authn",
-        "envoy.filters.http.router",
-    ]
-    jwt = manager["http_filters"][1]["typed_config"]
+    # No policy reads Host: no host guard (Istio's inline shape exactly).
+    assert names == ["envoy.filters.http.jwt_authn", "envoy.filters.http.router"]
+    jwt = manager["http_filters"][0]["typed_config"]
     provider = jwt["providers"]["origins-0"]
     assert provider["issuer"] == "testing@secure.istio.io"
     assert provider["payload_in_metadata"] == "payload"

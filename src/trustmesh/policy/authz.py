@@ -310,6 +310,25 @@ def condition_header_names(policy: Resource[Any]) -> frozenset[str]:
     return frozenset(names)
 
 
+def reads_host(policy: Resource[Any]) -> bool:
+    """Whether ``policy``'s decision can depend on the request's Host: a ``hosts`` /
+    ``notHosts`` operation, a ``request.headers[host]`` (or ``[:authority]``) condition, or
+    a CUSTOM action, whose external authorizer is handed the Host. Where one applies,
+    trustmesh's host guard refuses an ambiguous Host first (:mod:`trustmesh.policy.headers`).
+    """
+    spec: m.AuthorizationPolicySpec = policy.spec
+    if spec.action is m.Action.CUSTOM:
+        return True
+    for rule in spec.rules or ():
+        if any(t.operation.hosts or t.operation.not_hosts for t in rule.to):
+            return True
+        for condition in rule.when:
+            found = _HEADER_KEY.match(condition.key)
+            if found and found.group(1).lower() in ("host", ":authority"):
+                return True
+    return False
+
+
 def _uses_http_only(rule: m.Rule) -> bool:
     for f in rule.from_:
         if f.source.request_principals or f.source.not_request_principals:

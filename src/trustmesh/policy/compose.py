@@ -24,6 +24,7 @@ from trustmesh.policy.authz import (
     TrustBundle,
     compile_policy,
     condition_header_names,
+    reads_host,
 )
 from trustmesh.policy.jwt import JwtProvider, parse_jwks
 from trustmesh.policy.pathnorm import PathNormalization
@@ -76,6 +77,8 @@ class AuthzPolicy:
     # Headers some applicable policy's request.headers[...] condition reads (lower case):
     # the ones a request may not repeat (see trustmesh.policy.headers).
     condition_headers: frozenset[str] = frozenset()
+    # Some applicable policy's decision depends on Host: the host guard applies.
+    reads_host: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +243,7 @@ def _authz_policy(
         dry_run_deny=rules("dry-DENY"),
         dry_run_allow=rules("dry-ALLOW"),
         condition_headers=frozenset().union(*(condition_header_names(p) for p in policies)),
+        reads_host=any(reads_host(p) for p in policies),
     )
 
 

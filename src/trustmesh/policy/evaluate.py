@@ -698,9 +698,10 @@ def _client_authority(request: Request) -> str | None:
 def _guards(
     mesh: MeshPolicy, target: WorkloadPolicy, attrs: Attributes, run: _Run
 ) -> Decision | None:
-    """trustmesh's request-smuggling guards, in front of every policy filter."""
+    """trustmesh's request-smuggling guards, in front of every policy filter, each where a
+    policy could be fooled: Host where one reads it, repeated headers where one reads them."""
     host = attrs.host or ""
-    problem = authority_problem(host)
+    problem = authority_problem(host) if target.authz.reads_host else None
     if problem is not None:
         reason = f"Host {host!r} is not one plain host[:port]: {problem}; refused before any policy"
         run.note("{}: {}", HOST_GUARD_POLICY, reason)

@@ -23,7 +23,9 @@ The guards (built for Envoy by :mod:`trustmesh.xds.guards`):
 
 * host: an authority that is not one plain ``host[:port]`` (:data:`PLAIN_AUTHORITY`) — two
   Host lines joined, userinfo, a second trailing dot, percent-escapes — is denied by the
-  RBAC policy :data:`HOST_GUARD_POLICY` before every other policy filter;
+  RBAC policy :data:`HOST_GUARD_POLICY` before every other policy filter, where an
+  applicable policy's decision depends on Host (``hosts``/``notHosts``, a Host condition,
+  CUSTOM); elsewhere an ambiguous Host cannot change a decision and passes, as in Istio;
 * repeated headers: a request carrying two or more lines of a header that an applicable
   AuthorizationPolicy's ``request.headers[...]`` condition names is refused with 400
   before every policy filter, unless ``meshConfig.repeatedPolicyHeaders: FORWARD``.

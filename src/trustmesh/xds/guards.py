@@ -6,11 +6,14 @@ the guards run before every policy filter (CUSTOM, jwt_authn, RBAC):
 
 * :data:`HOST_HCM_FIELDS` — ``strip_trailing_host_dot`` on the connection manager, so
   ``internal.foo.`` reaches RBAC and the application as ``internal.foo``;
-* :func:`host_guard_filter` — an RBAC DENY policy ``trustmesh-ambiguous-host`` on every
-  ``:authority`` that is not one plain ``host[:port]``. Envoy offers no setting that
-  refuses a duplicate Host (its HTTP/1 codec joins the lines) or userinfo in Host, so this
-  is a deny rule, logged under its own policy name. It depends on nothing but the mesh,
-  so it sits in the listener;
+* :func:`host_guard_config` — an RBAC DENY policy ``trustmesh-ambiguous-host`` on every
+  ``:authority`` that is not one plain ``host[:port]``, where an applicable policy's
+  decision depends on Host (``hosts``, a Host condition, CUSTOM: ``reads_host``). Envoy
+  offers no setting that refuses a duplicate Host (its HTTP/1 codec joins the lines) or
+  userinfo in Host, so this is a deny rule, logged under its own policy name. Where no
+  policy reads Host an ambiguous one cannot change a decision, and the filter (about 5k
+  instructions per request) is left out; under ECDS it has its own slot
+  (:data:`HOST_GUARD_FILTER`), a no-op RBAC filter when nothing needs guarding;
 * :func:`header_guard_config` — a Lua filter answering 400 when a header named by an
   applicable policy's ``request.headers[...]`` condition arrives more than once. Nothing
   declarative can count lines: header matchers test each line on its own (any line
@@ -37,6 +40,7 @@ __all__ = [
     "LUA_TYPE",
     "guarded_headers",
     "header_guard_config",
+    "host_guard_config",
     "host_guard_filter",
     "request_guard_filters",
 ]
@@ -78,9 +82,17 @@ def header_guard_config(wp: WorkloadPolicy, mesh: MeshPolicy) -> Json:
     return {"@type": LUA_TYPE, "default_source_code": {"inline_string": _lua_guard(names)}}
 
 
+def host_guard_config(wp: WorkloadPolicy) -> Json:
+    """The typed config of the host guard slot: the guard, or a no-op RBAC filter."""
+    if not wp.authz.reads_host:
+        return {"@type": HTTP_RBAC_TYPE}
+    config: Json = host_guard_filter()["typed_config"]
+    return config
+
+
 def request_guard_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
-    """Both guards as inline HTTP filters, in order (the header guard only if needed)."""
-    filters = [host_guard_filter()]
+    """Both guards as inline HTTP filters, in order, each only if needed."""
+    filters = [host_guard_filter()] if wp.authz.reads_host else []
     config = header_guard_config(wp, mesh)
     if config["@type"] == LUA_TYPE:
         filters.append({"name": HEADER_GUARD_SLOT, "typed_config": config})
