@@ -56,6 +56,8 @@ bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_validate.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/bench_sandbox.py; \
 	else echo "bench_sandbox.py needs root (network namespaces, nftables): not run"; fi
+	@if command -v callgrind_control >/dev/null; then $(BIN)/python bench/bench_inbound_cost.py; \
+	else echo "bench_inbound_cost.py needs valgrind: not run"; fi
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
