@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
+from trustmesh.api.extension_providers import (
+    PROVIDERS_MEMO_KEY,
+    ExtAuthzProvider,
+    ext_authz_providers,
+)
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
@@ -234,10 +239,17 @@ def _authorize(
     is_http = attrs.is_http
     denied_status = 403 if is_http else None
 
-    custom = _first(authz.custom, attrs, run, "CUSTOM")
+    custom = None
+    providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
+    configured = _ext_authz_providers(mesh)
+    only = configured.get(providers[0]) if len(providers) == 1 else None
+    if not is_http and only is not None and only.usable and not only.serves_tcp:
+        # Istio builds no TCP filter for an HTTP provider: CUSTOM does not apply to TCP.
+        run.note(f"CUSTOM provider {providers[0]!r} is an HTTP authorizer: not used on TCP")
+    else:
+        custom = _first(authz.custom, attrs, run, "CUSTOM")
     if custom is not None:
         provider = custom.provider or ""
-        providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
         if len(providers) > 1:
             # Istio's default (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS off) turns every
             # CUSTOM rule into a DENY; one filter per provider, in provider order.
@@ -250,10 +262,14 @@ def _authorize(
             run.note(reason)
             rule = custom_rule_name(first, configured=False)
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
-        if provider not in mesh.extension_providers:
+        found = configured.get(provider)
+        if found is None or not found.usable:
             reason = (
                 f"CUSTOM provider {provider!r} is not in meshConfig.extensionProviders"
                 " (fails closed)"
+                if found is None
+                else f"CUSTOM provider {provider!r} cannot be used (fails closed): "
+                f"{found.why_unusable()}"
             )
             run.note(reason)
             rule = custom_rule_name(custom, configured=False)
@@ -330,6 +346,13 @@ def _authorize(
         upstream,
         audit_name,
     )
+
+
+def _ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
+    found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(PROVIDERS_MEMO_KEY)
+    if found is None:
+        found = mesh.memo[PROVIDERS_MEMO_KEY] = ext_authz_providers(mesh.snapshot)
+    return found
 
 
 def custom_rule_name(rule: CompiledRule, *, configured: bool) -> str:

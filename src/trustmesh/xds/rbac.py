@@ -46,7 +46,11 @@ from functools import partial
 from typing import Any
 
 from trustmesh.api import models as m
-from trustmesh.api.extension_providers import ExtAuthzProvider, ext_authz_providers
+from trustmesh.api.extension_providers import (
+    PROVIDERS_MEMO_KEY,
+    ExtAuthzProvider,
+    ext_authz_providers,
+)
 from trustmesh.api.resources import Resource
 from trustmesh.policy.authz import TrustBundle, rule_name
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
@@ -255,7 +259,7 @@ def _custom_plans(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> lis
 
 def mesh_ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
     """The mesh's ext_authz providers, resolved once per compiled mesh."""
-    key = "xds.ext_authz.providers"
+    key = PROVIDERS_MEMO_KEY
     found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(key)
     if found is None:
         found = mesh.memo[key] = ext_authz_providers(mesh.snapshot)
