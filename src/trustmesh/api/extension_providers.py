@@ -38,6 +38,7 @@ __all__ = [
     "PROVIDERS_MEMO_KEY",
     "ExtAuthzProvider",
     "ProviderKind",
+    "custom_policy_diagnostics",
     "ext_authz_providers",
     "provider_diagnostics",
 ]
@@ -305,3 +306,31 @@ def _lookup(snapshot: ConfigSnapshot, service: str) -> tuple[str, frozenset[int]
             "this provider deny every request they match"
         ),
     )
+
+
+def custom_policy_diagnostics(snapshot: ConfigSnapshot) -> list[Diagnostic]:
+    """A CUSTOM AuthorizationPolicy whose provider cannot be used: where it names it."""
+    providers = ext_authz_providers(snapshot)
+    out: list[Diagnostic] = []
+    for policy in snapshot.of_kind("AuthorizationPolicy"):
+        spec: m.AuthorizationPolicySpec = policy.spec
+        if spec.action is not m.Action.CUSTOM or spec.provider is None or not spec.provider.name:
+            continue
+        name = spec.provider.name
+        found = providers.get(name)
+        if found is not None and found.usable:
+            continue
+        why = (
+            "is not in meshConfig.extensionProviders"
+            if found is None
+            else f"cannot be used ({found.why_unusable()})"
+        )
+        out.append(
+            warning(
+                "custom-provider-unusable",
+                policy.location("provider", "name"),
+                f"CUSTOM provider {name!r} {why}: every request this policy's rules match is"
+                " denied (fails closed, as in Istio)",
+            )
+        )
+    return out
