@@ -148,7 +148,7 @@ def _location(snapshot: ConfigSnapshot, path: tuple[str | int, ...]) -> Location
 def _resolve(
     snapshot: ConfigSnapshot, index: int, entry: m.ExtensionProvider, *, duplicate: bool
 ) -> ExtAuthzProvider:
-    problems = list(_name_problems(entry.name, duplicate))
+    problems = list(_name_problems(entry.name, duplicate, authorizer=_is_authorizer(entry)))
     kinds = [
         (kind, config)
         for kind, config in (
@@ -187,13 +187,18 @@ def _camel(kind: ProviderKind) -> str:
     return kind.value
 
 
-def _name_problems(name: str, duplicate: bool) -> Iterator[_Problem]:
+def _is_authorizer(entry: m.ExtensionProvider) -> bool:
+    return entry.envoy_ext_authz_http is not None or entry.envoy_ext_authz_grpc is not None
+
+
+def _name_problems(name: str, duplicate: bool, *, authorizer: bool) -> Iterator[_Problem]:
     if not name:
         yield _Problem(("name",), "name must not be empty")
         return
     if duplicate:
         yield _Problem(("name",), f"name must be unique, {name!r} is defined again")
-    if not _DNS_LABEL.match(name):
+    # Only an authorizer's name goes into metadata keys and RBAC policy names.
+    if authorizer and not _DNS_LABEL.match(name):
         yield _Problem(
             ("name",),
             f"name {name!r} must be lower-case letters, digits and '-' (a DNS-1123 label, "
