@@ -294,3 +294,36 @@ def test_istio_image_runs_the_stand_in_with_its_flags() -> None:
     for bad in (("-http",), ("-port", "1"), ("-grpc", "x")):
         with pytest.raises(ValueError, match="ext-authz"):
             stand_in.command(bad)
+
+
+# --- offline, from the command line -------------------------------------------------------
+
+
+def test_authz_check_answers_for_an_authorizer_that_cannot_be_reached(tmp_path: Path) -> None:
+    """``--ext-authz P=unreachable``: Envoy's failOpen / statusOnError, offline."""
+    from typer.testing import CliRunner
+
+    from tests.unit.meshutil import BASE
+    from trustmesh.cli.main import app
+
+    (tmp_path / "apps.yaml").write_bytes(BASE)
+    (tmp_path / "policy.yaml").write_text(SERVICE + custom("sample-grpc"))
+    open_mesh = GOOD_MESH.replace("port: 9000}", "port: 9000, failOpen: true}")
+    closed_mesh = GOOD_MESH.replace("port: 9000}", 'port: 9000, statusOnError: "503"}')
+    runner = CliRunner()
+
+    def check(mesh: str, answer: str) -> Any:
+        (tmp_path / "mesh.yaml").write_text(mesh)
+        args = ["authz", "check", "-f", str(tmp_path / "apps.yaml"), "-f"]
+        args += [str(tmp_path / "policy.yaml"), "--mesh-config", str(tmp_path / "mesh.yaml")]
+        args += ["--from", "foo/sleep", "--to", "foo/httpbin", "--path", "/admin/x"]
+        args += ["--ext-authz", f"sample-grpc={answer}", "-o", "json"]
+        return runner.invoke(app, args)
+
+    opened = check(open_mesh, "unreachable")
+    assert opened.exit_code == 0, opened.output
+    closed = check(closed_mesh, "unreachable")
+    assert closed.exit_code == 3 and '"status": 503' in closed.output, closed.output
+    assert check(closed_mesh, "allow").exit_code == 0
+    bad = check(closed_mesh, "maybe")
+    assert bad.exit_code == 2 and "allow, deny or unreachable" in bad.output

@@ -155,14 +155,22 @@ async def tcp_echoed(port: int) -> bool:
             writer.transport.abort()
 
 
-def offline(mesh: MeshPolicy, path: str, headers: dict[str, str], answer: bool | None) -> int:
-    """The evaluator's status, told what the authorizer answers (None: not asked)."""
+UNASKED = "unasked"
+
+
+def offline(mesh: MeshPolicy, path: str, headers: dict[str, str], answer: bool | str | None) -> int:
+    """The evaluator's status, told what the authorizer answers (None: it cannot be
+    reached; UNASKED: no answer given)."""
     lines = tuple(headers.items())
     request = Request(
         Source.plaintext(HOST), "foo/httpbin", 8000, HttpRequest("GET", path, "httpbin", lines)
     )
-    provider = next(iter(mesh.for_workload("foo/httpbin").authz.custom.policies)).spec.provider.name  # type: ignore[union-attr]
-    answers = {} if answer is None else {provider: answer}
+    wp = mesh.for_workload("foo/httpbin")
+    assert wp is not None
+    [provider] = {p.spec.provider.name for p in wp.authz.custom.policies}
+    answers: dict[str, bool | None] = {}
+    if answer is None or isinstance(answer, bool):
+        answers[provider] = answer
     decision = evaluate(mesh, request, now=time.time(), ext_authz=answers)
     assert decision.status is not None
     return decision.status
@@ -333,7 +341,7 @@ async def _check(
         assert authz.checks[kind] == before[kind] + 2, (name, authz.checks)
         assert offline(mesh, "/anything/protected/x", allow, True) == 200
         assert offline(mesh, "/anything/protected/x", {}, False) == 403
-        assert offline(mesh, "/headers", {}, None) == 200
+        assert offline(mesh, "/headers", {}, UNASKED) == 200
 
     # The authorizer cannot be reached: statusOnError (default 403) or failOpen.
     expected = {
@@ -346,6 +354,7 @@ async def _check(
     for name, status in expected.items():
         reply = await get(ports[name], "/anything/protected/x", allow)
         assert reply.status == status, (name, reply)
+        assert offline(meshes[name], "/anything/protected/x", allow, None) == status, name
         assert (await get(ports[name], "/headers")).status == 200, name
 
     # TCP: a gRPC provider checks the connection (the sample denies a caller without

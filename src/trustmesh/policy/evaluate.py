@@ -124,12 +124,13 @@ def evaluate(
     *,
     now: float,
     trace: bool = False,
-    ext_authz: Mapping[str, bool] | None = None,
+    ext_authz: Mapping[str, bool | None] | None = None,
 ) -> Decision:
     """Decide ``request`` against the compiled mesh. ``now`` is seconds since the epoch.
 
-    ``ext_authz`` answers CUSTOM providers (name → allowed); a provider with no answer
-    is taken to deny (fail closed) and the trace says so.
+    ``ext_authz`` answers CUSTOM providers (name → allowed; None: the authorizer cannot
+    be reached, so its ``failOpen`` / ``statusOnError`` decide); a provider with no
+    answer is taken to deny (fail closed) and the trace says so.
     """
     decision = _decide(mesh, request, now=now, trace=trace, ext_authz=ext_authz)
     if decision.verdict is Verdict.ALLOW and request.destination_host is None:
@@ -143,7 +144,7 @@ def _decide(
     *,
     now: float,
     trace: bool,
-    ext_authz: Mapping[str, bool] | None,
+    ext_authz: Mapping[str, bool | None] | None,
 ) -> Decision:
     run = _Run([] if trace else None)
     source_workload = _source_workload(mesh, request)
@@ -232,7 +233,7 @@ def _authorize(
     target: WorkloadPolicy,
     attrs: Attributes,
     run: _Run,
-    ext_authz: Mapping[str, bool],
+    ext_authz: Mapping[str, bool | None],
     now: float,
 ) -> Decision:
     authz = target.authz
@@ -276,16 +277,28 @@ def _authorize(
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
         rule = custom_rule_name(custom, configured=True)
         allowed = ext_authz.get(provider)
-        if allowed is None:
+        if allowed is None and provider in ext_authz:
+            # The authorizer cannot be reached: Envoy applies failOpen / statusOnError.
+            config = found.config
+            assert config is not None
+            if config.fail_open:
+                run.note(f"external authorizer {provider!r} unreachable: failOpen, allowed")
+            else:
+                status = int(config.status_on_error or 403) if is_http else None
+                reason = f"external authorizer {provider!r} unreachable (failOpen is false)"
+                run.note(reason)
+                return _finish(run, Verdict.DENY, status, rule, reason)
+        elif allowed is None:
             reason = (
                 f"external authorizer {provider!r} would be asked; no answer given offline"
                 " (--ext-authz), taken as deny"
             )
             run.note(reason)
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
-        run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
-        if not allowed:
-            return _finish(run, Verdict.DENY, denied_status, rule, f"denied by {provider}")
+        else:
+            run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
+            if not allowed:
+                return _finish(run, Verdict.DENY, denied_status, rule, f"denied by {provider}")
 
     upstream: tuple[tuple[str, str], ...] = ()
     if is_http and target.jwt_providers:
