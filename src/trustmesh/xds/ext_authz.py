@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trustmesh.api import models as m
-from trustmesh.api.extension_providers import ExtAuthzProvider, ProviderKind
+from trustmesh.api.extension_providers import ExtAuthzProvider
 
 __all__ = [
     "EXT_AUTHZ_POLICY_PREFIX",
@@ -175,7 +175,3 @@ def _enabled_by(rbac_filter: str, provider: str) -> Json:
         "path": [{"key": f"{EXT_AUTHZ_SHADOW_PREFIX}shadow_effective_policy_id"}],
         "value": {"string_match": {"prefix": f"{EXT_AUTHZ_POLICY_PREFIX}-{provider}"}},
     }
-
-
-def provider_kind_label(kind: ProviderKind) -> str:
-    return "HTTP" if kind is ProviderKind.HTTP else "gRPC"
