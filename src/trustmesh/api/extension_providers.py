@@ -38,6 +38,7 @@ __all__ = [
     "PROVIDERS_MEMO_KEY",
     "ExtAuthzProvider",
     "ProviderKind",
+    "ProviderProblem",
     "custom_policy_diagnostics",
     "ext_authz_providers",
     "provider_diagnostics",
@@ -72,8 +73,10 @@ class ProviderKind(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class _Problem:
-    field: tuple[str | int, ...]  # relative to the provider entry
+class ProviderProblem:
+    """What makes a provider unusable; ``field`` is relative to its entry."""
+
+    field: tuple[str | int, ...]
     message: str
     is_error: bool = True
 
@@ -87,7 +90,7 @@ class ExtAuthzProvider:
     kind: ProviderKind | None  # None: another kind of provider (not an authorizer)
     config: m.EnvoyExtAuthzHttp | m.EnvoyExtAuthzGrpc | None
     hostname: str = ""  # resolved from ``service``
-    problems: tuple[_Problem, ...] = ()
+    problems: tuple[ProviderProblem, ...] = ()
 
     @property
     def usable(self) -> bool:
@@ -160,19 +163,19 @@ def _resolve(
     if not kinds:
         return ExtAuthzProvider(entry.name, index, None, None, problems=tuple(problems))
     if len(kinds) > 1:
-        problems.append(_Problem((), "set one of envoyExtAuthzHttp or envoyExtAuthzGrpc"))
+        problems.append(ProviderProblem((), "set one of envoyExtAuthzHttp or envoyExtAuthzGrpc"))
     kind, config = kinds[0]
     base = (_camel(kind),)
     problems += [
-        _Problem((*base, *p.field), p.message, p.is_error) for p in _config_problems(config)
+        ProviderProblem((*base, *p.field), p.message, p.is_error) for p in _config_problems(config)
     ]
     hostname, ports, lookup = _lookup(snapshot, config.service)
     if lookup is not None and config.service:
-        problems.append(_Problem((*base, "service"), lookup, is_error=False))
+        problems.append(ProviderProblem((*base, "service"), lookup, is_error=False))
     elif lookup is None and 1 <= config.port <= 65535 and config.port not in ports:
         # Istio would point Envoy at a cluster that does not exist; trustmesh refuses.
         problems.append(
-            _Problem(
+            ProviderProblem(
                 (*base, "port"),
                 f"{hostname} has no port {config.port} (ports: "
                 f"{', '.join(map(str, sorted(ports))) or 'none'}): CUSTOM policies using this"
@@ -191,24 +194,26 @@ def _is_authorizer(entry: m.ExtensionProvider) -> bool:
     return entry.envoy_ext_authz_http is not None or entry.envoy_ext_authz_grpc is not None
 
 
-def _name_problems(name: str, duplicate: bool, *, authorizer: bool) -> Iterator[_Problem]:
+def _name_problems(name: str, duplicate: bool, *, authorizer: bool) -> Iterator[ProviderProblem]:
     if not name:
-        yield _Problem(("name",), "name must not be empty")
+        yield ProviderProblem(("name",), "name must not be empty")
         return
     if duplicate:
-        yield _Problem(("name",), f"name must be unique, {name!r} is defined again")
+        yield ProviderProblem(("name",), f"name must be unique, {name!r} is defined again")
     # Only an authorizer's name goes into metadata keys and RBAC policy names.
     if authorizer and not _DNS_LABEL.match(name):
-        yield _Problem(
+        yield ProviderProblem(
             ("name",),
             f"name {name!r} must be lower-case letters, digits and '-' (a DNS-1123 label, "
             "at most 63 characters): it becomes part of metadata keys and policy names",
         )
 
 
-def _config_problems(config: m.EnvoyExtAuthzHttp | m.EnvoyExtAuthzGrpc) -> Iterator[_Problem]:
+def _config_problems(
+    config: m.EnvoyExtAuthzHttp | m.EnvoyExtAuthzGrpc,
+) -> Iterator[ProviderProblem]:
     if not 1 <= config.port <= 65535:
-        yield _Problem(("port",), f"port must be 1..65535, found {config.port}")
+        yield ProviderProblem(("port",), f"port must be 1..65535, found {config.port}")
     yield from _service_problems(config.service)
     if config.status_on_error:
         try:
@@ -216,19 +221,19 @@ def _config_problems(config: m.EnvoyExtAuthzHttp | m.EnvoyExtAuthzGrpc) -> Itera
         except ValueError:
             code = -1
         if code not in ENVOY_STATUS_CODES:
-            yield _Problem(
+            yield ProviderProblem(
                 ("statusOnError",),
                 f"statusOnError {config.status_on_error!r} is not an HTTP status Envoy knows"
                 " (e.g. 403, 500, 503)",
             )
     if config.timeout and not _DURATION.match(config.timeout):
-        yield _Problem(
+        yield ProviderProblem(
             ("timeout",), f"timeout {config.timeout!r} must be seconds like '10s' or '0.5s'"
         )
     if isinstance(config, m.EnvoyExtAuthzHttp):
         prefix = config.path_prefix
         if prefix and (not prefix.startswith("/") or any(c in prefix for c in " ?#")):
-            yield _Problem(
+            yield ProviderProblem(
                 ("pathPrefix",), f"pathPrefix must be a path starting with /: {prefix!r}"
             )
         for name in _HEADER_LISTS:
@@ -236,7 +241,7 @@ def _config_problems(config: m.EnvoyExtAuthzHttp | m.EnvoyExtAuthzGrpc) -> Itera
             for i, value in enumerate(values):
                 if value == "*":
                     field = _to_camel(name)
-                    yield _Problem(
+                    yield ProviderProblem(
                         (field, i),
                         f'a lone "*" is not supported in {field}: use a prefix ("x-*") or '
                         'a suffix ("*-id")',
@@ -248,15 +253,17 @@ def _to_camel(snake: str) -> str:
     return first + "".join(part.capitalize() for part in rest)
 
 
-def _service_problems(service: str) -> Iterator[_Problem]:
+def _service_problems(service: str) -> Iterator[ProviderProblem]:
     if not service:
-        yield _Problem(("service",), "service must not be empty")
+        yield ProviderProblem(("service",), "service must not be empty")
         return
     namespace, slash, host = service.rpartition("/")
     if slash and (not namespace or "/" in namespace or not _is_host(host, wildcard=False)):
-        yield _Problem(("service",), f"service must be [<namespace>/]<hostname>: {service!r}")
+        yield ProviderProblem(
+            ("service",), f"service must be [<namespace>/]<hostname>: {service!r}"
+        )
     elif not slash and not _is_host(service, wildcard=False) and not _is_ip(service):
-        yield _Problem(("service",), f"service must be a hostname or an IP: {service!r}")
+        yield ProviderProblem(("service",), f"service must be a hostname or an IP: {service!r}")
 
 
 def _is_ip(text: str) -> bool:
