@@ -12,7 +12,7 @@ Then the policy switches to the HTTP provider by a file write and the same holds
 from __future__ import annotations
 
 import asyncio
-import time
+import os
 from pathlib import Path
 
 import pytest
@@ -136,20 +136,6 @@ def _get(running: RunningMesh, path: str, *headers: tuple[str, str]) -> HttpResu
     return answer
 
 
-def _until(check: object, timeout: float = 30.0) -> None:
-    """Retry ``check`` (a callable raising AssertionError) until it passes: the control
-    plane applies a file write on its own schedule."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            check()  # type: ignore[operator]
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def _task(running: RunningMesh) -> None:
     allowed = _get(running, "/headers", ("x-ext-authz", "allow"))
     assert allowed.status == 200, allowed
@@ -172,16 +158,21 @@ def test_istio_ext_authz_task(tmp_path: Path) -> None:
     with running_mesh(
         config, tmp_path / "state", "127.120.0.0", "--mesh-config", str(mesh_config)
     ) as running:
-        _until(lambda: _task(running))
-        policy.write_text(POLICY.replace("PROVIDER", "sample-ext-authz-http"))
+        asyncio.run(running.wait_synced(timeout=60))  # every proxy has the configuration
+        _task(running)
+        _write(policy, POLICY.replace("PROVIDER", "sample-ext-authz-http"))
+        asyncio.run(running.wait_synced(timeout=30))  # the policy as just written
+        denied = _get(running, "/headers")
+        # The HTTP provider's deny carries only the header it lists downstream.
+        assert denied.status == 403 and denied.header("x-ext-authz-check-received") is None
+        _task(running)
 
-        def http_provider_answers() -> None:
-            denied = _get(running, "/headers")
-            # The HTTP provider's deny carries only the listed header downstream.
-            assert denied.status == 403 and denied.header("x-ext-authz-check-received") is None
-            _task(running)
 
-        _until(http_provider_answers)
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` whole: the control plane never reads it half written."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # ------------------------------------------------------------------ netns isolation
@@ -211,11 +202,9 @@ def test_istio_ext_authz_task_in_network_namespaces(tmp_path: Path) -> None:
             fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
             return int(status_line.split()[1]), fields, body
 
-        def task() -> None:
-            status, _, body = ask("/headers", "x-ext-authz: allow")
-            assert status == 200 and "X-Ext-Authz-Check-Result" in body, (status, body)
-            status, fields, body = ask("/headers", "x-ext-authz: deny")
-            assert status == 403 and fields.get("x-ext-authz-check-result") == "denied", body
-            assert ask("/ip")[0] == 200
-
-        _until(task, timeout=60)
+        asyncio.run(mesh.running.wait_synced(timeout=60))
+        status, _, body = ask("/headers", "x-ext-authz: allow")
+        assert status == 200 and "X-Ext-Authz-Check-Result" in body, (status, body)
+        status, fields, body = ask("/headers", "x-ext-authz: deny")
+        assert status == 403 and fields.get("x-ext-authz-check-result") == "denied", body
+        assert ask("/ip")[0] == 200
