@@ -1,4 +1,4 @@
-"""Istio's "external authorization" task through ``trustmesh up`` (process isolation).
+"""Istio's "external authorization" task through ``trustmesh up`` (process and netns).
 
 The mesh is the task's: httpbin and sleep in ``foo`` with sidecars, Istio's ext-authz
 sample manifest as published (image ``registry.istio.io/testing/ext-authz``, no sidecar:
@@ -6,7 +6,8 @@ sample manifest as published (image ``registry.istio.io/testing/ext-authz``, no 
 and a CUSTOM policy on httpbin's ``/headers``. From sleep, through both sidecars and
 real mTLS: allowed with ``x-ext-authz: allow`` (the authorizer's header reaches httpbin),
 denied 403 with ``x-ext-authz-check-result: denied`` otherwise, other paths never asked.
-Then the policy switches to the HTTP provider by a file write and the same holds.
+Then the policy switches to the HTTP provider by a file write and the same holds. The
+netns variant runs every pod in its own network namespace with captured sidecars.
 """
 
 from __future__ import annotations
