@@ -327,3 +327,40 @@ def test_authz_check_answers_for_an_authorizer_that_cannot_be_reached(tmp_path: 
     assert check(closed_mesh, "allow").exit_code == 0
     bad = check(closed_mesh, "maybe")
     assert bad.exit_code == 2 and "allow, deny or unreachable" in bad.output
+
+
+def test_an_authorizer_outside_the_mesh_declared_by_a_service_entry(tmp_path: Path) -> None:
+    """A gRPC authorizer reached by name (ServiceEntry, DNS): its cluster speaks HTTP/2,
+    as a GRPC port's must, and the provider is usable."""
+    entry = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: opa, namespace: foo}
+spec:
+  hosts: [opa.example.com]
+  ports: [{number: 9191, name: grpc-opa, protocol: GRPC}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+"""
+    mesh_text = (
+        "extensionProviders:\n- name: opa\n"
+        "  envoyExtAuthzGrpc: {service: opa.example.com, port: 9191}\n"
+    )
+    mesh = compile_text(entry + custom("opa"), mesh=mesh_text)
+    resources = translate(
+        mesh, "foo/httpbin", inbound_address="127.0.0.20", delivery=FilterDelivery.INLINE
+    )
+    clusters = {c["name"]: c for c in resources.clusters}
+    cluster = clusters["outbound|9191||opa.example.com"]
+    assert cluster["type"] == "STRICT_DNS"
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+    [listener] = resources.listeners
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [ext] = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    target = ext["typed_config"]["grpc_service"]["envoy_grpc"]
+    assert target == {
+        "cluster_name": "outbound|9191||opa.example.com",
+        "authority": "opa.example.com",
+    }
+    bootstrap = static_bootstrap(resources, node_id="v", sds_socket=str(tmp_path / "sds.sock"))
+    asyncio.run(validate_bootstrap(bootstrap, workdir=tmp_path, timeout=60))
