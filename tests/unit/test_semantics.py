@@ -486,8 +486,27 @@ def test_custom_with_unknown_provider_fails_closed_under_the_name_envoy_logs() -
     assert "extensionProviders" in decision.reason
 
 
+def test_custom_provider_that_is_not_an_authorizer_fails_closed() -> None:
+    """A provider entry that is no ext_authz kind (here: a name only), or whose service is
+    not in the registry, cannot be used: Istio denies what the CUSTOM rules match."""
+    custom = policy("ext", "foo", "action: CUSTOM\nprovider: {name: opa}\nrules: [{}]")
+    for entry in (
+        "{name: opa}",
+        "{name: opa, envoyExtAuthzHttp: {service: nowhere.foo.svc.cluster.local, port: 80}}",
+    ):
+        mesh = compile_text(custom, mesh=f"extensionProviders: [{entry}]\n")
+        decision = evaluate(mesh, _request("/x"), now=NOW, ext_authz={"opa": True})
+        assert (decision.verdict, decision.status) == (DENY, 403), entry
+        assert decision.rule is not None and decision.rule.endswith(
+            "-deny-due-to-bad-CUSTOM-action"
+        )
+        assert "cannot be used" in decision.reason
+
+
 def test_custom_rule_names_follow_istio_for_configured_and_several_providers() -> None:
-    configured = "extensionProviders: [{name: opa}, {name: oauth}]\n"
+    # Authorizers Istio can use: an ext_authz kind and a service of the registry.
+    grpc = "envoyExtAuthzGrpc: {service: httpbin.foo.svc.cluster.local, port: 8000}"
+    configured = f"extensionProviders: [{{name: opa, {grpc}}}, {{name: oauth, {grpc}}}]\n"
     custom = "action: CUSTOM\nprovider: {name: opa}\nrules: [{to: [{operation: {paths: [/x]}}]}]"
     mesh = compile_text(policy("ext", "foo", custom), mesh=configured)
     asked = evaluate(mesh, _request("/x"), now=NOW, ext_authz={"opa": False})

@@ -368,8 +368,55 @@ class PathNormalizationSetting(Loose):
     normalization: str = "DEFAULT"
 
 
+class ExtAuthzRequestBody(Strict):
+    """``includeRequestBodyInCheck``: buffer the body and send it to the authorizer."""
+
+    max_request_bytes: int = Field(default=0, ge=0, le=4294967295)
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
+class EnvoyExtAuthzHttp(Strict):
+    """``envoyExtAuthzHttp``: an authorizer asked with an HTTP request (istio/api
+    ``EnvoyExternalAuthorizationHttpProvider``). Values are checked with their locations
+    by :mod:`trustmesh.api.extension_providers`, as istiod checks them."""
+
+    service: str = ""
+    port: int = 0
+    timeout: str = ""
+    path_prefix: str = ""
+    fail_open: bool = False
+    clear_route_cache: bool = False
+    status_on_error: str = ""
+    include_headers_in_check: Strings = ()  # deprecated: used when the next one is unset
+    include_request_headers_in_check: Strings = ()
+    include_additional_headers_in_check: dict[str, str] = Field(default_factory=dict)
+    include_request_body_in_check: ExtAuthzRequestBody | None = None
+    headers_to_upstream_on_allow: Strings = ()
+    headers_to_downstream_on_deny: Strings = ()
+    headers_to_downstream_on_allow: Strings = ()
+
+
+class EnvoyExtAuthzGrpc(Strict):
+    """``envoyExtAuthzGrpc``: an authorizer speaking Envoy's ``Authorization/Check`` gRPC
+    service (istio/api ``EnvoyExternalAuthorizationGrpcProvider``)."""
+
+    service: str = ""
+    port: int = 0
+    timeout: str = ""
+    fail_open: bool = False
+    clear_route_cache: bool = False
+    status_on_error: str = ""
+    include_request_body_in_check: ExtAuthzRequestBody | None = None
+
+
 class ExtensionProvider(Loose):
-    name: str
+    """One ``meshConfig.extensionProviders`` entry. Only the ext_authz kinds are read;
+    tracing, logging and other kinds are kept out (``extra="ignore"``)."""
+
+    name: str = ""
+    envoy_ext_authz_http: EnvoyExtAuthzHttp | None = None
+    envoy_ext_authz_grpc: EnvoyExtAuthzGrpc | None = None
 
 
 class RepeatedPolicyHeaders(enum.Enum):

@@ -78,7 +78,7 @@ class Case(Strict):
     request: CaseRequest | None = None
     tcp: bool = False
     expect: VerdictName | Expectation
-    ext_authz: dict[str, Literal["allow", "deny"]] = Field(default_factory=dict)
+    ext_authz: dict[str, Literal["allow", "deny", "unreachable"]] = Field(default_factory=dict)
     now: int | None = None  # seconds since the epoch, for JWT expiry
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.diagnostics import Diagnostic, error, warning
+from trustmesh.api.extension_providers import custom_policy_diagnostics, provider_diagnostics
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot
 
@@ -47,6 +48,8 @@ _TRUST_DOMAIN_FIELDS = frozenset({"trust_domains", "not_trust_domains"})
 def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
     """Every Istio validation error and warning for the snapshot, sorted by location."""
     out: list[Diagnostic] = list(snapshot.diagnostics)
+    out.extend(provider_diagnostics(snapshot))
+    out.extend(custom_policy_diagnostics(snapshot))
     for r in (*snapshot.resources, *snapshot.replaced):
         if r.kind == "AuthorizationPolicy":
             out.extend(_authorization_policy(r))

@@ -66,10 +66,14 @@ class UsageError(Exception):
     pass
 
 
+# --ext-authz answers: allowed, denied, or None for an authorizer that cannot be reached.
+_EXT_AUTHZ_ANSWERS: dict[str, bool | None] = {"allow": True, "deny": False, "unreachable": None}
+
+
 class _EvaluateOptions(TypedDict):
     now: float
     trace: bool
-    ext_authz: dict[str, bool]
+    ext_authz: dict[str, bool | None]
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -152,7 +156,12 @@ def authz_check(
     tcp: Annotated[bool, typer.Option("--tcp", help="A plain TCP connection.")] = False,
     jwks: Annotated[list[str] | None, typer.Option("--jwks", help="URI=FILE for jwksUri.")] = None,
     ext_authz: Annotated[
-        list[str] | None, typer.Option("--ext-authz", help="PROVIDER=allow|deny for CUSTOM.")
+        list[str] | None,
+        typer.Option(
+            "--ext-authz",
+            help="PROVIDER=allow|deny|unreachable for CUSTOM (unreachable: the provider's "
+            "failOpen / statusOnError decide).",
+        ),
     ] = None,
     now: Annotated[float | None, typer.Option("--now", help="Clock, epoch seconds.")] = None,
     mesh_config: MeshConfigOpt = None,
@@ -176,8 +185,8 @@ def authz_check(
         if bool(to) == bool(to_host):
             raise UsageError("give exactly one of --to NS/WORKLOAD or --to-host HOST")
         answers = _pairs(ext_authz, "--ext-authz")
-        if any(v not in ("allow", "deny") for v in answers.values()):
-            raise UsageError("--ext-authz values are allow or deny")
+        if any(v not in _EXT_AUTHZ_ANSWERS for v in answers.values()):
+            raise UsageError("--ext-authz values are allow, deny or unreachable")
         headers = tuple(_pairs_list(header, "--header"))
         loaded = _load(
             files,
@@ -205,7 +214,7 @@ def authz_check(
     options = _EvaluateOptions(
         now=time.time() if now is None else now,
         trace=True,
-        ext_authz={k: v == "allow" for k, v in answers.items()},
+        ext_authz={k: _EXT_AUTHZ_ANSWERS[v] for k, v in answers.items()},
     )
     try:
         if to:

@@ -25,7 +25,7 @@ from trustmesh.samples.run import DEFAULT_HOST, Invocation, serve
 
 app = typer.Typer(
     help="Sample workloads for the local mesh (Istio's httpbin, tcp-echo, sleep, helloworld, "
-    "bookinfo).",
+    "bookinfo, ext-authz).",
     no_args_is_help=True,
 )
 
@@ -130,3 +130,28 @@ def ratings(host: Host = DEFAULT_HOST, port: BookinfoPort = bookinfo.DEFAULT_POR
     """Bookinfo's ratings: GET /ratings/ID answers each reviewer's stars ($SERVICE_VERSION
     picks Istio's faulty, delayed and unavailable variants)."""
     _run(Invocation("ratings", host, (port,)))
+
+
+@app.command("ext-authz")
+def ext_authz(
+    host: Host = DEFAULT_HOST,
+    http_port: Annotated[
+        int, typer.Option("--http", "--http-port", min=0, max=65535, help="HTTP check port.")
+    ] = 8000,
+    grpc_port: Annotated[
+        int, typer.Option("--grpc", "--grpc-port", min=0, max=65535, help="gRPC check port.")
+    ] = 9000,
+    allow_service_account: Annotated[
+        str,
+        typer.Option(
+            "--allow-service-account",
+            "--allow_service_account",
+            help="gRPC checks without the x-ext-authz header allow callers whose principal "
+            "ends with /sa/NAME.",
+        ),
+    ] = "a",
+) -> None:
+    """Istio's ext-authz sample: an external authorizer for CUSTOM policies. Allows a
+    request carrying `x-ext-authz: allow`, denies (403) others; HTTP checks on --http,
+    Envoy's Authorization/Check gRPC service on --grpc."""
+    _run(Invocation("ext-authz", host, (http_port, grpc_port), "", allow_service_account))

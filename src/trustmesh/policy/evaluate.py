@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
+from trustmesh.api.extension_providers import (
+    PROVIDERS_MEMO_KEY,
+    ExtAuthzProvider,
+    ext_authz_providers,
+)
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
@@ -119,12 +124,13 @@ def evaluate(
     *,
     now: float,
     trace: bool = False,
-    ext_authz: Mapping[str, bool] | None = None,
+    ext_authz: Mapping[str, bool | None] | None = None,
 ) -> Decision:
     """Decide ``request`` against the compiled mesh. ``now`` is seconds since the epoch.
 
-    ``ext_authz`` answers CUSTOM providers (name → allowed); a provider with no answer
-    is taken to deny (fail closed) and the trace says so.
+    ``ext_authz`` answers CUSTOM providers (name → allowed; None: the authorizer cannot
+    be reached, so its ``failOpen`` / ``statusOnError`` decide); a provider with no
+    answer is taken to deny (fail closed) and the trace says so.
     """
     decision = _decide(mesh, request, now=now, trace=trace, ext_authz=ext_authz)
     if decision.verdict is Verdict.ALLOW and request.destination_host is None:
@@ -138,7 +144,7 @@ def _decide(
     *,
     now: float,
     trace: bool,
-    ext_authz: Mapping[str, bool] | None,
+    ext_authz: Mapping[str, bool | None] | None,
 ) -> Decision:
     run = _Run([] if trace else None)
     source_workload = _source_workload(mesh, request)
@@ -227,17 +233,24 @@ def _authorize(
     target: WorkloadPolicy,
     attrs: Attributes,
     run: _Run,
-    ext_authz: Mapping[str, bool],
+    ext_authz: Mapping[str, bool | None],
     now: float,
 ) -> Decision:
     authz = target.authz
     is_http = attrs.is_http
     denied_status = 403 if is_http else None
 
-    custom = _first(authz.custom, attrs, run, "CUSTOM")
+    custom = None
+    providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
+    configured = _ext_authz_providers(mesh)
+    only = configured.get(providers[0]) if len(providers) == 1 else None
+    if not is_http and only is not None and only.usable and not only.serves_tcp:
+        # Istio builds no TCP filter for an HTTP provider: CUSTOM does not apply to TCP.
+        run.note(f"CUSTOM provider {providers[0]!r} is an HTTP authorizer: not used on TCP")
+    else:
+        custom = _first(authz.custom, attrs, run, "CUSTOM")
     if custom is not None:
         provider = custom.provider or ""
-        providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
         if len(providers) > 1:
             # Istio's default (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS off) turns every
             # CUSTOM rule into a DENY; one filter per provider, in provider order.
@@ -250,26 +263,42 @@ def _authorize(
             run.note(reason)
             rule = custom_rule_name(first, configured=False)
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
-        if provider not in mesh.extension_providers:
+        found = configured.get(provider)
+        if found is None or not found.usable:
             reason = (
                 f"CUSTOM provider {provider!r} is not in meshConfig.extensionProviders"
                 " (fails closed)"
+                if found is None
+                else f"CUSTOM provider {provider!r} cannot be used (fails closed): "
+                f"{found.why_unusable()}"
             )
             run.note(reason)
             rule = custom_rule_name(custom, configured=False)
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
         rule = custom_rule_name(custom, configured=True)
         allowed = ext_authz.get(provider)
-        if allowed is None:
+        if allowed is None and provider in ext_authz:
+            # The authorizer cannot be reached: Envoy applies failOpen / statusOnError.
+            config = found.config
+            assert config is not None
+            if config.fail_open:
+                run.note(f"external authorizer {provider!r} unreachable: failOpen, allowed")
+            else:
+                status = int(config.status_on_error or 403) if is_http else None
+                reason = f"external authorizer {provider!r} unreachable (failOpen is false)"
+                run.note(reason)
+                return _finish(run, Verdict.DENY, status, rule, reason)
+        elif allowed is None:
             reason = (
                 f"external authorizer {provider!r} would be asked; no answer given offline"
                 " (--ext-authz), taken as deny"
             )
             run.note(reason)
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
-        run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
-        if not allowed:
-            return _finish(run, Verdict.DENY, denied_status, rule, f"denied by {provider}")
+        else:
+            run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
+            if not allowed:
+                return _finish(run, Verdict.DENY, denied_status, rule, f"denied by {provider}")
 
     upstream: tuple[tuple[str, str], ...] = ()
     if is_http and target.jwt_providers:
@@ -330,6 +359,13 @@ def _authorize(
         upstream,
         audit_name,
     )
+
+
+def _ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
+    found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(PROVIDERS_MEMO_KEY)
+    if found is None:
+        found = mesh.memo[PROVIDERS_MEMO_KEY] = ext_authz_providers(mesh.snapshot)
+    return found
 
 
 def custom_rule_name(rule: CompiledRule, *, configured: bool) -> str:

@@ -68,7 +68,9 @@ def run_case(mesh: MeshPolicy, suite: str, location: str, case: Case, now: float
             case_request(case),
             now=float(case.now) if case.now is not None else now,
             trace=True,
-            ext_authz={k: v == "allow" for k, v in case.ext_authz.items()},
+            ext_authz={
+                k: None if v == "unreachable" else v == "allow" for k, v in case.ext_authz.items()
+            },
         )
     except RequestError as exc:
         return CaseResult(suite, case.name, location, False, (f"bad case: {exc}",), None)

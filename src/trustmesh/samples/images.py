@@ -89,7 +89,7 @@ class StandIn:
     ``env``: the image's own ``ENV`` (a container's ``env`` overrides it); ``args``: what
     container ``args`` mean for it — ``"none"`` (the image has only a CMD, which args
     would replace: not runnable here), ``"tcp-echo"`` (``PORTS,… PREFIX`` as Istio's
-    tcp-echo-server takes them).
+    tcp-echo-server takes them), ``"ext-authz"`` (the extauthz binary's Go flags).
     """
 
     image: str
@@ -103,6 +103,8 @@ class StandIn:
         """``trustmesh sample …`` for this image given the container's ``args``;
         ``ValueError`` (the reason) when they cannot be run."""
         base = ("trustmesh", "sample", self.sample)
+        if self.args == "ext-authz":
+            return (*base, *_ext_authz_args(args))
         if self.args == "tcp-echo":
             ports, prefix = self.ports, "hello"
             if args:
@@ -129,6 +131,36 @@ def _tcp_echo_args(args: tuple[str, ...]) -> tuple[tuple[int, ...], str]:
             raise ValueError(f"tcp-echo-server port {text!r} is not a port number")
         ports.append(int(text))
     return tuple(dict.fromkeys(ports)), args[1]
+
+
+_EXT_AUTHZ_FLAGS = {
+    "http": "--http",
+    "grpc": "--grpc",
+    "allow_service_account": "--allow-service-account",
+}
+
+
+def _ext_authz_args(args: tuple[str, ...]) -> tuple[str, ...]:
+    """Istio's extauthz binary takes Go flags (``-http 8000``, ``--grpc=9000``,
+    ``-allow_service_account a``) as container args; the same flags for the stand-in."""
+    out: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, equals, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or name not in _EXT_AUTHZ_FLAGS:
+            raise ValueError(
+                f"ext-authz takes -http PORT, -grpc PORT and -allow_service_account NAME; "
+                f"got {arg!r}"
+            )
+        if not equals:
+            if not rest:
+                raise ValueError(f"ext-authz flag {arg} needs a value")
+            value = rest.pop(0)
+        if name in ("http", "grpc") and not (value.isdigit() and 0 < int(value) <= 65535):
+            raise ValueError(f"ext-authz -{name} {value!r} is not a port number")
+        out.append(f"{_EXT_AUTHZ_FLAGS[name]}={value}")
+    return tuple(out)
 
 
 def _env(**values: str) -> Mapping[str, str]:
@@ -174,6 +206,13 @@ _TABLE: tuple[StandIn, ...] = (
     StandIn("httpbin", "httpbin", (80,), note="kennethreitz/httpbin (gunicorn on port 80)"),
     StandIn("go-httpbin", "httpbin", (8080,), note="mccutchen/go-httpbin (port 8080)"),
     StandIn("tcp-echo-server", "tcp-echo", (9000,), args="tcp-echo"),
+    StandIn(
+        "ext-authz",
+        "ext-authz",
+        (8000, 9000),
+        args="ext-authz",
+        note="Istio's samples/extauthz: HTTP checks on 8000, gRPC Authorization/Check on 9000",
+    ),
     StandIn(
         "curl",
         "sleep",

@@ -49,12 +49,14 @@ class Invocation:
     host: str
     ports: tuple[int, ...] = ()
     prefix: str = ""
+    allow_service_account: str = "a"  # ext-authz: allowed without the header (gRPC)
 
 
 def _default_port(sample: str) -> int:
     from trustmesh.samples import bookinfo, helloworld, httpbin, tcp_echo
 
     defaults = {
+        "ext-authz": 8000,
         "httpbin": httpbin.DEFAULT_PORT,
         "tcp-echo": tcp_echo.DEFAULT_PORT,
         "helloworld": helloworld.DEFAULT_PORT,
@@ -79,6 +81,12 @@ def _main(invocation: Invocation) -> Callable[[asyncio.Event], Coroutine[Any, An
         from trustmesh.samples import httpbin
 
         return lambda stop: httpbin.serve(host, ports[0], stop=stop, ready=_announce)
+    if sample == "ext-authz":
+        from trustmesh.samples.ext_authz import DEFAULT_GRPC_PORT, ExtAuthzServer
+
+        http_port, grpc_port = (*invocation.ports, DEFAULT_GRPC_PORT)[:2]
+        server = ExtAuthzServer(invocation.allow_service_account)
+        return lambda stop: server.serve(host, http_port, grpc_port, stop=stop, ready=_announce)
     if sample == "tcp-echo":
         from trustmesh.samples import tcp_echo
 

@@ -23,10 +23,11 @@ see), one trailing dot stripped from Host, ``x-forwarded-client-cert`` sanitized
 from the verified peer certificate, websocket upgrades and ``Expect`` forwarded as in
 Istio (:func:`inbound_request_fields`; what they leave of a request's headers is
 :mod:`trustmesh.policy.request_headers`), then the request guards (:mod:`trustmesh.xds.guards`)
-and the policy filters — CUSTOM stand-ins, jwt_authn, RBAC (AUDIT, DENY, ALLOW) — handed
-in by :mod:`trustmesh.xds.translate`, then the router to ``inbound|<port>||``, a STATIC
-cluster at ``<app address>:<port>``. TCP ports run the network RBAC filters, then a TCP
-proxy to the same cluster.
+and the policy filters — CUSTOM (per provider a shadow RBAC filter and the ext_authz
+filter it enables), jwt_authn, RBAC (AUDIT, DENY, ALLOW) — handed in by
+:mod:`trustmesh.xds.translate`, then the router to ``inbound|<port>||``, a STATIC cluster
+at ``<app address>:<port>``. TCP ports run the network filters in the same order (CUSTOM
+for gRPC providers, then RBAC), then a TCP proxy to the same cluster.
 
 Every chain logs one JSON line per request (HTTP) or connection (TCP) to stdout, with
 the RBAC dynamic metadata: the enforced or shadow (dry-run) policy that matched,

@@ -27,7 +27,8 @@ Service selects, at ``<workload ip>:<target port>``. A workload with no known IP
 Deployment, not a Pod) gets :data:`PLACEHOLDER_ADDRESS`: the runtime fills in the real
 address; every endpoint names its workload in ``metadata.filter_metadata.trustmesh``.
 ServiceEntry hosts get clusters too: STRICT_DNS (resolution DNS), LOGICAL_DNS
-(DNS_ROUND_ROBIN), ORIGINAL_DST (NONE), or STATIC (placeholder endpoints).
+(DNS_ROUND_ROBIN), ORIGINAL_DST (NONE), or STATIC (placeholder endpoints); HTTP/2 for a
+GRPC / HTTP2 port, as for a Service port.
 
 Not built here: DestinationRule subsets and load-balancer settings, Sidecar ``egress``
 host scoping, ServiceEntry ``endpoints`` and ``workloadSelector``, DestinationRules for
@@ -133,13 +134,16 @@ def static_cluster(
     if lb_endpoints:
         cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": lb_endpoints}]
     if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTIONS_TYPE,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
+        cluster["typed_extension_protocol_options"] = _HTTP2_OPTIONS
     return cluster
+
+
+_HTTP2_OPTIONS: dict[str, Any] = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": HTTP_OPTIONS_TYPE,
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
 
 
 def dns_cluster(name: str, host: str, port: int, *, logical: bool = False) -> dict[str, Any]:
@@ -399,10 +403,11 @@ def _destination_rule_socket(
 
 def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
     spec: m.ServiceEntrySpec = entry.spec
-    out = []
+    out: list[dict[str, Any]] = []
     for host in sorted(set(spec.hosts)):
         for port in spec.ports:
             name = f"outbound|{port.number}||{host}"
+            before = len(out)
             resolution = spec.resolution.upper()
             if resolution in ("DNS", "DNS_ROUND_ROBIN") and not host.startswith("*"):
                 out.append(dns_cluster(name, host, port.number, logical=resolution != "DNS"))
@@ -423,6 +428,9 @@ def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
                         "connect_timeout": _CONNECT_TIMEOUT,
                     }
                 )
+            if _app_protocol(port.name, port.protocol) in _HTTP2_NAMES:
+                # A GRPC / HTTP2 port (an ext_authz gRPC authorizer, say) speaks HTTP/2.
+                out[before]["typed_extension_protocol_options"] = _HTTP2_OPTIONS
     return out
 
 

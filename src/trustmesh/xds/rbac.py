@@ -21,11 +21,13 @@ evaluator reads, so that a request gets the same verdict offline and through Env
 Filter order on the inbound HTTP chain: :func:`http_custom_filters`, then jwt_authn,
 then :func:`http_rbac_filters` (AUDIT, DENY, ALLOW), then the router.
 
-CUSTOM (ext_authz) is not built yet. Until it is, CUSTOM rules fail closed: they become
-the DENY filter Istio itself generates when a CUSTOM provider cannot be used (policy
-names ``istio-ext-authz-<provider>-ns[..]-policy[..]-rule[..]-deny-due-to-bad-CUSTOM-
-action``). The offline evaluator agrees by default: it denies a matching CUSTOM rule
-unless it is given the external authorizer's answer.
+CUSTOM (ext_authz, :mod:`trustmesh.xds.ext_authz`): per provider, an RBAC filter holding
+the provider's rules as shadow rules (named ``istio-ext-authz-<provider>-ns[..]-policy[..]
+-rule[..]``), then the ext_authz filter it enables. A provider that cannot be used
+(missing from ``meshConfig.extensionProviders``, invalid, its service unknown) or two
+providers on one workload (Istio's default) turn the rules into an enforced DENY, as
+Istio does (``...-deny-due-to-bad-CUSTOM-action``). On TCP chains a gRPC provider gets the
+network pair; an HTTP provider is left out.
 
 Principals reach Envoy with ``spiffe://`` and trust-domain aliases expanded by the same
 :meth:`~trustmesh.policy.authz.TrustBundle.expand` the evaluator uses.
@@ -38,16 +40,28 @@ share sub-dicts: treat them as read-only.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.extension_providers import (
+    PROVIDERS_MEMO_KEY,
+    ExtAuthzProvider,
+    ext_authz_providers,
+)
 from trustmesh.api.resources import Resource
 from trustmesh.policy.authz import TrustBundle, rule_name
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds import rbac_matchers as mt
+from trustmesh.xds.ext_authz import (
+    EXT_AUTHZ_SHADOW_PREFIX,
+    HTTP_EXT_AUTHZ,
+    NETWORK_EXT_AUTHZ,
+    http_ext_authz_config,
+    network_ext_authz_config,
+)
 from trustmesh.xds.rbac_matchers import Json, Unsupported
 
 __all__ = [
@@ -59,6 +73,8 @@ __all__ = [
     "NETWORK_RBAC_TYPE",
     "http_custom_filters",
     "http_rbac_filters",
+    "mesh_ext_authz_providers",
+    "network_custom_filters",
     "network_rbac_filters",
     "policy_rules",
 ]
@@ -92,9 +108,38 @@ _ENVOY_ACTION = {
 
 
 def http_custom_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
-    """What stands in for CUSTOM ext_authz on the HTTP chain (before jwt_authn): one
-    fail-closed RBAC DENY filter per provider, or nothing if no CUSTOM policy applies."""
-    return [_http_filter(config) for config in _custom_configs(wp, mesh, for_tcp=False)]
+    """CUSTOM on the HTTP chain (before jwt_authn), per provider in name order: the
+    shadow RBAC filter and the ext_authz filter it enables — or, for a provider that
+    cannot be used, one enforced RBAC DENY filter. Nothing if no CUSTOM policy applies."""
+    out: list[Json] = []
+    for plan in _custom_plans(wp, mesh, for_tcp=False):
+        if plan.provider is None:
+            out.append(_http_filter({"rules": _rbac("DENY", plan.denied())}))
+            continue
+        shadow: Json = {"shadow_rules": _rbac("DENY", plan.rules)}
+        shadow["shadow_rules_stat_prefix"] = EXT_AUTHZ_SHADOW_PREFIX
+        out.append(_http_filter(shadow))
+        config = http_ext_authz_config(plan.provider)
+        out.append({"name": HTTP_EXT_AUTHZ, "typed_config": config})
+    return out
+
+
+def network_custom_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
+    """CUSTOM on a TCP chain: the network pair for a gRPC provider, nothing for an HTTP
+    provider (Istio leaves it out), a DENY RBAC filter for a provider that cannot be used."""
+    out: list[Json] = []
+    for plan in _custom_plans(wp, mesh, for_tcp=True):
+        if plan.provider is None:
+            out.append(_network_filter({"rules": _rbac("DENY", plan.denied())}))
+            continue
+        config = network_ext_authz_config(plan.provider)
+        if config is None:
+            continue
+        shadow: Json = {"shadow_rules": _rbac("DENY", plan.rules)}
+        shadow["shadow_rules_stat_prefix"] = EXT_AUTHZ_SHADOW_PREFIX
+        out.append(_network_filter(shadow))
+        out.append({"name": NETWORK_EXT_AUTHZ, "typed_config": config})
+    return out
 
 
 def http_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[Json]:
@@ -119,8 +164,9 @@ def network_rbac_filters(wp: WorkloadPolicy, mesh: MeshPolicy, port: int | None)
         not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535
     ):
         raise ValueError(f"port must be 1..65535, got {port!r}")
-    configs = [*_custom_configs(wp, mesh, for_tcp=True), *_action_configs(wp, mesh, for_tcp=True)]
-    return [_network_filter(config) for config in configs if config]
+    configs = _action_configs(wp, mesh, for_tcp=True)
+    custom = network_custom_filters(wp, mesh)
+    return [*custom, *(_network_filter(config) for config in configs if config)]
 
 
 def _http_filter(config: Json) -> Json:
@@ -180,18 +226,44 @@ def _merged(
     return dict(sorted(merged.items()))
 
 
-def _custom_configs(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> list[Json]:
+@dataclass(frozen=True, slots=True)
+class _CustomPlan:
+    """One provider's CUSTOM rules on a workload, and the provider if it can be used."""
+
+    name: str
+    rules: dict[str, Json]  # istio-ext-authz-<provider>-ns[..]-policy[..]-rule[..] → policy
+    provider: ExtAuthzProvider | None
+
+    def denied(self) -> dict[str, Json]:
+        return {f"{name}{_BAD_CUSTOM_SUFFIX}": p for name, p in self.rules.items()}
+
+
+def _custom_plans(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> list[_CustomPlan]:
     by_provider: dict[str, list[Resource[Any]]] = defaultdict(list)
     for policy in wp.authz.custom.policies:
         spec: m.AuthorizationPolicySpec = policy.spec
         by_provider[spec.provider.name if spec.provider else ""].append(policy)
-    configs = []
-    for provider in sorted(by_provider):
-        prefix = f"{_EXT_AUTHZ_PREFIX}-{provider}-" if provider else f"{_EXT_AUTHZ_PREFIX}-"
-        rules = _merged(mesh, by_provider[provider], m.Action.CUSTOM, for_tcp)
-        policies = {f"{prefix}{name}{_BAD_CUSTOM_SUFFIX}": p for name, p in rules.items()}
-        configs.append({"rules": _rbac("DENY", dict(sorted(policies.items())))})
-    return configs
+    providers = mesh_ext_authz_providers(mesh)
+    plans = []
+    for name in sorted(by_provider):
+        prefix = f"{_EXT_AUTHZ_PREFIX}-{name}-" if name else f"{_EXT_AUTHZ_PREFIX}-"
+        rules = _merged(mesh, by_provider[name], m.Action.CUSTOM, for_tcp)
+        named = {f"{prefix}{rule}": p for rule, p in rules.items()}
+        found = providers.get(name)
+        # Istio's default (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS off): two
+        # providers on one workload deny every CUSTOM rule of both.
+        usable = found is not None and found.usable and len(by_provider) == 1
+        plans.append(_CustomPlan(name, dict(sorted(named.items())), found if usable else None))
+    return plans
+
+
+def mesh_ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
+    """The mesh's ext_authz providers, resolved once per compiled mesh."""
+    key = PROVIDERS_MEMO_KEY
+    found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(key)
+    if found is None:
+        found = mesh.memo[key] = ext_authz_providers(mesh.snapshot)
+    return found
 
 
 def _memo_rules(

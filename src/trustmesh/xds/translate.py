@@ -21,8 +21,9 @@ replaced on existing connections at once. Each HTTP chain therefore names fixed 
 ``trustmesh.guard.host`` and ``trustmesh.guard.headers`` (the ambiguous-Host and
 repeated-header guards, :mod:`trustmesh.xds.guards`),
 ``trustmesh.authn.jwt``, ``trustmesh.authz.audit``, ``trustmesh.authz.deny``,
-``trustmesh.authz.allow`` (after one ``trustmesh.authz.custom.<i>`` per CUSTOM provider,
-which run before JWT as in Istio) — filled with a pass-through config when nothing of that
+``trustmesh.authz.allow`` (after ``trustmesh.authz.custom.<i>``, the CUSTOM filters — per
+provider the shadow RBAC filter and its ext_authz filter — which run before JWT as in
+Istio) — filled with a pass-through config when nothing of that
 kind applies, so adding or removing a policy changes an extension config, not the
 listener. Network (TCP) RBAC stays in the listener: it is checked once per connection.
 
@@ -127,7 +128,7 @@ class CaptureMode(enum.Enum):
 
 
 class FilterDelivery(enum.Enum):
-    """Where the HTTP policy filters (CUSTOM stand-in, jwt_authn, RBAC) are delivered."""
+    """Where the HTTP policy filters (CUSTOM, jwt_authn, RBAC) are delivered."""
 
     ECDS = "ECDS"  # as extension configs: a change applies to open connections at once
     INLINE = "INLINE"  # inside the listener, as Istio does
