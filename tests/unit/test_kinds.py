@@ -102,7 +102,7 @@ def test_unserved_istio_groups_kinds_and_versions(
         ("telemetry.istio.io/v1alpha1", "Telemetry"),
         ("extensions.istio.io/v1alpha1", "WasmPlugin"),
         ("extensions.istio.io/v1alpha1", "TrafficExtension"),
-        ("v1", "Secret"),
+        ("v1", "PersistentVolumeClaim"),  # Secret is read now: gateways serve its tls.crt
         ("apps/v1", "ReplicaSet"),
     ],
 )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from trustmesh.api import expected, kinds
 from trustmesh.api import models as m
+from trustmesh.api.gateway_models import SecretObject
 from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.resources import Resource, UnknownResource
@@ -118,6 +119,8 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("", "Pod"): KindInfo(m.PodObject, None),
     ("", "Service"): KindInfo(m.ServiceSpec),
     ("", "ConfigMap"): KindInfo(m.ConfigMapObject, None),
+    # credentialName of Gateway servers (trustmesh.api.gateway reads tls.crt / tls.key)
+    ("", "Secret"): KindInfo(SecretObject, None),
     ("apps", "Deployment"): KindInfo(m.WorkloadControllerSpec),
     ("apps", "StatefulSet"): KindInfo(m.WorkloadControllerSpec),
     ("apps", "DaemonSet"): KindInfo(m.WorkloadControllerSpec),

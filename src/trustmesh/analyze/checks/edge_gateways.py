@@ -166,6 +166,11 @@ class GatewayIndex:
                         workloads=refs,
                     )
                 )
+        for secret in self.ctx.resources("Secret"):  # typed since gateways read them
+            body: Any = secret.document.body
+            for part in secret.base_path:
+                body = body[part]
+            self._secrets[(secret.namespace, secret.name)] = _mapping(body)
         for item in self.ctx.unknown_resources:
             path = _SECRET_SOURCES.get(item.kind)
             if path is None:
