@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.gateway_models import (
@@ -398,12 +399,13 @@ def _route_problems(resource: Resource[Any], i: int, route: HttpRoute) -> Iterat
             yield _unsupported(at("redirect", "derivePort"), "derivePort")
     if route.rewrite is not None and route.rewrite.uri and route.rewrite.uri_regex_rewrite:
         yield error("invalid-field", at("rewrite"), "set one of uri or uriRegexRewrite")
-    if route.direct_response is not None and route.direct_response.body is not None:
-        if route.direct_response.body.bytes is not None:
-            yield _unsupported(at("directResponse", "body", "bytes"), "body.bytes")
-    for field, value in (("timeout", route.timeout),):
-        if value and parse_duration(value) is None:
-            yield error("invalid-field", at(field), f"{value!r} is not a duration such as 5s")
+    body = route.direct_response.body if route.direct_response is not None else None
+    if body is not None and body.bytes is not None:
+        yield _unsupported(at("directResponse", "body", "bytes"), "body.bytes")
+    if route.timeout and parse_duration(route.timeout) is None:
+        yield error(
+            "invalid-field", at("timeout"), f"{route.timeout!r} is not a duration such as 5s"
+        )
     if route.retries is not None:
         for field, value in (
             ("perTryTimeout", route.retries.per_try_timeout),
@@ -452,9 +454,7 @@ def _secret_data(secret: SecretObject) -> dict[str, str]:
     return data
 
 
-def tls_credential(
-    snapshot: ConfigSnapshot, namespace: str, name: str
-) -> TlsCredential | str:
+def tls_credential(snapshot: ConfigSnapshot, namespace: str, name: str) -> TlsCredential | str:
     """Certificate chain and key of Secret ``namespace/name``, or why there are none."""
     secret = _secret(snapshot, namespace, name)
     if secret is None:
@@ -518,14 +518,8 @@ def _pod_annotations(workload: Workload) -> dict[str, str]:
 
 
 def _yaml_mapping(text: str) -> Any:
-    # The annotation is YAML; its usual form is JSON or one-level YAML. JSON first.
+    # The annotation is YAML (JSON is YAML too).
     try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    from ruamel.yaml import YAML  # a parser, no I/O
-
-    try:
-        return YAML(typ="safe").load(text)
-    except Exception:  # noqa: BLE001 - any YAML error means "not set here"
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
         return None

@@ -66,11 +66,16 @@ TOKEN_TTL = dt.timedelta(minutes=30)
 
 
 def node_id(pod: PodPlan) -> str:
-    """The sidecar's Envoy node id (Istio's ``sidecar~IP~name.ns~ns.svc.cluster.local``)."""
-    return ProxyRegistration.sidecar(pod.ref, pod.pod_ip).node_id
+    """The sidecar's Envoy node id (Istio's ``sidecar~IP~name.ns~ns.svc.cluster.local``,
+    ``router~…`` for a gateway)."""
+    return _registration(None, pod).node_id
 
 
-def _registration(plan: MeshPlan, pod: PodPlan) -> ProxyRegistration:
+def _registration(plan: MeshPlan | None, pod: PodPlan) -> ProxyRegistration:
+    if pod.gateway:
+        return ProxyRegistration.router(pod.ref, pod.pod_ip)
+    if plan is None:
+        return ProxyRegistration.sidecar(pod.ref, pod.pod_ip)
     if plan.sandboxed:  # its traffic is captured: Istio's virtualInbound/Outbound layout
         return ProxyRegistration.sidecar(
             pod.ref,

@@ -116,6 +116,8 @@ class PodPlan:
     gid: int | None = None
     capture: CaptureSpec | None = None
     index: int = 0  # the pod's number in the plan (its namespace and uid derive from it)
+    # an ingress gateway: Envoy in router mode (no app, no capture) listening on pod_ip
+    gateway: bool = False
 
     @property
     def ref(self) -> str:
@@ -144,6 +146,7 @@ class PodPlan:
             "gid": self.gid,
             "capture": None if self.capture is None else self.capture.to_json(),
             "index": self.index,
+            "gateway": self.gateway,
         }
 
     @classmethod
@@ -165,6 +168,7 @@ class PodPlan:
             gid=data.get("gid"),
             capture=CaptureSpec.from_json(data["capture"]) if data.get("capture") else None,
             index=int(data.get("index", 0)),
+            gateway=bool(data.get("gateway", False)),
         )
 
 
@@ -293,6 +297,8 @@ def _pod(
             " runtime runs sidecars, not ztunnel: label it istio.io/dataplane-mode=none or"
             " inject a sidecar",
         )
+    if workload.dataplane.mode is MeshMode.GATEWAY:
+        return _gateway_pod(workload, block), None
     if not spec.containers:
         return None, error("no-container", where, f"{workload.ref} has no container to run")
     container = spec.containers[0]
@@ -335,6 +341,26 @@ def _pod(
         restart_policy=restarts,
     )
     return plan, None
+
+
+def _gateway_pod(workload: Workload, block: ipaddress.IPv4Address) -> PodPlan:
+    """A gateway pod runs only its proxy: its container is Istio's istio-proxy (image
+    ``auto``), here the agent + Envoy that every sidecar pod runs, configured as a router
+    from Gateway + VirtualService; it listens on its pod IP, where clients outside the
+    mesh connect (:mod:`trustmesh.xds.gateway`)."""
+    pod_ip = str(block + 1)
+    return PodPlan(
+        namespace=workload.namespace,
+        name=workload.name,
+        service_account=workload.service_account,
+        sidecar=True,
+        pod_ip=pod_ip,
+        app_ip=pod_ip,
+        outbound_ip=None,
+        ports=(),
+        command=(),
+        gateway=True,
+    )
 
 
 def _service_targets(
@@ -418,6 +444,15 @@ def _cluster_ips(services: tuple[Service, ...]) -> dict[str, str]:
 def _sandbox_pod(
     workload: Workload, index: int, mesh_id: str, images: Sequence[ImageCommand]
 ) -> tuple[PodPlan | None, list[Diagnostic]]:
+    if workload.dataplane.mode is MeshMode.GATEWAY:
+        return None, [
+            error(
+                "gateway-not-sandboxed",
+                workload.resource.meta_location("name"),
+                f"{workload.ref} is a gateway ({workload.dataplane.reason}); gateways run in "
+                "process mode only for now: use `trustmesh up --isolation process`",
+            )
+        ]
     base, problem = _pod(workload, ipaddress.IPv4Address("127.0.0.0"), images)
     if base is None:
         return None, [problem] if problem is not None else []

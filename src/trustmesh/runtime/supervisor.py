@@ -70,6 +70,7 @@ from trustmesh.runtime.sandboxed import (
     sidecar_argv,
 )
 from trustmesh.runtime.sidecar import SidecarSpec
+from trustmesh.xds.gateway import gateway_diagnostics
 
 __all__ = ["MESH_ENV", "MeshRuntime", "StartError", "belongs_to", "stop_recorded"]
 
@@ -173,6 +174,14 @@ class MeshRuntime:
             raise StartError("the workloads cannot run locally", problems)
         if not plan.pods:
             raise StartError("no Deployment, StatefulSet, DaemonSet or Pod to run")
+        gateway_problems = [
+            problem
+            for pod in plan.pods
+            if pod.gateway and loaded.mesh is not None
+            for problem in gateway_diagnostics(loaded.mesh, pod.ref)
+        ]
+        if gateway_problems:
+            raise StartError("a gateway cannot be configured as written", gateway_problems)
         if not plan.sandboxed:
             try:  # before anything binds: a second mesh in the block would break the first
                 self._claim = claim_block(self.base, self.layout.root)
@@ -192,8 +201,9 @@ class MeshRuntime:
         await asyncio.gather(*(self._start_sidecar(i, pod) for i, pod in enumerate(sidecars)))
         if sidecars:
             await self._wait_configured(sidecars)
-        self.progress(f"starting {len(plan.pods)} apps")
-        await asyncio.gather(*(self._start_app(pod) for pod in plan.pods))
+        apps = [pod for pod in plan.pods if not pod.gateway]  # a gateway is only its proxy
+        self.progress(f"starting {len(apps)} apps")
+        await asyncio.gather(*(self._start_app(pod) for pod in apps))
         for pod in plan.pods:
             self.pods[pod.ref] |= {"status": "running", "ready": True, "restarts": 0}
         self._record("ready")

@@ -51,9 +51,10 @@ from trustmesh.identity.server import Clock, utc_now
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
+from trustmesh.xds.gateway import GatewayResources, translate_gateway
 from trustmesh.xds.readiness import EndpointFilter
 from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
-from trustmesh.xds.translate import CaptureMode, FilterDelivery, translate
+from trustmesh.xds.translate import CaptureMode, FilterDelivery, ProxyResources, translate
 
 __all__ = [
     "XDS_SERVER_NAME",
@@ -97,6 +98,7 @@ class ProxyRegistration:
     outbound_address: str | None = None
     capture: CaptureMode = CaptureMode.PROCESS
     service_addresses: tuple[tuple[str, str], ...] = ()
+    gateway: bool = False  # a router-mode Envoy: Gateway + VirtualService (xds.gateway)
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
@@ -131,6 +133,15 @@ class ProxyRegistration:
         return cls(
             node_id, workload_ref, inbound_address, app_address, outbound_address, capture, services
         )
+
+    @classmethod
+    def router(cls, workload_ref: str, address: str) -> ProxyRegistration:
+        """A gateway pod's registration under Istio's router node id,
+        ``router~<address>~<name>.<namespace>~<namespace>.svc.cluster.local``; its
+        listeners bind ``address``."""
+        namespace, _, name = workload_ref.partition("/")
+        node_id = f"router~{address}~{name}.{namespace}~{namespace}.svc.cluster.local"
+        return cls(node_id, workload_ref, address, address, gateway=True)
 
 
 class ConfigRejected(ValueError):
@@ -611,7 +622,29 @@ def _snapshot_for(
     canonical: Canonical | None = None,
 ) -> Snapshot:
     """One proxy's checked snapshot; ``LookupError`` / ``ValueError`` if there is none."""
-    resources = translate(
+    resources: ProxyResources | GatewayResources
+    if registration.gateway:
+        resources = translate_gateway(
+            mesh,
+            registration.workload_ref,
+            address=registration.inbound_address,
+            workload_addresses=addresses,
+        )
+    else:
+        resources = _sidecar_resources(mesh, registration, addresses)
+    snapshot = Snapshot.from_resources(endpoints.apply(resources.all()), canonical)
+    # Checked (and encoded, which is memoized) here, off the event loop: publishing it
+    # later repeats neither.
+    problems = snapshot.consistency_errors() or snapshot.encoding_errors()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return snapshot
+
+
+def _sidecar_resources(
+    mesh: MeshPolicy, registration: ProxyRegistration, addresses: Mapping[str, str]
+) -> ProxyResources:
+    return translate(
         mesh,
         registration.workload_ref,
         inbound_address=registration.inbound_address,
@@ -622,13 +655,6 @@ def _snapshot_for(
         capture=registration.capture,
         service_addresses=dict(registration.service_addresses) or None,
     )
-    snapshot = Snapshot.from_resources(endpoints.apply(resources.all()), canonical)
-    # Checked (and encoded, which is memoized) here, off the event loop: publishing it
-    # later repeats neither.
-    problems = snapshot.consistency_errors() or snapshot.encoding_errors()
-    if problems:
-        raise ValueError("; ".join(problems))
-    return snapshot
 
 
 def _proxy_problem(registration: ProxyRegistration, exc: BaseException) -> Diagnostic:
