@@ -16,9 +16,9 @@ from pydantic import BaseModel, ValidationError
 
 from trustmesh.api import expected, kinds
 from trustmesh.api import models as m
-from trustmesh.api.gateway_models import SecretObject
 from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
+from trustmesh.api.gateway_models import SecretObject
 from trustmesh.api.resources import Resource, UnknownResource
 from trustmesh.api.yamldoc import FieldPath, Item, YamlDocument, decode_text, iter_yaml
 

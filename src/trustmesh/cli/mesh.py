@@ -29,6 +29,7 @@ from trustmesh.runtime.client import (
     tcp_exchange,
 )
 from trustmesh.runtime.commands import parse_image_command
+from trustmesh.runtime.gateway import envoy_listener_addresses
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
 from trustmesh.runtime.plan import DEFAULT_BASE, Isolation, PodPlan
 from trustmesh.runtime.podclient import request_in_pod
@@ -232,6 +233,7 @@ def status(
         record["supervisor_alive"] = running.supervisor_alive
         record["running"] = {pod.ref: running.pod_processes(pod.ref) for pod in running.plan.pods}
         record["sync"] = sync
+        record["gateways"] = gateway_addresses(running)
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
         return
     isolation = "pods sandboxed (netns)" if running.plan.sandboxed else "process isolation"
@@ -246,6 +248,18 @@ def status(
         _out.print("configuration errors (proxies keep their last good config):", markup=False)
         for problem in sync["errors"]:
             _out.print(f"  {problem}", markup=False)
+
+
+def gateway_addresses(running: RunningMesh) -> dict[str, list[str]]:
+    """Each running gateway pod's listener addresses, as its Envoy reports them now (the
+    Gateways' server ports, mapped to the gateway Service's target ports)."""
+    found: dict[str, list[str]] = {}
+    for pod in running.plan.pods:
+        admin = running.pod_record(pod.ref).get("admin")
+        if not pod.gateway or running.pod_processes(pod.ref)["envoy"] is None or not admin:
+            continue
+        found[pod.ref] = envoy_listener_addresses(str(admin))
+    return found
 
 
 def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
@@ -268,7 +282,8 @@ def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
                 proxy = "NACK" if seen.get("nack") else "SYNCED" if seen["synced"] else "STALE"
         envoy, app = processes["envoy"], processes["app"]
         status = str(record.get("status", "?"))
-        gone = [kind for kind in ("app", "envoy")[: 1 + pod.sidecar] if processes[kind] is None]
+        kinds = ("envoy",) if pod.gateway else ("app", "envoy")[: 1 + pod.sidecar]
+        gone = [kind for kind in kinds if processes[kind] is None]
         if not any(processes.values()):
             status = "stopped" if running.state in ("stopped", "stopping") else "not running"
         elif status == "running" and gone:
@@ -276,7 +291,9 @@ def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
         table.add_row(
             pod.ref,
             pod.pod_ip,
-            ("envoy " + (str(envoy) if envoy else "-")) if pod.sidecar else "none",
+            (("gateway " if pod.gateway else "envoy ") + (str(envoy) if envoy else "-"))
+            if pod.sidecar
+            else "none",
             proxy,
             str(app) if app else "-",
             str(int(record.get("restarts", 0) or 0)),
@@ -287,6 +304,9 @@ def _pods_table(running: RunningMesh, sync: dict[str, Any] | None) -> None:
     _out.print(table)
     for note in notes:
         _out.print(note, markup=False)
+    for ref, addresses in gateway_addresses(running).items():
+        where = ", ".join(addresses) if addresses else "no listener yet"
+        _out.print(f"gateway {ref} (clients outside the mesh connect here): {where}", markup=False)
 
 
 def _restart_note(record: dict[str, Any]) -> str:

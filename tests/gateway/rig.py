@@ -1,0 +1,198 @@
+"""A local mesh with Istio's ingress gateway in front of httpbin, and clients outside it.
+
+Certificates are made with the ``openssl`` CLI exactly as Istio's "secure gateways" task
+makes them (a root CA for example.com, a server certificate for httpbin.example.com, a
+client certificate), plus a second CA nobody trusts. Clients are Python's ``ssl`` +
+``http.client``: a client outside the mesh connecting to the gateway's address with SNI.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.mesh import _up_in_a_free_block, trustmesh
+from trustmesh.runtime.running import RunningMesh
+
+HERE = Path(__file__).parent
+HOST = "httpbin.example.com"
+GATEWAY = "istio-system/istio-ingressgateway"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Files made by openssl in ``root``."""
+
+    root: Path
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @classmethod
+    def make(cls, root: Path) -> Pki:
+        root.mkdir(parents=True, exist_ok=True)
+        for ca, org in (("example.com", "example Inc."), ("other.com", "other Inc.")):
+            _openssl(
+                "req", "-x509", "-sha256", "-nodes", "-days", "365", "-newkey", "rsa:2048",
+                "-subj", f"/O={org}/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                cwd=root,
+            )  # fmt: skip
+        pki = cls(root)
+        pki.issue("httpbin.example.com", "httpbin organization", "example.com", serial=0)
+        pki.issue("rotated", "rotated organization", "example.com", serial=1, cn=HOST)
+        pki.issue("client.example.com", "client organization", "example.com", serial=2)
+        pki.issue("client.other.com", "client organization", "other.com", serial=3)
+        return pki
+
+    def issue(self, name: str, org: str, ca: str, *, serial: int, cn: str = "") -> None:
+        _openssl(
+            "req", "-out", f"{name}.csr", "-newkey", "rsa:2048", "-nodes",
+            "-keyout", f"{name}.key", "-subj", f"/CN={cn or name}/O={org}",
+            cwd=self.root,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-sha256", "-days", "365", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+            "-set_serial", str(serial), "-in", f"{name}.csr", "-out", f"{name}.crt",
+            cwd=self.root,
+        )  # fmt: skip
+
+    def tls_secret(self, name: str, cert: str, *, ca: str | None = None) -> str:
+        """A kubernetes.io/tls Secret in istio-system, as `kubectl create secret` makes it."""
+        data = {
+            "tls.crt": self.path(f"{cert}.crt").read_bytes(),
+            "tls.key": self.path(f"{cert}.key").read_bytes(),
+        }
+        if ca is not None:
+            data["ca.crt"] = self.path(f"{ca}.crt").read_bytes()
+        lines = "".join(f"  {k}: {base64.b64encode(v).decode()}\n" for k, v in data.items())
+        return (
+            "apiVersion: v1\nkind: Secret\n"
+            f"metadata: {{name: {name}, namespace: istio-system}}\n"
+            f"type: kubernetes.io/tls\ndata:\n{lines}"
+        )
+
+
+@dataclass
+class GatewayMesh:
+    root: Path
+    state: Path
+    config_dir: Path
+
+    @property
+    def running(self) -> RunningMesh:
+        return RunningMesh.open(self.state)
+
+    def address(self) -> str:
+        pod = self.running.plan.pod(GATEWAY)
+        assert pod is not None and pod.gateway
+        return pod.pod_ip
+
+    def write(self, text: str) -> None:
+        """Make ``text`` the mesh's gateway configuration (the control plane watches it)."""
+        path = self.config_dir / "gateway.yaml"
+        partial = path.with_suffix(".partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+
+    def apply(self, text: str) -> None:
+        """:meth:`write` and wait until every proxy (the gateway too) has it."""
+        import asyncio
+
+        self.write(text)
+        asyncio.run(self.running.wait_synced(timeout=30))
+
+    def envoy_pid(self) -> int:
+        pid = self.running.pod_processes(GATEWAY)["envoy"]
+        assert isinstance(pid, int)
+        return pid
+
+
+@contextmanager
+def gateway_mesh(
+    root: Path, *, base: str, config: str, mesh_config: str = "{}\n"
+) -> Iterator[GatewayMesh]:
+    config_dir, state = root / "config", root / "state"
+    config_dir.mkdir(parents=True)
+    shutil.copy(HERE / "workloads.yaml", config_dir / "workloads.yaml")
+    (config_dir / "gateway.yaml").write_text(config)
+    mesh_file = root / "mesh.yaml"
+    mesh_file.write_text(mesh_config)
+    started = _up_in_a_free_block(config_dir, mesh_file, state, base)
+    try:
+        assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
+        yield GatewayMesh(root, state, config_dir)
+    finally:
+        stopped = trustmesh("down", state=state)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    peer_organization: str  # O= of the certificate the gateway presented ("" over HTTP)
+
+
+def tls_context(pki: Pki, client: str | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.path("example.com.crt")))
+    if client is not None:
+        context.load_cert_chain(pki.path(f"{client}.crt"), pki.path(f"{client}.key"))
+    return context
+
+
+def https_get(
+    address: str,
+    port: int,
+    path: str,
+    context: ssl.SSLContext,
+    *,
+    sni: str = HOST,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """GET over a new TLS connection to ``address:port`` with SNI ``sni`` (curl's
+    ``--resolve httpbin.example.com:443:<address>``)."""
+    raw = socket.create_connection((address, port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname=sni)
+    try:
+        connection = http.client.HTTPConnection(sni, port, timeout=10)
+        connection.sock = tls
+        connection.request("GET", path, headers={"Host": sni, **(headers or {})})
+        response = connection.getresponse()
+        body = response.read()
+        organization = _organization(tls.getpeercert() or {})
+        return Answer(response.status, body, organization)
+    finally:
+        tls.close()
+
+
+def _organization(cert: dict[str, object]) -> str:
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "organizationName":
+                return str(value)
+    return ""
+
+
+def http_get(
+    address: str, port: int, path: str, *, host: str = HOST, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    connection = http.client.HTTPConnection(address, port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Host": host, **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read(), dict(response.getheaders())
+    finally:
+        connection.close()
