@@ -1,0 +1,144 @@
+"""Policy at the ingress gateway through a real gateway Envoy (issue 12, must show 2).
+
+RequestAuthentication + AuthorizationPolicy selecting the gateway pods: no token 403,
+an invalid token 401, a valid RS256 token 200. ``remoteIpBlocks`` with
+``gatewayTopology.numTrustedProxies: 1`` (one load balancer in front that appends the
+client's address to X-Forwarded-For): the client address from X-Forwarded-For decides,
+and an extra entry a client forges in front does not. One mesh for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from tests.gateway.rig import GatewayMesh, gateway_mesh, http_get
+
+HTTP_PORT = 8080  # the gateway Service maps 80 → 8080, as Istio's chart does
+ISSUER = "testing@secure.istio.io"
+MESH_CONFIG = """
+defaultConfig:
+  gatewayTopology:
+    numTrustedProxies: 1
+"""
+
+ROUTES = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: httpbin-gateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: foo}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/httpbin-gateway]
+  http:
+  - route:
+    - destination: {host: httpbin.foo.svc.cluster.local, port: {number: 8000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Any]:
+    good = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(RSAAlgorithm.to_jwk(good.public_key()))
+    public.update(kid="k1", alg="RS256", use="sig")
+    return {"good": good, "other": other, "jwks": json.dumps({"keys": [public]})}
+
+
+def token(keys: dict[str, Any], key: str = "good") -> str:
+    now = int(time.time())  # Envoy checks exp against the real clock
+    payload = {"iss": ISSUER, "sub": ISSUER, "iat": now, "exp": now + 3600}
+    return pyjwt.encode(payload, keys[key], algorithm="RS256", headers={"kid": "k1"})
+
+
+def jwt_policies(keys: dict[str, Any]) -> str:
+    return f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt-example, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  jwtRules:
+  - issuer: {ISSUER}
+    jwks: '{keys["jwks"]}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {{requestPrincipals: ["{ISSUER}/{ISSUER}"]}}
+"""
+
+
+REMOTE_IP_POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ingress-policy, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: istio-ingressgateway}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {remoteIpBlocks: ["203.0.113.0/24"]}
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayMesh]:
+    root = tmp_path_factory.mktemp("gateway-policy")
+    with gateway_mesh(
+        root, base="127.70.0.0", config=ROUTES, mesh_config=MESH_CONFIG
+    ) as running:
+        yield running
+
+
+def status(mesh: GatewayMesh, headers: dict[str, str] | None = None) -> int:
+    return http_get(mesh.address(), HTTP_PORT, "/headers", headers=headers)[0]
+
+
+def test_jwt_required_at_the_ingress(mesh: GatewayMesh, keys: dict[str, Any]) -> None:
+    mesh.apply(ROUTES + "---\n" + jwt_policies(keys))
+    assert status(mesh) == 403  # no token: no request principal, the ALLOW does not match
+    bad = token(keys, "other")  # signed by a key the JWKS does not hold
+    assert status(mesh, {"Authorization": f"Bearer {bad}"}) == 401
+    assert status(mesh, {"Authorization": "Bearer not-a-jwt"}) == 401
+    good = {"Authorization": f"Bearer {token(keys)}"}
+    answer, body, _ = http_get(mesh.address(), HTTP_PORT, "/headers", headers=good)
+    assert answer == 200
+    seen = json.loads(body)["headers"]
+    assert "Authorization" not in seen  # forwardOriginalToken false: the token is removed
+    # The gateway called httpbin over mesh mTLS with its own identity.
+    gateway_id = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+    assert f"URI={gateway_id}" in seen["X-Forwarded-Client-Cert"]
+
+
+def test_remote_ip_blocks_read_the_trusted_x_forwarded_for_entry(mesh: GatewayMesh) -> None:
+    mesh.apply(ROUTES + "---\n" + REMOTE_IP_POLICY)
+    # The load balancer in front appended the client's address.
+    assert status(mesh, {"X-Forwarded-For": "203.0.113.7"}) == 200
+    assert status(mesh, {"X-Forwarded-For": "198.51.100.9"}) == 403
+    # The client forged an allowed address in front; the load balancer appended the real one.
+    assert status(mesh, {"X-Forwarded-For": "203.0.113.7, 198.51.100.9"}) == 403
+    # Whatever the client itself sent comes first; the entry the balancer appended decides.
+    assert status(mesh, {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}) == 200
+    # No X-Forwarded-For: the connection's own address (127.x), outside the block.
+    assert status(mesh) == 403
