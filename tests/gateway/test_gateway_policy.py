@@ -19,7 +19,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.gateway.rig import GatewayMesh, gateway_mesh, http_get
+from tests.gateway.rig import GATEWAY, HOST, GatewayMesh, gateway_mesh, http_get
+from trustmesh.config import load_config
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.request import HttpRequest, Request, Source
 
 HTTP_PORT = 8080  # the gateway Service maps 80 → 8080, as Istio's chart does
 ISSUER = "testing@secure.istio.io"
@@ -122,6 +125,8 @@ def test_jwt_required_at_the_ingress(mesh: GatewayMesh, keys: dict[str, Any]) ->
     assert status(mesh, {"Authorization": f"Bearer {bad}"}) == 401
     assert status(mesh, {"Authorization": "Bearer not-a-jwt"}) == 401
     good = {"Authorization": f"Bearer {token(keys)}"}
+    for headers, expected in (({}, 403), ({"Authorization": f"Bearer {bad}"}, 401), (good, 200)):
+        assert offline(mesh, headers) == expected
     answer, body, _ = http_get(mesh.address(), HTTP_PORT, "/headers", headers=good)
     assert answer == 200
     seen = json.loads(body)["headers"]
@@ -131,14 +136,35 @@ def test_jwt_required_at_the_ingress(mesh: GatewayMesh, keys: dict[str, Any]) ->
     assert f"URI={gateway_id}" in seen["X-Forwarded-Client-Cert"]
 
 
-def test_remote_ip_blocks_read_the_trusted_x_forwarded_for_entry(mesh: GatewayMesh) -> None:
+def offline(mesh: GatewayMesh, headers: dict[str, str]) -> int | None:
+    """What ``trustmesh authz check`` answers for the same request from 127.0.0.1."""
+    loaded = load_config([str(mesh.config_dir)], mesh_config=[str(mesh.root / "mesh.yaml")])
+    assert not loaded.errors and loaded.mesh is not None
+    request = Request(
+        Source.plaintext("127.0.0.1"),
+        GATEWAY,
+        HTTP_PORT,
+        HttpRequest("GET", "/headers", HOST, tuple(headers.items())),
+    )
+    return evaluate(loaded.mesh, request, now=time.time()).status
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "expected"),
+    [
+        ("203.0.113.7", 200),  # the load balancer in front appended the client's address
+        ("198.51.100.9", 403),
+        # The client forged an allowed address in front; the balancer appended the real one.
+        ("203.0.113.7, 198.51.100.9", 403),
+        # Whatever the client itself sent comes first; the entry the balancer appended decides.
+        ("198.51.100.9, 203.0.113.7", 200),
+        (None, 403),  # none: the connection's own address (127.x), outside the block
+    ],
+)
+def test_remote_ip_blocks_read_the_trusted_x_forwarded_for_entry(
+    mesh: GatewayMesh, forwarded_for: str | None, expected: int
+) -> None:
     mesh.apply(ROUTES + "---\n" + REMOTE_IP_POLICY)
-    # The load balancer in front appended the client's address.
-    assert status(mesh, {"X-Forwarded-For": "203.0.113.7"}) == 200
-    assert status(mesh, {"X-Forwarded-For": "198.51.100.9"}) == 403
-    # The client forged an allowed address in front; the load balancer appended the real one.
-    assert status(mesh, {"X-Forwarded-For": "203.0.113.7, 198.51.100.9"}) == 403
-    # Whatever the client itself sent comes first; the entry the balancer appended decides.
-    assert status(mesh, {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}) == 200
-    # No X-Forwarded-For: the connection's own address (127.x), outside the block.
-    assert status(mesh) == 403
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    assert status(mesh, headers) == expected
+    assert offline(mesh, headers) == expected  # authz check agrees with the gateway Envoy

@@ -22,10 +22,12 @@ from trustmesh.api.extension_providers import (
     ExtAuthzProvider,
     ext_authz_providers,
 )
+from trustmesh.api.gateway import num_trusted_proxies
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
+from trustmesh.policy.forwarded import trusted_client_address
 from trustmesh.policy.headers import (
     HOST_GUARD_POLICY,
     authority_problem,
@@ -162,6 +164,8 @@ def _decide(
     destination = target.workload.dataplane
     if run.trace is not None or destination.uncertain:
         _dataplane(run, "destination", target.workload)
+    if destination.mode is _GATEWAY and is_http:
+        return _at_gateway(mesh, request, source_workload, target, port, run, ext_authz, now)
     if destination.mode is not _SIDECAR:
         return _without_sidecar(mesh, request, source_workload, target, port, run)
 
@@ -225,6 +229,47 @@ def _decide(
         rejected = _http_attributes(mesh, request, target, port, attrs, run, proxy)
         if rejected is not None:
             return rejected
+    return _authorize(mesh, target, attrs, run, ext_authz or {}, now)
+
+
+def _at_gateway(
+    mesh: MeshPolicy,
+    request: Request,
+    source: Workload | None,
+    target: WorkloadPolicy,
+    port: int,
+    run: _Run,
+    ext_authz: Mapping[str, bool | None] | None,
+    now: float,
+) -> Decision:
+    """An HTTP request to a gateway pod: its own policy filters decide (xds.gateway gives
+    them the sidecar's), with the client address from X-Forwarded-For as Envoy takes it
+    behind ``gatewayTopology.numTrustedProxies`` proxies. A client certificate's identity
+    is only known when the request names one (``--principal``)."""
+    assert request.http is not None
+    peer = _ip(request.source.ip or (source.ip if source is not None else None))
+    forwarded = [v for k, v in request.http.header_lines() if k.lower() == "x-forwarded-for"]
+    hops = num_trusted_proxies(mesh.snapshot, target.workload)
+    remote = trusted_client_address(forwarded, peer, hops)
+    principal = request.source.value if request.source.kind is SourceKind.PRINCIPAL else None
+    run.note(
+        "destination {} is a gateway ({}): numTrustedProxies {}, client address {}",
+        target.workload.ref,
+        target.workload.dataplane.reason,
+        hops,
+        remote if remote is not None else "unknown",
+    )
+    attrs = Attributes(
+        principal=principal,
+        source_ip=peer,
+        destination_ip=_ip(target.workload.ip),
+        destination_port=port,
+        is_http=True,
+    )
+    attrs.remote_ip = remote
+    rejected = _http_attributes(mesh, request, target, port, attrs, run, None)
+    if rejected is not None:
+        return rejected
     return _authorize(mesh, target, attrs, run, ext_authz or {}, now)
 
 
