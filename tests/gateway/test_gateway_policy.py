@@ -108,9 +108,7 @@ spec:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayMesh]:
     root = tmp_path_factory.mktemp("gateway-policy")
-    with gateway_mesh(
-        root, base="127.70.0.0", config=ROUTES, mesh_config=MESH_CONFIG
-    ) as running:
+    with gateway_mesh(root, base="127.70.0.0", config=ROUTES, mesh_config=MESH_CONFIG) as running:
         yield running
 
 

@@ -92,9 +92,7 @@ def test_simple_tls_serves_the_credential_certificate(mesh: GatewayMesh, pki: Pk
     assert https_get(mesh.address(), HTTPS_PORT, "/headers", tls_context(pki)).status == 404
 
 
-def test_mutual_tls_requires_a_client_certificate_from_the_ca(
-    mesh: GatewayMesh, pki: Pki
-) -> None:
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(mesh: GatewayMesh, pki: Pki) -> None:
     mesh.apply(config(pki, "MUTUAL"))
     right = https_get(
         mesh.address(), HTTPS_PORT, "/status/200", tls_context(pki, "client.example.com")
@@ -107,15 +105,18 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
 def test_mutual_tls_checks_subject_alt_names(mesh: GatewayMesh, pki: Pki) -> None:
     # The client certificates carry no SAN: a subjectAltNames list refuses them all.
     text = config(pki, "MUTUAL").replace(
-        "credentialName: httpbin-credential", "credentialName: httpbin-credential, "
-        "subjectAltNames: [spiffe://example.com/client]"
+        "credentialName: httpbin-credential",
+        "credentialName: httpbin-credential, subjectAltNames: [spiffe://example.com/client]",
     )
     mesh.apply(text)
     assert "CERTIFICATE_UNKNOWN" in refused(mesh, tls_context(pki, "client.example.com"))
     mesh.apply(config(pki, "MUTUAL"))
-    assert https_get(
-        mesh.address(), HTTPS_PORT, "/status/200", tls_context(pki, "client.example.com")
-    ).status == 200
+    assert (
+        https_get(
+            mesh.address(), HTTPS_PORT, "/status/200", tls_context(pki, "client.example.com")
+        ).status
+        == 200
+    )
 
 
 def test_a_replaced_secret_is_served_without_restart_or_failed_request(
@@ -135,7 +136,7 @@ def test_a_replaced_secret_is_served_without_restart_or_failed_request(
         while not stop.is_set() and after < 40:  # bounded: 40 requests after the new cert
             try:
                 answer = https_get(mesh.address(), HTTPS_PORT, "/status/200", context)
-            except (OSError, ssl.SSLError) as exc:  # noqa: PERF203 - counted, not hidden
+            except (OSError, ssl.SSLError) as exc:
                 failures.append(repr(exc))
                 continue
             if answer.status != 200:
