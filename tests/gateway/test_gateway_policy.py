@@ -166,3 +166,88 @@ def test_remote_ip_blocks_read_the_trusted_x_forwarded_for_entry(
     headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
     assert status(mesh, headers) == expected
     assert offline(mesh, headers) == expected  # authz check agrees with the gateway Envoy
+
+
+ROUTING = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: httpbin-gateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["foo/*"]
+  - port: {number: 80, name: http-redirect, protocol: HTTP}
+    hosts: [secure.example.com]
+    tls: {httpsRedirect: true}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: foo}
+spec:
+  host: httpbin.foo.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: foo}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/httpbin-gateway]
+  http:
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - match: [{uri: {prefix: /api/}, headers: {x-version: {exact: v2}}}]
+    route:
+    - destination: {host: httpbin, subset: v2, port: {number: 8000}}
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /anything/}
+    headers: {request: {set: {x-routed-by: gateway}}}
+    route:
+    - destination: {host: httpbin, subset: v1, port: {number: 8000}}
+      weight: 100
+    - destination: {host: httpbin, subset: v2, port: {number: 8000}}
+      weight: 0
+  - match: [{uri: {prefix: /teapot}, method: {exact: POST}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {regex: "/status/2[0-9]{2}"}}]
+    route:
+    - destination: {host: httpbin, port: {number: 8000}}
+---
+# Another namespace's VirtualService: the first server only admits foo's.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: elsewhere, namespace: istio-system}
+spec:
+  hosts: [elsewhere.example.com]
+  gateways: [httpbin-gateway]
+  http:
+  - route:
+    - destination: {host: httpbin.foo.svc.cluster.local, port: {number: 8000}}
+"""
+
+
+def test_virtual_service_routes_at_the_gateway(mesh: GatewayMesh) -> None:
+    mesh.apply(ROUTING)
+    address = mesh.address()
+    moved = http_get(address, HTTP_PORT, "/old")
+    assert moved[0] == 302 and moved[2]["location"].endswith("/new")
+    # Rewritten to /anything/x on v1 (the v2 subset has no endpoint: weight 0 never sends)
+    for _ in range(5):
+        code, body, _ = http_get(address, HTTP_PORT, "/api/x")
+        assert code == 200
+        echoed = json.loads(body)
+        assert echoed["url"].endswith("/anything/x")
+        assert echoed["headers"]["X-Routed-By"] == "gateway"
+    assert http_get(address, HTTP_PORT, "/api/x", headers={"x-version": "v2"})[0] == 503
+    assert http_get(address, HTTP_PORT, "/teapot")[0] == 404  # GET: no route matches
+    assert http_get(address, HTTP_PORT, "/status/204")[0] == 204
+    assert http_get(address, HTTP_PORT, "/status/404x")[0] == 404  # regex matches whole path
+    # httpsRedirect on its server's hosts only.
+    redirected = http_get(address, HTTP_PORT, "/status/200", host="secure.example.com")
+    assert redirected[0] == 301
+    assert redirected[2]["location"].startswith("https://secure.example.com")
+    # istio-system's VirtualService is not admitted by a "foo/*" server.
+    assert http_get(address, HTTP_PORT, "/get", host="elsewhere.example.com")[0] == 404
