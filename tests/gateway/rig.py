@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,6 +114,20 @@ class GatewayMesh:
 
         self.write(text)
         asyncio.run(self.running.wait_synced(timeout=30))
+
+    def tls_failures(self) -> dict[str, int]:
+        """The gateway Envoy's TLS handshake failures by kind (``fail_verify_no_cert``,
+        ``fail_verify_error``, ``fail_verify_san``…), summed over its listeners."""
+        admin = self.running.pod_record(GATEWAY)["admin"]
+        with urllib.request.urlopen(f"http://{admin}/stats?filter=ssl.fail_", timeout=5) as r:
+            text = r.read().decode()
+        found: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if name.startswith("listener.") and value.strip().isdigit():
+                kind = name.rsplit(".", 1)[1]
+                found[kind] = found.get(kind, 0) + int(value)
+        return found
 
     def envoy_pid(self) -> int:
         pid = self.running.pod_processes(GATEWAY)["envoy"]

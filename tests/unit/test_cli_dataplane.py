@@ -346,10 +346,23 @@ def test_gateway_ports_are_not_sidecar_ports(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["principal"] == (
         "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
     )
+    # HTTP to the gateway is decided by the policy selecting it (ipBlocks: the client's
+    # own address); TCP to a gateway is not modelled.
     to_gateway = check(
         [files], "--plaintext", "--to", "istio-system/istio-ingressgateway", "--port", "8080"
     )
-    assert to_gateway.exit_code == 4 and "gateway" in to_gateway.stdout
+    assert to_gateway.exit_code == 3 and "gateway" in to_gateway.stdout
+    allowed = check(
+        [files],
+        *("--plaintext", "--source-ip", "203.0.113.5"),
+        *("--to", "istio-system/istio-ingressgateway", "--port", "8080"),
+    )
+    assert allowed.exit_code == 0, allowed.stdout
+    tcp = check(
+        [files],
+        *("--plaintext", "--tcp", "--to", "istio-system/istio-ingressgateway", "--port", "8080"),
+    )
+    assert tcp.exit_code == 4 and "gateway" in tcp.stdout
 
 
 LIVE_DUMP = """apiVersion: v1
