@@ -255,6 +255,9 @@ def gateway_addresses(running: RunningMesh) -> dict[str, list[str]]:
     Gateways' server ports, mapped to the gateway Service's target ports)."""
     found: dict[str, list[str]] = {}
     for pod in running.plan.pods:
+        if pod.gateway and running.plan.sandboxed:  # published on this host by the runtime
+            found[pod.ref] = list(running.pod_record(pod.ref).get("published", []))
+            continue
         admin = running.pod_record(pod.ref).get("admin")
         if not pod.gateway or running.pod_processes(pod.ref)["envoy"] is None or not admin:
             continue

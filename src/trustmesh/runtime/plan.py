@@ -37,6 +37,7 @@ own namespaces, so two meshes never collide.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from collections.abc import Mapping, Sequence
@@ -445,14 +446,21 @@ def _sandbox_pod(
     workload: Workload, index: int, mesh_id: str, images: Sequence[ImageCommand]
 ) -> tuple[PodPlan | None, list[Diagnostic]]:
     if workload.dataplane.mode is MeshMode.GATEWAY:
-        return None, [
-            error(
-                "gateway-not-sandboxed",
-                workload.resource.meta_location("name"),
-                f"{workload.ref} is a gateway ({workload.dataplane.reason}); gateways run in "
-                "process mode only for now: use `trustmesh up --isolation process`",
-            )
-        ]
+        # Only its proxy runs, in its own namespace without capture rules (a gateway
+        # has none in Istio); the runtime publishes its Service's ports on the host.
+        gateway = _gateway_pod(workload, ipaddress.IPv4Address("127.0.0.0"))
+        owner = APP_UID_BASE + index  # owns the pod's (unused) app directory only
+        ip = sandbox_pod_ip(index)
+        sandboxed = dataclasses.replace(
+            gateway,
+            pod_ip=ip,
+            app_ip=ip,
+            netns=netns_name(mesh_id, str(index)),
+            uid=owner,
+            gid=owner,
+            index=index,
+        )
+        return sandboxed, []
     base, problem = _pod(workload, ipaddress.IPv4Address("127.0.0.0"), images)
     if base is None:
         return None, [problem] if problem is not None else []

@@ -126,6 +126,9 @@ class Sandbox:
             peer = f"v{pod.index}"
             netns.attach_pod(self.ledger, node, pod.netns, peer, (pod.pod_ip,), _PREFIX, NODE_IP)
             netns.apply_nft(self.ledger, pod.netns, TABLE, pod_ruleset(pod.capture, services))
+            if pod.gateway:  # Istio's gateway pods bind 80/443 as non-root: this sysctl
+                with netns.entered(pod.netns):
+                    Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").write_text("0")
         if host_network and services:  # hostNetwork pods reach Services from the node
             netns.apply_nft(self.ledger, node, TABLE, pod_ruleset(None, services))
             netns.route_to(node, SERVICE_CIDR)  # the node has no default route

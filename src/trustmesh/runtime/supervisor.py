@@ -56,6 +56,7 @@ from trustmesh.runtime.addresses import (
 )
 from trustmesh.runtime.commands import ImageCommand
 from trustmesh.runtime.control_plane import ARGS_FILE, node_id, write_not_ready
+from trustmesh.runtime.gateway import PublishedPort, Publisher, published_ports
 from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff, Exit, should_restart
@@ -117,6 +118,7 @@ class MeshRuntime:
     isolation: Isolation | None = None
     plan: MeshPlan | None = None
     sandbox: Sandbox | None = None  # netns isolation: the namespaces, rules and files
+    publisher: Publisher | None = None  # netns isolation: gateway ports on this host
     control_plane: dict[str, Any] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     _children: dict[str, _Child] = field(default_factory=dict)
@@ -182,10 +184,14 @@ class MeshRuntime:
         ]
         if gateway_problems:
             raise StartError("a gateway cannot be configured as written", gateway_problems)
-        if not plan.sandboxed:
+        published: list[PublishedPort] = []
+        if plan.sandboxed and loaded.mesh is not None:
+            published = published_ports(plan, loaded.mesh, self.base)
+        if not plan.sandboxed or published:
             try:  # before anything binds: a second mesh in the block would break the first
                 self._claim = claim_block(self.base, self.layout.root)
-                probe(planned_addresses(plan))
+                pods = [] if plan.sandboxed else planned_addresses(plan)
+                probe(pods + [(p.host, p.port) for p in published])
             except AddressConflict as exc:
                 raise StartError(str(exc)) from None
         self.layout.create()
@@ -201,6 +207,8 @@ class MeshRuntime:
         await asyncio.gather(*(self._start_sidecar(i, pod) for i, pod in enumerate(sidecars)))
         if sidecars:
             await self._wait_configured(sidecars)
+        if published:
+            await self._publish(published)
         apps = [pod for pod in plan.pods if not pod.gateway]  # a gateway is only its proxy
         self.progress(f"starting {len(apps)} apps")
         await asyncio.gather(*(self._start_app(pod) for pod in apps))
@@ -369,6 +377,18 @@ class MeshRuntime:
                     + _tail(self.layout.logs / "control-plane.log")
                 )
             await asyncio.sleep(0.05)  # polling the control plane's debug endpoint
+
+    async def _publish(self, published: list[PublishedPort]) -> None:
+        """The sandboxed gateways' Service ports on this host (a LoadBalancer's role)."""
+        assert self.plan is not None
+        self.publisher = Publisher(self.plan.node_netns, published)
+        try:
+            await self.publisher.start()
+        except OSError as exc:
+            raise StartError(f"cannot publish the gateway ports: {exc}") from None
+        for item in published:
+            self.pods[item.pod].setdefault("published", []).append(item.describe())
+            self.progress(f"  {item.pod}: published {item.describe()}")
 
     async def _start_app(self, pod: PodPlan) -> None:
         child = await self._spawn_app(pod)
@@ -598,6 +618,9 @@ class MeshRuntime:
     async def down(self) -> None:
         """Stop apps, then sidecars, then the control plane (each: TERM, then KILL)."""
         self._record("stopping")
+        if self.publisher is not None:
+            await self.publisher.stop()
+            self.publisher = None
         restarting = list(self._restarting.values())
         for task in restarting:
             task.cancel()
