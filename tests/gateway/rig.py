@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.mesh import _up_in_a_free_block, trustmesh
+from tests.e2e.mesh import START_TIMEOUT, _up_in_a_free_block, trustmesh
 from trustmesh.runtime.running import RunningMesh
 
 HERE = Path(__file__).parent
@@ -137,7 +137,7 @@ class GatewayMesh:
 
 @contextmanager
 def gateway_mesh(
-    root: Path, *, base: str, config: str, mesh_config: str = "{}\n"
+    root: Path, *, base: str, config: str, mesh_config: str = "{}\n", sandboxed: bool = False
 ) -> Iterator[GatewayMesh]:
     config_dir, state = root / "config", root / "state"
     config_dir.mkdir(parents=True)
@@ -145,7 +145,15 @@ def gateway_mesh(
     (config_dir / "gateway.yaml").write_text(config)
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(mesh_config)
-    started = _up_in_a_free_block(config_dir, mesh_file, state, base)
+    if sandboxed:
+        started = trustmesh(
+            *("up", "--isolation", "netns", str(config_dir), "--mesh-config", str(mesh_file)),
+            *("--detach", "--base", base),
+            state=state,
+            timeout=START_TIMEOUT,
+        )
+    else:
+        started = _up_in_a_free_block(config_dir, mesh_file, state, base)
     try:
         assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
         yield GatewayMesh(root, state, config_dir)
