@@ -251,3 +251,39 @@ def test_virtual_service_routes_at_the_gateway(mesh: GatewayMesh) -> None:
     assert redirected[2]["location"].startswith("https://secure.example.com")
     # istio-system's VirtualService is not admitted by a "foo/*" server.
     assert http_get(address, HTTP_PORT, "/get", host="elsewhere.example.com")[0] == 404
+
+
+HOSTS_POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-httpbin-host, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: ALLOW
+  rules:
+  - to:
+    - operation: {hosts: ["httpbin.example.com"], paths: ["/status/*", "/headers"]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "expected"),
+    [
+        (HOST, "/headers", 200),
+        ("HTTPBIN.example.com", "/headers", 200),  # hosts match case-insensitively
+        ("other.example.com", "/headers", 403),
+        (f"{HOST}:80", "/headers", 403),  # host:port is not the host
+        (HOST, "/get", 403),
+    ],
+)
+def test_hosts_and_paths_at_the_ingress(
+    mesh: GatewayMesh, host: str, path: str, expected: int
+) -> None:
+    mesh.apply(ROUTES + "---\n" + HOSTS_POLICY)
+    assert http_get(mesh.address(), HTTP_PORT, path, host=host)[0] == expected
+    loaded = load_config([str(mesh.config_dir)], mesh_config=[str(mesh.root / "mesh.yaml")])
+    assert loaded.mesh is not None
+    request = Request(
+        Source.plaintext("127.0.0.1"), GATEWAY, HTTP_PORT, HttpRequest("GET", path, host)
+    )
+    assert evaluate(loaded.mesh, request, now=time.time()).status == expected
