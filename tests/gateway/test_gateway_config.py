@@ -265,3 +265,17 @@ def test_what_cannot_be_honoured_is_refused_with_its_location(
     )
     with pytest.raises(GatewayConfigError):
         translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
+
+
+@pytest.mark.parametrize(
+    ("export_to", "bound"),
+    [("", True), ('["."]', False), ("[istio-system]", True), ('["*"]', True), ("[bar]", False)],
+)
+def test_a_virtual_service_binds_only_where_it_is_exported(
+    tmp_path: Path, export_to: str, bound: bool
+) -> None:
+    vs = VS + (f"  exportTo: {export_to}\n" if export_to else "")
+    mesh = compile_mesh(tmp_path, gateway(HTTP), vs)
+    resources = translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
+    (routes,) = resources.routes
+    assert bool(routes["virtual_hosts"]) is bound  # foo's VS, the gateway pod in istio-system

@@ -310,9 +310,11 @@ def _unsupported(where: Location, what: str) -> Diagnostic:
 
 
 def bound_virtual_services(
-    snapshot: ConfigSnapshot, gateway_refs: Sequence[str]
+    snapshot: ConfigSnapshot, gateway_refs: Sequence[str], proxy_namespace: str
 ) -> tuple[list[BoundVirtualService], list[Diagnostic]]:
-    """VirtualServices naming one of ``gateway_refs`` (``ns/name``), oldest first."""
+    """VirtualServices naming one of ``gateway_refs`` (``ns/name``) and exported to the
+    gateway pod's namespace ``proxy_namespace`` (``exportTo``: ``.`` its own namespace,
+    ``*`` or unset every namespace, as istiod indexes them), oldest first."""
     wanted = set(gateway_refs)
     found: list[BoundVirtualService] = []
     problems: list[Diagnostic] = []
@@ -321,6 +323,8 @@ def bound_virtual_services(
             continue
         refs = {_gateway_ref(resource.namespace, g) for g in resource.spec.gateways}
         if not refs & wanted:
+            continue
+        if not _exported(resource, proxy_namespace):
             continue
         path = (*resource.base_path, *resource.spec_path)
         spec, spec_problems = validate_model(
@@ -334,6 +338,15 @@ def bound_virtual_services(
         if not route_problems:
             found.append(BoundVirtualService(resource, spec))
     return found, problems
+
+
+def _exported(resource: Resource[Any], proxy_namespace: str) -> bool:
+    raw = _raw(resource)
+    export_to = raw.get("exportTo") if isinstance(raw, dict) else None
+    if not export_to or not isinstance(export_to, list):
+        return True
+    names = {resource.namespace if str(n) == "." else str(n) for n in export_to}
+    return "*" in names or proxy_namespace in names
 
 
 def _gateway_ref(namespace: str, name: str) -> str:
@@ -360,6 +373,8 @@ _UNSUPPORTED_MATCH_FIELDS = {
 def _virtual_service_problems(
     resource: Resource[Any], spec: VirtualServiceSpec
 ) -> Iterator[Diagnostic]:
+    if not spec.hosts:
+        yield error("missing-field", resource.location("hosts"), "is required")
     for field, values in (("tls", spec.tls), ("tcp", spec.tcp)):
         if values:
             yield _unsupported(resource.location(field), f"{field} routes")

@@ -181,7 +181,7 @@ def translate_gateway(
     snapshot = mesh.snapshot
     servers, problems = gateway_servers(snapshot, workload)
     refs = sorted({s.ref for s in servers})
-    bound, vs_problems = bound_virtual_services(snapshot, refs)
+    bound, vs_problems = bound_virtual_services(snapshot, refs, workload.namespace)
     problems.extend(vs_problems)
     problems.extend(_tls_problems(servers))
     secrets, secret_problems = _secrets(mesh, workload.namespace, servers)
