@@ -287,3 +287,31 @@ def test_hosts_and_paths_at_the_ingress(
         Source.plaintext("127.0.0.1"), GATEWAY, HTTP_PORT, HttpRequest("GET", path, host)
     )
     assert evaluate(loaded.mesh, request, now=time.time()).status == expected
+
+
+def workload_policy(principal: str) -> str:
+    return f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: httpbin-from-ingress, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {{principals: ["{principal}"]}}
+"""
+
+
+GATEWAY_PRINCIPAL = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+
+
+@pytest.mark.parametrize(
+    ("principal", "expected"),
+    [(GATEWAY_PRINCIPAL, 200), ("cluster.local/ns/foo/sa/sleep", 403)],
+)
+def test_the_workload_sees_the_gateways_principal(
+    mesh: GatewayMesh, principal: str, expected: int
+) -> None:
+    mesh.apply(ROUTES + "---\n" + workload_policy(principal))
+    assert status(mesh) == expected  # the 403 is httpbin's sidecar's, through the gateway
