@@ -412,7 +412,7 @@ def proxy_config(
 def _section(dump: dict[str, Any], kind: str) -> Any:
     wanted = _SECTIONS[kind]
     for config in dump.get("configs", []):
-        if str(config.get("@type", "")).endswith(wanted):
+        if str(config.get("@type", "")).endswith("." + wanted):  # not ScopedRoutes…
             if kind != "rbac":
                 return config
             # The authorization filters are delivered over ECDS; keep the RBAC ones.
