@@ -279,3 +279,25 @@ def test_a_virtual_service_binds_only_where_it_is_exported(
     resources = translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
     (routes,) = resources.routes
     assert bool(routes["virtual_hosts"]) is bound  # foo's VS, the gateway pod in istio-system
+
+
+def test_istio_mutual_serves_the_gateways_mesh_certificate(tmp_path: Path) -> None:
+    servers = HTTPS.replace("{mode: MODE, credentialName: cred}", "{mode: ISTIO_MUTUAL}")
+    mesh = compile_mesh(tmp_path, gateway(servers), VS)
+    resources = translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
+    assert resources.secrets == ()  # the agent's SDS serves the mesh certificate
+    tls = resources.listeners[0]["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    common = tls["common_tls_context"]
+    assert common["tls_certificate_sds_secret_configs"][0]["name"] == "default"
+    validation = common["combined_validation_context"]["validation_context_sds_secret_config"]
+    assert validation["name"] == "ROOTCA"
+
+
+def test_istio_mutual_with_a_credential_is_refused(tmp_path: Path) -> None:
+    mesh = compile_mesh(
+        tmp_path, secret("cred"), gateway(HTTPS.replace("MODE", "ISTIO_MUTUAL")), VS
+    )
+    assert [(f, c) for _, f, c, _ in problems(mesh)] == [
+        ("spec.servers[0].tls.credentialName", "invalid-field")
+    ]

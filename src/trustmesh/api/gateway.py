@@ -246,8 +246,6 @@ def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
                 "tls settings other than httpsRedirect on a plaintext HTTP server",
             )
         return
-    if tls.https_redirect:
-        yield _unsupported(item.location("tls", "httpsRedirect"), "httpsRedirect on HTTPS")
     if tls.mode not in _TERMINATED and tls.mode is not ServerTlsMode.ISTIO_MUTUAL:
         yield _unsupported(item.location("tls", "mode"), f"tls.mode {tls.mode.value}")
         return
