@@ -301,3 +301,22 @@ def test_istio_mutual_with_a_credential_is_refused(tmp_path: Path) -> None:
     assert [(f, c) for _, f, c, _ in problems(mesh)] == [
         ("spec.servers[0].tls.credentialName", "invalid-field")
     ]
+
+
+def test_the_pods_proxy_config_annotation_sets_trusted_proxies(tmp_path: Path) -> None:
+    workloads = (HERE / "workloads.yaml").read_text()
+    annotated = workloads.replace(
+        "        inject.istio.io/templates: gateway\n",
+        "        inject.istio.io/templates: gateway\n"
+        "        proxy.istio.io/config: '{gatewayTopology: {numTrustedProxies: 3}}'\n",
+    )
+    assert annotated != workloads
+    (tmp_path / "workloads.yaml").write_text(annotated)
+    (tmp_path / "config.yaml").write_text(gateway(HTTP) + "\n---\n" + VS)
+    mesh_file = tmp_path.parent / f"{tmp_path.name}-mesh.yaml"
+    mesh_file.write_text("defaultConfig: {gatewayTopology: {numTrustedProxies: 1}}\n")
+    loaded = load_config([str(tmp_path)], mesh_config=[str(mesh_file)])
+    assert loaded.mesh is not None, loaded.errors
+    resources = translate_gateway(loaded.mesh, GATEWAY_POD, address="127.0.0.9")
+    manager = resources.listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["xff_num_trusted_hops"] == 3  # the pod's own setting wins
