@@ -270,7 +270,11 @@ def _at_gateway(
     rejected = _http_attributes(mesh, request, target, port, attrs, run, None)
     if rejected is not None:
         return rejected
-    return _authorize(mesh, target, attrs, run, ext_authz or {}, now)
+    decision = _authorize(mesh, target, attrs, run, ext_authz or {}, now)
+    if decision.verdict is Verdict.ALLOW and decision.trace:
+        note = "then the gateway's routes answer (VirtualService; none matching: 404)"
+        return decision._replace(trace=(*decision.trace, note))
+    return decision
 
 
 def _authorize(
