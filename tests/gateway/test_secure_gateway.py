@@ -8,6 +8,8 @@ restart and no failed request. One mesh for the module (process mode).
 
 from __future__ import annotations
 
+import http.client
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -72,6 +74,27 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Gateway
     root = tmp_path_factory.mktemp("secure-gateway")
     with gateway_mesh(root, base="127.60.0.0", config=config(pki, "SIMPLE")) as running:
         yield running
+
+
+class KeptAlive:
+    """One TLS connection reused for several requests."""
+
+    def __init__(self, address: str, port: int, context: ssl.SSLContext) -> None:
+        raw = socket.create_connection((address, port), timeout=10)
+        self.tls = context.wrap_socket(raw, server_hostname=HOST)
+        self.connection = http.client.HTTPConnection(HOST, port, timeout=10)
+        self.connection.sock = self.tls
+        cert = self.tls.getpeercert() or {}
+        self.organization = dict(x[0] for x in cert.get("subject", ()))["organizationName"]
+
+    def get(self, path: str) -> int:
+        self.connection.request("GET", path, headers={"Host": HOST})
+        response = self.connection.getresponse()
+        response.read()
+        return response.status
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 def refused(mesh: GatewayMesh, context: ssl.SSLContext) -> str:
@@ -141,8 +164,7 @@ def test_a_replaced_secret_is_served_without_restart_or_failed_request(
     mesh.apply(config(pki, "MUTUAL"))
     pid = mesh.envoy_pid()
     context = tls_context(pki, "client.example.com")
-    rotated = threading.Event()
-    stop = threading.Event()
+    warmed, rotated, stop = threading.Event(), threading.Event(), threading.Event()
     failures: list[str] = []
     counts = {"before": 0, "after": 0}
     lock = threading.Lock()
@@ -150,7 +172,7 @@ def test_a_replaced_secret_is_served_without_restart_or_failed_request(
     def load() -> None:
         after = 0
         while not stop.is_set() and after < 40:  # bounded: 40 requests after the new cert
-            try:
+            try:  # a new connection each time: every request is a new handshake
                 answer = https_get(mesh.address(), HTTPS_PORT, "/status/200", context)
             except (OSError, ssl.SSLError) as exc:
                 failures.append(repr(exc))
@@ -163,11 +185,17 @@ def test_a_replaced_secret_is_served_without_restart_or_failed_request(
                 after += 1
             with lock:
                 counts["after" if new else "before"] += 1
+                if counts["before"] >= 20:
+                    warmed.set()
 
+    # A keep-alive connection opened before the rotation carries on after it.
+    kept = KeptAlive(mesh.address(), HTTPS_PORT, context)
+    assert kept.get("/status/200") == 200
     workers = [threading.Thread(target=load) for _ in range(2)]
     for worker in workers:
         worker.start()
     try:
+        assert warmed.wait(timeout=30), f"no load before the rotation: {failures[:3]}"
         mesh.write(config(pki, "MUTUAL", cert="rotated"))
         assert rotated.wait(timeout=30), "the new certificate was never served"
     finally:
@@ -175,7 +203,10 @@ def test_a_replaced_secret_is_served_without_restart_or_failed_request(
             worker.join(timeout=60)
         stop.set()
     assert failures == []
-    assert counts["before"] > 0 and counts["after"] >= 80
+    assert counts["before"] >= 20 and counts["after"] >= 80
+    assert kept.get("/status/200") == 200
+    assert kept.organization == "httpbin organization"  # its handshake was before
+    kept.close()
     assert mesh.envoy_pid() == pid  # no restart
     # Plain HTTP is not served: no server listens on the HTTP port.
     with pytest.raises(OSError):
