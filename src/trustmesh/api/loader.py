@@ -120,7 +120,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("", "Service"): KindInfo(m.ServiceSpec),
     ("", "ConfigMap"): KindInfo(m.ConfigMapObject, None),
     # credentialName of Gateway servers (trustmesh.api.gateway reads tls.crt / tls.key)
-    ("", "Secret"): KindInfo(SecretObject, None),
+    ("", "Secret"): KindInfo(SecretObject, None, name_required=False),  # generateName
     ("apps", "Deployment"): KindInfo(m.WorkloadControllerSpec),
     ("apps", "StatefulSet"): KindInfo(m.WorkloadControllerSpec),
     ("apps", "DaemonSet"): KindInfo(m.WorkloadControllerSpec),
