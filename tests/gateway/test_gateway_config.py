@@ -4,10 +4,15 @@ with file, line and field."""
 from __future__ import annotations
 
 import base64
+import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from trustmesh.config import load_config
 from trustmesh.policy.compose import MeshPolicy
@@ -16,8 +21,32 @@ from trustmesh.xds.gateway import GatewayConfigError, gateway_diagnostics, trans
 
 HERE = Path(__file__).parent
 GATEWAY_POD = "istio-system/istio-ingressgateway"
-PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-KEY = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
+
+
+def _self_signed(name: str) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+PEM, KEY = _self_signed("httpbin.example.com")
+CAS = {name: _self_signed(name)[0] for name in ("cred", "cred-cacert")}
 
 
 def b64(text: str) -> str:
@@ -25,7 +54,7 @@ def b64(text: str) -> str:
 
 
 def secret(name: str, namespace: str = "istio-system", *, ca: bool = False) -> str:
-    ca_line = f"  ca.crt: {b64('CA-' + name)}\n" if ca else ""
+    ca_line = f"  ca.crt: {b64(CAS[name])}\n" if ca else ""
     return (
         f"apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\n"
         f"type: kubernetes.io/tls\ndata:\n  tls.crt: {b64(PEM)}\n  tls.key: {b64(KEY)}\n" + ca_line
@@ -121,7 +150,7 @@ def test_mutual_validates_clients_with_the_cacert_companion_first(
     resources = translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
     secrets = by_type(resources, TYPE_SECRET)
     ca = secrets["kubernetes://cred-cacert"]["validation_context"]["trusted_ca"]
-    assert ca["inline_string"] == "CA-cred-cacert"  # the companion Secret wins over ca.crt
+    assert ca["inline_string"] == CAS["cred-cacert"]  # the companion Secret wins over ca.crt
     tls = resources.listeners[0]["filter_chains"][0]["transport_socket"]["typed_config"]
     assert tls["require_client_certificate"] is (mode == "MUTUAL")
     validation = tls["common_tls_context"]["combined_validation_context"]
@@ -134,7 +163,7 @@ def test_mutual_falls_back_to_the_credentials_own_ca(tmp_path: Path) -> None:
     )
     resources = translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
     ca = by_type(resources, TYPE_SECRET)["kubernetes://cred-cacert"]
-    assert ca["validation_context"]["trusted_ca"]["inline_string"] == "CA-cred"
+    assert ca["validation_context"]["trusted_ca"]["inline_string"] == CAS["cred"]
 
 
 def test_tls_settings_reach_envoy(tmp_path: Path) -> None:
@@ -320,3 +349,17 @@ def test_the_pods_proxy_config_annotation_sets_trusted_proxies(tmp_path: Path) -
     resources = translate_gateway(loaded.mesh, GATEWAY_POD, address="127.0.0.9")
     manager = resources.listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert manager["xff_num_trusted_hops"] == 3  # the pod's own setting wins
+
+
+def test_a_secret_envoy_would_refuse_is_named_by_file_line_and_key(tmp_path: Path) -> None:
+    other_key = _self_signed("other")[1]
+    wrong_key = secret("cred").replace(b64(KEY), b64(other_key))
+    mesh = compile_mesh(tmp_path, wrong_key, gateway(HTTPS.replace("MODE", "SIMPLE")), VS)
+    assert [(line, f, m) for line, f, _, m in problems(mesh)] == [
+        (7, "data.tls.key", "is not the private key of the certificate")
+    ]
+    garbage = secret("cred").replace(b64(PEM), b64("not a certificate"))
+    mesh = compile_mesh(tmp_path, garbage, gateway(HTTPS.replace("MODE", "SIMPLE")), VS)
+    assert [(f, m) for _, f, _, m in problems(mesh)] == [
+        ("data.tls.crt", "is not a PEM certificate chain")
+    ]

@@ -51,6 +51,7 @@ __all__ = [
     "CA_SUFFIX",
     "SECRET_PREFIX",
     "BoundVirtualService",
+    "CaCertificate",
     "GatewayServer",
     "TlsCredential",
     "bound_virtual_services",
@@ -125,6 +126,14 @@ class BoundVirtualService:
 class TlsCredential:
     certificate_chain: str
     private_key: str
+    certificate_location: Location
+    key_location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class CaCertificate:
+    pem: str
+    location: Location
 
 
 # --------------------------------------------------------------------------- hosts
@@ -448,48 +457,52 @@ def parse_duration(text: str) -> float | None:
 # ------------------------------------------------------------------------- secrets
 
 
-def _secret(snapshot: ConfigSnapshot, namespace: str, name: str) -> SecretObject | None:
+def _secret(snapshot: ConfigSnapshot, namespace: str, name: str) -> Resource[Any] | None:
     for resource in snapshot.of_kind("Secret"):
         if resource.namespace == namespace and resource.name == name:
-            spec: SecretObject = resource.spec
-            return spec
+            return resource
     return None
 
 
-def _secret_data(secret: SecretObject) -> dict[str, str]:
-    data: dict[str, str] = {}
+def _secret_data(resource: Resource[Any]) -> dict[str, tuple[str, Location]]:
+    """Each key's decoded value and where it is written (``stringData`` wins, as the API
+    server merges it over ``data``)."""
+    secret: SecretObject = resource.spec
+    data: dict[str, tuple[str, Location]] = {}
     for key, value in secret.data.items():
         try:
-            data[key] = base64.b64decode(value, validate=True).decode()
+            text = base64.b64decode(value, validate=True).decode()
         except (binascii.Error, ValueError, UnicodeDecodeError):
-            data[key] = ""
-    data.update(secret.string_data)  # the API server merges stringData over data
+            text = ""
+        data[key] = (text, resource.location("data", key))
+    for key, value in secret.string_data.items():
+        data[key] = (value, resource.location("stringData", key))
     return data
 
 
 def tls_credential(snapshot: ConfigSnapshot, namespace: str, name: str) -> TlsCredential | str:
     """Certificate chain and key of Secret ``namespace/name``, or why there are none."""
-    secret = _secret(snapshot, namespace, name)
-    if secret is None:
+    resource = _secret(snapshot, namespace, name)
+    if resource is None:
         return f"no Secret {name} in namespace {namespace}"
-    data = _secret_data(secret)
+    data = _secret_data(resource)
     for cert, key in (("cert", "key"), ("tls.crt", "tls.key")):
-        if data.get(cert) and data.get(key):
-            return TlsCredential(data[cert], data[key])
+        if data.get(cert, ("", None))[0] and data.get(key, ("", None))[0]:
+            return TlsCredential(data[cert][0], data[key][0], data[cert][1], data[key][1])
     return f"Secret {namespace}/{name} has no tls.crt and tls.key (nor cert and key)"
 
 
-def ca_certificate(snapshot: ConfigSnapshot, namespace: str, name: str) -> str | None:
+def ca_certificate(snapshot: ConfigSnapshot, namespace: str, name: str) -> CaCertificate | None:
     """The CA for ``credentialName: name``: Secret ``name-cacert`` if it exists, else
     ``name``'s own ``ca.crt`` / ``cacert`` (Istio's GetCaCert)."""
     for candidate in (name + CA_SUFFIX, name):
-        secret = _secret(snapshot, namespace, candidate)
-        if secret is None:
+        resource = _secret(snapshot, namespace, candidate)
+        if resource is None:
             continue
-        data = _secret_data(secret)
+        data = _secret_data(resource)
         for key in ("cacert", "ca.crt"):
-            if data.get(key):
-                return data[key]
+            if data.get(key, ("", None))[0]:
+                return CaCertificate(*data[key])
         return None
     return None
 

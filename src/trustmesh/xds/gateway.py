@@ -34,12 +34,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Diagnostic, error
 from trustmesh.api.gateway import (
     CA_SUFFIX,
     SECRET_PREFIX,
     GatewayServer,
+    TlsCredential,
     bound_virtual_services,
     ca_certificate,
     gateway_servers,
@@ -59,6 +62,7 @@ from trustmesh.envoy_json import (
     sds_secret,
     socket_address,
 )
+from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import TYPE_SECRET
 from trustmesh.xds.gateway_routes import RouteTable, cluster_name, route_configuration
@@ -471,6 +475,7 @@ def _secrets(
                 )
             )
             continue
+        problems.extend(_pem_problems(credential))
         secrets[SECRET_PREFIX + tls.credential_name] = {
             "@type": TYPE_SECRET,
             "name": SECRET_PREFIX + tls.credential_name,
@@ -494,12 +499,33 @@ def _secrets(
                 )
             )
             continue
+        if not _certificates(ca.pem):
+            problems.append(error("gateway-credential", ca.location, "is not a PEM CA certificate"))
         secrets[SECRET_PREFIX + ca_name] = {
             "@type": TYPE_SECRET,
             "name": SECRET_PREFIX + ca_name,
-            "validation_context": {"trusted_ca": {"inline_string": ca}},
+            "validation_context": {"trusted_ca": {"inline_string": ca.pem}},
         }
     return list(secrets.values()), problems
+
+
+def _certificates(pem: str) -> list[x509.Certificate]:
+    try:
+        return load_certs(pem.encode())
+    except ValueError:
+        return []
+
+
+def _pem_problems(credential: TlsCredential) -> list[Diagnostic]:
+    """What Envoy would refuse (a NACK): checked here to name the Secret's file and key."""
+    chain = _certificates(credential.certificate_chain)
+    if not chain:
+        where = credential.certificate_location
+        return [error("gateway-credential", where, "is not a PEM certificate chain")]
+    problem = key_pair_problem(credential.private_key.encode(), chain[0])
+    if problem is not None:
+        return [error("gateway-credential", credential.key_location, problem)]
+    return []
 
 
 # ------------------------------------------------------------------------ clusters
