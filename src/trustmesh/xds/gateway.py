@@ -70,7 +70,7 @@ from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request, path_normalization
 from trustmesh.xds.jwt import jwks_clusters
 from trustmesh.xds.outbound import outbound_clusters
-from trustmesh.xds.translate import FilterDelivery, _http_policy_filters
+from trustmesh.xds.translate import FilterDelivery, _enabled_slots, _http_policy_filters
 
 __all__ = [
     "GatewayConfigError",
@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 _ADS = {"ads": {}, "resource_api_version": "V3"}
+FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 _HTTP_ALPN = ("h2", "http/1.1")
 # Envoy's (BoringSSL's) TLS 1.2 cipher names; TLS 1.3 suites are not configurable.
 KNOWN_CIPHERS = frozenset(
@@ -240,6 +241,7 @@ def translate_gateway(
             chains.append(chain)
         listeners.append(_listener(address, port, chains, tls=True))
 
+    routes = [_with_policy_slots(r, extension_configs) for r in routes]
     clusters: dict[str, dict[str, Any]] = {}
     service_clusters = outbound_clusters(wp, mesh, sds_cluster, workload_addresses)
     for cluster in (
@@ -258,6 +260,26 @@ def translate_gateway(
 
 
 # ---------------------------------------------------------------------- listeners
+
+
+def _with_policy_slots(
+    route: dict[str, Any], extension_configs: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Switch on, in every virtual host, the policy slots that hold a policy (the listener
+    carries them disabled, as a sidecar's: :mod:`trustmesh.xds.translate`), and answer
+    a Host no VirtualService names from a ``*`` virtual host without routes, as Istio's
+    blackhole one: policy first (403 / 401), then 404."""
+    hosts = list(route["virtual_hosts"])
+    if not any("*" in h["domains"] for h in hosts):
+        port = str(route["name"]).split(".")[1]
+        hosts.append({"name": f"blackhole:{port}", "domains": ["*"], "routes": []})
+    enabled = {
+        name: {"@type": FILTER_CONFIG_TYPE, "config": {}}
+        for name in _enabled_slots(extension_configs)
+    }
+    if enabled:
+        hosts = [{**h, "typed_per_filter_config": dict(enabled)} for h in hosts]
+    return {**route, "virtual_hosts": hosts}
 
 
 def _listener(address: str, port: int, chains: list[dict[str, Any]], *, tls: bool) -> Any:
