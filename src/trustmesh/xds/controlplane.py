@@ -39,6 +39,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 import grpc
 
@@ -52,7 +53,7 @@ from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.readiness import EndpointFilter
-from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
+from trustmesh.xds.server import AdsServer, Context, XdsObserver, peer_spiffe_ids
 from trustmesh.xds.translate import CaptureMode, FilterDelivery, translate
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "ConfigRejected",
     "ControlPlane",
     "Fingerprint",
+    "PlaneObserver",
     "ProxyRegistration",
     "fingerprint_digest",
 ]
@@ -146,6 +148,14 @@ class ConfigRejected(ValueError):
         )
 
 
+class PlaneObserver(XdsObserver, Protocol):
+    """What metrics are told: the ADS streams' events and each reload's outcome."""
+
+    def reloaded(self, applied: bool, errors: Sequence[Diagnostic]) -> None:
+        """A reload ended: ``applied`` (else refused whole) with these errors — the
+        configuration's when refused, proxies that could not be configured when applied."""
+
+
 # A file's identity and content stamp; (path,) alone when it cannot be read.
 _Stamp = tuple[str, int, int, int] | tuple[str]
 Fingerprint = tuple[_Stamp, ...]
@@ -178,7 +188,8 @@ class ControlPlane:
 
     ``reloads`` counts configurations applied (the one :meth:`start` loads included),
     ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
-    reload returned. Methods are called from the event loop's thread.
+    reload returned. Methods are called from the event loop's thread. ``observer``
+    (metrics) is told every stream event and reload outcome.
     """
 
     def __init__(
@@ -192,6 +203,7 @@ class ControlPlane:
         mesh_config: Sequence[str] = (),
         workload_addresses: Mapping[str, str] | None = None,
         not_ready: Sequence[str] = (),
+        observer: PlaneObserver | None = None,
     ) -> None:
         if isinstance(config_paths, str) or isinstance(mesh_config, str):
             raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
@@ -223,6 +235,7 @@ class ControlPlane:
         self._tls_bundle = b""
         self._tls_refresh_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._spiffe_id = ""
+        self._observer = observer
         self.last_errors: list[Diagnostic] = []
         self.reloads = 0
         self.rejected_reloads = 0
@@ -371,6 +384,7 @@ class ControlPlane:
             address=_join_address(self._host, self._port),
             authorize=self._authorize,
             server_credentials=self._server_credentials(),
+            observer=self._observer,
         )
         self._port = await server.start()  # a restart binds the same port again
         self._server = server
@@ -423,6 +437,8 @@ class ControlPlane:
                     "\n  ".join(map(str, build.errors[:_SHOWN_ERRORS])),
                 )
                 self._outcome_of = seen
+                if self._observer is not None:
+                    self._observer.reloaded(False, self.last_errors)
                 return list(self.last_errors)
             self._mesh = build.mesh
             problems, changed = self._publish(build)
@@ -430,6 +446,8 @@ class ControlPlane:
             self.reloads += 1
             self.last_errors = problems
             self._outcome_of = seen  # published: streams push from here on
+            if self._observer is not None:
+                self._observer.reloaded(True, problems)
             _log.info(
                 "configuration applied: %d of %d proxies changed, %d could not be configured",
                 changed,
