@@ -140,7 +140,9 @@ class ControlPlaneMetrics:
             "trustmesh_ca_refusals_total", "Certificate requests refused, by reason.", ("reason",)
         )
         self._istio_refusals = {
-            _AUTHENTICATION: CounterFamily(_AUTHENTICATION, "The number of authentication failures."),
+            _AUTHENTICATION: CounterFamily(
+                _AUTHENTICATION, "The number of authentication failures."
+            ),
             _CSR_PARSING: CounterFamily(_CSR_PARSING, "The number of errors parsing the CSR."),
             _ID_EXTRACTION: CounterFamily(
                 _ID_EXTRACTION, "The number of CSRs whose identity is not the caller's."
@@ -229,7 +231,9 @@ class ControlPlaneMetrics:
             yield counter.collect()
         yield from self.push_to_ack.collect()
         yield GaugeMetricFamily(
-            "pilot_xds", "Number of proxies connected to this control plane over xDS.", self.connected
+            "pilot_xds",
+            "Number of proxies connected to this control plane over xDS.",
+            self.connected,
         )
         yield GaugeMetricFamily(
             "trustmesh_config_last_reload_errors",

@@ -20,6 +20,10 @@ __all__ = ["CounterFamily", "render"]
 LabelValues = tuple[str, ...]
 
 
+class _ExactCounter(Metric):
+    """A counter family whose samples carry exactly the family's name."""
+
+
 class CounterFamily:
     """A counter family with fixed label names, exported under exactly ``name``.
 
@@ -45,7 +49,7 @@ class CounterFamily:
         return self._values.get(labels, 0.0)
 
     def collect(self) -> Metric:
-        family = Metric(self.name, self.documentation, "counter")
+        family = _ExactCounter(self.name, self.documentation, "counter")
         family.name = self.name  # Metric drops a "_total" suffix; keep what we were given
         for labels, value in sorted(self._values.items()):
             family.add_sample(self.name, dict(zip(self.labelnames, labels, strict=True)), value)
@@ -69,8 +73,8 @@ def render(families: Iterable[Metric]) -> str:
         if kind not in ("counter", "gauge", "histogram", "summary", "untyped"):
             kind = "untyped"
         name = family.name
-        if kind == "counter" and any(s.name == f"{name}_total" for s in family.samples):
-            name = f"{name}_total"  # prometheus_client's own counters (process_cpu_seconds)
+        if kind == "counter" and not isinstance(family, _ExactCounter):
+            name = f"{name}_total"  # prometheus_client's convention: its samples are so named
         lines.append(f"# HELP {name} {_help(family.documentation)}")
         lines.append(f"# TYPE {name} {kind}")
         for sample in family.samples:
@@ -78,5 +82,6 @@ def render(families: Iterable[Metric]) -> str:
                 continue  # a creation time per series: noise for a local mesh
             labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(sample.labels.items()))
             head = f"{sample.name}{{{labels}}}" if labels else sample.name
-            lines.append(f"{head} {floatToGoString(sample.value)}")
+            value = floatToGoString(sample.value)  # type: ignore[no-untyped-call]
+            lines.append(f"{head} {value}")
     return "\n".join(lines) + "\n" if lines else ""
