@@ -60,6 +60,7 @@ class MetricsServer:
         self._plane_text = plane_text
         self._sidecars = sidecars
         self._server: asyncio.Server | None = None
+        self._inflight: asyncio.Future[Sequence[SidecarCounts]] | None = None
 
     async def start(self) -> int:
         """Listen; the bound port (useful with port 0)."""
@@ -82,8 +83,14 @@ class MetricsServer:
         own = self._plane_text()
         if self._sidecars is None:
             return own
-        results = await asyncio.to_thread(self._sidecars)
-        return own + render(families(results))
+        return own + render(families(await self._read_sidecars(self._sidecars)))
+
+    async def _read_sidecars(self, source: SidecarSource) -> Sequence[SidecarCounts]:
+        # Scrapes that arrive while the sidecars are being read share that reading: any
+        # local caller can ask, and must not multiply the requests to every Envoy.
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(asyncio.to_thread(source))
+        return await asyncio.shield(self._inflight)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
