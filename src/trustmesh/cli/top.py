@@ -26,7 +26,7 @@ from trustmesh.runtime.running import NotRunning, RunningMesh
 
 __all__ = ["top"]
 
-_out = Console(highlight=False, soft_wrap=True)
+_out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _snapshot(running: RunningMesh) -> TopSnapshot:
