@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -158,6 +159,7 @@ class ControlPlaneMetrics:
             registry=None,
             buckets=_ACK_BUCKETS,
         )
+        self._ack_latency: dict[str, Any] = {}
         self.connected = 0
         self.last_reload_errors = 0
         self._expiry: dict[str, dt.datetime] = {}  # identity → notAfter of its newest cert
@@ -181,7 +183,10 @@ class ControlPlaneMetrics:
     def acked(self, type_url: str, seconds: float) -> None:
         kind = xds_type(type_url)
         self.acks.inc((kind,))
-        self.push_to_ack.labels(kind).observe(seconds)
+        latency = self._ack_latency.get(kind)
+        if latency is None:  # labels() looks the child up under a lock: once per type
+            latency = self._ack_latency[kind] = self.push_to_ack.labels(kind)
+        latency.observe(seconds)
 
     def rejected(self, type_url: str) -> None:
         self.rejects.inc((xds_type(type_url),))
