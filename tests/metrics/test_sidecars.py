@@ -28,6 +28,7 @@ ENVOY_STATS = {
     "tcp.rbac.allowed": 4,
     "tcp.rbac.denied": 6,
     "tcp.rbac.istio_dry_run_deny_.shadow_denied": 7,
+    "http.inbound_8000.rbac.istio_ext_authz_.shadow_allowed": 30,  # CUSTOM's selector
     "http.inbound_8000.ext_authz.ok": 11,
     "http.inbound_8000.ext_authz.denied": 12,
     "http.inbound_8000.ext_authz.error": 13,

@@ -50,6 +50,9 @@ MAX_STATS_BYTES = 4 << 20  # the filtered stats of one Envoy are a few kB
 _WORKERS = 8
 STATS_PATH = "/stats?format=json&filter=" + "rbac%5C.%7Cext_authz%5C."  # rbac\.|ext_authz\.
 
+# Istio's CUSTOM action: an RBAC filter whose shadow rules (this prefix) only mark the
+# requests the ext_authz filter then checks; its results are the ext_authz counters.
+_CUSTOM_SHADOW_PREFIX = "istio_ext_authz"
 RBAC_RESULTS = ("allowed", "denied", "shadow_allowed", "shadow_denied")
 EXT_AUTHZ_RESULTS = ("ok", "denied", "error", "failure_mode_allowed", "disabled")
 _HTTP_RBAC = re.compile(
@@ -121,6 +124,8 @@ def classify(
             protocol = "http" if name.startswith("http.") else "tcp"
             if match["rules"] == GUARD_STAT_PREFIX:
                 guard[match["result"]] += value
+            elif (match["rules"] or "").startswith(_CUSTOM_SHADOW_PREFIX):
+                continue  # CUSTOM's shadow rules pick requests for ext_authz: not a dry run
             else:
                 rbac[(protocol, match["result"])] += value
     return dict(rbac), dict(ext_authz), dict(guard)
