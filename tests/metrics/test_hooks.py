@@ -84,6 +84,9 @@ def test_pushes_acks_and_a_nack_are_counted_per_type(tmp_path: Path) -> None:
         assert value(parsed, "citadel_server_success_cert_issuance_count") == 1
         left = value(parsed, "trustmesh_workload_cert_expiry_seconds", identity=SLEEP.uri)
         assert 0 < left <= CaConfig().default_ttl.total_seconds()
+        for server in ("xds", "ca"):  # the control plane's own serving certificates
+            left = value(parsed, "trustmesh_serving_cert_expiry_seconds", server=server)
+            assert 0 < left <= CaConfig().default_ttl.total_seconds()
         # Istio's counter names exactly, no "_total" added in the text
         assert "# TYPE pilot_total_xds_rejects counter" in text
         assert 'pilot_total_xds_rejects{type="lds"} 1.0' in text

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from trustmesh.identity import protocol
+from trustmesh.identity import pki, protocol
 from trustmesh.identity.ca import CertificateAuthority, IssueRejected
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.identity.store import StoreError
@@ -43,6 +43,9 @@ class CaObserver(Protocol):
 
     def refused(self, reason: str) -> None:
         """The request was refused; ``reason`` is the stable code (``token-reused`` …)."""
+
+    def ca_serving_certificate(self, not_after: dt.datetime) -> None:
+        """The CA server's own TLS certificate was (re)issued (maybe on a gRPC thread)."""
 
 
 def utc_now() -> dt.datetime:
@@ -84,6 +87,8 @@ class CaServer:
         )
         bundle = self.ca.bundle_pem(now)
         self._tls_state = (bundle, now)
+        if self.observer is not None:
+            self.observer.ca_serving_certificate(pki.load_certs(chain)[0].not_valid_after_utc)
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=bundle)
 
     def _fetch_configuration(self) -> grpc.ServerCertificateConfiguration:

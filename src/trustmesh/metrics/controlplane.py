@@ -163,6 +163,7 @@ class ControlPlaneMetrics:
         self.connected = 0
         self.last_reload_errors = 0
         self._expiry: dict[str, dt.datetime] = {}  # identity → notAfter of its newest cert
+        self._serving: dict[str, dt.datetime] = {}  # "xds" / "ca" → its TLS certificate's
         self._process = CollectorRegistry(auto_describe=False)
         if process:
             ProcessCollector(registry=self._process)
@@ -203,7 +204,13 @@ class ControlPlaneMetrics:
         for diagnostic in errors:
             self.config_errors.inc((diagnostic.code,))
 
+    def xds_serving_certificate(self, not_after: dt.datetime) -> None:
+        self._serving["xds"] = not_after  # one assignment: safe from gRPC's threads
+
     # -- CaObserver ---------------------------------------------------------------------
+
+    def ca_serving_certificate(self, not_after: dt.datetime) -> None:
+        self._serving["ca"] = not_after
 
     def csr_received(self) -> None:
         self.csrs.inc()
@@ -268,6 +275,14 @@ class ControlPlaneMetrics:
                 "Seconds until the first of the newest workload certificates expires.",
                 (soonest - now).total_seconds(),
             )
+        serving = GaugeMetricFamily(
+            "trustmesh_serving_cert_expiry_seconds",
+            "Seconds until the control plane's own TLS certificate expires, by server (xds, ca).",
+            labels=("server",),
+        )
+        for server, not_after in sorted(dict(self._serving).items()):
+            serving.add_metric((server,), (not_after - now).total_seconds())
+        yield serving
         if self._ca is None:
             return
         slot = self._ca.active

@@ -155,6 +155,9 @@ class PlaneObserver(XdsObserver, Protocol):
         """A reload ended: ``applied`` (else refused whole) with these errors — the
         configuration's when refused, proxies that could not be configured when applied."""
 
+    def xds_serving_certificate(self, not_after: dt.datetime) -> None:
+        """The xDS server's TLS certificate was (re)issued (maybe on a gRPC thread)."""
+
 
 # A file's identity and content stamp; (path,) alone when it cannot be read.
 _Stamp = tuple[str, int, int, int] | tuple[str]
@@ -542,6 +545,8 @@ class ControlPlane:
         self._tls_bundle = self._ca.bundle_pem(now)
         self._tls_refresh_at = now + life / 2
         self._spiffe_id = pki.uri_sans(leaf)[0]
+        if self._observer is not None:
+            self._observer.xds_serving_certificate(leaf.not_valid_after_utc)
         return grpc.ssl_server_certificate_configuration(
             [(key, chain)], root_certificates=self._tls_bundle
         )
