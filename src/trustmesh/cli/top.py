@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.text import Text
 
 from trustmesh.cli import render
 from trustmesh.metrics.top import (
@@ -76,7 +77,12 @@ def top(
         with Live(table(current, {}), console=_out, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
-                latest = _snapshot(running)
+                try:
+                    latest = read_snapshot(running)
+                except MetricsUnavailable as exc:  # a control plane restarting: keep watching
+                    view = Group(table(current, {}), Text(f"not refreshed: {exc}", style="red"))
+                    live.update(view, refresh=True)
+                    continue
                 live.update(table(latest, rates(current, latest)), refresh=True)
                 current = latest
     except KeyboardInterrupt:
