@@ -236,7 +236,8 @@ def _duration(seconds: float | None) -> str:
 
 def table(snapshot: TopSnapshot, per_second: Mapping[str, Mapping[str, float]]) -> Table:
     """The terminal view: one row per sidecar pod, the control plane in the caption.
-    DRY A/D: dry-run (shadow) allowed / denied; EXTAUTHZ: ext_authz ok / denied / error."""
+    A/s, D/s: allowed / denied per second; ALLOW, DENY: in all; DRY A/D: dry-run (shadow)
+    allowed / denied; EXT: ext_authz ok / denied / error."""
     plane = snapshot.control_plane
     caption = (
         f"control plane: {plane.get('connected_proxies', 0):.0f} proxies connected, "
@@ -247,7 +248,7 @@ def table(snapshot: TopSnapshot, per_second: Mapping[str, Mapping[str, float]]) 
     )
     view = Table(caption=caption, box=None, pad_edge=False, caption_justify="left")
     view.add_column("POD", no_wrap=True)
-    for column in ("UP", "ALLOW/s", "DENY/s", "ALLOWED", "DENIED", "DRY A/D", "EXTAUTHZ", "XDS"):
+    for column in ("UP", "A/s", "D/s", "ALLOW", "DENY", "DRY A/D", "EXT", "XDS"):
         view.add_column(column)
     view.add_column("CERT", no_wrap=True)
     for pod in snapshot.pods:
