@@ -5,8 +5,9 @@ DENY-GET policy and sleep as the client, both with real Envoy sidecars. Between 
 scrapes of the control plane's ``/metrics`` — parsed with prometheus_client's parser —
 sleep sends N allowed POSTs and M denied GETs: httpbin's re-exported RBAC counters move
 by exactly N and M. The control plane's own counters show pushes and ACKs, one
-certificate per workload, every proxy connected; the text names no pod address and no
-node id. ``trustmesh top --once -o json`` reports the same counts.
+certificate per workload, every proxy connected, and a policy change's convergence time;
+the text names no pod address and no node id. ``trustmesh top --once -o json`` reports
+the same counts.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def _trustmesh(*args: str, state: Path, timeout: float = 60) -> subprocess.Compl
 
 @contextmanager
 def _mesh(root: Path, isolation: str) -> Iterator[RunningMesh]:
-    state = root / "state"
+    state, manifests = root / "state", root / "config" / "mesh.yaml"
+    manifests.parent.mkdir()
+    shutil.copy(MESH, manifests)
     extra: list[str] = []
     started = None
     # process mode: the first free loopback block of ten (another checkout may hold one)
@@ -61,7 +64,7 @@ def _mesh(root: Path, isolation: str) -> Iterator[RunningMesh]:
         if isolation == "process":
             extra = ["--base", f"127.{block}.0.0"]
         started = _trustmesh(
-            "up", "--isolation", isolation, "-d", *extra, str(MESH), state=state,
+            "up", "--isolation", isolation, "-d", *extra, str(manifests.parent), state=state,
             timeout=START_TIMEOUT,
         )  # fmt: skip
         taken = ("are used by the mesh running from", "is already in use by")
@@ -156,6 +159,18 @@ def test_metrics_count_exactly_the_requests_sent(tmp_path: Path, isolation: str)
         for pod in running.plan.pods:
             assert pod.pod_ip not in text and (pod.app_ip or pod.pod_ip) not in text
         assert "sidecar~" not in text
+        # a policy change reaches httpbin: its convergence time is observed
+        config = running.layout.root.parent / "config" / "mesh.yaml"
+        partial = config.with_suffix(".partial")
+        partial.write_text(config.read_text().replace('["GET"]', '["GET", "DELETE"]'))
+        os.replace(partial, config)
+        asyncio.run(running.wait_synced(timeout=30))
+        _, changed = _scrape(running)
+        assert value(changed, "pilot_proxy_convergence_time_count") >= 1
+        assert 0 < value(changed, "pilot_proxy_convergence_time_sum") < 30
+        assert value(changed, "pilot_xds_pushes", type="ecds") > value(
+            after, "pilot_xds_pushes", type="ecds"
+        )
         # and `trustmesh top` shows the same totals
         done = _trustmesh("top", "--once", "-o", "json", state=running.layout.root)
         assert done.returncode == 0, done.stderr

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -57,6 +58,8 @@ _SHORT_TYPES = {
     TYPE_SECRET: "sds",
     TYPE_ECDS: "ecds",
 }
+# Istio's buckets with a finer start: a change reaches a local proxy in milliseconds.
+_CONVERGENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0)
 # Push → ACK is milliseconds on one host; the tail shows a stalled proxy.
 _ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -159,6 +162,16 @@ class ControlPlaneMetrics:
             registry=None,
             buckets=_ACK_BUCKETS,
         )
+        self.convergence = Histogram(
+            "pilot_proxy_convergence_time",
+            "Delay in seconds between config change and a proxy receiving all required "
+            "configuration (every type ACKed).",
+            registry=None,
+            buckets=_CONVERGENCE_BUCKETS,
+        )
+        # node id → (snapshot version, monotonic time it was published): in memory only,
+        # never a label. One entry per proxy with a change on its way.
+        self._changes: dict[str, tuple[str, float]] = {}
         self._ack_latency: dict[str, Any] = {}
         self.connected = 0
         self.last_reload_errors = 0
@@ -192,6 +205,12 @@ class ControlPlaneMetrics:
     def rejected(self, type_url: str) -> None:
         self.rejects.inc((xds_type(type_url),))
 
+    def converged(self, node_id: str, version: str) -> None:
+        change = self._changes.get(node_id)
+        if change is not None and change[0] == version:
+            del self._changes[node_id]
+            self.convergence.observe(time.monotonic() - change[1])
+
     # -- PlaneObserver ------------------------------------------------------------------
 
     def reloaded(self, applied: bool, errors: Sequence[Diagnostic]) -> None:
@@ -203,6 +222,9 @@ class ControlPlaneMetrics:
             return
         for diagnostic in errors:
             self.config_errors.inc((diagnostic.code,))
+
+    def published(self, node_id: str, version: str) -> None:
+        self._changes[node_id] = (version, time.monotonic())
 
     def xds_serving_certificate(self, not_after: dt.datetime) -> None:
         self._serving["xds"] = not_after  # one assignment: safe from gRPC's threads
@@ -242,6 +264,7 @@ class ControlPlaneMetrics:
         ):
             yield counter.collect()
         yield from self.push_to_ack.collect()
+        yield from self.convergence.collect()
         yield GaugeMetricFamily(
             "pilot_xds",
             "Number of proxies connected to this control plane over xDS.",

@@ -155,6 +155,10 @@ class PlaneObserver(XdsObserver, Protocol):
         """A reload ended: ``applied`` (else refused whole) with these errors — the
         configuration's when refused, proxies that could not be configured when applied."""
 
+    def published(self, node_id: str, version: str) -> None:
+        """A changed snapshot ``version`` replaced the one ``node_id`` had (a config change
+        reaching that proxy starts now; :meth:`XdsObserver.converged` ends it)."""
+
     def xds_serving_certificate(self, not_after: dt.datetime) -> None:
         """The xDS server's TLS certificate was (re)issued (maybe on a gRPC thread)."""
 
@@ -509,8 +513,11 @@ class ControlPlane:
                     problems.append(_proxy_problem(registration, exc))
                     continue
             try:
-                changed += self._cache.get(node_id) != snapshot
+                previous = self._cache.get(node_id)
+                changed += previous != snapshot
                 self._cache.set(node_id, snapshot)
+                if self._observer is not None and previous is not None and previous != snapshot:
+                    self._observer.published(node_id, snapshot.version)
             except ValueError as exc:
                 problems.append(_proxy_problem(registration, exc))
         return sorted(problems, key=Diagnostic.sort_key), changed

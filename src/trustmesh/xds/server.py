@@ -84,6 +84,9 @@ class XdsObserver(Protocol):
     def rejected(self, type_url: str) -> None:
         """Envoy NACKed the last response of ``type_url``."""
 
+    def converged(self, node_id: str, version: str) -> None:
+        """``node_id``'s stream ACKed everything of its snapshot ``version`` (SYNCED)."""
+
 
 def peer_spiffe_ids(context: Context) -> tuple[str, ...]:
     """The ``spiffe://`` URI SANs of the mTLS peer's certificate; empty without mTLS.
@@ -305,8 +308,11 @@ class AdsServer:
         if current is None or not streams:
             return False
         stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
-        acked = self._cache.acked(node_id)
-        return stream.seen == current.version and all(
+        return self._stream_synced(stream, current.version)
+
+    def _stream_synced(self, stream: _Stream, version: str) -> bool:
+        acked = self._cache.acked(stream.node_id)
+        return stream.seen == version and all(
             watch.sent is None or acked.get(type_url) == watch.version
             for type_url, watch in stream.watches.items()
         )
@@ -359,6 +365,10 @@ class AdsServer:
             watch.sent_at = 0.0
         self._cache.record_ack(stream.node_id, type_url, request.version_info)
         watch.names = names
+        if self._observer is not None:
+            current = self._cache.get(stream.node_id)
+            if current is not None and self._stream_synced(stream, current.version):
+                self._observer.converged(stream.node_id, current.version)
         return type_url  # answered only if the subscription now selects other content
 
     async def _respond(
