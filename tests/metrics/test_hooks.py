@@ -27,8 +27,11 @@ from trustmesh.xds.cache import TYPE_CLUSTER, TYPE_LISTENER
 from trustmesh.xds.controlplane import XDS_SERVER_NAME, ControlPlane, ProxyRegistration
 from trustmesh.xds.server import ADS_SERVICE
 
-# Real TLS: the CA and its certificates are made at the real now.
-NOW = dt.datetime.now(dt.UTC)
+
+def _now() -> dt.datetime:
+    """Real TLS and a server on the real clock: the CA, its certificates and tokens are
+    made at the real now of each test (a suite run takes longer than a token lives)."""
+    return dt.datetime.now(dt.UTC)
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -49,9 +52,10 @@ def _request(node_id: str, type_url: str, response: Any = None) -> Any:
 
 def test_pushes_acks_and_a_nack_are_counted_per_type(tmp_path: Path) -> None:
     async def main() -> None:
+        now = _now()
         metrics = ControlPlaneMetrics(process=False)
         config = ConfigDir(tmp_path / "config")
-        ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), NOW)
+        ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), now)
         ca_server = CaServer(ca, observer=metrics)
         await ca_server.start()
         registration = ProxyRegistration.sidecar("foo/sleep", Loopback().address())
@@ -60,7 +64,7 @@ def test_pushes_acks_and_a_nack_are_counted_per_type(tmp_path: Path) -> None:
         await plane.start()
         try:
             async with agent_for(SLEEP, registration, ca_server, tmp_path) as proxy:
-                credentials = credentials_of(proxy.secret, ca.bundle_pem(NOW))
+                credentials = credentials_of(proxy.secret, ca.bundle_pem(now))
                 await _ack_cds_then_nack_lds(plane.port, registration.node_id, credentials, metrics)
         finally:
             await plane.stop()
@@ -123,22 +127,23 @@ async def _ack_cds_then_nack_lds(
 
 def test_ca_refusals_are_counted_by_reason(tmp_path: Path) -> None:
     async def main() -> None:
+        now = _now()
         metrics = ControlPlaneMetrics(process=False)
-        ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), NOW)
+        ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), now)
         server = CaServer(ca, observer=metrics)
         await server.start()
-        roots = ca.bundle_pem(NOW)
+        roots = ca.bundle_pem(now)
         client = CaClient(f"127.0.0.1:{server.port}", roots)
         key = pki.generate_key()
         try:
-            token = ca.token("foo", "sleep", NOW)
+            token = ca.token("foo", "sleep", now)
             await client.create_certificate(pki.build_csr(key, [SLEEP.uri]), token=token)
             admin = SpiffeId("cluster.local", "foo", "admin")
             attempts: list[tuple[bytes, str | None]] = [
                 (pki.build_csr(key, [SLEEP.uri]), token),  # the same token again
                 (pki.build_csr(key, [SLEEP.uri]), "not-a-token"),
-                (pki.build_csr(key, [admin.uri]), ca.token("foo", "sleep", NOW)),
-                (pki.build_ca_csr(key), ca.token("foo", "sleep", NOW)),
+                (pki.build_csr(key, [admin.uri]), ca.token("foo", "sleep", now)),
+                (pki.build_ca_csr(key), ca.token("foo", "sleep", now)),
                 (pki.build_csr(key, [SLEEP.uri]), None),  # no credentials at all
             ]
             for csr, credential in attempts:
@@ -171,9 +176,10 @@ def test_ca_refusals_are_counted_by_reason(tmp_path: Path) -> None:
 
 def test_a_refused_reload_counts_its_errors_by_code(tmp_path: Path) -> None:
     async def main() -> None:
+        now = _now()
         metrics = ControlPlaneMetrics(process=False)
         config = ConfigDir(tmp_path / "config")
-        ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), NOW)
+        ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), now)
         plane = ControlPlane([str(config.path)], ca=ca, observer=metrics)
         assert await plane.reload() == []
         config.write_policy(BAD_ACTION)
