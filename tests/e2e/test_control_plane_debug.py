@@ -44,8 +44,9 @@ def test_no_tcp_listener_of_the_control_plane_serves_debug(mesh: LiveMesh) -> No
     ports = info["ports"]
     assert "debug" not in ports
     listening = listening_ports(info["pid"])
-    # Exactly the mTLS services the agents use: ADS and the CA's two ports.
-    assert listening == {ports["xds"], ports["ca"], ports["ca_renewal"]}
+    # Exactly the mTLS services the agents use (ADS and the CA's two ports) and the
+    # plain-HTTP metrics, which carry no pod address, node id or sync detail.
+    assert listening == {ports["xds"], ports["ca"], ports["ca_renewal"], ports["metrics"]}
     for port in listening:  # and none of them hands out the debug data in plain HTTP
         assert b'"proxies"' not in _plain_http_answer(port)
 

@@ -230,11 +230,13 @@ def test_each_process_runs_as_its_own_user_without_privileges(mesh: SandboxedMes
 
 def test_the_control_plane_has_no_tcp_debug_port(mesh: SandboxedMesh) -> None:
     """In the node namespace the control plane listens on TCP only for what the pods need
-    (xDS and the CA, both mTLS / token); its debug endpoint is the 0600 Unix socket, which
-    no pod's user can open."""
+    (xDS and the CA, both mTLS / token) and its metrics (counts under pod names: no
+    address, no node id); its debug endpoint is the 0600 Unix socket, which no pod's user
+    can open."""
     record = mesh.running.record["control_plane"]
     ports = record["ports"]
-    assert listening_ports(record["pid"]) == {ports["xds"], ports["ca"], ports["ca_renewal"]}
+    expected = {ports["xds"], ports["ca"], ports["ca_renewal"], ports["metrics"]}
+    assert listening_ports(record["pid"]) == expected
     socket_path = str(debug_socket(mesh.state))
     for ref, options in (("foo/sleep", {}), ("foo/sleep", {"uid": PROXY_UID})):
         answer = mesh.python(ref, "sds_probe.py", socket_path, **options)

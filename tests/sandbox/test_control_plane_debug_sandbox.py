@@ -133,7 +133,8 @@ def test_no_tcp_port_of_the_control_plane_serves_debug_in_the_node_namespace(nod
     pid = node.control_plane["pid"]
     ports = node.control_plane["ports"]
     assert isinstance(pid, int) and isinstance(ports, dict) and "debug" not in ports
-    assert listening_ports(pid) == {ports["xds"], ports["ca"], ports["ca_renewal"]}
+    expected = {ports["xds"], ports["ca"], ports["ca_renewal"], ports["metrics"]}
+    assert listening_ports(pid) == expected
 
 
 def test_a_pods_app_and_proxy_cannot_open_the_debug_socket(node: Node) -> None:

@@ -22,6 +22,7 @@ from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
+from trustmesh.cli.top import top as top_command
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
@@ -49,6 +50,7 @@ app.command("logs")(mesh_cli.logs)
 app.command("down")(mesh_cli.down)
 app.command("proxy-config")(mesh_cli.proxy_config)
 app.command("request")(mesh_cli.request)
+app.command("top")(top_command)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
 

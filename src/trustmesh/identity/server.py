@@ -16,11 +16,11 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from trustmesh.identity import protocol
+from trustmesh.identity import pki, protocol
 from trustmesh.identity.ca import CertificateAuthority, IssueRejected
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.identity.store import StoreError
@@ -30,6 +30,22 @@ log = logging.getLogger("trustmesh.ca.server")
 audit = logging.getLogger("trustmesh.ca.audit")
 
 Clock = Callable[[], dt.datetime]
+
+
+class CaObserver(Protocol):
+    """Told each certificate request's outcome, for metrics (:mod:`trustmesh.metrics`)."""
+
+    def csr_received(self) -> None:
+        """A CreateCertificate call arrived."""
+
+    def issued(self, identity: SpiffeId, not_after: dt.datetime) -> None:
+        """A certificate for ``identity`` valid until ``not_after`` was issued."""
+
+    def refused(self, reason: str) -> None:
+        """The request was refused; ``reason`` is the stable code (``token-reused`` …)."""
+
+    def ca_serving_certificate(self, not_after: dt.datetime) -> None:
+        """The CA server's own TLS certificate was (re)issued (maybe on a gRPC thread)."""
 
 
 def utc_now() -> dt.datetime:
@@ -47,8 +63,10 @@ class CaServer:
         renewal_address: str = "127.0.0.1:0",
         clock: Clock = utc_now,
         hostnames: tuple[str, ...] = ("trustmesh-ca",),
+        observer: CaObserver | None = None,
     ) -> None:
         self.ca = ca
+        self.observer = observer
         self.clock = clock
         self.address = address
         self.renewal_address = renewal_address
@@ -69,6 +87,8 @@ class CaServer:
         )
         bundle = self.ca.bundle_pem(now)
         self._tls_state = (bundle, now)
+        if self.observer is not None:
+            self.observer.ca_serving_certificate(pki.load_certs(chain)[0].not_valid_after_utc)
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=bundle)
 
     def _fetch_configuration(self) -> grpc.ServerCertificateConfiguration:
@@ -151,6 +171,9 @@ class CaServer:
     ) -> Any:
         now = self.clock()
         peer = context.peer()
+        observer = self.observer
+        if observer is not None:
+            observer.csr_received()
         self._pick_up_disk_changes()
         try:
             identity, how = self._authenticate(context, now)
@@ -159,11 +182,15 @@ class CaServer:
             issued = self.ca.issue(str(request.csr).encode(), identity, now, ttl)
         except TokenRejected as exc:
             self.rejected += 1
+            if observer is not None:
+                observer.refused(exc.code)
             audit.warning("rejected peer=%s code=%s reason=%s", peer, exc.code, exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.code}: {exc}")
             raise AssertionError("unreachable") from None
         except IssueRejected as exc:
             self.rejected += 1
+            if observer is not None:
+                observer.refused(exc.code)
             status = (
                 grpc.StatusCode.UNAUTHENTICATED
                 if exc.code.startswith("renewal") or exc.code == "unauthenticated"
@@ -173,6 +200,8 @@ class CaServer:
             await context.abort(status, f"{exc.code}: {exc.message}")
             raise AssertionError("unreachable") from None
         self.issued += 1
+        if observer is not None:
+            observer.issued(identity, issued.not_after)
         log.debug("issued %s to %s via %s", identity, peer, how)
         return protocol.CertificateResponse(cert_chain=list(issued.chain_pem))
 

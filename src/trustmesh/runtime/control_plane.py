@@ -14,6 +14,14 @@ The debug endpoint — HTTP on the Unix socket ``<state>/control-plane/debug.soc
 pods whose endpoints are out of the mesh and, per proxy, SYNCED or not and its last NACK —
 what ``trustmesh status`` and ``trustmesh test --live`` wait on.
 
+Metrics: Prometheus text on ``GET /metrics`` over plain HTTP (as istiod's :15014), on the
+address the CA and xDS listen on — loopback in process mode, the node namespace's bridge
+address in the sandbox — at ``ports.metrics`` (0 picks one; a restart keeps it). Its
+families (:mod:`trustmesh.metrics`) carry counts, type names, reason codes, pod names and
+SPIFFE identities only: no pod address, no node id, no file path or error text, which
+stay on the owner-only debug socket. Each sidecar's RBAC / ext_authz counters are read
+from its Envoy admin per scrape (bounded; a dead sidecar shows ``trustmesh_sidecar_up 0``).
+
 Readiness: the supervisor writes ``<state>/not-ready.json`` (``{"not_ready": [pod refs]}``)
 when a pod's app exits and again once it accepts connections after its restart; the
 control plane watches that file and takes those pods' endpoints out of every proxy's
@@ -35,6 +43,9 @@ from typing import Any
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.server import CaServer
 from trustmesh.identity.store import CaStore, StoreError
+from trustmesh.metrics.controlplane import ControlPlaneMetrics
+from trustmesh.metrics.server import MetricsServer
+from trustmesh.metrics.sidecars import SidecarCounts, SidecarTarget, scrape
 from trustmesh.runtime.debug_endpoint import (
     SYNCZ,
     DebugEndpointError,
@@ -54,6 +65,7 @@ __all__ = [
     "read_not_ready",
     "serve",
     "service_addresses",
+    "sidecar_targets",
     "write_not_ready",
 ]
 
@@ -129,6 +141,31 @@ def _syncz(plane: ControlPlane) -> dict[str, Any]:
     }
 
 
+def sidecar_targets(layout: Layout, plan: MeshPlan) -> list[SidecarTarget]:
+    """Every sidecar pod's Envoy admin, as the supervisor recorded it in ``mesh.json``
+    (None until reported), reached from inside the pod's namespace in the sandbox."""
+    try:
+        records = read_json(layout.mesh).get("pods", {})
+    except (OSError, ValueError, AttributeError):
+        records = {}
+    targets = []
+    for pod in plan.pods:
+        if not pod.sidecar:
+            continue
+        record = records.get(pod.ref) if isinstance(records, dict) else None
+        admin = record.get("admin") if isinstance(record, dict) else None
+        targets.append(
+            SidecarTarget(
+                pod.namespace, pod.name, admin if isinstance(admin, str) else None, pod.netns
+            )
+        )
+    return targets
+
+
+def _read_sidecars(layout: Layout, plan: MeshPlan) -> list[SidecarCounts]:
+    return scrape(sidecar_targets(layout, plan))
+
+
 def read_not_ready(layout: Layout) -> list[str]:
     """The pods the supervisor says are not ready (none when it has not said)."""
     try:
@@ -188,10 +225,12 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
         return 1
     layout.roots.write_bytes(ca.bundle_pem(now))
     _write_tokens(layout, ca, plan, now)
+    metrics = ControlPlaneMetrics(ca=ca)
     ca_server = CaServer(
         ca,
         address=f"{listen}:{ports.get('ca', 0)}",
         renewal_address=f"{listen}:{ports.get('ca_renewal', 0)}",
+        observer=metrics,
     )
     not_ready_seen = _stamp(layout.not_ready)  # before reading: a later write is seen
     plane = ControlPlane(
@@ -202,6 +241,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
         debounce=WATCH_DEBOUNCE,
         workload_addresses={pod.ref: pod.pod_ip for pod in plan.pods},
         not_ready=read_not_ready(layout),
+        observer=metrics,
     )
     for pod in plan.pods:
         if pod.sidecar:
@@ -209,6 +249,12 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     await ca_server.start()
     tasks: list[asyncio.Task[None]] = []
     debug = DebugServer(debug_socket(layout.root), {SYNCZ: lambda: _syncz(plane)})
+    metrics_server = MetricsServer(
+        listen,
+        int(ports.get("metrics", 0)),
+        plane_text=metrics.render,
+        sidecars=lambda: _read_sidecars(layout, plan),
+    )
     try:
         try:
             xds_port = await plane.start()
@@ -222,6 +268,12 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
             why = f"cannot serve the debug endpoint at {debug.socket_path}: {detail}"
             print(json.dumps({"ready": False, "error": why}), flush=True)
             return 1
+        try:
+            metrics_port = await metrics_server.start()
+        except OSError as exc:
+            why = f"cannot serve metrics on {listen}:{ports.get('metrics', 0)}: {exc.strerror}"
+            print(json.dumps({"ready": False, "error": why}), flush=True)
+            return 1
         tasks.append(asyncio.create_task(ca_server.run_rotation(stop)))
         tasks.append(asyncio.create_task(plane.watch(stop, WATCH_INTERVAL)))
         tasks.append(asyncio.create_task(_watch_not_ready(plane, layout, stop, not_ready_seen)))
@@ -232,7 +284,9 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
                 "xds": xds_port,
                 "ca": ca_server.port,
                 "ca_renewal": ca_server.renewal_port,
+                "metrics": metrics_port,
             },
+            "metrics": f"{listen}:{metrics_port}",
             "debug_socket": str(debug.socket_path),
             "spiffe_id": plane.spiffe_id,
             "trust_domain": ca.config.trust_domain,
@@ -244,6 +298,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await metrics_server.stop()
         await debug.stop()
         await plane.stop()
         await ca_server.stop()

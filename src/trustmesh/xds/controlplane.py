@@ -39,6 +39,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 import grpc
 
@@ -53,7 +54,7 @@ from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.gateway import GatewayResources, translate_gateway
 from trustmesh.xds.readiness import EndpointFilter
-from trustmesh.xds.server import AdsServer, Context, peer_spiffe_ids
+from trustmesh.xds.server import AdsServer, Context, XdsObserver, peer_spiffe_ids
 from trustmesh.xds.translate import CaptureMode, FilterDelivery, ProxyResources, translate
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "ConfigRejected",
     "ControlPlane",
     "Fingerprint",
+    "PlaneObserver",
     "ProxyRegistration",
     "fingerprint_digest",
 ]
@@ -157,6 +159,21 @@ class ConfigRejected(ValueError):
         )
 
 
+class PlaneObserver(XdsObserver, Protocol):
+    """What metrics are told: the ADS streams' events and each reload's outcome."""
+
+    def reloaded(self, applied: bool, errors: Sequence[Diagnostic]) -> None:
+        """A reload ended: ``applied`` (else refused whole) with these errors — the
+        configuration's when refused, proxies that could not be configured when applied."""
+
+    def published(self, node_id: str, version: str) -> None:
+        """A changed snapshot ``version`` replaced the one ``node_id`` had (a config change
+        reaching that proxy starts now; :meth:`XdsObserver.converged` ends it)."""
+
+    def xds_serving_certificate(self, not_after: dt.datetime) -> None:
+        """The xDS server's TLS certificate was (re)issued (maybe on a gRPC thread)."""
+
+
 # A file's identity and content stamp; (path,) alone when it cannot be read.
 _Stamp = tuple[str, int, int, int] | tuple[str]
 Fingerprint = tuple[_Stamp, ...]
@@ -189,7 +206,8 @@ class ControlPlane:
 
     ``reloads`` counts configurations applied (the one :meth:`start` loads included),
     ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
-    reload returned. Methods are called from the event loop's thread.
+    reload returned. Methods are called from the event loop's thread. ``observer``
+    (metrics) is told every stream event and reload outcome.
     """
 
     def __init__(
@@ -203,6 +221,7 @@ class ControlPlane:
         mesh_config: Sequence[str] = (),
         workload_addresses: Mapping[str, str] | None = None,
         not_ready: Sequence[str] = (),
+        observer: PlaneObserver | None = None,
     ) -> None:
         if isinstance(config_paths, str) or isinstance(mesh_config, str):
             raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
@@ -234,6 +253,7 @@ class ControlPlane:
         self._tls_bundle = b""
         self._tls_refresh_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._spiffe_id = ""
+        self._observer = observer
         self.last_errors: list[Diagnostic] = []
         self.reloads = 0
         self.rejected_reloads = 0
@@ -382,6 +402,7 @@ class ControlPlane:
             address=_join_address(self._host, self._port),
             authorize=self._authorize,
             server_credentials=self._server_credentials(),
+            observer=self._observer,
         )
         self._port = await server.start()  # a restart binds the same port again
         self._server = server
@@ -434,6 +455,8 @@ class ControlPlane:
                     "\n  ".join(map(str, build.errors[:_SHOWN_ERRORS])),
                 )
                 self._outcome_of = seen
+                if self._observer is not None:
+                    self._observer.reloaded(False, self.last_errors)
                 return list(self.last_errors)
             self._mesh = build.mesh
             problems, changed = self._publish(build)
@@ -441,6 +464,8 @@ class ControlPlane:
             self.reloads += 1
             self.last_errors = problems
             self._outcome_of = seen  # published: streams push from here on
+            if self._observer is not None:
+                self._observer.reloaded(True, problems)
             _log.info(
                 "configuration applied: %d of %d proxies changed, %d could not be configured",
                 changed,
@@ -499,8 +524,11 @@ class ControlPlane:
                     problems.append(_proxy_problem(registration, exc))
                     continue
             try:
-                changed += self._cache.get(node_id) != snapshot
+                previous = self._cache.get(node_id)
+                changed += previous != snapshot
                 self._cache.set(node_id, snapshot)
+                if self._observer is not None and previous is not None and previous != snapshot:
+                    self._observer.published(node_id, snapshot.version)
             except ValueError as exc:
                 problems.append(_proxy_problem(registration, exc))
         return sorted(problems, key=Diagnostic.sort_key), changed
@@ -535,6 +563,8 @@ class ControlPlane:
         self._tls_bundle = self._ca.bundle_pem(now)
         self._tls_refresh_at = now + life / 2
         self._spiffe_id = pki.uri_sans(leaf)[0]
+        if self._observer is not None:
+            self._observer.xds_serving_certificate(leaf.not_valid_after_utc)
         return grpc.ssl_server_certificate_configuration(
             [(key, chain)], root_certificates=self._tls_bundle
         )

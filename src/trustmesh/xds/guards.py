@@ -33,6 +33,7 @@ from trustmesh.policy.headers import HOST_GUARD_POLICY, PLAIN_AUTHORITY
 from trustmesh.xds.rbac import HTTP_RBAC_TYPE
 
 __all__ = [
+    "GUARD_STAT_PREFIX",
     "HEADER_GUARD_SLOT",
     "HEADER_GUARD_TYPES",
     "HOST_GUARD_FILTER",
@@ -52,6 +53,7 @@ HOST_GUARD_FILTER: Final = "trustmesh.guard.host"
 HEADER_GUARD_SLOT: Final = "trustmesh.guard.headers"
 # What the header guard slot may hold: the Lua guard, or an RBAC filter without rules.
 HEADER_GUARD_TYPES: Final = (LUA_TYPE, HTTP_RBAC_TYPE)
+GUARD_STAT_PREFIX: Final = "trustmesh_guard_"
 HOST_HCM_FIELDS: Final[dict[str, Any]] = {"strip_trailing_host_dot": True}
 
 _LUA_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -64,7 +66,10 @@ def host_guard_filter() -> Json:
     }
     policy = {"permissions": [{"any": True}], "principals": [{"not_id": plain}]}
     rules = {"action": "DENY", "policies": {HOST_GUARD_POLICY: policy}}
-    return {"name": HOST_GUARD_FILTER, "typed_config": {"@type": HTTP_RBAC_TYPE, "rules": rules}}
+    # Its own stat prefix: Envoy's plain ``http.<prefix>.rbac.allowed`` / ``denied`` then
+    # count the authorization filters only, as in Istio (which has no such guard).
+    typed = {"@type": HTTP_RBAC_TYPE, "rules": rules, "rules_stat_prefix": GUARD_STAT_PREFIX}
+    return {"name": HOST_GUARD_FILTER, "typed_config": typed}
 
 
 def guarded_headers(wp: WorkloadPolicy, mesh: MeshPolicy) -> tuple[str, ...]:

@@ -36,9 +36,10 @@ import asyncio
 import enum
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -53,7 +54,7 @@ from trustmesh.xds.cache import (
     content_version,
 )
 
-__all__ = ["ADS_SERVICE", "AdsServer", "Authorize", "peer_spiffe_ids"]
+__all__ = ["ADS_SERVICE", "AdsServer", "Authorize", "XdsObserver", "peer_spiffe_ids"]
 
 _log = logging.getLogger(__name__)
 
@@ -62,6 +63,29 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 Context = grpc.aio.ServicerContext[Any, Any]
 Authorize = Callable[[str, Context], bool]
 """``authorize(node_id, context)``: may this peer receive ``node_id``'s configuration?"""
+
+
+class XdsObserver(Protocol):
+    """Told what the streams do, for metrics (:mod:`trustmesh.metrics`). Called on the
+    event loop's thread, in the stream loop: each call must be a few dict updates."""
+
+    def stream_opened(self) -> None:
+        """An authorized stream is being served (a connected proxy)."""
+
+    def stream_closed(self) -> None:
+        """That stream ended."""
+
+    def pushed(self, type_url: str) -> None:
+        """A response of ``type_url`` was sent."""
+
+    def acked(self, type_url: str, seconds: float) -> None:
+        """Envoy ACKed the last response of ``type_url``, ``seconds`` after it was sent."""
+
+    def rejected(self, type_url: str) -> None:
+        """Envoy NACKed the last response of ``type_url``."""
+
+    def converged(self, node_id: str, version: str) -> None:
+        """``node_id``'s stream ACKed everything of its snapshot ``version`` (SYNCED)."""
 
 
 def peer_spiffe_ids(context: Context) -> tuple[str, ...]:
@@ -91,6 +115,7 @@ class _Watch:
     nonce: str = ""  # of the last response of this type; "" until one is sent
     version: str = ""  # version_info of that response
     sent: Mapping[str, str] | None = None  # name → content digest in it; None before any
+    sent_at: float = 0.0  # monotonic time that response was sent; 0 once answered
 
 
 @dataclass(slots=True)
@@ -133,7 +158,7 @@ class AdsServer:
     should only listen on loopback.
 
     ``pushes``, ``acks`` and ``nacks`` count responses sent and the ACKs and NACKs
-    received, over all streams.
+    received, over all streams; ``observer`` (metrics) is told each of them as well.
     """
 
     def __init__(
@@ -143,8 +168,10 @@ class AdsServer:
         address: str = "127.0.0.1:0",
         authorize: Authorize | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
+        observer: XdsObserver | None = None,
     ) -> None:
         self._cache = cache
+        self._observer = observer
         self._address = address
         self._authorize = authorize
         self._credentials = server_credentials
@@ -226,6 +253,9 @@ class AdsServer:
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         inbox.put_nowait(first)
         self._streams[stream.id] = stream
+        observer = self._observer
+        if observer is not None:
+            observer.stream_opened()
         async with asyncio.TaskGroup() as tasks:
             pumps = (
                 tasks.create_task(pump_requests(reader, inbox, _Signal.CLOSED, _log)),
@@ -238,6 +268,8 @@ class AdsServer:
                 for pump in pumps:
                     pump.cancel()
                 self._streams.pop(stream.id, None)
+                if observer is not None:
+                    observer.stream_closed()
         _log.debug("ads stream %d (%s) closed", stream.id, node_id)
 
     def _authorized(self, node_id: str, context: Context) -> bool:
@@ -276,8 +308,11 @@ class AdsServer:
         if current is None or not streams:
             return False
         stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
-        acked = self._cache.acked(node_id)
-        return stream.seen == current.version and all(
+        return self._stream_synced(stream, current.version)
+
+    def _stream_synced(self, stream: _Stream, version: str) -> bool:
+        acked = self._cache.acked(stream.node_id)
+        return stream.seen == version and all(
             watch.sent is None or acked.get(type_url) == watch.version
             for type_url, watch in stream.watches.items()
         )
@@ -299,6 +334,9 @@ class AdsServer:
             return None  # stale: Envoy sends its full subscription again once it catches up
         if request.HasField("error_detail"):
             self.nacks += 1
+            if self._observer is not None and watch.sent_at:
+                self._observer.rejected(type_url)
+            watch.sent_at = 0.0
             nack = Nack(
                 type_url=type_url,
                 rejected_version=watch.version,
@@ -321,8 +359,16 @@ class AdsServer:
             watch.names = names
             return None
         self.acks += 1
+        if watch.sent_at:  # the first answer to this response (later ones change names)
+            if self._observer is not None:
+                self._observer.acked(type_url, time.monotonic() - watch.sent_at)
+            watch.sent_at = 0.0
         self._cache.record_ack(stream.node_id, type_url, request.version_info)
         watch.names = names
+        if self._observer is not None:
+            current = self._cache.get(stream.node_id)
+            if current is not None and self._stream_synced(stream, current.version):
+                self._observer.converged(stream.node_id, current.version)
         return type_url  # answered only if the subscription now selects other content
 
     async def _respond(
@@ -341,7 +387,10 @@ class AdsServer:
             resources=[snapshot.packed(type_url, name) for name in content],
         )
         watch.nonce, watch.version, watch.sent = response.nonce, response.version_info, content
+        watch.sent_at = time.monotonic()
         self.pushes += 1  # counted before the await: a reader may see the ACK before we resume
+        if self._observer is not None:
+            self._observer.pushed(type_url)
         await context.write(response)
         _log.debug(
             "ads stream %d (%s): pushed %s v%s (%d resources, nonce %s)",
