@@ -20,6 +20,7 @@ from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
+from trustmesh.cli.graph import graph_command
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.config import LoadedConfig, load_config
@@ -51,6 +52,7 @@ app.command("proxy-config")(mesh_cli.proxy_config)
 app.command("request")(mesh_cli.request)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
+app.command("graph")(graph_command)
 
 Files = Annotated[
     list[str],
