@@ -129,7 +129,10 @@ def _rendered(
     if fmt == "html":
         svg = graph_render.render_image(dot, "svg").decode()
         return graph_render.to_html(shown, graph, svg).encode()
-    console = Console(file=open(output, "w", encoding="utf-8") if output else None)  # noqa: SIM115
+    stream = open(output, "w", encoding="utf-8") if output else None  # noqa: SIM115
+    # Not a terminal: plain text (rich writes no colour) and no wrapping at 80 columns.
+    terminal = stream is None and sys.stdout.isatty()
+    console = Console(file=stream, width=None if terminal else 1000)
     try:
         console.print(graph_matrix.matrix(shown))
         console.print(graph_matrix.legend())

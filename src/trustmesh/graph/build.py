@@ -105,7 +105,9 @@ def build_graph(
             )
             nodes.append(node)
             callers.append(_Caller(node, Source.principal(principal), None))
-        external = Node(EXTERNAL_ID, NodeKind.EXTERNAL, None, "outside the mesh", None, None, "external")
+        external = Node(
+            EXTERNAL_ID, NodeKind.EXTERNAL, None, "outside the mesh", None, None, "external"
+        )
         nodes.append(external)
         callers.append(_Caller(external, Source.plaintext(), None))
     examples = Examples(mesh, now)
@@ -342,12 +344,18 @@ def _analyse(
     authz = target.authz
     is_http = base.is_http
     residual = Residual(base)
-    custom = residual.clauses(authz.custom.for_protocol(is_http).rules) if authz.custom.applies else []
+    custom = (
+        residual.clauses(authz.custom.for_protocol(is_http).rules) if authz.custom.applies else []
+    )
     deny = residual.clauses(authz.deny.for_protocol(is_http).rules)
     allow: list[Clause] | None = None
     if authz.allow.applies:
         allow = residual.clauses(authz.allow.for_protocol(is_http).rules)
-    note = "some rules had too many from/to combinations; the first ones are shown" if residual.truncated else ""
+    note = (
+        "some rules had too many from/to combinations; the first ones are shown"
+        if residual.truncated
+        else ""
+    )
     plain_rule = (decision.rule,) if decision.rule else ()
 
     always_denied = next((c for c in deny if not c.atoms), None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections import defaultdict
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 from trustmesh.graph.model import Edge, EdgeVerdict, MeshGraph, Node, NodeKind
@@ -50,6 +51,18 @@ class Group:
         if len(names) == 1:
             return self.members[0].name if self.kind is NodeKind.WORKLOAD else _pseudo(self)
         return ", ".join(names)
+
+    @property
+    def short_label(self) -> str:
+        """For a matrix column: the shared Service name with a count, else the first name
+        with how many more (``reviews (3)``, ``httpbin +2``)."""
+        if len(self.members) == 1:
+            return self.label
+        services = {m.services for m in self.members}
+        if len(services) == 1 and len(next(iter(services))) == 1:
+            service = next(iter(services))[0].split("/", 1)[1]
+            return f"{service} ({len(self.members)})"
+        return f"{self.members[0].name} +{len(self.members) - 1}"
 
     @property
     def accounts(self) -> tuple[str, ...]:
@@ -147,8 +160,8 @@ def _refine(graph: MeshGraph) -> dict[str, int]:
         block = refined
 
 
-def _numbered(keys: dict[str, object]) -> dict[str, int]:
-    numbers: dict[object, int] = {}
+def _numbered(keys: Mapping[str, Hashable]) -> dict[str, int]:
+    numbers: dict[Hashable, int] = {}
     return {node: numbers.setdefault(key, len(numbers)) for node, key in keys.items()}
 
 

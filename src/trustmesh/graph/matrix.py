@@ -38,8 +38,8 @@ def matrix(grouped: GroupedGraph) -> Table:
     table = Table(title="who may talk to whom (rows: sources, columns: destination:port)")
     table.add_column("source", no_wrap=True)
     for destination, port, _ in ordered:
-        label = grouped.group(destination).label
-        table.add_column(f"{label}\n:{port}", justify="center")
+        label = grouped.group(destination).short_label
+        table.add_column(f"{label}\n:{port}", justify="center", overflow="fold")
     cells: dict[tuple[str, tuple[str, int, int | None]], Edge] = {}
     for ge in grouped.edges:
         cells[(ge.source, (ge.destination, ge.edge.port, ge.edge.service_port))] = ge.edge

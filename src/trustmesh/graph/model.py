@@ -65,7 +65,7 @@ class Atom:
     field or ``notValues``. ``test`` is the compiled check it was read from."""
 
     attribute: str  # method | path | host | header NAME | request principal | JWT claim C | …
-    field: str  # where it is written: ``to[0].operation.methods``, ``when[request.headers[x]]``
+    location: str  # where it is written: ``to[0].operation.methods``, ``when[request.headers[x]]``
     values: tuple[str, ...]
     negated: bool
     test: Callable[[Attributes], bool] = field(compare=False, repr=False, hash=False)
@@ -77,7 +77,7 @@ class Atom:
     def as_dict(self) -> dict[str, object]:
         return {
             "attribute": self.attribute,
-            "field": self.field,
+            "field": self.location,
             "values": list(self.values),
             "negated": self.negated,
             "text": self.describe(),

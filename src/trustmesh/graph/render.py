@@ -50,11 +50,15 @@ def short_rule(name: str) -> str:
     return f"{found.group(2)}[{found.group(3)}]" if found else name
 
 
-def edge_label(edge: Edge) -> str:
-    port = f":{edge.service_port}" if edge.service_port else f":{edge.port}"
+def _port_text(edge: Edge) -> str:
+    """``9080``; ``8000→8080`` when the Service port is not the workload's."""
     if edge.service_port and edge.service_port != edge.port:
-        port += f"→{edge.port}"
-    parts = [f"{port}{'' if edge.protocol == 'http' else ' tcp'}"]
+        return f"{edge.service_port}→{edge.port}"
+    return str(edge.port)
+
+
+def edge_label(edge: Edge) -> str:
+    parts = [f":{_port_text(edge)}{'' if edge.protocol == 'http' else ' tcp'}"]
     if edge.conditions is not None:
         parts.append(edge.conditions.short())
     if edge.rules:
@@ -95,26 +99,38 @@ def to_dot(grouped: GroupedGraph, title: str = "trustmesh graph") -> str:
             style="dashed" if edge.mtls is False else "solid",
             penwidth="1.6" if edge.verdict is not EdgeVerdict.DENIED else "1.0",
         )
-    dot.node("legend", _LEGEND, shape="plaintext", style="")
-    return dot.source
+    _legend(dot)
+    source: str = dot.source
+    return source
+
+
+def _legend(dot: graphviz.Digraph) -> None:
+    """A small cluster with one sample edge per verdict (glyph-free: fonts vary)."""
+    with dot.subgraph(name="cluster_legend") as legend:
+        legend.attr(label="legend", style="rounded", color="#b0bec5", fontsize="10")
+        legend.attr("node", shape="point", width="0.05", style="", label="")
+        samples = [
+            ("allowed", COLOURS[EdgeVerdict.ALLOWED], "solid"),
+            ("conditional", COLOURS[EdgeVerdict.CONDITIONAL], "solid"),
+            ("denied", COLOURS[EdgeVerdict.DENIED], "solid"),
+            ("plaintext (no mTLS)", "#455a64", "dashed"),
+        ]
+        for index, (text, colour, style) in enumerate(samples):
+            legend.node(f"legend_{index}_a")
+            legend.node(f"legend_{index}_b")
+            legend.edge(
+                f"legend_{index}_a",
+                f"legend_{index}_b",
+                label=text,
+                color=colour,
+                fontcolor=colour,
+                style=style,
+                penwidth="1.6",
+            )
 
 
 def _stable_id(index: int) -> str:
     return f"g{index}"
-
-
-_LEGEND = (
-    "<<table border='0' cellborder='0' cellspacing='2'>"
-    "<tr><td align='left'><b>legend</b></td></tr>"
-    f"<tr><td align='left'><font color='{COLOURS[EdgeVerdict.ALLOWED]}'>━━ allowed</font></td></tr>"
-    f"<tr><td align='left'><font color='{COLOURS[EdgeVerdict.CONDITIONAL]}'>━━ conditional"
-    "</font></td></tr>"
-    f"<tr><td align='left'><font color='{COLOURS[EdgeVerdict.DENIED]}'>━━ denied</font></td></tr>"
-    f"<tr><td align='left'><font color='{COLOURS[EdgeVerdict.UNSUPPORTED]}'>━━ unsupported"
-    "</font></td></tr>"
-    "<tr><td align='left'>- - - plaintext (no mTLS)</td></tr>"
-    "</table>>"
-)
 
 
 def _node_label(group: Group) -> str:
@@ -183,7 +199,7 @@ def to_html(grouped: GroupedGraph, graph: MeshGraph, svg: str) -> str:
         rows.append(
             "<tr>"
             f"<td>{html.escape(edge.source)}</td><td>{html.escape(edge.destination)}</td>"
-            f"<td>{edge.service_port or edge.port}{'' if not edge.service_port or edge.service_port == edge.port else '→' + str(edge.port)}</td>"
+            f"<td>{html.escape(_port_text(edge))}</td>"
             f"<td>{edge.protocol}</td>"
             f"<td style='color:{colour};font-weight:bold'>{edge.verdict.value}</td>"
             f"<td>{html.escape(conditions)}</td>"
@@ -191,8 +207,10 @@ def to_html(grouped: GroupedGraph, graph: MeshGraph, svg: str) -> str:
             f"<td>{html.escape(', '.join(edge.rules) or edge.reason)}</td>"
             "</tr>"
         )
-    summary = graph.as_dict()["summary"]
-    counts = ", ".join(f"{v} {k}" for k, v in summary.items())  # type: ignore[union-attr]
+    summary: dict[str, int] = {}
+    for edge in graph.edges:
+        summary[edge.verdict.value] = summary.get(edge.verdict.value, 0) + 1
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.items()))
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<title>trustmesh graph</title><style>"
@@ -232,7 +250,9 @@ def to_mermaid(grouped: GroupedGraph) -> str:
         arrow = "-.->" if edge.mtls is False else "-->"
         label = _mermaid_text(edge_label(edge).replace("\n", " · "))
         lines.append(f'  {ids[ge.source]} {arrow}|"{label}"| {ids[ge.destination]}')
-        styles.append(f"  linkStyle {index} stroke:{COLOURS[edge.verdict]},color:{COLOURS[edge.verdict]}")
+        styles.append(
+            f"  linkStyle {index} stroke:{COLOURS[edge.verdict]},color:{COLOURS[edge.verdict]}"
+        )
     return "\n".join([*lines, *styles]) + "\n"
 
 

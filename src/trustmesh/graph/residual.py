@@ -138,7 +138,9 @@ class Residual:
         if name not in _REQUEST_LABELS and not (name == "ipBlocks" and self.base.source_ip is None):
             return None
         attribute, written_field = _FIELDS[name]
-        field_name = f"not{written_field[0].upper()}{written_field[1:]}" if negated else written_field
+        field_name = (
+            f"not{written_field[0].upper()}{written_field[1:]}" if negated else written_field
+        )
         if part == "from":
             entry: object = written.from_[index].source
             where = f"from[{index}].source.{field_name}"
@@ -186,4 +188,4 @@ def absorb(clauses: list[tuple[Atom, ...]]) -> list[tuple[Atom, ...]]:
 
 
 def _atom_key(atom: Atom) -> tuple[str, str, bool, tuple[str, ...]]:
-    return (atom.attribute, atom.field, atom.negated, atom.values)
+    return (atom.attribute, atom.location, atom.negated, atom.values)

@@ -123,7 +123,11 @@ class Examples:
         chosen: dict[str, Any] = {}
         families = set(by_attribute) | set(avoided)
         for family in sorted(families):
-            options = _candidates(family, [*by_attribute.get(family, ()), *(a for _, a in avoided.get(family, ()))], target)
+            options = _candidates(
+                family,
+                [*by_attribute.get(family, ()), *(a for _, a in avoided.get(family, ()))],
+                target,
+            )
             best: tuple[int, Any] | None = None
             for value in options:
                 attrs = _attributes(family, value, host, port, mode)
@@ -172,9 +176,7 @@ class Examples:
             source = replace(source, ip=str(shape.source_ip))
         http = HttpRequest(shape.method, path, shape.host or host, tuple(headers))
         try:
-            return evaluate(
-                mesh, Request(source, target.workload.ref, port, http), now=self.now
-            )
+            return evaluate(mesh, Request(source, target.workload.ref, port, http), now=self.now)
         except RequestError:
             return None
 
