@@ -43,7 +43,8 @@ def mesh(namespaces: int, per_namespace: int) -> str:
         for w in range(per_namespace):
             app = f"svc{w}"
             docs.append(
-                f"apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {app}, namespace: {ns}}}\n"
+                "apiVersion: v1\nkind: ServiceAccount\n"
+                f"metadata: {{name: {app}, namespace: {ns}}}\n"
             )
             docs.append(
                 "apiVersion: apps/v1\nkind: Deployment\n"
@@ -59,7 +60,8 @@ def mesh(namespaces: int, per_namespace: int) -> str:
                 f"spec:\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 8080}}]\n"
             )
             callers = [
-                f"cluster.local/ns/team{(n + k) % namespaces}/sa/svc{(w + 3 * k + 1) % per_namespace}"
+                f"cluster.local/ns/team{(n + k) % namespaces}"
+                f"/sa/svc{(w + 3 * k + 1) % per_namespace}"
                 for k in range(3)
             ]
             docs.append(

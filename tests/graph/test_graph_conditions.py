@@ -91,3 +91,14 @@ def test_no_policy_means_allowed_and_no_sidecar_means_plaintext() -> None:
     permissive = edges[("legacy/sleep", "bar/httpbin", 8000)]
     assert permissive["mtls"] is False and permissive["mtls_mode"] == "PERMISSIVE"
     assert permissive["verdict"] == "denied"  # no peer principal: neither rule admits it
+
+
+def test_tcp_port_conditional_on_a_source_address_the_inputs_do_not_give() -> None:
+    # Deployments have no pod IP: whether 10.1.0.0/16 matches depends on where they run.
+    edges = edges_by_pair(graph_json(MESH, CONDITIONAL))
+    edge = edges[("bar/sleep", "foo/tcp-echo", 9002)]
+    assert (edge["verdict"], edge["protocol"], edge["outcome"]) == ("conditional", "tcp", "deny")
+    (allow,) = edge["conditions"]["allow_when"]
+    assert allow["rule"] == "ns[foo]-policy[echo-9000]-rule[1]"
+    assert _atoms(allow) == {("source ip", ("10.1.0.0/16",), False)}
+    assert _examples(edge)["TCP connection from 10.1.0.1"] == "allow"

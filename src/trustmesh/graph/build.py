@@ -379,7 +379,7 @@ def _analyse(
     found: list[Example] = []
     satisfy: Sequence[Clause | None] = allow_when or (None,)
     for clause in satisfy[:MAX_EXAMPLES]:
-        example = examples.decide(source, target, port, host, clause, deny)
+        example = examples.decide(source, target, port, host, clause, deny, is_http=is_http)
         if example is not None:
             found.append(example)
     if not any(allowed(e) for e in found):
@@ -389,11 +389,11 @@ def _analyse(
     plain = Example("GET /" if is_http else "TCP connection", decision.verdict.value, decision.rule)
     found.insert(0, plain)
     if allow_when:  # a request none of the ALLOW clauses admits
-        example = examples.decide(source, target, port, host, None, allow_when)
+        example = examples.decide(source, target, port, host, None, allow_when, is_http=is_http)
         if example is not None:
             found.append(example)
     for clause in deny[:1]:  # a request a DENY clause matches
-        example = examples.decide(source, target, port, host, clause, ())
+        example = examples.decide(source, target, port, host, clause, (), is_http=is_http)
         if example is not None:
             found.append(example)
     unique: dict[str, Example] = {}

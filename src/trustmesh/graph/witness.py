@@ -93,16 +93,20 @@ class Examples:
         host: str,
         satisfy: Clause | None,
         avoid: Sequence[Clause],
+        *,
+        is_http: bool = True,
     ) -> Example | None:
         """The evaluator's answer for a request meeting ``satisfy`` (any request: None)
-        and, where possible, none of ``avoid``. None: no such request could be built."""
+        and, where possible, none of ``avoid``; for TCP only the source address varies.
+        None: no such request could be built."""
         shape = self.shape(target, port, host, satisfy.atoms if satisfy else (), avoid)
         if shape is None:
             return None
-        decision = self._evaluate(source, target, port, host, shape)
+        decision = self._evaluate(source, target, port, host, shape, is_http)
         if decision is None:
             return None
-        return Example(shape.describe(), decision.verdict.value, decision.rule)
+        shown = shape.describe() if is_http else f"TCP connection from {shape.source_ip}"
+        return Example(shown, decision.verdict.value, decision.rule)
 
     def shape(
         self,
@@ -158,7 +162,13 @@ class Examples:
         )
 
     def _evaluate(
-        self, source: Source, target: WorkloadPolicy, port: int, host: str, shape: Shape
+        self,
+        source: Source,
+        target: WorkloadPolicy,
+        port: int,
+        host: str,
+        shape: Shape,
+        is_http: bool,
     ) -> Decision | None:
         mesh = self.mesh if shape.token is None else self.probe_mesh()
         headers = list(shape.headers)
@@ -174,7 +184,9 @@ class Examples:
             headers, path = _place(provider, _sign(shape.token), headers, path)
         if shape.source_ip is not None:
             source = replace(source, ip=str(shape.source_ip))
-        http = HttpRequest(shape.method, path, shape.host or host, tuple(headers))
+        http: HttpRequest | None = None
+        if is_http:
+            http = HttpRequest(shape.method, path, shape.host or host, tuple(headers))
         try:
             return evaluate(mesh, Request(source, target.workload.ref, port, http), now=self.now)
         except RequestError:
