@@ -59,7 +59,10 @@ def test_jwt_principal_and_group_claim() -> None:
     for source in ("foo/sleep", "bar/sleep", "legacy/sleep", "external"):
         edge = edges[(source, "foo/httpbin", 8000)]
         assert edge["verdict"] == "conditional", source
-        assert edge["rules"] == ["ns[foo]-policy[require-jwt]-rule[0]"]
+        assert edge["rules"] == [
+            "ns[foo]-policy[require-jwt]-rule[0]",
+            "ns[foo]-policy[delete-needs-admin]-rule[0]",
+        ]
         (allow,) = edge["conditions"]["allow_when"]
         assert _atoms(allow) == {
             (
@@ -71,6 +74,14 @@ def test_jwt_principal_and_group_claim() -> None:
         }
         allowed = [k for k, v in _examples(edge).items() if v == "allow"]
         assert allowed and "groups=['group1']" in allowed[0]
+        # A missing x-token header is "not admin": the DENY matches DELETE without it.
+        (deny,) = edge["conditions"]["deny_when"]
+        assert _atoms(deny) == {
+            ("method", ("DELETE",), False),
+            ("path", ("/api/*",), True),
+            ("header x-token", ("admin",), True),
+        }
+        assert _examples(edge)["DELETE /"] == "deny"
     assert edges[("legacy/sleep", "foo/httpbin", 8000)]["mtls"] is False
 
 
