@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import time
+from importlib.resources import files
+
+import jsonschema
 
 from trustmesh.config import load_config
 from trustmesh.graph.build import build_graph
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 
-from .graphutil import BOOKINFO, edges_by_pair, graph_json
+from .graphutil import BOOKINFO, FIXTURES, MESH, edges_by_pair, graph_json
 
+SCHEMA = files("trustmesh.graph") / "schema.json"
 REVIEWS = ("default/reviews-v1", "default/reviews-v2", "default/reviews-v3")
 
 
@@ -97,3 +102,9 @@ def test_show_allowed_drops_denied_edges() -> None:
     assert body["edges"] and all(e["verdict"] != "denied" for e in body["edges"])
     denied = graph_json(*BOOKINFO, extra=("--show", "denied"))
     assert denied["edges"] and all(e["verdict"] == "denied" for e in denied["edges"])
+
+
+def test_json_follows_the_published_schema() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    for inputs in (BOOKINFO, [MESH, str(FIXTURES / "conditional.yaml")]):
+        jsonschema.validate(graph_json(*inputs), schema)

@@ -199,19 +199,13 @@ def _edge(
     http = HttpRequest("GET", "/", host) if is_http else None
     request = Request(caller.source, target.workload.ref, entry.port, http)
     service = f"{entry.service.namespace}/{entry.service.name}" if entry.service else None
-    common = {
-        "source": caller.node.id,
-        "destination": target.workload.ref,
-        "port": entry.port,
-        "service": service,
-        "service_port": entry.service_port,
-        "protocol": entry.protocol,
-    }
+    where = (caller.node.id, target.workload.ref, entry.port, service, entry.service_port)
     try:
         decision = evaluate(mesh, request, now=now)
     except RequestError as exc:
         return Edge(
-            **common,  # type: ignore[arg-type]
+            *where,
+            protocol=entry.protocol,
             verdict=EdgeVerdict.UNSUPPORTED,
             outcome="error",
             reason=str(exc),
@@ -246,7 +240,8 @@ def _edge(
             examples, caller.source, target, entry.port, host, base, decision
         )
     return Edge(
-        **common,  # type: ignore[arg-type]
+        *where,
+        protocol=entry.protocol,
         verdict=verdict,
         outcome=decision.verdict.value,
         reason=reason,
