@@ -113,3 +113,22 @@ def test_tcp_port_conditional_on_a_source_address_the_inputs_do_not_give() -> No
     assert allow["rule"] == "ns[foo]-policy[echo-9000]-rule[1]"
     assert _atoms(allow) == {("source ip", ("10.1.0.0/16",), False)}
     assert _examples(edge)["TCP connection from 10.1.0.1"] == "allow"
+
+
+def test_rules_that_fail_closed() -> None:
+    edges = edges_by_pair(graph_json(MESH, str(FIXTURES / "fail-closed.yaml")))
+    # No RequestAuthentication: no token is ever validated, so alice is never seen.
+    for source in ("foo/sleep", "bar/sleep", "external"):
+        edge = edges[(source, "bar/httpbin", 8000)]
+        assert (edge["verdict"], edge["conditions"]) == ("denied", None), source
+        assert "bar/alice-only" in edge["reason"]
+    # CUSTOM for a provider the mesh config lacks: a DENY on /admin*.
+    edge = edges[("foo/sleep", "foo/httpbin", 8000)]
+    assert (edge["verdict"], edge["outcome"]) == ("conditional", "allow")
+    name = "istio-ext-authz-opa-ns[foo]-policy[ext-admin]-rule[0]-deny-due-to-bad-CUSTOM-action"
+    assert edge["rules"] == [name]
+    assert edge["conditions"]["external"] == []
+    (deny,) = edge["conditions"]["deny_when"]
+    assert deny["rule"] == name
+    assert _atoms(deny) == {("path", ("/admin*",), False)}
+    assert _examples(edge)["GET /admin"] == "deny"

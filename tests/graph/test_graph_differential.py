@@ -24,7 +24,7 @@ from .graphutil import BOOKINFO, FIXTURES, MESH
 NOW = 1_790_000_000.0
 ISSUER = "testing@secure.istio.io"
 METHODS = ("GET", "POST", "DELETE")
-PATHS = ("/", "/api/x", "/api/admin", "/api/admin/x", "/x/../api/y")
+PATHS = ("/", "/api/x", "/api/admin", "/api/admin/x", "/x/../api/y", "/admin", "/x/../admin")
 TOKENS: tuple[Token | None, ...] = (
     None,
     Token(ISSUER, ISSUER, json.dumps({"groups": ["group1"]})),
@@ -109,6 +109,10 @@ def _check_mesh(files: list[str]) -> int:
 
 def test_conditional_mesh_edges_predict_the_evaluator() -> None:
     assert _check_mesh([MESH, str(FIXTURES / "conditional.yaml")]) > 2000
+
+
+def test_fail_closed_edges_predict_the_evaluator() -> None:
+    assert _check_mesh([MESH, str(FIXTURES / "fail-closed.yaml")]) > 1000
 
 
 def test_bookinfo_edges_predict_the_evaluator() -> None:

@@ -34,7 +34,8 @@ from trustmesh.graph.residual import Residual
 from trustmesh.graph.witness import Examples, allowed
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError, Verdict
-from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.evaluate import custom_rule_name, evaluate
+from trustmesh.policy.jwt import JwtProvider
 from trustmesh.policy.request import Attributes, HttpRequest, IpAddress, Request, Source
 from trustmesh.policy.targets import named_ports
 from trustmesh.policy.tls import (
@@ -339,13 +340,16 @@ def _analyse(
     authz = target.authz
     is_http = base.is_http
     residual = Residual(base)
-    custom = (
-        residual.clauses(authz.custom.for_protocol(is_http).rules) if authz.custom.applies else []
-    )
-    deny = residual.clauses(authz.deny.for_protocol(is_http).rules)
+    possible = _Possible(target.jwt_providers)
+    custom, custom_denies = _custom(examples.mesh, target, residual, is_http)
+    custom = [c for c in custom if possible(c)]
+    deny = [c for c in residual.clauses(authz.deny.for_protocol(is_http).rules) if possible(c)]
+    deny += [c for c in custom_denies if possible(c)]
     allow: list[Clause] | None = None
     if authz.allow.applies:
-        allow = residual.clauses(authz.allow.for_protocol(is_http).rules)
+        allow = [
+            c for c in residual.clauses(authz.allow.for_protocol(is_http).rules) if possible(c)
+        ]
     note = (
         "some rules had too many from/to combinations; the first ones are shown"
         if residual.truncated
@@ -406,6 +410,49 @@ def _analyse(
     if allow_any and allow is not None and not allow_when:
         rules = tuple(dict.fromkeys([*plain_rule, *rules]))
     return EdgeVerdict.CONDITIONAL, conditions, rules, "allowed " + conditions.describe()
+
+
+def _custom(
+    mesh: MeshPolicy, target: WorkloadPolicy, residual: Residual, is_http: bool
+) -> tuple[list[Clause], list[Clause]]:
+    """CUSTOM clauses asking the external authorizer, and those that deny instead: Istio
+    turns every CUSTOM rule into a DENY when the provider is not in
+    ``meshConfig.extensionProviders`` or when a workload has rules of several providers
+    (the evaluator's behaviour, named as Envoy names them)."""
+    authz = target.authz
+    if not authz.custom.applies:
+        return [], []
+    rules = authz.custom.for_protocol(is_http).rules
+    providers = {p.spec.provider.name for p in authz.custom.policies if p.spec.provider}
+    fails_closed = len(providers) > 1 or not providers <= mesh.extension_providers
+    named = {r.name: r for r in rules}
+    clauses = [
+        Clause(custom_rule_name(named[c.rule], configured=not fails_closed), c.atoms)
+        for c in residual.clauses(rules)
+    ]
+    return ([], clauses) if fails_closed else (clauses, [])
+
+
+class _Possible:
+    """Is a clause satisfiable at all? A request principal or JWT claim needs a token some
+    RequestAuthentication of the workload validates: without one (or for another issuer)
+    the clause never holds (Istio: an ALLOW on ``requestPrincipals`` without a
+    RequestAuthentication denies every request)."""
+
+    def __init__(self, providers: Sequence[JwtProvider]) -> None:
+        self.issuers = frozenset(p.issuer for p in providers)
+
+    def __call__(self, clause: Clause) -> bool:
+        for atom in clause.atoms:
+            if atom.negated or not atom.attribute.startswith(("request principal", "JWT ")):
+                continue
+            if not self.issuers:
+                return False
+            if atom.attribute.startswith("request principal") and not any(
+                "*" in value or value.rpartition("/")[0] in self.issuers for value in atom.values
+            ):
+                return False
+        return True
 
 
 def iter_edges(graph: MeshGraph, verdicts: frozenset[EdgeVerdict]) -> Iterator[Edge]:
