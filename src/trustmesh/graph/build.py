@@ -15,7 +15,7 @@ guessed. Pure: no I/O, the clock is passed in.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from trustmesh.api.dataplane import MeshMode
@@ -230,16 +230,14 @@ def _edge(
     conditions: Conditions | None = None
     rules: tuple[str, ...] = (decision.rule,) if decision.rule else ()
     reason = decision.reason
-    if (
-        destination is MeshMode.SIDECAR
-        and tls is not None
-        and _reached_authorization(decision)
-        and (decision.principal is None or decision.principal == tls.principal)
-    ):
-        base = _connection(caller, target, entry.port, tls, is_http)
-        verdict, conditions, rules, reason = _analyse(
-            examples, caller.source, target, entry.port, host, base, decision
-        )
+    if destination is MeshMode.SIDECAR and _reached_authorization(decision):
+        if tls is not None and decision.principal in (None, tls.principal):
+            base = _connection(caller, target, entry.port, tls, is_http)
+            verdict, conditions, rules, reason = _analyse(
+                examples, caller.source, target, entry.port, host, base, decision
+            )
+        else:  # never seen: say so rather than guess
+            reason += " (conditions not analysed: the client's TLS could not be reproduced)"
     return Edge(
         *where,
         protocol=entry.protocol,
@@ -453,7 +451,3 @@ class _Possible:
             ):
                 return False
         return True
-
-
-def iter_edges(graph: MeshGraph, verdicts: frozenset[EdgeVerdict]) -> Iterator[Edge]:
-    return (e for e in graph.edges if e.verdict in verdicts)
