@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,13 +21,13 @@ from rich.progress import (
 from trustmesh.cli import render
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem
 from trustmesh.config import load_config
-from trustmesh.graph import matrix as graph_matrix
-from trustmesh.graph import render as graph_render
-from trustmesh.graph.build import build_graph
-from trustmesh.graph.group import GroupedGraph, Show, filtered, grouped
-from trustmesh.graph.model import MeshGraph
+
+if TYPE_CHECKING:  # imported when the command runs: other commands do not pay for them
+    from trustmesh.graph.group import GroupedGraph
+    from trustmesh.graph.model import MeshGraph
 
 FORMATS = ("matrix", "json", "dot", "svg", "png", "html", "mermaid")
+SHOW = ("all", "allowed", "denied")
 
 
 def graph_command(
@@ -88,6 +88,10 @@ def graph_command(
     if loaded.mesh is None:
         render.diagnostics(loaded.diagnostics, "json" if fmt == "json" else "table", summary=loaded)
         raise typer.Exit(1)
+    from trustmesh.graph import render as graph_render
+    from trustmesh.graph.build import build_graph
+    from trustmesh.graph.group import Show, filtered, grouped
+
     with _EdgeProgress() as progress_edges:
         graph = build_graph(
             loaded.mesh,
@@ -151,7 +155,7 @@ class _EdgeProgress:
 def _usage_problem(fmt: str, show: str, namespace: str, output: Path | None) -> str | None:
     if fmt not in FORMATS:
         return f"-o must be one of {', '.join(FORMATS)}, got {fmt!r}"
-    if show not in {s.value for s in Show}:
+    if show not in SHOW:
         return f"--show must be all, allowed or denied, got {show!r}"
     if fmt == "png" and output is None and sys.stdout.isatty():
         return "-o png writes binary data: give --output FILE (or redirect stdout)"
@@ -164,6 +168,9 @@ def _rendered(
     shown: GroupedGraph,
     output: Path | None,
 ) -> bytes | None:
+    from trustmesh.graph import matrix as graph_matrix
+    from trustmesh.graph import render as graph_render
+
     if fmt == "json":
         return (graph_render.to_json(graph) + "\n").encode()
     if fmt == "mermaid":
