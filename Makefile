@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SARIF_PKG    := @microsoft/jest-sarif@1.0.0-beta.0
 SARIF_SCHEMA := $(VENV)/share/sarif-schema-2.1.0.json
 
-.PHONY: demo test lint typecheck unit bench clean sandbox-deps
+.PHONY: demo test lint typecheck unit bench clean sandbox-deps graph-images
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +54,22 @@ bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_dataplane.py
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_validate.py
+	$(BIN)/python bench/bench_graph.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/bench_sandbox.py; \
 	else echo "bench_sandbox.py needs root (network namespaces, nftables): not run"; fi
 	@if command -v callgrind_control >/dev/null; then $(BIN)/python bench/bench_inbound_cost.py; \
 	else echo "bench_inbound_cost.py needs valgrind: not run"; fi
+
+# The README's picture of bookinfo (docs/images/bookinfo-graph.png and .svg). The policies
+# drawn are GRAPH_POLICIES: to draw bookinfo with others (the output of `trustmesh
+# generate`), `make graph-images GRAPH_POLICIES=path/to/policies.yaml`. graphviz-pure (a
+# pinned wheel) lays it out: the same input gives the same bytes on every machine.
+GRAPH_POLICIES ?= examples/bookinfo-authz-http
+graph-images: $(STAMP)
+	$(BIN)/trustmesh graph -f examples/bookinfo -f $(GRAPH_POLICIES) -o png \
+	  --output docs/images/bookinfo-graph.png
+	$(BIN)/trustmesh graph -f examples/bookinfo -f $(GRAPH_POLICIES) -o svg \
+	  --output docs/images/bookinfo-graph.svg
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

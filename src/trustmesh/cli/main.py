@@ -20,6 +20,7 @@ from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
+from trustmesh.cli.graph import graph_command
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.cli.top import top as top_command
@@ -53,6 +54,7 @@ app.command("request")(mesh_cli.request)
 app.command("top")(top_command)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
+app.command("graph")(graph_command)
 
 Files = Annotated[
     list[str],
