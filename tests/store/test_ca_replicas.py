@@ -149,3 +149,31 @@ def test_a_replica_whose_revocation_watch_is_down_refuses_renewals(
             await replica.stop()
 
     asyncio.run(main())
+
+
+def test_replicas_on_different_members_of_a_three_member_etcd_burn_each_token_once(
+    etcd3: EtcdCluster,
+) -> None:
+    """Each replica talks to its own etcd member; raft still lets exactly one win."""
+
+    async def main() -> tuple[int, int]:
+        ledgers = [EtcdCaRecords(EtcdClient([endpoint])) for endpoint in etcd3.endpoints[:2]]
+        try:
+            expires = NOW + dt.timedelta(minutes=10)
+            limit = asyncio.Semaphore(100)
+
+            async def race(token_id: str) -> list[bool]:
+                async with limit:
+                    return list(
+                        await asyncio.gather(*(x.consume_token(token_id, expires) for x in ledgers))
+                    )
+
+            outcomes = await asyncio.gather(*(race(f"member-race-{i}") for i in range(RACES)))
+            assert all(sorted(o) == [False, True] for o in outcomes)
+            return sum(o[0] for o in outcomes), sum(o[1] for o in outcomes)
+        finally:
+            for ledger in ledgers:
+                await ledger.client.close()
+
+    first, second = asyncio.run(main())
+    assert first + second == RACES and first > 0 and second > 0
