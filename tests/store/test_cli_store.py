@@ -215,3 +215,30 @@ def test_apply_latency_against_etcd(tmp_path: Path, etcd: EtcdCluster) -> None:
     timings.sort()
     print(f"\napply (validate + one etcd transaction) median {timings[5] * 1000:.1f} ms")
     assert timings[5] < 2.0
+
+
+@pytest.mark.parametrize(
+    ("name", "namespace", "field"),
+    [
+        ("../../escape", "foo", "metadata.name"),
+        ("a/b", "foo", "metadata.name"),
+        ("Upper", "foo", "metadata.name"),
+        ("ok", "../up", "metadata.namespace"),
+    ],
+)
+def test_names_the_api_server_would_refuse_are_refused_before_any_write(
+    tmp_path: Path, name: str, namespace: str, field: str
+) -> None:
+    directory = tmp_path / "deep" / "store"
+    bad = write(
+        tmp_path,
+        "n.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n"
+        f'  name: "{name}"\n  namespace: "{namespace}"\nspec: {{}}\n',
+    )
+    result = invoke("apply", "-f", bad, "--store", f"file:{directory}")
+    assert result.exit_code == 1
+    assert f"{bad}:{4 if field.endswith('name') else 5} {field}" in result.stderr
+    assert "nothing was written" in result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "n.yaml"]
+    assert written == []

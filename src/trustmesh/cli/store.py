@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 
-from trustmesh.api.diagnostics import Diagnostic, Location, error
+from trustmesh.api.diagnostics import Diagnostic, error
 from trustmesh.api.resources import Resource
 from trustmesh.cli.options import NamespaceOpt, namespace_problem
 from trustmesh.config import load_config
@@ -28,6 +28,7 @@ from trustmesh.store.model import (
     ResourceKey,
     ResourceWrite,
     StoredResource,
+    is_object_name,
 )
 
 T = TypeVar("T")
@@ -110,6 +111,7 @@ def _validated(files: Sequence[str], namespace: str) -> list[Resource[Any]]:
     for values in loaded.helm_values:
         problems.append(error("not-stored", values.location(()), "Helm values are not stored"))
     for resource in loaded.snapshot.resources:
+        problems.extend(_name_problems(resource))
         metadata = _metadata_version(resource)
         if metadata is not None and not metadata.isdigit():
             problems.append(
@@ -124,6 +126,32 @@ def _validated(files: Sequence[str], namespace: str) -> list[Resource[Any]]:
             typer.echo(str(problem), err=True)
         raise _fail(f"{len(problems)} error(s): nothing was written")
     return sorted(loaded.snapshot.resources, key=lambda r: r.order)
+
+
+def _name_problems(resource: Resource[Any]) -> list[Diagnostic]:
+    """The API server's name rules (the store's keys and file names rely on them)."""
+    out: list[Diagnostic] = []
+    label_only = resource.kind in ("Namespace", "Service")
+    if not is_object_name(resource.name, label_only=label_only):
+        rule = "a DNS-1123 label" if label_only else "a DNS-1123 subdomain"
+        allowed = "'-'" if label_only else "'-', '.'"
+        out.append(
+            error(
+                "invalid-name",
+                resource.meta_location("name"),
+                f"{resource.name!r} is not {rule} (lower-case letters, digits, {allowed};"
+                " starts and ends alphanumeric)",
+            )
+        )
+    if resource.namespace and not is_object_name(resource.namespace, label_only=True):
+        out.append(
+            error(
+                "invalid-namespace",
+                resource.meta_location("namespace"),
+                f"{resource.namespace!r} is not a namespace name (a DNS-1123 label)",
+            )
+        )
+    return out
 
 
 def _metadata_version(resource: Resource[Any]) -> str | None:
@@ -324,4 +352,4 @@ def delete(
         typer.echo(f"{deleted.key.display()} deleted")
 
 
-__all__ = ["Location", "apply", "apply_resources", "delete", "get"]
+__all__ = ["apply", "apply_resources", "delete", "get"]

@@ -88,7 +88,10 @@ class FileResourceStore:
                 if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
                     continue
                 for item in body.get("items", [body]) if body.get("kind") == "List" else [body]:
-                    stored = _stored(item)
+                    try:
+                        stored = _stored(item)
+                    except StoreError as exc:
+                        raise StoreError(f"{path}: {exc}") from None
                     if stored is not None:
                         found[stored.key] = (stored, path)
         return found

@@ -9,6 +9,7 @@ stale version is a :class:`Conflict`, never a silent overwrite.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -18,6 +19,17 @@ from typing import Any
 from trustmesh.identity.store import StoreError
 
 __all__ = ["StoreError"]
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_KIND = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_GROUP = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def is_object_name(name: str, *, label_only: bool = False) -> bool:
+    """Kubernetes' rule: a DNS-1123 subdomain (≤ 253), or a label (≤ 63) where asked."""
+    if label_only:
+        return len(name) <= 63 and _LABEL.fullmatch(name) is not None
+    return len(name) <= 253 and all(_LABEL.fullmatch(part) for part in name.split("."))
 
 
 class Conflict(StoreError):
@@ -43,6 +55,18 @@ class ResourceKey:
     kind: str
     namespace: str
     name: str
+
+    def __post_init__(self) -> None:
+        # Keys become etcd key segments and file names: nothing that could escape them.
+        if (
+            not is_object_name(self.name)
+            or (self.namespace and not is_object_name(self.namespace, label_only=True))
+            or not _KIND.fullmatch(self.kind)
+            or (self.group and not _GROUP.fullmatch(self.group))
+        ):
+            raise StoreError(
+                f"not a valid object key: {self.group}/{self.kind}/{self.namespace}/{self.name}"
+            )
 
     def display(self) -> str:
         """kubectl's ``authorizationpolicy.security.istio.io/deny-get``."""
