@@ -177,3 +177,23 @@ def test_replicas_on_different_members_of_a_three_member_etcd_burn_each_token_on
 
     first, second = asyncio.run(main())
     assert first + second == RACES and first > 0 and second > 0
+
+
+def test_a_burnt_tokens_record_lives_as_long_as_the_token_and_then_goes(
+    etcd: EtcdCluster,
+) -> None:
+    async def main() -> None:
+        client = EtcdClient(etcd.endpoints)
+        try:
+            records = EtcdCaRecords(client, clock=lambda: NOW)
+            expires = NOW + dt.timedelta(minutes=10)
+            assert await records.consume_token("lease-check", expires)
+            assert not await records.consume_token("lease-check", expires)
+            stored = await client.get(b"/trustmesh/ca/tokens/lease-check")
+            assert stored is not None and stored.lease != 0
+            ttl = await client.keep_alive_once(stored.lease)  # how long etcd keeps it
+            assert 600 <= ttl <= 600 + 60 + 600
+        finally:
+            await client.close()
+
+    asyncio.run(main())

@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.model import StoreError
@@ -36,6 +37,13 @@ ISSUED = CA_ROOT + b"issued/"
 REVOKED = CA_ROOT + b"revoked/"
 
 
+TOKEN_RECORD_MARGIN = 600  # seconds a burnt token's record outlives the token
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 def _serial(raw: bytes, prefix: bytes) -> int:
     return int(raw[len(prefix) :].decode(), 16)
 
@@ -43,16 +51,32 @@ def _serial(raw: bytes, prefix: bytes) -> int:
 class EtcdCaRecords:
     """The :class:`~trustmesh.identity.tokens.TokenLedger` of a replica, plus revoking."""
 
-    def __init__(self, client: EtcdClient) -> None:
+    def __init__(self, client: EtcdClient, clock: Callable[[], dt.datetime] = _utc_now) -> None:
         self.client = client
+        self.clock = clock
+        self._leases: dict[int, int] = {}  # expiry bucket (epoch minute) → etcd lease
 
     async def consume_token(self, token_id: str, expires: dt.datetime) -> bool:
         key = TOKENS + token_id.encode()
         value = json.dumps({"exp": expires.isoformat()}).encode()
+        lease = await self._lease_outliving(expires)
         succeeded, _ = await self.client.txn(
-            [self.client.absent(key)], [self.client.put_op(key, value)]
+            [self.client.absent(key)], [self.client.put_op(key, value, lease)]
         )
         return succeeded
+
+    async def _lease_outliving(self, expires: dt.datetime) -> int:
+        """A lease that ends a while after ``expires``: a burnt token's record is kept as
+        long as the token could be presented (then it is refused as expired anyway), plus
+        a margin for replicas' clock skew. One lease per minute of expiry, shared."""
+        bucket = int(expires.timestamp()) // 60 + 1
+        lease = self._leases.get(bucket)
+        if lease is None:
+            ttl = bucket * 60 - int(self.clock().timestamp()) + TOKEN_RECORD_MARGIN
+            lease = await self.client.grant_lease(max(ttl, TOKEN_RECORD_MARGIN))
+            self._leases = {b: x for b, x in self._leases.items() if b >= bucket - 60}
+            self._leases[bucket] = lease
+        return lease
 
     async def record_issued(
         self, serial: int, identity: str, not_after: dt.datetime, at: dt.datetime

@@ -173,7 +173,10 @@ class EtcdClient:
         async def requests() -> AsyncIterator[Any]:
             yield create
 
-        call = self._watch.Watch(requests(), wait_for_ready=True)
+        # "hasleader": etcd ends the watch when this member loses its leader (partitioned
+        # from the quorum) instead of keeping a silent stream open: silence would look
+        # like "nothing was revoked".
+        call = self._watch.Watch(requests(), wait_for_ready=True, metadata=(("hasleader", "true"),))
         try:
             async for response in call:
                 if response.canceled:
