@@ -50,18 +50,20 @@ class Replica:
 def test_two_replicas_race_for_each_token_and_share_revocations(
     tmp_path: Path, etcd: EtcdCluster
 ) -> None:
-    CertificateAuthority.init(tmp_path / "ca", CaConfig(), NOW)
+    # The real now at the test (not at import: a long suite outlives a 10-minute token).
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    CertificateAuthority.init(tmp_path / "ca", CaConfig(), now)
 
     async def main() -> tuple[float, float]:
         a, b = Replica(tmp_path / "ca", etcd), Replica(tmp_path / "ca", etcd)
         await a.start()
         await b.start()
-        roots = a.ca.bundle_pem(NOW)
+        roots = a.ca.bundle_pem(now)
         clients = [CaClient(f"127.0.0.1:{r.server.port}", roots) for r in (a, b)]
         try:
             key = pki.generate_key()
             csr = pki.build_csr(key, [SLEEP.uri])
-            tokens = [a.ca.token("foo", "sleep", NOW) for _ in range(RACES)]
+            tokens = [a.ca.token("foo", "sleep", now) for _ in range(RACES)]
 
             async def attempt(client: CaClient, token: str) -> list[str] | CaRefused:
                 try:
@@ -104,7 +106,7 @@ def test_two_replicas_race_for_each_token_and_share_revocations(
             clients.append(renewer)
             assert await renewer.create_certificate(csr)
             revoked_at = time.perf_counter()
-            revision = await a.records.revoke(serial, NOW)
+            revision = await a.records.revoke(serial, now)
             await asyncio.wait_for(b.revocations.wait_for_revision(revision), timeout=1.0)
             propagation = time.perf_counter() - revoked_at
             try:
