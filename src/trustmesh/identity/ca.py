@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from trustmesh.identity import pki
-from trustmesh.identity.revocation import RevocationList
+from trustmesh.identity.revocation import RevocationList, RevocationSource
 from trustmesh.identity.rotation import (
     RotationPolicy,
     SlotState,
@@ -34,7 +34,13 @@ from trustmesh.identity.rotation import (
 )
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.identity.store import CaStore, StoreError
-from trustmesh.identity.tokens import TokenGrant, issue_token, verify_token
+from trustmesh.identity.tokens import (
+    TokenGrant,
+    TokenLedger,
+    TokenRejected,
+    issue_token,
+    verify_token,
+)
 
 audit = logging.getLogger("trustmesh.ca.audit")
 
@@ -147,8 +153,10 @@ class CertificateAuthority:
         self.slots = slots
         self.token_key = token_key
         self.used_tokens = {r["jti"] for r in store.records("used-tokens.jsonl")}
-        self.revocations = RevocationList(store.root / "revoked.jsonl")
+        self.revocations: RevocationSource = RevocationList(store.root / "revoked.jsonl")
         self.revocations.current()  # an unreadable record refuses to start, naming the line
+        # A replica over a shared store: tokens burnt and serials recorded there instead.
+        self.ledger: TokenLedger | None = None
         self._issued_log: IO[str] | None = None
         self._seen = self._disk_stamp()
 
@@ -409,6 +417,38 @@ class CertificateAuthority:
             )
         return grant
 
+    def use_shared_records(self, ledger: TokenLedger, revocations: RevocationSource) -> None:
+        """Keep token redemptions, issued serials and revocations in a store shared by
+        replicas (etcd) instead of this CA's directory; the keys stay in the directory."""
+        self.ledger = ledger
+        self.revocations = revocations
+
+    async def redeem_token_shared(self, token: str, now: dt.datetime) -> TokenGrant:
+        """:meth:`redeem_token`, burning the token in the shared ledger when there is one:
+        of replicas racing on one token, exactly one gets the grant."""
+        if self.ledger is None:
+            return self.redeem_token(token, now)
+        grant = verify_token(
+            token, self.token_key.public_key(), now=now, already_used=self.used_tokens.__contains__
+        )
+        if grant.single_use:
+            if not await self.ledger.consume_token(grant.token_id, grant.expires):
+                raise TokenRejected("token-reused", "bootstrap token was already used")
+            self.used_tokens.add(grant.token_id)
+        return grant
+
+    async def issue_recorded(
+        self, csr_pem: bytes, identity: SpiffeId, now: dt.datetime, ttl: dt.timedelta | None = None
+    ) -> Issued:
+        """:meth:`issue`, recording the serial in the shared ledger (when there is one)
+        before the certificate is handed out."""
+        issued = self.issue(csr_pem, identity, now, ttl)
+        if self.ledger is not None:
+            await self.ledger.record_issued(
+                issued.serial, str(issued.identity), issued.not_after, now
+            )
+        return issued
+
     def identity_of_peer(
         self, leaf_pem: bytes, now: dt.datetime, *, verified_by_tls: bool = False
     ) -> SpiffeId:
@@ -456,6 +496,8 @@ class CertificateAuthority:
 
     def revoke(self, serial: int) -> None:
         """Refuse renewals with certificate ``serial`` from now on, in every process."""
+        if not isinstance(self.revocations, RevocationList):
+            raise StoreError("this CA keeps revocations in a shared store: revoke through it")
         self.revocations.add(serial)
         audit.warning("revoked serial=%x", serial)
 

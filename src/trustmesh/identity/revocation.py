@@ -14,10 +14,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from trustmesh.identity.store import StoreError
 
-__all__ = ["RevocationList"]
+__all__ = ["RevocationList", "RevocationSource"]
+
+
+class RevocationSource(Protocol):
+    """Revoked serials as of now; raises :class:`StoreError` when they cannot be known (the
+    CA then refuses every renewal). :class:`RevocationList` (a file) and
+    ``trustmesh.store.ca_records.WatchedRevocations`` (an etcd watch) are two."""
+
+    def current(self) -> frozenset[int]: ...
 
 
 @dataclass(frozen=True, slots=True)

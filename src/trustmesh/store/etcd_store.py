@@ -1,0 +1,138 @@
+"""Istio resources and the workload registry in etcd v3.
+
+Key layout (one prefix per cluster, so several meshes can share an etcd)::
+
+    /trustmesh/resources/<group|core>/<Kind>/<namespace>/<name>   manifest (JSON)
+    /trustmesh/workloads/<host>/<namespace>/<name>                WorkloadRecord, host's lease
+    /trustmesh/ca/...                                             see ca_records.py
+
+A resource's ``resourceVersion`` is its key's ``mod_revision``; every ``commit`` is one
+etcd transaction whose compares are the expected versions, so either all of an apply is
+written or nothing is, and a writer holding a stale version gets :class:`Conflict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from trustmesh.store.etcd_client import EtcdClient, KeyValue
+from trustmesh.store.model import (
+    ChangeType,
+    Conflict,
+    ResourceDelete,
+    ResourceEvent,
+    ResourceKey,
+    ResourceWrite,
+    StoredResource,
+    StoreError,
+    WorkloadRecord,
+)
+
+ROOT = b"/trustmesh/"
+RESOURCES = ROOT + b"resources/"
+WORKLOADS = ROOT + b"workloads/"
+
+
+def resource_key_bytes(key: ResourceKey) -> bytes:
+    return RESOURCES + key.path().encode()
+
+
+def parse_resource_key(raw: bytes) -> ResourceKey:
+    parts = raw[len(RESOURCES) :].decode().split("/")
+    if len(parts) != 4:
+        raise StoreError(f"unexpected key in the store: {raw.decode(errors='replace')}")
+    group, kind, namespace, name = parts
+    return ResourceKey("" if group == "core" else group, kind, namespace, name)
+
+
+def _stored(kv: KeyValue) -> StoredResource:
+    return StoredResource(parse_resource_key(kv.key), kv.value.decode(), kv.mod_revision)
+
+
+class EtcdResourceStore:
+    def __init__(self, client: EtcdClient) -> None:
+        self.client = client
+
+    def describe(self) -> str:
+        return self.client.describe()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def get(self, key: ResourceKey) -> StoredResource | None:
+        kv = await self.client.get(resource_key_bytes(key))
+        return None if kv is None else _stored(kv)
+
+    async def list(
+        self, kind: str | None = None, namespace: str | None = None
+    ) -> tuple[list[StoredResource], int]:
+        kvs, revision = await self.client.get_prefix(RESOURCES)
+        found = [_stored(kv) for kv in kvs]
+        found = [
+            r
+            for r in found
+            if (kind is None or r.key.kind == kind)
+            and (namespace is None or r.key.namespace == namespace)
+        ]
+        return sorted(found, key=lambda r: r.key), revision
+
+    async def commit(
+        self, writes: Sequence[ResourceWrite], deletes: Sequence[ResourceDelete] = ()
+    ) -> int:
+        changes: list[ResourceWrite | ResourceDelete] = [*writes, *deletes]
+        compares = [
+            self.client.mod_revision_is(resource_key_bytes(w.key), w.expected_version)
+            for w in changes
+        ]
+        ops = [self.client.put_op(resource_key_bytes(w.key), w.manifest.encode()) for w in writes]
+        ops += [self.client.delete_op(resource_key_bytes(d.key)) for d in deletes]
+        # On failure read every key back, to name the one that moved.
+        reads = [self.client.get_op(resource_key_bytes(w.key)) for w in changes]
+        succeeded, response = await self.client.txn(compares, ops, reads)
+        if succeeded:
+            return int(response.header.revision)
+        for change, result in zip(changes, response.responses, strict=True):
+            kvs = result.response_range.kvs
+            found = kvs[0].mod_revision if kvs else 0
+            if found != change.expected_version:
+                raise Conflict(change.key, change.expected_version, found)
+        raise StoreError("transaction failed without a changed object")  # pragma: no cover
+
+    async def watch(self, from_revision: int) -> AsyncIterator[ResourceEvent]:
+        async for changes in self.client.watch_prefix(RESOURCES, from_revision + 1):
+            for change in changes:
+                key = parse_resource_key(change.kv.key)
+                if change.deleted:
+                    yield ResourceEvent(ChangeType.DELETE, key, change.revision, None)
+                else:
+                    yield ResourceEvent(ChangeType.PUT, key, change.revision, _stored(change.kv))
+
+
+class WorkloadRegistry:
+    """Which pod or WorkloadEntry runs on which host, under that host's lease.
+
+    A host grants itself a lease (:meth:`host_lease`) and keeps it alive; its records
+    are attached to it, so when the host dies (no keep-alive for the TTL) etcd deletes
+    them and watchers see its endpoints leave.
+    """
+
+    def __init__(self, client: EtcdClient) -> None:
+        self.client = client
+
+    async def host_lease(self, ttl_seconds: int) -> int:
+        return await self.client.grant_lease(ttl_seconds)
+
+    async def register(self, record: WorkloadRecord, lease_id: int) -> int:
+        key = WORKLOADS + f"{record.host}/{record.namespace}/{record.name}".encode()
+        return await self.client.put(key, record.to_json().encode(), lease=lease_id)
+
+    async def workloads(self, host: str | None = None) -> tuple[list[WorkloadRecord], int]:
+        prefix = WORKLOADS + (f"{host}/".encode() if host else b"")
+        kvs, revision = await self.client.get_prefix(prefix)
+        return [WorkloadRecord.from_json(kv.value) for kv in kvs], revision
+
+    async def changes(self, from_revision: int) -> AsyncIterator[tuple[bool, str]]:
+        """(removed?, host/namespace/name) for each registry change after ``from_revision``."""
+        async for changes in self.client.watch_prefix(WORKLOADS, from_revision + 1):
+            for change in changes:
+                yield change.deleted, change.kv.key[len(WORKLOADS) :].decode()

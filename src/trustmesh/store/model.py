@@ -1,0 +1,177 @@
+"""Values the store holds and hands out: immutable, with the store's revision attached.
+
+Keys follow Kubernetes: an Istio resource is ``group/kind/namespace/name`` and carries a
+``resource_version`` (etcd's ``mod_revision`` of its key; in the file store, the store's
+own counter at the write). A write names the version it expects, and a write against a
+stale version is a :class:`Conflict`, never a silent overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+# One error type for the CA's directory and the shared store: the CA server fails closed
+# on either. It means: the store cannot be read or written (unreachable, corrupt, bad URL).
+from trustmesh.identity.store import StoreError
+
+__all__ = ["StoreError"]
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_KIND = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_GROUP = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def is_object_name(name: str, *, label_only: bool = False) -> bool:
+    """Kubernetes' rule: a DNS-1123 subdomain (≤ 253), or a label (≤ 63) where asked."""
+    if label_only:
+        return len(name) <= 63 and _LABEL.fullmatch(name) is not None
+    return len(name) <= 253 and all(_LABEL.fullmatch(part) for part in name.split("."))
+
+
+class Conflict(StoreError):
+    """A compare-and-swap lost: someone else changed the object since it was read."""
+
+    def __init__(self, key: ResourceKey, expected: int, found: int) -> None:
+        what = "does not exist" if found == 0 else f"is at resourceVersion {found}"
+        wanted = "not to exist" if expected == 0 else f"resourceVersion {expected}"
+        super().__init__(
+            f"{key.display()}: the object was changed by someone else: expected {wanted}, "
+            f"it {what}; read it again and retry"
+        )
+        self.key = key
+        self.expected = expected
+        self.found = found
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ResourceKey:
+    """Which object: API group (``security.istio.io``; empty for core), kind, namespace, name."""
+
+    group: str
+    kind: str
+    namespace: str
+    name: str
+
+    def __post_init__(self) -> None:
+        # Keys become etcd key segments and file names: nothing that could escape them.
+        if (
+            not is_object_name(self.name)
+            or (self.namespace and not is_object_name(self.namespace, label_only=True))
+            or not _KIND.fullmatch(self.kind)
+            or (self.group and not _GROUP.fullmatch(self.group))
+        ):
+            raise StoreError(
+                f"not a valid object key: {self.group}/{self.kind}/{self.namespace}/{self.name}"
+            )
+
+    def display(self) -> str:
+        """kubectl's ``authorizationpolicy.security.istio.io/deny-get``."""
+        kind = self.kind.lower()
+        return f"{kind}.{self.group}/{self.name}" if self.group else f"{kind}/{self.name}"
+
+    def path(self) -> str:
+        return f"{self.group or 'core'}/{self.kind}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    """One object as stored: its manifest (canonical JSON text) and its version."""
+
+    key: ResourceKey
+    manifest: str
+    resource_version: int
+
+    def body(self) -> dict[str, Any]:
+        """The manifest with ``metadata.resourceVersion`` set, as ``get -o`` prints it."""
+        value: dict[str, Any] = json.loads(self.manifest)
+        metadata = value.setdefault("metadata", {})
+        metadata["resourceVersion"] = str(self.resource_version)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceWrite:
+    """Put ``manifest`` at ``key`` if the object is at ``expected_version`` (0: absent)."""
+
+    key: ResourceKey
+    manifest: str
+    expected_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceDelete:
+    """Delete ``key`` if it is at ``expected_version``."""
+
+    key: ResourceKey
+    expected_version: int
+
+
+class ChangeType(Enum):
+    PUT = "PUT"
+    DELETE = "DELETE"
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceEvent:
+    """One change, in store order; ``revision`` is the store revision of the change."""
+
+    type: ChangeType
+    key: ResourceKey
+    revision: int
+    resource: StoredResource | None  # None for DELETE
+
+
+class WorkloadHealth(Enum):
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRecord:
+    """A pod or WorkloadEntry on a host, as the registry holds it under the host's lease.
+
+    Istio's WorkloadEntry fields (address, labels, serviceAccount, network) plus the host
+    it runs on and its health; when the host's lease ends, its records go with it.
+    """
+
+    namespace: str
+    name: str
+    host: str
+    address: str
+    service_account: str
+    labels: tuple[tuple[str, str], ...] = ()
+    health: WorkloadHealth = WorkloadHealth.HEALTHY
+    kind: str = "WorkloadEntry"  # or "Pod"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "namespace": self.namespace,
+                "name": self.name,
+                "host": self.host,
+                "address": self.address,
+                "serviceAccount": self.service_account,
+                "labels": dict(self.labels),
+                "health": self.health.value,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> WorkloadRecord:
+        data = json.loads(text)
+        return cls(
+            namespace=data["namespace"],
+            name=data["name"],
+            host=data["host"],
+            address=data["address"],
+            service_account=data["serviceAccount"],
+            labels=tuple(sorted(data.get("labels", {}).items())),
+            health=WorkloadHealth(data.get("health", "Healthy")),
+            kind=data.get("kind", "WorkloadEntry"),
+        )
