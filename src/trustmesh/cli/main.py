@@ -20,6 +20,7 @@ from trustmesh.cli import render
 from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
+from trustmesh.cli.insight import generate_command, impact_command, traffic_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.config import LoadedConfig, load_config
@@ -51,6 +52,9 @@ app.command("proxy-config")(mesh_cli.proxy_config)
 app.command("request")(mesh_cli.request)
 app.command("analyze")(analyze_command)
 app.command("harden")(harden_command)
+app.add_typer(traffic_app, name="traffic")
+app.command("impact")(impact_command)
+app.command("generate")(generate_command)
 
 Files = Annotated[
     list[str],
