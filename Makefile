@@ -54,6 +54,7 @@ bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_dataplane.py
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_validate.py
+	$(BIN)/python bench/bench_impact.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/bench_sandbox.py; \
 	else echo "bench_sandbox.py needs root (network namespaces, nftables): not run"; fi
 
