@@ -129,7 +129,10 @@ def test_istio_json_with_xfcc_or_peer_san_is_a_record() -> None:
     )
     for entry in (
         {**ISTIO, "x_forwarded_client_cert": xfcc},
-        {**ISTIO, "downstream_peer_uri_san": "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"},
+        {
+            **ISTIO,
+            "downstream_peer_uri_san": "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+        },
     ):
         record = from_istio_entry(entry, "ratings.log:7", "default/ratings-v1")
         assert isinstance(record, TrafficRecord)
