@@ -55,7 +55,9 @@ def test_denied_lines_carry_the_deciding_rule() -> None:
     entry = {
         **INBOUND,
         "response_code": 403,
-        "response_code_details": "rbac_access_denied_matched_policy[ns[default]-policy[deny]-rule[0]]",
+        "response_code_details": (
+            "rbac_access_denied_matched_policy[ns[default]-policy[deny]-rule[0]]"
+        ),
         "rbac": {"enforced_engine_result": "denied"},
     }
     record = from_trustmesh_entry(entry, "f:1", IPS)
