@@ -48,6 +48,7 @@ __all__ = [
     "ProofFailed",
     "compile_with",
     "generate_policies",
+    "prove",
 ]
 
 # TEST-NET-1 (RFC 5737): never a pod's address, so never an observed caller.
@@ -71,6 +72,7 @@ class GeneratedPolicies:
     used: int = 0  # distinct requests the policies were built from
     excluded: dict[str, int] = field(default_factory=dict)  # verdict → records not used
     problems: list[Problem] = field(default_factory=list)
+    proven: list[Observed] = field(default_factory=list)  # the recorded requests kept
 
     def render(self) -> str:
         chunks = []
@@ -256,7 +258,8 @@ def generate_policies(
                 "spec": {},
             }
         )
-    result.proof = _prove(snapshot, result.documents, used, now)
+    result.proof = prove(snapshot, result.documents, used, now)
+    result.proven = used
     return result
 
 
@@ -277,12 +280,15 @@ def compile_with(snapshot: ConfigSnapshot, documents: Sequence[dict[str, Any]]) 
     return compile_mesh(dataclasses.replace(snapshot, resources=(*kept, *added)))
 
 
-def _prove(
+def prove(
     snapshot: ConfigSnapshot,
     documents: Sequence[dict[str, Any]],
     used: Sequence[Observed],
     now: float,
 ) -> list[str]:
+    """Replay ``used`` with ``documents`` added to ``snapshot``: each must be allowed, and
+    an unrecorded identity and a plaintext client must be denied on every destination
+    port; the proof's summary lines, or :class:`ProofFailed`."""
     mesh = compile_with(snapshot, documents)
     failures: list[str] = []
     for item in used:
