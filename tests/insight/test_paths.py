@@ -60,3 +60,8 @@ def test_a_template_allows_the_shape_and_not_more() -> None:
 def test_identifiers() -> None:
     assert is_identifier("0") and is_identifier("0123456789abcdef")
     assert not is_identifier("v1") and not is_identifier("items") and not is_identifier("")
+
+
+def test_exact_paths_only_normalize() -> None:
+    assert generalize_path("/api/items/123?x=1", BASE, templates=False) == "/api/items/123"
+    assert generalize_path("/a/./%61/1", BASE, templates=False) == "/a/a/1"

@@ -359,6 +359,14 @@ def generate_command(
     out: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the YAML here (default stdout).")
     ] = None,
+    exact_paths: Annotated[
+        bool,
+        typer.Option(
+            "--exact-paths",
+            help="No {*} path templates: each observed path exactly (Istio releases without"
+            " path templating).",
+        ),
+    ] = False,
     mesh_config: MeshConfigOpt = None,
     now: NowOpt = None,
     namespace: NamespaceOpt = "default",
@@ -373,7 +381,8 @@ def generate_command(
     _valid(loaded)
     assert loaded.mesh is not None
     traffic = _traffic(traffic_files)
-    generated = generate_from(loaded, traffic, time.time() if now is None else now)
+    clock = time.time() if now is None else now
+    generated = generate_from(loaded, traffic, clock, templates=not exact_paths)
     text = generated.render()
     if out is None:
         sys.stdout.write(text)
@@ -388,12 +397,16 @@ def generate_command(
     )
 
 
-def generate_from(loaded: LoadedConfig, traffic: TrafficSet, now: float) -> GeneratedPolicies:
+def generate_from(
+    loaded: LoadedConfig, traffic: TrafficSet, now: float, *, templates: bool = True
+) -> GeneratedPolicies:
     """:func:`generate_policies`, its failure rendered and turned into exit 1."""
     assert loaded.mesh is not None
     try:
         with StepProgress("proving generated policies"):
-            return generate_policies(loaded.snapshot, loaded.mesh, traffic.distinct, now=now)
+            return generate_policies(
+                loaded.snapshot, loaded.mesh, traffic.distinct, now=now, templates=templates
+            )
     except ProofFailed as exc:
         for failure in exc.failures:
             _err.print(f"error: {failure}", markup=False)

@@ -97,7 +97,7 @@ def _caller(record: TrafficRecord) -> _Caller:
 
 
 def _operations(
-    records: Sequence[TrafficRecord], snapshot: ConfigSnapshot, mesh: MeshPolicy
+    records: Sequence[TrafficRecord], mesh: MeshPolicy, templates: bool
 ) -> tuple[tuple[tuple[str, Any], ...], ...]:
     """The caller's operations as hashable tuples (see the module docstring)."""
     tcp_ports: set[int] = set()
@@ -107,7 +107,7 @@ def _operations(
             tcp_ports.add(r.port)
         else:
             paths[(r.port, r.method or "GET")].add(
-                generalize_path(r.path or "/", mesh.path_normalization)
+                generalize_path(r.path or "/", mesh.path_normalization, templates=templates)
             )
     operations: list[tuple[tuple[str, Any], ...]] = [
         (("ports", (str(p),)),) for p in sorted(tcp_ports)
@@ -146,6 +146,7 @@ def generate_policies(
     observed: Sequence[Observed],
     *,
     now: float,
+    templates: bool = True,
 ) -> GeneratedPolicies:
     """Policies for ``observed`` on top of ``snapshot`` (compiled as ``mesh``), proven.
 
@@ -196,7 +197,7 @@ def generate_policies(
             by_destination[ref].items(), key=lambda kv: (kv[0].principal or "", kv[0].ip or "")
         ):
             try:
-                by_operations[_operations(records, snapshot, mesh)].append(caller)
+                by_operations[_operations(records, mesh, templates)].append(caller)
             except UnwritablePath as exc:
                 failures.append(f"{records[0].origin}: {exc}")
         rules = []

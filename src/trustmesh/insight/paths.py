@@ -44,8 +44,11 @@ def is_identifier(segment: str) -> bool:
     return bool(_HEX.fullmatch(segment)) and any(c.isdigit() for c in segment)
 
 
-def generalize_path(recorded: str, normalization: PathNormalization) -> str:
-    """The ``paths`` value allowing ``recorded`` (see the module docstring).
+def generalize_path(
+    recorded: str, normalization: PathNormalization, *, templates: bool = True
+) -> str:
+    """The ``paths`` value allowing ``recorded`` (see the module docstring); with
+    ``templates`` off the normalized path itself (for Istio releases without ``{*}``).
 
     Raises :class:`UnwritablePath` for a path Envoy rejects before RBAC (nothing to
     allow) or one that cannot be written exactly.
@@ -55,6 +58,8 @@ def generalize_path(recorded: str, normalization: PathNormalization) -> str:
     except PathRejected as exc:
         raise UnwritablePath(f"Envoy refuses this path before any policy: {exc.reason}") from None
     path = normalized.path
+    if not templates:
+        return _exact(path)
     segments = path.split("/")
     out = [
         SEGMENT if i > 0 and seg and is_identifier(seg) and "%" not in seg else seg
