@@ -170,6 +170,10 @@ def test_generated_policies_keep_recorded_traffic_and_deny_the_rest(mesh: Mesh) 
     assert all(r.verdict == "allow" and r.response_code == 200 for r in replayed), [
         r.as_dict() for r in replayed if r.verdict != "allow"
     ]
+    deciding = {r.rule for r in replayed}  # Envoy's RBAC metadata: the rule that allowed
+    assert deciding == {
+        f"ns[default]-policy[{name}]-rule[0]" for name in by_name if name.endswith("-observed")
+    }
 
     # 5. A caller the recording never saw is refused by the sidecar.
     status, body = mesh.get("default/ratings-v1", "http://reviews:9080/reviews/0")
