@@ -117,6 +117,7 @@ def test_generate_allows_exactly_what_was_seen() -> None:
     assert not decide(mesh, _http("GET", "/status/1/x"), NOW).allowed
     assert not decide(mesh, _http("GET", "/status/200", BAR_SLEEP), NOW).allowed
     assert "all 4 distinct recorded request(s)" in generated.proof[0]
+    assert "nothing reaches them: foo/sleep" in generated.comments[1][1]
     text = generated.render()
     assert [d for d in yaml.safe_load_all(text) if d] == generated.documents
 
@@ -249,3 +250,36 @@ def test_progress_only_on_a_terminal_and_only_after_a_second() -> None:
         now[0] = 1.5
         progress(1, 2)
         assert progress.shown
+
+
+def test_export_without_a_mesh_is_bad_input_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "t.jsonl"
+    done = CliRunner().invoke(
+        app, ["traffic", "export", "--state", str(tmp_path / "none"), "-o", str(out)]
+    )
+    assert done.exit_code == 2 and "no mesh was started" in done.output
+    assert not out.exists()
+
+
+def test_export_of_istio_logs_reports_lines_without_identity(tmp_path: Path) -> None:
+    from tests.insight.test_records import ISTIO
+
+    log = tmp_path / "ratings.log"
+    lines = [
+        "2026-12-06T04:00:00Z info envoy starting",  # Envoy's own line: not a record
+        orjson.dumps(
+            {**ISTIO, "downstream_peer_uri_san": "spiffe://cluster.local/ns/default/sa/r"}
+        ),
+        orjson.dumps(ISTIO),  # mTLS, no identity
+    ]
+    log.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+    out = tmp_path / "t.jsonl"
+    done = CliRunner().invoke(
+        app, ["traffic", "export", "--envoy-log", f"default/ratings-v1={log}", "-o", str(out)]
+    )
+    assert done.exit_code == 1, done.output
+    assert f"{log}:3 downstream_peer_uri_san" in done.output
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["destination"], r["source_principal"], r["origin"]) for r in records] == [
+        ("default/ratings-v1", "cluster.local/ns/default/sa/r", f"{log}:2")
+    ]

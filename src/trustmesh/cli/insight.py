@@ -150,16 +150,13 @@ def export_command(
             render.usage_error(f"--envoy-log must look like NAMESPACE/NAME=FILE, got {item!r}")
             raise typer.Exit(EXIT_BAD_INPUT)
         sources.append(istio_log_records(Path(file), workload))
+    progress = StepProgress("reading sidecar access logs")
     if not sources:
-        try:
-            sources.append(mesh_log_records(state.resolve()))
-        except StateError as exc:
-            render.usage_error(str(exc))
-            raise typer.Exit(EXIT_BAD_INPUT) from None
+        sources.append(mesh_log_records(state.resolve(), progress))
     problems: list[Problem] = []
     written = 0
     try:
-        with out.open("wb") as handle:
+        with progress, out.open("wb") as handle:
             for source in sources:
                 for found in source:
                     if isinstance(found, Problem):
@@ -168,6 +165,7 @@ def export_command(
                     handle.write(record_line(found))
                     written += 1
     except StateError as exc:
+        out.unlink(missing_ok=True)  # nothing was read: no empty file left looking like one
         render.usage_error(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except OSError as exc:

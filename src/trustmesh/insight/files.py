@@ -36,8 +36,11 @@ def _json_lines(path: Path) -> Iterator[tuple[int, object | Problem]]:
                 yield number, Problem(f"{path}:{number}", "", f"not JSON: {exc.msg}")
 
 
-def mesh_log_records(state: Path) -> Iterator[TrafficRecord | Problem]:
-    """Every inbound record the sidecars of the mesh in ``state`` logged."""
+def mesh_log_records(
+    state: Path, progress: Progress | None = None
+) -> Iterator[TrafficRecord | Problem]:
+    """Every inbound record the sidecars of the mesh in ``state`` logged; ``progress`` is
+    told (pods read, pods) as each sidecar's log is done."""
     layout = Layout(state)
     try:
         plan = MeshPlan.from_json(read_json(layout.plan))
@@ -50,9 +53,10 @@ def mesh_log_records(state: Path) -> Iterator[TrafficRecord | Problem]:
         for ip in (pod.pod_ip, pod.app_ip, pod.outbound_ip):
             if ip:
                 workload_of_ip[ip] = pod.ref
-    for pod in plan.pods:
-        if not pod.sidecar:
-            continue
+    sidecars = [pod for pod in plan.pods if pod.sidecar]
+    for done, pod in enumerate(sidecars):
+        if progress is not None:
+            progress(done, len(sidecars))
         log = layout.envoy_log_of(pod.key, plan.paths(pod))
         try:
             lines = list(_json_lines(log))

@@ -248,8 +248,18 @@ def generate_policies(
         name = "allow-nothing"
         if f"AuthorizationPolicy/{namespace}/{name}" in taken:
             name = "allow-nothing-observed"
+        closed = sorted(
+            w.ref
+            for w in snapshot.workloads
+            if w.namespace == namespace and w.has_sidecar and w.ref not in by_destination
+        )
         result.comments[len(result.documents)] = [
-            f"default-deny for {namespace}: only what the policies above allow gets through"
+            f"default-deny for {namespace}: only what the policies above allow gets through",
+            *(
+                [f"no request to these was recorded, so nothing reaches them: {', '.join(closed)}"]
+                if closed
+                else []
+            ),
         ]
         result.documents.append(
             {
