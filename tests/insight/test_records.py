@@ -204,3 +204,32 @@ def test_traffic_set_deduplicates_and_reports_every_bad_line() -> None:
         ("t.jsonl:9", "path"),
         ("t.jsonl:10", ""),
     ]
+
+
+def test_a_forged_xfcc_on_plaintext_is_not_an_identity() -> None:
+    forged = "URI=spiffe://cluster.local/ns/istio-system/sa/admin"
+    entry = {**ISTIO, "requested_server_name": None, "x_forwarded_client_cert": forged}
+    record = from_istio_entry(entry, "l:1", "default/ratings-v1")
+    assert isinstance(record, TrafficRecord)
+    assert not record.mtls and record.source_principal is None
+
+
+def test_istio_passthrough_and_refused_lines_are_inbound() -> None:
+    passthrough = {
+        **ISTIO,
+        "upstream_cluster": "InboundPassthroughCluster",
+        "downstream_local_address": "10.1.0.7:7070",
+        "downstream_peer_uri_san": "spiffe://cluster.local/ns/default/sa/x",
+    }
+    record = from_istio_entry(passthrough, "l:1", "default/ratings-v1")
+    assert isinstance(record, TrafficRecord) and record.port == 7070
+    refused = {
+        **ISTIO,
+        "upstream_cluster": None,
+        "response_code": 403,
+        "response_code_details": "rbac_access_denied_matched_policy[none]",
+        "downstream_peer_uri_san": "spiffe://cluster.local/ns/default/sa/x",
+    }
+    record = from_istio_entry(refused, "l:2", "default/ratings-v1")
+    assert isinstance(record, TrafficRecord)
+    assert (record.verdict, record.port) == ("deny", 9080)

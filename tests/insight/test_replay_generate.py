@@ -283,3 +283,45 @@ def test_export_of_istio_logs_reports_lines_without_identity(tmp_path: Path) -> 
     assert [(r["destination"], r["source_principal"], r["origin"]) for r in records] == [
         ("default/ratings-v1", "cluster.local/ns/default/sa/r", f"{log}:2")
     ]
+
+
+def test_a_stranger_let_in_on_one_path_only_fails_the_proof() -> None:
+    health = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: health-for-all, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  rules: [{to: [{operation: {paths: [/status/200]}}]}]
+"""
+    traffic = _traffic(_http("GET", "/get"), _http("GET", "/status/200"))
+    with pytest.raises(ProofFailed) as failed:
+        generate_policies(_snapshot(health), compile_text(health), traffic.distinct, now=NOW)
+    assert any("health-for-all" in f and "/status/200" in f for f in failed.value.failures)
+
+
+def test_requests_trustmesh_cannot_decide_exactly_are_listed_not_passed(tmp_path: Path) -> None:
+    from tests.unit.test_cli_dataplane import AMBIENT
+
+    (tmp_path / "amb.yaml").write_text(AMBIENT)
+    change = tmp_path / "change.yaml"
+    change.write_text(AMBIENT.split("---")[-1].replace("DENY", "ALLOW"))
+    record = TrafficRecord(
+        "amb/httpbin",
+        8080,
+        Protocol.HTTP,
+        True,
+        source_principal="cluster.local/ns/amb/sa/curl",
+        method="GET",
+        path="/",
+        verdict="allow",
+    )
+    traffic = _write(tmp_path / "t.jsonl", record)
+    done = CliRunner().invoke(
+        app,
+        ["impact", "--traffic", str(traffic), "-f", str(tmp_path / "amb.yaml"), "--change",
+         str(change), "-o", "json"],
+    )  # fmt: skip
+    assert done.exit_code == 1, done.output
+    report = json.loads(done.stdout)
+    assert report["flipped_requests"] == 0
+    assert report["undecidable"][0]["before"]["verdict"] == "unsupported"

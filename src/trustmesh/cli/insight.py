@@ -2,8 +2,9 @@
 
 Exit codes — ``traffic export``: 0 written, 1 some lines were not records (each reported
 with file:line; the rest is written), 2 bad command line or no mesh state.
-``impact``: 0 no request flips, 1 some flip (listed), 2 bad input (command line, invalid
-configuration, bad records, a recorded destination unknown to the current configuration).
+``impact``: 0 no request flips, 1 some flip or cannot be decided exactly (listed), 2 bad
+input (command line, invalid configuration, bad records, a recorded destination unknown to
+the current configuration).
 ``generate``: 0 written, 1 the proof failed or a request cannot be allowed least-privilege
 (nothing written), 2 bad input.
 """
@@ -235,7 +236,8 @@ def impact_command(
 ) -> None:
     """Replay recorded traffic before and after a change: which requests flip?
 
-    Exit codes: 0 no request flips; 1 some flip (allow→deny or deny→allow, listed);
+    Exit codes: 0 no request flips; 1 some flip (allow→deny or deny→allow, listed) or
+    cannot be decided exactly on one side (ambient waypoint, gateway: listed);
     2 bad input (command line, invalid configuration, bad records, a recorded destination
     the current configuration does not have).
     """
@@ -275,7 +277,7 @@ def impact_command(
         sys.stdout.write(json.dumps(impact_json(report), indent=2) + "\n")
     else:
         _impact_table(report)
-    raise typer.Exit(1 if report.flips else 0)
+    raise typer.Exit(1 if report.flips or report.undecidable else 0)
 
 
 def impact_json(report: ImpactReport) -> dict[str, Any]:
@@ -287,6 +289,15 @@ def impact_json(report: ImpactReport) -> dict[str, Any]:
         "flipped_requests": len(report.flips),
         "flipped_records": sum(f.observed.count for f in report.flips),
         "inexact": [i.record.origin for i in report.inexact],
+        "undecidable": [
+            {
+                "origin": f.observed.record.origin,
+                "records": f.observed.count,
+                "before": {"verdict": f.before.verdict, "reason": f.before.reason},
+                "after": {"verdict": f.after.verdict, "reason": f.after.reason},
+            }
+            for f in report.undecidable
+        ],
         "groups": [
             {
                 "direction": g.direction,
@@ -343,6 +354,14 @@ def _impact_table(report: ImpactReport) -> None:
         f" {len(report.flips)} distinct ({flipped} record(s)) flip",
         markup=False,
     )
+    for flip in report.undecidable:
+        record = flip.observed.record
+        side = flip.before if flip.before.verdict == "unsupported" else flip.after
+        _out.print(
+            f"undecidable: {record.describe_source()} → {record.destination}:{record.port}"
+            f" ×{flip.observed.count} [{record.origin}]: {side.reason}",
+            markup=False,
+        )
     if report.inexact:
         _err.print(
             f"note: {len(report.inexact)} request(s) carried a JWT, not in the log: replayed"

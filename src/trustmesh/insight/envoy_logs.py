@@ -189,21 +189,31 @@ def from_istio_entry(
     """A record from an Istio sidecar's JSON access-log line (default JSON format), logged
     by ``destination`` (``NS/NAME``); None for outbound lines."""
     cluster = entry.get("upstream_cluster")
-    if not isinstance(cluster, str) or _unset(cluster):
+    verdict, rule = verdict_of(entry)
+    port: int | None = None
+    if isinstance(cluster, str) and cluster.startswith("inbound|"):
+        parts = cluster.split("|")
+        port = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    elif isinstance(cluster, str) and cluster.startswith("InboundPassthroughCluster"):
+        pass  # an undeclared port: the address the connection was for says which
+    elif not _unset(cluster):
+        return None  # outbound (a client's view, or PassthroughCluster / BlackHoleCluster)
+    elif verdict != "deny":
+        # Refused before a cluster was picked; only an RBAC refusal is surely inbound
+        # (sidecars enforce AuthorizationPolicy on inbound traffic only).
         return Problem(origin, "upstream_cluster", "missing: inbound or outbound is unknown")
-    if not cluster.startswith("inbound|"):
-        return None
-    parts = cluster.split("|")
-    port: int | None = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
     if port is None:
         port = _address(entry.get("downstream_local_address"))[1]
     if port is None:
         return Problem(origin, "downstream_local_address", "missing: the destination port")
     source_ip, _ = _address(entry.get("downstream_remote_address"))
+    tls = not _unset(entry.get("requested_server_name"))
     principal = next((_principal(entry.get(k)) for k in PRINCIPAL_KEYS if k in entry), None)
-    if principal is None:
+    if principal is None and tls:
+        # Only over mTLS is the last XFCC element the sidecar's own, for its peer: on a
+        # plaintext connection it is whatever the client sent, a forgeable claim.
         principal = next((_xfcc_peer(entry.get(k)) for k in XFCC_KEYS if k in entry), None)
-    mtls = not _unset(entry.get("requested_server_name")) or principal is not None
+    mtls = tls or principal is not None
     if mtls and principal is None:
         return Problem(
             origin,
@@ -212,7 +222,6 @@ def from_istio_entry(
             " %DOWNSTREAM_PEER_URI_SAN% (or %REQ(X-FORWARDED-CLIENT-CERT)%) to the access"
             " log format",
         )
-    verdict, rule = verdict_of(entry)
     common: dict[str, Any] = {
         "destination": destination,
         "port": port,

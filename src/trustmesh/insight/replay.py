@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 
+_UNSUPPORTED = Verdict.UNSUPPORTED.value
+
+
 def request_of(record: TrafficRecord) -> Request:
     """The evaluator's question for a recorded request."""
     if record.mtls and record.source_principal:
@@ -105,6 +108,9 @@ class ImpactReport:
     flips: list[Flip] = field(default_factory=list)
     inexact: list[Observed] = field(default_factory=list)  # carried a JWT
     unknown: list[tuple[Observed, Outcome]] = field(default_factory=list)  # no answer before
+    # trustmesh cannot decide it exactly on one side (ambient waypoint, gateway): never
+    # counted as unchanged, since it may flip
+    undecidable: list[Flip] = field(default_factory=list)
 
     def groups(self) -> list[FlipGroup]:
         by: dict[tuple[str, str, str, str, str], list[Flip]] = defaultdict(list)
@@ -145,7 +151,9 @@ def impact(
             report.unknown.append((item, was))
             continue
         will = decide(after, record, now)
-        if was.allowed != will.allowed:
+        if _UNSUPPORTED in (was.verdict, will.verdict):
+            report.undecidable.append(Flip(item, was, will))
+        elif was.allowed != will.allowed:
             report.flips.append(Flip(item, was, will))
         if progress is not None and done % 256 == 0:
             progress(done, total)

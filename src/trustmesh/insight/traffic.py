@@ -97,12 +97,6 @@ class TrafficSet:
             origin = get("origin")
             known.origins.append(origin if isinstance(origin, str) else f"{file}:{number}")
 
-    def add_record(self, record: TrafficRecord) -> None:
-        """A record normalized in memory (from an access log) rather than read from JSON."""
-        entry = record.as_dict()
-        file, _, line = record.origin.rpartition(":")
-        self.add_entry(entry, file or record.origin, int(line) if line.isdigit() else 0)
-
     def _problem(self, problem: Problem) -> None:
         self.problem_count += 1
         if len(self.problems) < PROBLEM_LIMIT:
