@@ -233,3 +233,13 @@ def test_istio_passthrough_and_refused_lines_are_inbound() -> None:
     record = from_istio_entry(refused, "l:2", "default/ratings-v1")
     assert isinstance(record, TrafficRecord)
     assert (record.verdict, record.port) == ("deny", 9080)
+
+
+def test_a_file_mixing_schema_versions_names_the_lines_it_cannot_read() -> None:
+    traffic = TrafficSet()
+    traffic.add_line(_line(), "t.jsonl", 1)
+    traffic.add_line(_line(schema="trustmesh.dev/traffic/v2"), "t.jsonl", 2)
+    traffic.add_line(_line(time="later"), "t.jsonl", 3)
+    assert traffic.records == 2
+    assert [(p.origin, p.field) for p in traffic.problems] == [("t.jsonl:2", "schema")]
+    assert "trustmesh.dev/traffic/v1" in traffic.problems[0].message
