@@ -325,3 +325,16 @@ def test_requests_trustmesh_cannot_decide_exactly_are_listed_not_passed(tmp_path
     report = json.loads(done.stdout)
     assert report["flipped_requests"] == 0
     assert report["undecidable"][0]["before"]["verdict"] == "unsupported"
+
+
+def test_generate_from_refused_records_only_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "w.yaml").write_bytes(BASE)
+    refused = TrafficRecord(
+        "foo/httpbin", 8000, Protocol.HTTP, False, method="GET", path="/", verdict="deny"
+    )
+    traffic = _write(tmp_path / "t.jsonl", refused)
+    done = CliRunner().invoke(
+        app, ["generate", "--traffic", str(traffic), "-f", str(tmp_path / "w.yaml")]
+    )
+    assert done.exit_code == 2 and "accessLogFile" in done.output
+    assert "apiVersion" not in done.stdout

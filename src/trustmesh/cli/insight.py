@@ -155,7 +155,7 @@ def export_command(
     if not sources:
         sources.append(mesh_log_records(state.resolve(), progress))
     problems: list[Problem] = []
-    written = 0
+    written = allowed = 0
     try:
         with progress, out.open("wb") as handle:
             for source in sources:
@@ -165,6 +165,7 @@ def export_command(
                         continue
                     handle.write(record_line(found))
                     written += 1
+                    allowed += found.verdict == "allow"
     except StateError as exc:
         out.unlink(missing_ok=True)  # nothing was read: no empty file left looking like one
         render.usage_error(str(exc))
@@ -173,6 +174,12 @@ def export_command(
         render.usage_error(f"cannot write {out}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     _problems(problems)
+    if written and not allowed:
+        _err.print(
+            "note: every record is a refused request: sidecars log every request only with"
+            " meshConfig.accessLogFile set (else refused ones only)",
+            markup=False,
+        )
     _err.print(
         f"{written} record(s) written to {out}"
         + (f"; {len(problems)} line(s) are not records (above)" if problems else ""),
@@ -420,12 +427,25 @@ def generate_from(
     """:func:`generate_policies`, its failure rendered and turned into exit 1."""
     assert loaded.mesh is not None
     try:
-        with StepProgress("proving generated policies"):
-            return generate_policies(
-                loaded.snapshot, loaded.mesh, traffic.distinct, now=now, templates=templates
+        with StepProgress("proving generated policies by replay") as progress:
+            generated = generate_policies(
+                loaded.snapshot,
+                loaded.mesh,
+                traffic.distinct,
+                now=now,
+                templates=templates,
+                progress=progress,
             )
     except ProofFailed as exc:
         for failure in exc.failures:
             _err.print(f"error: {failure}", markup=False)
         _err.print("error: no policy written: the proof above failed", markup=False)
         raise typer.Exit(1) from None
+    if not generated.used:
+        refused = sum(generated.excluded.values())
+        render.usage_error(
+            f"no allowed request among the records ({refused} refused): nothing to allow."
+            " Sidecars log every request only with meshConfig.accessLogFile set"
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return generated

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,7 @@ def generate_policies(
     *,
     now: float,
     templates: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GeneratedPolicies:
     """Policies for ``observed`` on top of ``snapshot`` (compiled as ``mesh``), proven.
 
@@ -269,7 +270,7 @@ def generate_policies(
                 "spec": {},
             }
         )
-    result.proof = prove(snapshot, result.documents, used, now)
+    result.proof = prove(snapshot, result.documents, used, now, progress)
     result.proven = used
     return result
 
@@ -296,6 +297,7 @@ def prove(
     documents: Sequence[dict[str, Any]],
     used: Sequence[Observed],
     now: float,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Replay ``used`` with ``documents`` added to ``snapshot``: each must be allowed, and
     an unrecorded identity and a plaintext client must be denied on every destination
@@ -310,7 +312,9 @@ def prove(
     probes = 0
     # Every recorded request is sent again from strangers: a rule of another policy that
     # admits anyone on one path only is found too.
-    for item in used:
+    for done, item in enumerate(used, 1):
+        if progress is not None and done % 256 == 0:
+            progress(done, len(used))
         record = item.record
         namespace = record.destination.split("/")[0]
         stranger = f"{snapshot.mesh.trust_domain}/ns/{namespace}/sa/{UNRECORDED_SA}"
