@@ -57,6 +57,10 @@ def test_harden_with_traffic_adds_proven_least_privilege(tmp_path: Path) -> None
     # traffic given: no port-wide ALLOW for implied calls undoes the least privilege
     assert not any(name.endswith("-callers") for name in policies)
     assert "NOT kept" not in done.output
+    # implied calls the recording covers are kept for what was recorded; the others listed
+    kept = "kept for its recorded requests only: default/productpage-v1 → details:9080"
+    assert kept in done.output
+    assert "would stop default/productpage-v1 → reviews:9080 → default/reviews-v1" in done.output
 
 
 def test_harden_refuses_bad_records(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from trustmesh.analyze.harden import HardenPlan, resource_key
 from trustmesh.insight.generate import ProofFailed, generate_policies, prove
 from trustmesh.insight.traffic import Observed
 
-__all__ = ["TRAFFIC_REASON", "add_recorded_traffic"]
+__all__ = ["TRAFFIC_REASON", "add_recorded_traffic", "recorded_pairs"]
 
 TRAFFIC_REASON = "recorded traffic"
 
@@ -56,3 +56,12 @@ def add_recorded_traffic(
     except ProofFailed as exc:
         return [f"with every proposed fix applied: {f}" for f in exc.failures]
     return []
+
+
+def recorded_pairs(observed: Sequence[Observed]) -> frozenset[tuple[str, str, int]]:
+    """(principal, destination, port) of every allowed mTLS request recorded."""
+    return frozenset(
+        (o.record.source_principal, o.record.destination, o.record.port)
+        for o in observed
+        if o.record.source_principal and o.verdicts.get("allow")
+    )

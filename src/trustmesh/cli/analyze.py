@@ -173,10 +173,12 @@ def harden_command(
     for note in result.notes:
         typer.echo(f"# note: {note}", err=True)
     fixes = plan(result.findings)
-    still_broken = _recorded_traffic(context, fixes, traffic) if traffic else []
+    still_broken, recorded = _recorded_traffic(context, fixes, traffic) if traffic else ([], None)
     # Recorded traffic is the better evidence: implied calls it does not cover are listed,
     # not opened with a port-wide ALLOW that would undo its least privilege.
-    calls = keep_implied_calls(context, fixes, generate=keep_calls and not traffic)
+    calls = keep_implied_calls(
+        context, fixes, generate=keep_calls and not traffic, recorded=recorded or frozenset()
+    )
     text = fixes.render()
     if out is None:
         sys.stdout.write(text)
@@ -193,11 +195,14 @@ def harden_command(
         typer.echo(f"# NOT kept: {line}", err=True)
 
 
-def _recorded_traffic(context: AnalysisContext, fixes: HardenPlan, paths: list[str]) -> list[str]:
-    """``--traffic``: the proven least-privilege policies added to ``fixes``."""
+def _recorded_traffic(
+    context: AnalysisContext, fixes: HardenPlan, paths: list[str]
+) -> tuple[list[str], frozenset[tuple[str, str, int]]]:
+    """``--traffic``: the proven least-privilege policies added to ``fixes``; what the plan
+    still breaks, and who was recorded calling what."""
     import time
 
-    from trustmesh.analyze.harden_traffic import add_recorded_traffic
+    from trustmesh.analyze.harden_traffic import add_recorded_traffic, recorded_pairs
     from trustmesh.insight.files import read_traffic
     from trustmesh.insight.generate import ProofFailed
     from trustmesh.insight.traffic import TrafficSet
@@ -211,7 +216,8 @@ def _recorded_traffic(context: AnalysisContext, fixes: HardenPlan, paths: list[s
             typer.echo(f"error: no records in {', '.join(paths)}", err=True)
         raise typer.Exit(EXIT_INVALID_INPUT)
     try:
-        return add_recorded_traffic(context, fixes, recorded.distinct, time.time())
+        broken = add_recorded_traffic(context, fixes, recorded.distinct, time.time())
+        return broken, recorded_pairs(recorded.distinct)
     except ProofFailed as exc:
         for failure in exc.failures:
             typer.echo(f"error: {failure}", err=True)
@@ -243,7 +249,19 @@ def _calls_summary(calls: CallReport, default_deny: bool) -> None:
         )
     elif broken:
         for o in broken:
-            typer.echo(f"#   would stop {o.call.describe()} [{o.call.evidence}]", err=True)
+            if calls.is_recorded(o.call):
+                typer.echo(
+                    f"#   kept for its recorded requests only: {o.call.describe()}"
+                    f" → {o.call.destination} [{o.call.evidence}]",
+                    err=True,
+                )
+            else:
+                typer.echo(
+                    f"#   would stop {o.call.describe()}"
+                    + (f" → {o.call.destination}" if calls.recorded else "")
+                    + f" [{o.call.evidence}]",
+                    err=True,
+                )
     for line in calls.unkept:
         typer.echo(f"# not kept: {line}", err=True)
     for note in calls.notes:

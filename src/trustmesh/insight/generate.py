@@ -228,8 +228,9 @@ def generate_policies(
         if also:
             comments.append(f"the selector also picks {', '.join(also)}: they get these rules")
         result.comments[len(result.documents)] = [
-            f"least privilege for {ref}: what {sum(len(v) for v in by_destination[ref].values())}"
-            " recorded request(s) did",
+            f"least privilege for {ref}: what its"
+            f" {sum(len(v) for v in by_destination[ref].values())} distinct recorded"
+            " request(s) did",
             *comments,
         ]
         result.documents.append(
@@ -245,14 +246,19 @@ def generate_policies(
         )
     if failures:
         raise ProofFailed(failures)
+    selectors = [
+        (d["metadata"]["namespace"], d["spec"]["selector"]["matchLabels"]) for d in result.documents
+    ]
     for namespace in sorted(namespaces):
-        name = "allow-nothing"
-        if f"AuthorizationPolicy/{namespace}/{name}" in taken:
-            name = "allow-nothing-observed"
+        name, n = "allow-nothing", 2
+        while f"AuthorizationPolicy/{namespace}/{name}" in taken:
+            name, n = f"allow-nothing-{n}", n + 1
         closed = sorted(
             w.ref
             for w in snapshot.workloads
-            if w.namespace == namespace and w.has_sidecar and w.ref not in by_destination
+            if w.namespace == namespace
+            and w.has_sidecar
+            and not any(ns == namespace and _selects(sel, w) for ns, sel in selectors)
         )
         result.comments[len(result.documents)] = [
             f"default-deny for {namespace}: only what the policies above allow gets through",
