@@ -192,6 +192,10 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     base = ["impact", "--traffic", str(traffic), "-f", str(tmp_path / "w.yaml")]
     same = runner.invoke(app, [*base, "--change", str(tmp_path / "w.yaml")])
     assert same.exit_code == 0, same.output
+    table = runner.invoke(app, [*base, "--change", str(change)])
+    assert table.exit_code == 1
+    assert "rule after: ns[foo]-policy[deny-post]-rule[0]" in table.stdout
+    assert "POST /post ×1" in table.stdout
     flips = runner.invoke(app, [*base, "--change", str(change), "-o", "json"])
     assert flips.exit_code == 1, flips.output
     report = json.loads(flips.stdout)

@@ -29,7 +29,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from trustmesh.cli import render
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt
@@ -337,24 +336,21 @@ def impact_json(report: ImpactReport) -> dict[str, Any]:
 
 
 def _impact_table(report: ImpactReport) -> None:
-    groups = report.groups()
-    if groups:
-        table = Table("change", "source", "destination", "rule before", "rule after", "requests")
-        for g in groups:
-            requests = "\n".join(
-                f"{f.observed.record.method or 'tcp'} {f.observed.record.path or ''}"
-                f" ×{f.observed.count}"
-                for f in g.flips
+    """Each group, then its requests; plain text (rule ids hold brackets, lines stay whole
+    however narrow the terminal)."""
+    for g in report.groups():
+        _out.print(
+            f"{g.direction}  {g.source} → {g.destination}  ({g.records} record(s))\n"
+            f"  rule before: {g.rule_before or '-'}   rule after: {g.rule_after or '-'}",
+            markup=False,
+        )
+        for f in g.flips:
+            record = f.observed.record
+            what = f"{record.method} {record.path}" if record.method else "tcp connection"
+            _out.print(
+                f"    {what} ×{f.observed.count}  [{', '.join(f.observed.origins)}]",
+                markup=False,
             )
-            table.add_row(
-                g.direction,
-                g.source,
-                g.destination,
-                g.rule_before or "-",
-                g.rule_after or "-",
-                requests,
-            )
-        _out.print(table)
     flipped = sum(f.observed.count for f in report.flips)
     _out.print(
         f"{report.records} record(s), {report.distinct} distinct request(s):"
