@@ -342,3 +342,51 @@ def test_generate_from_refused_records_only_is_bad_input(tmp_path: Path) -> None
     )
     assert done.exit_code == 2 and "accessLogFile" in done.output
     assert "apiVersion" not in done.stdout
+
+
+STRICT_FOO = """apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: foo}
+spec: {mtls: {mode: STRICT}}
+"""
+ALLOW_BAR_ONLY = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bar-only, namespace: istio-system}
+spec:
+  rules: [{from: [{source: {namespaces: [bar]}}]}]
+"""
+
+
+@pytest.mark.parametrize("change", [DENY_POST, STRICT_FOO, ALLOW_BAR_ONLY, ""])
+def test_skipping_unchanged_sidecars_gives_the_same_report(change: str) -> None:
+    records = [
+        _http("GET", "/get"),
+        _http("POST", "/post"),
+        _http("GET", "/get", BAR_SLEEP),
+        _http("GET", "/ip", None, source_ip="10.0.0.9"),
+        TrafficRecord(
+            "bar/httpbin", 8000, Protocol.HTTP, True, source_principal=SLEEP, method="POST",
+            path="/post", verdict="allow",
+        ),
+        TrafficRecord(
+            "legacy/httpbin", 8000, Protocol.HTTP, False, source_ip="10.0.0.9", method="GET",
+            path="/", verdict="allow",
+        ),
+    ]  # fmt: skip
+    traffic = _traffic(*records).distinct
+    before, after = compile_text(), compile_text(change)
+    fast = impact(traffic, before, after, now=NOW)
+    slow = impact(traffic, before, after, now=NOW, skip_unchanged=False)
+    assert [(f.observed.record, f.before, f.after) for f in fast.flips] == [
+        (f.observed.record, f.before, f.after) for f in slow.flips
+    ]
+    assert bool(fast.flips) == bool(change)
+
+
+def test_unchanged_sidecars_are_not_decided() -> None:
+    from trustmesh.insight.replay import UnchangedSidecars
+
+    unchanged = UnchangedSidecars(compile_text(), compile_text(DENY_POST))
+    assert unchanged("bar/httpbin") and not unchanged("foo/httpbin")
+    assert not unchanged("legacy/httpbin")  # no sidecar: always decided
+    assert not unchanged("foo/nope")

@@ -15,12 +15,15 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from trustmesh.insight.records import Protocol, TrafficRecord
 from trustmesh.insight.traffic import Observed
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import Decision, RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.xds.translate import translate
 
 __all__ = [
     "Flip",
@@ -130,6 +133,37 @@ class ImpactReport:
         ]
 
 
+class UnchangedSidecars:
+    """Which destinations' sidecars get byte-identical Envoy configuration before and after.
+
+    A recorded request is replayed as the destination's sidecar saw it (a peer principal
+    or a plaintext client, not a source workload), so its verdict is a function of that
+    sidecar's configuration alone: where the translation (:func:`trustmesh.xds.translate`,
+    the configuration the control plane would push) is identical, no request to it can
+    flip and none is decided twice. Anything that does not translate (no sidecar, unknown
+    workload) is never taken as unchanged.
+    """
+
+    def __init__(self, before: MeshPolicy, after: MeshPolicy) -> None:
+        self._before, self._after = before, after
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, ref: str) -> bool:
+        known = self._known.get(ref)
+        if known is None:
+            old, new = _sidecar_config(self._before, ref), _sidecar_config(self._after, ref)
+            known = self._known[ref] = old is not None and old == new
+        return known
+
+
+def _sidecar_config(mesh: MeshPolicy, ref: str) -> bytes | None:
+    try:
+        proxy = translate(mesh, ref, inbound_address="127.0.0.1")
+    except (LookupError, ValueError):
+        return None
+    return orjson.dumps([proxy.listeners, proxy.extension_configs], option=orjson.OPT_SORT_KEYS)
+
+
 def impact(
     observed: Sequence[Observed],
     before: MeshPolicy,
@@ -137,15 +171,23 @@ def impact(
     *,
     now: float,
     progress: Callable[[int, int], None] | None = None,
+    skip_unchanged: bool = True,
 ) -> ImpactReport:
-    """Decide every distinct request before and after; collect what flips."""
+    """Decide every distinct request before and after; collect what flips. Requests to a
+    destination whose sidecar configuration is the same on both sides are not decided
+    (``skip_unchanged``; see :class:`UnchangedSidecars`)."""
     report = ImpactReport(distinct=len(observed))
     total = len(observed)
+    unchanged = UnchangedSidecars(before, after) if skip_unchanged else None
     for done, item in enumerate(observed, 1):
+        if progress is not None and done % 256 == 0:
+            progress(done, total)
         record = item.record
         report.records += item.count
         if record.request_principal:
             report.inexact.append(item)
+        if unchanged is not None and unchanged(record.destination):
+            continue
         was = decide(before, record, now)
         if was.verdict == "error":
             report.unknown.append((item, was))
@@ -155,8 +197,6 @@ def impact(
             report.undecidable.append(Flip(item, was, will))
         elif was.allowed != will.allowed:
             report.flips.append(Flip(item, was, will))
-        if progress is not None and done % 256 == 0:
-            progress(done, total)
     if progress is not None:
         progress(total, total)
     return report
