@@ -10,7 +10,6 @@ silently: every bad line is counted, the first :data:`PROBLEM_LIMIT` are kept).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +41,7 @@ class Observed:
 
     record: TrafficRecord
     count: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
+    verdicts: dict[str, int] = field(default_factory=dict)
     origins: list[str] = field(default_factory=list)  # the first few, for reports
 
 
@@ -92,7 +91,9 @@ class TrafficSet:
         self.records += 1
         known.count += 1
         verdict = get("verdict")
-        known.verdicts[verdict if isinstance(verdict, str) else "unknown"] += 1
+        verdicts = known.verdicts
+        name = verdict if isinstance(verdict, str) else "unknown"
+        verdicts[name] = verdicts.get(name, 0) + 1
         if len(known.origins) < 3:
             origin = get("origin")
             known.origins.append(origin if isinstance(origin, str) else f"{file}:{number}")
