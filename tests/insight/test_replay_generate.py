@@ -390,3 +390,29 @@ def test_unchanged_sidecars_are_not_decided() -> None:
     assert unchanged("bar/httpbin") and not unchanged("foo/httpbin")
     assert not unchanged("legacy/httpbin")  # no sidecar: always decided
     assert not unchanged("foo/nope")
+
+
+POD_DUMP = """apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d4b9c-x2k9z
+  namespace: foo
+  labels: {app: web, pod-template-hash: 7d4b9c, security.istio.io/tlsMode: istio}
+spec:
+  serviceAccountName: web
+  containers: [{name: web, ports: [{containerPort: 8080}]}]
+"""
+
+
+def test_selectors_leave_out_labels_a_rollout_changes() -> None:
+    snapshot = _snapshot(POD_DUMP)
+    record = TrafficRecord(
+        "foo/web-7d4b9c-x2k9z", 8080, Protocol.HTTP, True, source_principal=SLEEP,
+        method="GET", path="/", verdict="allow",
+    )  # fmt: skip
+    generated = generate_policies(
+        snapshot, compile_text(POD_DUMP), _traffic(record).distinct, now=NOW
+    )
+    assert generated.documents[0]["spec"]["selector"] == {
+        "matchLabels": {"app": "web", "security.istio.io/tlsMode": "istio"}
+    }

@@ -51,6 +51,21 @@ __all__ = [
     "prove",
 ]
 
+# Labels a controller stamps per rollout or per pod (a Pod from a cluster dump has them):
+# a selector naming one would stop selecting the workload at its next rollout.
+VOLATILE_LABELS = frozenset(
+    {
+        "pod-template-hash",
+        "controller-revision-hash",
+        "pod-template-generation",
+        "statefulset.kubernetes.io/pod-name",
+        "apps.kubernetes.io/pod-index",
+        "batch.kubernetes.io/controller-uid",
+        "controller-uid",
+        "batch.kubernetes.io/job-name",
+        "job-name",
+    }
+)
 # TEST-NET-1 (RFC 5737): never a pod's address, so never an observed caller.
 UNRECORDED_IP = "192.0.2.1"
 UNRECORDED_SA = "trustmesh-unrecorded-caller"
@@ -216,10 +231,10 @@ def generate_policies(
                     " address only (give them a sidecar to allow them by principal)"
                 )
             rules.append({"from": sources, "to": _to(operations)})
-        if not workload.labels:
-            failures.append(f"{ref} has no labels: no selector can pick it alone")
+        selector = {k: v for k, v in sorted(workload.labels.items()) if k not in VOLATILE_LABELS}
+        if not selector:
+            failures.append(f"{ref} has no stable labels: no selector can pick it alone")
             continue
-        selector = dict(sorted(workload.labels.items()))
         also = [
             w.ref
             for w in snapshot.workloads
