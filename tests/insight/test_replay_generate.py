@@ -416,3 +416,13 @@ def test_selectors_leave_out_labels_a_rollout_changes() -> None:
     assert generated.documents[0]["spec"]["selector"] == {
         "matchLabels": {"app": "web", "security.istio.io/tlsMode": "istio"}
     }
+
+
+def test_impact_notes_requests_the_current_files_decide_otherwise_than_recorded() -> None:
+    refused = TrafficRecord(
+        "foo/httpbin", 8000, Protocol.HTTP, True, source_principal=SLEEP, method="POST",
+        path="/post", verdict="deny",
+    )  # fmt: skip
+    traffic = _traffic(_http("GET", "/get"), refused)
+    report = impact(traffic.distinct, compile_text(), compile_text(DENY_POST), now=NOW)
+    assert [(i.record.path, o.verdict) for i, o in report.mismatched] == [("/post", "allow")]

@@ -295,6 +295,14 @@ def impact_json(report: ImpactReport) -> dict[str, Any]:
         "flipped_requests": len(report.flips),
         "flipped_records": sum(f.observed.count for f in report.flips),
         "inexact": [i.record.origin for i in report.inexact],
+        "recorded_otherwise": [
+            {
+                "origin": item.record.origin,
+                "recorded": sorted(item.verdicts),
+                "replayed": {"verdict": outcome.verdict, "rule": outcome.rule},
+            }
+            for item, outcome in report.mismatched
+        ],
         "undecidable": [
             {
                 "origin": f.observed.record.origin,
@@ -363,6 +371,15 @@ def _impact_table(report: ImpactReport) -> None:
         _out.print(
             f"undecidable: {record.describe_source()} → {record.destination}:{record.port}"
             f" ×{flip.observed.count} [{record.origin}]: {side.reason}",
+            markup=False,
+        )
+    if report.mismatched:
+        item, outcome = report.mismatched[0]
+        _err.print(
+            f"note: {len(report.mismatched)} replayed request(s) were recorded with another"
+            f" verdict than the current files give (e.g. {item.record.origin}: recorded"
+            f" {', '.join(sorted(item.verdicts))}, replayed {outcome.verdict}): are these the"
+            " files that were running?",
             markup=False,
         )
     if report.inexact:

@@ -114,6 +114,9 @@ class ImpactReport:
     # trustmesh cannot decide it exactly on one side (ambient waypoint, gateway): never
     # counted as unchanged, since it may flip
     undecidable: list[Flip] = field(default_factory=list)
+    # decided (before the change) otherwise than the sidecar recorded it: the current files
+    # may not be what was running when the traffic was recorded
+    mismatched: list[tuple[Observed, Outcome]] = field(default_factory=list)
 
     def groups(self) -> list[FlipGroup]:
         by: dict[tuple[str, str, str, str, str], list[Flip]] = defaultdict(list)
@@ -192,6 +195,8 @@ def impact(
         if was.verdict == "error":
             report.unknown.append((item, was))
             continue
+        if _recorded_otherwise(item, was):
+            report.mismatched.append((item, was))
         will = decide(after, record, now)
         if _UNSUPPORTED in (was.verdict, will.verdict):
             report.undecidable.append(Flip(item, was, will))
@@ -200,6 +205,16 @@ def impact(
     if progress is not None:
         progress(total, total)
     return report
+
+
+def _recorded_otherwise(item: Observed, outcome: Outcome) -> bool:
+    """Every record of ``item`` has one known verdict, and it is not ``outcome``'s."""
+    if len(item.verdicts) != 1 or outcome.verdict == _UNSUPPORTED:
+        return False
+    (recorded,) = item.verdicts
+    if recorded == "unknown":
+        return False
+    return (recorded == "allow") != outcome.allowed
 
 
 def allowed_by(items: Iterable[Observed], mesh: MeshPolicy, now: float) -> list[Outcome]:
