@@ -27,10 +27,10 @@ BASE = PathNormalization.BASE
         ("/o/cafe", "/o/cafe"),
         ("/o/a1b2", "/o/a1b2"),  # too short for a hash
         ("/api/%61bc/5", "/api/abc/{*}"),  # unreserved escapes decoded as Envoy does
-        ("/a%2Fb/12", "/a%2Fb/{*}"),  # BASE keeps %2F: the segment stays exact
+        ("/a%2Fb/12", "/a%2Fb/12"),  # BASE keeps %2F: an escape, so no template at all
         ("/a/../b/9", "/b/{*}"),  # dot segments resolved first
         ("/users/42/orders/7", "/users/{*}/orders/{*}"),
-        ("/a/{b}/1", "/a/%7Bb%7D/{*}"),  # Envoy escapes braces: no template syntax left
+        ("/a/{b}/1", "/a/%7Bb%7D/1"),  # Envoy escapes braces: exact, never template syntax
     ],
 )
 def test_generalize(recorded: str, expected: str) -> None:

@@ -10,8 +10,9 @@ cannot hold one):
 ``/api/v1/items/123?x=1`` → ``/api/v1/items/{*}``. Nothing else widens: words stay
 exact, a trailing slash stays (``/a/`` and ``/a`` are different paths to RBAC), no prefix
 (``/api/*``) or ``{**}`` is ever produced, so a rule allows exactly the observed paths and
-the same shape with other identifiers. A segment that still holds a ``%`` escape after
-normalization stays exact (RBAC compares it escaped). A segment with a character that
+the same shape with other identifiers. A path that still holds a ``%`` escape after
+normalization is written exactly (RBAC compares it escaped; a template literal may not
+hold one). A segment with a character that
 would change a template's meaning (``{``, ``}``, ``*``) is never replaced, and a path
 holding one of those stays an exact value only when it has no ``*`` (Istio reads ``*`` at
 either end of a value as a wildcard): otherwise it cannot be written without widening and
@@ -72,9 +73,10 @@ def generalize_path(
                 f"{path!r} holds '*', '{{' or '}}', which a paths value reads as a wildcard"
             )
         return path
-    if any("{" in s or "}" in s or "*" in s for s in segments) or "" in segments[1:]:
+    if any(c in s for s in segments for c in "{}*%") or "" in segments[1:]:
         # A literal brace or star next to a template would be read as template syntax;
-        # an empty segment (a trailing slash, "//") is not a valid URI-template literal.
+        # an empty segment (a trailing slash, "//") or a percent escape is not a literal
+        # every URI-template parser takes: such a path is written exactly instead.
         return _exact(path)
     return value
 
