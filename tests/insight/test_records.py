@@ -85,6 +85,10 @@ def test_tcp_and_outbound_and_plaintext_lines() -> None:
     assert from_trustmesh_entry({**INBOUND, "direction": "outbound"}, "f:3", IPS) is None
     problem = from_trustmesh_entry({**INBOUND, "workload": None}, "f:4", IPS)
     assert isinstance(problem, Problem) and (problem.origin, problem.field) == ("f:4", "workload")
+    problem = from_trustmesh_entry(
+        {k: v for k, v in INBOUND.items() if k != "direction"}, "f:6", IPS
+    )
+    assert isinstance(problem, Problem) and problem.field == "direction"
     problem = from_trustmesh_entry({**INBOUND, "path": "-"}, "f:5", IPS)
     assert isinstance(problem, Problem) and problem.field == "path"
 

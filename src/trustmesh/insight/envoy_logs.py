@@ -119,8 +119,11 @@ def from_trustmesh_entry(
 ) -> TrafficRecord | Problem | None:
     """A record from a trustmesh sidecar's JSON line; None for lines that are not records
     (outbound, listener-level). ``workload_of_ip``: pod addresses → ``NS/NAME``."""
-    if entry.get("direction") != "inbound":
-        return None
+    direction = entry.get("direction")
+    if direction == "outbound":
+        return None  # the client's view; the destination's inbound line decided
+    if direction != "inbound":
+        return Problem(origin, "direction", f"must be inbound or outbound, got {direction!r}")
     destination = entry.get("workload")
     if not isinstance(destination, str) or destination.count("/") != 1:
         return Problem(origin, "workload", "missing: which workload logged this line")
