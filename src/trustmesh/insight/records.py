@@ -118,13 +118,18 @@ def record_line(record: TrafficRecord) -> bytes:
     return orjson.dumps(record.as_dict()) + b"\n"
 
 
-def _text(entry: dict[str, Any], key: str, origin: str, *, required: bool) -> str | Problem | None:
-    value = entry.get(key)
-    if value is None or value == "":
-        return Problem(origin, key, "missing") if required else None
-    if not isinstance(value, str):
-        return Problem(origin, key, f"must be a string, got {type(value).__name__}")
-    return value
+_TEXT_FIELDS = (
+    "destination",
+    "source_principal",
+    "source_workload",
+    "source_ip",
+    "method",
+    "path",
+    "host",
+    "rule",
+    "time",
+    "request_principal",
+)
 
 
 def parse_record_line(line: bytes, origin: str) -> TrafficRecord | Problem:
@@ -143,22 +148,16 @@ def record_from_dict(entry: dict[str, Any], origin: str) -> TrafficRecord | Prob
     if schema != SCHEMA:
         return Problem(origin, "schema", f"expected {SCHEMA!r}, got {schema!r}")
     texts: dict[str, str | None] = {}
-    for key, required in (
-        ("destination", True),
-        ("source_principal", False),
-        ("source_workload", False),
-        ("source_ip", False),
-        ("method", False),
-        ("path", False),
-        ("host", False),
-        ("rule", False),
-        ("time", False),
-        ("request_principal", False),
-    ):
-        value = _text(entry, key, origin, required=required)
-        if isinstance(value, Problem):
-            return value
-        texts[key] = value
+    for key in _TEXT_FIELDS:
+        value = entry.get(key)
+        if value is None or value == "":
+            texts[key] = None
+        elif isinstance(value, str):
+            texts[key] = value
+        else:
+            return Problem(origin, key, f"must be a string, got {type(value).__name__}")
+    if texts["destination"] is None:
+        return Problem(origin, "destination", "missing")
     destination = texts["destination"]
     assert destination is not None
     if destination.count("/") != 1 or not all(destination.split("/")):

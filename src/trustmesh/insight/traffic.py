@@ -71,7 +71,20 @@ class TrafficSet:
 
     def add_entry(self, entry: dict[str, Any], file: str, number: int) -> None:
         get = entry.get
-        key = tuple(get(k) for k in _KEY_FIELDS)
+        # spelled out (the fields of _KEY_FIELDS), not a generator: this runs once per record
+        key: tuple[Any, ...] = (
+            get("schema"),
+            get("mtls"),
+            get("source_principal"),
+            get("source_ip"),
+            get("destination"),
+            get("port"),
+            get("protocol"),
+            get("method"),
+            get("path"),
+            get("host"),
+            get("request_principal"),
+        )
         try:
             known = self.observed.get(key)
         except TypeError:  # a list or object where a string belongs: validate to say so
