@@ -247,3 +247,29 @@ def test_a_file_mixing_schema_versions_names_the_lines_it_cannot_read() -> None:
     assert traffic.records == 2
     assert [(p.origin, p.field) for p in traffic.problems] == [("t.jsonl:2", "schema")]
     assert "trustmesh.dev/traffic/v1" in traffic.problems[0].message
+
+
+# A line a trustmesh sidecar wrote for a TCP connection (tcp-echo, through `trustmesh up`).
+REAL_TCP_LINE = (
+    b'{"bytes_received":3,"bytes_sent":3,"connection_termination_details":null,'
+    b'"direction":"inbound","downstream_local_address":"127.92.6.1:9000",'
+    b'"downstream_remote_address":"127.92.1.1:43934","duration_ms":2,'
+    b'"peer_principal":"spiffe://cluster.local/ns/foo/sa/sleep","port":"9000","rbac":null,'
+    b'"requested_server_name":"outbound_.9000_._.tcp-echo.foo.svc.cluster.local",'
+    b'"response_flags":"-","start_time":"2026-12-06T05:34:38.322Z",'
+    b'"upstream_host":"127.92.6.2:9000","workload":"foo/tcp-echo"}'
+)
+
+
+def test_a_real_tcp_connection_line() -> None:
+    record = from_trustmesh_entry(
+        orjson.loads(REAL_TCP_LINE), "envoy.log:2", {"127.92.1.1": "foo/sleep"}
+    )
+    assert isinstance(record, TrafficRecord)
+    assert (record.protocol, record.port, record.source_workload) == (
+        Protocol.TCP,
+        9000,
+        "foo/sleep",
+    )
+    assert (record.mtls, record.source_principal) == (True, "cluster.local/ns/foo/sa/sleep")
+    assert (record.verdict, record.rule, record.method, record.path) == ("allow", None, None, None)
