@@ -273,3 +273,8 @@ def test_a_real_tcp_connection_line() -> None:
     )
     assert (record.mtls, record.source_principal) == (True, "cluster.local/ns/foo/sa/sleep")
     assert (record.verdict, record.rule, record.method, record.path) == ("allow", None, None, None)
+
+
+def test_a_source_address_must_be_an_address() -> None:
+    problem = parse_record_line(_line(source_ip="0.0.0.0/0"), "t.jsonl:4")
+    assert isinstance(problem, Problem) and problem.field == "source_ip"

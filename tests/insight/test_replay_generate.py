@@ -426,3 +426,16 @@ def test_impact_notes_requests_the_current_files_decide_otherwise_than_recorded(
     traffic = _traffic(_http("GET", "/get"), refused)
     report = impact(traffic.distinct, compile_text(), compile_text(DENY_POST), now=NOW)
     assert [(i.record.path, o.verdict) for i, o in report.mismatched] == [("/post", "allow")]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _http("GET", "/get", "*"),
+        _http("GET", "/get", "cluster.local/ns/foo/sa/*"),
+        _http("*", "/get"),
+    ],
+)
+def test_recorded_wildcards_are_never_written_as_wildcards(record: TrafficRecord) -> None:
+    with pytest.raises(ProofFailed, match="wildcard"):
+        generate_policies(_snapshot(), compile_text(), _traffic(record).distinct, now=NOW)

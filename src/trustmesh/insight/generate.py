@@ -191,6 +191,14 @@ def generate_policies(
             )
             continue
         caller = _caller(record)
+        wild = [v for v in (caller.principal, record.method) if v and "*" in v]
+        if wild:
+            # Istio reads '*' at either end of a principal or method as a wildcard: written
+            # as recorded it would allow every principal / method sharing the rest.
+            failures.append(
+                f"{record.origin}: {wild[0]!r} holds '*', which a policy reads as a wildcard"
+            )
+            continue
         if caller.principal is None and not caller.ip:
             failures.append(
                 f"{record.origin}: a plaintext request without a source address"

@@ -26,6 +26,7 @@ Readers accept extra keys (a later minor version may add some) and refuse a diff
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +159,11 @@ def record_from_dict(entry: dict[str, Any], origin: str) -> TrafficRecord | Prob
             return Problem(origin, key, f"must be a string, got {type(value).__name__}")
     if texts["destination"] is None:
         return Problem(origin, "destination", "missing")
+    if texts["source_ip"] is not None:
+        try:
+            ipaddress.ip_address(texts["source_ip"])
+        except ValueError:
+            return Problem(origin, "source_ip", f"not an IP address: {texts['source_ip']!r}")
     destination = texts["destination"]
     assert destination is not None
     if destination.count("/") != 1 or not all(destination.split("/")):
