@@ -12,7 +12,7 @@ it is decided without one and flagged ``inexact``, never silently as if it had n
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -215,8 +215,3 @@ def _recorded_otherwise(item: Observed, outcome: Outcome) -> bool:
     if recorded == "unknown":
         return False
     return (recorded == "allow") != outcome.allowed
-
-
-def allowed_by(items: Iterable[Observed], mesh: MeshPolicy, now: float) -> list[Outcome]:
-    """Each item's outcome under ``mesh`` (in order)."""
-    return [decide(mesh, item.record, now) for item in items]
