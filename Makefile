@@ -62,6 +62,7 @@ bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_validate.py
 	$(BIN)/python bench/bench_graph.py
+	$(BIN)/python bench/bench_impact.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/bench_sandbox.py; \
 	else echo "bench_sandbox.py needs root (network namespaces, nftables): not run"; fi
 	@if command -v callgrind_control >/dev/null; then $(BIN)/python bench/bench_inbound_cost.py; \

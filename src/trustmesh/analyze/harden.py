@@ -34,7 +34,9 @@ class HardenPlan:
             reasons = sorted(set(self.reasons[key]))
             rules = [r for r in reasons if r.startswith("TM-")]
             header = f"# fixes {', '.join(rules)}\n" if rules else ""
-            if len(rules) < len(reasons):
+            if "recorded traffic" in reasons:
+                header += "# least privilege from recorded traffic (proven by replay)\n"
+            elif len(rules) < len(reasons):
                 header += "# keeps calls the inputs imply working under the fixes above\n"
             header += "".join(f"# {line}\n" for line in self.comments.get(key, ()))
             chunks.append(header + yaml.safe_dump(resource, sort_keys=False))

@@ -53,18 +53,40 @@ class CallReport:
     generated: list[str] = field(default_factory=list)  # keys of the ALLOW policies added
     unkept: list[str] = field(default_factory=list)  # broken calls no policy could keep
     notes: list[str] = field(default_factory=list)
+    # (principal, destination, port) of requests recorded in traffic (harden --traffic):
+    # an implied call among them is kept for what was recorded, not opened wider
+    recorded: frozenset[tuple[str, str, int]] = frozenset()
+    trust_domain: str = "cluster.local"
+    _principals: dict[str, str] = field(default_factory=dict)
 
     @property
     def broken(self) -> list[CallOutcome]:
         return [o for o in self.outcomes if o.broken]
 
+    def is_recorded(self, call: ImpliedCall) -> bool:
+        """The call's caller was recorded reaching its destination port."""
+        principal = self._principals.get(call.source)
+        return principal is not None and (principal, call.destination, call.port) in self.recorded
 
-def keep_implied_calls(ctx: AnalysisContext, plan: HardenPlan, *, generate: bool) -> CallReport:
+
+def keep_implied_calls(
+    ctx: AnalysisContext,
+    plan: HardenPlan,
+    *,
+    generate: bool,
+    recorded: frozenset[tuple[str, str, int]] = frozenset(),
+) -> CallReport:
     """Decide the implied calls with and without ``plan``; add ALLOWs to ``plan`` that keep
     the ones it denies (``generate``), and comment every proposed resource with what it
-    breaks and every generated one with its proof."""
+    breaks and every generated one with its proof. ``recorded``: (principal, destination,
+    port) of recorded traffic the plan already keeps (``harden --traffic``)."""
     calls, unresolved = implied_calls(ctx)
-    report = CallReport(notes=[u.text for u in unresolved])
+    td = ctx.snapshot.mesh.trust_domain
+    report = CallReport(notes=[u.text for u in unresolved], recorded=recorded, trust_domain=td)
+    for call in calls:
+        source = ctx.snapshot.workload(call.source)
+        if source is not None:
+            report._principals[call.source] = source.principal(td)
     if not calls:
         return report
     hardened = _with_plan(ctx, plan.resources)
@@ -225,6 +247,8 @@ def _comment_breakers(ctx: AnalysisContext, plan: HardenPlan, report: CallReport
         for o in hit:
             if _allowed(o.kept):
                 keeper = "kept by an ALLOW below"
+            elif report.is_recorded(o.call):
+                keeper = "kept for its recorded requests only (--traffic)"
             elif o.kept is None and _denied(o.after) and not report.generated:
                 keeper = "not kept: only listed (--list-implied-calls)"
             else:

@@ -15,7 +15,7 @@ from trustmesh.analyze import report
 from trustmesh.analyze.context import AnalysisContext, build_context
 from trustmesh.analyze.engine import AnalysisResult, Suppression, analyze
 from trustmesh.analyze.findings import Finding, Severity
-from trustmesh.analyze.harden import plan
+from trustmesh.analyze.harden import HardenPlan, plan
 from trustmesh.analyze.harden_calls import CallReport, keep_implied_calls
 from trustmesh.analyze.registry import all_rules
 from trustmesh.cli import render
@@ -150,10 +150,19 @@ def harden_command(
             " default-deny, or only list what it would deny.",
         ),
     ] = True,
+    traffic: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--traffic",
+            help="Records of `traffic export`: add least-privilege ALLOWs proven on them"
+            " (as `generate`), replayed again with every proposed fix.",
+        ),
+    ] = None,
 ) -> None:
     """Write the YAML that fixes findings with a mechanical fix (never applied).
 
-    Exit codes: 0 written; 2 bad command line; 3 invalid input (nothing written).
+    Exit codes: 0 written; 2 bad command line; 3 invalid input, bad records, or recorded
+    traffic no least-privilege policy can be proven for (nothing written).
     """
     try:
         context = _context(files, mesh_config, istio_version, "text", namespace, assume_injected)
@@ -164,7 +173,12 @@ def harden_command(
     for note in result.notes:
         typer.echo(f"# note: {note}", err=True)
     fixes = plan(result.findings)
-    calls = keep_implied_calls(context, fixes, generate=keep_calls)
+    still_broken, recorded = _recorded_traffic(context, fixes, traffic) if traffic else ([], None)
+    # Recorded traffic is the better evidence: implied calls it does not cover are listed,
+    # not opened with a port-wide ALLOW that would undo its least privilege.
+    calls = keep_implied_calls(
+        context, fixes, generate=keep_calls and not traffic, recorded=recorded or frozenset()
+    )
     text = fixes.render()
     if out is None:
         sys.stdout.write(text)
@@ -177,6 +191,38 @@ def harden_command(
         err=True,
     )
     _calls_summary(calls, any(d.get("kind") == "AuthorizationPolicy" for d in fixes.resources))
+    for line in still_broken:
+        typer.echo(f"# NOT kept: {line}", err=True)
+
+
+def _recorded_traffic(
+    context: AnalysisContext, fixes: HardenPlan, paths: list[str]
+) -> tuple[list[str], frozenset[tuple[str, str, int]]]:
+    """``--traffic``: the proven least-privilege policies added to ``fixes``; what the plan
+    still breaks, and who was recorded calling what."""
+    import time
+
+    from trustmesh.analyze.harden_traffic import add_recorded_traffic, recorded_pairs
+    from trustmesh.insight.files import read_traffic
+    from trustmesh.insight.generate import ProofFailed
+    from trustmesh.insight.traffic import TrafficSet
+
+    recorded = TrafficSet()
+    unreadable = read_traffic(paths, recorded)
+    for problem in [*unreadable, *recorded.problems]:
+        typer.echo(f"error: {problem}", err=True)
+    if unreadable or recorded.problem_count or not recorded.records:
+        if not recorded.records and not unreadable and not recorded.problem_count:
+            typer.echo(f"error: no records in {', '.join(paths)}", err=True)
+        raise typer.Exit(EXIT_INVALID_INPUT)
+    try:
+        broken = add_recorded_traffic(context, fixes, recorded.distinct, time.time())
+        return broken, recorded_pairs(recorded.distinct)
+    except ProofFailed as exc:
+        for failure in exc.failures:
+            typer.echo(f"error: {failure}", err=True)
+        typer.echo("error: nothing written: no least-privilege policy is proven", err=True)
+        raise typer.Exit(EXIT_INVALID_INPUT) from None
 
 
 def _calls_summary(calls: CallReport, default_deny: bool) -> None:
@@ -203,7 +249,19 @@ def _calls_summary(calls: CallReport, default_deny: bool) -> None:
         )
     elif broken:
         for o in broken:
-            typer.echo(f"#   would stop {o.call.describe()} [{o.call.evidence}]", err=True)
+            if calls.is_recorded(o.call):
+                typer.echo(
+                    f"#   kept for its recorded requests only: {o.call.describe()}"
+                    f" → {o.call.destination} [{o.call.evidence}]",
+                    err=True,
+                )
+            else:
+                typer.echo(
+                    f"#   would stop {o.call.describe()}"
+                    + (f" → {o.call.destination}" if calls.recorded else "")
+                    + f" [{o.call.evidence}]",
+                    err=True,
+                )
     for line in calls.unkept:
         typer.echo(f"# not kept: {line}", err=True)
     for note in calls.notes:

@@ -21,6 +21,7 @@ from trustmesh.cli.agent import agent as agent_command
 from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
 from trustmesh.cli.graph import graph_command
+from trustmesh.cli.insight import generate_command, impact_command, traffic_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.cli.top import top as top_command
@@ -61,6 +62,9 @@ app.command("graph")(graph_command)
 app.command("apply")(apply_command)
 app.command("get")(get_command)
 app.command("delete")(delete_command)
+app.add_typer(traffic_app, name="traffic")
+app.command("impact")(impact_command)
+app.command("generate")(generate_command)
 
 Files = Annotated[
     list[str],
