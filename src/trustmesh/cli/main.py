@@ -24,10 +24,10 @@ from trustmesh.cli.graph import graph_command
 from trustmesh.cli.insight import generate_command, impact_command, traffic_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.sample import app as sample_app
-from trustmesh.cli.top import top as top_command
 from trustmesh.cli.store import apply as apply_command
 from trustmesh.cli.store import delete as delete_command
 from trustmesh.cli.store import get as get_command
+from trustmesh.cli.top import top as top_command
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
