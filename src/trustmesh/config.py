@@ -195,6 +195,7 @@ def _load_config(
             problems.append(error("unreadable", Location(file), f"jwks for {uri}: {exc}"))
     snapshot = build_snapshot(loaded, tuple(mesh_docs), assume_injected=assume_injected)
     diagnostics = problems + loaded.diagnostics + validate_snapshot(snapshot)
+    diagnostics += _envoy_filter_problems(snapshot)
     tests = _tests(loaded, diagnostics) + _tests(tests_loaded, diagnostics)
     diagnostics.extend(d for d in tests_loaded.diagnostics)
     if tests_loaded.resources:
@@ -211,6 +212,16 @@ def _load_config(
     if compile_policy and not result.errors:
         result.mesh = compile_mesh(snapshot, jwks)
     return result
+
+
+def _envoy_filter_problems(snapshot: ConfigSnapshot) -> list[Diagnostic]:
+    """EnvoyFilter patches Envoy would reject (imported only when there are any: it loads
+    Envoy's protos)."""
+    if not any(True for _ in snapshot.of_kind("EnvoyFilter")):
+        return []
+    from trustmesh.xds.envoyfilter import envoy_filter_diagnostics
+
+    return envoy_filter_diagnostics(snapshot)
 
 
 def _file_key(name: str) -> str:
