@@ -105,7 +105,9 @@ def _rule(text: str) -> Any:
     return rule.spec
 
 
-SUBSETS = CIRCUIT_BREAKER + """    portLevelSettings:
+SUBSETS = (
+    CIRCUIT_BREAKER
+    + """    portLevelSettings:
     - port: {number: 9000}
       outlierDetection: {consecutiveGatewayErrors: 2}
   subsets:
@@ -120,6 +122,7 @@ SUBSETS = CIRCUIT_BREAKER + """    portLevelSettings:
       - port: {number: 8000}
         connectionPool: {tcp: {maxConnections: 9}}
 """
+)
 
 
 def test_subset_overrides_field_by_field_and_wholesale_with_its_own_port_level() -> None:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import any_pb2, descriptor, descriptor_pool, json_format
 
 from trustmesh.api import traffic as t
-from trustmesh.api.diagnostics import Diagnostic, Location, error
+from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot, Workload
 from trustmesh.envoy_json import HCM_TYPE
@@ -175,7 +175,7 @@ def _patch_problems(resource: Resource[Any], index: int, patch: t.ConfigPatch) -
     supported = _SUPPORTED_OPERATIONS.get(patch.apply_to)
     if supported is None:
         return [
-            error(
+            warning(
                 "unsupported-field",
                 at("applyTo"),
                 f"{patch.apply_to.value} is not applied by trustmesh (it applies LISTENER, "
@@ -187,10 +187,10 @@ def _patch_problems(resource: Resource[Any], index: int, patch: t.ConfigPatch) -
     operation = patch.patch.operation
     if operation not in supported:
         return [
-            error(
-                "invalid-field",
+            warning(
+                "ignored-field",
                 at("patch", "operation"),
-                f"{operation.value} does not apply to {patch.apply_to.value}",
+                f"{operation.value} on {patch.apply_to.value} is ignored (as istiod ignores it)",
             )
         ]
     if operation is t.Operation.REMOVE:
