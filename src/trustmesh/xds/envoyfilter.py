@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,14 +78,13 @@ _SUPPORTED_OPERATIONS: dict[t.ApplyTo, frozenset[t.Operation]] = {
         }
     ),
 }
-# Istio's name for the filter an ECDS slot of this config type stands for.
-_ISTIO_FILTER_NAMES = {
-    _T + "envoy.extensions.filters.http.rbac.v3.RBAC": "envoy.filters.http.rbac",
-    _T + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication": (
-        "envoy.filters.http.jwt_authn"
-    ),
-    _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz": "envoy.filters.http.ext_authz",
-}
+# Istio's name for the filter an ECDS policy slot stands for (by slot name prefix); the
+# request guards are trustmesh's own and answer to their slot names only.
+_ISTIO_FILTER_NAMES = (
+    ("trustmesh.authz.custom.", "envoy.filters.http.ext_authz"),
+    ("trustmesh.authz.", "envoy.filters.http.rbac"),
+    ("trustmesh.authn.jwt", "envoy.filters.http.jwt_authn"),
+)
 _TYPED_STRUCTS = frozenset({"udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"})
 # Well-known types with their own JSON form: ParseDict checks their values.
 _OPAQUE = frozenset(
@@ -221,8 +221,22 @@ def proto_problem(
     try:
         _parse({"@type": _T + full_name, **value})
     except json_format.ParseError as exc:
-        return (), _proto_error_text(str(exc))
+        return _parse_error_path(str(exc)), _proto_error_text(str(exc))
     return None
+
+
+def _parse_error_path(text: str) -> tuple[str | int, ...]:
+    """The field a ParseDict error names (``… at Any.token_bucket.fill_interval.``)."""
+    found = re.search(r" at Any\.([\w.\[\]]+?)\.?$", text)
+    if found is None:
+        return ()
+    path: list[str | int] = []
+    for part in found.group(1).split("."):
+        name, _, index = part.partition("[")
+        path.append(name)
+        if index.rstrip("]").isdigit():
+            path.append(int(index.rstrip("]")))
+    return tuple(path)
 
 
 def _parse(resource: dict[str, Any]) -> None:
@@ -568,10 +582,10 @@ def _apply_network_filter(state: _State, patch: _Patch) -> list[dict[str, Any]]:
 
 
 def _filter_names(http_filter: dict[str, Any]) -> set[str]:
-    names = {str(http_filter.get("name", ""))}
-    type_urls = list(http_filter.get("config_discovery", {}).get("type_urls", []))
-    type_urls.append(http_filter.get("typed_config", {}).get("@type", ""))
-    names.update(_ISTIO_FILTER_NAMES[u] for u in type_urls if u in _ISTIO_FILTER_NAMES)
+    name = str(http_filter.get("name", ""))
+    names = {name}
+    if "config_discovery" in http_filter:
+        names.update(istio for prefix, istio in _ISTIO_FILTER_NAMES if name.startswith(prefix))
     return names
 
 
