@@ -74,6 +74,59 @@ spec:
 """
 )
 
+# The task's per-route variant: the filter in the chain has no bucket of its own, the inbound
+# route's typed_per_filter_config (a patch of the route served over RDS) sets it.
+PER_ROUTE_RATE_LIMIT = (
+    """
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: filter-local-ratelimit-svc, namespace: foo}
+spec:
+  workloadSelector: {labels: {app: httpbin}}
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: SIDECAR_INBOUND
+      listener:
+        filterChain:
+          filter:
+            name: envoy.filters.network.http_connection_manager
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/"""
+    """envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value: {stat_prefix: http_local_rate_limiter}
+  - applyTo: HTTP_ROUTE
+    match:
+      context: SIDECAR_INBOUND
+      routeConfiguration:
+        vhost:
+          name: inbound|http|8000
+          route: {action: ANY}
+    patch:
+      operation: MERGE
+      value:
+        typed_per_filter_config:
+          envoy.filters.http.local_ratelimit:
+            "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+            type_url: type.googleapis.com/"""
+    """envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+            value:
+              stat_prefix: http_local_rate_limiter
+              token_bucket: {max_tokens: 10, tokens_per_fill: 10, fill_interval: 1s}
+              filter_enabled:
+                runtime_key: local_rate_limit_enabled
+                default_value: {numerator: 100, denominator: HUNDRED}
+              filter_enforced:
+                runtime_key: local_rate_limit_enforced
+                default_value: {numerator: 100, denominator: HUNDRED}
+"""
+)
+
 # Istio's "circuit breaking" task (plaintext here: the upstream is a bare test app).
 CIRCUIT_BREAKER = """
 apiVersion: networking.istio.io/v1
@@ -233,12 +286,13 @@ def _client_patch(resources: ProxyResources, listen: tuple[str, int], log: Path)
 
 
 @pytest.mark.envoy
+@pytest.mark.parametrize("envoy_filter", [LOCAL_RATE_LIMIT, PER_ROUTE_RATE_LIMIT])
 def test_live_local_rate_limit_lets_10_through_and_answers_429(
-    ca: MiniCA, loopback: Loopback, sidecars: Sidecars
+    ca: MiniCA, loopback: Loopback, sidecars: Sidecars, envoy_filter: str
 ) -> None:
     inbound, app = loopback.address(), loopback.address()
     resources = translate(
-        compile_text(LOCAL_RATE_LIMIT), "foo/httpbin", inbound_address=inbound, app_address=app
+        compile_text(envoy_filter), "foo/httpbin", inbound_address=inbound, app_address=app
     )
     hits: list[str] = []
 
