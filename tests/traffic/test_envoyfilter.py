@@ -218,6 +218,12 @@ def test_patches_envoy_would_reject_name_file_line_and_field() -> None:
     (shown,) = _diagnostics(bad_value)
     assert shown.startswith("ef.yaml:8 spec.configPatches[0].patch.value.lb_policy:")
     assert "FASTEST" in shown
+    bad_duration = typo.replace("max_tokenz: 10", "max_tokens: 10, fill_interval: 1")
+    (shown,) = _diagnostics(bad_duration)
+    assert shown.startswith(
+        "ef.yaml:17 spec.configPatches[0].patch.value.typed_config.value.token_bucket"
+        ".fill_interval: error[invalid-envoy-config]: Envoy would reject it: Duration"
+    )
     no_operation = envoy_filter("  - applyTo: CLUSTER\n    patch: {value: {name: x}}\n")
     assert "patch.operation" in _diagnostics(no_operation)[0]
 

@@ -70,6 +70,7 @@ _SUPPORTED_OPERATIONS: dict[t.ApplyTo, frozenset[t.Operation]] = {
     t.ApplyTo.HTTP_FILTER: frozenset(t.Operation) - {t.Operation.INVALID},
     t.ApplyTo.HTTP_ROUTE: frozenset(
         {
+            t.Operation.ADD,
             t.Operation.MERGE,
             t.Operation.REMOVE,
             t.Operation.INSERT_BEFORE,
@@ -231,7 +232,7 @@ def _parse_error_path(text: str) -> tuple[str | int, ...]:
     if found is None:
         return ()
     path: list[str | int] = []
-    for part in found.group(1).split("."):
+    for part in filter(None, found.group(1).split(".")):
         name, _, index = part.partition("[")
         path.append(name)
         if index.rstrip("]").isdigit():
@@ -246,7 +247,10 @@ def _parse(resource: dict[str, Any]) -> None:
 
 
 def _proto_error_text(text: str) -> str:
-    return f"Envoy would reject it: {text}"
+    """ParseDict's reason without its nesting ("Failed to parse x field: …") and path."""
+    reason = re.sub(r"^(?:Failed to parse \w+ field: )+", "", text)
+    reason = re.sub(r" at Any\.[\w.\[\]]*\.?$", "", reason)
+    return f"Envoy would reject it: {reason}"
 
 
 def _resolve(type_url: str) -> descriptor.Descriptor | None:
