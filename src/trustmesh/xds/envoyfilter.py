@@ -287,7 +287,8 @@ def _walk_problem(
                 try:
                     _parse({"@type": _T + wrapped.full_name, **dict(body.get("value") or {})})
                 except json_format.ParseError as exc:
-                    return (*path, "value"), _proto_error_text(str(exc))
+                    inner_path = _parse_error_path(str(exc))
+                    return (*path, "value", *inner_path), _proto_error_text(str(exc))
             return found
         return _walk_problem(inner, body, path)
     fields = {f.name: f for f in message.fields} | {f.json_name: f for f in message.fields}
