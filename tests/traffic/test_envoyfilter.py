@@ -228,6 +228,12 @@ def test_patches_envoy_would_reject_name_file_line_and_field() -> None:
     assert "patch.operation" in _diagnostics(no_operation)[0]
 
 
+def test_translate_refuses_a_proxy_config_with_a_patch_envoy_would_reject() -> None:
+    bad = envoy_filter(lua("x", "INSERT_FIRST").replace("lua.v3.Lua", "lua.v3.Luaa"))
+    with pytest.raises(EnvoyFilterRejected, match="unknown type"):
+        translate(compile_text(bad), "foo/httpbin", inbound_address="127.0.0.2")
+
+
 def test_a_patch_that_breaks_the_merged_config_is_refused_before_any_push() -> None:
     # Valid alone, but the cluster already has a discovery type: two members of a oneof.
     text = envoy_filter(

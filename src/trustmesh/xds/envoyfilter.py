@@ -323,8 +323,9 @@ def _walk_problem(
 # ---------------------------------------------------------------------------- selecting
 
 
-def _applicable(mesh: MeshPolicy, workload: Workload) -> list[_Patch]:
-    """The patches that apply to ``workload``'s sidecar, in Istio's order."""
+def _applicable(mesh: MeshPolicy, workload: Workload) -> tuple[list[_Patch], list[Diagnostic]]:
+    """The patches that apply to ``workload``'s sidecar, in Istio's order, and the errors
+    of those Envoy would reject (those istiod ignores are left out: warnings)."""
     root = mesh.snapshot.mesh.root_namespace
     chosen: list[Resource[Any]] = []
     for resource in mesh.snapshot.of_kind("EnvoyFilter"):
@@ -345,11 +346,13 @@ def _applicable(mesh: MeshPolicy, workload: Workload) -> list[_Patch]:
             f"{r.name}.{r.namespace}",
         )
     )
-    patches = []
+    patches, errors = [], []
     for resource in chosen:
         for index, patch in enumerate(resource.spec.config_patches):
-            if patch.patch is None or _patch_problems(resource, index, patch):
-                continue  # reported by envoy_filter_diagnostics when the config loads
+            problems = _patch_problems(resource, index, patch)
+            errors += [p for p in problems if p.is_error]
+            if patch.patch is None or problems:
+                continue
             patches.append(
                 _Patch(
                     resource,
@@ -360,7 +363,7 @@ def _applicable(mesh: MeshPolicy, workload: Workload) -> list[_Patch]:
                     patch.patch.value,
                 )
             )
-    return patches
+    return patches, errors
 
 
 # ---------------------------------------------------------------------------- applying
@@ -374,7 +377,9 @@ def apply_envoy_filters(
     wp = mesh.for_workload(workload_ref)
     if wp is None or not any(True for _ in mesh.snapshot.of_kind("EnvoyFilter")):
         return resources
-    patches = _applicable(mesh, wp.workload)
+    patches, errors = _applicable(mesh, wp.workload)
+    if errors:  # also checked when the configuration loads; never skipped silently
+        raise EnvoyFilterRejected(errors)
     if not patches:
         return resources
     # Clusters and routes are shared between proxies: patch copies.
