@@ -211,7 +211,7 @@ def test_patches_envoy_would_reject_name_file_line_and_field() -> None:
     assert shown.startswith(
         "ef.yaml:17 spec.configPatches[0].patch.value.typed_config.value.token_bucket.max_tokenz:"
     )
-    assert "unknown field 'max_tokenz'" in shown
+    assert "warning[envoy-would-reject]: unknown field 'max_tokenz'" in shown
     bad_value = envoy_filter(
         "  - applyTo: CLUSTER\n    patch: {operation: MERGE, value: {lb_policy: FASTEST}}\n"
     )
@@ -232,6 +232,15 @@ def test_translate_refuses_a_proxy_config_with_a_patch_envoy_would_reject() -> N
     bad = envoy_filter(lua("x", "INSERT_FIRST").replace("lua.v3.Lua", "lua.v3.Luaa"))
     with pytest.raises(EnvoyFilterRejected, match="unknown type"):
         translate(compile_text(bad), "foo/httpbin", inbound_address="127.0.0.2")
+    # Istio only warns about these; Envoy would reject them: refused, never skipped.
+    typo = envoy_filter(lua("x", "INSERT_FIRST").replace("default_source_code", "default_src"))
+    with pytest.raises(EnvoyFilterRejected, match="unknown field 'default_src'"):
+        translate(compile_text(typo), "foo/httpbin", inbound_address="127.0.0.2")
+    by_name = envoy_filter(
+        "  - applyTo: HTTP_FILTER\n    patch: {operation: INSERT_FIRST, value: {name: x}}\n"
+    )
+    with pytest.raises(EnvoyFilterRejected, match="without typed_config"):
+        translate(compile_text(by_name), "foo/httpbin", inbound_address="127.0.0.2")
 
 
 def test_a_patch_that_breaks_the_merged_config_is_refused_before_any_push() -> None:

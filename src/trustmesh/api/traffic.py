@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from trustmesh.api.diagnostics import Diagnostic, Location, warning
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {
@@ -245,3 +248,34 @@ class EnvoyFilterSpec(_Strict):
     target_refs: tuple[dict[str, Any], ...] = ()
     config_patches: tuple[ConfigPatch, ...] = ()
     priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
+
+
+def outlier_detection_warnings(
+    rule: BaseModel, at: Callable[..., Location]
+) -> Iterator[Diagnostic]:
+    """Istio's warning for ``consecutiveErrors``: deprecated, and ignored by istiod — the
+    rule ejects nothing on it (``consecutive5xxErrors`` / ``consecutiveGatewayErrors`` do).
+
+    ``rule`` is a DestinationRuleSpec; ``at`` locates a field path under its spec.
+    """
+    policies: list[tuple[tuple[str | int, ...], Any]] = []
+    top = getattr(rule, "traffic_policy", None)
+    if top is not None:
+        policies.append((("trafficPolicy",), top))
+    for index, subset in enumerate(getattr(rule, "subsets", ())):
+        if subset.traffic_policy is not None:
+            policies.append((("subsets", index, "trafficPolicy"), subset.traffic_policy))
+    for path, policy in policies:
+        levels = [(path, policy)] + [
+            ((*path, "portLevelSettings", i), level)
+            for i, level in enumerate(policy.port_level_settings)
+        ]
+        for where, level in levels:
+            outlier = level.outlier_detection
+            if outlier is not None and outlier.consecutive_errors is not None:
+                yield warning(
+                    "deprecated-field",
+                    at(*where, "outlierDetection", "consecutiveErrors"),
+                    "deprecated and ignored by Istio: nothing is ejected on it; use "
+                    "consecutive5xxErrors or consecutiveGatewayErrors",
+                )

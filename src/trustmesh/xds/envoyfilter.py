@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = ["EnvoyFilterRejected", "apply_envoy_filters", "envoy_filter_diagnostics"]
 
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
+# Accepted by Istio's validation with a warning, rejected by Envoy: a warning when the
+# configuration loads, a refused proxy configuration when the patch applies.
+_REFUSED_ON_APPLY = "envoy-would-reject"
 _T = "type.googleapis.com/"
 # The message each applyTo's patch value is (Istio's envoyfilter conversion).
 _VALUE_TYPES: dict[t.ApplyTo, str] = {
@@ -198,11 +201,31 @@ def _patch_problems(resource: Resource[Any], index: int, patch: t.ConfigPatch) -
         return []
     if not patch.patch.value:
         return [error("missing-field", at("patch", "value"), f"is required for {operation.value}")]
-    message = _VALUE_TYPES[patch.apply_to]
-    found = proto_problem(message, patch.patch.value)
+    value = patch.patch.value
+    filters = (t.ApplyTo.HTTP_FILTER, t.ApplyTo.NETWORK_FILTER)
+    if (
+        patch.apply_to in filters
+        and operation is not t.Operation.MERGE
+        and "typed_config" not in value
+        and "config_discovery" not in value
+    ):
+        return [
+            warning(
+                _REFUSED_ON_APPLY,
+                at("patch", "value"),
+                "a filter without typed_config: Istio accepts it (deprecated), but Envoy finds "
+                "a filter's implementation by its config type and rejects it; a proxy it "
+                "applies to keeps its last configuration",
+            )
+        ]
+    found = proto_problem(_VALUE_TYPES[patch.apply_to], value)
     if found is None:
         return []
     path, text = found
+    if text.startswith("unknown field"):
+        # Istio warns (its lenient parse drops the field); Envoy would get it here.
+        text += "; a proxy it applies to keeps its last configuration"
+        return [warning(_REFUSED_ON_APPLY, at("patch", "value", *path), text)]
     return [error("invalid-envoy-config", at("patch", "value", *path), text)]
 
 
@@ -350,7 +373,7 @@ def _applicable(mesh: MeshPolicy, workload: Workload) -> tuple[list[_Patch], lis
     for resource in chosen:
         for index, patch in enumerate(resource.spec.config_patches):
             problems = _patch_problems(resource, index, patch)
-            errors += [p for p in problems if p.is_error]
+            errors += [p for p in problems if p.is_error or p.code == _REFUSED_ON_APPLY]
             if patch.patch is None or problems:
                 continue
             patches.append(
