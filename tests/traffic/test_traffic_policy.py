@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import any_pb2, json_format
+from typer.testing import CliRunner
 
 from tests.unit.meshutil import compile_text
 from trustmesh.api.loader import load_sources
 from trustmesh.api.traffic import duration_seconds
+from trustmesh.cli.main import app
 from trustmesh.xds.cache import _ensure_types
 from trustmesh.xds.traffic_policy import cluster_traffic_policy, proto_duration
 from trustmesh.xds.translate import translate
@@ -158,3 +160,16 @@ def test_bad_traffic_policy_fields_name_file_line_and_field(tmp_path: Path) -> N
     assert "did you mean maxRequestsPerConnection" in shown[0]
     assert shown[1].startswith("dr.yaml:13 spec.trafficPolicy.outlierDetection.interval")
     assert "at least 1ms" in shown[1]
+
+
+def test_consecutive_errors_is_warned_as_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "dr.yaml"
+    config.write_text(CIRCUIT_BREAKER.replace("consecutive5xxErrors: 1", "consecutiveErrors: 1"))
+    result = CliRunner().invoke(app, ["validate", "-f", str(config)])
+    assert result.exit_code == 0, result.output
+    assert (
+        f"{config}:12 spec.trafficPolicy.outlierDetection.consecutiveErrors: "
+        "warning[deprecated-field]: deprecated and ignored by Istio"
+    ) in result.output
+    cluster = _cluster(config.read_text())
+    assert "consecutive_5xx" not in cluster["outlier_detection"]  # Istio ignores it too
