@@ -19,6 +19,7 @@ from trustmesh.api.loader import LoadResult, SourceCache, load_sources, validate
 from trustmesh.api.policytest import Case, PolicyTestSpec
 from trustmesh.api.resources import UnknownResource
 from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
+from trustmesh.api.traffic import outlier_detection_warnings
 from trustmesh.api.validation import validate_snapshot
 from trustmesh.api.yamldoc import YamlDocument, decode_text, parse_yaml
 from trustmesh.policy.compose import MeshPolicy, compile_mesh
@@ -195,6 +196,7 @@ def _load_config(
             problems.append(error("unreadable", Location(file), f"jwks for {uri}: {exc}"))
     snapshot = build_snapshot(loaded, tuple(mesh_docs), assume_injected=assume_injected)
     diagnostics = problems + loaded.diagnostics + validate_snapshot(snapshot)
+    diagnostics += _envoy_filter_problems(snapshot)
     tests = _tests(loaded, diagnostics) + _tests(tests_loaded, diagnostics)
     diagnostics.extend(d for d in tests_loaded.diagnostics)
     if tests_loaded.resources:
@@ -211,6 +213,21 @@ def _load_config(
     if compile_policy and not result.errors:
         result.mesh = compile_mesh(snapshot, jwks)
     return result
+
+
+def _envoy_filter_problems(snapshot: ConfigSnapshot) -> list[Diagnostic]:
+    """Traffic controls: DestinationRule fields Istio ignores, EnvoyFilter patches Envoy
+    would reject (that check is imported only when there are any: it loads Envoy's protos)."""
+    problems = [
+        warning
+        for rule in snapshot.of_kind("DestinationRule")
+        for warning in outlier_detection_warnings(rule.spec, rule.location)
+    ]
+    if not any(True for _ in snapshot.of_kind("EnvoyFilter")):
+        return problems
+    from trustmesh.xds.envoyfilter import envoy_filter_diagnostics
+
+    return problems + envoy_filter_diagnostics(snapshot)
 
 
 def _file_key(name: str) -> str:

@@ -88,7 +88,7 @@ def test_a_replaced_document_is_still_validated() -> None:
 
 def test_unread_kinds_are_deduplicated_too() -> None:
     envoy_filter = (
-        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\n"
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
         "metadata: {{name: ef, namespace: foo}}\nspec: {{priority: {}}}\n---\n"
     )
     text = envoy_filter.format(1) + envoy_filter.format(2)

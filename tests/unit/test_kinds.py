@@ -95,7 +95,6 @@ def test_unserved_istio_groups_kinds_and_versions(
 @pytest.mark.parametrize(
     ("api", "kind"),
     [
-        ("networking.istio.io/v1alpha3", "EnvoyFilter"),
         ("networking.istio.io/v1beta1", "ProxyConfig"),
         ("networking.istio.io/v1", "WorkloadGroup"),
         ("telemetry.istio.io/v1", "Telemetry"),
@@ -208,13 +207,13 @@ def test_validate_lists_ignored_kinds_in_table_and_json(tmp_path: Path) -> None:
     config.write_text(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: a}\n---\n"
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: b}\n---\n"
-        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: c}\n"
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: c}\n"
     )
     table = CliRunner().invoke(app, ["validate", "-f", str(config)])
     assert table.exit_code == 0, table.output
     assert "HTTPRoute (gateway.networking.k8s.io/v1) ×2, unknown kind" in table.output
     assert f"{config}:1, {config}:5" in table.output
-    assert "EnvoyFilter (networking.istio.io/v1alpha3) ×1, not modelled" in table.output
+    assert "Telemetry (telemetry.istio.io/v1) ×1, not modelled" in table.output
     data = json.loads(CliRunner().invoke(app, ["validate", "-f", str(config), "-o", "json"]).output)
     assert data["valid"] is True
     by_kind = {i["kind"]: i for i in data["ignored"]}
@@ -224,4 +223,4 @@ def test_validate_lists_ignored_kinds_in_table_and_json(tmp_path: Path) -> None:
         {"file": str(config), "line": 1},
         {"file": str(config), "line": 5},
     ]
-    assert by_kind["EnvoyFilter"]["reason"] == "not modelled by trustmesh"
+    assert by_kind["Telemetry"]["reason"] == "not modelled by trustmesh"

@@ -20,6 +20,7 @@ from trustmesh.api.applied import last_applied, last_applied_unknown
 from trustmesh.api.diagnostics import Diagnostic, Location, error, warning
 from trustmesh.api.gateway_models import SecretObject
 from trustmesh.api.resources import Resource, UnknownResource
+from trustmesh.api.traffic import EnvoyFilterSpec
 from trustmesh.api.yamldoc import FieldPath, Item, YamlDocument, decode_text, iter_yaml
 
 TEST_GROUP = "trustmesh.dev"
@@ -114,6 +115,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("networking.istio.io", "Sidecar"): KindInfo(m.SidecarSpec),
     ("networking.istio.io", "Gateway"): KindInfo(m.HostsSpec),
     ("networking.istio.io", "VirtualService"): KindInfo(m.HostsSpec),
+    ("networking.istio.io", "EnvoyFilter"): KindInfo(EnvoyFilterSpec),
     ("", "Namespace"): KindInfo(m.Empty, None, namespaced=False),
     ("", "ServiceAccount"): KindInfo(m.Empty, None),
     ("", "Pod"): KindInfo(m.PodObject, None),

@@ -16,6 +16,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from trustmesh.api import traffic
+
 Strings = tuple[str, ...]
 
 
@@ -215,10 +217,14 @@ class PortSelector(Strict):
 class PortTrafficPolicy(Loose):
     port: PortSelector | None = None
     tls: ClientTlsSettings | None = None
+    connection_pool: traffic.ConnectionPoolSettings | None = None
+    outlier_detection: traffic.OutlierDetection | None = None
 
 
 class TrafficPolicy(Loose):
     tls: ClientTlsSettings | None = None
+    connection_pool: traffic.ConnectionPoolSettings | None = None
+    outlier_detection: traffic.OutlierDetection | None = None
     port_level_settings: tuple[PortTrafficPolicy, ...] = ()
 
 

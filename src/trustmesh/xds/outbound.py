@@ -57,6 +57,7 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.tls import destination_rule_tls
+from trustmesh.xds.traffic_policy import apply_traffic_policy, service_traffic_policy
 
 __all__ = [
     "BLACKHOLE_CLUSTER",
@@ -310,6 +311,9 @@ def _service_cluster(
                 },
             },
         ]
+    apply_traffic_policy(
+        cluster, service_traffic_policy(mesh, wp.workload.namespace, service, sp.port)
+    )
     return cluster
 
 

@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 from trustmesh.envoy_json import HCM_TYPE, socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.xds.envoyfilter import apply_envoy_filters
 from trustmesh.xds.guards import (
     HEADER_GUARD_SLOT,
     HEADER_GUARD_TYPES,
@@ -208,9 +209,10 @@ def translate(
     if capture is CaptureMode.TRANSPARENT:
         if outbound_address is not None:
             raise ValueError("a captured sidecar has no outbound_address: the app dials services")
-        return _transparent(
+        resources = _transparent(
             mesh, wp, sds_cluster, delivery, workload_addresses, _cluster_ips(service_addresses)
         )
+        return apply_envoy_filters(mesh, resources, workload_ref)
 
     ports = inbound_ports(wp)
     listeners: list[dict[str, Any]] = []
@@ -269,12 +271,13 @@ def translate(
         lambda: sorted(outbound_routes(wp, mesh), key=lambda r: str(r["name"])),
     )
     inbound_routes = _slots_by_route(listeners, extension_configs)
-    return ProxyResources(
+    resources = ProxyResources(
         listeners=tuple(listeners),
         clusters=tuple(clusters[name] for name in sorted(clusters)),
         routes=tuple(sorted([*routes, *inbound_routes], key=lambda r: str(r["name"]))),
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
     )
+    return apply_envoy_filters(mesh, resources, workload_ref)
 
 
 def _cluster_ips(addresses: Mapping[str, str] | None) -> dict[str, str]:

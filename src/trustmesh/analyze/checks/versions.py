@@ -33,6 +33,7 @@ from trustmesh.analyze.checks.install_util import (
     raw_body,
     setting,
 )
+from trustmesh.analyze.checks.raw_objects import raw_objects
 from trustmesh.analyze.context import AnalysisContext, Setting
 from trustmesh.analyze.findings import Issue, Severity
 from trustmesh.analyze.registry import rule
@@ -98,7 +99,7 @@ def installed_version(ctx: AnalysisContext) -> Setting | None:
 
 
 def _unknown(ctx: AnalysisContext) -> Sequence[UnknownResource]:
-    # Kinds the loader does not type (EnvoyFilter, Gateway API, rbac.istio.io…): never
+    # Kinds the loader does not type (Gateway API, rbac.istio.io…): never
     # enforced by trustmesh, but their presence decides bulletin conditions and check 34.
     return ctx.unknown_resources
 
@@ -270,9 +271,9 @@ class Facts:
                 yield str(dig(provider, "name"))
 
     def _envoy_filters(self, needle: str) -> Iterator[str]:
-        for u in _unknown(self.ctx):
-            if u.kind == "EnvoyFilter" and needle in json.dumps(u.body).lower():
-                yield _where("EnvoyFilter", u.namespace, u.name, u.location)
+        for u in raw_objects(self.ctx, "EnvoyFilter"):  # typed since EnvoyFilters apply
+            if needle in json.dumps(u.body, default=str).lower():
+                yield _where("EnvoyFilter", u.namespace, u.name, u.origin)
 
 
 def _gateway_components(ctx: AnalysisContext, kind: str) -> list[Mapping[str, Any]]:
@@ -552,7 +553,7 @@ def removed_api(ctx: AnalysisContext) -> Iterator[Issue]:
 def deprecated_api(ctx: AnalysisContext) -> Iterator[Issue]:
     for r in ctx.snapshot.resources:
         api = f"{r.group}/{r.version}"
-        if api in _DEPRECATED:
+        if api in _DEPRECATED and r.kind != "EnvoyFilter":  # it has no other version
             location = r.document.location((*r.base_path, "apiVersion"))
             yield Issue(
                 message=f"{r.kind} {r.namespace}/{r.name} uses {api}; use {_DEPRECATED[api]}",
