@@ -162,6 +162,28 @@ def test_priority_then_root_namespace_then_name_order_the_patches() -> None:
     assert names[:5] == ["late", "b", "a", "root", "early"]
 
 
+def test_a_slot_a_merge_fills_is_switched_on_in_every_inbound_virtual_host() -> None:
+    """Empty slots are off in the listener and switched on per inbound route: a patch
+    that fills one (here the deny slot, on a workload with no policy) must run."""
+    text = envoy_filter(
+        "  - applyTo: HTTP_FILTER\n    match:\n      context: SIDECAR_INBOUND\n"
+        + sub_filter("trustmesh.authz.deny")
+        + "    patch:\n      operation: MERGE\n      value:\n        typed_config:\n"
+        "          '@type': type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC\n"
+        "          rules: {action: DENY, policies: {all: {permissions: [{any: true}],"
+        " principals: [{any: true}]}}}\n"
+    )
+    plain = inbound("")
+    (route,) = [r for r in plain.routes if r["name"] == "inbound|8000||"]
+    assert "trustmesh.authz.deny" not in route["virtual_hosts"][0].get(
+        "typed_per_filter_config", {}
+    )
+    resources = inbound(text)
+    (route,) = [r for r in resources.routes if r["name"] == "inbound|8000||"]
+    for host in route["virtual_hosts"]:
+        assert "trustmesh.authz.deny" in host["typed_per_filter_config"]
+
+
 def test_cluster_and_route_patches_touch_copies_and_the_rds_route() -> None:
     text = envoy_filter(
         "  - applyTo: CLUSTER\n    match:\n      context: SIDECAR_OUTBOUND\n"

@@ -212,7 +212,7 @@ def translate(
         resources = _transparent(
             mesh, wp, sds_cluster, delivery, workload_addresses, _cluster_ips(service_addresses)
         )
-        return apply_envoy_filters(mesh, resources, workload_ref)
+        return _with_envoy_filters(mesh, resources, workload_ref)
 
     ports = inbound_ports(wp)
     listeners: list[dict[str, Any]] = []
@@ -277,7 +277,35 @@ def translate(
         routes=tuple(sorted([*routes, *inbound_routes], key=lambda r: str(r["name"]))),
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
     )
-    return apply_envoy_filters(mesh, resources, workload_ref)
+    return _with_envoy_filters(mesh, resources, workload_ref)
+
+
+def _with_envoy_filters(
+    mesh: MeshPolicy, resources: ProxyResources, workload_ref: str
+) -> ProxyResources:
+    """The EnvoyFilters applied, then every virtual host of the inbound routes switching on
+    every slot in use again: a virtual host a patch added must meet the policies (as in
+    Istio, where the filters do not depend on the route), and a slot a MERGE filled must
+    run. A switch a patch wrote itself is kept: that is the patch's explicit choice."""
+    patched = apply_envoy_filters(mesh, resources, workload_ref)
+    if patched is resources or not patched.extension_configs:
+        return patched
+    enabled = _enabled_slots(patched.extension_configs)
+    inbound = {
+        str(node["rds"]["route_config_name"])
+        for node in _objects(list(patched.listeners))
+        if node.get("@type") == HCM_TYPE
+        and "rds" in node
+        and any("config_discovery" in f for f in node.get("http_filters", ()))
+    }
+    for route in patched.routes:  # copies: apply_envoy_filters returned new resources
+        if route["name"] not in inbound:
+            continue
+        for host in route.get("virtual_hosts", ()):
+            switches = host.setdefault("typed_per_filter_config", {})
+            for name in enabled:
+                switches.setdefault(name, {"@type": _FILTER_CONFIG_TYPE, "config": {}})
+    return patched
 
 
 def _cluster_ips(addresses: Mapping[str, str] | None) -> dict[str, str]:
