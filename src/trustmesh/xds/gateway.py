@@ -70,7 +70,7 @@ from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request, path_normalization
 from trustmesh.xds.jwt import jwks_clusters
 from trustmesh.xds.outbound import outbound_clusters
-from trustmesh.xds.translate import FilterDelivery, _enabled_slots, _http_policy_filters
+from trustmesh.xds.translate import FilterDelivery, enabled_slots, http_policy_filters
 
 __all__ = [
     "GatewayConfigError",
@@ -194,7 +194,7 @@ def translate_gateway(
     if problems:
         raise GatewayConfigError(problems)
 
-    http_filters, extension_configs = _http_policy_filters(wp, mesh, delivery)
+    http_filters, extension_configs = http_policy_filters(wp, mesh, delivery)
     trusted_hops = num_trusted_proxies(snapshot, workload)
     table = RouteTable()
     listeners: list[dict[str, Any]] = []
@@ -275,7 +275,7 @@ def _with_policy_slots(
         hosts.append({"name": f"blackhole:{port}", "domains": ["*"], "routes": []})
     enabled = {
         name: {"@type": FILTER_CONFIG_TYPE, "config": {}}
-        for name in _enabled_slots(extension_configs)
+        for name in enabled_slots(extension_configs)
     }
     if enabled:
         hosts = [{**h, "typed_per_filter_config": dict(enabled)} for h in hosts]

@@ -96,6 +96,8 @@ __all__ = [
     "CaptureMode",
     "FilterDelivery",
     "ProxyResources",
+    "enabled_slots",
+    "http_policy_filters",
     "static_bootstrap",
     "translate",
 ]
@@ -220,7 +222,7 @@ def translate(
     if ports:
         http_filters: list[dict[str, Any]] = []
         if any(p.protocol is Protocol.HTTP for p in ports):
-            http_filters, extension_configs = _http_policy_filters(wp, mesh, delivery)
+            http_filters, extension_configs = http_policy_filters(wp, mesh, delivery)
         listeners.append(
             inbound_listener(
                 wp,
@@ -290,7 +292,7 @@ def _with_envoy_filters(
     patched = apply_envoy_filters(mesh, resources, workload_ref)
     if patched is resources or not patched.extension_configs:
         return patched
-    enabled = _enabled_slots(patched.extension_configs)
+    enabled = enabled_slots(patched.extension_configs)
     inbound = {
         str(node["rds"]["route_config_name"])
         for node in _objects(list(patched.listeners))
@@ -334,7 +336,7 @@ def _transparent(
     ports = service_ports(wp)
     scopes = passthrough_scopes(wp, ports)
     # Passthrough chains always carry HTTP: the HTTP policy filters are always needed.
-    http_filters, extension_configs = _http_policy_filters(wp, mesh, delivery)
+    http_filters, extension_configs = http_policy_filters(wp, mesh, delivery)
     listeners = [
         virtual_inbound_listener(
             wp,
@@ -411,7 +413,7 @@ def _listener_port(listener: Mapping[str, Any]) -> int:
     return int(listener["address"]["socket_address"]["port_value"])
 
 
-def _http_policy_filters(
+def http_policy_filters(
     wp: WorkloadPolicy, mesh: MeshPolicy, delivery: FilterDelivery
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The HTTP policy filters in Istio's order — CUSTOM, jwt_authn, AUDIT, DENY, ALLOW —
@@ -458,7 +460,7 @@ def _http_policy_filters(
     return filters, configs
 
 
-def _enabled_slots(extension_configs: Sequence[Mapping[str, Any]]) -> list[str]:
+def enabled_slots(extension_configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The slots holding a policy: anything but a bare ``{"@type": ...}`` pass-through."""
     return sorted(str(e["name"]) for e in extension_configs if len(e["typed_config"]) > 1)
 
@@ -477,7 +479,7 @@ def _slots_by_route(
         return []
     enabled = {
         name: {"@type": _FILTER_CONFIG_TYPE, "config": {}}
-        for name in _enabled_slots(extension_configs)
+        for name in enabled_slots(extension_configs)
     }
     routes: dict[str, dict[str, Any]] = {}
     for node in _objects(listeners):
