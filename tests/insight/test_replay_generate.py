@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from tests.unit.meshutil import BASE, NOW, compile_text
 from trustmesh.api.loader import load_sources
 from trustmesh.api.snapshot import build_snapshot
-from trustmesh.cli.insight import StepProgress
 from trustmesh.cli.main import app
+from trustmesh.cli.render import StepProgress
 from trustmesh.insight.generate import ProofFailed, compile_with, generate_policies
 from trustmesh.insight.records import Protocol, TrafficRecord
 from trustmesh.insight.replay import decide, impact

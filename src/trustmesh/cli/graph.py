@@ -9,14 +9,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from trustmesh.cli import render
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem
@@ -92,7 +84,7 @@ def graph_command(
     from trustmesh.graph.build import build_graph
     from trustmesh.graph.group import Show, filtered, grouped
 
-    with _EdgeProgress() as progress_edges:
+    with render.StepProgress("deciding every pair (destinations)") as progress_edges:
         graph = build_graph(
             loaded.mesh,
             now=time.time() if now is None else now,
@@ -113,43 +105,6 @@ def graph_command(
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-
-
-class _EdgeProgress:
-    """A progress bar on stderr when deciding the edges takes more than a second (only on
-    a terminal: CI logs get nothing)."""
-
-    def __init__(self, delay: float = 1.0) -> None:
-        self._console = Console(stderr=True)
-        self._delay = delay
-        self._started = time.monotonic()
-        self._bar: Progress | None = None
-        self._task: TaskID | None = None
-
-    def __enter__(self) -> _EdgeProgress:
-        self._started = time.monotonic()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            if not self._console.is_terminal or time.monotonic() - self._started < self._delay:
-                return
-            self._bar = Progress(
-                TextColumn("deciding every pair (destinations)"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=self._console,
-                transient=True,
-            )
-            self._task = self._bar.add_task("edges", total=max(total, 1))
-            self._bar.start()
-        assert self._task is not None
-        self._bar.update(self._task, completed=done)
 
 
 def _usage_problem(fmt: str, show: str, namespace: str, output: Path | None) -> str | None:

@@ -15,20 +15,12 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskID,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from trustmesh.cli import render
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt
@@ -66,55 +58,6 @@ EXIT_BAD_INPUT = 2
 SHOWN_PROBLEMS = 20
 
 
-class StepProgress:
-    """A rich progress bar on stderr for a step that takes more than ``delay`` seconds,
-    only when stderr is a terminal (a CI log or JSON output gets nothing)."""
-
-    def __init__(
-        self,
-        label: str,
-        console: Console | None = None,
-        delay: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._label = label
-        self._console = console or _err
-        self._delay = delay
-        self._clock = clock
-        self._started = clock()
-        self._bar: Progress | None = None
-        self._task: TaskID | None = None
-
-    def __enter__(self) -> StepProgress:
-        self._started = self._clock()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            if not self._console.is_terminal or self._clock() - self._started < self._delay:
-                return
-            self._bar = Progress(
-                TextColumn(self._label),
-                BarColumn(),
-                TaskProgressColumn(),
-                TimeElapsedColumn(),
-                console=self._console,
-                transient=True,
-            )
-            self._task = self._bar.add_task(self._label, total=max(total, 1))
-            self._bar.start()
-        assert self._task is not None
-        self._bar.update(self._task, completed=done, total=max(total, 1))
-
-    @property
-    def shown(self) -> bool:
-        return self._bar is not None
-
-
 def _problems(problems: Sequence[Problem], count: int | None = None) -> None:
     total = len(problems) if count is None else count
     for problem in problems[:SHOWN_PROBLEMS]:
@@ -150,7 +93,7 @@ def export_command(
             render.usage_error(f"--envoy-log must look like NAMESPACE/NAME=FILE, got {item!r}")
             raise typer.Exit(EXIT_BAD_INPUT)
         sources.append(istio_log_records(Path(file), workload))
-    progress = StepProgress("reading sidecar access logs")
+    progress = render.StepProgress("reading sidecar access logs")
     if not sources:
         sources.append(mesh_log_records(state.resolve(), progress))
     problems: list[Problem] = []
@@ -208,7 +151,7 @@ def _valid(loaded: LoadedConfig, output: str = "table") -> None:
 
 def _traffic(paths: Sequence[str]) -> TrafficSet:
     traffic = TrafficSet()
-    with StepProgress("reading recorded traffic") as progress:
+    with render.StepProgress("reading recorded traffic") as progress:
         unreadable = read_traffic(paths, traffic, progress)
     if unreadable or traffic.problem_count:
         _problems([*unreadable, *traffic.problems], len(unreadable) + traffic.problem_count)
@@ -273,7 +216,7 @@ def impact_command(
         after_mesh = compile_with(dataclasses.replace(after.snapshot, resources=kept), [])
     traffic = _traffic(traffic_files)
     clock = time.time() if now is None else now
-    with StepProgress("replaying recorded requests") as progress:
+    with render.StepProgress("replaying recorded requests") as progress:
         report = impact(traffic.distinct, before.mesh, after_mesh, now=clock, progress=progress)
     if report.unknown:
         for unknown, outcome in report.unknown[:SHOWN_PROBLEMS]:
@@ -440,7 +383,7 @@ def generate_from(
     """:func:`generate_policies`, its failure rendered and turned into exit 1."""
     assert loaded.mesh is not None
     try:
-        with StepProgress("proving generated policies by replay") as progress:
+        with render.StepProgress("proving generated policies by replay") as progress:
             generated = generate_policies(
                 loaded.snapshot,
                 loaded.mesh,

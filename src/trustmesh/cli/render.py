@@ -35,19 +35,18 @@ class _Summary(Protocol):
     def errors(self) -> list[Diagnostic]: ...
 
 
-class LoadProgress:
-    """A progress bar on stderr for loading that takes more than ``delay`` seconds.
-
-    Only on a terminal: a CI log gets no redraws (and fast loads show nothing at all).
-    Use as a context manager and pass the instance as ``load_config(progress=…)``.
-    """
+class StepProgress:
+    """A rich progress bar on stderr for a step that takes more than ``delay`` seconds,
+    only when stderr is a terminal (a CI log or JSON output gets nothing)."""
 
     def __init__(
         self,
+        label: str,
         console: Console | None = None,
         delay: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._label = label
         self._console = console or _err
         self._delay = delay
         self._clock = clock
@@ -55,7 +54,7 @@ class LoadProgress:
         self._bar: Progress | None = None
         self._task: TaskID | None = None
 
-    def __enter__(self) -> LoadProgress:
+    def __enter__(self) -> StepProgress:
         self._started = self._clock()
         return self
 
@@ -68,17 +67,33 @@ class LoadProgress:
             if not self._console.is_terminal or self._clock() - self._started < self._delay:
                 return
             self._bar = Progress(
-                TextColumn("reading configuration"),
+                TextColumn(self._label),
                 BarColumn(),
                 TaskProgressColumn(),
                 TimeElapsedColumn(),
                 console=self._console,
                 transient=True,
             )
-            self._task = self._bar.add_task("read", total=max(total, 1))
+            self._task = self._bar.add_task(self._label, total=max(total, 1))
             self._bar.start()
         assert self._task is not None
-        self._bar.update(self._task, completed=min(done, total))
+        self._bar.update(self._task, completed=done, total=max(total, 1))
+
+    @property
+    def shown(self) -> bool:
+        return self._bar is not None
+
+
+class LoadProgress(StepProgress):
+    """:class:`StepProgress` for reading configuration files."""
+
+    def __init__(
+        self,
+        console: Console | None = None,
+        delay: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__("reading configuration", console, delay, clock)
 
 
 def usage_error(message: str) -> None:
