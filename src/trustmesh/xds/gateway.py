@@ -70,7 +70,7 @@ from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request, path_normalization
 from trustmesh.xds.jwt import jwks_clusters
 from trustmesh.xds.outbound import outbound_clusters
-from trustmesh.xds.translate import FilterDelivery, enabled_slots, http_policy_filters
+from trustmesh.xds.translate import FilterDelivery, http_policy_filters, slot_switches
 
 __all__ = [
     "GatewayConfigError",
@@ -82,7 +82,6 @@ __all__ = [
 ]
 
 _ADS = {"ads": {}, "resource_api_version": "V3"}
-FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 _HTTP_ALPN = ("h2", "http/1.1")
 # Envoy's (BoringSSL's) TLS 1.2 cipher names; TLS 1.3 suites are not configurable.
 KNOWN_CIPHERS = frozenset(
@@ -273,10 +272,7 @@ def _with_policy_slots(
     if not any("*" in h["domains"] for h in hosts):
         port = str(route["name"]).split(".")[1]
         hosts.append({"name": f"blackhole:{port}", "domains": ["*"], "routes": []})
-    enabled = {
-        name: {"@type": FILTER_CONFIG_TYPE, "config": {}}
-        for name in enabled_slots(extension_configs)
-    }
+    enabled = slot_switches(extension_configs)
     if enabled:
         hosts = [{**h, "typed_per_filter_config": dict(enabled)} for h in hosts]
     return {**route, "virtual_hosts": hosts}

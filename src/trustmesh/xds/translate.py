@@ -96,8 +96,8 @@ __all__ = [
     "CaptureMode",
     "FilterDelivery",
     "ProxyResources",
-    "enabled_slots",
     "http_policy_filters",
+    "slot_switches",
     "static_bootstrap",
     "translate",
 ]
@@ -292,7 +292,7 @@ def _with_envoy_filters(
     patched = apply_envoy_filters(mesh, resources, workload_ref)
     if patched is resources or not patched.extension_configs:
         return patched
-    enabled = enabled_slots(patched.extension_configs)
+    enabled = slot_switches(patched.extension_configs)
     inbound = {
         str(node["rds"]["route_config_name"])
         for node in _objects(list(patched.listeners))
@@ -305,8 +305,8 @@ def _with_envoy_filters(
             continue
         for host in route.get("virtual_hosts", ()):
             switches = host.setdefault("typed_per_filter_config", {})
-            for name in enabled:
-                switches.setdefault(name, {"@type": _FILTER_CONFIG_TYPE, "config": {}})
+            for name, switch in enabled.items():
+                switches.setdefault(name, dict(switch))
     return patched
 
 
@@ -460,9 +460,15 @@ def http_policy_filters(
     return filters, configs
 
 
-def enabled_slots(extension_configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The slots holding a policy: anything but a bare ``{"@type": ...}`` pass-through."""
-    return sorted(str(e["name"]) for e in extension_configs if len(e["typed_config"]) > 1)
+def slot_switches(extension_configs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A virtual host's ``typed_per_filter_config`` switching on the slots that hold a
+    policy (anything but a bare ``{"@type": ...}`` pass-through): an empty
+    ``FilterConfig`` each. A new dict on every call."""
+    return {
+        str(e["name"]): {"@type": _FILTER_CONFIG_TYPE, "config": {}}
+        for e in sorted(extension_configs, key=lambda e: str(e["name"]))
+        if len(e["typed_config"]) > 1
+    }
 
 
 def _slots_by_route(
@@ -477,10 +483,7 @@ def _slots_by_route(
     """
     if not extension_configs:
         return []
-    enabled = {
-        name: {"@type": _FILTER_CONFIG_TYPE, "config": {}}
-        for name in enabled_slots(extension_configs)
-    }
+    enabled = slot_switches(extension_configs)
     routes: dict[str, dict[str, Any]] = {}
     for node in _objects(listeners):
         if node.get("@type") != HCM_TYPE or "route_config" not in node:
