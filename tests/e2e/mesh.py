@@ -124,30 +124,35 @@ def live_mesh(root: Path, *, base: str, scenario: Path | None = None) -> Iterato
         assert stopped.returncode == 0, stopped.stderr
 
 
+BLOCK_TAKEN = ("are used by the mesh running from", "is already in use by")
+
+
+def up_in_a_free_block(
+    config_dir: Path, *extra: str, state: Path, base: str, timeout: float = START_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """``up --isolation process -d CONFIG_DIR EXTRA… --base`` at ``base``, or — while
+    another mesh (another checkout's test session on this machine) holds that address
+    block — at the next free one of the following ten. Any other failure is returned at
+    once."""
+    first = int(base.split(".")[1])
+    started: subprocess.CompletedProcess[str] | None = None
+    for block in range(first, first + 10):
+        started = trustmesh(
+            *("up", "--isolation", "process", str(config_dir), "--detach", *extra),
+            *("--base", f"127.{block}.0.0"),
+            state=state,
+            timeout=timeout,
+        )
+        if started.returncode == 0 or not any(why in started.stderr for why in BLOCK_TAKEN):
+            return started
+    assert started is not None
+    return started
+
+
 def _up_in_a_free_block(
     config_dir: Path, mesh_file: Path, state: Path, base: str
 ) -> subprocess.CompletedProcess[str]:
-    """``up -d`` at ``base``, or — while another mesh (another checkout's test session)
-    holds that address block — at the next free one of the following ten."""
-    first = int(base.split(".")[1])
-    for block in range(first, first + 10):
-        started = trustmesh(
-            "up",
-            "--isolation",
-            "process",
-            str(config_dir),
-            "--mesh-config",
-            str(mesh_file),
-            "--detach",
-            "--base",
-            f"127.{block}.0.0",
-            state=state,
-            timeout=START_TIMEOUT,
-        )
-        taken = ("are used by the mesh running from", "is already in use by")
-        if started.returncode == 0 or not any(why in started.stderr for why in taken):
-            return started
-    return started
+    return up_in_a_free_block(config_dir, "--mesh-config", str(mesh_file), state=state, base=base)
 
 
 def report(results: list[LiveCaseResult]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.mesh import trustmesh
+from tests.e2e.mesh import trustmesh, up_in_a_free_block
 
 pytestmark = pytest.mark.envoy
 
@@ -188,17 +188,7 @@ def test_live_cases_reach_what_they_name_and_agree_with_offline(tmp_path: Path) 
     tests = tmp_path / "test.yaml"
     tests.write_text(json.dumps(suite))
     state = tmp_path / "state"
-    started = trustmesh(
-        "up",
-        "--isolation",
-        "process",
-        str(config),
-        "-d",
-        "--base",
-        "127.57.0.0",
-        state=state,
-        timeout=180,
-    )
+    started = up_in_a_free_block(config, state=state, base="127.57.0.0", timeout=180)
     try:
         assert started.returncode == 0, started.stderr
         offline = trustmesh("test", "-f", str(config), str(tests), "-o", "json", state=state)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.e2e.mesh import START_TIMEOUT, trustmesh
+from tests.e2e.mesh import trustmesh, up_in_a_free_block
 from tests.envoy.conftest import eventually
 from trustmesh.runtime.client import http_request
 from trustmesh.runtime.running import RunningMesh
@@ -30,19 +30,9 @@ from trustmesh.runtime.running import RunningMesh
 def running_mesh(config: Path, state: Path, base: str, *extra: str) -> Iterator[RunningMesh]:
     """``trustmesh up -d`` at ``base`` (or one of the next blocks while another checkout's
     test session holds it), stopped by ``down`` afterwards even when the test fails."""
-    first = int(base.split(".")[1])
-    started = None
     try:
-        for block in range(first, first + 10):
-            started = trustmesh(
-                "up", "--isolation", "process", str(config), "-d",
-                "--base", f"127.{block}.0.0", *extra,
-                state=state, timeout=START_TIMEOUT,
-            )  # fmt: skip
-            taken = ("are used by the mesh running from", "is already in use by")
-            if started.returncode == 0 or not any(why in started.stderr for why in taken):
-                break
-        assert started is not None and started.returncode == 0, started and started.stderr
+        started = up_in_a_free_block(config, *extra, state=state, base=base)
+        assert started.returncode == 0, started.stderr
         yield RunningMesh.open(state)
     finally:
         trustmesh("down", state=state)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.mesh import START_TIMEOUT, trustmesh
+from tests.e2e.mesh import trustmesh, up_in_a_free_block
 from tests.envoy.conftest import eventually
 from tests.unit.meshutil import ROOT
 from trustmesh.insight.files import mesh_log_records
@@ -104,17 +104,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     mesh_config = root / "mesh.yaml"
     mesh_config.write_text("accessLogFile: /dev/stdout\n")
     try:
-        started = None
-        for block in range(110, 120):  # another checkout's session may hold a block
-            started = trustmesh(
-                "up", str(config), "-d", "--isolation", "process", "--mesh-config",
-                str(mesh_config), "--base", f"127.{block}.0.0",
-                state=state, timeout=START_TIMEOUT,
-            )  # fmt: skip
-            taken = ("are used by the mesh running from", "is already in use by")
-            if started.returncode == 0 or not any(w in started.stderr for w in taken):
-                break
-        assert started is not None and started.returncode == 0, started and started.stderr
+        started = up_in_a_free_block(
+            config, "--mesh-config", str(mesh_config), state=state, base="127.110.0.0"
+        )
+        assert started.returncode == 0, started.stderr
         yield Mesh(root, config, state)
     finally:
         trustmesh("down", state=state)

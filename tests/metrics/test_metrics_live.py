@@ -16,14 +16,13 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.mesh import trustmesh, up_in_a_free_block
 from tests.metrics.promtext import Series, series, value
 from trustmesh.metrics.top import fetch_metrics
 from trustmesh.runtime.client import HttpResult, http_request
@@ -40,36 +39,19 @@ SLEEP = {"namespace": "foo", "pod": "sleep"}
 START_TIMEOUT = 180
 
 
-def _trustmesh(*args: str, state: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRUSTMESH_STATE": str(state)}
-    return subprocess.run(
-        [sys.executable, "-m", "trustmesh", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-
-
 @contextmanager
 def _mesh(root: Path, isolation: str) -> Iterator[RunningMesh]:
     state, manifests = root / "state", root / "config" / "mesh.yaml"
     manifests.parent.mkdir()
     shutil.copy(MESH, manifests)
-    extra: list[str] = []
-    started = None
-    # process mode: the first free loopback block of ten (another checkout may hold one)
-    for block in range(70, 80) if isolation == "process" else [0]:
-        if isolation == "process":
-            extra = ["--base", f"127.{block}.0.0"]
-        started = _trustmesh(
-            "up", "--isolation", isolation, "-d", *extra, str(manifests.parent), state=state,
+    if isolation == "process":
+        started = up_in_a_free_block(manifests.parent, state=state, base="127.70.0.0")
+    else:
+        started = trustmesh(
+            *("up", "--isolation", isolation, "-d", str(manifests.parent)),
+            state=state,
             timeout=START_TIMEOUT,
-        )  # fmt: skip
-        taken = ("are used by the mesh running from", "is already in use by")
-        if started.returncode == 0 or not any(why in started.stderr for why in taken):
-            break
+        )
     try:
         assert started is not None and started.returncode == 0, (
             f"up failed:\n{started.stderr if started else ''}"
@@ -78,7 +60,7 @@ def _mesh(root: Path, isolation: str) -> Iterator[RunningMesh]:
         asyncio.run(running.wait_synced(timeout=30))
         yield running
     finally:
-        stopped = _trustmesh("down", state=state)
+        stopped = trustmesh("down", state=state)
         assert stopped.returncode == 0, stopped.stderr
 
 
@@ -172,7 +154,7 @@ def test_metrics_count_exactly_the_requests_sent(tmp_path: Path, isolation: str)
             after, "pilot_xds_pushes", type="ecds"
         )
         # and `trustmesh top` shows the same totals
-        done = _trustmesh("top", "--once", "-o", "json", state=running.layout.root)
+        done = trustmesh("top", "--once", "-o", "json", state=running.layout.root)
         assert done.returncode == 0, done.stderr
         shown = {pod["pod"]: pod for pod in json.loads(done.stdout)["pods"]}
         assert shown["foo/httpbin"]["rbac"]["denied"] == _rbac(after, HTTPBIN, "denied")

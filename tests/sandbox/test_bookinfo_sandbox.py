@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.mesh import START_TIMEOUT, trustmesh
+from tests.e2e.mesh import START_TIMEOUT, trustmesh, up_in_a_free_block
 from tests.unit.meshutil import ROOT
 from trustmesh.runtime.running import RunningMesh
 
@@ -163,15 +163,7 @@ def bookinfo(
                 "up", str(config), "-d", "--isolation", "netns", state=state, timeout=START_TIMEOUT
             )
         else:
-            # Another checkout's test session may hold an address block: try the next.
-            for block in range(70, 80):
-                started = trustmesh(
-                    "up", str(config), "-d", "--isolation", "process",
-                    "--base", f"127.{block}.0.0", state=state, timeout=START_TIMEOUT,
-                )  # fmt: skip
-                taken = ("are used by the mesh running from", "is already in use by")
-                if started.returncode == 0 or not any(w in started.stderr for w in taken):
-                    break
+            started = up_in_a_free_block(config, state=state, base="127.70.0.0")
         assert started is not None and started.returncode == 0, started and started.stderr
         assert RunningMesh.open(state).plan.isolation.value == isolation
         yield Bookinfo(config, state)
