@@ -23,11 +23,12 @@ from trustmesh.analyze.findings import Issue
 from trustmesh.analyze.findings import Severity as S
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.conditions import is_http_only_key
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Workload
 from trustmesh.api.validation import DRY_RUN, is_dry_run_annotated
-from trustmesh.policy.authz import CompiledRule, is_http_only_key
+from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import WorkloadPolicy
 from trustmesh.policy.request import Attributes
 
