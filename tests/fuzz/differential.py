@@ -30,11 +30,9 @@ from tests.xds.rbac_rig import (
     tcp_listener,
 )
 from trustmesh.agent.envoy import EnvoyConfigError, validate_bootstrap
-from trustmesh.api.loader import SourceCache, load_sources
-from trustmesh.api.snapshot import build_snapshot
-from trustmesh.api.validation import validate_snapshot
-from trustmesh.api.yamldoc import parse_yaml
-from trustmesh.policy.compose import MeshPolicy, compile_mesh
+from trustmesh.api.loader import SourceCache
+from trustmesh.pipeline import compile_sources
+from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.guards import request_guard_filters
 from trustmesh.xds.rbac import http_custom_filters, http_rbac_filters, network_rbac_filters
 
@@ -79,13 +77,12 @@ def compile_sets(seeds: Iterable[int], tally: Tally, *, probes: int = 20) -> lis
         fuzz = generate(seed, probes=probes)
         tally.sets += 1
         sources = [("workloads.yaml", BASE), (f"{fuzz.name}.yaml", fuzz.text.encode())]
-        loaded = load_sources(sources, cache=cache)
-        mesh_docs = tuple(parse_yaml(fuzz.mesh, "mesh.yaml")[0]) if fuzz.mesh else ()
-        snapshot = build_snapshot(loaded, mesh_docs)
-        if any(d.is_error for d in loaded.diagnostics + validate_snapshot(snapshot)):
+        mesh_config = [("mesh.yaml", fuzz.mesh.encode())] if fuzz.mesh else []
+        compiled = compile_sources(sources, mesh_config=mesh_config, cache=cache)
+        if compiled.mesh is None:
             tally.refused_by_validate += 1
             continue
-        out.append(Compiled(fuzz, compile_mesh(snapshot)))
+        out.append(Compiled(fuzz, compiled.mesh))
     return out
 
 

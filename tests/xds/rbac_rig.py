@@ -187,7 +187,7 @@ def tcp_listener(
 
 
 def _listener(
-    name: str, address: str, port: int, filters: list[Any], tls: dict[str, Any] | None
+    name: str, address: str, port: int, filters: list[Any], tls: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     socket_address = {"address": address, "port_value": port}
     chain: dict[str, Any] = {"filters": filters}
