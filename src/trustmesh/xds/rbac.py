@@ -33,14 +33,14 @@ Principals reach Envoy with ``spiffe://`` and trust-domain aliases expanded by t
 :meth:`~trustmesh.policy.authz.TrustBundle.expand` the evaluator uses.
 
 Outputs are proto3-JSON dicts (``json_format.ParseDict`` them at the edge). Per-policy
-results are memoized on ``mesh.memo``, so dicts returned for two workloads of one mesh may
-share sub-dicts: treat them as read-only.
+results are remembered per compiled mesh (``_POLICY_RULES``), so dicts returned for two
+workloads of one mesh may share sub-dicts: treat them as read-only.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -48,13 +48,13 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.conditions import ConditionKey, KeyKind, Side, condition_key
 from trustmesh.api.extension_providers import (
-    PROVIDERS_MEMO_KEY,
     ExtAuthzProvider,
-    ext_authz_providers,
 )
 from trustmesh.api.resources import Resource
 from trustmesh.policy.authz import TrustBundle, rule_name
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.derived import Derived
+from trustmesh.policy.evaluate import mesh_ext_authz_providers
 from trustmesh.xds import rbac_matchers as mt
 from trustmesh.xds.ext_authz import (
     EXT_AUTHZ_SHADOW_PREFIX,
@@ -223,7 +223,7 @@ def _merged(
 ) -> dict[str, Json]:
     merged: dict[str, Json] = {}
     for policy in policies:
-        merged.update(_memo_rules(mesh, policy, action, for_tcp))
+        merged.update(_remembered_rules(mesh, policy, action, for_tcp))
     return dict(sorted(merged.items()))
 
 
@@ -258,24 +258,21 @@ def _custom_plans(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> lis
     return plans
 
 
-def mesh_ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
-    """The mesh's ext_authz providers, resolved once per compiled mesh."""
-    key = PROVIDERS_MEMO_KEY
-    found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(key)
-    if found is None:
-        found = mesh.memo[key] = ext_authz_providers(mesh.snapshot)
-    return found
-
-
-def _memo_rules(
+def _remembered_rules(
     mesh: MeshPolicy, policy: Resource[Any], action: m.Action, for_tcp: bool
 ) -> dict[str, Json]:
+    remembered = _POLICY_RULES.table(mesh)
     # The mesh holds every policy for its lifetime, so id() is a stable key here.
-    key = ("xds.rbac", id(policy), action, for_tcp)
-    found: dict[str, Json] | None = mesh.memo.get(key)
+    key = (id(policy), action, for_tcp)
+    found = remembered.get(key)
     if found is None:
-        found = mesh.memo[key] = policy_rules(policy, mesh.bundle, action, for_tcp=for_tcp)
+        found = remembered[key] = policy_rules(policy, mesh.bundle, action, for_tcp=for_tcp)
     return found
+
+
+_POLICY_RULES: Derived[MeshPolicy, tuple[int, m.Action, bool], dict[str, Json]] = Derived(
+    "envoy rbac policies"
+)
 
 
 # --- one policy -----------------------------------------------------------------------
