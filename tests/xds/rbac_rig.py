@@ -132,7 +132,7 @@ def jwt_filter(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]]:
     issuer order, ``requires_any[provider, allow_missing]``, payload in metadata)."""
     if not wp.jwt_providers:
         return []
-    config = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
+    config = jwt_authn_config(wp.jwt_providers)
     return [{"name": JWT_FILTER, "typed_config": config}]
 
 

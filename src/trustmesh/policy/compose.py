@@ -272,6 +272,8 @@ def _providers(policy: Resource[Any], jwks_by_uri: Mapping[str, str]) -> list[Jw
                 jwks_problem=problem,
                 source=f"{policy.namespace}/{policy.name}",
                 jwks_uri=rule.jwks_uri,
+                jwks_inline=rule.jwks,
+                timeout=rule.timeout or "",
             )
         )
     return out

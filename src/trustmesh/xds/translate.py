@@ -264,7 +264,7 @@ def translate(
         *inbound_clusters(ports, app_address),
         *service_clusters,
         *proxy_clusters,
-        *jwks_clusters(wp.jwt_providers, mesh.snapshot),
+        *jwks_clusters(wp.jwt_providers),
     ):
         clusters.setdefault(cluster["name"], cluster)
     routes = _shared(
@@ -369,7 +369,7 @@ def _transparent(
         *capture_inbound_clusters(ports),
         *service_clusters,
         *subset_clusters,
-        *jwks_clusters(wp.jwt_providers, mesh.snapshot),
+        *jwks_clusters(wp.jwt_providers),
     ):
         clusters.setdefault(cluster["name"], cluster)
     inbound_routes = _slots_by_route(listeners, extension_configs)
@@ -426,7 +426,7 @@ def http_policy_filters(
     behind trustmesh's request guards, and, under ECDS, the extension configs they name."""
     custom = http_custom_filters(wp, mesh)
     rbac = http_rbac_filters(wp, mesh)
-    jwt = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
+    jwt = jwt_authn_config(wp.jwt_providers)
     if delivery is FilterDelivery.INLINE:
         filters = [*request_guard_filters(wp, mesh), *custom]
         if wp.jwt_providers:
