@@ -115,6 +115,7 @@ async def measure(applies: int, workdir: Path) -> dict[str, Any]:
         "replicas": 2,
         "etcd": ".".join(map(str, etcd.version)),
         "cpus": os.cpu_count(),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),  # a shared machine says so
         "commit_ms": summary(commits),
         "apply_to_enforced_ms": summary(enforced),
         "after_commit_ms": summary([e - c for e, c in zip(enforced, commits, strict=True)]),

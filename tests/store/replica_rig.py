@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,16 +179,17 @@ class SidecarRig:
 
 @contextlib.asynccontextmanager
 async def _agent(
-    identity: SpiffeId, on: ReplicaProcess, ca: CertificateAuthority, workdir: Path
+    identity: SpiffeId, on: Sequence[ReplicaProcess], ca: CertificateAuthority, workdir: Path
 ) -> AsyncIterator[tuple[WorkloadAgent, SdsServer]]:
-    """A workload agent enrolled (bootstrap token) with replica ``on``'s CA, serving SDS."""
+    """A workload agent enrolled (bootstrap token) with the CA of the replicas ``on``
+    (several: its client fails over between them), serving SDS."""
     home = workdir / identity.service_account
     home.mkdir(mode=0o700)
     now = dt.datetime.now(dt.UTC)
     config = AgentConfig(
         identity=identity,
-        ca_address=on.info["ca"],
-        ca_renewal_address=on.info["ca_renewal"],
+        ca_address=",".join(r.info["ca"] for r in on),
+        ca_renewal_address=",".join(r.info["ca_renewal"] for r in on),
         ca_roots_pem=ca.bundle_pem(now),
         token=ca.token(identity.namespace, identity.service_account, now),
         bundle_refresh_seconds=3600,
@@ -208,9 +209,14 @@ async def _agent(
 
 
 @contextlib.asynccontextmanager
-async def sidecar_on_replica_b(etcd: EtcdCluster, workdir: Path) -> AsyncIterator[SidecarRig]:
+async def sidecar_on_replica_b(
+    etcd: EtcdCluster, workdir: Path, *, failover: bool = False
+) -> AsyncIterator[SidecarRig]:
     """The example mesh's workloads and STRICT mTLS in the store, httpbin registered on
-    host-1, replicas A and B running, httpbin's app and Envoy (xDS from B) serving."""
+    host-1, replicas A and B running, httpbin's app and Envoy (xDS from B) serving.
+
+    ``failover``: httpbin's Envoy and agent know both replicas (B first), as a sidecar
+    whose bootstrap lists every control-plane address."""
     now = dt.datetime.now(dt.UTC)
     ca = CertificateAuthority.init(workdir / "ca", CaConfig(), now)
     httpbin_at, app_at = free_loopback(2, APP_PORT)
@@ -228,8 +234,8 @@ async def sidecar_on_replica_b(etcd: EtcdCluster, workdir: Path) -> AsyncIterato
         with replicas(etcd, workdir, ["a", "b"], workdir / "ca") as (a, b):
             async with (
                 app_server(app_at),
-                _agent(HTTPBIN_ID, b, ca, workdir) as (_, sds),
-                _agent(SLEEP_ID, a, ca, workdir) as (sleep, _),
+                _agent(HTTPBIN_ID, [b, a] if failover else [b], ca, workdir) as (_, sds),
+                _agent(SLEEP_ID, [a], ca, workdir) as (sleep, _),
             ):
                 bootstrap = ads_bootstrap(
                     node_id=node_id,
@@ -238,6 +244,7 @@ async def sidecar_on_replica_b(etcd: EtcdCluster, workdir: Path) -> AsyncIterato
                     xds_address="127.0.0.1",
                     xds_port=b.xds_port,
                     control_plane_id=b.info["spiffe_id"],
+                    more_xds=[("127.0.0.1", a.xds_port)] if failover else (),
                 )
                 envoy = EnvoyProcess(bootstrap, workdir=workdir / "httpbin", concurrency=1)
                 try:

@@ -89,16 +89,16 @@ class StoreConfigSource:
     def _set_health(self, healthy: bool, problem: str | None) -> None:
         if healthy != self.healthy:
             self._since = dt.datetime.now(dt.UTC)
-            if healthy and self.problem != NOT_LOADED:
-                log.info(
-                    "store %s reachable again at revision %d", self.store.describe(), self.revision
-                )
-            else:
+            if not healthy:
                 log.error(
                     "store %s: %s — serving the configuration of revision %d until it is back",
                     self.store.describe(),
                     problem,
                     self.applied_revision,
+                )
+            elif self.problem != NOT_LOADED:
+                log.info(
+                    "store %s reachable again at revision %d", self.store.describe(), self.revision
                 )
         self.healthy, self.problem = healthy, problem
 
