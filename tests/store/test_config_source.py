@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +141,18 @@ def _broken_policy() -> dict[str, object]:
 def _delete(stored: StoredResource | None) -> ResourceDelete:
     assert stored is not None
     return ResourceDelete(stored.key, stored.resource_version)
+
+
+def test_a_replica_refuses_to_start_on_a_store_without_configuration(
+    tmp_path: Path, own_etcd: EtcdCluster
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "control-plane", "--store", own_etcd.url,
+         "--listen", "127.0.0.1:0", "--name", "a", "--ca", str(tmp_path / "ca"),
+         "--state", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    answer = json.loads(done.stdout)
+    assert answer["ready"] is False and "holds no configuration yet" in answer["error"]
+    assert "Traceback" not in done.stderr

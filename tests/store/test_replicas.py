@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tests.envoy.conftest import eventually, run
 from tests.store.replica_rig import apply_text, replicas
-from tests.xds.controlplane_rig import EXAMPLES, STRICT
+from tests.xds.controlplane_rig import EXAMPLES, STRICT, Probe
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
-from trustmesh.runtime.replica import read_replicas
+from trustmesh.runtime.replica import read_replicas, registration_of
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import EtcdResourceStore, WorkloadRegistry
@@ -25,6 +25,7 @@ from trustmesh.store.model import WorkloadRecord
 
 TTL = 2  # seconds: --lease-ttl of both replicas
 HTTPBIN = WorkloadRecord("foo", "httpbin", "host-1", "127.0.0.20", "httpbin")
+SLEEP = WorkloadRecord("foo", "sleep", "host-2", "127.0.0.21", "sleep")
 
 
 async def fill_store(etcd: EtcdCluster, workdir: Path) -> None:
@@ -62,6 +63,26 @@ def test_replicas_register_elect_one_leader_and_fail_over_within_the_ttl(
                     assert record["address"] == replica.info["address"]
                     assert record["store"]["healthy"] is True and record["started"]
                     assert record["config"]["errors"] == [] and record["proxies"] == []
+
+                # The registry drives what every replica serves: a host's workload joins,
+                # and leaves with the host's lease.
+                assert records["a"]["registered"] == [registration_of(HTTPBIN).node_id]
+                registry = WorkloadRegistry(client)
+                host_2 = await registry.host_lease(60)
+                await registry.register(SLEEP, host_2)
+                both = sorted(registration_of(r).node_id for r in (HTTPBIN, SLEEP))
+
+                def registered(expected: list[str]) -> Probe:
+                    async def probe() -> bool:
+                        found = [r["registered"] for r in (await read_replicas(client)).values()]
+                        return found == [expected, expected]
+
+                    return probe
+
+                await eventually(registered(both), what="sleep registered on both", timeout=10)
+                await client.revoke_lease(host_2)  # host-2 is gone
+                only = [registration_of(HTTPBIN).node_id]
+                await eventually(registered(only), what="sleep forgotten by both", timeout=10)
 
                 # Exactly one leader, and the records agree with the leader key.
                 async def one_leader() -> bool:

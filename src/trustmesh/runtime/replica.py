@@ -122,6 +122,8 @@ class _Replica:
         self.election = LeaderElection(client, self.keeper, options.name)
         self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.registry_revision = 0
+        self.records: list[WorkloadRecord] = []
+        self.addresses: dict[str, str] = {}
         self._written: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
@@ -137,6 +139,7 @@ class _Replica:
             "started": self.started,
             "leader": self.election.is_leader(),
             "proxies": serves,
+            "registered": sorted(self.plane.registrations),
             "store": self.source.status(),
             "config": {
                 "generation": self.plane.reloads,
@@ -172,7 +175,14 @@ class _Replica:
         async def follow() -> None:
             async for _ in registry.changes(self.registry_revision):
                 records, self.registry_revision = await registry.workloads()
-                self.sync_registrations(records)
+                addresses = {r.ref: r.address for r in records}
+                moved = addresses != self.addresses
+                self.records, self.addresses = list(records), addresses
+                if moved:  # every proxy's endpoints of those workloads change
+                    self.plane.set_workload_addresses(addresses)
+                    await self.reload()
+                else:
+                    self.sync_registrations(records)
 
         while not stop.is_set():
             try:
@@ -181,6 +191,12 @@ class _Replica:
                 log.error("workload registry watch: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)  # reconnect back-off
+
+    async def reload(self) -> None:
+        """The control plane's reload, then the registry's proxies registered again: one
+        the configuration did not know yet may be servable now."""
+        await self.plane.reload()
+        self.sync_registrations(self.records)
 
     def sync_registrations(self, records: Sequence[WorkloadRecord]) -> None:
         wanted: dict[str, ProxyRegistration] = {}
@@ -254,6 +270,8 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         )
         replica = _Replica(options, client, plane, ca_server)
         replica.registry_revision = registry_revision
+        replica.records = list(workloads)
+        replica.addresses = {w.ref: w.address for w in workloads}
         try:
             await replica.source.load()
         except StoreError as exc:
@@ -263,6 +281,11 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         try:
             await plane.start()
         except ConfigRejected as exc:
+            if not any(source_dir.rglob("*.json")):
+                return _fail(
+                    f"{options.store} holds no configuration yet: "
+                    "`trustmesh apply -f DIR --store …` the mesh's manifests first"
+                )
             return _fail(str(exc))
         replica.source.loaded_into_plane()
         try:
@@ -274,7 +297,7 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         tasks += [
             asyncio.create_task(replica.keeper.run(stop)),
             asyncio.create_task(replica.election.run(stop)),
-            asyncio.create_task(replica.source.follow(plane.reload, stop, reload_first=False)),
+            asyncio.create_task(replica.source.follow(replica.reload, stop, reload_first=False)),
             asyncio.create_task(replica.follow_registry(stop)),
             asyncio.create_task(replica.keep_record(stop)),
             asyncio.create_task(replica.rotate_when_leader(stop)),
