@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from tests.envoy.conftest import eventually, run
+from tests.envoy.conftest import eventually, http_get, run
 from tests.store.replica_rig import apply_text, replicas
 from tests.xds.controlplane_rig import EXAMPLES, STRICT, Probe
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
+from trustmesh.runtime import debug_client
 from trustmesh.runtime.replica import read_replicas, registration_of
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
@@ -63,6 +64,15 @@ def test_replicas_register_elect_one_leader_and_fail_over_within_the_ttl(
                     assert record["address"] == replica.info["address"]
                     assert record["store"]["healthy"] is True and record["started"]
                     assert record["config"]["errors"] == [] and record["proxies"] == []
+
+                # As `up`'s control plane: syncz on the owner-only socket (plus the store's
+                # health), Prometheus text on the metrics port.
+                syncz = await asyncio.to_thread(debug_client.get, tmp_path / "replica-a")
+                assert syncz is not None and syncz["store"]["healthy"] is True
+                assert list(syncz["proxies"]) == [registration_of(HTTPBIN).node_id]
+                host, _, port = records["a"]["metrics"].rpartition(":")
+                scraped = await http_get(host, int(port), "/metrics")
+                assert scraped.status == 200 and b"trustmesh_config_reloads_total" in scraped.body
 
                 # The registry drives what every replica serves: a host's workload joins,
                 # and leaves with the host's lease.

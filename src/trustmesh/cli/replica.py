@@ -39,6 +39,9 @@ def control_plane(
     ] = 5,
     ca_port: Annotated[int, typer.Option("--ca-port")] = 0,
     ca_renewal_port: Annotated[int, typer.Option("--ca-renewal-port")] = 0,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", help="Prometheus /metrics on HOST (0: a free port).")
+    ] = 0,
 ) -> None:
     """Run one control-plane replica: xDS + CA on ADDR, configuration from the store."""
     host, sep, port = listen.rpartition(":")
@@ -59,5 +62,6 @@ def control_plane(
         lease_ttl=lease_ttl,
         ca_port=ca_port,
         ca_renewal_port=ca_renewal_port,
+        metrics_port=metrics_port,
     )
     raise typer.Exit(run_until_signalled(lambda stop: serve_replica(options, stop)))

@@ -36,7 +36,10 @@ from typing import Any
 
 from trustmesh.identity.server import CaServer
 from trustmesh.identity.store import StoreError
-from trustmesh.runtime.control_plane import _open_ca
+from trustmesh.metrics.controlplane import ControlPlaneMetrics
+from trustmesh.metrics.server import MetricsServer
+from trustmesh.runtime.control_plane import _open_ca, _syncz
+from trustmesh.runtime.debug_endpoint import SYNCZ, DebugEndpointError, DebugServer, debug_socket
 from trustmesh.runtime.layout import write_json
 from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.ca_records import EtcdCaRecords, WatchedRevocations
@@ -69,6 +72,7 @@ class ReplicaOptions:
     lease_ttl: int = 5
     ca_port: int = 0
     ca_renewal_port: int = 0
+    metrics_port: int = 0
 
 
 def registration_of(record: WorkloadRecord) -> ProxyRegistration:
@@ -121,6 +125,7 @@ class _Replica:
         self.keeper = LeaseKeeper(client, options.lease_ttl)
         self.election = LeaderElection(client, self.keeper, options.name)
         self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.metrics_port = 0
         self.registry_revision = 0
         self.records: list[WorkloadRecord] = []
         self.addresses: dict[str, str] = {}
@@ -135,6 +140,7 @@ class _Replica:
             "address": f"{host}:{self.plane.port}",
             "ca": f"{host}:{self.ca_server.port}",
             "ca_renewal": f"{host}:{self.ca_server.renewal_port}",
+            "metrics": f"{host}:{self.metrics_port}",
             "spiffe_id": self.plane.spiffe_id,
             "started": self.started,
             "leader": self.election.is_leader(),
@@ -245,11 +251,15 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
     records = EtcdCaRecords(client)
     revocations = WatchedRevocations(client)
     ca.use_shared_records(records, revocations)
+    metrics = ControlPlaneMetrics(ca=ca)
     ca_server = CaServer(
         ca,
         address=f"{host}:{options.ca_port}",
         renewal_address=f"{host}:{options.ca_renewal_port}",
+        observer=metrics,
     )
+    metrics_server = MetricsServer(host, options.metrics_port, plane_text=metrics.render)
+    debug: DebugServer | None = None
     source_dir = options.state_dir / "config"
     tasks: list[asyncio.Task[None]] = []
     plane: ControlPlane | None = None
@@ -267,6 +277,7 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
             address=options.listen,
             mesh_config=options.mesh_config,
             workload_addresses={w.ref: w.address for w in workloads},
+            observer=metrics,
         )
         replica = _Replica(options, client, plane, ca_server)
         replica.registry_revision = registry_revision
@@ -288,6 +299,17 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
                 )
             return _fail(str(exc))
         replica.source.loaded_into_plane()
+        # As `up`'s control plane: /debug/syncz on an owner-only Unix socket (with the
+        # store's health), Prometheus text on HOST:--metrics-port.
+        debug = DebugServer(
+            debug_socket(options.state_dir),
+            {SYNCZ: lambda: {**_syncz(plane), "store": replica.source.status()}},
+        )
+        try:
+            await debug.start()
+            replica.metrics_port = await metrics_server.start()
+        except (OSError, DebugEndpointError) as exc:
+            return _fail(f"cannot serve the debug endpoint or metrics: {exc}")
         try:
             await replica.keeper.grant()
             await replica.write_record(force=True)
@@ -315,6 +337,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
                 log.error("stopping: %s did not end, cancelled", task.get_coro())
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        await metrics_server.stop()
+        if debug is not None:
+            await debug.stop()
         if plane is not None:
             await plane.stop()
         await ca_server.stop()
