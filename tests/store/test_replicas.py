@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.envoy.conftest import eventually, http_get, run
-from tests.store.replica_rig import apply_text, replicas
+from tests.store.replica_rig import apply_text, replicas, start_replica
 from tests.xds.controlplane_rig import EXAMPLES, STRICT, Probe
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.runtime import debug_client
@@ -73,6 +75,13 @@ def test_replicas_register_elect_one_leader_and_fail_over_within_the_ttl(
                 host, _, port = records["a"]["metrics"].rpartition(":")
                 scraped = await http_get(host, int(port), "/metrics")
                 assert scraped.status == 200 and b"trustmesh_config_reloads_total" in scraped.body
+
+                # Names are unique while the holder lives.
+                with pytest.raises(AssertionError, match="registered already"):
+                    await asyncio.to_thread(
+                        start_replica, etcd, tmp_path / "dup", "a", tmp_path / "ca"
+                    )
+                assert (await read_replicas(client))["a"]["pid"] == a.pid
 
                 # The registry drives what every replica serves: a host's workload joins,
                 # and leaves with the host's lease.

@@ -164,6 +164,27 @@ class _Replica:
             await self.client.put(key, json.dumps(record).encode(), lease=self.keeper.lease_id)
         self._written = record
 
+    async def claim(self) -> str | None:
+        """Write the first registration only if the name is free; else who holds it."""
+        key = REPLICAS + self.options.name.encode()
+        record = self.record()
+        value = json.dumps(record).encode()
+        put = self.client.put_op(key, value, self.keeper.lease_id)
+        claimed, response = await self.client.txn(
+            [self.client.absent(key)], [put], [self.client.get_op(key)]
+        )
+        if claimed:
+            write_json(self.options.state_dir / "status.json", record)
+            self._written = record
+            return None
+        kvs = response.responses[0].response_range.kvs
+        other = json.loads(kvs[0].value) if kvs else {}
+        return (
+            f"a replica named {self.options.name!r} is registered already (pid "
+            f"{other.get('pid')}, {other.get('address')}); names are unique — a dead one's "
+            f"registration ends within its lease TTL"
+        )
+
     async def keep_record(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -312,9 +333,13 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
             return _fail(f"cannot serve the debug endpoint or metrics: {exc}")
         try:
             await replica.keeper.grant()
-            await replica.write_record(force=True)
+            taken = await replica.claim()
         except StoreError as exc:
             return _fail(f"cannot register in the store: {exc}")
+        if taken is not None:
+            with contextlib.suppress(StoreError):
+                await client.revoke_lease(replica.keeper.lease_id)
+            return _fail(taken)
         replica.keeper.on_lease.append(lambda _: replica.write_record(force=True))
         tasks += [
             asyncio.create_task(replica.keeper.run(stop)),
