@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -218,9 +217,6 @@ class StoreConfigSource:
                 path.unlink(missing_ok=True)
             else:
                 _write(path, event.resource)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _write(path: Path, resource: StoredResource) -> None:
