@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from trustmesh.agent.envoy import (
@@ -80,6 +81,7 @@ def ads_bootstrap(
     admin_port: int = 0,
     control_plane_id: str = CONTROL_PLANE_ID,
     source_address: str | None = None,
+    more_xds: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
     """The proto3-JSON bootstrap of a sidecar fed over ADS; pure, same input → same dict.
 
@@ -92,6 +94,11 @@ def ads_bootstrap(
     every upstream connection of this Envoy leaves from — the workload's own, so
     ``source.ip`` rules at the peer see the pod IP as in Istio (the kernel's choice,
     127.0.0.1 on loopback, without it).
+    ``more_xds``: further control-plane replicas (address, port), endpoints of the same
+    ``xds-grpc`` cluster: Envoy spreads its ADS (re)connections round robin over them and
+    ejects one that refuses connections, so when the replica it streams from dies it
+    reconnects to another within the retry back-off (≤ 0.5 s). Every replica must carry
+    ``control_plane_id`` (they share the mesh CA).
     """
     if not node_id or not cluster:
         raise ValueError("node_id and cluster must be non-empty")
@@ -106,6 +113,11 @@ def ads_bootstrap(
     if not isinstance(admin_port, int) or not 0 <= admin_port <= 65535:
         raise ValueError(f"admin port must be 0..65535, got {admin_port!r}")
     check_spiffe_ids("control_plane_id", frozenset({control_plane_id}), allow_empty=False)
+    for address, port in more_xds:
+        if not isinstance(address, str) or not address:
+            raise ValueError(f"more_xds addresses must be non-empty strings, got {address!r}")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"more_xds ports must be 1..65535, got {port!r}")
     if source_address is not None and not is_ip(source_address):
         raise ValueError(f"source_address must be an IP, got {source_address!r}")
 
@@ -131,7 +143,7 @@ def ads_bootstrap(
         },
         "static_resources": {
             "clusters": [
-                _xds_cluster(xds_address, xds_port, control_plane_id),
+                _xds_cluster([(xds_address, xds_port), *more_xds], control_plane_id),
                 sds_cluster(sds_socket),
             ]
         },
@@ -147,8 +159,9 @@ def ads_bootstrap(
     return bootstrap
 
 
-def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
-    """The control plane as a gRPC (HTTP/2) upstream over mTLS with the workload identity."""
+def _xds_cluster(endpoints: Sequence[tuple[str, int]], server_id: str) -> dict[str, Any]:
+    """The control plane (one endpoint per replica) as a gRPC (HTTP/2) upstream over mTLS
+    with the workload identity."""
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -157,9 +170,9 @@ def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
             "common_tls_context": common_tls_context(frozenset({server_id}), ("h2",)),
         },
     }
-    return {
+    cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if is_ip(address) else "STRICT_DNS",
+        "type": "STATIC" if all(is_ip(a) for a, _ in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -173,8 +186,25 @@ def _xds_cluster(address: str, port: int, server_id: str) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": XDS_CLUSTER,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": socket_address(address, port)}}]}
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": socket_address(address, port)}}
+                        for address, port in endpoints
+                    ]
+                }
             ],
         },
         "transport_socket": tls,
     }
+    if len(endpoints) > 1:
+        # A replica that refuses connections (killed) is ejected after one failure, so
+        # the next attempt goes to a live one; it is tried again after base_ejection_time.
+        cluster["outlier_detection"] = {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 100,
+            "interval": "1s",
+        }
+    return cluster

@@ -23,6 +23,7 @@ from trustmesh.cli.ca import app as ca_app
 from trustmesh.cli.graph import graph_command
 from trustmesh.cli.insight import generate_command, impact_command, traffic_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
+from trustmesh.cli.replica import control_plane as control_plane_command
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.cli.store import apply as apply_command
 from trustmesh.cli.store import delete as delete_command
@@ -62,6 +63,7 @@ app.command("graph")(graph_command)
 app.command("apply")(apply_command)
 app.command("get")(get_command)
 app.command("delete")(delete_command)
+app.command("control-plane")(control_plane_command)
 app.add_typer(traffic_app, name="traffic")
 app.command("impact")(impact_command)
 app.command("generate")(generate_command)

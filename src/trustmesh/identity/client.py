@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 import grpc
@@ -48,7 +49,9 @@ class CaClient:
             certificate_chain=client_cert.chain_pem if client_cert else None,
         )
         self._channel = grpc.aio.secure_channel(
-            address, credentials, options=[("grpc.ssl_target_name_override", server_name)]
+            channel_target(address),
+            credentials,
+            options=[("grpc.ssl_target_name_override", server_name)],
         )
         self._timeout = timeout
         self._create = self._channel.unary_unary(
@@ -83,6 +86,29 @@ class CaClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def channel_target(address: str) -> str:
+    """gRPC's target for ``HOST:PORT`` or, for CA replicas, ``IP:PORT,IP:PORT,...``: one
+    channel over every address (``ipv4:``/``ipv6:`` list; gRPC's pick_first connects to
+    the first that answers and moves on when it dies). ValueError if malformed."""
+    if "," not in address:
+        return address
+    parts = [part.strip() for part in address.split(",")]
+    hosts = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"CA address {part!r} in {address!r} is not IP:PORT")
+        try:
+            hosts.append(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            raise ValueError(f"several CA addresses must be IPs, got {host!r}") from None
+    if all(h.version == 4 for h in hosts):
+        return "ipv4:" + ",".join(parts)
+    if all(h.version == 6 for h in hosts):
+        return "ipv6:" + ",".join(parts)
+    raise ValueError(f"CA addresses {address!r} mix IPv4 and IPv6")
 
 
 def _error(exc: grpc.aio.AioRpcError) -> Exception:

@@ -110,10 +110,11 @@ def service_addresses(plan: MeshPlan) -> dict[str, str]:
     return out
 
 
-def _open_ca(layout: Layout, plan: MeshPlan, now: dt.datetime) -> CertificateAuthority:
-    if CaStore(layout.ca).exists():  # a restart: same roots, tokens already burnt stay so
-        return CertificateAuthority.load(layout.ca)
-    return CertificateAuthority.init(layout.ca, CaConfig(trust_domain=plan.trust_domain), now)
+def _open_ca(ca_dir: Path, trust_domain: str, now: dt.datetime) -> CertificateAuthority:
+    """The CA in ``ca_dir``, created (for ``trust_domain``) on first start."""
+    if CaStore(ca_dir).exists():  # a restart: same roots, tokens already burnt stay so
+        return CertificateAuthority.load(ca_dir)
+    return CertificateAuthority.init(ca_dir, CaConfig(trust_domain=trust_domain), now)
 
 
 def _write_tokens(
@@ -210,7 +211,7 @@ async def serve(layout: Layout, stop: asyncio.Event) -> int:
     listen = str(args.get("listen", "127.0.0.1"))
     now = dt.datetime.now(dt.UTC)
     try:
-        ca = _open_ca(layout, plan, now)
+        ca = _open_ca(layout.ca, plan.trust_domain, now)
     except StoreError as exc:  # keys others can read or replace: not this mesh's CA
         print(json.dumps({"ready": False, "error": f"the mesh CA is refused: {exc}"}), flush=True)
         return 1

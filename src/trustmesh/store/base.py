@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from trustmesh.store.model import (
+    EventBatch,
     ResourceDelete,
     ResourceEvent,
     ResourceKey,
@@ -36,6 +37,10 @@ class ResourceStore(Protocol):
 
     def watch(self, from_revision: int) -> AsyncIterator[ResourceEvent]:
         """Every change after ``from_revision``, in store order, until cancelled."""
+        ...
+
+    def watch_batches(self, from_revision: int) -> AsyncIterator[EventBatch]:
+        """:meth:`watch` in whole commits: every event of one revision in one list."""
         ...
 
     async def close(self) -> None: ...

@@ -23,6 +23,14 @@ from trustmesh.store.model import StoreError
 __all__ = ["EtcdClient", "KeyValue", "WatchedChange", "prefix_end"]
 
 REQUEST_TIMEOUT = 5.0
+# A member that vanished without a reset (a host gone, a cut link) must not leave a watch
+# silent and "healthy": ping an open stream every 10 s, give up 5 s after an unanswered
+# ping (etcd accepts pings every 5 s or slower; none without a call, its default).
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +85,7 @@ class EtcdClient:
         if not endpoints:
             raise StoreError("no etcd endpoint given")
         self.endpoints = tuple(endpoints)
-        self._channel = grpc.aio.insecure_channel(_target(self.endpoints))
+        self._channel = grpc.aio.insecure_channel(_target(self.endpoints), options=KEEPALIVE)
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
         self._lease = rpc.LeaseStub(self._channel)

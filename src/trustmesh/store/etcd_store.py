@@ -19,6 +19,7 @@ from trustmesh.store.etcd_client import EtcdClient, KeyValue
 from trustmesh.store.model import (
     ChangeType,
     Conflict,
+    EventBatch,
     ResourceDelete,
     ResourceEvent,
     ResourceKey,
@@ -99,13 +100,23 @@ class EtcdResourceStore:
         raise StoreError("transaction failed without a changed object")  # pragma: no cover
 
     async def watch(self, from_revision: int) -> AsyncIterator[ResourceEvent]:
+        async for batch in self.watch_batches(from_revision):
+            for event in batch:
+                yield event
+
+    async def watch_batches(self, from_revision: int) -> AsyncIterator[EventBatch]:
+        """:meth:`watch`, one list per etcd watch response: etcd never splits the events
+        of one revision (one commit) over two responses, so a batch is whole commits."""
         async for changes in self.client.watch_prefix(RESOURCES, from_revision + 1):
+            batch: EventBatch = []
             for change in changes:
                 key = parse_resource_key(change.kv.key)
                 if change.deleted:
-                    yield ResourceEvent(ChangeType.DELETE, key, change.revision, None)
+                    batch.append(ResourceEvent(ChangeType.DELETE, key, change.revision, None))
                 else:
-                    yield ResourceEvent(ChangeType.PUT, key, change.revision, _stored(change.kv))
+                    stored = _stored(change.kv)
+                    batch.append(ResourceEvent(ChangeType.PUT, key, change.revision, stored))
+            yield batch
 
 
 class WorkloadRegistry:

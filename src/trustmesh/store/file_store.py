@@ -26,6 +26,7 @@ import yaml
 
 from trustmesh.store.model import (
     Conflict,
+    EventBatch,
     ResourceDelete,
     ResourceEvent,
     ResourceKey,
@@ -153,6 +154,10 @@ class FileResourceStore:
         # The embedded control plane already follows the directory's files itself.
         raise StoreError("the file store has no watch; `trustmesh up DIR` follows the files")
         yield  # pragma: no cover  (makes this an async generator)
+
+    async def watch_batches(self, from_revision: int) -> AsyncIterator[EventBatch]:
+        raise StoreError("the file store has no watch; `trustmesh up DIR` follows the files")
+        yield []  # pragma: no cover  (makes this an async generator)
 
 
 def _stored(body: dict[str, Any]) -> StoredResource | None:

@@ -125,6 +125,11 @@ class ResourceEvent:
     resource: StoredResource | None  # None for DELETE
 
 
+# One commit's events (or several commits'), in store order; outside the classes whose
+# ``list`` method shadows the builtin.
+EventBatch = list[ResourceEvent]
+
+
 class WorkloadHealth(Enum):
     HEALTHY = "Healthy"
     UNHEALTHY = "Unhealthy"
@@ -146,21 +151,31 @@ class WorkloadRecord:
     labels: tuple[tuple[str, str], ...] = ()
     health: WorkloadHealth = WorkloadHealth.HEALTHY
     kind: str = "WorkloadEntry"  # or "Pod"
+    # Process mode (no capture): where the app itself listens, and where the sidecar
+    # offers it outbound listeners; empty when not used (the control plane's defaults).
+    app_address: str = ""
+    outbound_address: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "kind": self.kind,
-                "namespace": self.namespace,
-                "name": self.name,
-                "host": self.host,
-                "address": self.address,
-                "serviceAccount": self.service_account,
-                "labels": dict(self.labels),
-                "health": self.health.value,
-            },
-            sort_keys=True,
-        )
+        value = {
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+            "host": self.host,
+            "address": self.address,
+            "serviceAccount": self.service_account,
+            "labels": dict(self.labels),
+            "health": self.health.value,
+        }
+        if self.app_address:
+            value["appAddress"] = self.app_address
+        if self.outbound_address:
+            value["outboundAddress"] = self.outbound_address
+        return json.dumps(value, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: bytes | str) -> WorkloadRecord:
@@ -174,4 +189,6 @@ class WorkloadRecord:
             labels=tuple(sorted(data.get("labels", {}).items())),
             health=WorkloadHealth(data.get("health", "Healthy")),
             kind=data.get("kind", "WorkloadEntry"),
+            app_address=data.get("appAddress", ""),
+            outbound_address=data.get("outboundAddress", ""),
         )

@@ -348,6 +348,11 @@ class ControlPlane:
                 self.last_errors = problems
         return True
 
+    def set_workload_addresses(self, workload_addresses: Mapping[str, str]) -> None:
+        """Workload ref → IP from now on (a registry's hosts join and leave); the next
+        :meth:`reload` builds every proxy's endpoints from it."""
+        self._addresses = MappingProxyType(dict(workload_addresses))
+
     def unregister(self, node_id: str) -> None:
         """Forget a proxy that is gone. An open stream keeps its config until it closes;
         a new one is refused."""

@@ -1,0 +1,67 @@
+"""``trustmesh control-plane --store etcd://… --listen ADDR --name NAME``: one replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trustmesh.runtime.process import run_until_signalled
+from trustmesh.runtime.replica import ReplicaOptions, serve_replica
+
+
+def control_plane(
+    store: Annotated[
+        str,
+        typer.Option("--store", help="etcd://HOST:PORT[,HOST:PORT...]", envvar="TRUSTMESH_STORE"),
+    ],
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen", help="HOST:PORT for xDS (port 0: a free one); the CA listens on HOST."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="This replica's name (unique in the store).")],
+    ca: Annotated[
+        Path, typer.Option("--ca", help="CA directory (keys stay here; created on first start).")
+    ] = Path("trustmesh-ca"),
+    state: Annotated[
+        Path | None,
+        typer.Option("--state", help="Working directory (default: trustmesh-replica-NAME)."),
+    ] = None,
+    trust_domain: Annotated[str, typer.Option("--trust-domain")] = "cluster.local",
+    mesh_config: Annotated[
+        list[str] | None, typer.Option("--mesh-config", help="MeshConfig or IstioOperator file.")
+    ] = None,
+    lease_ttl: Annotated[
+        int, typer.Option("--lease-ttl", help="Seconds until a dead replica's keys are gone.")
+    ] = 5,
+    ca_port: Annotated[int, typer.Option("--ca-port")] = 0,
+    ca_renewal_port: Annotated[int, typer.Option("--ca-renewal-port")] = 0,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", help="Prometheus /metrics on HOST (0: a free port).")
+    ] = 0,
+) -> None:
+    """Run one control-plane replica: xDS + CA on ADDR, configuration from the store."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise typer.BadParameter(f"--listen must be HOST:PORT, got {listen!r}")
+    if not name or "/" in name:
+        raise typer.BadParameter(f"--name must be a name without '/', got {name!r}")
+    if lease_ttl < 2:
+        raise typer.BadParameter("--lease-ttl must be at least 2 seconds")
+    options = ReplicaOptions(
+        store=store,
+        listen=listen,
+        name=name,
+        ca_dir=ca,
+        state_dir=state or Path(f"trustmesh-replica-{name}"),
+        trust_domain=trust_domain,
+        mesh_config=tuple(mesh_config or ()),
+        lease_ttl=lease_ttl,
+        ca_port=ca_port,
+        ca_renewal_port=ca_renewal_port,
+        metrics_port=metrics_port,
+    )
+    raise typer.Exit(run_until_signalled(lambda stop: serve_replica(options, stop)))
