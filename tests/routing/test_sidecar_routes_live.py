@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.mesh import trustmesh
 from tests.routing.rig import RoutingMesh, routing_mesh
 
 pytestmark = pytest.mark.envoy
@@ -188,3 +189,24 @@ def test_the_subset_endpoint_still_sees_the_clients_identity(mesh: RoutingMesh) 
     denied = mesh.get(REVIEWS, client="default/sleep")
     assert denied.status == 403  # reviews-v1's sidecar: sleep's principal is not allowed
     assert denied.body == "RBAC: access denied"
+
+
+def test_status_names_what_the_sidecars_do_not_honour(mesh: RoutingMesh) -> None:
+    faulty = ALL_V1.replace(
+        "  - route:\n",
+        "  - fault: {abort: {httpStatus: 500, percentage: {value: 100}}}\n    route:\n",
+    )
+    mesh.apply(DESTINATION_RULE + "---\n" + faulty)
+    assert versions(mesh, 5) == {"v1": 5}  # the route applies; the fault is not injected
+    shown = trustmesh("status", state=mesh.state)
+    assert shown.returncode == 0, shown.stderr
+    routes = mesh.config_dir / "routes.yaml"
+    line = (
+        routes.read_text()
+        .splitlines()
+        .index("  - fault: {abort: {httpStatus: 500, percentage: {value: 100}}}")
+    )
+    assert (
+        f"{routes}:{line + 1} spec.http[0].fault: warning[virtual-service-not-honoured]"
+        in shown.stdout
+    ), shown.stdout

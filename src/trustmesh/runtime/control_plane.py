@@ -56,6 +56,7 @@ from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.process import run_until_signalled
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
+from trustmesh.xds.mesh_routes import sidecar_mesh_routes
 from trustmesh.xds.translate import CaptureMode
 
 __all__ = [
@@ -130,12 +131,20 @@ def _write_tokens(
             out.write(token)
 
 
+def _routing_warnings(plane: ControlPlane) -> list[str]:
+    """What the proxies' routes leave out: VirtualService parts sidecars do not honour
+    (read once per compiled mesh)."""
+    mesh = plane.mesh
+    return [] if mesh is None else [str(d) for d in sidecar_mesh_routes(mesh).diagnostics]
+
+
 def _syncz(plane: ControlPlane) -> dict[str, Any]:
     return {
         "generation": plane.reloads,
         "files": plane.loaded_digest,
         "rejected": plane.rejected_reloads,
         "errors": [str(d) for d in plane.last_errors],
+        "warnings": _routing_warnings(plane),
         "not_ready": sorted(plane.not_ready),
         "proxies": plane.sync_status(),
     }

@@ -378,6 +378,7 @@ def _mesh_socket(
     workloads: list[Workload],
     mesh: MeshPolicy,
     sds_cluster: str,
+    sni: str = "",
 ) -> dict[str, Any]:
     domains = mesh.bundle.domains
     peer_ids = {
@@ -387,7 +388,7 @@ def _mesh_socket(
         "name": _TLS_SOCKET,
         "typed_config": {
             "@type": UPSTREAM_TLS_TYPE,
-            "sni": f"outbound_.{sp.port}_._.{service.hostname}",
+            "sni": sni or f"outbound_.{sp.port}_._.{service.hostname}",
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
@@ -410,7 +411,8 @@ def _destination_rule_socket(
     sds_cluster: str,
 ) -> dict[str, Any] | None:
     if tls.mode is m.TlsMode.ISTIO_MUTUAL:
-        return _mesh_socket(service, sp, workloads, mesh, sds_cluster)
+        # `sni` overrides the mesh SNI (Istio's egress gateway task names the external host)
+        return _mesh_socket(service, sp, workloads, mesh, sds_cluster, tls.sni)
     if tls.mode is m.TlsMode.DISABLE:
         return None
     # SIMPLE / MUTUAL: TLS the application would otherwise originate, with the rule's keys.
