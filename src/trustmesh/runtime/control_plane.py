@@ -46,6 +46,7 @@ from trustmesh.identity.store import CaStore, StoreError
 from trustmesh.metrics.controlplane import ControlPlaneMetrics
 from trustmesh.metrics.server import MetricsServer
 from trustmesh.metrics.sidecars import SidecarCounts, SidecarTarget, scrape
+from trustmesh.policy.routing import sidecar_mesh_routes
 from trustmesh.runtime.debug_endpoint import (
     SYNCZ,
     DebugEndpointError,
@@ -56,7 +57,6 @@ from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.process import run_until_signalled
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
-from trustmesh.xds.mesh_routes import sidecar_mesh_routes
 from trustmesh.xds.translate import CaptureMode
 
 __all__ = [

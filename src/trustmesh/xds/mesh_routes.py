@@ -19,19 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from trustmesh.api.mesh_routes import MeshRoutes, match_applies, mesh_routes
+from trustmesh.api.mesh_routes import match_applies
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.routing import sidecar_mesh_routes
 from trustmesh.xds.http_routes import RouteTable, http_routes
 
 __all__ = ["routes_for", "routing_key", "sidecar_mesh_routes"]
-
-
-def sidecar_mesh_routes(mesh: MeshPolicy) -> MeshRoutes:
-    """The snapshot's sidecar-bound VirtualServices, read once per compiled mesh."""
-    found: MeshRoutes | None = mesh.memo.get("mesh-routes")
-    if found is None:
-        found = mesh.memo["mesh-routes"] = mesh_routes(mesh.snapshot)
-    return found
 
 
 def routes_for(
