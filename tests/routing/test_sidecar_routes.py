@@ -459,3 +459,33 @@ def test_a_destination_without_port_takes_the_listener_port(tmp_path: Path) -> N
     assert [r["name"] for r in proxy_routes(resources, f"{REVIEWS}:9080")] == ["default"]
     (route,) = proxy_routes(resources, f"{REVIEWS}:9081")
     assert route["route"]["cluster"] == f"outbound|9081|v1|{REVIEWS}"
+
+
+def test_a_host_nothing_else_declares_gets_its_own_virtual_host(tmp_path: Path) -> None:
+    """Istio builds virtual hosts for VirtualService hosts that are no service."""
+    alias = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookreviews, namespace: default}
+spec:
+  hosts: [bookreviews.example.com]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v2}
+"""
+    loaded = load(tmp_path, SUBSETS, alias)
+    resources = process(loaded)
+    (route,) = proxy_routes(resources, "bookreviews.example.com:80")
+    assert route["route"]["cluster"] == f"outbound|9080|v2|{REVIEWS}"
+    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
+    config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == "bookreviews.example.com:80"]
+    assert vhost["domains"] == ["bookreviews.example.com:80", "bookreviews.example.com"]
+    assert loaded.mesh is not None
+    captured = translate(
+        loaded.mesh, PRODUCTPAGE, inbound_address="127.0.0.50", capture=CaptureMode.TRANSPARENT
+    )
+    (config,) = [r for r in captured.routes if r["name"] == "9080"]
+    (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == "bookreviews.example.com:9080"]
+    assert vhost["domains"] == ["bookreviews.example.com:9080"]
+    assert vhost["routes"][0]["route"]["cluster"] == f"outbound|9080|v2|{REVIEWS}"

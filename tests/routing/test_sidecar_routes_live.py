@@ -168,6 +168,25 @@ spec:
     assert mesh.get("http://reviews:9080/old").headers.get("server") == "envoy"
 
 
+def test_a_host_only_the_virtual_service_declares_is_routed(mesh: RoutingMesh) -> None:
+    mesh.apply(
+        DESTINATION_RULE
+        + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookreviews, namespace: default}
+spec:
+  hosts: [bookreviews.example.com]
+  http:
+  - route:
+    - destination: {host: reviews.default.svc.cluster.local, subset: v3}
+"""
+    )
+    for _ in range(5):
+        reply = mesh.get("http://bookreviews.example.com/hello")
+        assert (reply.status, _VERSION.findall(reply.body)) == (200, ["v3"])
+
+
 def reviews_policy(principal: str) -> str:
     return f"""
 apiVersion: security.istio.io/v1

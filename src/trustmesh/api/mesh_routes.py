@@ -87,7 +87,7 @@ class MeshRoutes:
                 return vs
         best: tuple[int, BoundVirtualService] | None = None
         for host, candidates in self.by_host.items():
-            if not host.startswith("*") or not (host == "*" or fqdn.endswith(host[1:])):
+            if not host.startswith("*") or not fqdn.endswith(host[1:]):
                 continue
             for vs in candidates:
                 if _exported(vs.resource, client_namespace):

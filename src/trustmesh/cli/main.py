@@ -273,8 +273,7 @@ def _routed(loaded: LoadedConfig, route: RouteChoice) -> tuple[Target, ...]:
         if (
             routed.service is None
             or not routed.workloads
-            or (routed.weight == 0
-            and len(route.destinations) > 1)
+            or (routed.weight == 0 and len(route.destinations) > 1)
         ):
             continue
         ref = f"{routed.service.namespace}/{routed.service.name}"

@@ -24,7 +24,7 @@ from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.routing import sidecar_mesh_routes
 from trustmesh.xds.http_routes import RouteTable, http_routes
 
-__all__ = ["routes_for", "routing_key", "sidecar_mesh_routes"]
+__all__ = ["alias_hosts", "alias_virtual_host", "routes_for", "routing_key"]
 
 
 def routes_for(
@@ -55,3 +55,32 @@ def routing_key(wp: WorkloadPolicy, mesh: MeshPolicy) -> tuple[tuple[str, str], 
     if not sidecar_mesh_routes(mesh).uses_source_labels:
         return ()
     return tuple(sorted(wp.workload.labels.items()))
+
+
+def alias_hosts(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[str]:
+    """The exact hosts of VirtualServices exported to ``wp``'s namespace that name no
+    Service or ServiceEntry host: Istio gives them virtual hosts of their own on every
+    outbound HTTP route (a VirtualService may name a host nothing else declares)."""
+    known = {s.hostname for s in mesh.snapshot.services}
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        known.update(h.lower() for h in entry.spec.hosts)
+    routes = sidecar_mesh_routes(mesh)
+    return sorted(
+        host
+        for host in routes.by_host
+        if "*" not in host
+        and host not in known
+        and routes.for_host(host, wp.workload.namespace) is not None
+    )
+
+
+def alias_virtual_host(
+    wp: WorkloadPolicy, mesh: MeshPolicy, host: str, port: int, *, bare: bool
+) -> dict[str, Any] | None:
+    """The virtual host of an :func:`alias_hosts` host on ``port`` (``bare``: also the
+    host without a port), None when no route applies there."""
+    routes = routes_for(wp, mesh, host, port)
+    if routes is None:
+        return None
+    domains = [f"{host}:{port}", *([host] if bare else [])]
+    return {"name": f"{host}:{port}", "domains": domains, "routes": routes}

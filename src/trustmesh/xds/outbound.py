@@ -62,7 +62,7 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.tls import _destination_rule, destination_rule_tls
-from trustmesh.xds.mesh_routes import routes_for
+from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.traffic_policy import (
     apply_traffic_policy,
     cluster_traffic_policy,
@@ -547,6 +547,11 @@ def outbound_routes(
                 if routed is not None:
                     vhost["routes"] = routed
                 hosts.setdefault(port.number, {}).setdefault(vhost_name, vhost)
+    for host in alias_hosts(wp, mesh):
+        for number, port_hosts in hosts.items():
+            alias = alias_virtual_host(wp, mesh, host, number, bare=number == 80)
+            if alias is not None:
+                port_hosts.setdefault(str(alias["name"]), alias)
     routes = []
     for number in sorted(hosts):
         seen: set[str] = set()

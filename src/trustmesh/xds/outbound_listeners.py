@@ -75,7 +75,7 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request
-from trustmesh.xds.mesh_routes import routes_for
+from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.outbound import (
     BLACKHOLE_CLUSTER,
     CLUSTER_TYPE,
@@ -273,7 +273,8 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
     default for unknown hosts."""
     seen: set[str] = set()
     virtual_hosts = []
-    for target in _targets(wp, mesh):
+    targets = _targets(wp, mesh)
+    for target in targets:
         # Envoy refuses a domain listed twice in one route configuration: first one wins.
         domains = [d for d in dict.fromkeys(target.domains()) if d not in seen]
         seen.update(domains)
@@ -295,6 +296,15 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
                     ],
                 }
             )
+    ports = sorted({_DEFAULT_HTTP_PORT, *(t.port for t in targets)})
+    for host in alias_hosts(wp, mesh):
+        for port in ports:
+            alias = alias_virtual_host(wp, mesh, host, port, bare=port == _DEFAULT_HTTP_PORT)
+            if alias is not None:
+                alias["domains"] = [d for d in alias["domains"] if d not in seen]
+                seen.update(alias["domains"])
+                if alias["domains"]:
+                    virtual_hosts.append(alias)
     virtual_hosts.append(default_virtual_host(wp.egress_mode, DYNAMIC_FORWARD_PROXY_CLUSTER))
     return {
         "name": OUTBOUND_HTTP_LISTENER,
