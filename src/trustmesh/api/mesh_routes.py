@@ -77,6 +77,7 @@ class MeshRoutes:
     services: tuple[BoundVirtualService, ...]
     by_host: Mapping[str, tuple[BoundVirtualService, ...]]
     diagnostics: tuple[Diagnostic, ...]
+    uses_source_labels: bool = False  # some match names sourceLabels / sourceNamespace
 
     def for_host(self, fqdn: str, client_namespace: str) -> BoundVirtualService | None:
         """The VirtualService routing ``fqdn`` for a client in ``client_namespace``: an
@@ -96,15 +97,6 @@ class MeshRoutes:
                     break
         return best[1] if best is not None else None
 
-    @property
-    def uses_source_labels(self) -> bool:
-        return any(
-            match.source_labels or match.source_namespace
-            for vs in self.services
-            for route in vs.spec.http
-            for match in route.match
-        )
-
 
 def resolve_host(host: str, namespace: str, snapshot: ConfigSnapshot) -> str:
     """Istio's short-name resolution: ``name`` in ``namespace``, ``name.ns`` a Service of
@@ -118,10 +110,6 @@ def resolve_host(host: str, namespace: str, snapshot: ConfigSnapshot) -> str:
     if len(parts) == 2 and (parts[0], parts[1]) in services:
         return f"{parts[0]}.{parts[1]}.svc.cluster.local"
     return host.lower()
-
-
-def binds_mesh(spec_gateways: tuple[str, ...]) -> bool:
-    return not spec_gateways or MESH_GATEWAY in spec_gateways
 
 
 def match_applies(
@@ -185,7 +173,14 @@ def mesh_routes(snapshot: ConfigSnapshot) -> MeshRoutes:
                 )
                 continue
             owners.append(vs)
-    return MeshRoutes(tuple(services), {h: tuple(v) for h, v in by_host.items()}, tuple(problems))
+    by_source = any(
+        match.source_labels or match.source_namespace
+        for vs in services
+        for route in vs.spec.http
+        for match in route.match
+    )
+    hosts = {h: tuple(v) for h, v in by_host.items()}
+    return MeshRoutes(tuple(services), hosts, tuple(problems), by_source)
 
 
 def _overlap(a: BoundVirtualService, b: BoundVirtualService) -> bool:
