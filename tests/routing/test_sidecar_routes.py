@@ -497,3 +497,20 @@ def test_the_wildcard_host_is_refused_at_sidecars(tmp_path: Path) -> None:
     assert (found.code, found.location.field) == ("virtual-service-refused", "spec.hosts[0]")
     routes = proxy_routes(process(loaded), f"{REVIEWS}:9080")
     assert [r["name"] for r in routes] == ["default"]
+
+
+def test_a_subset_no_destination_rule_defines_is_reported(tmp_path: Path) -> None:
+    loaded = load(tmp_path, SUBSETS, ALL_V1.replace("subset: v1", "subset: v9"))
+    (found,) = [d for d in loaded.diagnostics if d.code.startswith("virtual-service-")]
+    assert found.code == "virtual-service-unknown-subset"
+    assert found.location.field == "spec.http[0].route[0].destination.subset"
+    assert f"no DestinationRule for {REVIEWS} defines subset v9" in found.message
+    # Still routed as written: Envoy answers 503 for the missing cluster, as in Istio.
+    (route,) = proxy_routes(process(loaded), f"{REVIEWS}:9080")
+    assert route["route"]["cluster"] == f"outbound|9080|v9|{REVIEWS}"
+    assert route["route"]["cluster_not_found_response_code"] == "SERVICE_UNAVAILABLE"
+    assert not [
+        d
+        for d in load(tmp_path, SUBSETS, ALL_V1).diagnostics
+        if d.code == "virtual-service-unknown-subset"
+    ]

@@ -156,6 +156,7 @@ def mesh_routes(snapshot: ConfigSnapshot) -> MeshRoutes:
             continue
         vs = BoundVirtualService(resource, spec)
         services.append(vs)
+        problems.extend(_missing_subsets(resource, spec, snapshot))
         for i, host in enumerate(spec.hosts):
             fqdn = resolve_host(host, resource.namespace, snapshot)
             owners = by_host.setdefault(fqdn, [])
@@ -225,6 +226,38 @@ def _ignored(where: Location, what: str) -> Diagnostic:
         where,
         f"{what} is not honoured by trustmesh's sidecars (the rest of the VirtualService applies)",
     )
+
+
+def _missing_subsets(
+    resource: Resource[Any], spec: VirtualServiceSpec, snapshot: ConfigSnapshot
+) -> Iterator[Diagnostic]:
+    """Destinations naming a subset no DestinationRule for their host defines: Envoy has
+    no such cluster and answers 503 (istioctl's IST0101)."""
+    defined: set[tuple[str, str]] = set()
+    wildcards: list[tuple[str, str]] = []
+    for rule in snapshot.of_kind("DestinationRule"):
+        host = resolve_host(rule.spec.host, rule.namespace, snapshot)
+        for subset in rule.spec.subsets:
+            if host.startswith("*"):
+                wildcards.append((host, subset.name))
+            else:
+                defined.add((host, subset.name))
+    for i, route in enumerate(spec.http):
+        for j, destination in enumerate(route.route):
+            subset = destination.destination.subset
+            if not subset:
+                continue
+            host = resolve_host(destination.destination.host, resource.namespace, snapshot)
+            if (host, subset) in defined or any(
+                name == subset and host.endswith(pattern[1:]) for pattern, name in wildcards
+            ):
+                continue
+            yield warning(
+                "virtual-service-unknown-subset",
+                resource.location("http", i, "route", j, "destination", "subset"),
+                f"no DestinationRule for {host} defines subset {subset}: requests routed "
+                "there get 503 (IST0101)",
+            )
 
 
 def _problems(resource: Resource[Any], spec: VirtualServiceSpec) -> Iterator[Diagnostic]:
