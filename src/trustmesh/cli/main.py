@@ -8,6 +8,7 @@ decide it exactly (``unsupported``: e.g. traffic through an ambient waypoint).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated, TypedDict
@@ -30,10 +31,12 @@ from trustmesh.cli.store import delete as delete_command
 from trustmesh.cli.store import get as get_command
 from trustmesh.cli.top import top as top_command
 from trustmesh.config import LoadedConfig, load_config
+from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
-from trustmesh.policy.targets import request_to, resolve_destination
+from trustmesh.policy.routing import RouteChoice, sidecar_route
+from trustmesh.policy.targets import Destination, Target, request_to, resolve_destination
 from trustmesh.policy.testing import run_case
 from trustmesh.runtime.layout import DEFAULT_STATE
 from trustmesh.runtime.live import LiveRunner
@@ -237,12 +240,31 @@ def authz_check(
             destination = resolve_destination(loaded.snapshot, to, port)
             request = request_to(request, destination.targets[0])
             if destination.is_service:
+                route = _route(loaded.mesh, from_, destination, http)
+                targets = destination.targets if route is None else _routed(loaded, route)
                 decisions = [
-                    (t, evaluate(loaded.mesh, request_to(request, t), **options))
-                    for t in destination.targets
+                    (t, evaluate(loaded.mesh, request_to(request, t), **options)) for t in targets
                 ]
-                render.service_decisions(destination, decisions, output)
-                allowed = all(d.verdict is Verdict.ALLOW for _, d in decisions)
+                render.service_decisions(destination, decisions, output, route)
+                allowed = bool(decisions) and all(d.verdict is Verdict.ALLOW for _, d in decisions)
+                raise typer.Exit(0 if allowed else 3)
+        elif from_ and http is not None:
+            route = _egress_route(loaded.mesh, from_, to_host, port, http)
+            if route is not None:  # a VirtualService sends it into the mesh (a gateway…)
+                # or answers it at the client's sidecar; routed out of the mesh, egress decides
+                targets = _routed(loaded, route)
+                authority = http.host or (to_host if port in (None, 80) else f"{to_host}:{port}")
+                into_mesh = dataclasses.replace(
+                    request,
+                    destination_host=None,
+                    http=dataclasses.replace(http, host=authority),
+                )
+                decisions = [
+                    (t, evaluate(loaded.mesh, request_to(into_mesh, t), **options)) for t in targets
+                ]
+                where = Destination(to_host, None, port or 80, targets)
+                render.service_decisions(where, decisions, output, route)
+                allowed = bool(decisions) and all(d.verdict is Verdict.ALLOW for _, d in decisions)
                 raise typer.Exit(0 if allowed else 3)
         decision = evaluate(loaded.mesh, request, **options)
     except RequestError as exc:
@@ -252,6 +274,50 @@ def authz_check(
     if decision.verdict is Verdict.UNSUPPORTED:
         raise typer.Exit(EXIT_UNSUPPORTED)
     raise typer.Exit(EXIT_ALLOWED if decision.verdict is Verdict.ALLOW else EXIT_NOT_ALLOWED)
+
+
+def _route(
+    mesh: MeshPolicy, client: str, destination: Destination, http: HttpRequest | None
+) -> RouteChoice | None:
+    """The VirtualService route ``client``'s sidecar takes to the Service (None: none)."""
+    workload = mesh.snapshot.workload(client) if client else None
+    service, port = destination.service, destination.service_port
+    if workload is None or not workload.has_sidecar or http is None or service is None:
+        return None
+    return sidecar_route(mesh, workload, service.hostname, port or service.ports[0].port, http)
+
+
+def _egress_route(
+    mesh: MeshPolicy, client: str, host: str, port: int | None, http: HttpRequest
+) -> RouteChoice | None:
+    """The VirtualService route ``client``'s sidecar takes to ``host`` (None: none)."""
+    workload = mesh.snapshot.workload(client)
+    if workload is None or not workload.has_sidecar:
+        return None
+    route = sidecar_route(mesh, workload, host.lower(), port or 80, http)
+    if route is not None and any(d.service is None for d in route.destinations):
+        return None  # out of the mesh: the egress decision answers
+    return route
+
+
+def _routed(loaded: LoadedConfig, route: RouteChoice) -> tuple[Target, ...]:
+    """The workloads the route reaches, as targets of their own Services' ports."""
+    targets: list[Target] = []
+    for routed in route.destinations:
+        if (
+            routed.service is None
+            or not routed.workloads
+            or (routed.weight == 0 and len(route.destinations) > 1)
+        ):
+            continue
+        ref = f"{routed.service.namespace}/{routed.service.name}"
+        wanted = {w.ref for w in routed.workloads}
+        try:
+            found = resolve_destination(loaded.snapshot, ref, routed.port)
+        except RequestError:
+            continue
+        targets += [t for t in found.targets if t.workload.ref in wanted]
+    return tuple({t.workload.ref: t for t in targets}.values())
 
 
 @app.command("test")

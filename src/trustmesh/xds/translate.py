@@ -73,6 +73,7 @@ from trustmesh.xds.inbound import (
     virtual_inbound_listener,
 )
 from trustmesh.xds.jwt import JWT_FILTER, jwks_clusters, jwt_authn_config
+from trustmesh.xds.mesh_routes import routing_key
 from trustmesh.xds.outbound import (
     ROUTE_TYPE,
     Protocol,
@@ -398,16 +399,18 @@ def _shared(
 ) -> _Shared:
     """``build()`` once per compiled mesh for all clients alike: outbound clusters and
     routes depend on the client only through its namespace (DestinationRule scope, short
-    names) and its egress mode."""
+    names) and its egress mode — and its labels, when a VirtualService routes by
+    ``sourceLabels``."""
     shared = _SHARED.table(mesh)
-    key = (*what, wp.workload.namespace, wp.egress_mode)
+    key = (*what, wp.workload.namespace, wp.egress_mode, routing_key(wp, mesh))
     if key not in shared:
         shared[key] = build()
     found: _Shared = shared[key]
     return found
 
 
-# (what, client namespace, egress mode) → outbound clusters or routes shared by clients.
+# (what, client namespace, egress mode, routing key) → outbound clusters or routes shared
+# by clients alike.
 _SHARED: Derived[MeshPolicy, tuple[object, ...], Any] = Derived("outbound config")
 
 
