@@ -11,8 +11,14 @@ fixed-address external service does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime as dt
+import http.client
 import json
+import os
+import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -23,6 +29,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.e2e.mesh import trustmesh, up_in_a_free_block
+from trustmesh.identity.ca import CertificateAuthority
+from trustmesh.identity.pki import sign_leaf as pki_sign_leaf
+from trustmesh.runtime.running import RunningMesh
+
+HERE = Path(__file__).parent
 EXTERNAL = "edition.cnn.com"
 SECRET = "cnn-origination"  # the DestinationRule's credentialName, in istio-system
 
@@ -93,7 +108,11 @@ class External:
 
 
 @contextmanager
-def external_server(pki: ExternalPki, *, require_client_cert: bool = False) -> Iterator[External]:
+def external_server(
+    pki: ExternalPki, *, require_client_cert: bool = False, tls: bool = True
+) -> Iterator[External]:
+    """The stand-in on 127.0.0.1 (any free port): TLS with edition.cnn.com's certificate,
+    or plaintext HTTP (``tls=False``)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.path("server.crt"), pki.path("server.key"))
     if require_client_cert:
@@ -130,7 +149,8 @@ def external_server(pki: ExternalPki, *, require_client_cert: bool = False) -> I
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    if tls:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     state.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -153,6 +173,7 @@ def _common_name(cert: dict[str, Any]) -> str:
 def task_config(
     port: int,
     *,
+    http_port: int | None = None,
     mode: str = "SIMPLE",
     export_to: str = '["istio-system"]',
     mesh_route: bool = True,
@@ -175,7 +196,7 @@ spec:
   resolution: STATIC
   endpoints:
   - address: 127.0.0.1
-    ports: {{http-port: {port}, https: {port}}}
+    ports: {{http-port: {http_port or port}, https: {port}}}
 """,
         f"""
 apiVersion: networking.istio.io/v1
@@ -269,3 +290,120 @@ spec:
   - from:
     - source: {principals: [cluster.local/ns/foo/sa/sleep]}
 """
+
+
+# ----------------------------------------------------------------------- live mesh
+
+EGRESS_POD = "istio-system/istio-egressgateway"
+REGISTRY_ONLY = "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n"
+
+
+@dataclass
+class EgressMesh:
+    root: Path
+    state: Path
+    config_dir: Path
+
+    @property
+    def running(self) -> RunningMesh:
+        return RunningMesh.open(self.state)
+
+    def gateway_address(self) -> str:
+        pod = self.running.plan.pod(EGRESS_POD)
+        assert pod is not None and pod.gateway
+        return pod.pod_ip
+
+    def apply(self, text: str) -> None:
+        """Make ``text`` the Istio configuration and wait until every proxy has it."""
+        path = self.config_dir / "egress.yaml"
+        partial = path.with_suffix(".partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+        asyncio.run(self.running.wait_synced(timeout=30))
+
+    def gateway_log(self) -> Path:
+        running = self.running
+        return running.layout.envoy_log(running.pod(EGRESS_POD).key)
+
+    def mesh_client(self, namespace: str, service_account: str) -> ssl.SSLContext:
+        """A TLS client holding a mesh certificate for ``namespace/service_account``,
+        signed by the mesh's CA (what that workload's agent would get), trusting the
+        mesh's roots. The gateway's certificate names a SPIFFE ID, no host: the test
+        checks that ID itself."""
+        ca = CertificateAuthority.load(self.running.layout.ca)
+        now = dt.datetime.now(dt.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        slot = ca.active
+        leaf = pki_sign_leaf(
+            ca_key=slot.key,
+            ca_cert=slot.cert,
+            public_key=key.public_key(),
+            uri=f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}",
+            not_before=now - dt.timedelta(minutes=1),
+            not_after=now + dt.timedelta(hours=1),
+        )
+        folder = self.root / "clients"
+        folder.mkdir(exist_ok=True)
+        cert_file = folder / f"{namespace}-{service_account}.crt"
+        key_file = folder / f"{namespace}-{service_account}.key"
+        chain = [leaf.public_bytes(serialization.Encoding.PEM).decode(), *slot.chain_and_root_pem]
+        cert_file.write_text("".join(chain))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=ca.bundle_pem(now).decode())
+        context.load_cert_chain(cert_file, key_file)
+        return context
+
+
+@contextmanager
+def egress_mesh(root: Path, *, base: str, config: str) -> Iterator[EgressMesh]:
+    config_dir, state = root / "config", root / "state"
+    config_dir.mkdir(parents=True)
+    shutil.copy(HERE / "egress_workloads.yaml", config_dir / "workloads.yaml")
+    (config_dir / "egress.yaml").write_text(config)
+    mesh_file = root / "mesh.yaml"
+    mesh_file.write_text(REGISTRY_ONLY)
+    started = up_in_a_free_block(
+        config_dir, "--mesh-config", str(mesh_file), state=state, base=base
+    )
+    try:
+        assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
+        yield EgressMesh(root, state, config_dir)
+    finally:
+        stopped = trustmesh("down", state=state)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    peer_uri: str  # the URI SAN of the certificate the gateway presented
+
+
+def through_gateway(
+    address: str, port: int, context: ssl.SSLContext, path: str, *, request_id: str
+) -> Answer:
+    """What sleep's sidecar sends the egress gateway: mTLS with SNI edition.cnn.com, then
+    ``GET path`` for Host edition.cnn.com."""
+    raw = socket.create_connection((address, port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname=EXTERNAL)
+    try:
+        connection = http.client.HTTPConnection(EXTERNAL, port, timeout=10)
+        connection.sock = tls
+        connection.request("GET", path, headers={"Host": EXTERNAL, "x-request-id": request_id})
+        response = connection.getresponse()
+        body = response.read()
+        sans = (tls.getpeercert() or {}).get("subjectAltName", ())
+        uri = next((str(v) for k, v in sans if k == "URI"), "")
+        return Answer(response.status, body, uri)
+    finally:
+        tls.close()
