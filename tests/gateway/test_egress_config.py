@@ -177,23 +177,43 @@ def test_export_to_hides_the_entry_from_the_sidecars_of_other_namespaces(
     requests for the host meet block_all (502) — unless a route sends them to the gateway.
     Exported everywhere, the sidecar would reach the endpoint directly."""
     for export_to, visible in (('["istio-system"]', False), ('["*"]', True)):
-        mesh = compile_mesh(
-            tmp_path, pki.secret(client=False), task_config(9443, export_to=export_to)
-        )
+        config = task_config(9443, export_to=export_to, mesh_route=False)
+        mesh = compile_mesh(tmp_path, pki.secret(client=False), config)
         sleep = mesh.for_workload("foo/sleep")
         assert sleep is not None
         clusters = by_name(outbound_clusters(sleep, mesh, "sds-grpc"))
         assert (f"outbound|80||{EXTERNAL}" in clusters) is visible
-        domains = {
-            d
-            for r in outbound_routes(sleep, mesh)
-            for v in r["virtual_hosts"]
-            for d in v["domains"]
-        }
-        assert (EXTERNAL in domains) is visible
+        assert (EXTERNAL in _domains(sleep, mesh)) is visible
         resources = translate_gateway(mesh, EGRESS, address="127.0.0.9")
         assert CLUSTER in by_name(resources.clusters)
-    if visible:
-        endpoint = clusters[f"outbound|80||{EXTERNAL}"]["load_assignment"]["endpoints"][0]
-        address = endpoint["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-        assert address == {"address": "127.0.0.1", "port_value": 9443}
+    endpoint = clusters[f"outbound|80||{EXTERNAL}"]["load_assignment"]["endpoints"][0]
+    address = endpoint["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "127.0.0.1", "port_value": 9443}
+
+
+def test_the_mesh_route_sends_the_hidden_host_to_the_egress_gateway(
+    tmp_path: Path, pki: ExternalPki
+) -> None:
+    """With the task's mesh route, sleep's sidecar gets a virtual host for the host it
+    does not otherwise know, to the egress gateway's cnn subset, mesh mTLS with SNI
+    edition.cnn.com (the name the gateway's server matches)."""
+    mesh = compile_mesh(tmp_path, pki.secret(client=False), task_config(9443))
+    sleep = mesh.for_workload("foo/sleep")
+    assert sleep is not None
+    vhost = next(
+        v
+        for r in outbound_routes(sleep, mesh)
+        if r["name"] == "80"
+        for v in r["virtual_hosts"]
+        if EXTERNAL in v["domains"]
+    )
+    subset = "outbound|80|cnn|istio-egressgateway.istio-system.svc.cluster.local"
+    assert vhost["routes"][0]["route"]["cluster"] == subset
+    cluster = by_name(outbound_clusters(sleep, mesh, "sds-grpc"))[subset]
+    upstream = cluster["transport_socket"]["typed_config"]
+    assert upstream["sni"] == EXTERNAL
+    assert f"outbound|80||{EXTERNAL}" not in by_name(outbound_clusters(sleep, mesh, "sds-grpc"))
+
+
+def _domains(wp: Any, mesh: MeshPolicy) -> set[str]:
+    return {d for r in outbound_routes(wp, mesh) for v in r["virtual_hosts"] for d in v["domains"]}

@@ -15,6 +15,7 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.diagnostics import Diagnostic, error, warning
 from trustmesh.api.extension_providers import custom_policy_diagnostics, provider_diagnostics
+from trustmesh.api.mesh_routes import mesh_route_diagnostics
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot
 
@@ -50,6 +51,7 @@ def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
     out: list[Diagnostic] = list(snapshot.diagnostics)
     out.extend(provider_diagnostics(snapshot))
     out.extend(custom_policy_diagnostics(snapshot))
+    out.extend(mesh_route_diagnostics(snapshot))  # VirtualServices at sidecars
     for r in (*snapshot.resources, *snapshot.replaced):
         if r.kind == "AuthorizationPolicy":
             out.extend(_authorization_policy(r))

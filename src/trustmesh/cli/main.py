@@ -29,10 +29,12 @@ from trustmesh.cli.store import delete as delete_command
 from trustmesh.cli.store import get as get_command
 from trustmesh.cli.top import top as top_command
 from trustmesh.config import LoadedConfig, load_config
+from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
-from trustmesh.policy.targets import request_to, resolve_destination
+from trustmesh.policy.routing import RouteChoice, sidecar_route
+from trustmesh.policy.targets import Destination, Target, request_to, resolve_destination
 from trustmesh.policy.testing import run_case
 from trustmesh.runtime.layout import DEFAULT_STATE
 from trustmesh.runtime.live import LiveRunner
@@ -235,12 +237,13 @@ def authz_check(
             destination = resolve_destination(loaded.snapshot, to, port)
             request = request_to(request, destination.targets[0])
             if destination.is_service:
+                route = _route(loaded.mesh, from_, destination, http)
+                targets = destination.targets if route is None else _routed(loaded, route)
                 decisions = [
-                    (t, evaluate(loaded.mesh, request_to(request, t), **options))
-                    for t in destination.targets
+                    (t, evaluate(loaded.mesh, request_to(request, t), **options)) for t in targets
                 ]
-                render.service_decisions(destination, decisions, output)
-                allowed = all(d.verdict is Verdict.ALLOW for _, d in decisions)
+                render.service_decisions(destination, decisions, output, route)
+                allowed = bool(decisions) and all(d.verdict is Verdict.ALLOW for _, d in decisions)
                 raise typer.Exit(0 if allowed else 3)
         decision = evaluate(loaded.mesh, request, **options)
     except RequestError as exc:
@@ -250,6 +253,37 @@ def authz_check(
     if decision.verdict is Verdict.UNSUPPORTED:
         raise typer.Exit(EXIT_UNSUPPORTED)
     raise typer.Exit(EXIT_ALLOWED if decision.verdict is Verdict.ALLOW else EXIT_NOT_ALLOWED)
+
+
+def _route(
+    mesh: MeshPolicy, client: str, destination: Destination, http: HttpRequest | None
+) -> RouteChoice | None:
+    """The VirtualService route ``client``'s sidecar takes to the Service (None: none)."""
+    workload = mesh.snapshot.workload(client) if client else None
+    service, port = destination.service, destination.service_port
+    if workload is None or not workload.has_sidecar or http is None or service is None:
+        return None
+    return sidecar_route(mesh, workload, service, port or service.ports[0].port, http)
+
+
+def _routed(loaded: LoadedConfig, route: RouteChoice) -> tuple[Target, ...]:
+    """The workloads the route reaches, as targets of their own Services' ports."""
+    targets: list[Target] = []
+    for routed in route.destinations:
+        if (
+            routed.service is None
+            or not routed.workloads
+            or (routed.weight == 0 and len(route.destinations) > 1)
+        ):
+            continue
+        ref = f"{routed.service.namespace}/{routed.service.name}"
+        wanted = {w.ref for w in routed.workloads}
+        try:
+            found = resolve_destination(loaded.snapshot, ref, routed.port)
+        except RequestError:
+            continue
+        targets += [t for t in found.targets if t.workload.ref in wanted]
+    return tuple({t.workload.ref: t for t in targets}.values())
 
 
 @app.command("test")

@@ -200,6 +200,7 @@ def _up_detached(
         ours = running is not None and running.record.get("supervisor_pid") == process.pid
         if running is not None and ours and running.state == "ready":
             _pods_table(running, None)
+            _not_honoured(running.syncz())
             _err.print(f"mesh running in the background (pid {process.pid})", markup=False)
             return
         time.sleep(0.1)  # waiting on another process's progress: no event crosses over
@@ -247,6 +248,14 @@ def status(
     if sync is not None and sync.get("errors"):
         _out.print("configuration errors (proxies keep their last good config):", markup=False)
         for problem in sync["errors"]:
+            _out.print(f"  {problem}", markup=False)
+    _not_honoured(sync)
+
+
+def _not_honoured(sync: dict[str, Any] | None) -> None:
+    if sync is not None and sync.get("warnings"):
+        _out.print("not honoured by the proxies (see trustmesh validate):", markup=False)
+        for problem in sync["warnings"]:
             _out.print(f"  {problem}", markup=False)
 
 

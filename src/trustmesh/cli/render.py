@@ -22,6 +22,7 @@ from rich.table import Table
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.api.loader import IgnoredKind
 from trustmesh.policy.decision import Decision, Verdict
+from trustmesh.policy.routing import RouteChoice
 from trustmesh.policy.targets import Destination, Target
 from trustmesh.policy.testing import CaseResult
 from trustmesh.runtime.live import LiveCaseResult
@@ -190,17 +191,24 @@ def decision(d: Decision, output: str) -> None:
 
 
 def service_decisions(
-    destination: Destination, decisions: Sequence[tuple[Target, Decision]], output: str
+    destination: Destination,
+    decisions: Sequence[tuple[Target, Decision]],
+    output: str,
+    route: RouteChoice | None = None,
 ) -> None:
-    """``authz check --to`` a Service: which workloads it selects and each one's answer."""
+    """``authz check --to`` a Service: which workloads it selects (or the client's
+    VirtualService route reaches) and each one's answer."""
     verdicts = {d.verdict for _, d in decisions}
     overall = next(iter(verdicts)).value if len(verdicts) == 1 else "mixed"
+    if not decisions:
+        overall = "not_reached"
     if output == "json":
         _json(
             {
                 "service": destination.ref,
                 "port": destination.service_port,
                 "verdict": overall,
+                **({"route": route.as_dict()} if route is not None else {}),
                 "workloads": [
                     {"workload": t.workload.ref, "port": t.port, **d.as_dict()}
                     for t, d in decisions
@@ -209,9 +217,15 @@ def service_decisions(
         )
         return
     refs = ", ".join(t.workload.ref for t, _ in decisions)
+    if route is not None:
+        _out.print(route.describe(), markup=False)
+        if not decisions:
+            _out.print("no workload is reached", markup=False)
+            return
     _out.print(
-        f"Service {_escape(destination.ref)} port {destination.service_port} selects "
-        f"{len(decisions)} workload(s): {_escape(refs)}"
+        f"Service {_escape(destination.ref)} port {destination.service_port} "
+        + ("routes to" if route is not None else "selects")
+        + f" {len(decisions)} workload(s): {_escape(refs)}"
     )
     for target, d in decisions:
         _out.print(f"\n[bold]{_escape(target.workload.ref)}[/bold] port {target.port}:")

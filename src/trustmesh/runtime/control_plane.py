@@ -46,6 +46,7 @@ from trustmesh.identity.store import CaStore, StoreError
 from trustmesh.metrics.controlplane import ControlPlaneMetrics
 from trustmesh.metrics.server import MetricsServer
 from trustmesh.metrics.sidecars import SidecarCounts, SidecarTarget, scrape
+from trustmesh.policy.routing import sidecar_mesh_routes
 from trustmesh.runtime.debug_endpoint import (
     SYNCZ,
     DebugEndpointError,
@@ -130,12 +131,20 @@ def _write_tokens(
             out.write(token)
 
 
+def _routing_warnings(plane: ControlPlane) -> list[str]:
+    """What the proxies' routes leave out: VirtualService parts sidecars do not honour
+    (read once per compiled mesh)."""
+    mesh = plane.mesh
+    return [] if mesh is None else [str(d) for d in sidecar_mesh_routes(mesh).diagnostics]
+
+
 def _syncz(plane: ControlPlane) -> dict[str, Any]:
     return {
         "generation": plane.reloads,
         "files": plane.loaded_digest,
         "rejected": plane.rejected_reloads,
         "errors": [str(d) for d in plane.last_errors],
+        "warnings": _routing_warnings(plane),
         "not_ready": sorted(plane.not_ready),
         "proxies": plane.sync_status(),
     }

@@ -176,6 +176,9 @@ class MeshRuntime:
             raise StartError("the workloads cannot run locally", problems)
         if not plan.pods:
             raise StartError("no Deployment, StatefulSet, DaemonSet or Pod to run")
+        for problem in loaded.diagnostics:
+            if problem.code.startswith("virtual-service-"):  # what sidecars leave out
+                self.progress(f"warning: {problem}")
         gateway_problems = [
             problem
             for pod in plan.pods

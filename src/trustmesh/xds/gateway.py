@@ -21,7 +21,7 @@ as ``pilot/pkg/networking/core/gateway.go`` builds it:
   selecting the gateway pod, over ECDS), then the router;
 * clusters: the services the gateway sends to, with mesh mTLS from the gateway's own
   certificate (its SPIFFE identity) where the endpoint has a sidecar (auto mTLS), and a
-  cluster per DestinationRule subset a route names.
+  cluster per DestinationRule subset (:func:`trustmesh.xds.outbound.outbound_clusters`).
 
 Anything in the input the gateway cannot honour raises :class:`GatewayConfigError` with
 the diagnostics; the control plane then keeps the gateway's last configuration.
@@ -66,7 +66,7 @@ from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import TYPE_SECRET
 from trustmesh.xds.gateway_egress import service_entry_clusters
-from trustmesh.xds.gateway_routes import RouteTable, cluster_name, route_configuration
+from trustmesh.xds.gateway_routes import RouteTable, route_configuration
 from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request, path_normalization
 from trustmesh.xds.jwt import jwks_clusters
@@ -248,8 +248,7 @@ def translate_gateway(
     service_clusters = outbound_clusters(wp, mesh, sds_cluster, workload_addresses)
     for cluster in (
         *egress.clusters,  # ServiceEntry hosts: endpoints and TLS origination
-        *service_clusters,
-        *_subset_clusters(mesh, workload.namespace, service_clusters, table),
+        *service_clusters,  # with a cluster per DestinationRule subset the routes name
         *jwks_clusters(wp.jwt_providers, snapshot),
     ):
         clusters.setdefault(cluster["name"], cluster)
@@ -561,71 +560,3 @@ def _pem_problems(credential: TlsCredential) -> list[Diagnostic]:
     if problem is not None:
         return [error("gateway-credential", credential.key_location, problem)]
     return []
-
-
-# ------------------------------------------------------------------------ clusters
-
-
-def _subset_clusters(
-    mesh: MeshPolicy,
-    client_namespace: str,
-    service_clusters: Sequence[dict[str, Any]],
-    table: RouteTable,
-) -> list[dict[str, Any]]:
-    """``outbound|port|subset|host``: the service's cluster with the endpoints whose
-    workload carries the DestinationRule subset's labels."""
-    by_name = {str(c["name"]): c for c in service_clusters}
-    out = []
-    for fqdn, port, subset in sorted(table.subsets):
-        base = by_name.get(cluster_name(port, "", fqdn))
-        labels = _subset_labels(mesh, client_namespace, fqdn, subset)
-        if base is None or labels is None:
-            continue  # Istio routes to a cluster that does not exist: 503
-        cluster = copy.deepcopy(base)
-        name = cluster_name(port, subset, fqdn)
-        cluster["name"] = name
-        assignment = cluster.get("load_assignment", {})
-        assignment["cluster_name"] = name
-        for group in assignment.get("endpoints", []):
-            group["lb_endpoints"] = [
-                e for e in group.get("lb_endpoints", []) if _has_labels(mesh, e, labels)
-            ]
-        out.append(cluster)
-    return out
-
-
-def _subset_labels(
-    mesh: MeshPolicy, client_namespace: str, fqdn: str, subset: str
-) -> Mapping[str, str] | None:
-    root = mesh.snapshot.mesh.root_namespace
-    service_namespace = fqdn.split(".")[1] if fqdn.count(".") >= 1 else ""
-    rules = sorted(mesh.snapshot.of_kind("DestinationRule"), key=lambda r: r.age_key())
-    for namespace in dict.fromkeys((client_namespace, service_namespace, root)):
-        for rule in rules:
-            if rule.namespace != namespace:
-                continue
-            host = rule.spec.host.lower()
-            full = _service_fqdn(host, rule.namespace)
-            if full != fqdn and not (host.startswith("*") and fqdn.endswith(host[1:])):
-                continue
-            for item in rule.spec.subsets:
-                if item.name == subset:
-                    return dict(item.labels)
-    return None
-
-
-def _service_fqdn(host: str, namespace: str) -> str:
-    dots = host.count(".")
-    if dots == 0:
-        return f"{host}.{namespace}.svc.cluster.local"
-    if dots == 1:
-        return f"{host}.svc.cluster.local"
-    return host
-
-
-def _has_labels(mesh: MeshPolicy, endpoint: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    ref = (
-        endpoint.get("metadata", {}).get("filter_metadata", {}).get("trustmesh", {}).get("workload")
-    )
-    workload = mesh.snapshot.workload(str(ref)) if ref else None
-    return workload is not None and all(workload.labels.get(k) == v for k, v in labels.items())

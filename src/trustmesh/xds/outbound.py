@@ -30,9 +30,14 @@ ServiceEntry hosts exported to the client's namespace get clusters too, with the
 ``endpoints`` (:mod:`trustmesh.xds.service_entries`); an entry not exported there is
 unknown to the sidecar (REGISTRY_ONLY: 502).
 
-Not built here: DestinationRule subsets and load-balancer settings, Sidecar ``egress``
-host scoping, ServiceEntry ``workloadSelector``, DestinationRules for ServiceEntry hosts
-at a sidecar (a gateway's: :mod:`trustmesh.xds.gateway_egress`).
+DestinationRule subsets: a cluster ``outbound|<port>|<subset>|<fqdn>`` per subset of the
+rule a client's namespace uses (as Istio builds them, routed to or not), holding the
+endpoints whose workloads carry the subset's labels, with the subset's traffic policy
+(TLS, connection pool, outlier detection) merged over the rule's.
+
+Not built here: load-balancer settings, Sidecar ``egress`` host scoping, ServiceEntry
+``workloadSelector``, DestinationRules for ServiceEntry hosts at a sidecar (a gateway's:
+:mod:`trustmesh.xds.gateway_egress`).
 
 This module also holds the pieces the inbound side shares (socket addresses, SDS secret
 references, protocol detection, STATIC clusters).
@@ -57,9 +62,14 @@ from trustmesh.envoy_json import (
     socket_address,
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
-from trustmesh.policy.tls import destination_rule_tls
+from trustmesh.policy.tls import _destination_rule, destination_rule_tls
+from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
-from trustmesh.xds.traffic_policy import apply_traffic_policy, service_traffic_policy
+from trustmesh.xds.traffic_policy import (
+    apply_traffic_policy,
+    cluster_traffic_policy,
+    service_traffic_policy,
+)
 
 __all__ = [
     "BLACKHOLE_CLUSTER",
@@ -218,11 +228,19 @@ def outbound_clusters(
     }
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         workloads = _selected(mesh, service)
+        rule = _destination_rule(mesh, wp.workload.namespace, service)
+        subsets = rule.spec.subsets if rule is not None else ()
         for sp in service.ports:
             cluster = _service_cluster(
                 wp, mesh, service, sp, workloads, sds_cluster, addresses or {}
             )
             clusters.setdefault(cluster["name"], cluster)
+            for subset in subsets:
+                # Istio builds a cluster per subset of the DestinationRule, used or not.
+                cluster = _service_cluster(
+                    wp, mesh, service, sp, workloads, sds_cluster, addresses or {}, subset
+                )
+                clusters.setdefault(cluster["name"], cluster)
     for entry in visible_entries(mesh, wp.workload.namespace):
         for cluster in _entry_clusters(entry):
             clusters.setdefault(cluster["name"], cluster)
@@ -265,17 +283,25 @@ def _service_cluster(
     workloads: list[Workload],
     sds_cluster: str,
     addresses: Mapping[str, str],
+    subset: m.Subset | None = None,
 ) -> dict[str, Any]:
-    name = f"outbound|{sp.port}||{service.hostname}"
+    """``outbound|<port>|<subset>|<fqdn>``: the service port's endpoints (those carrying
+    the subset's labels), with the client TLS and traffic policy of the DestinationRule
+    (the subset's merged over it, as Istio's ``MergeSubsetTrafficPolicy``)."""
+    name = f"outbound|{sp.port}|{subset.name if subset else ''}|{service.hostname}"
     auto = False
     tls: dict[str, Any] | None = None
-    setting = destination_rule_tls(mesh, wp.workload.namespace, service, sp.port)
+    setting = _tls_setting(mesh, wp.workload.namespace, service, sp.port, subset)
     if setting is not None:
-        tls = _destination_rule_socket(setting[1], service, sp, workloads, mesh, sds_cluster)
+        tls = _destination_rule_socket(setting, service, sp, workloads, mesh, sds_cluster)
     elif mesh.snapshot.mesh.enable_auto_mtls:
         auto = True
     endpoints = []
     for workload in workloads:
+        if subset is not None and any(
+            workload.labels.get(k) != v for k, v in subset.labels.items()
+        ):
+            continue
         port = target_port(sp, workload)
         if port is None:
             continue  # Istio drops an endpoint without the named port
@@ -309,10 +335,31 @@ def _service_cluster(
                 },
             },
         ]
-    apply_traffic_policy(
-        cluster, service_traffic_policy(mesh, wp.workload.namespace, service, sp.port)
-    )
+    if subset is None:
+        policy = service_traffic_policy(mesh, wp.workload.namespace, service, sp.port)
+    else:
+        rule = _destination_rule(mesh, wp.workload.namespace, service)
+        spec = rule.spec if rule is not None else None
+        policy = cluster_traffic_policy(spec, sp.port, subset.name)
+    apply_traffic_policy(cluster, policy)
     return cluster
+
+
+def _tls_setting(
+    mesh: MeshPolicy, client_namespace: str, service: Service, port: int, subset: m.Subset | None
+) -> m.ClientTlsSettings | None:
+    """The DestinationRule TLS setting of the port's cluster; for a subset, the subset's
+    own (its port-level entry for the port wholesale, else its top-level ``tls``) when it
+    sets one, else the rule's."""
+    setting = destination_rule_tls(mesh, client_namespace, service, port)
+    inherited = setting[1] if setting is not None else None
+    policy = subset.traffic_policy if subset is not None else None
+    if policy is None:
+        return inherited
+    for level in policy.port_level_settings:
+        if level.port is not None and level.port.number == port:
+            return level.tls
+    return policy.tls if policy.tls is not None else inherited
 
 
 def _speaks_mesh_mtls(mesh: MeshPolicy, workload: Workload, port: int) -> bool:
@@ -329,6 +376,7 @@ def _mesh_socket(
     workloads: list[Workload],
     mesh: MeshPolicy,
     sds_cluster: str,
+    sni: str = "",
 ) -> dict[str, Any]:
     domains = mesh.bundle.domains
     peer_ids = {
@@ -338,7 +386,7 @@ def _mesh_socket(
         "name": _TLS_SOCKET,
         "typed_config": {
             "@type": UPSTREAM_TLS_TYPE,
-            "sni": f"outbound_.{sp.port}_._.{service.hostname}",
+            "sni": sni or f"outbound_.{sp.port}_._.{service.hostname}",
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
@@ -361,7 +409,8 @@ def _destination_rule_socket(
     sds_cluster: str,
 ) -> dict[str, Any] | None:
     if tls.mode is m.TlsMode.ISTIO_MUTUAL:
-        return _mesh_socket(service, sp, workloads, mesh, sds_cluster)
+        # `sni` overrides the mesh SNI (Istio's egress gateway task names the external host)
+        return _mesh_socket(service, sp, workloads, mesh, sds_cluster, tls.sni)
     if tls.mode is m.TlsMode.DISABLE:
         return None
     # SIMPLE / MUTUAL: TLS the application would otherwise originate, with the rule's keys.
@@ -424,7 +473,9 @@ def outbound_routes(
     workload_routes: bool = False,
 ) -> list[dict[str, Any]]:
     """One route configuration per HTTP port of the registry, named ``"<port>"``: a
-    virtual host per service on that port, then Istio's default for unknown hosts.
+    virtual host per service on that port, then Istio's default for unknown hosts. A
+    sidecar-bound VirtualService naming a service replaces its default route
+    (:mod:`trustmesh.xds.mesh_routes`).
 
     ``service_addresses`` (Service ``namespace/name`` → ClusterIP): each service's
     virtual host also answers to its ClusterIP (``ip`` and ``ip:port``), as Istio's do —
@@ -449,6 +500,9 @@ def outbound_routes(
             vhost_name = f"{service.hostname}:{sp.port}"
             cluster = f"outbound|{sp.port}||{service.hostname}"
             vhost = _virtual_host(vhost_name, names, sp.port, cluster)
+            routed = routes_for(wp, mesh, service.hostname, sp.port)
+            if routed is not None:
+                vhost["routes"] = routed
             if workload_routes:
                 workloads = [w.ref for w in _selected(mesh, service)]
                 if len(workloads) > 1:
@@ -461,12 +515,18 @@ def outbound_routes(
                 continue
             for host in sorted(set(spec.hosts)):
                 vhost_name = f"{host}:{port.number}"
-                hosts.setdefault(port.number, {}).setdefault(
-                    vhost_name,
-                    _virtual_host(
-                        vhost_name, [host], port.number, f"outbound|{port.number}||{host}"
-                    ),
+                vhost = _virtual_host(
+                    vhost_name, [host], port.number, f"outbound|{port.number}||{host}"
                 )
+                routed = routes_for(wp, mesh, host, port.number)
+                if routed is not None:
+                    vhost["routes"] = routed
+                hosts.setdefault(port.number, {}).setdefault(vhost_name, vhost)
+    for host in alias_hosts(wp, mesh):
+        for number, port_hosts in hosts.items():
+            alias = alias_virtual_host(wp, mesh, host, number, bare=number == 80)
+            if alias is not None:
+                port_hosts.setdefault(str(alias["name"]), alias)
     routes = []
     for number in sorted(hosts):
         seen: set[str] = set()

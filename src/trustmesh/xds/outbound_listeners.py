@@ -38,6 +38,10 @@ Unknown hosts (istio-semantics §6):
   cluster; any other SNI goes to ``BlackHoleCluster`` (a reset, curl exit 35) under
   REGISTRY_ONLY, or is resolved by SNI and forwarded under ALLOW_ANY.
 
+A sidecar-bound VirtualService naming a service (or ServiceEntry host) replaces that
+virtual host's default route by its HTTP routes (:mod:`trustmesh.xds.mesh_routes`): match,
+weights, subsets, redirect, rewrite, timeout, retries and headers as at Istio's sidecars.
+
 One workload of a Service with several (bookinfo's reviews v1, v2, v3): a request with
 ``x-trustmesh-workload: NS/NAME`` goes to that workload only — a route ahead of the
 service's default one, to a cluster ``outbound|<port>|workload-<name>|<fqdn>`` holding
@@ -72,6 +76,7 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request
+from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.outbound import (
     BLACKHOLE_CLUSTER,
     CLUSTER_TYPE,
@@ -123,6 +128,10 @@ class _Target:
     cluster: str
     bare: bool  # also match the hosts without a port
     workloads: tuple[str, ...] = ()  # a Service's endpoints, when it has several
+
+    @property
+    def fqdn(self) -> str:
+        return self.cluster.rsplit("|", 1)[1]
 
     @property
     def name(self) -> str:
@@ -265,25 +274,38 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
     default for unknown hosts."""
     seen: set[str] = set()
     virtual_hosts = []
-    for target in _targets(wp, mesh):
+    targets = _targets(wp, mesh)
+    for target in targets:
         # Envoy refuses a domain listed twice in one route configuration: first one wins.
         domains = [d for d in dict.fromkeys(target.domains()) if d not in seen]
         seen.update(domains)
         if domains:
+            routes = routes_for(wp, mesh, target.fqdn, target.port) or [
+                {
+                    "name": "default",
+                    "match": {"prefix": "/"},
+                    "route": {"cluster": target.cluster, "timeout": "0s"},
+                }
+            ]
             virtual_hosts.append(
                 {
                     "name": target.name,
                     "domains": domains,
                     "routes": [
                         *(workload_route(target.cluster, ref) for ref in target.workloads),
-                        {
-                            "name": "default",
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": target.cluster, "timeout": "0s"},
-                        },
+                        *routes,
                     ],
                 }
             )
+    ports = sorted({_DEFAULT_HTTP_PORT, *(t.port for t in targets)})
+    for host in alias_hosts(wp, mesh):
+        for port in ports:
+            alias = alias_virtual_host(wp, mesh, host, port, bare=port == _DEFAULT_HTTP_PORT)
+            if alias is not None:
+                alias["domains"] = [d for d in alias["domains"] if d not in seen]
+                seen.update(alias["domains"])
+                if alias["domains"]:
+                    virtual_hosts.append(alias)
     virtual_hosts.append(default_virtual_host(wp.egress_mode, DYNAMIC_FORWARD_PROXY_CLUSTER))
     return {
         "name": OUTBOUND_HTTP_LISTENER,

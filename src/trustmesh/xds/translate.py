@@ -72,6 +72,7 @@ from trustmesh.xds.inbound import (
     virtual_inbound_listener,
 )
 from trustmesh.xds.jwt import JWT_FILTER, jwks_clusters, jwt_authn_config
+from trustmesh.xds.mesh_routes import routing_key
 from trustmesh.xds.outbound import (
     ROUTE_TYPE,
     Protocol,
@@ -397,8 +398,9 @@ def _shared(
 ) -> _Shared:
     """``build()`` once per compiled mesh for all clients alike: outbound clusters and
     routes depend on the client only through its namespace (DestinationRule scope, short
-    names) and its egress mode."""
-    key = ("translate", *what, wp.workload.namespace, wp.egress_mode)
+    names) and its egress mode — and its labels, when a VirtualService routes by
+    ``sourceLabels``."""
+    key = ("translate", *what, wp.workload.namespace, wp.egress_mode, routing_key(wp, mesh))
     if key not in mesh.memo:
         mesh.memo[key] = build()
     found: _Shared = mesh.memo[key]

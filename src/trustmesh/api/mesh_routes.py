@@ -1,0 +1,284 @@
+"""VirtualServices bound to sidecars (``gateways`` unset or naming ``mesh``), read for
+enforcement.
+
+Pure: reads a :class:`ConfigSnapshot` and returns values and diagnostics; the sidecar's
+outbound routes (:mod:`trustmesh.xds.mesh_routes`) are the consumer. Istio's semantics
+(``pilot/pkg/networking/core/route``, ``pilot/pkg/model/push_context.go``):
+
+* a VirtualService applies to sidecars when its ``gateways`` is empty or holds ``mesh``,
+  and to a client whose namespace it is exported to (``exportTo``: unset or ``*`` every
+  namespace, ``.`` its own);
+* its ``hosts`` name services: a short name is resolved in the VirtualService's
+  namespace (``reviews`` → ``reviews.<ns>.svc.cluster.local``), ``name.ns`` is that
+  namespace's service, anything else is taken as written (ServiceEntry hosts, FQDNs);
+* several VirtualServices for one host at sidecars are not merged (Istio merges only at
+  gateways; istioctl reports IST0109): the oldest keeps the host, the others are reported
+  and ignored for it;
+* a match applies to a sidecar only if its ``gateways`` (when set) name ``mesh``, its
+  ``sourceLabels`` are among the client's labels and its ``sourceNamespace`` (when set)
+  is the client's namespace.
+
+What sidecars cannot honour is reported, never silently dropped: ``tcp`` / ``tls`` routes,
+``fault``, ``mirror``, ``corsPolicy`` are warnings (the rest of the VirtualService applies,
+as Istio applies its HTTP routes independently of them); a route trustmesh cannot build at
+all (``delegate``, ``derivePort``, a route Istio's admission would refuse) refuses the
+whole VirtualService at sidecars, with a warning naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.api.diagnostics import Diagnostic, Location, warning
+from trustmesh.api.gateway import (
+    _REDIRECT_CODES,
+    BoundVirtualService,
+    _exported,
+    _raw,
+    parse_duration,
+)
+from trustmesh.api.gateway_models import HttpMatchRequest, HttpRoute, VirtualServiceSpec
+from trustmesh.api.loader import validate_model
+from trustmesh.api.resources import Resource
+from trustmesh.api.snapshot import ConfigSnapshot
+
+__all__ = [
+    "MESH_GATEWAY",
+    "MeshRoutes",
+    "match_applies",
+    "mesh_route_diagnostics",
+    "mesh_routes",
+    "resolve_host",
+]
+
+MESH_GATEWAY = "mesh"
+
+# Fields of an HTTP route sidecars do not honour; the rest of the route still applies.
+_IGNORED_ROUTE_FIELDS = {
+    "fault": "fault",
+    "mirror": "mirror",
+    "mirrors": "mirrors",
+    "mirror_percent": "mirrorPercent",
+    "mirror_percentage": "mirrorPercentage",
+    "cors_policy": "corsPolicy",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MeshRoutes:
+    """The sidecar-bound VirtualServices of one snapshot, each host owned by the oldest.
+
+    ``by_host``: host resolved to an FQDN (see :func:`resolve_host`), lower case → the
+    VirtualServices naming it, oldest first (the first exported to a client owns it).
+    """
+
+    services: tuple[BoundVirtualService, ...]
+    by_host: Mapping[str, tuple[BoundVirtualService, ...]]
+    diagnostics: tuple[Diagnostic, ...]
+
+    def for_host(self, fqdn: str, client_namespace: str) -> BoundVirtualService | None:
+        """The VirtualService routing ``fqdn`` for a client in ``client_namespace``: an
+        exact host first, then the longest wildcard covering it."""
+        fqdn = fqdn.lower()
+        for vs in self.by_host.get(fqdn, ()):
+            if _exported(vs.resource, client_namespace):
+                return vs
+        best: tuple[int, BoundVirtualService] | None = None
+        for host, candidates in self.by_host.items():
+            if not host.startswith("*") or not fqdn.endswith(host[1:]):
+                continue
+            for vs in candidates:
+                if _exported(vs.resource, client_namespace):
+                    if best is None or len(host) > best[0]:
+                        best = (len(host), vs)
+                    break
+        return best[1] if best is not None else None
+
+    @property
+    def uses_source_labels(self) -> bool:
+        return any(
+            match.source_labels or match.source_namespace
+            for vs in self.services
+            for route in vs.spec.http
+            for match in route.match
+        )
+
+
+def resolve_host(host: str, namespace: str, snapshot: ConfigSnapshot) -> str:
+    """Istio's short-name resolution: ``name`` in ``namespace``, ``name.ns`` a Service of
+    ``ns``; anything else as written (ServiceEntry hosts, FQDNs, wildcards)."""
+    parts = host.lower().split(".")
+    if "*" in host:
+        return host.lower()
+    if len(parts) == 1:
+        return f"{parts[0]}.{namespace}.svc.cluster.local"
+    services = {(s.name, s.namespace) for s in snapshot.services}
+    if len(parts) == 2 and (parts[0], parts[1]) in services:
+        return f"{parts[0]}.{parts[1]}.svc.cluster.local"
+    return host.lower()
+
+
+def binds_mesh(spec_gateways: tuple[str, ...]) -> bool:
+    return not spec_gateways or MESH_GATEWAY in spec_gateways
+
+
+def match_applies(
+    match: HttpMatchRequest | None,
+    vs: BoundVirtualService,
+    labels: Mapping[str, str],
+    namespace: str,
+    port: int,
+) -> bool:
+    """Whether a match (None: a route without ``match``) applies at a sidecar with
+    ``labels`` in ``namespace``, on the service port ``port``."""
+    if match is None:
+        return True
+    if match.gateways and MESH_GATEWAY not in match.gateways:
+        return False
+    if match.port is not None and match.port != port:
+        return False
+    if any(labels.get(k) != v for k, v in match.source_labels.items()):
+        return False
+    return not match.source_namespace or match.source_namespace == namespace
+
+
+def mesh_routes(snapshot: ConfigSnapshot) -> MeshRoutes:
+    """Every sidecar-bound VirtualService trustmesh can honour (oldest first), the host
+    each owns, and what is reported about them."""
+    services: list[BoundVirtualService] = []
+    by_host: dict[str, list[BoundVirtualService]] = {}
+    problems: list[Diagnostic] = []
+    for resource in sorted(snapshot.of_kind("VirtualService"), key=Resource.age_key):
+        if resource.group != "networking.istio.io":
+            continue
+        raw = _raw(resource)
+        gateways = raw.get("gateways") if isinstance(raw, dict) else None
+        if isinstance(gateways, list) and gateways and MESH_GATEWAY not in gateways:
+            continue
+        path = (*resource.base_path, *resource.spec_path)
+        spec, spec_problems = validate_model(VirtualServiceSpec, raw, resource.document, path)
+        if spec is None:
+            problems.extend(_refused(d) for d in spec_problems)
+            continue
+        found = list(_problems(resource, spec))
+        problems.extend(found)
+        if any(d.code == "virtual-service-refused" for d in found):
+            continue
+        vs = BoundVirtualService(resource, spec)
+        services.append(vs)
+        for i, host in enumerate(spec.hosts):
+            fqdn = resolve_host(host, resource.namespace, snapshot)
+            owners = by_host.setdefault(fqdn, [])
+            owner = next((o for o in owners if _overlap(o, vs)), None)
+            if owner is not None:
+                problems.append(
+                    warning(
+                        "virtual-service-host-conflict",
+                        resource.location("hosts", i),
+                        f"{fqdn} is already routed at sidecars by VirtualService "
+                        f"{owner.namespace}/{owner.resource.name} (older): Istio merges "
+                        "VirtualServices only at gateways, so sidecars ignore this one "
+                        "for this host (IST0109)",
+                    )
+                )
+                continue
+            owners.append(vs)
+    return MeshRoutes(tuple(services), {h: tuple(v) for h, v in by_host.items()}, tuple(problems))
+
+
+def _overlap(a: BoundVirtualService, b: BoundVirtualService) -> bool:
+    """Whether some namespace sees both (the later one then loses the host there)."""
+    ea, eb = _export_set(a), _export_set(b)
+    return ea is None or eb is None or bool(ea & eb)
+
+
+def _export_set(vs: BoundVirtualService) -> set[str] | None:
+    raw = _raw(vs.resource)
+    export_to = raw.get("exportTo") if isinstance(raw, dict) else None
+    if not export_to or not isinstance(export_to, list):
+        return None
+    names = {vs.namespace if str(n) == "." else str(n) for n in export_to}
+    return None if "*" in names else names
+
+
+def mesh_route_diagnostics(snapshot: ConfigSnapshot) -> list[Diagnostic]:
+    """What ``validate`` reports about sidecar-bound VirtualServices (warnings)."""
+    return list(mesh_routes(snapshot).diagnostics)
+
+
+def _refused(d: Diagnostic) -> Diagnostic:
+    return warning(
+        "virtual-service-refused",
+        d.location,
+        f"{d.message}; sidecars do not apply this VirtualService",
+    )
+
+
+def _refuse(where: Location, what: str) -> Diagnostic:
+    return warning(
+        "virtual-service-refused",
+        where,
+        f"{what}: sidecars do not apply this VirtualService until it is changed",
+    )
+
+
+def _ignored(where: Location, what: str) -> Diagnostic:
+    return warning(
+        "virtual-service-not-honoured",
+        where,
+        f"{what} is not honoured by trustmesh's sidecars (the rest of the VirtualService applies)",
+    )
+
+
+def _problems(resource: Resource[Any], spec: VirtualServiceSpec) -> Iterator[Diagnostic]:
+    if not spec.hosts:
+        yield _refuse(resource.location("hosts"), "hosts is required")
+    for field, values in (("tcp", spec.tcp), ("tls", spec.tls)):
+        if values:
+            yield _ignored(resource.location(field), f"{field} routes")
+    for i, route in enumerate(spec.http):
+        yield from _route_problems(resource, i, route)
+
+
+def _route_problems(resource: Resource[Any], i: int, route: HttpRoute) -> Iterator[Diagnostic]:
+    def at(*path: str | int) -> Location:
+        return resource.location("http", i, *path)
+
+    if route.delegate:
+        yield _refuse(at("delegate"), "delegate is not supported")
+        return
+    for attribute, name in _IGNORED_ROUTE_FIELDS.items():
+        if attribute in route.model_fields_set and getattr(route, attribute):
+            yield _ignored(at(name), name)
+    actions = [a for a in ("route", "redirect", "direct_response") if getattr(route, a)]
+    if len(actions) != 1:
+        yield _refuse(at(), "a route needs exactly one of route, redirect or directResponse")
+    if route.route and len(route.route) > 1 and sum(d.weight for d in route.route) == 0:
+        yield _refuse(at("route"), "the weights of the destinations sum to 0")
+    if route.redirect is not None:
+        if route.redirect.redirect_code not in _REDIRECT_CODES:
+            yield _refuse(
+                at("redirect", "redirectCode"),
+                f"{route.redirect.redirect_code} is not one of "
+                + ", ".join(map(str, sorted(_REDIRECT_CODES))),
+            )
+        if route.redirect.derive_port:
+            yield _refuse(at("redirect", "derivePort"), "derivePort is not supported")
+    if route.rewrite is not None and route.rewrite.uri and route.rewrite.uri_regex_rewrite:
+        yield _refuse(at("rewrite"), "set one of uri or uriRegexRewrite")
+    body = route.direct_response.body if route.direct_response is not None else None
+    if body is not None and body.bytes is not None:
+        yield _refuse(at("directResponse", "body", "bytes"), "body.bytes is not supported")
+    if route.timeout and parse_duration(route.timeout) is None:
+        yield _refuse(at("timeout"), f"{route.timeout!r} is not a duration such as 5s")
+    if route.retries is not None:
+        for field, value in (
+            ("perTryTimeout", route.retries.per_try_timeout),
+            ("backoff", route.retries.backoff),
+        ):
+            if value and parse_duration(value) is None:
+                yield _refuse(at("retries", field), f"{value!r} is not a duration such as 2s")
+        if route.retries.retry_remote_localities:
+            yield _ignored(at("retries", "retryRemoteLocalities"), "retryRemoteLocalities")
