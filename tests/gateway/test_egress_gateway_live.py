@@ -155,6 +155,33 @@ def test_registry_only_keeps_sleeps_sidecar_from_the_host_it_is_not_exported_to(
     assert rig.plain.seen[-1]["host"] == EXTERNAL
 
 
+def test_sleep_reaches_the_host_through_its_sidecar_and_the_egress_gateway(rig: Rig) -> None:
+    """The whole task: sleep's plain HTTP request for edition.cnn.com → its sidecar (the
+    mesh route) → mesh mTLS → the egress gateway (policy: sleep's principal) → TLS it
+    originates → the external server."""
+    rig.mesh.apply(rig.config())
+    before, before_plain = len(rig.tls.seen), len(rig.plain.seen)
+    url = f"http://{EXTERNAL}/politics"
+    answer = trustmesh("request", "--from", "foo/sleep", url, state=rig.mesh.state)
+    assert answer.stdout.startswith("HTTP 200"), answer.stdout + answer.stderr
+    seen = json.loads(answer.stdout.split("\n\n", 1)[1])
+    assert seen == {"path": "/politics", "host": EXTERNAL, "sni": EXTERNAL, "client_cn": ""}
+    assert len(rig.tls.seen) == before + 1
+    assert len(rig.plain.seen) == before_plain  # never straight to port 80
+
+
+def test_another_workload_through_its_sidecar_is_denied_at_the_gateway(rig: Rig) -> None:
+    rig.mesh.apply(rig.config())
+    log = rig.mesh.gateway_log()
+    offset, before = log.stat().st_size, len(rig.tls.seen)
+    url = f"http://{EXTERNAL}/politics?from-not-sleep"
+    answer = trustmesh("request", "--from", "foo/not-sleep", url, state=rig.mesh.state)
+    assert answer.stdout.startswith("HTTP 403"), answer.stdout + answer.stderr
+    assert len(rig.tls.seen) == before
+    entry = _log_entry(log, offset, "/politics?from-not-sleep")
+    assert entry["source_principal"] == "spiffe://cluster.local/ns/foo/sa/not-sleep"
+
+
 def _log_entry(log: Path, offset: int, path: str) -> dict[str, object]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
