@@ -4,6 +4,7 @@ with file, line and field."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ import pytest
 from tests.gateway.egress_rig import ALLOW_SLEEP, EXTERNAL, SECRET, ExternalPki, task_config
 from trustmesh.config import load_config
 from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.decision import Verdict
+from trustmesh.policy.evaluate import evaluate
+from trustmesh.policy.request import HttpRequest, Request, Source
 from trustmesh.xds.cache import TYPE_SECRET, Snapshot
 from trustmesh.xds.gateway import gateway_diagnostics, translate_gateway
 from trustmesh.xds.outbound import outbound_clusters, outbound_routes
@@ -217,3 +221,42 @@ def test_the_mesh_route_sends_the_hidden_host_to_the_egress_gateway(
 
 def _domains(wp: Any, mesh: MeshPolicy) -> set[str]:
     return {d for r in outbound_routes(wp, mesh) for v in r["virtual_hosts"] for d in v["domains"]}
+
+
+@pytest.mark.parametrize(
+    ("export_to", "mesh_route", "verdict", "status"),
+    [
+        ('["*"]', False, Verdict.ALLOW, 200),  # exported: sleep's sidecar knows the host
+        ('["istio-system"]', False, Verdict.DENY, 502),  # hidden: block_all, as live
+        ('["istio-system"]', True, Verdict.UNSUPPORTED, None),  # routed via the gateway
+    ],
+)
+def test_the_offline_egress_answer_honours_export_to(
+    tmp_path: Path,
+    pki: ExternalPki,
+    export_to: str,
+    mesh_route: bool,
+    verdict: Verdict,
+    status: int | None,
+) -> None:
+    """``authz check`` for sleep → edition.cnn.com under REGISTRY_ONLY gives what the
+    live test sees; a mesh route through the egress gateway is said to be beyond it,
+    never answered as if the sidecar went straight out."""
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text("outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n")
+    config = task_config(9443, export_to=export_to, mesh_route=mesh_route)
+    (tmp_path / "config.yaml").write_text(pki.secret(client=False) + "---\n" + config)
+    loaded = load_config(
+        [str(HERE / "egress_workloads.yaml"), str(tmp_path / "config.yaml")],
+        mesh_config=[str(mesh_file)],
+    )
+    assert not loaded.errors and loaded.mesh is not None
+    request = Request(
+        Source.workload("foo/sleep"),
+        "",
+        80,
+        HttpRequest("GET", "/politics"),
+        destination_host=EXTERNAL,
+    )
+    decision = evaluate(loaded.mesh, request, now=time.time())
+    assert (decision.verdict, decision.status) == (verdict, status)
