@@ -64,6 +64,8 @@ class ExternalPki:
         pki = cls(root)
         pki.issue("server", EXTERNAL, serial=1, san=f"DNS:{EXTERNAL}")
         pki.issue("client", "egress.client", serial=2)
+        # Signed by the same CA, for another name: TLS origination must refuse it.
+        pki.issue("impostor", "impostor.example.com", serial=3, san="DNS:impostor.example.com")
         return pki
 
     def issue(self, name: str, cn: str, *, serial: int, san: str = "") -> None:
@@ -109,12 +111,16 @@ class External:
 
 @contextmanager
 def external_server(
-    pki: ExternalPki, *, require_client_cert: bool = False, tls: bool = True
+    pki: ExternalPki,
+    *,
+    require_client_cert: bool = False,
+    tls: bool = True,
+    certificate: str = "server",
 ) -> Iterator[External]:
     """The stand-in on 127.0.0.1 (any free port): TLS with edition.cnn.com's certificate,
     or plaintext HTTP (``tls=False``)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.path("server.crt"), pki.path("server.key"))
+    context.load_cert_chain(pki.path(f"{certificate}.crt"), pki.path(f"{certificate}.key"))
     if require_client_cert:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(pki.path("ca.crt"))

@@ -46,6 +46,7 @@ class Rig:
     tls: External  # edition.cnn.com over TLS
     mutual: External  # the same, demanding a client certificate
     plain: External  # its plaintext port 80
+    impostor: External  # a certificate of the same CA for another name
     mesh: EgressMesh = field(init=False)
 
     def config(
@@ -74,8 +75,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         external_server(pki) as tls,
         external_server(pki, require_client_cert=True) as mutual,
         external_server(pki, tls=False) as plain,
+        external_server(pki, certificate="impostor") as impostor,
     ):
-        started = Rig(pki, tls, mutual, plain)
+        started = Rig(pki, tls, mutual, plain, impostor)
         with egress_mesh(root, base="127.150.0.0", config=started.config()) as mesh:
             started.mesh = mesh
             yield started
@@ -135,6 +137,18 @@ def test_mutual_origination_presents_the_credentials_client_certificate(rig: Rig
     answer = through_gateway(address, GATEWAY_PORT, sleep, "/politics", request_id="mutual-1")
     assert answer.status == 200, answer.body
     assert json.loads(answer.body)["client_cn"] == "egress.client"
+
+
+def test_origination_refuses_a_server_whose_certificate_names_another_host(rig: Rig) -> None:
+    """SIMPLE checks the external server: the credential's CA signed the impostor's
+    certificate, but for impostor.example.com, not edition.cnn.com: 503, nothing sent."""
+    rig.mesh.apply(rig.config(port=rig.impostor.port))
+    sleep = rig.mesh.mesh_client("foo", "sleep")
+    answer = through_gateway(
+        rig.mesh.gateway_address(), GATEWAY_PORT, sleep, "/politics", request_id="impostor"
+    )
+    assert answer.status == 503
+    assert rig.impostor.seen == []
 
 
 def test_registry_only_keeps_sleeps_sidecar_from_the_host_it_is_not_exported_to(
