@@ -142,12 +142,34 @@ def test_a_missing_credential_is_refused_on_the_destination_rule(
     assert field.endswith("tls.credentialName") and "has no ca.crt" in message
 
 
-def test_static_endpoints_must_be_addresses(tmp_path: Path, pki: ExternalPki) -> None:
-    config = task_config(9443).replace("address: 127.0.0.1", "address: cnn.internal")
-    mesh = compile_mesh(tmp_path, pki.secret(client=False), config)
-    found = problems(mesh)
-    assert found and all(f[1] == "spec.endpoints[0].address" for f in found)
-    assert "not an IP address" in found[0][3]
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        (("address: 127.0.0.1", "address: cnn.internal"), "address", "is not an IP address"),
+        (("address: 127.0.0.1", "address: unix:///cnn.sock"), "address", "not supported"),
+        (("{http-port:", "{http:"), "ports.http", "is not a port of the ServiceEntry"),
+    ],
+)
+def test_endpoints_trustmesh_cannot_use_are_refused_where_they_are_written(
+    tmp_path: Path, pki: ExternalPki, change: tuple[str, str], field: str, message: str
+) -> None:
+    config = task_config(9443).replace(*change)
+    (tmp_path / "config.yaml").write_text(config)
+    loaded = load_config([str(HERE / "egress_workloads.yaml"), str(tmp_path / "config.yaml")])
+    (problem,) = loaded.errors
+    assert problem.location.field == f"spec.endpoints[0].{field}"
+    assert message in problem.message
+    line = config.splitlines()[problem.location.line - 1]
+    assert change[1].split(":")[0].strip("{") in line
+
+
+def test_resolution_none_takes_no_endpoints(tmp_path: Path) -> None:
+    config = task_config(9443).replace("resolution: STATIC", "resolution: NONE")
+    (tmp_path / "config.yaml").write_text(config)
+    loaded = load_config([str(HERE / "egress_workloads.yaml"), str(tmp_path / "config.yaml")])
+    (problem,) = loaded.errors
+    assert problem.location.field == "spec.endpoints[0]"
+    assert "resolution NONE" in problem.message
 
 
 def test_dns_resolution_resolves_the_endpoints_or_the_host(

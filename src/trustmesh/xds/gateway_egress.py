@@ -87,7 +87,7 @@ def service_entry_clusters(
                 name = f"outbound|{port.number}||{host}"
                 if name in clusters:
                     continue  # the oldest entry declaring a host and port wins
-                cluster = entry_cluster(entry, host, index, problems)
+                cluster = entry_cluster(entry, host, index)
                 _apply_destination_rule(
                     cluster, mesh, gateway_namespace, entry, host, port.number, sds_cluster,
                     secrets, problems,

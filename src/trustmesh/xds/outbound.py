@@ -50,7 +50,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trustmesh.api import models as m
-from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
 from trustmesh.envoy_json import (
@@ -454,9 +453,8 @@ def _destination_rule_socket(
 
 def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
     spec: m.ServiceEntrySpec = entry.spec
-    ignored: list[Diagnostic] = []  # unusable endpoints: reported by the gateways' checks
     return [
-        entry_cluster(entry, host, index, ignored, placeholder=PLACEHOLDER_ADDRESS)
+        entry_cluster(entry, host, index, placeholder=PLACEHOLDER_ADDRESS)
         for host in sorted(set(spec.hosts))
         for index in range(len(spec.ports))
     ]

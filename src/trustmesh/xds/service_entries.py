@@ -16,11 +16,9 @@ Shared by the sidecar's outbound clusters and the gateways'. Istio's rules
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from trustmesh.api import models as m
-from trustmesh.api.diagnostics import Diagnostic, error
 from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
 from trustmesh.envoy_json import HTTP_OPTIONS_TYPE, socket_address
@@ -49,40 +47,19 @@ def visible_entries(mesh: MeshPolicy, namespace: str) -> list[Resource[Any]]:
 
 
 def entry_cluster(
-    entry: Resource[Any],
-    host: str,
-    port_index: int,
-    problems: list[Diagnostic],
-    *,
-    placeholder: str = "",
+    entry: Resource[Any], host: str, port_index: int, *, placeholder: str = ""
 ) -> dict[str, Any]:
-    """The cluster of ``entry``'s host and ``ports[port_index]``; endpoints it cannot use
-    are reported in ``problems`` (file:line of the field) and left out. ``placeholder``:
-    the address of a STATIC entry without endpoints (the sidecar's runtime fills it in)."""
+    """The cluster of ``entry``'s host and ``ports[port_index]``. ``placeholder``: the
+    address of a STATIC entry without endpoints (the sidecar's runtime fills it in)."""
     spec: m.ServiceEntrySpec = entry.spec
     port = spec.ports[port_index]
     name = f"outbound|{port.number}||{host}"
     resolution = spec.resolution.upper()
     addresses: list[tuple[str, int]] = []
-    for i, endpoint in enumerate(spec.endpoints):
-        where = entry.location("endpoints", i, "address")
-        number = endpoint.ports.get(port.name) or port.target_port or port.number
-        if not endpoint.address:
-            problems.append(error("invalid-field", where, "is empty"))
-        elif endpoint.address.startswith("unix://"):
-            problems.append(
-                error("unsupported-field", where, "unix socket endpoints are not supported")
-            )
-        elif resolution == "STATIC" and not _is_ip(endpoint.address):
-            problems.append(
-                error(
-                    "invalid-field",
-                    where,
-                    f"{endpoint.address!r} is not an IP address (resolution STATIC; "
-                    "resolution DNS resolves names)",
-                )
-            )
-        else:
+    for endpoint in spec.endpoints:
+        # What validation refuses (trustmesh.api.service_entry) never gets this far.
+        if endpoint.address and not endpoint.address.startswith("unix://"):
+            number = endpoint.ports.get(port.name) or port.target_port or port.number
             addresses.append((endpoint.address, number))
     wildcard = host.startswith("*")
     cluster: dict[str, Any]
@@ -142,11 +119,3 @@ def _lb_endpoint(address: str, port: int, host: str) -> dict[str, Any]:
         "endpoint": {"address": socket_address(address, port)},
         "metadata": {"filter_metadata": {"trustmesh": {"service_entry": host}}},
     }
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
