@@ -129,8 +129,107 @@ def test_source_labels_pick_the_route_for_the_client(tmp_path: Path) -> None:
     reviews = next(s for s in snapshot.services if s.name == "reviews")
     productpage, sleep = (snapshot.workload(r) for r in ("default/productpage-v1", "default/sleep"))
     assert productpage is not None and sleep is not None
-    chosen = sidecar_route(loaded.mesh, productpage, reviews, 9080, HttpRequest("GET", "/"))
+    chosen = sidecar_route(loaded.mesh, productpage, reviews.hostname, 9080, HttpRequest("GET"))
     assert chosen is not None and chosen.kind is RouteKind.FORWARD
     assert [w.ref for w in chosen.workloads] == ["default/reviews-v2"]
-    other = sidecar_route(loaded.mesh, sleep, reviews, 9080, HttpRequest("GET", "/"))
+    other = sidecar_route(loaded.mesh, sleep, reviews.hostname, 9080, HttpRequest("GET"))
     assert other is not None and other.kind is RouteKind.NO_ROUTE
+
+
+EGRESS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: istio-egressgateway-service-account, namespace: istio-system}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  template:
+    metadata:
+      annotations: {inject.istio.io/templates: gateway}
+      labels: {istio: egressgateway, sidecar.istio.io/inject: "true"}
+    spec:
+      serviceAccountName: istio-egressgateway-service-account
+      containers:
+      - {name: istio-proxy, image: auto, ports: [{containerPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  ports:
+  - {name: http2, port: 80, targetPort: 8080}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cnn, namespace: default}
+spec:
+  hosts: [edition.cnn.com]
+  ports:
+  - {number: 80, name: http-port, protocol: HTTP}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: egressgateway-for-cnn, namespace: default}
+spec:
+  host: istio-egressgateway.istio-system.svc.cluster.local
+  subsets:
+  - name: cnn
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: direct-cnn-through-egress-gateway, namespace: default}
+spec:
+  hosts: [edition.cnn.com]
+  gateways: [istio-egressgateway, mesh]
+  http:
+  - match:
+    - gateways: [mesh]
+      port: 80
+    route:
+    - destination:
+        host: istio-egressgateway.istio-system.svc.cluster.local
+        subset: cnn
+        port: {number: 80}
+      weight: 100
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-politics, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {hosts: [edition.cnn.com], paths: [/politics]}
+"""
+
+
+@pytest.mark.parametrize(("path", "code", "verdict"), [("/", 0, "allow"), ("/politics", 3, "deny")])
+def test_an_egress_host_routed_to_the_egress_gateway_is_decided_there(
+    tmp_path: Path, path: str, code: int, verdict: str
+) -> None:
+    load(tmp_path, EGRESS)
+    result = CliRunner().invoke(
+        app,
+        [
+            *("authz", "check", "-f", str(tmp_path), "--from", "default/sleep"),
+            *("--to-host", "edition.cnn.com", "--port", "80", "--path", path, "-o", "json"),
+        ],
+    )
+    answer = json.loads(result.stdout)
+    assert (result.exit_code, answer["verdict"]) == (code, verdict), answer
+    assert reached(answer) == ["istio-system/istio-egressgateway"]
+    (routed,) = answer["route"]["destinations"]
+    assert (routed["host"], routed["subset"]) == (
+        "istio-egressgateway.istio-system.svc.cluster.local",
+        "cnn",
+    )

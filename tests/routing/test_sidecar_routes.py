@@ -489,3 +489,11 @@ spec:
     (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == "bookreviews.example.com:9080"]
     assert vhost["domains"] == ["bookreviews.example.com:9080"]
     assert vhost["routes"][0]["route"]["cluster"] == f"outbound|9080|v2|{REVIEWS}"
+
+
+def test_the_wildcard_host_is_refused_at_sidecars(tmp_path: Path) -> None:
+    loaded = load(tmp_path, SUBSETS, ALL_V1.replace("hosts: [reviews]", 'hosts: ["*"]'))
+    (found,) = [d for d in loaded.diagnostics if d.code.startswith("virtual-service-")]
+    assert (found.code, found.location.field) == ("virtual-service-refused", "spec.hosts[0]")
+    routes = proxy_routes(process(loaded), f"{REVIEWS}:9080")
+    assert [r["name"] for r in routes] == ["default"]

@@ -235,6 +235,12 @@ def _ignored(where: Location, what: str) -> Diagnostic:
 def _problems(resource: Resource[Any], spec: VirtualServiceSpec) -> Iterator[Diagnostic]:
     if not spec.hosts:
         yield _refuse(resource.location("hosts"), "hosts is required")
+    for i, host in enumerate(spec.hosts):
+        if host == "*":  # Istio's validation refuses it for VirtualServices bound to mesh
+            yield _refuse(
+                resource.location("hosts", i),
+                "the wildcard host * is not allowed for VirtualServices bound to the mesh",
+            )
     for field, values in (("tcp", spec.tcp), ("tls", spec.tls)):
         if values:
             yield _ignored(resource.location(field), f"{field} routes")

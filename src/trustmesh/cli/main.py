@@ -8,6 +8,7 @@ decide it exactly (``unsupported``: e.g. traffic through an ambient waypoint).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated, TypedDict
@@ -245,6 +246,24 @@ def authz_check(
                 render.service_decisions(destination, decisions, output, route)
                 allowed = bool(decisions) and all(d.verdict is Verdict.ALLOW for _, d in decisions)
                 raise typer.Exit(0 if allowed else 3)
+        elif from_ and http is not None:
+            route = _egress_route(loaded.mesh, from_, to_host, port, http)
+            if route is not None:  # a VirtualService sends it into the mesh (a gateway…)
+                # or answers it at the client's sidecar; routed out of the mesh, egress decides
+                targets = _routed(loaded, route)
+                authority = http.host or (to_host if port in (None, 80) else f"{to_host}:{port}")
+                into_mesh = dataclasses.replace(
+                    request,
+                    destination_host=None,
+                    http=dataclasses.replace(http, host=authority),
+                )
+                decisions = [
+                    (t, evaluate(loaded.mesh, request_to(into_mesh, t), **options)) for t in targets
+                ]
+                where = Destination(to_host, None, port or 80, targets)
+                render.service_decisions(where, decisions, output, route)
+                allowed = bool(decisions) and all(d.verdict is Verdict.ALLOW for _, d in decisions)
+                raise typer.Exit(0 if allowed else 3)
         decision = evaluate(loaded.mesh, request, **options)
     except RequestError as exc:
         render.usage_error(str(exc))
@@ -263,7 +282,20 @@ def _route(
     service, port = destination.service, destination.service_port
     if workload is None or not workload.has_sidecar or http is None or service is None:
         return None
-    return sidecar_route(mesh, workload, service, port or service.ports[0].port, http)
+    return sidecar_route(mesh, workload, service.hostname, port or service.ports[0].port, http)
+
+
+def _egress_route(
+    mesh: MeshPolicy, client: str, host: str, port: int | None, http: HttpRequest
+) -> RouteChoice | None:
+    """The VirtualService route ``client``'s sidecar takes to ``host`` (None: none)."""
+    workload = mesh.snapshot.workload(client)
+    if workload is None or not workload.has_sidecar:
+        return None
+    route = sidecar_route(mesh, workload, host.lower(), port or 80, http)
+    if route is not None and any(d.service is None for d in route.destinations):
+        return None  # out of the mesh: the egress decision answers
+    return route
 
 
 def _routed(loaded: LoadedConfig, route: RouteChoice) -> tuple[Target, ...]:

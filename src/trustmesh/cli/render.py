@@ -222,8 +222,9 @@ def service_decisions(
         if not decisions:
             _out.print("no workload is reached", markup=False)
             return
+    kind = "Service" if destination.is_service else "Host"
     _out.print(
-        f"Service {_escape(destination.ref)} port {destination.service_port} "
+        f"{kind} {_escape(destination.ref)} port {destination.service_port} "
         + ("routes to" if route is not None else "selects")
         + f" {len(decisions)} workload(s): {_escape(refs)}"
     )

@@ -12,7 +12,7 @@ route can reach.
 
 Example::
 
-    choice = sidecar_route(mesh, productpage, reviews, 9080, HttpRequest("GET", "/"))
+    choice = sidecar_route(mesh, productpage, reviews_fqdn, 9080, HttpRequest("GET", "/"))
     choice.describe()  # 'VirtualService default/reviews http[0] → reviews… subset v1 …'
 """
 
@@ -132,11 +132,12 @@ def sidecar_mesh_routes(mesh: MeshPolicy) -> MeshRoutes:
 
 
 def sidecar_route(
-    mesh: MeshPolicy, client: Workload, service: Service, port: int, http: HttpRequest
+    mesh: MeshPolicy, client: Workload, host: str, port: int, http: HttpRequest
 ) -> RouteChoice | None:
-    """The route ``client``'s sidecar takes for ``http`` to ``service``:``port``; None when
-    no VirtualService routes that host for the client (the service's own endpoints)."""
-    vs = sidecar_mesh_routes(mesh).for_host(service.hostname, client.namespace)
+    """The route ``client``'s sidecar takes for ``http`` to ``host``:``port`` (a Service's
+    FQDN, a ServiceEntry host, any host a VirtualService names); None when no
+    VirtualService routes that host for the client (its own endpoints, or egress)."""
+    vs = sidecar_mesh_routes(mesh).for_host(host, client.namespace)
     if vs is None:
         return None
     applied = False
@@ -146,7 +147,7 @@ def sidecar_route(
             if not match_applies(match, vs, client.labels, client.namespace, port):
                 continue
             applied = True
-            if match is None or _matches(match, http, service, port):
+            if match is None or _matches(match, http, f"{host}:{port}"):
                 return _choice(mesh, client, vs, i, route, port)
     if not applied:
         return None  # nothing applies to this client: the service's default route
@@ -206,10 +207,10 @@ def _workloads(
     return tuple(w for w in selected if all(w.labels.get(k) == v for k, v in labels.items()))
 
 
-def _matches(match: HttpMatchRequest, http: HttpRequest, service: Service, port: int) -> bool:
+def _matches(match: HttpMatchRequest, http: HttpRequest, default_authority: str) -> bool:
     target = urlsplit(http.path)
     path = target.path or "/"
-    authority = target.netloc or http.host or f"{service.name}.{service.namespace}:{port}"
+    authority = target.netloc or http.host or default_authority
     headers: dict[str, str] = {}
     for key, line in http.header_lines():
         name = key.lower()

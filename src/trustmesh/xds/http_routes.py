@@ -237,7 +237,7 @@ def _only_port(fqdn: str, snapshot: ConfigSnapshot) -> int:
     for service in snapshot.services:
         if service.hostname == fqdn and len(service.ports) == 1:
             return service.ports[0].port
-    for entry in snapshot.of_kind("ServiceEntry"):  # an egress gateway's external hosts
+    for entry in snapshot.of_kind("ServiceEntry"):
         if fqdn in (h.lower() for h in entry.spec.hosts) and len(entry.spec.ports) == 1:
             return int(entry.spec.ports[0].number)
     return 0  # the listener's port, else a port-less cluster that does not exist: 503

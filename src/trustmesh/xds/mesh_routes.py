@@ -32,7 +32,20 @@ def routes_for(
     wp: WorkloadPolicy, mesh: MeshPolicy, fqdn: str, port: int
 ) -> list[dict[str, Any]] | None:
     """The routes of ``wp``'s virtual host for ``fqdn:port``, or None when no
-    VirtualService routes it there (the service's default route then applies)."""
+    VirtualService routes it there (the service's default route then applies).
+
+    Built once per compiled mesh for every client alike (same namespace, and same labels
+    where ``sourceLabels`` matter): treat the result as read-only."""
+    key = ("vs-routes", wp.workload.namespace, routing_key(wp, mesh), fqdn, port)
+    if key not in mesh.memo:
+        mesh.memo[key] = _routes_for(wp, mesh, fqdn, port)
+    found: list[dict[str, Any]] | None = mesh.memo[key]
+    return found
+
+
+def _routes_for(
+    wp: WorkloadPolicy, mesh: MeshPolicy, fqdn: str, port: int
+) -> list[dict[str, Any]] | None:
     routes = sidecar_mesh_routes(mesh)
     client = wp.workload
     vs = routes.for_host(fqdn, client.namespace)

@@ -500,7 +500,7 @@ def outbound_routes(
             vhost = _virtual_host(vhost_name, names, sp.port, cluster)
             routed = routes_for(wp, mesh, service.hostname, sp.port)
             if routed is not None:
-                vhost["routes"] = routed
+                vhost["routes"] = list(routed)  # shared: never changed in place
             if workload_routes:
                 workloads = [w.ref for w in _selected(mesh, service)]
                 if len(workloads) > 1:
@@ -518,7 +518,7 @@ def outbound_routes(
                 )
                 routed = routes_for(wp, mesh, host, port.number)
                 if routed is not None:
-                    vhost["routes"] = routed
+                    vhost["routes"] = list(routed)  # shared: never changed in place
                 hosts.setdefault(port.number, {}).setdefault(vhost_name, vhost)
     for host in alias_hosts(wp, mesh):
         for number, port_hosts in hosts.items():
