@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from tests.e2e.mesh import trustmesh
 from tests.gateway.egress_rig import (
@@ -35,6 +36,7 @@ from tests.gateway.egress_rig import (
     task_config,
     through_gateway,
 )
+from trustmesh.cli.main import app
 
 GATEWAY_PORT = 8080  # the Gateway's port 80 is the egress gateway Service's targetPort 8080
 GATEWAY_ID = "spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway-service-account"
@@ -194,6 +196,31 @@ def test_another_workload_through_its_sidecar_is_denied_at_the_gateway(rig: Rig)
     assert len(rig.tls.seen) == before
     entry = _log_entry(log, offset, "/politics?from-not-sleep")
     assert entry["source_principal"] == "spiffe://cluster.local/ns/foo/sa/not-sleep"
+
+
+@pytest.mark.parametrize(
+    ("client", "code", "verdict", "status"),
+    [("foo/sleep", 0, "allow", "HTTP 200"), ("foo/not-sleep", 3, "deny", "HTTP 403")],
+)
+def test_authz_check_answers_what_the_egress_gateway_does(
+    rig: Rig, client: str, code: int, verdict: str, status: str
+) -> None:
+    """Offline, ``authz check --to-host edition.cnn.com`` follows the mesh route to the
+    egress gateway and decides there, as the live mesh does."""
+    rig.mesh.apply(rig.config())
+    url = f"http://{EXTERNAL}/politics"
+    live = trustmesh("request", "--from", client, url, state=rig.mesh.state)
+    assert live.stdout.startswith(status), live.stdout + live.stderr
+    offline = CliRunner().invoke(
+        app,
+        [
+            *("authz", "check", "-f", str(rig.mesh.config_dir), "--from", client),
+            *("--to-host", EXTERNAL, "--port", "80", "--path", "/politics", "-o", "json"),
+            *("--mesh-config", str(rig.mesh.root / "mesh.yaml")),
+        ],
+    )
+    answer = json.loads(offline.stdout)
+    assert (offline.exit_code, answer["verdict"]) == (code, verdict), answer
 
 
 def _log_entry(log: Path, offset: int, path: str) -> dict[str, object]:
