@@ -142,6 +142,19 @@ def test_a_missing_credential_is_refused_on_the_destination_rule(
     assert field.endswith("tls.credentialName") and "has no ca.crt" in message
 
 
+def test_a_broken_origination_nothing_routes_to_leaves_the_gateway_serving(
+    tmp_path: Path, pki: ExternalPki
+) -> None:
+    """Istio builds the cluster for every gateway, and a missing credential only keeps
+    that cluster from warming: a gateway whose routes never name it carries on — without
+    the cluster, never with plaintext in its place."""
+    mesh = compile_mesh(tmp_path, task_config(9443, mode="MUTUAL", gateway_route=False))
+    assert problems(mesh) == []
+    resources = translate_gateway(mesh, EGRESS, address="127.0.0.9")
+    assert CLUSTER not in by_name(resources.clusters)
+    assert f"outbound|80||{EXTERNAL}" in by_name(resources.clusters)  # the entry's others
+
+
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [

@@ -192,7 +192,6 @@ def translate_gateway(
     secrets, secret_problems = _secrets(mesh, workload.namespace, servers)
     problems.extend(secret_problems)
     egress = service_entry_clusters(mesh, workload.namespace, sds_cluster)
-    problems.extend(egress.problems)
     if problems:
         raise GatewayConfigError(problems)
 
@@ -243,12 +242,16 @@ def translate_gateway(
             chains.append(chain)
         listeners.append(_listener(address, port, chains, tls=True))
 
+    routed = _routed_clusters(routes)
+    broken = [d for name, found in sorted(egress.broken.items()) if name in routed for d in found]
+    if broken:
+        raise GatewayConfigError(broken)
     routes = [_with_policy_slots(r, extension_configs) for r in routes]
     clusters: dict[str, dict[str, Any]] = {}
     service_clusters = outbound_clusters(wp, mesh, sds_cluster, workload_addresses)
     for cluster in (
         *egress.clusters,  # ServiceEntry hosts: endpoints and TLS origination
-        *service_clusters,  # with a cluster per DestinationRule subset the routes name
+        *(c for c in service_clusters if c["name"] not in egress.broken),
         *jwks_clusters(wp.jwt_providers, snapshot),
     ):
         clusters.setdefault(cluster["name"], cluster)
@@ -259,6 +262,20 @@ def translate_gateway(
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
         secrets=_merged_secrets(secrets, egress.secrets),
     )
+
+
+def _routed_clusters(routes: Sequence[dict[str, Any]]) -> set[str]:
+    """Every cluster the route configurations name."""
+    names: set[str] = set()
+    for config in routes:
+        for vhost in config["virtual_hosts"]:
+            for route in vhost.get("routes", ()):
+                action = route.get("route", {})
+                if "cluster" in action:
+                    names.add(str(action["cluster"]))
+                for weighted in action.get("weighted_clusters", {}).get("clusters", ()):
+                    names.add(str(weighted["name"]))
+    return names
 
 
 def _merged_secrets(

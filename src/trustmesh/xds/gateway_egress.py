@@ -32,6 +32,7 @@ A credential that is missing or unreadable is reported on the DestinationRule's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +67,14 @@ _TLS_SOCKET = "envoy.transport_sockets.tls"
 
 @dataclass(frozen=True)
 class EgressClusters:
-    """The ServiceEntry clusters of one gateway, the SDS secrets their TLS names, and
-    what could not be built."""
+    """The ServiceEntry clusters of one gateway, the SDS secrets their TLS names, and the
+    clusters that could not be built, with why (they are left out: a gateway whose routes
+    name one reports it; one nothing routes to does not break the gateway's other
+    traffic, as in Istio, where only that cluster would never warm)."""
 
     clusters: tuple[dict[str, Any], ...]
     secrets: tuple[dict[str, Any], ...]
-    problems: tuple[Diagnostic, ...]
+    broken: Mapping[str, tuple[Diagnostic, ...]]
 
 
 def service_entry_clusters(
@@ -79,24 +82,30 @@ def service_entry_clusters(
 ) -> EgressClusters:
     clusters: dict[str, dict[str, Any]] = {}
     secrets: dict[str, dict[str, Any]] = {}
-    problems: list[Diagnostic] = []
+    broken: dict[str, tuple[Diagnostic, ...]] = {}
     for entry in visible_entries(mesh, gateway_namespace):
         spec: m.ServiceEntrySpec = entry.spec
         for host in dict.fromkeys(h.lower() for h in spec.hosts):
             for index, port in enumerate(spec.ports):
                 name = f"outbound|{port.number}||{host}"
-                if name in clusters:
+                if name in clusters or name in broken:
                     continue  # the oldest entry declaring a host and port wins
                 cluster = entry_cluster(entry, host, index)
+                own_secrets: dict[str, dict[str, Any]] = {}
+                problems: list[Diagnostic] = []
                 _apply_destination_rule(
                     cluster, mesh, gateway_namespace, entry, host, port.number, sds_cluster,
-                    secrets, problems,
+                    own_secrets, problems,
                 )  # fmt: skip
+                if problems:
+                    broken[name] = tuple(problems)
+                    continue
                 clusters[name] = cluster
+                secrets.update(own_secrets)
     return EgressClusters(
         clusters=tuple(clusters[n] for n in sorted(clusters)),
         secrets=tuple(secrets[n] for n in sorted(secrets)),
-        problems=tuple(problems),
+        broken=broken,
     )
 
 
