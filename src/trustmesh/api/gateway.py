@@ -56,6 +56,7 @@ __all__ = [
     "TlsCredential",
     "bound_virtual_services",
     "ca_certificate",
+    "exported_to",
     "gateway_servers",
     "host_matches",
     "num_trusted_proxies",
@@ -345,6 +346,12 @@ def bound_virtual_services(
         if not route_problems:
             found.append(BoundVirtualService(resource, spec))
     return found, problems
+
+
+def exported_to(resource: Resource[Any], proxy_namespace: str) -> bool:
+    """Whether ``resource``'s ``exportTo`` (``.``, ``*``, namespace names; none: every
+    namespace) makes it visible to proxies of ``proxy_namespace``."""
+    return _exported(resource, proxy_namespace)
 
 
 def _exported(resource: Resource[Any], proxy_namespace: str) -> bool:

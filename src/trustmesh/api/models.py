@@ -249,22 +249,25 @@ class ServicePort(Loose):
     target_port: int | None = Field(default=None, ge=1, le=65535)
 
 
-class ServiceEntrySpec(Loose):
-    hosts: Strings = Field(min_length=1)
-    addresses: Strings = ()
-    ports: tuple[ServicePort, ...] = ()
-    location: str = "MESH_EXTERNAL"
-    resolution: str = "NONE"
-    export_to: Strings = ()
-    workload_selector: NetworkingWorkloadSelector | None = None
-
-
 class WorkloadEntrySpec(Loose):
     address: str = ""
     ports: dict[str, int] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     service_account: str = ""
     network: str = ""
+
+
+class ServiceEntrySpec(Loose):
+    hosts: Strings = Field(min_length=1)
+    addresses: Strings = ()
+    ports: tuple[ServicePort, ...] = ()
+    location: str = "MESH_EXTERNAL"
+    resolution: str = "NONE"
+    # Istio's WorkloadEntry shape: address, ports by port name, labels (the endpoints a
+    # STATIC or DNS entry sends to instead of resolving its hosts).
+    endpoints: tuple[WorkloadEntrySpec, ...] = ()
+    export_to: Strings = ()
+    workload_selector: NetworkingWorkloadSelector | None = None
 
 
 class OutboundTrafficPolicyMode(enum.Enum):

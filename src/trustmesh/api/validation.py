@@ -18,6 +18,7 @@ from trustmesh.api.diagnostics import Diagnostic, error, warning
 from trustmesh.api.extension_providers import custom_policy_diagnostics, provider_diagnostics
 from trustmesh.api.mesh_routes import mesh_route_diagnostics
 from trustmesh.api.resources import Resource
+from trustmesh.api.service_entry import service_entry_problems
 from trustmesh.api.snapshot import ConfigSnapshot
 
 DRY_RUN = "istio.io/dry-run"
@@ -41,6 +42,8 @@ def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
             out.extend(_request_authentication(r))
         elif r.kind in ("Sidecar", "ServiceEntry"):
             out.extend(_networking_selector(r))
+            if r.kind == "ServiceEntry":
+                out.extend(service_entry_problems(r))
     out.sort(key=Diagnostic.sort_key)
     return out
 

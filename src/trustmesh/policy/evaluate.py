@@ -21,7 +21,8 @@ from trustmesh.api.extension_providers import (
     ExtAuthzProvider,
     ext_authz_providers,
 )
-from trustmesh.api.gateway import num_trusted_proxies
+from trustmesh.api.gateway import gateway_servers, num_trusted_proxies
+from trustmesh.api.gateway_models import ServerTlsMode
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
@@ -253,6 +254,11 @@ def _at_gateway(
     hops = num_trusted_proxies(mesh.snapshot, target.workload)
     remote = trusted_client_address(forwarded, peer, hops)
     principal = request.source.value if request.source.kind is SourceKind.PRINCIPAL else None
+    if principal is None and source is not None and _mesh_client_at(mesh, source, target, port):
+        # An ISTIO_MUTUAL server (an egress gateway's): the client's sidecar presents its
+        # workload certificate, so source.principals sees the client's identity.
+        principal = source.principal(mesh.snapshot.mesh.trust_domain)
+        run.note(f"gateway port {port} is ISTIO_MUTUAL: peer principal {principal}")
     run.note(
         "destination {} is a gateway ({}): numTrustedProxies {}, client address {}",
         target.workload.ref,
@@ -276,6 +282,18 @@ def _at_gateway(
         note = "then the gateway's routes answer (VirtualService; none matching: 404)"
         return decision._replace(trace=(*decision.trace, note))
     return decision
+
+
+def _mesh_client_at(mesh: MeshPolicy, source: Workload, target: WorkloadPolicy, port: int) -> bool:
+    """Whether ``source`` (a sidecar or gateway of the mesh) reaches the gateway's
+    ``port`` over mesh mTLS: every server there is ISTIO_MUTUAL."""
+    if source.dataplane.mode not in (_SIDECAR, _GATEWAY):
+        return False
+    servers, _ = gateway_servers(mesh.snapshot, target.workload)
+    here = [s for s in servers if s.listen_port == port]
+    return bool(here) and all(
+        s.server.tls is not None and s.server.tls.mode is ServerTlsMode.ISTIO_MUTUAL for s in here
+    )
 
 
 def _authorize(

@@ -14,6 +14,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import USE_WAYPOINT, MeshMode
+from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
@@ -475,9 +476,20 @@ def egress_decision(
             ok_status,
             f"source {source.ref} has no sidecar: egress is not controlled",
         )
-    known = registry_entry(mesh, host)
+    known = registry_entry(mesh, host, source.namespace)
     if known:
         return Verdict.ALLOW, ok_status, f"{host} is in the service registry ({known})"
+    from trustmesh.policy.routing import sidecar_mesh_routes  # (routing imports this module)
+
+    routed = sidecar_mesh_routes(mesh).for_host(host, source.namespace)
+    if routed is not None:
+        return (
+            Verdict.UNSUPPORTED,
+            None,
+            f"unsupported: VirtualService {routed.namespace}/{routed.resource.name} routes"
+            f" {host} for {source.ref} (to an egress gateway, say); trustmesh does not follow"
+            " egress routes offline",
+        )
     source_policy = mesh.for_workload(source.ref)
     mode = (
         source_policy.egress_mode
@@ -525,8 +537,9 @@ def _egress_waypoint(mesh: MeshPolicy, host: str) -> str | None:
     return None
 
 
-def registry_entry(mesh: MeshPolicy, host: str) -> str | None:
-    """What makes ``host`` known: a Service or a ServiceEntry, or None."""
+def registry_entry(mesh: MeshPolicy, host: str, client_namespace: str | None = None) -> str | None:
+    """What makes ``host`` known: a Service or a ServiceEntry (one exported to
+    ``client_namespace``, when given), or None."""
     for service in mesh.snapshot.services:
         forms = (
             service.hostname,
@@ -536,6 +549,8 @@ def registry_entry(mesh: MeshPolicy, host: str) -> str | None:
         if host in forms:
             return f"Service {service.namespace}/{service.name}"
     for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        if client_namespace is not None and not exported_to(entry, client_namespace):
+            continue
         for pattern in entry.spec.hosts:
             pattern = pattern.lower()
             if pattern == host or (pattern.startswith("*") and host.endswith(pattern[1:])):

@@ -65,6 +65,7 @@ from trustmesh.envoy_json import (
 from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import TYPE_SECRET
+from trustmesh.xds.gateway_egress import service_entry_clusters
 from trustmesh.xds.gateway_routes import RouteTable, route_configuration
 from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request, path_normalization
@@ -190,6 +191,7 @@ def translate_gateway(
     problems.extend(_tls_problems(servers))
     secrets, secret_problems = _secrets(mesh, workload.namespace, servers)
     problems.extend(secret_problems)
+    egress = service_entry_clusters(mesh, workload.namespace, sds_cluster)
     if problems:
         raise GatewayConfigError(problems)
 
@@ -240,11 +242,17 @@ def translate_gateway(
             chains.append(chain)
         listeners.append(_listener(address, port, chains, tls=True))
 
+    routed = _routed_clusters(routes)
+    broken = [d for name, found in sorted(egress.broken.items()) if name in routed for d in found]
+    if broken:
+        raise GatewayConfigError(broken)
     routes = [_with_policy_slots(r, extension_configs) for r in routes]
     clusters: dict[str, dict[str, Any]] = {}
     service_clusters = outbound_clusters(wp, mesh, sds_cluster, workload_addresses)
     for cluster in (
-        *service_clusters,  # with a cluster per DestinationRule subset the routes name
+        *egress.clusters,  # ServiceEntry hosts: endpoints and TLS origination
+        # with a cluster per DestinationRule subset the routes name
+        *(c for c in service_clusters if c["name"] not in egress.broken),
         *jwks_clusters(wp.jwt_providers),
     ):
         clusters.setdefault(cluster["name"], cluster)
@@ -253,8 +261,33 @@ def translate_gateway(
         clusters=tuple(clusters[name] for name in sorted(clusters)),
         routes=tuple(sorted(routes, key=lambda r: str(r["name"]))),
         extension_configs=tuple(sorted(extension_configs, key=lambda e: str(e["name"]))),
-        secrets=tuple(sorted(secrets, key=lambda s: str(s["name"]))),
+        secrets=_merged_secrets(secrets, egress.secrets),
     )
+
+
+def _routed_clusters(routes: Sequence[dict[str, Any]]) -> set[str]:
+    """Every cluster the route configurations name."""
+    names: set[str] = set()
+    for config in routes:
+        for vhost in config["virtual_hosts"]:
+            for route in vhost.get("routes", ()):
+                action = route.get("route", {})
+                if "cluster" in action:
+                    names.add(str(action["cluster"]))
+                for weighted in action.get("weighted_clusters", {}).get("clusters", ()):
+                    names.add(str(weighted["name"]))
+    return names
+
+
+def _merged_secrets(
+    servers: Sequence[dict[str, Any]], origination: Sequence[dict[str, Any]]
+) -> tuple[dict[str, Any], ...]:
+    """The servers' credentialName secrets and the DestinationRules' (one per name: both
+    read the same Secret of the gateway's namespace)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for secret in (*servers, *origination):
+        merged.setdefault(str(secret["name"]), secret)
+    return tuple(merged[name] for name in sorted(merged))
 
 
 # ---------------------------------------------------------------------- listeners
@@ -351,6 +384,8 @@ class _Manager:
             "x_forwarded_for": "%REQ(X-FORWARDED-FOR)%",
             "requested_server_name": "%REQUESTED_SERVER_NAME%",
             "peer_subject": "%DOWNSTREAM_PEER_SUBJECT%",
+            # The mesh client's SPIFFE ID behind an ISTIO_MUTUAL server: who was denied.
+            "source_principal": "%DOWNSTREAM_PEER_URI_SAN%",
             "method": "%REQ(:METHOD)%",
             "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
             "authority": "%REQ(:AUTHORITY)%",

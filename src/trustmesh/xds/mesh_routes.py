@@ -24,6 +24,7 @@ from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.routing import sidecar_mesh_routes
 from trustmesh.xds.http_routes import RouteTable, http_routes
+from trustmesh.xds.service_entries import visible_entries
 
 __all__ = ["alias_hosts", "alias_virtual_host", "routes_for", "routing_key"]
 
@@ -82,7 +83,7 @@ def alias_hosts(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[str]:
     Service or ServiceEntry host: Istio gives them virtual hosts of their own on every
     outbound HTTP route (a VirtualService may name a host nothing else declares)."""
     known = {s.hostname for s in mesh.snapshot.services}
-    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+    for entry in visible_entries(mesh, wp.workload.namespace):  # exportTo: as Istio sees
         known.update(h.lower() for h in entry.spec.hosts)
     routes = sidecar_mesh_routes(mesh)
     return sorted(

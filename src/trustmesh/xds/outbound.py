@@ -26,18 +26,18 @@ Endpoints: EDS is not built yet, so clusters are STATIC with one endpoint per wo
 Service selects, at ``<workload ip>:<target port>``. A workload with no known IP (a
 Deployment, not a Pod) gets :data:`PLACEHOLDER_ADDRESS`: the runtime fills in the real
 address; every endpoint names its workload in ``metadata.filter_metadata.trustmesh``.
-ServiceEntry hosts get clusters too: STRICT_DNS (resolution DNS), LOGICAL_DNS
-(DNS_ROUND_ROBIN), ORIGINAL_DST (NONE), or STATIC (placeholder endpoints); HTTP/2 for a
-GRPC / HTTP2 port, as for a Service port.
+ServiceEntry hosts exported to the client's namespace get clusters too, with their
+``endpoints`` (:mod:`trustmesh.xds.service_entries`); an entry not exported there is
+unknown to the sidecar (REGISTRY_ONLY: 502).
 
 DestinationRule subsets: a cluster ``outbound|<port>|<subset>|<fqdn>`` per subset of the
 rule a client's namespace uses (as Istio builds them, routed to or not), holding the
 endpoints whose workloads carry the subset's labels, with the subset's traffic policy
 (TLS, connection pool, outlier detection) merged over the rule's.
 
-Not built here: load-balancer settings, Sidecar ``egress``
-host scoping, ServiceEntry ``endpoints`` and ``workloadSelector``, DestinationRules for
-ServiceEntry hosts.
+Not built here: load-balancer settings, Sidecar ``egress`` host scoping, ServiceEntry
+``workloadSelector``, DestinationRules for ServiceEntry hosts at a sidecar (a gateway's:
+:mod:`trustmesh.xds.gateway_egress`).
 
 This module also holds the pieces the inbound side shares (socket addresses, SDS secret
 references, protocol detection, STATIC clusters).
@@ -64,6 +64,7 @@ from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.tls import _destination_rule, destination_rule_tls
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
+from trustmesh.xds.service_entries import entry_cluster, visible_entries
 from trustmesh.xds.traffic_policy import (
     apply_traffic_policy,
     cluster_traffic_policy,
@@ -240,7 +241,7 @@ def outbound_clusters(
                     wp, mesh, service, sp, workloads, sds_cluster, addresses or {}, subset
                 )
                 clusters.setdefault(cluster["name"], cluster)
-    for entry in _service_entries(mesh):
+    for entry in visible_entries(mesh, wp.workload.namespace):
         for cluster in _entry_clusters(entry):
             clusters.setdefault(cluster["name"], cluster)
     return [clusters[name] for name in sorted(clusters)]
@@ -286,10 +287,6 @@ _WORKLOADS_BY_LABEL: Derived[MeshPolicy, None, dict[tuple[str, str, str], list[W
 _SERVICE_ENDPOINTS: Derived[MeshPolicy, tuple[str, str], list[Workload]] = Derived(
     "service endpoints"
 )
-
-
-def _service_entries(mesh: MeshPolicy) -> list[Resource[Any]]:
-    return sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
 
 
 def _service_cluster(
@@ -471,35 +468,11 @@ def _destination_rule_socket(
 
 def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
     spec: m.ServiceEntrySpec = entry.spec
-    out: list[dict[str, Any]] = []
-    for host in sorted(set(spec.hosts)):
-        for port in spec.ports:
-            name = f"outbound|{port.number}||{host}"
-            before = len(out)
-            resolution = spec.resolution.upper()
-            if resolution in ("DNS", "DNS_ROUND_ROBIN") and not host.startswith("*"):
-                out.append(dns_cluster(name, host, port.number, logical=resolution != "DNS"))
-            elif resolution == "STATIC":
-                placeholder = {
-                    "endpoint": {"address": socket_address(PLACEHOLDER_ADDRESS, port.number)},
-                    "metadata": {"filter_metadata": {"trustmesh": {"service_entry": host}}},
-                }
-                out.append(static_cluster(name, [placeholder]))
-            else:
-                # NONE (or a wildcard host): forward to the address the app connected to.
-                out.append(
-                    {
-                        "@type": CLUSTER_TYPE,
-                        "name": name,
-                        "type": "ORIGINAL_DST",
-                        "lb_policy": "CLUSTER_PROVIDED",
-                        "connect_timeout": _CONNECT_TIMEOUT,
-                    }
-                )
-            if _app_protocol(port.name, port.protocol) in _HTTP2_NAMES:
-                # A GRPC / HTTP2 port (an ext_authz gRPC authorizer, say) speaks HTTP/2.
-                out[before]["typed_extension_protocol_options"] = _HTTP2_OPTIONS
-    return out
+    return [
+        entry_cluster(entry, host, index, placeholder=PLACEHOLDER_ADDRESS)
+        for host in sorted(set(spec.hosts))
+        for index in range(len(spec.ports))
+    ]
 
 
 # ---------------------------------------------------------------------------- routes
@@ -548,7 +521,7 @@ def outbound_routes(
                 if len(workloads) > 1:
                     vhost["routes"][:0] = [workload_route(cluster, ref) for ref in workloads]
             hosts.setdefault(sp.port, {})[vhost_name] = vhost
-    for entry in _service_entries(mesh):
+    for entry in visible_entries(mesh, client_namespace):
         spec: m.ServiceEntrySpec = entry.spec
         for port in spec.ports:
             if port_protocol(port.name, port.protocol) is not Protocol.HTTP:

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.gateway import exported_to
 from trustmesh.api.snapshot import Service
 from trustmesh.envoy_json import (
     HCM_TYPE,
@@ -361,6 +362,8 @@ def _targets(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[_Target]:
         ]
     entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
     for entry in entries:
+        if not exported_to(entry, wp.workload.namespace):
+            continue  # unknown to this sidecar: the default for unknown hosts decides
         spec: m.ServiceEntrySpec = entry.spec
         ports = [p.number for p in spec.ports if port_protocol(p.name, p.protocol) is Protocol.HTTP]
         for host in sorted(set(spec.hosts)):
