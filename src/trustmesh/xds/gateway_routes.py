@@ -33,7 +33,7 @@ from trustmesh.api.gateway_models import (
 from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.xds.outbound import ROUTE_TYPE
 
-__all__ = ["RouteTable", "cluster_name", "route_configuration"]
+__all__ = ["RouteTable", "cluster_name", "destination_cluster", "route_configuration"]
 
 _REDIRECT_CODES = {
     301: "MOVED_PERMANENTLY",
@@ -281,6 +281,16 @@ def _action(
         if rewrite.authority:
             action["host_rewrite_literal"] = rewrite.authority
     return action
+
+
+def destination_cluster(
+    destination: Destination,
+    vs: BoundVirtualService,
+    snapshot: ConfigSnapshot,
+    table: RouteTable,
+) -> str:
+    """The cluster a route destination names (a subset's is recorded in ``table``)."""
+    return _cluster(destination, vs, snapshot, table)
 
 
 def _cluster(
