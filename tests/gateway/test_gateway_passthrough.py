@@ -36,6 +36,7 @@ GATEWAY_POD = "istio-system/istio-ingressgateway"
 BACKEND_HOST = "backend.example.com"
 TCP_PORT = 31400  # Istio's tcp-echo task; no gateway Service port maps it: Envoy binds it
 HTTPS_PORT = 8443  # the gateway Service maps 443 → 8443
+TLS_TCP_PORT = 31443  # a TLS server the gateway terminates, tcp routes inside
 
 # The TLS backend: answers "backend: <what it read>" over its own TLS (passthrough proof).
 TLS_BACKEND = """\
@@ -137,6 +138,11 @@ SERVER_TCP = f"""\
   - port: {{number: {TCP_PORT}, name: tcp, protocol: TCP}}
     hosts: ["*"]
 """
+SERVER_TLS_TCP = f"""\
+  - port: {{number: {TLS_TCP_PORT}, name: tls-tcp, protocol: TLS}}
+    tls: {{mode: SIMPLE, credentialName: httpbin-credential}}
+    hosts: [{HOST}]
+"""
 
 
 def gateway(*servers: str) -> str:
@@ -147,7 +153,7 @@ def gateway(*servers: str) -> str:
     )
 
 
-GATEWAY = gateway(SERVER_HTTPS, SERVER_PASSTHROUGH, SERVER_TCP)
+GATEWAY = gateway(SERVER_HTTPS, SERVER_PASSTHROUGH, SERVER_TCP, SERVER_TLS_TCP)
 
 VS_HTTPBIN = f"""\
 apiVersion: networking.istio.io/v1
@@ -193,7 +199,8 @@ spec:
 """
 
 
-ROUTES = "\n---\n".join([VS_HTTPBIN, VS_BACKEND, vs_tcp()])
+VS_TLS_TCP = vs_tcp("tls-tcp-echo", port=TLS_TCP_PORT).replace('hosts: ["*"]', f"hosts: [{HOST}]")
+ROUTES = "\n---\n".join([VS_HTTPBIN, VS_BACKEND, vs_tcp(), VS_TLS_TCP])
 
 
 # ---------------------------------------------------------------------- translation
@@ -266,6 +273,20 @@ def test_tcp_server_forwards_to_its_first_matching_route(tmp_path: Path) -> None
     (proxy,) = chain["filters"]
     assert proxy["typed_config"]["cluster"] == "outbound|9000||tcp-echo.foo.svc.cluster.local"
     assert proxy["typed_config"]["stat_prefix"] == proxy["typed_config"]["cluster"]
+
+
+def test_a_terminating_tls_server_carries_tcp_routes(tmp_path: Path, pki: Pki) -> None:
+    secret = pki.tls_secret("httpbin-credential", "httpbin.example.com")
+    mesh = compile_mesh(tmp_path, secret, GATEWAY, ROUTES)
+    resources = translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9")
+    (chain,) = listener(resources, TLS_TCP_PORT)["filter_chains"]
+    assert chain["filter_chain_match"] == {"server_names": [HOST]}
+    tls = chain["transport_socket"]["typed_config"]
+    assert "alpn_protocols" not in tls["common_tls_context"]  # no HTTP inside
+    (name,) = [s["name"] for s in tls["common_tls_context"]["tls_certificate_sds_secret_configs"]]
+    assert name == "kubernetes://httpbin-credential"
+    (proxy,) = chain["filters"]
+    assert proxy["typed_config"]["cluster"] == "outbound|9000||tcp-echo.foo.svc.cluster.local"
 
 
 def test_weighted_destinations_and_subsets(tmp_path: Path) -> None:
@@ -366,12 +387,13 @@ def problems(mesh: MeshPolicy) -> list[tuple[int, str, str, str]]:
 @pytest.mark.parametrize(
     ("old", "new", "field", "code", "words"),
     [
-        (  # SIMPLE on a TLS server: trustmesh terminates HTTPS servers only
+        (
             "name: tls-passthrough, protocol: TLS}\n    tls: {mode: PASSTHROUGH}",
-            "name: tls-passthrough, protocol: TLS}\n    tls: {mode: SIMPLE, credentialName: x}",
-            "spec.servers[1].tls.mode",
+            "name: tls-passthrough, protocol: TLS}\n    tls: {mode: SIMPLE, httpsRedirect: true"
+            ", credentialName: httpbin-credential}",
+            "spec.servers[1].tls.httpsRedirect",
             "unsupported-gateway-field",
-            "SIMPLE on a TLS server",
+            "httpsRedirect on a TLS server",
         ),
         (
             "tls: {mode: PASSTHROUGH}",
@@ -475,8 +497,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Gateway
 
 
 def tls_exchange(address: str, port: int, sni: str, pki: Pki, line: bytes) -> tuple[str, bytes]:
-    """(O= of the certificate the client saw, the answer to ``line``) over one TLS
-    connection with SNI ``sni``, verified against the example.com CA."""
+    """(O= of the certificate the client saw, the one-line answer to ``line``) over one
+    TLS connection with SNI ``sni``, verified against the example.com CA."""
     context = tls_context(pki)
     with (
         socket.create_connection((address, port), timeout=10) as raw,
@@ -485,7 +507,7 @@ def tls_exchange(address: str, port: int, sni: str, pki: Pki, line: bytes) -> tu
         subject = dict(x[0] for x in (tls.getpeercert() or {}).get("subject", ()))
         tls.sendall(line)
         answer = b""
-        while chunk := tls.recv(1024):
+        while not answer.endswith(b"\n") and (chunk := tls.recv(1024)):
             answer += chunk
     return str(subject.get("organizationName", "")), answer
 
@@ -536,3 +558,9 @@ def test_tcp_server_carries_a_line_to_tcp_echo(mesh: GatewayMesh) -> None:
                 break
             answer += chunk
     assert answer in (b"hello world\n", b"hi world\n")  # either tcp-echo pod (v1, v2)
+
+
+def test_tls_server_terminates_then_carries_a_line_to_tcp_echo(mesh: GatewayMesh, pki: Pki) -> None:
+    organization, answer = tls_exchange(mesh.address(), TLS_TCP_PORT, HOST, pki, b"tls\n")
+    assert organization == "httpbin organization"  # the gateway's credentialName certificate
+    assert answer in (b"hello tls\n", b"hi tls\n")

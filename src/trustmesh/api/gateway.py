@@ -112,9 +112,19 @@ class GatewayServer:
         return self.server.port.protocol.upper() == "TCP"
 
     @property
+    def terminates_tcp(self) -> bool:
+        """A TLS server the gateway terminates (``tcp`` routes for the bytes inside)."""
+        return self.server.port.protocol.upper() == "TLS" and not self.is_passthrough
+
+    @property
+    def terminates(self) -> bool:
+        """The gateway terminates its TLS (credentialName or the mesh certificate)."""
+        return self.is_tls or self.terminates_tcp
+
+    @property
     def inspects_tls(self) -> bool:
         """Its listener reads the ClientHello (SNI): terminated or passthrough TLS."""
-        return self.is_tls or self.is_passthrough
+        return self.terminates or self.is_passthrough
 
     @property
     def tls_mode(self) -> ServerTlsMode | None:
@@ -282,14 +292,7 @@ def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
     if item.is_passthrough:
         yield from _passthrough_problems(item)
         return
-    if protocol == "TLS":
-        yield _unsupported(
-            item.location("tls", "mode"),
-            f"tls.mode {tls.mode.value} on a TLS server (trustmesh's gateways pass TLS "
-            "servers through; they terminate HTTPS ones)",
-        )
-        return
-    if protocol != "HTTPS":
+    if protocol not in _SNI_PROTOCOLS:
         fields = tls.model_fields_set - {"https_redirect"}
         if fields:
             yield _unsupported(
@@ -297,6 +300,8 @@ def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
                 "tls settings other than httpsRedirect on a plaintext HTTP server",
             )
         return
+    if item.terminates_tcp and tls.https_redirect:
+        yield _unsupported(item.location("tls", "httpsRedirect"), "httpsRedirect on a TLS server")
     if tls.mode not in _TERMINATED and tls.mode is not ServerTlsMode.ISTIO_MUTUAL:
         yield _unsupported(item.location("tls", "mode"), f"tls.mode {tls.mode.value}")
         return

@@ -24,6 +24,9 @@ as ``pilot/pkg/networking/core/gateway.go`` builds it:
   same listener as the port's terminated servers), the network RBAC filters of the
   policies selecting the gateway, then ``tcp_proxy`` to the route's destination (weighted
   clusters for several); the client's TLS reaches the destination untouched;
+* a ``TLS`` server that terminates (``SIMPLE`` / ``MUTUAL``…): its TLS filter chain as an
+  HTTPS server's (no ALPN), then the network RBAC filters and ``tcp_proxy`` to its first
+  matching ``tcp`` route;
 * a ``TCP`` server: one filter chain, the network RBAC filters, ``tcp_proxy`` to the
   first VirtualService ``tcp`` route that matches it (port, gateways) — Istio's
   ``buildGatewayTCPBasedFilterChains``; a port with no route gets no listener, as in Istio;
@@ -238,37 +241,43 @@ def translate_gateway(
             listeners.append(_listener(address, port, chains, tls=False))
             continue
         chains = []
-        seen: dict[tuple[str, ...], GatewayServer] = {}
+        taken: dict[str, str] = {}  # SNI name ("" for any) → the server with its chain
         for server in port_servers:
             if server.is_passthrough:
                 continue
-            name = _https_route_name(server)
-            routes.append(route_configuration(name, [server], bound, snapshot, table))
             names = _server_names(server)
-            if names in seen:
-                other = seen[names]
-                raise GatewayConfigError(
-                    [
-                        error(
-                            "gateway-duplicate-server",
-                            server.location("hosts"),
-                            f"port {port}: these hosts are already served by {other.ref} "
-                            f"servers[{other.index}] (one TLS server per SNI name)",
-                        )
-                    ]
-                )
-            seen[names] = server
-            chain: dict[str, Any] = {
-                "filters": [manager.build(name, port)],
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": _downstream_tls(server, sds_cluster),
-                },
+            for key in names or ("",):
+                if key in taken:
+                    raise GatewayConfigError(
+                        [
+                            error(
+                                "gateway-duplicate-server",
+                                server.location("hosts"),
+                                f"port {port}: these hosts are already served by "
+                                f"{taken[key]} (one TLS server per SNI name)",
+                            )
+                        ]
+                    )
+                taken[key] = f"{server.ref} servers[{server.index}]"
+            if server.terminates_tcp:
+                # TLS terminated, then the bytes inside to the first matching tcp route.
+                tcp = l4.tcp_chains(port, server)
+                if not tcp:
+                    continue  # no route: no chain, as in Istio
+                chain: dict[str, Any] = tcp[0]
+                socket = _downstream_tls(server, sds_cluster, http=False)
+            else:
+                name = _https_route_name(server)
+                routes.append(route_configuration(name, [server], bound, snapshot, table))
+                chain = {"filters": [manager.build(name, port)]}
+                socket = _downstream_tls(server, sds_cluster)
+            chain["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": socket,
             }
             if names:
                 chain["filter_chain_match"] = {"server_names": list(names)}
             chains.append(chain)
-        taken = {n: f"{s.ref} servers[{s.index}]" for ns, s in seen.items() for n in ns or ("",)}
         chains.extend(l4.passthrough_chains(port, port_servers, taken))
         if chains:  # passthrough servers without a tls route: no listener, as in Istio
             listeners.append(_listener(address, port, chains, tls=True))
@@ -526,7 +535,7 @@ def _tls_problems(servers: Sequence[GatewayServer]) -> list[Diagnostic]:
     problems = []
     for server in servers:
         tls = server.server.tls
-        if tls is None or not server.is_tls:
+        if tls is None or not server.terminates:
             continue
         for j, cipher in enumerate(tls.cipher_suites):
             if cipher not in KNOWN_CIPHERS:
@@ -558,11 +567,14 @@ def _secret_config(name: str) -> dict[str, Any]:
     return {"name": name, "sds_config": _ADS}
 
 
-def _downstream_tls(server: GatewayServer, sds_cluster: str) -> dict[str, Any]:
+def _downstream_tls(
+    server: GatewayServer, sds_cluster: str, *, http: bool = True
+) -> dict[str, Any]:
     tls = server.server.tls
     assert tls is not None
     mode = tls.mode
-    common: dict[str, Any] = {"alpn_protocols": list(_HTTP_ALPN)}
+    # HTTP inside: h2 or HTTP/1.1 by ALPN; a TLS (TCP) server offers none, as Istio's.
+    common: dict[str, Any] = {"alpn_protocols": list(_HTTP_ALPN)} if http else {}
     params: dict[str, Any] = {"tls_minimum_protocol_version": "TLSv1_2"}  # mesh tlsDefaults
     if tls.min_protocol_version is not TlsProtocol.TLS_AUTO:
         params["tls_minimum_protocol_version"] = tls.min_protocol_version.envoy
@@ -624,7 +636,7 @@ def _secrets(
     problems: list[Diagnostic] = []
     for server in servers:
         tls = server.server.tls
-        if tls is None or not server.is_tls or tls.mode is ServerTlsMode.ISTIO_MUTUAL:
+        if tls is None or not server.terminates or tls.mode is ServerTlsMode.ISTIO_MUTUAL:
             continue
         credential = tls_credential(mesh.snapshot, namespace, tls.credential_name)
         if isinstance(credential, str):
