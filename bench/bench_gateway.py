@@ -206,6 +206,11 @@ def compare(rounds: list[dict[str, dict[str, Any]]], medians: dict[str, dict[str
         "gateway_cpu_ratio": round(
             ours["cpu_us_per_request"]["gateway"] / theirs["cpu_us_per_request"]["gateway"], 3
         ),
+        # The control: the very same backend sidecar serves both paths, so its ratio is how
+        # much the machine's load alone moved CPU per request between the paths' runs.
+        "backend_cpu_ratio": round(
+            ours["cpu_us_per_request"]["backend"] / theirs["cpu_us_per_request"]["backend"], 3
+        ),
         "meets_target": throughput >= TARGET_THROUGHPUT_RATIO,
     }
 
