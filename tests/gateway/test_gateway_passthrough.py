@@ -19,12 +19,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.gateway.rig import GATEWAY as GATEWAY_REF
 from tests.gateway.rig import HOST, GatewayMesh, Pki, gateway_mesh, https_get, tls_context
 from trustmesh.config import load_config
 from trustmesh.policy.compose import MeshPolicy
@@ -451,6 +453,15 @@ def problems(mesh: MeshPolicy) -> list[tuple[int, str, str, str]]:
             "unsupported-gateway-field",
             "destinationSubnets",
         ),
+        (  # overlapping hosts lists of two terminated servers: one SNI name twice
+            SERVER_TLS_TCP,
+            SERVER_TLS_TCP.replace(str(TLS_TCP_PORT), "443").replace(
+                f"[{HOST}]", f"[other.example.com, {HOST}]"
+            ),
+            "spec.servers[3].hosts",
+            "gateway-duplicate-server",
+            "already served by istio-system/mygateway servers[0]",
+        ),
         (  # one filter chain per SNI: the terminated server already has this name
             f"  hosts: [{BACKEND_HOST}]\n  gateways: [istio-system/mygateway]\n  tls:\n"
             f"  - match:\n    - port: 443\n      sniHosts: [{BACKEND_HOST}]",
@@ -549,18 +560,54 @@ def test_an_unknown_sni_reaches_nothing(mesh: GatewayMesh, pki: Pki) -> None:
 
 
 def test_tcp_server_carries_a_line_to_tcp_echo(mesh: GatewayMesh) -> None:
-    with socket.create_connection((mesh.address(), TCP_PORT), timeout=10) as sock:
-        sock.sendall(b"world\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(1024)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer in (b"hello world\n", b"hi world\n")  # either tcp-echo pod (v1, v2)
+    # Either tcp-echo pod (v1 answers "hello", v2 "hi").
+    assert tcp_line(mesh.address(), b"world\n") in (b"hello world\n", b"hi world\n")
 
 
 def test_tls_server_terminates_then_carries_a_line_to_tcp_echo(mesh: GatewayMesh, pki: Pki) -> None:
     organization, answer = tls_exchange(mesh.address(), TLS_TCP_PORT, HOST, pki, b"tls\n")
     assert organization == "httpbin organization"  # the gateway's credentialName certificate
     assert answer in (b"hello tls\n", b"hi tls\n")
+
+
+def tcp_line(address: str, line: bytes) -> bytes:
+    """What comes back for ``line`` through the gateway's TCP server (b"": closed)."""
+    with socket.create_connection((address, TCP_PORT), timeout=10) as sock:
+        sock.sendall(line)
+        answer = b""
+        while not answer.endswith(b"\n") and (chunk := sock.recv(1024)):
+            answer += chunk
+    return answer
+
+
+def rbac_denied(mesh: GatewayMesh) -> int:
+    """The gateway Envoy's network RBAC denials (``tcp.rbac.denied``)."""
+    admin = mesh.running.pod_record(GATEWAY_REF)["admin"]
+    with urllib.request.urlopen(f"http://{admin}/stats?filter=tcp\\.rbac\\.denied", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return sum(int(line.rsplit(": ", 1)[1]) for line in lines if line.startswith("tcp.rbac.denied"))
+
+
+def test_a_deny_policy_on_the_gateway_closes_tcp_connections(mesh: GatewayMesh, pki: Pki) -> None:
+    deny = f"""\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-tcp-echo, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  action: DENY
+  rules:
+  - to: [{{operation: {{ports: ["{TCP_PORT}"]}}}}]
+"""
+    config = (mesh.config_dir / "gateway.yaml").read_text()
+    mesh.apply(config + "\n---\n" + deny)
+    try:
+        before = rbac_denied(mesh)
+        assert tcp_line(mesh.address(), b"denied\n") == b""  # closed by the network RBAC
+        assert rbac_denied(mesh) == before + 1
+        # The policy names the TCP port only: passthrough on 8443 still reaches the backend.
+        _, answer = tls_exchange(mesh.address(), HTTPS_PORT, BACKEND_HOST, pki, b"ok\n")
+        assert answer == b"backend: ok\n"
+    finally:
+        mesh.apply(config)
+    assert tcp_line(mesh.address(), b"again\n") in (b"hello again\n", b"hi again\n")
