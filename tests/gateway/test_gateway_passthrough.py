@@ -370,6 +370,20 @@ def test_a_port_without_routes_gets_no_listener(tmp_path: Path) -> None:
     assert translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9").listeners == ()
 
 
+def test_a_match_two_passthrough_servers_route_is_one_chain(tmp_path: Path) -> None:
+    other = SERVER_PASSTHROUGH.replace("tls-passthrough", "other").replace(
+        BACKEND_HOST, "other.example.com"
+    )
+    vs = VS_BACKEND.replace(
+        f"  hosts: [{BACKEND_HOST}]", f"  hosts: [{BACKEND_HOST}, other.example.com]"
+    ).replace(f"sniHosts: [{BACKEND_HOST}]", f"sniHosts: [{BACKEND_HOST}, other.example.com]")
+    mesh = compile_mesh(tmp_path, gateway(SERVER_PASSTHROUGH, other), vs)
+    (chain,) = listener(translate_gateway(mesh, GATEWAY_POD, address="127.0.0.9"), HTTPS_PORT)[
+        "filter_chains"
+    ]
+    assert chain["filter_chain_match"] == {"server_names": [BACKEND_HOST, "other.example.com"]}
+
+
 def test_star_sni_is_any_sni(tmp_path: Path) -> None:
     vs = VS_BACKEND.replace(f"[{BACKEND_HOST}]", '["*"]')
     mesh = compile_mesh(tmp_path, gateway(SERVER_PASSTHROUGH.replace(BACKEND_HOST, "'*'")), vs)

@@ -445,6 +445,7 @@ class _L4:
         """A chain per ``tls`` match of a passthrough server on ``port``, by SNI. ``taken``:
         SNI name ("" for any) → who already has a chain for it on this port (updated)."""
         chains = []
+        done: set[tuple[str, int, int]] = set()  # a match two servers route: one chain
         for server in servers:
             if not server.is_passthrough:
                 continue
@@ -453,6 +454,9 @@ class _L4:
                     for j, match in enumerate(route.match):
                         if not _l4_applies(match.port, match.gateways, vs, server):
                             continue
+                        if (vs.resource.key, i, j) in done:
+                            continue
+                        done.add((vs.resource.key, i, j))
                         names = sorted({n.lower() for n in match.sni_hosts})
                         # Envoy matches "*" with no server_names at all (Istio leaves it out).
                         keys = [n for n in names if n != "*"] if "*" not in names else [""]
