@@ -26,9 +26,14 @@ valgrind is installed, a second phase runs one more of each gateway under
 a second gateway pod address) and counts Envoy's instructions per request over
 ``--callgrind-requests`` requests on one keep-alive TLS connection (three batches, the
 smallest reported: other load only adds instructions), which repeats to ±0.1 %.
+``--price-features`` adds, in that phase, the hand-written gateway with each thing
+trustmesh's gateway runs per request added alone (its access log, its edge settings —
+XFCC, path normalization, trailing-dot stripping…, Istio's default retry policy on the
+routes, its disabled policy slots), copied from trustmesh's ``/config_dump``, and with all
+of them: what each costs.
 
 Usage: python bench/bench_gateway.py [--rounds 10] [--duration 2] [--warmup 0.5]
-       [--workers 2] [--connections 8] [--callgrind-requests 300]
+       [--workers 2] [--connections 8] [--callgrind-requests 300] [--price-features]
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from benchlib.dataplane_pairs import check_free, stacked_envoy
 from benchlib.dataplane_topology import BODY
 from benchlib.envoy_admin import config_dump, per_request_features, stats
 from benchlib.envoy_pair import app_bootstrap, issue
+from benchlib.gateway_features import FEATURES, trustmesh_parts, with_features
 from benchlib.gateway_rig import (
     APP_ADDRESS,
     APP_PORT,
@@ -78,6 +84,7 @@ from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 
 TARGET_THROUGHPUT_RATIO = 0.95
+FEATURE_ADDRESS_PREFIX = "127.0.78."  # .10 on: the --price-features variants
 CALLGRIND_BATCHES = 3
 
 
@@ -156,19 +163,29 @@ async def warm(address: str, tls: TlsClient, timeout: float = 240) -> None:
 
 
 async def instructions(
-    stack: contextlib.AsyncExitStack, setup: Setup, workdir: Path, requests: int
+    stack: contextlib.AsyncExitStack,
+    setup: Setup,
+    workdir: Path,
+    requests: int,
+    parts: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Each gateway under callgrind: Envoy's instructions per request."""
+    """Each gateway under callgrind: Envoy's instructions per request. With ``parts``
+    (trustmesh's gateway config, :func:`trustmesh_parts`), the hand-written gateway again
+    with each trustmesh feature added alone, and with all of them."""
     from bench_inbound_cost import Callgrind  # the same runner as the inbound chain's pricing
 
     creds = issue(setup.ca, GATEWAY, dt.datetime.now(dt.UTC))
+    hand = handwritten_gateway_bootstrap(HAND_CALLGRIND_ADDRESS, setup.pki, creds)
     variants = {
-        "handwritten": (
-            handwritten_gateway_bootstrap(HAND_CALLGRIND_ADDRESS, setup.pki, creds),
-            HAND_CALLGRIND_ADDRESS,
-        ),
+        "handwritten": (hand, HAND_CALLGRIND_ADDRESS),
         "trustmesh": (setup.mesh.callgrind_bootstrap, GATEWAY_CALLGRIND_ADDRESS),
     }
+    if parts is not None:
+        for i, names in enumerate([[name] for name in FEATURES] + [list(FEATURES)]):
+            address = f"{FEATURE_ADDRESS_PREFIX}{10 + i}"
+            base = handwritten_gateway_bootstrap(address, setup.pki, creds)
+            label = "handwritten+" + ("all" if len(names) > 1 else names[0])
+            variants[label] = (with_features(base, parts, names), address)
     out: dict[str, Any] = {}
     for name, (bootstrap, address) in variants.items():
         envoy = Callgrind(bootstrap, workdir / f"callgrind-{name}")
@@ -181,12 +198,19 @@ async def instructions(
             envoy.control("-d")
             batches.append(envoy.last_dump_total() / requests)
             log(f"callgrind {name}: {batches[-1]:,.0f} instructions per request")
+        envoy.stop()  # valgrind is heavy: one at a time
         out[name] = {
             "instructions_per_request": round(min(batches)),
             "batches": [round(b) for b in batches],
         }
-    hand = out["handwritten"]["instructions_per_request"]
-    out["trustmesh_vs_handwritten"] = round(out["trustmesh"]["instructions_per_request"] / hand, 4)
+    base = out["handwritten"]["instructions_per_request"]
+    out["trustmesh_vs_handwritten"] = round(out["trustmesh"]["instructions_per_request"] / base, 4)
+    if parts is not None:
+        out["feature_costs"] = {
+            name.removeprefix("handwritten+"): result["instructions_per_request"] - base
+            for name, result in out.items()
+            if name.startswith("handwritten+")
+        }
     return out
 
 
@@ -225,6 +249,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             (HAND_GATEWAY_ADDRESS, GATEWAY_PORT),
             (GATEWAY_CALLGRIND_ADDRESS, GATEWAY_PORT),
             (HAND_CALLGRIND_ADDRESS, GATEWAY_PORT),
+            *((f"{FEATURE_ADDRESS_PREFIX}{10 + i}", GATEWAY_PORT) for i in range(6)),
         ]
     )
     callgrind = args.callgrind_requests > 0 and shutil.which("callgrind_control") is not None
@@ -260,7 +285,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 version = json.loads((await envoys["trustmesh"].admin_get("/server_info")).body)
                 counted: dict[str, Any] = {"skipped": "valgrind not installed or not asked"}
                 if callgrind:
-                    counted = await instructions(stack, setup, Path(tmp), args.callgrind_requests)
+                    parts = None
+                    if args.price_features:
+                        parts = trustmesh_parts(await config_dump(envoys["trustmesh"]))
+                    counted = await instructions(
+                        stack, setup, Path(tmp), args.callgrind_requests, parts
+                    )
     finally:
         load.close()
     medians = summarize([{k: r[k] for k in ("handwritten", "trustmesh")} for r in rounds])
@@ -303,6 +333,11 @@ def main() -> None:
         type=int,
         default=300,
         help="requests per callgrind batch (0: no callgrind phase)",
+    )
+    parser.add_argument(
+        "--price-features",
+        action="store_true",
+        help="callgrind also the hand-written gateway with each trustmesh feature added",
     )
     args = parser.parse_args()
     result = asyncio.run(run(args))
