@@ -65,6 +65,7 @@ bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_ca.py
 	$(BIN)/python bench/bench_dataplane.py
+	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_validate.py
 	$(BIN)/python bench/bench_graph.py

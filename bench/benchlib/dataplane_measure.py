@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchlib.loadgen import Job, LoadGenerator
+from benchlib.loadgen import Job, LoadGenerator, TlsClient
 from benchlib.procstat import cpu_seconds, machine_busy_seconds
 
 TARGETS = {"throughput_ratio_min": 0.95, "p50_increase_max": 0.10}
@@ -28,6 +28,7 @@ class LoadPath:
     request: bytes
     roles: dict[str, int]  # role → Envoy PID, for CPU accounting
     netns: str | None = None  # the client pod's network namespace (sandboxed paths)
+    tls: TlsClient | None = None  # HTTPS to the path's first hop (gateway paths)
 
 
 async def sleep_until(moment: float) -> None:
@@ -47,6 +48,7 @@ async def measure(path: LoadPath, load: LoadGenerator, args: argparse.Namespace)
         args.duration,
         max_requests=args.max_requests,
         netns=path.netns,
+        tls=path.tls,
     )
     running = asyncio.create_task(asyncio.to_thread(load.run, job))
     roles = {**path.roles, "generator": 0}

@@ -6,6 +6,10 @@ Content-Length. :class:`LoadGenerator` starts the workers once (spawn) and reuse
 :func:`merge` turns their samples into requests/s and latency percentiles. Also
 :func:`probe` / :func:`wait_serving`: single requests until a path serves.
 
+A job or probe with ``tls`` (:class:`TlsClient`) speaks HTTPS: each connection does its
+handshake (SNI, the server verified against a CA file) before the window, then the same
+keep-alive loop over the TLS socket.
+
 A job or probe with ``netns`` opens its connections inside that network namespace (a
 pod's, as its app would: the pod's capture rules apply to them); a socket keeps the
 namespace it was made in.
@@ -18,12 +22,24 @@ import contextlib
 import multiprocessing
 import selectors
 import socket
+import ssl
 import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClient:
+    """HTTPS: the SNI sent (and the name verified) and the CA file that signed the server."""
+
+    server_name: str
+    cafile: str
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cafile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +55,7 @@ class Job:
     duration: float
     max_requests: int  # per worker: a bound in case the window is never reached
     netns: str | None = None  # connect from inside this network namespace
+    tls: TlsClient | None = None  # HTTPS (handshake at connect, before the window)
 
 
 @dataclass(slots=True)
@@ -61,11 +78,29 @@ class _Conn:
         self.sent_at = 0
 
 
-def _connect(host: str, port: int) -> socket.socket:
+def _connect(
+    host: str, port: int, tls: ssl.SSLContext | None = None, sni: str = ""
+) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname=sni)  # handshakes here, blocking
     sock.setblocking(False)
     return sock
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What arrived (b"": closed); None when TLS read only a non-data record (a TLS 1.3
+    session ticket). Decrypted bytes TLS still holds are drained too: the selector does not
+    see them."""
+    try:
+        data = sock.recv(65536)
+    except ssl.SSLWantReadError:
+        return None
+    if isinstance(sock, ssl.SSLSocket):
+        while data and sock.pending():
+            data += sock.recv(sock.pending())
+    return data
 
 
 def _response_end(buf: bytearray) -> int:
@@ -106,6 +141,11 @@ def _run_load(job: Job) -> JobResult:
     clock = time.perf_counter_ns  # CLOCK_MONOTONIC, like time.monotonic()
     latencies: array[int] = array("q")
     errors, first_error = 0, ""
+    context = job.tls.context() if job.tls is not None else None
+    sni = job.tls.server_name if job.tls is not None else ""
+
+    def connect() -> socket.socket:
+        return _connect(job.host, job.port, context, sni)
 
     def send(conn: _Conn) -> None:
         conn.sent_at = clock()
@@ -118,11 +158,11 @@ def _run_load(job: Job) -> JobResult:
         selector.unregister(conn.sock)
         conn.sock.close()
         with contextlib.suppress(OSError):
-            fresh = _Conn(_connect(job.host, job.port))
+            fresh = _Conn(connect())
             selector.register(fresh.sock, selectors.EVENT_READ, fresh)
             send(fresh)
 
-    conns = [_Conn(_connect(job.host, job.port)) for _ in range(job.connections)]
+    conns = [_Conn(connect()) for _ in range(job.connections)]
     for conn in conns:
         selector.register(conn.sock, selectors.EVENT_READ, conn)
     time.sleep(max(0.0, job.start_at - time.monotonic()))
@@ -135,9 +175,11 @@ def _run_load(job: Job) -> JobResult:
         for key, _ in selector.select(timeout=0.05):
             conn = key.data
             try:
-                data = conn.sock.recv(65536)
+                data = _receive(conn.sock)
             except OSError as exc:
                 replace(conn, repr(exc))
+                continue
+            if data is None:
                 continue
             if not data:
                 replace(conn, "connection closed by the server")
@@ -255,10 +297,14 @@ class LoadGenerator:
                 process.join()
 
 
-def probe(host: str, port: int, request: bytes, netns: str | None = None) -> tuple[bytes, bytes]:
-    """One request on a fresh connection (from ``netns``): (status line, body)."""
+def probe(
+    host: str, port: int, request: bytes, netns: str | None = None, tls: TlsClient | None = None
+) -> tuple[bytes, bytes]:
+    """One request on a fresh connection (from ``netns``, over ``tls``): (status line, body)."""
     with _inside(netns):
         sock = socket.create_connection((host, port), timeout=5)
+    if tls is not None:
+        sock = tls.context().wrap_socket(sock, server_hostname=tls.server_name)
     with sock:
         sock.sendall(request)
         buf = bytearray()
@@ -280,13 +326,14 @@ async def wait_serving(
     expected: bytes,
     timeout: float = 10,
     netns: str | None = None,
+    tls: TlsClient | None = None,
 ) -> None:
     """Until ``request`` through ``host:port`` gets 200 and the ``expected`` body (the
     listeners on the way warmed)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            status, body = await asyncio.to_thread(probe, host, port, request, netns)
+            status, body = await asyncio.to_thread(probe, host, port, request, netns, tls)
             if status.endswith(b"200 OK") and body == expected:
                 return
             last = f"{status!r} {body[:200]!r}"

@@ -228,16 +228,16 @@ def test_hcm_reads_the_client_address_behind_trusted_proxies(tmp_path: Path) -> 
             "needs a CA",
         ),
         (
-            [secret("cred"), gateway(HTTPS.replace("MODE", "PASSTHROUGH"))],
+            [secret("cred"), gateway(HTTPS.replace("MODE", "AUTO_PASSTHROUGH"))],
             "spec.servers[0].tls.mode",
             "unsupported-gateway-field",
-            "PASSTHROUGH",
+            "AUTO_PASSTHROUGH",
         ),
         (
-            [gateway(HTTP.replace("protocol: HTTP", "protocol: TCP"))],
+            [gateway(HTTP.replace("protocol: HTTP", "protocol: MONGO"))],
             "spec.servers[0].port.protocol",
             "unsupported-gateway-field",
-            "TCP",
+            "MONGO",
         ),
         (
             [gateway(HTTP), VS + "    fault: {abort: {httpStatus: 500}}\n"],

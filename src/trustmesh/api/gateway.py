@@ -20,7 +20,11 @@ Istio facts used here (istio/istio ``pilot/pkg/model/gateway.go``,
   Envoy asks for them as ``kubernetes://NAME`` and ``kubernetes://NAME-cacert``;
 * ``hosts`` entries are ``[namespace/]host``: ``*/`` or none any namespace, ``./`` the
   Gateway's own, else that namespace's VirtualServices only;
-* a VirtualService names gateways as ``name`` (its own namespace) or ``namespace/name``.
+* a VirtualService names gateways as ``name`` (its own namespace) or ``namespace/name``;
+* a server with ``tls.mode: PASSTHROUGH`` (protocol ``HTTPS`` or ``TLS``) does not terminate
+  TLS: the VirtualServices' ``tls`` routes pick the destination by SNI (``sniHosts``); a
+  ``TCP`` server forwards each connection to its first ``tcp`` route that matches
+  (``pilot/pkg/networking/core/gateway.go`` ``buildGatewayTCPBasedFilterChains``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.gateway_models import (
     GatewaySpec,
     HttpRoute,
+    RouteDestination,
     SecretObject,
     Server,
     ServerTlsMode,
+    TcpRoute,
+    TlsRoute,
     VirtualServiceSpec,
 )
 from trustmesh.api.loader import validate_model
@@ -67,6 +74,7 @@ __all__ = [
 SECRET_PREFIX = "kubernetes://"
 CA_SUFFIX = "-cacert"
 _HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+_SNI_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 _TERMINATED = frozenset({ServerTlsMode.SIMPLE, ServerTlsMode.MUTUAL, ServerTlsMode.OPTIONAL_MUTUAL})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(h|m|s|ms|us)$")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
@@ -87,7 +95,37 @@ class GatewayServer:
 
     @property
     def is_tls(self) -> bool:
-        return self.server.port.protocol.upper() == "HTTPS"
+        """An HTTPS server the gateway terminates (HTTP inside), not a passthrough one."""
+        return self.server.port.protocol.upper() == "HTTPS" and not self.is_passthrough
+
+    @property
+    def is_passthrough(self) -> bool:
+        """``tls.mode: PASSTHROUGH`` on an HTTPS or TLS server: routed by SNI, untouched."""
+        tls = self.server.tls
+        return (
+            self.server.port.protocol.upper() in _SNI_PROTOCOLS
+            and tls is not None
+            and tls.mode is ServerTlsMode.PASSTHROUGH
+        )
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.server.port.protocol.upper() == "TCP"
+
+    @property
+    def terminates_tcp(self) -> bool:
+        """A TLS server the gateway terminates (``tcp`` routes for the bytes inside)."""
+        return self.server.port.protocol.upper() == "TLS" and not self.is_passthrough
+
+    @property
+    def terminates(self) -> bool:
+        """The gateway terminates its TLS (credentialName or the mesh certificate)."""
+        return self.is_tls or self.terminates_tcp
+
+    @property
+    def inspects_tls(self) -> bool:
+        """Its listener reads the ClientHello (SNI): terminated or passthrough TLS."""
+        return self.terminates or self.is_passthrough
 
     @property
     def tls_mode(self) -> ServerTlsMode | None:
@@ -222,10 +260,11 @@ def _named_container_port(workload: Workload, name: str) -> int | None:
 def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
     server = item.server
     protocol = server.port.protocol.upper()
-    if protocol not in _HTTP_PROTOCOLS and protocol != "HTTPS":
+    if protocol not in _HTTP_PROTOCOLS and protocol not in ("HTTPS", "TLS", "TCP"):
         yield _unsupported(
             item.location("port", "protocol"),
-            f"protocol {server.port.protocol} (trustmesh gateways serve HTTP and HTTPS)",
+            f"protocol {server.port.protocol} (trustmesh gateways serve HTTP, HTTPS, TLS "
+            "passthrough and TCP)",
         )
     if server.bind:
         yield _unsupported(item.location("bind"), "bind")
@@ -241,14 +280,20 @@ def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
             )
     tls = server.tls
     if tls is None:
-        if protocol == "HTTPS":
+        if protocol in _SNI_PROTOCOLS:
             yield error(
                 "missing-field",
                 item.location("tls"),
-                "an HTTPS server needs tls (mode and credentialName)",
+                f"an {protocol} server needs tls (mode and credentialName, or PASSTHROUGH)",
             )
         return
-    if protocol != "HTTPS":
+    if protocol == "TCP":
+        yield _unsupported(item.location("tls"), "tls on a TCP server (use protocol TLS)")
+        return
+    if item.is_passthrough:
+        yield from _passthrough_problems(item)
+        return
+    if protocol not in _SNI_PROTOCOLS:
         fields = tls.model_fields_set - {"https_redirect"}
         if fields:
             yield _unsupported(
@@ -256,6 +301,8 @@ def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
                 "tls settings other than httpsRedirect on a plaintext HTTP server",
             )
         return
+    if item.terminates_tcp and tls.https_redirect:
+        yield _unsupported(item.location("tls", "httpsRedirect"), "httpsRedirect on a TLS server")
     if tls.mode not in _TERMINATED and tls.mode is not ServerTlsMode.ISTIO_MUTUAL:
         yield _unsupported(item.location("tls", "mode"), f"tls.mode {tls.mode.value}")
         return
@@ -291,17 +338,45 @@ def _server_problems(item: GatewayServer) -> Iterator[Diagnostic]:
         )
 
 
+def _passthrough_problems(item: GatewayServer) -> Iterator[Diagnostic]:
+    """A passthrough server never sees the TLS inside: any setting about it is refused."""
+    tls = item.server.tls
+    assert tls is not None
+    for attribute in sorted(tls.model_fields_set - {"mode"}):
+        if getattr(tls, attribute):
+            name = type(tls).model_fields[attribute].alias or attribute
+            yield _unsupported(
+                item.location("tls", name),
+                f"tls.{name} with tls.mode PASSTHROUGH (the gateway does not terminate TLS)",
+            )
+
+
+def _port_kind(item: GatewayServer) -> str:
+    if item.is_tcp:
+        return "TCP"
+    return "TLS" if item.inspects_tls else "plaintext HTTP"
+
+
 def _port_conflicts(servers: Sequence[GatewayServer]) -> Iterator[Diagnostic]:
     kinds: dict[int, GatewayServer] = {}
     for item in servers:
         first = kinds.setdefault(item.listen_port, item)
-        if first.is_tls != item.is_tls:
+        if first is item:
+            continue
+        if _port_kind(first) != _port_kind(item):
             yield error(
                 "gateway-port-conflict",
                 item.location("port", "protocol"),
                 f"port {item.listen_port} is already served as "
                 f"{first.server.port.protocol} by {first.ref} servers[{first.index}]: "
-                "plaintext and TLS servers cannot share a port",
+                f"{_port_kind(first)} and {_port_kind(item)} servers cannot share a port",
+            )
+        elif item.is_tcp:
+            yield error(
+                "gateway-port-conflict",
+                item.location("port"),
+                f"port {item.listen_port} is already served as TCP by {first.ref} "
+                f"servers[{first.index}]: one TCP server per port",
             )
 
 
@@ -389,11 +464,61 @@ def _virtual_service_problems(
 ) -> Iterator[Diagnostic]:
     if not spec.hosts:
         yield error("missing-field", resource.location("hosts"), "is required")
-    for field, values in (("tls", spec.tls), ("tcp", spec.tcp)):
-        if values:
-            yield _unsupported(resource.location(field), f"{field} routes")
+    for i, tls_route in enumerate(spec.tls):
+        yield from _tls_route_problems(resource, spec, i, tls_route)
+    for i, tcp_route in enumerate(spec.tcp):
+        yield from _tcp_route_problems(resource, i, tcp_route)
     for i, route in enumerate(spec.http):
         yield from _route_problems(resource, i, route)
+
+
+# Istio's L4 matches at a gateway compare port and gateways only; what else a match may
+# say is refused rather than dropped.
+_UNSUPPORTED_L4_MATCH_FIELDS = {
+    "destination_subnets": "destinationSubnets",
+    "source_subnet": "sourceSubnet",
+    "source_labels": "sourceLabels",
+    "source_namespace": "sourceNamespace",
+}
+
+
+def _tls_route_problems(
+    resource: Resource[Any], spec: VirtualServiceSpec, i: int, route: TlsRoute
+) -> Iterator[Diagnostic]:
+    for j, match in enumerate(route.match):
+        for attribute, name in _UNSUPPORTED_L4_MATCH_FIELDS.items():
+            if attribute in match.model_fields_set and getattr(match, attribute):
+                yield _unsupported(resource.location("tls", i, "match", j, name), name)
+        for k, sni in enumerate(match.sni_hosts):
+            if not any(host_matches(host, sni) for host in spec.hosts):
+                # Istio's validation refuses it too (validateTLSMatch).
+                yield error(
+                    "invalid-field",
+                    resource.location("tls", i, "match", j, "sniHosts", k),
+                    f"{sni!r} is not one of the VirtualService's hosts ({', '.join(spec.hosts)})",
+                )
+    yield from _l4_destination_problems(resource, ("tls", i), route.route)
+
+
+def _tcp_route_problems(resource: Resource[Any], i: int, route: TcpRoute) -> Iterator[Diagnostic]:
+    for j, match in enumerate(route.match):
+        for attribute, name in _UNSUPPORTED_L4_MATCH_FIELDS.items():
+            if attribute in match.model_fields_set and getattr(match, attribute):
+                yield _unsupported(resource.location("tcp", i, "match", j, name), name)
+    yield from _l4_destination_problems(resource, ("tcp", i), route.route)
+
+
+def _l4_destination_problems(
+    resource: Resource[Any], at: tuple[str, int], route: Sequence[RouteDestination]
+) -> Iterator[Diagnostic]:
+    if not route:
+        yield error("missing-field", resource.location(*at, "route"), "is required")
+    elif len(route) > 1 and sum(d.weight for d in route) == 0:
+        yield error(
+            "invalid-field",
+            resource.location(*at, "route"),
+            "the weights of the destinations sum to 0",
+        )
 
 
 def _route_problems(resource: Resource[Any], i: int, route: HttpRoute) -> Iterator[Diagnostic]:

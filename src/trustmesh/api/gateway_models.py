@@ -22,12 +22,17 @@ from trustmesh.api.models import Loose, Strict, Strings
 __all__ = [
     "GatewaySpec",
     "HttpRoute",
+    "L4MatchAttributes",
+    "RouteDestination",
     "SecretObject",
     "Server",
     "ServerTlsMode",
     "ServerTlsSettings",
     "StringMatch",
+    "TcpRoute",
+    "TlsMatchAttributes",
     "TlsProtocol",
+    "TlsRoute",
     "VirtualServiceSpec",
 ]
 
@@ -213,12 +218,49 @@ class HttpRoute(Strict):
     headers: Headers | None = None
 
 
+class L4MatchAttributes(Strict):
+    """A ``tcp`` route's match (``L4MatchAttributes``)."""
+
+    destination_subnets: Strings = ()
+    port: int | None = Field(default=None, ge=1, le=65535)
+    source_subnet: str = ""
+    source_labels: dict[str, str] = Field(default_factory=dict)
+    gateways: Strings = ()
+    source_namespace: str = ""
+
+
+class TlsMatchAttributes(Strict):
+    """A ``tls`` route's match (``TLSMatchAttributes``): ``sniHosts`` is required."""
+
+    sni_hosts: Strings = Field(min_length=1)
+    destination_subnets: Strings = ()
+    port: int | None = Field(default=None, ge=1, le=65535)
+    source_labels: dict[str, str] = Field(default_factory=dict)
+    gateways: Strings = ()
+    source_namespace: str = ""
+
+
+class RouteDestination(Strict):
+    destination: Destination
+    weight: int = Field(default=0, ge=0)
+
+
+class TlsRoute(Strict):
+    match: tuple[TlsMatchAttributes, ...] = Field(min_length=1)
+    route: tuple[RouteDestination, ...] = ()
+
+
+class TcpRoute(Strict):
+    match: tuple[L4MatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+
 class VirtualServiceSpec(Strict):
     hosts: Strings = ()
     gateways: Strings = ()
     http: tuple[HttpRoute, ...] = ()
-    tls: tuple[dict[str, Any], ...] = ()
-    tcp: tuple[dict[str, Any], ...] = ()
+    tls: tuple[TlsRoute, ...] = ()
+    tcp: tuple[TcpRoute, ...] = ()
     export_to: Strings = ()
 
 

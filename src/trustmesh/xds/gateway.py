@@ -19,6 +19,17 @@ as ``pilot/pkg/networking/core/gateway.go`` builds it:
   ``remoteIpBlocks`` see), x-forwarded-client-cert sanitized, then the same HTTP policy
   filters a sidecar gets (the request guards, CUSTOM, jwt_authn, RBAC from the policies
   selecting the gateway pod, over ECDS), then the router;
+* a ``PASSTHROUGH`` server (HTTPS or TLS): no TLS termination; a filter chain per
+  VirtualService ``tls`` match, chosen by SNI (``server_names`` = its ``sniHosts``, on the
+  same listener as the port's terminated servers), the network RBAC filters of the
+  policies selecting the gateway, then ``tcp_proxy`` to the route's destination (weighted
+  clusters for several); the client's TLS reaches the destination untouched;
+* a ``TLS`` server that terminates (``SIMPLE`` / ``MUTUAL``…): its TLS filter chain as an
+  HTTPS server's (no ALPN), then the network RBAC filters and ``tcp_proxy`` to its first
+  matching ``tcp`` route;
+* a ``TCP`` server: one filter chain, the network RBAC filters, ``tcp_proxy`` to the
+  first VirtualService ``tcp`` route that matches it (port, gateways) — Istio's
+  ``buildGatewayTCPBasedFilterChains``; a port with no route gets no listener, as in Istio;
 * clusters: the services the gateway sends to, with mesh mTLS from the gateway's own
   certificate (its SPIFFE identity) where the endpoint has a sidecar (auto mTLS), and a
   cluster per DestinationRule subset (:func:`trustmesh.xds.outbound.outbound_clusters`).
@@ -30,7 +41,7 @@ the diagnostics; the control plane then keeps the gateway's last configuration.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +52,7 @@ from trustmesh.api.diagnostics import Diagnostic, error
 from trustmesh.api.gateway import (
     CA_SUFFIX,
     SECRET_PREFIX,
+    BoundVirtualService,
     GatewayServer,
     TlsCredential,
     bound_virtual_services,
@@ -49,7 +61,13 @@ from trustmesh.api.gateway import (
     num_trusted_proxies,
     tls_credential,
 )
-from trustmesh.api.gateway_models import ServerTlsMode, ServerTlsSettings, TlsProtocol
+from trustmesh.api.gateway_models import (
+    RouteDestination,
+    ServerTlsMode,
+    ServerTlsSettings,
+    TlsProtocol,
+)
+from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
     DOWNSTREAM_TLS_TYPE,
@@ -57,6 +75,7 @@ from trustmesh.envoy_json import (
     LISTENER_TYPE,
     ROUTER_TYPE,
     STDOUT_LOG_TYPE,
+    TCP_PROXY_TYPE,
     TLS_INSPECTOR_TYPE,
     mesh_validation,
     sds_secret,
@@ -66,11 +85,16 @@ from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import TYPE_SECRET
 from trustmesh.xds.gateway_egress import service_entry_clusters
-from trustmesh.xds.gateway_routes import RouteTable, route_configuration
+from trustmesh.xds.gateway_routes import (
+    RouteTable,
+    destination_cluster,
+    route_configuration,
+)
 from trustmesh.xds.guards import HOST_HCM_FIELDS
 from trustmesh.xds.inbound import denied_requests_only, logs_every_request, path_normalization
 from trustmesh.xds.jwt import jwks_clusters
 from trustmesh.xds.outbound import outbound_clusters
+from trustmesh.xds.rbac import network_rbac_filters
 from trustmesh.xds.translate import FilterDelivery, http_policy_filters, slot_switches
 
 __all__ = [
@@ -203,44 +227,61 @@ def translate_gateway(
     by_port: dict[int, list[GatewayServer]] = {}
     for server in servers:
         by_port.setdefault(server.listen_port, []).append(server)
+    l4 = _L4(bound, snapshot, table, lambda port: network_rbac_filters(wp, mesh, port))
     for port, port_servers in sorted(by_port.items()):
+        if port_servers[0].is_tcp:
+            tcp_chains = l4.tcp_chains(port, port_servers[0])
+            if tcp_chains:  # no route: no listener (Istio builds no filter chain)
+                listeners.append(_listener(address, port, tcp_chains, tls=False))
+            continue
         manager = _Manager(workload_ref, mesh, http_filters, trusted_hops)
-        if not port_servers[0].is_tls:
+        if not port_servers[0].inspects_tls:
             name = f"http.{port}"
             routes.append(route_configuration(name, port_servers, bound, snapshot, table))
             chains = [{"filters": [manager.build(name, port)]}]
             listeners.append(_listener(address, port, chains, tls=False))
             continue
         chains = []
-        seen: dict[tuple[str, ...], GatewayServer] = {}
+        taken: dict[str, str] = {}  # SNI name ("" for any) → the server with its chain
         for server in port_servers:
-            name = _https_route_name(server)
-            routes.append(route_configuration(name, [server], bound, snapshot, table))
+            if server.is_passthrough:
+                continue
             names = _server_names(server)
-            if names in seen:
-                other = seen[names]
-                raise GatewayConfigError(
-                    [
-                        error(
-                            "gateway-duplicate-server",
-                            server.location("hosts"),
-                            f"port {port}: these hosts are already served by {other.ref} "
-                            f"servers[{other.index}] (one TLS server per SNI name)",
-                        )
-                    ]
-                )
-            seen[names] = server
-            chain: dict[str, Any] = {
-                "filters": [manager.build(name, port)],
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": _downstream_tls(server, sds_cluster),
-                },
+            for key in names or ("",):
+                if key in taken:
+                    raise GatewayConfigError(
+                        [
+                            error(
+                                "gateway-duplicate-server",
+                                server.location("hosts"),
+                                f"port {port}: these hosts are already served by "
+                                f"{taken[key]} (one TLS server per SNI name)",
+                            )
+                        ]
+                    )
+                taken[key] = f"{server.ref} servers[{server.index}]"
+            if server.terminates_tcp:
+                # TLS terminated, then the bytes inside to the first matching tcp route.
+                tcp = l4.tcp_chains(port, server)
+                if not tcp:
+                    continue  # no route: no chain, as in Istio
+                chain: dict[str, Any] = tcp[0]
+                socket = _downstream_tls(server, sds_cluster, http=False)
+            else:
+                name = _https_route_name(server)
+                routes.append(route_configuration(name, [server], bound, snapshot, table))
+                chain = {"filters": [manager.build(name, port)]}
+                socket = _downstream_tls(server, sds_cluster)
+            chain["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": socket,
             }
             if names:
                 chain["filter_chain_match"] = {"server_names": list(names)}
             chains.append(chain)
-        listeners.append(_listener(address, port, chains, tls=True))
+        chains.extend(l4.passthrough_chains(port, port_servers, taken))
+        if chains:  # passthrough servers without a tls route: no listener, as in Istio
+            listeners.append(_listener(address, port, chains, tls=True))
 
     routed = _routed_clusters(routes)
     broken = [d for name, found in sorted(egress.broken.items()) if name in routed for d in found]
@@ -410,6 +451,120 @@ class _Manager:
         return log
 
 
+# ------------------------------------------------------------ passthrough and TCP
+
+
+@dataclass(frozen=True)
+class _L4:
+    """The filter chains of passthrough and TCP servers, from the ``tls`` / ``tcp`` routes
+    of the VirtualServices bound to them (oldest first)."""
+
+    bound: Sequence[BoundVirtualService]
+    snapshot: ConfigSnapshot
+    table: RouteTable
+    network_filters: Callable[[int], list[dict[str, Any]]]
+
+    def _routing(self, server: GatewayServer) -> Iterator[BoundVirtualService]:
+        """The VirtualServices bound to ``server`` (naming its Gateway, a host it admits)."""
+        for vs in self.bound:
+            if server.ref in {_ref(vs.namespace, g) for g in vs.spec.gateways} and any(
+                server.admits(vs.resource, host) for host in vs.spec.hosts
+            ):
+                yield vs
+
+    def passthrough_chains(
+        self, port: int, servers: Sequence[GatewayServer], taken: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """A chain per ``tls`` match of a passthrough server on ``port``, by SNI. ``taken``:
+        SNI name ("" for any) → who already has a chain for it on this port (updated)."""
+        chains = []
+        done: set[tuple[str, int, int]] = set()  # a match two servers route: one chain
+        for server in servers:
+            if not server.is_passthrough:
+                continue
+            for vs in self._routing(server):
+                for i, route in enumerate(vs.spec.tls):
+                    for j, match in enumerate(route.match):
+                        if not _l4_applies(match.port, match.gateways, vs, server):
+                            continue
+                        if (vs.resource.key, i, j) in done:
+                            continue
+                        done.add((vs.resource.key, i, j))
+                        names = sorted({n.lower() for n in match.sni_hosts})
+                        # Envoy matches "*" with no server_names at all (Istio leaves it out).
+                        keys = [n for n in names if n != "*"] if "*" not in names else [""]
+                        where = vs.resource.location("tls", i, "match", j, "sniHosts")
+                        for key in keys:
+                            if key in taken:
+                                raise GatewayConfigError(
+                                    [
+                                        error(
+                                            "gateway-duplicate-server",
+                                            where,
+                                            f"port {port}: SNI {key or '*'} is already "
+                                            f"served by {taken[key]} (one filter chain per "
+                                            "SNI name)",
+                                        )
+                                    ]
+                                )
+                            taken[key] = f"{vs.resource.kind} {vs.namespace}/" + (
+                                f"{vs.resource.name} tls[{i}]"
+                            )
+                        chain: dict[str, Any] = {
+                            "filters": [
+                                *self.network_filters(port),
+                                self._tcp_proxy(route.route, vs, port),
+                            ]
+                        }
+                        if keys != [""]:
+                            chain["filter_chain_match"] = {"server_names": keys}
+                        chains.append(chain)
+        return chains
+
+    def tcp_chains(self, port: int, server: GatewayServer) -> list[dict[str, Any]]:
+        """The TCP server's one chain: its first matching ``tcp`` route (none: [])."""
+        for vs in self._routing(server):
+            for route in vs.spec.tcp:
+                if not route.match or any(
+                    _l4_applies(m.port, m.gateways, vs, server) for m in route.match
+                ):
+                    filters = [*self.network_filters(port), self._tcp_proxy(route.route, vs, port)]
+                    return [{"filters": filters}]
+        return []
+
+    def _tcp_proxy(
+        self, destinations: Sequence[RouteDestination], vs: BoundVirtualService, port: int
+    ) -> dict[str, Any]:
+        clusters = [
+            (destination_cluster(d.destination, vs, self.snapshot, self.table, port), d.weight)
+            for d in destinations
+        ]
+        config: dict[str, Any] = {"@type": TCP_PROXY_TYPE}
+        if len(clusters) == 1:
+            config["stat_prefix"] = config["cluster"] = clusters[0][0]
+        else:
+            # Istio leaves 0-weight destinations out; the weights left need not sum to 100.
+            config["stat_prefix"] = "weighted_clusters"
+            config["weighted_clusters"] = {
+                "clusters": [{"name": name, "weight": w} for name, w in clusters if w > 0]
+            }
+        return {"name": "envoy.filters.network.tcp_proxy", "typed_config": config}
+
+
+def _ref(namespace: str, gateway: str) -> str:
+    return gateway if "/" in gateway else f"{namespace}/{gateway}"
+
+
+def _l4_applies(
+    port: int | None, gateways: Sequence[str], vs: BoundVirtualService, server: GatewayServer
+) -> bool:
+    """Istio's l4SingleMatch at a gateway: the match's port (the server's port number) and
+    gateways, when set."""
+    if port is not None and port != server.server.port.number:
+        return False
+    return not gateways or server.ref in {_ref(vs.namespace, g) for g in gateways}
+
+
 # ---------------------------------------------------------------------------- TLS
 
 
@@ -417,7 +572,7 @@ def _tls_problems(servers: Sequence[GatewayServer]) -> list[Diagnostic]:
     problems = []
     for server in servers:
         tls = server.server.tls
-        if tls is None or not server.is_tls:
+        if tls is None or not server.terminates:
             continue
         for j, cipher in enumerate(tls.cipher_suites):
             if cipher not in KNOWN_CIPHERS:
@@ -449,11 +604,14 @@ def _secret_config(name: str) -> dict[str, Any]:
     return {"name": name, "sds_config": _ADS}
 
 
-def _downstream_tls(server: GatewayServer, sds_cluster: str) -> dict[str, Any]:
+def _downstream_tls(
+    server: GatewayServer, sds_cluster: str, *, http: bool = True
+) -> dict[str, Any]:
     tls = server.server.tls
     assert tls is not None
     mode = tls.mode
-    common: dict[str, Any] = {"alpn_protocols": list(_HTTP_ALPN)}
+    # HTTP inside: h2 or HTTP/1.1 by ALPN; a TLS (TCP) server offers none, as Istio's.
+    common: dict[str, Any] = {"alpn_protocols": list(_HTTP_ALPN)} if http else {}
     params: dict[str, Any] = {"tls_minimum_protocol_version": "TLSv1_2"}  # mesh tlsDefaults
     if tls.min_protocol_version is not TlsProtocol.TLS_AUTO:
         params["tls_minimum_protocol_version"] = tls.min_protocol_version.envoy
@@ -515,7 +673,7 @@ def _secrets(
     problems: list[Diagnostic] = []
     for server in servers:
         tls = server.server.tls
-        if tls is None or not server.is_tls or tls.mode is ServerTlsMode.ISTIO_MUTUAL:
+        if tls is None or not server.terminates or tls.mode is ServerTlsMode.ISTIO_MUTUAL:
             continue
         credential = tls_credential(mesh.snapshot, namespace, tls.credential_name)
         if isinstance(credential, str):

@@ -20,10 +20,10 @@ from typing import Any
 from trustmesh.api.gateway import BoundVirtualService, GatewayServer, host_matches
 from trustmesh.api.gateway_models import HttpMatchRequest
 from trustmesh.api.snapshot import ConfigSnapshot
-from trustmesh.xds.http_routes import RouteTable, cluster_name, http_routes
+from trustmesh.xds.http_routes import RouteTable, cluster_name, destination_cluster, http_routes
 from trustmesh.xds.outbound import ROUTE_TYPE
 
-__all__ = ["RouteTable", "cluster_name", "route_configuration"]
+__all__ = ["RouteTable", "cluster_name", "destination_cluster", "route_configuration"]
 
 
 def route_configuration(

@@ -26,7 +26,7 @@ from trustmesh.api.gateway_models import (
 from trustmesh.api.mesh_routes import resolve_host
 from trustmesh.api.snapshot import ConfigSnapshot
 
-__all__ = ["RouteTable", "cluster_name", "http_routes"]
+__all__ = ["RouteTable", "cluster_name", "destination_cluster", "http_routes"]
 
 _REDIRECT_CODES = {
     301: "MOVED_PERMANENTLY",
@@ -186,7 +186,8 @@ def _action(
 ) -> dict[str, Any]:
     action: dict[str, Any] = {"cluster_not_found_response_code": "SERVICE_UNAVAILABLE"}
     clusters = [
-        (_cluster(d.destination, vs, snapshot, table, listener_port), d) for d in route.route
+        (destination_cluster(d.destination, vs, snapshot, table, listener_port), d)
+        for d in route.route
     ]
     if len(clusters) == 1:
         action["cluster"] = clusters[0][0]
@@ -216,13 +217,15 @@ def _action(
     return action
 
 
-def _cluster(
+def destination_cluster(
     destination: Destination,
     vs: BoundVirtualService,
     snapshot: ConfigSnapshot,
     table: RouteTable,
     listener_port: int,
 ) -> str:
+    """The cluster a route destination names (HTTP, TLS or TCP routes alike); a subset's
+    is recorded in ``table``. Without a port: the host's only port, else the listener's."""
     fqdn = resolve_host(destination.host, vs.namespace, snapshot)
     if destination.port is not None:
         port = destination.port.number
