@@ -37,6 +37,20 @@ def _requests(first: int, count: int, network: int) -> Tally:
         return asyncio.run(differential_batch(seeds, Path(workdir), network=network))
 
 
+def _progress(stage: str, checked: Tally, requested: Tally, started: float) -> None:
+    """One JSON line on stderr per finished batch: a long run that is stopped early still
+    says how far it got, and that nothing differed up to there."""
+    line = {
+        "stage": stage,
+        "policy_sets": checked.sets,
+        "rejected_by_envoy": len(checked.rejected_by_envoy),
+        "requests": requested.requests,
+        "differences": len(requested.disagreements),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(line), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz")
     parser.add_argument("--validate-sets", type=int, default=100_000)
@@ -71,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             checked.sets += tally.sets
             checked.refused_by_validate += tally.refused_by_validate
             checked.rejected_by_envoy += tally.rejected_by_envoy
+            _progress("requests", checked, requested, started)
         for job in validate_jobs:
             checked.add(job.result())
+            _progress("validate", checked, requested, started)
     report = {
         "seeds": [args.seed, args.seed + max(args.validate_sets, args.request_sets)],
         "policy_sets_generated": checked.sets,
