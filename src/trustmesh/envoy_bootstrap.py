@@ -43,6 +43,7 @@ from trustmesh.envoy_json import (
     ROUTER_TYPE,
     TLS_INSPECTOR_TYPE,
     UPSTREAM_TLS_TYPE,
+    mesh_sni,
     mesh_validation,
     sds_secret,
     socket_address,
@@ -375,7 +376,7 @@ def _outbound(spec: OutboundListener) -> tuple[dict[str, Any], dict[str, Any]]:
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": UPSTREAM_TLS_TYPE,
-            "sni": spec.sni if spec.sni is not None else f"outbound_.{port}_._.{host}",
+            "sni": spec.sni if spec.sni is not None else mesh_sni(port, host),
             "common_tls_context": common_tls_context(spec.expected_server_ids, _MESH_CLIENT_ALPN),
         },
     }

@@ -45,6 +45,13 @@ CERTIFICATE_SECRET = "default"
 TRUST_BUNDLE_SECRET = "ROOTCA"
 
 
+def mesh_sni(port: int, host: str, subset: str = "") -> str:
+    """The SNI a sidecar sends to a mesh destination, as istiod names it
+    (``outbound_.<port>_.<subset>_.<fqdn>``): what an ``AUTO_PASSTHROUGH`` gateway and a
+    server's ``connection.sni`` see."""
+    return f"outbound_.{port}_.{subset}_.{host}"
+
+
 def socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 

@@ -32,7 +32,7 @@ from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import HttpRequest
-from trustmesh.policy.tls import _destination_rule
+from trustmesh.policy.tls import destination_rule_for
 
 __all__ = [
     "RouteChoice",
@@ -202,7 +202,7 @@ def _workloads(
     )
     if not subset:
         return tuple(selected)
-    rule = _destination_rule(mesh, client.namespace, service)
+    rule = destination_rule_for(mesh, client.namespace, service)
     chosen = next((s for s in rule.spec.subsets if s.name == subset), None) if rule else None
     if chosen is None:
         return ()  # Envoy's cluster does not exist: 503, no workload is reached

@@ -17,6 +17,7 @@ from trustmesh.api.dataplane import USE_WAYPOINT, MeshMode
 from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, Workload
+from trustmesh.envoy_json import mesh_sni
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.derived import Derived
@@ -44,7 +45,7 @@ def client_tls(
 ) -> ClientTls:
     service, service_port = service_for(target, port)
     sni = (
-        f"outbound_.{service_port}_._.{service.hostname}"
+        mesh_sni(service_port, service.hostname)
         if service is not None and service_port is not None
         else None
     )
@@ -352,7 +353,7 @@ def destination_rule_tls(
     mesh: MeshPolicy, client_namespace: str, service: Service, service_port: int | None
 ) -> tuple[Resource[Any], m.ClientTlsSettings] | None:
     """The DestinationRule TLS setting a client in ``client_namespace`` uses, if any."""
-    rule = _destination_rule(mesh, client_namespace, service)
+    rule = destination_rule_for(mesh, client_namespace, service)
     if rule is None:
         return None
     policy: m.TrafficPolicy | None = rule.spec.traffic_policy
@@ -364,7 +365,7 @@ def destination_rule_tls(
     return (rule, policy.tls) if policy.tls is not None else None
 
 
-def _destination_rule(
+def destination_rule_for(
     mesh: MeshPolicy, client_namespace: str, service: Service
 ) -> Resource[Any] | None:
     """The DestinationRule that wins for this client namespace and service (remembered

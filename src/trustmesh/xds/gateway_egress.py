@@ -49,6 +49,7 @@ from trustmesh.api.resources import Resource
 from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
     UPSTREAM_TLS_TYPE,
+    mesh_sni,
     mesh_validation,
     sds_secret,
 )
@@ -216,7 +217,7 @@ def _socket(
                 {"san_type": "URI", "matcher": {"exact": s}} for s in tls.subject_alt_names
             ]
         common["combined_validation_context"] = validation
-        return _upstream(common, tls.sni or f"outbound_.{port}_._.{host}")
+        return _upstream(common, tls.sni or mesh_sni(port, host))
     verify = tls.insecure_skip_verify is not True
     sans = [
         {"san_type": kind, "matcher": {"exact": san}}

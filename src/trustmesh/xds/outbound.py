@@ -56,13 +56,14 @@ from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
     HTTP_OPTIONS_TYPE,
     UPSTREAM_TLS_TYPE,
+    mesh_sni,
     mesh_validation,
     sds_secret,
     socket_address,
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.derived import Derived
-from trustmesh.policy.tls import _destination_rule, destination_rule_tls
+from trustmesh.policy.tls import destination_rule_for, destination_rule_tls
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
 from trustmesh.xds.traffic_policy import (
@@ -228,7 +229,7 @@ def outbound_clusters(
     }
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         workloads = _selected(mesh, service)
-        rule = _destination_rule(mesh, wp.workload.namespace, service)
+        rule = destination_rule_for(mesh, wp.workload.namespace, service)
         subsets = rule.spec.subsets if rule is not None else ()
         for sp in service.ports:
             cluster = _service_cluster(
@@ -352,7 +353,7 @@ def _service_cluster(
     if subset is None:
         policy = service_traffic_policy(mesh, wp.workload.namespace, service, sp.port)
     else:
-        rule = _destination_rule(mesh, wp.workload.namespace, service)
+        rule = destination_rule_for(mesh, wp.workload.namespace, service)
         spec = rule.spec if rule is not None else None
         policy = cluster_traffic_policy(spec, sp.port, subset.name)
     apply_traffic_policy(cluster, policy)
@@ -400,7 +401,7 @@ def _mesh_socket(
         "name": _TLS_SOCKET,
         "typed_config": {
             "@type": UPSTREAM_TLS_TYPE,
-            "sni": sni or f"outbound_.{sp.port}_._.{service.hostname}",
+            "sni": sni or mesh_sni(sp.port, service.hostname),
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",

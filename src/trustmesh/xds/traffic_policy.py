@@ -29,7 +29,7 @@ from trustmesh.api import traffic as t
 from trustmesh.api.snapshot import Service
 from trustmesh.envoy_json import HTTP_OPTIONS_TYPE
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.tls import _destination_rule  # the rule TLS is read from, remembered
+from trustmesh.policy.tls import destination_rule_for  # the rule TLS is read from
 
 __all__ = [
     "ClusterTrafficPolicy",
@@ -212,5 +212,5 @@ def service_traffic_policy(
 ) -> ClusterTrafficPolicy:
     """The policy of the DestinationRule a client in ``client_namespace`` uses for the
     service's ``port`` cluster (the same rule its TLS setting comes from)."""
-    rule = _destination_rule(mesh, client_namespace, service)
+    rule = destination_rule_for(mesh, client_namespace, service)
     return cluster_traffic_policy(rule.spec if rule is not None else None, port)
