@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SARIF_PKG    := @microsoft/jest-sarif@1.0.0-beta.0
 SARIF_SCHEMA := $(VENV)/share/sarif-schema-2.1.0.json
 
-.PHONY: demo test lint typecheck unit bench clean sandbox-deps graph-images etcd
+.PHONY: demo test lint typecheck unit bench clean sandbox-deps graph-images etcd fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ unit: $(STAMP) $(SARIF_SCHEMA) sandbox-deps etcd
 	$(BIN)/pytest tests
 
 test: lint typecheck unit
+
+# The big differential fuzz (tests/fuzz): 100,000 generated policy sets checked by
+# `envoy --mode validate`, 5,500 of them run with their requests through real Envoy and
+# the evaluator; prints JSON, exit 1 on any difference. `make test` runs a small one.
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
 
 bench: $(STAMP) sandbox-deps
 	$(BIN)/python bench/bench_policy.py

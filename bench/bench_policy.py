@@ -21,10 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trustmesh.api.loader import load_sources
-from trustmesh.api.snapshot import build_snapshot
-from trustmesh.api.validation import validate_snapshot
-from trustmesh.policy.compose import compile_mesh
+from trustmesh.pipeline import compile_sources
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 
@@ -108,8 +105,8 @@ def bench_decisions(n: int) -> dict[str, object]:
         ("workloads.yaml", (ROOT / "examples/mesh/workloads.yaml").read_bytes()),
         ("policies.yaml", decision_policies(1000, rng).encode()),
     ]
-    loaded = load_sources(sources)
-    mesh = compile_mesh(build_snapshot(loaded))
+    mesh = compile_sources(sources).mesh
+    assert mesh is not None
     target = mesh.workloads["foo/httpbin"]
     applicable = len(target.authz.allow.policies) + len(target.authz.deny.policies)
     requests = decision_requests(n, rng)
@@ -192,16 +189,11 @@ def bench_compile(workloads: int, policies: int, repeat: int) -> dict[str, objec
     data = compile_corpus(workloads, policies)
     runs = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        loaded = load_sources([("corpus.yaml", data)])
-        t1 = time.perf_counter()
-        snapshot = build_snapshot(loaded)
-        problems = [d for d in validate_snapshot(snapshot) if d.is_error]
-        t2 = time.perf_counter()
-        mesh = compile_mesh(snapshot)
-        t3 = time.perf_counter()
-        assert not problems and not loaded.errors
-        runs.append((t1 - t0, t2 - t1, t3 - t2, len(mesh.workloads)))
+        stages: dict[str, float] = {}
+        compiled = compile_sources([("corpus.yaml", data)], timed=stages.__setitem__)
+        assert compiled.mesh is not None, compiled.errors[:3]
+        validate = stages["snapshot"] + stages["validate"]
+        runs.append((stages["load"], validate, stages["compile"], len(compiled.mesh.workloads)))
     best = min(runs, key=lambda r: r[0] + r[1] + r[2])
     return {
         "workloads": best[3],

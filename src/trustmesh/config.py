@@ -18,11 +18,10 @@ from trustmesh.api.diagnostics import Diagnostic, Location, error
 from trustmesh.api.loader import LoadResult, SourceCache, load_sources, validate_model
 from trustmesh.api.policytest import Case, PolicyTestSpec
 from trustmesh.api.resources import UnknownResource
-from trustmesh.api.snapshot import ConfigSnapshot, build_snapshot
-from trustmesh.api.traffic import outlier_detection_warnings
-from trustmesh.api.validation import validate_snapshot
-from trustmesh.api.yamldoc import YamlDocument, decode_text, parse_yaml
-from trustmesh.policy.compose import MeshPolicy, compile_mesh
+from trustmesh.api.snapshot import ConfigSnapshot
+from trustmesh.api.yamldoc import YamlDocument
+from trustmesh.pipeline import compile_sources
+from trustmesh.policy.compose import MeshPolicy
 from trustmesh.yamlread import read_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
@@ -156,15 +155,28 @@ def _load_config(
 ) -> LoadedConfig:
     sources, problems = read_sources(paths, stdin)
     total = sum(len(data) for _, data in sources)
-    loaded = load_sources(
+    mesh_sources, mesh_problems = read_sources(mesh_config)
+    problems.extend(mesh_problems)
+    jwks: dict[str, str] = {}
+    for uri, file in (jwks_files or {}).items():
+        try:
+            jwks[uri] = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(error("unreadable", Location(file), f"jwks for {uri}: {exc}"))
+    compiled = compile_sources(
         sources,
-        default_namespace,
+        mesh_config=mesh_sources,
+        jwks=jwks,
+        default_namespace=default_namespace,
+        assume_injected=assume_injected,
         cache=source_cache,
         parse=read_yaml,
         progress=None if progress is None else (lambda done: progress(done, total)),
+        compile_policy=compile_policy and not any(p.is_error for p in problems),
     )
     if source_cache is not None:
         source_cache.forget_unused()
+    loaded = compiled.loaded
     test_sources, test_problems = read_sources(test_paths, stdin)
     # A test file inside a `-f` directory (or named twice) is loaded once: its tests are
     # already among the configuration's documents, and `test -f dir dir` is common.
@@ -175,59 +187,25 @@ def _load_config(
         if key not in seen:
             seen.add(key)
             unique_tests.append((name, data))
-    test_sources = unique_tests
-    tests_loaded = load_sources(test_sources)
-    problems.extend(test_problems)
-    mesh_docs: list[YamlDocument] = []
-    mesh_sources, mesh_problems = read_sources(mesh_config)
-    problems.extend(mesh_problems)
-    for name, data in mesh_sources:
-        text, decode_problems = decode_text(data, name)
-        problems.extend(decode_problems)
-        if text is not None:
-            docs, parse_problems = parse_yaml(text, name)
-            mesh_docs.extend(docs)
-            problems.extend(parse_problems)
-    jwks: dict[str, str] = {}
-    for uri, file in (jwks_files or {}).items():
-        try:
-            jwks[uri] = Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(error("unreadable", Location(file), f"jwks for {uri}: {exc}"))
-    snapshot = build_snapshot(loaded, tuple(mesh_docs), assume_injected=assume_injected)
-    diagnostics = problems + loaded.diagnostics + validate_snapshot(snapshot)
-    diagnostics += _envoy_filter_problems(snapshot)
+    tests_loaded = load_sources(unique_tests)
+    diagnostics = problems + test_problems + list(compiled.diagnostics)
     tests = _tests(loaded, diagnostics) + _tests(tests_loaded, diagnostics)
-    diagnostics.extend(d for d in tests_loaded.diagnostics)
-    if tests_loaded.resources:
-        for r in tests_loaded.resources:
-            diagnostics.append(
-                error(
-                    "not-a-test", r.meta_location(), f"{r.kind} in a test file: pass config with -f"
-                )
-            )
+    diagnostics.extend(tests_loaded.diagnostics)
+    for r in tests_loaded.resources:
+        diagnostics.append(
+            error("not-a-test", r.meta_location(), f"{r.kind} in a test file: pass config with -f")
+        )
     diagnostics.sort(key=Diagnostic.sort_key)
     result = LoadedConfig(
-        snapshot, diagnostics, tests, helm_values=loaded.helm_values, unknown=loaded.unknown
+        compiled.snapshot,
+        diagnostics,
+        tests,
+        helm_values=loaded.helm_values,
+        unknown=loaded.unknown,
     )
-    if compile_policy and not result.errors:
-        result.mesh = compile_mesh(snapshot, jwks)
+    # Any error — in a test file too — means no compiled mesh, as a failed compile would.
+    result.mesh = compiled.mesh if not result.errors else None
     return result
-
-
-def _envoy_filter_problems(snapshot: ConfigSnapshot) -> list[Diagnostic]:
-    """Traffic controls: DestinationRule fields Istio ignores, EnvoyFilter patches Envoy
-    would reject (that check is imported only when there are any: it loads Envoy's protos)."""
-    problems = [
-        warning
-        for rule in snapshot.of_kind("DestinationRule")
-        for warning in outlier_detection_warnings(rule.spec, rule.location)
-    ]
-    if not any(True for _ in snapshot.of_kind("EnvoyFilter")):
-        return problems
-    from trustmesh.xds.envoyfilter import envoy_filter_diagnostics
-
-    return problems + envoy_filter_diagnostics(snapshot)
 
 
 def _file_key(name: str) -> str:

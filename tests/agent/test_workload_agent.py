@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from trustmesh.agent.sds import SecretStore
@@ -15,6 +16,16 @@ from trustmesh.identity.server import CaServer
 from trustmesh.identity.spiffe import SpiffeId
 
 SLEEP = SpiffeId("cluster.local", "foo", "sleep")
+
+
+async def _until(condition: Callable[[], bool], *, what: str, timeout: float = 10) -> None:
+    """Wait for the agent's counters to reach ``condition`` — bounded, so a broken
+    agent fails the test instead of hanging it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"no {what} within {timeout} s"
+        await asyncio.sleep(0.02)
 
 
 def test_renewal_time_is_half_life_with_bounded_jitter() -> None:
@@ -59,8 +70,7 @@ def test_agent_enrolls_renews_rides_out_an_outage_and_follows_root_rotation(tmp_
 
             await server.stop()  # the CA goes away …
             agent.renew_now()
-            while agent.failures < 2:
-                await asyncio.sleep(0.05)
+            await _until(lambda: agent.failures >= 2, what="two failed renewals")
             assert store.current()[1] == renewed  # type: ignore[index]  # still serving
             restarted = CaServer(
                 ca,
@@ -69,8 +79,7 @@ def test_agent_enrolls_renews_rides_out_an_outage_and_follows_root_rotation(tmp_
             )
             await restarted.start()  # … and comes back on the same ports
             try:
-                while agent.renewals < 2:
-                    await asyncio.sleep(0.05)
+                await _until(lambda: agent.renewals >= 2, what="a renewal after the restart")
                 ca.rotate_root(dt.datetime.now(dt.UTC))
                 assert await agent.refresh_bundle()
                 roots = pki.load_certs(store.current()[1].trust_bundle_pem)  # type: ignore[index]

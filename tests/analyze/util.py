@@ -7,11 +7,7 @@ import datetime
 from trustmesh.analyze.context import AnalysisContext, build_context
 from trustmesh.analyze.engine import AnalysisResult, analyze
 from trustmesh.analyze.findings import Finding
-from trustmesh.api.loader import load_sources
-from trustmesh.api.snapshot import build_snapshot
-from trustmesh.api.validation import validate_snapshot
-from trustmesh.api.yamldoc import parse_yaml
-from trustmesh.policy.compose import compile_mesh
+from trustmesh.pipeline import compile_sources
 
 from ..unit.meshutil import BASE
 
@@ -26,13 +22,11 @@ def context_from(
     now: datetime.datetime | None = None,
 ) -> AnalysisContext:
     sources = ([("workloads.yaml", BASE)] if base else []) + [("config.yaml", text.encode())]
-    loaded = load_sources(sources)
-    mesh_docs = tuple(parse_yaml(mesh, "mesh.yaml")[0]) if mesh else ()
-    snapshot = build_snapshot(loaded, mesh_docs)
-    errors = [d for d in loaded.diagnostics + validate_snapshot(snapshot) if d.is_error]
-    assert not errors, "\n".join(map(str, errors))
+    compiled = compile_sources(sources, mesh_config=[("mesh.yaml", mesh.encode())] if mesh else [])
+    assert compiled.mesh is not None, "\n".join(map(str, compiled.errors))
+    loaded = compiled.loaded
     return build_context(
-        snapshot, compile_mesh(snapshot), loaded.helm_values, version, loaded.unknown, today, now
+        compiled.snapshot, compiled.mesh, loaded.helm_values, version, loaded.unknown, today, now
     )
 
 

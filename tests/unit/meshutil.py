@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trustmesh.api.diagnostics import Diagnostic
-from trustmesh.api.loader import load_sources
-from trustmesh.api.snapshot import build_snapshot
-from trustmesh.api.validation import validate_snapshot
-from trustmesh.api.yamldoc import parse_yaml
-from trustmesh.policy.compose import MeshPolicy, compile_mesh
+from trustmesh.pipeline import compile_sources
+from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import Decision
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
@@ -19,21 +16,25 @@ BASE = (ROOT / "examples" / "mesh" / "workloads.yaml").read_bytes()
 NOW = 1_790_000_000.0
 
 
+def _sources(text: str, base: bool) -> list[tuple[str, bytes]]:
+    return ([("workloads.yaml", BASE)] if base else []) + [("policy.yaml", text.encode())]
+
+
+def _mesh_config(mesh: str) -> list[tuple[str, bytes]]:
+    return [("mesh.yaml", mesh.encode())] if mesh else []
+
+
 def diagnostics_of(text: str, *, base: bool = True, mesh: str = "") -> list[Diagnostic]:
-    sources = ([("workloads.yaml", BASE)] if base else []) + [("policy.yaml", text.encode())]
-    loaded = load_sources(sources)
-    mesh_docs = tuple(parse_yaml(mesh, "mesh.yaml")[0]) if mesh else ()
-    return loaded.diagnostics + validate_snapshot(build_snapshot(loaded, mesh_docs))
+    compiled = compile_sources(
+        _sources(text, base), mesh_config=_mesh_config(mesh), compile_policy=False
+    )
+    return list(compiled.diagnostics)
 
 
 def compile_text(text: str = "", *, mesh: str = "", base: bool = True) -> MeshPolicy:
-    sources = ([("workloads.yaml", BASE)] if base else []) + [("policy.yaml", text.encode())]
-    loaded = load_sources(sources)
-    mesh_docs = tuple(parse_yaml(mesh, "mesh.yaml")[0]) if mesh else ()
-    snapshot = build_snapshot(loaded, mesh_docs)
-    problems = [d for d in loaded.diagnostics + validate_snapshot(snapshot) if d.is_error]
-    assert not problems, "\n".join(map(str, problems))
-    return compile_mesh(snapshot)
+    compiled = compile_sources(_sources(text, base), mesh_config=_mesh_config(mesh))
+    assert compiled.mesh is not None, "\n".join(map(str, compiled.errors))
+    return compiled.mesh
 
 
 def http(

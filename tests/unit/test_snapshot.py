@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustmesh.api.loader import load_sources
 from trustmesh.api.snapshot import build_snapshot
 from trustmesh.api.yamldoc import parse_yaml
+
+# The oracle parses with the engine the loader uses (libyaml; pure PyYAML differs on tabs).
+_LIBYAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 NS = """apiVersion: v1
 kind: Namespace
@@ -116,7 +120,23 @@ def test_loader_never_raises_on_arbitrary_bytes(data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="{}[]:-,'\"#&*!|>%@`\n \tabc01", max_size=200))
 def test_loader_never_raises_on_yaml_like_text(text: str) -> None:
-    load_sources([("fuzz.yaml", text.encode())])
+    """Whatever the text, the loader answers with data: every document it could not
+    read is a diagnostic located in the file, within its lines, and nothing is lost —
+    each non-empty document is either a resource, unknown, or named by a diagnostic."""
+    result = load_sources([("fuzz.yaml", text.encode())])
+    lines = text.count("\n") + 1
+    for problem in result.diagnostics:
+        assert problem.location.file == "fuzz.yaml"
+        assert 0 <= (problem.location.line or 0) <= lines, problem
+        assert problem.message
+    try:
+        documents = [d for d in yaml.load_all(text, Loader=_LIBYAML) if d not in (None, "")]
+    except yaml.YAMLError:
+        documents = []
+        assert result.diagnostics, "text libyaml refuses must be reported"
+    if documents:
+        accounted = len(result.resources) + len(result.unknown) + len(result.diagnostics)
+        assert accounted > 0, "documents were read but nothing was kept or reported"
 
 
 @settings(max_examples=60, deadline=None)

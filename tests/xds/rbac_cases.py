@@ -340,6 +340,8 @@ class Probe:
     host: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     client: str = CLIENT
+    # An mTLS peer's principal (``td/ns/NS/sa/SA``), for a Case with ``tls``; None: plaintext.
+    peer: str | None = None
 
     def wire(self, number: int) -> bytes:
         if self.method is None:
@@ -422,6 +424,7 @@ class Case:
     port: int
     probes: list[Probe]
     address: str = ""
+    tls: bool = False  # the listener requires a client certificate (its probes' ``peer``)
 
 
 def _mesh(text: str, mode: str = "BASE", extra: str = "") -> MeshPolicy:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -69,7 +70,12 @@ def offline(case: Case, probe: Probe) -> Answer:
         # The rig's own Connection: close line (Probe.wire) is part of what Envoy sees.
         lines = (*probe.headers, ("connection", "close"))
         http = HttpRequest(probe.method, probe.path, probe.host, lines)
-    request = Request(Source.plaintext(probe.client), case.destination, case.port, http)
+    source = (
+        Source.plaintext(probe.client)
+        if probe.peer is None
+        else Source.principal(probe.peer, probe.client)
+    )
+    request = Request(source, case.destination, case.port, http)
     # Envoy checks JWT expiry against the real clock: so does the offline side.
     decision = evaluate(case.mesh, request, now=time.time())
     if http is None:
@@ -82,7 +88,10 @@ def offline(case: Case, probe: Probe) -> Answer:
     # A 403 without a rule is RBAC's "no ALLOW matched" — or jwt_authn's audience check,
     # which Envoy logs without any policy.
     denied = decision.rule or ("none" if decision.reason == ACCESS_DENIED else "-")
-    rule = {200: decision.rule or "-", 403: denied}.get(decision.status, "-")
+    # On a 200, Envoy logs the last RBAC filter's matched policy: the ALLOW rule, else an
+    # AUDIT rule (AUDIT runs first and nothing after it matched).
+    allowed = decision.rule or decision.audit or "-"
+    rule = {200: allowed, 403: denied}.get(decision.status, "-")
     return Answer(decision.status, rule, tuple(shadow.items()))
 
 
@@ -123,7 +132,7 @@ def jwt_filter(wp: WorkloadPolicy, mesh: MeshPolicy) -> list[dict[str, Any]]:
     issuer order, ``requires_any[provider, allow_missing]``, payload in metadata)."""
     if not wp.jwt_providers:
         return []
-    config = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
+    config = jwt_authn_config(wp.jwt_providers)
     return [{"name": JWT_FILTER, "typed_config": config}]
 
 
@@ -140,7 +149,13 @@ def access_log(path: Path) -> list[dict[str, Any]]:
 
 
 def http_listener(
-    name: str, address: str, port: int, filters: list[dict[str, Any]], mode: str, log: Path
+    name: str,
+    address: str,
+    port: int,
+    filters: list[dict[str, Any]],
+    mode: str,
+    log: Path,
+    tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """HCM (normalization per ``mode``, request headers as trustmesh's inbound listener
     treats them) → ``filters`` → a router answering 200 itself."""
@@ -156,21 +171,74 @@ def http_listener(
         **inbound_request_fields(),
     }
     hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
-    return _listener(name, address, port, [hcm])
+    return _listener(name, address, port, [hcm], tls)
 
 
 def tcp_listener(
-    name: str, address: str, port: int, filters: list[dict[str, Any]], cluster: str
+    name: str,
+    address: str,
+    port: int,
+    filters: list[dict[str, Any]],
+    cluster: str,
+    tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     proxy = {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": cluster}
-    return _listener(name, address, port, [*filters, {"name": "tcp", "typed_config": proxy}])
+    return _listener(name, address, port, [*filters, {"name": "tcp", "typed_config": proxy}], tls)
 
 
-def _listener(name: str, address: str, port: int, filters: list[Any]) -> dict[str, Any]:
+def _listener(
+    name: str, address: str, port: int, filters: list[Any], tls: dict[str, Any] | None = None
+) -> dict[str, Any]:
     socket_address = {"address": address, "port_value": port}
-    return {"name": name, "address": {"socket_address": socket_address}, "filter_chains": [
-        {"filters": filters}
-    ]}  # fmt: skip
+    chain: dict[str, Any] = {"filters": filters}
+    if tls is not None:
+        chain["transport_socket"] = tls
+    return {"name": name, "address": {"socket_address": socket_address}, "filter_chains": [chain]}
+
+
+class MeshPeers:
+    """mTLS for listeners with ``Case.tls``: the server presents a foo/httpbin mesh
+    certificate and requires a client certificate from the same root; each probe's
+    ``peer`` (``td/ns/NS/sa/SA``) is a client certificate made for it."""
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.envoy.conftest import MiniCA, mesh_client_tls
+
+        self._ca, self._make_client, self._workdir = MiniCA(), mesh_client_tls, workdir
+        server = self._ca.issue("foo", "httpbin")
+        (workdir / "server.pem").write_bytes(server.cert_chain_pem)
+        (workdir / "server.key").touch(mode=0o600)
+        (workdir / "server.key").write_bytes(server.private_key_pem)
+        (workdir / "root.pem").write_bytes(server.trust_bundle_pem)
+        self._clients: dict[str, ssl.SSLContext] = {}
+
+    def transport_socket(self) -> dict[str, Any]:
+        files = {
+            name: str(self._workdir / name) for name in ("server.pem", "server.key", "root.pem")
+        }
+        context = {
+            "@type": _T + "transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": files["server.pem"]},
+                        "private_key": {"filename": files["server.key"]},
+                    }
+                ],
+                "validation_context": {"trusted_ca": {"filename": files["root.pem"]}},
+            },
+        }
+        return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+    def client(self, peer: str) -> ssl.SSLContext:
+        """A client presenting ``spiffe://PEER`` (made once per principal)."""
+        if peer not in self._clients:
+            domain, _, rest = peer.partition("/ns/")
+            namespace, _, account = rest.partition("/sa/")
+            secret = self._ca.issue(namespace, account, domain)
+            self._clients[peer] = self._make_client(secret, self._workdir)
+        return self._clients[peer]
 
 
 def static_cluster(name: str, address: str, port: int) -> dict[str, Any]:
@@ -199,11 +267,18 @@ def bootstrap(listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -
 # --- running it ----------------------------------------------------------------------
 
 
-async def send(case: Case, probe: Probe, number: int, timeout: float = 5) -> int:
-    """Send ``probe`` raw; the HTTP status, or for TCP 200 if echoed and 0 if closed."""
+async def send(
+    case: Case,
+    probe: Probe,
+    number: int,
+    timeout: float = 5,
+    tls: ssl.SSLContext | None = None,
+) -> int:
+    """Send ``probe`` raw (over ``tls`` when given); the HTTP status, or for TCP 200 if
+    echoed and 0 if closed."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(
-            case.address, case.port, local_addr=(probe.client, 0)
+            case.address, case.port, local_addr=(probe.client, 0), ssl=tls
         )
         try:
             writer.write(probe.wire(number))
@@ -284,6 +359,11 @@ class Outcome:
 
 async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome:
     log = workdir / "access.log"
+    peers = MeshPeers(workdir) if any(case.tls for case in (*http, *tcp)) else None
+
+    def tls(case: Case) -> dict[str, Any] | None:
+        return peers.transport_socket() if case.tls and peers is not None else None
+
     async with echo_server() as echo_port:
         listeners, clusters = [], [static_cluster("echo", CLIENT, echo_port)]
         for i, case in enumerate(http):
@@ -293,12 +373,16 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
             filters += jwt_filter(wp, case.mesh)
             filters += http_rbac_filters(wp, case.mesh)
             mode = case.mesh.path_normalization.value
-            listeners.append(http_listener(f"http{i}", case.address, case.port, filters, mode, log))
+            listeners.append(
+                http_listener(f"http{i}", case.address, case.port, filters, mode, log, tls(case))
+            )
         for i, case in enumerate(tcp):
             wp = case.mesh.for_workload(case.destination)
             assert wp is not None
             filters = network_rbac_filters(wp, case.mesh, case.port)
-            listeners.append(tcp_listener(f"tcp{i}", case.address, case.port, filters, "echo"))
+            listeners.append(
+                tcp_listener(f"tcp{i}", case.address, case.port, filters, "echo", tls(case))
+            )
         jobs = [(case, probe) for case in (*http, *tcp) for probe in case.probes]
         envoy = EnvoyProcess(bootstrap(listeners, clusters), workdir=workdir, concurrency=2)
         with reaped(envoy):
@@ -307,8 +391,12 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
                 limit = asyncio.Semaphore(16)
 
                 async def one(number: int, case: Case, probe: Probe) -> int:
+                    client = None
+                    if probe.peer is not None:
+                        assert peers is not None and case.tls, (case.name, probe)
+                        client = peers.client(probe.peer)
                     async with limit:
-                        return await send(case, probe, number)
+                        return await send(case, probe, number, tls=client)
 
                 started = time.perf_counter()
                 statuses = await asyncio.gather(*(one(n, *job) for n, job in enumerate(jobs)))

@@ -27,10 +27,7 @@ from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb
 from envoy.extensions.path.match.uri_template.v3 import uri_template_match_pb2  # noqa: F401
 from google.protobuf import json_format
 
-from trustmesh.api.loader import load_sources
-from trustmesh.api.snapshot import build_snapshot
-from trustmesh.api.validation import validate_snapshot
-from trustmesh.api.yamldoc import parse_yaml
+from trustmesh.pipeline import compile_sources
 from trustmesh.policy.compose import MeshPolicy, compile_mesh
 from trustmesh.xds.rbac import (
     http_custom_filters,
@@ -129,14 +126,13 @@ SELECT = "selector: {matchLabels: {app: httpbin, version: v1}}\n"
 
 
 def build(policies: str, mesh: str = "", *, valid: bool = True) -> MeshPolicy:
-    loaded = load_sources(
-        [("workload.yaml", WORKLOAD.encode()), ("policy.yaml", policies.encode())]
-    )
-    documents = tuple(parse_yaml(mesh, "mesh.yaml")[0]) if mesh else ()
-    snapshot = build_snapshot(loaded, documents)
-    errors = [d for d in loaded.diagnostics + validate_snapshot(snapshot) if d.is_error]
-    assert bool(errors) is not valid, "\n".join(map(str, errors))
-    return compile_mesh(snapshot)
+    sources = [("workload.yaml", WORKLOAD.encode()), ("policy.yaml", policies.encode())]
+    mesh_config = [("mesh.yaml", mesh.encode())] if mesh else []
+    compiled = compile_sources(sources, mesh_config=mesh_config)
+    assert bool(compiled.errors) is not valid, "\n".join(map(str, compiled.errors))
+    if compiled.mesh is None:  # invalid on purpose: compiled all the same, as istiod would
+        return compile_mesh(compiled.snapshot)
+    return compiled.mesh
 
 
 def http_filters(mesh: MeshPolicy) -> list[Json]:

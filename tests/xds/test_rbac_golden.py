@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -384,7 +385,7 @@ def test_translation_time_for_a_thousand_policy_workload() -> None:
     assert len(wp.authz.allow.policies) + len(wp.authz.deny.policies) == 1000
     cold, warm = [], []
     for _ in range(5):
-        mesh.memo.clear()
+        mesh = dataclasses.replace(mesh)  # a new mesh object: nothing derived from it yet
         started = time.perf_counter()
         http_rbac_filters(wp, mesh)
         network_rbac_filters(wp, mesh, 8000)
@@ -395,7 +396,7 @@ def test_translation_time_for_a_thousand_policy_workload() -> None:
         warm.append(time.perf_counter() - started)
     print(
         f"\n1,000-policy workload, HTTP + TCP RBAC: {statistics.median(cold) * 1000:.0f} ms"
-        f" (median of 5; max {max(cold) * 1000:.0f} ms), policies memoized on the mesh:"
+        f" (median of 5; max {max(cold) * 1000:.0f} ms), policies remembered per mesh:"
         f" {statistics.median(warm) * 1000:.1f} ms"
     )
     assert statistics.median(cold) < 2.0

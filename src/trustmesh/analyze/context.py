@@ -62,7 +62,7 @@ class InstallSettings:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: policy.derived
 class AnalysisContext:
     snapshot: ConfigSnapshot
     mesh: MeshPolicy

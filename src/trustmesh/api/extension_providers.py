@@ -35,7 +35,6 @@ from trustmesh.api.snapshot import ConfigSnapshot
 
 __all__ = [
     "ENVOY_STATUS_CODES",
-    "PROVIDERS_MEMO_KEY",
     "ExtAuthzProvider",
     "ProviderKind",
     "ProviderProblem",
@@ -52,8 +51,6 @@ ENVOY_STATUS_CODES = frozenset(
     | {414, 415, 416, 417, 421, 422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503}
     | {504, 505, 506, 507, 508, 510, 511}
 )
-# Where a compiled mesh keeps its resolved providers (``MeshPolicy.memo``).
-PROVIDERS_MEMO_KEY = "ext_authz.providers"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
 _HEADER_LISTS = (

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.conditions import KeyKind, condition_key
 from trustmesh.api.diagnostics import Diagnostic, error, warning
 from trustmesh.api.extension_providers import custom_policy_diagnostics, provider_diagnostics
 from trustmesh.api.resources import Resource
@@ -21,27 +22,6 @@ from trustmesh.api.snapshot import ConfigSnapshot
 DRY_RUN = "istio.io/dry-run"
 MAX_SERVICE_ACCOUNTS = 16
 
-# `when` keys Istio accepts; the bracketed ones take a name, checked by _KEYED.
-_PLAIN_KEYS = frozenset(
-    {
-        "source.ip",
-        "remote.ip",
-        "source.namespace",
-        "source.principal",
-        "source.serviceAccount",
-        "source.trustDomain",
-        "request.auth.principal",
-        "request.auth.audiences",
-        "request.auth.presenter",
-        "destination.ip",
-        "destination.port",
-        "connection.sni",
-    }
-)
-_KEYED = re.compile(r"^(request\.headers|request\.auth\.claims)((?:\[[^\[\]]+\])+)$")
-_IDENTITY_KEYS = frozenset(
-    {"source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain"}
-)
 _TRUST_DOMAIN_FIELDS = frozenset({"trust_domains", "not_trust_domains"})
 
 
@@ -279,11 +259,8 @@ def _condition(
     r: Resource[Any], action: m.Action, path: tuple[str | int, ...], condition: m.Condition
 ) -> Iterator[Diagnostic]:
     key = condition.key
-    if (
-        key not in _PLAIN_KEYS
-        and not _KEYED.match(key)
-        and not key.startswith("experimental.envoy.filters.")
-    ):
+    known = condition_key(key)
+    if known is None:
         yield error("unknown-condition-key", r.location(*path, "key"), f"unknown attribute {key!r}")
     if not condition.values and not condition.not_values:
         yield error(
@@ -291,7 +268,9 @@ def _condition(
             r.location(*path),
             f"condition {key!r} needs values or notValues",
         )
-    if action is m.Action.CUSTOM and (key in _IDENTITY_KEYS or key.startswith("request.auth.")):
+    if action is m.Action.CUSTOM and (
+        (known is not None and known.peer_identity) or key.startswith("request.auth.")
+    ):
         yield error(
             "custom-identity-field",
             r.location(*path, "key"),
@@ -299,13 +278,14 @@ def _condition(
         )
     for name in ("values", "not_values"):
         values = getattr(condition, name)
-        if key == "source.trustDomain":
+        kind = known.kind if known is not None else None
+        if kind is KeyKind.SOURCE_TRUST_DOMAIN:
             yield from _wildcards(r, (*path, _camel(name)), values, slash_allowed=True)
             continue
         yield from _values(r, (*path, _camel(name)), values)
-        if key in ("source.ip", "remote.ip", "destination.ip"):
+        if known is not None and known.address:
             yield from _cidrs(r, (*path, _camel(name)), values)
-        if key == "destination.port":
+        if kind is KeyKind.DESTINATION_PORT:
             yield from _ports(r, (*path, _camel(name)), values)
 
 

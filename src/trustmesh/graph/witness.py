@@ -209,7 +209,7 @@ class Examples:
                         )
                     policy = replace(policy, jwt_providers=shared[id(providers)])
                 workloads[ref] = policy
-            self._probe_mesh = replace(self.mesh, workloads=workloads, memo={})
+            self._probe_mesh = replace(self.mesh, workloads=workloads)
         return self._probe_mesh
 
 

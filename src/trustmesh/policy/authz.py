@@ -15,40 +15,21 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.conditions import KeyKind, condition_key, is_http_only_key
 from trustmesh.api.resources import Resource
 from trustmesh.policy import matchers as mt
 from trustmesh.policy.request import Attributes
 
 Test = Callable[[Attributes], bool]
 
-_CLAIM_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)$")
-_HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
-_HTTP_ONLY_FIELDS = frozenset(
-    {
-        "hosts",
-        "not_hosts",
-        "methods",
-        "not_methods",
-        "paths",
-        "not_paths",
-        "request_principals",
-        "not_request_principals",
-    }
-)
-
 
 def rule_name(namespace: str, policy: str, index: int) -> str:
     return f"ns[{namespace}]-policy[{policy}]-rule[{index}]"
-
-
-def is_http_only_key(key: str) -> bool:
-    return key.startswith("request.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,12 +282,10 @@ def condition_header_names(policy: Resource[Any]) -> frozenset[str]:
     Example: ``when: [{key: "request.headers[X-User]", notValues: [ops]}]`` → ``{"x-user"}``.
     """
     spec: m.AuthorizationPolicySpec = policy.spec
-    names = set()
+    names: set[str] = set()
     for rule in spec.rules or ():
         for condition in rule.when:
-            found = _HEADER_KEY.match(condition.key)
-            if found:
-                names.add(found.group(1).lower())
+            names.update(n.lower() for n in _header_names(condition.key))
     return frozenset(names)
 
 
@@ -323,10 +302,15 @@ def reads_host(policy: Resource[Any]) -> bool:
         if any(t.operation.hosts or t.operation.not_hosts for t in rule.to):
             return True
         for condition in rule.when:
-            found = _HEADER_KEY.match(condition.key)
-            if found and found.group(1).lower() in ("host", ":authority"):
+            if any(n.lower() in ("host", ":authority") for n in _header_names(condition.key)):
                 return True
     return False
+
+
+def _header_names(key: str) -> tuple[str, ...]:
+    """The header a ``request.headers[NAME]`` key reads; () for every other key."""
+    known = condition_key(key)
+    return known.names if known is not None and known.kind is KeyKind.REQUEST_HEADER else ()
 
 
 def _uses_http_only(rule: m.Rule) -> bool:
@@ -458,40 +442,51 @@ class _ClauseBuilder:
         return out
 
     def _condition_check(self, label: str, key: str, values: Sequence[str], negate: bool) -> Check:
-        if key == "source.principal":
-            return self._principal_check(label, self.bundle.expand(values), negate)
-        if key == "source.namespace":
-            return self._peer_check(label, mt.namespace_match(values), negate)
-        if key == "source.serviceAccount":
-            return self._peer_check(label, mt.service_account_match(values, self.namespace), negate)
-        if key == "source.trustDomain":
-            match = mt.trust_domain_match(self.bundle.expand_domains(values))
-            return self._peer_check(label, match, negate)
-        if key in ("source.ip", "remote.ip", "destination.ip"):
-            attr = {"source.ip": "source_ip", "remote.ip": "remote_ip"}.get(key, "destination_ip")
-            return self._ip_check(label, attr, values, negate)
-        if key == "destination.port":
-            return _port_check(label, values, negate)
-        if key == "connection.sni":
-            return _read_check(label, _read_sni, mt.string_match(values), negate)
-        if key == "request.auth.principal":
-            return self._request_principal_check(label, values, negate)
-        if key in ("request.auth.audiences", "request.auth.presenter"):
-            claim = "aud" if key.endswith("audiences") else "azp"
-            return Check(label, _negated(_claim_test((claim,), values), negate))
-        header = _HEADER_KEY.match(key)
-        if header:
-            name = header.group(1).lower()
-            match = mt.string_match(values, star_is_presence=True)
-            return Check(label, _negated(lambda a: match.any_of(a.headers.get(name, ())), negate))
-        claims = _CLAIM_KEY.match(key)
-        if claims:
-            path = tuple(re.findall(r"\[([^\[\]]+)\]", claims.group(1)))
-            return Check(label, _negated(_claim_test(path, values), negate))
-        # experimental.envoy.filters.* reads filter metadata trustmesh cannot know
-        # offline: fail closed like an unknown address.
-        unknown = self.unknown_ip_matches
-        return Check(f"{label} (not evaluated offline)", lambda a: unknown)
+        known = condition_key(key)
+        kind = known.kind if known is not None else KeyKind.ENVOY_FILTER_METADATA
+        match kind:
+            case KeyKind.SOURCE_PRINCIPAL:
+                return self._principal_check(label, self.bundle.expand(values), negate)
+            case KeyKind.SOURCE_NAMESPACE:
+                return self._peer_check(label, mt.namespace_match(values), negate)
+            case KeyKind.SOURCE_SERVICE_ACCOUNT:
+                match = mt.service_account_match(values, self.namespace)
+                return self._peer_check(label, match, negate)
+            case KeyKind.SOURCE_TRUST_DOMAIN:
+                match = mt.trust_domain_match(self.bundle.expand_domains(values))
+                return self._peer_check(label, match, negate)
+            case KeyKind.SOURCE_IP:
+                return self._ip_check(label, "source_ip", values, negate)
+            case KeyKind.REMOTE_IP:
+                return self._ip_check(label, "remote_ip", values, negate)
+            case KeyKind.DESTINATION_IP:
+                return self._ip_check(label, "destination_ip", values, negate)
+            case KeyKind.DESTINATION_PORT:
+                return _port_check(label, values, negate)
+            case KeyKind.CONNECTION_SNI:
+                return _read_check(label, _read_sni, mt.string_match(values), negate)
+            case KeyKind.REQUEST_PRINCIPAL:
+                return self._request_principal_check(label, values, negate)
+            case KeyKind.REQUEST_AUDIENCES:
+                return Check(label, _negated(_claim_test(("aud",), values), negate))
+            case KeyKind.REQUEST_PRESENTER:
+                return Check(label, _negated(_claim_test(("azp",), values), negate))
+            case KeyKind.REQUEST_HEADER:
+                assert known is not None
+                name = known.names[0].lower()
+                headers = mt.string_match(values, star_is_presence=True)
+                return Check(
+                    label, _negated(lambda a: headers.any_of(a.headers.get(name, ())), negate)
+                )
+            case KeyKind.REQUEST_CLAIM:
+                assert known is not None
+                return Check(label, _negated(_claim_test(known.names, values), negate))
+            case KeyKind.ENVOY_FILTER_METADATA:
+                # experimental.envoy.filters.* reads filter metadata trustmesh cannot know
+                # offline (and an unknown key was refused by validation): fail closed like
+                # an unknown address.
+                unknown = self.unknown_ip_matches
+                return Check(f"{label} (not evaluated offline)", lambda a: unknown)
 
     def _principal_check(self, label: str, values: Sequence[str], negate: bool) -> Check:
         # Envoy's `authenticated` matcher is false without a TLS peer; NOT flips it.

@@ -93,7 +93,7 @@ class WorkloadPolicy:
     services: tuple[Service, ...] = ()  # Services selecting the workload
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: policy.derived
 class MeshPolicy:
     """The compiled snapshot: a WorkloadPolicy per workload plus mesh-wide settings."""
 
@@ -102,9 +102,8 @@ class MeshPolicy:
     path_normalization: PathNormalization
     extension_providers: frozenset[str]
     workloads: Mapping[str, WorkloadPolicy]
-    # Memo of values derived purely from this (immutable) mesh, e.g. the client TLS
-    # choice per (source, destination, port): the evaluator's hot path reads it.
-    memo: dict[object, Any] = field(default_factory=dict, repr=False, compare=False)
+    # What is derived from a mesh on first use (indexes, TLS choices, Envoy RBAC per
+    # policy) lives in the module that derives it: trustmesh.policy.derived.
 
     def for_workload(self, ref: str) -> WorkloadPolicy | None:
         return self.workloads.get(ref)
@@ -273,6 +272,8 @@ def _providers(policy: Resource[Any], jwks_by_uri: Mapping[str, str]) -> list[Jw
                 jwks_problem=problem,
                 source=f"{policy.namespace}/{policy.name}",
                 jwks_uri=rule.jwks_uri,
+                jwks_inline=rule.jwks,
+                timeout=rule.timeout or "",
             )
         )
     return out

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.extension_providers import (
-    PROVIDERS_MEMO_KEY,
     ExtAuthzProvider,
     ext_authz_providers,
 )
@@ -27,6 +26,7 @@ from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.forwarded import trusted_client_address
 from trustmesh.policy.headers import (
     HOST_GUARD_POLICY,
@@ -190,9 +190,10 @@ def _decide(
             return _finish(run, Verdict.DENY, 502, None, route.explanation)
         if route.kind is RouteKind.CLOSED:
             return _finish(run, Verdict.RESET, None, None, route.explanation)
-    # Only workload sources are memoized: their number is bounded by the config.
-    tls_key = ("tls", request.source.value, target.workload.ref, port) if source_workload else None
-    tls = mesh.memo.get(tls_key) if tls_key else None
+    # Only workload sources are remembered: their number is bounded by the config.
+    remembered = _CLIENT_TLS.table(mesh) if source_workload else None
+    tls_key = (request.source.value, target.workload.ref, port)
+    tls = remembered.get(tls_key) if remembered is not None else None
     if tls is None and source_workload and source_workload.dataplane.mode is _AMBIENT:
         tls, unsupported = ambient_source_tls(mesh, source_workload, target, port, mode.mode)
         if unsupported is not None:
@@ -200,8 +201,8 @@ def _decide(
             return _finish(run, Verdict.UNSUPPORTED, None, None, unsupported)
     if tls is None:
         tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
-        if tls_key:
-            mesh.memo[tls_key] = tls
+        if remembered is not None:
+            remembered[tls_key] = tls
     tls = passthrough or tls
     run.note(tls.explanation)
     reset = tls.conflict or _tls_mismatch(tls, mode.mode)
@@ -291,7 +292,7 @@ def _authorize(
 
     custom = None
     providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
-    configured = _ext_authz_providers(mesh)
+    configured = mesh_ext_authz_providers(mesh)
     only = configured.get(providers[0]) if len(providers) == 1 else None
     if not is_http and only is not None and only.usable and not only.serves_tcp:
         # Istio builds no TCP filter for an HTTP provider: CUSTOM does not apply to TCP.
@@ -410,11 +411,27 @@ def _authorize(
     )
 
 
-def _ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
-    found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(PROVIDERS_MEMO_KEY)
-    if found is None:
-        found = mesh.memo[PROVIDERS_MEMO_KEY] = ext_authz_providers(mesh.snapshot)
-    return found
+def mesh_ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
+    """The mesh's ext_authz providers, resolved once per compiled mesh (the evaluator
+    and the RBAC translation share them)."""
+    return _PROVIDERS.get(mesh, None)
+
+
+_PROVIDERS: Derived[MeshPolicy, None, Mapping[str, ExtAuthzProvider]] = Derived(
+    "ext_authz providers", lambda mesh, _: ext_authz_providers(mesh.snapshot)
+)
+# Only workload sources are remembered: their number is bounded by the config.
+_CLIENT_TLS: Derived[MeshPolicy, tuple[str, str, int], ClientTls] = Derived("client TLS")
+_LISTENING: Derived[MeshPolicy, str, frozenset[int]] = Derived(
+    "listening ports", lambda mesh, ref: listening_ports(mesh.workloads[ref])
+)
+_DEFAULT_HOST: Derived[MeshPolicy, tuple[str, int], str] = Derived(
+    "default host", lambda mesh, key: _default_host(mesh.workloads[key[0]], key[1])
+)
+_LOCAL_PRINCIPAL: Derived[MeshPolicy, str, str] = Derived(
+    "local principal",
+    lambda mesh, ref: mesh.workloads[ref].workload.principal(mesh.snapshot.mesh.trust_domain),
+)
 
 
 def custom_rule_name(rule: CompiledRule, *, configured: bool) -> str:
@@ -552,10 +569,7 @@ def _unless_nothing_listens(mesh: MeshPolicy, request: Request, decision: Decisi
     target = mesh.for_workload(request.destination)
     if target is None or request.port is None:
         return decision  # the port was the workload's only one
-    key = ("listening", target.workload.ref)
-    ports: frozenset[int] | None = mesh.memo.get(key)
-    if ports is None:
-        ports = mesh.memo[key] = listening_ports(target)
+    ports = _LISTENING.get(mesh, target.workload.ref)
     if not ports or request.port in ports:
         return decision
     source = _source_workload(mesh, request)
@@ -638,12 +652,7 @@ def _http_attributes(
     host = sent if sent is not None else _remembered_default_host(mesh, target, port)
     local = None
     if attrs.principal is not None:  # only an mTLS peer gets Envoy's xfcc, which names it
-        local_key = ("principal", id(target))  # target lives as long as mesh and its memo
-        local = mesh.memo.get(local_key)
-        if local is None:
-            local = mesh.memo[local_key] = target.workload.principal(
-                mesh.snapshot.mesh.trust_domain
-            )
+        local = _LOCAL_PRINCIPAL.get(mesh, target.workload.ref)
     # An upgrade with no configuration (403) is refused only after the codec's authority
     # check and path normalization have passed the request (measured: 400 wins).
     refused_upgrade: PathRejected | None = None
@@ -814,11 +823,7 @@ def _guards(
 
 
 def _remembered_default_host(mesh: MeshPolicy, target: WorkloadPolicy, port: int) -> str:
-    host_key = ("host", target.workload.ref, port)
-    remembered: str | None = mesh.memo.get(host_key)
-    if remembered is None:
-        remembered = mesh.memo[host_key] = _default_host(target, port)
-    return remembered
+    return _DEFAULT_HOST.get(mesh, (target.workload.ref, port))
 
 
 def _default_host(target: WorkloadPolicy, port: int) -> str:

@@ -76,6 +76,8 @@ class JwtProvider:
     jwks_problem: str = ""
     source: str = ""  # ns/name of the RequestAuthentication, for traces
     jwks_uri: str = ""
+    jwks_inline: str = ""  # the rule's own ``jwks`` text: used instead of fetching jwksUri
+    timeout: str = ""  # the rule's ``timeout`` for fetching jwksUri ("" : Istio's 5s)
 
     @property
     def default_locations(self) -> bool:

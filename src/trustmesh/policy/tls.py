@@ -18,6 +18,7 @@ from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import Request, Source, SourceKind
 from trustmesh.policy.targets import named_ports
 
@@ -227,23 +228,26 @@ def _pod_port_route(
 def _http_port_in_registry(mesh: MeshPolicy, port: int) -> bool:
     """Does some Service or ServiceEntry serve HTTP on ``port`` (so a sidecar has an
     outbound HTTP listener on ``0.0.0.0:port``)?"""
-    key = ("http ports",)
-    ports: frozenset[int] | None = mesh.memo.get(key)
-    if ports is None:
-        found = {
-            sp.port
-            for service in mesh.snapshot.services
-            for sp in service.ports
-            if not _proxied_as_tcp(sp.name, sp.protocol)
+    return port in _HTTP_PORTS.get(mesh, None)
+
+
+def _http_ports(mesh: MeshPolicy, _: None) -> frozenset[int]:
+    found = {
+        sp.port
+        for service in mesh.snapshot.services
+        for sp in service.ports
+        if not _proxied_as_tcp(sp.name, sp.protocol)
+    }
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        found |= {
+            p.number
+            for p in entry.spec.ports
+            if not _proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
         }
-        for entry in mesh.snapshot.of_kind("ServiceEntry"):
-            found |= {
-                p.number
-                for p in entry.spec.ports
-                if not _proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
-            }
-        ports = mesh.memo[key] = frozenset(found)
-    return port in ports
+    return frozenset(found)
+
+
+_HTTP_PORTS: Derived[MeshPolicy, None, frozenset[int]] = Derived("http ports", _http_ports)
 
 
 def _tcp_entry_on(mesh: MeshPolicy, port: int) -> str | None:
@@ -273,11 +277,7 @@ def _proxied_as_tcp(name: str, protocol: str) -> bool:
 def _virtual_host_owner(
     mesh: MeshPolicy, client_namespace: str, port: int, host: str
 ) -> str | None:
-    key = ("virtual hosts", client_namespace, port)
-    index: tuple[dict[str, str], list[tuple[str, str]]] | None = mesh.memo.get(key)
-    if index is None:
-        index = mesh.memo[key] = _virtual_hosts(mesh, client_namespace, port)
-    exact, wildcards = index
+    exact, wildcards = _VIRTUAL_HOSTS.get(mesh, (client_namespace, port))
     found = exact.get(host)
     if found is not None:
         return found
@@ -288,9 +288,13 @@ def _virtual_host_owner(
     return None
 
 
-def _virtual_hosts(
-    mesh: MeshPolicy, client_namespace: str, port: int
-) -> tuple[dict[str, str], list[tuple[str, str]]]:
+_HostIndex = tuple[dict[str, str], list[tuple[str, str]]]
+
+
+def _virtual_hosts(mesh: MeshPolicy, key: tuple[str, int]) -> _HostIndex:
+    """The client namespace's outbound HTTP virtual hosts on a port: exact names, and
+    wildcard suffixes, each with the Service or ServiceEntry that owns it."""
+    client_namespace, port = key
     exact: dict[str, str] = {}
     wildcards: list[tuple[str, str]] = []
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
@@ -362,14 +366,13 @@ def destination_rule_tls(
 def _destination_rule(
     mesh: MeshPolicy, client_namespace: str, service: Service
 ) -> Resource[Any] | None:
-    """The DestinationRule that wins for this client namespace and service (memoized)."""
-    key = ("dr", client_namespace, service.namespace, service.name)
-    if key in mesh.memo:
-        found: Resource[Any] | None = mesh.memo[key]
-        return found
-    index = mesh.memo.get("dr-index")
-    if index is None:
-        index = mesh.memo["dr-index"] = _index_destination_rules(mesh)
+    """The DestinationRule that wins for this client namespace and service (remembered
+    per mesh)."""
+    chosen = _CHOSEN_RULES.table(mesh)
+    key = (client_namespace, service.namespace, service.name)
+    if key in chosen:
+        return chosen[key]
+    index = _DR_INDEX.get(mesh, None)
     root = mesh.snapshot.mesh.root_namespace
     result = None
     for namespace in dict.fromkeys((client_namespace, service.namespace, root)):
@@ -380,14 +383,14 @@ def _destination_rule(
         if matching:
             result = min(matching, key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
             break
-    mesh.memo[key] = result
+    chosen[key] = result
     return result
 
 
 _DrIndex = dict[str, tuple[dict[str, list[Resource[Any]]], list[Resource[Any]]]]
 
 
-def _index_destination_rules(mesh: MeshPolicy) -> _DrIndex:
+def _index_destination_rules(mesh: MeshPolicy, _: None) -> _DrIndex:
     """Per namespace: DestinationRules by the FQDN they name, and wildcard ones."""
     index: _DrIndex = {}
     for rule in mesh.snapshot.of_kind("DestinationRule"):
@@ -403,6 +406,16 @@ def _index_destination_rules(mesh: MeshPolicy) -> _DrIndex:
             host = f"{host}.svc.cluster.local"
         exact.setdefault(host, []).append(rule)
     return index
+
+
+_VIRTUAL_HOSTS: Derived[MeshPolicy, tuple[str, int], _HostIndex] = Derived(
+    "virtual hosts", _virtual_hosts
+)
+_DR_INDEX: Derived[MeshPolicy, None, _DrIndex] = Derived("dr index", _index_destination_rules)
+# (client namespace, service namespace, service name) → the DestinationRule that wins.
+_CHOSEN_RULES: Derived[MeshPolicy, tuple[str, str, str], Resource[Any] | None] = Derived(
+    "chosen destination rules"
+)
 
 
 def _host_matches(rule: Resource[Any], service: Service) -> bool:

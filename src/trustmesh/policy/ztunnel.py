@@ -43,6 +43,7 @@ from trustmesh.api.snapshot import ConfigSnapshot, Workload
 from trustmesh.policy import matchers as mt
 from trustmesh.policy.authz import Check, rule_name
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import Attributes
 
 L4_WHEN_KEYS = frozenset(
@@ -470,15 +471,10 @@ def waypoint_for(mesh: MeshPolicy, target: WorkloadPolicy) -> str | None:
     """The waypoint traffic to ``target`` may go through: the pod's own or its namespace's
     ``istio.io/use-waypoint``, or a selecting Service's (``none`` opts out). Memoized."""
     workload = target.workload
-    key = ("waypoint", workload.ref)
-    if key in mesh.memo:
-        found: str | None = mesh.memo[key]
-        return found
-    labels = mesh.memo.get("service-labels")
-    if labels is None:
-        labels = mesh.memo["service-labels"] = {
-            (r.namespace, r.name): r.labels for r in mesh.snapshot.of_kind("Service")
-        }
+    waypoints = _WAYPOINTS.table(mesh)
+    if workload.ref in waypoints:
+        return waypoints[workload.ref]
+    labels = _SERVICE_LABELS.get(mesh, None)
     result = None
     if workload.dataplane.waypoint:
         result = f"{workload.dataplane.waypoint} (istio.io/use-waypoint of the pod or namespace)"
@@ -492,8 +488,15 @@ def waypoint_for(mesh: MeshPolicy, target: WorkloadPolicy) -> str | None:
                     f"{value} (istio.io/use-waypoint of Service {service.namespace}/{service.name})"
                 )
                 break
-    mesh.memo[key] = result
+    waypoints[workload.ref] = result
     return result
+
+
+_WAYPOINTS: Derived[MeshPolicy, str, str | None] = Derived("waypoints")
+_SERVICE_LABELS: Derived[MeshPolicy, None, dict[tuple[str, str], Mapping[str, str]]] = Derived(
+    "service labels",
+    lambda mesh, _: {(r.namespace, r.name): r.labels for r in mesh.snapshot.of_kind("Service")},
+)
 
 
 def sidecars_speak_hbone(snapshot: ConfigSnapshot, workload: Workload) -> bool:

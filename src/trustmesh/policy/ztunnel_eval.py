@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
+from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.tls import ClientTls, destination_rule_tls, service_for
 from trustmesh.policy.ztunnel import (
@@ -65,10 +68,7 @@ def evaluate_ztunnel(
     note(how)
     if request.http is not None:
         note("ztunnel sees a TCP connection: method, path, host and headers are not visible")
-    key = ("ztunnel-plaintext", workload.ref, port)
-    refused, via = mesh.memo.get(key) or mesh.memo.setdefault(
-        key, plaintext_refused(mesh.snapshot, workload, port)
-    )
+    refused, via = _PLAINTEXT_REFUSED.get(mesh, (workload.ref, port))
     note("port {}: plaintext {} ({})", port, "refused" if refused else "accepted", via)
     if principal is None and refused:
         reason = f"plaintext to a STRICT port ({via}): {CLOSED}"
@@ -182,11 +182,13 @@ def _not_enforced(target: WorkloadPolicy, note: Note) -> None:
 def _policies(
     mesh: MeshPolicy, target: WorkloadPolicy, note: Note | None
 ) -> tuple[list[ZtunnelPolicy], list[ZtunnelPolicy]]:
-    def compiled(policy: object) -> ZtunnelPolicy:
-        key = ("ztunnel", id(policy))
-        found: ZtunnelPolicy | None = mesh.memo.get(key)
+    compiled_policies = _ZTUNNEL_POLICIES.table(mesh)
+
+    def compiled(policy: Resource[Any]) -> ZtunnelPolicy:
+        # The mesh holds every policy for its lifetime, so id() is a stable key here.
+        found = compiled_policies.get(id(policy))
         if found is None:
-            found = mesh.memo[key] = compile_ztunnel(policy)  # type: ignore[arg-type]
+            found = compiled_policies[id(policy)] = compile_ztunnel(policy)
         return found
 
     deny = [compiled(p) for p in target.authz.deny.policies]
@@ -218,3 +220,11 @@ def _ip(value: str | None) -> IpAddress | None:
         return ipaddress.ip_address(value)
     except ValueError:
         raise RequestError(f"{value!r} is not an IP address") from None
+
+
+_PLAINTEXT_REFUSED: Derived[MeshPolicy, tuple[str, int], tuple[bool, str]] = Derived(
+    "ztunnel plaintext",
+    lambda mesh, key: plaintext_refused(mesh.snapshot, mesh.workloads[key[0]].workload, key[1]),
+)
+# id(policy) → the policy as ztunnel enforces it.
+_ZTUNNEL_POLICIES: Derived[MeshPolicy, int, ZtunnelPolicy] = Derived("ztunnel policies")

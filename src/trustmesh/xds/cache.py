@@ -160,7 +160,7 @@ _V = TypeVar("_V")
 
 
 class _Lru(Generic[_K, _V]):
-    """A bounded, thread-safe memo of work done per distinct resource content.
+    """A bounded, thread-safe cache of work done per distinct resource content.
 
     Keys hold the content digest, so an entry never goes stale; bounded so a long-running
     control plane does not keep every resource it ever built.

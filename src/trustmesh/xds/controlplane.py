@@ -668,7 +668,7 @@ def _snapshot_for(
     else:
         resources = _sidecar_resources(mesh, registration, addresses)
     snapshot = Snapshot.from_resources(endpoints.apply(resources.all()), canonical)
-    # Checked (and encoded, which is memoized) here, off the event loop: publishing it
+    # Checked (and encoded, which is remembered) here, off the event loop: publishing it
     # later repeats neither.
     problems = snapshot.consistency_errors() or snapshot.encoding_errors()
     if problems:

@@ -246,7 +246,7 @@ def translate_gateway(
     for cluster in (
         *service_clusters,
         *_subset_clusters(mesh, workload.namespace, service_clusters, table),
-        *jwks_clusters(wp.jwt_providers, snapshot),
+        *jwks_clusters(wp.jwt_providers),
     ):
         clusters.setdefault(cluster["name"], cluster)
     return GatewayResources(

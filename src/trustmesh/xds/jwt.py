@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from trustmesh.api import models as m
-from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.policy.jwt import SPACE_DELIMITED_CLAIMS, JwtProvider
 from trustmesh.xds.outbound import SYSTEM_CA_BUNDLE, dns_cluster
 
@@ -53,20 +51,20 @@ _CACHE_DURATION = "300s"
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
 
 
-def jwt_authn_config(providers: Sequence[JwtProvider], snapshot: ConfigSnapshot) -> dict[str, Any]:
+def jwt_authn_config(providers: Sequence[JwtProvider]) -> dict[str, Any]:
     """The typed config of the jwt_authn filter for ``providers`` (already sorted by issuer,
     as :class:`~trustmesh.policy.compose.WorkloadPolicy` holds them).
 
     With no providers the filter has no rule and lets every request through, like having
-    no filter at all (useful as a fixed ECDS slot). ``snapshot`` supplies the raw JWKS
-    text and timeout of each provider's ``jwtRules`` entry.
+    no filter at all (useful as a fixed ECDS slot). Each provider carries what its
+    ``jwtRules`` entry said (inline JWKS, fetch timeout): no raw config is read here.
     """
     config: dict[str, Any] = {"@type": JWT_TYPE}
     if not providers:
         return config
     names = [f"origins-{i}" for i in range(len(providers))]
     config["providers"] = {
-        name: _provider(provider, snapshot) for name, provider in zip(names, providers, strict=True)
+        name: _provider(provider) for name, provider in zip(names, providers, strict=True)
     }
     config["rules"] = [{"match": {"prefix": "/"}, "requires": _requirement(names)}]
     config["bypass_cors_preflight"] = True
@@ -90,23 +88,22 @@ def _requirement(names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _provider(provider: JwtProvider, snapshot: ConfigSnapshot) -> dict[str, Any]:
-    rule = _rule_of(provider, snapshot)
+def _provider(provider: JwtProvider) -> dict[str, Any]:
     out: dict[str, Any] = {"issuer": provider.issuer}
     if provider.audiences:
         out["audiences"] = list(provider.audiences)
-    if provider.jwks_uri and not (rule and rule.jwks):
+    if provider.jwks_uri and not provider.jwks_inline:
         host, port, _ = _split_uri(provider.jwks_uri)
         out["remote_jwks"] = {
             "http_uri": {
                 "uri": provider.jwks_uri,
                 "cluster": jwks_cluster_name(host, port),
-                "timeout": _timeout(rule),
+                "timeout": _timeout(provider),
             },
             "cache_duration": _CACHE_DURATION,
         }
     else:
-        out["local_jwks"] = {"inline_string": _public_jwks(rule.jwks if rule else "")}
+        out["local_jwks"] = {"inline_string": _public_jwks(provider.jwks_inline)}
     # Absent locations mean Envoy's defaults (Authorization: Bearer, then ?access_token),
     # which are the same defaults the evaluator's JwtProvider.locations() applies.
     if provider.from_headers:
@@ -133,27 +130,8 @@ def _provider(provider: JwtProvider, snapshot: ConfigSnapshot) -> dict[str, Any]
     return out
 
 
-def _rule_of(provider: JwtProvider, snapshot: ConfigSnapshot) -> m.JwtRule | None:
-    """The ``jwtRules`` entry ``provider`` was compiled from (it keeps parsed keys only)."""
-    namespace, _, name = provider.source.partition("/")
-    for policy in snapshot.of_kind("RequestAuthentication"):
-        if policy.namespace != namespace or policy.name != name:
-            continue
-        spec: m.RequestAuthenticationSpec = policy.spec
-        for rule in spec.jwt_rules:
-            if (
-                rule.issuer == provider.issuer
-                and rule.jwks_uri == provider.jwks_uri
-                and tuple(rule.audiences) == tuple(provider.audiences)
-                and tuple((h.name.lower(), h.prefix) for h in rule.from_headers)
-                == provider.from_headers
-            ):
-                return rule
-    return None
-
-
-def _timeout(rule: m.JwtRule | None) -> str:
-    return rule.timeout if rule is not None and rule.timeout else _DEFAULT_TIMEOUT
+def _timeout(provider: JwtProvider) -> str:
+    return provider.timeout or _DEFAULT_TIMEOUT
 
 
 def _public_jwks(text: str) -> str:
@@ -186,14 +164,11 @@ def jwks_cluster_name(host: str, port: int) -> str:
     return f"jwksuri-autogen-{host}-{port}"
 
 
-def jwks_clusters(
-    providers: Sequence[JwtProvider], snapshot: ConfigSnapshot
-) -> list[dict[str, Any]]:
+def jwks_clusters(providers: Sequence[JwtProvider]) -> list[dict[str, Any]]:
     """One STRICT_DNS cluster per ``jwksUri`` host and port the providers fetch from."""
     clusters: dict[str, dict[str, Any]] = {}
     for provider in providers:
-        rule = _rule_of(provider, snapshot)
-        if not provider.jwks_uri or (rule is not None and rule.jwks):
+        if not provider.jwks_uri or provider.jwks_inline:
             continue
         host, port, tls = _split_uri(provider.jwks_uri)
         name = jwks_cluster_name(host, port)

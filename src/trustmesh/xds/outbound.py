@@ -56,6 +56,7 @@ from trustmesh.envoy_json import (
     socket_address,
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.tls import destination_rule_tls
 from trustmesh.xds.traffic_policy import apply_traffic_policy, service_traffic_policy
 
@@ -235,24 +236,38 @@ def selected_workloads(mesh: MeshPolicy, service: Service) -> list[Workload]:
 def _selected(mesh: MeshPolicy, service: Service) -> list[Workload]:
     # Every proxy asks this about every service: computed once per compiled mesh, over
     # the workloads of the service's namespace only.
-    key = ("service-endpoints", service.namespace, service.name)
-    found: list[Workload] | None = mesh.memo.get(key)
+    endpoints = _SERVICE_ENDPOINTS.table(mesh)
+    key = (service.namespace, service.name)
+    found = endpoints.get(key)
     if found is not None:
         return found
-    by_label = mesh.memo.get("workloads-by-label")
-    if by_label is None:  # (namespace, label, value) → workloads carrying that label
-        by_label = mesh.memo["workloads-by-label"] = {}
-        for workload in mesh.snapshot.workloads:
-            for label in workload.labels.items():
-                by_label.setdefault((workload.namespace, *label), []).append(workload)
+    by_label = _WORKLOADS_BY_LABEL.get(mesh, None)
     by_ref: dict[str, Workload] = {}
     if service.selector:  # an empty selector selects nothing
         first = min(service.selector.items())
         for workload in by_label.get((service.namespace, *first), ()):
             if service.selects(workload):
                 by_ref.setdefault(workload.ref, workload)
-    found = mesh.memo[key] = [by_ref[ref] for ref in sorted(by_ref)]
+    found = endpoints[key] = [by_ref[ref] for ref in sorted(by_ref)]
     return found
+
+
+def _workloads_by_label(mesh: MeshPolicy, _: None) -> dict[tuple[str, str, str], list[Workload]]:
+    """(namespace, label, value) → the workloads carrying that label."""
+    by_label: dict[tuple[str, str, str], list[Workload]] = {}
+    for workload in mesh.snapshot.workloads:
+        for label in workload.labels.items():
+            by_label.setdefault((workload.namespace, *label), []).append(workload)
+    return by_label
+
+
+_WORKLOADS_BY_LABEL: Derived[MeshPolicy, None, dict[tuple[str, str, str], list[Workload]]] = (
+    Derived("workloads by label", _workloads_by_label)
+)
+# (namespace, name) of a Service → the workloads it selects, by ref.
+_SERVICE_ENDPOINTS: Derived[MeshPolicy, tuple[str, str], list[Workload]] = Derived(
+    "service endpoints"
+)
 
 
 def _service_entries(mesh: MeshPolicy) -> list[Resource[Any]]:

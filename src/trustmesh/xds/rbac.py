@@ -33,27 +33,28 @@ Principals reach Envoy with ``spiffe://`` and trust-domain aliases expanded by t
 :meth:`~trustmesh.policy.authz.TrustBundle.expand` the evaluator uses.
 
 Outputs are proto3-JSON dicts (``json_format.ParseDict`` them at the edge). Per-policy
-results are memoized on ``mesh.memo``, so dicts returned for two workloads of one mesh may
-share sub-dicts: treat them as read-only.
+results are remembered per compiled mesh (``_POLICY_RULES``), so dicts returned for two
+workloads of one mesh may share sub-dicts: treat them as read-only.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from trustmesh.api import models as m
+from trustmesh.api.conditions import ConditionKey, KeyKind, Side, condition_key
 from trustmesh.api.extension_providers import (
-    PROVIDERS_MEMO_KEY,
     ExtAuthzProvider,
-    ext_authz_providers,
 )
 from trustmesh.api.resources import Resource
 from trustmesh.policy.authz import TrustBundle, rule_name
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.derived import Derived
+from trustmesh.policy.evaluate import mesh_ext_authz_providers
 from trustmesh.xds import rbac_matchers as mt
 from trustmesh.xds.ext_authz import (
     EXT_AUTHZ_SHADOW_PREFIX,
@@ -222,7 +223,7 @@ def _merged(
 ) -> dict[str, Json]:
     merged: dict[str, Json] = {}
     for policy in policies:
-        merged.update(_memo_rules(mesh, policy, action, for_tcp))
+        merged.update(_remembered_rules(mesh, policy, action, for_tcp))
     return dict(sorted(merged.items()))
 
 
@@ -257,24 +258,21 @@ def _custom_plans(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> lis
     return plans
 
 
-def mesh_ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
-    """The mesh's ext_authz providers, resolved once per compiled mesh."""
-    key = PROVIDERS_MEMO_KEY
-    found: Mapping[str, ExtAuthzProvider] | None = mesh.memo.get(key)
-    if found is None:
-        found = mesh.memo[key] = ext_authz_providers(mesh.snapshot)
-    return found
-
-
-def _memo_rules(
+def _remembered_rules(
     mesh: MeshPolicy, policy: Resource[Any], action: m.Action, for_tcp: bool
 ) -> dict[str, Json]:
+    remembered = _POLICY_RULES.table(mesh)
     # The mesh holds every policy for its lifetime, so id() is a stable key here.
-    key = ("xds.rbac", id(policy), action, for_tcp)
-    found: dict[str, Json] | None = mesh.memo.get(key)
+    key = (id(policy), action, for_tcp)
+    found = remembered.get(key)
     if found is None:
-        found = mesh.memo[key] = policy_rules(policy, mesh.bundle, action, for_tcp=for_tcp)
+        found = remembered[key] = policy_rules(policy, mesh.bundle, action, for_tcp=for_tcp)
     return found
+
+
+_POLICY_RULES: Derived[MeshPolicy, tuple[int, m.Action, bool], dict[str, Json]] = Derived(
+    "envoy rbac policies"
+)
 
 
 # --- one policy -----------------------------------------------------------------------
@@ -396,50 +394,59 @@ def _conditions(
     principal: list[_Field] = []
     permission: list[_Field] = []
     for c in conditions:
-        key, values, not_values = c.key, c.values, c.not_values
-        if key == "destination.ip":
-            permission.append(_Field(values, not_values, mt.destination_ip))
-        elif key == "destination.port":
-            permission.append(_Field(values, not_values, mt.destination_port))
-        elif key == "connection.sni":
-            permission.append(_Field(values, not_values, mt.connection_sni))
-        elif key.startswith("experimental.envoy.filters."):
-            every = partial(mt.envoy_filter_metadata, key)
-            permission.append(_Field(values, not_values, every=every))
-        elif key == "source.ip":
-            principal.append(_Field(values, not_values, mt.direct_remote_ip))
-        elif key == "remote.ip":
-            principal.append(_Field(values, not_values, mt.remote_ip))
-        elif key == "source.namespace":
-            principal.append(_Field(values, not_values, mt.source_namespace))
-        elif key == "source.trustDomain":
-            expand = bundle.expand_domains
-            principal.append(_Field(expand(values), expand(not_values), mt.source_trust_domain))
-        elif key == "source.serviceAccount":
-            one = partial(mt.source_service_account, policy_namespace=namespace)
-            principal.append(_Field(values, not_values, one))
-        elif key == "source.principal":
-            expanded = _Field(bundle.expand(values), bundle.expand(not_values), mt.source_principal)
-            principal.append(expanded)
-        elif key in _JWT_KEYS:
-            principal.append(
-                _Field(values, not_values, every=partial(_JWT_KEYS[key], key, for_tcp=for_tcp))
-            )
-        elif key.startswith("request.headers"):
-            one = partial(mt.request_header, key, for_tcp=for_tcp)
-            principal.append(_Field(values, not_values, one))
-        elif key.startswith("request.auth.claims"):
-            every = partial(mt.request_claim, key, for_tcp=for_tcp)
-            principal.append(_Field(values, not_values, every=every))
-        else:
-            raise _UnknownAttribute(key)
+        known = condition_key(c.key)
+        if known is None:
+            raise _UnknownAttribute(c.key)
+        side = permission if known.side is Side.PERMISSION else principal
+        side.append(_condition_field(known, c.values, c.not_values, namespace, bundle, for_tcp))
     return principal, permission
 
 
-_JWT_KEYS: dict[str, Callable[..., Json]] = {
-    "request.auth.principal": mt.request_principals,
-    "request.auth.audiences": mt.request_audiences,
-    "request.auth.presenter": mt.request_presenter,
+def _condition_field(
+    known: ConditionKey,
+    values: tuple[str, ...],
+    not_values: tuple[str, ...],
+    namespace: str,
+    bundle: TrustBundle,
+    for_tcp: bool,
+) -> _Field:
+    key = known.key
+    match known.kind:
+        case KeyKind.DESTINATION_IP:
+            return _Field(values, not_values, mt.destination_ip)
+        case KeyKind.DESTINATION_PORT:
+            return _Field(values, not_values, mt.destination_port)
+        case KeyKind.CONNECTION_SNI:
+            return _Field(values, not_values, mt.connection_sni)
+        case KeyKind.ENVOY_FILTER_METADATA:
+            return _Field(values, not_values, every=partial(mt.envoy_filter_metadata, key))
+        case KeyKind.SOURCE_IP:
+            return _Field(values, not_values, mt.direct_remote_ip)
+        case KeyKind.REMOTE_IP:
+            return _Field(values, not_values, mt.remote_ip)
+        case KeyKind.SOURCE_NAMESPACE:
+            return _Field(values, not_values, mt.source_namespace)
+        case KeyKind.SOURCE_TRUST_DOMAIN:
+            expand = bundle.expand_domains
+            return _Field(expand(values), expand(not_values), mt.source_trust_domain)
+        case KeyKind.SOURCE_SERVICE_ACCOUNT:
+            one = partial(mt.source_service_account, policy_namespace=namespace)
+            return _Field(values, not_values, one)
+        case KeyKind.SOURCE_PRINCIPAL:
+            return _Field(bundle.expand(values), bundle.expand(not_values), mt.source_principal)
+        case KeyKind.REQUEST_PRINCIPAL | KeyKind.REQUEST_AUDIENCES | KeyKind.REQUEST_PRESENTER:
+            every = partial(_JWT_KEYS[known.kind], key, for_tcp=for_tcp)
+            return _Field(values, not_values, every=every)
+        case KeyKind.REQUEST_HEADER:
+            return _Field(values, not_values, partial(mt.request_header, key, for_tcp=for_tcp))
+        case KeyKind.REQUEST_CLAIM:
+            return _Field(values, not_values, every=partial(mt.request_claim, key, for_tcp=for_tcp))
+
+
+_JWT_KEYS: dict[KeyKind, Callable[..., Json]] = {
+    KeyKind.REQUEST_PRINCIPAL: mt.request_principals,
+    KeyKind.REQUEST_AUDIENCES: mt.request_audiences,
+    KeyKind.REQUEST_PRESENTER: mt.request_presenter,
 }
 
 

@@ -35,7 +35,7 @@ class EndpointFilter:
     def __init__(self, not_ready: Iterable[str]) -> None:
         self.not_ready = frozenset(not_ready)
         # id(original) → (original, filtered): holding the original keeps its id unique.
-        self._memo: dict[int, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
+        self._done: dict[int, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
 
     def apply(self, resources: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         resources = list(resources)
@@ -44,9 +44,9 @@ class EndpointFilter:
         return [self._filtered(resource) for resource in resources]
 
     def _filtered(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
-        found = self._memo.get(id(resource))
+        found = self._done.get(id(resource))
         if found is None:
-            found = self._memo[id(resource)] = (resource, self._filter(resource))
+            found = self._done[id(resource)] = (resource, self._filter(resource))
         return found[1]
 
     def _filter(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -29,7 +29,7 @@ from trustmesh.api import traffic as t
 from trustmesh.api.snapshot import Service
 from trustmesh.envoy_json import HTTP_OPTIONS_TYPE
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.tls import _destination_rule  # the rule TLS is read from, memoized
+from trustmesh.policy.tls import _destination_rule  # the rule TLS is read from, remembered
 
 __all__ = [
     "ClusterTrafficPolicy",

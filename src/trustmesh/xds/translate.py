@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 from trustmesh.envoy_json import HCM_TYPE, socket_address
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.derived import Derived
 from trustmesh.xds.envoyfilter import apply_envoy_filters
 from trustmesh.xds.guards import (
     HEADER_GUARD_SLOT,
@@ -263,7 +264,7 @@ def translate(
         *inbound_clusters(ports, app_address),
         *service_clusters,
         *proxy_clusters,
-        *jwks_clusters(wp.jwt_providers, mesh.snapshot),
+        *jwks_clusters(wp.jwt_providers),
     ):
         clusters.setdefault(cluster["name"], cluster)
     routes = _shared(
@@ -368,7 +369,7 @@ def _transparent(
         *capture_inbound_clusters(ports),
         *service_clusters,
         *subset_clusters,
-        *jwks_clusters(wp.jwt_providers, mesh.snapshot),
+        *jwks_clusters(wp.jwt_providers),
     ):
         clusters.setdefault(cluster["name"], cluster)
     inbound_routes = _slots_by_route(listeners, extension_configs)
@@ -398,11 +399,16 @@ def _shared(
     """``build()`` once per compiled mesh for all clients alike: outbound clusters and
     routes depend on the client only through its namespace (DestinationRule scope, short
     names) and its egress mode."""
-    key = ("translate", *what, wp.workload.namespace, wp.egress_mode)
-    if key not in mesh.memo:
-        mesh.memo[key] = build()
-    found: _Shared = mesh.memo[key]
+    shared = _SHARED.table(mesh)
+    key = (*what, wp.workload.namespace, wp.egress_mode)
+    if key not in shared:
+        shared[key] = build()
+    found: _Shared = shared[key]
     return found
+
+
+# (what, client namespace, egress mode) → outbound clusters or routes shared by clients.
+_SHARED: Derived[MeshPolicy, tuple[object, ...], Any] = Derived("outbound config")
 
 
 def _addresses_key(addresses: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
@@ -420,7 +426,7 @@ def http_policy_filters(
     behind trustmesh's request guards, and, under ECDS, the extension configs they name."""
     custom = http_custom_filters(wp, mesh)
     rbac = http_rbac_filters(wp, mesh)
-    jwt = jwt_authn_config(wp.jwt_providers, mesh.snapshot)
+    jwt = jwt_authn_config(wp.jwt_providers)
     if delivery is FilterDelivery.INLINE:
         filters = [*request_guard_filters(wp, mesh), *custom]
         if wp.jwt_providers:

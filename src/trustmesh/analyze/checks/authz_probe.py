@@ -41,6 +41,7 @@ from trustmesh.policy import matchers as mt
 from trustmesh.policy.authz import Check, CompiledRule
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.evaluate import HTTP1_METHODS, evaluate
 from trustmesh.policy.jwt import JwtProvider
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
@@ -49,7 +50,6 @@ from trustmesh.policy.tls import service_for
 
 # Probe tokens carry no exp/nbf, so the clock never matters; a constant keeps runs equal.
 _NOW = 0.0
-_MEMO = "trustmesh.analyze.checks.authz_probe"
 _KEY_ID = "trustmesh-analyze-probe"
 _SECRET = b"trustmesh analyze: probe tokens, never a real credential"
 _OUTSIDER_IP = ipaddress.ip_address("203.0.113.7")
@@ -84,11 +84,11 @@ class Probe:
     token: ProbeToken | None = None
 
     def decide(self, ctx: AnalysisContext, destination: str) -> Decision | None:
-        # Memoized: several checks (and several variants within one) ask the same request.
-        key = ("authz-probe", destination, self)
-        if key in ctx.mesh.memo:
-            cached: Decision | None = ctx.mesh.memo[key]
-            return cached
+        # Remembered: several checks (and several variants within one) ask the same request.
+        decided = _DECISIONS.table(ctx)
+        key = (destination, self)
+        if key in decided:
+            return decided[key]
         mesh = ctx.mesh if self.token is None else probe_mesh(ctx)
         target = mesh.for_workload(destination)
         headers, path = self.headers, self.path
@@ -101,7 +101,7 @@ class Probe:
             )
         except RequestError:
             decision = None
-        ctx.mesh.memo[key] = decision
+        decided[key] = decision
         return decision
 
     def describe(self) -> str:
@@ -148,10 +148,11 @@ def _probe_jwk() -> pyjwt.PyJWK:
 
 
 def probe_mesh(ctx: AnalysisContext) -> MeshPolicy:
-    key = (_MEMO, "mesh")
-    found: MeshPolicy | None = ctx.mesh.memo.get(key)
-    if found is not None:
-        return found
+    """The mesh with the probe key trusted by every JWT provider (once per analysis)."""
+    return _PROBE_MESH.get(ctx, None)
+
+
+def _probe_mesh(ctx: AnalysisContext, _: None) -> MeshPolicy:
     jwk = _probe_jwk()
     trusted: dict[int, tuple[JwtProvider, ...]] = {}
     workloads: dict[str, WorkloadPolicy] = {}
@@ -164,9 +165,7 @@ def probe_mesh(ctx: AnalysisContext) -> MeshPolicy:
                 )
             wp = replace(wp, jwt_providers=trusted[id(providers)])
         workloads[ref] = wp
-    found = replace(ctx.mesh, workloads=workloads, memo={})
-    ctx.mesh.memo[key] = found
-    return found
+    return replace(ctx.mesh, workloads=workloads)
 
 
 def _sign(token: ProbeToken) -> str:
@@ -359,24 +358,29 @@ def _principal_samples(value: str, td: str, known: Sequence[str]) -> list[str]:
 
 
 def _known_principals(ctx: AnalysisContext) -> list[str]:
-    key = (_MEMO, "known")
-    found: list[str] | None = ctx.mesh.memo.get(key)
-    if found is None:
-        td = ctx.snapshot.mesh.trust_domain
-        found = ctx.mesh.memo[key] = sorted({w.principal(td) for w in ctx.snapshot.workloads})
-    return found
+    return _KNOWN_PRINCIPALS.get(ctx, None)
 
 
 def _accounts(ctx: AnalysisContext) -> dict[str, list[str]]:
-    key = (_MEMO, "accounts")
-    found: dict[str, list[str]] | None = ctx.mesh.memo.get(key)
-    if found is None:
-        by_namespace: dict[str, set[str]] = {}
-        for w in ctx.snapshot.workloads:
-            by_namespace.setdefault(w.namespace, set()).add(w.service_account)
-        found = {ns: sorted(names) for ns, names in by_namespace.items()}
-        ctx.mesh.memo[key] = found
-    return found
+    return _ACCOUNTS.get(ctx, None)
+
+
+def _accounts_by_namespace(ctx: AnalysisContext, _: None) -> dict[str, list[str]]:
+    by_namespace: dict[str, set[str]] = {}
+    for w in ctx.snapshot.workloads:
+        by_namespace.setdefault(w.namespace, set()).add(w.service_account)
+    return {ns: sorted(names) for ns, names in by_namespace.items()}
+
+
+_KNOWN_PRINCIPALS: Derived[AnalysisContext, None, list[str]] = Derived(
+    "known principals",
+    lambda ctx, _: sorted(
+        {w.principal(ctx.snapshot.mesh.trust_domain) for w in ctx.snapshot.workloads}
+    ),
+)
+_ACCOUNTS: Derived[AnalysisContext, None, dict[str, list[str]]] = Derived(
+    "service accounts", _accounts_by_namespace
+)
 
 
 def _addresses(cidrs: Iterable[str]) -> list[IpAddress]:
@@ -506,16 +510,15 @@ def probes_matching(
     evaluator decides. Memoized: the spellings of one path ask for the same requests.
     """
     key = (
-        _MEMO,
-        "probes",
         wp.workload.ref,
         tuple((id(r.rule), r.operation, tuple(k for k, _ in r.overrides)) for r in required),
         path,
         host,
     )
-    cached: list[Probe] | None = ctx.mesh.memo.get(key)
+    remembered = _PROBES.table(ctx)
+    cached = remembered.get(key)
     if cached is None:
-        cached = ctx.mesh.memo[key] = _probes_matching(ctx, wp, required, path, host)
+        cached = remembered[key] = _probes_matching(ctx, wp, required, path, host)
     return cached
 
 
@@ -694,3 +697,9 @@ def _admits_variant(
         )
         for clause in rule.operations
     )
+
+
+_DECISIONS: Derived[AnalysisContext, tuple[str, Probe], Decision | None] = Derived("decisions")
+_PROBE_MESH: Derived[AnalysisContext, None, MeshPolicy] = Derived("probe mesh", _probe_mesh)
+# (workload, required rules, path, host) → the candidate requests.
+_PROBES: Derived[AnalysisContext, tuple[object, ...], list[Probe]] = Derived("probes")

@@ -23,17 +23,18 @@ from trustmesh.analyze.findings import Issue
 from trustmesh.analyze.findings import Severity as S
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.conditions import is_http_only_key
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Workload
 from trustmesh.api.validation import DRY_RUN, is_dry_run_annotated
-from trustmesh.policy.authz import CompiledRule, is_http_only_key
+from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import WorkloadPolicy
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import Attributes
 
 Policy = Resource[Any]
 
-_MEMO = "trustmesh.analyze.checks.authz"
 MAX_SOURCES = 4  # peers tried when probing a rule: its own `from` peers come first
 PROBE_IP = ipaddress.ip_address("10.11.12.13")
 
@@ -54,19 +55,23 @@ def refs(workloads: Iterable[WorkloadPolicy]) -> tuple[str, ...]:
 
 def applied(ctx: AnalysisContext, policy: Policy) -> tuple[WorkloadPolicy, ...]:
     """Workloads (with or without a sidecar) whose compiled policy includes ``policy``."""
-    key = (_MEMO, "applied")
-    index: dict[str, tuple[WorkloadPolicy, ...]] | None = ctx.mesh.memo.get(key)
-    if index is None:
-        found: dict[str, list[WorkloadPolicy]] = defaultdict(list)
-        for ref in sorted(ctx.mesh.workloads):
-            wp = ctx.mesh.workloads[ref]
-            a = wp.authz
-            for group in (a.custom, a.deny, a.allow, a.audit, a.dry_run_deny, a.dry_run_allow):
-                for p in group.policies:
-                    found[p.key].append(wp)
-        index = {k: tuple(v) for k, v in found.items()}
-        ctx.mesh.memo[key] = index
-    return index.get(policy.key, ())
+    return _APPLIED.get(ctx, None).get(policy.key, ())
+
+
+def _applied_index(ctx: AnalysisContext, _: None) -> dict[str, tuple[WorkloadPolicy, ...]]:
+    found: dict[str, list[WorkloadPolicy]] = defaultdict(list)
+    for ref in sorted(ctx.mesh.workloads):
+        wp = ctx.mesh.workloads[ref]
+        a = wp.authz
+        for group in (a.custom, a.deny, a.allow, a.audit, a.dry_run_deny, a.dry_run_allow):
+            for p in group.policies:
+                found[p.key].append(wp)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+_APPLIED: Derived[AnalysisContext, None, dict[str, tuple[WorkloadPolicy, ...]]] = Derived(
+    "applied policies", _applied_index
+)
 
 
 def serves(wp: WorkloadPolicy) -> bool:
@@ -132,16 +137,15 @@ def port_kind(name: str, app_protocol: str) -> PortKind:
 
 def workload_ports(ctx: AnalysisContext, wp: WorkloadPolicy) -> tuple[WorkloadPort, ...]:
     """The workload's inbound ports with the protocol its Services declare for them."""
-    key = (_MEMO, "ports", wp.workload.ref)
-    cached: tuple[WorkloadPort, ...] | None = ctx.mesh.memo.get(key)
-    if cached is not None:
-        return cached
+    return _WORKLOAD_PORTS.get(ctx, wp.workload.ref)
+
+
+def _workload_ports(ctx: AnalysisContext, ref: str) -> tuple[WorkloadPort, ...]:
+    wp = ctx.mesh.workloads[ref]
     named = _named_ports(wp.workload)
     found: dict[int, WorkloadPort] = {}
     # The Service resources, not the snapshot's Services: only they keep appProtocol apart.
-    by_key: dict[str, Resource[Any]] | None = ctx.mesh.memo.get((_MEMO, "services"))
-    if by_key is None:
-        by_key = ctx.mesh.memo[(_MEMO, "services")] = {r.key: r for r in ctx.resources("Service")}
+    by_key = _SERVICES.get(ctx, None)
     for service in wp.services:
         resource = by_key.get(f"Service/{service.namespace}/{service.name}")
         if resource is None:
@@ -159,9 +163,15 @@ def workload_ports(ctx: AnalysisContext, wp: WorkloadPolicy) -> tuple[WorkloadPo
                 found[number] = WorkloadPort(number, kind, sp.port)
     for number in wp.workload.ports:
         found.setdefault(number, WorkloadPort(number, PortKind.UNKNOWN))
-    result = tuple(found[n] for n in sorted(found))
-    ctx.mesh.memo[key] = result
-    return result
+    return tuple(found[n] for n in sorted(found))
+
+
+_WORKLOAD_PORTS: Derived[AnalysisContext, str, tuple[WorkloadPort, ...]] = Derived(
+    "workload ports", _workload_ports
+)
+_SERVICES: Derived[AnalysisContext, None, dict[str, Resource[Any]]] = Derived(
+    "services by key", lambda ctx, _: {r.key: r for r in ctx.resources("Service")}
+)
 
 
 def _named_ports(workload: Workload) -> dict[str, int]:
@@ -214,18 +224,23 @@ def reachability(wp: WorkloadPolicy, ports: Iterable[int]) -> str:
 def mesh_principals(ctx: AnalysisContext) -> list[str]:
     """Principals of the workloads with a mesh identity (sidecar, ambient, gateway), sorted:
     the mesh peers a probe may pose as."""
-    key = (_MEMO, "principals")
-    found: list[str] | None = ctx.mesh.memo.get(key)
-    if found is None:
-        td = ctx.snapshot.mesh.trust_domain
-        found = ctx.mesh.memo[key] = sorted(
-            {
-                wp.workload.principal(td)
-                for wp in ctx.mesh.workloads.values()
-                if wp.workload.dataplane.has_mesh_identity
-            }
-        )
-    return found
+    return _MESH_PRINCIPALS.get(ctx, None)
+
+
+def _mesh_principals(ctx: AnalysisContext, _: None) -> list[str]:
+    td = ctx.snapshot.mesh.trust_domain
+    return sorted(
+        {
+            wp.workload.principal(td)
+            for wp in ctx.mesh.workloads.values()
+            if wp.workload.dataplane.has_mesh_identity
+        }
+    )
+
+
+_MESH_PRINCIPALS: Derived[AnalysisContext, None, list[str]] = Derived(
+    "mesh principals", _mesh_principals
+)
 
 
 def matches_tcp(ctx: AnalysisContext, r: CompiledRule, port: int) -> bool:

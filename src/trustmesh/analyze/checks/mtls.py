@@ -28,6 +28,7 @@ from trustmesh.analyze.context import AnalysisContext
 from trustmesh.analyze.findings import Issue, Severity
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
+from trustmesh.api.conditions import condition_key
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.yamldoc import FieldPath
@@ -325,9 +326,12 @@ _NEGATIVE = (
     ("not_service_accounts", "notServiceAccounts"),
     ("not_trust_domains", "notTrustDomains"),
 )
-_IDENTITY_KEYS = frozenset(
-    {"source.principal", "source.namespace", "source.serviceAccount", "source.trustDomain"}
-)
+
+
+def _identity_key(key: str) -> bool:
+    """A ``when`` key that reads the peer's mTLS identity."""
+    known = condition_key(key)
+    return known is not None and known.peer_identity
 
 
 def _positive(source: m.Source) -> list[tuple[str, tuple[str, ...]]]:
@@ -338,7 +342,7 @@ def _needs_identity(r: m.Rule) -> bool:
     """No plaintext request can match ``r``: every path through it needs a peer identity."""
     if r.from_ and all(_positive(f.source) for f in r.from_):
         return True
-    return any(c.key in _IDENTITY_KEYS and c.values for c in r.when)
+    return any(_identity_key(c.key) and c.values for c in r.when)
 
 
 def _deny_identity(r: m.Rule) -> tuple[FieldPath, str] | None:
@@ -347,7 +351,7 @@ def _deny_identity(r: m.Rule) -> tuple[FieldPath, str] | None:
         for name, values in _positive(clause.source):
             return ("from", j, "source", name), f"{name} {list(values)}"
     for k, condition in enumerate(r.when):
-        if condition.key in _IDENTITY_KEYS and condition.values:
+        if _identity_key(condition.key) and condition.values:
             return ("when", k, "values"), f"{condition.key} {list(condition.values)}"
     return None
 
@@ -364,7 +368,7 @@ def _allow_negative(r: m.Rule) -> tuple[FieldPath, str] | None:
             if values:
                 return ("from", j, "source", name), f"{name} {list(values)}"
     for k, condition in enumerate(r.when):
-        if condition.key in _IDENTITY_KEYS and condition.not_values:
+        if _identity_key(condition.key) and condition.not_values:
             return (
                 "when",
                 k,
@@ -411,7 +415,7 @@ _NEGATIVE_ATTRS = frozenset(attr for attr, _ in _NEGATIVE)
 
 def _matches_all_plaintext(r: m.Rule) -> bool:
     """Every plaintext request matches ``r``: only negated identities, no other condition."""
-    if r.to or any(c.key not in _IDENTITY_KEYS or c.values for c in r.when):
+    if r.to or any(not _identity_key(c.key) or c.values for c in r.when):
         return False
     if not r.from_:
         return True
@@ -528,7 +532,7 @@ def _proof(ctx: AnalysisContext, bypass: _Bypass) -> str:
             return f" (evaluated: {what} is allowed by {rule_name})"
         return ""
     r = bypass.policy.spec.rules[bypass.index]
-    only_identity = not r.to and all(c.key in _IDENTITY_KEYS for c in r.when)
+    only_identity = not r.to and all(_identity_key(c.key) for c in r.when)
     if only_identity and decision.verdict is Verdict.ALLOW:
         # The rule has no other condition, so this request is exactly what it meant to deny.
         return f" (evaluated: {what} is allowed)"

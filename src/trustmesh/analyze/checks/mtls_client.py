@@ -29,6 +29,7 @@ from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
 from trustmesh.api.yamldoc import FieldPath
 from trustmesh.policy.compose import WorkloadPolicy
+from trustmesh.policy.derived import Derived
 from trustmesh.policy.tls import destination_rule_tls
 
 HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc", "grpc-web", "h2c"})
@@ -93,14 +94,24 @@ def _is_http(protocol: str, name: str) -> bool:
 
 def servers_of(ctx: AnalysisContext, service: Service) -> list[WorkloadPolicy]:
     """Workloads behind ``service`` (index built once per mesh)."""
-    index: dict[tuple[str, str], list[WorkloadPolicy]] | None = ctx.mesh.memo.get("mtls-servers-of")
-    if index is None:
-        index = {}
-        for policy in ctx.mesh.workloads.values():
-            for selected in policy.services:
-                index.setdefault((selected.namespace, selected.name), []).append(policy)
-        ctx.mesh.memo["mtls-servers-of"] = index
-    return list(index.get((service.namespace, service.name), ()))
+    return list(_SERVERS.get(ctx, None).get((service.namespace, service.name), ()))
+
+
+def _servers_index(ctx: AnalysisContext, _: None) -> dict[tuple[str, str], list[WorkloadPolicy]]:
+    index: dict[tuple[str, str], list[WorkloadPolicy]] = {}
+    for policy in ctx.mesh.workloads.values():
+        for selected in policy.services:
+            index.setdefault((selected.namespace, selected.name), []).append(policy)
+    return index
+
+
+_SERVERS: Derived[AnalysisContext, None, dict[tuple[str, str], list[WorkloadPolicy]]] = Derived(
+    "servers of services", _servers_index
+)
+# (scope of a DestinationRule) → the sidecar workloads it applies to.
+_DR_CLIENTS: Derived[AnalysisContext, tuple[object, ...], tuple[str, ...]] = Derived(
+    "destination rule clients"
+)
 
 
 def client_groups(ctx: AnalysisContext) -> list[tuple[str, tuple[str, ...]]]:
@@ -341,15 +352,15 @@ def _dr_clients(ctx: AnalysisContext, dr: Resource[Any]) -> tuple[str, ...]:
     exported = [dr.namespace if e == "." else e for e in spec.export_to if e != "~"]
     everywhere = not spec.export_to or "*" in spec.export_to
     wanted = spec.workload_selector.match_labels if spec.workload_selector else None
-    # Most DestinationRules share an answer (exported everywhere, no selector): memoize.
+    # Most DestinationRules share an answer (exported everywhere, no selector): remember it.
     key = (
-        "mtls-dr-clients",
         dr.namespace if wanted is not None or not everywhere else "",
         everywhere,
         tuple(sorted(exported)),
         tuple(sorted(wanted.items())) if wanted is not None else None,
     )
-    cached: tuple[str, ...] | None = ctx.mesh.memo.get(key)
+    remembered = _DR_CLIENTS.table(ctx)
+    cached = remembered.get(key)
     if cached is not None:
         return cached
     out = []
@@ -361,7 +372,7 @@ def _dr_clients(ctx: AnalysisContext, dr: Resource[Any]) -> tuple[str, ...]:
             continue
         if everywhere or w.namespace in exported:
             out.append(w.ref)
-    result = ctx.mesh.memo[key] = tuple(sorted(out))
+    result = remembered[key] = tuple(sorted(out))
     return result
 
 
