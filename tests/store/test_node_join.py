@@ -59,6 +59,10 @@ def test_a_host_joins_with_its_node_token_only_for_itself_and_once(
                 token = ca.node_token("host-2", now)
                 joined = await at_a.join(token, [SLEEP], ttl=30)
                 assert joined.node == "host-2" and joined.ttl == 30
+                assert set(joined.tokens) == {"foo/sleep"}  # its sidecar's bootstrap token
+                later = dt.datetime.now(dt.UTC)
+                assert ca.redeem_token(joined.tokens["foo/sleep"], later).service_account == "sleep"
+                assert {r["name"] for r in joined.replicas} == {"a", "b"}
                 assert (await registry.workloads("host-2"))[0] == [SLEEP]
 
                 # Single use across replicas; a workload token is no node token.

@@ -10,7 +10,9 @@ A replica serves, on its CA enrollment port (TLS, the mesh's roots):
   wins), refuses any workload on another host than the token's, grants the host a lease,
   registers the workloads under it and records ``/trustmesh/nodes/NAME`` (the lease and
   the SHA-256 of a fresh session secret) under the same lease. The answer carries the
-  secret; a re-join replaces the host's earlier lease (its stale records go with it).
+  secret, one single-use bootstrap token per workload (for its sidecar's certificate)
+  and every live replica's addresses (xDS, CA); a re-join replaces the host's earlier
+  lease (its stale records go with it).
 * ``/trustmesh.registry.v1.Registry/KeepAlive`` — ``{"node": NAME, "session": SECRET}``
   refreshes that lease once, at any replica. A host that stops calling it loses its
   records when the TTL ends, and every replica's proxies lose its endpoints.
@@ -26,8 +28,8 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -46,6 +48,7 @@ KEEP_ALIVE = f"/{SERVICE}/KeepAlive"
 NODES = ROOT + b"nodes/"
 MIN_TTL, MAX_TTL = 5, 3600
 MAX_WORKLOADS = 1000
+TOKEN_TTL = dt.timedelta(minutes=10)  # the host starts its sidecars right after joining
 
 
 class JoinRefused(Exception):
@@ -62,6 +65,8 @@ class Joined:
     lease: int
     ttl: int
     session: str
+    tokens: Mapping[str, str] = field(default_factory=dict)  # workload ref -> its token
+    replicas: tuple[Mapping[str, Any], ...] = ()  # each live replica's record
 
 
 def _identity(value: bytes) -> bytes:
@@ -88,11 +93,11 @@ def parse_join(body: bytes) -> tuple[int, list[WorkloadRecord]]:
     except (ValueError, KeyError, TypeError) as exc:
         raise JoinRefused(grpc.StatusCode.INVALID_ARGUMENT, f"bad join request: {exc}") from None
     for record in records:
-        for field, value in (("namespace", record.namespace), ("name", record.name)):
+        for what, value in (("namespace", record.namespace), ("name", record.name)):
             if not is_object_name(value):
                 raise JoinRefused(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"workload {record.ref}: {field} {value!r} is not a DNS-1123 name",
+                    f"workload {record.ref}: {what} {value!r} is not a DNS-1123 name",
                 )
     return ttl, records
 
@@ -104,10 +109,12 @@ class NodeRegistrar:
         self,
         ca: CertificateAuthority,
         client: EtcdClient,
+        replicas: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]],
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.ca = ca
         self.client = client
+        self.replicas = replicas
         self.registry = WorkloadRegistry(client)
         self.clock = clock
 
@@ -144,7 +151,12 @@ class NodeRegistrar:
             old = json.loads(earlier.value).get("lease")
             if isinstance(old, int) and old != lease:
                 await self.client.revoke_lease(old)
-        return Joined(grant.node, lease, ttl, session)
+        now = self.clock()
+        tokens = {
+            r.ref: self.ca.token(r.namespace, r.service_account, now, TOKEN_TTL) for r in records
+        }
+        live = await self.replicas()
+        return Joined(grant.node, lease, ttl, session, tokens, tuple(live[n] for n in sorted(live)))
 
     async def keep_alive(self, body: bytes) -> int:
         try:
@@ -188,6 +200,8 @@ class NodeRegistrar:
                 "lease": joined.lease,
                 "ttl": joined.ttl,
                 "session": joined.session,
+                "tokens": dict(joined.tokens),
+                "replicas": list(joined.replicas),
             }
         ).encode()
 
@@ -234,7 +248,14 @@ class RegistryClient:
                 body, metadata=(("authorization", f"Bearer {token}"),), timeout=self._timeout
             )
         )
-        return Joined(answer["node"], int(answer["lease"]), int(answer["ttl"]), answer["session"])
+        return Joined(
+            answer["node"],
+            int(answer["lease"]),
+            int(answer["ttl"]),
+            answer["session"],
+            dict(answer.get("tokens", {})),
+            tuple(answer.get("replicas", ())),
+        )
 
     async def keep_alive(self, joined: Joined) -> int:
         body = json.dumps({"node": joined.node, "session": joined.session}).encode()

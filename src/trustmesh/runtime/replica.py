@@ -279,7 +279,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         address=f"{host}:{options.ca_port}",
         renewal_address=f"{host}:{options.ca_renewal_port}",
         observer=metrics,
-        extra_handlers=[NodeRegistrar(ca, client).handler()],  # hosts join here
+        extra_handlers=[
+            NodeRegistrar(ca, client, lambda: read_replicas(client)).handler()
+        ],  # hosts join here
     )
     metrics_server = MetricsServer(host, options.metrics_port, plane_text=metrics.render)
     debug: DebugServer | None = None
