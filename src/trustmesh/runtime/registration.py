@@ -69,6 +69,18 @@ class Joined:
     replicas: tuple[Mapping[str, Any], ...] = ()  # each live replica's record
 
 
+@dataclass(frozen=True, slots=True)
+class HostJoin:
+    """How ``trustmesh node join`` runs one host's pods against the replicas."""
+
+    node: str
+    control_plane: tuple[str, ...]  # the replicas' CA enrollment addresses
+    token: str  # the node token
+    roots_pem: bytes  # the mesh's trust bundle: who the replicas are
+    pods: frozenset[str] = frozenset()  # refs; empty: the pods whose spec.nodeName is node
+    ttl: int = 30
+
+
 def _identity(value: bytes) -> bytes:
     return value
 
