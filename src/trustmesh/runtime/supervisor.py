@@ -200,9 +200,10 @@ class MeshRuntime:
         published: list[PublishedPort] = []
         if plan.sandboxed and loaded.mesh is not None:
             published = published_ports(plan, loaded.mesh, self.base)
-        if (not plan.sandboxed or published) and self.join is None:
+        if not plan.sandboxed or published:
             try:  # before anything binds: a second mesh in the block would break the first
-                self._claim = claim_block(self.base, self.layout.root)
+                if self.join is None:  # a host's block is claimed by `up --hosts`
+                    self._claim = claim_block(self.base, self.layout.root)
                 pods = [] if plan.sandboxed else planned_addresses(plan)
                 probe(pods + [(p.host, p.port) for p in published])
             except AddressConflict as exc:
