@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import subprocess
@@ -207,7 +208,11 @@ def _up_cluster(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Stopped by a signal, or by `trustmesh down` from another shell (it marks the record).
+    while not stop.wait(1.0):
+        with contextlib.suppress(OSError, ValueError):
+            if read_json(cluster_file(state)).get("state") == "stopped":
+                return
     stop_cluster(state, lambda message: _err.print(message, markup=False))
 
 
