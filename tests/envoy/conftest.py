@@ -36,13 +36,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from trustmesh.agent.envoy import (
-    EnvoyProcess,
-    InboundListener,
-    OutboundListener,
-    sidecar_bootstrap,
-)
+from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.agent.sds import SdsServer, SecretStore, WorkloadSecret
+from trustmesh.envoy_bootstrap import InboundListener, OutboundListener, sidecar_bootstrap
 
 T = TypeVar("T")
 TRUST_DOMAIN = "cluster.local"

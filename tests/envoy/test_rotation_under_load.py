@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from trustmesh.agent.envoy import (
+from trustmesh.agent.envoy import EnvoyProcess
+from trustmesh.agent.sds import SdsServer, SecretStore
+from trustmesh.agent.workload import AgentConfig, WorkloadAgent
+from trustmesh.envoy_bootstrap import (
     Backend,
     DirectResponse,
-    EnvoyProcess,
     InboundListener,
     OutboundListener,
     sidecar_bootstrap,
 )
-from trustmesh.agent.sds import SdsServer, SecretStore
-from trustmesh.agent.workload import AgentConfig, WorkloadAgent
 from trustmesh.identity import pki
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.rotation import RotationPolicy

@@ -16,15 +16,14 @@ from typing import Any
 
 import pytest
 
-from trustmesh.agent.envoy import (
+from trustmesh.agent.envoy import EnvoyConfigError, validate_bootstrap
+from trustmesh.envoy_bootstrap import (
     Backend,
     DirectResponse,
-    EnvoyConfigError,
     InboundListener,
     MtlsMode,
     OutboundListener,
     sidecar_bootstrap,
-    validate_bootstrap,
 )
 
 from .conftest import (

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.unit.meshutil import compile_text
+from tests.unit.meshutil import BASE, compile_text
 from trustmesh.api.loader import load_sources
 from trustmesh.api.snapshot import build_snapshot
 from trustmesh.cli.main import app
+from trustmesh.pipeline import compile_sources
+from trustmesh.policy.compose import MeshPolicy, compile_mesh
 from trustmesh.xds.envoyfilter import EnvoyFilterRejected, envoy_filter_diagnostics
 from trustmesh.xds.translate import ProxyResources, translate
 
@@ -250,19 +252,27 @@ def test_patches_envoy_would_reject_name_file_line_and_field() -> None:
     assert "patch.operation" in _diagnostics(no_operation)[0]
 
 
+def _unchecked(text: str) -> MeshPolicy:
+    """Compiled although validation refuses the EnvoyFilter: translate() must refuse on
+    its own (a control plane never pushes what Envoy would NACK)."""
+    compiled = compile_sources([("policy.yaml", BASE), ("filters.yaml", text.encode())])
+    assert {d.code for d in compiled.errors} <= {"invalid-envoy-config"}, compiled.errors
+    return compile_mesh(compiled.snapshot)
+
+
 def test_translate_refuses_a_proxy_config_with_a_patch_envoy_would_reject() -> None:
     bad = envoy_filter(lua("x", "INSERT_FIRST").replace("lua.v3.Lua", "lua.v3.Luaa"))
     with pytest.raises(EnvoyFilterRejected, match="unknown type"):
-        translate(compile_text(bad), "foo/httpbin", inbound_address="127.0.0.2")
+        translate(_unchecked(bad), "foo/httpbin", inbound_address="127.0.0.2")
     # Istio only warns about these; Envoy would reject them: refused, never skipped.
     typo = envoy_filter(lua("x", "INSERT_FIRST").replace("default_source_code", "default_src"))
     with pytest.raises(EnvoyFilterRejected, match="unknown field 'default_src'"):
-        translate(compile_text(typo), "foo/httpbin", inbound_address="127.0.0.2")
+        translate(_unchecked(typo), "foo/httpbin", inbound_address="127.0.0.2")
     by_name = envoy_filter(
         "  - applyTo: HTTP_FILTER\n    patch: {operation: INSERT_FIRST, value: {name: x}}\n"
     )
     with pytest.raises(EnvoyFilterRejected, match="without typed_config"):
-        translate(compile_text(by_name), "foo/httpbin", inbound_address="127.0.0.2")
+        translate(_unchecked(by_name), "foo/httpbin", inbound_address="127.0.0.2")
 
 
 def test_a_patch_that_breaks_the_merged_config_is_refused_before_any_push() -> None:

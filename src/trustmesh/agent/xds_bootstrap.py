@@ -1,6 +1,6 @@
 """The bootstrap of a sidecar Envoy that gets everything from the control plane over ADS.
 
-Unlike :func:`trustmesh.agent.envoy.sidecar_bootstrap`, which spells out the listeners
+Unlike :func:`trustmesh.envoy_bootstrap.sidecar_bootstrap`, which spells out the listeners
 itself, this bootstrap holds only what Envoy needs before it can talk to anybody:
 
 * ``sds-grpc``: the agent's SDS server on a Unix socket — the workload certificate
@@ -31,7 +31,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from trustmesh.agent.envoy import (
+from trustmesh.envoy_bootstrap import (
     check_spiffe_ids,
     common_tls_context,
     is_ip,

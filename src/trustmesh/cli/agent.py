@@ -11,17 +11,17 @@ from typing import Annotated
 
 import typer
 
-from trustmesh.agent.envoy import (
+from trustmesh.agent.envoy import EnvoyProcess
+from trustmesh.agent.sds import SdsServer, SecretStore
+from trustmesh.agent.workload import AgentConfig, WorkloadAgent
+from trustmesh.cli import render
+from trustmesh.envoy_bootstrap import (
     Backend,
     DirectResponse,
-    EnvoyProcess,
     InboundListener,
     OutboundListener,
     sidecar_bootstrap,
 )
-from trustmesh.agent.sds import SdsServer, SecretStore
-from trustmesh.agent.workload import AgentConfig, WorkloadAgent
-from trustmesh.cli import render
 from trustmesh.identity.spiffe import SpiffeId
 
 
