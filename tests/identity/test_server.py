@@ -120,6 +120,7 @@ def test_token_enrollment_then_mtls_renewal_of_the_same_identity(tmp_path: Path)
         "ca-true",
         "dns-san",
         "no-credentials",
+        "node-token",
     ],
 )
 def test_attacks_with_tokens_fail(tmp_path: Path, attack: str) -> None:
@@ -151,6 +152,8 @@ def test_attacks_with_tokens_fail(tmp_path: Path, attack: str) -> None:
             expected = grpc.StatusCode.PERMISSION_DENIED
         elif attack == "no-credentials":
             token = None
+        elif attack == "node-token":  # a host's token enrolls no workload certificate
+            token = ca.node_token("host-1", NOW)
         error = await refused(client.create_certificate(csr, token=token))
         assert error.code is expected, error
         await client.close()

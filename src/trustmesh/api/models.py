@@ -329,6 +329,7 @@ class PodSpec(Loose):
     containers: tuple[Container, ...] = ()
     init_containers: tuple[Container, ...] = ()
     host_network: bool = False
+    node_name: str = ""  # the host it must run on (`trustmesh up --hosts`, `node join`)
     restart_policy: str = ""  # Always (Kubernetes' default), OnFailure or Never
     security_context: SecurityContext = Field(default_factory=SecurityContext)
 

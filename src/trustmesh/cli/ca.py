@@ -123,16 +123,28 @@ def serve(
 
 @app.command()
 def token(
-    namespace: Annotated[str, typer.Option("--namespace", "-n")],
-    service_account: Annotated[str, typer.Option("--service-account", "-s")],
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "",
+    service_account: Annotated[str, typer.Option("--service-account", "-s")] = "",
+    node: Annotated[
+        str, typer.Option("--node", help="A node token: NODE may register its workloads.")
+    ] = "",
     ttl: Annotated[str, typer.Option("--ttl")] = "10m",
     reusable: Annotated[bool, typer.Option("--reusable", help="Allow more than one use.")] = False,
     directory: DirOpt = DEFAULT_DIR,
 ) -> None:
-    """Print a bootstrap token for NAMESPACE/SERVICE_ACCOUNT."""
+    """Print a bootstrap token for NAMESPACE/SERVICE_ACCOUNT, or a node token (--node)."""
+    if bool(node) == bool(namespace or service_account):
+        render.usage_error("give either --node NAME or --namespace and --service-account")
+        raise typer.Exit(2)
+    if not node and not (namespace and service_account):
+        render.usage_error("a workload token needs both --namespace and --service-account")
+        raise typer.Exit(2)
     ca = _load(directory)
     try:
-        value = ca.token(namespace, service_account, _now(), parse_duration(ttl), not reusable)
+        if node:
+            value = ca.node_token(node, _now(), parse_duration(ttl), not reusable)
+        else:
+            value = ca.token(namespace, service_account, _now(), parse_duration(ttl), not reusable)
     except ValueError as exc:
         render.usage_error(str(exc))
         raise typer.Exit(2) from None

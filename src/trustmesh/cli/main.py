@@ -23,6 +23,7 @@ from trustmesh.cli.analyze import analyze_command, harden_command
 from trustmesh.cli.ca import app as ca_app
 from trustmesh.cli.graph import graph_command
 from trustmesh.cli.insight import generate_command, impact_command, traffic_app
+from trustmesh.cli.node import app as node_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.replica import control_plane as control_plane_command
 from trustmesh.cli.sample import app as sample_app
@@ -52,6 +53,7 @@ authz_app = typer.Typer(help="Authorization questions answered offline.", no_arg
 app.add_typer(authz_app, name="authz")
 app.add_typer(ca_app, name="ca")
 app.add_typer(sample_app, name="sample")
+app.add_typer(node_app, name="node")
 app.command("agent")(agent_command)
 app.command("up")(mesh_cli.up)
 app.command("status")(mesh_cli.status)

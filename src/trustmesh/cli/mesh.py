@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,9 +30,10 @@ from trustmesh.runtime.client import (
     http_request,
     tcp_exchange,
 )
+from trustmesh.runtime.cluster import Cluster, cluster_file, cluster_status, stop_cluster
 from trustmesh.runtime.commands import parse_image_command
 from trustmesh.runtime.gateway import envoy_listener_addresses
-from trustmesh.runtime.layout import DEFAULT_STATE, Layout
+from trustmesh.runtime.layout import DEFAULT_STATE, Layout, read_json
 from trustmesh.runtime.plan import DEFAULT_BASE, Isolation, PodPlan
 from trustmesh.runtime.podclient import request_in_pod
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff
@@ -56,6 +59,17 @@ def _open(state: Path) -> RunningMesh:
     except NotRunning as exc:
         render.usage_error(str(exc))
         raise typer.Exit(1) from None
+
+
+def _host_state(state: Path, ref: str) -> Path:
+    """A pod's host's state directory in a multi-host mesh (``up --hosts``), else ``state``."""
+    if not cluster_file(state).exists():
+        return state
+    for host in read_json(cluster_file(state)).get("hosts", []):
+        if ref in host.get("pods", []):
+            return Path(host["state"])
+    render.usage_error(f"no pod {ref!r} runs on a host of the mesh in {state}")
+    raise typer.Exit(1)
 
 
 def _pod(running: RunningMesh, ref: str) -> PodPlan:
@@ -99,8 +113,22 @@ def up(
             "user on loopback addresses. Default: netns when this host allows it.",
         ),
     ] = None,
+    hosts: Annotated[
+        int,
+        typer.Option(
+            "--hosts",
+            help="Run the pods on N hosts (each `trustmesh node join`, process mode) over a "
+            "3-member etcd and --replicas control-plane replicas.",
+        ),
+    ] = 0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", help="Control-plane replicas (with --hosts).")
+    ] = 0,
 ) -> None:
     """Start the control plane, the CA and every workload of the manifests, with sidecars."""
+    if hosts or replicas:
+        _up_cluster(config, state, detach, base, hosts, replicas, isolation)
+        return
     try:
         images = [parse_image_command(text) for text in image or []]
         backoff = Backoff.scaled(restart_backoff)
@@ -141,6 +169,67 @@ def up(
         isolation=mode,
     )
     raise typer.Exit(asyncio.run(_run_foreground(runtime)))
+
+
+def _up_cluster(
+    config: list[Path],
+    state: Path,
+    detach: bool,
+    base: str,
+    hosts: int,
+    replicas: int,
+    isolation: str | None,
+) -> None:
+    if hosts < 1 or replicas < 1:
+        render.usage_error("--hosts and --replicas go together, each at least 1")
+        raise typer.Exit(2)
+    if isolation not in (None, "process"):
+        render.usage_error("--hosts runs every host in process mode (--isolation process)")
+        raise typer.Exit(2)
+    state = state.resolve()
+    if cluster_file(state).exists():
+        previous = read_json(cluster_file(state))
+        if previous.get("state") != "stopped":
+            render.usage_error(f"a mesh already runs from {state}: trustmesh down --state {state}")
+            raise typer.Exit(1)
+    cluster = Cluster(state, lambda message: _err.print(message, markup=False))
+    try:
+        cluster.start([str(p) for p in config], hosts, replicas, base)
+    except StartError as exc:
+        render.usage_error(str(exc))
+        for problem in exc.diagnostics:
+            _err.print(f"  {problem}", markup=False)
+        raise typer.Exit(1) from None
+    _cluster_table(cluster_status(state))
+    if detach:
+        _err.print(f"mesh running in the background; trustmesh down --state {state}", markup=False)
+        return
+    _err.print("serving; Ctrl-C or `trustmesh down` stops the mesh", markup=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    # Stopped by a signal, or by `trustmesh down` from another shell (it marks the record).
+    while not stop.wait(1.0):
+        with contextlib.suppress(OSError, ValueError):
+            if read_json(cluster_file(state)).get("state") == "stopped":
+                return
+    stop_cluster(state, lambda message: _err.print(message, markup=False))
+
+
+def _cluster_table(status: dict[str, Any]) -> None:
+    _out.print(f"mesh {status['state']}; store {status['store']}", markup=False)
+    for replica in status["replicas"]:
+        leader = " (leader)" if replica["leader"] else ""
+        _out.print(
+            f"replica {replica['name']}{leader} pid {replica['pid']} xds {replica.get('address')}"
+            f" serves {len(replica['proxies'])} proxies",
+            markup=False,
+        )
+    for host in status["hosts"]:
+        _out.print(
+            f"{host['name']} pid {host['pid']} ({host['state']}): {', '.join(host['pods'])}",
+            markup=False,
+        )
 
 
 def _isolation(text: str | None) -> Isolation | None:
@@ -227,6 +316,13 @@ def status(
     output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
 ) -> None:
     """Pods, their addresses and processes, and whether each proxy has its config."""
+    if cluster_file(state.resolve()).exists():
+        cluster = cluster_status(state.resolve())
+        if output == "json":
+            sys.stdout.write(json.dumps(cluster, indent=2) + "\n")
+        else:
+            _cluster_table(cluster)
+        return
     running = _open(state.resolve())
     sync = running.syncz()
     if output == "json":
@@ -367,6 +463,10 @@ def logs(
 
 def down(state: State = Path(DEFAULT_STATE)) -> None:
     """Stop everything the mesh started (by PID), and nothing else."""
+    if cluster_file(state.resolve()).exists():
+        stopped = stop_cluster(state.resolve(), lambda message: _err.print(message, markup=False))
+        _err.print(f"mesh stopped ({stopped} process(es) signalled)", markup=False)
+        return
     running = _open(state.resolve())
     if running.state == "stopped" and not running.supervisor_alive:
         try:  # a sandbox whose teardown failed before: the ledger says what is left
@@ -453,7 +553,7 @@ def request(
     Prints status, headers and body. Exit 0 when an answer came (any status), 56 when
     the connection was reset or closed first (as curl), 1/2 for errors.
     """
-    running = _open(state.resolve())
+    running = _open(_host_state(state.resolve(), source))
     pod = _pod(running, source)
     if bool(tcp) == bool(url):
         render.usage_error("give either a URL or --tcp HOST:PORT")

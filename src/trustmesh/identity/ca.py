@@ -35,10 +35,13 @@ from trustmesh.identity.rotation import (
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.identity.store import CaStore, StoreError
 from trustmesh.identity.tokens import (
+    NodeGrant,
     TokenGrant,
     TokenLedger,
     TokenRejected,
+    issue_node_token,
     issue_token,
+    verify_node_token,
     verify_token,
 )
 
@@ -404,6 +407,33 @@ class CertificateAuthority:
             ttl=ttl,
             single_use=single_use,
         )
+
+    def node_token(
+        self,
+        node: str,
+        now: dt.datetime,
+        ttl: dt.timedelta = dt.timedelta(minutes=10),
+        single_use: bool = True,
+    ) -> str:
+        """A token that lets host ``node`` register its workloads (and nothing else)."""
+        return issue_node_token(self.token_key, node=node, now=now, ttl=ttl, single_use=single_use)
+
+    async def redeem_node_token_shared(self, token: str, now: dt.datetime) -> NodeGrant:
+        """Verify a node token and, if single use, burn it (shared ledger or directory);
+        a workload token is refused (``token-not-node``)."""
+        grant = verify_node_token(
+            token, self.token_key.public_key(), now=now, already_used=self.used_tokens.__contains__
+        )
+        if grant.single_use:
+            if self.ledger is not None:
+                if not await self.ledger.consume_token(grant.token_id, grant.expires):
+                    raise TokenRejected("token-reused", "node token was already used")
+            else:
+                self.store.append(
+                    "used-tokens.jsonl", {"jti": grant.token_id, "exp": grant.expires.isoformat()}
+                )
+            self.used_tokens.add(grant.token_id)
+        return grant
 
     def redeem_token(self, token: str, now: dt.datetime) -> TokenGrant:
         """Verify a bootstrap token and, if single use, burn it (persisted)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -64,8 +64,10 @@ class CaServer:
         clock: Clock = utc_now,
         hostnames: tuple[str, ...] = ("trustmesh-ca",),
         observer: CaObserver | None = None,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:
         self.ca = ca
+        self.extra_handlers = tuple(extra_handlers)  # more services on the enrollment port
         self.observer = observer
         self.clock = clock
         self.address = address
@@ -128,6 +130,7 @@ class CaServer:
                         )
                     },
                 ),
+                *self.extra_handlers,
             )
         )
         for require_client_cert in (False, True):

@@ -41,6 +41,7 @@ from trustmesh.metrics.server import MetricsServer
 from trustmesh.runtime.control_plane import _open_ca, _syncz
 from trustmesh.runtime.debug_endpoint import SYNCZ, DebugEndpointError, DebugServer, debug_socket
 from trustmesh.runtime.layout import write_json
+from trustmesh.runtime.registration import NodeRegistrar
 from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.ca_records import EtcdCaRecords, WatchedRevocations
 from trustmesh.store.config_source import StoreConfigSource
@@ -278,6 +279,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         address=f"{host}:{options.ca_port}",
         renewal_address=f"{host}:{options.ca_renewal_port}",
         observer=metrics,
+        extra_handlers=[
+            NodeRegistrar(ca, client, lambda: read_replicas(client)).handler()
+        ],  # hosts join here
     )
     metrics_server = MetricsServer(host, options.metrics_port, plane_text=metrics.render)
     debug: DebugServer | None = None

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class SidecarSpec:
     # private_dir (only this pod's proxy processes can open it)
     peer_check: bool = False
     private_dir: str | None = None
+    # more control-plane replicas (host, port) after xds_address:xds_port (`node join`)
+    more_xds: Sequence[tuple[str, int]] = ()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,7 +68,9 @@ class SidecarSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SidecarSpec:
         fields = dataclasses.fields(cls)
-        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+        values = {f.name: data[f.name] for f in fields if f.name in data}
+        values["more_xds"] = tuple((str(h), int(p)) for h, p in values.get("more_xds", ()))
+        return cls(**values)
 
 
 def _announce(value: dict[str, Any]) -> None:
@@ -114,6 +119,7 @@ async def run_sidecar(spec: SidecarSpec, stop: asyncio.Event) -> int:
             admin_port=spec.admin_port,
             control_plane_id=spec.control_plane_id,
             source_address=spec.source_address,
+            more_xds=spec.more_xds,
         )
         # One worker thread: a host runs many sidecars (Istio's default is 2 per proxy).
         # Access logs flushed every 100 ms: `trustmesh logs --proxy` and `test --live`

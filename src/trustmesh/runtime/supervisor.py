@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -42,8 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
+
 from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
 from trustmesh.api.diagnostics import Diagnostic
+from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.config import load_config
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.addresses import (
@@ -59,6 +63,7 @@ from trustmesh.runtime.control_plane import ARGS_FILE, node_id, write_not_ready
 from trustmesh.runtime.gateway import PublishedPort, Publisher, published_ports
 from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
+from trustmesh.runtime.registration import HostJoin, Joined, RegistryClient
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff, Exit, should_restart
 from trustmesh.runtime.sandbox import Sandbox
 from trustmesh.runtime.sandbox import mesh_id as sandbox_mesh_id
@@ -71,6 +76,7 @@ from trustmesh.runtime.sandboxed import (
     sidecar_argv,
 )
 from trustmesh.runtime.sidecar import SidecarSpec
+from trustmesh.store.model import WorkloadRecord
 from trustmesh.xds.gateway import gateway_diagnostics
 
 __all__ = ["MESH_ENV", "MeshRuntime", "StartError", "belongs_to", "stop_recorded"]
@@ -131,6 +137,11 @@ class MeshRuntime:
     _app_started: dict[str, float] = field(default_factory=dict)  # by clock()
     _last_delay: dict[str, float] = field(default_factory=dict)  # back-off before the last start
     _wake: asyncio.Event | None = None  # supervise() watches a new child
+    # `trustmesh node join`: this host's pods only, against the replicas (no control plane
+    # of its own); set when it joined
+    join: HostJoin | None = None
+    joined: Joined | None = None
+    _registry: RegistryClient | None = None
 
     # -- start
 
@@ -174,6 +185,8 @@ class MeshRuntime:
         )
         if plan is None:
             raise StartError("the workloads cannot run locally", problems)
+        if self.join is not None:
+            plan = self._host_pods(plan, loaded.snapshot)
         if not plan.pods:
             raise StartError("no Deployment, StatefulSet, DaemonSet or Pod to run")
         for problem in loaded.diagnostics:
@@ -192,7 +205,8 @@ class MeshRuntime:
             published = published_ports(plan, loaded.mesh, self.base)
         if not plan.sandboxed or published:
             try:  # before anything binds: a second mesh in the block would break the first
-                self._claim = claim_block(self.base, self.layout.root)
+                if self.join is None:  # a host's block is claimed by `up --hosts`
+                    self._claim = claim_block(self.base, self.layout.root)
                 pods = [] if plan.sandboxed else planned_addresses(plan)
                 probe(pods + [(p.host, p.port) for p in published])
             except AddressConflict as exc:
@@ -204,11 +218,16 @@ class MeshRuntime:
         write_json(self.layout.plan, plan.to_json())
         self.pods = {pod.ref: {**pod.to_json(), "status": "starting"} for pod in plan.pods}
         self._record("starting")
-        await self._start_control_plane()
+        if self.join is not None:
+            await self._join_replicas(self.join)
+        else:
+            await self._start_control_plane()
         sidecars = [pod for pod in plan.pods if pod.sidecar]
         self.progress(f"starting {len(sidecars)} sidecars (agent + Envoy)")
         await asyncio.gather(*(self._start_sidecar(i, pod) for i, pod in enumerate(sidecars)))
-        if sidecars:
+        # A joined host has no control plane of its own to ask for ACKs: a sidecar is
+        # ready once its Envoy has its first listeners from a replica.
+        if sidecars and self.join is None:
             await self._wait_configured(sidecars)
         if published:
             await self._publish(published)
@@ -238,6 +257,82 @@ class MeshRuntime:
         except (OSError, RuntimeError) as exc:
             raise StartError(f"the pod sandbox cannot be built: {exc}") from None
 
+    def _host_pods(self, plan: MeshPlan, snapshot: ConfigSnapshot) -> MeshPlan:
+        """The plan of the whole mesh (every pod keeps its address) cut to this host's."""
+        assert self.join is not None
+        wanted = self.join.pods or {
+            w.ref
+            for w in snapshot.workloads
+            if w.kind in ("Deployment", "StatefulSet", "DaemonSet", "Pod")
+            and _node_name(w.resource.spec) == self.join.node
+        }
+        unknown = sorted(set(self.join.pods) - {p.ref for p in plan.pods})
+        if unknown:
+            raise StartError(f"no such pod in the configuration: {', '.join(unknown)}")
+        return dataclasses.replace(plan, pods=tuple(p for p in plan.pods if p.ref in wanted))
+
+    async def _join_replicas(self, join: HostJoin) -> None:
+        """Register this host's pods with its node token (one replica answers), then
+        write the trust bundle and each sidecar's bootstrap token it got back."""
+        assert self.plan is not None
+        records = [
+            WorkloadRecord(
+                pod.namespace,
+                pod.name,
+                join.node,
+                pod.pod_ip,
+                pod.service_account,
+                kind="Pod",
+                app_address=pod.app_ip,
+                outbound_address=pod.outbound_ip or "",
+            )
+            for pod in self.plan.pods
+            if pod.sidecar and not pod.gateway
+        ]
+        self.progress(f"joining as {join.node} at {','.join(join.control_plane)}")
+        self._registry = RegistryClient(join.control_plane, join.roots_pem)
+        try:
+            joined = await self._registry.join(join.token, records, join.ttl)
+        except grpc.aio.AioRpcError as exc:
+            raise StartError(f"the control plane refused the join: {exc.details()}") from None
+        if not joined.replicas:
+            raise StartError("the control plane lists no live replica")
+        self.joined = joined
+        self.layout.roots.write_bytes(join.roots_pem)
+        for pod in self.plan.pods:
+            token = joined.tokens.get(pod.ref)
+            if token is not None:
+                path = self.layout.token(pod.key)
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+                    out.write(token)
+        first = joined.replicas[0]
+        self.control_plane = {
+            "node": joined.node,
+            "lease": joined.lease,
+            "replicas": [dict(r) for r in joined.replicas],
+            "spiffe_id": first["spiffe_id"],
+        }
+
+    async def keep_joined(self, stop: asyncio.Event) -> None:
+        """Refresh this host's lease at a third of its TTL until ``stop``; a lease that
+        ended (the control plane lost this host) is reported: a new node token joins."""
+        if self.joined is None or self._registry is None:
+            return
+        joined, registry = self.joined, self._registry
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), joined.ttl / 3)
+            if stop.is_set():
+                return
+            try:
+                await registry.keep_alive(joined)
+            except grpc.aio.AioRpcError as exc:
+                _log.error("keeping %s's lease: %s", joined.node, exc.details())
+                if exc.code() is grpc.StatusCode.NOT_FOUND:
+                    self.progress(f"{joined.node}'s lease ended: join again with a new token")
+                    return
+
     async def _start_control_plane(self) -> None:
         # A restart keeps the ports the proxies and agents already use.
         assert self.plan is not None
@@ -264,19 +359,30 @@ class MeshRuntime:
         if paths is not None:
             await self._start_sandboxed_sidecar(pod, paths)
             return
-        ports = self.control_plane["ports"]
+        if self.joined is not None:
+            replicas = self.joined.replicas
+            xds = [_host_port(r["address"]) for r in replicas]
+            ca_address = ",".join(r["ca"] for r in replicas)
+            renewal_address = ",".join(r["ca_renewal"] for r in replicas)
+        else:
+            ports = self.control_plane["ports"]
+            xds = [("127.0.0.1", int(ports["xds"]))]
+            ca_address = f"127.0.0.1:{ports['ca']}"
+            renewal_address = f"127.0.0.1:{ports['ca_renewal']}"
         spec = SidecarSpec(
             namespace=pod.namespace,
             service_account=pod.service_account,
             trust_domain=self.plan.trust_domain,
             node_id=node_id(pod),
             cluster=f"{pod.name}.{pod.namespace}",
-            ca_address=f"127.0.0.1:{ports['ca']}",
-            ca_renewal_address=f"127.0.0.1:{ports['ca_renewal']}",
+            ca_address=ca_address,
+            ca_renewal_address=renewal_address,
             roots_file=str(self.layout.roots),
             token_file=str(self.layout.token(pod.key)),
             sds_socket=str(self.layout.sds_socket(index)),
-            xds_port=ports["xds"],
+            xds_address=xds[0][0],
+            xds_port=xds[0][1],
+            more_xds=xds[1:],
             control_plane_id=self.control_plane.get("spiffe_id")
             or control_plane_spiffe_id(self.plan.trust_domain),
             workdir=str(self.layout.pod_dir(pod.key)),
@@ -649,6 +755,9 @@ class MeshRuntime:
                 self.progress(f"could not remove {problem}")
             self.sandbox = None
         self._record("stopped")
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
         if self._claim is not None:
             self._claim.release()
             self._claim = None
@@ -678,6 +787,17 @@ class MeshRuntime:
     def _pid(self, name: str) -> int | None:
         child = self._children.get(name)
         return child.process.pid if child is not None else None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _node_name(spec: Any) -> str:
+    """``spec.nodeName`` of a Pod, ``spec.template.spec.nodeName`` of a controller."""
+    pod = getattr(spec, "spec", None) or getattr(getattr(spec, "template", None), "spec", None)
+    return str(getattr(pod, "node_name", "") or "")
 
 
 def _now() -> dt.datetime:
