@@ -43,8 +43,8 @@ from tests.xds.controlplane_rig import DENY_GET  # noqa: E402
 from tests.xds.controlplane_traffic import Connection  # noqa: E402
 
 from benchlib.progress import log  # noqa: E402
-from trustmesh.cli.store import apply_resources  # noqa: E402
 from trustmesh.config import load_config  # noqa: E402
+from trustmesh.store.apply import apply_resources  # noqa: E402
 from trustmesh.store.etcd_server import EtcdCluster  # noqa: E402
 
 TARGET_P99_MS = 200.0

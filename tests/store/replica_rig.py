@@ -27,11 +27,11 @@ from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.agent.sds import SdsServer, SecretStore
 from trustmesh.agent.workload import AgentConfig, WorkloadAgent
 from trustmesh.agent.xds_bootstrap import ads_bootstrap
-from trustmesh.cli.store import apply_resources
 from trustmesh.config import load_config
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.runtime.replica import registration_of
+from trustmesh.store.apply import apply_resources
 from trustmesh.store.base import ResourceStore
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster

@@ -13,9 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from trustmesh.cli.main import app
-from trustmesh.cli.store import apply_resources
 from trustmesh.config import load_config
 from trustmesh.store import open_store
+from trustmesh.store.apply import apply_resources
 from trustmesh.store.etcd_server import EtcdCluster
 
 runner = CliRunner()

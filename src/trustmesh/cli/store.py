@@ -8,7 +8,6 @@ none of it (one etcd transaction).
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,18 +21,16 @@ from trustmesh.api.resources import Resource
 from trustmesh.cli.options import NamespaceOpt, namespace_problem
 from trustmesh.config import load_config
 from trustmesh.store import ResourceStore, StoreError, open_store
+from trustmesh.store.apply import apply_resources, resource_key
 from trustmesh.store.model import (
-    Conflict,
     ResourceDelete,
     ResourceKey,
-    ResourceWrite,
     StoredResource,
     is_object_name,
 )
 
 T = TypeVar("T")
 DEFAULT_STORE = "file:trustmesh-store"
-RETRIES = 5  # an apply without resourceVersion re-reads and retries after a conflict
 
 StoreOpt = Annotated[
     str,
@@ -69,25 +66,6 @@ def _run(store_url: str, action: Callable[[ResourceStore], Awaitable[T]]) -> T:
 
 
 # --- reading the input -----------------------------------------------------------------------
-
-
-def _manifest(resource: Resource[Any]) -> tuple[dict[str, Any], int]:
-    """The object as written (namespace filled in) and the resourceVersion it names (0: none)."""
-    body: Any = resource.document.body
-    for part in resource.base_path:
-        body = body[part]
-    value: dict[str, Any] = copy.deepcopy(body)
-    metadata = value.setdefault("metadata", {})
-    if resource.namespace:
-        metadata["namespace"] = resource.namespace
-    version = metadata.pop("resourceVersion", None)
-    for generated in ("uid", "generation", "managedFields"):
-        metadata.pop(generated, None)
-    return value, int(version) if str(version or "").isdigit() else 0
-
-
-def _key(resource: Resource[Any]) -> ResourceKey:
-    return ResourceKey(resource.group, resource.kind, resource.namespace, resource.name)
 
 
 def _validated(files: Sequence[str], namespace: str) -> list[Resource[Any]]:
@@ -163,47 +141,7 @@ def _metadata_version(resource: Resource[Any]) -> str | None:
     return None if version is None else str(version)
 
 
-def _canonical(value: dict[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 # --- apply -------------------------------------------------------------------------------------
-
-
-async def apply_resources(
-    store: ResourceStore, resources: Sequence[Resource[Any]]
-) -> list[tuple[ResourceKey, str]]:
-    """Write every object in one commit; (key, created|configured|unchanged) per object.
-
-    An object that names a resourceVersion must still be at it (else :class:`Conflict`);
-    one that does not is compared with what the store holds, and the commit retried
-    if someone else wrote in between."""
-    wanted = [(_key(r), *_manifest(r)) for r in resources]
-    for attempt in range(RETRIES):
-        outcome: list[tuple[ResourceKey, str]] = []
-        writes: list[ResourceWrite] = []
-        for key, body, named_version in wanted:
-            current = await store.get(key)
-            found = 0 if current is None else current.resource_version
-            expected = named_version or found
-            manifest = _canonical(body)
-            if current is not None and _canonical(json.loads(current.manifest)) == manifest:
-                if named_version and named_version != found:
-                    raise Conflict(key, named_version, found)
-                outcome.append((key, "unchanged"))
-                continue
-            outcome.append((key, "created" if current is None else "configured"))
-            writes.append(ResourceWrite(key, manifest, expected))
-        if not writes:
-            return outcome
-        try:
-            await store.commit(writes)
-            return outcome
-        except Conflict as conflict:
-            named = {k for k, _, v in wanted if v}
-            if conflict.key in named or attempt == RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 def apply(
@@ -329,7 +267,7 @@ def delete(
     async def action(s: ResourceStore) -> list[StoredResource]:
         listed, _ = await s.list()
         if filename:
-            wanted = {_key(r) for r in _validated(filename, namespace)}
+            wanted = {resource_key(r) for r in _validated(filename, namespace)}
             targets = [r for r in listed if r.key in wanted]
             missing = wanted - {r.key for r in targets}
         else:
@@ -352,4 +290,4 @@ def delete(
         typer.echo(f"{deleted.key.display()} deleted")
 
 
-__all__ = ["apply", "apply_resources", "delete", "get"]
+__all__ = ["apply", "delete", "get"]

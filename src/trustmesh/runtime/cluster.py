@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trustmesh.cli.store import apply_resources
 from trustmesh.config import load_config
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.store import StoreError
@@ -38,6 +37,7 @@ from trustmesh.runtime.plan import Isolation, plan_mesh
 from trustmesh.runtime.replica import read_replicas
 from trustmesh.runtime.supervisor import StartError, belongs_to, stop_recorded
 from trustmesh.store import parse_etcd_endpoints
+from trustmesh.store.apply import apply_resources
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import EtcdResourceStore
