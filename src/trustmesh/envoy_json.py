@@ -8,7 +8,7 @@ sidecar's bootstrap and its ADS-delivered config can never disagree on them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
@@ -43,6 +43,37 @@ UPSTREAM_TLS_TYPE = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsC
 # so Istio-shaped configurations work unchanged.
 CERTIFICATE_SECRET = "default"
 TRUST_BUNDLE_SECRET = "ROOTCA"
+
+
+CLUSTER_TYPE = _T + "envoy.config.cluster.v3.Cluster"
+CONNECT_TIMEOUT = "10s"  # Istio's meshConfig.connectTimeout default
+
+
+def dns_cluster(
+    name: str, targets: Sequence[tuple[str, int]], *, logical: bool = False
+) -> dict[str, Any]:
+    """A cluster to ``targets`` (host, port) resolved by Envoy: STRICT_DNS (every address
+    of every name is an endpoint) or LOGICAL_DNS (one name, its first address; for
+    round-robin DNS names)."""
+    return {
+        "@type": CLUSTER_TYPE,
+        "name": name,
+        "type": "LOGICAL_DNS" if logical else "STRICT_DNS",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "dns_lookup_family": "V4_ONLY",
+        "respect_dns_ttl": True,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": socket_address(host, port)}}
+                        for host, port in targets
+                    ]
+                }
+            ],
+        },
+    }
 
 
 def mesh_sni(port: int, host: str, subset: str = "") -> str:

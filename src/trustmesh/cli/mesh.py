@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -242,6 +243,17 @@ def _isolation(text: str | None) -> Isolation | None:
 
 
 async def _run_foreground(runtime: MeshRuntime) -> int:
+    return await run_in_foreground(runtime, "serving; Ctrl-C or `trustmesh down` stops the mesh")
+
+
+async def run_in_foreground(
+    runtime: MeshRuntime,
+    serving: str,
+    alongside: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
+) -> int:
+    """Start ``runtime``, print its pods and ``serving``, supervise until SIGINT / SIGTERM
+    (running ``alongside(stop)`` meanwhile, e.g. a host's lease keeper), then stop it.
+    1 when it could not start (the reasons are printed), else 0."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -254,10 +266,14 @@ async def _run_foreground(runtime: MeshRuntime) -> int:
             _err.print(f"  {problem}", markup=False)
         return 1
     _pods_table(RunningMesh.open(runtime.layout.root), None)
-    _err.print("serving; Ctrl-C or `trustmesh down` stops the mesh", markup=False)
+    _err.print(serving, markup=False)
+    helper = asyncio.create_task(alongside(stop)) if alongside is not None else None
     try:
         await runtime.supervise(stop)
     finally:
+        stop.set()
+        if helper is not None:
+            await asyncio.gather(helper, return_exceptions=True)
         await runtime.down()
     return 0
 

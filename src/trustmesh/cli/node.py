@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from trustmesh.cli import render
-from trustmesh.cli.mesh import State, _err, _pods_table
+from trustmesh.cli.mesh import State, _err, run_in_foreground
 from trustmesh.identity.tokens import is_node_name
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
 from trustmesh.runtime.plan import Isolation
 from trustmesh.runtime.registration import HostJoin
-from trustmesh.runtime.running import RunningMesh
-from trustmesh.runtime.supervisor import MeshRuntime, StartError
+from trustmesh.runtime.supervisor import MeshRuntime
 
 app = typer.Typer(help="A host of the mesh: its pods, registered with the control plane.")
 
@@ -63,24 +61,5 @@ def join(
 
 
 async def _run(runtime: MeshRuntime) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await runtime.up()
-    except StartError as exc:
-        render.usage_error(str(exc))
-        for problem in exc.diagnostics:
-            _err.print(f"  {problem}", markup=False)
-        return 1
-    _pods_table(RunningMesh.open(runtime.layout.root), None)
-    _err.print("host serving; Ctrl-C or `trustmesh down --state` stops it", markup=False)
-    keeper = asyncio.create_task(runtime.keep_joined(stop))
-    try:
-        await runtime.supervise(stop)
-    finally:
-        stop.set()
-        await asyncio.gather(keeper, return_exceptions=True)
-        await runtime.down()
-    return 0
+    serving = "host serving; Ctrl-C or `trustmesh down --state` stops it"
+    return await run_in_foreground(runtime, serving, alongside=runtime.keep_joined)

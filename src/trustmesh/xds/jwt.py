@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from trustmesh.envoy_json import dns_cluster
 from trustmesh.policy.jwt import SPACE_DELIMITED_CLAIMS, JwtProvider
-from trustmesh.xds.outbound import SYSTEM_CA_BUNDLE, dns_cluster
+from trustmesh.xds.outbound import SYSTEM_CA_BUNDLE
 
 __all__ = [
     "JWT_FILTER",
@@ -174,7 +175,7 @@ def jwks_clusters(providers: Sequence[JwtProvider]) -> list[dict[str, Any]]:
         name = jwks_cluster_name(host, port)
         if not host or name in clusters:
             continue
-        cluster = dns_cluster(name, host, port)
+        cluster = dns_cluster(name, [(host, port)])
         if tls:
             cluster["transport_socket"] = {
                 "name": "envoy.transport_sockets.tls",

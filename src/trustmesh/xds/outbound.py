@@ -54,6 +54,8 @@ from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
 from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
+    CLUSTER_TYPE,
+    CONNECT_TIMEOUT,
     HTTP_OPTIONS_TYPE,
     UPSTREAM_TLS_TYPE,
     mesh_sni,
@@ -80,7 +82,6 @@ __all__ = [
     "ROUTE_TYPE",
     "WORKLOAD_HEADER",
     "Protocol",
-    "dns_cluster",
     "outbound_clusters",
     "outbound_routes",
     "port_protocol",
@@ -92,7 +93,6 @@ __all__ = [
 ]
 
 _T = "type.googleapis.com/"
-CLUSTER_TYPE = _T + "envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = _T + "envoy.config.route.v3.RouteConfiguration"
 _RAW_BUFFER = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 
@@ -103,7 +103,6 @@ BLACKHOLE_CLUSTER = "BlackHoleCluster"
 PLACEHOLDER_ADDRESS = "127.0.0.254"
 MESH_CLIENT_ALPN = ("istio-peer-exchange", "istio")
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-_CONNECT_TIMEOUT = "10s"  # Istio's meshConfig.connectTimeout default
 _TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_MODE_ISTIO = {"tlsMode": "istio"}
 
@@ -141,7 +140,7 @@ def static_cluster(
         "@type": CLUSTER_TYPE,
         "name": name,
         "type": "STATIC",
-        "connect_timeout": _CONNECT_TIMEOUT,
+        "connect_timeout": CONNECT_TIMEOUT,
         "load_assignment": {"cluster_name": name, "endpoints": []},
     }
     lb_endpoints = list(endpoints)
@@ -158,25 +157,6 @@ _HTTP2_OPTIONS: dict[str, Any] = {
         "explicit_http_config": {"http2_protocol_options": {}},
     }
 }
-
-
-def dns_cluster(name: str, host: str, port: int, *, logical: bool = False) -> dict[str, Any]:
-    """A cluster to ``host:port`` resolved by Envoy: STRICT_DNS (every address is an
-    endpoint) or LOGICAL_DNS (the first address, for round-robin DNS names)."""
-    return {
-        "@type": CLUSTER_TYPE,
-        "name": name,
-        "type": "LOGICAL_DNS" if logical else "STRICT_DNS",
-        "connect_timeout": _CONNECT_TIMEOUT,
-        "dns_lookup_family": "V4_ONLY",
-        "respect_dns_ttl": True,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}
-            ],
-        },
-    }
 
 
 def target_port(service_port: ServicePortInfo, workload: Workload) -> int | None:
@@ -217,14 +197,14 @@ def outbound_clusters(
             "name": PASSTHROUGH_CLUSTER,
             "type": "ORIGINAL_DST",
             "lb_policy": "CLUSTER_PROVIDED",
-            "connect_timeout": _CONNECT_TIMEOUT,
+            "connect_timeout": CONNECT_TIMEOUT,
         },
         # No endpoints: whatever is routed here fails (503 / reset), Istio's REGISTRY_ONLY.
         BLACKHOLE_CLUSTER: {
             "@type": CLUSTER_TYPE,
             "name": BLACKHOLE_CLUSTER,
             "type": "STATIC",
-            "connect_timeout": _CONNECT_TIMEOUT,
+            "connect_timeout": CONNECT_TIMEOUT,
         },
     }
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):

@@ -21,13 +21,17 @@ from typing import Any
 from trustmesh.api import models as m
 from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
-from trustmesh.envoy_json import HTTP_OPTIONS_TYPE, socket_address
+from trustmesh.envoy_json import (
+    CLUSTER_TYPE,
+    CONNECT_TIMEOUT,
+    HTTP_OPTIONS_TYPE,
+    dns_cluster,
+    socket_address,
+)
 from trustmesh.policy.compose import MeshPolicy
 
 __all__ = ["entry_cluster", "visible_entries"]
 
-_CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-_CONNECT_TIMEOUT = "10s"  # Istio's meshConfig.connectTimeout default
 _HTTP2 = frozenset({"http2", "grpc", "h2c"})
 _HTTP2_OPTIONS: dict[str, Any] = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -67,10 +71,10 @@ def entry_cluster(
         if not addresses and placeholder:
             addresses = [(placeholder, port.number)]
         cluster = {
-            "@type": _CLUSTER_TYPE,
+            "@type": CLUSTER_TYPE,
             "name": name,
             "type": "STATIC",
-            "connect_timeout": _CONNECT_TIMEOUT,
+            "connect_timeout": CONNECT_TIMEOUT,
             "load_assignment": {"cluster_name": name, "endpoints": []},
         }
         if addresses:
@@ -82,31 +86,14 @@ def entry_cluster(
         logical = resolution == "DNS_ROUND_ROBIN"
         if logical:
             targets = targets[:1]  # Envoy's LOGICAL_DNS takes exactly one name
-        cluster = {
-            "@type": _CLUSTER_TYPE,
-            "name": name,
-            "type": "LOGICAL_DNS" if logical else "STRICT_DNS",
-            "connect_timeout": _CONNECT_TIMEOUT,
-            "dns_lookup_family": "V4_ONLY",
-            "respect_dns_ttl": True,
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": socket_address(a, n)}} for a, n in targets
-                        ]
-                    }
-                ],
-            },
-        }
+        cluster = dns_cluster(name, targets, logical=logical)
     else:
         cluster = {
-            "@type": _CLUSTER_TYPE,
+            "@type": CLUSTER_TYPE,
             "name": name,
             "type": "ORIGINAL_DST",
             "lb_policy": "CLUSTER_PROVIDED",
-            "connect_timeout": _CONNECT_TIMEOUT,
+            "connect_timeout": CONNECT_TIMEOUT,
         }
     protocol = port.protocol if port.protocol not in ("", "TCP", "UDP", "SCTP") else port.name
     if protocol.lower().split("-", 1)[0] in _HTTP2:
