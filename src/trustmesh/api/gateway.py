@@ -66,6 +66,7 @@ __all__ = [
     "exported_to",
     "gateway_servers",
     "host_matches",
+    "invalid_route_values",
     "num_trusted_proxies",
     "parse_duration",
     "tls_credential",
@@ -521,6 +522,30 @@ def _l4_destination_problems(
         )
 
 
+def invalid_route_values(route: HttpRoute) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """What Istio's validation refuses in an ``http`` route, whoever the route is for:
+    (field path under the route, message). Gateways and sidecars report them their way."""
+    actions = [a for a in ("route", "redirect", "direct_response") if getattr(route, a)]
+    if len(actions) != 1:
+        yield (), "a route needs exactly one of route, redirect or directResponse"
+    if route.route and len(route.route) > 1 and sum(d.weight for d in route.route) == 0:
+        yield ("route",), "the weights of the destinations sum to 0"
+    if route.redirect is not None and route.redirect.redirect_code not in _REDIRECT_CODES:
+        codes = ", ".join(map(str, sorted(_REDIRECT_CODES)))
+        yield ("redirect", "redirectCode"), f"{route.redirect.redirect_code} is not one of {codes}"
+    if route.rewrite is not None and route.rewrite.uri and route.rewrite.uri_regex_rewrite:
+        yield ("rewrite",), "set one of uri or uriRegexRewrite"
+    if route.timeout and parse_duration(route.timeout) is None:
+        yield ("timeout",), f"{route.timeout!r} is not a duration such as 5s"
+    if route.retries is not None:
+        for field, value in (
+            ("perTryTimeout", route.retries.per_try_timeout),
+            ("backoff", route.retries.backoff),
+        ):
+            if value and parse_duration(value) is None:
+                yield ("retries", field), f"{value!r} is not a duration such as 2s"
+
+
 def _route_problems(resource: Resource[Any], i: int, route: HttpRoute) -> Iterator[Diagnostic]:
     def at(*path: str | int) -> Location:
         return resource.location("http", i, *path)
@@ -528,51 +553,19 @@ def _route_problems(resource: Resource[Any], i: int, route: HttpRoute) -> Iterat
     for attribute, name in _UNSUPPORTED_ROUTE_FIELDS.items():
         if attribute in route.model_fields_set and getattr(route, attribute):
             yield _unsupported(at(name), name)
-    actions = [a for a in ("route", "redirect", "direct_response") if getattr(route, a)]
-    if len(actions) != 1:
-        yield error(
-            "invalid-field",
-            at(),
-            "a route needs exactly one of route, redirect or directResponse",
-        )
+    for path, message in invalid_route_values(route):
+        yield error("invalid-field", at(*path), message)
     for j, match in enumerate(route.match):
         for attribute, name in _UNSUPPORTED_MATCH_FIELDS.items():
             if attribute in match.model_fields_set and getattr(match, attribute):
                 yield _unsupported(at("match", j, name), name)
-    if route.route and len(route.route) > 1 and sum(d.weight for d in route.route) == 0:
-        yield error("invalid-field", at("route"), "the weights of the destinations sum to 0")
-    if route.redirect is not None:
-        if route.redirect.redirect_code not in _REDIRECT_CODES:
-            yield error(
-                "invalid-field",
-                at("redirect", "redirectCode"),
-                f"{route.redirect.redirect_code} is not one of "
-                + ", ".join(map(str, sorted(_REDIRECT_CODES))),
-            )
-        if route.redirect.derive_port:
-            yield _unsupported(at("redirect", "derivePort"), "derivePort")
-    if route.rewrite is not None and route.rewrite.uri and route.rewrite.uri_regex_rewrite:
-        yield error("invalid-field", at("rewrite"), "set one of uri or uriRegexRewrite")
+    if route.redirect is not None and route.redirect.derive_port:
+        yield _unsupported(at("redirect", "derivePort"), "derivePort")
     body = route.direct_response.body if route.direct_response is not None else None
     if body is not None and body.bytes is not None:
         yield _unsupported(at("directResponse", "body", "bytes"), "body.bytes")
-    if route.timeout and parse_duration(route.timeout) is None:
-        yield error(
-            "invalid-field", at("timeout"), f"{route.timeout!r} is not a duration such as 5s"
-        )
-    if route.retries is not None:
-        for field, value in (
-            ("perTryTimeout", route.retries.per_try_timeout),
-            ("backoff", route.retries.backoff),
-        ):
-            if value and parse_duration(value) is None:
-                yield error(
-                    "invalid-field",
-                    at("retries", field),
-                    f"{value!r} is not a duration such as 2s",
-                )
-        if route.retries.retry_remote_localities:
-            yield _unsupported(at("retries", "retryRemoteLocalities"), "retryRemoteLocalities")
+    if route.retries is not None and route.retries.retry_remote_localities:
+        yield _unsupported(at("retries", "retryRemoteLocalities"), "retryRemoteLocalities")
 
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})

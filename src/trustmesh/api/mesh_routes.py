@@ -33,11 +33,10 @@ from typing import Any
 
 from trustmesh.api.diagnostics import Diagnostic, Location, warning
 from trustmesh.api.gateway import (
-    _REDIRECT_CODES,
     BoundVirtualService,
     _exported,
     _raw,
-    parse_duration,
+    invalid_route_values,
 )
 from trustmesh.api.gateway_models import HttpMatchRequest, HttpRoute, VirtualServiceSpec
 from trustmesh.api.loader import validate_model
@@ -286,33 +285,12 @@ def _route_problems(resource: Resource[Any], i: int, route: HttpRoute) -> Iterat
     for attribute, name in _IGNORED_ROUTE_FIELDS.items():
         if attribute in route.model_fields_set and getattr(route, attribute):
             yield _ignored(at(name), name)
-    actions = [a for a in ("route", "redirect", "direct_response") if getattr(route, a)]
-    if len(actions) != 1:
-        yield _refuse(at(), "a route needs exactly one of route, redirect or directResponse")
-    if route.route and len(route.route) > 1 and sum(d.weight for d in route.route) == 0:
-        yield _refuse(at("route"), "the weights of the destinations sum to 0")
-    if route.redirect is not None:
-        if route.redirect.redirect_code not in _REDIRECT_CODES:
-            yield _refuse(
-                at("redirect", "redirectCode"),
-                f"{route.redirect.redirect_code} is not one of "
-                + ", ".join(map(str, sorted(_REDIRECT_CODES))),
-            )
-        if route.redirect.derive_port:
-            yield _refuse(at("redirect", "derivePort"), "derivePort is not supported")
-    if route.rewrite is not None and route.rewrite.uri and route.rewrite.uri_regex_rewrite:
-        yield _refuse(at("rewrite"), "set one of uri or uriRegexRewrite")
+    for path, message in invalid_route_values(route):
+        yield _refuse(at(*path), message)
+    if route.redirect is not None and route.redirect.derive_port:
+        yield _refuse(at("redirect", "derivePort"), "derivePort is not supported")
     body = route.direct_response.body if route.direct_response is not None else None
     if body is not None and body.bytes is not None:
         yield _refuse(at("directResponse", "body", "bytes"), "body.bytes is not supported")
-    if route.timeout and parse_duration(route.timeout) is None:
-        yield _refuse(at("timeout"), f"{route.timeout!r} is not a duration such as 5s")
-    if route.retries is not None:
-        for field, value in (
-            ("perTryTimeout", route.retries.per_try_timeout),
-            ("backoff", route.retries.backoff),
-        ):
-            if value and parse_duration(value) is None:
-                yield _refuse(at("retries", field), f"{value!r} is not a duration such as 2s")
-        if route.retries.retry_remote_localities:
-            yield _ignored(at("retries", "retryRemoteLocalities"), "retryRemoteLocalities")
+    if route.retries is not None and route.retries.retry_remote_localities:
+        yield _ignored(at("retries", "retryRemoteLocalities"), "retryRemoteLocalities")
