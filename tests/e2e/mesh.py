@@ -55,11 +55,11 @@ class LiveMesh:
         """Make ``scenario``'s config.yaml and mesh.yaml (None: none) the mesh's files;
         whether that changed them. The control plane notices by itself."""
         text = (scenario / "config.yaml").read_text() if scenario is not None else ""
-        changed = _replace(self.config_dir / "scenario.yaml", text)
+        changed = replace_file(self.config_dir / "scenario.yaml", text)
         mesh_config = mesh_config_of(scenario)
         if not log_every_request:
             mesh_config = mesh_config.replace(LOG_EVERY_REQUEST, "") or "{}\n"
-        return _replace(self.mesh_config, mesh_config) | changed
+        return replace_file(self.mesh_config, mesh_config) | changed
 
     def apply(self, scenario: Path | None, *, log_every_request: bool = True) -> LoadedConfig:
         """:meth:`write`, wait until every proxy has it, and return the same configuration
@@ -94,7 +94,7 @@ def mesh_config_of(scenario: Path | None) -> str:
     return text + ("\n" if text and not text.endswith("\n") else "") + LOG_EVERY_REQUEST
 
 
-def _replace(path: Path, text: str) -> bool:
+def replace_file(path: Path, text: str) -> bool:
     """Write ``text`` to ``path`` whole; whether that changed it."""
     if path.exists() and path.read_text() == text:
         return False
@@ -115,10 +115,29 @@ def live_mesh(root: Path, *, base: str, scenario: Path | None = None) -> Iterato
     (config_dir / "scenario.yaml").write_text(seed)
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(mesh_config_of(scenario))
-    started = _up_in_a_free_block(config_dir, mesh_file, state, base)
+    with mesh_started(config_dir, mesh_file, state=state, base=base):
+        yield LiveMesh(root, state, config_dir, mesh_file)
+
+
+@contextmanager
+def mesh_started(
+    config_dir: Path, mesh_file: Path, *, state: Path, base: str, sandboxed: bool = False
+) -> Iterator[None]:
+    """``up -d`` of ``config_dir`` with ``mesh_file`` (pods sandboxed in network
+    namespaces, or processes in a free address block), and ``down`` afterwards — also
+    when the test failed."""
+    if sandboxed:
+        started = trustmesh(
+            *("up", "--isolation", "netns", str(config_dir), "--mesh-config", str(mesh_file)),
+            *("--detach", "--base", base),
+            state=state,
+            timeout=START_TIMEOUT,
+        )
+    else:
+        started = _up_in_a_free_block(config_dir, mesh_file, state, base)
     try:
         assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
-        yield LiveMesh(root, state, config_dir, mesh_file)
+        yield
     finally:
         stopped = trustmesh("down", state=state)
         assert stopped.returncode == 0, stopped.stderr

@@ -12,15 +12,12 @@ fixed-address external service does.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import http.client
 import json
-import os
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +29,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.e2e.mesh import trustmesh, up_in_a_free_block
+from tests.e2e.mesh import mesh_started, replace_file
+from tests.gateway.openssl_pki import issue, make_ca, secret_yaml
 from trustmesh.identity.ca import CertificateAuthority
 from trustmesh.identity.pki import sign_leaf as pki_sign_leaf
 from trustmesh.runtime.running import RunningMesh
@@ -40,10 +38,6 @@ from trustmesh.runtime.running import RunningMesh
 HERE = Path(__file__).parent
 EXTERNAL = "edition.cnn.com"
 SECRET = "cnn-origination"  # the DestinationRule's credentialName, in istio-system
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -55,12 +49,7 @@ class ExternalPki:
 
     @classmethod
     def make(cls, root: Path) -> ExternalPki:
-        root.mkdir(parents=True, exist_ok=True)
-        _openssl(
-            "req", "-x509", "-sha256", "-nodes", "-days", "365", "-newkey", "rsa:2048",
-            "-subj", "/O=cnn Inc./CN=cnn.com", "-keyout", "ca.key", "-out", "ca.crt",
-            cwd=root,
-        )  # fmt: skip
+        make_ca(root, "ca", "/O=cnn Inc./CN=cnn.com")
         pki = cls(root)
         pki.issue("server", EXTERNAL, serial=1, san=f"DNS:{EXTERNAL}")
         pki.issue("client", "egress.client", serial=2)
@@ -69,36 +58,16 @@ class ExternalPki:
         return pki
 
     def issue(self, name: str, cn: str, *, serial: int, san: str = "") -> None:
-        _openssl(
-            "req", "-out", f"{name}.csr", "-newkey", "rsa:2048", "-nodes",
-            "-keyout", f"{name}.key", "-subj", f"/CN={cn}/O=cnn",
-            cwd=self.root,
-        )  # fmt: skip
-        extensions: list[str] = []
-        if san:
-            self.path(f"{name}.ext").write_text(f"subjectAltName={san}\n")
-            extensions = ["-extfile", f"{name}.ext"]
-        _openssl(
-            "x509", "-req", "-sha256", "-days", "365", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-set_serial", str(serial), "-in", f"{name}.csr", "-out", f"{name}.crt",
-            *extensions,
-            cwd=self.root,
-        )  # fmt: skip
+        issue(self.root, name, f"/CN={cn}/O=cnn", ca="ca", serial=serial, san=san)
 
     def secret(self, *, client: bool) -> str:
         """The DestinationRule's credential in the gateway's namespace: ``ca.crt`` (to
         check the server), and for MUTUAL the client's ``tls.crt`` / ``tls.key``."""
-        data = {"ca.crt": self.path("ca.crt").read_bytes()}
+        data = {"ca.crt": self.path("ca.crt")}
         if client:
-            data["tls.crt"] = self.path("client.crt").read_bytes()
-            data["tls.key"] = self.path("client.key").read_bytes()
-        lines = "".join(f"  {k}: {base64.b64encode(v).decode()}\n" for k, v in data.items())
-        kind = "kubernetes.io/tls" if client else "Opaque"
-        return (
-            "apiVersion: v1\nkind: Secret\n"
-            f"metadata: {{name: {SECRET}, namespace: istio-system}}\n"
-            f"type: {kind}\ndata:\n{lines}"
-        )
+            data["tls.crt"] = self.path("client.crt")
+            data["tls.key"] = self.path("client.key")
+        return secret_yaml(SECRET, "kubernetes.io/tls" if client else "Opaque", data)
 
 
 @dataclass
@@ -321,10 +290,7 @@ class EgressMesh:
 
     def apply(self, text: str) -> None:
         """Make ``text`` the Istio configuration and wait until every proxy has it."""
-        path = self.config_dir / "egress.yaml"
-        partial = path.with_suffix(".partial")
-        partial.write_text(text)
-        os.replace(partial, path)
+        replace_file(self.config_dir / "egress.yaml", text)
         asyncio.run(self.running.wait_synced(timeout=30))
 
     def gateway_log(self) -> Path:
@@ -377,15 +343,8 @@ def egress_mesh(root: Path, *, base: str, config: str) -> Iterator[EgressMesh]:
     (config_dir / "egress.yaml").write_text(config)
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(REGISTRY_ONLY)
-    started = up_in_a_free_block(
-        config_dir, "--mesh-config", str(mesh_file), state=state, base=base
-    )
-    try:
-        assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
+    with mesh_started(config_dir, mesh_file, state=state, base=base):
         yield EgressMesh(root, state, config_dir)
-    finally:
-        stopped = trustmesh("down", state=state)
-        assert stopped.returncode == 0, stopped.stderr
 
 
 @dataclass(frozen=True)

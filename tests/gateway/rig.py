@@ -8,29 +8,23 @@ client certificate), plus a second CA nobody trusts. Clients are Python's ``ssl`
 
 from __future__ import annotations
 
-import base64
 import http.client
-import os
 import shutil
 import socket
 import ssl
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.mesh import START_TIMEOUT, _up_in_a_free_block, trustmesh
+from tests.e2e.mesh import mesh_started, replace_file
+from tests.gateway.openssl_pki import issue, make_ca, secret_yaml
 from trustmesh.runtime.running import RunningMesh
 
 HERE = Path(__file__).parent
 HOST = "httpbin.example.com"
 GATEWAY = "istio-system/istio-ingressgateway"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -44,13 +38,8 @@ class Pki:
 
     @classmethod
     def make(cls, root: Path) -> Pki:
-        root.mkdir(parents=True, exist_ok=True)
         for ca, org in (("example.com", "example Inc."), ("other.com", "other Inc.")):
-            _openssl(
-                "req", "-x509", "-sha256", "-nodes", "-days", "365", "-newkey", "rsa:2048",
-                "-subj", f"/O={org}/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                cwd=root,
-            )  # fmt: skip
+            make_ca(root, ca, f"/O={org}/CN={ca}")
         pki = cls(root)
         pki.issue("httpbin.example.com", "httpbin organization", "example.com", serial=0)
         pki.issue("rotated", "rotated organization", "example.com", serial=1, cn=HOST)
@@ -59,31 +48,14 @@ class Pki:
         return pki
 
     def issue(self, name: str, org: str, ca: str, *, serial: int, cn: str = "") -> None:
-        _openssl(
-            "req", "-out", f"{name}.csr", "-newkey", "rsa:2048", "-nodes",
-            "-keyout", f"{name}.key", "-subj", f"/CN={cn or name}/O={org}",
-            cwd=self.root,
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-sha256", "-days", "365", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-            "-set_serial", str(serial), "-in", f"{name}.csr", "-out", f"{name}.crt",
-            cwd=self.root,
-        )  # fmt: skip
+        issue(self.root, name, f"/CN={cn or name}/O={org}", ca=ca, serial=serial)
 
     def tls_secret(self, name: str, cert: str, *, ca: str | None = None) -> str:
         """A kubernetes.io/tls Secret in istio-system, as `kubectl create secret` makes it."""
-        data = {
-            "tls.crt": self.path(f"{cert}.crt").read_bytes(),
-            "tls.key": self.path(f"{cert}.key").read_bytes(),
-        }
+        data = {"tls.crt": self.path(f"{cert}.crt"), "tls.key": self.path(f"{cert}.key")}
         if ca is not None:
-            data["ca.crt"] = self.path(f"{ca}.crt").read_bytes()
-        lines = "".join(f"  {k}: {base64.b64encode(v).decode()}\n" for k, v in data.items())
-        return (
-            "apiVersion: v1\nkind: Secret\n"
-            f"metadata: {{name: {name}, namespace: istio-system}}\n"
-            f"type: kubernetes.io/tls\ndata:\n{lines}"
-        )
+            data["ca.crt"] = self.path(f"{ca}.crt")
+        return secret_yaml(name, "kubernetes.io/tls", data)
 
 
 @dataclass
@@ -103,10 +75,7 @@ class GatewayMesh:
 
     def write(self, text: str) -> None:
         """Make ``text`` the mesh's gateway configuration (the control plane watches it)."""
-        path = self.config_dir / "gateway.yaml"
-        partial = path.with_suffix(".partial")
-        partial.write_text(text)
-        os.replace(partial, path)
+        replace_file(self.config_dir / "gateway.yaml", text)
 
     def apply(self, text: str) -> None:
         """:meth:`write` and wait until every proxy (the gateway too) has it."""
@@ -145,21 +114,8 @@ def gateway_mesh(
     (config_dir / "gateway.yaml").write_text(config)
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(mesh_config)
-    if sandboxed:
-        started = trustmesh(
-            *("up", "--isolation", "netns", str(config_dir), "--mesh-config", str(mesh_file)),
-            *("--detach", "--base", base),
-            state=state,
-            timeout=START_TIMEOUT,
-        )
-    else:
-        started = _up_in_a_free_block(config_dir, mesh_file, state, base)
-    try:
-        assert started.returncode == 0, f"trustmesh up failed:\n{started.stderr}\n{started.stdout}"
+    with mesh_started(config_dir, mesh_file, state=state, base=base, sandboxed=sandboxed):
         yield GatewayMesh(root, state, config_dir)
-    finally:
-        stopped = trustmesh("down", state=state)
-        assert stopped.returncode == 0, stopped.stderr
 
 
 @dataclass(frozen=True)
