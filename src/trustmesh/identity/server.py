@@ -8,14 +8,25 @@ A caller proves who it is in one of two ways, and nothing else is accepted:
 
 Two ports because gRPC Python cannot ask for an *optional* client certificate (Go's
 ``VerifyClientCertIfGiven``, which Istio uses on one port).
+
+``workers=N`` serves both ports from N processes (this one and N-1 spawned ones), each
+with its own listening socket on the same ports (``SO_REUSEPORT``: the kernel spreads
+connections over them), so issuance uses every core instead of one GIL. They share the
+CA directory: tokens are burnt under a file lock, serials appended with group commit,
+revocations and rotated roots re-read from disk by each; only this process rotates roots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -65,8 +76,19 @@ class CaServer:
         hostnames: tuple[str, ...] = ("trustmesh-ca",),
         observer: CaObserver | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        workers: int = 1,
+        share_ports: bool = False,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if workers > 1 and (ca.ledger is not None or extra_handlers):
+            # A replica's records live in etcd behind this process's client; run more
+            # replicas instead of workers.
+            raise ValueError("worker processes serve a CA directory only (no shared store)")
         self.ca = ca
+        self.workers = workers
+        self._share_ports = share_ports or workers > 1
+        self._children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
         self.extra_handlers = tuple(extra_handlers)  # more services on the enrollment port
         self.observer = observer
         self.clock = clock
@@ -107,7 +129,8 @@ class CaServer:
 
     async def start(self) -> int:
         """Listen on both ports; returns the enrollment port."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # Without workers a port in use is an error (SO_REUSEPORT would share it silently).
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self._share_ports))])
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -149,13 +172,67 @@ class CaServer:
                 self.port = port
         await server.start()
         self._server = server
-        log.info("CA enrollment port %d, renewal port %d", self.port, self.renewal_port)
+        try:
+            for _ in range(self.workers - 1):
+                await self._start_worker()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "CA enrollment port %d, renewal port %d, %d process(es)",
+            self.port,
+            self.renewal_port,
+            self.workers,
+        )
         return self.port
+
+    async def _start_worker(self) -> None:
+        host = self.address.rsplit(":", 1)[0]
+        renewal_host = self.renewal_address.rsplit(":", 1)[0]
+        ours, theirs = multiprocessing.Pipe()
+        process = multiprocessing.get_context("spawn").Process(
+            target=_worker_main,
+            args=(
+                str(self.ca.store.root),
+                f"{host}:{self.port}",
+                f"{renewal_host}:{self.renewal_port}",
+                self.hostnames,
+                theirs,
+            ),
+            name="trustmesh-ca-worker",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        self._children.append((process, ours))
+        if not await asyncio.to_thread(ours.poll, 30.0):
+            raise OSError("a CA worker process did not start within 30 s")
+        try:
+            answer = ours.recv()
+        except EOFError:
+            answer = f"exited with code {process.exitcode}"
+        if answer != "ready":
+            raise OSError(f"a CA worker process failed: {answer}")
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The spawned worker processes (not this one)."""
+        return [process.pid for process, _ in self._children if process.pid is not None]
 
     async def stop(self, grace: float = 0.5) -> None:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        children, self._children = self._children, []
+        for _, pipe in children:
+            with contextlib.suppress(OSError):
+                pipe.send("stop")  # the worker stops gracefully (EOF does too)
+            pipe.close()
+        for process, _ in children:
+            await asyncio.to_thread(process.join, grace + 5)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
 
     async def run_rotation(self, stop: asyncio.Event, interval: float = 60.0) -> None:
         """Timer loop that acts on the rotation decisions; ends when ``stop`` is set."""
@@ -246,3 +323,39 @@ class CaServer:
 def _split_pem(bundle: bytes) -> list[bytes]:
     marker = b"-----END CERTIFICATE-----"
     return [part + marker + b"\n" for part in bundle.split(marker) if part.strip()]
+
+
+def _worker_main(
+    directory: str, address: str, renewal_address: str, hostnames: tuple[str, ...], pipe: Connection
+) -> None:
+    """A worker process: serve the CA in ``directory`` on the parent's ports until the
+    parent says stop or goes away (its end of ``pipe`` closes, even on SIGKILL)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+
+    async def main() -> None:
+        try:
+            ca = CertificateAuthority.load(Path(directory))
+            server = CaServer(
+                ca,
+                address=address,
+                renewal_address=renewal_address,
+                hostnames=hostnames,
+                share_ports=True,
+            )
+            await server.start()
+        except (OSError, StoreError, ValueError) as exc:
+            pipe.send(f"{type(exc).__name__}: {exc}")
+            return
+        pipe.send("ready")
+        try:
+            await asyncio.to_thread(_wait_for_stop, pipe)
+        finally:
+            await server.stop()
+            server.ca.issued_log.close()
+
+    asyncio.run(main())
+
+
+def _wait_for_stop(pipe: Connection) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        pipe.recv()
