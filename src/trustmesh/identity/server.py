@@ -19,13 +19,14 @@ revocations and rotated roots re-read from disk by each; only this process rotat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
+import json
 import logging
-import multiprocessing
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,7 +89,7 @@ class CaServer:
         self.ca = ca
         self.workers = workers
         self._share_ports = share_ports or workers > 1
-        self._children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        self._children: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
         self.extra_handlers = tuple(extra_handlers)  # more services on the enrollment port
         self.observer = observer
         self.clock = clock
@@ -187,52 +188,55 @@ class CaServer:
         return self.port
 
     async def _start_worker(self) -> None:
+        # A fresh interpreter (not fork: gRPC's threads; not multiprocessing's spawn: it
+        # re-imports the caller's __main__). One end of a socket pair is its lifeline: it
+        # reads "ready"/an error from the worker, and the worker stops when it closes,
+        # also when this process is killed.
+        ours, theirs = socket.socketpair()
         host = self.address.rsplit(":", 1)[0]
         renewal_host = self.renewal_address.rsplit(":", 1)[0]
-        ours, theirs = multiprocessing.Pipe()
-        process = multiprocessing.get_context("spawn").Process(
-            target=_worker_main,
-            args=(
-                str(self.ca.store.root),
-                f"{host}:{self.port}",
-                f"{renewal_host}:{self.renewal_port}",
-                self.hostnames,
-                theirs,
-            ),
-            name="trustmesh-ca-worker",
-            daemon=True,
-        )
-        process.start()
-        theirs.close()
+        spec = {
+            "directory": str(self.ca.store.root),
+            "address": f"{host}:{self.port}",
+            "renewal_address": f"{renewal_host}:{self.renewal_port}",
+            "hostnames": list(self.hostnames),
+            "fd": theirs.fileno(),
+        }
+        with theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "trustmesh.identity.server", json.dumps(spec)],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
         self._children.append((process, ours))
-        if not await asyncio.to_thread(ours.poll, 30.0):
-            raise OSError("a CA worker process did not start within 30 s")
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
         try:
-            answer = ours.recv()
-        except EOFError:
-            answer = f"exited with code {process.exitcode}"
-        if answer != "ready":
-            raise OSError(f"a CA worker process failed: {answer}")
+            answer = await asyncio.wait_for(loop.sock_recv(ours, 4096), timeout=30)
+        except TimeoutError:
+            raise OSError("a CA worker process did not start within 30 s") from None
+        if answer != b"ready":
+            why = answer.decode(errors="replace") or f"exited with code {process.wait(5)}"
+            raise OSError(f"a CA worker process failed: {why}")
 
     @property
     def worker_pids(self) -> list[int]:
         """The spawned worker processes (not this one)."""
-        return [process.pid for process, _ in self._children if process.pid is not None]
+        return [process.pid for process, _ in self._children]
 
     async def stop(self, grace: float = 0.5) -> None:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
         children, self._children = self._children, []
-        for _, pipe in children:
-            with contextlib.suppress(OSError):
-                pipe.send("stop")  # the worker stops gracefully (EOF does too)
-            pipe.close()
+        for _, lifeline in children:
+            lifeline.close()  # the worker stops gracefully on EOF
         for process, _ in children:
-            await asyncio.to_thread(process.join, grace + 5)
-            if process.is_alive():
+            try:
+                await asyncio.to_thread(process.wait, grace + 5)
+            except subprocess.TimeoutExpired:
                 process.kill()
-                await asyncio.to_thread(process.join, 5)
+                await asyncio.to_thread(process.wait, 5)
 
     async def run_rotation(self, stop: asyncio.Event, interval: float = 60.0) -> None:
         """Timer loop that acts on the rotation decisions; ends when ``stop`` is set."""
@@ -325,30 +329,30 @@ def _split_pem(bundle: bytes) -> list[bytes]:
     return [part + marker + b"\n" for part in bundle.split(marker) if part.strip()]
 
 
-def _worker_main(
-    directory: str, address: str, renewal_address: str, hostnames: tuple[str, ...], pipe: Connection
-) -> None:
-    """A worker process: serve the CA in ``directory`` on the parent's ports until the
-    parent says stop or goes away (its end of ``pipe`` closes, even on SIGKILL)."""
+def _worker_main(spec: dict[str, Any]) -> None:
+    """A worker process: serve the CA directory on the parent's ports until the parent
+    closes its end of the lifeline (it stops us, or it died)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    lifeline = socket.socket(fileno=spec["fd"])
 
     async def main() -> None:
         try:
-            ca = CertificateAuthority.load(Path(directory))
             server = CaServer(
-                ca,
-                address=address,
-                renewal_address=renewal_address,
-                hostnames=hostnames,
+                CertificateAuthority.load(Path(spec["directory"])),
+                address=spec["address"],
+                renewal_address=spec["renewal_address"],
+                hostnames=tuple(spec["hostnames"]),
                 share_ports=True,
             )
             await server.start()
-        except (OSError, StoreError, ValueError) as exc:
-            pipe.send(f"{type(exc).__name__}: {exc}")
+        except (OSError, RuntimeError, StoreError, ValueError) as exc:
+            lifeline.sendall(f"{type(exc).__name__}: {exc}".encode())
             return
-        pipe.send("ready")
+        lifeline.sendall(b"ready")
+        lifeline.setblocking(False)
         try:
-            await asyncio.to_thread(_wait_for_stop, pipe)
+            await asyncio.get_running_loop().sock_recv(lifeline, 1)  # b"" once closed
         finally:
             await server.stop()
             server.ca.issued_log.close()
@@ -356,6 +360,5 @@ def _worker_main(
     asyncio.run(main())
 
 
-def _wait_for_stop(pipe: Connection) -> None:
-    with contextlib.suppress(EOFError, OSError):
-        pipe.recv()
+if __name__ == "__main__":
+    _worker_main(json.loads(sys.argv[1]))
