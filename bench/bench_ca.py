@@ -25,6 +25,7 @@ import asyncio
 import datetime as dt
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def _serve(directory: str, workers: int, pipe: Connection) -> None:
     async def main() -> None:
         server = CaServer(CertificateAuthority.load(Path(directory)), workers=workers)
         await server.start()
-        pipe.send((server.port, server.renewal_port))
+        pipe.send((server.port, server.renewal_port, [os.getpid(), *server.worker_pids]))
         await asyncio.to_thread(pipe.recv)
         await server.stop()
 
@@ -136,7 +137,7 @@ def _topology(args: argparse.Namespace, directory: Path, workers: int) -> dict[s
     try:
         if not ours.poll(60):
             raise SystemExit("CA server did not start")
-        ports = ours.recv()
+        *ports, server_pids = ours.recv()
         per_process = args.clients // args.client_processes
         for _ in range(args.client_processes):
             mine, peer = ctx.Pipe()
@@ -145,6 +146,7 @@ def _topology(args: argparse.Namespace, directory: Path, workers: int) -> dict[s
             )
             process.start()
             clients.append((process, mine))
+        client_pids = [process.pid for process, _ in clients if process.pid is not None]
         for _, pipe in clients:
             if not pipe.poll(120) or pipe.recv() != "ready":
                 raise SystemExit("a client process did not start")
@@ -155,7 +157,11 @@ def _topology(args: argparse.Namespace, directory: Path, workers: int) -> dict[s
                 start_at = time.perf_counter() + 0.2
                 for _, pipe in clients:
                     pipe.send((mode, quota, args.seconds, start_at))
-                rounds[mode].append(_summary([pipe.recv() for _, pipe in clients]))
+                cpu = _cpu_seconds(server_pids), _cpu_seconds(client_pids)
+                summary = _summary([pipe.recv() for _, pipe in clients])
+                summary["server_cpu"] = _cpu_seconds(server_pids) - cpu[0]
+                summary["client_cpu"] = _cpu_seconds(client_pids) - cpu[1]
+                rounds[mode].append(summary)
     finally:
         for process, pipe in clients:
             pipe.send(None)
@@ -178,6 +184,10 @@ def _topology(args: argparse.Namespace, directory: Path, workers: int) -> dict[s
             "per_s": round(statistics.median(run["per_s"] for run in runs)),
             "p50_ms": round(statistics.median(latencies) * 1000, 2),
             "p99_ms": round(latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, 2),
+            # CPU time per request, all server (client) processes together: what the
+            # machine's other load cannot distort
+            "server_cpu_us": round(sum(r["server_cpu"] for r in runs) / len(latencies) * 1e6),
+            "client_cpu_us": round(sum(r["client_cpu"] for r in runs) / len(latencies) * 1e6),
         }
     base = result["baseline_no_crypto"]["per_s"]
     for mode in ("renewal", "enrollment"):
@@ -187,6 +197,15 @@ def _topology(args: argparse.Namespace, directory: Path, workers: int) -> dict[s
     result["issued_jsonl_lines"] = recorded
     result["issued_jsonl_complete"] = recorded == issued + warmup
     return result
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _lines(path: Path) -> int:

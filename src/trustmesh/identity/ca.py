@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -178,7 +179,7 @@ class CertificateAuthority:
         # state.json is replaced atomically, so a write shows as a new inode; size and
         # nanosecond mtime catch an in-place edit.
         try:
-            info = self.store.state_file.stat()
+            info = os.stat(self.store.state_file)
         except FileNotFoundError:
             return (0, 0, 0, 0)
         return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
@@ -364,12 +365,13 @@ class CertificateAuthority:
         return issued, line.encode()
 
     def _audit_issued(self, issued: Issued) -> None:
-        audit.info(
-            "issued identity=%s serial=%x not_after=%s",
-            issued.identity,
-            issued.serial,
-            issued.not_after.isoformat(),
-        )
+        if audit.isEnabledFor(logging.INFO):
+            audit.info(
+                "issued identity=%s serial=%x not_after=%s",
+                issued.identity,
+                issued.serial,
+                issued.not_after.isoformat(),
+            )
 
     def server_certificate(
         self,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import os
 import stat
@@ -53,9 +54,9 @@ class CaStore:
     def slot_dir(self, slot_id: str) -> Path:
         return self.root / "slots" / slot_id
 
-    @property
+    @functools.cached_property
     def state_file(self) -> Path:
-        return self.root / "state.json"
+        return self.root / "state.json"  # stat()ed on every request: built once
 
     def exists(self) -> bool:
         return self.state_file.exists()
