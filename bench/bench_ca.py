@@ -163,11 +163,11 @@ def _topology(args: argparse.Namespace, directory: Path, workers: int) -> dict[s
                 summary["client_cpu"] = _cpu_seconds(client_pids) - cpu[1]
                 rounds[mode].append(summary)
     finally:
-        for process, pipe in clients:
+        for client, pipe in clients:
             pipe.send(None)
-            process.join(30)
-            if process.is_alive():
-                process.kill()
+            client.join(30)
+            if client.is_alive():
+                client.kill()
         ours.send("stop")
         server.join(30)
         if server.is_alive():
