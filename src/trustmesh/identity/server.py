@@ -86,8 +86,11 @@ class CaServer:
             # A replica's records live in etcd behind this process's client; run more
             # replicas instead of workers.
             raise ValueError("worker processes serve a CA directory only (no shared store)")
+        if workers > 1 and observer is not None:
+            raise ValueError("an observer would see only the first of the worker processes")
         self.ca = ca
         self.workers = workers
+        # share_ports: this is a worker, binding the first process's ports alongside it
         self._share_ports = share_ports or workers > 1
         self._children: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
         self.extra_handlers = tuple(extra_handlers)  # more services on the enrollment port
