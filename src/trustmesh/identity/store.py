@@ -222,11 +222,11 @@ class DurableLog:
             except OSError as exc:
                 error = StoreError(f"cannot record in {self.path}: {exc.strerror}")
                 for _, future in batch:
-                    if not future.done():
+                    if not future.done() and not future.get_loop().is_closed():
                         future.set_exception(error)
                 continue
             for _, future in batch:
-                if not future.done():
+                if not future.done() and not future.get_loop().is_closed():
                     future.set_result(None)
 
     def close(self) -> None:
