@@ -8,6 +8,7 @@ issued certificate is built from scratch with exactly one URI SAN.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
@@ -435,7 +436,7 @@ class CertificateAuthority:
             if self.ledger is not None:
                 if not await self.ledger.consume_token(grant.token_id, grant.expires):
                     raise TokenRejected("token-reused", "node token was already used")
-            elif not self._burn(grant.token_id, grant.expires):
+            elif not await asyncio.to_thread(self._burn, grant.token_id, grant.expires):
                 raise TokenRejected("token-reused", "node token was already used")
             self.used_tokens.add(grant.token_id)
         return grant
@@ -464,15 +465,18 @@ class CertificateAuthority:
         self.revocations = revocations
 
     async def redeem_token_shared(self, token: str, now: dt.datetime) -> TokenGrant:
-        """:meth:`redeem_token`, burning the token in the shared ledger when there is one:
-        of replicas racing on one token, exactly one gets the grant."""
-        if self.ledger is None:
-            return self.redeem_token(token, now)
+        """:meth:`redeem_token`, burning the token in the shared ledger when there is one,
+        else in the directory from a thread (the lock and fsync never stall the event
+        loop): of replicas or worker processes racing on one token, exactly one gets it."""
         grant = verify_token(
             token, self.token_key.public_key(), now=now, already_used=self.used_tokens.__contains__
         )
         if grant.single_use:
-            if not await self.ledger.consume_token(grant.token_id, grant.expires):
+            if self.ledger is not None:
+                burnt = await self.ledger.consume_token(grant.token_id, grant.expires)
+            else:
+                burnt = await asyncio.to_thread(self._burn, grant.token_id, grant.expires)
+            if not burnt:
                 raise TokenRejected("token-reused", "bootstrap token was already used")
             self.used_tokens.add(grant.token_id)
         return grant
