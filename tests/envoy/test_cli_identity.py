@@ -64,6 +64,8 @@ def test_ca_and_two_agents_with_envoy_from_the_cli(tmp_path: Path, loopback: Loo
             f"{enroll[0]}:{enroll[1]}",
             "--renewal-listen",
             f"{renew[0]}:{renew[1]}",
+            "--workers",
+            "2",  # two processes share both ports: the agents may reach either
         )
         _wait_for_line(ca, "serving:", 30)
         for name in ("server", "client"):

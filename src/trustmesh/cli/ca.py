@@ -97,13 +97,19 @@ def serve(
         str, typer.Option("--renewal-listen", help="Renewal (mTLS) address.")
     ] = "127.0.0.1:15013",
     rotation_interval: Annotated[float, typer.Option("--rotation-interval")] = 60.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="Processes serving both ports (SO_REUSEPORT); one per core."
+        ),
+    ] = 1,
 ) -> None:
     """Serve CreateCertificate over TLS until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ca = _load(directory)
 
     async def main() -> None:
-        server = CaServer(ca, address=listen, renewal_address=renewal_listen)
+        server = CaServer(ca, address=listen, renewal_address=renewal_listen, workers=workers)
         await server.start()
         typer.echo(
             f"serving: enrollment {listen.rsplit(':', 1)[0]}:{server.port}, "

@@ -8,15 +8,17 @@ issued certificate is built from scratch with exactly one URI SAN.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
+import os
 import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -33,7 +35,7 @@ from trustmesh.identity.rotation import (
     trusted,
 )
 from trustmesh.identity.spiffe import SpiffeId
-from trustmesh.identity.store import CaStore, StoreError
+from trustmesh.identity.store import CaStore, DurableLog, StoreError
 from trustmesh.identity.tokens import (
     NodeGrant,
     TokenGrant,
@@ -117,6 +119,11 @@ class Slot:
         return self.chain[0]
 
     @functools.cached_property
+    def signer(self) -> pki.LeafSigner:
+        """Signs this slot's workload leaves (the fixed parts encoded once)."""
+        return pki.LeafSigner(self.key, self.cert)
+
+    @functools.cached_property
     def chain_and_root_pem(self) -> tuple[str, ...]:
         """What follows a leaf in an issued chain: intermediates, then the root."""
         return tuple(pki.cert_to_pem(c).decode() for c in (*self.chain, self.root))
@@ -160,7 +167,8 @@ class CertificateAuthority:
         self.revocations.current()  # an unreadable record refuses to start, naming the line
         # A replica over a shared store: tokens burnt and serials recorded there instead.
         self.ledger: TokenLedger | None = None
-        self._issued_log: IO[str] | None = None
+        self.issued_log = DurableLog(store.root / "issued.jsonl")
+        self._peers: dict[bytes, _PeerFacts] = {}  # client certificate PEM → what it proves
         self._seen = self._disk_stamp()
 
     @property
@@ -172,7 +180,7 @@ class CertificateAuthority:
         # state.json is replaced atomically, so a write shows as a new inode; size and
         # nanosecond mtime catch an in-place edit.
         try:
-            info = self.store.state_file.stat()
+            info = os.stat(self.store.state_file)
         except FileNotFoundError:
             return (0, 0, 0, 0)
         return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
@@ -302,16 +310,26 @@ class CertificateAuthority:
     def issue(
         self, csr_pem: bytes, identity: SpiffeId, now: dt.datetime, ttl: dt.timedelta | None = None
     ) -> Issued:
-        """Sign ``csr_pem`` for ``identity`` (already authenticated by the caller)."""
+        """Sign ``csr_pem`` for ``identity`` (already authenticated by the caller); the
+        serial is on disk before this returns."""
+        issued, line = self._signed(csr_pem, identity, now, ttl)
+        self.issued_log.append_now(line)
+        self._audit_issued(issued)
+        return issued
+
+    def _signed(
+        self, csr_pem: bytes, identity: SpiffeId, now: dt.datetime, ttl: dt.timedelta | None
+    ) -> tuple[Issued, bytes]:
+        """The certificate and its ``issued.jsonl`` line, not yet recorded."""
         try:
-            return self._issue(csr_pem, identity, now, ttl)
+            return self._sign(csr_pem, identity, now, ttl)
         except IssueRejected as exc:
             audit.warning("rejected identity=%s code=%s reason=%s", identity, exc.code, exc.message)
             raise
 
-    def _issue(
+    def _sign(
         self, csr_pem: bytes, identity: SpiffeId, now: dt.datetime, ttl: dt.timedelta | None
-    ) -> Issued:
+    ) -> tuple[Issued, bytes]:
         if identity.trust_domain != self.config.trust_domain:
             raise IssueRejected("wrong-trust-domain", f"{identity} is not in this trust domain")
         try:
@@ -334,37 +352,27 @@ class CertificateAuthority:
         not_after = min(now + lifetime, slot.cert.not_valid_after_utc)
         if not_after <= now:
             raise IssueRejected("ca-expired", "the signing certificate has expired")
-        cert = pki.sign_leaf(
-            ca_key=slot.key,
-            ca_cert=slot.cert,
-            public_key=info.public_key,
+        serial, leaf_pem = slot.signer.sign_leaf_pem(
+            info.public_key_der,
             uri=identity.uri,
             not_before=now - dt.timedelta(minutes=1),
             not_after=not_after,
         )
-        issued = Issued(
-            identity,
-            cert.serial_number,
-            not_after,
-            (pki.cert_to_pem(cert).decode(), *slot.chain_and_root_pem),
+        issued = Issued(identity, serial, not_after, (leaf_pem, *slot.chain_and_root_pem))
+        line = (
+            f'{{"serial": "{serial:x}", "id": "{identity}", "slot": "{slot.slot_id}",'
+            f' "not_after": "{not_after.isoformat()}", "at": "{now.isoformat()}"}}\n'
         )
-        self._record_issued(issued, slot.slot_id, now)
-        return issued
+        return issued, line.encode()
 
-    def _record_issued(self, issued: Issued, slot_id: str, now: dt.datetime) -> None:
-        if self._issued_log is None:
-            self._issued_log = open(self.store.root / "issued.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._issued_log.write(
-            f'{{"serial": "{issued.serial:x}", "id": "{issued.identity}", "slot": "{slot_id}",'
-            f' "not_after": "{issued.not_after.isoformat()}", "at": "{now.isoformat()}"}}\n'
-        )
-        self._issued_log.flush()
-        audit.info(
-            "issued identity=%s serial=%x not_after=%s",
-            issued.identity,
-            issued.serial,
-            issued.not_after.isoformat(),
-        )
+    def _audit_issued(self, issued: Issued) -> None:
+        if audit.isEnabledFor(logging.INFO):
+            audit.info(
+                "issued identity=%s serial=%x not_after=%s",
+                issued.identity,
+                issued.serial,
+                issued.not_after.isoformat(),
+            )
 
     def server_certificate(
         self,
@@ -428,12 +436,16 @@ class CertificateAuthority:
             if self.ledger is not None:
                 if not await self.ledger.consume_token(grant.token_id, grant.expires):
                     raise TokenRejected("token-reused", "node token was already used")
-            else:
-                self.store.append(
-                    "used-tokens.jsonl", {"jti": grant.token_id, "exp": grant.expires.isoformat()}
-                )
+            elif not await asyncio.to_thread(self._burn, grant.token_id, grant.expires):
+                raise TokenRejected("token-reused", "node token was already used")
             self.used_tokens.add(grant.token_id)
         return grant
+
+    def _burn(self, token_id: str, expires: dt.datetime) -> bool:
+        """Burn a single-use token in this CA's directory: True for exactly one caller
+        across every process serving it (``ca serve --workers``)."""
+        record = {"jti": token_id, "exp": expires.isoformat()}
+        return self.store.burn_once("used-tokens.jsonl", "jti", record)
 
     def redeem_token(self, token: str, now: dt.datetime) -> TokenGrant:
         """Verify a bootstrap token and, if single use, burn it (persisted)."""
@@ -441,10 +453,9 @@ class CertificateAuthority:
             token, self.token_key.public_key(), now=now, already_used=self.used_tokens.__contains__
         )
         if grant.single_use:
+            if not self._burn(grant.token_id, grant.expires):
+                raise TokenRejected("token-reused", "bootstrap token was already used")
             self.used_tokens.add(grant.token_id)
-            self.store.append(
-                "used-tokens.jsonl", {"jti": grant.token_id, "exp": grant.expires.isoformat()}
-            )
         return grant
 
     def use_shared_records(self, ledger: TokenLedger, revocations: RevocationSource) -> None:
@@ -454,15 +465,18 @@ class CertificateAuthority:
         self.revocations = revocations
 
     async def redeem_token_shared(self, token: str, now: dt.datetime) -> TokenGrant:
-        """:meth:`redeem_token`, burning the token in the shared ledger when there is one:
-        of replicas racing on one token, exactly one gets the grant."""
-        if self.ledger is None:
-            return self.redeem_token(token, now)
+        """:meth:`redeem_token`, burning the token in the shared ledger when there is one,
+        else in the directory from a thread (the lock and fsync never stall the event
+        loop): of replicas or worker processes racing on one token, exactly one gets it."""
         grant = verify_token(
             token, self.token_key.public_key(), now=now, already_used=self.used_tokens.__contains__
         )
         if grant.single_use:
-            if not await self.ledger.consume_token(grant.token_id, grant.expires):
+            if self.ledger is not None:
+                burnt = await self.ledger.consume_token(grant.token_id, grant.expires)
+            else:
+                burnt = await asyncio.to_thread(self._burn, grant.token_id, grant.expires)
+            if not burnt:
                 raise TokenRejected("token-reused", "bootstrap token was already used")
             self.used_tokens.add(grant.token_id)
         return grant
@@ -472,7 +486,9 @@ class CertificateAuthority:
     ) -> Issued:
         """:meth:`issue`, recording the serial in the shared ledger (when there is one)
         before the certificate is handed out."""
-        issued = self.issue(csr_pem, identity, now, ttl)
+        issued, line = self._signed(csr_pem, identity, now, ttl)
+        await self.issued_log.append(line)  # group commit: many serials per fsync
+        self._audit_issued(issued)
         if self.ledger is not None:
             await self.ledger.record_issued(
                 issued.serial, str(issued.identity), issued.not_after, now
@@ -490,39 +506,67 @@ class CertificateAuthority:
         the issuer is still a trusted signing certificate. Otherwise the whole RFC 5280
         path is validated here.
         """
+        if verified_by_tls:
+            return self._identity_of_verified_peer(leaf_pem, now)
         try:
             leaf = pki.load_certs(leaf_pem)[0]
         except (ValueError, IndexError):
             raise IssueRejected("renewal-bad-cert", "unreadable client certificate") from None
+        self._check_not_revoked(leaf.serial_number)
+        intermediates = [c for s in self.slots for c in s.chain[1:]] + [
+            s.cert for s in self.slots if s.plugin
+        ]
+        try:
+            pki.verify_client_chain(leaf, intermediates, self.trust_bundle(now), now)
+        except ValueError as exc:
+            raise IssueRejected("renewal-untrusted", str(exc)) from None
+        return _peer_identity(leaf)
+
+    def _check_not_revoked(self, serial: int) -> None:
         try:
             revoked = self.revocations.current()
         except StoreError as exc:  # fail closed: nobody renews while revocations are unknown
             raise IssueRejected("renewal-revocations-unreadable", str(exc)) from None
-        if leaf.serial_number in revoked:
-            raise IssueRejected("renewal-revoked", f"certificate {leaf.serial_number:x} is revoked")
-        if verified_by_tls:
-            if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-                raise IssueRejected("renewal-untrusted", "client certificate is not valid now")
-            trusted_roots = self.trust_bundle(now)
-            if not any(
-                pki.issued_by(leaf, slot.cert) for slot in self.slots if slot.root in trusted_roots
-            ):
-                raise IssueRejected("renewal-untrusted", "issuer is no longer trusted")
-        else:
-            intermediates = [c for s in self.slots for c in s.chain[1:]] + [
-                s.cert for s in self.slots if s.plugin
-            ]
+        if serial in revoked:
+            raise IssueRejected("renewal-revoked", f"certificate {serial:x} is revoked")
+
+    def _identity_of_verified_peer(self, leaf_pem: bytes, now: dt.datetime) -> SpiffeId:
+        """The ``verified_by_tls`` checks, with what never changes for one certificate
+        (its serial, validity, SPIFFE ID, which slot issued it) parsed once per PEM; the
+        revocation record, the clock and the trusted roots are consulted on every call."""
+        facts = self._peers.get(leaf_pem)
+        slot_ids = frozenset(slot.slot_id for slot in self.slots)
+        if facts is None or not slot_ids <= facts.checked:
             try:
-                pki.verify_client_chain(leaf, intermediates, self.trust_bundle(now), now)
-            except ValueError as exc:
-                raise IssueRejected("renewal-untrusted", str(exc)) from None
-        uris = pki.uri_sans(leaf)
-        if len(uris) != 1:
-            raise IssueRejected("renewal-bad-cert", "client certificate has no single SPIFFE ID")
-        try:
-            return SpiffeId.parse(uris[0])
-        except ValueError as exc:
-            raise IssueRejected("renewal-bad-cert", str(exc)) from None
+                leaf = pki.load_certs(leaf_pem)[0]
+            except (ValueError, IndexError):
+                raise IssueRejected("renewal-bad-cert", "unreadable client certificate") from None
+            try:
+                identity: SpiffeId | IssueRejected = _peer_identity(leaf)
+            except IssueRejected as exc:
+                identity = exc
+            facts = _PeerFacts(
+                leaf.serial_number,
+                leaf.not_valid_before_utc,
+                leaf.not_valid_after_utc,
+                identity,
+                slot_ids,
+                frozenset(s.slot_id for s in self.slots if pki.issued_by(leaf, s.cert)),
+            )
+            if len(self._peers) >= 4096:
+                self._peers.clear()
+            self._peers[leaf_pem] = facts
+        self._check_not_revoked(facts.serial)
+        if not facts.not_before <= now <= facts.not_after:
+            raise IssueRejected("renewal-untrusted", "client certificate is not valid now")
+        trusted_roots = self.trust_bundle(now)
+        if not any(
+            slot.slot_id in facts.issuers for slot in self.slots if slot.root in trusted_roots
+        ):
+            raise IssueRejected("renewal-untrusted", "issuer is no longer trusted")
+        if isinstance(facts.identity, IssueRejected):
+            raise facts.identity
+        return facts.identity
 
     def revoke(self, serial: int) -> None:
         """Refuse renewals with certificate ``serial`` from now on, in every process."""
@@ -578,6 +622,28 @@ class CertificateAuthority:
             if slot.slot_id == slot_id and slot.state is SlotState.OLD:
                 slot.retire_after = when
         self._save()
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerFacts:
+    """What one client certificate says, independent of the clock and revocations."""
+
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+    identity: SpiffeId | IssueRejected
+    checked: frozenset[str]  # the slots ``issuers`` was computed against
+    issuers: frozenset[str]  # those whose signing certificate issued it
+
+
+def _peer_identity(leaf: x509.Certificate) -> SpiffeId:
+    uris = pki.uri_sans(leaf)
+    if len(uris) != 1:
+        raise IssueRejected("renewal-bad-cert", "client certificate has no single SPIFFE ID")
+    try:
+        return SpiffeId.parse(uris[0])
+    except ValueError as exc:
+        raise IssueRejected("renewal-bad-cert", str(exc)) from None
 
 
 def _new_root_slot(

@@ -8,14 +8,26 @@ A caller proves who it is in one of two ways, and nothing else is accepted:
 
 Two ports because gRPC Python cannot ask for an *optional* client certificate (Go's
 ``VerifyClientCertIfGiven``, which Istio uses on one port).
+
+``workers=N`` serves both ports from N processes (this one and N-1 spawned ones), each
+with its own listening socket on the same ports (``SO_REUSEPORT``: the kernel spreads
+connections over them), so issuance uses every core instead of one GIL. They share the
+CA directory: tokens are burnt under a file lock, serials appended with group commit,
+revocations and rotated roots re-read from disk by each; only this process rotates roots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -65,8 +77,22 @@ class CaServer:
         hostnames: tuple[str, ...] = ("trustmesh-ca",),
         observer: CaObserver | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        workers: int = 1,
+        share_ports: bool = False,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if workers > 1 and (ca.ledger is not None or extra_handlers):
+            # A replica's records live in etcd behind this process's client; run more
+            # replicas instead of workers.
+            raise ValueError("worker processes serve a CA directory only (no shared store)")
+        if workers > 1 and observer is not None:
+            raise ValueError("an observer would see only the first of the worker processes")
         self.ca = ca
+        self.workers = workers
+        # share_ports: this is a worker, binding the first process's ports alongside it
+        self._share_ports = share_ports or workers > 1
+        self._children: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
         self.extra_handlers = tuple(extra_handlers)  # more services on the enrollment port
         self.observer = observer
         self.clock = clock
@@ -107,7 +133,8 @@ class CaServer:
 
     async def start(self) -> int:
         """Listen on both ports; returns the enrollment port."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # Without workers a port in use is an error (SO_REUSEPORT would share it silently).
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self._share_ports))])
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -149,13 +176,70 @@ class CaServer:
                 self.port = port
         await server.start()
         self._server = server
-        log.info("CA enrollment port %d, renewal port %d", self.port, self.renewal_port)
+        try:
+            for _ in range(self.workers - 1):
+                await self._start_worker()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "CA enrollment port %d, renewal port %d, %d process(es)",
+            self.port,
+            self.renewal_port,
+            self.workers,
+        )
         return self.port
+
+    async def _start_worker(self) -> None:
+        # A fresh interpreter (not fork: gRPC's threads; not multiprocessing's spawn: it
+        # re-imports the caller's __main__). One end of a socket pair is its lifeline: it
+        # reads "ready"/an error from the worker, and the worker stops when it closes,
+        # also when this process is killed.
+        ours, theirs = socket.socketpair()
+        host = self.address.rsplit(":", 1)[0]
+        renewal_host = self.renewal_address.rsplit(":", 1)[0]
+        spec = {
+            "directory": str(self.ca.store.root),
+            "address": f"{host}:{self.port}",
+            "renewal_address": f"{renewal_host}:{self.renewal_port}",
+            "hostnames": list(self.hostnames),
+            "fd": theirs.fileno(),
+        }
+        with theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "trustmesh.identity.server", json.dumps(spec)],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self._children.append((process, ours))
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await asyncio.wait_for(loop.sock_recv(ours, 4096), timeout=30)
+        except TimeoutError:
+            raise OSError("a CA worker process did not start within 30 s") from None
+        if answer != b"ready":
+            why = answer.decode(errors="replace") or f"exited with code {process.wait(5)}"
+            raise OSError(f"a CA worker process failed: {why}")
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The spawned worker processes (not this one)."""
+        return [process.pid for process, _ in self._children]
 
     async def stop(self, grace: float = 0.5) -> None:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        children, self._children = self._children, []
+        for _, lifeline in children:
+            lifeline.close()  # the worker stops gracefully on EOF
+        for process, _ in children:
+            try:
+                await asyncio.to_thread(process.wait, grace + 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait, 5)
 
     async def run_rotation(self, stop: asyncio.Event, interval: float = 60.0) -> None:
         """Timer loop that acts on the rotation decisions; ends when ``stop`` is set."""
@@ -246,3 +330,38 @@ class CaServer:
 def _split_pem(bundle: bytes) -> list[bytes]:
     marker = b"-----END CERTIFICATE-----"
     return [part + marker + b"\n" for part in bundle.split(marker) if part.strip()]
+
+
+def _worker_main(spec: dict[str, Any]) -> None:
+    """A worker process: serve the CA directory on the parent's ports until the parent
+    closes its end of the lifeline (it stops us, or it died)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    lifeline = socket.socket(fileno=spec["fd"])
+
+    async def main() -> None:
+        try:
+            server = CaServer(
+                CertificateAuthority.load(Path(spec["directory"])),
+                address=spec["address"],
+                renewal_address=spec["renewal_address"],
+                hostnames=tuple(spec["hostnames"]),
+                share_ports=True,
+            )
+            await server.start()
+        except (OSError, RuntimeError, StoreError, ValueError) as exc:
+            lifeline.sendall(f"{type(exc).__name__}: {exc}".encode())
+            return
+        lifeline.sendall(b"ready")
+        lifeline.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_recv(lifeline, 1)  # b"" once closed
+        finally:
+            await server.stop()
+            server.ca.issued_log.close()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    _worker_main(json.loads(sys.argv[1]))
