@@ -14,12 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 __all__ = ["SourceBoundProxy"]
 
 _MAX_HEADER = 8192
 _CONNECT_TIMEOUT = 5.0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -42,6 +51,15 @@ class SourceBoundProxy:
         self.port = 0
 
     async def start(self) -> None:
+        """Listen; a target given by name is allowed at the addresses it resolves to now
+        (gRPC asks for the resolved address)."""
+        loop = asyncio.get_running_loop()
+        for host, port in list(self.targets):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                self.targets |= {(str(info[4][0]), port) for info in found}
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -58,7 +76,7 @@ class SourceBoundProxy:
     def channel_options(self) -> list[tuple[str, str]]:
         """gRPC channel options sending every connection to ``targets`` through here."""
         assert self.port, "start() first"
-        hosts = sorted({h for h, _ in self.targets})
+        hosts = sorted({h for h, _ in self.targets if _is_ip(h)})
         return [
             ("grpc.address_http_proxy", f"127.0.0.1:{self.port}"),
             ("grpc.address_http_proxy_enabled_addresses", ",".join(hosts)),
