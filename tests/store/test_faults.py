@@ -14,8 +14,8 @@ that minute:
 
 Pass: every request got its 200; both policies reach every proxy afterwards (each
 sidecar's config_dump carries them, and a probe is refused / answered as they say);
-every acknowledged write reads back. Host leases are 30 s (keep-alive every 10 s,
-retried every second after a failure): longer than the cut plus one missed refresh.
+every acknowledged write reads back. Host leases are 30 s (refreshed every 5 s, a failed
+refresh again after 1 s): a host outlives 21 s without any replica, twice the cut.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -40,7 +42,7 @@ from trustmesh.cli.main import app
 from trustmesh.runtime import faults
 from trustmesh.runtime.client import http_request
 from trustmesh.runtime.layout import Layout, read_json
-from trustmesh.runtime.plan import MeshPlan
+from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.replica import read_replicas
 from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.etcd_client import EtcdClient
@@ -372,3 +374,58 @@ async def _scenario(state: Path) -> None:
 
 def test_faults_under_paced_traffic_lose_no_request_and_no_write(cluster: Path) -> None:
     run(_scenario(cluster), timeout=150)
+
+
+def _connects(source: str, target: tuple[str, int]) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        sock.bind((source, 0))
+        try:
+            sock.connect(target)
+        except OSError:  # TimeoutError included: the SYN was dropped
+            return False
+        return True
+
+
+def test_cut_drops_only_the_host_to_control_plane_and_goes_away(tmp_path: Path) -> None:
+    """The cut itself, against the real kernel: host 1's addresses cannot reach a replica
+    or etcd port; host 1 still reaches a pod; other sources still reach the replica; the
+    table is gone afterwards, also when the block fails."""
+    listeners = [socket.create_server((ip, 0)) for ip in ("127.0.0.1", "127.0.0.1", "127.219.9.1")]
+    replica, etcd, pod = (s.getsockname()[:2] for s in listeners)
+    try:
+        plan = MeshPlan(
+            (PodPlan("foo", "a", "a", True, "127.219.0.1", "127.219.0.2", "127.219.0.3", (), ()),),
+            "cluster.local",
+        )
+        (tmp_path / "h1").mkdir()
+        (tmp_path / "h1" / "plan.json").write_text(json.dumps(plan.to_json()))
+        address = f"{replica[0]}:{replica[1]}"
+        (tmp_path / "cluster.json").write_text(
+            json.dumps(
+                {
+                    "replicas": [{"name": "r1", "address": address, "state": str(tmp_path)}],
+                    "etcd": [{"name": "m0", "client": f"http://{etcd[0]}:{etcd[1]}"}],
+                    "hosts": [{"name": "host-1", "state": str(tmp_path / "h1")}],
+                }
+            )
+        )
+        assert faults.host_addresses(tmp_path, "host-1") == [
+            "127.219.0.1",
+            "127.219.0.2",
+            "127.219.0.3",
+        ]
+        with faults.cut(tmp_path, "host-1"):
+            assert not _connects("127.219.0.1", replica)
+            assert not _connects("127.219.0.3", etcd)
+            assert _connects("127.219.0.1", pod)
+            assert _connects("127.0.0.1", replica)
+        assert _connects("127.219.0.1", replica)
+        with pytest.raises(RuntimeError), faults.cut(tmp_path, "host-1"):
+            raise RuntimeError("the test failed inside the cut")
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        assert "trustmesh_cut_host_1" not in tables.stdout
+        assert _connects("127.219.0.1", etcd)
+    finally:
+        for listener in listeners:
+            listener.close()
