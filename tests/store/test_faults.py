@@ -249,8 +249,14 @@ async def _scenario(state: Path) -> None:
     assert len(admins) == 5 and len(on_host_1) == 3
     hosts = {h["name"]: h for h in read_json(state / "cluster.json")["hosts"]}
     plan = MeshPlan.from_json(read_json(Layout(Path(hosts["host-2"]["state"])).plan))
-    httpbin_node = next(p for r in status["replicas"] for p in r["proxies"] if "~httpbin.foo~" in p)
     client = EtcdClient(parse_etcd_endpoints(store.removeprefix("etcd://")))
+
+    async def served() -> bool:  # every sidecar's stream ACKed at one replica or another
+        return sum(len(r["proxies"]) for r in (await read_replicas(client)).values()) == 5
+
+    await _until(served, "every sidecar served", 20)
+    status = await asyncio.to_thread(_status, state)
+    httpbin_node = next(p for r in status["replicas"] for p in r["proxies"] if "~httpbin.foo~" in p)
     record = Record()
     writing_done = asyncio.Event()
     t0 = time.monotonic() + 0.5
