@@ -21,6 +21,7 @@ from cryptography import x509
 from trustmesh.agent.sds import SecretStore, WorkloadSecret
 from trustmesh.identity import pki
 from trustmesh.identity.client import CaClient, CaRefused, CaUnavailable, ClientCertificate
+from trustmesh.identity.egress import SourceBoundProxy
 from trustmesh.identity.spiffe import SpiffeId
 
 log = logging.getLogger("trustmesh.agent")
@@ -46,6 +47,9 @@ class AgentConfig:
     bundle_refresh_seconds: float = 60.0
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
+    # where connections to the CA leave from (None: the kernel's choice); a joined host's
+    # agents use their pod IP, so the host is one set of addresses (and can be cut off)
+    source_address: str | None = None
 
 
 def renewal_time(
@@ -83,6 +87,7 @@ class WorkloadAgent:
         self._bundle: list[str] = []
         self._renew_now = asyncio.Event()
         self.ready = asyncio.Event()
+        self._egress: SourceBoundProxy | None = None
 
     # --- control ---------------------------------------------------------------------------
 
@@ -96,6 +101,29 @@ class WorkloadAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Enroll, then renew and refresh the bundle until ``stop`` is set."""
+        try:
+            await self._run(stop)
+        finally:
+            if self._egress is not None:
+                await self._egress.stop()
+
+    async def _client(
+        self, address: str, roots: bytes, client_cert: ClientCertificate | None = None
+    ) -> CaClient:
+        """A CA client; from ``source_address`` (through this agent's proxy) when set."""
+        source = self.config.source_address
+        if source is None:
+            return CaClient(address, roots, client_cert=client_cert)
+        if self._egress is None:
+            targets = f"{self.config.ca_address},{self.config.ca_renewal_address}".split(",")
+            egress = SourceBoundProxy(source, targets)
+            await egress.start()
+            self._egress = egress
+        return CaClient(
+            address, roots, client_cert=client_cert, options=self._egress.channel_options()
+        )
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self._with_retry(self._enroll, stop)
         if stop.is_set():
             return
@@ -123,7 +151,7 @@ class WorkloadAgent:
     # --- steps -------------------------------------------------------------------------------
 
     async def _enroll(self) -> None:
-        client = CaClient(self.config.ca_address, self.config.ca_roots_pem)
+        client = await self._client(self.config.ca_address, self.config.ca_roots_pem)
         try:
             key = pki.generate_key(self.config.key_type)
             csr = pki.build_csr(key, [self.config.identity.uri])
@@ -139,7 +167,9 @@ class WorkloadAgent:
     async def _renew(self) -> None:
         assert self._key is not None
         current = ClientCertificate(pki.key_to_pem(self._key), "".join(self._chain).encode())
-        client = CaClient(self.config.ca_renewal_address, self._roots(), client_cert=current)
+        client = await self._client(
+            self.config.ca_renewal_address, self._roots(), client_cert=current
+        )
         try:
             key = pki.generate_key(self.config.key_type)
             csr = pki.build_csr(key, [self.config.identity.uri])
@@ -153,7 +183,7 @@ class WorkloadAgent:
 
     async def refresh_bundle(self) -> bool:
         """Fetch the trust bundle; True when it changed (e.g. a root rotation started)."""
-        client = CaClient(self.config.ca_address, self._roots())
+        client = await self._client(self.config.ca_address, self._roots())
         try:
             bundle = await client.trust_bundle()
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -42,7 +43,10 @@ class CaClient:
         client_cert: ClientCertificate | None = None,
         server_name: str = DEFAULT_SERVER_NAME,
         timeout: float = 10.0,
+        options: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """``options``: more gRPC channel options (a :class:`~trustmesh.identity.egress.
+        SourceBoundProxy`'s, to connect from a chosen address)."""
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_roots_pem,
             private_key=client_cert.key_pem if client_cert else None,
@@ -51,7 +55,7 @@ class CaClient:
         self._channel = grpc.aio.secure_channel(
             channel_target(address),
             credentials,
-            options=[("grpc.ssl_target_name_override", server_name)],
+            options=[("grpc.ssl_target_name_override", server_name), *options],
         )
         self._timeout = timeout
         self._create = self._channel.unary_unary(

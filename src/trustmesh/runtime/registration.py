@@ -234,11 +234,19 @@ class NodeRegistrar:
 class RegistryClient:
     """The host side: one TLS channel over every replica's enrollment address."""
 
-    def __init__(self, addresses: Sequence[str], roots_pem: bytes, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        roots_pem: bytes,
+        timeout: float = 10.0,
+        options: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """``options``: more gRPC channel options (a :class:`~trustmesh.identity.egress.
+        SourceBoundProxy`'s: connect from the host's address)."""
         self._channel = grpc.aio.secure_channel(
             channel_target(",".join(addresses)),
             grpc.ssl_channel_credentials(root_certificates=roots_pem),
-            options=[("grpc.ssl_target_name_override", DEFAULT_SERVER_NAME)],
+            options=[("grpc.ssl_target_name_override", DEFAULT_SERVER_NAME), *options],
         )
         self._timeout = timeout
         self._join = self._channel.unary_unary(
@@ -269,6 +277,7 @@ class RegistryClient:
             tuple(answer.get("replicas", ())),
         )
 
-    async def keep_alive(self, joined: Joined) -> int:
+    async def keep_alive(self, joined: Joined, timeout: float | None = None) -> int:
         body = json.dumps({"node": joined.node, "session": joined.session}).encode()
-        return int(json.loads(await self._keep(body, timeout=self._timeout))["ttl"])
+        answer = await self._keep(body, timeout=timeout or self._timeout)
+        return int(json.loads(answer)["ttl"])

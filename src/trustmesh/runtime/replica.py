@@ -165,8 +165,9 @@ class _Replica:
             await self.client.put(key, json.dumps(record).encode(), lease=self.keeper.lease_id)
         self._written = record
 
-    async def claim(self) -> str | None:
-        """Write the first registration only if the name is free; else who holds it."""
+    async def claim(self, retried: bool = False) -> str | None:
+        """Write the first registration only if the name is free (or held by this
+        replica's dead predecessor on the same address); else who holds it."""
         key = REPLICAS + self.options.name.encode()
         record = self.record()
         value = json.dumps(record).encode()
@@ -180,6 +181,14 @@ class _Replica:
             return None
         kvs = response.responses[0].response_range.kvs
         other = json.loads(kvs[0].value) if kvs else {}
+        if kvs and other.get("address") == record["address"] and not retried:
+            # Its xDS address is the one this process just bound: the replica registered
+            # there is dead (SIGKILLed, restarted as itself on the same ports). Take its
+            # name over now instead of refusing until its lease runs out.
+            log.warning("%s: taking over from dead pid %s", self.options.name, other.get("pid"))
+            with contextlib.suppress(StoreError):
+                await self.client.revoke_lease(int(kvs[0].lease))
+            return await self.claim(retried=True)
         return (
             f"a replica named {self.options.name!r} is registered already (pid "
             f"{other.get('pid')}, {other.get('address')}); names are unique — a dead one's "

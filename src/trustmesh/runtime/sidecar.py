@@ -61,6 +61,9 @@ class SidecarSpec:
     private_dir: str | None = None
     # more control-plane replicas (host, port) after xds_address:xds_port (`node join`)
     more_xds: Sequence[tuple[str, int]] = ()
+    # where the agent's connections to the CA leave from (`node join`: the pod IP, as
+    # its Envoy's; None: the kernel's choice)
+    agent_source_address: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,6 +89,7 @@ async def run_sidecar(spec: SidecarSpec, stop: asyncio.Event) -> int:
         spec.ca_renewal_address,
         Path(spec.roots_file).read_bytes(),
         Path(spec.token_file).read_text().strip(),
+        source_address=spec.agent_source_address,
     )
     store = SecretStore()
     envoy: EnvoyProcess | None = None

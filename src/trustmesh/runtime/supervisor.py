@@ -49,6 +49,7 @@ from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.config import load_config
+from trustmesh.identity.egress import SourceBoundProxy
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.addresses import (
     MESH_ENV,
@@ -87,6 +88,11 @@ SIDECAR_TIMEOUT = 60.0
 SYNC_TIMEOUT = 30.0  # every sidecar ACKs (or NACKs) its first configuration
 APP_TIMEOUT = 30.0
 STOP_GRACE = 5.0
+# A host's lease (30 s) is refreshed every 5 s, a failed refresh (3 s per try) again
+# after 1 s: the host outlives losing every replica for 30 - 5 - 4 = 21 s.
+KEEP_ALIVE_EVERY = 5.0
+KEEP_ALIVE_TIMEOUT = 3.0
+KEEP_ALIVE_RETRY = 1.0
 SANDBOX_ADMIN_PORT = 15000  # Envoy's admin in a pod: on the pod's own 127.0.0.1, as in Istio
 
 Progress = Callable[[str], None]
@@ -142,6 +148,7 @@ class MeshRuntime:
     join: HostJoin | None = None
     joined: Joined | None = None
     _registry: RegistryClient | None = None
+    _egress: SourceBoundProxy | None = None  # the registry client's source address
 
     # -- start
 
@@ -290,7 +297,13 @@ class MeshRuntime:
             if pod.sidecar and not pod.gateway
         ]
         self.progress(f"joining as {join.node} at {','.join(join.control_plane)}")
-        self._registry = RegistryClient(join.control_plane, join.roots_pem)
+        # From the host's own address (its first pod's IP in process mode), as its agents
+        # and Envoys: the host is one set of addresses to the control plane.
+        self._egress = SourceBoundProxy(self.plan.pods[0].pod_ip, join.control_plane)
+        await self._egress.start()
+        self._registry = RegistryClient(
+            join.control_plane, join.roots_pem, options=self._egress.channel_options()
+        )
         try:
             joined = await self._registry.join(join.token, records, join.ttl)
         except grpc.aio.AioRpcError as exc:
@@ -315,23 +328,31 @@ class MeshRuntime:
         }
 
     async def keep_joined(self, stop: asyncio.Event) -> None:
-        """Refresh this host's lease at a third of its TTL until ``stop``; a lease that
-        ended (the control plane lost this host) is reported: a new node token joins."""
+        """Refresh this host's lease every 5 s (a third of a shorter TTL) until ``stop``,
+        a failed refresh after 1 s; a lease that ended (the control plane lost this host)
+        is reported: a new node token joins."""
         if self.joined is None or self._registry is None:
             return
         joined, registry = self.joined, self._registry
+        every = min(joined.ttl / 3, KEEP_ALIVE_EVERY)
+        wait = every
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), joined.ttl / 3)
+                await asyncio.wait_for(stop.wait(), wait)
             if stop.is_set():
                 return
             try:
-                await registry.keep_alive(joined)
+                await registry.keep_alive(joined, timeout=KEEP_ALIVE_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 _log.error("keeping %s's lease: %s", joined.node, exc.details())
                 if exc.code() is grpc.StatusCode.NOT_FOUND:
                     self.progress(f"{joined.node}'s lease ended: join again with a new token")
                     return
+                # No replica reached (a cut link, replicas restarting): try again soon,
+                # not a third of the TTL later — the lease must outlive the outage.
+                wait = KEEP_ALIVE_RETRY
+            else:
+                wait = every
 
     async def _start_control_plane(self) -> None:
         # A restart keeps the ports the proxies and agents already use.
@@ -387,6 +408,7 @@ class MeshRuntime:
             or control_plane_spiffe_id(self.plan.trust_domain),
             workdir=str(self.layout.pod_dir(pod.key)),
             source_address=pod.pod_ip,
+            agent_source_address=pod.pod_ip if self.joined is not None else None,
         )
         write_json(self.layout.sidecar_spec(pod.key), spec.to_json())
         child = await self._spawn(
@@ -758,6 +780,9 @@ class MeshRuntime:
         if self._registry is not None:
             await self._registry.close()
             self._registry = None
+        if self._egress is not None:
+            await self._egress.stop()
+            self._egress = None
         if self._claim is not None:
             self._claim.release()
             self._claim = None

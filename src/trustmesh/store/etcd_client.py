@@ -10,7 +10,9 @@ fails closed on that.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,22 +98,36 @@ class EtcdClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=REQUEST_TIMEOUT, wait_for_ready=True)
-        except grpc.aio.AioRpcError as exc:
-            raise StoreError(f"{self.describe()}: {exc.code().name}: {exc.details()}") from None
+    async def _call(self, method: Any, request: Any, *, read: bool = False) -> Any:
+        """One call; a read is tried again while etcd answers UNAVAILABLE (a member that
+        just lost its leader: "etcdserver: leader changed", a member killed under the
+        stream), within the same deadline — as etcd's own clientv3 retries reads. Writes
+        are not: one may have been applied although its answer was lost."""
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        pause = 0.05
+        while True:
+            try:
+                left = max(0.01, deadline - time.monotonic())
+                return await method(request, timeout=left, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                retry = read and exc.code() is grpc.StatusCode.UNAVAILABLE
+                if not retry or time.monotonic() + pause >= deadline:
+                    raise StoreError(
+                        f"{self.describe()}: {exc.code().name}: {exc.details()}"
+                    ) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     # --- KV ---------------------------------------------------------------------------------
 
     async def get(self, key: bytes) -> KeyValue | None:
-        response = await self._call(self._kv.Range, rpc.RangeRequest(key=key))
+        response = await self._call(self._kv.Range, rpc.RangeRequest(key=key), read=True)
         return _kv(response.kvs[0]) if response.kvs else None
 
     async def get_prefix(self, prefix: bytes) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix`` (sorted) and the store revision they were read at."""
         response = await self._call(
-            self._kv.Range, rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix))
+            self._kv.Range, rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix)), read=True
         )
         return [_kv(kv) for kv in response.kvs], response.header.revision
 
