@@ -1,22 +1,18 @@
 """AuthorizationPolicy → Envoy RBAC filters for one workload's inbound chains (pure).
 
-This is Istio's ``pilot/pkg/security/authz`` (``builder.go``, ``model.go``) for sidecars,
-read from the same :class:`~trustmesh.policy.compose.WorkloadPolicy` the offline
-evaluator reads, so that a request gets the same verdict offline and through Envoy:
+This is the Envoy side of Istio's ``pilot/pkg/security/authz`` (``builder.go``) for
+sidecars. The rules arrive compiled, as :class:`~trustmesh.policy.rule_tree.RuleTree`
+values — the same trees the offline evaluator interprets, with Istio's rule-dropping
+already applied — and :mod:`trustmesh.xds.rbac_matchers` maps each matcher to its Envoy
+message. This module only assembles filters:
 
 * one Envoy policy per rule, named ``ns[<ns>]-policy[<name>]-rule[<i>]``; Envoy keeps
   them in a ``std::map`` and reports the lexicographically smallest match, which is the
   order :class:`~trustmesh.policy.authz.RuleSet` uses too;
-* each ``from`` is one principal (an AND of its fields), each ``to`` one permission;
-  ``when`` conditions are ANDed into every principal (source / request keys) or every
-  permission (destination / connection keys); no ``from`` / ``to`` means ``any``;
-* a policy with no rules gets one never-matching policy (ALLOW with nothing = deny all);
+* a policy written without rules gets one never-matching policy (ALLOW with nothing =
+  deny all);
 * dry-run (``istio.io/dry-run: "true"``) ALLOW / DENY policies become the
-  ``shadow_rules`` of the same action's filter: evaluated and reported, never enforced;
-* a value Istio's generator refuses (an HTTP-only attribute on a TCP chain, a bad CIDR
-  or port) drops the whole rule for ALLOW — a narrower allow — and only that value
-  (or that JWT key) for DENY / AUDIT / CUSTOM — a wider deny (Istio's ``checkError``);
-  an unknown ``when`` key drops the rule for every action.
+  ``shadow_rules`` of the same action's filter: evaluated and reported, never enforced.
 
 Filter order on the inbound HTTP chain: :func:`http_custom_filters`, then jwt_authn,
 then :func:`http_rbac_filters` (AUDIT, DENY, ALLOW), then the router.
@@ -28,9 +24,6 @@ the provider's rules as shadow rules (named ``istio-ext-authz-<provider>-ns[..]-
 providers on one workload (Istio's default) turn the rules into an enforced DENY, as
 Istio does (``...-deny-due-to-bad-CUSTOM-action``). On TCP chains a gRPC provider gets the
 network pair; an HTTP provider is left out.
-
-Principals reach Envoy with ``spiffe://`` and trust-domain aliases expanded by the same
-:meth:`~trustmesh.policy.authz.TrustBundle.expand` the evaluator uses.
 
 Outputs are proto3-JSON dicts (``json_format.ParseDict`` them at the edge). Per-policy
 results are remembered per compiled mesh (``_POLICY_RULES``), so dicts returned for two
