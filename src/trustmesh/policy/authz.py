@@ -490,38 +490,7 @@ def _read_principal(a: Attributes) -> str | None:
     return a.principal
 
 
-def _string_match(
-    patterns: Iterable[rt.StringPattern],
-    *,
-    ignore_case: bool = False,
-    regexes: Sequence[re.Pattern[str]] = (),
-) -> mt.StringMatch:
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    suffixes: list[str] = []
-    any_nonempty = present = False
-    for pattern in patterns:
-        value = pattern.value.lower() if ignore_case else pattern.value
-        match pattern.kind:
-            case rt.TextKind.EXACT:
-                exact.add(value)
-            case rt.TextKind.PREFIX:
-                prefixes.append(value)
-            case rt.TextKind.SUFFIX:
-                suffixes.append(value)
-            case rt.TextKind.NON_EMPTY:
-                any_nonempty = True
-            case rt.TextKind.PRESENT:
-                present = True
-    return mt.StringMatch(
-        exact=frozenset(exact),
-        prefixes=tuple(prefixes),
-        suffixes=tuple(suffixes),
-        regexes=tuple(regexes),
-        any_nonempty=any_nonempty,
-        present=present,
-        ignore_case=ignore_case,
-    )
+_string_match = mt.pattern_match
 
 
 def _peer_match(items: Sequence[rt.Matcher]) -> mt.StringMatch:
@@ -585,11 +554,8 @@ def _ip_test(attribute: str, items: Sequence[rt.Matcher]) -> Test | None:
 
 
 def _request_principals(items: Sequence[rt.RequestPrincipal]) -> Test:
-    def pattern_match(pattern: rt.StringPattern) -> mt.StringMatch:
-        return _string_match((pattern,))
-
     match = mt.RequestPrincipalMatch(
-        tuple((pattern_match(i.issuer), pattern_match(i.subject)) for i in items)
+        tuple((_string_match((i.issuer,)), _string_match((i.subject,))) for i in items)
     )
     return lambda a: match(a.issuer, a.subject)
 

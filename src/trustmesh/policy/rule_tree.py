@@ -70,6 +70,7 @@ __all__ = [
     "TrustDomain",
     "Unsupported",
     "compile_rules",
+    "request_principal",
     "rule_name",
 ]
 
@@ -722,7 +723,7 @@ class _Builder:
 
     def _request_principals(self, values: Sequence[str], _: bool) -> Matcher:
         self._http_only("request.auth.principal")
-        alternatives = tuple(_request_principal(v) for v in values)
+        alternatives = tuple(request_principal(v) for v in values)
         return alternatives[0] if len(alternatives) == 1 else Or(alternatives)
 
     def _claim(self, key: str, claims: tuple[str, ...]) -> _Build:
@@ -746,7 +747,7 @@ _SNI = _PerValue(lambda value, _: ConnectionSni(StringPattern.of(value)))
 _ANY_TEXT = StringPattern(TextKind.NON_EMPTY)
 
 
-def _request_principal(value: str) -> RequestPrincipal:
+def request_principal(value: str) -> RequestPrincipal:
     """Istio's split of an ``iss/sub`` value at its LAST ``/``. A ``*`` counts only at the
     start or end of the WHOLE value: ``*`` alone matches any token; ``*x/sub`` is an issuer
     suffix with an exact subject; ``iss/x*`` an exact issuer with a subject prefix
