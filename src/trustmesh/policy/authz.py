@@ -15,7 +15,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from trustmesh.api import models as m
 from trustmesh.api.conditions import KeyKind, condition_key
@@ -35,6 +35,7 @@ __all__ = [
     "TrustBundle",
     "compile_policy",
     "condition_header_names",
+    "miss_text",
     "predicate",
     "reads_host",
     "rule_name",
@@ -66,25 +67,18 @@ class IndexKeys:
     ports: frozenset[int] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Miss:
-    """Why a rule did not match: the first failing field of ``from[index]`` / ``to[index]``
-    (every entry failed), or the failing ``when`` field."""
-
-    part: str  # "from" | "to" | "when"
-    index: int
-    label: str
-
-    def text(self) -> str:
-        return (
-            f"when {self.label}"
-            if self.part == "when"
-            else f"{self.part}[{self.index}].{self.label}"
-        )
+# Why a rule did not match: ``(part, entry, label)`` — the first failing field of
+# ``from[entry]`` / ``to[entry]`` (every entry failed), or the failing ``when`` field
+# (part "when"). Plain tuples: a full trace makes one per rule.
+Miss = tuple[str, int, str]
 
 
-@dataclass(frozen=True, slots=True)
-class RuleOutcome:
+def miss_text(miss: Miss) -> str:
+    part, entry, label = miss
+    return f"when {label}" if part == "when" else f"{part}[{entry}].{label}"
+
+
+class RuleOutcome(NamedTuple):
     """One rule's answer for one request, as a trace event."""
 
     rule: CompiledRule
@@ -97,7 +91,7 @@ class RuleOutcome:
     def text(self) -> str:
         if not self.misses:
             return "matched"
-        return "no match: " + ", ".join(miss.text() for miss in self.misses)
+        return "no match: " + ", ".join([miss_text(miss) for miss in self.misses])
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,17 +128,22 @@ class CompiledRule:
                 failed = next((c.label for c in clause if not c.test(a)), None)
                 if failed is None:
                     break
-                misses.append(Miss(part, i, failed))
+                misses.append((part, i, failed))
             else:
-                return RuleOutcome(self, tuple(misses))
+                return _outcome(RuleOutcome, (self, tuple(misses)))
         for check in self.conditions:
             if not check.test(a):
-                return RuleOutcome(self, (Miss("when", 0, check.label),))
-        return RuleOutcome(self)
+                return _outcome(RuleOutcome, (self, (("when", 0, check.label),)))
+        return _outcome(RuleOutcome, (self, ()))
 
     def explain(self, a: Attributes) -> tuple[bool, str]:
         outcome = self.outcome(a)
         return outcome.matched, outcome.text()
+
+
+# A full trace makes a RuleOutcome per rule: tuple.__new__ skips the NamedTuple's
+# keyword-handling constructor, half the cost.
+_outcome = tuple.__new__
 
 
 class RuleSet:
