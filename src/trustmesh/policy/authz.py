@@ -47,11 +47,11 @@ Test = Callable[[Attributes], bool]
 @dataclass(frozen=True, slots=True)
 class Check:
     """One field of one clause: ``label`` names it in traces (``paths``, ``when[source.ip]``),
-    ``test`` is the evaluator's reading of the field's matcher (``field``)."""
+    ``test`` is the evaluator's reading of the field's matcher (``tree_field``)."""
 
     label: str
     test: Test
-    field: rt.Field | None = field(default=None, compare=False, repr=False)
+    tree_field: rt.Field | None = field(default=None, compare=False, repr=False)
 
 
 Clause = tuple[Check, ...]
