@@ -623,8 +623,8 @@ class _Builder:
         negate: bool,
         build: _Build,
     ) -> Field | None:
-        """One field: its values ORed (``one`` builders, each value its own matcher) or
-        one matcher for all values (``every`` builders); None when Istio leaves it out."""
+        """One field: its values ORed (:class:`_PerValue`, each value its own matcher) or
+        one matcher for all values (:class:`_AllValues`); None when Istio leaves it out."""
         # A negated field's leaves answer the opposite for the unknown, so that NOT turns
         # it back into the fail-closed answer.
         if_unknown = self.unknown != negate
