@@ -91,6 +91,8 @@ class RuleOutcome(NamedTuple):
     def text(self) -> str:
         if not self.misses:
             return "matched"
+        if len(self.misses) == 1:
+            return "no match: " + miss_text(self.misses[0])
         return "no match: " + ", ".join([miss_text(miss) for miss in self.misses])
 
 
