@@ -418,52 +418,60 @@ def _leaf(leaf: rt.Matcher) -> Test:
     raise TypeError(f"no evaluator for {leaf!r}")  # pragma: no cover - closed set
 
 
-_PEER_LEAVES = (rt.Principal, rt.SourceNamespace, rt.ServiceAccount, rt.TrustDomain)
-_PATH_LEAVES = (rt.Path, rt.PathTemplate)
-_IP_LEAVES = {
+# Leaves an OR of which becomes one test, by the attribute they read.
+_FAMILY: dict[type, str] = {
+    rt.Principal: "peer",
+    rt.SourceNamespace: "peer",
+    rt.ServiceAccount: "peer",
+    rt.TrustDomain: "peer",
+    rt.Path: "path",
+    rt.PathTemplate: "path",
+    rt.Host: "host",
+    rt.Method: "method",
+    rt.ConnectionSni: "sni",
+    rt.DestinationPort: "port",
     rt.SourceIp: "source_ip",
     rt.RemoteIp: "remote_ip",
     rt.DestinationIp: "destination_ip",
+    rt.RequestHeader: "header",
+    rt.RequestPrincipal: "request_principal",
 }
 
 
 def _merged(items: Sequence[rt.Matcher]) -> Test | None:
     """One test for an OR of leaves reading the same attribute; None for anything else."""
-    first = items[0] if items else None
-    if first is None:
+    families = {_FAMILY.get(type(i)) for i in items}
+    if len(families) != 1:
         return None
-    if all(isinstance(i, _PEER_LEAVES) for i in items):
-        return _read(_read_principal, _peer_match(items))
-    if all(isinstance(i, _PATH_LEAVES) for i in items):
-        return _read(_read_path, _path_match(items))
-    kind = type(first)
-    if not all(type(i) is kind for i in items):
-        return None
-    if kind is rt.Host:
-        hosts = [i.pattern for i in items if isinstance(i, rt.Host)]
-        return _read(_read_host, _string_match(hosts, ignore_case=True))
-    if kind is rt.Method:
-        return _read(
-            _read_method, _string_match([i.pattern for i in items if isinstance(i, rt.Method)])
-        )
-    if kind is rt.ConnectionSni:
-        return _read(
-            _read_sni, _string_match([i.pattern for i in items if isinstance(i, rt.ConnectionSni)])
-        )
-    if kind is rt.DestinationPort:
-        ports = frozenset(i.port for i in items if isinstance(i, rt.DestinationPort))
-        return lambda a: a.destination_port in ports
-    if kind in _IP_LEAVES:
-        return _ip_test(_IP_LEAVES[kind], items)
-    if kind is rt.RequestHeader:
-        headers = [i for i in items if isinstance(i, rt.RequestHeader)]
-        name = headers[0].name.lower()
-        if any(h.name.lower() != name for h in headers):
-            return None
-        match = _string_match([h.pattern for h in headers])
-        return lambda a: match.any_of(a.headers.get(name, ()))
-    if kind is rt.RequestPrincipal:
-        return _request_principals([i for i in items if isinstance(i, rt.RequestPrincipal)])
+    family = families.pop()
+    match family:
+        case "peer":
+            return _read(_read_principal, _peer_match(items))
+        case "path":
+            return _read(_read_path, _path_match(items))
+        case "host":
+            hosts = [i.pattern for i in items if isinstance(i, rt.Host)]
+            return _read(_read_host, _string_match(hosts, ignore_case=True))
+        case "method":
+            methods = [i.pattern for i in items if isinstance(i, rt.Method)]
+            return _read(_read_method, _string_match(methods))
+        case "sni":
+            names = [i.pattern for i in items if isinstance(i, rt.ConnectionSni)]
+            return _read(_read_sni, _string_match(names))
+        case "port":
+            ports = frozenset(i.port for i in items if isinstance(i, rt.DestinationPort))
+            return lambda a: a.destination_port in ports
+        case "source_ip" | "remote_ip" | "destination_ip":
+            return _ip_test(family, items)
+        case "header":
+            headers = [i for i in items if isinstance(i, rt.RequestHeader)]
+            name = headers[0].name.lower()
+            if any(h.name.lower() != name for h in headers):
+                return None
+            match = _string_match([h.pattern for h in headers])
+            return lambda a: match.any_of(a.headers.get(name, ()))
+        case "request_principal":
+            return _request_principals([i for i in items if isinstance(i, rt.RequestPrincipal)])
     return None
 
 
