@@ -320,7 +320,7 @@ def _index_keys(tree: rt.RuleTree, for_tcp: bool) -> IndexKeys:
     if tree.operations and not for_tcp:
         paths = [_positive(clause, "paths") for clause in tree.operations]
         if all(p is not None for p in paths) and not any(
-            _positive(c, "notPaths") for c in tree.operations
+            f.label == "notPaths" for c in tree.operations for f in c
         ):
             leaves = [leaf for p in paths for leaf in p or ()]
             if all(isinstance(v, rt.Path) and v.pattern.kind in _INDEXED for v in leaves):
