@@ -7,7 +7,8 @@ Two checks, both on seeded sets from :mod:`tests.fuzz.policygen`:
   is handed to ``envoy --mode validate``: Envoy must accept all of it.
 - ``differential_batch``: the same sets as listeners of one running Envoy (the rig of
   tests/xds/test_rbac_differential.py), every generated request sent raw; Envoy's status,
-  deciding rule and dry-run results must equal ``evaluate()``'s.
+  deciding rule and dry-run results must equal ``evaluate()``'s — for TCP connections
+  too (the rig reads them from a per-connection access log).
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def _addresses(count: int, ports: tuple[int, ...], start: int, network: int) -> 
     Runs at the same time use different networks: between this check and Envoy's bind,
     another run could take the same address (and with SO_REUSEPORT share it)."""
     found: list[str] = []
+    if count == 0:
+        return found
     for n in range(start, start + 16_000):
         address = f"127.{network}.{n // 250}.{n % 250 + 1}"
         try:

@@ -42,14 +42,19 @@ def test_envoy_and_the_evaluator_agree_on_generated_policies(tally: Tally) -> No
 def test_the_generated_runs_are_not_vacuous(tally: Tally) -> None:
     """Most sets pass validation, and every kind of answer occurs: allowed with and
     without a deciding rule, denied by a rule and by no ALLOW match, JWT rejections,
-    over plaintext and mTLS, TCP echoed and closed."""
+    over plaintext and mTLS, TCP echoed and closed, each with and without a rule."""
     assert tally.sets == 120 and tally.refused_by_validate < 20
     assert tally.requests > 1500
     kinds = set(tally.answers)
     for peer in ("plain", "mtls"):
         for answer in ("200/rule", "200/no-rule", "403/rule", "403/no-rule", "401/no-rule"):
             assert f"http/{peer}/{answer}" in kinds, (peer, answer, kinds)
-        assert {f"tcp/{peer}/0/no-rule", f"tcp/{peer}/200/no-rule"} <= kinds
+        for status in ("0", "200"):  # closed, echoed
+            assert any(k.startswith(f"tcp/{peer}/{status}/") for k in kinds), (peer, kinds)
+    # TCP deciding rules on both sides: closed by a DENY rule and for want of an ALLOW
+    # match, echoed by an ALLOW rule and with no ALLOW policy.
+    tcp = {k.split("/", 2)[2] for k in kinds if k.startswith("tcp/")}
+    assert {"0/rule", "0/no-rule", "200/rule", "200/no-rule"} <= tcp, kinds
 
 
 def test_envoy_accepts_every_translation_validate_accepts(tmp_path: Path) -> None:

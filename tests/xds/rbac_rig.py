@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -28,6 +31,7 @@ import pytest
 from tests.xds.rbac_cases import CLIENT, Case, Probe
 from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.decision import Decision
 from trustmesh.policy.evaluate import ACCESS_DENIED, evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
 from trustmesh.xds.guards import request_guard_filters
@@ -43,12 +47,15 @@ _FILE_LOG = _T + "access_loggers.file.v3.FileAccessLog"
 # Dynamic metadata the RBAC filters write, by the name this test reports it under.
 _METADATA = {
     "allow-id": "enforced_effective_policy_id",
+    "tcp-allow-id": "observed_allow_shadow_effective_policy_id",  # see allow_observer
     "shadow-deny": "istio_dry_run_deny_shadow_engine_result",
     "shadow-deny-id": "istio_dry_run_deny_shadow_effective_policy_id",
     "shadow-allow": "istio_dry_run_allow_shadow_engine_result",
     "shadow-allow-id": "istio_dry_run_allow_shadow_effective_policy_id",
 }
 _SHADOW_KEYS = tuple(k for k in _METADATA if k.startswith("shadow"))
+_OBSERVED = "observed_allow_"
+_HTTP_RBAC, _NETWORK_RBAC = "envoy.filters.http.rbac", "envoy.filters.network.rbac"
 
 
 # --- answers ---------------------------------------------------------------------------
@@ -79,12 +86,14 @@ def offline(case: Case, probe: Probe) -> Answer:
     # Envoy checks JWT expiry against the real clock: so does the offline side.
     decision = evaluate(case.mesh, request, now=time.time())
     if http is None:
-        return Answer(200 if decision.verdict.value == "allow" else 0)
+        # A closed connection names the denying rule ("none": no ALLOW rule matched); an
+        # echoed one the ALLOW rule that let it through (see allow_observer).
+        if decision.verdict.value == "allow":
+            return Answer(200, decision.rule or "-", _shadow(decision))
+        closed = decision.rule or ("none" if decision.reason == ACCESS_DENIED else "-")
+        return Answer(0, closed, _shadow(decision))
     assert decision.status is not None
-    shadow = dict.fromkeys(_SHADOW_KEYS, "-")
-    for result in decision.dry_run:
-        shadow[f"shadow-{result.action.lower()}"] = result.result
-        shadow[f"shadow-{result.action.lower()}-id"] = result.rule or "-"
+    shadow = _shadow(decision)
     # A 403 without a rule is RBAC's "no ALLOW matched" — or jwt_authn's audience check,
     # which Envoy logs without any policy.
     denied = decision.rule or ("none" if decision.reason == ACCESS_DENIED else "-")
@@ -92,22 +101,33 @@ def offline(case: Case, probe: Probe) -> Answer:
     # AUDIT rule (AUDIT runs first and nothing after it matched).
     allowed = decision.rule or decision.audit or "-"
     rule = {200: allowed, 403: denied}.get(decision.status, "-")
-    return Answer(decision.status, rule, tuple(shadow.items()))
+    return Answer(decision.status, rule, shadow)
+
+
+def _shadow(decision: Decision) -> tuple[tuple[str, str], ...]:
+    shadow = dict.fromkeys(_SHADOW_KEYS, "-")
+    for result in decision.dry_run:
+        shadow[f"shadow-{result.action.lower()}"] = result.result
+        shadow[f"shadow-{result.action.lower()}-id"] = result.rule or "-"
+    return tuple(shadow.items())
 
 
 def from_envoy(status: int, logged: dict[str, Any]) -> Answer:
-    """Envoy's answer: the status on the wire and the request's access-log line (empty
-    when the HTTP codec refused the request before the HCM saw it)."""
+    """Envoy's answer: the status on the wire (TCP: 200 echoed, 0 closed) and the
+    request's (connection's) access-log line — empty when the HTTP codec refused the
+    request before the HCM saw it. A denial names its policy in the response (connection
+    termination) details, ``rbac_access_denied_matched_policy[NAME]``, ``none`` when no
+    ALLOW policy matched; an allow in the RBAC filters' dynamic metadata."""
 
     def value(key: str) -> str:
         found = logged.get(_METADATA.get(key, key))
         return "-" if found is None else str(found)
 
     rule, details = "-", value("details")
-    if status == 403 and details.startswith("rbac_access_denied_matched_policy["):
+    if status in (0, 403) and details.startswith("rbac_access_denied_matched_policy["):
         rule = details.removeprefix("rbac_access_denied_matched_policy[").removesuffix("]")
     elif status == 200:
-        rule = value("allow-id")
+        rule = value("allow-id" if "probe" in logged else "tcp-allow-id")
     return Answer(status, rule, tuple((key, value(key)) for key in _SHADOW_KEYS))
 
 
@@ -141,9 +161,16 @@ def access_log(path: Path) -> list[dict[str, Any]]:
     recorded its results. (Local-reply headers cannot carry them: with Envoy 1.40 a 403's
     headers lacked the denying filter's own shadow results.)"""
     fields = {"probe": "%REQ(x-probe)%", "details": "%RESPONSE_CODE_DETAILS%"}
-    fields |= {
-        key: f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{key})%" for key in _METADATA.values()
-    }
+    fields |= {key: f"%DYNAMIC_METADATA({_HTTP_RBAC}:{key})%" for key in _METADATA.values()}
+    config = {"@type": _FILE_LOG, "path": str(path), "log_format": {"json_format": fields}}
+    return [{"name": "envoy.access_loggers.file", "typed_config": config}]
+
+
+def connection_log(path: Path) -> list[dict[str, Any]]:
+    """A listener's JSON line per connection, keyed by the client's address and port:
+    the network RBAC filters' termination details and dynamic metadata."""
+    fields = {"peer": "%DOWNSTREAM_REMOTE_ADDRESS%", "details": "%CONNECTION_TERMINATION_DETAILS%"}
+    fields |= {key: f"%DYNAMIC_METADATA({_NETWORK_RBAC}:{key})%" for key in _METADATA.values()}
     config = {"@type": _FILE_LOG, "path": str(path), "log_format": {"json_format": fields}}
     return [{"name": "envoy.access_loggers.file", "typed_config": config}]
 
@@ -181,9 +208,37 @@ def tcp_listener(
     filters: list[dict[str, Any]],
     cluster: str,
     tls: dict[str, Any] | None = None,
+    log: Path | None = None,
 ) -> dict[str, Any]:
     proxy = {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": cluster}
-    return _listener(name, address, port, [*filters, {"name": "tcp", "typed_config": proxy}], tls)
+    chain = [*filters, {"name": "tcp", "typed_config": proxy}]
+    listener = _listener(name, address, port, chain, tls)
+    if log is not None:
+        listener["access_log"] = connection_log(log)
+    return listener
+
+
+def allow_observer(filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A last network RBAC filter that enforces nothing and holds the ALLOW filter's
+    policies as shadow rules: Envoy's network RBAC reports the policy that denied a
+    connection (termination details), but not the one that allowed it — this copy makes
+    Envoy name it (``observed_allow_shadow_effective_policy_id``). Nothing if no ALLOW
+    filter is there."""
+    allow = [
+        f["typed_config"]["rules"]
+        for f in filters
+        if f["name"] == _NETWORK_RBAC
+        and f["typed_config"].get("rules", {}).get("action") == "ALLOW"
+    ]
+    if not allow:
+        return []
+    config = {
+        "@type": _T + "filters.network.rbac.v3.RBAC",
+        "stat_prefix": "observed.",
+        "shadow_rules": allow[-1],
+        "shadow_rules_stat_prefix": _OBSERVED,
+    }
+    return [{"name": _NETWORK_RBAC, "typed_config": config}]
 
 
 def _listener(
@@ -273,16 +328,22 @@ async def send(
     number: int,
     timeout: float = 5,
     tls: ssl.SSLContext | None = None,
+    peers: dict[int, str] | None = None,
+    source_ports: Iterator[int] | None = None,
 ) -> int:
     """Send ``probe`` raw (over ``tls`` when given); the HTTP status, or for TCP 200 if
-    echoed and 0 if closed."""
+    echoed and 0 if closed. ``peers`` records the client address of TCP probe
+    ``number`` (``ip:port``), which Envoy's connection log names it by; the port comes
+    from ``source_ports`` (never one used before in the run, so no two connections of
+    a run share an address)."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            case.address, case.port, local_addr=(probe.client, 0), ssl=tls
-        )
+        reader, writer = await _connect(case, probe, tls, source_ports)
         try:
             writer.write(probe.wire(number))
             if probe.method is None:
+                if peers is not None:
+                    host, port = writer.get_extra_info("sockname")[:2]
+                    peers[number] = f"{host}:{port}"
                 with contextlib.suppress(ConnectionError):
                     return 200 if await reader.readline() == b"ping\n" else 0
                 return 0
@@ -296,6 +357,23 @@ async def send(
             return int(status_line.split()[1])
         finally:
             writer.transport.abort()  # no wait for Envoy's delayed close
+
+
+async def _connect(
+    case: Case, probe: Probe, tls: ssl.SSLContext | None, source_ports: Iterator[int] | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if source_ports is None or probe.method is not None:
+        return await asyncio.open_connection(
+            case.address, case.port, local_addr=(probe.client, 0), ssl=tls
+        )
+    for _ in range(100):
+        local = (probe.client, next(source_ports))
+        try:
+            return await asyncio.open_connection(case.address, case.port, local_addr=local, ssl=tls)
+        except OSError as refused:
+            if refused.errno != errno.EADDRINUSE:
+                raise
+    raise RuntimeError(f"no free source port on {probe.client}")
 
 
 def free_addresses(count: int, ports: tuple[int, ...], skip: frozenset[str]) -> list[str]:
@@ -358,7 +436,7 @@ class Outcome:
 
 
 async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome:
-    log = workdir / "access.log"
+    log, tcp_log = workdir / "access.log", workdir / "connections.log"
     peers = MeshPeers(workdir) if any(case.tls for case in (*http, *tcp)) else None
 
     def tls(case: Case) -> dict[str, Any] | None:
@@ -380,8 +458,11 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
             wp = case.mesh.for_workload(case.destination)
             assert wp is not None
             filters = network_rbac_filters(wp, case.mesh, case.port)
+            filters += allow_observer(filters)
             listeners.append(
-                tcp_listener(f"tcp{i}", case.address, case.port, filters, "echo", tls(case))
+                tcp_listener(
+                    f"tcp{i}", case.address, case.port, filters, "echo", tls(case), tcp_log
+                )
             )
         jobs = [(case, probe) for case in (*http, *tcp) for probe in case.probes]
         envoy = EnvoyProcess(bootstrap(listeners, clusters), workdir=workdir, concurrency=2)
@@ -389,6 +470,8 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
             await envoy.start(timeout=15)
             try:
                 limit = asyncio.Semaphore(16)
+                client_addresses: dict[int, str] = {}
+                source_ports = itertools.count(random.randrange(20_000, 30_000))
 
                 async def one(number: int, case: Case, probe: Probe) -> int:
                     client = None
@@ -396,7 +479,14 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
                         assert peers is not None and case.tls, (case.name, probe)
                         client = peers.client(probe.peer)
                     async with limit:
-                        return await send(case, probe, number, tls=client)
+                        return await send(
+                            case,
+                            probe,
+                            number,
+                            tls=client,
+                            peers=client_addresses,
+                            source_ports=source_ports,
+                        )
 
                 started = time.perf_counter()
                 statuses = await asyncio.gather(*(one(n, *job) for n, job in enumerate(jobs)))
@@ -404,12 +494,19 @@ async def run_envoy(http: list[Case], tcp: list[Case], workdir: Path) -> Outcome
             finally:
                 await envoy.stop()  # Envoy flushes its access log as it exits
     logged = {}
-    for line in log.read_text().splitlines():
+    for line in log.read_text().splitlines() if log.exists() else ():
         entry = json.loads(line)
         if entry.get("probe") is not None:
             logged[int(entry["probe"])] = entry
+    connections = {}
+    for line in tcp_log.read_text().splitlines() if tcp_log.exists() else ():
+        entry = json.loads(line)
+        connections[entry.get("peer")] = entry
     outcome = Outcome(seconds=seconds)
     for number, ((case, probe), status) in enumerate(zip(jobs, statuses, strict=True)):
-        got = from_envoy(status, logged.get(number, {})) if probe.method else Answer(status)
+        if probe.method is None:
+            got = from_envoy(status, connections.get(client_addresses.get(number), {}))
+        else:
+            got = from_envoy(status, logged.get(number, {}))
         outcome.results.append((case, probe, got, offline(case, probe)))
     return outcome

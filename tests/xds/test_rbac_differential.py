@@ -15,7 +15,10 @@ lines, trailing dots, userinfo, absolute-form targets) is sent raw and must get 
 answer as ``evaluate()`` gives for a plaintext client (the destinations are PERMISSIVE):
 the same status, the same deciding
 policy (Envoy logs it in the response code details of a 403 and in its RBAC dynamic
-metadata on a 200) and the same dry-run (shadow) results. TCP: allowed or closed.
+metadata on a 200) and the same dry-run (shadow) results. TCP likewise: echoed or
+closed, the denying policy from the connection termination details, the allowing one
+from a copy of the ALLOW rules as shadow rules (``rbac_rig.allow_observer``: Envoy's
+network RBAC names no allowing policy itself), and the dry-run results.
 
 End-user JWT rules are exercised too: listeners whose mesh has a RequestAuthentication get
 translate()'s jwt_authn filter (Istio's shape) before RBAC, and requests carry the scenario
@@ -74,7 +77,14 @@ def test_every_outcome_is_exercised(outcome: Outcome) -> None:
     runs that match, JWT rejections and both TCP outcomes all occur."""
     seen = {(got.status, got.rule.split("-policy[")[0]) for _, _, got, _ in outcome.results}
     assert {(200, "ns[foo]"), (403, "ns[foo]"), (403, "none"), (400, "-"), (401, "-")} <= seen
-    assert {(0, "-"), (200, "-")} <= seen  # TCP closed / echoed
+    # TCP: closed by a DENY rule and for want of an ALLOW match, echoed by an ALLOW rule
+    # and with no ALLOW policy; each side names the deciding rule.
+    tcp = {
+        (got.status, got.rule.split("-policy[")[0])
+        for c, _, got, _ in outcome.results
+        if c.destination == "foo/tcp-echo"
+    }
+    assert {(0, "ns[foo]"), (0, "none"), (200, "ns[foo]"), (200, "-")} <= tcp, tcp
     assert any("ext" in got.rule for _, _, got, _ in outcome.results)
     shadows = {v for _, _, got, _ in outcome.results for _, v in got.shadow}
     assert {"allowed", "denied", "ns[foo]-policy[shadow-deny]-rule[0]"} <= shadows

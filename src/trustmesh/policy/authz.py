@@ -1,43 +1,57 @@
-"""AuthorizationPolicy rules compiled to predicates, and per-action rule sets.
+"""AuthorizationPolicy rules as the evaluator runs them, and per-action rule sets.
 
-One compiled rule is what Istio generates as one Envoy RBAC policy named
-``ns[<ns>]-policy[<name>]-rule[<i>]``: an OR of ``from`` clauses AND an OR of ``to``
+Each rule is compiled once, to a :class:`~trustmesh.policy.rule_tree.RuleTree` (with
+Istio's rule-dropping for TCP chains and bad values already applied); this module
+interprets that tree. One compiled rule is what Istio generates as one Envoy RBAC policy
+named ``ns[<ns>]-policy[<name>]-rule[<i>]``: an OR of ``from`` clauses AND an OR of ``to``
 clauses AND every ``when`` condition. Envoy keeps RBAC policies in a ``std::map``, so it
 reports the lexicographically smallest matching name; :class:`RuleSet` does the same.
-
-TCP filter chains get a second compilation (``for_tcp=True``): an ALLOW rule that uses
-an HTTP-only attribute is dropped whole, while DENY / AUDIT / CUSTOM rules only lose
-those attributes (so they match more) — Istio's ``checkError`` in
-``pilot/pkg/security/authz/model/model.go``.
 """
 
 from __future__ import annotations
 
 import bisect
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from trustmesh.api import models as m
-from trustmesh.api.conditions import KeyKind, condition_key, is_http_only_key
+from trustmesh.api.conditions import KeyKind, condition_key
 from trustmesh.api.resources import Resource
 from trustmesh.policy import matchers as mt
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.request import Attributes
+from trustmesh.policy.rule_tree import TrustBundle, rule_name
+
+__all__ = [
+    "Check",
+    "CompiledRule",
+    "IndexKeys",
+    "Miss",
+    "RuleOutcome",
+    "RuleSet",
+    "TrustBundle",
+    "compile_policy",
+    "condition_header_names",
+    "miss_text",
+    "predicate",
+    "reads_host",
+    "rule_name",
+]
 
 Test = Callable[[Attributes], bool]
 
 
-def rule_name(namespace: str, policy: str, index: int) -> str:
-    return f"ns[{namespace}]-policy[{policy}]-rule[{index}]"
-
-
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One field of one clause: ``label`` names it in traces (``paths``, ``when[source.ip]``)."""
+    """One field of one clause: ``label`` names it in traces (``paths``, ``when[source.ip]``),
+    ``test`` is the evaluator's reading of the field's matcher (``tree_field``)."""
 
     label: str
     test: Test
+    tree_field: rt.Field | None = field(default=None, compare=False, repr=False)
 
 
 Clause = tuple[Check, ...]
@@ -53,6 +67,35 @@ class IndexKeys:
     ports: frozenset[int] | None = None
 
 
+# Why a rule did not match: ``(part, entry, label)`` — the first failing field of
+# ``from[entry]`` / ``to[entry]`` (every entry failed), or the failing ``when`` field
+# (part "when"). Plain tuples: a full trace makes one per rule.
+Miss = tuple[str, int, str]
+
+
+def miss_text(miss: Miss) -> str:
+    part, entry, label = miss
+    return f"when {label}" if part == "when" else f"{part}[{entry}].{label}"
+
+
+class RuleOutcome(NamedTuple):
+    """One rule's answer for one request, as a trace event."""
+
+    rule: CompiledRule
+    misses: tuple[Miss, ...] = ()
+
+    @property
+    def matched(self) -> bool:
+        return not self.misses
+
+    def text(self) -> str:
+        if not self.misses:
+            return "matched"
+        if len(self.misses) == 1:
+            return "no match: " + miss_text(self.misses[0])
+        return "no match: " + ", ".join([miss_text(miss) for miss in self.misses])
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     name: str
@@ -64,6 +107,7 @@ class CompiledRule:
     conditions: Clause
     keys: IndexKeys = IndexKeys()
     provider: str | None = None  # CUSTOM only
+    tree: rt.RuleTree | None = field(default=None, compare=False, repr=False)
 
     def matches(self, a: Attributes) -> bool:
         if self.sources is not None and not any(
@@ -76,7 +120,7 @@ class CompiledRule:
             return False
         return all(c.test(a) for c in self.conditions)
 
-    def explain(self, a: Attributes) -> tuple[bool, str]:
+    def outcome(self, a: Attributes) -> RuleOutcome:
         """Same checks as :meth:`matches`, also saying which one failed."""
         for part, clauses in (("from", self.sources), ("to", self.operations)):
             if clauses is None:
@@ -86,13 +130,22 @@ class CompiledRule:
                 failed = next((c.label for c in clause if not c.test(a)), None)
                 if failed is None:
                     break
-                misses.append(f"{part}[{i}].{failed}")
+                misses.append((part, i, failed))
             else:
-                return False, "no match: " + ", ".join(misses)
+                return _outcome(RuleOutcome, (self, tuple(misses)))
         for check in self.conditions:
             if not check.test(a):
-                return False, f"no match: when {check.label}"
-        return True, "matched"
+                return _outcome(RuleOutcome, (self, (("when", 0, check.label),)))
+        return _outcome(RuleOutcome, (self, ()))
+
+    def explain(self, a: Attributes) -> tuple[bool, str]:
+        outcome = self.outcome(a)
+        return outcome.matched, outcome.text()
+
+
+# A full trace makes a RuleOutcome per rule: tuple.__new__ skips the NamedTuple's
+# keyword-handling constructor, half the cost.
+_outcome = tuple.__new__
 
 
 class RuleSet:
@@ -179,70 +232,15 @@ class RuleSet:
                 return rule
         return None
 
+    def outcomes(self, a: Attributes) -> list[RuleOutcome]:
+        """Every rule's answer, in order (for traces)."""
+        return [rule.outcome(a) for rule in self.rules]
+
     def explain(self, a: Attributes) -> list[tuple[CompiledRule, bool, str]]:
-        return [(rule, *rule.explain(a)) for rule in self.rules]
+        return [(o.rule, o.matched, o.text()) for o in self.outcomes(a)]
 
 
 # --- compiling one policy -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TrustBundle:
-    """The mesh trust domain and its aliases (``pilot/pkg/security/trustdomain``)."""
-
-    domains: tuple[str, ...] = ("cluster.local",)
-
-    def expand(self, principals: Iterable[str]) -> list[str]:
-        """Istio's ``ReplaceTrustDomainAliases``.
-
-        Only well-formed ``TD/ns/NS/sa/SA`` principals whose trust domain is not ``*`` are
-        touched: when that domain matches a bundle domain (wildcards allowed on either
-        side) or is ``cluster.local``, the principal stands for every bundle domain; a
-        bundle domain that the principal's own wildcard domain already covers keeps the
-        principal as written. Everything else is kept as written.
-        """
-        out: list[str] = []
-        for principal in principals:
-            parts = principal.split("/")
-            if len(parts) != 5 or parts[0] == "*":
-                out.append(principal)
-                continue
-            domain = parts[0]
-            if domain != "cluster.local" and not any(
-                _domains_match(domain, td) for td in self.domains
-            ):
-                out.append(principal)
-                continue
-            expanded: list[str] = []
-            for td in self.domains:
-                candidate = principal if _suffix(td, domain) else "/".join([td, *parts[1:]])
-                if candidate not in expanded:
-                    expanded.append(candidate)
-            out.extend(expanded)
-        return out
-
-    def expand_domains(self, values: Iterable[str]) -> list[str]:
-        """Istio's ``ExpandTrustDomainAliases`` for ``trustDomains`` values: a value equal
-        to a bundle domain stands for every domain of the bundle; others stay as written."""
-        out: list[str] = []
-        for value in values:
-            for domain in self.domains if value in self.domains else (value,):
-                if domain not in out:
-                    out.append(domain)
-        return out
-
-
-def _prefix(text: str, pattern: str) -> bool:
-    return pattern.endswith("*") and text.startswith(pattern[:-1])
-
-
-def _suffix(text: str, pattern: str) -> bool:
-    return pattern.startswith("*") and text.endswith(pattern[1:])
-
-
-def _domains_match(a: str, b: str) -> bool:
-    """Trust domains match exactly, or either side's ``*`` prefix/suffix covers the other."""
-    return a == b or b == "*" or _prefix(a, b) or _prefix(b, a) or _suffix(a, b) or _suffix(b, a)
 
 
 def compile_policy(
@@ -250,30 +248,31 @@ def compile_policy(
 ) -> list[CompiledRule]:
     """Istio's RBAC policies for one AuthorizationPolicy (for HTTP or for TCP chains)."""
     spec: m.AuthorizationPolicySpec = policy.spec
-    action = spec.action
     provider = spec.provider.name if spec.provider else None
-    compiled: list[CompiledRule] = []
-    for index, rule in enumerate(spec.rules or ()):
-        if for_tcp and action is m.Action.ALLOW and _uses_http_only(rule):
-            continue  # Istio skips the whole ALLOW rule on TCP filter chains
-        builder = _ClauseBuilder(policy.namespace, bundle, action, for_tcp)
-        sources = tuple(builder.source(f.source) for f in rule.from_) if rule.from_ else None
-        operations = tuple(builder.operation(t.operation) for t in rule.to) if rule.to else None
-        conditions = tuple(c for cond in rule.when for c in builder.condition(cond))
-        compiled.append(
-            CompiledRule(
-                name=rule_name(policy.namespace, policy.name, index),
-                action=action,
-                policy=policy,
-                rule_index=index,
-                sources=sources,
-                operations=operations,
-                conditions=conditions,
-                keys=_index_keys(rule, bundle, for_tcp),
-                provider=provider,
-            )
+    compiled = rt.compile_rules(policy, bundle, for_tcp=for_tcp)
+    return [
+        CompiledRule(
+            name=tree.name,
+            action=spec.action,
+            policy=policy,
+            rule_index=tree.index,
+            sources=_clauses(tree.sources),
+            operations=_clauses(tree.operations),
+            conditions=_clause(tree.when),
+            keys=_index_keys(tree, for_tcp),
+            provider=provider,
+            tree=tree,
         )
-    return compiled
+        for tree in compiled.rules
+    ]
+
+
+def _clauses(clauses: tuple[rt.Clause, ...] | None) -> tuple[Clause, ...] | None:
+    return None if clauses is None else tuple(_clause(c) for c in clauses)
+
+
+def _clause(fields: rt.Clause) -> Clause:
+    return tuple(Check(f.label, predicate(f.matcher), f) for f in fields)
 
 
 def condition_header_names(policy: Resource[Any]) -> frozenset[str]:
@@ -313,203 +312,171 @@ def _header_names(key: str) -> tuple[str, ...]:
     return known.names if known is not None and known.kind is KeyKind.REQUEST_HEADER else ()
 
 
-def _uses_http_only(rule: m.Rule) -> bool:
-    for f in rule.from_:
-        if f.source.request_principals or f.source.not_request_principals:
-            return True
-    for t in rule.to:
-        op = t.operation
-        if op.hosts or op.not_hosts or op.methods or op.not_methods or op.paths or op.not_paths:
-            return True
-    return any(is_http_only_key(c.key) for c in rule.when)
+# --- the rule index ---------------------------------------------------------------------
 
 
-def _index_keys(rule: m.Rule, bundle: TrustBundle, for_tcp: bool) -> IndexKeys:
-    if rule.to and not for_tcp:
-        ops = [t.operation for t in rule.to]
-        if all(op.paths and not op.not_paths for op in ops):
-            values = [v for op in ops for v in op.paths]
-            if all(_indexable_path(v) for v in values):
+def _index_keys(tree: rt.RuleTree, for_tcp: bool) -> IndexKeys:
+    """The paths, else principals, else ports every ``to`` (``from``) entry requires."""
+    if tree.operations and not for_tcp:
+        paths = [_positive(clause, "paths") for clause in tree.operations]
+        if all(p is not None for p in paths) and not any(
+            f.label == "notPaths" for c in tree.operations for f in c
+        ):
+            leaves = [leaf for p in paths for leaf in p or ()]
+            if all(isinstance(v, rt.Path) and v.pattern.kind in _INDEXED for v in leaves):
+                patterns = [v.pattern for v in leaves if isinstance(v, rt.Path)]
                 return IndexKeys(
-                    exact_paths=frozenset(v for v in values if not v.endswith("*")),
-                    path_prefixes=tuple(v[:-1] for v in values if v.endswith("*")),
+                    exact_paths=frozenset(p.value for p in patterns if p.kind is _EXACT),
+                    path_prefixes=tuple(p.value for p in patterns if p.kind is _PREFIX),
                 )
-    if rule.from_:
-        sources = [f.source for f in rule.from_]
-        if all(s.principals for s in sources):
-            values = bundle.expand(v for s in sources for v in s.principals)
-            if all("*" not in v for v in values):
-                return IndexKeys(principals=frozenset(values))
-    if rule.to:
-        ops = [t.operation for t in rule.to]
-        if all(op.ports for op in ops):
-            return IndexKeys(ports=frozenset(int(p) for op in ops for p in op.ports))
+    if tree.sources:
+        principals = [_positive(clause, "principals") for clause in tree.sources]
+        if all(p is not None for p in principals):
+            leaves = [leaf for p in principals for leaf in p or ()]
+            if all(
+                isinstance(v, rt.Principal)
+                and v.pattern.kind is _EXACT
+                and "*" not in v.pattern.value
+                for v in leaves
+            ):
+                return IndexKeys(
+                    principals=frozenset(
+                        v.pattern.value for v in leaves if isinstance(v, rt.Principal)
+                    )
+                )
+    if tree.operations:
+        ports = [_positive(clause, "ports") for clause in tree.operations]
+        if all(p is not None for p in ports):
+            leaves = [leaf for p in ports for leaf in p or ()]
+            return IndexKeys(
+                ports=frozenset(v.port for v in leaves if isinstance(v, rt.DestinationPort))
+            )
     return IndexKeys()
 
 
-def _indexable_path(value: str) -> bool:
-    if mt.is_path_template(value) or value.startswith("*"):
-        return False
-    return "*" not in value[:-1] and value != "*"
+_EXACT, _PREFIX = rt.TextKind.EXACT, rt.TextKind.PREFIX
+_INDEXED = (_EXACT, _PREFIX)
 
 
-class _ClauseBuilder:
-    """Turns one source / operation / condition into checks, per Istio's generators."""
+def _positive(clause: rt.Clause, label: str) -> tuple[rt.Matcher, ...] | None:
+    """The alternatives of ``clause``'s field ``label`` (an OR of values), or None."""
+    for f in clause:
+        if f.label == label and isinstance(f.matcher, rt.Or):
+            return f.matcher.items
+    return None
 
-    def __init__(self, namespace: str, bundle: TrustBundle, action: m.Action, for_tcp: bool):
-        self.namespace = namespace
-        self.bundle = bundle
-        self.for_tcp = for_tcp
-        # An address the caller did not give is unknown: fail closed (ALLOW rules do not
-        # match it; DENY / CUSTOM / AUDIT rules do).
-        self.unknown_ip_matches = action is not m.Action.ALLOW
 
-    def source(self, s: m.Source) -> Clause:
-        checks: list[Check] = []
-        add = checks.append
-        for negate, values in ((False, s.principals), (True, s.not_principals)):
-            if values:
-                add(
-                    self._principal_check(
-                        _label("principals", negate), self.bundle.expand(values), negate
-                    )
-                )
-        for negate, values in ((False, s.namespaces), (True, s.not_namespaces)):
-            if values:
-                add(
-                    self._peer_check(
-                        _label("namespaces", negate), mt.namespace_match(values), negate
-                    )
-                )
-        for negate, values in ((False, s.service_accounts), (True, s.not_service_accounts)):
-            if values:
-                match = mt.service_account_match(values, self.namespace)
-                add(self._peer_check(_label("serviceAccounts", negate), match, negate))
-        for negate, values in ((False, s.trust_domains), (True, s.not_trust_domains)):
-            if values:
-                match = mt.trust_domain_match(self.bundle.expand_domains(values))
-                add(self._peer_check(_label("trustDomains", negate), match, negate))
-        for negate, values in ((False, s.ip_blocks), (True, s.not_ip_blocks)):
-            if values:
-                add(self._ip_check(_label("ipBlocks", negate), "source_ip", values, negate))
-        for negate, values in ((False, s.remote_ip_blocks), (True, s.not_remote_ip_blocks)):
-            if values:
-                add(self._ip_check(_label("remoteIpBlocks", negate), "remote_ip", values, negate))
-        if not self.for_tcp:
-            for negate, values in ((False, s.request_principals), (True, s.not_request_principals)):
-                if values:
-                    add(
-                        self._request_principal_check(
-                            _label("requestPrincipals", negate), values, negate
-                        )
-                    )
-        return tuple(checks)
+# --- interpreting matchers --------------------------------------------------------------
 
-    def operation(self, op: m.Operation) -> Clause:
-        checks: list[Check] = []
-        for negate, values in ((False, op.ports), (True, op.not_ports)):
-            if values:
-                checks.append(_port_check(_label("ports", negate), values, negate))
-        if self.for_tcp:
-            return tuple(checks)
-        fields: tuple[tuple[str, Callable[[Attributes], str | None], Any, Any], ...] = (
-            ("hosts", _read_host, op.hosts, op.not_hosts),
-            ("methods", _read_method, op.methods, op.not_methods),
-            ("paths", _read_path, op.paths, op.not_paths),
-        )
-        for name, read, positive, negative in fields:
-            for negate, values in ((False, positive), (True, negative)):
-                if not values:
-                    continue
-                if name == "hosts":
-                    match = mt.string_match(values, ignore_case=True, star_is_presence=True)
-                elif name == "methods":
-                    match = mt.string_match(values, star_is_presence=True)
-                else:
-                    match = mt.path_match(values)
-                checks.append(_read_check(_label(name, negate), read, match, negate))
-        return tuple(checks)
 
-    def condition(self, cond: m.Condition) -> list[Check]:
-        key = cond.key
-        if self.for_tcp and is_http_only_key(key):
-            return []
-        out: list[Check] = []
-        for negate, values in ((False, cond.values), (True, cond.not_values)):
-            if values:
-                label = f"when[{key}].{'notValues' if negate else 'values'}"
-                out.append(self._condition_check(label, key, values, negate))
-        return out
+def predicate(matcher: rt.Matcher) -> Test:
+    """The evaluator's test for ``matcher``. An OR of values of one attribute becomes one
+    set lookup (:class:`~trustmesh.policy.matchers.StringMatch`), as fast as one value."""
+    match matcher:
+        case rt.And(items):
+            tests = tuple(predicate(item) for item in items)
+            if len(tests) == 1:
+                return tests[0]
+            return lambda a: all(test(a) for test in tests)
+        case rt.Or(items):
+            merged = _merged(items)
+            if merged is not None:
+                return merged
+            tests = tuple(predicate(item) for item in items)
+            if len(tests) == 1:
+                return tests[0]
+            return lambda a: any(test(a) for test in tests)
+        case rt.Not(item):
+            test = predicate(item)
+            return lambda a: not test(a)
+        case _:
+            merged = _merged((matcher,))
+            if merged is not None:
+                return merged
+            return _leaf(matcher)
 
-    def _condition_check(self, label: str, key: str, values: Sequence[str], negate: bool) -> Check:
-        known = condition_key(key)
-        kind = known.kind if known is not None else KeyKind.ENVOY_FILTER_METADATA
-        match kind:
-            case KeyKind.SOURCE_PRINCIPAL:
-                return self._principal_check(label, self.bundle.expand(values), negate)
-            case KeyKind.SOURCE_NAMESPACE:
-                return self._peer_check(label, mt.namespace_match(values), negate)
-            case KeyKind.SOURCE_SERVICE_ACCOUNT:
-                match = mt.service_account_match(values, self.namespace)
-                return self._peer_check(label, match, negate)
-            case KeyKind.SOURCE_TRUST_DOMAIN:
-                match = mt.trust_domain_match(self.bundle.expand_domains(values))
-                return self._peer_check(label, match, negate)
-            case KeyKind.SOURCE_IP:
-                return self._ip_check(label, "source_ip", values, negate)
-            case KeyKind.REMOTE_IP:
-                return self._ip_check(label, "remote_ip", values, negate)
-            case KeyKind.DESTINATION_IP:
-                return self._ip_check(label, "destination_ip", values, negate)
-            case KeyKind.DESTINATION_PORT:
-                return _port_check(label, values, negate)
-            case KeyKind.CONNECTION_SNI:
-                return _read_check(label, _read_sni, mt.string_match(values), negate)
-            case KeyKind.REQUEST_PRINCIPAL:
-                return self._request_principal_check(label, values, negate)
-            case KeyKind.REQUEST_AUDIENCES:
-                return Check(label, _negated(_claim_test(("aud",), values), negate))
-            case KeyKind.REQUEST_PRESENTER:
-                return Check(label, _negated(_claim_test(("azp",), values), negate))
-            case KeyKind.REQUEST_HEADER:
-                assert known is not None
-                name = known.names[0].lower()
-                headers = mt.string_match(values, star_is_presence=True)
-                return Check(
-                    label, _negated(lambda a: headers.any_of(a.headers.get(name, ())), negate)
-                )
-            case KeyKind.REQUEST_CLAIM:
-                assert known is not None
-                return Check(label, _negated(_claim_test(known.names, values), negate))
-            case KeyKind.ENVOY_FILTER_METADATA:
-                # experimental.envoy.filters.* reads filter metadata trustmesh cannot know
-                # offline (and an unknown key was refused by validation): fail closed like
-                # an unknown address.
-                unknown = self.unknown_ip_matches
-                return Check(f"{label} (not evaluated offline)", lambda a: unknown)
 
-    def _principal_check(self, label: str, values: Sequence[str], negate: bool) -> Check:
-        # Envoy's `authenticated` matcher is false without a TLS peer; NOT flips it.
-        return _read_check(label, _read_principal, mt.string_match(values), negate)
+def _always(a: Attributes) -> bool:
+    return True
 
-    def _peer_check(self, label: str, match: mt.StringMatch, negate: bool) -> Check:
-        return _read_check(label, _read_principal, match, negate)
 
-    def _request_principal_check(self, label: str, values: Sequence[str], negate: bool) -> Check:
-        match = mt.request_principal_match(values)
-        return Check(label, _negated(lambda a: match(a.issuer, a.subject), negate))
+def _never(a: Attributes) -> bool:
+    return False
 
-    def _ip_check(self, label: str, attr: str, values: Sequence[str], negate: bool) -> Check:
-        networks = mt.ip_match(values)
-        unknown = self.unknown_ip_matches
 
-        def test(a: Attributes) -> bool:
-            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = getattr(a, attr)
-            if address is None:
-                return unknown
-            return networks(address) != negate
+def _leaf(leaf: rt.Matcher) -> Test:
+    match leaf:
+        case rt.Any():
+            return _always
+        case rt.RequestPrincipal():
+            return _request_principals((leaf,))
+        case rt.JwtClaim(claims, values):
+            return _claim_test(claims, _string_match(values))
+        case rt.FilterMetadata(offline=offline):
+            # Filter metadata trustmesh cannot know offline: fail closed.
+            return _always if offline else _never
+    raise TypeError(f"no evaluator for {leaf!r}")  # pragma: no cover - closed set
 
-        return Check(label, test)
+
+# Leaves an OR of which becomes one test, by the attribute they read.
+_FAMILY: dict[type, str] = {
+    rt.Principal: "peer",
+    rt.SourceNamespace: "peer",
+    rt.ServiceAccount: "peer",
+    rt.TrustDomain: "peer",
+    rt.Path: "path",
+    rt.PathTemplate: "path",
+    rt.Host: "host",
+    rt.Method: "method",
+    rt.ConnectionSni: "sni",
+    rt.DestinationPort: "port",
+    rt.SourceIp: "source_ip",
+    rt.RemoteIp: "remote_ip",
+    rt.DestinationIp: "destination_ip",
+    rt.RequestHeader: "header",
+    rt.RequestPrincipal: "request_principal",
+}
+
+
+def _merged(items: Sequence[rt.Matcher]) -> Test | None:
+    """One test for an OR of leaves reading the same attribute; None for anything else."""
+    families = {_FAMILY.get(type(i)) for i in items}
+    if len(families) != 1:
+        return None
+    family = families.pop()
+    match family:
+        case "peer":
+            return _read(_read_principal, _peer_match(items))
+        case "path":
+            return _read(_read_path, _path_match(items))
+        case "host":
+            hosts = [i.pattern for i in items if isinstance(i, rt.Host)]
+            return _read(_read_host, _string_match(hosts, ignore_case=True))
+        case "method":
+            methods = [i.pattern for i in items if isinstance(i, rt.Method)]
+            return _read(_read_method, _string_match(methods))
+        case "sni":
+            names = [i.pattern for i in items if isinstance(i, rt.ConnectionSni)]
+            return _read(_read_sni, _string_match(names))
+        case "port":
+            ports = frozenset(i.port for i in items if isinstance(i, rt.DestinationPort))
+            return lambda a: a.destination_port in ports
+        case "source_ip" | "remote_ip" | "destination_ip":
+            return _ip_test(family, items)
+        case "header":
+            headers = [i for i in items if isinstance(i, rt.RequestHeader)]
+            name = headers[0].name.lower()
+            if any(h.name.lower() != name for h in headers):
+                return None
+            match = _string_match([h.pattern for h in headers])
+            return lambda a: match.any_of(a.headers.get(name, ()))
+        case "request_principal":
+            return _request_principals([i for i in items if isinstance(i, rt.RequestPrincipal)])
+    return None
+
+
+def _read(read: Callable[[Attributes], str | None], match: mt.StringMatch) -> Test:
+    return lambda a: match(read(a))
 
 
 def _read_host(a: Attributes) -> str | None:
@@ -532,34 +499,77 @@ def _read_principal(a: Attributes) -> str | None:
     return a.principal
 
 
-def _read_check(
-    label: str, read: Callable[[Attributes], str | None], match: mt.StringMatch, negate: bool
-) -> Check:
-    if negate:
-        return Check(label, lambda a: not match(read(a)))
-    return Check(label, lambda a: match(read(a)))
+_string_match = mt.pattern_match
 
 
-def _port_check(label: str, values: Sequence[str], negate: bool) -> Check:
-    ports = frozenset(int(v) for v in values)
-    if negate:
-        return Check(label, lambda a: a.destination_port not in ports)
-    return Check(label, lambda a: a.destination_port in ports)
+def _peer_match(items: Sequence[rt.Matcher]) -> mt.StringMatch:
+    """Peer-identity leaves over the principal ``TD/ns/NS/sa/SA`` (no ``spiffe://``)."""
+    patterns: list[rt.StringPattern] = []
+    regexes: list[re.Pattern[str]] = []
+    for item in items:
+        match item:
+            case rt.Principal(pattern):
+                patterns.append(pattern)
+            case rt.SourceNamespace(value):
+                inner = ".*".join(re.escape(part) for part in value.split("*"))
+                regexes.append(re.compile(f".*/ns/{inner}/.*", re.DOTALL))
+            case rt.ServiceAccount(namespace, account):
+                regexes.append(
+                    re.compile(
+                        f".+/ns/{re.escape(namespace)}/(?:.+/|)sa/{re.escape(account)}(?:/.+)?",
+                        re.DOTALL,
+                    )
+                )
+            case rt.TrustDomain(value):
+                # ``*`` any peer identity; ``td`` the prefix ``td/``; one ``*`` a wildcard
+                # inside the trust domain (no ``/``).
+                if value == "*":
+                    patterns.append(rt.StringPattern(rt.TextKind.PRESENT))
+                elif "*" not in value:
+                    patterns.append(rt.StringPattern(rt.TextKind.PREFIX, f"{value}/"))
+                else:
+                    before, _, after = value.partition("*")
+                    regexes.append(re.compile(f"{re.escape(before)}[^/]*{re.escape(after)}/.*"))
+    return _string_match(patterns, regexes=regexes)
 
 
-def _label(name: str, negate: bool) -> str:
-    return f"not{name[0].upper()}{name[1:]}" if negate else name
+def _path_match(items: Sequence[rt.Matcher]) -> mt.StringMatch:
+    patterns = [i.pattern for i in items if isinstance(i, rt.Path)]
+    templates = [
+        mt.path_template_regex(i.template) for i in items if isinstance(i, rt.PathTemplate)
+    ]
+    return _string_match(patterns, regexes=templates)
 
 
-def _negated(test: Test, negate: bool) -> Test:
-    if not negate:
-        return test
-    return lambda a: not test(a)
+def _ip_test(attribute: str, items: Sequence[rt.Matcher]) -> Test | None:
+    leaves = [i for i in items if isinstance(i, (rt.SourceIp, rt.RemoteIp, rt.DestinationIp))]
+    unknown = leaves[0].if_unknown
+    if any(leaf.if_unknown != unknown for leaf in leaves):
+        return None
+    networks = mt.IpMatch(
+        tuple(
+            ipaddress.ip_network(f"{leaf.cidr.address}/{leaf.cidr.prefix_len}", strict=False)
+            for leaf in leaves
+        )
+    )
+
+    def test(a: Attributes) -> bool:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = getattr(a, attribute)
+        if address is None:
+            return unknown
+        return networks(address)
+
+    return test
 
 
-def _claim_test(path: tuple[str, ...], values: Sequence[str]) -> Test:
-    match = mt.string_match(values)
+def _request_principals(items: Sequence[rt.RequestPrincipal]) -> Test:
+    match = mt.RequestPrincipalMatch(
+        tuple((_string_match((i.issuer,)), _string_match((i.subject,))) for i in items)
+    )
+    return lambda a: match(a.issuer, a.subject)
 
+
+def _claim_test(path: tuple[str, ...], match: mt.StringMatch) -> Test:
     def test(a: Attributes) -> bool:
         value: Any = a.claims
         for part in path:

@@ -468,8 +468,8 @@ def _first(rules: ActionRules, attrs: Attributes, run: _Run, label: str) -> Comp
     rule_set = rules.for_protocol(attrs.is_http)
     found = rule_set.first_match(attrs)
     if run.trace is not None:
-        for rule, _matched, why in rule_set.explain(attrs):
-            run.note("{} {}: {}", label, rule.name, why)
+        for outcome in rule_set.outcomes(attrs):
+            run.note("{} {}: {}", label, outcome.rule.name, outcome.text())
         if not rule_set:
             run.note(f"{label}: {len(rules.policies)} policies apply, no rule for this protocol")
     return found

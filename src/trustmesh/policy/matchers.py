@@ -3,16 +3,19 @@
 Istio turns each policy value into an Envoy StringMatcher (``pilot/pkg/security/authz/
 matcher/string.go``): ``*`` → regex ``.+`` (any non-empty value), ``x*`` → prefix,
 ``*x`` → suffix, anything else exact — a ``*`` in the middle is a literal character.
-A few fields differ (header ``*`` is a presence match, hosts ignore case, namespaces
-become a regex) and get their own constructor here.
+A few fields differ (header ``*`` is a presence match, hosts ignore case). The values
+arrive compiled (:class:`~trustmesh.policy.rule_tree.StringPattern`); ``string_match``
+and ``path_match`` compile written values the same way for the analyzer's probes.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from trustmesh.policy import rule_tree as rt
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -55,76 +58,11 @@ class StringMatch:
 def string_match(
     values: Iterable[str], *, ignore_case: bool = False, star_is_presence: bool = False
 ) -> StringMatch:
-    """Istio's StringMatcher rules for a list of policy values (OR'd)."""
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    suffixes: list[str] = []
-    any_nonempty = present = False
-    for raw in values:
-        value = raw.lower() if ignore_case else raw
-        if value == "*":
-            if star_is_presence:
-                present = True
-            else:
-                any_nonempty = True
-        elif value.startswith("*"):
-            suffixes.append(value[1:])
-        elif value.endswith("*"):
-            prefixes.append(value[:-1])
-        else:
-            exact.add(value)
-    return StringMatch(
-        exact=frozenset(exact),
-        prefixes=tuple(prefixes),
-        suffixes=tuple(suffixes),
-        any_nonempty=any_nonempty,
-        present=present,
-        ignore_case=ignore_case,
+    """Istio's StringMatcher rules for a list of written policy values (OR'd)."""
+    star = rt.TextKind.PRESENT if star_is_presence else rt.TextKind.NON_EMPTY
+    return pattern_match(
+        (rt.StringPattern.of(v, star=star) for v in values), ignore_case=ignore_case
     )
-
-
-def namespace_match(values: Iterable[str]) -> StringMatch:
-    """``namespaces``: regex ``.*/ns/<value>/.*`` on the peer principal, ``*`` → ``.*``."""
-    patterns = []
-    for value in values:
-        inner = ".*".join(re.escape(part) for part in value.split("*"))
-        patterns.append(re.compile(f".*/ns/{inner}/.*", re.DOTALL))
-    return StringMatch(regexes=tuple(patterns))
-
-
-def trust_domain_match(values: Iterable[str]) -> StringMatch:
-    """``trustDomains`` / ``source.trustDomain`` on the peer principal (``TD/ns/…``), as
-    Istio's ``srcTrustDomainGenerator``: ``*`` any peer identity; ``td`` the prefix
-    ``td/``; ``x*`` / ``*x`` a trust domain (no ``/``) starting / ending with ``x``."""
-    prefixes: list[str] = []
-    patterns: list[re.Pattern[str]] = []
-    present = False
-    for value in values:
-        if value == "*":
-            present = True
-        elif "*" not in value:
-            prefixes.append(f"{value}/")
-        else:
-            before, _, after = value.partition("*")
-            patterns.append(re.compile(f"{re.escape(before)}[^/]*{re.escape(after)}/.*"))
-    return StringMatch(prefixes=tuple(prefixes), regexes=tuple(patterns), present=present)
-
-
-def service_account_match(values: Iterable[str], policy_namespace: str) -> StringMatch:
-    """``serviceAccounts``: ``sa`` or ``ns/sa``; the trust domain is not pinned."""
-    patterns = []
-    for value in values:
-        namespace, _, account = value.rpartition("/")
-        namespace = namespace or policy_namespace
-        patterns.append(
-            re.compile(
-                f".+/ns/{re.escape(namespace)}/(?:.+/|)sa/{re.escape(account)}(?:/.+)?", re.DOTALL
-            )
-        )
-    return StringMatch(regexes=tuple(patterns))
-
-
-_TEMPLATE = re.compile(r"\{\*\*\}|\{\*\}")
 
 
 def is_path_template(value: str) -> bool:
@@ -148,16 +86,11 @@ def path_template_regex(value: str) -> re.Pattern[str]:
 
 
 def path_match(values: Iterable[str]) -> StringMatch:
-    plain = [v for v in values if not is_path_template(v)]
-    templates = tuple(path_template_regex(v) for v in values if is_path_template(v))
-    base = string_match(plain)
-    return StringMatch(
-        exact=base.exact,
-        prefixes=base.prefixes,
-        suffixes=base.suffixes,
-        any_nonempty=base.any_nonempty,
-        regexes=templates,
-    )
+    """Written ``paths`` values: Istio's StringMatcher rules, or an uri_template."""
+    values = list(values)
+    templates = [path_template_regex(v) for v in values if is_path_template(v)]
+    plain = (rt.StringPattern.of(v) for v in values if not is_path_template(v))
+    return pattern_match(plain, regexes=templates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,41 +106,47 @@ class RequestPrincipalMatch:
 
 
 def request_principal_match(values: Iterable[str]) -> RequestPrincipalMatch:
-    """Istio's split of ``iss/sub`` values (``requestPrincipalGenerator``).
+    """``requestPrincipals`` values split as Istio splits them
+    (:func:`~trustmesh.policy.rule_tree.request_principal`)."""
+    pairs = [rt.request_principal(value) for value in values]
+    return RequestPrincipalMatch(
+        tuple((pattern_match((p.issuer,)), pattern_match((p.subject,))) for p in pairs)
+    )
 
-    A ``*`` counts only at the start or end of the WHOLE value: ``*`` alone matches any
-    token; ``*x/sub`` is an issuer suffix with an exact subject; ``iss/x*`` an exact
-    issuer with a subject prefix (``iss/*``: any subject); without ``/`` a leading ``*``
-    is a subject suffix and a trailing one an issuer prefix. Anything else is exact on
-    both parts, so a ``*`` inside (``a*/b``) is a literal character.
-    """
-    anything = string_match(["*"])
 
-    def exact(text: str) -> StringMatch:
-        return StringMatch(exact=frozenset({text}))
-
-    pairs: list[tuple[StringMatch, StringMatch]] = []
-    for value in values:
-        iss, slash, sub = value.rpartition("/")
-        if value == "*":
-            pairs.append((anything, anything))
-        elif value.startswith("*"):
-            if slash:
-                issuer = anything if iss == "*" else StringMatch(suffixes=(iss[1:],))
-                pairs.append((issuer, exact(sub)))
-            else:
-                pairs.append((anything, StringMatch(suffixes=(value[1:],))))
-        elif value.endswith("*"):
-            if slash:
-                subject = anything if sub == "*" else StringMatch(prefixes=(sub[:-1],))
-                pairs.append((exact(iss), subject))
-            else:
-                pairs.append((StringMatch(prefixes=(value[:-1],)), anything))
-        elif slash:
-            pairs.append((exact(iss), exact(sub)))
-        else:
-            pairs.append((exact(value), exact("")))
-    return RequestPrincipalMatch(tuple(pairs))
+def pattern_match(
+    patterns: Iterable[rt.StringPattern],
+    *,
+    ignore_case: bool = False,
+    regexes: Sequence[re.Pattern[str]] = (),
+) -> StringMatch:
+    """One :class:`StringMatch` for an OR of compiled patterns (and ``regexes``)."""
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    any_nonempty = present = False
+    for pattern in patterns:
+        value = pattern.value.lower() if ignore_case else pattern.value
+        match pattern.kind:
+            case rt.TextKind.EXACT:
+                exact.add(value)
+            case rt.TextKind.PREFIX:
+                prefixes.append(value)
+            case rt.TextKind.SUFFIX:
+                suffixes.append(value)
+            case rt.TextKind.NON_EMPTY:
+                any_nonempty = True
+            case rt.TextKind.PRESENT:
+                present = True
+    return StringMatch(
+        exact=frozenset(exact),
+        prefixes=tuple(prefixes),
+        suffixes=tuple(suffixes),
+        regexes=tuple(regexes),
+        any_nonempty=any_nonempty,
+        present=present,
+        ignore_case=ignore_case,
+    )
 
 
 @dataclass(frozen=True, slots=True)

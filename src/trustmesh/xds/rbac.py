@@ -1,22 +1,18 @@
 """AuthorizationPolicy → Envoy RBAC filters for one workload's inbound chains (pure).
 
-This is Istio's ``pilot/pkg/security/authz`` (``builder.go``, ``model.go``) for sidecars,
-read from the same :class:`~trustmesh.policy.compose.WorkloadPolicy` the offline
-evaluator reads, so that a request gets the same verdict offline and through Envoy:
+This is the Envoy side of Istio's ``pilot/pkg/security/authz`` (``builder.go``) for
+sidecars. The rules arrive compiled, as :class:`~trustmesh.policy.rule_tree.RuleTree`
+values — the same trees the offline evaluator interprets, with Istio's rule-dropping
+already applied — and :mod:`trustmesh.xds.rbac_matchers` maps each matcher to its Envoy
+message. This module only assembles filters:
 
 * one Envoy policy per rule, named ``ns[<ns>]-policy[<name>]-rule[<i>]``; Envoy keeps
   them in a ``std::map`` and reports the lexicographically smallest match, which is the
   order :class:`~trustmesh.policy.authz.RuleSet` uses too;
-* each ``from`` is one principal (an AND of its fields), each ``to`` one permission;
-  ``when`` conditions are ANDed into every principal (source / request keys) or every
-  permission (destination / connection keys); no ``from`` / ``to`` means ``any``;
-* a policy with no rules gets one never-matching policy (ALLOW with nothing = deny all);
+* a policy written without rules gets one never-matching policy (ALLOW with nothing =
+  deny all);
 * dry-run (``istio.io/dry-run: "true"``) ALLOW / DENY policies become the
-  ``shadow_rules`` of the same action's filter: evaluated and reported, never enforced;
-* a value Istio's generator refuses (an HTTP-only attribute on a TCP chain, a bad CIDR
-  or port) drops the whole rule for ALLOW — a narrower allow — and only that value
-  (or that JWT key) for DENY / AUDIT / CUSTOM — a wider deny (Istio's ``checkError``);
-  an unknown ``when`` key drops the rule for every action.
+  ``shadow_rules`` of the same action's filter: evaluated and reported, never enforced.
 
 Filter order on the inbound HTTP chain: :func:`http_custom_filters`, then jwt_authn,
 then :func:`http_rbac_filters` (AUDIT, DENY, ALLOW), then the router.
@@ -29,9 +25,6 @@ providers on one workload (Istio's default) turn the rules into an enforced DENY
 Istio does (``...-deny-due-to-bad-CUSTOM-action``). On TCP chains a gRPC provider gets the
 network pair; an HTTP provider is left out.
 
-Principals reach Envoy with ``spiffe://`` and trust-domain aliases expanded by the same
-:meth:`~trustmesh.policy.authz.TrustBundle.expand` the evaluator uses.
-
 Outputs are proto3-JSON dicts (``json_format.ParseDict`` them at the edge). Per-policy
 results are remembered per compiled mesh (``_POLICY_RULES``), so dicts returned for two
 workloads of one mesh may share sub-dicts: treat them as read-only.
@@ -40,21 +33,19 @@ workloads of one mesh may share sub-dicts: treat them as read-only.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from trustmesh.api import models as m
-from trustmesh.api.conditions import ConditionKey, KeyKind, Side, condition_key
 from trustmesh.api.extension_providers import (
     ExtAuthzProvider,
 )
 from trustmesh.api.resources import Resource
-from trustmesh.policy.authz import TrustBundle, rule_name
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.evaluate import mesh_ext_authz_providers
+from trustmesh.policy.rule_tree import TrustBundle, compile_rules
 from trustmesh.xds import rbac_matchers as mt
 from trustmesh.xds.ext_authz import (
     EXT_AUTHZ_SHADOW_PREFIX,
@@ -63,7 +54,7 @@ from trustmesh.xds.ext_authz import (
     http_ext_authz_config,
     network_ext_authz_config,
 )
-from trustmesh.xds.rbac_matchers import Json, Unsupported
+from trustmesh.xds.rbac_matchers import Json
 
 __all__ = [
     "DRY_RUN_ALLOW_PREFIX",
@@ -283,205 +274,7 @@ def policy_rules(
 ) -> dict[str, Json]:
     """The Envoy RBAC policies (name → Policy) of one AuthorizationPolicy, built for
     ``action`` (its own, or CUSTOM / dry-run handled as the caller decides)."""
-    spec: m.AuthorizationPolicySpec = policy.spec
-    namespace, name = policy.namespace, policy.name
-    if not spec.rules:
-        return {rule_name(namespace, name, 0): _MATCH_NEVER}
-    strict = action is m.Action.ALLOW  # Istio's checkError: only ALLOW propagates errors
-    out: dict[str, Json] = {}
-    for index, rule in enumerate(spec.rules):
-        try:
-            out[rule_name(namespace, name, index)] = _rule_policy(
-                rule, namespace, bundle, strict=strict, for_tcp=for_tcp
-            )
-        except (Unsupported, _UnknownAttribute):
-            continue  # Istio: "skipped rule ..." (logged by istiod, not an error)
-    return out
-
-
-class _UnknownAttribute(Exception):
-    """A ``when`` key Istio does not know: the rule is skipped for every action."""
-
-
-_Generate = Callable[[str], Json]
-_GenerateAll = Callable[[Sequence[str]], Json]
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    """One key of a principal or permission: Istio's ``rule`` struct. ``one`` builds a
-    matcher per value (values ORed); ``every`` builds one matcher from all values."""
-
-    values: Sequence[str]
-    not_values: Sequence[str]
-    one: _Generate | None = None
-    every: _GenerateAll | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    """Field names of the RBAC Principal or Permission message."""
-
-    all_of: str
-    any_of: str
-    items: str
-    negated: str
-
-
-_PRINCIPAL = _Shape("and_ids", "or_ids", "ids", "not_id")
-_PERMISSION = _Shape("and_rules", "or_rules", "rules", "not_rule")
-
-
-def _rule_policy(
-    rule: m.Rule, namespace: str, bundle: TrustBundle, *, strict: bool, for_tcp: bool
-) -> Json:
-    principal_when, permission_when = _conditions(rule.when, namespace, bundle, for_tcp)
-    permissions = [
-        _generate(
-            [*_operation_fields(to.operation, for_tcp), *permission_when], _PERMISSION, strict
-        )
-        for to in rule.to
-    ] or [_generate(permission_when, _PERMISSION, strict)]
-    principals = [
-        _generate(
-            [*_source_fields(f.source, namespace, bundle, for_tcp), *principal_when],
-            _PRINCIPAL,
-            strict,
-        )
-        for f in rule.from_
-    ] or [_generate(principal_when, _PRINCIPAL, strict)]
-    return {"permissions": permissions, "principals": principals}
-
-
-def _source_fields(s: m.Source, namespace: str, bundle: TrustBundle, for_tcp: bool) -> list[_Field]:
-    # Istio's order: each key is inserted at the front, so the last inserted comes first.
-    return [
-        _Field(bundle.expand(s.principals), bundle.expand(s.not_principals), mt.source_principal),
-        _Field(
-            s.request_principals,
-            s.not_request_principals,
-            every=partial(mt.request_principals, "request.auth.principal", for_tcp=for_tcp),
-        ),
-        _Field(
-            s.service_accounts,
-            s.not_service_accounts,
-            partial(mt.source_service_account, policy_namespace=namespace),
-        ),
-        _Field(
-            bundle.expand_domains(s.trust_domains),
-            bundle.expand_domains(s.not_trust_domains),
-            mt.source_trust_domain,
-        ),
-        _Field(s.namespaces, s.not_namespaces, mt.source_namespace),
-        _Field(s.remote_ip_blocks, s.not_remote_ip_blocks, mt.remote_ip),
-        _Field(s.ip_blocks, s.not_ip_blocks, mt.direct_remote_ip),
-    ]
-
-
-def _operation_fields(op: m.Operation, for_tcp: bool) -> list[_Field]:
-    return [
-        _Field(op.hosts, op.not_hosts, partial(mt.host, for_tcp=for_tcp)),
-        _Field(op.methods, op.not_methods, partial(mt.method, for_tcp=for_tcp)),
-        _Field(op.paths, op.not_paths, partial(mt.path, for_tcp=for_tcp)),
-        _Field(op.ports, op.not_ports, mt.destination_port),
-    ]
-
-
-def _conditions(
-    conditions: Sequence[m.Condition], namespace: str, bundle: TrustBundle, for_tcp: bool
-) -> tuple[list[_Field], list[_Field]]:
-    """``when`` conditions split into principal-side and permission-side fields."""
-    principal: list[_Field] = []
-    permission: list[_Field] = []
-    for c in conditions:
-        known = condition_key(c.key)
-        if known is None:
-            raise _UnknownAttribute(c.key)
-        side = permission if known.side is Side.PERMISSION else principal
-        side.append(_condition_field(known, c.values, c.not_values, namespace, bundle, for_tcp))
-    return principal, permission
-
-
-def _condition_field(
-    known: ConditionKey,
-    values: tuple[str, ...],
-    not_values: tuple[str, ...],
-    namespace: str,
-    bundle: TrustBundle,
-    for_tcp: bool,
-) -> _Field:
-    key = known.key
-    match known.kind:
-        case KeyKind.DESTINATION_IP:
-            return _Field(values, not_values, mt.destination_ip)
-        case KeyKind.DESTINATION_PORT:
-            return _Field(values, not_values, mt.destination_port)
-        case KeyKind.CONNECTION_SNI:
-            return _Field(values, not_values, mt.connection_sni)
-        case KeyKind.ENVOY_FILTER_METADATA:
-            return _Field(values, not_values, every=partial(mt.envoy_filter_metadata, key))
-        case KeyKind.SOURCE_IP:
-            return _Field(values, not_values, mt.direct_remote_ip)
-        case KeyKind.REMOTE_IP:
-            return _Field(values, not_values, mt.remote_ip)
-        case KeyKind.SOURCE_NAMESPACE:
-            return _Field(values, not_values, mt.source_namespace)
-        case KeyKind.SOURCE_TRUST_DOMAIN:
-            expand = bundle.expand_domains
-            return _Field(expand(values), expand(not_values), mt.source_trust_domain)
-        case KeyKind.SOURCE_SERVICE_ACCOUNT:
-            one = partial(mt.source_service_account, policy_namespace=namespace)
-            return _Field(values, not_values, one)
-        case KeyKind.SOURCE_PRINCIPAL:
-            return _Field(bundle.expand(values), bundle.expand(not_values), mt.source_principal)
-        case KeyKind.REQUEST_PRINCIPAL | KeyKind.REQUEST_AUDIENCES | KeyKind.REQUEST_PRESENTER:
-            every = partial(_JWT_KEYS[known.kind], key, for_tcp=for_tcp)
-            return _Field(values, not_values, every=every)
-        case KeyKind.REQUEST_HEADER:
-            return _Field(values, not_values, partial(mt.request_header, key, for_tcp=for_tcp))
-        case KeyKind.REQUEST_CLAIM:
-            return _Field(values, not_values, every=partial(mt.request_claim, key, for_tcp=for_tcp))
-
-
-_JWT_KEYS: dict[KeyKind, Callable[..., Json]] = {
-    KeyKind.REQUEST_PRINCIPAL: mt.request_principals,
-    KeyKind.REQUEST_AUDIENCES: mt.request_audiences,
-    KeyKind.REQUEST_PRESENTER: mt.request_presenter,
-}
-
-
-def _generate(fields: Iterable[_Field], shape: _Shape, strict: bool) -> Json:
-    """An AND over the fields (``any`` if nothing is left), Istio's generatePrincipal /
-    generatePermission. ``strict`` (ALLOW) lets :class:`Unsupported` drop the rule."""
-    all_of: list[Json] = []
-    for field in fields:
-        for negate, values in ((False, field.values), (True, field.not_values)):
-            if not values:
-                continue
-            matcher = _field_matcher(field, values, shape, strict)
-            if matcher is not None:
-                all_of.append({shape.negated: matcher} if negate else matcher)
-    return {shape.all_of: {shape.items: all_of or [{"any": True}]}}
-
-
-def _field_matcher(
-    field: _Field, values: Sequence[str], shape: _Shape, strict: bool
-) -> Json | None:
-    if field.every is not None:
-        try:
-            return field.every(values)
-        except Unsupported:
-            if strict:
-                raise
-            return None  # DENY / AUDIT / CUSTOM: the key is dropped, the rest still applies
-    assert field.one is not None
-    alternatives: list[Json] = []
-    for value in values:
-        try:
-            alternatives.append(field.one(value))
-        except Unsupported:
-            if strict:
-                raise
-    if not alternatives:
-        return None
-    return {shape.any_of: {shape.items: alternatives}}
+    compiled = compile_rules(policy, bundle, for_tcp=for_tcp, action=action)
+    if compiled.match_never is not None:
+        return {compiled.match_never: _MATCH_NEVER}
+    return {tree.name: mt.policy(tree) for tree in compiled.rules}
