@@ -1,9 +1,16 @@
 """The client side of a connection: does it speak mesh mTLS, and may it leave the mesh?
 
 Client TLS follows Istio: an explicit DestinationRule ``tls`` setting always wins
-(looked up in the client's namespace, then the service's, then the root namespace);
-otherwise auto mTLS uses ISTIO_MUTUAL towards endpoints with a sidecar whose port is
-not DISABLE, and plaintext elsewhere. Egress follows ``outboundTrafficPolicy``.
+(looked up in the client's namespace, then the service's, then the root namespace; a
+subset's own setting over the rule's); otherwise auto mTLS uses ISTIO_MUTUAL towards
+endpoints with a sidecar whose port is not DISABLE, and plaintext elsewhere. Egress
+follows ``outboundTrafficPolicy``.
+
+The decision is made once, here, as a value: :func:`upstream_tls` gives the
+:class:`UpstreamTls` of one outbound cluster (client namespace, service, port, subset) —
+its mode, SNI, the identities it pins, where its keys come from and which
+DestinationRule says so. The evaluator (:func:`client_tls`) reads it for one request;
+``trustmesh.xds.outbound`` maps it to an Envoy ``transport_socket`` and decides nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import USE_WAYPOINT, MeshMode
+from trustmesh.api.diagnostics import Location
 from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, Workload
@@ -35,6 +43,241 @@ class ClientTls:
     conflict: str | None = None  # a TLS the server side can never accept
 
 
+class UpstreamMode(enum.Enum):
+    """How a client proxy's cluster for a service port talks to its endpoints."""
+
+    PLAINTEXT = "plaintext"  # DestinationRule DISABLE, or auto mTLS off and no rule
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"  # DestinationRule ISTIO_MUTUAL: mesh mTLS to every endpoint
+    SIMPLE = "SIMPLE"  # DestinationRule SIMPLE: TLS with the rule's CA
+    MUTUAL = "MUTUAL"  # DestinationRule MUTUAL: TLS with the rule's key pair and CA
+    AUTO = "auto"  # auto mTLS: mesh mTLS to endpoints that speak it, plaintext to the rest
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCredentials:
+    """Where SIMPLE / MUTUAL TLS takes its keys from: an SDS secret named by
+    ``credentialName`` (key pair ``name``, CA ``name-cacert``), else files."""
+
+    credential_name: str = ""
+    certificate_chain: str = ""  # file (MUTUAL without credentialName)
+    private_key: str = ""  # file
+    ca_file: str = ""  # "" with ``verify``: the system CA bundle
+    verify: bool = True  # False: insecureSkipVerify (files only, as Istio)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """The client TLS of one outbound cluster ``outbound|port|subset|fqdn``.
+
+    ``sni``: what the client sends (mesh modes: ``outbound_.port_.subset_.fqdn`` unless the
+    rule names one; SIMPLE / MUTUAL: the rule's, else the host). ``peer_ids``: the SPIFFE
+    IDs (with ``spiffe://``) a mesh-mTLS server certificate must carry — the service's
+    sidecar workloads in every trust domain of the bundle; ``subject_alt_names``: what
+    the rule asks of the server certificate. ``rule`` / ``location``: the DestinationRule
+    (``ns/name``) and the ``tls`` field that decided; empty when auto mTLS (or its absence)
+    did."""
+
+    mode: UpstreamMode
+    sni: str = ""
+    peer_ids: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+    credentials: TlsCredentials | None = None
+    rule: str = ""
+    location: Location | None = None
+
+    @property
+    def why(self) -> str:
+        if self.rule:
+            where = f" ({self.location})" if self.location is not None else ""
+            return f"DestinationRule {self.rule} tls {self.setting_mode}{where}"
+        if self.mode is UpstreamMode.AUTO:
+            return "auto mTLS"
+        return "auto mTLS is off and no DestinationRule sets TLS"
+
+    @property
+    def setting_mode(self) -> str:
+        """The DestinationRule's ``tls.mode`` as written (DISABLE for plaintext)."""
+        return "DISABLE" if self.mode is UpstreamMode.PLAINTEXT else self.mode.value
+
+
+def upstream_tls(
+    mesh: MeshPolicy,
+    client_namespace: str,
+    service: Service,
+    port: int | None,
+    subset: str = "",
+) -> UpstreamTls:
+    """The client TLS of a proxy in ``client_namespace`` towards ``service``'s ``port``
+    (its ``subset`` cluster, when named): decided once per compiled mesh."""
+    decided = _UPSTREAM_TLS.table(mesh)
+    key = (client_namespace, service.namespace, service.name, port, subset)
+    found = decided.get(key)
+    if found is None:
+        found = decided[key] = _upstream_tls(mesh, client_namespace, service, port, subset)
+    return found
+
+
+def _upstream_tls(
+    mesh: MeshPolicy, client_namespace: str, service: Service, port: int | None, subset_name: str
+) -> UpstreamTls:
+    rule = destination_rule_for(mesh, client_namespace, service)
+    found = _cluster_tls_setting(rule, port, subset_name)
+    sni_subset = subset_name if _subset(rule, subset_name) is not None else ""
+    if found is None:
+        if not mesh.snapshot.mesh.enable_auto_mtls:
+            return UpstreamTls(UpstreamMode.PLAINTEXT)
+        return UpstreamTls(
+            UpstreamMode.AUTO,
+            sni=mesh_sni(port, service.hostname, sni_subset) if port is not None else "",
+            peer_ids=_peer_ids(mesh, service),
+        )
+    assert rule is not None
+    tls, path = found
+    ref, location = f"{rule.namespace}/{rule.name}", rule.location(*path)
+    if tls.mode is m.TlsMode.DISABLE:
+        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, location=location)
+    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        # `sni` overrides the mesh SNI (Istio's egress gateway task names the external host)
+        sni = tls.sni or (mesh_sni(port, service.hostname, sni_subset) if port is not None else "")
+        return UpstreamTls(
+            UpstreamMode.ISTIO_MUTUAL,
+            sni=sni,
+            peer_ids=_peer_ids(mesh, service),
+            rule=ref,
+            location=location,
+        )
+    credentials = TlsCredentials(
+        credential_name=tls.credential_name,
+        certificate_chain=tls.client_certificate,
+        private_key=tls.private_key,
+        ca_file=tls.ca_certificates,
+        verify=not tls.insecure_skip_verify,
+    )
+    return UpstreamTls(
+        UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
+        sni=tls.sni or service.hostname,
+        subject_alt_names=tuple(tls.subject_alt_names),
+        credentials=credentials,
+        rule=ref,
+        location=location,
+    )
+
+
+# (client namespace, service namespace, service name, port, subset) → its client TLS.
+_UPSTREAM_TLS: Derived[MeshPolicy, tuple[str, str, str, int | None, str], UpstreamTls] = Derived(
+    "upstream TLS"
+)
+
+
+def _subset(rule: Resource[Any] | None, name: str) -> m.Subset | None:
+    if rule is None or not name:
+        return None
+    subsets: tuple[m.Subset, ...] = rule.spec.subsets
+    return next((s for s in subsets if s.name == name), None)
+
+
+_Path = tuple[str | int, ...]
+
+
+def _cluster_tls_setting(
+    rule: Resource[Any] | None, port: int | None, subset_name: str
+) -> tuple[m.ClientTlsSettings, _Path] | None:
+    """The DestinationRule TLS setting of the port's cluster, with its field path; for a
+    subset, the subset's own (its port-level entry for the port wholesale, else its
+    top-level ``tls``) when it sets one, else the rule's."""
+    if rule is None:
+        return None
+    inherited = _rule_tls_setting(rule, port)
+    subset = _subset(rule, subset_name)
+    if subset is None or subset.traffic_policy is None:
+        return inherited
+    policy = subset.traffic_policy
+    index = rule.spec.subsets.index(subset)
+    base: _Path = ("subsets", index, "trafficPolicy")
+    for i, level in enumerate(policy.port_level_settings):
+        if level.port is not None and level.port.number == port:
+            if level.tls is None:
+                return None
+            return level.tls, (*base, "portLevelSettings", i, "tls")
+    if policy.tls is not None:
+        return policy.tls, (*base, "tls")
+    return inherited
+
+
+def _rule_tls_setting(
+    rule: Resource[Any], port: int | None
+) -> tuple[m.ClientTlsSettings, _Path] | None:
+    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
+    if policy is None:
+        return None
+    for i, level in enumerate(policy.port_level_settings):
+        if level.port is not None and level.port.number == port and level.tls:
+            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
+    return (policy.tls, ("trafficPolicy", "tls")) if policy.tls is not None else None
+
+
+def _peer_ids(mesh: MeshPolicy, service: Service) -> tuple[str, ...]:
+    """The SPIFFE IDs a mesh client pins for ``service``: its sidecar workloads', in every
+    trust domain of the bundle (none known: nothing pinned, as Istio)."""
+    return tuple(
+        sorted(
+            {
+                f"spiffe://{w.principal(domain)}"
+                for w in service_workloads(mesh, service)
+                if w.has_sidecar
+                for domain in mesh.bundle.domains
+            }
+        )
+    )
+
+
+def speaks_mesh_mtls(mesh: MeshPolicy, workload: Workload, port: int) -> bool:
+    """Auto mTLS towards one endpoint (Istio's ``tlsMode: istio`` label): it has a sidecar
+    and its PeerAuthentication does not DISABLE the port."""
+    if not workload.has_sidecar:
+        return False
+    policy = mesh.for_workload(workload.ref)
+    return policy is None or policy.mtls.for_port(port).mode is not m.MtlsMode.DISABLE
+
+
+def service_workloads(mesh: MeshPolicy, service: Service) -> list[Workload]:
+    """The workloads ``service`` selects (its endpoints), by reference."""
+    # Every proxy asks this about every service: computed once per compiled mesh, over
+    # the workloads of the service's namespace only.
+    endpoints = _SERVICE_ENDPOINTS.table(mesh)
+    key = (service.namespace, service.name)
+    found = endpoints.get(key)
+    if found is not None:
+        return found
+    by_label = _WORKLOADS_BY_LABEL.get(mesh, None)
+    by_ref: dict[str, Workload] = {}
+    if service.selector:  # an empty selector selects nothing
+        first = min(service.selector.items())
+        for workload in by_label.get((service.namespace, *first), ()):
+            if service.selects(workload):
+                by_ref.setdefault(workload.ref, workload)
+    found = endpoints[key] = [by_ref[ref] for ref in sorted(by_ref)]
+    return found
+
+
+def _workloads_by_label(mesh: MeshPolicy, _: None) -> dict[tuple[str, str, str], list[Workload]]:
+    """(namespace, label, value) → the workloads carrying that label."""
+    by_label: dict[tuple[str, str, str], list[Workload]] = {}
+    for workload in mesh.snapshot.workloads:
+        for label in workload.labels.items():
+            by_label.setdefault((workload.namespace, *label), []).append(workload)
+    return by_label
+
+
+_WORKLOADS_BY_LABEL: Derived[MeshPolicy, None, dict[tuple[str, str, str], list[Workload]]] = (
+    Derived("workloads by label", _workloads_by_label)
+)
+# (namespace, name) of a Service → the workloads it selects, by ref.
+_SERVICE_ENDPOINTS: Derived[MeshPolicy, tuple[str, str], list[Workload]] = Derived(
+    "service endpoints"
+)
+
+
 def client_tls(
     mesh: MeshPolicy,
     source: Source,
@@ -42,32 +285,35 @@ def client_tls(
     target: WorkloadPolicy,
     port: int,
     server_mode: m.MtlsMode,
+    subset: str = "",
 ) -> ClientTls:
+    """What the client sends to ``port`` of ``target`` (through its Service's cluster, or
+    the ``subset`` cluster a route names): read from :func:`upstream_tls`."""
     service, service_port = service_for(target, port)
-    sni = (
-        mesh_sni(service_port, service.hostname)
-        if service is not None and service_port is not None
-        else None
-    )
     if source.kind is SourceKind.PLAINTEXT:
         return ClientTls(False, None, None, False, "plaintext client: no certificate")
     if source.kind is SourceKind.PRINCIPAL:
+        sni = (
+            mesh_sni(service_port, service.hostname)
+            if service is not None and service_port is not None
+            else None
+        )
         return ClientTls(True, source.value, sni, True, f"mTLS peer presenting {source.value}")
     assert source_workload is not None
     if source_workload.dataplane.mode not in (MeshMode.SIDECAR, MeshMode.GATEWAY):
         return ClientTls(
             False, None, None, False, f"source {source_workload.ref} has no sidecar: plaintext"
         )
-    principal = source_workload.principal(mesh.snapshot.mesh.trust_domain)
-    setting = None
+    upstream = None
     if service is not None:
-        setting = destination_rule_tls(mesh, source_workload.namespace, service, service_port)
-    if setting is not None:
-        rule, tls = setting
-        where = f"DestinationRule {rule.namespace}/{rule.name} tls {tls.mode.value}"
-        if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        upstream = upstream_tls(mesh, source_workload.namespace, service, service_port, subset)
+    sni = (upstream.sni or None) if upstream is not None else None
+    principal = source_workload.principal(mesh.snapshot.mesh.trust_domain)
+    if upstream is not None and upstream.rule:
+        where = f"DestinationRule {upstream.rule} tls {upstream.setting_mode}"
+        if upstream.mode is UpstreamMode.ISTIO_MUTUAL:
             return ClientTls(True, principal, sni, True, f"{where}: mesh mTLS as {principal}")
-        if tls.mode is m.TlsMode.DISABLE:
+        if upstream.mode is UpstreamMode.PLAINTEXT:
             return ClientTls(False, None, None, True, f"{where}: plaintext")
         return ClientTls(
             False,
@@ -354,15 +600,8 @@ def destination_rule_tls(
 ) -> tuple[Resource[Any], m.ClientTlsSettings] | None:
     """The DestinationRule TLS setting a client in ``client_namespace`` uses, if any."""
     rule = destination_rule_for(mesh, client_namespace, service)
-    if rule is None:
-        return None
-    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
-    if policy is None:
-        return None
-    for level in policy.port_level_settings:
-        if level.port is not None and level.port.number == service_port and level.tls:
-            return rule, level.tls
-    return (rule, policy.tls) if policy.tls is not None else None
+    found = _rule_tls_setting(rule, service_port) if rule is not None else None
+    return (rule, found[0]) if rule is not None and found is not None else None
 
 
 def destination_rule_for(
