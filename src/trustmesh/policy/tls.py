@@ -62,7 +62,9 @@ class TlsCredentials:
     certificate_chain: str = ""  # file (MUTUAL without credentialName)
     private_key: str = ""  # file
     ca_file: str = ""  # "" with ``verify``: the system CA bundle
-    verify: bool = True  # False: insecureSkipVerify (files only, as Istio)
+    verify: bool = True  # False: insecureSkipVerify
+    credential_location: Location | None = None  # the rule's ``tls.credentialName``
+    mode_location: Location | None = None  # the rule's ``tls.mode``
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,21 +148,113 @@ def _upstream_tls(
             rule=ref,
             location=location,
         )
-    credentials = TlsCredentials(
-        credential_name=tls.credential_name,
-        certificate_chain=tls.client_certificate,
-        private_key=tls.private_key,
-        ca_file=tls.ca_certificates,
-        verify=not tls.insecure_skip_verify,
-    )
     return UpstreamTls(
         UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
         sni=tls.sni or service.hostname,
         subject_alt_names=tuple(tls.subject_alt_names),
-        credentials=credentials,
+        credentials=_credentials(tls, rule, path),
         rule=ref,
         location=location,
     )
+
+
+def _credentials(tls: m.ClientTlsSettings, rule: Resource[Any], path: _Path) -> TlsCredentials:
+    return TlsCredentials(
+        credential_name=tls.credential_name,
+        certificate_chain=tls.client_certificate,
+        private_key=tls.private_key,
+        ca_file=tls.ca_certificates,
+        verify=tls.insecure_skip_verify is not True,
+        credential_location=rule.location(*path, "credentialName"),
+        mode_location=rule.location(*path, "mode"),
+    )
+
+
+def origination_tls(
+    mesh: MeshPolicy, gateway_namespace: str, entry_namespace: str, host: str, port: int
+) -> UpstreamTls:
+    """The client TLS of a gateway's cluster to ServiceEntry ``host``:``port`` (Istio's
+    egress gateway with TLS origination): the rule :func:`origination_rule` picks, its
+    port-level ``tls`` first. ISTIO_MUTUAL: the gateway's mesh identity, SNI ``sni`` or
+    the mesh SNI, the server's URI SAN checked against ``subjectAltNames`` only; SIMPLE /
+    MUTUAL: SNI ``sni`` or the host, the certificate must name ``subjectAltNames`` or,
+    without them, the host (Istio's ``VERIFY_CERTIFICATE_AT_CLIENT``)."""
+    key = (gateway_namespace, entry_namespace, host, port)
+    return _ORIGINATION_TLS.get(mesh, key)
+
+
+def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int]) -> UpstreamTls:
+    gateway_namespace, entry_namespace, host, port = key
+    rule = origination_rule(mesh, gateway_namespace, entry_namespace, host)
+    found = _origination_setting(rule, port) if rule is not None else None
+    if rule is None or found is None:
+        return UpstreamTls(UpstreamMode.PLAINTEXT)
+    tls, path = found
+    ref, location = f"{rule.namespace}/{rule.name}", rule.location(*path)
+    if tls.mode is m.TlsMode.DISABLE:
+        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, location=location)
+    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        return UpstreamTls(
+            UpstreamMode.ISTIO_MUTUAL,
+            sni=tls.sni or mesh_sni(port, host),
+            subject_alt_names=tuple(tls.subject_alt_names),
+            rule=ref,
+            location=location,
+        )
+    return UpstreamTls(
+        UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
+        sni=tls.sni or host,
+        subject_alt_names=tuple(tls.subject_alt_names or (host,)),
+        credentials=_credentials(tls, rule, path),
+        rule=ref,
+        location=location,
+    )
+
+
+# (gateway namespace, ServiceEntry namespace, host, port) → the gateway cluster's TLS.
+_ORIGINATION_TLS: Derived[MeshPolicy, tuple[str, str, str, int], UpstreamTls] = Derived(
+    "origination TLS", _origination_tls
+)
+
+
+def origination_rule(
+    mesh: MeshPolicy, client_namespace: str, entry_namespace: str, host: str
+) -> Resource[Any] | None:
+    """The DestinationRule a proxy of ``client_namespace`` uses for ServiceEntry host
+    ``host``: its own namespace, the entry's, the root namespace; exact before wildcard,
+    then the oldest; ``exportTo`` honoured."""
+    root = mesh.snapshot.mesh.root_namespace
+    rules = [
+        r
+        for r in mesh.snapshot.of_kind("DestinationRule")
+        if exported_to(r, client_namespace) and _entry_rule_matches(r.spec.host, host)
+    ]
+    for namespace in dict.fromkeys((client_namespace, entry_namespace, root)):
+        here = [r for r in rules if r.namespace == namespace]
+        if here:
+            return min(here, key=lambda r: (str(r.spec.host).startswith("*"), r.age_key()))
+    return None
+
+
+def _entry_rule_matches(pattern: str, host: str) -> bool:
+    pattern = pattern.lower()
+    if pattern in ("*", host):
+        return True
+    return pattern.startswith("*.") and host.endswith(pattern[1:])
+
+
+def _origination_setting(
+    rule: Resource[Any], port: int
+) -> tuple[m.ClientTlsSettings, _Path] | None:
+    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
+    if policy is None:
+        return None
+    for i, level in enumerate(policy.port_level_settings):
+        if level.port is not None and level.port.number == port and level.tls is not None:
+            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
+    if policy.tls is not None:
+        return policy.tls, ("trafficPolicy", "tls")
+    return None
 
 
 # (client namespace, service namespace, service name, port, subset) → its client TLS.
