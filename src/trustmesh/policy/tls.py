@@ -698,6 +698,15 @@ def destination_rule_tls(
     return (rule, found[0]) if rule is not None and found is not None else None
 
 
+def destination_subsets(
+    mesh: MeshPolicy, client_namespace: str, service: Service
+) -> tuple[m.Subset, ...]:
+    """The subsets of the DestinationRule a client in ``client_namespace`` uses for
+    ``service`` (Istio builds a cluster per subset, routed to or not)."""
+    rule = destination_rule_for(mesh, client_namespace, service)
+    return rule.spec.subsets if rule is not None else ()
+
+
 def destination_rule_for(
     mesh: MeshPolicy, client_namespace: str, service: Service
 ) -> Resource[Any] | None:

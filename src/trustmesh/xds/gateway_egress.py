@@ -53,11 +53,12 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.tls import UpstreamMode, UpstreamTls, origination_rule, origination_tls
+from trustmesh.policy.tls import UpstreamMode, UpstreamTls, origination_tls
+from trustmesh.policy.traffic_policy import origination_traffic_policy
 from trustmesh.xds.cache import TYPE_SECRET
 from trustmesh.xds.outbound import MESH_CLIENT_ALPN, SYSTEM_CA_BUNDLE
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
-from trustmesh.xds.traffic_policy import apply_traffic_policy, cluster_traffic_policy
+from trustmesh.xds.traffic_policy import apply_traffic_policy
 
 __all__ = ["EgressClusters", "service_entry_clusters"]
 
@@ -123,10 +124,10 @@ def _apply_destination_rule(
     secrets: dict[str, dict[str, Any]],
     problems: list[Diagnostic],
 ) -> None:
-    rule = origination_rule(mesh, gateway_namespace, entry.namespace, host)
-    if rule is None:
-        return
-    apply_traffic_policy(cluster, cluster_traffic_policy(rule.spec, port))
+    policy = origination_traffic_policy(mesh, gateway_namespace, entry.namespace, host, port)
+    if policy is None:
+        return  # no DestinationRule names the host
+    apply_traffic_policy(cluster, policy)
     upstream = origination_tls(mesh, gateway_namespace, entry.namespace, host, port)
     socket = _socket(upstream, gateway_namespace, mesh, sds_cluster, secrets, problems)
     if socket is not None:

@@ -68,18 +68,15 @@ from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.tls import (
     UpstreamMode,
     UpstreamTls,
-    destination_rule_for,
+    destination_subsets,
     service_workloads,
     speaks_mesh_mtls,
     upstream_tls,
 )
+from trustmesh.policy.traffic_policy import service_traffic_policy
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
-from trustmesh.xds.traffic_policy import (
-    apply_traffic_policy,
-    cluster_traffic_policy,
-    service_traffic_policy,
-)
+from trustmesh.xds.traffic_policy import apply_traffic_policy
 
 __all__ = [
     "BLACKHOLE_CLUSTER",
@@ -216,8 +213,7 @@ def outbound_clusters(
     }
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         workloads = _selected(mesh, service)
-        rule = destination_rule_for(mesh, wp.workload.namespace, service)
-        subsets = rule.spec.subsets if rule is not None else ()
+        subsets = destination_subsets(mesh, wp.workload.namespace, service)
         for sp in service.ports:
             cluster = _service_cluster(
                 wp, mesh, service, sp, workloads, sds_cluster, addresses or {}
@@ -301,12 +297,9 @@ def _service_cluster(
         ]
     elif upstream.mode is not UpstreamMode.PLAINTEXT:
         cluster["transport_socket"] = transport_socket(upstream, sds_cluster)
-    if subset is None:
-        policy = service_traffic_policy(mesh, wp.workload.namespace, service, sp.port)
-    else:
-        rule = destination_rule_for(mesh, wp.workload.namespace, service)
-        spec = rule.spec if rule is not None else None
-        policy = cluster_traffic_policy(spec, sp.port, subset.name)
+    policy = service_traffic_policy(
+        mesh, wp.workload.namespace, service, sp.port, subset.name if subset else ""
+    )
     apply_traffic_policy(cluster, policy)
     return cluster
 
