@@ -447,11 +447,11 @@ class ClientRoute:
 
 
 # Port protocols a sidecar proxies as TCP (no Host routing): Istio's protocol selection
-# by appProtocol, else the port name's prefix (the same list as xds.outbound).
+# by appProtocol, else the port name's prefix (xds.outbound.port_protocol reads it too).
 _TCP_PROTOCOLS = frozenset(
     {"tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "kubernetes.io/wss"}
 )
-_L4_PROTOCOLS = frozenset({"", "TCP", "UDP", "SCTP"})
+_L4_PROTOCOLS = frozenset({"", "TCP", "UDP", "SCTP"})  # Kubernetes `protocol`, not app protocols
 
 
 def sidecar_client_route(
@@ -479,7 +479,7 @@ def sidecar_client_route(
     if host is None:
         return ClientRoute(RouteKind.SERVICE, f"{service.hostname}:{service_port}: by port")
     service_ports = [sp for sp in service.ports if sp.port == service_port]
-    if any(_proxied_as_tcp(sp.name, sp.protocol) for sp in service_ports):
+    if any(proxied_as_tcp(sp.name, sp.protocol) for sp in service_ports):
         return ClientRoute(
             RouteKind.SERVICE, f"{service.hostname}:{service_port} is TCP: routed by port"
         )
@@ -578,13 +578,13 @@ def _http_ports(mesh: MeshPolicy, _: None) -> frozenset[int]:
         sp.port
         for service in mesh.snapshot.services
         for sp in service.ports
-        if not _proxied_as_tcp(sp.name, sp.protocol)
+        if not proxied_as_tcp(sp.name, sp.protocol)
     }
     for entry in mesh.snapshot.of_kind("ServiceEntry"):
         found |= {
             p.number
             for p in entry.spec.ports
-            if not _proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
+            if not proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
         }
     return frozenset(found)
 
@@ -605,15 +605,24 @@ def _tcp_entry_on(mesh: MeshPolicy, port: int) -> str | None:
             if (
                 p.number == port
                 and protocol not in ("TLS", "HTTPS")
-                and _proxied_as_tcp(p.name, p.protocol)
+                and proxied_as_tcp(p.name, p.protocol)
             ):
                 return f"ServiceEntry {entry.namespace}/{entry.name}"
     return None
 
 
-def _proxied_as_tcp(name: str, protocol: str) -> bool:
-    chosen = protocol.lower() if protocol not in _L4_PROTOCOLS else name.lower().split("-")[0]
-    return chosen in _TCP_PROTOCOLS
+def app_protocol(name: str, protocol: str) -> str:
+    """Istio's protocol selection: ``appProtocol`` (or a ServiceEntry ``protocol``) first,
+    then the port name's prefix before ``-``."""
+    return protocol.lower() if protocol not in _L4_PROTOCOLS else name.lower().split("-", 1)[0]
+
+
+def proxied_as_tcp(name: str, protocol: str) -> bool:
+    """Does a proxy handle this port as TCP (no HTTP connection manager, no Host routing)?"""
+    return app_protocol(name, protocol) in _TCP_PROTOCOLS
+
+
+_proxied_as_tcp = proxied_as_tcp  # the name graph.build imports
 
 
 def _virtual_host_owner(
@@ -641,7 +650,7 @@ def _virtual_hosts(mesh: MeshPolicy, key: tuple[str, int]) -> _HostIndex:
     wildcards: list[tuple[str, str]] = []
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         ports = [sp for sp in service.ports if sp.port == port]
-        if not ports or any(_proxied_as_tcp(sp.name, sp.protocol) for sp in ports):
+        if not ports or any(proxied_as_tcp(sp.name, sp.protocol) for sp in ports):
             continue
         short = f"{service.name}.{service.namespace}"
         names = [service.hostname, f"{short}.svc", short]
@@ -653,9 +662,7 @@ def _virtual_hosts(mesh: MeshPolicy, key: tuple[str, int]) -> _HostIndex:
     entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
     for entry in entries:
         spec: m.ServiceEntrySpec = entry.spec
-        if not any(
-            p.number == port and not _proxied_as_tcp(p.name, p.protocol) for p in spec.ports
-        ):
+        if not any(p.number == port and not proxied_as_tcp(p.name, p.protocol) for p in spec.ports):
             continue
         owner = f"ServiceEntry {entry.namespace}/{entry.name}"
         for pattern in spec.hosts:

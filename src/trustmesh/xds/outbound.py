@@ -65,10 +65,13 @@ from trustmesh.envoy_json import (
     socket_address,
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.targets import named_ports
 from trustmesh.policy.tls import (
     UpstreamMode,
     UpstreamTls,
+    app_protocol,
     destination_subsets,
+    proxied_as_tcp,
     service_workloads,
     speaks_mesh_mtls,
     upstream_tls,
@@ -118,22 +121,14 @@ class Protocol(enum.Enum):
     TCP = "TCP"
 
 
-_L4 = frozenset({"", "TCP", "UDP", "SCTP"})  # Kubernetes `protocol` values, not app protocols
 _HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
-_TCP_NAMES = frozenset(
-    {"tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "kubernetes.io/wss"}
-)
 
 
 def port_protocol(name: str, protocol: str) -> Protocol:
-    """Istio's protocol selection: ``appProtocol`` (or a ServiceEntry ``protocol``) first,
-    then the port name's prefix before ``-``. Unknown protocols are treated as HTTP
-    (Istio would sniff the first bytes; an HTTP chain still carries HTTP/1 and HTTP/2)."""
-    return Protocol.TCP if _app_protocol(name, protocol) in _TCP_NAMES else Protocol.HTTP
-
-
-def _app_protocol(name: str, protocol: str) -> str:
-    return protocol.lower() if protocol not in _L4 else name.lower().split("-", 1)[0]
+    """Istio's protocol selection (:func:`trustmesh.policy.tls.app_protocol`). Unknown
+    protocols are treated as HTTP (Istio would sniff the first bytes; an HTTP chain still
+    carries HTTP/1 and HTTP/2)."""
+    return Protocol.TCP if proxied_as_tcp(name, protocol) else Protocol.HTTP
 
 
 def static_cluster(
@@ -168,17 +163,7 @@ def target_port(service_port: ServicePortInfo, workload: Workload) -> int | None
     in the workload's container ports (None if it has no port of that name)."""
     if isinstance(service_port.target_port, int):
         return service_port.target_port
-    return _named_ports(workload).get(service_port.target_port)
-
-
-def _named_ports(workload: Workload) -> dict[str, int]:
-    spec = workload.resource.spec
-    if isinstance(spec, m.WorkloadEntrySpec):
-        return dict(spec.ports)
-    pod = getattr(spec, "spec", None) or getattr(getattr(spec, "template", None), "spec", None)
-    if not isinstance(pod, m.PodSpec):
-        return {}
-    return {p.name: p.container_port for c in pod.containers for p in c.ports if p.name}
+    return dict(named_ports(workload)).get(service_port.target_port)
 
 
 # ---------------------------------------------------------------------------- clusters
@@ -277,7 +262,7 @@ def _service_cluster(
                 "metadata": {"filter_metadata": metadata},
             }
         )
-    http2 = _app_protocol(sp.name, sp.protocol) in _HTTP2_NAMES
+    http2 = app_protocol(sp.name, sp.protocol) in _HTTP2_NAMES
     cluster = static_cluster(name, endpoints, http2=http2)
     if auto:
         cluster["transport_socket_matches"] = [
