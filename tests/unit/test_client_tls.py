@@ -116,3 +116,25 @@ def test_the_cluster_and_the_verdict_follow_one_decision(
     decision = http(mesh)
     assert decision.verdict is verdict
     assert any(says in step for step in decision.trace), decision.trace
+
+
+def test_a_rule_not_exported_to_the_clients_namespace_does_not_apply() -> None:
+    """``exportTo: ["."]`` on a rule in httpbin's namespace: foo's own clients follow it
+    (DISABLE, plaintext), bar's do not (auto mTLS) — in their clusters and offline."""
+    text = rule("{mode: DISABLE}").replace(
+        "spec:\n  host: httpbin\n", "spec:\n  host: httpbin\n  exportTo: [.]\n"
+    )
+    mesh = compile_text(text)
+    (service,) = [s for s in mesh.snapshot.services if s.hostname == HTTPBIN]
+    assert upstream_tls(mesh, "foo", service, 8000).mode is UpstreamMode.PLAINTEXT
+    assert upstream_tls(mesh, "bar", service, 8000).mode is UpstreamMode.AUTO
+    assert "transport_socket_matches" not in sleep_cluster(mesh)
+    bar = translate(mesh, "bar/sleep", inbound_address="127.0.0.50", outbound_address="127.0.0.51")
+    (cluster,) = [c for c in bar.clusters if c["name"] == CLUSTER]
+    assert sent_sni(cluster) == f"outbound_.8000_._.{HTTPBIN}"
+    plain = "DestinationRule foo/httpbin-tls tls DISABLE: plaintext"
+    assert any(plain in step for step in http(mesh).trace)
+    assert not any(plain in step for step in http(mesh, src="bar/sleep").trace)
+    assert any(
+        "auto mTLS: destination has a sidecar" in s for s in http(mesh, src="bar/sleep").trace
+    )

@@ -717,8 +717,9 @@ def destination_subsets(
 def destination_rule_for(
     mesh: MeshPolicy, client_namespace: str, service: Service
 ) -> Resource[Any] | None:
-    """The DestinationRule that wins for this client namespace and service (remembered
-    per mesh)."""
+    """The DestinationRule that wins for this client namespace and service: the client's
+    namespace, the service's, the root namespace, among the rules exported to the client
+    (``exportTo``); exact host before wildcard, then the oldest (remembered per mesh)."""
     chosen = _CHOSEN_RULES.table(mesh)
     key = (client_namespace, service.namespace, service.name)
     if key in chosen:
@@ -728,8 +729,11 @@ def destination_rule_for(
     result = None
     for namespace in dict.fromkeys((client_namespace, service.namespace, root)):
         exact, wildcards = index.get(namespace, ({}, []))
-        matching = exact.get(service.hostname, []) + [
-            r for r in wildcards if _host_matches(r, service)
+        matching = [
+            r
+            for r in exact.get(service.hostname, [])
+            + [r for r in wildcards if _host_matches(r, service)]
+            if exported_to(r, client_namespace)
         ]
         if matching:
             result = min(matching, key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
