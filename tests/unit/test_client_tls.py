@@ -138,3 +138,19 @@ def test_a_rule_not_exported_to_the_clients_namespace_does_not_apply() -> None:
     assert any(
         "auto mTLS: destination has a sidecar" in s for s in http(mesh, src="bar/sleep").trace
     )
+
+
+def test_a_proxy_sees_every_rule_of_its_own_namespace_whatever_its_export_to() -> None:
+    """istiod: a namespace's own DestinationRules always apply to its proxies; exportTo
+    decides for the other namespaces."""
+    text = rule("{mode: DISABLE}").replace(
+        "spec:\n  host: httpbin\n", "spec:\n  host: httpbin\n  exportTo: [bar]\n"
+    )
+    mesh = compile_text(text)
+    (service,) = [s for s in mesh.snapshot.services if s.hostname == HTTPBIN]
+    modes = {ns: upstream_tls(mesh, ns, service, 8000).mode for ns in ("foo", "bar", "legacy")}
+    assert modes == {
+        "foo": UpstreamMode.PLAINTEXT,
+        "bar": UpstreamMode.PLAINTEXT,
+        "legacy": UpstreamMode.AUTO,
+    }

@@ -222,12 +222,12 @@ def origination_rule(
 ) -> Resource[Any] | None:
     """The DestinationRule a proxy of ``client_namespace`` uses for ServiceEntry host
     ``host``: its own namespace, the entry's, the root namespace; exact before wildcard,
-    then the oldest; ``exportTo`` honoured."""
+    then the oldest; ``exportTo`` honoured (its own namespace's rules always apply)."""
     root = mesh.snapshot.mesh.root_namespace
     rules = [
         r
         for r in mesh.snapshot.of_kind("DestinationRule")
-        if exported_to(r, client_namespace) and _entry_rule_matches(r.spec.host, host)
+        if _visible(r, client_namespace) and _entry_rule_matches(r.spec.host, host)
     ]
     for namespace in dict.fromkeys((client_namespace, entry_namespace, root)):
         here = [r for r in rules if r.namespace == namespace]
@@ -719,7 +719,8 @@ def destination_rule_for(
 ) -> Resource[Any] | None:
     """The DestinationRule that wins for this client namespace and service: the client's
     namespace, the service's, the root namespace, among the rules exported to the client
-    (``exportTo``); exact host before wildcard, then the oldest (remembered per mesh)."""
+    (``exportTo``; its own namespace's always); exact host before wildcard, then the oldest
+    (remembered per mesh)."""
     chosen = _CHOSEN_RULES.table(mesh)
     key = (client_namespace, service.namespace, service.name)
     if key in chosen:
@@ -733,13 +734,19 @@ def destination_rule_for(
             r
             for r in exact.get(service.hostname, [])
             + [r for r in wildcards if _host_matches(r, service)]
-            if exported_to(r, client_namespace)
+            if _visible(r, client_namespace)
         ]
         if matching:
             result = min(matching, key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
             break
     chosen[key] = result
     return result
+
+
+def _visible(rule: Resource[Any], client_namespace: str) -> bool:
+    """istiod's DestinationRule visibility: a proxy sees every rule of its own namespace,
+    and another namespace's rule when its ``exportTo`` reaches the proxy's namespace."""
+    return rule.namespace == client_namespace or exported_to(rule, client_namespace)
 
 
 _DrIndex = dict[str, tuple[dict[str, list[Resource[Any]]], list[Resource[Any]]]]
