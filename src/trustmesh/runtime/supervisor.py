@@ -49,7 +49,7 @@ from trustmesh.agent.xds_bootstrap import control_plane_spiffe_id
 from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.config import load_config
-from trustmesh.runtime import debug_client
+from trustmesh.runtime import debug_client, netns
 from trustmesh.runtime.addresses import (
     MESH_ENV,
     AddressConflict,
@@ -59,7 +59,12 @@ from trustmesh.runtime.addresses import (
     probe,
 )
 from trustmesh.runtime.commands import ImageCommand
-from trustmesh.runtime.control_plane import ARGS_FILE, node_id, write_not_ready
+from trustmesh.runtime.control_plane import (
+    ARGS_FILE,
+    node_id,
+    service_addresses,
+    write_not_ready,
+)
 from trustmesh.runtime.gateway import PublishedPort, Publisher, published_ports
 from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
@@ -243,7 +248,9 @@ class MeshRuntime:
         earlier start from this state directory left (its processes, then its ledger)."""
         with contextlib.suppress(OSError, ValueError):
             stop_recorded(read_json(self.layout.mesh), self.layout)
-        sandbox = Sandbox(plan, self.layout.root)
+        # A host of `up --hosts` runs in its node namespace, which its cluster made.
+        adopt = self.join is not None and netns.current_is(plan.node_netns)
+        sandbox = Sandbox(plan, self.layout.root, adopt_node=adopt)
         left = await asyncio.to_thread(sandbox.teardown)
         if left:
             raise StartError(
@@ -275,6 +282,9 @@ class MeshRuntime:
         """Register this host's pods with its node token (one replica answers), then
         write the trust bundle and each sidecar's bootstrap token it got back."""
         assert self.plan is not None
+        services: tuple[tuple[str, str], ...] = ()
+        if self.plan.sandboxed:  # the ClusterIPs this host's Service rules use
+            services = tuple(sorted(service_addresses(self.plan).items()))
         records = [
             WorkloadRecord(
                 pod.namespace,
@@ -285,6 +295,8 @@ class MeshRuntime:
                 kind="Pod",
                 app_address=pod.app_ip,
                 outbound_address=pod.outbound_ip or "",
+                capture="transparent" if self.plan.sandboxed else "",
+                service_addresses=services,
             )
             for pod in self.plan.pods
             if pod.sidecar and not pod.gateway
@@ -360,10 +372,7 @@ class MeshRuntime:
             await self._start_sandboxed_sidecar(pod, paths)
             return
         if self.joined is not None:
-            replicas = self.joined.replicas
-            xds = [_host_port(r["address"]) for r in replicas]
-            ca_address = ",".join(r["ca"] for r in replicas)
-            renewal_address = ",".join(r["ca_renewal"] for r in replicas)
+            xds, ca_address, renewal_address = self._replica_addresses()
         else:
             ports = self.control_plane["ports"]
             xds = [("127.0.0.1", int(ports["xds"]))]
@@ -411,10 +420,34 @@ class MeshRuntime:
         }
         self.progress(f"  {pod.ref}: sidecar ready (Envoy pid {info['envoy_pid']})")
 
+    def _replica_addresses(self) -> tuple[list[tuple[str, int]], str, str]:
+        """A joined host's replicas: xDS (host, port) each, the CA and renewal address
+        lists — at ``join.replica_host`` when set (the replicas sit behind a relay)."""
+        assert self.joined is not None and self.join is not None
+        via = self.join.replica_host
+
+        def at(address: str) -> tuple[str, int]:
+            host, port = _host_port(address)
+            return (via or host, port)
+
+        def joined(key: str) -> str:
+            return ",".join(f"{h}:{p}" for h, p in (at(r[key]) for r in replicas))
+
+        replicas = self.joined.replicas
+        xds = [at(r["address"]) for r in replicas]
+        ca, renewal = joined("ca"), joined("ca_renewal")
+        return xds, ca, renewal
+
     async def _start_sandboxed_sidecar(self, pod: PodPlan, paths: PodPaths) -> None:
         """Agent + Envoy in the pod's namespace as uid 1337 (see runtime.sandboxed)."""
         assert self.plan is not None
-        ports = self.control_plane["ports"]
+        if self.joined is not None:  # a host of the mesh: the replicas, not a local plane
+            xds, ca_address, renewal_address = self._replica_addresses()
+        else:
+            ports = self.control_plane["ports"]
+            xds = [(NODE_IP, int(ports["xds"]))]
+            ca_address = f"{NODE_IP}:{ports['ca']}"
+            renewal_address = f"{NODE_IP}:{ports['ca_renewal']}"
         token = install_proxy_file(self.layout.token(pod.key), paths, "token")
         roots = install_proxy_file(self.layout.roots, paths, "ca-roots.pem")
         spec = SidecarSpec(
@@ -423,17 +456,18 @@ class MeshRuntime:
             trust_domain=self.plan.trust_domain,
             node_id=node_id(pod),
             cluster=f"{pod.name}.{pod.namespace}",
-            ca_address=f"{NODE_IP}:{ports['ca']}",
-            ca_renewal_address=f"{NODE_IP}:{ports['ca_renewal']}",
+            ca_address=ca_address,
+            ca_renewal_address=renewal_address,
             roots_file=str(roots),
             token_file=str(token),
             sds_socket=str(paths.sds_socket),
-            xds_port=ports["xds"],
+            xds_port=xds[0][1],
+            more_xds=xds[1:],
             control_plane_id=self.control_plane.get("spiffe_id")
             or control_plane_spiffe_id(self.plan.trust_domain),
             workdir=str(paths.proxy),
             source_address=None,  # the pod's own address: the only one it has
-            xds_address=NODE_IP,
+            xds_address=xds[0][0],
             admin_port=SANDBOX_ADMIN_PORT,
             peer_check=True,
             private_dir=str(paths.proxy),
