@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -266,14 +265,9 @@ async def _run_foreground(runtime: MeshRuntime) -> int:
     return await run_in_foreground(runtime, "serving; Ctrl-C or `trustmesh down` stops the mesh")
 
 
-async def run_in_foreground(
-    runtime: MeshRuntime,
-    serving: str,
-    alongside: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
-) -> int:
-    """Start ``runtime``, print its pods and ``serving``, supervise until SIGINT / SIGTERM
-    (running ``alongside(stop)`` meanwhile, e.g. a host's lease keeper), then stop it.
-    1 when it could not start (the reasons are printed), else 0."""
+async def run_in_foreground(runtime: MeshRuntime, serving: str) -> int:
+    """Start ``runtime``, print its pods and ``serving``, supervise until SIGINT / SIGTERM,
+    then stop it. 1 when it could not start (the reasons are printed), else 0."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -287,13 +281,10 @@ async def run_in_foreground(
         return 1
     _pods_table(RunningMesh.open(runtime.layout.root), None)
     _err.print(serving, markup=False)
-    helper = asyncio.create_task(alongside(stop)) if alongside is not None else None
     try:
         await runtime.supervise(stop)
     finally:
         stop.set()
-        if helper is not None:
-            await asyncio.gather(helper, return_exceptions=True)
         await runtime.down()
     return 0
 

@@ -134,4 +134,4 @@ def rejoin(
 
 async def _run(runtime: MeshRuntime) -> int:
     serving = "host serving; Ctrl-C or `trustmesh down --state` stops it"
-    return await run_in_foreground(runtime, serving, alongside=runtime.keep_joined)
+    return await run_in_foreground(runtime, serving)  # the runtime keeps the lease itself

@@ -134,6 +134,7 @@ class Cluster:
         self.layout = Layout(state)
         self.progress = progress
         self.record: dict[str, Any] = {"state": "starting", "etcd": [], "replicas": [], "hosts": []}
+        self._hosts: dict[str, subprocess.Popen[bytes]] = {}
 
     def _save(self) -> None:
         self.record["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -380,6 +381,7 @@ class Cluster:
                 start_new_session=True,
                 env=self._env(),
             )
+        self._hosts[name] = process
         return entry | {"pid": process.pid}
 
     def _wait_host(self, host: dict[str, Any]) -> None:
@@ -392,6 +394,10 @@ class Cluster:
                     return
             except (OSError, ValueError):
                 pass
+            # Our child: poll() reaps it (an exited child not reaped stays "alive" to kill 0).
+            started = self._hosts.get(host["name"])
+            if started is not None and started.poll() is not None:
+                break
             if not _alive(host["pid"]):
                 break
             time.sleep(0.1)  # another process's progress: no event crosses over

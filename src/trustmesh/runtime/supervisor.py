@@ -147,6 +147,10 @@ class MeshRuntime:
     join: HostJoin | None = None
     joined: Joined | None = None
     _registry: RegistryClient | None = None
+    # the lease is kept from the moment it is granted (a short TTL would end while the
+    # host still starts its pods), until down()
+    _keeping: asyncio.Task[None] | None = None
+    _keep_stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- start
 
@@ -310,6 +314,7 @@ class MeshRuntime:
         if not joined.replicas:
             raise StartError("the control plane lists no live replica")
         self.joined = joined
+        self._keeping = asyncio.create_task(self.keep_joined(self._keep_stop))
         self.layout.roots.write_bytes(join.roots_pem)
         for pod in self.plan.pods:
             token = joined.tokens.get(pod.ref)
@@ -761,6 +766,10 @@ class MeshRuntime:
     async def down(self) -> None:
         """Stop apps, then sidecars, then the control plane (each: TERM, then KILL)."""
         self._record("stopping")
+        if self._keeping is not None:
+            self._keep_stop.set()
+            await asyncio.gather(self._keeping, return_exceptions=True)
+            self._keeping = None
         if self.publisher is not None:
             await self.publisher.stop()
             self.publisher = None
