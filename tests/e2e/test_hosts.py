@@ -24,6 +24,9 @@ import pytest
 
 from tests.e2e.mesh import EXAMPLES, START_TIMEOUT, trustmesh, up_in_a_free_block
 from tests.xds.controlplane_rig import STRICT
+from trustmesh.runtime.cluster import host_namespace
+from trustmesh.runtime.hostnet import CONTROL_IP
+from trustmesh.runtime.sandboxed import in_netns
 
 ONLY_FOO_SLEEP = """\
 apiVersion: security.istio.io/v1
@@ -134,8 +137,13 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
     if NETNS:  # each host a namespace on the LAN; its pods' namespaces under it
         assert status["isolation"] == "netns"
         assert {h["address"] for h in hosts.values()} == {"10.87.0.11", "10.87.0.12"}
-        for host in hosts.values():
-            assert Path("/run/netns", host["netns"]).exists()
+        relayed = status["network"]["relay"]["ports"]  # type: ignore[index]
+        assert len(relayed) == 3 + 2 * 3  # etcd members; each replica's xDS, CA, renewal
+        for name, host in hosts.items():
+            assert host_namespace(cluster, name) == host["netns"]
+            for port in relayed:  # etcd and every replica, from inside each host
+                in_netns(host["netns"], (CONTROL_IP, port), 5).close()
+        assert host_namespace(cluster, "host-9") is None
         assert len(_namespaces(cluster)) == 1 + 2 + 7  # LAN, hosts, 7 sandboxed pods
     else:
         assert status["isolation"] == "process"
