@@ -273,8 +273,7 @@ class Cluster:
         ports = [port for _, port in _endpoints(self.record["store"])]
         for replica in self.record["replicas"]:
             ports += [int(replica[k].rpartition(":")[2]) for k in ("address", "ca", "ca_renewal")]
-        self.record["network"]["relay"] = self._start_relay(lan, ports)
-        self._save()
+        self._start_relay(lan, ports)
         for index, name in enumerate(names, start=1):
             link = hostnet.HostLink(
                 index,
@@ -295,7 +294,7 @@ class Cluster:
             f"{hostnet.CONTROL_IP}:{r['ca'].rpartition(':')[2]}" for r in self.record["replicas"]
         )
 
-    def _start_relay(self, lan: str, ports: list[int]) -> dict[str, Any]:
+    def _start_relay(self, lan: str, ports: list[int]) -> None:
         log = self.state / "relay.log"
         with open(log, "wb") as err:
             process = subprocess.Popen(
@@ -317,7 +316,6 @@ class Cluster:
         if not info.get("ready"):
             tail = log.read_text(errors="replace")[-2000:]
             raise StartError(f"the control-plane relay did not start: {info.get('error', tail)}")
-        return entry
 
     def _start_replica(self, name: str, store: str) -> dict[str, Any]:
         home = self.state / "replicas" / name
