@@ -24,6 +24,7 @@ import pytest
 
 from tests.e2e.mesh import EXAMPLES, START_TIMEOUT, trustmesh, up_in_a_free_block
 from tests.xds.controlplane_rig import STRICT
+from trustmesh.runtime import hostnet
 from trustmesh.runtime.cluster import host_namespace
 from trustmesh.runtime.hostnet import CONTROL_IP
 from trustmesh.runtime.sandboxed import in_netns
@@ -144,6 +145,16 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
             for port in relayed:  # etcd and every replica, from inside each host
                 in_netns(host["netns"], (CONTROL_IP, port), 5).close()
         assert host_namespace(cluster, "host-9") is None
+        # One rule in host-2's namespace cuts it off (what a fault injector uses); host-1
+        # still reaches the control plane; reconnected, host-2 does again.
+        hostnet.cut_off(cluster, hosts["host-2"]["netns"])
+        try:
+            with pytest.raises(TimeoutError):
+                in_netns(hosts["host-2"]["netns"], (CONTROL_IP, relayed[0]), 1)
+            in_netns(hosts["host-1"]["netns"], (CONTROL_IP, relayed[0]), 5).close()
+        finally:
+            hostnet.reconnect(hosts["host-2"]["netns"])
+        in_netns(hosts["host-2"]["netns"], (CONTROL_IP, relayed[0]), 5).close()
         assert len(_namespaces(cluster)) == 1 + 2 + 7  # LAN, hosts, 7 sandboxed pods
     else:
         assert status["isolation"] == "process"

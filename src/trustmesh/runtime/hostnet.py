@@ -49,8 +49,10 @@ __all__ = [
     "HostLink",
     "attach_host",
     "build_lan",
+    "cut_off",
     "host_address",
     "lan_netns",
+    "reconnect",
     "relay_argv",
     "teardown",
 ]
@@ -114,6 +116,31 @@ def attach_host(state: Path, lan: str, host: HostLink, others: Sequence[str]) ->
     )
     netns.add_routes(host.netns, ["default", *(ip for ip in others if ip != NODE_IP)], CONTROL_IP)
     netns.add_routes(lan, [ip for ip in host.pod_ips if ip != NODE_IP], host.address)
+
+
+CUT_TABLE = "trustmesh_cut"
+
+
+def cut_ruleset() -> str:
+    """A host's namespace drops every packet to the control plane: its node agent's
+    (output) and its pods' (forward) — a partition, not a refusal."""
+    chains = "".join(
+        f"  chain {hook} {{\n    type filter hook {hook} priority 0; policy accept;\n"
+        f"    ip daddr {CONTROL_IP} drop\n  }}\n"
+        for hook in ("output", "forward")
+    )
+    head = f"table ip {CUT_TABLE} {{}}\ndelete table ip {CUT_TABLE}\n"  # replaced whole
+    return f"{head}table ip {CUT_TABLE} {{\n{chains}}}\n"
+
+
+def cut_off(state: Path, host_netns: str) -> None:
+    """Cut the host in ``host_netns`` off from etcd and the replicas until
+    :func:`reconnect` (the table is in the cluster's ledger: ``down`` removes it too)."""
+    netns.apply_nft(_ledger(state), host_netns, CUT_TABLE, cut_ruleset())
+
+
+def reconnect(host_netns: str) -> None:
+    netns.delete_nft(host_netns, CUT_TABLE)
 
 
 def teardown(state: Path) -> list[str]:

@@ -49,6 +49,7 @@ __all__ = [
     "attach_pod",
     "create_netns",
     "current_is",
+    "delete_nft",
     "entered",
     "netns_socket",
     "remove_entry",
@@ -318,6 +319,11 @@ def remove_entry(entry: Entry) -> None:
         else:
             with contextlib.suppress(NftError):
                 _nft_delete(entry.netns, entry.name)
+
+
+def delete_nft(netns: str, table: str) -> None:
+    """Delete table ``ip table`` in ``netns``; one already gone is not an error."""
+    _nft_delete(netns, table)
 
 
 def _nft_delete(netns: str, table: str) -> None:
