@@ -36,7 +36,8 @@ metadata: {name: istio-system}
 def _app(namespace: str, name: str, port: int | None, port_name: str = "http") -> str:
     ports = f"        ports: [{{containerPort: {port}}}]\n" if port else ""
     text = (
-        f"apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: {namespace}}}\n"
+        "apiVersion: v1\nkind: ServiceAccount\n"
+        f"metadata: {{name: {name}, namespace: {namespace}}}\n"
         f"---\napiVersion: apps/v1\nkind: Deployment\n"
         f"metadata: {{name: {name}, namespace: {namespace}}}\n"
         f"spec:\n  selector:\n    matchLabels: {{app: {name}}}\n"
@@ -46,7 +47,8 @@ def _app(namespace: str, name: str, port: int | None, port_name: str = "http") -
     )
     if port:
         text += (
-            f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n"
+            "---\napiVersion: v1\nkind: Service\n"
+            f"metadata: {{name: {name}, namespace: {namespace}}}\n"
             f"spec:\n  selector: {{app: {name}}}\n"
             f"  ports: [{{name: {port_name}, port: {port}, targetPort: {port}}}]\n"
         )
@@ -67,12 +69,11 @@ _DENY_OTHER = "  action: DENY\n  rules:\n  - from: [{source: {namespaces: [other
 _DENY_GET = "  action: DENY\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n"
 _AUDIT = "  action: AUDIT\n  rules:\n  - to: [{operation: {paths: [/audit]}}]\n"
 _ALLOW_ALL = "  rules:\n  - {}\n"
-_HEADER = (
-    "  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-block]', values: ['1']}]\n"
-)
+_HEADER = "  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-block]', values: ['1']}]\n"
 _HOSTS = "  action: ALLOW\n  rules:\n  - to: [{operation: {hosts: [web.shop]}}]\n"
 _PRINCIPAL = (
-    "  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/other/sa/client]}}]\n"
+    "  action: ALLOW\n  rules:\n"
+    "  - from: [{source: {principals: [cluster.local/ns/other/sa/client]}}]\n"
 )
 _JWKS = (
     '{"keys":[{"kty":"EC","crv":"P-256","x":"gS-hfNlLJtH4Nr1fnNxkKz7QrU9aCmAM_l5ScqQKbJM",'

@@ -188,8 +188,10 @@ class _Build:
 
     errors: tuple[Diagnostic, ...]  # configuration errors: nothing may be published
     mesh: MeshPolicy | None
-    registrations: Mapping[str, ProxyRegistration]  # what was translated
-    snapshots: Mapping[str, Snapshot]
+    # What was translated (dicts: a proxy registered later against the same mesh is
+    # added, from the event loop's thread, see ControlPlane._remember).
+    registrations: dict[str, ProxyRegistration]
+    snapshots: dict[str, Snapshot]
     problems: tuple[Diagnostic, ...]  # proxies that could not be translated
     # What the snapshots were built with, so the next build can reuse them.
     addresses: Mapping[str, str] = field(default_factory=dict)
@@ -334,6 +336,7 @@ class ControlPlane:
             snapshot = _snapshot_for(self._mesh, registration, self._addresses, endpoints)
             self._registrations[registration.node_id] = registration
             self._cache.set(registration.node_id, snapshot)
+            self._remember(registration, snapshot)
         else:
             self._registrations[registration.node_id] = registration
 
@@ -385,6 +388,9 @@ class ControlPlane:
         a new one is refused."""
         self._registrations.pop(node_id, None)
         self._cache.clear(node_id)
+        if self._built is not None:
+            self._built.registrations.pop(node_id, None)
+            self._built.snapshots.pop(node_id, None)
 
     def identity_of(self, node_id: str) -> str | None:
         """The SPIFFE ID a peer must prove to get ``node_id``'s config (None: nobody)."""
@@ -541,6 +547,20 @@ class ControlPlane:
 
     # -- internals
 
+    def _remember(self, registration: ProxyRegistration, snapshot: Snapshot) -> None:
+        """Add a proxy built outside a reload to the last build (the next reload may
+        reuse its snapshot) — when it was built as that build's proxies were."""
+        built = self._built
+        if (
+            built is None
+            or built.mesh is not self._mesh
+            or built.not_ready != self._not_ready
+            or dict(built.addresses) != dict(self._addresses)
+        ):
+            return
+        built.registrations[registration.node_id] = registration
+        built.snapshots[registration.node_id] = snapshot
+
     def _publish(self, build: _Build) -> tuple[list[Diagnostic], int]:
         assert build.mesh is not None
         problems = list(build.problems)
@@ -557,6 +577,11 @@ class ControlPlane:
                 except (LookupError, ValueError) as exc:
                     problems.append(_proxy_problem(registration, exc))
                     continue
+                if build.not_ready == self._not_ready and dict(build.addresses) == dict(
+                    self._addresses
+                ):
+                    build.registrations[node_id] = registration
+                    build.snapshots[node_id] = snapshot
             try:
                 previous = self._cache.get(node_id)
                 changed += previous != snapshot
@@ -655,7 +680,7 @@ def _build(
     loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources)
     if loaded.errors or loaded.mesh is None:
         errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
-        return _Build(tuple(errors), None, registrations, {}, ())
+        return _Build(tuple(errors), None, dict(registrations), {}, ())
     return _translate_all(loaded.mesh, registrations, addresses, not_ready, previous, started)
 
 
@@ -716,7 +741,14 @@ def _translate_all(
     )
     frozen_addresses = MappingProxyType(dict(addresses))
     return _Build(
-        (), mesh, registrations, snapshots, tuple(problems), frozen_addresses, not_ready, stats
+        (),
+        mesh,
+        dict(registrations),
+        snapshots,
+        tuple(problems),
+        frozen_addresses,
+        not_ready,
+        stats,
     )
 
 

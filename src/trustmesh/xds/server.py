@@ -179,7 +179,9 @@ class AdsServer:
         self._stopping = asyncio.Event()
         self._stream_ids = itertools.count(1)
         self._port = 0
-        self._streams: dict[int, _Stream] = {}
+        # node id → its open streams by id (a reconnect's old stream may linger): syncz
+        # asks for every node, so a scan of all streams per node would be quadratic.
+        self._streams: dict[str, dict[int, _Stream]] = {}
         self.pushes = 0
         self.acks = 0
         self.nacks = 0
@@ -252,7 +254,7 @@ class AdsServer:
         # stream's state and is the only writer on it.
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         inbox.put_nowait(first)
-        self._streams[stream.id] = stream
+        self._streams.setdefault(node_id, {})[stream.id] = stream
         observer = self._observer
         if observer is not None:
             observer.stream_opened()
@@ -267,7 +269,10 @@ class AdsServer:
             finally:
                 for pump in pumps:
                     pump.cancel()
-                self._streams.pop(stream.id, None)
+                of_node = self._streams.get(node_id, {})
+                of_node.pop(stream.id, None)
+                if not of_node:
+                    self._streams.pop(node_id, None)
                 if observer is not None:
                     observer.stream_closed()
         _log.debug("ads stream %d (%s) closed", stream.id, node_id)
@@ -304,7 +309,7 @@ class AdsServer:
         """istioctl's SYNCED: a stream of ``node_id`` was answered from its current
         snapshot and Envoy ACKed the last response of every type it subscribed to."""
         current = self._cache.get(node_id)
-        streams = [s for s in self._streams.values() if s.node_id == node_id]
+        streams = list(self._streams.get(node_id, {}).values())
         if current is None or not streams:
             return False
         stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
