@@ -334,46 +334,80 @@ class Snapshot:
         self,
         changes: Mapping[str, Mapping[str, Mapping[str, Any]]],
         canonical: Canonical | None = None,
+        memo: dict[tuple[object, ...], Any] | None = None,
     ) -> Snapshot:
         """This snapshot with some named resources replaced by new content, the names
         unchanged (so every reference stays resolvable): only those are copied, hashed,
         checked and encoded; every other resource keeps its copy, digest and type version.
 
         Equal, version for version, to a snapshot built from scratch with the same
-        resources. Raises ``ValueError`` for a name the snapshot does not hold."""
+        resources. Raises ``ValueError`` for a name the snapshot does not hold.
+
+        ``memo`` (a dict kept by the caller, with ``changes`` alive as long as it is)
+        shares the result per type between snapshots that hold the same content of that
+        type (the same type version) and get the same ``changes`` object's resources."""
         encode = canonical.encode if canonical is not None else _canonical
         resources = dict(self.resources)
         digests = dict(self._digests)
         versions = dict(self._versions)
         touched: list[tuple[str, str]] = []
+        known: list[tuple[str, ...]] = []  # errors of touched resources found in memo
+        learn: list[tuple[tuple[object, ...], str, list[tuple[str, str]]]] = []
         for type_url, by_name in changes.items():
             if not by_name:
                 continue
-            current = self.get(type_url)
-            copies = dict(current)
-            type_digests = dict(self.digests(type_url))
-            for name, resource in by_name.items():
-                if name not in current:
-                    raise ValueError(f"{_short(type_url)} {name!r} is not in the snapshot")
-                if not isinstance(resource, Mapping):
-                    raise TypeError(f"{_short(type_url)} {name!r} must be a dict")
-                copies[name], type_digests[name] = encode(resource)
-                touched.append((type_url, name))
-            resources[type_url] = MappingProxyType(copies)
-            digests[type_url] = MappingProxyType(type_digests)
-            versions[type_url] = content_version(type_digests)
+            key: tuple[object, ...] = (type_url, self._versions.get(type_url), id(by_name))
+            done = memo.get(key) if memo is not None else None
+            if done is None:
+                current = self.get(type_url)
+                copies = dict(current)
+                type_digests = dict(self.digests(type_url))
+                for name, resource in by_name.items():
+                    if name not in current:
+                        raise ValueError(f"{_short(type_url)} {name!r} is not in the snapshot")
+                    if not isinstance(resource, Mapping):
+                        raise TypeError(f"{_short(type_url)} {name!r} must be a dict")
+                    copies[name], type_digests[name] = encode(resource)
+                done = (
+                    MappingProxyType(copies),
+                    MappingProxyType(type_digests),
+                    content_version(type_digests),
+                )
+                if memo is not None:
+                    memo[key] = done
+            resources[type_url], digests[type_url], versions[type_url] = done
+            names = [(type_url, name) for name in by_name]
+            errors = memo.get((*key, "errors")) if memo is not None else None
+            if errors is not None:
+                known.append(errors)
+            else:
+                touched += names
+                if memo is not None:
+                    learn.append((key, type_url, names))
         snapshot: Snapshot = object.__new__(Snapshot)
         object.__setattr__(snapshot, "resources", MappingProxyType(resources))
         object.__setattr__(snapshot, "_digests", MappingProxyType(digests))
         object.__setattr__(snapshot, "_versions", MappingProxyType(versions))
         object.__setattr__(snapshot, "version", content_version(versions))
-        consistency = None
-        if self._consistency == ():  # only what was replaced can be wrong now
-            consistency = tuple(sorted(e for t, n in touched for e in snapshot._check(t, n)))
+        consistency = encoding = None
+        if self._consistency == () and self._encoding == ():
+            # Only what was replaced can be wrong now. A resource's check depends on other
+            # resources only through what it references: without references, its errors
+            # (like its encoding's) are the same in every snapshot it is put in.
+            for learnt, _, names in learn:
+                assert memo is not None
+                if all(not snapshot._referenced_by(t, n) for t, n in names):
+                    memo[(*learnt, "errors")] = (
+                        tuple(e for t, n in names for e in snapshot._check(t, n)),
+                        tuple(e for t, n in names for e in snapshot._encode(t, n)),
+                    )
+            checked = [e for t, n in touched for e in snapshot._check(t, n)]
+            encoded = [e for t, n in touched for e in snapshot._encode(t, n)]
+            for check_errors, encode_errors in known:
+                checked += check_errors
+                encoded += encode_errors
+            consistency, encoding = tuple(sorted(checked)), tuple(sorted(encoded))
         object.__setattr__(snapshot, "_consistency", consistency)
-        encoding = None
-        if self._encoding == ():
-            encoding = tuple(sorted(e for t, n in touched for e in snapshot._encode(t, n)))
         object.__setattr__(snapshot, "_encoding", encoding)
         return snapshot
 
@@ -428,6 +462,13 @@ class Snapshot:
         object.__setattr__(self, "_consistency", tuple(sorted(errors)))
         return sorted(errors)
 
+    def _referenced_by(self, type_url: str, name: str) -> tuple[tuple[str, Any, str], ...]:
+        resource = self.resources[type_url][name]
+        return _referenced.get(
+            (type_url, self._digests[type_url][name]),
+            functools.partial(_reference_tuple, type_url, resource),
+        )
+
     def _check(self, type_url: str, name: str) -> list[str]:
         resource = self.resources[type_url][name]
         name_field = _NAME_FIELD.get(type_url, "name")
@@ -437,11 +478,7 @@ class Snapshot:
             errors.append(f"{where}: @type is {resource.get('@type')!r}, not {type_url}")
         if resource.get(name_field, name) != name:
             errors.append(f"{where}: {name_field} is {resource.get(name_field)!r}")
-        digest = self._digests[type_url][name]
-        references = _referenced.get(
-            (type_url, digest), functools.partial(_reference_tuple, type_url, resource)
-        )
-        for ref_type, ref_name, path in references:
+        for ref_type, ref_name, path in self._referenced_by(type_url, name):
             if not isinstance(ref_name, str) or ref_name not in self.get(ref_type):
                 errors.append(
                     f"{where}: {path} refers to {_short(ref_type)} {ref_name!r},"

@@ -54,7 +54,7 @@ from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.gateway import GatewayResources, translate_gateway
-from trustmesh.xds.incremental import patched_snapshot, policies_only_changed
+from trustmesh.xds.incremental import Patcher, policies_only_changed
 from trustmesh.xds.readiness import EndpointFilter
 from trustmesh.xds.server import AdsServer, Context, XdsObserver, peer_spiffe_ids
 from trustmesh.xds.translate import CaptureMode, FilterDelivery, ProxyResources, translate
@@ -705,21 +705,16 @@ def _translate_all(
     canonical = Canonical()  # what the proxies share is encoded once
     endpoints = EndpointFilter(not_ready)  # … and filtered once
     base = _reusable(previous, mesh, addresses, not_ready)
+    patcher = Patcher(base.mesh, mesh, canonical) if base is not None and base.mesh else None
     reused = patched = 0
     for node_id, registration in sorted(registrations.items()):
         try:
             snapshot = None
-            if base is not None and not registration.gateway:
+            if base is not None and patcher is not None and not registration.gateway:
                 before = base.snapshots.get(node_id)
                 if before is not None and base.registrations.get(node_id) == registration:
-                    assert base.mesh is not None
-                    snapshot = patched_snapshot(
-                        base.mesh,
-                        mesh,
-                        registration.workload_ref,
-                        before,
-                        canonical,
-                        registration.capture,
+                    snapshot = patcher.snapshot(
+                        registration.workload_ref, before, registration.capture
                     )
                     if snapshot is not None:
                         if snapshot.consistency_errors() or snapshot.encoding_errors():
