@@ -230,6 +230,8 @@ class ClientProcess:
                 event: Json = json.loads(line)
                 if event["event"] == "error":
                     raise RuntimeError(f"client process {self.process.pid}: {event}")
+                if event["event"] == "connected" and event["count"] % 250 == 0:
+                    log(f"client process {self.process.pid}: {event['count']} synced")
                 if event["event"] == wanted:
                     return event
 
@@ -385,9 +387,9 @@ def main() -> int:
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--start-timeout", type=float, default=300)
-    parser.add_argument("--connect-timeout", type=float, default=600)
+    parser.add_argument("--connect-timeout", type=float, default=1800)
     parser.add_argument("--round-timeout", type=float, default=30)
-    parser.add_argument("--time-limit", type=float, default=1200)
+    parser.add_argument("--time-limit", type=float, default=3000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ads-scale-") as workdir:
         result = asyncio.run(asyncio.wait_for(measure(args, Path(workdir)), args.time_limit))

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -105,10 +106,8 @@ class Client:
         if type_url in (TYPE_CLUSTER, TYPE_LISTENER):
             message = _message_class(type_url)
             for packed in response.resources:
-                resource = _as_dict(message.FromString(packed.value))
-                resource["@type"] = type_url
-                for ref_type, ref_name, _ in _references(type_url, resource):
-                    wanted.setdefault(ref_type, set()).add(str(ref_name))
+                for ref_type, ref_name in _names_in(type_url, message, packed.value):
+                    wanted.setdefault(ref_type, set()).add(ref_name)
         # ACK first (Envoy ACKs once it applied the response), then subscribe to new names.
         await call.write(self.request(type_url, response.version_info, response.nonce))
         self.acked[type_url] = response.version_info
@@ -123,6 +122,22 @@ class Client:
         needed = {TYPE_CLUSTER, TYPE_LISTENER} | {t for t in _BY_NAME if self.names.get(t)}
         if needed <= set(self.acked):
             self.synced.set()
+
+
+def _names_in(type_url: str, message: Any, value: bytes) -> tuple[tuple[str, str], ...]:
+    """What one resource fetches over ADS: (type, name) pairs; decoded once per distinct
+    encoding in this process (clients of one service get the same clusters)."""
+    found = _NAMES.get(value)
+    if found is None:
+        resource = _as_dict(message.FromString(value))
+        resource["@type"] = type_url
+        found = _NAMES[value] = tuple(
+            (ref_type, str(ref_name)) for ref_type, ref_name, _ in _references(type_url, resource)
+        )
+    return found
+
+
+_NAMES: dict[bytes, tuple[tuple[str, str], ...]] = {}
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
@@ -158,13 +173,13 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 async def _serve(job: dict[str, Any]) -> None:
-    roots = open(job["roots"], "rb").read()
+    roots = Path(job["roots"]).read_bytes()
     credentials: dict[str, grpc.ChannelCredentials] = {}
     clients = []
     for node_id, account, target in job["clients"]:
         if account not in credentials:
-            key = open(os.path.join(job["certs"], f"{account}.key"), "rb").read()
-            chain = open(os.path.join(job["certs"], f"{account}.pem"), "rb").read()
+            key = Path(job["certs"], f"{account}.key").read_bytes()
+            chain = Path(job["certs"], f"{account}.pem").read_bytes()
             credentials[account] = grpc.ssl_channel_credentials(roots, key, chain)
         clients.append(Client(node_id, target, credentials[account]))
     tasks = []

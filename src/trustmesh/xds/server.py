@@ -139,11 +139,12 @@ def _push_rank(type_url: str) -> tuple[int, str]:
     return len(PUSH_ORDER), type_url
 
 
-def _selection(type_url: str, watch: _Watch, snapshot: Snapshot) -> dict[str, str]:
-    """Name → digest of the resources a response for ``watch`` carries now."""
+def _selection(type_url: str, watch: _Watch, snapshot: Snapshot) -> Mapping[str, str]:
+    """Name → digest of the resources a response for ``watch`` carries now (for a whole
+    type, the snapshot's own read-only mapping: shared, not copied per stream)."""
     digests = snapshot.digests(type_url)
     if type_url in WILDCARD_TYPES or "*" in watch.names:
-        return dict(digests)
+        return digests
     return {name: digests[name] for name in sorted(watch.names) if name in digests}
 
 
@@ -381,7 +382,7 @@ class AdsServer:
     ) -> None:
         watch = stream.watches[type_url]
         content = _selection(type_url, watch, snapshot)
-        if content == watch.sent:
+        if content is watch.sent or content == watch.sent:
             return  # Envoy has exactly this (an ACK, a repeat, an unrelated change)
         if watch.sent is None and not content and type_url not in WILDCARD_TYPES:
             return  # none of the names exist yet: Envoy waits, as for any missing resource
