@@ -141,7 +141,8 @@ class ConfigSnapshot:
                 key, value = min(service.selector.items())
                 by_label.setdefault((service.namespace, key, value), []).append(service)
         object.__setattr__(self, "_services_by_label", {k: tuple(v) for k, v in by_label.items()})
-        object.__setattr__(self, "_service_position", {id(s): i for i, s in enumerate(self.services)})
+        positions = {id(s): i for i, s in enumerate(self.services)}
+        object.__setattr__(self, "_service_position", positions)
 
     def of_kind(self, kind: str) -> tuple[Resource[Any], ...]:
         return self._by_kind.get(kind, ())
