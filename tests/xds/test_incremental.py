@@ -271,3 +271,27 @@ def test_incremental_equals_full_over_generated_policy_edits(tmp_path: Path, see
         assert incremental.stats is not None
         took_fast_path += incremental.stats.reused + incremental.stats.patched
     assert took_fast_path > 0
+
+
+def test_snapshot_replaced_equals_a_snapshot_built_from_scratch() -> None:
+    from trustmesh.xds.cache import TYPE_ECDS, Snapshot
+
+    def ecds(name: str, action: str) -> dict[str, object]:
+        typed = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": action, "policies": {}},
+        }
+        return {"@type": TYPE_ECDS, "name": name, "typed_config": typed}
+
+    before = Snapshot.from_resources([ecds("a", "ALLOW"), ecds("b", "DENY")])
+    assert not before.consistency_errors() and not before.encoding_errors()
+    memo: dict[tuple[object, ...], object] = {}
+    changes = {TYPE_ECDS: {"b": ecds("b", "ALLOW")}}
+    after = before.replaced(changes, memo=memo)
+    expected = Snapshot.from_resources([ecds("a", "ALLOW"), ecds("b", "ALLOW")])
+    assert after.version == expected.version and dict(after.versions) == dict(expected.versions)
+    assert after.consistency_errors() == [] and after.encoding_errors() == []
+    again = before.replaced(changes, memo=memo)  # from the memo: the same content
+    assert again.version == expected.version
+    with pytest.raises(ValueError, match="not in the snapshot"):
+        before.replaced({TYPE_ECDS: {"c": ecds("c", "ALLOW")}})
