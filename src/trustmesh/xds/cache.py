@@ -28,7 +28,6 @@ import contextlib
 import functools
 import hashlib
 import importlib
-import json
 import pkgutil
 import threading
 from collections import OrderedDict
@@ -93,8 +92,9 @@ _IMPORTABLE_ROOTS = frozenset({"envoy", "xds", "udpa", "google"})
 
 def content_version(digests: Mapping[str, str]) -> str:
     """The version of a set of resources: a hash of their names and content digests."""
-    text = json.dumps(sorted(digests.items()), separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    # orjson: compact JSON as json.dumps(..., separators=(",", ":")) writes it for ASCII
+    # names, several times faster (a fleet's rebuild versions every proxy).
+    return hashlib.sha256(orjson.dumps(sorted(digests.items()))).hexdigest()[:16]
 
 
 EMPTY_VERSION = content_version({})
