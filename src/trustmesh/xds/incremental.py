@@ -8,7 +8,7 @@ the one the published snapshots were built from:
   and RequestAuthentications (every other resource, the mesh config, the workloads,
   services and namespaces are equal, and no EnvoyFilter can patch the result). Anything
   else rebuilds every proxy, as before.
-* :func:`patched_snapshot` — then, per sidecar, what translation reads of those policies
+* :class:`Patcher` (one per build) — then, per sidecar, what translation reads of those policies
   is the workload's own :class:`~trustmesh.policy.compose.WorkloadPolicy` ``authz`` and
   ``jwt_providers``: a proxy whose ``authz`` and JWT providers are equal keeps its
   snapshot (same versions: no push); one whose ``authz`` changed but whose listener would
@@ -16,6 +16,8 @@ the one the published snapshots were built from:
   the extension configs (ECDS) and the slot switches of its inbound route configurations
   (RDS) re-translated — its listeners and clusters keep their encodings and versions.
   Anything else (new slots, TCP rules, JWT providers, a gateway) is translated whole.
+  Workloads selecting the same policies share one compiled ``AuthzPolicy``, so the work
+  (slot configs, encodings, type versions, checks) is done once per policy set.
 
 ``tests/xds/test_incremental.py`` proves the result equal, version for version, to a full
 rebuild over generated changes.
