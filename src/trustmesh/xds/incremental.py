@@ -41,7 +41,7 @@ from trustmesh.xds.translate import (
     slot_switches,
 )
 
-__all__ = ["POLICY_KINDS", "Patcher", "patched_snapshot", "policies_only_changed"]
+__all__ = ["POLICY_KINDS", "Patcher", "policies_only_changed"]
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 # Kinds whose effect on a sidecar's translation is confined to WorkloadPolicy.authz and
@@ -242,18 +242,6 @@ def _changes(
         TYPE_ECDS: {str(c["name"]): c for c in slot_configs.configs},
         TYPE_ROUTE: switched,
     }
-
-
-def patched_snapshot(
-    old_mesh: MeshPolicy,
-    new_mesh: MeshPolicy,
-    workload_ref: str,
-    previous: Snapshot,
-    canonical: Canonical | None = None,
-    capture: CaptureMode = CaptureMode.PROCESS,
-) -> Snapshot | None:
-    """:meth:`Patcher.snapshot` for one proxy (a build of many shares one Patcher)."""
-    return Patcher(old_mesh, new_mesh, canonical).snapshot(workload_ref, previous, capture)
 
 
 def _same_authz_inputs(old: AuthzPolicy, new: AuthzPolicy) -> bool:
