@@ -697,8 +697,8 @@ def _translate_all(
     With ``previous`` (the last build published), a change that touched only policies
     (:func:`~trustmesh.xds.incremental.policies_only_changed`) rebuilds only what it can
     affect: a proxy registered, addressed and filtered as then keeps its snapshot or gets
-    only its policy filters re-translated (:func:`~trustmesh.xds.incremental.
-    patched_snapshot`); every other proxy is translated whole."""
+    only its policy filters re-translated (:class:`~trustmesh.xds.incremental.Patcher`);
+    every other proxy is translated whole."""
     started = time.perf_counter() if started is None else started
     snapshots: dict[str, Snapshot] = {}
     problems = []
