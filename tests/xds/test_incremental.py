@@ -94,6 +94,18 @@ _DESTINATION_RULE = (
     "  trafficPolicy:\n    tls: {mode: DISABLE}\n"
 )
 
+
+def _virtual_service(timeout: str) -> str:
+    # Only the route changes between two of these: the model of a VirtualService holds
+    # its hosts, so the change is seen in the spec as written.
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        "metadata: {name: web, namespace: shop}\nspec:\n  hosts: [web.shop.svc.cluster.local]\n"
+        "  http:\n  - route:\n    - destination: {host: web.shop.svc.cluster.local}\n"
+        f"    timeout: {timeout}\n"
+    )
+
+
 # The policies a generated step switches on and off (file name → document).
 _POOL = {
     "p-web-get": _policy("web-get", "shop", _ALLOW_GET, "web"),
@@ -198,6 +210,8 @@ _CHANGES: list[tuple[str, str, str | None, bool]] = [
     ("PeerAuthentication", "pa", _PEER_STRICT, False),
     ("DestinationRule", "dr", _DESTINATION_RULE, False),
     ("Service and workload added", "w2", _app("shop", "cart", 7070), False),
+    ("VirtualService added", "vs", _virtual_service("5s"), False),
+    ("VirtualService route edited, hosts kept", "vs", _virtual_service("7s"), False),
     ("policy after a non-policy change", "p1", _POOL["p-web-get"], True),
     ("everything removed again", "*", None, False),
 ]

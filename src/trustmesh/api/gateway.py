@@ -196,16 +196,9 @@ def hosts_intersect(a: str, b: str) -> bool:
 # ----------------------------------------------------------------------- gateways
 
 
-def _raw(resource: Resource[Any]) -> Any:
-    body: Any = resource.document.body
-    for part in (*resource.base_path, *resource.spec_path):
-        body = body.get(part) if isinstance(body, dict) else None
-    return body if body is not None else {}
-
-
 def _parse_gateway(resource: Resource[Any]) -> tuple[GatewaySpec | None, list[Diagnostic]]:
     path = (*resource.base_path, *resource.spec_path)
-    return validate_model(GatewaySpec, _raw(resource), resource.document, path)
+    return validate_model(GatewaySpec, resource.raw_spec(), resource.document, path)
 
 
 def gateway_servers(
@@ -412,7 +405,7 @@ def bound_virtual_services(
             continue
         path = (*resource.base_path, *resource.spec_path)
         spec, spec_problems = validate_model(
-            VirtualServiceSpec, _raw(resource), resource.document, path
+            VirtualServiceSpec, resource.raw_spec(), resource.document, path
         )
         problems.extend(spec_problems)
         if spec is None:
@@ -431,7 +424,7 @@ def exported_to(resource: Resource[Any], proxy_namespace: str) -> bool:
 
 
 def _exported(resource: Resource[Any], proxy_namespace: str) -> bool:
-    raw = _raw(resource)
+    raw = resource.raw_spec()
     export_to = raw.get("exportTo") if isinstance(raw, dict) else None
     if not export_to or not isinstance(export_to, list):
         return True

@@ -35,7 +35,6 @@ from trustmesh.api.diagnostics import Diagnostic, Location, warning
 from trustmesh.api.gateway import (
     BoundVirtualService,
     _exported,
-    _raw,
     invalid_route_values,
 )
 from trustmesh.api.gateway_models import HttpMatchRequest, HttpRoute, VirtualServiceSpec
@@ -140,7 +139,7 @@ def mesh_routes(snapshot: ConfigSnapshot) -> MeshRoutes:
     for resource in sorted(snapshot.of_kind("VirtualService"), key=Resource.age_key):
         if resource.group != "networking.istio.io":
             continue
-        raw = _raw(resource)
+        raw = resource.raw_spec()
         gateways = raw.get("gateways") if isinstance(raw, dict) else None
         if isinstance(gateways, list) and gateways and MESH_GATEWAY not in gateways:
             continue
@@ -190,7 +189,7 @@ def _overlap(a: BoundVirtualService, b: BoundVirtualService) -> bool:
 
 
 def _export_set(vs: BoundVirtualService) -> set[str] | None:
-    raw = _raw(vs.resource)
+    raw = vs.resource.raw_spec()
     export_to = raw.get("exportTo") if isinstance(raw, dict) else None
     if not export_to or not isinstance(export_to, list):
         return None

@@ -48,6 +48,14 @@ class Resource(Generic[SpecT]):
         """Location of a field given relative to the spec: ``location("rules", 0)``."""
         return self.document.location((*self.base_path, *self.spec_path, *path))
 
+    def raw_spec(self) -> Any:
+        """The spec as written ({} if absent): what a loosely modelled kind's model does
+        not keep (a VirtualService's model holds its hosts only)."""
+        body: Any = self.document.body
+        for part in (*self.base_path, *self.spec_path):
+            body = body.get(part) if isinstance(body, dict) else None
+        return body if body is not None else {}
+
     def meta_location(self, *path: str | int) -> Location:
         return self.document.location((*self.base_path, "metadata", *path))
 

@@ -30,6 +30,7 @@ import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from trustmesh.api.models import Strict
 from trustmesh.envoy_json import HCM_TYPE, TCP_PROXY_TYPE
 from trustmesh.policy.compose import AuthzPolicy, MeshPolicy, WorkloadPolicy
 from trustmesh.xds.cache import TYPE_ECDS, TYPE_LISTENER, TYPE_ROUTE, Canonical, Snapshot, _Lru
@@ -63,6 +64,9 @@ def _resource_key(resource: Any) -> tuple[object, ...]:
         resource.annotations,
         resource.creation_timestamp,
         resource.spec,
+        # A loosely modelled kind's model holds only part of what it says (a
+        # VirtualService's, its hosts): the spec as written decides for those.
+        None if isinstance(resource.spec, Strict) else resource.raw_spec(),
     )
 
 

@@ -53,10 +53,7 @@ def tls_rank(version: object) -> int:
 
 def raw_spec(resource: Resource[Any]) -> Mapping[str, Any]:
     """The document's ``spec`` as written, for fields the API model does not keep."""
-    body: Any = resource.document.body
-    for part in resource.base_path:
-        body = body[part]
-    spec = body.get("spec") if isinstance(body, Mapping) else None
+    spec = resource.raw_spec()
     return spec if isinstance(spec, Mapping) else {}
 
 
