@@ -39,6 +39,7 @@ __all__ = [
     "predicate",
     "reads_host",
     "rule_name",
+    "rules_of_trees",
 ]
 
 Test = Callable[[Attributes], bool]
@@ -247,9 +248,15 @@ def compile_policy(
     policy: Resource[Any], bundle: TrustBundle, *, for_tcp: bool
 ) -> list[CompiledRule]:
     """Istio's RBAC policies for one AuthorizationPolicy (for HTTP or for TCP chains)."""
+    return rules_of_trees(policy, rt.compile_rules(policy, bundle, for_tcp=for_tcp), for_tcp)
+
+
+def rules_of_trees(
+    policy: Resource[Any], compiled: rt.CompiledRules, for_tcp: bool
+) -> list[CompiledRule]:
+    """The evaluator's rules for ``policy``'s trees (compiled with its own action)."""
     spec: m.AuthorizationPolicySpec = policy.spec
     provider = spec.provider.name if spec.provider else None
-    compiled = rt.compile_rules(policy, bundle, for_tcp=for_tcp)
     return [
         CompiledRule(
             name=tree.name,

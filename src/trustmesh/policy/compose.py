@@ -22,12 +22,14 @@ from trustmesh.policy.authz import (
     CompiledRule,
     RuleSet,
     TrustBundle,
-    compile_policy,
     condition_header_names,
     reads_host,
+    rules_of_trees,
 )
 from trustmesh.policy.jwt import JwtProvider, parse_jwks
 from trustmesh.policy.pathnorm import PathNormalization
+from trustmesh.policy.rule_tree import CompiledRules, compile_rules
+from trustmesh.policy.rule_trees import RULE_TREES, TreeKey, tree_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +173,20 @@ def compile_mesh(
     jwt_cache: dict[tuple[int, ...], tuple[JwtProvider, ...]] = {}
     provider_cache: dict[int, list[JwtProvider]] = {}
 
+    trees: dict[TreeKey, CompiledRules] = {}  # left in RULE_TREES for the translator
+
     def rules_of(policy: Resource[Any]) -> tuple[list[CompiledRule], list[CompiledRule]]:
         key = id(policy)
         if key not in compiled_rules:
+            http = trees[tree_key(policy, for_tcp=False)] = compile_rules(
+                policy, bundle, for_tcp=False
+            )
+            tcp = trees[tree_key(policy, for_tcp=True)] = compile_rules(
+                policy, bundle, for_tcp=True
+            )
             compiled_rules[key] = (
-                compile_policy(policy, bundle, for_tcp=False),
-                compile_policy(policy, bundle, for_tcp=True),
+                rules_of_trees(policy, http, for_tcp=False),
+                rules_of_trees(policy, tcp, for_tcp=True),
             )
         return compiled_rules[key]
 
@@ -209,13 +219,15 @@ def compile_mesh(
             egress_mode=_egress_mode(workload, sidecars, mesh, root),
             services=snapshot.services_of(workload),
         )
-    return MeshPolicy(
+    compiled = MeshPolicy(
         snapshot=snapshot,
         bundle=bundle,
         path_normalization=PathNormalization.from_mesh(mesh.path_normalization.normalization),
         extension_providers=frozenset(p.name for p in mesh.extension_providers),
         workloads=workloads,
     )
+    RULE_TREES.table(compiled).update(trees)
+    return compiled
 
 
 def _authz_policy(
