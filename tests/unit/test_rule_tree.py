@@ -227,3 +227,19 @@ def test_each_policy_is_compiled_once_for_evaluator_and_translator(
     tcp = rbac.network_rbac_filters(httpbin, mesh, 8000)
     assert len(http) == len(tcp) == 2  # DENY then ALLOW, from the trees compiled above
     assert sorted(compiled, key=str) == per_mesh  # the translator compiled nothing again
+
+
+def test_the_header_guards_read_the_tree() -> None:
+    from trustmesh.policy.authz import condition_header_names, reads_host
+
+    resource = _resource(
+        """rules:
+- to: [{operation: {notHosts: [internal.foo]}}]
+  when: [{key: "request.headers[X-User]", notValues: [ops]}]
+- when: [{key: "request.headers[:authority]", values: ["*"]}, {key: source.ip, values: [10.0.0.1]}]
+"""
+    )
+    trees = compile_rules(resource, BUNDLE, for_tcp=False).rules
+    assert condition_header_names(trees) == {"x-user", ":authority"}
+    assert reads_host(resource, trees[:1]) and reads_host(resource, trees[1:])
+    assert not reads_host(resource, ()) and condition_header_names(()) == frozenset()

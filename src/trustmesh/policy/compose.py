@@ -18,6 +18,7 @@ from trustmesh.api import models as m
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
 from trustmesh.api.validation import is_dry_run_annotated
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import (
     CompiledRule,
     RuleSet,
@@ -240,6 +241,9 @@ def _authz_policy(
         dry = is_dry_run_annotated(policy) and action in (m.Action.ALLOW, m.Action.DENY)
         groups[("dry-" if dry else "") + action.value].append(policy)
 
+    def trees(policy: Resource[Any]) -> list[rt.RuleTree]:
+        return [r.tree for r in rules_of(policy)[0] if r.tree is not None]
+
     def rules(name: str) -> ActionRules:
         members = groups.get(name, [])
         http = [r for p in members for r in rules_of(p)[0]]
@@ -253,8 +257,8 @@ def _authz_policy(
         audit=rules("AUDIT"),
         dry_run_deny=rules("dry-DENY"),
         dry_run_allow=rules("dry-ALLOW"),
-        condition_headers=frozenset().union(*(condition_header_names(p) for p in policies)),
-        reads_host=any(reads_host(p) for p in policies),
+        condition_headers=frozenset().union(*(condition_header_names(trees(p)) for p in policies)),
+        reads_host=any(reads_host(p, trees(p)) for p in policies),
     )
 
 

@@ -30,7 +30,7 @@ import enum
 import ipaddress
 import re
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from trustmesh.api import models as m
@@ -70,6 +70,7 @@ __all__ = [
     "TrustDomain",
     "Unsupported",
     "compile_rules",
+    "leaves",
     "request_principal",
     "rule_name",
 ]
@@ -319,6 +320,17 @@ Leaf = (
 Matcher = And | Or | Not | Leaf
 
 
+def leaves(matcher: Matcher) -> Iterator[Leaf]:
+    """The leaf matchers of ``matcher``, in order, under any And / Or / Not."""
+    if isinstance(matcher, And | Or):
+        for item in matcher.items:
+            yield from leaves(item)
+    elif isinstance(matcher, Not):
+        yield from leaves(matcher.item)
+    else:
+        yield matcher
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     """One written field of a rule (``principals``, ``notPaths``, ``when[k].values``):
@@ -352,6 +364,10 @@ class RuleTree:
                 parts.append(Or(tuple(And(tuple(f.matcher for f in c)) for c in clauses)))
         parts.extend(f.matcher for f in self.when)
         return And(tuple(parts))
+
+    def leaves(self) -> Iterator[Leaf]:
+        """Every leaf matcher of the rule (what it reads), under any And / Or / Not."""
+        return leaves(self.matcher)
 
     def principals(self) -> tuple[And, ...]:
         """Envoy's ``principals`` (ORed): each ``from`` entry with the principal-side
