@@ -31,7 +31,7 @@ import ipaddress
 import re
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trustmesh.api import models as m
 from trustmesh.api.conditions import ConditionKey, KeyKind, Side, condition_key
@@ -334,11 +334,20 @@ def leaves(matcher: Matcher) -> Iterator[Leaf]:
 @dataclass(frozen=True, slots=True)
 class Field:
     """One written field of a rule (``principals``, ``notPaths``, ``when[k].values``):
-    its trace ``label``, the side of Envoy's Policy it belongs to, and its matcher."""
+    its trace ``label``, the side of Envoy's Policy it belongs to, and its matcher.
+
+    Where it was written, for readers that show it (the analyzer, the graph): ``name``
+    the field without ``not`` (``paths``; ``values`` for a condition), ``condition`` the
+    ``when`` key, ``written`` the values (trust domain aliases expanded), ``negated`` for
+    ``notPaths`` / ``notValues``. They do not take part in equality."""
 
     label: str
     side: Side
     matcher: Matcher
+    name: str = field(default="", compare=False)
+    condition: ConditionKey | None = field(default=None, compare=False)
+    written: tuple[str, ...] = field(default=(), compare=False)
+    negated: bool = field(default=False, compare=False)
 
 
 Clause = tuple[Field, ...]
@@ -609,9 +618,9 @@ class _Builder:
                 label = f"when[{c.key}].{'notValues' if negate else 'values'}"
                 if known.kind is KeyKind.ENVOY_FILTER_METADATA:
                     label += " (not evaluated offline)"
-                field = self._field(label, known.side, values, negate, build)
-                if field is not None:
-                    out.append(field)
+                found = self._field(label, known.side, values, negate, build, "values", known)
+                if found is not None:
+                    out.append(found)
         return out
 
     def _fields(
@@ -626,9 +635,9 @@ class _Builder:
         for negate, chosen in ((False, values), (True, not_values)):
             if chosen:
                 label = f"not{name[0].upper()}{name[1:]}" if negate else name
-                field = self._field(label, side, chosen, negate, build)
-                if field is not None:
-                    out.append(field)
+                found = self._field(label, side, chosen, negate, build, name)
+                if found is not None:
+                    out.append(found)
         return out
 
     def _field(
@@ -638,6 +647,8 @@ class _Builder:
         values: Sequence[str],
         negate: bool,
         build: _Build,
+        name: str,
+        condition: ConditionKey | None = None,
     ) -> Field | None:
         """One field: its values ORed (:class:`_PerValue`, each value its own matcher) or
         one matcher for all values (:class:`_AllValues`); None when Istio leaves it out."""
@@ -665,7 +676,8 @@ class _Builder:
             if not alternatives:
                 return None
             matcher = Or(tuple(alternatives))
-        return Field(label, side, Not(matcher) if negate else matcher)
+        matcher = Not(matcher) if negate else matcher
+        return Field(label, side, matcher, name, condition, tuple(values), negate)
 
     def _condition_builder(self, known: ConditionKey) -> _Build:
         key = known.key
