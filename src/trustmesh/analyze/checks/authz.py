@@ -189,7 +189,7 @@ def _undecidable(rule: CompiledRule | None) -> bool:
     if rule is None:
         return False
     clauses = (*(rule.sources or ()), *(rule.operations or ()), rule.conditions)
-    return any(dimension(c.label) == "fixed" for clause in clauses for c in clause)
+    return any(dimension(c) == "fixed" for clause in clauses for c in clause)
 
 
 def with_path(path: str) -> Callable[[Probe], Probe]:

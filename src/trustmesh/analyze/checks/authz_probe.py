@@ -37,7 +37,9 @@ from trustmesh.analyze.checks.authz_scope import (
     mesh_principals,
 )
 from trustmesh.analyze.context import AnalysisContext
+from trustmesh.api.conditions import Side
 from trustmesh.policy import matchers as mt
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import Check, CompiledRule
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError
@@ -191,35 +193,37 @@ def _place_token(
 
 # --- which attribute a compiled check reads -----------------------------------------
 
-_SOURCE_LABELS = {
-    "ipblocks": "source_ip",
-    "remoteipblocks": "remote_ip",
-    "requestprincipals": "token",
-    "ports": "port",
-    "hosts": "host",
-    "methods": "method",
-    "paths": "path",
-}
-_CONDITION_KEYS = {
-    "source.ip": "source_ip",
-    "remote.ip": "remote_ip",
-    "destination.port": "port",
+_READS: dict[type, str] = {  # a leaf matcher's type → the attribute probes vary for it
+    rt.Principal: "principal",
+    rt.SourceNamespace: "principal",
+    rt.ServiceAccount: "principal",
+    rt.TrustDomain: "principal",
+    rt.SourceIp: "source_ip",
+    rt.RemoteIp: "remote_ip",
+    rt.RequestPrincipal: "token",
+    rt.JwtClaim: "token",
+    rt.DestinationPort: "port",
+    rt.Host: "host",
+    rt.Method: "method",
+    rt.Path: "path",
+    rt.PathTemplate: "path",
+    rt.DestinationIp: "fixed",
+    rt.ConnectionSni: "fixed",
+    rt.FilterMetadata: "fixed",
 }
 
 
-def dimension(label: str) -> str:
-    """The attribute a check reads, from its label (``notPaths`` → path, ``when[k]…``)."""
-    if label.startswith("when["):
-        key = label[len("when[") : label.rfind("].")]
-        if key.startswith("request.headers["):
-            return "header:" + key[len("request.headers[") : -1].lower()
-        if key.startswith("request.auth."):
-            return "token"
-        if key.startswith("source."):
-            return _CONDITION_KEYS.get(key, "principal")
-        return _CONDITION_KEYS.get(key, "fixed")  # destination.ip, connection.sni, …
-    name = label.lower().removeprefix("not")
-    return _SOURCE_LABELS.get(name, "principal")  # principals, namespaces, serviceAccounts…
+def dimension(check: Check) -> str:
+    """The attribute a check reads, from its tree field's matchers (``notPaths`` → path,
+    ``request.headers[X]`` → ``header:x``, a JWT claim → token)."""
+    tree_field = check.tree_field
+    if tree_field is not None:
+        for leaf in rt.leaves(tree_field.matcher):
+            if isinstance(leaf, rt.RequestHeader):
+                return "header:" + leaf.name.lower()
+            if (found := _READS.get(type(leaf))) is not None:
+                return found
+    return "principal" if tree_field is None or tree_field.side is Side.PRINCIPAL else "fixed"
 
 
 # --- candidate values per attribute ----------------------------------------------------
@@ -565,7 +569,7 @@ def _probes_matching(
         for requirement, checks in zip(required, picked, strict=True):
             overridden = {k for k, _ in requirement.overrides}
             for check in checks:
-                dim = dimension(check.label)
+                dim = dimension(check)
                 if dim not in overridden:
                     by_dim.setdefault(dim, []).append(check)
         for probe in _realize(wp, candidates, by_dim, ports, mode):
@@ -693,7 +697,7 @@ def _admits_variant(
         all(
             c.test(_attributes(dim, fixed[dim], wp, port, mode))
             for c in clause
-            if (dim := dimension(c.label)) in fixed
+            if (dim := dimension(c)) in fixed
         )
         for clause in rule.operations
     )
