@@ -338,7 +338,8 @@ class Field:
 
     Where it was written, for readers that show it (the analyzer, the graph): ``name``
     the field without ``not`` (``paths``; ``values`` for a condition), ``condition`` the
-    ``when`` key, ``written`` the values (trust domain aliases expanded), ``negated`` for
+    ``when`` key, ``written`` the values as written (before trust domain aliases are
+    added), ``negated`` for
     ``notPaths`` / ``notValues``. They do not take part in equality."""
 
     label: str
@@ -565,7 +566,7 @@ class _Builder:
     def _source(self, s: m.Source) -> Clause:
         principal, bundle = Side.PRINCIPAL, self.bundle
         fields: tuple[tuple[str, Sequence[str], Sequence[str], _Build], ...] = (
-            ("principals", bundle.expand(s.principals), bundle.expand(s.not_principals), _PEER),
+            ("principals", s.principals, s.not_principals, _PEER),
             (
                 "requestPrincipals",
                 s.request_principals,
@@ -573,19 +574,15 @@ class _Builder:
                 _AllValues(self._request_principals),
             ),
             ("serviceAccounts", s.service_accounts, s.not_service_accounts, self._account),
-            (
-                "trustDomains",
-                bundle.expand_domains(s.trust_domains),
-                bundle.expand_domains(s.not_trust_domains),
-                _TRUST_DOMAIN,
-            ),
+            ("trustDomains", s.trust_domains, s.not_trust_domains, _TRUST_DOMAIN),
             ("namespaces", s.namespaces, s.not_namespaces, _NAMESPACE),
             ("remoteIpBlocks", s.remote_ip_blocks, s.not_remote_ip_blocks, _REMOTE_IP),
             ("ipBlocks", s.ip_blocks, s.not_ip_blocks, _SOURCE_IP),
         )
+        expand = {"principals": bundle.expand, "trustDomains": bundle.expand_domains}
         out: list[Field] = []
         for label, values, not_values, build in fields:
-            out.extend(self._fields(label, principal, values, not_values, build))
+            out.extend(self._fields(label, principal, values, not_values, build, expand.get(label)))
         return tuple(out)
 
     def _operation(self, op: m.Operation) -> Clause:
@@ -618,7 +615,9 @@ class _Builder:
                 label = f"when[{c.key}].{'notValues' if negate else 'values'}"
                 if known.kind is KeyKind.ENVOY_FILTER_METADATA:
                     label += " (not evaluated offline)"
-                found = self._field(label, known.side, values, negate, build, "values", known)
+                found = self._field(
+                    label, known.side, values, negate, build, "values", known, written
+                )
                 if found is not None:
                     out.append(found)
         return out
@@ -630,12 +629,14 @@ class _Builder:
         values: Sequence[str],
         not_values: Sequence[str],
         build: _Build,
+        expand: Callable[[Iterable[str]], Sequence[str]] | None = None,
     ) -> list[Field]:
         out: list[Field] = []
-        for negate, chosen in ((False, values), (True, not_values)):
+        for negate, written in ((False, values), (True, not_values)):
+            chosen = expand(written) if expand is not None else written
             if chosen:
                 label = f"not{name[0].upper()}{name[1:]}" if negate else name
-                found = self._field(label, side, chosen, negate, build, name)
+                found = self._field(label, side, chosen, negate, build, name, None, written)
                 if found is not None:
                     out.append(found)
         return out
@@ -649,6 +650,7 @@ class _Builder:
         build: _Build,
         name: str,
         condition: ConditionKey | None = None,
+        written: Sequence[str] = (),
     ) -> Field | None:
         """One field: its values ORed (:class:`_PerValue`, each value its own matcher) or
         one matcher for all values (:class:`_AllValues`); None when Istio leaves it out."""
@@ -677,7 +679,7 @@ class _Builder:
                 return None
             matcher = Or(tuple(alternatives))
         matcher = Not(matcher) if negate else matcher
-        return Field(label, side, matcher, name, condition, tuple(values), negate)
+        return Field(label, side, matcher, name, condition, tuple(written), negate)
 
     def _condition_builder(self, known: ConditionKey) -> _Build:
         key = known.key
