@@ -176,8 +176,8 @@ def same_decisions(
 def _reads_own_attributes(wp: WorkloadPolicy, host_fixed: bool) -> bool:
     a = wp.authz
     for group in (a.custom, a.deny, a.allow, a.audit, a.dry_run_deny, a.dry_run_allow):
-        for rule in group.http.rules:
-            for leaf in rule.tree.leaves() if rule.tree is not None else ():
+        for one in group.http.rules:
+            for leaf in one.tree.leaves() if one.tree is not None else ():
                 if isinstance(leaf, rt.ConnectionSni | rt.DestinationIp):
                     return True
                 if not host_fixed and isinstance(leaf, rt.Host):
