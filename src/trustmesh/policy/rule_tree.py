@@ -377,7 +377,9 @@ class RuleTree:
 
     def leaves(self) -> Iterator[Leaf]:
         """Every leaf matcher of the rule (what it reads), under any And / Or / Not."""
-        return leaves(self.matcher)
+        for clause in (*(self.sources or ()), *(self.operations or ()), self.when):
+            for written in clause:
+                yield from leaves(written.matcher)
 
     def principals(self) -> tuple[And, ...]:
         """Envoy's ``principals`` (ORed): each ``from`` entry with the principal-side
