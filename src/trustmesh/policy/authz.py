@@ -321,7 +321,7 @@ def _index_keys(tree: rt.RuleTree, for_tcp: bool) -> IndexKeys:
     if tree.operations and not for_tcp:
         paths = [_positive(clause, "paths") for clause in tree.operations]
         if all(p is not None for p in paths) and not any(
-            f.label == "notPaths" for c in tree.operations for f in c
+            f.name == "paths" and f.negated for c in tree.operations for f in c
         ):
             leaves = [leaf for p in paths for leaf in p or ()]
             if all(isinstance(v, rt.Path) and v.pattern.kind in _INDEXED for v in leaves):
@@ -359,10 +359,11 @@ _EXACT, _PREFIX = rt.TextKind.EXACT, rt.TextKind.PREFIX
 _INDEXED = (_EXACT, _PREFIX)
 
 
-def _positive(clause: rt.Clause, label: str) -> tuple[rt.Matcher, ...] | None:
-    """The alternatives of ``clause``'s field ``label`` (an OR of values), or None."""
+def _positive(clause: rt.Clause, name: str) -> tuple[rt.Matcher, ...] | None:
+    """The alternatives of ``clause``'s field ``name`` (not its not-form: an OR of
+    values), or None."""
     for f in clause:
-        if f.label == label and isinstance(f.matcher, rt.Or):
+        if f.name == name and not f.negated and isinstance(f.matcher, rt.Or):
             return f.matcher.items
     return None
 
