@@ -18,7 +18,6 @@ from trustmesh.api import models as m
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import ConfigSnapshot, Service, Workload
 from trustmesh.api.validation import is_dry_run_annotated
-from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import (
     CompiledRule,
     RuleSet,
@@ -191,10 +190,20 @@ def compile_mesh(
             )
         return compiled_rules[key]
 
+    guards: dict[int, tuple[frozenset[str], bool]] = {}
+
+    def guards_of(policy: Resource[Any]) -> tuple[frozenset[str], bool]:
+        """The headers the policy's conditions read, and whether it reads the Host."""
+        found = guards.get(id(policy))
+        if found is None:
+            trees = [r.tree for r in rules_of(policy)[0] if r.tree is not None]
+            found = guards[id(policy)] = (condition_header_names(trees), reads_host(policy, trees))
+        return found
+
     def authz_for(policies: list[Resource[Any]]) -> AuthzPolicy:
         key = tuple(id(p) for p in policies)
         if key not in authz_cache:
-            authz_cache[key] = _authz_policy(policies, rules_of)
+            authz_cache[key] = _authz_policy(policies, rules_of, guards_of)
         return authz_cache[key]
 
     def jwt_for(policies: list[Resource[Any]]) -> tuple[JwtProvider, ...]:
@@ -234,15 +243,13 @@ def compile_mesh(
 def _authz_policy(
     policies: list[Resource[Any]],
     rules_of: Callable[[Resource[Any]], tuple[list[CompiledRule], list[CompiledRule]]],
+    guards_of: Callable[[Resource[Any]], tuple[frozenset[str], bool]],
 ) -> AuthzPolicy:
     groups: dict[str, list[Resource[Any]]] = defaultdict(list)
     for policy in policies:
         action: m.Action = policy.spec.action
         dry = is_dry_run_annotated(policy) and action in (m.Action.ALLOW, m.Action.DENY)
         groups[("dry-" if dry else "") + action.value].append(policy)
-
-    def trees(policy: Resource[Any]) -> list[rt.RuleTree]:
-        return [r.tree for r in rules_of(policy)[0] if r.tree is not None]
 
     def rules(name: str) -> ActionRules:
         members = groups.get(name, [])
@@ -257,8 +264,8 @@ def _authz_policy(
         audit=rules("AUDIT"),
         dry_run_deny=rules("dry-DENY"),
         dry_run_allow=rules("dry-ALLOW"),
-        condition_headers=frozenset().union(*(condition_header_names(trees(p)) for p in policies)),
-        reads_host=any(reads_host(p, trees(p)) for p in policies),
+        condition_headers=frozenset().union(*(guards_of(p)[0] for p in policies)),
+        reads_host=any(guards_of(p)[1] for p in policies),
     )
 
 
