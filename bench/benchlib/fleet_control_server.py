@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -81,6 +82,7 @@ class Recorder:
         async def timed_reload() -> list[Any]:
             start, gc_before = time.monotonic(), self.gc_seconds
             problems = await reload()
+            stats = plane.last_rebuild
             self.reloads.append(
                 {
                     "start": start,
@@ -88,6 +90,9 @@ class Recorder:
                     "gc_s": self.gc_seconds - gc_before,
                     "gc_total_s": self.gc_seconds,
                     "problems": len(problems),
+                    # the build's own account (worker thread): proxies reused / patched /
+                    # translated whole, and its wall time
+                    "rebuild": dataclasses.asdict(stats) if stats is not None else None,
                 }
             )
             return problems

@@ -159,6 +159,7 @@ def summarize(t0: float, events: Json, denied: Sequence[Denied], pushes: int) ->
         "reload_publish_ms": _ms(max(published) - min(published)) if published else None,
         "reload_total_ms": _ms(reload["end"] - reload["start"]),
         "reload_gc_ms": _ms(reload["gc_s"]),
+        "rebuild": reload.get("rebuild"),
         # From the reload's end until the last proxy ACKed (the pushes, the ACKs).
         "gc_ms_after_reload": _ms(max(gc_at_acks) - reload["gc_total_s"]) if gc_at_acks else None,
         "reloads": len(events["reloads"]),

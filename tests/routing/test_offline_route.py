@@ -136,6 +136,40 @@ def test_source_labels_pick_the_route_for_the_client(tmp_path: Path) -> None:
     assert other is not None and other.kind is RouteKind.NO_ROUTE
 
 
+SUBSET_SNI_POLICY = """
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-by-subset-sni, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["outbound_.9080_.v2_.reviews.default.svc.cluster.local"]
+"""
+
+
+def test_connection_sni_is_the_subset_clusters_sni(tmp_path: Path) -> None:
+    """Routed to subset v2, the client sends v2's SNI (``outbound_.9080_.v2_.…``), as the
+    live sidecar's subset cluster does; without a route, the service's (``_``)."""
+    load(tmp_path, ROUTES + SUBSET_SNI_POLICY)
+    args = ("--to", "default/reviews", "--port", "9080", "-o", "json")
+    runner = CliRunner()
+
+    def ask(*more: str) -> Any:
+        result = runner.invoke(app, ["authz", "check", "-f", str(tmp_path), *args, *more])
+        return result.exit_code, json.loads(result.stdout)
+
+    code, answer = ask("--from", "default/productpage-v1", "--header", "end-user=jason")
+    assert (code, answer["verdict"], reached(answer)) == (0, "allow", ["default/reviews-v2"])
+    code, answer = ask("--from", "default/productpage-v1", "--path", "/ratings/7")
+    assert (code, answer["verdict"]) == (3, "deny")  # v1 / v3: their own subset's SNI
+    code, answer = ask("--principal", "cluster.local/ns/default/sa/productpage")
+    assert (code, answer["verdict"]) == (3, "deny")  # no route: outbound_.9080_._.…
+
+
 EGRESS = """
 apiVersion: v1
 kind: Namespace

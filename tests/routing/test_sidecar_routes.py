@@ -177,6 +177,41 @@ def test_subset_clusters_merge_the_subsets_traffic_policy(tmp_path: Path) -> Non
 REVIEWS_ID = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
 
 
+def test_subset_clusters_send_istiods_subset_sni_and_the_service_cluster_none(
+    tmp_path: Path,
+) -> None:
+    """istiod names a subset cluster's mesh SNI ``outbound_.PORT_.SUBSET_.HOST`` (what an
+    AUTO_PASSTHROUGH gateway routes by, what ``connection.sni`` sees); the service's own
+    cluster ``outbound_.PORT_._.HOST``. Both from policy.tls.upstream_tls, which says why."""
+    from trustmesh.policy.tls import UpstreamMode, upstream_tls
+
+    loaded = load(tmp_path, SUBSETS)
+    resources = process(loaded)
+
+    def sni(name: str) -> str:
+        found = cluster(resources, name)
+        if "transport_socket" in found:
+            return str(found["transport_socket"]["typed_config"]["sni"])
+        (mesh,) = [m for m in found["transport_socket_matches"] if m["name"] == "tlsMode-istio"]
+        return str(mesh["transport_socket"]["typed_config"]["sni"])
+
+    assert sni(f"outbound|9080||{REVIEWS}") == f"outbound_.9080_._.{REVIEWS}"
+    assert sni(f"outbound|9080|v1|{REVIEWS}") == f"outbound_.9080_.v1_.{REVIEWS}"
+    assert sni(f"outbound|9080|v3|{REVIEWS}") == "v3.reviews.example"  # the rule's own
+    # The per-workload clusters copy their service cluster: its SNI, not a subset's.
+    assert sni(f"outbound|9080|workload-reviews-v1|{REVIEWS}") == f"outbound_.9080_._.{REVIEWS}"
+    assert loaded.mesh is not None
+    (service,) = [s for s in loaded.mesh.snapshot.services if s.hostname == REVIEWS]
+    v2 = upstream_tls(loaded.mesh, "default", service, 9080, "v2")
+    assert v2.mode is UpstreamMode.PLAINTEXT and v2.rule == "default/reviews"
+    assert str(v2.location).endswith("spec.subsets[1].trafficPolicy.tls"), v2.location
+    v3 = upstream_tls(loaded.mesh, "default", service, 9080, "v3")
+    assert (v3.mode, v3.sni) == (UpstreamMode.ISTIO_MUTUAL, "v3.reviews.example")
+    assert "subsets[2].trafficPolicy.portLevelSettings[0].tls" in v3.why
+    v1 = upstream_tls(loaded.mesh, "default", service, 9080, "v1")
+    assert (v1.mode, v1.rule, v1.why) == (UpstreamMode.AUTO, "", "auto mTLS")
+
+
 def test_match_fields_reach_the_route(tmp_path: Path) -> None:
     vs = """
 apiVersion: networking.istio.io/v1

@@ -11,6 +11,7 @@ the module.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -208,6 +209,38 @@ def test_the_subset_endpoint_still_sees_the_clients_identity(mesh: RoutingMesh) 
     denied = mesh.get(REVIEWS, client="default/sleep")
     assert denied.status == 403  # reviews-v1's sidecar: sleep's principal is not allowed
     assert denied.body == "RBAC: access denied"
+
+
+SUBSET_SNI_ONLY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-by-sni, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["outbound_.9080_.v1_.reviews.default.svc.cluster.local"]
+"""
+
+
+def test_a_subset_cluster_sends_the_subsets_sni_live_and_offline(mesh: RoutingMesh) -> None:
+    """istiod's subset SNI ``outbound_.9080_.v1_.reviews…`` reaches reviews-v1's sidecar
+    (its RBAC reads it as connection.sni), and ``authz check`` predicts the same verdicts."""
+    mesh.apply(DESTINATION_RULE + "---\n" + JASON_V2 + "---\n" + SUBSET_SNI_ONLY)
+    assert versions(mesh, 5) == {"v1": 5}  # subset v1's cluster: the allowed SNI
+    denied = mesh.get(REVIEWS, headers={"end-user": "jason"})  # subset v2: its own SNI
+    assert (denied.status, denied.body) == (403, "RBAC: access denied")
+    config = ("-f", str(mesh.config_dir), "--mesh-config", str(mesh.root / "mesh.yaml"))
+    for header, verdict in (("end-user=someone", "allow"), ("end-user=jason", "deny")):
+        offline = trustmesh(
+            *("authz", "check", *config),
+            *("--from", "default/productpage-v1", "--to", "default/reviews", "--port", "9080"),
+            *("--path", "/hello", "--header", header, "-o", "json"),
+            state=mesh.state,
+        )
+        assert json.loads(offline.stdout)["verdict"] == verdict, offline.stdout
 
 
 def test_status_names_what_the_sidecars_do_not_honour(mesh: RoutingMesh) -> None:

@@ -120,6 +120,7 @@ class ConfigSnapshot:
     _services_by_label: Mapping[tuple[str, str, str], tuple[Service, ...]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _service_position: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_kind: dict[str, list[Resource[Any]]] = {}
@@ -140,6 +141,8 @@ class ConfigSnapshot:
                 key, value = min(service.selector.items())
                 by_label.setdefault((service.namespace, key, value), []).append(service)
         object.__setattr__(self, "_services_by_label", {k: tuple(v) for k, v in by_label.items()})
+        positions = {id(s): i for i, s in enumerate(self.services)}
+        object.__setattr__(self, "_service_position", positions)
 
     def of_kind(self, kind: str) -> tuple[Resource[Any], ...]:
         return self._by_kind.get(kind, ())
@@ -168,8 +171,10 @@ class ConfigSnapshot:
             for key, value in workload.labels.items()
             for s in index.get((workload.namespace, key, value), ())
         }
-        order = self._services_by_ns.get(workload.namespace, ())
-        return tuple(s for s in order if id(s) in candidates and s.selects(workload))
+        # In the namespace's order (that of self.services), without scanning it per workload.
+        position = self._service_position
+        found = sorted(candidates.values(), key=lambda s: position[id(s)])
+        return tuple(s for s in found if s.selects(workload))
 
 
 def build_snapshot(

@@ -244,8 +244,10 @@ def authz_check(
             if destination.is_service:
                 route = _route(loaded.mesh, from_, destination, http)
                 targets = destination.targets if route is None else _routed(loaded, route)
+                subsets = _subsets(route)
                 decisions = [
-                    (t, evaluate(loaded.mesh, request_to(request, t), **options)) for t in targets
+                    (t, evaluate(loaded.mesh, _via(request, t, subsets), **options))
+                    for t in targets
                 ]
                 render.service_decisions(destination, decisions, output, route)
                 allowed = bool(decisions) and all(d.verdict is Verdict.ALLOW for _, d in decisions)
@@ -254,7 +256,7 @@ def authz_check(
             route = _egress_route(loaded.mesh, from_, to_host, port, http)
             if route is not None:  # a VirtualService sends it into the mesh (a gateway…)
                 # or answers it at the client's sidecar; routed out of the mesh, egress decides
-                targets = _routed(loaded, route)
+                targets, subsets = _routed(loaded, route), _subsets(route)
                 authority = http.host or (to_host if port in (None, 80) else f"{to_host}:{port}")
                 into_mesh = dataclasses.replace(
                     request,
@@ -262,7 +264,8 @@ def authz_check(
                     http=dataclasses.replace(http, host=authority),
                 )
                 decisions = [
-                    (t, evaluate(loaded.mesh, request_to(into_mesh, t), **options)) for t in targets
+                    (t, evaluate(loaded.mesh, _via(into_mesh, t, subsets), **options))
+                    for t in targets
                 ]
                 where = Destination(to_host, None, port or 80, targets)
                 render.service_decisions(where, decisions, output, route)
@@ -320,6 +323,21 @@ def _routed(loaded: LoadedConfig, route: RouteChoice) -> tuple[Target, ...]:
             continue
         targets += [t for t in found.targets if t.workload.ref in wanted]
     return tuple({t.workload.ref: t for t in targets}.values())
+
+
+def _subsets(route: RouteChoice | None) -> dict[str, str]:
+    """Workload ref → the DestinationRule subset the route reaches it through."""
+    found: dict[str, str] = {}
+    for routed in route.destinations if route is not None else ():
+        for workload in routed.workloads:
+            found.setdefault(workload.ref, routed.subset)
+    return found
+
+
+def _via(request: Request, target: Target, subsets: dict[str, str]) -> Request:
+    """``request`` to ``target``, through the subset cluster its route names (if any)."""
+    subset = subsets.get(target.workload.ref, "")
+    return dataclasses.replace(request_to(request, target), subset=subset)
 
 
 @app.command("test")

@@ -216,7 +216,7 @@ def _decide(
             return _finish(run, Verdict.RESET, None, None, route.explanation)
     # Only workload sources are remembered: their number is bounded by the config.
     remembered = _CLIENT_TLS.table(mesh) if source_workload else None
-    tls_key = (request.source.value, target.workload.ref, port)
+    tls_key = (request.source.value, target.workload.ref, port, request.subset)
     tls = remembered.get(tls_key) if remembered is not None else None
     if tls is None and source_workload and source_workload.dataplane.mode is _AMBIENT:
         tls, unsupported = ambient_source_tls(mesh, source_workload, target, port, mode.mode)
@@ -224,7 +224,9 @@ def _decide(
             run.note(unsupported)
             return _finish(run, Verdict.UNSUPPORTED, None, None, unsupported)
     if tls is None:
-        tls = client_tls(mesh, request.source, source_workload, target, port, mode.mode)
+        tls = client_tls(
+            mesh, request.source, source_workload, target, port, mode.mode, request.subset
+        )
         if remembered is not None:
             remembered[tls_key] = tls
     tls = passthrough or tls
@@ -463,7 +465,7 @@ _PROVIDERS: Derived[MeshPolicy, None, Mapping[str, ExtAuthzProvider]] = Derived(
     "ext_authz providers", lambda mesh, _: ext_authz_providers(mesh.snapshot)
 )
 # Only workload sources are remembered: their number is bounded by the config.
-_CLIENT_TLS: Derived[MeshPolicy, tuple[str, str, int], ClientTls] = Derived("client TLS")
+_CLIENT_TLS: Derived[MeshPolicy, tuple[str, str, int, str], ClientTls] = Derived("client TLS")
 _LISTENING: Derived[MeshPolicy, str, frozenset[int]] = Derived(
     "listening ports", lambda mesh, ref: listening_ports(mesh.workloads[ref])
 )

@@ -73,7 +73,9 @@ class Request:
     """One question: may ``source`` reach ``destination`` (NS/NAME) on ``port`` with this?
 
     ``http`` is None for a plain TCP connection. ``destination_host`` instead of a
-    workload asks an egress question (a host outside the workload list).
+    workload asks an egress question (a host outside the workload list). ``subset``: the
+    DestinationRule subset whose cluster the client's route picked ("" for the service's
+    own): its client TLS and SNI apply.
     """
 
     source: Source
@@ -81,6 +83,7 @@ class Request:
     port: int | None = None
     http: HttpRequest | None = None
     destination_host: str | None = None
+    subset: str = ""
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import HttpRequest
-from trustmesh.policy.tls import destination_rule_for
+from trustmesh.policy.tls import destination_subsets, service_workloads
 
 __all__ = [
     "RouteChoice",
@@ -197,13 +197,11 @@ def _workloads(
 ) -> tuple[Workload, ...]:
     if service is None:
         return ()
-    selected = sorted(
-        (w for w in mesh.snapshot.workloads if service.selects(w)), key=lambda w: w.ref
-    )
+    selected = service_workloads(mesh, service)
     if not subset:
         return tuple(selected)
-    rule = destination_rule_for(mesh, client.namespace, service)
-    chosen = next((s for s in rule.spec.subsets if s.name == subset), None) if rule else None
+    subsets = destination_subsets(mesh, client.namespace, service)
+    chosen = next((s for s in subsets if s.name == subset), None)
     if chosen is None:
         return ()  # Envoy's cluster does not exist: 503, no workload is reached
     labels: Mapping[str, str] = chosen.labels

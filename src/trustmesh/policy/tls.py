@@ -1,9 +1,16 @@
 """The client side of a connection: does it speak mesh mTLS, and may it leave the mesh?
 
 Client TLS follows Istio: an explicit DestinationRule ``tls`` setting always wins
-(looked up in the client's namespace, then the service's, then the root namespace);
-otherwise auto mTLS uses ISTIO_MUTUAL towards endpoints with a sidecar whose port is
-not DISABLE, and plaintext elsewhere. Egress follows ``outboundTrafficPolicy``.
+(looked up in the client's namespace, then the service's, then the root namespace; a
+subset's own setting over the rule's); otherwise auto mTLS uses ISTIO_MUTUAL towards
+endpoints with a sidecar whose port is not DISABLE, and plaintext elsewhere. Egress
+follows ``outboundTrafficPolicy``.
+
+The decision is made once, here, as a value: :func:`upstream_tls` gives the
+:class:`UpstreamTls` of one outbound cluster (client namespace, service, port, subset) —
+its mode, SNI, the identities it pins, where its keys come from and which
+DestinationRule says so. The evaluator (:func:`client_tls`) reads it for one request;
+``trustmesh.xds.outbound`` maps it to an Envoy ``transport_socket`` and decides nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import USE_WAYPOINT, MeshMode
+from trustmesh.api.diagnostics import Location
 from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Service, Workload
@@ -35,6 +43,335 @@ class ClientTls:
     conflict: str | None = None  # a TLS the server side can never accept
 
 
+class UpstreamMode(enum.Enum):
+    """How a client proxy's cluster for a service port talks to its endpoints."""
+
+    PLAINTEXT = "plaintext"  # DestinationRule DISABLE, or auto mTLS off and no rule
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"  # DestinationRule ISTIO_MUTUAL: mesh mTLS to every endpoint
+    SIMPLE = "SIMPLE"  # DestinationRule SIMPLE: TLS with the rule's CA
+    MUTUAL = "MUTUAL"  # DestinationRule MUTUAL: TLS with the rule's key pair and CA
+    AUTO = "auto"  # auto mTLS: mesh mTLS to endpoints that speak it, plaintext to the rest
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCredentials:
+    """Where SIMPLE / MUTUAL TLS takes its keys from: an SDS secret named by
+    ``credentialName`` (key pair ``name``, CA ``name-cacert``), else files."""
+
+    credential_name: str = ""
+    certificate_chain: str = ""  # file (MUTUAL without credentialName)
+    private_key: str = ""  # file
+    ca_file: str = ""  # "" with ``verify``: the system CA bundle
+    verify: bool = True  # False: insecureSkipVerify
+    credential_location: Location | None = None  # the rule's ``tls.credentialName``
+    mode_location: Location | None = None  # the rule's ``tls.mode``
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """The client TLS of one outbound cluster ``outbound|port|subset|fqdn``.
+
+    ``sni``: what the client sends (mesh modes: ``outbound_.port_.subset_.fqdn`` unless the
+    rule names one; SIMPLE / MUTUAL: the rule's, else the host). ``peer_ids``: the SPIFFE
+    IDs (with ``spiffe://``) a mesh-mTLS server certificate must carry — the service's
+    sidecar workloads in every trust domain of the bundle; ``subject_alt_names``: what
+    the rule asks of the server certificate. ``rule`` / ``location``: the DestinationRule
+    (``ns/name``) and the ``tls`` field that decided; empty when auto mTLS (or its absence)
+    did."""
+
+    mode: UpstreamMode
+    sni: str = ""
+    peer_ids: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+    credentials: TlsCredentials | None = None
+    rule: str = ""
+    location: Location | None = None
+
+    @property
+    def why(self) -> str:
+        if self.rule:
+            where = f" ({self.location})" if self.location is not None else ""
+            return f"DestinationRule {self.rule} tls {self.setting_mode}{where}"
+        if self.mode is UpstreamMode.AUTO:
+            return "auto mTLS"
+        return "auto mTLS is off and no DestinationRule sets TLS"
+
+    @property
+    def setting_mode(self) -> str:
+        """The DestinationRule's ``tls.mode`` as written (DISABLE for plaintext)."""
+        return "DISABLE" if self.mode is UpstreamMode.PLAINTEXT else self.mode.value
+
+
+def upstream_tls(
+    mesh: MeshPolicy,
+    client_namespace: str,
+    service: Service,
+    port: int | None,
+    subset: str = "",
+) -> UpstreamTls:
+    """The client TLS of a proxy in ``client_namespace`` towards ``service``'s ``port``
+    (its ``subset`` cluster, when named): decided once per compiled mesh."""
+    decided = _UPSTREAM_TLS.table(mesh)
+    key = (client_namespace, service.namespace, service.name, port, subset)
+    found = decided.get(key)
+    if found is None:
+        found = decided[key] = _upstream_tls(mesh, client_namespace, service, port, subset)
+    return found
+
+
+def _upstream_tls(
+    mesh: MeshPolicy, client_namespace: str, service: Service, port: int | None, subset_name: str
+) -> UpstreamTls:
+    rule = destination_rule_for(mesh, client_namespace, service)
+    found = _cluster_tls_setting(rule, port, subset_name)
+    sni_subset = subset_name if _subset(rule, subset_name) is not None else ""
+    if found is None:
+        if not mesh.snapshot.mesh.enable_auto_mtls:
+            return UpstreamTls(UpstreamMode.PLAINTEXT)
+        return UpstreamTls(
+            UpstreamMode.AUTO,
+            sni=mesh_sni(port, service.hostname, sni_subset) if port is not None else "",
+            peer_ids=_peer_ids(mesh, service),
+        )
+    assert rule is not None
+    tls, path = found
+    ref, location = f"{rule.namespace}/{rule.name}", rule.location(*path)
+    if tls.mode is m.TlsMode.DISABLE:
+        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, location=location)
+    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        # `sni` overrides the mesh SNI (Istio's egress gateway task names the external host)
+        sni = tls.sni or (mesh_sni(port, service.hostname, sni_subset) if port is not None else "")
+        return UpstreamTls(
+            UpstreamMode.ISTIO_MUTUAL,
+            sni=sni,
+            peer_ids=_peer_ids(mesh, service),
+            rule=ref,
+            location=location,
+        )
+    return UpstreamTls(
+        UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
+        sni=tls.sni or service.hostname,
+        subject_alt_names=tuple(tls.subject_alt_names),
+        credentials=_credentials(tls, rule, path),
+        rule=ref,
+        location=location,
+    )
+
+
+def _credentials(tls: m.ClientTlsSettings, rule: Resource[Any], path: _Path) -> TlsCredentials:
+    return TlsCredentials(
+        credential_name=tls.credential_name,
+        certificate_chain=tls.client_certificate,
+        private_key=tls.private_key,
+        ca_file=tls.ca_certificates,
+        verify=tls.insecure_skip_verify is not True,
+        credential_location=rule.location(*path, "credentialName"),
+        mode_location=rule.location(*path, "mode"),
+    )
+
+
+def origination_tls(
+    mesh: MeshPolicy, gateway_namespace: str, entry_namespace: str, host: str, port: int
+) -> UpstreamTls:
+    """The client TLS of a gateway's cluster to ServiceEntry ``host``:``port`` (Istio's
+    egress gateway with TLS origination): the rule :func:`origination_rule` picks, its
+    port-level ``tls`` first. ISTIO_MUTUAL: the gateway's mesh identity, SNI ``sni`` or
+    the mesh SNI, the server's URI SAN checked against ``subjectAltNames`` only; SIMPLE /
+    MUTUAL: SNI ``sni`` or the host, the certificate must name ``subjectAltNames`` or,
+    without them, the host (Istio's ``VERIFY_CERTIFICATE_AT_CLIENT``)."""
+    key = (gateway_namespace, entry_namespace, host, port)
+    return _ORIGINATION_TLS.get(mesh, key)
+
+
+def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int]) -> UpstreamTls:
+    gateway_namespace, entry_namespace, host, port = key
+    rule = origination_rule(mesh, gateway_namespace, entry_namespace, host)
+    found = _origination_setting(rule, port) if rule is not None else None
+    if rule is None or found is None:
+        return UpstreamTls(UpstreamMode.PLAINTEXT)
+    tls, path = found
+    ref, location = f"{rule.namespace}/{rule.name}", rule.location(*path)
+    if tls.mode is m.TlsMode.DISABLE:
+        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, location=location)
+    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        return UpstreamTls(
+            UpstreamMode.ISTIO_MUTUAL,
+            sni=tls.sni or mesh_sni(port, host),
+            subject_alt_names=tuple(tls.subject_alt_names),
+            rule=ref,
+            location=location,
+        )
+    return UpstreamTls(
+        UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
+        sni=tls.sni or host,
+        subject_alt_names=tuple(tls.subject_alt_names or (host,)),
+        credentials=_credentials(tls, rule, path),
+        rule=ref,
+        location=location,
+    )
+
+
+# (gateway namespace, ServiceEntry namespace, host, port) → the gateway cluster's TLS.
+_ORIGINATION_TLS: Derived[MeshPolicy, tuple[str, str, str, int], UpstreamTls] = Derived(
+    "origination TLS", _origination_tls
+)
+
+
+def origination_rule(
+    mesh: MeshPolicy, client_namespace: str, entry_namespace: str, host: str
+) -> Resource[Any] | None:
+    """The DestinationRule a proxy of ``client_namespace`` uses for ServiceEntry host
+    ``host``: its own namespace, the entry's, the root namespace; exact before wildcard,
+    then the oldest; ``exportTo`` honoured (its own namespace's rules always apply)."""
+    root = mesh.snapshot.mesh.root_namespace
+    rules = [
+        r
+        for r in mesh.snapshot.of_kind("DestinationRule")
+        if _visible(r, client_namespace) and _entry_rule_matches(r.spec.host, host)
+    ]
+    for namespace in dict.fromkeys((client_namespace, entry_namespace, root)):
+        here = [r for r in rules if r.namespace == namespace]
+        if here:
+            return min(here, key=lambda r: (str(r.spec.host).startswith("*"), r.age_key()))
+    return None
+
+
+def _entry_rule_matches(pattern: str, host: str) -> bool:
+    pattern = pattern.lower()
+    if pattern in ("*", host):
+        return True
+    return pattern.startswith("*.") and host.endswith(pattern[1:])
+
+
+def _origination_setting(
+    rule: Resource[Any], port: int
+) -> tuple[m.ClientTlsSettings, _Path] | None:
+    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
+    if policy is None:
+        return None
+    for i, level in enumerate(policy.port_level_settings):
+        if level.port is not None and level.port.number == port and level.tls is not None:
+            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
+    if policy.tls is not None:
+        return policy.tls, ("trafficPolicy", "tls")
+    return None
+
+
+# (client namespace, service namespace, service name, port, subset) → its client TLS.
+_UPSTREAM_TLS: Derived[MeshPolicy, tuple[str, str, str, int | None, str], UpstreamTls] = Derived(
+    "upstream TLS"
+)
+
+
+def _subset(rule: Resource[Any] | None, name: str) -> m.Subset | None:
+    if rule is None or not name:
+        return None
+    subsets: tuple[m.Subset, ...] = rule.spec.subsets
+    return next((s for s in subsets if s.name == name), None)
+
+
+_Path = tuple[str | int, ...]
+
+
+def _cluster_tls_setting(
+    rule: Resource[Any] | None, port: int | None, subset_name: str
+) -> tuple[m.ClientTlsSettings, _Path] | None:
+    """The DestinationRule TLS setting of the port's cluster, with its field path; for a
+    subset, the subset's own (its port-level entry for the port wholesale, else its
+    top-level ``tls``) when it sets one, else the rule's."""
+    if rule is None:
+        return None
+    inherited = _rule_tls_setting(rule, port)
+    subset = _subset(rule, subset_name)
+    if subset is None or subset.traffic_policy is None:
+        return inherited
+    policy = subset.traffic_policy
+    index = rule.spec.subsets.index(subset)
+    base: _Path = ("subsets", index, "trafficPolicy")
+    for i, level in enumerate(policy.port_level_settings):
+        if level.port is not None and level.port.number == port:
+            if level.tls is None:
+                return None
+            return level.tls, (*base, "portLevelSettings", i, "tls")
+    if policy.tls is not None:
+        return policy.tls, (*base, "tls")
+    return inherited
+
+
+def _rule_tls_setting(
+    rule: Resource[Any], port: int | None
+) -> tuple[m.ClientTlsSettings, _Path] | None:
+    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
+    if policy is None:
+        return None
+    for i, level in enumerate(policy.port_level_settings):
+        if level.port is not None and level.port.number == port and level.tls:
+            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
+    return (policy.tls, ("trafficPolicy", "tls")) if policy.tls is not None else None
+
+
+def _peer_ids(mesh: MeshPolicy, service: Service) -> tuple[str, ...]:
+    """The SPIFFE IDs a mesh client pins for ``service``: its sidecar workloads', in every
+    trust domain of the bundle (none known: nothing pinned, as Istio)."""
+    return tuple(
+        sorted(
+            {
+                f"spiffe://{w.principal(domain)}"
+                for w in service_workloads(mesh, service)
+                if w.has_sidecar
+                for domain in mesh.bundle.domains
+            }
+        )
+    )
+
+
+def speaks_mesh_mtls(mesh: MeshPolicy, workload: Workload, port: int) -> bool:
+    """Auto mTLS towards one endpoint (Istio's ``tlsMode: istio`` label): it has a sidecar
+    and its PeerAuthentication does not DISABLE the port."""
+    if not workload.has_sidecar:
+        return False
+    policy = mesh.for_workload(workload.ref)
+    return policy is None or policy.mtls.for_port(port).mode is not m.MtlsMode.DISABLE
+
+
+def service_workloads(mesh: MeshPolicy, service: Service) -> list[Workload]:
+    """The workloads ``service`` selects (its endpoints), by reference."""
+    # Every proxy asks this about every service: computed once per compiled mesh, over
+    # the workloads of the service's namespace only.
+    endpoints = _SERVICE_ENDPOINTS.table(mesh)
+    key = (service.namespace, service.name)
+    found = endpoints.get(key)
+    if found is not None:
+        return found
+    by_label = _WORKLOADS_BY_LABEL.get(mesh, None)
+    by_ref: dict[str, Workload] = {}
+    if service.selector:  # an empty selector selects nothing
+        first = min(service.selector.items())
+        for workload in by_label.get((service.namespace, *first), ()):
+            if service.selects(workload):
+                by_ref.setdefault(workload.ref, workload)
+    found = endpoints[key] = [by_ref[ref] for ref in sorted(by_ref)]
+    return found
+
+
+def _workloads_by_label(mesh: MeshPolicy, _: None) -> dict[tuple[str, str, str], list[Workload]]:
+    """(namespace, label, value) → the workloads carrying that label."""
+    by_label: dict[tuple[str, str, str], list[Workload]] = {}
+    for workload in mesh.snapshot.workloads:
+        for label in workload.labels.items():
+            by_label.setdefault((workload.namespace, *label), []).append(workload)
+    return by_label
+
+
+_WORKLOADS_BY_LABEL: Derived[MeshPolicy, None, dict[tuple[str, str, str], list[Workload]]] = (
+    Derived("workloads by label", _workloads_by_label)
+)
+# (namespace, name) of a Service → the workloads it selects, by ref.
+_SERVICE_ENDPOINTS: Derived[MeshPolicy, tuple[str, str], list[Workload]] = Derived(
+    "service endpoints"
+)
+
+
 def client_tls(
     mesh: MeshPolicy,
     source: Source,
@@ -42,32 +379,35 @@ def client_tls(
     target: WorkloadPolicy,
     port: int,
     server_mode: m.MtlsMode,
+    subset: str = "",
 ) -> ClientTls:
+    """What the client sends to ``port`` of ``target`` (through its Service's cluster, or
+    the ``subset`` cluster a route names): read from :func:`upstream_tls`."""
     service, service_port = service_for(target, port)
-    sni = (
-        mesh_sni(service_port, service.hostname)
-        if service is not None and service_port is not None
-        else None
-    )
     if source.kind is SourceKind.PLAINTEXT:
         return ClientTls(False, None, None, False, "plaintext client: no certificate")
     if source.kind is SourceKind.PRINCIPAL:
+        sni = (
+            mesh_sni(service_port, service.hostname)
+            if service is not None and service_port is not None
+            else None
+        )
         return ClientTls(True, source.value, sni, True, f"mTLS peer presenting {source.value}")
     assert source_workload is not None
     if source_workload.dataplane.mode not in (MeshMode.SIDECAR, MeshMode.GATEWAY):
         return ClientTls(
             False, None, None, False, f"source {source_workload.ref} has no sidecar: plaintext"
         )
-    principal = source_workload.principal(mesh.snapshot.mesh.trust_domain)
-    setting = None
+    upstream = None
     if service is not None:
-        setting = destination_rule_tls(mesh, source_workload.namespace, service, service_port)
-    if setting is not None:
-        rule, tls = setting
-        where = f"DestinationRule {rule.namespace}/{rule.name} tls {tls.mode.value}"
-        if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+        upstream = upstream_tls(mesh, source_workload.namespace, service, service_port, subset)
+    sni = (upstream.sni or None) if upstream is not None else None
+    principal = source_workload.principal(mesh.snapshot.mesh.trust_domain)
+    if upstream is not None and upstream.rule:
+        where = f"DestinationRule {upstream.rule} tls {upstream.setting_mode}"
+        if upstream.mode is UpstreamMode.ISTIO_MUTUAL:
             return ClientTls(True, principal, sni, True, f"{where}: mesh mTLS as {principal}")
-        if tls.mode is m.TlsMode.DISABLE:
+        if upstream.mode is UpstreamMode.PLAINTEXT:
             return ClientTls(False, None, None, True, f"{where}: plaintext")
         return ClientTls(
             False,
@@ -107,11 +447,11 @@ class ClientRoute:
 
 
 # Port protocols a sidecar proxies as TCP (no Host routing): Istio's protocol selection
-# by appProtocol, else the port name's prefix (the same list as xds.outbound).
+# by appProtocol, else the port name's prefix (xds.outbound.port_protocol reads it too).
 _TCP_PROTOCOLS = frozenset(
     {"tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "kubernetes.io/wss"}
 )
-_L4_PROTOCOLS = frozenset({"", "TCP", "UDP", "SCTP"})
+_L4_PROTOCOLS = frozenset({"", "TCP", "UDP", "SCTP"})  # Kubernetes `protocol`, not app protocols
 
 
 def sidecar_client_route(
@@ -139,7 +479,7 @@ def sidecar_client_route(
     if host is None:
         return ClientRoute(RouteKind.SERVICE, f"{service.hostname}:{service_port}: by port")
     service_ports = [sp for sp in service.ports if sp.port == service_port]
-    if any(_proxied_as_tcp(sp.name, sp.protocol) for sp in service_ports):
+    if any(proxied_as_tcp(sp.name, sp.protocol) for sp in service_ports):
         return ClientRoute(
             RouteKind.SERVICE, f"{service.hostname}:{service_port} is TCP: routed by port"
         )
@@ -238,13 +578,13 @@ def _http_ports(mesh: MeshPolicy, _: None) -> frozenset[int]:
         sp.port
         for service in mesh.snapshot.services
         for sp in service.ports
-        if not _proxied_as_tcp(sp.name, sp.protocol)
+        if not proxied_as_tcp(sp.name, sp.protocol)
     }
     for entry in mesh.snapshot.of_kind("ServiceEntry"):
         found |= {
             p.number
             for p in entry.spec.ports
-            if not _proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
+            if not proxied_as_tcp(p.name, p.protocol) and p.protocol.upper() != "TLS"
         }
     return frozenset(found)
 
@@ -265,15 +605,24 @@ def _tcp_entry_on(mesh: MeshPolicy, port: int) -> str | None:
             if (
                 p.number == port
                 and protocol not in ("TLS", "HTTPS")
-                and _proxied_as_tcp(p.name, p.protocol)
+                and proxied_as_tcp(p.name, p.protocol)
             ):
                 return f"ServiceEntry {entry.namespace}/{entry.name}"
     return None
 
 
-def _proxied_as_tcp(name: str, protocol: str) -> bool:
-    chosen = protocol.lower() if protocol not in _L4_PROTOCOLS else name.lower().split("-")[0]
-    return chosen in _TCP_PROTOCOLS
+def app_protocol(name: str, protocol: str) -> str:
+    """Istio's protocol selection: ``appProtocol`` (or a ServiceEntry ``protocol``) first,
+    then the port name's prefix before ``-``."""
+    return protocol.lower() if protocol not in _L4_PROTOCOLS else name.lower().split("-", 1)[0]
+
+
+def proxied_as_tcp(name: str, protocol: str) -> bool:
+    """Does a proxy handle this port as TCP (no HTTP connection manager, no Host routing)?"""
+    return app_protocol(name, protocol) in _TCP_PROTOCOLS
+
+
+_proxied_as_tcp = proxied_as_tcp  # the name graph.build imports
 
 
 def _virtual_host_owner(
@@ -301,7 +650,7 @@ def _virtual_hosts(mesh: MeshPolicy, key: tuple[str, int]) -> _HostIndex:
     wildcards: list[tuple[str, str]] = []
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         ports = [sp for sp in service.ports if sp.port == port]
-        if not ports or any(_proxied_as_tcp(sp.name, sp.protocol) for sp in ports):
+        if not ports or any(proxied_as_tcp(sp.name, sp.protocol) for sp in ports):
             continue
         short = f"{service.name}.{service.namespace}"
         names = [service.hostname, f"{short}.svc", short]
@@ -313,9 +662,7 @@ def _virtual_hosts(mesh: MeshPolicy, key: tuple[str, int]) -> _HostIndex:
     entries = sorted(mesh.snapshot.of_kind("ServiceEntry"), key=lambda r: (r.namespace, r.name))
     for entry in entries:
         spec: m.ServiceEntrySpec = entry.spec
-        if not any(
-            p.number == port and not _proxied_as_tcp(p.name, p.protocol) for p in spec.ports
-        ):
+        if not any(p.number == port and not proxied_as_tcp(p.name, p.protocol) for p in spec.ports):
             continue
         owner = f"ServiceEntry {entry.namespace}/{entry.name}"
         for pattern in spec.hosts:
@@ -354,22 +701,26 @@ def destination_rule_tls(
 ) -> tuple[Resource[Any], m.ClientTlsSettings] | None:
     """The DestinationRule TLS setting a client in ``client_namespace`` uses, if any."""
     rule = destination_rule_for(mesh, client_namespace, service)
-    if rule is None:
-        return None
-    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
-    if policy is None:
-        return None
-    for level in policy.port_level_settings:
-        if level.port is not None and level.port.number == service_port and level.tls:
-            return rule, level.tls
-    return (rule, policy.tls) if policy.tls is not None else None
+    found = _rule_tls_setting(rule, service_port) if rule is not None else None
+    return (rule, found[0]) if rule is not None and found is not None else None
+
+
+def destination_subsets(
+    mesh: MeshPolicy, client_namespace: str, service: Service
+) -> tuple[m.Subset, ...]:
+    """The subsets of the DestinationRule a client in ``client_namespace`` uses for
+    ``service`` (Istio builds a cluster per subset, routed to or not)."""
+    rule = destination_rule_for(mesh, client_namespace, service)
+    return rule.spec.subsets if rule is not None else ()
 
 
 def destination_rule_for(
     mesh: MeshPolicy, client_namespace: str, service: Service
 ) -> Resource[Any] | None:
-    """The DestinationRule that wins for this client namespace and service (remembered
-    per mesh)."""
+    """The DestinationRule that wins for this client namespace and service: the client's
+    namespace, the service's, the root namespace, among the rules exported to the client
+    (``exportTo``; its own namespace's always); exact host before wildcard, then the oldest
+    (remembered per mesh)."""
     chosen = _CHOSEN_RULES.table(mesh)
     key = (client_namespace, service.namespace, service.name)
     if key in chosen:
@@ -379,14 +730,23 @@ def destination_rule_for(
     result = None
     for namespace in dict.fromkeys((client_namespace, service.namespace, root)):
         exact, wildcards = index.get(namespace, ({}, []))
-        matching = exact.get(service.hostname, []) + [
-            r for r in wildcards if _host_matches(r, service)
+        matching = [
+            r
+            for r in exact.get(service.hostname, [])
+            + [r for r in wildcards if _host_matches(r, service)]
+            if _visible(r, client_namespace)
         ]
         if matching:
             result = min(matching, key=lambda r: (r.spec.host.startswith("*"), r.age_key()))
             break
     chosen[key] = result
     return result
+
+
+def _visible(rule: Resource[Any], client_namespace: str) -> bool:
+    """istiod's DestinationRule visibility: a proxy sees every rule of its own namespace,
+    and another namespace's rule when its ``exportTo`` reaches the proxy's namespace."""
+    return rule.namespace == client_namespace or exported_to(rule, client_namespace)
 
 
 _DrIndex = dict[str, tuple[dict[str, list[Resource[Any]]], list[Resource[Any]]]]

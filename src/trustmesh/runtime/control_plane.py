@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -140,6 +141,7 @@ def _routing_warnings(plane: ControlPlane) -> list[str]:
 
 
 def _syncz(plane: ControlPlane) -> dict[str, Any]:
+    rebuild = plane.last_rebuild
     return {
         "generation": plane.reloads,
         "files": plane.loaded_digest,
@@ -147,6 +149,8 @@ def _syncz(plane: ControlPlane) -> dict[str, Any]:
         "errors": [str(d) for d in plane.last_errors],
         "warnings": _routing_warnings(plane),
         "not_ready": sorted(plane.not_ready),
+        # how the last build served its proxies (reused / patched / translated) and took
+        "rebuild": dataclasses.asdict(rebuild) if rebuild is not None else None,
         "proxies": plane.sync_status(),
     }
 

@@ -36,8 +36,9 @@ import hashlib
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
@@ -53,6 +54,7 @@ from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.gateway import GatewayResources, translate_gateway
+from trustmesh.xds.incremental import Patcher, policies_only_changed
 from trustmesh.xds.readiness import EndpointFilter
 from trustmesh.xds.server import AdsServer, Context, XdsObserver, peer_spiffe_ids
 from trustmesh.xds.translate import CaptureMode, FilterDelivery, ProxyResources, translate
@@ -64,6 +66,7 @@ __all__ = [
     "Fingerprint",
     "PlaneObserver",
     "ProxyRegistration",
+    "RebuildStats",
     "fingerprint_digest",
 ]
 
@@ -185,9 +188,28 @@ class _Build:
 
     errors: tuple[Diagnostic, ...]  # configuration errors: nothing may be published
     mesh: MeshPolicy | None
-    registrations: Mapping[str, ProxyRegistration]  # what was translated
-    snapshots: Mapping[str, Snapshot]
+    # What was translated (dicts: a proxy registered later against the same mesh is
+    # added, from the event loop's thread, see ControlPlane._remember).
+    registrations: dict[str, ProxyRegistration]
+    snapshots: dict[str, Snapshot]
     problems: tuple[Diagnostic, ...]  # proxies that could not be translated
+    # What the snapshots were built with, so the next build can reuse them.
+    addresses: Mapping[str, str] = field(default_factory=dict)
+    not_ready: frozenset[str] = frozenset()
+    stats: RebuildStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildStats:
+    """How one build's proxies were served: ``reused`` kept their snapshot (the change
+    could not affect them), ``patched`` got only their policy filters re-translated,
+    ``translated`` were translated whole; ``seconds``: the build's wall time (load,
+    compile, translate, encode, check)."""
+
+    reused: int
+    patched: int
+    translated: int
+    seconds: float
 
 
 # ---------------------------------------------------------------------------- control plane
@@ -246,6 +268,7 @@ class ControlPlane:
         self._sources = SourceCache()  # used by one reload at a time (self._reloading)
         self._registrations: dict[str, ProxyRegistration] = {}
         self._mesh: MeshPolicy | None = None
+        self._built: _Build | None = None  # the last build published (reused by the next)
         self._seen: Fingerprint | None = None  # of the files the last reload read
         self._outcome_of: Fingerprint | None = None  # … once its result is published
         self._reloading = asyncio.Lock()
@@ -269,6 +292,11 @@ class ControlPlane:
     def cache(self) -> SnapshotCache:
         """The published snapshots and what each proxy acknowledged or rejected."""
         return self._cache
+
+    @property
+    def last_rebuild(self) -> RebuildStats | None:
+        """How the last published build served its proxies, and how long it took."""
+        return self._built.stats if self._built is not None else None
 
     @property
     def server(self) -> AdsServer | None:
@@ -308,6 +336,7 @@ class ControlPlane:
             snapshot = _snapshot_for(self._mesh, registration, self._addresses, endpoints)
             self._registrations[registration.node_id] = registration
             self._cache.set(registration.node_id, snapshot)
+            self._remember(registration, snapshot)
         else:
             self._registrations[registration.node_id] = registration
 
@@ -334,9 +363,10 @@ class ControlPlane:
                 return True  # nothing published yet: the first build uses it
             registrations = dict(self._registrations)
             build = await asyncio.to_thread(
-                _translate_all, mesh, registrations, self._addresses, wanted
+                _translate_all, mesh, registrations, self._addresses, wanted, self._built
             )
             problems, changed = self._publish(build)
+            self._built = build
             self._served_not_ready = wanted
             _log.info(
                 "not ready: %s; %d of %d proxies changed",
@@ -358,6 +388,9 @@ class ControlPlane:
         a new one is refused."""
         self._registrations.pop(node_id, None)
         self._cache.clear(node_id)
+        if self._built is not None:
+            self._built.registrations.pop(node_id, None)
+            self._built.snapshots.pop(node_id, None)
 
     def identity_of(self, node_id: str) -> str | None:
         """The SPIFFE ID a peer must prove to get ``node_id``'s config (None: nobody)."""
@@ -447,6 +480,7 @@ class ControlPlane:
                     self._addresses,
                     self._sources,
                     not_ready,
+                    self._built,
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -465,6 +499,7 @@ class ControlPlane:
                 return list(self.last_errors)
             self._mesh = build.mesh
             problems, changed = self._publish(build)
+            self._built = build
             self._served_not_ready = not_ready
             self.reloads += 1
             self.last_errors = problems
@@ -512,6 +547,20 @@ class ControlPlane:
 
     # -- internals
 
+    def _remember(self, registration: ProxyRegistration, snapshot: Snapshot) -> None:
+        """Add a proxy built outside a reload to the last build (the next reload may
+        reuse its snapshot) — when it was built as that build's proxies were."""
+        built = self._built
+        if (
+            built is None
+            or built.mesh is not self._mesh
+            or built.not_ready != self._not_ready
+            or dict(built.addresses) != dict(self._addresses)
+        ):
+            return
+        built.registrations[registration.node_id] = registration
+        built.snapshots[registration.node_id] = snapshot
+
     def _publish(self, build: _Build) -> tuple[list[Diagnostic], int]:
         assert build.mesh is not None
         problems = list(build.problems)
@@ -528,6 +577,11 @@ class ControlPlane:
                 except (LookupError, ValueError) as exc:
                     problems.append(_proxy_problem(registration, exc))
                     continue
+                if build.not_ready == self._not_ready and dict(build.addresses) == dict(
+                    self._addresses
+                ):
+                    build.registrations[node_id] = registration
+                    build.snapshots[node_id] = snapshot
             try:
                 previous = self._cache.get(node_id)
                 changed += previous != snapshot
@@ -597,6 +651,7 @@ def _build_without_gc(
     addresses: Mapping[str, str],
     sources: SourceCache | None = None,
     not_ready: frozenset[str] = frozenset(),
+    previous: _Build | None = None,
 ) -> _Build:
     """:func:`_build` with the cyclic garbage collector paused: a fleet's build makes
     hundreds of thousands of short-lived dicts, and collections triggered by them scan
@@ -605,7 +660,7 @@ def _build_without_gc(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(paths, mesh_config, registrations, addresses, sources, not_ready)
+        return _build(paths, mesh_config, registrations, addresses, sources, not_ready, previous)
     finally:
         if was_enabled:
             gc.enable()
@@ -618,13 +673,15 @@ def _build(
     addresses: Mapping[str, str],
     sources: SourceCache | None = None,
     not_ready: frozenset[str] = frozenset(),
+    previous: _Build | None = None,
 ) -> _Build:
     """Load, compile and translate for every proxy; pure apart from reading the files."""
+    started = time.perf_counter()
     loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources)
     if loaded.errors or loaded.mesh is None:
         errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
-        return _Build(tuple(errors), None, registrations, {}, ())
-    return _translate_all(loaded.mesh, registrations, addresses, not_ready)
+        return _Build(tuple(errors), None, dict(registrations), {}, ())
+    return _translate_all(loaded.mesh, registrations, addresses, not_ready, previous, started)
 
 
 def _translate_all(
@@ -632,21 +689,76 @@ def _translate_all(
     registrations: Mapping[str, ProxyRegistration],
     addresses: Mapping[str, str],
     not_ready: frozenset[str],
+    previous: _Build | None = None,
+    started: float | None = None,
 ) -> _Build:
-    """Every registered proxy's snapshot from one compiled mesh (pure)."""
+    """Every registered proxy's snapshot from one compiled mesh (pure).
+
+    With ``previous`` (the last build published), a change that touched only policies
+    (:func:`~trustmesh.xds.incremental.policies_only_changed`) rebuilds only what it can
+    affect: a proxy registered, addressed and filtered as then keeps its snapshot or gets
+    only its policy filters re-translated (:class:`~trustmesh.xds.incremental.Patcher`);
+    every other proxy is translated whole."""
+    started = time.perf_counter() if started is None else started
     snapshots: dict[str, Snapshot] = {}
     problems = []
     canonical = Canonical()  # what the proxies share is encoded once
     endpoints = EndpointFilter(not_ready)  # … and filtered once
+    base = _reusable(previous, mesh, addresses, not_ready)
+    patcher = Patcher(base.mesh, mesh, canonical) if base is not None and base.mesh else None
+    reused = patched = 0
     for node_id, registration in sorted(registrations.items()):
         try:
-            snapshots[node_id] = _snapshot_for(mesh, registration, addresses, endpoints, canonical)
+            snapshot = None
+            if base is not None and patcher is not None and not registration.gateway:
+                before = base.snapshots.get(node_id)
+                if before is not None and base.registrations.get(node_id) == registration:
+                    snapshot = patcher.snapshot(
+                        registration.workload_ref, before, registration.capture
+                    )
+                    if snapshot is not None:
+                        if snapshot.consistency_errors() or snapshot.encoding_errors():
+                            snapshot = None  # translated whole: that reports the problem
+                        elif snapshot is before:
+                            reused += 1
+                        else:
+                            patched += 1
+            if snapshot is None:
+                snapshot = _snapshot_for(mesh, registration, addresses, endpoints, canonical)
+            snapshots[node_id] = snapshot
         except (LookupError, ValueError) as exc:
             problems.append(_proxy_problem(registration, exc))
         except Exception as exc:  # a bug for one workload must not stall every other update
             _log.exception("translating %s for %s failed", registration.workload_ref, node_id)
             problems.append(_proxy_problem(registration, exc))
-    return _Build((), mesh, registrations, snapshots, tuple(problems))
+    stats = RebuildStats(
+        reused, patched, len(snapshots) - reused - patched, time.perf_counter() - started
+    )
+    frozen_addresses = MappingProxyType(dict(addresses))
+    return _Build(
+        (),
+        mesh,
+        dict(registrations),
+        snapshots,
+        tuple(problems),
+        frozen_addresses,
+        not_ready,
+        stats,
+    )
+
+
+def _reusable(
+    previous: _Build | None,
+    mesh: MeshPolicy,
+    addresses: Mapping[str, str],
+    not_ready: frozenset[str],
+) -> _Build | None:
+    """``previous`` if its snapshots may be patched into ``mesh``'s, else None."""
+    if previous is None or previous.mesh is None or previous.errors:
+        return None
+    if previous.not_ready != not_ready or dict(previous.addresses) != dict(addresses):
+        return None
+    return previous if policies_only_changed(previous.mesh, mesh) else None
 
 
 def _snapshot_for(

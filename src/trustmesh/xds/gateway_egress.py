@@ -42,25 +42,25 @@ from trustmesh.api.gateway import (
     CA_SUFFIX,
     SECRET_PREFIX,
     ca_certificate,
-    exported_to,
     tls_credential,
 )
 from trustmesh.api.resources import Resource
 from trustmesh.envoy_json import (
     CERTIFICATE_SECRET,
     UPSTREAM_TLS_TYPE,
-    mesh_sni,
     mesh_validation,
     sds_secret,
 )
 from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.tls import UpstreamMode, UpstreamTls, origination_tls
+from trustmesh.policy.traffic_policy import origination_traffic_policy
 from trustmesh.xds.cache import TYPE_SECRET
 from trustmesh.xds.outbound import MESH_CLIENT_ALPN, SYSTEM_CA_BUNDLE
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
-from trustmesh.xds.traffic_policy import apply_traffic_policy, cluster_traffic_policy
+from trustmesh.xds.traffic_policy import apply_traffic_policy
 
-__all__ = ["EgressClusters", "origination_rule", "service_entry_clusters"]
+__all__ = ["EgressClusters", "service_entry_clusters"]
 
 _ADS = {"ads": {}, "resource_api_version": "V3"}
 _TLS_SOCKET = "envoy.transport_sockets.tls"
@@ -113,46 +113,6 @@ def service_entry_clusters(
 # ------------------------------------------------------------------------------ TLS
 
 
-def origination_rule(
-    mesh: MeshPolicy, client_namespace: str, entry_namespace: str, host: str
-) -> Resource[Any] | None:
-    """The DestinationRule a proxy of ``client_namespace`` uses for ServiceEntry host
-    ``host``: its own namespace, the entry's, the root namespace; exact before wildcard,
-    then the oldest."""
-    root = mesh.snapshot.mesh.root_namespace
-    rules = [
-        r
-        for r in mesh.snapshot.of_kind("DestinationRule")
-        if exported_to(r, client_namespace) and _rule_matches(r.spec.host, host)
-    ]
-    for namespace in dict.fromkeys((client_namespace, entry_namespace, root)):
-        here = [r for r in rules if r.namespace == namespace]
-        if here:
-            return min(here, key=lambda r: (str(r.spec.host).startswith("*"), r.age_key()))
-    return None
-
-
-def _rule_matches(pattern: str, host: str) -> bool:
-    pattern = pattern.lower()
-    if pattern in ("*", host):
-        return True
-    return pattern.startswith("*.") and host.endswith(pattern[1:])
-
-
-def _port_tls(
-    rule: Resource[Any], port: int
-) -> tuple[m.ClientTlsSettings, tuple[str | int, ...]] | None:
-    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
-    if policy is None:
-        return None
-    for i, level in enumerate(policy.port_level_settings):
-        if level.port is not None and level.port.number == port and level.tls is not None:
-            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
-    if policy.tls is not None:
-        return policy.tls, ("trafficPolicy", "tls")
-    return None
-
-
 def _apply_destination_rule(
     cluster: dict[str, Any],
     mesh: MeshPolicy,
@@ -164,43 +124,28 @@ def _apply_destination_rule(
     secrets: dict[str, dict[str, Any]],
     problems: list[Diagnostic],
 ) -> None:
-    rule = origination_rule(mesh, gateway_namespace, entry.namespace, host)
-    if rule is None:
-        return
-    apply_traffic_policy(cluster, cluster_traffic_policy(rule.spec, port))
-    found = _port_tls(rule, port)
-    if found is None:
-        return
-    tls, path = found
-    socket = _socket(
-        tls, _Where(rule, path), host, port, gateway_namespace, mesh, sds_cluster, secrets,
-        problems,
-    )  # fmt: skip
+    policy = origination_traffic_policy(mesh, gateway_namespace, entry.namespace, host, port)
+    if policy is None:
+        return  # no DestinationRule names the host
+    apply_traffic_policy(cluster, policy)
+    upstream = origination_tls(mesh, gateway_namespace, entry.namespace, host, port)
+    socket = _socket(upstream, gateway_namespace, mesh, sds_cluster, secrets, problems)
     if socket is not None:
         cluster["transport_socket"] = socket
 
 
-@dataclass(frozen=True)
-class _Where:
-    rule: Resource[Any]
-    path: tuple[str | int, ...]
-
-    def location(self, field: str) -> Any:
-        return self.rule.location(*self.path, field)
-
-
 def _socket(
-    tls: m.ClientTlsSettings,
-    where: _Where,
-    host: str,
-    port: int,
+    upstream: UpstreamTls,
     namespace: str,
     mesh: MeshPolicy,
     sds_cluster: str,
     secrets: dict[str, dict[str, Any]],
     problems: list[Diagnostic],
 ) -> dict[str, Any] | None:
-    if tls.mode is m.TlsMode.DISABLE:
+    """The ``transport_socket`` of a decided origination TLS, with the SDS secrets its
+    ``credentialName`` needs (read from the gateway's namespace; a missing or unreadable
+    one is reported on the rule's field and the cluster left out)."""
+    if upstream.mode is UpstreamMode.PLAINTEXT:
         return None
     common: dict[str, Any] = {
         "tls_params": {
@@ -208,31 +153,34 @@ def _socket(
             "tls_maximum_protocol_version": "TLSv1_3",
         }
     }
-    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
+    if upstream.mode is UpstreamMode.ISTIO_MUTUAL:
         common["alpn_protocols"] = list(MESH_CLIENT_ALPN)
         common["tls_certificate_sds_secret_configs"] = [sds_secret(CERTIFICATE_SECRET, sds_cluster)]
         validation = mesh_validation(sds_cluster)
-        if tls.subject_alt_names:
+        if upstream.subject_alt_names:
             validation["default_validation_context"]["match_typed_subject_alt_names"] = [
-                {"san_type": "URI", "matcher": {"exact": s}} for s in tls.subject_alt_names
+                {"san_type": "URI", "matcher": {"exact": s}} for s in upstream.subject_alt_names
             ]
         common["combined_validation_context"] = validation
-        return _upstream(common, tls.sni or mesh_sni(port, host))
-    verify = tls.insecure_skip_verify is not True
+        return _upstream(common, upstream.sni)
+    tls = upstream.credentials
+    assert tls is not None, upstream
+    mutual = upstream.mode is UpstreamMode.MUTUAL
     sans = [
         {"san_type": kind, "matcher": {"exact": san}}
-        for san in (tls.subject_alt_names or (host,))
+        for san in upstream.subject_alt_names
         for kind in ("DNS", "URI")
     ]
     if tls.credential_name:
         name = tls.credential_name
-        if tls.mode is m.TlsMode.MUTUAL:
+        assert tls.credential_location is not None
+        if mutual:
             credential = tls_credential(mesh.snapshot, namespace, name)
             if isinstance(credential, str):
                 problems.append(
                     error(
                         "gateway-credential",
-                        where.location("credentialName"),
+                        tls.credential_location,
                         f"{credential} (a gateway reads credentialName from its own namespace)",
                     )
                 )
@@ -262,14 +210,14 @@ def _socket(
             common["tls_certificate_sds_secret_configs"] = [
                 {"name": SECRET_PREFIX + name, "sds_config": _ADS}
             ]
-        if verify:
+        if tls.verify:
             ca = ca_certificate(mesh.snapshot, namespace, name)
             if ca is None:
                 problems.append(
                     error(
                         "gateway-credential",
-                        where.location("credentialName"),
-                        f"tls.mode {tls.mode.value} checks the server's certificate: Secret "
+                        tls.credential_location,
+                        f"tls.mode {upstream.mode.value} checks the server's certificate: Secret "
                         f"{namespace}/{name}{CA_SUFFIX} does not exist and {namespace}/{name} "
                         "has no ca.crt (or set insecureSkipVerify: true)",
                     )
@@ -293,28 +241,29 @@ def _socket(
                 },
             }
     else:
-        if tls.mode is m.TlsMode.MUTUAL:
-            if not (tls.client_certificate and tls.private_key):
+        if mutual:
+            if not (tls.certificate_chain and tls.private_key):
+                assert tls.mode_location is not None
                 problems.append(
                     error(
                         "invalid-field",
-                        where.location("mode"),
+                        tls.mode_location,
                         "tls.mode MUTUAL needs credentialName, or clientCertificate and privateKey",
                     )
                 )
                 return None
             common["tls_certificates"] = [
                 {
-                    "certificate_chain": {"filename": tls.client_certificate},
+                    "certificate_chain": {"filename": tls.certificate_chain},
                     "private_key": {"filename": tls.private_key},
                 }
             ]
-        if verify:
+        if tls.verify:
             common["validation_context"] = {
-                "trusted_ca": {"filename": tls.ca_certificates or SYSTEM_CA_BUNDLE},
+                "trusted_ca": {"filename": tls.ca_file or SYSTEM_CA_BUNDLE},
                 "match_typed_subject_alt_names": sans,
             }
-    return _upstream(common, tls.sni or host)
+    return _upstream(common, upstream.sni)
 
 
 def _upstream(common: dict[str, Any], sni: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ configuration per port (named ``"<port>"``) whose last virtual host decides unkn
 ``allow_any`` (to ``PassthroughCluster``) under ALLOW_ANY, ``block_all`` (a local 502)
 under REGISTRY_ONLY.
 
-Client TLS per cluster follows :mod:`trustmesh.policy.tls`, the evaluator's reading:
+Client TLS per cluster is decided by :func:`trustmesh.policy.tls.upstream_tls` (the
+value the evaluator reads too); this module only maps it to a ``transport_socket``:
 
 * an explicit DestinationRule ``tls`` (client namespace, then service namespace, then
   root) wins: ISTIO_MUTUAL → mesh mTLS to every endpoint; DISABLE → plaintext; SIMPLE /
@@ -17,10 +18,11 @@ Client TLS per cluster follows :mod:`trustmesh.policy.tls`, the evaluator's read
   plaintext to the others; with auto mTLS off, plaintext.
 
 Mesh mTLS means: the workload certificate and trust bundle from SDS (secrets ``default``
-and ``ROOTCA``), SNI ``outbound_.<port>_._.<fqdn>``, ALPN ``istio-peer-exchange, istio``,
-TLS 1.2–1.3 (Envoy's client stops at 1.2 unless told), and the server's certificate
-pinned to the SPIFFE IDs of the service's workloads (every trust domain of the bundle). A
-service with no known workload pins nothing, as in Istio.
+and ``ROOTCA``), SNI ``outbound_.<port>_.<subset>_.<fqdn>`` (as istiod names it; ``_``
+without a subset), ALPN ``istio-peer-exchange, istio``, TLS 1.2–1.3 (Envoy's client
+stops at 1.2 unless told), and the server's certificate pinned to the SPIFFE IDs of the
+service's workloads (every trust domain of the bundle). A service with no known workload
+pins nothing, as in Istio.
 
 Endpoints: EDS is not built yet, so clusters are STATIC with one endpoint per workload the
 Service selects, at ``<workload ip>:<target port>``. A workload with no known IP (a
@@ -58,21 +60,26 @@ from trustmesh.envoy_json import (
     CONNECT_TIMEOUT,
     HTTP_OPTIONS_TYPE,
     UPSTREAM_TLS_TYPE,
-    mesh_sni,
     mesh_validation,
     sds_secret,
     socket_address,
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
-from trustmesh.policy.derived import Derived
-from trustmesh.policy.tls import destination_rule_for, destination_rule_tls
+from trustmesh.policy.targets import named_ports
+from trustmesh.policy.tls import (
+    UpstreamMode,
+    UpstreamTls,
+    app_protocol,
+    destination_subsets,
+    proxied_as_tcp,
+    service_workloads,
+    speaks_mesh_mtls,
+    upstream_tls,
+)
+from trustmesh.policy.traffic_policy import service_traffic_policy
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
-from trustmesh.xds.traffic_policy import (
-    apply_traffic_policy,
-    cluster_traffic_policy,
-    service_traffic_policy,
-)
+from trustmesh.xds.traffic_policy import apply_traffic_policy
 
 __all__ = [
     "BLACKHOLE_CLUSTER",
@@ -114,22 +121,14 @@ class Protocol(enum.Enum):
     TCP = "TCP"
 
 
-_L4 = frozenset({"", "TCP", "UDP", "SCTP"})  # Kubernetes `protocol` values, not app protocols
 _HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
-_TCP_NAMES = frozenset(
-    {"tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "kubernetes.io/wss"}
-)
 
 
 def port_protocol(name: str, protocol: str) -> Protocol:
-    """Istio's protocol selection: ``appProtocol`` (or a ServiceEntry ``protocol``) first,
-    then the port name's prefix before ``-``. Unknown protocols are treated as HTTP
-    (Istio would sniff the first bytes; an HTTP chain still carries HTTP/1 and HTTP/2)."""
-    return Protocol.TCP if _app_protocol(name, protocol) in _TCP_NAMES else Protocol.HTTP
-
-
-def _app_protocol(name: str, protocol: str) -> str:
-    return protocol.lower() if protocol not in _L4 else name.lower().split("-", 1)[0]
+    """Istio's protocol selection (:func:`trustmesh.policy.tls.app_protocol`). Unknown
+    protocols are treated as HTTP (Istio would sniff the first bytes; an HTTP chain still
+    carries HTTP/1 and HTTP/2)."""
+    return Protocol.TCP if proxied_as_tcp(name, protocol) else Protocol.HTTP
 
 
 def static_cluster(
@@ -164,17 +163,7 @@ def target_port(service_port: ServicePortInfo, workload: Workload) -> int | None
     in the workload's container ports (None if it has no port of that name)."""
     if isinstance(service_port.target_port, int):
         return service_port.target_port
-    return _named_ports(workload).get(service_port.target_port)
-
-
-def _named_ports(workload: Workload) -> dict[str, int]:
-    spec = workload.resource.spec
-    if isinstance(spec, m.WorkloadEntrySpec):
-        return dict(spec.ports)
-    pod = getattr(spec, "spec", None) or getattr(getattr(spec, "template", None), "spec", None)
-    if not isinstance(pod, m.PodSpec):
-        return {}
-    return {p.name: p.container_port for c in pod.containers for p in c.ports if p.name}
+    return dict(named_ports(workload)).get(service_port.target_port)
 
 
 # ---------------------------------------------------------------------------- clusters
@@ -209,8 +198,7 @@ def outbound_clusters(
     }
     for service in sorted(mesh.snapshot.services, key=lambda s: s.hostname):
         workloads = _selected(mesh, service)
-        rule = destination_rule_for(mesh, wp.workload.namespace, service)
-        subsets = rule.spec.subsets if rule is not None else ()
+        subsets = destination_subsets(mesh, wp.workload.namespace, service)
         for sp in service.ports:
             cluster = _service_cluster(
                 wp, mesh, service, sp, workloads, sds_cluster, addresses or {}
@@ -234,40 +222,7 @@ def selected_workloads(mesh: MeshPolicy, service: Service) -> list[Workload]:
 
 
 def _selected(mesh: MeshPolicy, service: Service) -> list[Workload]:
-    # Every proxy asks this about every service: computed once per compiled mesh, over
-    # the workloads of the service's namespace only.
-    endpoints = _SERVICE_ENDPOINTS.table(mesh)
-    key = (service.namespace, service.name)
-    found = endpoints.get(key)
-    if found is not None:
-        return found
-    by_label = _WORKLOADS_BY_LABEL.get(mesh, None)
-    by_ref: dict[str, Workload] = {}
-    if service.selector:  # an empty selector selects nothing
-        first = min(service.selector.items())
-        for workload in by_label.get((service.namespace, *first), ()):
-            if service.selects(workload):
-                by_ref.setdefault(workload.ref, workload)
-    found = endpoints[key] = [by_ref[ref] for ref in sorted(by_ref)]
-    return found
-
-
-def _workloads_by_label(mesh: MeshPolicy, _: None) -> dict[tuple[str, str, str], list[Workload]]:
-    """(namespace, label, value) → the workloads carrying that label."""
-    by_label: dict[tuple[str, str, str], list[Workload]] = {}
-    for workload in mesh.snapshot.workloads:
-        for label in workload.labels.items():
-            by_label.setdefault((workload.namespace, *label), []).append(workload)
-    return by_label
-
-
-_WORKLOADS_BY_LABEL: Derived[MeshPolicy, None, dict[tuple[str, str, str], list[Workload]]] = (
-    Derived("workloads by label", _workloads_by_label)
-)
-# (namespace, name) of a Service → the workloads it selects, by ref.
-_SERVICE_ENDPOINTS: Derived[MeshPolicy, tuple[str, str], list[Workload]] = Derived(
-    "service endpoints"
-)
+    return service_workloads(mesh, service)
 
 
 def _service_cluster(
@@ -284,13 +239,10 @@ def _service_cluster(
     the subset's labels), with the client TLS and traffic policy of the DestinationRule
     (the subset's merged over it, as Istio's ``MergeSubsetTrafficPolicy``)."""
     name = f"outbound|{sp.port}|{subset.name if subset else ''}|{service.hostname}"
-    auto = False
-    tls: dict[str, Any] | None = None
-    setting = _tls_setting(mesh, wp.workload.namespace, service, sp.port, subset)
-    if setting is not None:
-        tls = _destination_rule_socket(setting, service, sp, workloads, mesh, sds_cluster)
-    elif mesh.snapshot.mesh.enable_auto_mtls:
-        auto = True
+    upstream = upstream_tls(
+        mesh, wp.workload.namespace, service, sp.port, subset.name if subset else ""
+    )
+    auto = upstream.mode is UpstreamMode.AUTO
     endpoints = []
     for workload in workloads:
         if subset is not None and any(
@@ -302,7 +254,7 @@ def _service_cluster(
             continue  # Istio drops an endpoint without the named port
         address = addresses.get(workload.ref) or workload.ip or PLACEHOLDER_ADDRESS
         metadata: dict[str, Any] = {"trustmesh": {"workload": workload.ref}}
-        if auto and _speaks_mesh_mtls(mesh, workload, port):
+        if auto and speaks_mesh_mtls(mesh, workload, port):
             metadata["envoy.transport_socket_match"] = dict(_TLS_MODE_ISTIO)
         endpoints.append(
             {
@@ -310,16 +262,14 @@ def _service_cluster(
                 "metadata": {"filter_metadata": metadata},
             }
         )
-    http2 = _app_protocol(sp.name, sp.protocol) in _HTTP2_NAMES
+    http2 = app_protocol(sp.name, sp.protocol) in _HTTP2_NAMES
     cluster = static_cluster(name, endpoints, http2=http2)
-    if tls is not None:
-        cluster["transport_socket"] = tls
-    elif auto:
+    if auto:
         cluster["transport_socket_matches"] = [
             {
                 "name": "tlsMode-istio",
                 "match": dict(_TLS_MODE_ISTIO),
-                "transport_socket": _mesh_socket(service, sp, workloads, mesh, sds_cluster),
+                "transport_socket": _mesh_socket(upstream, sds_cluster),
             },
             {
                 "name": "tlsMode-disabled",
@@ -330,58 +280,68 @@ def _service_cluster(
                 },
             },
         ]
-    if subset is None:
-        policy = service_traffic_policy(mesh, wp.workload.namespace, service, sp.port)
-    else:
-        rule = destination_rule_for(mesh, wp.workload.namespace, service)
-        spec = rule.spec if rule is not None else None
-        policy = cluster_traffic_policy(spec, sp.port, subset.name)
+    elif upstream.mode is not UpstreamMode.PLAINTEXT:
+        cluster["transport_socket"] = transport_socket(upstream, sds_cluster)
+    policy = service_traffic_policy(
+        mesh, wp.workload.namespace, service, sp.port, subset.name if subset else ""
+    )
     apply_traffic_policy(cluster, policy)
     return cluster
 
 
-def _tls_setting(
-    mesh: MeshPolicy, client_namespace: str, service: Service, port: int, subset: m.Subset | None
-) -> m.ClientTlsSettings | None:
-    """The DestinationRule TLS setting of the port's cluster; for a subset, the subset's
-    own (its port-level entry for the port wholesale, else its top-level ``tls``) when it
-    sets one, else the rule's."""
-    setting = destination_rule_tls(mesh, client_namespace, service, port)
-    inherited = setting[1] if setting is not None else None
-    policy = subset.traffic_policy if subset is not None else None
-    if policy is None:
-        return inherited
-    for level in policy.port_level_settings:
-        if level.port is not None and level.port.number == port:
-            return level.tls
-    return policy.tls if policy.tls is not None else inherited
-
-
-def _speaks_mesh_mtls(mesh: MeshPolicy, workload: Workload, port: int) -> bool:
-    """Auto mTLS: the endpoint has a sidecar and its port does not DISABLE mTLS."""
-    if not workload.has_sidecar:
-        return False
-    policy = mesh.for_workload(workload.ref)
-    return policy is None or policy.mtls.for_port(port).mode is not m.MtlsMode.DISABLE
-
-
-def _mesh_socket(
-    service: Service,
-    sp: ServicePortInfo,
-    workloads: list[Workload],
-    mesh: MeshPolicy,
-    sds_cluster: str,
-    sni: str = "",
-) -> dict[str, Any]:
-    domains = mesh.bundle.domains
-    peer_ids = {
-        f"spiffe://{w.principal(domain)}" for w in workloads if w.has_sidecar for domain in domains
-    }
+def transport_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
+    """The Envoy ``transport_socket`` of a decided client TLS (not plaintext, not auto)."""
+    if upstream.mode in (UpstreamMode.ISTIO_MUTUAL, UpstreamMode.AUTO):
+        return _mesh_socket(upstream, sds_cluster)
+    assert upstream.mode in (UpstreamMode.SIMPLE, UpstreamMode.MUTUAL), upstream
+    credentials = upstream.credentials
+    assert credentials is not None
+    mutual = upstream.mode is UpstreamMode.MUTUAL
+    # SIMPLE / MUTUAL: TLS the application would otherwise originate, with the rule's keys.
+    common: dict[str, Any] = {"tls_params": {"tls_maximum_protocol_version": "TLSv1_3"}}
+    validation: dict[str, Any] = {}
+    if upstream.subject_alt_names:
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": kind, "matcher": {"exact": san}}
+            for san in upstream.subject_alt_names
+            for kind in ("DNS", "URI")
+        ]
+    if credentials.credential_name:
+        common["validation_context_sds_secret_config"] = sds_secret(
+            f"{credentials.credential_name}-cacert", sds_cluster
+        )
+        if mutual:
+            common["tls_certificate_sds_secret_configs"] = [
+                sds_secret(credentials.credential_name, sds_cluster)
+            ]
+    else:
+        if credentials.verify:
+            validation["trusted_ca"] = {"filename": credentials.ca_file or SYSTEM_CA_BUNDLE}
+        if validation:
+            common["validation_context"] = validation
+        if mutual:
+            common["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": credentials.certificate_chain},
+                    "private_key": {"filename": credentials.private_key},
+                }
+            ]
     return {
         "name": _TLS_SOCKET,
         "typed_config": {
             "@type": UPSTREAM_TLS_TYPE,
-            "sni": sni or mesh_sni(sp.port, service.hostname),
+            "sni": upstream.sni,
+            "common_tls_context": common,
+        },
+    }
+
+
+def _mesh_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": UPSTREAM_TLS_TYPE,
+            "sni": upstream.sni,
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
@@ -389,60 +349,8 @@ def _mesh_socket(
                 },
                 "alpn_protocols": list(MESH_CLIENT_ALPN),
                 "tls_certificate_sds_secret_configs": [sds_secret(CERTIFICATE_SECRET, sds_cluster)],
-                "combined_validation_context": mesh_validation(sds_cluster, peer_ids),
+                "combined_validation_context": mesh_validation(sds_cluster, upstream.peer_ids),
             },
-        },
-    }
-
-
-def _destination_rule_socket(
-    tls: m.ClientTlsSettings,
-    service: Service,
-    sp: ServicePortInfo,
-    workloads: list[Workload],
-    mesh: MeshPolicy,
-    sds_cluster: str,
-) -> dict[str, Any] | None:
-    if tls.mode is m.TlsMode.ISTIO_MUTUAL:
-        # `sni` overrides the mesh SNI (Istio's egress gateway task names the external host)
-        return _mesh_socket(service, sp, workloads, mesh, sds_cluster, tls.sni)
-    if tls.mode is m.TlsMode.DISABLE:
-        return None
-    # SIMPLE / MUTUAL: TLS the application would otherwise originate, with the rule's keys.
-    common: dict[str, Any] = {"tls_params": {"tls_maximum_protocol_version": "TLSv1_3"}}
-    validation: dict[str, Any] = {}
-    if tls.subject_alt_names:
-        validation["match_typed_subject_alt_names"] = [
-            {"san_type": kind, "matcher": {"exact": san}}
-            for san in tls.subject_alt_names
-            for kind in ("DNS", "URI")
-        ]
-    if tls.credential_name:
-        common["validation_context_sds_secret_config"] = sds_secret(
-            f"{tls.credential_name}-cacert", sds_cluster
-        )
-        if tls.mode is m.TlsMode.MUTUAL:
-            common["tls_certificate_sds_secret_configs"] = [
-                sds_secret(tls.credential_name, sds_cluster)
-            ]
-    else:
-        if not tls.insecure_skip_verify:
-            validation["trusted_ca"] = {"filename": tls.ca_certificates or SYSTEM_CA_BUNDLE}
-        if validation:
-            common["validation_context"] = validation
-        if tls.mode is m.TlsMode.MUTUAL:
-            common["tls_certificates"] = [
-                {
-                    "certificate_chain": {"filename": tls.client_certificate},
-                    "private_key": {"filename": tls.private_key},
-                }
-            ]
-    return {
-        "name": _TLS_SOCKET,
-        "typed_config": {
-            "@type": UPSTREAM_TLS_TYPE,
-            "sni": tls.sni or service.hostname,
-            "common_tls_context": common,
         },
     }
 

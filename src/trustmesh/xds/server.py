@@ -37,6 +37,7 @@ import enum
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -59,6 +60,7 @@ __all__ = ["ADS_SERVICE", "AdsServer", "Authorize", "XdsObserver", "peer_spiffe_
 _log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+BODY_CACHE_BYTES = 32 * 1024 * 1024  # encoded responses kept for other proxies
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Authorize = Callable[[str, Context], bool]
@@ -139,12 +141,55 @@ def _push_rank(type_url: str) -> tuple[int, str]:
     return len(PUSH_ORDER), type_url
 
 
-def _selection(type_url: str, watch: _Watch, snapshot: Snapshot) -> dict[str, str]:
-    """Name → digest of the resources a response for ``watch`` carries now."""
+def _selection(type_url: str, watch: _Watch, snapshot: Snapshot) -> Mapping[str, str]:
+    """Name → digest of the resources a response for ``watch`` carries now (for a whole
+    type, the snapshot's own read-only mapping: shared, not copied per stream)."""
     digests = snapshot.digests(type_url)
     if type_url in WILDCARD_TYPES or "*" in watch.names:
-        return dict(digests)
+        return digests
     return {name: digests[name] for name in sorted(watch.names) if name in digests}
+
+
+def _serialize(response: bytes | Any) -> bytes:
+    """A response already encoded (see :class:`_Bodies`), or a DiscoveryResponse."""
+    if isinstance(response, bytes):
+        return response
+    encoded: bytes = response.SerializeToString()
+    return encoded
+
+
+class _Bodies:
+    """Encoded DiscoveryResponses without their nonce, by type and content version.
+
+    A change that gives thousands of proxies the same resources (one policy, one
+    namespace's clusters) builds and serialises that response once. Bounded in bytes; used
+    on the event loop's thread only."""
+
+    def __init__(self, budget: int = BODY_CACHE_BYTES) -> None:
+        self._entries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._bytes = 0
+        self._budget = budget
+
+    def encoded(
+        self, type_url: str, content: Mapping[str, str], snapshot: Snapshot
+    ) -> tuple[str, bytes]:
+        version = content_version(content)
+        key = (type_url, version)
+        body = self._entries.get(key)
+        if body is not None:
+            self._entries.move_to_end(key)
+            return version, body
+        body = discovery_pb2.DiscoveryResponse(
+            version_info=version,
+            type_url=type_url,
+            resources=[snapshot.packed(type_url, name) for name in content],
+        ).SerializeToString()
+        self._entries[key] = body
+        self._bytes += len(body)
+        while self._bytes > self._budget and len(self._entries) > 1:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
+        return version, body
 
 
 class AdsServer:
@@ -179,7 +224,10 @@ class AdsServer:
         self._stopping = asyncio.Event()
         self._stream_ids = itertools.count(1)
         self._port = 0
-        self._streams: dict[int, _Stream] = {}
+        # node id → its open streams by id (a reconnect's old stream may linger): syncz
+        # asks for every node, so a scan of all streams per node would be quadratic.
+        self._streams: dict[str, dict[int, _Stream]] = {}
+        self._bodies = _Bodies()
         self.pushes = 0
         self.acks = 0
         self.nacks = 0
@@ -229,7 +277,7 @@ class AdsServer:
                 "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._stream_resources,
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                    response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+                    response_serializer=_serialize,
                 )
             },
         )
@@ -252,7 +300,7 @@ class AdsServer:
         # stream's state and is the only writer on it.
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         inbox.put_nowait(first)
-        self._streams[stream.id] = stream
+        self._streams.setdefault(node_id, {})[stream.id] = stream
         observer = self._observer
         if observer is not None:
             observer.stream_opened()
@@ -267,7 +315,10 @@ class AdsServer:
             finally:
                 for pump in pumps:
                     pump.cancel()
-                self._streams.pop(stream.id, None)
+                of_node = self._streams.get(node_id, {})
+                of_node.pop(stream.id, None)
+                if not of_node:
+                    self._streams.pop(node_id, None)
                 if observer is not None:
                     observer.stream_closed()
         _log.debug("ads stream %d (%s) closed", stream.id, node_id)
@@ -304,7 +355,7 @@ class AdsServer:
         """istioctl's SYNCED: a stream of ``node_id`` was answered from its current
         snapshot and Envoy ACKed the last response of every type it subscribed to."""
         current = self._cache.get(node_id)
-        streams = [s for s in self._streams.values() if s.node_id == node_id]
+        streams = list(self._streams.get(node_id, {}).values())
         if current is None or not streams:
             return False
         stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
@@ -376,30 +427,29 @@ class AdsServer:
     ) -> None:
         watch = stream.watches[type_url]
         content = _selection(type_url, watch, snapshot)
-        if content == watch.sent:
+        if content is watch.sent or content == watch.sent:
             return  # Envoy has exactly this (an ACK, a repeat, an unrelated change)
         if watch.sent is None and not content and type_url not in WILDCARD_TYPES:
             return  # none of the names exist yet: Envoy waits, as for any missing resource
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=content_version(content),
-            type_url=type_url,
-            nonce=stream.next_nonce(),
-            resources=[snapshot.packed(type_url, name) for name in content],
-        )
-        watch.nonce, watch.version, watch.sent = response.nonce, response.version_info, content
+        version, body = self._bodies.encoded(type_url, content, snapshot)
+        nonce = stream.next_nonce()
+        # Protobuf fields may come in any order: the nonce is appended to the encoding of
+        # the rest, which proxies sent the same content share.
+        wire = body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
+        watch.nonce, watch.version, watch.sent = nonce, version, content
         watch.sent_at = time.monotonic()
         self.pushes += 1  # counted before the await: a reader may see the ACK before we resume
         if self._observer is not None:
             self._observer.pushed(type_url)
-        await context.write(response)
+        await context.write(wire)
         _log.debug(
             "ads stream %d (%s): pushed %s v%s (%d resources, nonce %s)",
             stream.id,
             stream.node_id,
             type_url,
-            response.version_info,
+            version,
             len(content),
-            response.nonce,
+            nonce,
         )
 
     async def _pump_snapshots(self, node_id: str, inbox: asyncio.Queue[Any]) -> None:

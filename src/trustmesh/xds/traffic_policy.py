@@ -1,12 +1,9 @@
 """DestinationRule ``connectionPool`` and ``outlierDetection`` on outbound clusters (pure).
 
-Istio's semantics (``pilot/pkg/networking/core/cluster_traffic_policy.go``,
-``util.MergeSubsetTrafficPolicy``):
+Which settings apply to a cluster is decided by :mod:`trustmesh.policy.traffic_policy`
+(a :class:`ClusterTrafficPolicy` value); this module maps it to Envoy, as Istio does
+(``pilot/pkg/networking/core/cluster_traffic_policy.go``):
 
-* a ``portLevelSettings`` entry for the cluster's port replaces the top-level policy
-  wholesale: a field it omits falls back to the default, it is not inherited;
-* a subset's policy (itself resolved per port the same way) overrides the destination's
-  field by field — and entirely when the subset has settings for this port;
 * ``connectionPool`` → one ``circuit_breakers`` threshold (Istio's defaults: every limit
   2³²−1, ``track_remaining``), ``connect_timeout``, upstream TCP keepalive and the HTTP
   protocol options (``idle_timeout``, ``max_requests_per_connection``, …);
@@ -20,75 +17,22 @@ Without either field a cluster is left exactly as built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from trustmesh.api import models as m
 from trustmesh.api import traffic as t
-from trustmesh.api.snapshot import Service
 from trustmesh.envoy_json import HTTP_OPTIONS_TYPE
-from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.tls import destination_rule_for  # the rule TLS is read from
+from trustmesh.policy.traffic_policy import ClusterTrafficPolicy, cluster_traffic_policy
 
 __all__ = [
     "ClusterTrafficPolicy",
     "apply_traffic_policy",
     "cluster_traffic_policy",
     "proto_duration",
-    "service_traffic_policy",
 ]
 
 _UNLIMITED = 2**32 - 1
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterTrafficPolicy:
-    """The parts of a DestinationRule's traffic policy that apply to one cluster."""
-
-    connection_pool: t.ConnectionPoolSettings | None = None
-    outlier_detection: t.OutlierDetection | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        return self.connection_pool is None and self.outlier_detection is None
-
-
-def _port_level(
-    policy: m.TrafficPolicy | None, port: int | None
-) -> tuple[ClusterTrafficPolicy | None, bool]:
-    """The policy for ``port``: a matching port-level entry wholesale, else the top level."""
-    if policy is None:
-        return None, False
-    if port is not None:
-        for level in policy.port_level_settings:
-            if level.port is not None and level.port.number == port:
-                return ClusterTrafficPolicy(level.connection_pool, level.outlier_detection), True
-    return ClusterTrafficPolicy(policy.connection_pool, policy.outlier_detection), False
-
-
-def cluster_traffic_policy(
-    rule: m.DestinationRuleSpec | None, port: int | None, subset: str | None = None
-) -> ClusterTrafficPolicy:
-    """What ``rule`` sets for the cluster of ``port`` (and ``subset``, when one is named)."""
-    if rule is None:
-        return ClusterTrafficPolicy()
-    destination, _ = _port_level(rule.traffic_policy, port)
-    chosen = next((s for s in rule.subsets if s.name == subset), None) if subset else None
-    if chosen is None or chosen.traffic_policy is None:
-        return destination or ClusterTrafficPolicy()
-    own, has_port_level = _port_level(chosen.traffic_policy, port)
-    assert own is not None
-    if destination is None:
-        return own
-    pool = destination.connection_pool
-    if own.connection_pool is not None or has_port_level:
-        pool = own.connection_pool
-    outlier = destination.outlier_detection
-    if own.outlier_detection is not None or has_port_level:
-        outlier = own.outlier_detection
-    return ClusterTrafficPolicy(pool, outlier)
 
 
 def proto_duration(text: str) -> str:
@@ -205,12 +149,3 @@ def _apply_outlier_detection(cluster: dict[str, Any], outlier: t.OutlierDetectio
     cluster.setdefault("common_lb_config", {})["healthy_panic_threshold"] = {
         "value": float(outlier.min_health_percent)
     }
-
-
-def service_traffic_policy(
-    mesh: MeshPolicy, client_namespace: str, service: Service, port: int
-) -> ClusterTrafficPolicy:
-    """The policy of the DestinationRule a client in ``client_namespace`` uses for the
-    service's ``port`` cluster (the same rule its TLS setting comes from)."""
-    rule = destination_rule_for(mesh, client_namespace, service)
-    return cluster_traffic_policy(rule.spec if rule is not None else None, port)
