@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from trustmesh.policy.decision import Verdict
 from trustmesh.policy.request import Source
+from trustmesh.policy.trace import render_trace
 
 from .meshutil import compile_text, http, policy, tcp
 
@@ -108,7 +109,7 @@ rules:
     d = ask(mesh(allow_get), method="GET")
     # Istio's docs: the identity is right, yet the L7 rule makes ztunnel deny (curl exit 56).
     assert (d.verdict, d.rule) == (Verdict.DENY, None)
-    assert any("dropped by ztunnel" in step for step in d.trace)
+    assert any("dropped by ztunnel" in step for step in render_trace(d.trace))
 
 
 def test_deny_rules_lose_their_http_attributes() -> None:
@@ -239,8 +240,8 @@ rules: [{}]
     )
     d = ask(mesh(custom + dry, mesh_config="extensionProviders: [{name: opa}]\n"))
     assert d.verdict is Verdict.ALLOW and d.dry_run == ()
-    assert any("does not support the CUSTOM action" in step for step in d.trace)
-    assert any("dry-run policies are not sent to ztunnel" in step for step in d.trace)
+    assert any("does not support the CUSTOM action" in step for step in render_trace(d.trace))
+    assert any("dry-run policies are not sent to ztunnel" in step for step in render_trace(d.trace))
 
 
 def test_a_waypoint_in_the_path_is_unsupported_not_guessed() -> None:

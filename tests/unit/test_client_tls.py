@@ -11,6 +11,7 @@ from tests.unit.meshutil import compile_text, http, policy
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import Verdict
 from trustmesh.policy.tls import UpstreamMode, upstream_tls
+from trustmesh.policy.trace import render_trace
 from trustmesh.xds.translate import translate
 
 HTTPBIN = "httpbin.foo.svc.cluster.local"
@@ -62,10 +63,10 @@ def test_a_rules_istio_mutual_sni_is_what_the_evaluator_and_envoy_send() -> None
     )
     assert sent_sni(sleep_cluster(mesh)) == "custom.example"
     decision = http(mesh)
-    assert decision.verdict is Verdict.ALLOW, decision.trace
+    assert decision.verdict is Verdict.ALLOW, render_trace(decision.trace)
     assert any(
         "DestinationRule foo/httpbin-tls tls ISTIO_MUTUAL: mesh mTLS as" in s
-        for s in decision.trace
+        for s in render_trace(decision.trace)
     )
     other = compile_text(rule("{mode: ISTIO_MUTUAL}") + sni_only("custom.example"))
     assert sent_sni(sleep_cluster(other)) == f"outbound_.8000_._.{HTTPBIN}"
@@ -115,7 +116,7 @@ def test_the_cluster_and_the_verdict_follow_one_decision(
     assert found == socket
     decision = http(mesh)
     assert decision.verdict is verdict
-    assert any(says in step for step in decision.trace), decision.trace
+    assert any(says in step for step in render_trace(decision.trace)), render_trace(decision.trace)
 
 
 def test_a_rule_not_exported_to_the_clients_namespace_does_not_apply() -> None:
@@ -133,10 +134,11 @@ def test_a_rule_not_exported_to_the_clients_namespace_does_not_apply() -> None:
     (cluster,) = [c for c in bar.clusters if c["name"] == CLUSTER]
     assert sent_sni(cluster) == f"outbound_.8000_._.{HTTPBIN}"
     plain = "DestinationRule foo/httpbin-tls tls DISABLE: plaintext"
-    assert any(plain in step for step in http(mesh).trace)
-    assert not any(plain in step for step in http(mesh, src="bar/sleep").trace)
+    assert any(plain in step for step in render_trace(http(mesh).trace))
+    assert not any(plain in step for step in render_trace(http(mesh, src="bar/sleep").trace))
     assert any(
-        "auto mTLS: destination has a sidecar" in s for s in http(mesh, src="bar/sleep").trace
+        "auto mTLS: destination has a sidecar" in s
+        for s in render_trace(http(mesh, src="bar/sleep").trace)
     )
 
 

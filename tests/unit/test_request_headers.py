@@ -7,6 +7,7 @@ from __future__ import annotations
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import Verdict
 from trustmesh.policy.request import Source
+from trustmesh.policy.trace import render_trace
 
 from .meshutil import compile_text, http, policy
 
@@ -107,7 +108,7 @@ def test_a_sidecar_client_meets_its_own_sidecar_first() -> None:
     websocket = (("connection", "Upgrade"), ("upgrade", "websocket"))
     refused = http(mesh, "/ws", headers=websocket)
     assert (refused.verdict, refused.status, refused.rule) == (Verdict.DENY, 403, None)
-    assert any("refused by the client's sidecar" in line for line in refused.trace)
+    assert any("refused by the client's sidecar" in line for line in render_trace(refused.trace))
     assert http(mesh, "/xyz/.%00../abc", headers=websocket).status == 403
     expect = policy(
         "expect",
@@ -256,14 +257,20 @@ rules:
 def test_the_trace_says_what_envoy_removed_and_set() -> None:
     mesh = compile_text(DENY + ALLOW)
     nominated = http(mesh, method="POST", headers=(("connection", "x-user"), ("x-user", "ops")))
-    assert any("removes connection, x-user before any filter" in s for s in nominated.trace)
+    assert any(
+        "removes connection, x-user before any filter" in s for s in render_trace(nominated.trace)
+    )
     sent = (("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/foo/sa/admin"),)
     replaced = http(mesh, "/xfcc", headers=sent)
-    (line,) = [s for s in replaced.trace if "replaces the client's x-forwarded-client-cert" in s]
+    (line,) = [
+        s
+        for s in render_trace(replaced.trace)
+        if "replaces the client's x-forwarded-client-cert" in s
+    ]
     assert "Hash=<SHA-256 of the client certificate>" in line, line
     assert "URI=spiffe://cluster.local/ns/foo/sa/sleep" in line
     # Only headers a policy names are shown as set (x-request-id is, x-forwarded-proto not).
-    plain = http(mesh, "/rid").trace
+    plain = render_trace(http(mesh, "/rid").trace)
     assert any(s.startswith("Envoy sets x-request-id") for s in plain)
     assert not any("x-forwarded-proto" in s for s in plain)
 

@@ -196,3 +196,50 @@ def test_the_translation_holds_no_policy_semantics() -> None:
             assert word not in text, (name, word)
     source = inspect.getsource(rbac_matchers)
     assert "TrustBundle" not in source and "Action" not in source
+
+
+def test_each_policy_is_compiled_once_for_evaluator_and_translator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.unit.meshutil import compile_text
+    from trustmesh.policy import compose, rule_trees
+    from trustmesh.policy.compose import compile_mesh
+    from trustmesh.xds import rbac
+
+    compiled: list[tuple[str, bool, m.Action | None]] = []
+
+    def counting(p: Resource[Any], bundle: TrustBundle, **kw: Any) -> rt.CompiledRules:
+        compiled.append((p.name, kw["for_tcp"], kw.get("action")))
+        return compile_rules(p, bundle, **kw)
+
+    text = policy("allow", "foo", "selector: {matchLabels: {app: httpbin}}\nrules:\n- {}")
+    text += policy("deny", "foo", "action: DENY\nrules:\n- to: [{operation: {ports: ['1']}}]")
+    mesh = compile_mesh(compile_text(text).snapshot)
+    for module in (compose, rule_trees, rbac):
+        monkeypatch.setattr(module, "compile_rules", counting)
+    mesh = compile_mesh(mesh.snapshot)
+    per_mesh = sorted(compiled, key=str)
+    assert per_mesh == sorted(
+        [(n, tcp, None) for n in ("allow", "deny") for tcp in (False, True)], key=str
+    )
+    httpbin = mesh.workloads["foo/httpbin"]
+    http = rbac.http_rbac_filters(httpbin, mesh)
+    tcp = rbac.network_rbac_filters(httpbin, mesh, 8000)
+    assert len(http) == len(tcp) == 2  # DENY then ALLOW, from the trees compiled above
+    assert sorted(compiled, key=str) == per_mesh  # the translator compiled nothing again
+
+
+def test_the_header_guards_read_the_tree() -> None:
+    from trustmesh.policy.authz import condition_header_names, reads_host
+
+    resource = _resource(
+        """rules:
+- to: [{operation: {notHosts: [internal.foo]}}]
+  when: [{key: "request.headers[X-User]", notValues: [ops]}]
+- when: [{key: "request.headers[:authority]", values: ["*"]}, {key: source.ip, values: [10.0.0.1]}]
+"""
+    )
+    trees = compile_rules(resource, BUNDLE, for_tcp=False).rules
+    assert condition_header_names(trees) == {"x-user", ":authority"}
+    assert reads_host(resource, trees[:1]) and reads_host(resource, trees[1:])
+    assert not reads_host(resource, ()) and condition_header_names(()) == frozenset()

@@ -17,6 +17,7 @@ import pytest
 
 from trustmesh.config import load_config
 from trustmesh.policy.testing import CaseResult, run_case
+from trustmesh.policy.trace import render_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 MESH_DIR = ROOT / "examples" / "mesh"
@@ -57,7 +58,7 @@ def _report(result: CaseResult) -> str:
     lines = [f"{result.suite} / {result.case} ({result.location})"]
     lines += [f"  {failure}" for failure in result.failures]
     if result.decision is not None:
-        lines += [f"    · {step}" for step in result.decision.trace]
+        lines += [f"    · {step}" for step in render_trace(result.decision.trace)]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import Decision, RequestError, Verdict
 from trustmesh.policy.evaluate import evaluate
 from trustmesh.policy.request import HttpRequest, Request, Source
+from trustmesh.policy.trace import render_trace
 
 from .meshutil import NOW, compile_text, http, policy, tcp
 
@@ -31,7 +32,7 @@ rules:
     )
     assert tcp(mesh, 9000).verdict is DENY
     assert tcp(mesh, 9001).verdict is DENY
-    assert "none has a rule for TCP" in " ".join(tcp(mesh, 9000).trace)
+    assert "none has a rule for TCP" in " ".join(render_trace(tcp(mesh, 9000).trace))
 
 
 def test_allow_ports_without_http_fields_still_work_on_tcp() -> None:
@@ -633,7 +634,7 @@ def test_a_port_the_workload_does_not_declare_reaches_nothing() -> None:
     allowed = http(mesh, port=9999)
     assert (allowed.verdict, allowed.status) == (RESET, 503)
     assert "nothing listens on port 9999 of foo/httpbin (it declares 8000)" in allowed.reason
-    assert allowed.reason in allowed.trace
+    assert allowed.reason in render_trace(allowed.trace)
     assert (http(mesh, port=8000).verdict, http(mesh, port=8000).status) == (ALLOW, 200)
     plaintext_to_legacy = http(mesh, port=9999, source=Source.plaintext(), dst="legacy/httpbin")
     assert (plaintext_to_legacy.verdict, plaintext_to_legacy.status) == (RESET, None)
@@ -659,7 +660,7 @@ def test_a_sidecar_client_is_routed_by_its_host() -> None:
         assert (delivered.verdict, delivered.principal) == (ALLOW, "cluster.local/ns/foo/sa/sleep")
     passed = http(mesh, host="internal.foo")
     assert (passed.verdict, passed.principal) == (ALLOW, None)
-    assert any("PassthroughCluster" in step for step in passed.trace)
+    assert any("PassthroughCluster" in step for step in render_trace(passed.trace))
     assert http(mesh, host="httpbin.foo:9999").principal is None  # not a domain of port 8000
     strict = compile_text(
         policy("strict", "foo", "mtls: {mode: STRICT}", kind="PeerAuthentication")
@@ -700,7 +701,9 @@ def test_a_sidecar_client_dialling_a_port_no_service_covers_leaves_without_mtls(
     mesh = compile_text(METRICS_PORT)
     passed = tcp(mesh, 9191, dst="foo/metrics")
     assert passed.verdict is ALLOW
-    assert any("PassthroughCluster" in step for step in passed.trace), passed.trace
+    assert any("PassthroughCluster" in step for step in render_trace(passed.trace)), render_trace(
+        passed.trace
+    )
     only_sleep = policy(
         "only-sleep", "foo", "selector: {matchLabels: {app: metrics}}\n"
         "rules: [{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]",

@@ -25,6 +25,7 @@ from trustmesh.policy.decision import Decision, Verdict
 from trustmesh.policy.routing import RouteChoice
 from trustmesh.policy.targets import Destination, Target
 from trustmesh.policy.testing import CaseResult
+from trustmesh.policy.trace import render_trace
 from trustmesh.runtime.live import LiveCaseResult
 
 _out = Console(highlight=False, soft_wrap=True)
@@ -186,7 +187,7 @@ def decision(d: Decision, output: str) -> None:
         table.add_row("[yellow]assumed[/yellow]", _escape(assumption))
     _out.print(table)
     _out.print("trace:")
-    for step in d.trace:
+    for step in render_trace(d.trace):
         _out.print(f"  {_escape(step)}")
 
 
@@ -264,7 +265,7 @@ def test_results(results: Sequence[CaseResult], output: str) -> None:
             for failure in r.failures:
                 _out.print(f"     {_escape(failure)}")
             if r.decision is not None:
-                for step in r.decision.trace:
+                for step in render_trace(r.decision.trace):
                     _out.print(f"       · {_escape(step)}")
     for assumption in assumptions:
         _out.print(f"[yellow]assumed:[/yellow] {_escape(assumption)}")

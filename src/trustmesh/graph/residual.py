@@ -2,23 +2,23 @@
 
 For one source → destination:port the connection attributes are fixed: the peer principal
 mTLS gives (or none), the addresses, the port, the SNI. Every check of a compiled rule
-(:class:`trustmesh.policy.authz.Check`) reads one attribute, named by its label; checks on
-connection attributes are decided here with the rule's own test, and checks on what a
-client chooses per request (method, path, host, headers, its JWT, X-Forwarded-For, and the
-source address when the inputs do not give it) stay as :class:`Atom` values. A rule then
-becomes an OR of AND-clauses of atoms (:class:`Clause`): none (it never matches this
-connection), one empty clause (it matches every request), or the conditions under which
-it matches. Pure: reads the compiled rules and the written rule they come from.
+(:class:`trustmesh.policy.authz.Check`) holds its field of the rule tree: a field whose
+matchers read only the connection is decided here with the rule's own test, one whose
+matchers read what a client chooses per request (method, path, host, headers, its JWT,
+X-Forwarded-For, and the source address when the inputs do not give it) stays as an
+:class:`Atom`. A rule then becomes an OR of AND-clauses of atoms (:class:`Clause`): none
+(it never matches this connection), one empty clause (it matches every request), or the
+conditions under which it matches. Pure: reads the compiled rules and their trees (no written rule).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from itertools import product
 
-from trustmesh.api import models as m
+from trustmesh.api.conditions import ConditionKey, KeyKind
 from trustmesh.graph.model import Atom, Clause
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import Check, CompiledRule
 from trustmesh.policy.request import Attributes
 
@@ -26,23 +26,26 @@ from trustmesh.policy.request import Attributes
 # caller says so.
 MAX_CLAUSES = 64
 
-_FIELDS = {  # compiled label (without "not") → (attribute, written field)
-    "principals": ("peer principal", "principals"),
-    "namespaces": ("peer namespace", "namespaces"),
-    "serviceAccounts": ("peer service account", "serviceAccounts"),
-    "trustDomains": ("peer trust domain", "trustDomains"),
-    "ipBlocks": ("source ip", "ipBlocks"),
-    "remoteIpBlocks": ("remote ip (X-Forwarded-For)", "remoteIpBlocks"),
-    "requestPrincipals": ("request principal (JWT iss/sub)", "requestPrincipals"),
-    "ports": ("port", "ports"),
-    "hosts": ("host", "hosts"),
-    "methods": ("method", "methods"),
-    "paths": ("path", "paths"),
+_ATTRIBUTES = {  # a from/to field, as written without "not" → the attribute it reads
+    "ipBlocks": "source ip",
+    "remoteIpBlocks": "remote ip (X-Forwarded-For)",
+    "requestPrincipals": "request principal (JWT iss/sub)",
+    "hosts": "host",
+    "methods": "method",
+    "paths": "path",
 }
-# Attributes a client chooses per request; everything else is fixed by the connection.
-_REQUEST_LABELS = frozenset({"hosts", "methods", "paths", "requestPrincipals", "remoteIpBlocks"})
-_WHEN = re.compile(r"^when\[(.+)\]\.(values|notValues)")
-_CLAIM = re.compile(r"\[([^\[\]]+)\]")
+# Matchers of what a client chooses per request; every other leaf is fixed by the
+# connection (a source address only when the inputs give it).
+_PER_REQUEST = (
+    rt.Host,
+    rt.Method,
+    rt.Path,
+    rt.PathTemplate,
+    rt.RequestHeader,
+    rt.RequestPrincipal,
+    rt.JwtClaim,
+    rt.RemoteIp,
+)
 
 
 class Residual:
@@ -60,7 +63,6 @@ class Residual:
         return out
 
     def rule(self, rule: CompiledRule) -> list[tuple[Atom, ...]]:
-        written: m.Rule = (rule.policy.spec.rules or ())[rule.rule_index]
         parts: list[list[tuple[Atom, ...]]] = []
         for part, clauses in (("from", rule.sources), ("to", rule.operations)):
             if clauses is None:
@@ -68,12 +70,12 @@ class Residual:
             options = [
                 atoms
                 for index, clause in enumerate(clauses)
-                if (atoms := self._clause(clause, written, part, index)) is not None
+                if (atoms := self._clause(clause, part, index)) is not None
             ]
             if not options:
                 return []
             parts.append(options)
-        conditions = self._clause(rule.conditions, written, "when", 0)
+        conditions = self._clause(rule.conditions, "when", 0)
         if conditions is None:
             return []
         parts.append([conditions])
@@ -86,93 +88,59 @@ class Residual:
                 break
         return absorb(combined)
 
-    def _clause(
-        self, checks: Sequence[Check], written: m.Rule, part: str, index: int
-    ) -> tuple[Atom, ...] | None:
+    def _clause(self, checks: Sequence[Check], part: str, index: int) -> tuple[Atom, ...] | None:
         """The atoms of one from/to entry (or of the when list); None: it fails here."""
         atoms: list[Atom] = []
-        when_seen: dict[str, int] = {}
         for check in checks:
-            atom = self._atom(check, written, part, index, when_seen)
+            atom = self._atom(check, part, index)
             if atom is not None:
                 atoms.append(atom)
             elif not check.test(self.base):
                 return None
         return tuple(atoms)
 
-    def _atom(
-        self, check: Check, written: m.Rule, part: str, index: int, when_seen: dict[str, int]
-    ) -> Atom | None:
-        """The atom ``check`` leaves when it reads a request attribute; None when the
-        connection decides it."""
-        label = check.label
-        if part == "when":
-            found = _WHEN.match(label)
-            if found is None:
-                return None
-            key, which = found.group(1), found.group(2)
-            if not self._per_request_key(key):
-                return None
-            # The n-th check with this key and kind is the n-th such condition written.
-            seen = when_seen.get(label, 0)
-            when_seen[label] = seen + 1
-            matching = [c for c in written.when if c.key == key]
-            values: list[str] = []
-            count = 0
-            for condition in matching:
-                chosen = condition.values if which == "values" else condition.not_values
-                if chosen:
-                    if count == seen:
-                        values = list(chosen)
-                        break
-                    count += 1
-            return Atom(
-                _when_attribute(key),
-                f"when[{key}].{which}",
-                tuple(values),
-                which == "notValues",
-                check.test,
-            )
-        negated = label.startswith("not") and label[3:4].isupper()
-        name = label[3].lower() + label[4:] if negated else label
-        if name not in _REQUEST_LABELS and not (name == "ipBlocks" and self.base.source_ip is None):
+    def _atom(self, check: Check, part: str, index: int) -> Atom | None:
+        """The atom ``check`` leaves when its matcher reads a request attribute; None when
+        the connection decides it."""
+        tree_field = check.tree_field
+        if tree_field is None or not self._per_request(tree_field.matcher):
             return None
-        attribute, written_field = _FIELDS[name]
-        field_name = (
-            f"not{written_field[0].upper()}{written_field[1:]}" if negated else written_field
+        negated, written = tree_field.negated, tree_field.written
+        condition = tree_field.condition
+        if condition is not None:
+            where = f"when[{condition.key}].{'notValues' if negated else 'values'}"
+            return Atom(_when_attribute(condition), where, written, negated, check.test)
+        name = tree_field.name
+        field_name = f"not{name[0].upper()}{name[1:]}" if negated else name
+        entry = "source" if part == "from" else "operation"
+        where = f"{part}[{index}].{entry}.{field_name}"
+        return Atom(_ATTRIBUTES[name], where, written, negated, check.test)
+
+    def _per_request(self, matcher: rt.Matcher) -> bool:
+        unknown_source = self.base.source_ip is None
+        return any(
+            isinstance(leaf, _PER_REQUEST) or (unknown_source and isinstance(leaf, rt.SourceIp))
+            for leaf in rt.leaves(matcher)
         )
-        if part == "from":
-            entry: object = written.from_[index].source
-            where = f"from[{index}].source.{field_name}"
-        else:
-            entry = written.to[index].operation
-            where = f"to[{index}].operation.{field_name}"
-        snake = re.sub(r"([A-Z])", lambda c: "_" + c.group(1).lower(), field_name)
-        raw = getattr(entry, snake, ())
-        return Atom(attribute, where, tuple(str(v) for v in raw), negated, check.test)
-
-    def _per_request_key(self, key: str) -> bool:
-        if key.startswith("request.") or key == "remote.ip":
-            return True
-        return key == "source.ip" and self.base.source_ip is None
 
 
-def _when_attribute(key: str) -> str:
-    if key.startswith("request.headers["):
-        return f"header {key[len('request.headers[') : -1].lower()}"
-    if key == "request.auth.principal":
-        return "request principal (JWT iss/sub)"
-    if key == "request.auth.audiences":
-        return "JWT audience"
-    if key == "request.auth.presenter":
-        return "JWT presenter (azp)"
-    if key.startswith("request.auth.claims"):
-        return "JWT claim " + ".".join(_CLAIM.findall(key[len("request.auth.claims") :]))
-    if key == "remote.ip":
-        return "remote ip (X-Forwarded-For)"
-    if key == "source.ip":
-        return "source ip"
-    return key
+def _when_attribute(condition: ConditionKey) -> str:
+    match condition.kind:
+        case KeyKind.REQUEST_HEADER:
+            return f"header {condition.names[0].lower()}"
+        case KeyKind.REQUEST_PRINCIPAL:
+            return "request principal (JWT iss/sub)"
+        case KeyKind.REQUEST_AUDIENCES:
+            return "JWT audience"
+        case KeyKind.REQUEST_PRESENTER:
+            return "JWT presenter (azp)"
+        case KeyKind.REQUEST_CLAIM:
+            return "JWT claim " + ".".join(condition.names)
+        case KeyKind.REMOTE_IP:
+            return "remote ip (X-Forwarded-For)"
+        case KeyKind.SOURCE_IP:
+            return "source ip"
+    return condition.key
 
 
 def absorb(clauses: list[tuple[Atom, ...]]) -> list[tuple[Atom, ...]]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from trustmesh.api import models as m
-from trustmesh.api.conditions import KeyKind, condition_key
 from trustmesh.api.resources import Resource
 from trustmesh.policy import matchers as mt
 from trustmesh.policy import rule_tree as rt
@@ -39,6 +38,7 @@ __all__ = [
     "predicate",
     "reads_host",
     "rule_name",
+    "rules_of_trees",
 ]
 
 Test = Callable[[Attributes], bool]
@@ -247,9 +247,15 @@ def compile_policy(
     policy: Resource[Any], bundle: TrustBundle, *, for_tcp: bool
 ) -> list[CompiledRule]:
     """Istio's RBAC policies for one AuthorizationPolicy (for HTTP or for TCP chains)."""
+    return rules_of_trees(policy, rt.compile_rules(policy, bundle, for_tcp=for_tcp), for_tcp)
+
+
+def rules_of_trees(
+    policy: Resource[Any], compiled: rt.CompiledRules, for_tcp: bool
+) -> list[CompiledRule]:
+    """The evaluator's rules for ``policy``'s trees (compiled with its own action)."""
     spec: m.AuthorizationPolicySpec = policy.spec
     provider = spec.provider.name if spec.provider else None
-    compiled = rt.compile_rules(policy, bundle, for_tcp=for_tcp)
     return [
         CompiledRule(
             name=tree.name,
@@ -275,41 +281,36 @@ def _clause(fields: rt.Clause) -> Clause:
     return tuple(Check(f.label, predicate(f.matcher), f) for f in fields)
 
 
-def condition_header_names(policy: Resource[Any]) -> frozenset[str]:
-    """Lower-case names of the headers ``policy``'s ``request.headers[NAME]`` conditions read.
+def condition_header_names(trees: Iterable[rt.RuleTree]) -> frozenset[str]:
+    """Lower-case names of the headers the rule trees' ``request.headers[NAME]``
+    conditions read (a policy's HTTP trees: a dropped rule reads nothing).
 
     Example: ``when: [{key: "request.headers[X-User]", notValues: [ops]}]`` → ``{"x-user"}``.
     """
-    spec: m.AuthorizationPolicySpec = policy.spec
-    names: set[str] = set()
-    for rule in spec.rules or ():
-        for condition in rule.when:
-            names.update(n.lower() for n in _header_names(condition.key))
-    return frozenset(names)
+    return frozenset(
+        leaf.name.lower()
+        for tree in trees
+        for leaf in tree.leaves()
+        if isinstance(leaf, rt.RequestHeader)
+    )
 
 
-def reads_host(policy: Resource[Any]) -> bool:
+def reads_host(policy: Resource[Any], trees: Iterable[rt.RuleTree]) -> bool:
     """Whether ``policy``'s decision can depend on the request's Host: a ``hosts`` /
-    ``notHosts`` operation, a ``request.headers[host]`` (or ``[:authority]``) condition, or
-    a CUSTOM action, whose external authorizer is handed the Host. Where one applies,
-    trustmesh's host guard refuses an ambiguous Host first (:mod:`trustmesh.policy.headers`).
+    ``notHosts`` operation, a ``request.headers[host]`` (or ``[:authority]``) condition in
+    one of its (HTTP) rule trees, or a CUSTOM action, whose external authorizer is handed
+    the Host. Where one applies, trustmesh's host guard refuses an ambiguous Host first
+    (:mod:`trustmesh.policy.headers`).
     """
     spec: m.AuthorizationPolicySpec = policy.spec
     if spec.action is m.Action.CUSTOM:
         return True
-    for rule in spec.rules or ():
-        if any(t.operation.hosts or t.operation.not_hosts for t in rule.to):
-            return True
-        for condition in rule.when:
-            if any(n.lower() in ("host", ":authority") for n in _header_names(condition.key)):
-                return True
-    return False
-
-
-def _header_names(key: str) -> tuple[str, ...]:
-    """The header a ``request.headers[NAME]`` key reads; () for every other key."""
-    known = condition_key(key)
-    return known.names if known is not None and known.kind is KeyKind.REQUEST_HEADER else ()
+    return any(
+        isinstance(leaf, rt.Host)
+        or (isinstance(leaf, rt.RequestHeader) and leaf.name.lower() in ("host", ":authority"))
+        for tree in trees
+        for leaf in tree.leaves()
+    )
 
 
 # --- the rule index ---------------------------------------------------------------------
@@ -320,7 +321,7 @@ def _index_keys(tree: rt.RuleTree, for_tcp: bool) -> IndexKeys:
     if tree.operations and not for_tcp:
         paths = [_positive(clause, "paths") for clause in tree.operations]
         if all(p is not None for p in paths) and not any(
-            f.label == "notPaths" for c in tree.operations for f in c
+            f.name == "paths" and f.negated for c in tree.operations for f in c
         ):
             leaves = [leaf for p in paths for leaf in p or ()]
             if all(isinstance(v, rt.Path) and v.pattern.kind in _INDEXED for v in leaves):
@@ -358,10 +359,11 @@ _EXACT, _PREFIX = rt.TextKind.EXACT, rt.TextKind.PREFIX
 _INDEXED = (_EXACT, _PREFIX)
 
 
-def _positive(clause: rt.Clause, label: str) -> tuple[rt.Matcher, ...] | None:
-    """The alternatives of ``clause``'s field ``label`` (an OR of values), or None."""
+def _positive(clause: rt.Clause, name: str) -> tuple[rt.Matcher, ...] | None:
+    """The alternatives of ``clause``'s field ``name`` (not its not-form: an OR of
+    values), or None."""
     for f in clause:
-        if f.label == label and isinstance(f.matcher, rt.Or):
+        if f.name == name and not f.negated and isinstance(f.matcher, rt.Or):
             return f.matcher.items
     return None
 

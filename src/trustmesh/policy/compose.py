@@ -22,12 +22,14 @@ from trustmesh.policy.authz import (
     CompiledRule,
     RuleSet,
     TrustBundle,
-    compile_policy,
     condition_header_names,
     reads_host,
+    rules_of_trees,
 )
 from trustmesh.policy.jwt import JwtProvider, parse_jwks
 from trustmesh.policy.pathnorm import PathNormalization
+from trustmesh.policy.rule_tree import CompiledRules, compile_rules
+from trustmesh.policy.rule_trees import RULE_TREES, TreeKey, tree_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,19 +173,37 @@ def compile_mesh(
     jwt_cache: dict[tuple[int, ...], tuple[JwtProvider, ...]] = {}
     provider_cache: dict[int, list[JwtProvider]] = {}
 
+    trees: dict[TreeKey, CompiledRules] = {}  # left in RULE_TREES for the translator
+
     def rules_of(policy: Resource[Any]) -> tuple[list[CompiledRule], list[CompiledRule]]:
         key = id(policy)
         if key not in compiled_rules:
+            http = trees[tree_key(policy, for_tcp=False)] = compile_rules(
+                policy, bundle, for_tcp=False
+            )
+            tcp = trees[tree_key(policy, for_tcp=True)] = compile_rules(
+                policy, bundle, for_tcp=True
+            )
             compiled_rules[key] = (
-                compile_policy(policy, bundle, for_tcp=False),
-                compile_policy(policy, bundle, for_tcp=True),
+                rules_of_trees(policy, http, for_tcp=False),
+                rules_of_trees(policy, tcp, for_tcp=True),
             )
         return compiled_rules[key]
+
+    guards: dict[int, tuple[frozenset[str], bool]] = {}
+
+    def guards_of(policy: Resource[Any]) -> tuple[frozenset[str], bool]:
+        """The headers the policy's conditions read, and whether it reads the Host."""
+        found = guards.get(id(policy))
+        if found is None:
+            trees = [r.tree for r in rules_of(policy)[0] if r.tree is not None]
+            found = guards[id(policy)] = (condition_header_names(trees), reads_host(policy, trees))
+        return found
 
     def authz_for(policies: list[Resource[Any]]) -> AuthzPolicy:
         key = tuple(id(p) for p in policies)
         if key not in authz_cache:
-            authz_cache[key] = _authz_policy(policies, rules_of)
+            authz_cache[key] = _authz_policy(policies, rules_of, guards_of)
         return authz_cache[key]
 
     def jwt_for(policies: list[Resource[Any]]) -> tuple[JwtProvider, ...]:
@@ -209,18 +229,21 @@ def compile_mesh(
             egress_mode=_egress_mode(workload, sidecars, mesh, root),
             services=snapshot.services_of(workload),
         )
-    return MeshPolicy(
+    compiled = MeshPolicy(
         snapshot=snapshot,
         bundle=bundle,
         path_normalization=PathNormalization.from_mesh(mesh.path_normalization.normalization),
         extension_providers=frozenset(p.name for p in mesh.extension_providers),
         workloads=workloads,
     )
+    RULE_TREES.table(compiled).update(trees)
+    return compiled
 
 
 def _authz_policy(
     policies: list[Resource[Any]],
     rules_of: Callable[[Resource[Any]], tuple[list[CompiledRule], list[CompiledRule]]],
+    guards_of: Callable[[Resource[Any]], tuple[frozenset[str], bool]],
 ) -> AuthzPolicy:
     groups: dict[str, list[Resource[Any]]] = defaultdict(list)
     for policy in policies:
@@ -241,8 +264,8 @@ def _authz_policy(
         audit=rules("AUDIT"),
         dry_run_deny=rules("dry-DENY"),
         dry_run_allow=rules("dry-ALLOW"),
-        condition_headers=frozenset().union(*(condition_header_names(p) for p in policies)),
-        reads_host=any(reads_host(p) for p in policies),
+        condition_headers=frozenset().union(*(guards_of(p)[0] for p in policies)),
+        reads_host=any(guards_of(p)[1] for p in policies),
     )
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from trustmesh.policy.trace import TraceEvent
 
 
 class Verdict(enum.Enum):
@@ -45,7 +48,8 @@ class Decision(NamedTuple):
     reason: str
     dry_run: tuple[ShadowResult, ...] = ()
     audit: str | None = None
-    trace: tuple[str, ...] = ()
+    # Frozen events (trustmesh.policy.trace), rendered to text by ``render_trace``.
+    trace: tuple[TraceEvent, ...] = ()
     upstream_headers: tuple[tuple[str, str], ...] = ()
     principal: str | None = None
     request_principal: str | None = None
@@ -54,6 +58,8 @@ class Decision(NamedTuple):
     assumptions: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
+        from trustmesh.policy.trace import event_json, render_trace  # it imports this module
+
         return {
             "verdict": self.verdict.value,
             "status": self.status,
@@ -68,5 +74,6 @@ class Decision(NamedTuple):
             "request_principal": self.request_principal,
             "upstream_headers": dict(self.upstream_headers),
             "assumptions": list(self.assumptions),
-            "trace": list(self.trace),
+            "trace": list(render_trace(self.trace)),
+            "events": [event_json(event) for event in self.trace],
         }

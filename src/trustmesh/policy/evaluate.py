@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
@@ -61,6 +62,22 @@ from trustmesh.policy.tls import (
     egress_decision,
     service_for,
     sidecar_client_route,
+)
+from trustmesh.policy.trace import (
+    AllowPhase,
+    DataplaneSeen,
+    ExtAuthzAnswer,
+    JwtOutcome,
+    JwtStep,
+    NoRuleForProtocol,
+    PeerAuthentication,
+    PeerPrincipal,
+    RuleEvaluated,
+    ShadowEvaluated,
+    Step,
+    TlsChoice,
+    TlsReset,
+    TraceEvent,
 )
 from trustmesh.policy.ztunnel_eval import ambient_source_tls, evaluate_ztunnel
 
@@ -111,14 +128,17 @@ ACCESS_DENIED = "RBAC: access denied"
 class _Run:
     """Per-decision scratch: the trace (None when off) and shadow results."""
 
-    trace: list[str] | None
+    trace: list[TraceEvent] | None
     shadow: list[ShadowResult] = field(default_factory=list)
     assumptions: tuple[str, ...] = ()  # rarely set: no list built per decision
 
-    def note(self, template: str, *args: object) -> None:
-        """Record a step; formatting happens only when tracing is on."""
+    def note(self, template: str | TraceEvent, *args: object) -> None:
+        """Record an event, or a step told in words (a :class:`Step`, formatted only
+        when tracing is on)."""
         if self.trace is not None:
-            self.trace.append(template.format(*args) if args else template)
+            if isinstance(template, str):
+                template = Step(template.format(*args) if args else template)
+            self.trace.append(template)
 
 
 def evaluate(
@@ -171,13 +191,16 @@ def _decide(
         return _without_sidecar(mesh, request, source_workload, target, port, run)
 
     mode = target.mtls.for_port(port)
-    run.note(
-        "destination {} port {}: PeerAuthentication {} ({})",
-        target.workload.ref,
-        port,
-        mode.mode.value,
-        f"from {mode.scope} policy {mode.policy}" if mode.policy else "default",
-    )
+    if run.trace is not None:
+        run.trace.append(
+            PeerAuthentication(
+                target.workload.ref,
+                port,
+                mode.mode.value,
+                mode.scope if mode.policy else None,
+                mode.policy or None,
+            )
+        )
     passthrough: ClientTls | None = None
     host = _client_authority(request)
     sidecar_client = source_workload is not None and source_workload.dataplane.mode is _SIDECAR
@@ -207,10 +230,11 @@ def _decide(
         if remembered is not None:
             remembered[tls_key] = tls
     tls = passthrough or tls
-    run.note(tls.explanation)
+    if run.trace is not None:
+        run.trace.append(TlsChoice(tls.explanation))
     reset = tls.conflict or _tls_mismatch(tls, mode.mode)
     if reset:
-        run.note(reset)
+        run.note(TlsReset(reset))
         status = 503 if is_http and tls.client_has_sidecar else None
         return _finish(run, Verdict.RESET, status, None, reset)
 
@@ -223,8 +247,8 @@ def _decide(
         is_http=is_http,
     )
     attrs.remote_ip = attrs.source_ip
-    if tls.principal:
-        run.note("peer principal {}", tls.principal)
+    if tls.principal and run.trace is not None:
+        run.trace.append(PeerPrincipal(tls.principal))
     if request.http is not None:
         proxy = None
         if tls.client_has_sidecar:
@@ -281,7 +305,7 @@ def _at_gateway(
         return rejected
     decision = _authorize(mesh, target, attrs, run, ext_authz or {}, now)
     if decision.verdict is Verdict.ALLOW and decision.trace:
-        note = "then the gateway's routes answer (VirtualService; none matching: 404)"
+        note = Step("then the gateway's routes answer (VirtualService; none matching: 404)")
         return decision._replace(trace=(*decision.trace, note))
     return decision
 
@@ -366,7 +390,7 @@ def _authorize(
             run.note(reason)
             return _finish(run, Verdict.DENY, denied_status, rule, reason)
         else:
-            run.note(f"external authorizer {provider!r} answers {'allow' if allowed else 'deny'}")
+            run.note(ExtAuthzAnswer(provider, allowed))
             if not allowed:
                 return _finish(run, Verdict.DENY, denied_status, rule, f"denied by {provider}")
 
@@ -374,9 +398,8 @@ def _authorize(
     if is_http and target.jwt_providers:
         jwt = run_jwt_filter(target.jwt_providers, attrs.headers, attrs.query, attrs.method, now)
         if run.trace is not None:
-            for step in jwt.steps:
-                run.note("JWT {}", step)
-        run.note("JWT: {}: {}", jwt.status.value, jwt.message)
+            run.trace.extend([JwtStep(step) for step in jwt.steps])
+            run.trace.append(JwtOutcome(jwt.status.value, jwt.message))
         if jwt.status is JwtStatus.UNAUTHENTICATED:
             return _finish(run, Verdict.UNAUTHENTICATED, 401, None, jwt.message)
         if jwt.status is JwtStatus.AUDIENCE:
@@ -399,7 +422,7 @@ def _authorize(
         )
     _shadow(authz.dry_run_allow, "ALLOW", attrs, run)
     if not authz.allow.applies:
-        run.note("no ALLOW policy applies: allowed")
+        run.note(AllowPhase("none-apply", "HTTP" if is_http else "TCP"))
         return _finish(
             run,
             Verdict.ALLOW,
@@ -412,11 +435,12 @@ def _authorize(
         )
     allow = _first(authz.allow, attrs, run, "ALLOW")
     if allow is None:
-        if not authz.allow.for_protocol(is_http):
-            protocol = "HTTP" if is_http else "TCP"
-            run.note("ALLOW policies apply but none has a rule for {}: denied", protocol)
-        else:
-            run.note("no ALLOW rule matched: denied")
+        if run.trace is not None:
+            protocol: Literal["HTTP", "TCP"] = "HTTP" if is_http else "TCP"
+            if not authz.allow.for_protocol(is_http):
+                run.trace.append(AllowPhase("no-rule-for-protocol", protocol))
+            else:
+                run.trace.append(AllowPhase("no-match", protocol))
         why = ACCESS_DENIED
         return _finish(run, Verdict.DENY, denied_status, None, why, attrs, upstream, audit_name)
     return _finish(
@@ -470,10 +494,9 @@ def _first(rules: ActionRules, attrs: Attributes, run: _Run, label: str) -> Comp
     rule_set = rules.for_protocol(attrs.is_http)
     found = rule_set.first_match(attrs)
     if run.trace is not None:
-        for outcome in rule_set.outcomes(attrs):
-            run.note("{} {}: {}", label, outcome.rule.name, outcome.text())
+        run.trace.extend([RuleEvaluated(label, outcome) for outcome in rule_set.outcomes(attrs)])
         if not rule_set:
-            run.note(f"{label}: {len(rules.policies)} policies apply, no rule for this protocol")
+            run.trace.append(NoRuleForProtocol(label, len(rules.policies)))
     return found
 
 
@@ -490,7 +513,7 @@ def _shadow(rules: ActionRules, action: str, attrs: Attributes, run: _Run) -> No
             action, "allowed" if matched else "denied", matched.name if matched else None
         )
     run.shadow.append(result)
-    run.note(result.log_line())
+    run.note(ShadowEvaluated(result))
 
 
 def _finish(
@@ -608,16 +631,16 @@ def _unless_nothing_listens(mesh: MeshPolicy, request: Request, decision: Decisi
         verdict=Verdict.RESET,
         status=503 if http and proxy else None,
         reason=reason,
-        trace=(*decision.trace, reason) if decision.trace else (),
+        trace=(*decision.trace, Step(reason)) if decision.trace else (),
         upstream_headers=(),
     )
 
 
-def _dataplane(run: _Run, role: str, workload: Workload) -> None:
+def _dataplane(run: _Run, role: Literal["source", "destination"], workload: Workload) -> None:
     """Trace how ``workload`` meets the mesh; keep it when the input does not show it."""
     dataplane = workload.dataplane
     if run.trace is not None:
-        run.note("{} {}: {}", role, workload.ref, dataplane.describe())
+        run.trace.append(DataplaneSeen(role, workload.ref, dataplane.describe()))
     if dataplane.uncertain:
         run.assumptions += (f"{role} {workload.ref}: {dataplane.describe()}",)
 

@@ -30,8 +30,8 @@ import enum
 import ipaddress
 import re
 import typing
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from trustmesh.api import models as m
 from trustmesh.api.conditions import ConditionKey, KeyKind, Side, condition_key
@@ -70,6 +70,7 @@ __all__ = [
     "TrustDomain",
     "Unsupported",
     "compile_rules",
+    "leaves",
     "request_principal",
     "rule_name",
 ]
@@ -319,14 +320,35 @@ Leaf = (
 Matcher = And | Or | Not | Leaf
 
 
+def leaves(matcher: Matcher) -> Iterator[Leaf]:
+    """The leaf matchers of ``matcher``, in order, under any And / Or / Not."""
+    if isinstance(matcher, And | Or):
+        for item in matcher.items:
+            yield from leaves(item)
+    elif isinstance(matcher, Not):
+        yield from leaves(matcher.item)
+    else:
+        yield matcher
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     """One written field of a rule (``principals``, ``notPaths``, ``when[k].values``):
-    its trace ``label``, the side of Envoy's Policy it belongs to, and its matcher."""
+    its trace ``label``, the side of Envoy's Policy it belongs to, and its matcher.
+
+    Where it was written, for readers that show it (the analyzer, the graph): ``name``
+    the field without ``not`` (``paths``; ``values`` for a condition), ``condition`` the
+    ``when`` key, ``written`` the values as written (before trust domain aliases are
+    added), ``negated`` for
+    ``notPaths`` / ``notValues``. They do not take part in equality."""
 
     label: str
     side: Side
     matcher: Matcher
+    name: str = field(default="", compare=False)
+    condition: ConditionKey | None = field(default=None, compare=False)
+    written: tuple[str, ...] = field(default=(), compare=False)
+    negated: bool = field(default=False, compare=False)
 
 
 Clause = tuple[Field, ...]
@@ -352,6 +374,12 @@ class RuleTree:
                 parts.append(Or(tuple(And(tuple(f.matcher for f in c)) for c in clauses)))
         parts.extend(f.matcher for f in self.when)
         return And(tuple(parts))
+
+    def leaves(self) -> Iterator[Leaf]:
+        """Every leaf matcher of the rule (what it reads), under any And / Or / Not."""
+        for clause in (*(self.sources or ()), *(self.operations or ()), self.when):
+            for written in clause:
+                yield from leaves(written.matcher)
 
     def principals(self) -> tuple[And, ...]:
         """Envoy's ``principals`` (ORed): each ``from`` entry with the principal-side
@@ -540,7 +568,7 @@ class _Builder:
     def _source(self, s: m.Source) -> Clause:
         principal, bundle = Side.PRINCIPAL, self.bundle
         fields: tuple[tuple[str, Sequence[str], Sequence[str], _Build], ...] = (
-            ("principals", bundle.expand(s.principals), bundle.expand(s.not_principals), _PEER),
+            ("principals", s.principals, s.not_principals, _PEER),
             (
                 "requestPrincipals",
                 s.request_principals,
@@ -548,19 +576,15 @@ class _Builder:
                 _AllValues(self._request_principals),
             ),
             ("serviceAccounts", s.service_accounts, s.not_service_accounts, self._account),
-            (
-                "trustDomains",
-                bundle.expand_domains(s.trust_domains),
-                bundle.expand_domains(s.not_trust_domains),
-                _TRUST_DOMAIN,
-            ),
+            ("trustDomains", s.trust_domains, s.not_trust_domains, _TRUST_DOMAIN),
             ("namespaces", s.namespaces, s.not_namespaces, _NAMESPACE),
             ("remoteIpBlocks", s.remote_ip_blocks, s.not_remote_ip_blocks, _REMOTE_IP),
             ("ipBlocks", s.ip_blocks, s.not_ip_blocks, _SOURCE_IP),
         )
+        expand = {"principals": bundle.expand, "trustDomains": bundle.expand_domains}
         out: list[Field] = []
         for label, values, not_values, build in fields:
-            out.extend(self._fields(label, principal, values, not_values, build))
+            out.extend(self._fields(label, principal, values, not_values, build, expand.get(label)))
         return tuple(out)
 
     def _operation(self, op: m.Operation) -> Clause:
@@ -593,9 +617,11 @@ class _Builder:
                 label = f"when[{c.key}].{'notValues' if negate else 'values'}"
                 if known.kind is KeyKind.ENVOY_FILTER_METADATA:
                     label += " (not evaluated offline)"
-                field = self._field(label, known.side, values, negate, build)
-                if field is not None:
-                    out.append(field)
+                found = self._field(
+                    label, known.side, values, negate, build, "values", known, written
+                )
+                if found is not None:
+                    out.append(found)
         return out
 
     def _fields(
@@ -605,14 +631,16 @@ class _Builder:
         values: Sequence[str],
         not_values: Sequence[str],
         build: _Build,
+        expand: Callable[[Iterable[str]], Sequence[str]] | None = None,
     ) -> list[Field]:
         out: list[Field] = []
-        for negate, chosen in ((False, values), (True, not_values)):
+        for negate, written in ((False, values), (True, not_values)):
+            chosen = expand(written) if expand is not None else written
             if chosen:
                 label = f"not{name[0].upper()}{name[1:]}" if negate else name
-                field = self._field(label, side, chosen, negate, build)
-                if field is not None:
-                    out.append(field)
+                found = self._field(label, side, chosen, negate, build, name, None, written)
+                if found is not None:
+                    out.append(found)
         return out
 
     def _field(
@@ -622,6 +650,9 @@ class _Builder:
         values: Sequence[str],
         negate: bool,
         build: _Build,
+        name: str,
+        condition: ConditionKey | None = None,
+        written: Sequence[str] = (),
     ) -> Field | None:
         """One field: its values ORed (:class:`_PerValue`, each value its own matcher) or
         one matcher for all values (:class:`_AllValues`); None when Istio leaves it out."""
@@ -649,7 +680,8 @@ class _Builder:
             if not alternatives:
                 return None
             matcher = Or(tuple(alternatives))
-        return Field(label, side, Not(matcher) if negate else matcher)
+        matcher = Not(matcher) if negate else matcher
+        return Field(label, side, matcher, name, condition, tuple(written), negate)
 
     def _condition_builder(self, known: ConditionKey) -> _Build:
         key = known.key

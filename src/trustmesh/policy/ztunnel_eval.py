@@ -24,6 +24,7 @@ from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.tls import ClientTls, destination_rule_tls, service_for
+from trustmesh.policy.trace import AllowPhase, PolicySkipped
 from trustmesh.policy.ztunnel import (
     ZtunnelPolicy,
     compile_ztunnel,
@@ -90,7 +91,7 @@ def evaluate_ztunnel(
     if denied:
         return Verdict.DENY, None, denied[0], f"denied by ztunnel: {CLOSED}", principal
     if not allow:
-        note("no ALLOW policy applies: allowed")
+        note(AllowPhase("none-apply", "TCP", "ztunnel"))
         return Verdict.ALLOW, _ok(request), None, "no ALLOW policy applies", principal
     if tracing:
         for policy in allow:
@@ -98,7 +99,7 @@ def evaluate_ztunnel(
     allowed = sorted(r.name for p in allow if (r := p.first_match(attrs)) is not None)
     if allowed:
         return Verdict.ALLOW, _ok(request), allowed[0], "allowed by ALLOW rule", principal
-    note("no ALLOW rule matched at ztunnel: denied")
+    note(AllowPhase("no-match", "TCP", "ztunnel"))
     return Verdict.DENY, None, None, f"no ALLOW rule matched: {CLOSED}", principal
 
 
@@ -171,10 +172,13 @@ def _peer(
 
 def _not_enforced(target: WorkloadPolicy, note: Note) -> None:
     a = target.authz
-    for policy in (*a.custom.policies, *a.audit.policies, *a.dry_run_deny.policies):
-        note("{}/{} is not enforced: {}", policy.namespace, policy.name, sent_to_ztunnel(policy))
-    for policy in a.dry_run_allow.policies:
-        note("{}/{} is not enforced: {}", policy.namespace, policy.name, sent_to_ztunnel(policy))
+    for policy in (
+        *a.custom.policies,
+        *a.audit.policies,
+        *a.dry_run_deny.policies,
+        *a.dry_run_allow.policies,
+    ):
+        note(PolicySkipped(f"{policy.namespace}/{policy.name}", str(sent_to_ztunnel(policy))))
     if target.jwt_providers:
         note("RequestAuthentication is not enforced by ztunnel (it needs a waypoint)")
 

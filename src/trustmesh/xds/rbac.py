@@ -45,7 +45,8 @@ from trustmesh.api.resources import Resource
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.evaluate import mesh_ext_authz_providers
-from trustmesh.policy.rule_tree import TrustBundle, compile_rules
+from trustmesh.policy.rule_tree import CompiledRules, TrustBundle, compile_rules
+from trustmesh.policy.rule_trees import rule_trees
 from trustmesh.xds import rbac_matchers as mt
 from trustmesh.xds.ext_authz import (
     EXT_AUTHZ_SHADOW_PREFIX,
@@ -257,7 +258,8 @@ def _remembered_rules(
     key = (id(policy), action, for_tcp)
     found = remembered.get(key)
     if found is None:
-        found = remembered[key] = policy_rules(policy, mesh.bundle, action, for_tcp=for_tcp)
+        compiled = rule_trees(mesh, policy, for_tcp=for_tcp, action=action)
+        found = remembered[key] = envoy_policies(compiled)
     return found
 
 
@@ -274,7 +276,11 @@ def policy_rules(
 ) -> dict[str, Json]:
     """The Envoy RBAC policies (name → Policy) of one AuthorizationPolicy, built for
     ``action`` (its own, or CUSTOM / dry-run handled as the caller decides)."""
-    compiled = compile_rules(policy, bundle, for_tcp=for_tcp, action=action)
+    return envoy_policies(compile_rules(policy, bundle, for_tcp=for_tcp, action=action))
+
+
+def envoy_policies(compiled: CompiledRules) -> dict[str, Json]:
+    """The Envoy RBAC policies (name → Policy) of one policy's rule trees."""
     if compiled.match_never is not None:
         return {compiled.match_never: _MATCH_NEVER}
     return {tree.name: mt.policy(tree) for tree in compiled.rules}

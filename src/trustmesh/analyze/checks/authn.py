@@ -22,6 +22,7 @@ from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
 from trustmesh.api.diagnostics import Location
 from trustmesh.api.resources import Resource
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import Check, CompiledRule
 from trustmesh.policy.compose import WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
@@ -41,16 +42,21 @@ _CLUSTER_SUFFIXES = (".svc", ".svc.cluster.local", ".cluster.local", ".internal"
 # --- token-less evaluation of compiled rules ----------------------------------------------
 
 
+def _reads_only(check: Check, kinds: tuple[type, ...]) -> bool:
+    """Whether every matcher of the check's tree field is one of ``kinds``."""
+    if check.tree_field is None:
+        return False
+    leaves = list(rt.leaves(check.tree_field.matcher))
+    return bool(leaves) and all(isinstance(leaf, kinds) for leaf in leaves)
+
+
 def _is_token_check(check: Check) -> bool:
     """Checks that read only the verified JWT (issuer, subject, claims)."""
-    label = check.label
-    return label in ("requestPrincipals", "notRequestPrincipals") or label.startswith(
-        "when[request.auth."
-    )
+    return _reads_only(check, (rt.RequestPrincipal, rt.JwtClaim))
 
 
 def _is_port_check(check: Check) -> bool:
-    return check.label in ("ports", "notPorts") or check.label.startswith("when[destination.port]")
+    return _reads_only(check, (rt.DestinationPort,))
 
 
 def _tokenless(port: int = 0) -> Attributes:
@@ -197,14 +203,17 @@ def _proof(
 
 
 def _sample_paths(compiled: CompiledRule) -> list[str]:
-    spec_rules = compiled.policy.spec.rules or ()
-    if compiled.rule_index >= len(spec_rules):
+    """Paths the rule's ``to`` entries name (``paths``, as written), to try requests on."""
+    if compiled.tree is None:
         return []
     out = []
-    for to in spec_rules[compiled.rule_index].to:
-        for path in to.operation.paths:
-            if path.startswith("/") and "{" not in path:
-                out.append(path.rstrip("*") or "/")
+    for clause in compiled.tree.operations or ():
+        for tree_field in clause:
+            if tree_field.name != "paths" or tree_field.negated:
+                continue
+            for path in tree_field.written:
+                if path.startswith("/") and "{" not in path:
+                    out.append(path.rstrip("*") or "/")
     return out
 
 

@@ -51,6 +51,7 @@ from trustmesh.analyze.findings import Severity as S
 from trustmesh.analyze.registry import rule
 from trustmesh.api import models as m
 from trustmesh.policy import matchers as mt
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import CompiledRule, rule_name
 from trustmesh.policy.compose import WorkloadPolicy
 from trustmesh.policy.decision import Verdict
@@ -175,11 +176,11 @@ def same_decisions(
 def _reads_own_attributes(wp: WorkloadPolicy, host_fixed: bool) -> bool:
     a = wp.authz
     for group in (a.custom, a.deny, a.allow, a.audit, a.dry_run_deny, a.dry_run_allow):
-        for policy in group.policies:
-            for r in policy.spec.rules or ():
-                if any(c.key in ("connection.sni", "destination.ip") for c in r.when):
+        for one in group.http.rules:
+            for leaf in one.tree.leaves() if one.tree is not None else ():
+                if isinstance(leaf, rt.ConnectionSni | rt.DestinationIp):
                     return True
-                if not host_fixed and any(t.operation.hosts or t.operation.not_hosts for t in r.to):
+                if not host_fixed and isinstance(leaf, rt.Host):
                     return True
     return False
 
@@ -189,7 +190,7 @@ def _undecidable(rule: CompiledRule | None) -> bool:
     if rule is None:
         return False
     clauses = (*(rule.sources or ()), *(rule.operations or ()), rule.conditions)
-    return any(dimension(c.label) == "fixed" for clause in clauses for c in clause)
+    return any(dimension(c) == "fixed" for clause in clauses for c in clause)
 
 
 def with_path(path: str) -> Callable[[Probe], Probe]:

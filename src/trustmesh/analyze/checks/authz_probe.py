@@ -37,7 +37,9 @@ from trustmesh.analyze.checks.authz_scope import (
     mesh_principals,
 )
 from trustmesh.analyze.context import AnalysisContext
+from trustmesh.api.conditions import KeyKind, Side
 from trustmesh.policy import matchers as mt
+from trustmesh.policy import rule_tree as rt
 from trustmesh.policy.authz import Check, CompiledRule
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError
@@ -191,35 +193,37 @@ def _place_token(
 
 # --- which attribute a compiled check reads -----------------------------------------
 
-_SOURCE_LABELS = {
-    "ipblocks": "source_ip",
-    "remoteipblocks": "remote_ip",
-    "requestprincipals": "token",
-    "ports": "port",
-    "hosts": "host",
-    "methods": "method",
-    "paths": "path",
-}
-_CONDITION_KEYS = {
-    "source.ip": "source_ip",
-    "remote.ip": "remote_ip",
-    "destination.port": "port",
+_READS: dict[type, str] = {  # a leaf matcher's type → the attribute probes vary for it
+    rt.Principal: "principal",
+    rt.SourceNamespace: "principal",
+    rt.ServiceAccount: "principal",
+    rt.TrustDomain: "principal",
+    rt.SourceIp: "source_ip",
+    rt.RemoteIp: "remote_ip",
+    rt.RequestPrincipal: "token",
+    rt.JwtClaim: "token",
+    rt.DestinationPort: "port",
+    rt.Host: "host",
+    rt.Method: "method",
+    rt.Path: "path",
+    rt.PathTemplate: "path",
+    rt.DestinationIp: "fixed",
+    rt.ConnectionSni: "fixed",
+    rt.FilterMetadata: "fixed",
 }
 
 
-def dimension(label: str) -> str:
-    """The attribute a check reads, from its label (``notPaths`` → path, ``when[k]…``)."""
-    if label.startswith("when["):
-        key = label[len("when[") : label.rfind("].")]
-        if key.startswith("request.headers["):
-            return "header:" + key[len("request.headers[") : -1].lower()
-        if key.startswith("request.auth."):
-            return "token"
-        if key.startswith("source."):
-            return _CONDITION_KEYS.get(key, "principal")
-        return _CONDITION_KEYS.get(key, "fixed")  # destination.ip, connection.sni, …
-    name = label.lower().removeprefix("not")
-    return _SOURCE_LABELS.get(name, "principal")  # principals, namespaces, serviceAccounts…
+def dimension(check: Check) -> str:
+    """The attribute a check reads, from its tree field's matchers (``notPaths`` → path,
+    ``request.headers[X]`` → ``header:x``, a JWT claim → token)."""
+    tree_field = check.tree_field
+    if tree_field is not None:
+        for leaf in rt.leaves(tree_field.matcher):
+            if isinstance(leaf, rt.RequestHeader):
+                return "header:" + leaf.name.lower()
+            if (found := _READS.get(type(leaf))) is not None:
+                return found
+    return "principal" if tree_field is None or tree_field.side is Side.PRINCIPAL else "fixed"
 
 
 # --- candidate values per attribute ----------------------------------------------------
@@ -284,57 +288,78 @@ def _gather(ctx: AnalysisContext, rules: Iterable[CompiledRule]) -> _Values:
     def sample(value: str) -> list[str]:
         return _principal_samples(value, td, known)
 
+    def source(name: str, values: tuple[str, ...], negated: bool, own: str) -> None:
+        if name == "principals" and not negated:
+            out.principals += [x for p in values if p != "*" for x in sample(p)]
+        elif name == "namespaces" and not negated:
+            out.principals += [n for ns in values if ns != "*" for n in in_namespace(ns)]
+        elif name == "serviceAccounts" and not negated:
+            out.principals += [account(a, own) for a in values]
+        elif name == "ipBlocks":
+            out.ips += values
+        elif name == "remoteIpBlocks":
+            out.remote_ips += values
+        elif name == "requestPrincipals" and not negated:
+            out.request_principals += values
+
     for cr in rules:
-        written = (cr.policy.spec.rules or ())[cr.rule_index]
+        tree = cr.tree
+        if tree is None:
+            continue
         own = cr.policy.namespace
-        for f in written.from_:
-            s = f.source
-            out.principals += [x for p in s.principals if p != "*" for x in sample(p)]
-            out.principals += [n for ns in s.namespaces if ns != "*" for n in in_namespace(ns)]
-            out.principals += [account(a, own) for a in s.service_accounts]
-            out.ips += [*s.ip_blocks, *s.not_ip_blocks]
-            out.remote_ips += [*s.remote_ip_blocks, *s.not_remote_ip_blocks]
-            out.request_principals += s.request_principals
-        for t in written.to:
-            op = t.operation
-            out.methods += op.methods
-            out.paths += [p for v in op.paths if (p := sample_path(v))]
-            out.hosts += [sample_value(h) for h in op.hosts]
-        for c in written.when:
-            key, values = c.key, c.values
-            if key == "source.principal":
-                out.principals += [x for p in values if p != "*" for x in sample(p)]
-            elif key == "source.namespace":
-                out.principals += [n for ns in values if ns != "*" for n in in_namespace(ns)]
-            elif key == "source.serviceAccount":
-                out.principals += [account(a, own) for a in values]
-            elif key == "source.ip":
-                out.ips += [*values, *c.not_values]
-            elif key == "remote.ip":
-                out.remote_ips += [*values, *c.not_values]
-            elif key == "request.auth.principal":
-                out.request_principals += values
-            elif key.startswith("request.headers["):
-                name = key[len("request.headers[") : -1].lower()
-                out.headers.setdefault(name, []).extend(
-                    sample_value(v) for v in (*values, *c.not_values)
-                )
-            elif key.startswith("request.auth."):
-                path = _claim_path(key)
-                if path is not None and values:
-                    out.claims.setdefault(path, []).append(sample_value(values[0]))
+        for clause in tree.sources or ():
+            # the attributes in the order probes try them; each field's values as written
+            for name in _SOURCE_ORDER:
+                for f in clause:
+                    if f.name == name:
+                        source(name, f.written, f.negated, own)
+        for clause in tree.operations or ():
+            for f in clause:
+                if f.negated:
+                    continue
+                if f.name == "methods":
+                    out.methods += f.written
+                elif f.name == "paths":
+                    out.paths += [p for v in f.written if (p := sample_path(v))]
+                elif f.name == "hosts":
+                    out.hosts += [sample_value(h) for h in f.written]
+        for f in tree.when:
+            condition = f.condition
+            if condition is None:
+                continue
+            kind, values, negated = condition.kind, f.written, f.negated
+            if kind in _SOURCE_KEYS:
+                source(_SOURCE_KEYS[kind], values, negated, own)
+            elif kind is KeyKind.REQUEST_HEADER:
+                name = condition.names[0].lower()
+                out.headers.setdefault(name, []).extend(sample_value(v) for v in values)
+            elif kind in _CLAIMS and not negated:
+                path = _CLAIMS[kind] or condition.names
+                out.claims.setdefault(path, []).append(sample_value(values[0]))
     return out
 
 
-def _claim_path(key: str) -> tuple[str, ...] | None:
-    if key == "request.auth.audiences":
-        return ("aud",)
-    if key == "request.auth.presenter":
-        return ("azp",)
-    if key.startswith("request.auth.claims["):
-        inner = key[len("request.auth.claims[") : -1]
-        return tuple(inner.split("]["))
-    return None
+_SOURCE_ORDER = (
+    "principals",
+    "namespaces",
+    "serviceAccounts",
+    "ipBlocks",
+    "remoteIpBlocks",
+    "requestPrincipals",
+)
+_SOURCE_KEYS = {
+    KeyKind.SOURCE_PRINCIPAL: "principals",
+    KeyKind.SOURCE_NAMESPACE: "namespaces",
+    KeyKind.SOURCE_SERVICE_ACCOUNT: "serviceAccounts",
+    KeyKind.SOURCE_IP: "ipBlocks",
+    KeyKind.REMOTE_IP: "remoteIpBlocks",
+    KeyKind.REQUEST_PRINCIPAL: "requestPrincipals",
+}
+_CLAIMS: dict[KeyKind, tuple[str, ...]] = {  # () : the claim path the key names
+    KeyKind.REQUEST_AUDIENCES: ("aud",),
+    KeyKind.REQUEST_PRESENTER: ("azp",),
+    KeyKind.REQUEST_CLAIM: (),
+}
 
 
 def _principal_samples(value: str, td: str, known: Sequence[str]) -> list[str]:
@@ -565,7 +590,7 @@ def _probes_matching(
         for requirement, checks in zip(required, picked, strict=True):
             overridden = {k for k, _ in requirement.overrides}
             for check in checks:
-                dim = dimension(check.label)
+                dim = dimension(check)
                 if dim not in overridden:
                     by_dim.setdefault(dim, []).append(check)
         for probe in _realize(wp, candidates, by_dim, ports, mode):
@@ -693,7 +718,7 @@ def _admits_variant(
         all(
             c.test(_attributes(dim, fixed[dim], wp, port, mode))
             for c in clause
-            if (dim := dimension(c.label)) in fixed
+            if (dim := dimension(c)) in fixed
         )
         for clause in rule.operations
     )
