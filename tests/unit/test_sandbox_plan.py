@@ -324,7 +324,7 @@ def test_a_host_network_pod_gets_the_nodes_dnat_and_a_route_to_cluster_ips(
     calls: list[tuple[str, tuple[object, ...]]] = []
 
     def recorder(name: str) -> object:
-        return lambda *args: calls.append((name, args))
+        return lambda *args, **_: calls.append((name, args))
 
     for name in ("setup_node", "attach_pod", "apply_nft", "route_to"):
         monkeypatch.setattr(netns, name, recorder(name))
