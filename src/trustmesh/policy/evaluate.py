@@ -18,15 +18,12 @@ from typing import Literal
 
 from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
-from trustmesh.api.extension_providers import (
-    ExtAuthzProvider,
-    ext_authz_providers,
-)
 from trustmesh.api.gateway import gateway_servers, num_trusted_proxies
 from trustmesh.api.gateway_models import ServerTlsMode
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
+from trustmesh.policy.custom import custom_providers
 from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.forwarded import trusted_client_address
@@ -335,40 +332,24 @@ def _authorize(
     denied_status = 403 if is_http else None
 
     custom = None
-    providers = sorted({p.spec.provider.name for p in authz.custom.policies if p.spec.provider})
-    configured = mesh_ext_authz_providers(mesh)
-    only = configured.get(providers[0]) if len(providers) == 1 else None
-    if not is_http and only is not None and only.usable and not only.serves_tcp:
+    plans = custom_providers(target, mesh)
+    if not is_http and len(plans) == 1 and not plans[0].used_on_tcp():
         # Istio builds no TCP filter for an HTTP provider: CUSTOM does not apply to TCP.
-        run.note(f"CUSTOM provider {providers[0]!r} is an HTTP authorizer: not used on TCP")
+        run.note(f"CUSTOM provider {plans[0].name!r} is an HTTP authorizer: not used on TCP")
     else:
         custom = _first(authz.custom, attrs, run, "CUSTOM")
     if custom is not None:
         provider = custom.provider or ""
-        if len(providers) > 1:
-            # Istio's default (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS off) turns every
-            # CUSTOM rule into a DENY; one filter per provider, in provider order.
+        plan = next(p for p in plans if p.name == provider)
+        if plan.provider is None:
+            # Every rule became a DENY, one filter per provider in provider order: the
+            # first matching rule by the name Envoy reports decides.
             matched = [r for r in authz.custom.for_protocol(is_http).rules if r.matches(attrs)]
             first = min(matched, key=lambda r: custom_rule_name(r, configured=False))
-            reason = (
-                f"CUSTOM providers {', '.join(providers)} on one workload: Istio fails closed"
-                " (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS is off by default)"
-            )
-            run.note(reason)
+            run.note(plan.why_denied)
             rule = custom_rule_name(first, configured=False)
-            return _finish(run, Verdict.DENY, denied_status, rule, reason)
-        found = configured.get(provider)
-        if found is None or not found.usable:
-            reason = (
-                f"CUSTOM provider {provider!r} is not in meshConfig.extensionProviders"
-                " (fails closed)"
-                if found is None
-                else f"CUSTOM provider {provider!r} cannot be used (fails closed): "
-                f"{found.why_unusable()}"
-            )
-            run.note(reason)
-            rule = custom_rule_name(custom, configured=False)
-            return _finish(run, Verdict.DENY, denied_status, rule, reason)
+            return _finish(run, Verdict.DENY, denied_status, rule, plan.why_denied)
+        found = plan.provider
         rule = custom_rule_name(custom, configured=True)
         allowed = ext_authz.get(provider)
         if allowed is None and provider in ext_authz:
@@ -455,15 +436,6 @@ def _authorize(
     )
 
 
-def mesh_ext_authz_providers(mesh: MeshPolicy) -> Mapping[str, ExtAuthzProvider]:
-    """The mesh's ext_authz providers, resolved once per compiled mesh (the evaluator
-    and the RBAC translation share them)."""
-    return _PROVIDERS.get(mesh, None)
-
-
-_PROVIDERS: Derived[MeshPolicy, None, Mapping[str, ExtAuthzProvider]] = Derived(
-    "ext_authz providers", lambda mesh, _: ext_authz_providers(mesh.snapshot)
-)
 # Only workload sources are remembered: their number is bounded by the config.
 _CLIENT_TLS: Derived[MeshPolicy, tuple[str, str, int, str], ClientTls] = Derived("client TLS")
 _LISTENING: Derived[MeshPolicy, str, frozenset[int]] = Derived(

@@ -32,7 +32,6 @@ workloads of one mesh may share sub-dicts: treat them as read-only.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +42,8 @@ from trustmesh.api.extension_providers import (
 )
 from trustmesh.api.resources import Resource
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.custom import custom_providers
 from trustmesh.policy.derived import Derived
-from trustmesh.policy.evaluate import mesh_ext_authz_providers
 from trustmesh.policy.rule_tree import CompiledRules, TrustBundle, compile_rules
 from trustmesh.policy.rule_trees import rule_trees
 from trustmesh.xds import rbac_matchers as mt
@@ -66,7 +65,6 @@ __all__ = [
     "NETWORK_RBAC_TYPE",
     "http_custom_filters",
     "http_rbac_filters",
-    "mesh_ext_authz_providers",
     "network_custom_filters",
     "network_rbac_filters",
     "policy_rules",
@@ -223,7 +221,6 @@ def _merged(
 class _CustomPlan:
     """One provider's CUSTOM rules on a workload, and the provider if it can be used."""
 
-    name: str
     rules: dict[str, Json]  # istio-ext-authz-<provider>-ns[..]-policy[..]-rule[..] → policy
     provider: ExtAuthzProvider | None
 
@@ -232,21 +229,12 @@ class _CustomPlan:
 
 
 def _custom_plans(wp: WorkloadPolicy, mesh: MeshPolicy, *, for_tcp: bool) -> list[_CustomPlan]:
-    by_provider: dict[str, list[Resource[Any]]] = defaultdict(list)
-    for policy in wp.authz.custom.policies:
-        spec: m.AuthorizationPolicySpec = policy.spec
-        by_provider[spec.provider.name if spec.provider else ""].append(policy)
-    providers = mesh_ext_authz_providers(mesh)
     plans = []
-    for name in sorted(by_provider):
-        prefix = f"{_EXT_AUTHZ_PREFIX}-{name}-" if name else f"{_EXT_AUTHZ_PREFIX}-"
-        rules = _merged(mesh, by_provider[name], m.Action.CUSTOM, for_tcp)
+    for custom in custom_providers(wp, mesh):
+        prefix = f"{_EXT_AUTHZ_PREFIX}-{custom.name}-" if custom.name else f"{_EXT_AUTHZ_PREFIX}-"
+        rules = _merged(mesh, custom.policies, m.Action.CUSTOM, for_tcp)
         named = {f"{prefix}{rule}": p for rule, p in rules.items()}
-        found = providers.get(name)
-        # Istio's default (PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS off): two
-        # providers on one workload deny every CUSTOM rule of both.
-        usable = found is not None and found.usable and len(by_provider) == 1
-        plans.append(_CustomPlan(name, dict(sorted(named.items())), found if usable else None))
+        plans.append(_CustomPlan(dict(sorted(named.items())), custom.provider))
     return plans
 
 
