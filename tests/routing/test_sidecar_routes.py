@@ -1,7 +1,7 @@
 """VirtualService routes and DestinationRule subsets in a sidecar's translation (pure).
 
-The route configuration JSON both sidecar layouts get (the local-process proxy's inline
-``outbound_http`` and the captured layout's RDS ``"9080"``), the subset clusters with the
+The route configuration JSON both sidecar layouts get over RDS (the local-process proxy's
+``http_proxy`` and the captured layout's ``"9080"``), the subset clusters with the
 subset's traffic policy merged over the rule's, and which VirtualServices and matches
 apply to which client — with what cannot be honoured reported by ``validate``.
 """
@@ -69,10 +69,19 @@ def process(loaded: LoadedConfig, ref: str = PRODUCTPAGE) -> ProxyResources:
     return translate(loaded.mesh, ref, inbound_address="127.0.0.50", outbound_address="127.0.0.51")
 
 
+def proxy_route_config(resources: ProxyResources) -> dict[str, Any]:
+    """The proxy listener's route configuration: the RDS resource its manager names."""
+    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "route_config" not in manager  # inline routes would drain the listener on change
+    (config,) = [r for r in resources.routes if r["name"] == manager["rds"]["route_config_name"]]
+    assert config["name"] == "http_proxy"  # Istio's name for the HTTP proxy's routes
+    return config
+
+
 def proxy_routes(resources: ProxyResources, name: str) -> list[dict[str, Any]]:
     """The routes of the proxy listener's virtual host ``name``."""
-    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
-    config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    config = proxy_route_config(resources)
     (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == name]
     return [r for r in vhost["routes"] if not r["name"].startswith("workload ")]
 
@@ -512,8 +521,7 @@ spec:
     resources = process(loaded)
     (route,) = proxy_routes(resources, "bookreviews.example.com:80")
     assert route["route"]["cluster"] == f"outbound|9080|v2|{REVIEWS}"
-    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
-    config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    config = proxy_route_config(resources)
     (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == "bookreviews.example.com:80"]
     assert vhost["domains"] == ["bookreviews.example.com:80", "bookreviews.example.com"]
     assert loaded.mesh is not None
