@@ -16,11 +16,13 @@ the next one on the same connection goes to v2.
 from __future__ import annotations
 
 import http.client
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.mesh import trustmesh
 from tests.routing.rig import HERE, RoutingMesh, routing_mesh
 from trustmesh.runtime.plan import HTTP_PROXY_PORT
 
@@ -118,3 +120,19 @@ def test_a_route_change_keeps_the_request_in_flight_and_moves_the_next(
     assert after[reloads] > before[reloads]
     for name in listener_changes:
         assert after[name] == before[name], name
+
+
+def test_proxy_config_shows_the_proxys_routes_and_a_listener_without_them(
+    mesh: RoutingMesh,
+) -> None:
+    mesh.apply(to("v2"))
+    shown = trustmesh("proxy-config", CLIENT, "routes", state=mesh.state)
+    assert shown.returncode == 0, shown.stderr
+    dynamic = json.loads(shown.stdout)["dynamic_route_configs"]
+    (proxy,) = [r["route_config"] for r in dynamic if r["route_config"]["name"] == "http_proxy"]
+    (lazy,) = [v for v in proxy["virtual_hosts"] if v["name"] == f"{LAZY}:8000"]
+    routed = [r for r in lazy["routes"] if not r["name"].startswith("workload ")]
+    assert [r["route"]["cluster"] for r in routed] == [f"outbound|8000|v2|{LAZY}"]
+    shown = trustmesh("proxy-config", CLIENT, "listeners", state=mesh.state)
+    assert shown.returncode == 0, shown.stderr
+    assert "outbound_http" in shown.stdout and '"route_config"' not in shown.stdout
