@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,6 +36,7 @@ from trustmesh.runtime.gateway import envoy_listener_addresses
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout, read_json
 from trustmesh.runtime.plan import DEFAULT_BASE, Isolation, PodPlan
 from trustmesh.runtime.podclient import request_in_pod
+from trustmesh.runtime.registration import MAX_TTL, MIN_TTL
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff
 from trustmesh.runtime.running import NotRunning, RunningMesh
 from trustmesh.runtime.sandboxed import choose_isolation
@@ -118,17 +118,25 @@ def up(
         int,
         typer.Option(
             "--hosts",
-            help="Run the pods on N hosts (each `trustmesh node join`, process mode) over a "
-            "3-member etcd and --replicas control-plane replicas.",
+            help="Run the pods on N hosts (each `trustmesh node join`) over a 3-member etcd "
+            "and --replicas control-plane replicas. With netns isolation each host is its "
+            "own network namespace on a LAN namespace; in process mode its pods are processes.",
         ),
     ] = 0,
     replicas: Annotated[
         int, typer.Option("--replicas", help="Control-plane replicas (with --hosts).")
     ] = 0,
+    lease_ttl: Annotated[
+        int,
+        typer.Option(
+            "--lease-ttl",
+            help="With --hosts: seconds a host's registrations outlive its last keep-alive.",
+        ),
+    ] = 30,
 ) -> None:
     """Start the control plane, the CA and every workload of the manifests, with sidecars."""
     if hosts or replicas:
-        _up_cluster(config, state, detach, base, hosts, replicas, isolation)
+        _up_cluster(config, state, detach, base, hosts, replicas, isolation, lease_ttl)
         return
     try:
         images = [parse_image_command(text) for text in image or []]
@@ -180,13 +188,21 @@ def _up_cluster(
     hosts: int,
     replicas: int,
     isolation: str | None,
+    lease_ttl: int,
 ) -> None:
     if hosts < 1 or replicas < 1:
         render.usage_error("--hosts and --replicas go together, each at least 1")
         raise typer.Exit(2)
-    if isolation not in (None, "process"):
-        render.usage_error("--hosts runs every host in process mode (--isolation process)")
+    if not MIN_TTL <= lease_ttl <= MAX_TTL:
+        render.usage_error(f"--lease-ttl must be {MIN_TTL}..{MAX_TTL} seconds, not {lease_ttl}")
         raise typer.Exit(2)
+    try:
+        mode, note = choose_isolation(_isolation(isolation))
+    except ValueError as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(2) from None
+    if note is not None:
+        _err.print(note, markup=False)
     state = state.resolve()
     if cluster_file(state).exists():
         previous = read_json(cluster_file(state))
@@ -195,7 +211,7 @@ def _up_cluster(
             raise typer.Exit(1)
     cluster = Cluster(state, lambda message: _err.print(message, markup=False))
     try:
-        cluster.start([str(p) for p in config], hosts, replicas, base)
+        cluster.start([str(p) for p in config], hosts, replicas, base, mode, lease_ttl)
     except StartError as exc:
         render.usage_error(str(exc))
         for problem in exc.diagnostics:
@@ -218,7 +234,9 @@ def _up_cluster(
 
 
 def _cluster_table(status: dict[str, Any]) -> None:
-    _out.print(f"mesh {status['state']}; store {status['store']}", markup=False)
+    _out.print(
+        f"mesh {status['state']} ({status['isolation']}); store {status['store']}", markup=False
+    )
     for replica in status["replicas"]:
         leader = " (leader)" if replica["leader"] else ""
         _out.print(
@@ -227,8 +245,9 @@ def _cluster_table(status: dict[str, Any]) -> None:
             markup=False,
         )
     for host in status["hosts"]:
+        where = f" netns {host['netns']} {host['address']}" if host.get("netns") else ""
         _out.print(
-            f"{host['name']} pid {host['pid']} ({host['state']}): {', '.join(host['pods'])}",
+            f"{host['name']} pid {host['pid']}{where} ({host['state']}): {', '.join(host['pods'])}",
             markup=False,
         )
 
@@ -246,14 +265,9 @@ async def _run_foreground(runtime: MeshRuntime) -> int:
     return await run_in_foreground(runtime, "serving; Ctrl-C or `trustmesh down` stops the mesh")
 
 
-async def run_in_foreground(
-    runtime: MeshRuntime,
-    serving: str,
-    alongside: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
-) -> int:
-    """Start ``runtime``, print its pods and ``serving``, supervise until SIGINT / SIGTERM
-    (running ``alongside(stop)`` meanwhile, e.g. a host's lease keeper), then stop it.
-    1 when it could not start (the reasons are printed), else 0."""
+async def run_in_foreground(runtime: MeshRuntime, serving: str) -> int:
+    """Start ``runtime``, print its pods and ``serving``, supervise until SIGINT / SIGTERM,
+    then stop it. 1 when it could not start (the reasons are printed), else 0."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -267,13 +281,10 @@ async def run_in_foreground(
         return 1
     _pods_table(RunningMesh.open(runtime.layout.root), None)
     _err.print(serving, markup=False)
-    helper = asyncio.create_task(alongside(stop)) if alongside is not None else None
     try:
         await runtime.supervise(stop)
     finally:
         stop.set()
-        if helper is not None:
-            await asyncio.gather(helper, return_exceptions=True)
         await runtime.down()
     return 0
 

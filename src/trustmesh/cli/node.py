@@ -11,10 +11,11 @@ import typer
 from trustmesh.cli import render
 from trustmesh.cli.mesh import State, _err, run_in_foreground
 from trustmesh.identity.tokens import is_node_name
+from trustmesh.runtime.cluster import Cluster, cluster_file
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
 from trustmesh.runtime.plan import Isolation
-from trustmesh.runtime.registration import HostJoin
-from trustmesh.runtime.supervisor import MeshRuntime
+from trustmesh.runtime.registration import MAX_TTL, MIN_TTL, HostJoin
+from trustmesh.runtime.supervisor import MeshRuntime, StartError
 
 app = typer.Typer(help="A host of the mesh: its pods, registered with the control plane.")
 
@@ -36,11 +37,43 @@ def join(
         typer.Option("--pod", help="NS/NAME to run here (repeatable); default: spec.nodeName."),
     ] = None,
     base: Annotated[str, typer.Option("--base", help="First pod address block.")] = "127.64.0.0",
+    isolation: Annotated[
+        str,
+        typer.Option(
+            "--isolation",
+            help="process (default): pods as processes on loopback addresses; netns: every "
+            "pod in its own network namespace under this host's (needs root and nft).",
+        ),
+    ] = "process",
+    replica_host: Annotated[
+        str,
+        typer.Option(
+            "--replica-host",
+            help="Reach the replicas' advertised ports at this address (a relay or NAT in "
+            "front of them); default: the address each replica advertises.",
+        ),
+    ] = "",
+    lease_ttl: Annotated[
+        int,
+        typer.Option(
+            "--lease-ttl",
+            help=f"Seconds this host's registrations outlive its last keep-alive "
+            f"({MIN_TTL}-{MAX_TTL}); refreshed every third of it.",
+        ),
+    ] = 30,
     state: State = Path(DEFAULT_STATE),
 ) -> None:
-    """Join with a node token and run this host's pods (process mode) until stopped."""
+    """Join with a node token and run this host's pods until stopped."""
     if not is_node_name(name):
         render.usage_error(f"--name {name!r} is not a DNS-1123 label")
+        raise typer.Exit(2)
+    try:
+        mode = Isolation(isolation)
+    except ValueError:
+        render.usage_error(f"--isolation must be netns or process, not {isolation!r}")
+        raise typer.Exit(2) from None
+    if not MIN_TTL <= lease_ttl <= MAX_TTL:
+        render.usage_error(f"--lease-ttl must be {MIN_TTL}..{MAX_TTL} seconds, not {lease_ttl}")
         raise typer.Exit(2)
     try:
         secret = token.read_text().strip()
@@ -54,12 +87,51 @@ def join(
         Layout(state.resolve()),
         base=base,
         progress=lambda message: _err.print(message, markup=False),
-        isolation=Isolation.PROCESS,
-        join=HostJoin(name, addresses, secret, bundle, frozenset(pod or ())),
+        isolation=mode,
+        join=HostJoin(
+            name,
+            addresses,
+            secret,
+            bundle,
+            frozenset(pod or ()),
+            ttl=lease_ttl,
+            replica_host=replica_host,
+        ),
     )
     raise typer.Exit(asyncio.run(_run(runtime)))
 
 
+@app.command()
+def rejoin(
+    host: Annotated[str, typer.Argument(help="The host of `up --hosts` to start again.")],
+    token: Annotated[
+        Path | None,
+        typer.Option("--token", help="File with a new node token; default: minted from the CA."),
+    ] = None,
+    state: State = Path(DEFAULT_STATE),
+) -> None:
+    """Start a host of `trustmesh up --hosts` again (after its process died): it joins with
+    a new node token, registers its pods and serves them (in the background)."""
+    secret = None
+    if token is not None:
+        try:
+            secret = token.read_text().strip()
+        except OSError as exc:
+            render.usage_error(f"cannot read {exc.filename}: {exc.strerror}")
+            raise typer.Exit(1) from None
+    state = state.resolve()
+    if not cluster_file(state).exists():
+        render.usage_error(f"no mesh of hosts (up --hosts) in {state}")
+        raise typer.Exit(1)
+    cluster = Cluster(state, lambda message: _err.print(message, markup=False))
+    try:
+        started = cluster.rejoin(host, secret)
+    except (StartError, OSError) as exc:
+        render.usage_error(str(exc))
+        raise typer.Exit(1) from None
+    _err.print(f"{host} joined again (pid {started['pid']})", markup=False)
+
+
 async def _run(runtime: MeshRuntime) -> int:
     serving = "host serving; Ctrl-C or `trustmesh down --state` stops it"
-    return await run_in_foreground(runtime, serving, alongside=runtime.keep_joined)
+    return await run_in_foreground(runtime, serving)  # the runtime keeps the lease itself

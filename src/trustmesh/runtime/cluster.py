@@ -7,8 +7,14 @@ Started in this order, each recorded in ``cluster.json`` (PIDs) as soon as it ru
 2. the mesh CA (``ca/``) and DIR's configuration applied to the store (as
    ``trustmesh apply``);
 3. R control-plane replicas (``trustmesh control-plane``), each its own process;
-4. N hosts (``trustmesh node join`` with a fresh node token each, process mode): a pod
-   with ``spec.nodeName: host-K`` runs on host K, the others are spread in turn.
+4. N hosts (``trustmesh node join`` with a fresh node token each): a pod with
+   ``spec.nodeName: host-K`` runs on host K, the others are spread in turn.
+
+Two modes. ``netns`` (as root with ``nft``; the default there): each host is its own
+network namespace on a LAN namespace, its pods sandboxed under it, and the replicas and
+etcd reached through a relay on the LAN (see :mod:`trustmesh.runtime.hostnet`; every
+namespace and link is in ``network.jsonl``, removed by ``down``). ``process`` (non-root):
+every host's pods are processes on its own loopback block.
 
 Every child has ``TRUSTMESH_MESH=<state dir>`` in its environment: a recorded PID is
 signalled only while it still names this mesh (never a reused PID).
@@ -31,10 +37,15 @@ from typing import Any
 from trustmesh.config import load_config
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.store import StoreError
+from trustmesh.runtime import hostnet, netns
 from trustmesh.runtime.addresses import MESH_ENV, AddressConflict, claim_block
 from trustmesh.runtime.layout import Layout, read_json, write_json
-from trustmesh.runtime.plan import Isolation, plan_mesh
+from trustmesh.runtime.ledger import Ledger
+from trustmesh.runtime.plan import Isolation, netns_name, plan_mesh
+from trustmesh.runtime.podexec import podexec_argv
 from trustmesh.runtime.replica import read_replicas
+from trustmesh.runtime.sandbox import LEDGER_FILE as SANDBOX_LEDGER
+from trustmesh.runtime.sandbox import mesh_id
 from trustmesh.runtime.supervisor import StartError, belongs_to, stop_recorded
 from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.apply import apply_resources
@@ -47,6 +58,7 @@ ETCD_MEMBERS = 3
 REPLICA_TIMEOUT = 60.0
 HOST_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
+DEFAULT_LEASE_TTL = 30  # seconds a dead host's endpoints stay (HostJoin's default)
 
 Progress = Callable[[str], None]
 
@@ -91,6 +103,29 @@ def assign_pods(config: list[str], hosts: list[str], base: str) -> dict[str, lis
     return out
 
 
+def pod_addresses(config: list[str]) -> dict[str, str]:
+    """Every pod's address in the pod sandbox (the same plan on every host): ref → IP."""
+    loaded = load_config(config, compile_policy=False)
+    plan, problems = plan_mesh(loaded.snapshot, isolation=Isolation.NETNS, mesh_id="hosts")
+    if plan is None:
+        raise StartError("the workloads cannot run in the pod sandbox", problems)
+    return {pod.ref: pod.pod_ip for pod in plan.pods}
+
+
+def host_namespace(state: Path, host: str) -> str | None:
+    """The network namespace of ``host`` (netns mode), None in process mode — where an
+    nftables rule cuts the host off (its node agent and its sidecars alike)."""
+    try:
+        record = read_json(cluster_file(state))
+    except (OSError, ValueError):
+        return None
+    for entry in record.get("hosts", []):
+        if entry.get("name") == host:
+            value = entry.get("netns")
+            return value if isinstance(value, str) else None
+    return None
+
+
 class Cluster:
     """One multi-host mesh in ``state``."""
 
@@ -99,6 +134,7 @@ class Cluster:
         self.layout = Layout(state)
         self.progress = progress
         self.record: dict[str, Any] = {"state": "starting", "etcd": [], "replicas": [], "hosts": []}
+        self._hosts: dict[str, subprocess.Popen[bytes]] = {}
 
     def _save(self) -> None:
         self.record["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -107,24 +143,43 @@ class Cluster:
     def _env(self) -> dict[str, str]:
         return {**os.environ, MESH_ENV: str(self.state)}
 
-    def start(self, config: list[str], hosts: int, replicas: int, base: str) -> None:
+    def start(
+        self,
+        config: list[str],
+        hosts: int,
+        replicas: int,
+        base: str,
+        isolation: Isolation = Isolation.PROCESS,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
+    ) -> None:
         """Start everything (:class:`StartError` after stopping what started)."""
+        self.record["lease_ttl"] = lease_ttl
         try:
-            self._start(config, hosts, replicas, base)
+            self._start(config, hosts, replicas, base, isolation)
         except BaseException:
             stop_cluster(self.state, self.progress)
             raise
 
-    def _start(self, config: list[str], hosts: int, replicas: int, base: str) -> None:
+    def _start(
+        self, config: list[str], hosts: int, replicas: int, base: str, isolation: Isolation
+    ) -> None:
         config = [str(Path(p).resolve()) for p in config]
         names = host_names(hosts)
         assignment = assign_pods(config, names, base)
-        try:  # the hosts' pods use this block: a second mesh there would break this one
-            claim_block(base, self.state).release()
-        except AddressConflict as exc:
-            raise StartError(str(exc)) from None
+        sandboxed = isolation is Isolation.NETNS
+        addresses_of = pod_addresses(config) if sandboxed else {}
+        if not sandboxed:
+            try:  # the hosts' pods use this block: a second mesh there would break this one
+                claim_block(base, self.state).release()
+            except AddressConflict as exc:
+                raise StartError(str(exc)) from None
         self.layout.create()
-        self.record |= {"config": config, "base": base, "supervisor_pid": os.getpid()}
+        self.record |= {
+            "config": config,
+            "base": base,
+            "isolation": isolation.value,
+            "supervisor_pid": os.getpid(),
+        }
         self._save()
 
         self.progress(f"starting etcd ({ETCD_MEMBERS} members)")
@@ -157,21 +212,110 @@ class Cluster:
             self.record["replicas"].append(self._start_replica(f"r{i}", etcd.url))
             self._save()
         addresses = ",".join(r["ca"] for r in self.record["replicas"])
+        if sandboxed:
+            addresses = self._build_network(names, assignment, addresses_of)
 
+        self.record["control_plane"] = addresses
+        self._save()
         for name in names:
-            token = self.state / "hosts" / f"{name}.token"
-            token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-                out.write(ca.node_token(name, dt.datetime.now(dt.UTC)))
+            token = self._write_token(name, ca.node_token(name, dt.datetime.now(dt.UTC)))
             self.progress(f"starting {name}: {', '.join(assignment[name]) or 'no pods'}")
-            self.record["hosts"].append(
-                self._start_host(name, config, addresses, token, roots, base, assignment[name])
-            )
+            self.record["hosts"].append(self._start_host(name, token, assignment[name]))
             self._save()
         for host in self.record["hosts"]:
             self._wait_host(host)
         self.record["state"] = "ready"
         self._save()
+
+    def _write_token(self, name: str, value: str) -> Path:
+        token = self.state / "hosts" / f"{name}.token"
+        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(value)
+        return token
+
+    def rejoin(self, name: str, token: str | None = None) -> dict[str, Any]:
+        """Start host ``name`` again — after its process died and its lease ended — with
+        a new node token (``token``, else one minted from the mesh's CA): it registers
+        its pods again (its old pods, if still running, are replaced). Its record."""
+        self.record = read_json(cluster_file(self.state))
+        if self.record.get("state") != "ready":
+            raise StartError(f"the mesh in {self.state} is {self.record.get('state')}, not ready")
+        hosts = {h["name"]: i for i, h in enumerate(self.record.get("hosts", []))}
+        if name not in hosts:
+            raise StartError(f"no host {name!r}: the hosts are {', '.join(hosts)}")
+        old = self.record["hosts"][hosts[name]]
+        if _alive(old.get("pid")) and belongs_to(old["pid"], self.layout):
+            raise StartError(f"{name} runs (pid {old['pid']}): stop it first")
+        if token is None:
+            ca = CertificateAuthority.load(self.state / "ca")
+            token = ca.node_token(name, dt.datetime.now(dt.UTC))
+        self.progress(f"starting {name} again: {', '.join(old['pods']) or 'no pods'}")
+        host = self._start_host(name, self._write_token(name, token), old["pods"])
+        self.record["hosts"][hosts[name]] = host  # recorded before it is waited for
+        self._save()
+        self._wait_host(host)
+        return host
+
+    def _build_network(
+        self, names: list[str], assignment: dict[str, list[str]], addresses_of: dict[str, str]
+    ) -> str:
+        """The LAN, the relay to the control plane, every host's namespace and routes;
+        the replicas' CA addresses as the hosts reach them."""
+        lan = hostnet.lan_netns(mesh_id(self.state))
+        self.record["network"] = {"lan": lan, "control_ip": hostnet.CONTROL_IP}
+        self._save()
+        self.progress(f"building the hosts' LAN ({lan}, control plane at {hostnet.CONTROL_IP})")
+        try:
+            hostnet.build_lan(self.state, lan)
+        except (OSError, RuntimeError) as exc:
+            raise StartError(f"the hosts' network cannot be built: {exc}") from None
+        ports = [port for _, port in _endpoints(self.record["store"])]
+        for replica in self.record["replicas"]:
+            ports += [int(replica[k].rpartition(":")[2]) for k in ("address", "ca", "ca_renewal")]
+        self._start_relay(lan, ports)
+        for index, name in enumerate(names, start=1):
+            link = hostnet.HostLink(
+                index,
+                netns_name_of(self.state / "hosts" / name),
+                tuple(addresses_of[ref] for ref in assignment[name]),
+            )
+            others = [ip for ref, ip in addresses_of.items() if ref not in assignment[name]]
+            self.record["network"].setdefault("hosts", {})[name] = {
+                "netns": link.netns,
+                "address": link.address,
+            }
+            self._save()
+            try:
+                hostnet.attach_host(self.state, lan, link, others)
+            except (OSError, RuntimeError) as exc:
+                raise StartError(f"{name}'s network cannot be built: {exc}") from None
+        return ",".join(
+            f"{hostnet.CONTROL_IP}:{r['ca'].rpartition(':')[2]}" for r in self.record["replicas"]
+        )
+
+    def _start_relay(self, lan: str, ports: list[int]) -> None:
+        log = self.state / "relay.log"
+        with open(log, "wb") as err:
+            process = subprocess.Popen(
+                hostnet.relay_argv(lan, ports),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+                env=self._env(),
+            )
+        entry: dict[str, Any] = {"pid": process.pid, "ports": sorted(set(ports))}
+        self.record["network"]["relay"] = entry  # recorded before it is waited for
+        self._save()
+        assert process.stdout is not None
+        line = process.stdout.readline()  # its ready line, or EOF when it exits
+        process.stdout.close()
+        info = json.loads(line) if line.strip().startswith("{") else {}
+        if not info.get("ready"):
+            tail = log.read_text(errors="replace")[-2000:]
+            raise StartError(f"the control-plane relay did not start: {info.get('error', tail)}")
 
     def _start_replica(self, name: str, store: str) -> dict[str, Any]:
         home = self.state / "replicas" / name
@@ -209,23 +353,22 @@ class Cluster:
         process.stdout.close()
         return entry | {k: info[k] for k in ("address", "ca", "ca_renewal", "spiffe_id")}
 
-    def _start_host(
-        self,
-        name: str,
-        config: list[str],
-        addresses: str,
-        token: Path,
-        roots: Path,
-        base: str,
-        pods: list[str],
-    ) -> dict[str, Any]:
+    def _start_host(self, name: str, token: Path, pods: list[str]) -> dict[str, Any]:
         home = self.state / "hosts" / name
         command = [
-            sys.executable, "-m", "trustmesh", "node", "join", *config,
-            "--control-plane", addresses, "--token", str(token), "--roots", str(roots),
-            "--name", name, "--base", base, "--state", str(home),
+            sys.executable, "-m", "trustmesh", "node", "join", *self.record["config"],
+            "--control-plane", self.record["control_plane"], "--token", str(token),
+            "--roots", str(self.state / "ca-roots.pem"), "--name", name,
+            "--base", self.record["base"], "--state", str(home),
+            "--lease-ttl", str(self.record.get("lease_ttl", DEFAULT_LEASE_TTL)),
             *(x for ref in pods for x in ("--pod", ref)),
         ]  # fmt: skip
+        entry: dict[str, Any] = {"name": name, "state": str(home), "pods": pods}
+        network = self.record.get("network", {}).get("hosts", {}).get(name)
+        if network is not None:  # netns: the node agent runs inside its host's namespace
+            command += ["--isolation", "netns", "--replica-host", hostnet.CONTROL_IP]
+            command = podexec_argv(sys.executable, network["netns"], command)
+            entry |= network
         log = self.state / "hosts" / f"{name}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
@@ -236,22 +379,37 @@ class Cluster:
                 start_new_session=True,
                 env=self._env(),
             )
-        return {"name": name, "pid": process.pid, "state": str(home), "pods": pods}
+        self._hosts[name] = process
+        return entry | {"pid": process.pid}
 
     def _wait_host(self, host: dict[str, Any]) -> None:
         mesh = Path(host["state"]) / "mesh.json"
         deadline = time.monotonic() + HOST_TIMEOUT
         while time.monotonic() < deadline:
             try:
-                if read_json(mesh).get("state") == "ready":
+                now = read_json(mesh)  # this process's record (not one a dead run left)
+                if now.get("state") == "ready" and now.get("supervisor_pid") == host["pid"]:
                     return
             except (OSError, ValueError):
                 pass
+            # Our child: poll() reaps it (an exited child not reaped stays "alive" to kill 0).
+            started = self._hosts.get(host["name"])
+            if started is not None and started.poll() is not None:
+                break
             if not _alive(host["pid"]):
                 break
             time.sleep(0.1)  # another process's progress: no event crosses over
         log = (self.state / "hosts" / f"{host['name']}.log").read_text(errors="replace")
         raise StartError(f"{host['name']} did not start:\n{log[-3000:]}")
+
+
+def netns_name_of(host_state: Path) -> str:
+    """A host's namespace: its sandbox's node namespace (named by its state directory)."""
+    return netns_name(mesh_id(host_state), "node")
+
+
+def _endpoints(store: str) -> list[tuple[str, int]]:
+    return parse_etcd_endpoints(store.removeprefix("etcd://"))
 
 
 async def _apply(etcd: EtcdCluster, config: list[str]) -> None:
@@ -293,6 +451,7 @@ def stop_cluster(state: Path, progress: Progress = lambda message: None) -> int:
     except (OSError, ValueError):
         return 0
     stopped = 0
+    problems: list[str] = []
     for host in record.get("hosts", []):
         progress(f"stopping {host['name']}")
         _stop(host.get("pid"), layout, STOP_TIMEOUT)
@@ -302,12 +461,19 @@ def stop_cluster(state: Path, progress: Progress = lambda message: None) -> int:
             stop_recorded(read_json(host_layout.mesh), host_layout)
         except (OSError, ValueError, KeyError):
             pass
+        # ... and its pod sandbox (namespaces, links, rules): by the host's own ledger
+        problems += Ledger(Path(host["state"]) / SANDBOX_LEDGER).undo(netns.remove_entry)
+    relay = record.get("network", {}).get("relay", {})
+    _stop(relay.get("pid"), layout, 5)
     for replica in record.get("replicas", []):
         _stop(replica.get("pid"), layout, STOP_TIMEOUT)
         stopped += 1
     for member in record.get("etcd", []):
         _stop(member.get("pid"), layout, 5)
         stopped += 1
+    problems += hostnet.teardown(state)  # the hosts' namespaces and the LAN, by name
+    for problem in problems:
+        progress(f"could not remove {problem}")
     record["state"] = "stopped"
     write_json(cluster_file(state), record)
     return stopped
@@ -341,6 +507,8 @@ def cluster_status(state: Path) -> dict[str, Any]:
         hosts.append(host | {"alive": _alive(host.get("pid")), "state": mesh.get("state")})
     return {
         "state": record.get("state"),
+        "isolation": record.get("isolation", "process"),
+        "network": record.get("network", {}),
         "store": record.get("store"),
         "etcd": record.get("etcd", []),
         "hosts": hosts,
@@ -350,7 +518,7 @@ def cluster_status(state: Path) -> dict[str, Any]:
 
 
 async def _read_replicas(store: str) -> dict[str, dict[str, Any]]:
-    client = EtcdClient(parse_etcd_endpoints(store.removeprefix("etcd://")))
+    client = EtcdClient(_endpoints(store))
     try:
         return await asyncio.wait_for(read_replicas(client), 5)
     except (StoreError, TimeoutError):

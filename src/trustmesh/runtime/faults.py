@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trustmesh.runtime import hostnet
 from trustmesh.runtime.addresses import MESH_ENV
+from trustmesh.runtime.cluster import host_namespace
 from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan
 
@@ -282,8 +284,20 @@ def _nft(ruleset: str) -> None:
 @contextlib.contextmanager
 def cut(state: Path, host: str) -> Iterator[list[str]]:
     """``host`` cut off from every replica and etcd member while the block runs (root;
-    yields the host's addresses); the rules go when it ends, however it ends."""
+    yields the host's addresses); the rules go when it ends, however it ends.
+
+    A host in its own network namespace is cut inside it (every packet to the LAN's
+    control-plane relay dropped); a host in process mode by its addresses in the root
+    namespace."""
     addresses = host_addresses(state, host)
+    namespace = host_namespace(state, host)
+    if namespace is not None:
+        hostnet.cut_off(state, namespace)
+        try:
+            yield addresses
+        finally:
+            hostnet.reconnect(namespace)
+        return
     control = control_endpoints(state)
     if not addresses or not control:
         raise FaultError(f"nothing to cut: {host} has no address or the mesh no control plane")

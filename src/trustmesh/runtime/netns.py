@@ -42,14 +42,20 @@ __all__ = [
     "NETNS_DIR",
     "NftError",
     "SandboxUnavailable",
+    "add_bridge",
+    "add_routes",
+    "add_uplink",
     "apply_nft",
     "attach_pod",
     "create_netns",
+    "current_is",
+    "delete_nft",
     "entered",
     "netns_socket",
     "remove_entry",
     "sandbox_support",
     "setup_node",
+    "sysctl_in",
 ]
 
 NETNS_DIR = Path("/run/netns")
@@ -190,10 +196,16 @@ def create_netns(ledger: Ledger, name: str) -> None:
         ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
 
 
-def setup_node(ledger: Ledger, name: str, address: str, prefix: int) -> None:
+def setup_node(
+    ledger: Ledger, name: str, address: str, prefix: int, *, adopt: bool = False
+) -> None:
     """The node namespace: a bridge holding ``address`` (the pods' gateway), forwarding on
-    (for extra source addresses), no ICMP redirects (pods must not learn to skip it)."""
-    create_netns(ledger, name)
+    (for extra source addresses), no ICMP redirects (pods must not learn to skip it).
+
+    ``adopt``: the namespace exists already and is not this ledger's (a host of
+    ``up --hosts`` is a namespace its cluster made; the host's teardown leaves it)."""
+    if not adopt:
+        create_netns(ledger, name)
     ledger.record("link", BRIDGE, name)
     with _rtnl(name) as ip:
         if not ip.link_lookup(ifname=BRIDGE):
@@ -209,6 +221,10 @@ def setup_node(ledger: Ledger, name: str, address: str, prefix: int) -> None:
         _sysctl("net/ipv4/ip_forward", "1")
         _sysctl("net/ipv4/conf/all/send_redirects", "0")
         _sysctl(f"net/ipv4/conf/{BRIDGE}/send_redirects", "0")
+        if adopt:  # a host on a LAN: it answers its pods' ARP for other hosts' pods (its
+            # routes say which), at once (proxy_delay: up to 0.8 s by default)
+            _sysctl(f"net/ipv4/conf/{BRIDGE}/proxy_arp", "1")
+            _sysctl(f"net/ipv4/neigh/{BRIDGE}/proxy_delay", "0")
 
 
 def attach_pod(
@@ -305,6 +321,11 @@ def remove_entry(entry: Entry) -> None:
                 _nft_delete(entry.netns, entry.name)
 
 
+def delete_nft(netns: str, table: str) -> None:
+    """Delete table ``ip table`` in ``netns``; one already gone is not an error."""
+    _nft_delete(netns, table)
+
+
 def _nft_delete(netns: str, table: str) -> None:
     fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
     try:
@@ -324,3 +345,72 @@ def _nft_delete(netns: str, table: str) -> None:
 
 def exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
+
+
+def current_is(name: str) -> bool:
+    """Is the calling thread in network namespace ``name`` (``/run/netns/name``)?"""
+    try:
+        here = os.stat("/proc/thread-self/ns/net")
+        there = os.stat(NETNS_DIR / name)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def sysctl_in(name: str, settings: dict[str, str]) -> None:
+    """Write ``/proc/sys`` entries as seen from namespace ``name``."""
+    with entered(name):
+        for path, value in settings.items():
+            _sysctl(path, value)
+
+
+def add_bridge(ledger: Ledger, netns: str, bridge: str, address: str, prefix: int) -> None:
+    """A bridge in ``netns`` holding ``address/prefix``, up (a LAN's switch)."""
+    ledger.record("link", bridge, netns)
+    with _rtnl(netns) as ip:
+        if not ip.link_lookup(ifname=bridge):
+            ip.link("add", ifname=bridge, kind="bridge")
+        index = ip.link_lookup(ifname=bridge)[0]
+        with contextlib.suppress(Exception):  # already there after a crashed start
+            ip.addr("add", index=index, address=address, prefixlen=prefix)
+        ip.link("set", index=index, state="up")
+
+
+def add_uplink(
+    ledger: Ledger,
+    lan: str,
+    bridge: str,
+    port: str,
+    netns: str,
+    device: str,
+    address: str,
+    prefix: int,
+) -> None:
+    """A veth pair: ``port`` on ``bridge`` in namespace ``lan``, its peer ``device`` in
+    ``netns`` holding ``address/prefix`` — a host's cable to a LAN switch."""
+    ledger.record("link", port, lan)
+    with _rtnl(lan) as ip:
+        if not ip.link_lookup(ifname=port):
+            target = os.open(NETNS_DIR / netns, os.O_RDONLY)
+            try:
+                peer = {"ifname": device, "net_ns_fd": target}
+                ip.link("add", ifname=port, kind="veth", peer=peer)
+            finally:
+                os.close(target)
+        index = ip.link_lookup(ifname=port)[0]
+        ip.link("set", index=index, master=ip.link_lookup(ifname=bridge)[0], state="up")
+    with _rtnl(netns) as ip:
+        index = ip.link_lookup(ifname=device)[0]
+        with contextlib.suppress(Exception):
+            ip.addr("add", index=index, address=address, prefixlen=prefix)
+        ip.link("set", index=index, state="up")
+
+
+def add_routes(netns: str, destinations: list[str], gateway: str) -> None:
+    """In ``netns``: each destination (``/32`` unless a CIDR, or ``default``) via
+    ``gateway``; a route already there is replaced."""
+    with _rtnl(netns) as ip:
+        for destination in destinations:
+            if destination != "default" and "/" not in destination:
+                destination = f"{destination}/32"
+            ip.route("replace", dst=destination, gateway=gateway)

@@ -79,6 +79,9 @@ class HostJoin:
     roots_pem: bytes  # the mesh's trust bundle: who the replicas are
     pods: frozenset[str] = frozenset()  # refs; empty: the pods whose spec.nodeName is node
     ttl: int = 30
+    # reach every replica's advertised ports at this address instead of the advertised
+    # host (`up --hosts` in netns mode: a relay on the hosts' LAN in front of the replicas)
+    replica_host: str = ""
 
 
 def _identity(value: bytes) -> bytes:

@@ -50,6 +50,7 @@ from trustmesh.store.etcd_store import ROOT, EtcdResourceStore, WorkloadRegistry
 from trustmesh.store.leader import LeaderElection, LeaseKeeper
 from trustmesh.store.model import WorkloadRecord
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
+from trustmesh.xds.translate import CaptureMode
 
 __all__ = ["REPLICAS", "ReplicaOptions", "read_replicas", "registration_of", "serve_replica"]
 
@@ -78,6 +79,14 @@ class ReplicaOptions:
 
 def registration_of(record: WorkloadRecord) -> ProxyRegistration:
     """The sidecar a registry record describes, under Istio's node id."""
+    if record.capture == "transparent":  # a sandboxed pod: Istio's capture layout
+        return ProxyRegistration.sidecar(
+            record.ref,
+            record.address,
+            app_address=record.app_address or record.address,
+            capture=CaptureMode.TRANSPARENT,
+            service_addresses=dict(record.service_addresses),
+        )
     return ProxyRegistration.sidecar(
         record.ref,
         record.address,

@@ -85,6 +85,9 @@ class Sandbox:
 
     plan: MeshPlan
     state: Path
+    # the node namespace exists and is not this mesh's to remove: a host of
+    # ``up --hosts`` runs inside the namespace its cluster made (and wired to the LAN)
+    adopt_node: bool = False
     ledger: Ledger = field(init=False)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -114,7 +117,7 @@ class Sandbox:
         for pod in self.plan.pods:
             self._files(pod)
         node = self.plan.node_netns
-        netns.setup_node(self.ledger, node, NODE_IP, _PREFIX)
+        netns.setup_node(self.ledger, node, NODE_IP, _PREFIX, adopt=self.adopt_node)
         self.timings["node"] = time.monotonic() - started
         services = service_dnat(self.plan)
         host_network = False

@@ -50,7 +50,7 @@ from trustmesh.api.diagnostics import Diagnostic
 from trustmesh.api.snapshot import ConfigSnapshot
 from trustmesh.config import load_config
 from trustmesh.identity.egress import SourceBoundProxy
-from trustmesh.runtime import debug_client
+from trustmesh.runtime import debug_client, netns
 from trustmesh.runtime.addresses import (
     MESH_ENV,
     AddressConflict,
@@ -60,7 +60,12 @@ from trustmesh.runtime.addresses import (
     probe,
 )
 from trustmesh.runtime.commands import ImageCommand
-from trustmesh.runtime.control_plane import ARGS_FILE, node_id, write_not_ready
+from trustmesh.runtime.control_plane import (
+    ARGS_FILE,
+    node_id,
+    service_addresses,
+    write_not_ready,
+)
 from trustmesh.runtime.gateway import PublishedPort, Publisher, published_ports
 from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
 from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
@@ -149,6 +154,10 @@ class MeshRuntime:
     joined: Joined | None = None
     _registry: RegistryClient | None = None
     _egress: SourceBoundProxy | None = None  # the registry client's source address
+    # the lease is kept from the moment it is granted (a short TTL would end while the
+    # host still starts its pods), until down()
+    _keeping: asyncio.Task[None] | None = None
+    _keep_stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- start
 
@@ -250,7 +259,9 @@ class MeshRuntime:
         earlier start from this state directory left (its processes, then its ledger)."""
         with contextlib.suppress(OSError, ValueError):
             stop_recorded(read_json(self.layout.mesh), self.layout)
-        sandbox = Sandbox(plan, self.layout.root)
+        # A host of `up --hosts` runs in its node namespace, which its cluster made.
+        adopt = self.join is not None and netns.current_is(plan.node_netns)
+        sandbox = Sandbox(plan, self.layout.root, adopt_node=adopt)
         left = await asyncio.to_thread(sandbox.teardown)
         if left:
             raise StartError(
@@ -282,6 +293,9 @@ class MeshRuntime:
         """Register this host's pods with its node token (one replica answers), then
         write the trust bundle and each sidecar's bootstrap token it got back."""
         assert self.plan is not None
+        services: tuple[tuple[str, str], ...] = ()
+        if self.plan.sandboxed:  # the ClusterIPs this host's Service rules use
+            services = tuple(sorted(service_addresses(self.plan).items()))
         records = [
             WorkloadRecord(
                 pod.namespace,
@@ -292,18 +306,22 @@ class MeshRuntime:
                 kind="Pod",
                 app_address=pod.app_ip,
                 outbound_address=pod.outbound_ip or "",
+                capture="transparent" if self.plan.sandboxed else "",
+                service_addresses=services,
             )
             for pod in self.plan.pods
             if pod.sidecar and not pod.gateway
         ]
         self.progress(f"joining as {join.node} at {','.join(join.control_plane)}")
-        # From the host's own address (its first pod's IP in process mode), as its agents
-        # and Envoys: the host is one set of addresses to the control plane.
-        self._egress = SourceBoundProxy(self.plan.pods[0].pod_ip, join.control_plane)
-        await self._egress.start()
-        self._registry = RegistryClient(
-            join.control_plane, join.roots_pem, options=self._egress.channel_options()
-        )
+        # From the host's own address, as its agents and Envoys: the host is one set of
+        # addresses to the control plane. In process mode that is its first pod's IP
+        # (bound through a proxy); a sandboxed host has its own namespace and uplink.
+        options: list[tuple[str, Any]] = []
+        if not self.plan.sandboxed:
+            self._egress = SourceBoundProxy(self.plan.pods[0].pod_ip, join.control_plane)
+            await self._egress.start()
+            options = self._egress.channel_options()
+        self._registry = RegistryClient(join.control_plane, join.roots_pem, options=options)
         try:
             joined = await self._registry.join(join.token, records, join.ttl)
         except grpc.aio.AioRpcError as exc:
@@ -311,6 +329,7 @@ class MeshRuntime:
         if not joined.replicas:
             raise StartError("the control plane lists no live replica")
         self.joined = joined
+        self._keeping = asyncio.create_task(self.keep_joined(self._keep_stop))
         self.layout.roots.write_bytes(join.roots_pem)
         for pod in self.plan.pods:
             token = joined.tokens.get(pod.ref)
@@ -381,10 +400,7 @@ class MeshRuntime:
             await self._start_sandboxed_sidecar(pod, paths)
             return
         if self.joined is not None:
-            replicas = self.joined.replicas
-            xds = [_host_port(r["address"]) for r in replicas]
-            ca_address = ",".join(r["ca"] for r in replicas)
-            renewal_address = ",".join(r["ca_renewal"] for r in replicas)
+            xds, ca_address, renewal_address = self._replica_addresses()
         else:
             ports = self.control_plane["ports"]
             xds = [("127.0.0.1", int(ports["xds"]))]
@@ -433,10 +449,34 @@ class MeshRuntime:
         }
         self.progress(f"  {pod.ref}: sidecar ready (Envoy pid {info['envoy_pid']})")
 
+    def _replica_addresses(self) -> tuple[list[tuple[str, int]], str, str]:
+        """A joined host's replicas: xDS (host, port) each, the CA and renewal address
+        lists — at ``join.replica_host`` when set (the replicas sit behind a relay)."""
+        assert self.joined is not None and self.join is not None
+        via = self.join.replica_host
+
+        def at(address: str) -> tuple[str, int]:
+            host, port = _host_port(address)
+            return (via or host, port)
+
+        def joined(key: str) -> str:
+            return ",".join(f"{h}:{p}" for h, p in (at(r[key]) for r in replicas))
+
+        replicas = self.joined.replicas
+        xds = [at(r["address"]) for r in replicas]
+        ca, renewal = joined("ca"), joined("ca_renewal")
+        return xds, ca, renewal
+
     async def _start_sandboxed_sidecar(self, pod: PodPlan, paths: PodPaths) -> None:
         """Agent + Envoy in the pod's namespace as uid 1337 (see runtime.sandboxed)."""
         assert self.plan is not None
-        ports = self.control_plane["ports"]
+        if self.joined is not None:  # a host of the mesh: the replicas, not a local plane
+            xds, ca_address, renewal_address = self._replica_addresses()
+        else:
+            ports = self.control_plane["ports"]
+            xds = [(NODE_IP, int(ports["xds"]))]
+            ca_address = f"{NODE_IP}:{ports['ca']}"
+            renewal_address = f"{NODE_IP}:{ports['ca_renewal']}"
         token = install_proxy_file(self.layout.token(pod.key), paths, "token")
         roots = install_proxy_file(self.layout.roots, paths, "ca-roots.pem")
         spec = SidecarSpec(
@@ -445,17 +485,18 @@ class MeshRuntime:
             trust_domain=self.plan.trust_domain,
             node_id=node_id(pod),
             cluster=f"{pod.name}.{pod.namespace}",
-            ca_address=f"{NODE_IP}:{ports['ca']}",
-            ca_renewal_address=f"{NODE_IP}:{ports['ca_renewal']}",
+            ca_address=ca_address,
+            ca_renewal_address=renewal_address,
             roots_file=str(roots),
             token_file=str(token),
             sds_socket=str(paths.sds_socket),
-            xds_port=ports["xds"],
+            xds_port=xds[0][1],
+            more_xds=xds[1:],
             control_plane_id=self.control_plane.get("spiffe_id")
             or control_plane_spiffe_id(self.plan.trust_domain),
             workdir=str(paths.proxy),
             source_address=None,  # the pod's own address: the only one it has
-            xds_address=NODE_IP,
+            xds_address=xds[0][0],
             admin_port=SANDBOX_ADMIN_PORT,
             peer_check=True,
             private_dir=str(paths.proxy),
@@ -749,6 +790,10 @@ class MeshRuntime:
     async def down(self) -> None:
         """Stop apps, then sidecars, then the control plane (each: TERM, then KILL)."""
         self._record("stopping")
+        if self._keeping is not None:
+            self._keep_stop.set()
+            await asyncio.gather(self._keeping, return_exceptions=True)
+            self._keeping = None
         if self.publisher is not None:
             await self.publisher.stop()
             self.publisher = None

@@ -155,6 +155,11 @@ class WorkloadRecord:
     # offers it outbound listeners; empty when not used (the control plane's defaults).
     app_address: str = ""
     outbound_address: str = ""
+    # Pod sandbox (netns hosts): "transparent" — the pod's traffic is captured (Istio's
+    # virtualInbound/Outbound layout) and its Services' ClusterIPs (``namespace/name`` →
+    # address) are the ones its host's kube-proxy rules use. Empty: process mode.
+    capture: str = ""
+    service_addresses: tuple[tuple[str, str], ...] = ()
 
     @property
     def ref(self) -> str:
@@ -175,6 +180,10 @@ class WorkloadRecord:
             value["appAddress"] = self.app_address
         if self.outbound_address:
             value["outboundAddress"] = self.outbound_address
+        if self.capture:
+            value["capture"] = self.capture
+        if self.service_addresses:
+            value["serviceAddresses"] = dict(self.service_addresses)
         return json.dumps(value, sort_keys=True)
 
     @classmethod
@@ -191,4 +200,20 @@ class WorkloadRecord:
             kind=data.get("kind", "WorkloadEntry"),
             app_address=data.get("appAddress", ""),
             outbound_address=data.get("outboundAddress", ""),
+            capture=_capture(data.get("capture", "")),
+            service_addresses=tuple(sorted(_str_map(data.get("serviceAddresses", {})).items())),
         )
+
+
+def _capture(value: Any) -> str:
+    if value not in ("", "transparent"):
+        raise ValueError(f"capture must be 'transparent' or absent, not {value!r}")
+    return str(value)
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("serviceAddresses must map namespace/name to an address")
+    return value
