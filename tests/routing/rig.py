@@ -74,10 +74,12 @@ class RoutingMesh:
 
 
 @contextmanager
-def routing_mesh(root: Path, *, base: str) -> Iterator[RoutingMesh]:
+def routing_mesh(
+    root: Path, *, base: str, workloads: Path = HERE / "workloads.yaml"
+) -> Iterator[RoutingMesh]:
     config_dir, state = root / "config", root / "state"
     config_dir.mkdir(parents=True)
-    shutil.copy(HERE / "workloads.yaml", config_dir / "workloads.yaml")
+    shutil.copy(workloads, config_dir / "workloads.yaml")
     (config_dir / "routes.yaml").write_text("")
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text("{}\n")

@@ -1,7 +1,7 @@
 """VirtualService routes and DestinationRule subsets in a sidecar's translation (pure).
 
-The route configuration JSON both sidecar layouts get (the local-process proxy's inline
-``outbound_http`` and the captured layout's RDS ``"9080"``), the subset clusters with the
+The route configuration JSON both sidecar layouts get over RDS (the local-process proxy's
+``http_proxy`` and the captured layout's ``"9080"``), the subset clusters with the
 subset's traffic policy merged over the rule's, and which VirtualServices and matches
 apply to which client — with what cannot be honoured reported by ``validate``.
 """
@@ -69,10 +69,19 @@ def process(loaded: LoadedConfig, ref: str = PRODUCTPAGE) -> ProxyResources:
     return translate(loaded.mesh, ref, inbound_address="127.0.0.50", outbound_address="127.0.0.51")
 
 
+def proxy_route_config(resources: ProxyResources) -> dict[str, Any]:
+    """The proxy listener's route configuration: the RDS resource its manager names."""
+    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "route_config" not in manager  # inline routes would drain the listener on change
+    (config,) = [r for r in resources.routes if r["name"] == manager["rds"]["route_config_name"]]
+    assert config["name"] == "http_proxy"  # Istio's name for the HTTP proxy's routes
+    return config
+
+
 def proxy_routes(resources: ProxyResources, name: str) -> list[dict[str, Any]]:
     """The routes of the proxy listener's virtual host ``name``."""
-    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
-    config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    config = proxy_route_config(resources)
     (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == name]
     return [r for r in vhost["routes"] if not r["name"].startswith("workload ")]
 
@@ -512,8 +521,7 @@ spec:
     resources = process(loaded)
     (route,) = proxy_routes(resources, "bookreviews.example.com:80")
     assert route["route"]["cluster"] == f"outbound|9080|v2|{REVIEWS}"
-    (listener,) = [x for x in resources.listeners if x["name"] == "outbound_http"]
-    config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    config = proxy_route_config(resources)
     (vhost,) = [v for v in config["virtual_hosts"] if v["name"] == "bookreviews.example.com:80"]
     assert vhost["domains"] == ["bookreviews.example.com:80", "bookreviews.example.com"]
     assert loaded.mesh is not None
@@ -549,3 +557,102 @@ def test_a_subset_no_destination_rule_defines_is_reported(tmp_path: Path) -> Non
         for d in load(tmp_path, SUBSETS, ALL_V1).diagnostics
         if d.code == "virtual-service-unknown-subset"
     ]
+
+
+JASON_V2 = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {end-user: {exact: jason}}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v3}
+      weight: 50
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookreviews, namespace: default}
+spec:
+  hosts: [bookreviews.example.com]
+  http:
+  - route:
+    - destination: {host: reviews.default.svc.cluster.local, subset: v2}
+"""
+
+
+def _hcms(value: Any) -> list[dict[str, Any]]:
+    """Every HTTP connection manager config in ``value``."""
+    if isinstance(value, list):
+        return [m for item in value for m in _hcms(item)]
+    if not isinstance(value, dict):
+        return []
+    found = [value] if str(value.get("@type", "")).endswith("HttpConnectionManager") else []
+    return found + [m for item in value.values() for m in _hcms(item)]
+
+
+@pytest.mark.parametrize("layout", ["process", "captured"])
+def test_a_virtual_service_change_changes_routes_never_a_listener(
+    tmp_path: Path, layout: str
+) -> None:
+    """Envoy drains a changed listener and cuts its requests after the drain time: a
+    route change must reach Envoy as RDS only (tests/routing/test_route_change_live.py
+    shows the cut request)."""
+    results = []
+    for i, texts in enumerate([(SUBSETS,), (SUBSETS, ALL_V1), (SUBSETS, JASON_V2)]):
+        (tmp_path / str(i)).mkdir()
+        loaded = load(tmp_path / str(i), *texts)
+        assert loaded.mesh is not None
+        if layout == "process":
+            resources = process(loaded)
+        else:
+            resources = translate(
+                loaded.mesh,
+                PRODUCTPAGE,
+                inbound_address="127.0.0.50",
+                capture=CaptureMode.TRANSPARENT,
+                service_addresses={"default/reviews": "10.96.0.9"},
+            )
+        managers = _hcms(list(resources.listeners))
+        assert managers and all("rds" in m and "route_config" not in m for m in managers)
+        results.append(resources)
+    first, *changed = results
+    for resources in changed:
+        assert resources.listeners == first.listeners
+        assert resources.routes != first.routes
+
+
+def test_an_envoy_filter_patches_the_proxys_rds_routes(tmp_path: Path) -> None:
+    patch = """
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: decorate, namespace: default}
+spec:
+  workloadSelector:
+    labels: {app: productpage}
+  configPatches:
+  - applyTo: HTTP_ROUTE
+    match:
+      context: SIDECAR_OUTBOUND
+      routeConfiguration:
+        name: http_proxy
+        vhost:
+          name: reviews.default.svc.cluster.local:9080
+          route: {action: ANY}
+    patch:
+      operation: MERGE
+      value: {decorator: {operation: patched}}
+"""
+    plain = process(load(tmp_path, SUBSETS, ALL_V1))
+    patched = process(load(tmp_path, SUBSETS, ALL_V1, patch))
+    (route,) = proxy_routes(patched, f"{REVIEWS}:9080")
+    assert route["decorator"] == {"operation": "patched"}
+    (untouched,) = proxy_routes(plain, f"{REVIEWS}:9080")
+    assert "decorator" not in untouched
+    assert patched.listeners == plain.listeners  # a route patch stays in the routes

@@ -35,6 +35,7 @@ from trustmesh.agent.envoy import validate_bootstrap
 from trustmesh.xds.cache import Snapshot
 from trustmesh.xds.outbound_listeners import (
     DYNAMIC_FORWARD_PROXY_CLUSTER,
+    HTTP_PROXY_ROUTE,
     OUTBOUND_HTTP_LISTENER,
     OUTBOUND_HTTP_PORT,
 )
@@ -63,10 +64,17 @@ def _manager(resources: ProxyResources) -> dict[str, Any]:
     return config
 
 
+def _route_config(resources: ProxyResources) -> dict[str, Any]:
+    """The proxy's route configuration: the RDS resource its manager names."""
+    name = _manager(resources)["rds"]["route_config_name"]
+    (config,) = [r for r in resources.routes if r["name"] == name]
+    return config
+
+
 def _cluster_by_domain(resources: ProxyResources) -> dict[str, str]:
     """Every domain of the proxy's route configuration → where it goes."""
     out: dict[str, str] = {}
-    for vhost in _manager(resources)["route_config"]["virtual_hosts"]:
+    for vhost in _route_config(resources)["virtual_hosts"]:
         route = vhost["routes"][0]
         target = route["route"]["cluster"] if "route" in route else "direct_response"
         for domain in vhost["domains"]:
@@ -83,8 +91,10 @@ def test_without_outbound_address_there_is_no_outbound_listener() -> None:
     assert plain.listeners == ()
     assert DYNAMIC_FORWARD_PROXY_CLUSTER not in {c["name"] for c in plain.clusters}
     with_proxy = _sleep()
-    # The outbound listeners add to the translation; nothing else changes.
-    assert with_proxy.routes == plain.routes
+    # The outbound listeners add to the translation (their routes over RDS); nothing else
+    # changes.
+    assert [r for r in with_proxy.routes if r["name"] != HTTP_PROXY_ROUTE] == list(plain.routes)
+    assert HTTP_PROXY_ROUTE not in {r["name"] for r in plain.routes}
     assert [c for c in with_proxy.clusters if c["name"] != DYNAMIC_FORWARD_PROXY_CLUSTER] == list(
         plain.clusters
     )
@@ -97,7 +107,14 @@ def test_http_proxy_listener_is_an_absolute_url_http1_proxy_on_15001() -> None:
     manager = _manager(resources)
     assert manager["codec_type"] == "HTTP1"
     assert manager["http_protocol_options"] == {"allow_absolute_url": True}
-    assert manager["route_config"]["name"] == OUTBOUND_HTTP_LISTENER
+    # Routes over RDS (Istio's "http_proxy"), never inline: a VirtualService change must
+    # not change the listener, whose drain would cut requests in flight.
+    assert "route_config" not in manager
+    assert manager["rds"] == {
+        "config_source": {"ads": {}, "resource_api_version": "V3"},
+        "route_config_name": HTTP_PROXY_ROUTE,
+    }
+    assert _route_config(resources)["name"] == "http_proxy"
 
 
 def test_service_domains_route_to_their_outbound_cluster() -> None:
@@ -116,7 +133,7 @@ def test_service_domains_route_to_their_outbound_cluster() -> None:
 
 def test_allow_any_resolves_unknown_hosts_with_a_dynamic_forward_proxy() -> None:
     resources = _sleep()
-    default = _manager(resources)["route_config"]["virtual_hosts"][-1]
+    default = _route_config(resources)["virtual_hosts"][-1]
     assert default["name"] == "allow_any" and default["domains"] == ["*"]
     filters = [f["name"] for f in _manager(resources)["http_filters"]]
     assert filters == ["envoy.filters.http.dynamic_forward_proxy", "envoy.filters.http.router"]
@@ -129,7 +146,7 @@ def test_allow_any_resolves_unknown_hosts_with_a_dynamic_forward_proxy() -> None
 
 def test_registry_only_answers_unknown_hosts_with_502_and_has_no_forward_proxy() -> None:
     resources = _sleep("17a-registry-only")
-    default = _manager(resources)["route_config"]["virtual_hosts"][-1]
+    default = _route_config(resources)["virtual_hosts"][-1]
     assert default["name"] == "block_all"
     assert default["routes"][0]["direct_response"] == {"status": 502}
     assert [f["name"] for f in _manager(resources)["http_filters"]] == ["envoy.filters.http.router"]

@@ -9,9 +9,12 @@ addresses, on ``outbound_address`` (an IP of the workload's own):
   ``HTTP_PROXY=http://<outbound_address>:15001``. Absolute-form targets
   (``GET http://httpbin.foo:8000/get``) are accepted and the ``Host`` picks the cluster:
   one virtual host per known service port and ServiceEntry host port, then the default
-  for unknown hosts. The route configuration is inline in the listener (not RDS) so the
-  listener is complete on its own, also in :func:`~trustmesh.xds.translate.static_bootstrap`,
-  which serves no route resources.
+  for unknown hosts. The route configuration ``http_proxy`` (Istio's name for its HTTP
+  proxy's routes) comes over RDS, as all of Istio's sidecar outbound routes do: a
+  VirtualService change then updates the routes in place — open keep-alive connections
+  take the new routes with their next request — and never the listener, whose change
+  would drain it and cut requests in flight after the drain time.
+  (:func:`~trustmesh.xds.translate.static_bootstrap` puts it back inline.)
 * ``outbound_tcp_<port>`` on ``<outbound_address>:<port>`` per non-HTTP Service port —
   TCP carries no ``Host``, so the port alone names the service (``tcp_proxy``).
 
@@ -80,6 +83,7 @@ from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_fo
 from trustmesh.xds.outbound import (
     BLACKHOLE_CLUSTER,
     CLUSTER_TYPE,
+    ROUTE_TYPE,
     WORKLOAD_HEADER,
     Protocol,
     default_virtual_host,
@@ -91,6 +95,7 @@ from trustmesh.xds.outbound import (
 
 __all__ = [
     "DYNAMIC_FORWARD_PROXY_CLUSTER",
+    "HTTP_PROXY_ROUTE",
     "OUTBOUND_HTTP_LISTENER",
     "OUTBOUND_HTTP_PORT",
     "WORKLOAD_HEADER",
@@ -112,11 +117,13 @@ _DFP_FILTER = _T + "envoy.extensions.filters.http.dynamic_forward_proxy.v3.Filte
 _SNI_DFP_FILTER = _T + "envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig"
 
 OUTBOUND_HTTP_LISTENER = "outbound_http"
+HTTP_PROXY_ROUTE = "http_proxy"  # Istio's RDS name for its HTTP proxy listener's routes
 OUTBOUND_HTTP_PORT = 15001  # Istio's outbound capture port, reused for the explicit proxy
 DYNAMIC_FORWARD_PROXY_CLUSTER = "DynamicForwardProxyCluster"
 # The filter and the cluster must name the same cache: the filter resolves, the cluster reads.
 _DNS_CACHE = {"name": "outbound_http_dns_cache", "dns_lookup_family": "V4_ONLY"}
 _DEFAULT_HTTP_PORT = 80
+_ADS = {"ads": {}, "resource_api_version": "V3"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,8 +276,8 @@ def outbound_tcp_ports(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[int, str]:
 
 
 def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
-    """The proxy's route configuration ``outbound_http`` (inline in its listener): a
-    virtual host per known HTTP service port and ServiceEntry host port, then the
+    """The proxy's route configuration ``http_proxy`` (its listener fetches it over RDS):
+    a virtual host per known HTTP service port and ServiceEntry host port, then the
     default for unknown hosts."""
     seen: set[str] = set()
     virtual_hosts = []
@@ -308,7 +315,8 @@ def outbound_http_route(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
                     virtual_hosts.append(alias)
     virtual_hosts.append(default_virtual_host(wp.egress_mode, DYNAMIC_FORWARD_PROXY_CLUSTER))
     return {
-        "name": OUTBOUND_HTTP_LISTENER,
+        "@type": ROUTE_TYPE,
+        "name": HTTP_PROXY_ROUTE,
         "virtual_hosts": virtual_hosts,
         "validate_clusters": False,
     }
@@ -405,7 +413,8 @@ def _http_proxy(wp: WorkloadPolicy, mesh: MeshPolicy) -> dict[str, Any]:
             # What makes it a forward proxy: `GET http://host:port/path` is accepted and
             # its authority becomes the Host that picks the virtual host.
             "http_protocol_options": {"allow_absolute_url": True},
-            "route_config": outbound_http_route(wp, mesh),
+            # Over RDS, never inline: a route change must not change (drain) the listener.
+            "rds": {"config_source": dict(_ADS), "route_config_name": HTTP_PROXY_ROUTE},
             "http_filters": filters,
             "use_remote_address": False,
             "access_log": [

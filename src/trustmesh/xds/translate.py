@@ -11,7 +11,9 @@ with their ``@type`` (ready for :meth:`trustmesh.xds.cache.Snapshot.from_resourc
 * clusters — ``inbound|<port>||`` to the application, ``outbound|<port>||<host>`` per
   registry port, ``PassthroughCluster`` / ``BlackHoleCluster``, and one per ``jwksUri``
   host (:mod:`trustmesh.xds.outbound`, :mod:`trustmesh.xds.jwt`);
-* routes — the outbound HTTP route configuration per port;
+* routes — the outbound HTTP route configuration per port and, with
+  ``outbound_address``, the HTTP proxy's ``http_proxy``: every outbound route reaches
+  Envoy over RDS, so a VirtualService change never changes (and drains) a listener;
 * extension configs — the HTTP policy filters when delivered over ECDS (the default).
 
 Why ECDS: Envoy applies a listener (LDS) change only to new connections, and keeps old
@@ -82,6 +84,7 @@ from trustmesh.xds.outbound import (
 )
 from trustmesh.xds.outbound_capture import service_port_listeners, virtual_outbound_listener
 from trustmesh.xds.outbound_listeners import (
+    outbound_http_route,
     outbound_listeners,
     outbound_proxy_clusters,
     workload_subset_clusters,
@@ -274,6 +277,12 @@ def translate(
         ("routes",),
         lambda: sorted(outbound_routes(wp, mesh), key=lambda r: str(r["name"])),
     )
+    if outbound_address is not None:
+        # The proxy listener's routes, over RDS: a VirtualService change never drains it.
+        routes = [
+            *routes,
+            _shared(mesh, wp, ("proxy routes",), lambda: outbound_http_route(wp, mesh)),
+        ]
     inbound_routes = _slots_by_route(listeners, extension_configs)
     resources = ProxyResources(
         listeners=tuple(listeners),
