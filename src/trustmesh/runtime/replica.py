@@ -125,13 +125,18 @@ class _Replica:
     """The running parts, and what its registration says."""
 
     def __init__(
-        self, options: ReplicaOptions, client: EtcdClient, plane: ControlPlane, ca: CaServer
+        self,
+        options: ReplicaOptions,
+        client: EtcdClient,
+        plane: ControlPlane,
+        ca: CaServer,
+        source: StoreConfigSource,
     ) -> None:
         self.options = options
         self.client = client
         self.plane = plane
         self.ca_server = ca
-        self.source = StoreConfigSource(EtcdResourceStore(client), options.state_dir / "config")
+        self.source = source
         self.keeper = LeaseKeeper(client, options.lease_ttl)
         self.election = LeaderElection(client, self.keeper, options.name)
         self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -314,6 +319,7 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
             await revocations.start()
         except StoreError as exc:
             return _fail(f"cannot read the store: {exc}")
+        source = StoreConfigSource(EtcdResourceStore(client), source_dir)
         plane = ControlPlane(
             [str(source_dir)],
             ca=ca,
@@ -321,8 +327,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
             mesh_config=options.mesh_config,
             workload_addresses={w.ref: w.address for w in workloads},
             observer=metrics,
+            sources=source.sources,  # the mirror compiled from memory, not re-read
         )
-        replica = _Replica(options, client, plane, ca_server)
+        replica = _Replica(options, client, plane, ca_server, source)
         replica.registry_revision = registry_revision
         replica.records = list(workloads)
         replica.addresses = {w.ref: w.address for w in workloads}

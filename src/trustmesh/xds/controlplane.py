@@ -37,7 +37,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -177,6 +177,8 @@ class PlaneObserver(XdsObserver, Protocol):
         """The xDS server's TLS certificate was (re)issued (maybe on a gRPC thread)."""
 
 
+# In-memory configuration files (name, bytes) in reading order, and a stamp naming them.
+Preread = Callable[[], tuple[Sequence[tuple[str, bytes]], str]]
 # A file's identity and content stamp; (path,) alone when it cannot be read.
 _Stamp = tuple[str, int, int, int] | tuple[str]
 Fingerprint = tuple[_Stamp, ...]
@@ -229,7 +231,10 @@ class ControlPlane:
     ``reloads`` counts configurations applied (the one :meth:`start` loads included),
     ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
     reload returned. Methods are called from the event loop's thread. ``observer``
-    (metrics) is told every stream event and reload outcome.
+    (metrics) is told every stream event and reload outcome. ``sources``: where the
+    files of ``config_paths`` are already in memory (a store's mirror,
+    :meth:`~trustmesh.store.config_source.StoreConfigSource.sources`): each reload
+    compiles those instead of reading the files, and its fingerprint is their stamp.
     """
 
     def __init__(
@@ -244,6 +249,7 @@ class ControlPlane:
         workload_addresses: Mapping[str, str] | None = None,
         not_ready: Sequence[str] = (),
         observer: PlaneObserver | None = None,
+        sources: Preread | None = None,
     ) -> None:
         if isinstance(config_paths, str) or isinstance(mesh_config, str):
             raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
@@ -254,6 +260,7 @@ class ControlPlane:
         if debounce < 0:
             raise ValueError(f"debounce must be >= 0, got {debounce}")
         self._paths = tuple(config_paths)
+        self._preread = sources
         self._mesh_config = tuple(mesh_config)
         self._addresses = MappingProxyType(dict(workload_addresses or {}))
         self._not_ready = frozenset(not_ready)
@@ -469,7 +476,13 @@ class ControlPlane:
         async with self._reloading:
             registrations = dict(self._registrations)
             # Taken before reading: an edit made while this reload reads is seen by watch().
-            seen = self._seen = await asyncio.to_thread(self.fingerprint)
+            preread: Sequence[tuple[str, bytes]] | None = None
+            seen: Fingerprint
+            if self._preread is not None:
+                preread, stamp = self._preread()
+                seen = self._seen = ((stamp,),)
+            else:
+                seen = self._seen = await asyncio.to_thread(self.fingerprint)
             not_ready = self._not_ready
             try:
                 build = await asyncio.to_thread(
@@ -481,6 +494,7 @@ class ControlPlane:
                     self._sources,
                     not_ready,
                     self._built,
+                    preread,
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -536,7 +550,10 @@ class ControlPlane:
             await self.reload()
 
     def fingerprint(self) -> Fingerprint:
-        """Path, inode, size and mtime of every configuration file, in reading order."""
+        """Path, inode, size and mtime of every configuration file, in reading order
+        (with ``sources``: their stamp)."""
+        if self._preread is not None:
+            return ((self._preread()[1],),)
         return _fingerprint((*self._paths, *self._mesh_config))
 
     @property
@@ -652,6 +669,7 @@ def _build_without_gc(
     sources: SourceCache | None = None,
     not_ready: frozenset[str] = frozenset(),
     previous: _Build | None = None,
+    preread: Sequence[tuple[str, bytes]] | None = None,
 ) -> _Build:
     """:func:`_build` with the cyclic garbage collector paused: a fleet's build makes
     hundreds of thousands of short-lived dicts, and collections triggered by them scan
@@ -660,7 +678,9 @@ def _build_without_gc(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(paths, mesh_config, registrations, addresses, sources, not_ready, previous)
+        return _build(
+            paths, mesh_config, registrations, addresses, sources, not_ready, previous, preread
+        )
     finally:
         if was_enabled:
             gc.enable()
@@ -674,10 +694,12 @@ def _build(
     sources: SourceCache | None = None,
     not_ready: frozenset[str] = frozenset(),
     previous: _Build | None = None,
+    preread: Sequence[tuple[str, bytes]] | None = None,
 ) -> _Build:
-    """Load, compile and translate for every proxy; pure apart from reading the files."""
+    """Load, compile and translate for every proxy; pure apart from reading the files
+    (``preread``: ``paths``' files already read)."""
     started = time.perf_counter()
-    loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources)
+    loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources, preread=preread)
     if loaded.errors or loaded.mesh is None:
         errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
         return _Build(tuple(errors), None, dict(registrations), {}, ())
