@@ -148,7 +148,7 @@ class _Replica:
 
     def record(self) -> dict[str, Any]:
         host = self.options.listen.rpartition(":")[0]
-        serves = [n for n, s in self.plane.sync_status().items() if s["synced"]]
+        serves = self.plane.synced_proxies()  # as sync_status()'s synced, open streams only
         return {
             "name": self.options.name,
             "pid": os.getpid(),

@@ -428,6 +428,14 @@ class ControlPlane:
             }
         return status
 
+    def synced_proxies(self) -> list[str]:
+        """The registered node ids :meth:`sync_status` calls synced, sorted — from the
+        open streams alone (cheap with thousands registered and few connected)."""
+        server = self._server
+        if server is None:
+            return []
+        return [n for n in server.synced_nodes() if n in self._registrations]
+
     # -- lifecycle
 
     async def start(self) -> int:
