@@ -91,6 +91,18 @@ class XdsObserver(Protocol):
         """``node_id``'s stream ACKed everything of its snapshot ``version`` (SYNCED)."""
 
 
+# Per-connection memory, with thousands of proxies per replica (bench/bench_ads_scale.py):
+# xDS streams carry small, rare messages, so no BDP probing (windows stay at their initial
+# size instead of growing to megabytes), TLS records of 4 kB instead of 16 kB buffers per
+# direction, and small HPACK tables (a few header names repeat).
+CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.tsi.max_frame_size", 4096),
+    ("grpc.http2.hpack_table_size.decoder", 512),
+    ("grpc.http2.hpack_table_size.encoder", 512),
+)
+
+
 def peer_spiffe_ids(context: Context) -> tuple[str, ...]:
     """The ``spiffe://`` URI SANs of the mTLS peer's certificate; empty without mTLS.
 
@@ -246,7 +258,7 @@ class AdsServer:
         self._stopping = asyncio.Event()
         # No SO_REUSEPORT: a second server on the same port must fail, not silently take
         # half of the new streams.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *CONNECTION_OPTIONS])
         server.add_generic_rpc_handlers((self._handlers(),))
         try:
             if self._credentials is None:
