@@ -199,19 +199,24 @@ class _Build:
     addresses: Mapping[str, str] = field(default_factory=dict)
     not_ready: frozenset[str] = frozenset()
     stats: RebuildStats | None = None
+    # Proxies with no stream open that this build left for later (no snapshot here): each
+    # is built when it connects (ControlPlane._authorize), or by a later build.
+    deferred: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class RebuildStats:
     """How one build's proxies were served: ``reused`` kept their snapshot (the change
     could not affect them), ``patched`` got only their policy filters re-translated,
-    ``translated`` were translated whole; ``seconds``: the build's wall time (load,
-    compile, translate, encode, check)."""
+    ``translated`` were translated whole; ``deferred``: not connected, built when they
+    connect; ``seconds``: the build's wall time (load, compile, translate, encode,
+    check)."""
 
     reused: int
     patched: int
     translated: int
     seconds: float
+    deferred: int = 0
 
 
 # ---------------------------------------------------------------------------- control plane
@@ -276,6 +281,9 @@ class ControlPlane:
         self._registrations: dict[str, ProxyRegistration] = {}
         self._mesh: MeshPolicy | None = None
         self._built: _Build | None = None  # the last build published (reused by the next)
+        # Registered proxies whose published snapshot predates the mesh: nothing was
+        # connected for them when it was built; each is brought up to date as it connects.
+        self._deferred: set[str] = set()
         self._seen: Fingerprint | None = None  # of the files the last reload read
         self._outcome_of: Fingerprint | None = None  # … once its result is published
         self._reloading = asyncio.Lock()
@@ -370,7 +378,14 @@ class ControlPlane:
                 return True  # nothing published yet: the first build uses it
             registrations = dict(self._registrations)
             build = await asyncio.to_thread(
-                _translate_all, mesh, registrations, self._addresses, wanted, self._built
+                _translate_all,
+                mesh,
+                registrations,
+                self._addresses,
+                wanted,
+                self._built,
+                None,
+                self._deferrable(registrations),
             )
             problems, changed = self._publish(build)
             self._built = build
@@ -394,6 +409,7 @@ class ControlPlane:
         """Forget a proxy that is gone. An open stream keeps its config until it closes;
         a new one is refused."""
         self._registrations.pop(node_id, None)
+        self._deferred.discard(node_id)
         self._cache.clear(node_id)
         if self._built is not None:
             self._built.registrations.pop(node_id, None)
@@ -503,6 +519,7 @@ class ControlPlane:
                     not_ready,
                     self._built,
                     preread,
+                    self._deferrable(registrations),
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -586,12 +603,49 @@ class ControlPlane:
         built.registrations[registration.node_id] = registration
         built.snapshots[registration.node_id] = snapshot
 
+    def _deferrable(self, registrations: Mapping[str, ProxyRegistration]) -> frozenset[str]:
+        """The proxies a build may leave for later: registered, with no stream open to
+        this server (none before it serves)."""
+        server = self._server
+        if server is None:
+            return frozenset()
+        return frozenset(n for n in registrations if not server.connected(n))
+
+    def _build_deferred(self, node_id: str) -> None:
+        """Bring a proxy a build left out up to date as it connects (on the event loop,
+        before its stream reads the cache); if it cannot be configured it keeps its last
+        snapshot and the problem joins :attr:`last_errors`."""
+        registration = self._registrations.get(node_id)
+        mesh = self._mesh
+        self._deferred.discard(node_id)
+        if registration is None or mesh is None:
+            return
+        try:
+            endpoints = EndpointFilter(self._not_ready)
+            snapshot = _snapshot_for(mesh, registration, self._addresses, endpoints)
+            self._cache.set(node_id, snapshot)
+        except (LookupError, ValueError) as exc:
+            problem = _proxy_problem(registration, exc)
+            _log.error("%s", problem)
+            self.last_errors = sorted([*self.last_errors, problem], key=Diagnostic.sort_key)
+            return
+        self._remember(registration, snapshot)
+
     def _publish(self, build: _Build) -> tuple[list[Diagnostic], int]:
         assert build.mesh is not None
         problems = list(build.problems)
         changed = 0
+        server = self._server
         for node_id, registration in list(self._registrations.items()):
-            if build.registrations.get(node_id) == registration:
+            if (
+                node_id in build.deferred
+                and build.registrations.get(node_id) == registration
+                and (server is None or not server.connected(node_id))
+            ):
+                self._deferred.add(node_id)  # built when it connects
+                continue
+            # (a deferred one that connected while the build ran is built now, below)
+            if build.registrations.get(node_id) == registration and node_id not in build.deferred:
                 snapshot = build.snapshots.get(node_id)
                 if snapshot is None:
                     continue  # it could not be configured: reported in build.problems
@@ -607,6 +661,7 @@ class ControlPlane:
                 ):
                     build.registrations[node_id] = registration
                     build.snapshots[node_id] = snapshot
+            self._deferred.discard(node_id)
             try:
                 previous = self._cache.get(node_id)
                 changed += previous != snapshot
@@ -621,6 +676,8 @@ class ControlPlane:
         expected = self.identity_of(node_id)
         presented = peer_spiffe_ids(context)
         if expected is not None and presented == (expected,):
+            if node_id in self._deferred:
+                self._build_deferred(node_id)
             return True
         _log.warning(
             "xds: refused node %r to peer %s presenting %s (needs %s)",
@@ -678,6 +735,7 @@ def _build_without_gc(
     not_ready: frozenset[str] = frozenset(),
     previous: _Build | None = None,
     preread: Sequence[tuple[str, bytes]] | None = None,
+    deferrable: frozenset[str] = frozenset(),
 ) -> _Build:
     """:func:`_build` with the cyclic garbage collector paused: a fleet's build makes
     hundreds of thousands of short-lived dicts, and collections triggered by them scan
@@ -687,7 +745,15 @@ def _build_without_gc(
     gc.disable()
     try:
         return _build(
-            paths, mesh_config, registrations, addresses, sources, not_ready, previous, preread
+            paths,
+            mesh_config,
+            registrations,
+            addresses,
+            sources,
+            not_ready,
+            previous,
+            preread,
+            deferrable,
         )
     finally:
         if was_enabled:
@@ -703,6 +769,7 @@ def _build(
     not_ready: frozenset[str] = frozenset(),
     previous: _Build | None = None,
     preread: Sequence[tuple[str, bytes]] | None = None,
+    deferrable: frozenset[str] = frozenset(),
 ) -> _Build:
     """Load, compile and translate for every proxy; pure apart from reading the files
     (``preread``: ``paths``' files already read)."""
@@ -711,7 +778,9 @@ def _build(
     if loaded.errors or loaded.mesh is None:
         errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
         return _Build(tuple(errors), None, dict(registrations), {}, ())
-    return _translate_all(loaded.mesh, registrations, addresses, not_ready, previous, started)
+    return _translate_all(
+        loaded.mesh, registrations, addresses, not_ready, previous, started, deferrable
+    )
 
 
 def _translate_all(
@@ -721,6 +790,7 @@ def _translate_all(
     not_ready: frozenset[str],
     previous: _Build | None = None,
     started: float | None = None,
+    deferrable: frozenset[str] = frozenset(),
 ) -> _Build:
     """Every registered proxy's snapshot from one compiled mesh (pure).
 
@@ -728,7 +798,9 @@ def _translate_all(
     (:func:`~trustmesh.xds.incremental.policies_only_changed`) rebuilds only what it can
     affect: a proxy registered, addressed and filtered as then keeps its snapshot or gets
     only its policy filters re-translated (:class:`~trustmesh.xds.incremental.Patcher`);
-    every other proxy is translated whole."""
+    every other proxy is translated whole. Proxies in ``deferrable`` (no stream open) are
+    left out when there is a ``previous`` build (not from the first): they are built when
+    they connect, so a replica builds only the proxies it serves."""
     started = time.perf_counter() if started is None else started
     snapshots: dict[str, Snapshot] = {}
     problems = []
@@ -737,7 +809,11 @@ def _translate_all(
     base = _reusable(previous, mesh, addresses, not_ready)
     patcher = Patcher(base.mesh, mesh, canonical) if base is not None and base.mesh else None
     reused = patched = 0
+    deferred = set()
     for node_id, registration in sorted(registrations.items()):
+        if previous is not None and node_id in deferrable:
+            deferred.add(node_id)
+            continue
         try:
             snapshot = None
             if base is not None and patcher is not None and not registration.gateway:
@@ -762,7 +838,11 @@ def _translate_all(
             _log.exception("translating %s for %s failed", registration.workload_ref, node_id)
             problems.append(_proxy_problem(registration, exc))
     stats = RebuildStats(
-        reused, patched, len(snapshots) - reused - patched, time.perf_counter() - started
+        reused,
+        patched,
+        len(snapshots) - reused - patched,
+        time.perf_counter() - started,
+        len(deferred),
     )
     frozen_addresses = MappingProxyType(dict(addresses))
     return _Build(
@@ -774,6 +854,7 @@ def _translate_all(
         frozen_addresses,
         not_ready,
         stats,
+        frozenset(deferred),
     )
 
 

@@ -383,6 +383,10 @@ class AdsServer:
         stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
         return self._stream_synced(stream, current.version)
 
+    def connected(self, node_id: str) -> bool:
+        """Whether a stream of ``node_id`` is open (authorized and being served)."""
+        return node_id in self._streams
+
     def synced_nodes(self) -> list[str]:
         """The node ids :meth:`synced` holds for, sorted — looking only at open streams
         (a replica's status record asks twice a second, with thousands registered)."""
