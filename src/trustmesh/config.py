@@ -117,6 +117,7 @@ def load_config(
     default_namespace: str = "default",
     assume_injected: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    preread: Sequence[tuple[str, bytes]] | None = None,
 ) -> LoadedConfig:
     """Load, validate and (when there are no errors) compile the configuration.
 
@@ -125,7 +126,9 @@ def load_config(
     is where objects without ``metadata.namespace`` go (kubectl's ``-n``);
     ``assume_injected`` treats workloads whose namespace is not among the inputs as
     injected instead of unknown. ``progress`` is told ``(read, total)`` in characters
-    now and then while the files are read."""
+    now and then while the files are read. ``preread``: the files of ``paths`` as
+    :func:`read_sources` would return them, already in memory (a store's mirror): used
+    instead of reading ``paths`` (none: the same "no-files" error)."""
     with _collector_paused():
         return _load_config(
             paths,
@@ -138,6 +141,7 @@ def load_config(
             default_namespace=default_namespace,
             assume_injected=assume_injected,
             progress=progress,
+            preread=preread,
         )
 
 
@@ -153,8 +157,15 @@ def _load_config(
     default_namespace: str,
     assume_injected: bool,
     progress: Callable[[int, int], None] | None,
+    preread: Sequence[tuple[str, bytes]] | None = None,
 ) -> LoadedConfig:
-    sources, problems = read_sources(paths, stdin)
+    if preread is None:
+        sources, problems = read_sources(paths, stdin)
+    else:
+        sources, problems = list(preread), []
+        if not sources:
+            where = Location(paths[0] if paths else "<store>")
+            problems.append(error("no-files", where, "no .yaml/.yml/.json files"))
     total = sum(len(data) for _, data in sources)
     mesh_sources, mesh_problems = read_sources(mesh_config)
     problems.extend(mesh_problems)

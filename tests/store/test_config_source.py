@@ -53,7 +53,8 @@ def test_store_changes_reach_the_plane_in_order_bad_ones_refused_and_outages_sur
         workloads = (EXAMPLES / "mesh" / "workloads.yaml").read_text()
         await apply_text(writer, workloads + "\n---\n" + STRICT, tmp_path)
         await source.load()
-        plane = ControlPlane([str(source.directory)], ca=ca)
+        # As a replica: the mirror compiled from memory (its errors still name the files)
+        plane = ControlPlane([str(source.directory)], ca=ca, sources=source.sources)
         plane.register(HTTPBIN)
         assert await plane.reload() == []
         source.loaded_into_plane()
@@ -113,6 +114,84 @@ def test_store_changes_reach_the_plane_in_order_bad_ones_refused_and_outages_sur
             await reader.close()
 
     run(scenario(), timeout=120)
+
+
+SLEEP = ProxyRegistration.sidecar("foo/sleep", "127.0.0.21", outbound_address="127.0.0.21")
+
+
+def test_a_change_through_the_store_compiles_to_what_a_full_load_of_the_files_gives(
+    tmp_path: Path, own_etcd: EtcdCluster
+) -> None:
+    """The replica compiles the mirror from memory (``sources``) and only re-parses what
+    changed; after every commit — policy added, edited, broken, deleted, a Service and a
+    workload changed — its snapshots and errors equal those of a plane that reads every
+    mirror file from disk and compiles them from scratch."""
+    ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), dt.datetime.now(dt.UTC))
+
+    async def scenario() -> None:
+        writer = EtcdResourceStore(EtcdClient(own_etcd.endpoints))
+        reader = EtcdResourceStore(EtcdClient(own_etcd.endpoints))
+        source = StoreConfigSource(reader, tmp_path / "mirror")
+        workloads = (EXAMPLES / "mesh" / "workloads.yaml").read_text()
+        await apply_text(writer, workloads + "\n---\n" + STRICT, tmp_path)
+        await source.load()
+        memory = ControlPlane([str(source.directory)], ca=ca, sources=source.sources)
+        compared: list[int] = []
+
+        async def both() -> None:
+            memory_errors = await memory.reload()
+            disk = ControlPlane([str(source.directory)], ca=ca)  # no cache: from scratch
+            for registration in (HTTPBIN, SLEEP):
+                memory.register(registration)
+                disk.register(registration)
+            disk_errors = await disk.reload()
+            assert [str(d) for d in memory_errors] == [str(d) for d in disk_errors]
+            assert [str(d) for d in memory.last_errors] == [str(d) for d in disk.last_errors]
+            assert memory.rejected_reloads + memory.reloads == len(compared) + 1
+            for node in (HTTPBIN.node_id, SLEEP.node_id):
+                if disk.rejected_reloads:  # refused whole: memory keeps its last good one
+                    assert memory.last_errors and memory.cache.get(node) is not None
+                else:
+                    assert memory.cache.get(node) == disk.cache.get(node), node
+            compared.append(source.revision)
+
+        stop = asyncio.Event()
+        follower = asyncio.create_task(source.follow(both, stop))
+        try:
+            edits = [
+                DENY_GET,
+                DENY_GET.replace('"GET"', '"PUT"'),
+                DENY_GET.replace("action: DENY", "action: ALLOW"),
+            ]
+            for text in edits:
+                revision = await apply_text(writer, text, tmp_path)
+                await asyncio.wait_for(source.wait_applied(revision), 20)
+            revision = await writer.commit(
+                [ResourceWrite(BROKEN_KEY, json.dumps(_broken_policy()), 0)]
+            )
+            await asyncio.wait_for(source.wait_applied(revision), 20)
+            assert memory.rejected_reloads == 1
+            revision = await writer.commit([], [_delete(await writer.get(BROKEN_KEY))])
+            await asyncio.wait_for(source.wait_applied(revision), 20)
+            policy = ResourceKey(
+                "security.istio.io", "AuthorizationPolicy", "foo", "deny-method-get"
+            )
+            stored = await writer.get(policy)
+            assert stored is not None, "the example policy's name changed"
+            revision = await writer.commit([], [_delete(stored)])
+            await asyncio.wait_for(source.wait_applied(revision), 20)
+            service = workloads.replace("port: 8000", "port: 8001", 1)
+            assert service != workloads
+            revision = await apply_text(writer, service, tmp_path)
+            await asyncio.wait_for(source.wait_applied(revision), 20)
+            assert memory.rejected_reloads == 1 and len(compared) >= 7
+        finally:
+            stop.set()
+            await asyncio.wait_for(follower, 10)
+            await writer.close()
+            await reader.close()
+
+    run(scenario(), timeout=180)
 
 
 def _unhealthy(source: StoreConfigSource) -> Probe:

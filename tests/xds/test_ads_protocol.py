@@ -21,7 +21,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from tests.envoy.conftest import Loopback, run
+from tests.envoy.conftest import Loopback, eventually, run
 from tests.xds.ads_rig import METHOD, NODE, WEB_ID, World, _routes, loopback
 from trustmesh.xds.cache import TYPE_CLUSTER, TYPE_ECDS, TYPE_LISTENER, TYPE_ROUTE, SnapshotCache
 from trustmesh.xds.server import AdsServer, peer_spiffe_ids
@@ -159,6 +159,38 @@ def test_stream_protocol_acks_stale_nonces_names_and_nacks(loopback: Loopback) -
             both = await ads.receive()
             assert both.type_url == TYPE_ROUTE and _names(both) == ["other", "rds-routes"]
             assert server.pushes == 6 and server.acks == 3
+
+    run(scenario())
+
+
+def test_synced_nodes_lists_the_open_streams_synced_as_synced_says(loopback: Loopback) -> None:
+    """``synced_nodes`` (what a replica's status record lists, from open streams only)
+    agrees with ``synced`` per node: not before the ACK, yes once answered from the current
+    snapshot and ACKed; a node with a snapshot but no stream is never listed."""
+    world = World.on(loopback)
+    snapshot, changed = world.snapshot(), world.snapshot(action="DENY")
+
+    async def scenario() -> None:
+        cache = SnapshotCache()
+        cache.set(NODE, snapshot)
+        cache.set("not-connected", snapshot)
+        async with (
+            serving(cache) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            ads = RawAds(channel, NODE)
+            await ads.send(TYPE_LISTENER)
+            lds = await ads.receive()
+            assert server.synced_nodes() == [] and not server.synced(NODE)
+            await ads.send(TYPE_LISTENER, answering=lds)  # ACK
+            cache.set(NODE, changed)  # not an LDS change: answered from it without a push
+
+            async def synced() -> bool:
+                return server.synced(NODE)
+
+            await eventually(synced, what="the stream synced", timeout=10)
+            assert server.synced_nodes() == [NODE]
+            assert not server.synced("not-connected")
 
     run(scenario())
 

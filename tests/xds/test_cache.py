@@ -301,6 +301,23 @@ def test_unchanged_set_wakes_nobody() -> None:
     run(scenario())
 
 
+def test_listeners_hear_each_different_snapshot_of_their_node_only_until_stopped() -> None:
+    cache = SnapshotCache()
+    heard: list[str] = []
+    stop = cache.listen(NODE, lambda: heard.append("a"))
+    cache.listen("other", lambda: heard.append("other"))
+    cache.set(NODE, web())
+    cache.set(NODE, web())  # equal content: nothing to hear
+    cache.record_ack(NODE, "type", "1")  # an ACK is not a snapshot
+    assert heard == ["a"]
+    cache.set(NODE, web(body="new"))
+    assert heard == ["a", "a"]
+    stop()
+    stop()  # twice is harmless
+    cache.set(NODE, web(body="newer"))
+    assert heard == ["a", "a"]
+
+
 def test_first_wait_returns_any_snapshot_even_empty() -> None:
     async def scenario() -> None:
         cache = SnapshotCache()

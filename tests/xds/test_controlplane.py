@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.envoy.conftest import MiniCA, eventually, run, stat, workroot
 from tests.xds.ads_rig import envoys, report
@@ -37,8 +38,11 @@ from tests.xds.controlplane_rig import (
 from tests.xds.controlplane_traffic import Connection, Traffic, request_once, since
 from trustmesh.agent.envoy import EnvoyProcess
 from trustmesh.agent.xds_bootstrap import CONTROL_PLANE_ID, XDS_CLUSTER, control_plane_spiffe_id
+from trustmesh.xds import controlplane
 from trustmesh.xds.cache import TYPE_CLUSTER, TYPE_ECDS, TYPE_LISTENER
-from trustmesh.xds.controlplane import ProxyRegistration
+from trustmesh.xds.controlplane import XDS_SERVER_NAME, ProxyRegistration
+from trustmesh.xds.readiness import EndpointFilter
+from trustmesh.xds.server import ADS_SERVICE
 
 __all__ = ["envoys", "workroot"]  # fixtures, registered by importing them
 
@@ -232,6 +236,51 @@ def test_a_proxy_gets_only_the_config_of_the_identity_it_proves(
             plane.unregister(rig.sleep.node_id)  # a proxy that is gone gets nothing more
             assert await ads_answer(plane.port, rig.sleep.node_id, as_sleep) == denied
             assert plane.server is not None and plane.server.pushes == 2
+
+    run(scenario(), timeout=30)
+
+
+def test_a_change_builds_only_connected_proxies_the_others_as_they_connect(
+    workroot: Path, envoys: list[EnvoyProcess]
+) -> None:
+    """A replica serves a share of the registered proxies: a change builds those with a
+    stream open; one without is built when it connects, before its first answer, to
+    exactly what a full build gives (never the snapshot from before the change)."""
+
+    async def scenario() -> None:
+        async with mesh_rig(workroot, envoys, with_envoys=False) as rig:
+            plane = rig.plane
+            roots = rig.ca.bundle_pem(dt.datetime.now(dt.UTC))
+            target = f"127.0.0.1:{plane.port}"
+            name = [("grpc.ssl_target_name_override", XDS_SERVER_NAME)]
+            as_sleep = credentials_of(rig.sleep.secret, roots)
+            async with grpc.aio.secure_channel(target, as_sleep, options=name) as channel:
+                call = channel.stream_stream(
+                    f"/{ADS_SERVICE}/StreamAggregatedResources",
+                    request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                    response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+                )()
+                request = discovery_pb2.DiscoveryRequest(type_url=TYPE_CLUSTER)
+                request.node.id = rig.sleep.node_id
+                await call.write(request)
+                await asyncio.wait_for(call.read(), 5)  # sleep's stream is open: connected
+                assert plane.server is not None and plane.server.connected(rig.sleep.node_id)
+                before = plane.cache.get(rig.httpbin.node_id)
+                rig.config.write_policy(DENY_GET)
+                assert await plane.reload() == []
+                stats = plane.last_rebuild
+                assert stats is not None and stats.deferred == 1  # httpbin: not connected
+                assert plane.cache.get(rig.httpbin.node_id) is before  # left for later
+                call.cancel()
+            assert plane.mesh is not None
+            full = controlplane._snapshot_for(
+                plane.mesh, rig.httpbin.registration, {}, EndpointFilter(frozenset())
+            )
+            assert full != before  # the change is httpbin's (its DENY policy)
+            as_httpbin = credentials_of(rig.httpbin.secret, roots)
+            answer = await ads_answer(plane.port, rig.httpbin.node_id, as_httpbin)
+            assert answer.version_info == full.version_of(TYPE_CLUSTER)
+            assert plane.cache.get(rig.httpbin.node_id) == full  # built as it connected
 
     run(scenario(), timeout=30)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -125,13 +126,18 @@ class _Replica:
     """The running parts, and what its registration says."""
 
     def __init__(
-        self, options: ReplicaOptions, client: EtcdClient, plane: ControlPlane, ca: CaServer
+        self,
+        options: ReplicaOptions,
+        client: EtcdClient,
+        plane: ControlPlane,
+        ca: CaServer,
+        source: StoreConfigSource,
     ) -> None:
         self.options = options
         self.client = client
         self.plane = plane
         self.ca_server = ca
-        self.source = StoreConfigSource(EtcdResourceStore(client), options.state_dir / "config")
+        self.source = source
         self.keeper = LeaseKeeper(client, options.lease_ttl)
         self.election = LeaderElection(client, self.keeper, options.name)
         self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -143,7 +149,7 @@ class _Replica:
 
     def record(self) -> dict[str, Any]:
         host = self.options.listen.rpartition(":")[0]
-        serves = [n for n, s in self.plane.sync_status().items() if s["synced"]]
+        serves = self.plane.synced_proxies()  # as sync_status()'s synced, open streams only
         return {
             "name": self.options.name,
             "pid": os.getpid(),
@@ -314,6 +320,7 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
             await revocations.start()
         except StoreError as exc:
             return _fail(f"cannot read the store: {exc}")
+        source = StoreConfigSource(EtcdResourceStore(client), source_dir)
         plane = ControlPlane(
             [str(source_dir)],
             ca=ca,
@@ -321,8 +328,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
             mesh_config=options.mesh_config,
             workload_addresses={w.ref: w.address for w in workloads},
             observer=metrics,
+            sources=source.sources,  # the mirror compiled from memory, not re-read
         )
-        replica = _Replica(options, client, plane, ca_server)
+        replica = _Replica(options, client, plane, ca_server, source)
         replica.registry_revision = registry_revision
         replica.records = list(workloads)
         replica.addresses = {w.ref: w.address for w in workloads}
@@ -342,6 +350,12 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
                 )
             return _fail(str(exc))
         replica.source.loaded_into_plane()
+        # What start-up built (the mesh, every proxy's snapshot) lives long: out of the
+        # cyclic collector's reach, so no later collection rescans it (with thousands of
+        # proxies that scan cost a second of CPU at the first change). Acyclic objects
+        # among them are still freed by reference counting when replaced.
+        gc.collect()
+        gc.freeze()
         # As `up`'s control plane: /debug/syncz on an owner-only Unix socket (with the
         # store's health), Prometheus text on HOST:--metrics-port.
         debug = DebugServer(

@@ -19,6 +19,11 @@ quorum: ``hasleader``); the source says so in :meth:`StoreConfigSource.status`
 — nothing is published from a store it cannot read — and it retries with back-off. Back,
 it lists the store again at its current revision, rewrites the mirror to match and
 reloads once, then follows the watch from that revision.
+
+In memory too. The mirror's files are also kept as the bytes written, in the order
+``load_config`` reads a directory (:meth:`StoreConfigSource.sources`): the control plane
+compiles those instead of reading and stat-ing thousands of files again on every change
+(the same names and bytes, so the same diagnostics and the same compiled mesh).
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class StoreConfigSource:
         self.problem: str | None = NOT_LOADED
         self._since = dt.datetime.now(dt.UTC)
         self._applied = asyncio.Condition()
+        self._files: dict[Path, bytes] = {}  # the mirror's content (worker thread writes)
+        self._sources: tuple[tuple[str, bytes], ...] = ()  # … in reading order
+        self._sources_revision = 0
 
     # -- status
 
@@ -110,13 +118,19 @@ class StoreConfigSource:
         async with self._applied:
             await self._applied.wait_for(lambda: self.applied_revision >= revision)
 
+    def sources(self) -> tuple[tuple[tuple[str, bytes], ...], str]:
+        """The mirror as ``load_config(preread=...)`` takes it — (file name, bytes) in
+        the order ``read_sources`` reads the directory — and a stamp naming that content
+        (the store revision it reflects)."""
+        return self._sources, f"store revision {self._sources_revision}"
+
     # -- reading
 
     async def load(self) -> int:
         """Read every object at the store's current revision into the mirror (replacing
         what it held); that revision."""
         resources, revision = await self.store.list()
-        await asyncio.to_thread(self._write_all, resources)
+        await asyncio.to_thread(self._write_all, resources, revision)
         self.revision = revision
         self._set_health(True, None)
         return revision
@@ -179,8 +193,9 @@ class StoreConfigSource:
                 batches = [i for i in items if not isinstance(i, StoreError)]
                 if batches:
                     events = [event for batch in batches for event in batch]
-                    await asyncio.to_thread(self._apply, events)
-                    self.revision = max(self.revision, events[-1].revision if events else 0)
+                    revision = max(self.revision, events[-1].revision if events else 0)
+                    await asyncio.to_thread(self._apply, events, revision)
+                    self.revision = revision
                     self._set_health(True, None)
                     await self._reloaded(reload)
                 failures = [i for i in items if isinstance(i, StoreError)]
@@ -201,27 +216,39 @@ class StoreConfigSource:
 
     # -- the mirror (worker thread)
 
-    def _write_all(self, resources: Iterable[StoredResource]) -> None:
+    def _write_all(self, resources: Iterable[StoredResource], revision: int) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         wanted = {mirror_path(self.directory, r.key): r for r in resources}
         for path in sorted(self.directory.rglob("*.json")):
             if path not in wanted:
                 path.unlink()
+        self._files = {}
         for path, resource in wanted.items():
-            _write(path, resource)
+            self._files[path] = _write(path, resource)
+        self._publish_sources(revision)
 
-    def _apply(self, events: Iterable[ResourceEvent]) -> None:
+    def _apply(self, events: Iterable[ResourceEvent], revision: int) -> None:
         for event in events:
             path = mirror_path(self.directory, event.key)
             if event.type is ChangeType.DELETE or event.resource is None:
                 path.unlink(missing_ok=True)
+                self._files.pop(path, None)
             else:
-                _write(path, event.resource)
+                self._files[path] = _write(path, event.resource)
+        self._publish_sources(revision)
+
+    def _publish_sources(self, revision: int) -> None:
+        # One new tuple, assigned whole: a reload reading it meanwhile sees before or after.
+        ordered = sorted(self._files.items(), key=lambda item: item[0].parts)
+        self._sources = tuple((str(path), data) for path, data in ordered)
+        self._sources_revision = revision
 
 
-def _write(path: Path, resource: StoredResource) -> None:
-    """The object as ``get -o json`` prints it, landing whole (rename)."""
+def _write(path: Path, resource: StoredResource) -> bytes:
+    """The object as ``get -o json`` prints it, landing whole (rename); its bytes."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")  # not .json: never read half written
-    partial.write_text(json.dumps(resource.body(), sort_keys=True), encoding="utf-8")
+    data = json.dumps(resource.body(), sort_keys=True).encode("utf-8")
+    partial.write_bytes(data)
     os.replace(partial, path)
+    return data

@@ -554,6 +554,25 @@ class SnapshotCache:
         self._acked: dict[str, dict[str, str]] = {}
         self._nacks: dict[str, Nack] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._listeners: dict[str, list[Callable[[], None]]] = {}
+
+    def listen(self, node_id: str, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (from the thread that calls :meth:`set`, outside the lock)
+        whenever a different snapshot of ``node_id`` is published; the function that
+        stops it. Cheaper than a task per stream waiting in :meth:`wait_newer`: an ACK
+        wakes nothing."""
+        with self._lock:
+            self._listeners.setdefault(node_id, []).append(listener)
+
+        def stop() -> None:
+            with self._lock:
+                listeners = self._listeners.get(node_id)
+                if listeners is not None and listener in listeners:
+                    listeners.remove(listener)
+                    if not listeners:
+                        del self._listeners[node_id]
+
+        return stop
 
     def set(self, node_id: str, snapshot: Snapshot) -> None:
         """Publish ``snapshot`` for ``node_id``; equal content is not a new version.
@@ -575,7 +594,10 @@ class SnapshotCache:
                 return  # equality decides: an unchanged config wakes and pushes nothing
             self._snapshots[node_id] = snapshot
             waiters = self._waiters.pop(node_id, set())
+            listeners = tuple(self._listeners.get(node_id, ()))
         _wake_all(waiters)
+        for listener in listeners:
+            listener()
 
     def clear(self, node_id: str) -> None:
         """Forget a proxy that is gone: its snapshot and status. Open streams keep what

@@ -37,7 +37,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -177,6 +177,8 @@ class PlaneObserver(XdsObserver, Protocol):
         """The xDS server's TLS certificate was (re)issued (maybe on a gRPC thread)."""
 
 
+# In-memory configuration files (name, bytes) in reading order, and a stamp naming them.
+Preread = Callable[[], tuple[Sequence[tuple[str, bytes]], str]]
 # A file's identity and content stamp; (path,) alone when it cannot be read.
 _Stamp = tuple[str, int, int, int] | tuple[str]
 Fingerprint = tuple[_Stamp, ...]
@@ -197,19 +199,24 @@ class _Build:
     addresses: Mapping[str, str] = field(default_factory=dict)
     not_ready: frozenset[str] = frozenset()
     stats: RebuildStats | None = None
+    # Proxies with no stream open that this build left for later (no snapshot here): each
+    # is built when it connects (ControlPlane._authorize), or by a later build.
+    deferred: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class RebuildStats:
     """How one build's proxies were served: ``reused`` kept their snapshot (the change
     could not affect them), ``patched`` got only their policy filters re-translated,
-    ``translated`` were translated whole; ``seconds``: the build's wall time (load,
-    compile, translate, encode, check)."""
+    ``translated`` were translated whole; ``deferred``: not connected, built when they
+    connect; ``seconds``: the build's wall time (load, compile, translate, encode,
+    check)."""
 
     reused: int
     patched: int
     translated: int
     seconds: float
+    deferred: int = 0
 
 
 # ---------------------------------------------------------------------------- control plane
@@ -229,7 +236,10 @@ class ControlPlane:
     ``reloads`` counts configurations applied (the one :meth:`start` loads included),
     ``rejected_reloads`` those refused for errors; ``last_errors`` is what the last
     reload returned. Methods are called from the event loop's thread. ``observer``
-    (metrics) is told every stream event and reload outcome.
+    (metrics) is told every stream event and reload outcome. ``sources``: where the
+    files of ``config_paths`` are already in memory (a store's mirror,
+    :meth:`~trustmesh.store.config_source.StoreConfigSource.sources`): each reload
+    compiles those instead of reading the files, and its fingerprint is their stamp.
     """
 
     def __init__(
@@ -244,6 +254,7 @@ class ControlPlane:
         workload_addresses: Mapping[str, str] | None = None,
         not_ready: Sequence[str] = (),
         observer: PlaneObserver | None = None,
+        sources: Preread | None = None,
     ) -> None:
         if isinstance(config_paths, str) or isinstance(mesh_config, str):
             raise TypeError("config_paths and mesh_config are sequences of paths, not one str")
@@ -254,6 +265,7 @@ class ControlPlane:
         if debounce < 0:
             raise ValueError(f"debounce must be >= 0, got {debounce}")
         self._paths = tuple(config_paths)
+        self._preread = sources
         self._mesh_config = tuple(mesh_config)
         self._addresses = MappingProxyType(dict(workload_addresses or {}))
         self._not_ready = frozenset(not_ready)
@@ -269,6 +281,9 @@ class ControlPlane:
         self._registrations: dict[str, ProxyRegistration] = {}
         self._mesh: MeshPolicy | None = None
         self._built: _Build | None = None  # the last build published (reused by the next)
+        # Registered proxies whose published snapshot predates the mesh: nothing was
+        # connected for them when it was built; each is brought up to date as it connects.
+        self._deferred: set[str] = set()
         self._seen: Fingerprint | None = None  # of the files the last reload read
         self._outcome_of: Fingerprint | None = None  # … once its result is published
         self._reloading = asyncio.Lock()
@@ -363,7 +378,14 @@ class ControlPlane:
                 return True  # nothing published yet: the first build uses it
             registrations = dict(self._registrations)
             build = await asyncio.to_thread(
-                _translate_all, mesh, registrations, self._addresses, wanted, self._built
+                _translate_all,
+                mesh,
+                registrations,
+                self._addresses,
+                wanted,
+                self._built,
+                None,
+                self._deferrable(registrations),
             )
             problems, changed = self._publish(build)
             self._built = build
@@ -387,6 +409,7 @@ class ControlPlane:
         """Forget a proxy that is gone. An open stream keeps its config until it closes;
         a new one is refused."""
         self._registrations.pop(node_id, None)
+        self._deferred.discard(node_id)
         self._cache.clear(node_id)
         if self._built is not None:
             self._built.registrations.pop(node_id, None)
@@ -420,6 +443,14 @@ class ControlPlane:
                 "nack": None if nack is None else f"{nack.type_url}: {nack.error_detail}",
             }
         return status
+
+    def synced_proxies(self) -> list[str]:
+        """The registered node ids :meth:`sync_status` calls synced, sorted — from the
+        open streams alone (cheap with thousands registered and few connected)."""
+        server = self._server
+        if server is None:
+            return []
+        return [n for n in server.synced_nodes() if n in self._registrations]
 
     # -- lifecycle
 
@@ -469,7 +500,13 @@ class ControlPlane:
         async with self._reloading:
             registrations = dict(self._registrations)
             # Taken before reading: an edit made while this reload reads is seen by watch().
-            seen = self._seen = await asyncio.to_thread(self.fingerprint)
+            preread: Sequence[tuple[str, bytes]] | None = None
+            seen: Fingerprint
+            if self._preread is not None:
+                preread, stamp = self._preread()
+                seen = self._seen = ((stamp,),)
+            else:
+                seen = self._seen = await asyncio.to_thread(self.fingerprint)
             not_ready = self._not_ready
             try:
                 build = await asyncio.to_thread(
@@ -481,6 +518,8 @@ class ControlPlane:
                     self._sources,
                     not_ready,
                     self._built,
+                    preread,
+                    self._deferrable(registrations),
                 )
             except Exception as exc:  # a bug must not end the watcher: report it as data
                 _log.exception("control plane: reloading the configuration failed")
@@ -536,7 +575,10 @@ class ControlPlane:
             await self.reload()
 
     def fingerprint(self) -> Fingerprint:
-        """Path, inode, size and mtime of every configuration file, in reading order."""
+        """Path, inode, size and mtime of every configuration file, in reading order
+        (with ``sources``: their stamp)."""
+        if self._preread is not None:
+            return ((self._preread()[1],),)
         return _fingerprint((*self._paths, *self._mesh_config))
 
     @property
@@ -561,12 +603,49 @@ class ControlPlane:
         built.registrations[registration.node_id] = registration
         built.snapshots[registration.node_id] = snapshot
 
+    def _deferrable(self, registrations: Mapping[str, ProxyRegistration]) -> frozenset[str]:
+        """The proxies a build may leave for later: registered, with no stream open to
+        this server (none before it serves)."""
+        server = self._server
+        if server is None:
+            return frozenset()
+        return frozenset(n for n in registrations if not server.connected(n))
+
+    def _build_deferred(self, node_id: str) -> None:
+        """Bring a proxy a build left out up to date as it connects (on the event loop,
+        before its stream reads the cache); if it cannot be configured it keeps its last
+        snapshot and the problem joins :attr:`last_errors`."""
+        registration = self._registrations.get(node_id)
+        mesh = self._mesh
+        self._deferred.discard(node_id)
+        if registration is None or mesh is None:
+            return
+        try:
+            endpoints = EndpointFilter(self._not_ready)
+            snapshot = _snapshot_for(mesh, registration, self._addresses, endpoints)
+            self._cache.set(node_id, snapshot)
+        except (LookupError, ValueError) as exc:
+            problem = _proxy_problem(registration, exc)
+            _log.error("%s", problem)
+            self.last_errors = sorted([*self.last_errors, problem], key=Diagnostic.sort_key)
+            return
+        self._remember(registration, snapshot)
+
     def _publish(self, build: _Build) -> tuple[list[Diagnostic], int]:
         assert build.mesh is not None
         problems = list(build.problems)
         changed = 0
+        server = self._server
         for node_id, registration in list(self._registrations.items()):
-            if build.registrations.get(node_id) == registration:
+            if (
+                node_id in build.deferred
+                and build.registrations.get(node_id) == registration
+                and (server is None or not server.connected(node_id))
+            ):
+                self._deferred.add(node_id)  # built when it connects
+                continue
+            # (a deferred one that connected while the build ran is built now, below)
+            if build.registrations.get(node_id) == registration and node_id not in build.deferred:
                 snapshot = build.snapshots.get(node_id)
                 if snapshot is None:
                     continue  # it could not be configured: reported in build.problems
@@ -582,6 +661,7 @@ class ControlPlane:
                 ):
                     build.registrations[node_id] = registration
                     build.snapshots[node_id] = snapshot
+            self._deferred.discard(node_id)
             try:
                 previous = self._cache.get(node_id)
                 changed += previous != snapshot
@@ -596,6 +676,8 @@ class ControlPlane:
         expected = self.identity_of(node_id)
         presented = peer_spiffe_ids(context)
         if expected is not None and presented == (expected,):
+            if node_id in self._deferred:
+                self._build_deferred(node_id)
             return True
         _log.warning(
             "xds: refused node %r to peer %s presenting %s (needs %s)",
@@ -652,6 +734,8 @@ def _build_without_gc(
     sources: SourceCache | None = None,
     not_ready: frozenset[str] = frozenset(),
     previous: _Build | None = None,
+    preread: Sequence[tuple[str, bytes]] | None = None,
+    deferrable: frozenset[str] = frozenset(),
 ) -> _Build:
     """:func:`_build` with the cyclic garbage collector paused: a fleet's build makes
     hundreds of thousands of short-lived dicts, and collections triggered by them scan
@@ -660,7 +744,17 @@ def _build_without_gc(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(paths, mesh_config, registrations, addresses, sources, not_ready, previous)
+        return _build(
+            paths,
+            mesh_config,
+            registrations,
+            addresses,
+            sources,
+            not_ready,
+            previous,
+            preread,
+            deferrable,
+        )
     finally:
         if was_enabled:
             gc.enable()
@@ -674,14 +768,19 @@ def _build(
     sources: SourceCache | None = None,
     not_ready: frozenset[str] = frozenset(),
     previous: _Build | None = None,
+    preread: Sequence[tuple[str, bytes]] | None = None,
+    deferrable: frozenset[str] = frozenset(),
 ) -> _Build:
-    """Load, compile and translate for every proxy; pure apart from reading the files."""
+    """Load, compile and translate for every proxy; pure apart from reading the files
+    (``preread``: ``paths``' files already read)."""
     started = time.perf_counter()
-    loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources)
+    loaded = load_config(paths, mesh_config=mesh_config, source_cache=sources, preread=preread)
     if loaded.errors or loaded.mesh is None:
         errors = loaded.errors or [error("not-compiled", Location(paths[0]), "no policy compiled")]
         return _Build(tuple(errors), None, dict(registrations), {}, ())
-    return _translate_all(loaded.mesh, registrations, addresses, not_ready, previous, started)
+    return _translate_all(
+        loaded.mesh, registrations, addresses, not_ready, previous, started, deferrable
+    )
 
 
 def _translate_all(
@@ -691,6 +790,7 @@ def _translate_all(
     not_ready: frozenset[str],
     previous: _Build | None = None,
     started: float | None = None,
+    deferrable: frozenset[str] = frozenset(),
 ) -> _Build:
     """Every registered proxy's snapshot from one compiled mesh (pure).
 
@@ -698,7 +798,9 @@ def _translate_all(
     (:func:`~trustmesh.xds.incremental.policies_only_changed`) rebuilds only what it can
     affect: a proxy registered, addressed and filtered as then keeps its snapshot or gets
     only its policy filters re-translated (:class:`~trustmesh.xds.incremental.Patcher`);
-    every other proxy is translated whole."""
+    every other proxy is translated whole. Proxies in ``deferrable`` (no stream open) are
+    left out when there is a ``previous`` build (not from the first): they are built when
+    they connect, so a replica builds only the proxies it serves."""
     started = time.perf_counter() if started is None else started
     snapshots: dict[str, Snapshot] = {}
     problems = []
@@ -707,7 +809,11 @@ def _translate_all(
     base = _reusable(previous, mesh, addresses, not_ready)
     patcher = Patcher(base.mesh, mesh, canonical) if base is not None and base.mesh else None
     reused = patched = 0
+    deferred = set()
     for node_id, registration in sorted(registrations.items()):
+        if previous is not None and node_id in deferrable:
+            deferred.add(node_id)
+            continue
         try:
             snapshot = None
             if base is not None and patcher is not None and not registration.gateway:
@@ -732,7 +838,11 @@ def _translate_all(
             _log.exception("translating %s for %s failed", registration.workload_ref, node_id)
             problems.append(_proxy_problem(registration, exc))
     stats = RebuildStats(
-        reused, patched, len(snapshots) - reused - patched, time.perf_counter() - started
+        reused,
+        patched,
+        len(snapshots) - reused - patched,
+        time.perf_counter() - started,
+        len(deferred),
     )
     frozen_addresses = MappingProxyType(dict(addresses))
     return _Build(
@@ -744,6 +854,7 @@ def _translate_all(
         frozen_addresses,
         not_ready,
         stats,
+        frozenset(deferred),
     )
 
 

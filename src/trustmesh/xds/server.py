@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -88,6 +89,18 @@ class XdsObserver(Protocol):
 
     def converged(self, node_id: str, version: str) -> None:
         """``node_id``'s stream ACKed everything of its snapshot ``version`` (SYNCED)."""
+
+
+# Per-connection memory, with thousands of proxies per replica (bench/bench_ads_scale.py):
+# xDS streams carry small, rare messages, so no BDP probing (windows stay at their initial
+# size instead of growing to megabytes), TLS records of 4 kB instead of 16 kB buffers per
+# direction, and small HPACK tables (a few header names repeat).
+CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.tsi.max_frame_size", 4096),
+    ("grpc.http2.hpack_table_size.decoder", 512),
+    ("grpc.http2.hpack_table_size.encoder", 512),
+)
 
 
 def peer_spiffe_ids(context: Context) -> tuple[str, ...]:
@@ -227,6 +240,7 @@ class AdsServer:
         # node id → its open streams by id (a reconnect's old stream may linger): syncz
         # asks for every node, so a scan of all streams per node would be quadratic.
         self._streams: dict[str, dict[int, _Stream]] = {}
+        self._inboxes: set[asyncio.Queue[Any]] = set()  # of the open streams
         self._bodies = _Bodies()
         self.pushes = 0
         self.acks = 0
@@ -244,7 +258,7 @@ class AdsServer:
         self._stopping = asyncio.Event()
         # No SO_REUSEPORT: a second server on the same port must fail, not silently take
         # half of the new streams.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *CONNECTION_OPTIONS])
         server.add_generic_rpc_handlers((self._handlers(),))
         try:
             if self._credentials is None:
@@ -267,6 +281,8 @@ class AdsServer:
         if server is None:
             return
         self._stopping.set()
+        for inbox in list(self._inboxes):
+            inbox.put_nowait(_Signal.CLOSED)
         await server.stop(grace)
 
     def _handlers(self) -> grpc.GenericRpcHandler:
@@ -298,29 +314,35 @@ class AdsServer:
         _log.debug("ads stream %d opened by %s (%s)", stream.id, node_id, context.peer())
         # Everything that can wake this stream lands in one inbox, so one loop owns the
         # stream's state and is the only writer on it.
+        # A new snapshot and the server stopping are signalled by callbacks, not by a
+        # task each per stream (memory and an ACK's wake-up, times thousands of streams).
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         inbox.put_nowait(first)
+        unlisten = self._cache.listen(node_id, _signaller(inbox, _Signal.SNAPSHOT))
+        if self._cache.get(node_id) is not None:  # answer from the current one too
+            inbox.put_nowait(_Signal.SNAPSHOT)
         self._streams.setdefault(node_id, {})[stream.id] = stream
+        self._inboxes.add(inbox)
+        if self._stopping.is_set():
+            inbox.put_nowait(_Signal.CLOSED)
         observer = self._observer
         if observer is not None:
             observer.stream_opened()
-        async with asyncio.TaskGroup() as tasks:
-            pumps = (
-                tasks.create_task(pump_requests(reader, inbox, _Signal.CLOSED, _log)),
-                tasks.create_task(self._pump_snapshots(node_id, inbox)),
-                tasks.create_task(self._pump_stop(inbox)),
-            )
-            try:
-                await self._serve(stream, inbox, context)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                of_node = self._streams.get(node_id, {})
-                of_node.pop(stream.id, None)
-                if not of_node:
-                    self._streams.pop(node_id, None)
-                if observer is not None:
-                    observer.stream_closed()
+        pump = asyncio.create_task(pump_requests(reader, inbox, _Signal.CLOSED, _log))
+        try:
+            await self._serve(stream, inbox, context)
+        finally:
+            unlisten()
+            self._inboxes.discard(inbox)
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            of_node = self._streams.get(node_id, {})
+            of_node.pop(stream.id, None)
+            if not of_node:
+                self._streams.pop(node_id, None)
+            if observer is not None:
+                observer.stream_closed()
         _log.debug("ads stream %d (%s) closed", stream.id, node_id)
 
     def _authorized(self, node_id: str, context: Context) -> bool:
@@ -360,6 +382,15 @@ class AdsServer:
             return False
         stream = max(streams, key=lambda s: s.id)  # a reconnect's old stream may linger
         return self._stream_synced(stream, current.version)
+
+    def connected(self, node_id: str) -> bool:
+        """Whether a stream of ``node_id`` is open (authorized and being served)."""
+        return node_id in self._streams
+
+    def synced_nodes(self) -> list[str]:
+        """The node ids :meth:`synced` holds for, sorted — looking only at open streams
+        (a replica's status record asks twice a second, with thousands registered)."""
+        return sorted(node_id for node_id in list(self._streams) if self.synced(node_id))
 
     def _stream_synced(self, stream: _Stream, version: str) -> bool:
         acked = self._cache.acked(stream.node_id)
@@ -452,13 +483,20 @@ class AdsServer:
             nonce,
         )
 
-    async def _pump_snapshots(self, node_id: str, inbox: asyncio.Queue[Any]) -> None:
-        versions: Mapping[str, str] = {}
-        while True:
-            snapshot = await self._cache.wait_newer(node_id, versions)
-            versions = snapshot.versions
-            inbox.put_nowait(_Signal.SNAPSHOT)
 
-    async def _pump_stop(self, inbox: asyncio.Queue[Any]) -> None:
-        await self._stopping.wait()
-        inbox.put_nowait(_Signal.CLOSED)
+def _signaller(inbox: asyncio.Queue[Any], signal: _Signal) -> Callable[[], None]:
+    """``signal`` into ``inbox`` when called — from its loop's thread or any other."""
+    loop = asyncio.get_running_loop()
+
+    def put() -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            inbox.put_nowait(signal)
+        else:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody reads
+                loop.call_soon_threadsafe(inbox.put_nowait, signal)
+
+    return put
