@@ -408,8 +408,6 @@ def _never(a: Attributes) -> bool:
 
 def _leaf(leaf: rt.Matcher) -> Test:
     match leaf:
-        case rt.Any():
-            return _always
         case rt.RequestPrincipal():
             return _request_principals((leaf,))
         case rt.JwtClaim(claims, values):

@@ -39,7 +39,6 @@ from trustmesh.api.resources import Resource
 
 __all__ = [
     "And",
-    "Any",
     "Cidr",
     "CompiledRules",
     "ConnectionSni",
@@ -151,11 +150,6 @@ def _port(value: str) -> int:
 # --- matchers ---------------------------------------------------------------------------
 # Leaves read one attribute of the connection or request. ``if_unknown`` is what the
 # offline evaluator answers when the attribute is not known (Envoy always knows it).
-
-
-@dataclass(frozen=True, slots=True)
-class Any:
-    """Always matches (an empty AND)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,8 +292,7 @@ class Not:
 
 
 Leaf = (
-    Any
-    | Principal
+    Principal
     | SourceNamespace
     | ServiceAccount
     | TrustDomain

@@ -78,8 +78,6 @@ def _message(matcher: rt.Matcher, shape: _Shape) -> Json:
             return {shape.any_of: {shape.items: [_message(i, shape) for i in items]}}
         case rt.Not(item):
             return {shape.negated: _message(item, shape)}
-        case rt.Any():
-            return dict(_ANY)
         case rt.Principal(pattern):
             return _authenticated(string_matcher(pattern, SPIFFE_PREFIX))
         case rt.SourceNamespace(value):
