@@ -15,8 +15,10 @@ from tests.fuzz.differential import Tally, differential_batch, validate_batch
 from tests.fuzz.policygen import generate
 
 # Fresh seeds each run (printed, so a failure is reproduced with `python -m tests.fuzz
-# --seed S`), on top of a fixed range that always runs.
-FIXED = range(0, 60)
+# --seed S`), on top of a fixed range that always runs — one in which every kind of answer
+# test_the_generated_runs_are_not_vacuous asks for occurs (0–59 has no echoed TCP over
+# mTLS: the test then passed or failed with the fresh seeds).
+FIXED = range(60, 120)
 RANDOM_START = random.randrange(1_000_000, 2_000_000)
 
 

@@ -50,7 +50,7 @@ from trustmesh.runtime.supervisor import StartError, belongs_to, stop_recorded
 from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.apply import apply_resources
 from trustmesh.store.etcd_client import EtcdClient
-from trustmesh.store.etcd_server import EtcdCluster
+from trustmesh.store.etcd_server import EtcdCluster, free_port
 from trustmesh.store.etcd_store import EtcdResourceStore
 
 CLUSTER_FILE = "cluster.json"
@@ -320,9 +320,13 @@ class Cluster:
     def _start_replica(self, name: str, store: str) -> dict[str, Any]:
         home = self.state / "replicas" / name
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Fixed ports outside the ephemeral range: restarted, it listens where every
+        # host knows it (port 0 could meanwhile be some connection's source port).
+        ports = [str(free_port("127.0.0.1")) for _ in range(4)]
         command = [
             sys.executable, "-m", "trustmesh", "control-plane", "--store", store,
-            "--listen", "127.0.0.1:0", "--name", name, "--ca", str(self.state / "ca"),
+            "--listen", f"127.0.0.1:{ports[0]}", "--name", name, "--ca", str(self.state / "ca"),
+            "--ca-port", ports[1], "--ca-renewal-port", ports[2], "--metrics-port", ports[3],
             "--state", str(home),
         ]  # fmt: skip
         with open(home / "stderr.log", "wb") as err:

@@ -277,21 +277,18 @@ def route_to(node: str, address: str) -> None:
             ip.route("add", dst=destination, oif=bridge)
 
 
+def _in_netns(netns: str, *argv: str) -> list[str]:
+    # nsenter (util-linux) enters the namespace between fork and exec: no Python runs in a
+    # forked child of this process, which may hold threads (gRPC's) a fork leaves broken.
+    return ["nsenter", f"--net={NETNS_DIR / netns}", *argv]
+
+
 def apply_nft(ledger: Ledger, netns: str, table: str, ruleset: str) -> None:
     """Apply ``ruleset`` (``nft -f`` text) inside ``netns``, as one transaction."""
     ledger.record("nft", table, netns)
-    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
-    try:
-        done = subprocess.run(
-            ["nft", "-f", "-"],
-            input=ruleset.encode(),
-            capture_output=True,
-            pass_fds=(fd,),
-            preexec_fn=lambda: _setns(fd),
-            check=False,
-        )
-    finally:
-        os.close(fd)
+    done = subprocess.run(
+        _in_netns(netns, "nft", "-f", "-"), input=ruleset.encode(), capture_output=True
+    )
     if done.returncode != 0:
         raise NftError(f"nft in {netns}: {done.stderr.decode(errors='replace').strip()}")
 
@@ -327,17 +324,9 @@ def delete_nft(netns: str, table: str) -> None:
 
 
 def _nft_delete(netns: str, table: str) -> None:
-    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
-    try:
-        done = subprocess.run(
-            ["nft", "delete", "table", "ip", table],
-            capture_output=True,
-            pass_fds=(fd,),
-            preexec_fn=lambda: _setns(fd),
-            check=False,
-        )
-    finally:
-        os.close(fd)
+    done = subprocess.run(
+        _in_netns(netns, "nft", "delete", "table", "ip", table), capture_output=True
+    )
     stderr = done.stderr.decode(errors="replace")
     if done.returncode != 0 and "No such file" not in stderr:
         raise NftError(stderr.strip())

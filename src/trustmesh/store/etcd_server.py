@@ -11,6 +11,7 @@ corrupt member raises a CORRUPT alarm and the cluster refuses writes: fail close
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -67,9 +68,26 @@ def corruption_check_flags(version: tuple[int, ...]) -> list[str]:
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A port free on ``host`` now, below the kernel's ephemeral range: a process
+    restarted on it (an etcd member, a replica every host knows) finds it free again,
+    since no outgoing connection takes its source port from there meanwhile."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10_000, low) if low > 11_000 else 0
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise OSError(f"no free port on {host} below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass(frozen=True, slots=True)
