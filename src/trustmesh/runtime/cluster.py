@@ -294,11 +294,12 @@ class Cluster:
             f"{hostnet.CONTROL_IP}:{r['ca'].rpartition(':')[2]}" for r in self.record["replicas"]
         )
 
-    def _start_relay(self, lan: str, ports: list[int]) -> None:
-        log = self.state / "relay.log"
+    def _spawn_reporting(self, command: list[str], log: Path) -> subprocess.Popen[str]:
+        """A child in its own session that prints its ready line (JSON) on stdout and
+        writes its stderr to ``log``."""
         with open(log, "wb") as err:
-            process = subprocess.Popen(
-                hostnet.relay_argv(lan, ports),
+            return subprocess.Popen(
+                command,
                 stdout=subprocess.PIPE,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
@@ -306,6 +307,10 @@ class Cluster:
                 start_new_session=True,
                 env=self._env(),
             )
+
+    def _start_relay(self, lan: str, ports: list[int]) -> None:
+        log = self.state / "relay.log"
+        process = self._spawn_reporting(hostnet.relay_argv(lan, ports), log)
         entry: dict[str, Any] = {"pid": process.pid, "ports": sorted(set(ports))}
         self.record["network"]["relay"] = entry  # recorded before it is waited for
         self._save()
@@ -329,16 +334,7 @@ class Cluster:
             "--ca-port", ports[1], "--ca-renewal-port", ports[2], "--metrics-port", ports[3],
             "--state", str(home),
         ]  # fmt: skip
-        with open(home / "stderr.log", "wb") as err:
-            process = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-                env=self._env(),
-            )
+        process = self._spawn_reporting(command, home / "stderr.log")
         entry: dict[str, Any] = {"name": name, "pid": process.pid, "state": str(home)}
         self.record["replicas"].append(entry)  # recorded before it is waited for
         self._save()
