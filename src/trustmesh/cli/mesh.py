@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trustmesh.cli import render
+from trustmesh.cli.options import StateOpt
 from trustmesh.runtime.client import (
     HttpResult,
     RequestError,
@@ -44,10 +45,7 @@ from trustmesh.runtime.supervisor import MeshRuntime, StartError
 
 __all__ = ["down", "logs", "proxy_config", "request", "status", "up"]
 
-State = Annotated[
-    Path,
-    typer.Option("--state", envvar="TRUSTMESH_STATE", help="The mesh's state directory."),
-]
+State = StateOpt  # the name every mesh command's signature uses
 _err = Console(stderr=True, highlight=False, soft_wrap=True)  # paths stay on one line
 _out = Console(highlight=False, soft_wrap=True)
 DETACH_TIMEOUT = 180.0

@@ -4,6 +4,7 @@ workloads whose namespace (and so its injection labels) is not among the inputs.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,6 +24,10 @@ AssumeInjectedOpt = Annotated[
         help="Treat workloads whose namespace is not among the inputs (so its injection labels"
         " are unknown) as having a sidecar, instead of unknown (answered as not injected).",
     ),
+]
+StateOpt = Annotated[
+    Path,
+    typer.Option("--state", envvar="TRUSTMESH_STATE", help="The mesh's state directory."),
 ]
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 

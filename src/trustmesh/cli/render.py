@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -19,14 +19,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from trustmesh.api.diagnostics import Diagnostic
-from trustmesh.api.loader import IgnoredKind
-from trustmesh.policy.decision import Decision, Verdict
-from trustmesh.policy.routing import RouteChoice
-from trustmesh.policy.targets import Destination, Target
-from trustmesh.policy.testing import CaseResult
-from trustmesh.policy.trace import render_trace
-from trustmesh.runtime.live import LiveCaseResult
+if TYPE_CHECKING:  # only the mesh commands' types: importing them costs ~1 s of CPU
+    from trustmesh.api.diagnostics import Diagnostic
+    from trustmesh.api.loader import IgnoredKind
+    from trustmesh.policy.decision import Decision
+    from trustmesh.policy.routing import RouteChoice
+    from trustmesh.policy.targets import Destination, Target
+    from trustmesh.policy.testing import CaseResult
+    from trustmesh.policy.trace import TraceEvent
+    from trustmesh.runtime.live import LiveCaseResult
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -152,21 +153,21 @@ def _ignored(ignored: Sequence[IgnoredKind]) -> None:
         )
 
 
-_COLORS = {
-    Verdict.ALLOW: "green",
-    Verdict.DENY: "red",
-    Verdict.UNAUTHENTICATED: "red",
-    Verdict.RESET: "red",
-    Verdict.BAD_REQUEST: "red",
-    Verdict.UNSUPPORTED: "yellow",
-}
+def _trace_lines(trace: Sequence[TraceEvent]) -> tuple[str, ...]:
+    from trustmesh.policy.trace import render_trace  # the policy model: only when shown
+
+    return render_trace(trace)
+
+
+# By Verdict value: every verdict but these two is a refusal.
+_COLORS = {"allow": "green", "unsupported": "yellow"}
 
 
 def decision(d: Decision, output: str) -> None:
     if output == "json":
         _json(d.as_dict())
         return
-    color = _COLORS[d.verdict]
+    color = _COLORS.get(d.verdict.value, "red")
     status = f" {d.status}" if d.status is not None else ""
     _out.print(
         f"[bold {color}]{d.verdict.value.upper()}[/bold {color}]{status}: {_escape(d.reason)}"
@@ -187,7 +188,7 @@ def decision(d: Decision, output: str) -> None:
         table.add_row("[yellow]assumed[/yellow]", _escape(assumption))
     _out.print(table)
     _out.print("trace:")
-    for step in render_trace(d.trace):
+    for step in _trace_lines(d.trace):
         _out.print(f"  {_escape(step)}")
 
 
@@ -265,7 +266,7 @@ def test_results(results: Sequence[CaseResult], output: str) -> None:
             for failure in r.failures:
                 _out.print(f"     {_escape(failure)}")
             if r.decision is not None:
-                for step in render_trace(r.decision.trace):
+                for step in _trace_lines(r.decision.trace):
                     _out.print(f"       · {_escape(step)}")
     for assumption in assumptions:
         _out.print(f"[yellow]assumed:[/yellow] {_escape(assumption)}")
