@@ -19,6 +19,21 @@ A replica serves, on its CA enrollment port (TLS, the mesh's roots):
 
 A workload token is refused (``token-not-node``); nothing is registered before every
 workload of the request passed.
+
+WorkloadGroup auto-registration (Istio's ``ISTIO_META_AUTO_REGISTER_GROUP``). A workload
+of the request that names a ``group`` is a VM's proxy registering with the WorkloadGroup
+of that name in its namespace. The replica refuses it unless the group exists
+(``workloadgroup-not-found``, FAILED_PRECONDITION as istiod), its identity is the
+group's (``identity-not-group``: the template's serviceAccount, ``default`` when it names
+none; PERMISSION_DENIED), its name is Istio's ``<group>-<ip>[-<network>]`` and no other
+WorkloadEntry of that name exists (``entry-exists``). Then, in one etcd transaction with
+its registry record, it writes the WorkloadEntry istiod would create
+(:func:`trustmesh.api.workloadgroup.entry_from_group`) into the store's resources under
+the host's lease: it reaches every replica's configuration and endpoints as an applied
+WorkloadEntry does, and leaves with the lease (Istio deletes a disconnected entry after
+``PILOT_WORKLOAD_ENTRY_GRACE_PERIOD``, 10 s; here the host's lease TTL is that grace:
+the entry outlives the host's last keep-alive by at most the TTL, and a host that comes
+back within it keeps its entry).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -34,18 +50,32 @@ from typing import Any
 
 import grpc
 
+from trustmesh.api.workloadgroup import (
+    GroupRefused,
+    check_identity,
+    entry_from_group,
+    owned_by,
+    parse_group,
+)
 from trustmesh.identity.ca import CertificateAuthority
 from trustmesh.identity.client import DEFAULT_SERVER_NAME, channel_target
 from trustmesh.identity.store import StoreError
 from trustmesh.identity.tokens import TokenRejected
 from trustmesh.store.etcd_client import EtcdClient
-from trustmesh.store.etcd_store import ROOT, WorkloadRegistry
-from trustmesh.store.model import WorkloadRecord, is_object_name
+from trustmesh.store.etcd_store import (
+    ROOT,
+    EtcdResourceStore,
+    WorkloadRegistry,
+    resource_key_bytes,
+    workload_key,
+)
+from trustmesh.store.model import ResourceKey, WorkloadRecord, is_object_name
 
 SERVICE = "trustmesh.registry.v1.Registry"
 JOIN = f"/{SERVICE}/Join"
 KEEP_ALIVE = f"/{SERVICE}/KeepAlive"
 NODES = ROOT + b"nodes/"
+NETWORKING = "networking.istio.io"
 MIN_TTL, MAX_TTL = 5, 3600
 MAX_WORKLOADS = 1000
 TOKEN_TTL = dt.timedelta(minutes=10)  # the host starts its sidecars right after joining
@@ -114,7 +144,30 @@ def parse_join(body: bytes) -> tuple[int, list[WorkloadRecord]]:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"workload {record.ref}: {what} {value!r} is not a DNS-1123 name",
                 )
+        if record.group and not is_object_name(record.group):
+            raise JoinRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"workload {record.ref}: group {record.group!r} is not a DNS-1123 name",
+            )
+        if record.group:
+            try:
+                ipaddress.ip_address(record.address)
+            except ValueError:
+                raise JoinRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"workload {record.ref}: address {record.address!r} is not an IP address",
+                ) from None
     return ttl, records
+
+
+@dataclass(frozen=True, slots=True)
+class GroupEntry:
+    """An auto-registered WorkloadEntry about to be written, and the version it replaces."""
+
+    record: WorkloadRecord
+    key: ResourceKey
+    manifest: str
+    expected_version: int  # 0: new
 
 
 class NodeRegistrar:
@@ -126,12 +179,17 @@ class NodeRegistrar:
         client: EtcdClient,
         replicas: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]],
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        controller: str = "",
     ) -> None:
+        """``controller``: this replica's name (``istio.io/workloadController`` of the
+        entries it registers)."""
         self.ca = ca
         self.client = client
         self.replicas = replicas
         self.registry = WorkloadRegistry(client)
+        self.resources = EtcdResourceStore(client)
         self.clock = clock
+        self.controller = controller or "trustmesh"
 
     def handler(self) -> grpc.GenericRpcHandler:
         def method(call: Callable[..., Any]) -> grpc.RpcMethodHandler[bytes, bytes]:
@@ -154,11 +212,15 @@ class NodeRegistrar:
                 grant.check_host(record.host, record.ref)
             except TokenRejected as exc:
                 raise JoinRefused(grpc.StatusCode.PERMISSION_DENIED, f"{exc.code}: {exc}") from None
+        entries = [await self._group_entry(r) for r in records if r.group]
         key = NODES + grant.node.encode()
         earlier = await self.client.get(key)
         lease = await self.registry.host_lease(ttl)
+        if entries:
+            await self._write_entries(entries, lease)
         for record in records:
-            await self.registry.register(record, lease)
+            if not record.group:
+                await self.registry.register(record, lease)
         session = secrets.token_urlsafe(32)
         value = {"lease": lease, "session_sha256": _digest(session), "ttl": ttl}
         await self.client.put(key, json.dumps(value).encode(), lease=lease)
@@ -172,6 +234,76 @@ class NodeRegistrar:
         }
         live = await self.replicas()
         return Joined(grant.node, lease, ttl, session, tokens, tuple(live[n] for n in sorted(live)))
+
+    async def _group_entry(self, record: WorkloadRecord) -> GroupEntry:
+        """The WorkloadEntry of an auto-registering workload, or :class:`JoinRefused`."""
+        group = f"{record.namespace}/{record.group}"
+        stored = await self.resources.get(
+            ResourceKey(NETWORKING, "WorkloadGroup", record.namespace, record.group)
+        )
+        if stored is None:
+            raise JoinRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"workloadgroup-not-found: auto-registration of {record.ref} failed: "
+                f"cannot find WorkloadGroup {group}",
+            )
+        try:
+            check_identity(group, parse_group(stored.manifest), record.service_account)
+        except GroupRefused as exc:
+            status = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if exc.code == "identity-not-group"
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            raise JoinRefused(status, f"{exc} (workload {record.ref})") from None
+        manifest = entry_from_group(
+            stored.manifest,
+            address=record.address,
+            proxy_labels=dict(record.labels),
+            network=record.network,
+            controller=self.controller,
+            connected_at=self.clock(),
+        )
+        name = manifest["metadata"]["name"]
+        if record.name != name:
+            raise JoinRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"workload {record.ref}: the entry group {group} registers at "
+                f"{record.address} is named {name!r}",
+            )
+        key = ResourceKey(NETWORKING, "WorkloadEntry", record.namespace, name)
+        existing = await self.resources.get(key)
+        if existing is not None and not owned_by(existing.manifest, record.group):
+            raise JoinRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"entry-exists: WorkloadEntry {record.ref} exists and is not WorkloadGroup "
+                f"{group}'s",
+            )
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+        return GroupEntry(record, key, text, 0 if existing is None else existing.resource_version)
+
+    async def _write_entries(self, entries: Sequence[GroupEntry], lease: int) -> None:
+        """Every entry and its registry record, under ``lease``, in one transaction."""
+        compares = [
+            self.client.mod_revision_is(resource_key_bytes(e.key), e.expected_version)
+            for e in entries
+        ]
+        ops = []
+        for entry in entries:
+            ops.append(
+                self.client.put_op(resource_key_bytes(entry.key), entry.manifest.encode(), lease)
+            )
+            ops.append(
+                self.client.put_op(
+                    workload_key(entry.record), entry.record.to_json().encode(), lease
+                )
+            )
+        succeeded, _ = await self.client.txn(compares, ops, [])
+        if not succeeded:
+            raise JoinRefused(
+                grpc.StatusCode.ABORTED,
+                "entry-changed: an auto-registered WorkloadEntry changed meanwhile; join again",
+            )
 
     async def keep_alive(self, body: bytes) -> int:
         try:

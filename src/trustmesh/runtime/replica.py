@@ -304,7 +304,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         renewal_address=f"{host}:{options.ca_renewal_port}",
         observer=metrics,
         extra_handlers=[
-            NodeRegistrar(ca, client, lambda: read_replicas(client)).handler()
+            NodeRegistrar(
+                ca, client, lambda: read_replicas(client), controller=options.name
+            ).handler()
         ],  # hosts join here
     )
     metrics_server = MetricsServer(host, options.metrics_port, plane_text=metrics.render)
