@@ -112,6 +112,9 @@ class HostJoin:
     # reach every replica's advertised ports at this address instead of the advertised
     # host (`up --hosts` in netns mode: a relay on the hosts' LAN in front of the replicas)
     replica_host: str = ""
+    # `--group`: the pods that are a WorkloadGroup's workloads (ref -> the group's name in
+    # the pod's namespace); they register with their group (Istio's auto-registration)
+    groups: tuple[tuple[str, str], ...] = ()
 
 
 def _identity(value: bytes) -> bytes:

@@ -296,6 +296,7 @@ class MeshRuntime:
         services: tuple[tuple[str, str], ...] = ()
         if self.plan.sandboxed:  # the ClusterIPs this host's Service rules use
             services = tuple(sorted(service_addresses(self.plan).items()))
+        groups = dict(join.groups)  # `--group`: a WorkloadGroup's workload registers with it
         records = [
             WorkloadRecord(
                 pod.namespace,
@@ -303,11 +304,12 @@ class MeshRuntime:
                 join.node,
                 pod.pod_ip,
                 pod.service_account,
-                kind="Pod",
+                kind="WorkloadEntry" if pod.ref in groups else "Pod",
                 app_address=pod.app_ip,
                 outbound_address=pod.outbound_ip or "",
                 capture="transparent" if self.plan.sandboxed else "",
                 service_addresses=services,
+                group=groups.get(pod.ref, ""),
             )
             for pod in self.plan.pods
             if pod.sidecar and not pod.gateway
