@@ -149,24 +149,35 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
     cluster = json.loads((state / "cluster.json").read_text())
     store = str(cluster["store"])
 
-    # Refused by the replica, each with a clear error, nothing written.
+    # Refused by the replica, each with a clear error, nothing written (three hosts that
+    # try at once: the replica checks each on its own).
     ghost = tmp_path / "ghost.yaml"  # a group only this host knows: not in the store
     ghost.write_text(VM_GROUP.read_text().split("---")[1].replace("name: vm\n", "name: ghost\n", 1))
-    home = tmp_path / "ghost"
-    said = _refused(_join(cluster, state, home, "host-2", "host-2", config, ghost,
-                          group="foo/ghost"), home)  # fmt: skip
-    assert "workloadgroup-not-found" in said and "cannot find WorkloadGroup foo/ghost" in said
-    home = tmp_path / "stolen"
-    said = _refused(_join(cluster, state, home, "host-2", "host-1", config, group="foo/vm"), home)
-    assert "token-wrong-node" in said
     impostor = tmp_path / "impostor"  # the same group, another identity in its template
     impostor.mkdir()
     (impostor / "clients.yaml").write_text(CLIENTS)
     other = VM_GROUP.read_text().replace("serviceAccount: vm", "serviceAccount: sleep")
     (impostor / "vm.yaml").write_text(other)
-    home = tmp_path / "impostor-host"
-    said = _refused(_join(cluster, state, home, "host-2", "host-2", impostor, group="foo/vm"), home)
-    assert "identity-not-group" in said and "'vm', not 'sleep'" in said
+    attempts = {
+        "workloadgroup-not-found: auto-registration of foo/ghost-": (
+            "ghost",
+            ("host-2", "host-2", config, ghost),
+            "foo/ghost",
+        ),
+        "token-wrong-node": ("stolen", ("host-2", "host-1", config), "foo/vm"),
+        "identity-not-group: WorkloadGroup foo/vm runs as service account 'vm', not 'sleep'": (
+            "impostor-host",
+            ("host-2", "host-2", impostor),
+            "foo/vm",
+        ),
+    }
+    started = {
+        why: (tmp_path / home, _join(cluster, state, tmp_path / home, *args, group=group))  # type: ignore[arg-type]
+        for why, (home, args, group) in attempts.items()
+    }
+    for why, (home, process) in started.items():
+        said = _refused(process, home)
+        assert why in said, said
     assert _entries(state, store) == {}
 
     home = tmp_path / "host-2"
