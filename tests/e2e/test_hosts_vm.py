@@ -226,6 +226,12 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
             time.sleep(0.2)
             got = {source: _live(state, source) for source in CASES}
         assert got == expected, (home / "join.log").read_text(errors="replace")[-2000:]
+        # The group's probe passed on host 2 and said so: the entry's Healthy condition
+        # (a health-checked entry is no ready endpoint before it).
+        assert annotations["proxy.istio.io/health-checks-enabled"] == "true"
+        status = _entries(state, store)[name]["status"]
+        healthy = [c["status"] for c in status["conditions"] if c["type"] == "Healthy"]  # type: ignore[index]
+        assert healthy == ["True"]
     finally:
         _stop(vm)
         trustmesh("down", state=home / "state")

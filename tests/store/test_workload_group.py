@@ -8,6 +8,7 @@ Istio's; the entry leaves with the lease and with its group."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -29,7 +30,7 @@ from trustmesh.runtime.replica import registration_of
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import EtcdResourceStore, WorkloadRegistry
-from trustmesh.store.model import ResourceKey, WorkloadRecord
+from trustmesh.store.model import ResourceKey, WorkloadHealth, WorkloadRecord
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "vm-group" / "vm.yaml"
 VM = WorkloadRecord(
@@ -68,7 +69,7 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
 
     run(prepare())
     url = "etcd://" + ",".join(f"{h}:{p}" for h, p in etcd.endpoints)
-    with replicas(etcd, tmp_path, ["a", "b"], tmp_path / "ca") as (a, _b):
+    with replicas(etcd, tmp_path, ["a", "b"], tmp_path / "ca") as (a, b):
 
         async def scenario() -> None:
             client = EtcdClient(etcd.endpoints)
@@ -123,7 +124,9 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
                 joined = await at_a.join(ca.node_token("host-3", now), [VM], ttl=30)
                 later = dt.datetime.now(dt.UTC)
                 assert ca.redeem_token(joined.tokens[VM.ref], later).service_account == "vm"
-                assert (await registry.workloads("host-3"))[0] == [VM]
+                # The group has a probe: not ready until the first report says healthy.
+                unhealthy = dataclasses.replace(VM, health=WorkloadHealth.UNHEALTHY)
+                assert (await registry.workloads("host-3"))[0] == [unhealthy]
                 stored = await store.get(ENTRY)
                 assert stored is not None
                 entry = json.loads(stored.manifest)
@@ -132,6 +135,8 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
                 assert annotations["istio.io/autoRegistrationGroup"] == "vm"
                 assert annotations["istio.io/workloadController"] == "a"
                 assert annotations["example.com/owner"] == "vm-team"  # the group's own
+                assert annotations["proxy.istio.io/health-checks-enabled"] == "true"
+                assert "status" not in entry
                 connected = dt.datetime.fromisoformat(annotations["istio.io/connectedAt"])
                 assert abs((connected - later).total_seconds()) < 30
                 assert "istio.io/disconnectedAt" not in annotations
@@ -177,6 +182,52 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
                     return True
 
                 await eventually(both_serve, what="both replicas serve the VM", timeout=30)
+
+                # Its probe's reports: the entry's Healthy condition, and a ready endpoint
+                # at every replica only while it is True.
+                async def not_ready_everywhere(wanted: bool) -> bool:
+                    for name in ("a", "b"):
+                        syncz = await asyncio.to_thread(
+                            debug_client.get, tmp_path / f"replica-{name}"
+                        )
+                        if syncz is None or (VM.ref in syncz["not_ready"]) != wanted:
+                            return False
+                    return True
+
+                await eventually(
+                    lambda: not_ready_everywhere(True), what="VM not ready", timeout=30
+                )
+                at_b = RegistryClient([b.info["ca"]], roots)
+                try:
+                    await at_b.health(joined, VM.ref, True)  # at the other replica
+                    await eventually(
+                        lambda: not_ready_everywhere(False), what="VM ready", timeout=30
+                    )
+                    stored = await store.get(ENTRY)
+                    assert stored is not None
+                    conditions = json.loads(stored.manifest)["status"]["conditions"]
+                    assert [(c["type"], c["status"]) for c in conditions] == [("Healthy", "True")]
+                    assert (await registry.workloads("host-3"))[0] == [VM]
+                    await at_b.health(
+                        joined, VM.ref, False, "HTTP probe failed with statuscode: 503"
+                    )
+                    await eventually(
+                        lambda: not_ready_everywhere(True), what="VM out again", timeout=30
+                    )
+                    stored = await store.get(ENTRY)
+                    assert stored is not None
+                    (condition,) = json.loads(stored.manifest)["status"]["conditions"]
+                    assert condition["status"] == "False"
+                    assert condition["message"] == "HTTP probe failed with statuscode: 503"
+                    # Only the host's own session reports; only for its own workloads.
+                    forged = dataclasses.replace(joined, session="guessed")
+                    error = await refused(at_b.health(forged, VM.ref, True))
+                    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+                    error = await refused(at_b.health(joined, "foo/sleep", True))
+                    assert error.code() is grpc.StatusCode.NOT_FOUND
+                    await at_b.health(joined, VM.ref, True)
+                finally:
+                    await at_b.close()
 
                 # A VM whose host stops keeping its lease: its entry goes within the TTL
                 # (the grace period Istio's PILOT_WORKLOAD_ENTRY_GRACE_PERIOD gives).

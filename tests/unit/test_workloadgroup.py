@@ -3,7 +3,9 @@ group's validation (file:line and field, as every other kind)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from trustmesh.api.workloadgroup import (
     parse_group,
 )
 from trustmesh.config import load_config
+from trustmesh.runtime.node_probe import Probe, ProbeError, keep_probing, parse_probe, probe_once
 
 GROUP = {
     "apiVersion": "networking.istio.io/v1",
@@ -109,3 +112,61 @@ def test_a_group_without_template_or_with_an_address_is_refused(tmp_path: Path) 
          "template.address: a WorkloadGroup's template cannot set an address"),
         (12, "missing-field", "is required"),
     ]  # fmt: skip
+
+
+def test_a_groups_probe_runs_on_the_host_as_kubernetes_defines_it() -> None:
+    probe = parse_probe({"httpGet": {"path": "status/200", "port": "http"}}, {"http": 8000})
+    assert probe == Probe("httpGet", 8000, "/status/200", 0.0, 10.0, 1.0, 1, 3)
+    assert Probe.from_json(probe.to_json()) == probe
+    tcp = parse_probe({"tcpSocket": {"port": 9}, "periodSeconds": 2, "failureThreshold": 1}, {})
+    assert (tcp.kind, tcp.port, tcp.period, tcp.failure_threshold) == ("tcpSocket", 9, 2.0, 1)
+    for bad, why in (
+        ({"exec": {"command": ["true"]}}, "probe.exec: only httpGet and tcpSocket"),
+        ({"httpGet": {"port": "grpc"}}, "probe.httpGet.port: a port number or a template"),
+        ({"httpGet": {"port": 80, "scheme": "HTTPS"}}, "probe.httpGet.scheme: only HTTP"),
+        ({"tcpSocket": {"port": 80}, "periodSeconds": 0}, "probe.periodSeconds: a number ≥ 1"),
+        ({}, "probe: exactly one of"),
+    ):
+        with pytest.raises(ProbeError, match=re.escape(why)):
+            parse_probe(bad, {"http": 8000})
+
+
+def test_probes_report_each_transition_after_their_thresholds() -> None:
+    async def main() -> list[tuple[bool, str]]:
+        answer = {"code": 200}
+
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(f"HTTP/1.1 {answer['code']} X\r\nContent-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(app, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        probe = Probe("httpGet", port, "/", period=1.0, failure_threshold=2)
+        assert await probe_once(probe, "127.0.0.1") == (True, "")
+        reports: list[tuple[bool, str]] = []
+        changed = asyncio.Event()
+        stop = asyncio.Event()
+
+        async def report(healthy: bool, why: str) -> None:
+            reports.append((healthy, why))
+            changed.set()
+
+        task = asyncio.create_task(keep_probing(probe, "127.0.0.1", report, stop))
+        try:
+            await asyncio.wait_for(changed.wait(), 10)
+            changed.clear()
+            answer["code"] = 503  # two failures in a row, then one report
+            await asyncio.wait_for(changed.wait(), 10)
+            changed.clear()
+            server.close()
+            await server.wait_closed()
+            refused = await probe_once(probe, "127.0.0.1")
+            assert not refused[0] and f"127.0.0.1:{port}" in refused[1]
+        finally:
+            stop.set()
+            await task
+        return reports
+
+    assert asyncio.run(main()) == [(True, ""), (False, "HTTP probe failed with statuscode: 503")]

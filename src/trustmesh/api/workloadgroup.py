@@ -11,6 +11,9 @@ workload gets from its group (istiod's ``pilot/pkg/autoregistration/controller.g
   registered it) and ``istio.io/connectedAt`` (RFC 3339, nanoseconds).
 * It is owned by the group (an ownerReference with ``controller: true``): deleting the
   group deletes it.
+* A group with a ``probe`` gives its entries ``proxy.istio.io/health-checks-enabled``:
+  such an entry is a ready endpoint only while its ``Healthy`` condition is ``True`` (not
+  set yet: not ready), as the proxy's probe reports it (:func:`with_health`).
 * The proxy's verified identity must be the entry's: the same namespace, and the
   template's serviceAccount when it names one (``ensureProxyCanControlEntry``). trustmesh
   also refuses another service account than ``default`` when the template names none: the
@@ -31,18 +34,23 @@ GROUP_ANNOTATION = "istio.io/autoRegistrationGroup"
 CONTROLLER_ANNOTATION = "istio.io/workloadController"
 CONNECTED_AT_ANNOTATION = "istio.io/connectedAt"
 DISCONNECTED_AT_ANNOTATION = "istio.io/disconnectedAt"
+HEALTH_CHECK_ANNOTATION = "proxy.istio.io/health-checks-enabled"
+CONDITION_HEALTHY = "Healthy"
 API_VERSION = "networking.istio.io/v1"
 
 __all__ = [
     "CONNECTED_AT_ANNOTATION",
     "CONTROLLER_ANNOTATION",
     "GROUP_ANNOTATION",
+    "HEALTH_CHECK_ANNOTATION",
     "GroupRefused",
     "check_identity",
     "entry_from_group",
     "entry_name",
+    "is_healthy",
     "owned_by",
     "parse_group",
+    "with_health",
 ]
 
 
@@ -107,6 +115,8 @@ def entry_from_group(
     template.pop("address", None)
     labels = {**spec.template.labels, **spec.metadata.labels, **(proxy_labels or {})}
     annotations = {GROUP_ANNOTATION: name, **spec.metadata.annotations}
+    if spec.probe is not None:
+        annotations[HEALTH_CHECK_ANNOTATION] = "true"
     annotations[CONTROLLER_ANNOTATION] = controller
     annotations[CONNECTED_AT_ANNOTATION] = _rfc3339_nano(connected_at)
     entry_spec: dict[str, Any] = {**template, "address": address}
@@ -136,6 +146,39 @@ def entry_from_group(
         "metadata": entry_metadata,
         "spec": entry_spec,
     }
+
+
+def with_health(
+    entry_manifest: str | dict[str, Any], healthy: bool, message: str, now: dt.datetime
+) -> dict[str, Any]:
+    """The entry with its ``Healthy`` condition set (istiod's ``transformHealthEvent``:
+    probe and transition time are the report's; the message when unhealthy)."""
+    entry = json.loads(entry_manifest) if isinstance(entry_manifest, str) else entry_manifest
+    at = _rfc3339_nano(now)
+    condition: dict[str, Any] = {
+        "type": CONDITION_HEALTHY,
+        "status": "True" if healthy else "False",
+        "lastProbeTime": at,
+        "lastTransitionTime": at,
+    }
+    if not healthy and message:
+        condition["message"] = message
+    status = dict(entry.get("status") or {})
+    others = [c for c in status.get("conditions") or () if c.get("type") != CONDITION_HEALTHY]
+    status["conditions"] = [*others, condition]
+    return {**entry, "status": status}
+
+
+def is_healthy(entry_manifest: str | dict[str, Any]) -> bool:
+    """Istio's ``IsWorkloadEntryHealthy``: without health checks, always; with them, only
+    while the ``Healthy`` condition is ``True``."""
+    entry = json.loads(entry_manifest) if isinstance(entry_manifest, str) else entry_manifest
+    if HEALTH_CHECK_ANNOTATION not in ((entry.get("metadata") or {}).get("annotations") or {}):
+        return True
+    for condition in (entry.get("status") or {}).get("conditions") or ():
+        if isinstance(condition, dict) and condition.get("type") == CONDITION_HEALTHY:
+            return condition.get("status") == "True"
+    return False
 
 
 def owned_by(entry_manifest: str | dict[str, Any], group: str) -> bool:

@@ -94,6 +94,7 @@ def join(
     addresses = tuple(a.strip() for a in control_plane.split(",") if a.strip())
     paths = [str(p) for p in config]
     groups: tuple[tuple[str, str], ...] = ()
+    probes: tuple[tuple[str, str], ...] = ()
     if group:
         for ref in group:
             group_ns, _, group_name = ref.partition("/")
@@ -112,7 +113,7 @@ def join(
                 _err.print(f"  {problem}", markup=False)
             raise typer.Exit(1) from None
         paths.append(str(planned.path))
-        groups = planned.groups
+        groups, probes = planned.groups, planned.probes
         if pod:
             pod = [*pod, *(ref for ref, _ in groups)]
     runtime = MeshRuntime(
@@ -130,6 +131,7 @@ def join(
             ttl=lease_ttl,
             replica_host=replica_host,
             groups=groups,
+            probes=probes,
         ),
     )
     raise typer.Exit(asyncio.run(_run(runtime)))

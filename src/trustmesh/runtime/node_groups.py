@@ -22,6 +22,7 @@ import yaml
 from trustmesh.api import models as m
 from trustmesh.api.workloadgroup import entry_name, identity_of
 from trustmesh.config import load_config
+from trustmesh.runtime.node_probe import ProbeError, parse_probe
 from trustmesh.runtime.plan import Isolation, plan_mesh
 from trustmesh.runtime.supervisor import StartError
 
@@ -33,10 +34,13 @@ APP_COMMAND = ["trustmesh", "sample", "httpbin"]
 
 @dataclass(frozen=True, slots=True)
 class VmWorkloads:
-    """The file of the planned workloads, and each one's ref → its group's name."""
+    """The file of the planned workloads, each one's ref → its group's name, and the
+    refs of those whose group has a probe → the probe (:class:`~trustmesh.runtime.
+    node_probe.Probe` JSON)."""
 
     path: Path
     groups: tuple[tuple[str, str], ...]
+    probes: tuple[tuple[str, str], ...] = ()
 
 
 def vm_workloads(
@@ -51,10 +55,17 @@ def vm_workloads(
         f"{r.namespace}/{r.name}": r for r in loaded.snapshot.resources if r.kind == "WorkloadGroup"
     }
     documents: list[dict[str, Any]] = []
+    probes: list[str] = []
     for index, ref in enumerate(groups):
         resource = found.get(ref)
         if resource is None:
             raise StartError(f"--group {ref}: no WorkloadGroup {ref} in the configuration")
+        spec: m.WorkloadGroupSpec = resource.spec
+        try:
+            probe = None if spec.probe is None else parse_probe(spec.probe, spec.template.ports)
+        except ProbeError as exc:
+            raise StartError(f"{resource.location('spec', 'probe')}: {exc}") from None
+        probes.append("" if probe is None else probe.to_json())
         documents.append(
             _pod(resource.namespace, f"{resource.name}-vm-{index}", resource.spec, node)
         )
@@ -75,7 +86,8 @@ def vm_workloads(
         metadata["name"] = entry_name(group, address[f"{metadata['namespace']}/{metadata['name']}"])
         named.append((f"{metadata['namespace']}/{metadata['name']}", group))
     _write(path, documents)
-    return VmWorkloads(path, tuple(named))
+    probed = tuple((r, p) for (r, _), p in zip(named, probes, strict=True) if p)
+    return VmWorkloads(path, tuple(named), probed)
 
 
 def _pod(namespace: str, name: str, spec: m.WorkloadGroupSpec, node: str) -> dict[str, Any]:

@@ -16,6 +16,11 @@ A replica serves, on its CA enrollment port (TLS, the mesh's roots):
 * ``/trustmesh.registry.v1.Registry/KeepAlive`` — ``{"node": NAME, "session": SECRET}``
   refreshes that lease once, at any replica. A host that stops calling it loses its
   records when the TTL ends, and every replica's proxies lose its endpoints.
+* ``/trustmesh.registry.v1.Registry/Health`` — ``{"node", "session", "workload": NS/NAME,
+  "healthy": bool, "message"}``: what the workload's probe found (Istio's agent sends it on
+  each transition). The replica sets the record's health (an unhealthy workload is no
+  ready endpoint at any replica) and, for an auto-registered entry, its ``Healthy``
+  condition.
 
 A workload token is refused (``token-not-node``); nothing is registered before every
 workload of the request passed.
@@ -38,6 +43,7 @@ back within it keeps its entry).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -51,11 +57,13 @@ from typing import Any
 import grpc
 
 from trustmesh.api.workloadgroup import (
+    HEALTH_CHECK_ANNOTATION,
     GroupRefused,
     check_identity,
     entry_from_group,
     owned_by,
     parse_group,
+    with_health,
 )
 from trustmesh.identity.ca import CertificateAuthority
 from trustmesh.identity.client import DEFAULT_SERVER_NAME, channel_target
@@ -69,11 +77,12 @@ from trustmesh.store.etcd_store import (
     resource_key_bytes,
     workload_key,
 )
-from trustmesh.store.model import ResourceKey, WorkloadRecord, is_object_name
+from trustmesh.store.model import ResourceKey, WorkloadHealth, WorkloadRecord, is_object_name
 
 SERVICE = "trustmesh.registry.v1.Registry"
 JOIN = f"/{SERVICE}/Join"
 KEEP_ALIVE = f"/{SERVICE}/KeepAlive"
+HEALTH = f"/{SERVICE}/Health"
 NODES = ROOT + b"nodes/"
 NETWORKING = "networking.istio.io"
 MIN_TTL, MAX_TTL = 5, 3600
@@ -115,6 +124,8 @@ class HostJoin:
     # `--group`: the pods that are a WorkloadGroup's workloads (ref -> the group's name in
     # the pod's namespace); they register with their group (Istio's auto-registration)
     groups: tuple[tuple[str, str], ...] = ()
+    # their groups' probes (ref -> runtime.node_probe.Probe JSON), reported to a replica
+    probes: tuple[tuple[str, str], ...] = ()
 
 
 def _identity(value: bytes) -> bytes:
@@ -201,7 +212,12 @@ class NodeRegistrar:
             )
 
         return grpc.method_handlers_generic_handler(
-            SERVICE, {"Join": method(self._join_rpc), "KeepAlive": method(self._keep_alive_rpc)}
+            SERVICE,
+            {
+                "Join": method(self._join_rpc),
+                "KeepAlive": method(self._keep_alive_rpc),
+                "Health": method(self._health_rpc),
+            },
         )
 
     async def join(self, token: str, body: bytes) -> Joined:
@@ -282,6 +298,9 @@ class NodeRegistrar:
                 f"entry-exists: WorkloadEntry {record.ref} exists and is not WorkloadGroup "
                 f"{group}'s",
             )
+        if HEALTH_CHECK_ANNOTATION in manifest["metadata"]["annotations"]:
+            # Istio: a health-checked entry without a Healthy condition is not ready yet
+            record = dataclasses.replace(record, health=WorkloadHealth.UNHEALTHY)
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
         return GroupEntry(record, key, text, 0 if existing is None else existing.resource_version)
 
@@ -316,18 +335,77 @@ class NodeRegistrar:
                 raise TypeError("node and session are strings")
         except (ValueError, KeyError, TypeError) as exc:
             raise JoinRefused(grpc.StatusCode.INVALID_ARGUMENT, f"bad keep-alive: {exc}") from None
+        record = await self._session(node, session)
+        ttl = await self.client.keep_alive_once(int(record["lease"]))
+        if ttl <= 0:
+            raise JoinRefused(grpc.StatusCode.NOT_FOUND, f"node {node!r}'s lease ended: join again")
+        return ttl
+
+    async def _session(self, node: str, session: str) -> dict[str, Any]:
+        """The node's record, if ``session`` is its secret (:class:`JoinRefused` if not)."""
         found = await self.client.get(NODES + node.encode()) if is_object_name(node) else None
         if found is None:
             raise JoinRefused(
                 grpc.StatusCode.NOT_FOUND, f"node {node!r} holds no lease: join again"
             )
-        record = json.loads(found.value)
+        record: dict[str, Any] = json.loads(found.value)
         if not hmac.compare_digest(record.get("session_sha256", ""), _digest(session)):
             raise JoinRefused(grpc.StatusCode.UNAUTHENTICATED, f"wrong session for node {node!r}")
-        ttl = await self.client.keep_alive_once(int(record["lease"]))
-        if ttl <= 0:
-            raise JoinRefused(grpc.StatusCode.NOT_FOUND, f"node {node!r}'s lease ended: join again")
-        return ttl
+        return record
+
+    async def health(self, body: bytes) -> None:
+        """A workload's probe result: its record's health, its entry's condition."""
+        try:
+            data = json.loads(body)
+            node, session, ref = data["node"], data["session"], data["workload"]
+            healthy, message = data["healthy"], data.get("message", "")
+            if not all(isinstance(v, str) for v in (node, session, ref, message)):
+                raise TypeError("node, session, workload and message are strings")
+            if not isinstance(healthy, bool):
+                raise TypeError("healthy is a boolean")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JoinRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"bad health report: {exc}"
+            ) from None
+        node_record = await self._session(node, session)
+        lease = int(node_record["lease"])
+        namespace, _, name = ref.partition("/")
+        if not is_object_name(namespace, label_only=True) or not is_object_name(name):
+            raise JoinRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{ref!r} is not NAMESPACE/NAME")
+        key = workload_key(WorkloadRecord(namespace, name, node, "", ""))
+        found = await self.client.get(key)
+        if found is None:
+            raise JoinRefused(
+                grpc.StatusCode.NOT_FOUND, f"node {node!r} registered no workload {ref}"
+            )
+        record = WorkloadRecord.from_json(found.value)
+        health = WorkloadHealth.HEALTHY if healthy else WorkloadHealth.UNHEALTHY
+        updated = dataclasses.replace(record, health=health)
+        compares = [self.client.mod_revision_is(key, found.mod_revision)]
+        ops = [self.client.put_op(key, updated.to_json().encode(), lease)]
+        if record.group:
+            entry_key = ResourceKey(NETWORKING, "WorkloadEntry", namespace, name)
+            entry = await self.resources.get(entry_key)
+            if entry is not None and owned_by(entry.manifest, record.group):
+                manifest = with_health(entry.manifest, healthy, message, self.clock())
+                text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+                raw = resource_key_bytes(entry_key)
+                compares.append(self.client.mod_revision_is(raw, entry.resource_version))
+                ops.append(self.client.put_op(raw, text.encode(), lease))
+        succeeded, _ = await self.client.txn(compares, ops, [])
+        if not succeeded:
+            raise JoinRefused(grpc.StatusCode.ABORTED, f"{ref} changed meanwhile: report again")
+
+    async def _health_rpc(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            await self.health(body)
+        except JoinRefused as exc:
+            await context.abort(exc.status, str(exc))
+            raise AssertionError("unreachable") from None
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
+            raise AssertionError("unreachable") from None
+        return b"{}"
 
     async def _join_rpc(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         token = ""
@@ -393,6 +471,9 @@ class RegistryClient:
         self._keep = self._channel.unary_unary(
             KEEP_ALIVE, request_serializer=_identity, response_deserializer=_identity
         )
+        self._health = self._channel.unary_unary(
+            HEALTH, request_serializer=_identity, response_deserializer=_identity
+        )
 
     async def close(self) -> None:
         await self._channel.close()
@@ -419,3 +500,9 @@ class RegistryClient:
         body = json.dumps({"node": joined.node, "session": joined.session}).encode()
         answer = await self._keep(body, timeout=timeout or self._timeout)
         return int(json.loads(answer)["ttl"])
+
+    async def health(self, joined: Joined, workload: str, healthy: bool, message: str = "") -> None:
+        """Report what ``workload``'s probe found (at any replica)."""
+        body: dict[str, Any] = {"node": joined.node, "session": joined.session}
+        body |= {"workload": workload, "healthy": healthy, "message": message}
+        await self._health(json.dumps(body).encode(), timeout=self._timeout)
