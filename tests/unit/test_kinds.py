@@ -96,7 +96,6 @@ def test_unserved_istio_groups_kinds_and_versions(
     ("api", "kind"),
     [
         ("networking.istio.io/v1beta1", "ProxyConfig"),
-        ("networking.istio.io/v1", "WorkloadGroup"),
         ("telemetry.istio.io/v1", "Telemetry"),
         ("telemetry.istio.io/v1alpha1", "Telemetry"),
         ("extensions.istio.io/v1alpha1", "WasmPlugin"),

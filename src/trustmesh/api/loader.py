@@ -112,6 +112,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("networking.istio.io", "DestinationRule"): KindInfo(m.DestinationRuleSpec),
     ("networking.istio.io", "ServiceEntry"): KindInfo(m.ServiceEntrySpec),
     ("networking.istio.io", "WorkloadEntry"): KindInfo(m.WorkloadEntrySpec),
+    ("networking.istio.io", "WorkloadGroup"): KindInfo(m.WorkloadGroupSpec),
     ("networking.istio.io", "Sidecar"): KindInfo(m.SidecarSpec),
     ("networking.istio.io", "Gateway"): KindInfo(m.HostsSpec),
     ("networking.istio.io", "VirtualService"): KindInfo(m.HostsSpec),

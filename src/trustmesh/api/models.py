@@ -11,9 +11,9 @@ fields of (Pods, Deployments, Gateways, …) keep their other fields and ignore 
 from __future__ import annotations
 
 import enum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from trustmesh.api import traffic
@@ -255,6 +255,31 @@ class WorkloadEntrySpec(Loose):
     labels: dict[str, str] = Field(default_factory=dict)
     service_account: str = ""
     network: str = ""
+    locality: str = ""
+    weight: int = Field(default=0, ge=0)
+
+
+class WorkloadGroupObjectMeta(Loose):
+    """What a WorkloadGroup gives the entries it registers (labels, annotations)."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkloadGroupSpec(Loose):
+    """Istio's ``networking.istio.io`` WorkloadGroup: the template every auto-registered
+    WorkloadEntry is made from (Istio's validation: a template is required and holds no
+    address — each entry gets the address of the proxy that registers)."""
+
+    metadata: WorkloadGroupObjectMeta = Field(default_factory=WorkloadGroupObjectMeta)
+    template: WorkloadEntrySpec
+    probe: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_address_in_template(self) -> WorkloadGroupSpec:
+        if self.template.address:
+            raise ValueError("template.address: a WorkloadGroup's template cannot set an address")
+        return self
 
 
 class ServiceEntrySpec(Loose):

@@ -171,16 +171,40 @@ def rotate_root(directory: DirOpt = DEFAULT_DIR) -> None:
 
 
 @app.command()
-def revoke(serial: str, directory: DirOpt = DEFAULT_DIR) -> None:
+def revoke(
+    serial: str,
+    directory: DirOpt = DEFAULT_DIR,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="etcd://HOST:PORT[,...]: record the revocation in the replicas' shared "
+            "store (every replica refuses the next renewal); --dir is not read then.",
+        ),
+    ] = None,
+) -> None:
     """Refuse renewals authenticated by certificate SERIAL (hex, as `ca inspect` shows it).
 
     A running CA (``ca serve``, the local mesh's control plane) refuses the very next
     renewal with that certificate: it re-reads the revocation record on every request.
+    With ``--store etcd://…`` the record goes to the replicas' store, whose watch brings
+    it to every replica.
     """
     text = serial.strip().lower().removeprefix("0x").replace(":", "")
     if not re.fullmatch(r"[0-9a-f]{1,40}", text) or int(text, 16) == 0:
         render.usage_error(f"'{serial}' is not a certificate serial (hex, e.g. 3f9a0c…)")
         raise typer.Exit(2)
+    if store is not None:
+        if not store.startswith("etcd://"):
+            render.usage_error(f"--store {store}: revocations are shared through etcd://HOST:PORT")
+            raise typer.Exit(2)
+        try:
+            revision = asyncio.run(_revoke_in_store(store, int(text, 16)))
+        except StoreError as exc:
+            render.usage_error(f"cannot record the revocation in {store}: {exc}")
+            raise typer.Exit(1) from None
+        typer.echo(f"revoked {int(text, 16):x} (store revision {revision})")
+        return
     ca = _load(directory)
     try:
         ca.revoke(int(text, 16))
@@ -188,6 +212,18 @@ def revoke(serial: str, directory: DirOpt = DEFAULT_DIR) -> None:
         render.usage_error(f"cannot record the revocation: {exc}")
         raise typer.Exit(1) from None
     typer.echo(f"revoked {int(text, 16):x}")
+
+
+async def _revoke_in_store(url: str, serial: int) -> int:
+    from trustmesh.store import parse_etcd_endpoints
+    from trustmesh.store.ca_records import EtcdCaRecords
+    from trustmesh.store.etcd_client import EtcdClient
+
+    client = EtcdClient(parse_etcd_endpoints(url.removeprefix("etcd://")))
+    try:
+        return await EtcdCaRecords(client).revoke(serial, _now())
+    finally:
+        await client.close()
 
 
 @app.command()

@@ -13,9 +13,11 @@ from trustmesh.cli.mesh import State, _err, run_in_foreground
 from trustmesh.identity.tokens import is_node_name
 from trustmesh.runtime.cluster import Cluster, cluster_file
 from trustmesh.runtime.layout import DEFAULT_STATE, Layout
+from trustmesh.runtime.node_groups import vm_workloads
 from trustmesh.runtime.plan import Isolation
 from trustmesh.runtime.registration import MAX_TTL, MIN_TTL, HostJoin
 from trustmesh.runtime.supervisor import MeshRuntime, StartError
+from trustmesh.store.model import is_object_name
 
 app = typer.Typer(help="A host of the mesh: its pods, registered with the control plane.")
 
@@ -61,6 +63,14 @@ def join(
             f"({MIN_TTL}-{MAX_TTL}); refreshed every third of it.",
         ),
     ] = 30,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group",
+            help="NS/NAME of a WorkloadGroup (repeatable): run one workload from its "
+            "template here and auto-register it with the group (Istio's VM onboarding).",
+        ),
+    ] = None,
     state: State = Path(DEFAULT_STATE),
 ) -> None:
     """Join with a node token and run this host's pods until stopped."""
@@ -82,8 +92,32 @@ def join(
         render.usage_error(f"cannot read {exc.filename}: {exc.strerror}")
         raise typer.Exit(1) from None
     addresses = tuple(a.strip() for a in control_plane.split(",") if a.strip())
+    paths = [str(p) for p in config]
+    groups: tuple[tuple[str, str], ...] = ()
+    probes: tuple[tuple[str, str], ...] = ()
+    if group:
+        for ref in group:
+            group_ns, _, group_name = ref.partition("/")
+            if not is_object_name(group_ns, label_only=True) or not is_object_name(group_name):
+                render.usage_error(f"--group {ref!r} is not NAMESPACE/NAME")
+                raise typer.Exit(2)
+        if mode is not Isolation.PROCESS:
+            # the hosts' LAN routes only the pod addresses planned at `up --hosts`
+            render.usage_error("--group runs its workloads in --isolation process only")
+            raise typer.Exit(2)
+        try:
+            planned = vm_workloads(paths, list(group), name, base, state.resolve())
+        except StartError as exc:
+            render.usage_error(str(exc))
+            for problem in exc.diagnostics:
+                _err.print(f"  {problem}", markup=False)
+            raise typer.Exit(1) from None
+        paths.append(str(planned.path))
+        groups, probes = planned.groups, planned.probes
+        if pod:
+            pod = [*pod, *(ref for ref, _ in groups)]
     runtime = MeshRuntime(
-        [str(p) for p in config],
+        paths,
         Layout(state.resolve()),
         base=base,
         progress=lambda message: _err.print(message, markup=False),
@@ -96,6 +130,8 @@ def join(
             frozenset(pod or ()),
             ttl=lease_ttl,
             replica_host=replica_host,
+            groups=groups,
+            probes=probes,
         ),
     )
     raise typer.Exit(asyncio.run(_run(runtime)))

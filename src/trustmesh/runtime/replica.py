@@ -49,7 +49,7 @@ from trustmesh.store.config_source import StoreConfigSource
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_store import ROOT, EtcdResourceStore, WorkloadRegistry
 from trustmesh.store.leader import LeaderElection, LeaseKeeper
-from trustmesh.store.model import WorkloadRecord
+from trustmesh.store.model import WorkloadHealth, WorkloadRecord
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
 from trustmesh.xds.translate import CaptureMode
 
@@ -94,6 +94,11 @@ def registration_of(record: WorkloadRecord) -> ProxyRegistration:
         app_address=record.app_address or "127.0.0.1",
         outbound_address=record.outbound_address or None,
     )
+
+
+def unhealthy(records: Sequence[WorkloadRecord]) -> list[str]:
+    """The workloads whose probe says unhealthy: no ready endpoint (Istio's Healthy=False)."""
+    return [r.ref for r in records if r.health is WorkloadHealth.UNHEALTHY]
 
 
 async def read_replicas(client: EtcdClient) -> dict[str, dict[str, Any]]:
@@ -235,6 +240,7 @@ class _Replica:
                     await self.reload()
                 else:
                     self.sync_registrations(records)
+                await self.plane.set_not_ready(unhealthy(records))  # the probes' reports
 
         while not stop.is_set():
             try:
@@ -304,7 +310,9 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         renewal_address=f"{host}:{options.ca_renewal_port}",
         observer=metrics,
         extra_handlers=[
-            NodeRegistrar(ca, client, lambda: read_replicas(client)).handler()
+            NodeRegistrar(
+                ca, client, lambda: read_replicas(client), controller=options.name
+            ).handler()
         ],  # hosts join here
     )
     metrics_server = MetricsServer(host, options.metrics_port, plane_text=metrics.render)
@@ -339,6 +347,7 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         except StoreError as exc:
             return _fail(f"cannot read the store: {exc}")
         replica.sync_registrations(workloads)  # checked against the mesh at start
+        await plane.set_not_ready(unhealthy(workloads))
         await ca_server.start()
         try:
             await plane.start()

@@ -68,6 +68,7 @@ from trustmesh.runtime.control_plane import (
 )
 from trustmesh.runtime.gateway import PublishedPort, Publisher, published_ports
 from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
+from trustmesh.runtime.node_probe import Probe, keep_probing
 from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
 from trustmesh.runtime.registration import HostJoin, Joined, RegistryClient
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff, Exit, should_restart
@@ -158,6 +159,7 @@ class MeshRuntime:
     # host still starts its pods), until down()
     _keeping: asyncio.Task[None] | None = None
     _keep_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _probing: list[asyncio.Task[None]] = field(default_factory=list)  # `--group` probes
 
     # -- start
 
@@ -252,7 +254,24 @@ class MeshRuntime:
         await asyncio.gather(*(self._start_app(pod) for pod in apps))
         for pod in plan.pods:
             self.pods[pod.ref] |= {"status": "running", "ready": True, "restarts": 0}
+        if self.join is not None and self.join.probes:
+            self._start_probes(self.join.probes, plan)
         self._record("ready")
+
+    def _start_probes(self, probes: Sequence[tuple[str, str]], plan: MeshPlan) -> None:
+        """A WorkloadGroup's probe of its workload's app, each transition reported to a
+        replica (the entry's Healthy condition)."""
+        registry, joined = self._registry, self.joined
+        assert registry is not None and joined is not None
+        apps = {pod.ref: pod.app_ip for pod in plan.pods}
+        for ref, text in probes:
+
+            async def report(healthy: bool, why: str, ref: str = ref) -> None:
+                await registry.health(joined, ref, healthy, why)
+                self.progress(f"{ref}: probe {'passes' if healthy else 'fails'} {why}".rstrip())
+
+            probing = keep_probing(Probe.from_json(text), apps[ref], report, self._keep_stop)
+            self._probing.append(asyncio.create_task(probing))
 
     async def _build_sandbox(self, plan: MeshPlan) -> None:
         """The mesh's namespaces, links, rules and files — after removing whatever an
@@ -296,6 +315,7 @@ class MeshRuntime:
         services: tuple[tuple[str, str], ...] = ()
         if self.plan.sandboxed:  # the ClusterIPs this host's Service rules use
             services = tuple(sorted(service_addresses(self.plan).items()))
+        groups = dict(join.groups)  # `--group`: a WorkloadGroup's workload registers with it
         records = [
             WorkloadRecord(
                 pod.namespace,
@@ -303,11 +323,12 @@ class MeshRuntime:
                 join.node,
                 pod.pod_ip,
                 pod.service_account,
-                kind="Pod",
+                kind="WorkloadEntry" if pod.ref in groups else "Pod",
                 app_address=pod.app_ip,
                 outbound_address=pod.outbound_ip or "",
                 capture="transparent" if self.plan.sandboxed else "",
                 service_addresses=services,
+                group=groups.get(pod.ref, ""),
             )
             for pod in self.plan.pods
             if pod.sidecar and not pod.gateway
@@ -791,8 +812,8 @@ class MeshRuntime:
         """Stop apps, then sidecars, then the control plane (each: TERM, then KILL)."""
         self._record("stopping")
         if self._keeping is not None:
-            self._keep_stop.set()
-            await asyncio.gather(self._keeping, return_exceptions=True)
+            self._keep_stop.set()  # also ends the probes of WorkloadGroups' workloads
+            await asyncio.gather(self._keeping, *self._probing, return_exceptions=True)
             self._keeping = None
         if self.publisher is not None:
             await self.publisher.stop()

@@ -9,12 +9,18 @@ Key layout (one prefix per cluster, so several meshes can share an etcd)::
 A resource's ``resourceVersion`` is its key's ``mod_revision``; every ``commit`` is one
 etcd transaction whose compares are the expected versions, so either all of an apply is
 written or nothing is, and a writer holding a stale version gets :class:`Conflict`.
+
+Owner references, as Kubernetes' garbage collector for the one owner trustmesh writes:
+deleting a WorkloadGroup deletes, in the same transaction, the WorkloadEntries it
+auto-registered (an ownerReference to it) and their registry records.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 
+from trustmesh.api.workloadgroup import owned_by
 from trustmesh.store.etcd_client import EtcdClient, KeyValue
 from trustmesh.store.model import (
     ChangeType,
@@ -36,6 +42,16 @@ WORKLOADS = ROOT + b"workloads/"
 
 def resource_key_bytes(key: ResourceKey) -> bytes:
     return RESOURCES + key.path().encode()
+
+
+# outside the class whose ``list`` method shadows the builtin
+_Deletes = list[ResourceDelete]
+_Keys = list[bytes]
+
+
+def workload_key(record: WorkloadRecord) -> bytes:
+    """The registry key of a record: ``/trustmesh/workloads/<host>/<namespace>/<name>``."""
+    return WORKLOADS + f"{record.host}/{record.namespace}/{record.name}".encode()
 
 
 def parse_resource_key(raw: bytes) -> ResourceKey:
@@ -80,13 +96,15 @@ class EtcdResourceStore:
     async def commit(
         self, writes: Sequence[ResourceWrite], deletes: Sequence[ResourceDelete] = ()
     ) -> int:
-        changes: list[ResourceWrite | ResourceDelete] = [*writes, *deletes]
+        owned, records = await self._owned_by_deleted_groups(deletes)
+        changes: list[ResourceWrite | ResourceDelete] = [*writes, *deletes, *owned]
         compares = [
             self.client.mod_revision_is(resource_key_bytes(w.key), w.expected_version)
             for w in changes
         ]
         ops = [self.client.put_op(resource_key_bytes(w.key), w.manifest.encode()) for w in writes]
-        ops += [self.client.delete_op(resource_key_bytes(d.key)) for d in deletes]
+        ops += [self.client.delete_op(resource_key_bytes(d.key)) for d in [*deletes, *owned]]
+        ops += [self.client.delete_op(key) for key in records]
         # On failure read every key back, to name the one that moved.
         reads = [self.client.get_op(resource_key_bytes(w.key)) for w in changes]
         succeeded, response = await self.client.txn(compares, ops, reads)
@@ -98,6 +116,39 @@ class EtcdResourceStore:
             if found != change.expected_version:
                 raise Conflict(change.key, change.expected_version, found)
         raise StoreError("transaction failed without a changed object")  # pragma: no cover
+
+    async def _owned_by_deleted_groups(
+        self, deletes: Sequence[ResourceDelete]
+    ) -> tuple[_Deletes, _Keys]:
+        """The WorkloadEntries the deleted WorkloadGroups own, and their registry keys."""
+        groups = {
+            (d.key.namespace, d.key.name)
+            for d in deletes
+            if d.key.group == "networking.istio.io" and d.key.kind == "WorkloadGroup"
+        }
+        if not groups:
+            return [], []
+        entries: _Deletes = []
+        names: set[tuple[str, str]] = set()
+        deleted = {d.key for d in deletes}
+        for namespace in sorted({ns for ns, _ in groups}):
+            prefix = RESOURCES + f"networking.istio.io/WorkloadEntry/{namespace}/".encode()
+            kvs, _ = await self.client.get_prefix(prefix)
+            for kv in kvs:
+                stored = _stored(kv)
+                if stored.key not in deleted and any(
+                    ns == namespace and owned_by(stored.manifest, name) for ns, name in groups
+                ):
+                    entries.append(ResourceDelete(stored.key, stored.resource_version))
+                    names.add((namespace, stored.key.name))
+        records: _Keys = []
+        if names:
+            kvs, _ = await self.client.get_prefix(WORKLOADS)
+            for kv in kvs:
+                value = json.loads(kv.value)
+                if (value.get("namespace"), value.get("name")) in names and value.get("group"):
+                    records.append(kv.key)
+        return entries, records
 
     async def watch(self, from_revision: int) -> AsyncIterator[ResourceEvent]:
         async for batch in self.watch_batches(from_revision):
@@ -134,8 +185,7 @@ class WorkloadRegistry:
         return await self.client.grant_lease(ttl_seconds)
 
     async def register(self, record: WorkloadRecord, lease_id: int) -> int:
-        key = WORKLOADS + f"{record.host}/{record.namespace}/{record.name}".encode()
-        return await self.client.put(key, record.to_json().encode(), lease=lease_id)
+        return await self.client.put(workload_key(record), record.to_json().encode(), lease_id)
 
     async def workloads(self, host: str | None = None) -> tuple[list[WorkloadRecord], int]:
         prefix = WORKLOADS + (f"{host}/".encode() if host else b"")

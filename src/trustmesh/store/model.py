@@ -160,6 +160,11 @@ class WorkloadRecord:
     # address) are the ones its host's kube-proxy rules use. Empty: process mode.
     capture: str = ""
     service_addresses: tuple[tuple[str, str], ...] = ()
+    # Istio's auto-registration (``ISTIO_META_AUTO_REGISTER_GROUP``): the WorkloadGroup of
+    # the record's namespace it registers with (its name must then be Istio's
+    # ``<group>-<ip>[-<network>]``), and the network the proxy names.
+    group: str = ""
+    network: str = ""
 
     @property
     def ref(self) -> str:
@@ -184,6 +189,10 @@ class WorkloadRecord:
             value["capture"] = self.capture
         if self.service_addresses:
             value["serviceAddresses"] = dict(self.service_addresses)
+        if self.group:
+            value["group"] = self.group
+        if self.network:
+            value["network"] = self.network
         return json.dumps(value, sort_keys=True)
 
     @classmethod
@@ -202,7 +211,15 @@ class WorkloadRecord:
             outbound_address=data.get("outboundAddress", ""),
             capture=_capture(data.get("capture", "")),
             service_addresses=tuple(sorted(_str_map(data.get("serviceAddresses", {})).items())),
+            group=_str(data.get("group", ""), "group"),
+            network=_str(data.get("network", ""), "network"),
         )
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string")
+    return value
 
 
 def _capture(value: Any) -> str:
