@@ -166,16 +166,11 @@ class CaStore:
 class DurableLog:
     """An append-only record file whose appends return once they are on disk.
 
-    Group commit, as Redis does ``appendfsync always``: :meth:`append` queues a line and
-    waits; at the end of the event loop's current round of callbacks, one flush writes
-    every line queued in that round with a single ``O_APPEND`` write and one
-    ``fdatasync``, then wakes all of them. Under load a round holds many requests, so many
-    records share an fsync; when idle a record is synced at once (no timer, no added delay).
-
-    The sync blocks the event loop (≈ 1 ms here) instead of running in a thread: measured
-    under ``bench/bench_ca.py``, handing each batch to a thread and taking the GIL back
-    cost the server 200–300 µs of CPU per certificate, more than the signing. While one
-    process waits for the disk, the others (``--workers``) and the clients use the cores.
+    Group commit: :meth:`append` queues a line and waits; one flusher writes every queued
+    line with a single ``O_APPEND`` write and one ``fdatasync`` (in a thread, so the event
+    loop keeps serving), then wakes all of them. While one batch is being synced the next
+    one gathers, so under load many records share an fsync, and when idle a record is
+    synced at once (no timer, no added delay).
     """
 
     def __init__(self, path: Path) -> None:
@@ -184,7 +179,7 @@ class DurableLog:
         self.lines = 0  # lines made durable
         self._fd: int | None = None
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._flush_on: asyncio.AbstractEventLoop | None = None  # a flush is scheduled there
+        self._flusher: asyncio.Task[None] | None = None
 
     def _write(self, lines: list[bytes]) -> None:
         if self._fd is None:
@@ -215,34 +210,24 @@ class DurableLog:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((line, future))
-        if self._flush_on is not loop:
-            self._flush_on = loop
-            loop.call_soon(self._flush)  # after the callbacks of this round
+        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush())
         await future
 
-    def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._flush_on is loop:
-            self._flush_on = None
-        batch = [(line, f) for line, f in self._pending if f.get_loop() is loop]
-        self._pending = [  # another loop's appends are its own flush's
-            (line, f)
-            for line, f in self._pending
-            if f.get_loop() is not loop and not f.get_loop().is_closed()
-        ]
-        if not batch:
-            return
-        try:
-            self._write([line for line, _ in batch])
-        except OSError as exc:
-            error = StoreError(f"cannot record in {self.path}: {exc.strerror}")
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self._write, [line for line, _ in batch])
+            except OSError as exc:
+                error = StoreError(f"cannot record in {self.path}: {exc.strerror}")
+                for _, future in batch:
+                    if not future.done() and not future.get_loop().is_closed():
+                        future.set_exception(error)
+                continue
             for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
+                if not future.done() and not future.get_loop().is_closed():
+                    future.set_result(None)
 
     def close(self) -> None:
         if self._fd is not None:
