@@ -139,6 +139,30 @@ def test_csr_with_a_forged_signature_is_rejected(ca: CertificateAuthority) -> No
     assert caught.value.code == "csr-bad-signature"
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        lambda: ec.generate_private_key(ec.SECP256R1()),  # verified with the parsed key
+        lambda: ec.generate_private_key(ec.SECP384R1()),  # ecdsa-with-SHA384
+        lambda: rsa.generate_private_key(65537, 2048),  # through is_signature_valid
+    ],
+)
+def test_csr_signature_is_checked_on_every_path(ca: CertificateAuthority, key) -> None:  # type: ignore[no-untyped-def]
+    private = key()
+    good = pki.build_csr(private, [SLEEP.uri])
+    assert ca.issue(good, SLEEP, NOW).identity == SLEEP
+    der = bytearray(x509.load_pem_x509_csr(good).public_bytes(pki.serialization.Encoding.DER))  # type: ignore[attr-defined]
+    # a bit of the signature, then a byte of the signed SAN (the same signature, other TBS)
+    at_san = der.find(SLEEP.uri.encode()) + len("spiffe://")
+    for where in (len(der) - 5, at_san):
+        forged = bytearray(der)
+        forged[where] ^= 0x01
+        pem = x509.load_der_x509_csr(bytes(forged)).public_bytes(pki.serialization.Encoding.PEM)  # type: ignore[attr-defined]
+        with pytest.raises(IssueRejected) as caught:
+            ca.issue(pem, SLEEP, NOW)
+        assert caught.value.code == "csr-bad-signature", where
+
+
 def test_tokens_bind_identity_expire_and_are_single_use(ca: CertificateAuthority) -> None:
     token = ca.token("foo", "sleep", NOW, ttl=dt.timedelta(minutes=10))
     grant = ca.redeem_token(token, NOW)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import json
 import multiprocessing
 import os
@@ -111,6 +112,31 @@ def test_a_serial_that_cannot_be_recorded_is_never_handed_out(tmp_path: Path) ->
         asyncio.run(ca.issue_recorded(csr, SLEEP, NOW))
     with pytest.raises(StoreError, match=r"issued\.jsonl"):
         ca.issue(csr, SLEEP, NOW)
+
+
+def test_a_serial_whose_sync_fails_is_never_handed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), NOW)
+    csr = pki.build_csr(pki.generate_key(), [SLEEP.uri])
+    real_fdatasync = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def main() -> None:
+        monkeypatch.setattr(os, "fdatasync", failing)
+        results = await asyncio.gather(
+            *(ca.issue_recorded(csr, SLEEP, NOW) for _ in range(3)), return_exceptions=True
+        )
+        # the whole batch shared the failed sync: none of its certificates is handed out
+        assert [type(r) for r in results] == [StoreError] * 3
+        assert "Input/output error" in str(results[0])
+        monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+        assert (await ca.issue_recorded(csr, SLEEP, NOW)).serial in _serials_on_disk(ca.store.root)
+
+    asyncio.run(main())
+    assert ca.issued_log.syncs == 1
 
 
 def _burn_all(directory: str, count: int, start: multiprocessing.synchronize.Event) -> list[int]:

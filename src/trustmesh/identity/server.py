@@ -257,7 +257,6 @@ class CaServer:
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         now = self.clock()
-        peer = context.peer()
         observer = self.observer
         if observer is not None:
             observer.csr_received()
@@ -271,12 +270,12 @@ class CaServer:
             self.rejected += 1
             if observer is not None:
                 observer.refused(exc.code)
-            audit.warning("rejected peer=%s code=%s reason=%s", peer, exc.code, exc)
+            audit.warning("rejected peer=%s code=%s reason=%s", context.peer(), exc.code, exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.code}: {exc}")
             raise AssertionError("unreachable") from None
         except StoreError as exc:  # the shared store is unreachable: fail closed
             self.rejected += 1
-            audit.warning("rejected peer=%s code=store-unavailable reason=%s", peer, exc)
+            audit.warning("rejected peer=%s code=store-unavailable reason=%s", context.peer(), exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
             raise AssertionError("unreachable") from None
         except IssueRejected as exc:
@@ -288,13 +287,16 @@ class CaServer:
                 if exc.code.startswith("renewal") or exc.code == "unauthenticated"
                 else grpc.StatusCode.PERMISSION_DENIED
             )
-            audit.warning("rejected peer=%s code=%s reason=%s", peer, exc.code, exc.message)
+            audit.warning(
+                "rejected peer=%s code=%s reason=%s", context.peer(), exc.code, exc.message
+            )
             await context.abort(status, f"{exc.code}: {exc.message}")
             raise AssertionError("unreachable") from None
         self.issued += 1
         if observer is not None:
             observer.issued(identity, issued.not_after)
-        log.debug("issued %s to %s via %s", identity, peer, how)
+        if log.isEnabledFor(logging.DEBUG):  # the peer's address costs a call into gRPC
+            log.debug("issued %s to %s via %s", identity, context.peer(), how)
         return protocol.CertificateResponse(cert_chain=list(issued.chain_pem))
 
     async def _authenticate(
