@@ -92,9 +92,13 @@ def policies_only_changed(old: MeshPolicy, new: MeshPolicy) -> bool:
         return False
     if any(True for _ in b.of_kind("EnvoyFilter")) or any(True for _ in a.of_kind("EnvoyFilter")):
         return False
-    rest_a = [_resource_key(r) for r in a.resources if r.kind not in POLICY_KINDS]
-    rest_b = [_resource_key(r) for r in b.resources if r.kind not in POLICY_KINDS]
-    return rest_a == rest_b
+    rest_a = [r for r in a.resources if r.kind not in POLICY_KINDS]
+    rest_b = [r for r in b.resources if r.kind not in POLICY_KINDS]
+    # A reload's source cache hands back the very objects of unchanged files: compared
+    # by identity first, by content only where they are different objects.
+    return len(rest_a) == len(rest_b) and all(
+        x is y or _resource_key(x) == _resource_key(y) for x, y in zip(rest_a, rest_b, strict=True)
+    )
 
 
 class Patcher:
