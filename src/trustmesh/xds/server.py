@@ -62,6 +62,7 @@ _log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 BODY_CACHE_BYTES = 32 * 1024 * 1024  # encoded responses kept for other proxies
+ONCE_KEYS = 50_000  # … and the keys of those encoded once so far (kept on a second use)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Authorize = Callable[[str, Context], bool]
@@ -182,6 +183,10 @@ class _Bodies:
         self._entries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._bytes = 0
         self._budget = budget
+        # Responses asked for once: kept only when a second stream asks for the same
+        # content. A proxy's own listeners (its inbound address) are never shared, and
+        # keeping thousands of those bodies was ≈ 10 kB per connected proxy for nothing.
+        self._once: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def encoded(
         self, type_url: str, content: Mapping[str, str], snapshot: Snapshot
@@ -197,6 +202,12 @@ class _Bodies:
             type_url=type_url,
             resources=[snapshot.packed(type_url, name) for name in content],
         ).SerializeToString()
+        if key not in self._once:
+            self._once[key] = None
+            if len(self._once) > ONCE_KEYS:
+                self._once.popitem(last=False)
+            return version, body
+        del self._once[key]
         self._entries[key] = body
         self._bytes += len(body)
         while self._bytes > self._budget and len(self._entries) > 1:
