@@ -33,3 +33,18 @@ def test_a_response_is_kept_from_its_second_use_on() -> None:
     assert bodies._bytes == len(first)  # one proxy's own content stays out
     response = discovery_pb2.DiscoveryResponse.FromString(first)
     assert response.version_info == version and len(response.resources) == 1
+
+
+def test_a_subscription_to_every_resource_of_a_type_shares_the_snapshot_mapping() -> None:
+    from trustmesh.xds.cache import TYPE_ENDPOINT
+    from trustmesh.xds.server import _selection, _Watch
+
+    def endpoints(name: str) -> dict[str, object]:
+        return {"@type": TYPE_ENDPOINT, "cluster_name": name, "endpoints": []}
+
+    snapshot = Snapshot({TYPE_ENDPOINT: {n: endpoints(n) for n in ("a", "b")}})
+    every = _selection(TYPE_ENDPOINT, _Watch(names=frozenset({"a", "b", "gone"})), snapshot)
+    assert every is snapshot.digests(TYPE_ENDPOINT)  # shared, not a copy per stream
+    some = _selection(TYPE_ENDPOINT, _Watch(names=frozenset({"b", "gone"})), snapshot)
+    assert dict(some) == {"b": snapshot.digests(TYPE_ENDPOINT)["b"]}
+    assert dict(every) == {n: snapshot.digests(TYPE_ENDPOINT)[n] for n in ("a", "b")}
