@@ -54,7 +54,7 @@ from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.xds.cache import Canonical, Snapshot, SnapshotCache
 from trustmesh.xds.gateway import GatewayResources, translate_gateway
-from trustmesh.xds.incremental import Patcher, policies_only_changed
+from trustmesh.xds.incremental import Patcher, policies_only_changed, prepare
 from trustmesh.xds.readiness import EndpointFilter
 from trustmesh.xds.server import AdsServer, Context, XdsObserver, peer_spiffe_ids
 from trustmesh.xds.translate import CaptureMode, FilterDelivery, ProxyResources, translate
@@ -628,6 +628,8 @@ class ControlPlane:
             snapshot = _snapshot_for(
                 mesh, registration, self._addresses, endpoints, self._canonical_for(mesh)
             )
+            if not registration.gateway:
+                prepare(snapshot)
             self._cache.set(node_id, snapshot)
         except (LookupError, ValueError) as exc:
             problem = _proxy_problem(registration, exc)
@@ -852,6 +854,8 @@ def _translate_all(
                             patched += 1
             if snapshot is None:
                 snapshot = _snapshot_for(mesh, registration, addresses, endpoints, canonical)
+                if not registration.gateway:
+                    prepare(snapshot)
             snapshots[node_id] = snapshot
         except (LookupError, ValueError) as exc:
             problems.append(_proxy_problem(registration, exc))

@@ -42,7 +42,7 @@ from trustmesh.xds.translate import (
     slot_switches,
 )
 
-__all__ = ["POLICY_KINDS", "Patcher", "policies_only_changed"]
+__all__ = ["POLICY_KINDS", "Patcher", "policies_only_changed", "prepare"]
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 # Kinds whose effect on a sidecar's translation is confined to WorkloadPolicy.authz and
@@ -301,6 +301,14 @@ def _listener_facts(snapshot: Snapshot) -> tuple[frozenset[str], bool]:
 
 
 _LISTENER_FACTS: _Lru[str, tuple[frozenset[str], bool]] = _Lru(20_000)  # by listener digest
+
+
+def prepare(snapshot: Snapshot) -> None:
+    """Work out now what the next policy change will ask of ``snapshot`` (its listeners'
+    facts): a proxy translated whole — at start, or as it connects — is then patched on
+    the first change as cheaply as on later ones (the walk of every listener was most of
+    the first change's extra cost)."""
+    _listener_facts(snapshot)
 
 
 def _facts_of(listener: Mapping[str, Any]) -> tuple[frozenset[str], bool]:
