@@ -411,3 +411,21 @@ def test_a_shared_canonical_gives_the_same_snapshots_as_encoding_each_alone() ->
     shared = Snapshot.from_resources([shared_cluster], canonical)
     shared_cluster["type"] = "EDS"  # only a fresh Canonical sees a changed dict
     assert Snapshot.from_resources([shared_cluster], Canonical()) != shared
+
+
+def test_a_bounded_canonical_keeps_what_is_shared_and_drops_the_rest() -> None:
+    from trustmesh.xds.cache import Canonical
+
+    shared_cluster = {
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "shared",
+        "type": "STATIC",
+    }
+    canonical = Canonical(limit=3)
+    first_copy = canonical.encode(shared_cluster)[0]
+    for own in "abcdefgh":  # one proxy at a time: its own cluster, then the shared one
+        mine = {**shared_cluster, "name": own}
+        together = Snapshot.from_resources([shared_cluster, mine], canonical)
+        assert together == Snapshot.from_resources([shared_cluster, mine])
+        assert len(canonical._by_id) <= 3
+    assert canonical.encode(shared_cluster)[0] is first_copy  # never evicted: used each time

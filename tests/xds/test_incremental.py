@@ -213,6 +213,14 @@ _CHANGES: list[tuple[str, str, str | None, bool]] = [
     ("VirtualService added", "vs", _virtual_service("5s"), False),
     ("VirtualService route edited, hosts kept", "vs", _virtual_service("7s"), False),
     ("policy after a non-policy change", "p1", _POOL["p-web-get"], True),
+    (
+        "namespace label",
+        "ns",
+        "apiVersion: v1\nkind: Namespace\n"
+        "metadata: {name: other, labels: {istio-injection: enabled, team: blue}}\n",
+        False,
+    ),
+    ("policy after a namespace label", "p1", _POOL["p-web-post"], True),
     ("everything removed again", "*", None, False),
 ]
 
@@ -309,3 +317,22 @@ def test_snapshot_replaced_equals_a_snapshot_built_from_scratch() -> None:
     assert again.version == expected.version
     with pytest.raises(ValueError, match="not in the snapshot"):
         before.replaced({TYPE_ECDS: {"c": ecds("c", "ALLOW")}})
+
+
+def test_a_proxy_translated_whole_is_prepared_for_the_next_policy_change(
+    tmp_path: Path,
+) -> None:
+    from trustmesh.xds import incremental
+    from trustmesh.xds.cache import TYPE_LISTENER
+
+    with incremental._LISTENER_FACTS._lock:
+        incremental._LISTENER_FACTS._entries.clear()  # nothing left by another test
+    rig = _Rig(tmp_path)
+    for snapshot in rig.previous.snapshots.values():
+        for digest in snapshot.digests(TYPE_LISTENER).values():
+            # Known already: the first change does not walk every listener again.
+            assert incremental._LISTENER_FACTS.get(digest, _unexpected) is not None
+
+
+def _unexpected() -> tuple[frozenset[str], bool]:
+    raise AssertionError("a listener's facts were not worked out when it was translated")

@@ -7,8 +7,7 @@ Pure: callers hand in ``(name, bytes)`` pairs; reading files is the caller's bus
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -160,11 +159,35 @@ class SourceCache:
     sharing them between loads is safe; entries for content no longer seen are dropped."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, bytes], LoadResult] = {}
-        self._used: set[tuple[str, bytes]] = set()
+        # Keyed by the bytes themselves: a store's mirror hands the same bytes objects
+        # again for unchanged files, whose hash Python keeps (no digest of 5,000 files
+        # per reload) and whose equality is then identity.
+        self._entries: dict[tuple[str, bytes, str], LoadResult] = {}
+        self._used: set[tuple[str, bytes, str]] = set()
+        # A file's resources numbered from an offset (their order among all sources):
+        # the same objects again while neither the file nor what precedes it changes.
+        self._placed: dict[tuple[tuple[str, bytes, str], int], list[Resource[Any]]] = {}
 
     def load(self, name: str, data: bytes, default_namespace: str) -> LoadResult:
-        key = (name, hashlib.sha256(data).digest() + default_namespace.encode())
+        return self._load(self._key(name, data, default_namespace), name, data, default_namespace)
+
+    def load_at(
+        self, name: str, data: bytes, default_namespace: str, offset: int
+    ) -> tuple[LoadResult, list[Resource[Any]]]:
+        """:meth:`load`, and its resources with ``order`` counted from ``offset``."""
+        key = self._key(name, data, default_namespace)
+        one = self._load(key, name, data, default_namespace)
+        placed = self._placed.get((key, offset))
+        if placed is None:
+            placed = self._placed[(key, offset)] = _placed(one.resources, offset)
+        return one, placed
+
+    def _key(self, name: str, data: bytes, default_namespace: str) -> tuple[str, bytes, str]:
+        return (name, bytes(data), default_namespace)
+
+    def _load(
+        self, key: tuple[str, bytes, str], name: str, data: bytes, default_namespace: str
+    ) -> LoadResult:
         self._used.add(key)
         found = self._entries.get(key)
         if found is None:
@@ -174,7 +197,15 @@ class SourceCache:
     def forget_unused(self) -> None:
         """Drop what the loads since the last call did not ask for."""
         self._entries = {k: v for k, v in self._entries.items() if k in self._used}
+        self._placed = {k: v for k, v in self._placed.items() if k[0] in self._used}
         self._used = set()
+
+
+def _placed(resources: Sequence[Resource[Any]], offset: int) -> list[Resource[Any]]:
+    return [
+        r if r.order == offset + i else dataclasses.replace(r, order=offset + i)
+        for i, r in enumerate(resources)
+    ]
 
 
 Parse = Callable[[str, str], Iterable[Item]]
@@ -196,16 +227,14 @@ def load_sources(
     result = LoadResult()
     done = 0
     for name, data in sources:
+        offset = len(result.resources)  # "oldest wins" counts positions over all sources
         if cache is None:
             report = None if progress is None else _Reporter(progress, done)
             one = _load_source(name, data, default_namespace, parse, report)
+            result.resources += _placed(one.resources, offset)
         else:
-            one = cache.load(name, data, default_namespace)
-        offset = len(result.resources)  # "oldest wins" counts positions over all sources
-        result.resources += [
-            r if r.order == offset + i else dataclasses.replace(r, order=offset + i)
-            for i, r in enumerate(one.resources)
-        ]
+            one, placed = cache.load_at(name, data, default_namespace, offset)
+            result.resources += placed
         result.unknown += one.unknown
         result.test_documents += one.test_documents
         result.helm_values += one.helm_values

@@ -220,14 +220,29 @@ def compile_mesh(
 
     workloads: dict[str, WorkloadPolicy] = {}
     mtls_scopes = _mtls_scopes(peer_policies, root)
+    # Everything below but the workload itself is a function of its namespace and labels
+    # (selectors, PeerAuthentication and Sidecar scopes, Services): the pods of one
+    # Deployment share one answer, computed once — a fleet of 5,000 pods in 50 apps costs
+    # 50 selections, not 5,000 (tests/policy/test_compose_shapes.py).
+    shapes: dict[tuple[str, tuple[tuple[str, str], ...]], _Shape] = {}
     for workload in snapshot.workloads:
+        shape_key = (workload.namespace, tuple(sorted(workload.labels.items())))
+        shape = shapes.get(shape_key)
+        if shape is None:
+            shape = shapes[shape_key] = _Shape(
+                _mtls_for(workload, mtls_scopes, peer_policies, root),
+                authz_for(authz_selector.select(workload)),
+                jwt_for(jwt_selector.select(workload)),
+                _egress_mode(workload, sidecars, mesh, root),
+                snapshot.services_of(workload),
+            )
         workloads[workload.ref] = WorkloadPolicy(
             workload=workload,
-            mtls=_mtls_for(workload, mtls_scopes, peer_policies, root),
-            authz=authz_for(authz_selector.select(workload)),
-            jwt_providers=jwt_for(jwt_selector.select(workload)),
-            egress_mode=_egress_mode(workload, sidecars, mesh, root),
-            services=snapshot.services_of(workload),
+            mtls=shape.mtls,
+            authz=shape.authz,
+            jwt_providers=shape.jwt_providers,
+            egress_mode=shape.egress_mode,
+            services=shape.services,
         )
     compiled = MeshPolicy(
         snapshot=snapshot,
@@ -238,6 +253,17 @@ def compile_mesh(
     )
     RULE_TREES.table(compiled).update(trees)
     return compiled
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What compile_mesh derives from a workload's namespace and labels alone."""
+
+    mtls: MtlsPolicy
+    authz: AuthzPolicy
+    jwt_providers: tuple[JwtProvider, ...]
+    egress_mode: m.OutboundTrafficPolicyMode
+    services: tuple[Service, ...]
 
 
 def _authz_policy(

@@ -255,14 +255,24 @@ class Canonical:
     use one per build and drop it.
     """
 
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Mapping[str, Any], Mapping[str, Any], str]] = {}
+    def __init__(self, limit: int | None = None) -> None:
+        self._by_id: OrderedDict[int, tuple[Mapping[str, Any], Mapping[str, Any], str]] = (
+            OrderedDict()
+        )
+        # With a limit, only the most recently used entries stay: what many proxies share
+        # keeps being used, one proxy's own resources drop out (a control plane building
+        # proxies one at a time as they connect keeps one of these per mesh).
+        self._limit = limit
 
     def encode(self, resource: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
         found = self._by_id.get(id(resource))
         if found is None:
             copy, digest = _canonical(resource)
             found = self._by_id[id(resource)] = (resource, copy, digest)
+            if self._limit is not None and len(self._by_id) > self._limit:
+                self._by_id.popitem(last=False)
+        elif self._limit is not None:
+            self._by_id.move_to_end(id(resource))
         return found[1], found[2]
 
 

@@ -42,7 +42,7 @@ from trustmesh.xds.translate import (
     slot_switches,
 )
 
-__all__ = ["POLICY_KINDS", "Patcher", "policies_only_changed"]
+__all__ = ["POLICY_KINDS", "Patcher", "policies_only_changed", "prepare"]
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 # Kinds whose effect on a sidecar's translation is confined to WorkloadPolicy.authz and
@@ -92,9 +92,13 @@ def policies_only_changed(old: MeshPolicy, new: MeshPolicy) -> bool:
         return False
     if any(True for _ in b.of_kind("EnvoyFilter")) or any(True for _ in a.of_kind("EnvoyFilter")):
         return False
-    rest_a = [_resource_key(r) for r in a.resources if r.kind not in POLICY_KINDS]
-    rest_b = [_resource_key(r) for r in b.resources if r.kind not in POLICY_KINDS]
-    return rest_a == rest_b
+    rest_a = [r for r in a.resources if r.kind not in POLICY_KINDS]
+    rest_b = [r for r in b.resources if r.kind not in POLICY_KINDS]
+    # A reload's source cache hands back the very objects of unchanged files: compared
+    # by identity first, by content only where they are different objects.
+    return len(rest_a) == len(rest_b) and all(
+        x is y or _resource_key(x) == _resource_key(y) for x, y in zip(rest_a, rest_b, strict=True)
+    )
 
 
 class Patcher:
@@ -297,6 +301,14 @@ def _listener_facts(snapshot: Snapshot) -> tuple[frozenset[str], bool]:
 
 
 _LISTENER_FACTS: _Lru[str, tuple[frozenset[str], bool]] = _Lru(20_000)  # by listener digest
+
+
+def prepare(snapshot: Snapshot) -> None:
+    """Work out now what the next policy change will ask of ``snapshot`` (its listeners'
+    facts): a proxy translated whole — at start, or as it connects — is then patched on
+    the first change as cheaply as on later ones (the walk of every listener was most of
+    the first change's extra cost)."""
+    _listener_facts(snapshot)
 
 
 def _facts_of(listener: Mapping[str, Any]) -> tuple[frozenset[str], bool]:

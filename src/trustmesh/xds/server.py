@@ -62,6 +62,8 @@ _log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 BODY_CACHE_BYTES = 32 * 1024 * 1024  # encoded responses kept for other proxies
+NAME_SETS = 10_000  # distinct subscriptions shared between streams
+ONCE_KEYS = 50_000  # … and the keys of those encoded once so far (kept on a second use)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Authorize = Callable[[str, Context], bool]
@@ -160,6 +162,10 @@ def _selection(type_url: str, watch: _Watch, snapshot: Snapshot) -> Mapping[str,
     digests = snapshot.digests(type_url)
     if type_url in WILDCARD_TYPES or "*" in watch.names:
         return digests
+    if len(watch.names) >= len(digests) and digests.keys() <= watch.names:
+        # Every resource of the type (a sidecar's endpoints, its filter configs): the
+        # snapshot's own mapping — equal to the selection, and not copied per stream.
+        return digests
     return {name: digests[name] for name in sorted(watch.names) if name in digests}
 
 
@@ -182,6 +188,10 @@ class _Bodies:
         self._entries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._bytes = 0
         self._budget = budget
+        # Responses asked for once: kept only when a second stream asks for the same
+        # content. A proxy's own listeners (its inbound address) are never shared, and
+        # keeping thousands of those bodies was ≈ 10 kB per connected proxy for nothing.
+        self._once: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def encoded(
         self, type_url: str, content: Mapping[str, str], snapshot: Snapshot
@@ -197,6 +207,12 @@ class _Bodies:
             type_url=type_url,
             resources=[snapshot.packed(type_url, name) for name in content],
         ).SerializeToString()
+        if key not in self._once:
+            self._once[key] = None
+            if len(self._once) > ONCE_KEYS:
+                self._once.popitem(last=False)
+            return version, body
+        del self._once[key]
         self._entries[key] = body
         self._bytes += len(body)
         while self._bytes > self._budget and len(self._entries) > 1:
@@ -242,6 +258,7 @@ class AdsServer:
         self._streams: dict[str, dict[int, _Stream]] = {}
         self._inboxes: set[asyncio.Queue[Any]] = set()  # of the open streams
         self._bodies = _Bodies()
+        self._name_sets: dict[frozenset[str], frozenset[str]] = {}
         self.pushes = 0
         self.acks = 0
         self.nacks = 0
@@ -399,6 +416,16 @@ class AdsServer:
             for type_url, watch in stream.watches.items()
         )
 
+    def _interned(self, names: frozenset[str]) -> frozenset[str]:
+        """One set object for the subscriptions thousands of streams share (the pods of
+        one app ask for the same endpoints and configs): memory per stream."""
+        found = self._name_sets.get(names)
+        if found is None:
+            if len(self._name_sets) >= NAME_SETS:
+                self._name_sets.clear()
+            found = self._name_sets[names] = names
+        return found
+
     def _on_request(self, stream: _Stream, request: Any) -> str | None:
         """Take one DiscoveryRequest; the type to (maybe) respond for, or None."""
         type_url: str = request.type_url
@@ -406,7 +433,7 @@ class AdsServer:
             _log.warning("ads stream %d (%s): request without type_url", stream.id, stream.node_id)
             return None
         watch = stream.watches.setdefault(type_url, _Watch())
-        names = frozenset(request.resource_names)
+        names = self._interned(frozenset(request.resource_names))
         if not watch.nonce:
             # Nothing sent for this type on this stream: a subscription, whatever nonce an
             # Envoy reconnecting from an earlier stream still carries.
