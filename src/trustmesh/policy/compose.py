@@ -223,7 +223,7 @@ def compile_mesh(
     # Everything below but the workload itself is a function of its namespace and labels
     # (selectors, PeerAuthentication and Sidecar scopes, Services): the pods of one
     # Deployment share one answer, computed once — a fleet of 5,000 pods in 50 apps costs
-    # 50 selections, not 5,000 (tests/policy/test_compose_shapes.py).
+    # 50 selections, not 5,000 (tests/unit/test_compose_shapes.py).
     shapes: dict[tuple[str, tuple[tuple[str, str], ...]], _Shape] = {}
     for workload in snapshot.workloads:
         shape_key = (workload.namespace, tuple(sorted(workload.labels.items())))
