@@ -52,7 +52,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -78,6 +78,8 @@ from trustmesh.store.etcd_store import (
     workload_key,
 )
 from trustmesh.store.model import ResourceKey, WorkloadHealth, WorkloadRecord, is_object_name
+
+_T = TypeVar("_T")
 
 SERVICE = "trustmesh.registry.v1.Registry"
 JOIN = f"/{SERVICE}/Join"
@@ -397,14 +399,7 @@ class NodeRegistrar:
             raise JoinRefused(grpc.StatusCode.ABORTED, f"{ref} changed meanwhile: report again")
 
     async def _health_rpc(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        try:
-            await self.health(body)
-        except JoinRefused as exc:
-            await context.abort(exc.status, str(exc))
-            raise AssertionError("unreachable") from None
-        except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
-            raise AssertionError("unreachable") from None
+        await _answered(context, self.health(body))
         return b"{}"
 
     async def _join_rpc(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -412,16 +407,9 @@ class NodeRegistrar:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 token = str(value).removeprefix("Bearer ").strip()
-        try:
-            if not token:
-                raise JoinRefused(grpc.StatusCode.UNAUTHENTICATED, "no node token")
-            joined = await self.join(token, body)
-        except JoinRefused as exc:
-            await context.abort(exc.status, str(exc))
-            raise AssertionError("unreachable") from None
-        except StoreError as exc:  # fail closed: nothing is registered without the store
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
-            raise AssertionError("unreachable") from None
+        if not token:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no node token")
+        joined = await _answered(context, self.join(token, body))
         return json.dumps(
             {
                 "node": joined.node,
@@ -436,15 +424,20 @@ class NodeRegistrar:
     async def _keep_alive_rpc(
         self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        try:
-            ttl = await self.keep_alive(body)
-        except JoinRefused as exc:
-            await context.abort(exc.status, str(exc))
-            raise AssertionError("unreachable") from None
-        except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
-            raise AssertionError("unreachable") from None
+        ttl = await _answered(context, self.keep_alive(body))
         return json.dumps({"ttl": ttl}).encode()
+
+
+async def _answered(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[_T]) -> _T:
+    """``call``'s result, or the RPC aborted with the status its refusal names; a store
+    that cannot be reached is UNAVAILABLE (fail closed: nothing registered without it)."""
+    try:
+        return await call
+    except JoinRefused as exc:
+        await context.abort(exc.status, str(exc))
+    except StoreError as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"store-unavailable: {exc}")
+    raise AssertionError("unreachable")  # abort() raises
 
 
 class RegistryClient:
