@@ -168,7 +168,7 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(STRICT + "\n---\n" + ONLY_FOO_SLEEP)
-    applied = trustmesh("apply", "-f", str(policy), "--store", str(status["store"]), state=cluster)
+    applied = trustmesh("apply", "-f", str(policy), "--state", str(cluster), state=cluster)
     assert applied.returncode == 0, applied.stderr
     expected: dict[str, str] = {}
     for source in CASES:
