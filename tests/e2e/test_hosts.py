@@ -123,3 +123,23 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
         time.sleep(0.2)
         got = {source: _live(cluster, source) for source in CASES}
     assert got == expected
+
+
+def test_replica_restart_comes_back_on_its_ports_and_serves(cluster: Path) -> None:
+    before = {r["name"]: r for r in _status(cluster)["replicas"]}  # type: ignore[attr-defined]
+    missing = trustmesh("replica", "restart", "r9", state=cluster)
+    assert missing.returncode == 1 and "'r9'" in missing.stderr, missing.stderr
+    done = trustmesh("replica", "restart", "r1", state=cluster, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "r1 restarted" in done.stdout
+    after = {r["name"]: r for r in _status(cluster)["replicas"]}  # type: ignore[attr-defined]
+    assert after["r1"]["pid"] != before["r1"]["pid"] and after["r1"]["alive"]
+    for key in ("address", "ca", "ca_renewal"):  # where every host and sidecar finds it
+        assert after["r1"][key] == before["r1"][key]
+    if NETNS:  # the relay still forwards its ports from every host
+        hosts = _status(cluster)["hosts"]  # type: ignore[attr-defined]
+        port = int(after["r1"]["ca"].rpartition(":")[2])
+        for host in hosts:
+            in_netns(host["netns"], (CONTROL_IP, port), 5).close()
+    # Traffic across hosts flows (foo/sleep is allowed with or without the policy above).
+    assert _live(cluster, "foo/sleep") == "200"

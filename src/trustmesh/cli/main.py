@@ -26,6 +26,7 @@ from trustmesh.cli.insight import generate_command, impact_command, traffic_app
 from trustmesh.cli.node import app as node_app
 from trustmesh.cli.options import AssumeInjectedOpt, NamespaceOpt, namespace_problem, qualify
 from trustmesh.cli.replica import control_plane as control_plane_command
+from trustmesh.cli.replica import replica_app
 from trustmesh.cli.sample import app as sample_app
 from trustmesh.cli.store import apply as apply_command
 from trustmesh.cli.store import delete as delete_command
@@ -54,6 +55,7 @@ app.add_typer(authz_app, name="authz")
 app.add_typer(ca_app, name="ca")
 app.add_typer(sample_app, name="sample")
 app.add_typer(node_app, name="node")
+app.add_typer(replica_app, name="replica")
 app.command("agent")(agent_command)
 app.command("up")(mesh_cli.up)
 app.command("status")(mesh_cli.status)

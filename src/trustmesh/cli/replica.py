@@ -1,4 +1,5 @@
-"""``trustmesh control-plane --store etcd://… --listen ADDR --name NAME``: one replica."""
+"""``trustmesh control-plane --store https://… --listen ADDR --name NAME``: one replica;
+``trustmesh replica restart NAME``: one of ``up --hosts`` restarted as itself."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from trustmesh.runtime.layout import DEFAULT_STATE
 from trustmesh.runtime.process import run_until_signalled
 from trustmesh.runtime.replica import ReplicaOptions, serve_replica
 from trustmesh.store.etcd_client import TLS_ENV, EtcdTls
@@ -86,3 +88,29 @@ def control_plane(
         etcd_tls=etcd_tls,
     )
     raise typer.Exit(run_until_signalled(lambda stop: serve_replica(options, stop)))
+
+
+replica_app = typer.Typer(help="The control-plane replicas of `trustmesh up --hosts`.")
+
+
+@replica_app.command("restart")
+def restart(
+    name: Annotated[str, typer.Argument(help="The replica (r1, r2, …) of `up --hosts`.")],
+    state: Annotated[
+        Path,
+        typer.Option("--state", help="The mesh's state directory.", envvar="TRUSTMESH_STATE"),
+    ] = Path(DEFAULT_STATE),
+) -> None:
+    """Restart a replica as itself: SIGKILL, then the same command on the same ports (the
+    ones every host and sidecar knows; the relay forwards them); it takes over its own
+    registration at once."""
+    from trustmesh.runtime import faults
+
+    state = state.resolve()
+    try:
+        killed = faults.kill_replica(state, name)
+        seconds = faults.restart_replica(state, killed)
+    except faults.FaultError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{name} restarted (was pid {killed.pid}): ready in {seconds:.1f} s")
