@@ -137,7 +137,7 @@ def test_replica_restart_comes_back_on_its_ports_and_serves(cluster: Path) -> No
     for key in ("address", "ca", "ca_renewal"):  # where every host and sidecar finds it
         assert after["r1"][key] == before["r1"][key]
     if NETNS:  # the relay still forwards its ports from every host
-        hosts = _status(cluster)["hosts"]  # type: ignore[attr-defined]
+        hosts: list[dict[str, str]] = _status(cluster)["hosts"]  # type: ignore[assignment]
         port = int(after["r1"]["ca"].rpartition(":")[2])
         for host in hosts:
             in_netns(host["netns"], (CONTROL_IP, port), 5).close()
