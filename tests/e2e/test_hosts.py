@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e.hosts_rig import NETNS, namespaces, recorded_pids
+from tests.e2e.hosts_rig import NETNS, alive, namespaces, recorded_pids
 from tests.e2e.mesh import EXAMPLES, trustmesh
 from tests.xds.controlplane_rig import STRICT
 from trustmesh.runtime import hostnet
@@ -125,21 +126,26 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
     assert got == expected
 
 
+def _recorded(state: Path, part: str) -> dict[str, dict[str, Any]]:
+    """``cluster.json``'s entries of ``part`` (replicas, hosts) by name."""
+    record = json.loads((state / "cluster.json").read_text())
+    return {entry["name"]: entry for entry in record[part]}
+
+
 def test_replica_restart_comes_back_on_its_ports_and_serves(cluster: Path) -> None:
-    before = {r["name"]: r for r in _status(cluster)["replicas"]}  # type: ignore[attr-defined]
+    before = _recorded(cluster, "replicas")
     missing = trustmesh("replica", "restart", "r9", state=cluster)
     assert missing.returncode == 1 and "'r9'" in missing.stderr, missing.stderr
     done = trustmesh("replica", "restart", "r1", state=cluster, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "r1 restarted" in done.stdout
-    after = {r["name"]: r for r in _status(cluster)["replicas"]}  # type: ignore[attr-defined]
-    assert after["r1"]["pid"] != before["r1"]["pid"] and after["r1"]["alive"]
+    after = _recorded(cluster, "replicas")
+    assert after["r1"]["pid"] != before["r1"]["pid"] and alive(after["r1"]["pid"])
     for key in ("address", "ca", "ca_renewal"):  # where every host and sidecar finds it
         assert after["r1"][key] == before["r1"][key]
     if NETNS:  # the relay still forwards its ports from every host
-        hosts: list[dict[str, str]] = _status(cluster)["hosts"]  # type: ignore[assignment]
         port = int(after["r1"]["ca"].rpartition(":")[2])
-        for host in hosts:
+        for host in _recorded(cluster, "hosts").values():
             in_netns(host["netns"], (CONTROL_IP, port), 5).close()
     # Traffic across hosts flows (foo/sleep is allowed with or without the policy above).
     assert _live(cluster, "foo/sleep") == "200"
