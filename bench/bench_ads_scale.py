@@ -252,7 +252,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Json:
     etcd = EtcdCluster(workdir / "etcd", size=1)
     etcd.start()
     processes: list[ClientProcess] = []
-    client = EtcdClient(etcd.endpoints)
+    client = etcd.client()
     try:
         now = dt.datetime.now(dt.UTC)
         ca = CertificateAuthority.init(workdir / "ca", CaConfig(), now)

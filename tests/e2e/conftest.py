@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.hosts_rig import hosts_cluster  # noqa: F401 (the multi-host mesh, shared)
 from tests.e2e.mesh import LiveMesh, live_mesh
 
 

@@ -11,18 +11,15 @@ Otherwise the hosts run in process mode."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e.mesh import EXAMPLES, START_TIMEOUT, trustmesh, up_in_a_free_block
+from tests.e2e.hosts_rig import NETNS, alive, namespaces, recorded_pids
+from tests.e2e.mesh import EXAMPLES, trustmesh
 from tests.xds.controlplane_rig import STRICT
 from trustmesh.runtime import hostnet
 from trustmesh.runtime.cluster import host_namespace
@@ -41,72 +38,11 @@ spec:
 """
 CASES = ("foo/sleep", "bar/sleep", "legacy/sleep")  # allow, deny (RBAC), reset (STRICT)
 ENFORCE_TIMEOUT = 30.0
-NETNS = os.geteuid() == 0 and shutil.which("nft") is not None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state = tmp_path_factory.mktemp("hosts") / "state"
-    started = up_hosts(EXAMPLES / "mesh", "--hosts", "2", "--replicas", "2", state=state)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield state
-    finally:
-        pids = _recorded_pids(state)
-        namespaces = _namespaces(state)
-        stopped = trustmesh("down", state=state)
-        assert stopped.returncode == 0, stopped.stderr
-        deadline = time.monotonic() + 5  # a killed process is gone once its parent reaped it
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [pid for pid in pids if _alive(pid)] == [], "down left processes running"
-        left = [n for n in namespaces if Path("/run/netns", n).exists()]
-        assert left == [], "down left network namespaces"
-
-
-def _namespaces(state: Path) -> list[str]:
-    """The LAN's, the hosts' and their pods' namespaces (netns mode), by their ledgers."""
-    names = []
-    for ledger in [state / "network.jsonl", *state.glob("hosts/*/ledger.jsonl")]:
-        with contextlib.suppress(OSError):
-            for line in ledger.read_text().splitlines():
-                entry = json.loads(line)
-                if entry["kind"] == "netns":
-                    names.append(entry["name"])
-    return names
-
-
-def up_hosts(config: Path, *extra: str, state: Path) -> subprocess.CompletedProcess[str]:
-    """``up -d --hosts …``: netns mode as root (the hosts' namespaces are named by the
-    state directory, nothing else to collide with), else process mode in a free block."""
-    if NETNS:
-        command = ("up", "--isolation", "netns", str(config), "--detach", *extra)
-        return trustmesh(*command, state=state, timeout=START_TIMEOUT)
-    return up_in_a_free_block(config, *extra, state=state, base="127.214.0.0")
-
-
-def _recorded_pids(state: Path) -> list[int]:
-    """etcd members, replicas, hosts, and every host's apps and Envoys."""
-    try:
-        record = json.loads((state / "cluster.json").read_text())
-    except OSError:
-        return []
-    pids = [x["pid"] for part in ("etcd", "replicas", "hosts") for x in record[part]]
-    for host in record["hosts"]:
-        with contextlib.suppress(OSError):
-            mesh = json.loads((Path(host["state"]) / "mesh.json").read_text())
-            pids += [
-                p[k] for p in mesh["pods"].values() for k in ("app_pid", "envoy_pid") if k in p
-            ]
-    return pids
+@pytest.fixture
+def cluster(hosts_cluster: Path) -> Path:
+    return hosts_cluster
 
 
 def _status(state: Path) -> dict[str, object]:
@@ -139,10 +75,12 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
         assert status["isolation"] == "netns"
         assert {h["address"] for h in hosts.values()} == {"10.87.0.11", "10.87.0.12"}
         relayed = status["network"]["relay"]["ports"]  # type: ignore[index]
-        assert len(relayed) == 3 + 2 * 3  # etcd members; each replica's xDS, CA, renewal
+        assert len(relayed) == 2 * 3  # each replica's xDS, CA, renewal: never etcd's
+        etcd_ports = {int(m["client"].rpartition(":")[2]) for m in status["etcd"]}  # type: ignore[attr-defined]
+        assert etcd_ports.isdisjoint(relayed) and len(etcd_ports) == 3
         for name, host in hosts.items():
             assert host_namespace(cluster, name) == host["netns"]
-            for port in relayed:  # etcd and every replica, from inside each host
+            for port in relayed:  # every replica, from inside each host
                 in_netns(host["netns"], (CONTROL_IP, port), 5).close()
         assert host_namespace(cluster, "host-9") is None
         # One rule in host-2's namespace cuts it off (what a fault injector uses); host-1
@@ -155,7 +93,7 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
         finally:
             hostnet.reconnect(hosts["host-2"]["netns"])
         in_netns(hosts["host-2"]["netns"], (CONTROL_IP, relayed[0]), 5).close()
-        assert len(_namespaces(cluster)) == 1 + 2 + 7  # LAN, hosts, 7 sandboxed pods
+        assert len(namespaces(cluster)) == 1 + 2 + 7  # LAN, hosts, 7 sandboxed pods
     else:
         assert status["isolation"] == "process"
     # The requests below cross hosts: every sleep on host 2, httpbin on host 1.
@@ -164,11 +102,11 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
     # Every sidecar is served by one replica or the other.
     served = [p for r in replicas.values() for p in r["proxies"]]
     assert len(served) == len(set(served)) == 5 and any("sleep.foo" in p for p in served)
-    assert len(_recorded_pids(cluster)) > 12  # 3 etcd, 2 replicas, 2 hosts, apps, Envoys
+    assert len(recorded_pids(cluster)) > 12  # 3 etcd, 2 replicas, 2 hosts, apps, Envoys
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(STRICT + "\n---\n" + ONLY_FOO_SLEEP)
-    applied = trustmesh("apply", "-f", str(policy), "--store", str(status["store"]), state=cluster)
+    applied = trustmesh("apply", "-f", str(policy), "--state", str(cluster), state=cluster)
     assert applied.returncode == 0, applied.stderr
     expected: dict[str, str] = {}
     for source in CASES:
@@ -186,3 +124,28 @@ def test_cross_host_requests_are_enforced_as_offline_and_status_lists_all(
         time.sleep(0.2)
         got = {source: _live(cluster, source) for source in CASES}
     assert got == expected
+
+
+def _recorded(state: Path, part: str) -> dict[str, dict[str, Any]]:
+    """``cluster.json``'s entries of ``part`` (replicas, hosts) by name."""
+    record = json.loads((state / "cluster.json").read_text())
+    return {entry["name"]: entry for entry in record[part]}
+
+
+def test_replica_restart_comes_back_on_its_ports_and_serves(cluster: Path) -> None:
+    before = _recorded(cluster, "replicas")
+    missing = trustmesh("replica", "restart", "r9", state=cluster)
+    assert missing.returncode == 1 and "'r9'" in missing.stderr, missing.stderr
+    done = trustmesh("replica", "restart", "r1", state=cluster, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "r1 restarted" in done.stdout
+    after = _recorded(cluster, "replicas")
+    assert after["r1"]["pid"] != before["r1"]["pid"] and alive(after["r1"]["pid"])
+    for key in ("address", "ca", "ca_renewal"):  # where every host and sidecar finds it
+        assert after["r1"][key] == before["r1"][key]
+    if NETNS:  # the relay still forwards its ports from every host
+        port = int(after["r1"]["ca"].rpartition(":")[2])
+        for host in _recorded(cluster, "hosts").values():
+            in_netns(host["netns"], (CONTROL_IP, port), 5).close()
+    # Traffic across hosts flows (foo/sleep is allowed with or without the policy above).
+    assert _live(cluster, "foo/sleep") == "200"

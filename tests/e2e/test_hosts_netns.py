@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.mesh import EXAMPLES, START_TIMEOUT, trustmesh
+from trustmesh.runtime.cluster import store_client
 from trustmesh.runtime.sandbox import mesh_id
-from trustmesh.store import parse_etcd_endpoints
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_store import WorkloadRegistry
 
 pytestmark = pytest.mark.skipif(
@@ -147,10 +146,8 @@ def cluster(tmp_path: Path) -> Iterator[Path]:
 
 
 def _registered(state: Path, host: str) -> list[str]:
-    store = json.loads((state / "cluster.json").read_text())["store"]
-
     async def read() -> list[str]:
-        client = EtcdClient(parse_etcd_endpoints(store.removeprefix("etcd://")))
+        client = store_client(state)
         try:
             records, _ = await WorkloadRegistry(client).workloads(host)
             return sorted(r.ref for r in records)

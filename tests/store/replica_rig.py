@@ -83,7 +83,7 @@ def start_replica(
     log = state / "stderr.log"
     command = [
         sys.executable, "-m", "trustmesh", "control-plane",
-        "--store", etcd.url, "--listen", "127.0.0.1:0", "--name", name,
+        *etcd.store_args(), "--listen", "127.0.0.1:0", "--name", name,
         "--ca", str(ca_dir), "--state", str(state), *extra,
     ]  # fmt: skip
     with open(log, "wb") as err:
@@ -220,7 +220,7 @@ async def sidecar_on_replica_b(
     now = dt.datetime.now(dt.UTC)
     ca = CertificateAuthority.init(workdir / "ca", CaConfig(), now)
     httpbin_at, app_at = free_loopback(2, APP_PORT)
-    client = EtcdClient(etcd.endpoints)
+    client = etcd.client()
     store = EtcdResourceStore(client)
     try:
         workloads = (EXAMPLES / "mesh" / "workloads.yaml").read_text()

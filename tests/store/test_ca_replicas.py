@@ -17,7 +17,6 @@ from trustmesh.identity.client import CaClient, CaRefused, ClientCertificate
 from trustmesh.identity.server import CaServer
 from trustmesh.identity.spiffe import SpiffeId
 from trustmesh.store.ca_records import EtcdCaRecords, WatchedRevocations
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 
 # Real TLS: the CA's certificates are issued at the real now.
@@ -31,7 +30,7 @@ class Replica:
 
     def __init__(self, ca_dir: Path, etcd: EtcdCluster) -> None:
         self.ca = CertificateAuthority.load(ca_dir)
-        self.client = EtcdClient(etcd.endpoints)
+        self.client = etcd.client()
         self.records = EtcdCaRecords(self.client)
         self.revocations = WatchedRevocations(self.client)
         self.ca.use_shared_records(self.records, self.revocations)
@@ -159,7 +158,7 @@ def test_replicas_on_different_members_of_a_three_member_etcd_burn_each_token_on
     """Each replica talks to its own etcd member; raft still lets exactly one win."""
 
     async def main() -> tuple[int, int]:
-        ledgers = [EtcdCaRecords(EtcdClient([endpoint])) for endpoint in etcd3.endpoints[:2]]
+        ledgers = [EtcdCaRecords(etcd3.client([endpoint])) for endpoint in etcd3.endpoints[:2]]
         try:
             expires = NOW + dt.timedelta(minutes=10)
             limit = asyncio.Semaphore(100)
@@ -185,7 +184,7 @@ def test_a_burnt_tokens_record_lives_as_long_as_the_token_and_then_goes(
     etcd: EtcdCluster,
 ) -> None:
     async def main() -> None:
-        client = EtcdClient(etcd.endpoints)
+        client = etcd.client()
         try:
             records = EtcdCaRecords(client, clock=lambda: NOW)
             expires = NOW + dt.timedelta(minutes=10)

@@ -16,6 +16,7 @@ from trustmesh.cli.main import app
 from trustmesh.config import load_config
 from trustmesh.store import open_store
 from trustmesh.store.apply import apply_resources
+from trustmesh.store.etcd_client import TLS_ENV
 from trustmesh.store.etcd_server import EtcdCluster
 
 runner = CliRunner()
@@ -67,12 +68,22 @@ def invoke(*args: str, stdin: str | None = None):  # type: ignore[no-untyped-def
     return runner.invoke(app, list(args), input=stdin)
 
 
+def use_certificate(monkeypatch: pytest.MonkeyPatch, etcd: EtcdCluster) -> None:
+    """The operator's etcd client certificate through the environment (--etcd-*file's)."""
+    assert etcd.tls is not None
+    for name, path in zip(TLS_ENV, (etcd.tls.ca, etcd.tls.cert, etcd.tls.key), strict=True):
+        monkeypatch.setenv(name, str(path))
+
+
 @pytest.fixture(params=["etcd", "file"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
     if request.param == "file":
         yield f"file:{tmp_path / 'store'}"
         return
     etcd: EtcdCluster = request.getfixturevalue("etcd")
+    use_certificate(monkeypatch, etcd)
     # A fresh key space per test: a separate etcd would cost a start; clear ours instead.
     yield etcd.url
     listed = invoke("get", "all", "-A", "-o", "json", "--store", etcd.url)
@@ -206,7 +217,10 @@ def test_the_file_store_is_a_directory_trustmesh_validate_reads(tmp_path: Path) 
     ]
 
 
-def test_apply_latency_against_etcd(tmp_path: Path, etcd: EtcdCluster) -> None:
+def test_apply_latency_against_etcd(
+    tmp_path: Path, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_certificate(monkeypatch, etcd)
     policies = write(tmp_path, "p.yaml", POLICIES)
     timings = []
     for mode in ("STRICT", "PERMISSIVE") * 5:
@@ -222,7 +236,7 @@ def test_apply_latency_against_etcd(tmp_path: Path, etcd: EtcdCluster) -> None:
         versions.append(load_config([path], compile_policy=False).snapshot.resources)
 
     async def commits() -> list[float]:
-        store = open_store(etcd.url)
+        store = open_store(etcd.url, etcd.tls)
         out = []
         try:
             for i in range(20):

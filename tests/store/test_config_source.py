@@ -20,7 +20,6 @@ from tests.store.replica_rig import apply_text
 from tests.xds.controlplane_rig import DENY_GET, EXAMPLES, STRICT, Probe
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.store.config_source import StoreConfigSource, mirror_path
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import EtcdResourceStore
 from trustmesh.store.model import ResourceDelete, ResourceKey, ResourceWrite, StoredResource
@@ -47,8 +46,8 @@ def test_store_changes_reach_the_plane_in_order_bad_ones_refused_and_outages_sur
     ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), dt.datetime.now(dt.UTC))
 
     async def scenario() -> None:  # gRPC channels belong to the loop they are made in
-        writer = EtcdResourceStore(EtcdClient(own_etcd.endpoints))
-        reader = EtcdResourceStore(EtcdClient(own_etcd.endpoints))
+        writer = EtcdResourceStore(own_etcd.client())
+        reader = EtcdResourceStore(own_etcd.client())
         source = StoreConfigSource(reader, tmp_path / "mirror")
         workloads = (EXAMPLES / "mesh" / "workloads.yaml").read_text()
         await apply_text(writer, workloads + "\n---\n" + STRICT, tmp_path)
@@ -129,8 +128,8 @@ def test_a_change_through_the_store_compiles_to_what_a_full_load_of_the_files_gi
     ca = CertificateAuthority.init(tmp_path / "ca", CaConfig(), dt.datetime.now(dt.UTC))
 
     async def scenario() -> None:
-        writer = EtcdResourceStore(EtcdClient(own_etcd.endpoints))
-        reader = EtcdResourceStore(EtcdClient(own_etcd.endpoints))
+        writer = EtcdResourceStore(own_etcd.client())
+        reader = EtcdResourceStore(own_etcd.client())
         source = StoreConfigSource(reader, tmp_path / "mirror")
         workloads = (EXAMPLES / "mesh" / "workloads.yaml").read_text()
         await apply_text(writer, workloads + "\n---\n" + STRICT, tmp_path)
@@ -226,7 +225,7 @@ def test_a_replica_refuses_to_start_on_a_store_without_configuration(
     tmp_path: Path, own_etcd: EtcdCluster
 ) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "trustmesh", "control-plane", "--store", own_etcd.url,
+        [sys.executable, "-m", "trustmesh", "control-plane", *own_etcd.store_args(),
          "--listen", "127.0.0.1:0", "--name", "a", "--ca", str(tmp_path / "ca"),
          "--state", str(tmp_path / "state")],
         capture_output=True, text=True, timeout=60, check=False,

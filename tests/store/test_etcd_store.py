@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 def run(etcd: EtcdCluster, scenario: Callable[[EtcdClient], Awaitable[T]]) -> T:
     async def main() -> T:
-        client = EtcdClient(etcd.endpoints)
+        client = etcd.client()
         try:
             return await asyncio.wait_for(scenario(client), timeout=20)
         finally:

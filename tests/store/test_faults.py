@@ -41,10 +41,10 @@ from tests.envoy.conftest import run
 from trustmesh.cli.main import app
 from trustmesh.runtime import faults
 from trustmesh.runtime.client import http_request
+from trustmesh.runtime.cluster import store_client, store_of
 from trustmesh.runtime.layout import Layout, read_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.replica import read_replicas
-from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.model import StoreError
 
@@ -164,19 +164,23 @@ def _status(state: Path) -> dict[str, Any]:
     return value
 
 
-def _apply(state: Path, store: str, text: str, name: str) -> None:
+def _apply(state: Path, text: str, name: str) -> None:
     path = state.parent / f"{name}.yaml"
     path.write_text(text)
-    _cli("apply", "-f", str(path), "--store", store)
+    _cli("apply", "-f", str(path), "--state", str(state))
 
 
-def _etcd_leader(members: list[dict[str, Any]]) -> str:
-    """The name of the member etcd says leads (its v3 JSON gateway)."""
+def _etcd_leader(state: Path, members: list[dict[str, Any]]) -> str:
+    """The name of the member etcd says leads (its v3 JSON gateway, with the operator's
+    client certificate)."""
+    tls = store_of(state)[1]
+    assert tls is not None, "the mesh's etcd must use TLS"
+    context = tls.ssl_context()
     for member in members:
         request = urllib.request.Request(
             f"{member['client']}/v3/maintenance/status", data=b"{}", method="POST"
         )
-        with urllib.request.urlopen(request, timeout=2) as answer:
+        with urllib.request.urlopen(request, timeout=2, context=context) as answer:
             status = json.loads(answer.read())
         if status["header"]["member_id"] == status["leader"]:
             return str(member["name"])
@@ -251,7 +255,6 @@ async def _write(client: EtcdClient, record: Record, done: asyncio.Event) -> Non
 
 async def _scenario(state: Path) -> None:
     status = await asyncio.to_thread(_status, state)
-    store = str(status["store"])
     pods = status["pods"]
     assert pods["foo/httpbin"]["host"] == "host-1" and pods["foo/sleep"]["host"] == "host-2"
     admins = {ref: p["admin"] for ref, p in pods.items() if p.get("admin")}
@@ -259,7 +262,7 @@ async def _scenario(state: Path) -> None:
     assert len(admins) == 5 and len(on_host_1) == 3
     hosts = {h["name"]: h for h in read_json(state / "cluster.json")["hosts"]}
     plan = MeshPlan.from_json(read_json(Layout(Path(hosts["host-2"]["state"])).plan))
-    client = EtcdClient(parse_etcd_endpoints(store.removeprefix("etcd://")))
+    client = store_client(state)
 
     async def served() -> bool:  # every sidecar's stream ACKed at one replica or another
         return sum(len(r["proxies"]) for r in (await read_replicas(client)).values()) == 5
@@ -283,7 +286,7 @@ async def _scenario(state: Path) -> None:
         now = await asyncio.to_thread(_status, state)
         victim = next(r["name"] for r in now["replicas"] if httpbin_node in r["proxies"])
         survivor = next(r["name"] for r in now["replicas"] if r["name"] != victim)
-        leader = await asyncio.to_thread(_etcd_leader, now["etcd"])
+        leader = await asyncio.to_thread(_etcd_leader, state, now["etcd"])
         killed_at = mark("kill")
         replica = await asyncio.to_thread(faults.kill_replica, state, victim)
         member = await asyncio.to_thread(faults.kill_etcd_member, state, leader)
@@ -306,7 +309,7 @@ async def _scenario(state: Path) -> None:
         failover = asyncio.create_task(
             _until(survivor_serves, "the other replica serves httpbin", 20)
         )
-        await asyncio.to_thread(_apply, state, store, policy(1), "fault-1")
+        await asyncio.to_thread(_apply, state, policy(1), "fault-1")
         mark("fault-1 applied")
         converged = asyncio.create_task(  # still during the fault: one replica, two members
             _until(_carry(admins, marker(1)), "fault-1 at every proxy", CONVERGE_TIMEOUT)
@@ -330,7 +333,7 @@ async def _scenario(state: Path) -> None:
         async def during_cut() -> float:
             """Apply fault-2; the cut is real: host 2's proxies get it, host 1's do not."""
             await asyncio.sleep(1)
-            await asyncio.to_thread(_apply, state, store, policy(2), "fault-2")
+            await asyncio.to_thread(_apply, state, policy(2), "fault-2")
             mark("fault-2 applied")
             await _until(_carry(others, marker(2)), "fault-2 on host 2", CUT_SECONDS)
             for ref, admin in on_host_1.items():

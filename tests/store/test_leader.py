@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.envoy.conftest import eventually, run
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.leader import LeaderElection, LeaseKeeper
 
@@ -19,7 +18,7 @@ def test_exactly_one_leader_and_a_lost_lease_hands_over(tmp_path: Path, etcd: Et
     key = b"/trustmesh/test-leader"
 
     async def scenario() -> None:
-        client = EtcdClient(etcd.endpoints)
+        client = etcd.client()
         changes: dict[str, list[bool]] = {n: [] for n in "xyz"}
         keepers = {n: LeaseKeeper(client, 2) for n in "xyz"}
         elections = {

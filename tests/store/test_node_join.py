@@ -18,7 +18,6 @@ from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.registration import Joined, RegistryClient
 from trustmesh.runtime.replica import registration_of
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import WorkloadRegistry
 from trustmesh.store.model import WorkloadRecord
@@ -44,7 +43,7 @@ def test_a_host_joins_with_its_node_token_only_for_itself_and_once(
             roots = ca.bundle_pem(now)
             at_a = RegistryClient([a.info["ca"]], roots)
             at_b = RegistryClient([b.info["ca"]], roots)
-            client = EtcdClient(etcd.endpoints)
+            client = etcd.client()
             registry = WorkloadRegistry(client)
             try:
                 token = ca.node_token("host-2", now)

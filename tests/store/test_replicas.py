@@ -20,7 +20,6 @@ from tests.xds.controlplane_rig import EXAMPLES, STRICT, Probe
 from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.replica import read_replicas, registration_of
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import EtcdResourceStore, WorkloadRegistry
 from trustmesh.store.leader import LEADER_KEY
@@ -33,7 +32,7 @@ SLEEP = WorkloadRecord("foo", "sleep", "host-2", "127.0.0.21", "sleep")
 
 async def fill_store(etcd: EtcdCluster, workdir: Path) -> None:
     """The example mesh's workloads, STRICT mTLS, and httpbin on host-1 in the registry."""
-    client = EtcdClient(etcd.endpoints)
+    client = etcd.client()
     try:
         store = EtcdResourceStore(client)
         workloads = (EXAMPLES / "mesh" / "workloads.yaml").read_text()
@@ -55,7 +54,7 @@ def test_replicas_register_elect_one_leader_and_fail_over_within_the_ttl(
     ):
 
         async def scenario() -> None:
-            client = EtcdClient(etcd.endpoints)
+            client = etcd.client()
             try:
                 # Both registered: addresses, start time, store health, their proxies.
                 records = await read_replicas(client)
@@ -160,7 +159,7 @@ def test_control_plane_refuses_a_store_it_cannot_use(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 1
-    assert "a replica needs etcd://HOST:PORT" in done.stdout, done.stdout
+    assert "a replica needs https://HOST:PORT" in done.stdout, done.stdout
     assert "Traceback" not in done.stderr
     done = subprocess.run(
         [*command, "--name", "a/b", "--store", "etcd://127.0.0.1:1"],

@@ -49,7 +49,7 @@ def test_apply_through_the_store_is_enforced_at_a_sidecar_of_replica_b(
                 command = [sys.executable, "-m", "trustmesh", "apply", "-f", str(policy)]
                 done = await asyncio.to_thread(
                     subprocess.run,
-                    [*command, "--store", etcd.url],
+                    [*command, *etcd.store_args()],
                     capture_output=True, text=True, timeout=60, check=False,
                 )  # fmt: skip
                 assert done.returncode == 0, done.stderr

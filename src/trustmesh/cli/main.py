@@ -52,6 +52,7 @@ _COMMANDS: dict[str, _Entry] = {
     "get": _Entry("trustmesh.cli.store", "get"),
     "delete": _Entry("trustmesh.cli.store", "delete"),
     "control-plane": _Entry("trustmesh.cli.replica", "control_plane"),
+    "replica": _Entry("trustmesh.cli.replica", "replica_app"),
     "traffic": _Entry("trustmesh.cli.insight", "traffic_app"),
     "impact": _Entry("trustmesh.cli.insight", "impact_command"),
     "generate": _Entry("trustmesh.cli.insight", "generate_command"),

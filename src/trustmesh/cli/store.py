@@ -11,6 +11,8 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -22,6 +24,7 @@ from trustmesh.cli.options import NamespaceOpt, namespace_problem
 from trustmesh.config import load_config
 from trustmesh.store import ResourceStore, StoreError, open_store
 from trustmesh.store.apply import apply_resources, resource_key
+from trustmesh.store.etcd_client import TLS_ENV, EtcdTls
 from trustmesh.store.model import (
     ResourceDelete,
     ResourceKey,
@@ -33,13 +36,71 @@ T = TypeVar("T")
 DEFAULT_STORE = "file:trustmesh-store"
 
 StoreOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--store",
-        help="etcd://HOST:PORT[,HOST:PORT...] or file:DIR (a directory `trustmesh up DIR` reads).",
+        help="https://HOST:PORT[,HOST:PORT...] (etcd with TLS: --etcd-*file), "
+        "etcd://HOST:PORT[,...] (plaintext etcd) or file:DIR (a directory `trustmesh up DIR` "
+        "reads); default file:trustmesh-store.",
         envvar="TRUSTMESH_STORE",
     ),
 ]
+CaFileOpt = Annotated[
+    Path | None,
+    typer.Option("--etcd-cafile", help="The etcd CA (PEM) for https://.", envvar=TLS_ENV[0]),
+]
+CertFileOpt = Annotated[
+    Path | None,
+    typer.Option("--etcd-certfile", help="Client certificate for etcd (PEM).", envvar=TLS_ENV[1]),
+]
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option("--etcd-keyfile", help="Its key (PEM).", envvar=TLS_ENV[2]),
+]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state",
+        help="The state directory of `up --hosts`: its store and operator certificate.",
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTarget:
+    url: str
+    tls: EtcdTls | None
+
+
+def store_target(
+    store: str | None,
+    cafile: Path | None = None,
+    certfile: Path | None = None,
+    keyfile: Path | None = None,
+    state: Path | None = None,
+) -> StoreTarget:
+    """Where to read and write: --state (the mesh's own store and operator certificate),
+    else --store with --etcd-*file; an error names the flag."""
+    try:
+        tls = EtcdTls.from_options(cafile, certfile, keyfile)
+    except StoreError as exc:
+        raise _fail(str(exc), 2) from None
+    if state is not None:
+        if store is not None or tls is not None:
+            raise _fail("--state names the store and its certificate: drop --store/--etcd-*", 2)
+        from trustmesh.runtime.cluster import store_of
+
+        try:
+            url, found = store_of(state)
+        except StoreError as exc:
+            raise _fail(str(exc), 2) from None
+        return StoreTarget(url, found)
+    url = store or DEFAULT_STORE
+    if tls is not None and url.startswith("file:"):
+        raise _fail("--etcd-cafile/--etcd-certfile/--etcd-keyfile are for an etcd --store", 2)
+    return StoreTarget(url, tls)
+
+
 FilesOpt = Annotated[
     list[str] | None,
     typer.Option("-f", "--filename", help="YAML file, directory (recursive) or - for stdin."),
@@ -51,9 +112,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _run(store_url: str, action: Callable[[ResourceStore], Awaitable[T]]) -> T:
+def _run(target: StoreTarget, action: Callable[[ResourceStore], Awaitable[T]]) -> T:
     async def main() -> T:
-        store = open_store(store_url)
+        store = open_store(target.url, target.tls)
         try:
             return await action(store)
         finally:
@@ -147,15 +208,20 @@ def _metadata_version(resource: Resource[Any]) -> str | None:
 def apply(
     filename: FilesOpt = None,
     namespace: NamespaceOpt = "default",
-    store: StoreOpt = DEFAULT_STORE,
+    store: StoreOpt = None,
+    etcd_cafile: CaFileOpt = None,
+    etcd_certfile: CertFileOpt = None,
+    etcd_keyfile: KeyFileOpt = None,
+    state: StateOpt = None,
 ) -> None:
     """Validate (as `validate`) and write objects to the store, all or nothing."""
     problem = namespace_problem(namespace)
     if problem:
         raise _fail(problem, 2)
+    target = store_target(store, etcd_cafile, etcd_certfile, etcd_keyfile, state)
     resources = _validated(filename or [], namespace)
     try:
-        outcome = _run(store, lambda s: apply_resources(s, resources))
+        outcome = _run(target, lambda s: apply_resources(s, resources))
     except typer.Exit:
         typer.echo("nothing was written", err=True)
         raise
@@ -216,12 +282,17 @@ def get(
         bool, typer.Option("-A", "--all-namespaces", help="Every namespace.")
     ] = False,
     output: Annotated[str, typer.Option("-o", "--output", help="table, yaml or json")] = "table",
-    store: StoreOpt = DEFAULT_STORE,
+    store: StoreOpt = None,
+    etcd_cafile: CaFileOpt = None,
+    etcd_certfile: CertFileOpt = None,
+    etcd_keyfile: KeyFileOpt = None,
+    state: StateOpt = None,
 ) -> None:
     """Print objects from the store; -o yaml|json output can be applied again."""
     if output not in ("table", "yaml", "json"):
         raise _fail(f"-o must be table, yaml or json, got {output!r}", 2)
-    listed, _ = _run(store, lambda s: s.list())
+    target = store_target(store, etcd_cafile, etcd_certfile, etcd_keyfile, state)
+    listed, _ = _run(target, lambda s: s.list())
     items = [
         r
         for r in listed
@@ -256,13 +327,18 @@ def delete(
     name: Annotated[str | None, typer.Argument(help="Object name.")] = None,
     filename: FilesOpt = None,
     namespace: NamespaceOpt = "default",
-    store: StoreOpt = DEFAULT_STORE,
+    store: StoreOpt = None,
+    etcd_cafile: CaFileOpt = None,
+    etcd_certfile: CertFileOpt = None,
+    etcd_keyfile: KeyFileOpt = None,
+    state: StateOpt = None,
 ) -> None:
     """Delete the objects named in -f files, or KIND NAME; all or nothing."""
     if bool(filename) == bool(kind):
         raise _fail("give either -f FILE or KIND NAME", 2)
     if kind is not None and name is None:
         raise _fail("KIND needs a NAME", 2)
+    target = store_target(store, etcd_cafile, etcd_certfile, etcd_keyfile, state)
 
     async def action(s: ResourceStore) -> list[StoredResource]:
         listed, _ = await s.list()
@@ -286,7 +362,7 @@ def delete(
         await s.commit([], [ResourceDelete(r.key, r.resource_version) for r in targets])
         return targets
 
-    for deleted in _run(store, action):
+    for deleted in _run(target, action):
         typer.echo(f"{deleted.key.display()} deleted")
 
 

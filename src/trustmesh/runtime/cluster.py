@@ -3,7 +3,9 @@
 Started in this order, each recorded in ``cluster.json`` (PIDs) as soon as it runs, so
 ``trustmesh down`` stops all of it — also after a start that failed half way:
 
-1. an etcd cluster of three members (the store);
+1. an etcd cluster of three members (the store), TLS for clients and peers with client
+   certificates of its own CA in ``S/etcd-pki/`` (members, replicas and the operator only:
+   hosts and pods have none, and the relay does not forward etcd's ports to the LAN);
 2. the mesh CA (``ca/``) and DIR's configuration applied to the store (as
    ``trustmesh apply``);
 3. R control-plane replicas (``trustmesh control-plane``), each its own process;
@@ -47,24 +49,46 @@ from trustmesh.runtime.replica import read_replicas
 from trustmesh.runtime.sandbox import LEDGER_FILE as SANDBOX_LEDGER
 from trustmesh.runtime.sandbox import mesh_id
 from trustmesh.runtime.supervisor import StartError, belongs_to, stop_recorded
-from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.apply import apply_resources
-from trustmesh.store.etcd_client import EtcdClient
+from trustmesh.store.etcd_client import EtcdClient, EtcdTls, connect
 from trustmesh.store.etcd_server import EtcdCluster, free_port
 from trustmesh.store.etcd_store import EtcdResourceStore
 
 CLUSTER_FILE = "cluster.json"
+ETCD_PKI = "etcd-pki"
 ETCD_MEMBERS = 3
 REPLICA_TIMEOUT = 60.0
 HOST_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 DEFAULT_LEASE_TTL = 30  # seconds a dead host's endpoints stay (HostJoin's default)
+RELAYED = ("address", "ca", "ca_renewal")  # a replica's ports hosts reach over the LAN
 
 Progress = Callable[[str], None]
 
 
 def cluster_file(state: Path) -> Path:
     return state / CLUSTER_FILE
+
+
+def store_of(state: Path) -> tuple[str, EtcdTls | None]:
+    """The store of the mesh in ``state`` and the operator's etcd client certificate
+    (StoreError saying why not)."""
+    try:
+        record = read_json(cluster_file(state))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"--state {state}: no multi-host mesh here ({exc})") from None
+    url = record.get("store")
+    if not isinstance(url, str):
+        raise StoreError(f"--state {state}: its etcd has not started")
+    tls = record.get("etcd_tls")
+    if isinstance(tls, dict):
+        return url, EtcdTls(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"]))
+    return url, None
+
+
+def store_client(state: Path) -> EtcdClient:
+    """A client of the mesh's store with the operator's certificate."""
+    return connect(*store_of(state))
 
 
 def host_names(count: int) -> list[str]:
@@ -183,7 +207,8 @@ class Cluster:
         self._save()
 
         self.progress(f"starting etcd ({ETCD_MEMBERS} members)")
-        etcd = EtcdCluster(self.state / "etcd", size=ETCD_MEMBERS)
+        etcd = EtcdCluster(self.state / "etcd", size=ETCD_MEMBERS, pki_dir=self.state / ETCD_PKI)
+        assert etcd.tls is not None
         old_environ = dict(os.environ)
         os.environ[MESH_ENV] = str(self.state)  # etcd's children inherit the marker
         try:
@@ -198,6 +223,7 @@ class Cluster:
             for m in etcd.members
         ]
         self.record["store"] = etcd.url
+        self.record["etcd_tls"] = etcd.tls.as_json()  # the operator's client certificate
         self._save()
 
         now = dt.datetime.now(dt.UTC)
@@ -209,7 +235,8 @@ class Cluster:
 
         for i in range(1, replicas + 1):
             self.progress(f"starting control-plane replica r{i}")
-            self.record["replicas"].append(self._start_replica(f"r{i}", etcd.url))
+            tls = etcd.client_tls(f"replica-r{i}")  # each replica its own certificate
+            self.record["replicas"].append(self._start_replica(f"r{i}", etcd.url, tls))
             self._save()
         addresses = ",".join(r["ca"] for r in self.record["replicas"])
         if sandboxed:
@@ -270,9 +297,12 @@ class Cluster:
             hostnet.build_lan(self.state, lan)
         except (OSError, RuntimeError) as exc:
             raise StartError(f"the hosts' network cannot be built: {exc}") from None
-        ports = [port for _, port in _endpoints(self.record["store"])]
+        # Only what hosts need: each replica's xDS, CA and renewal ports. Never etcd's (a
+        # host joins and keeps alive through a replica, with its node token), never a
+        # replica's metrics.
+        ports: list[int] = []
         for replica in self.record["replicas"]:
-            ports += [int(replica[k].rpartition(":")[2]) for k in ("address", "ca", "ca_renewal")]
+            ports += [int(replica[k].rpartition(":")[2]) for k in RELAYED]
         self._start_relay(lan, ports)
         for index, name in enumerate(names, start=1):
             link = hostnet.HostLink(
@@ -322,14 +352,14 @@ class Cluster:
             tail = log.read_text(errors="replace")[-2000:]
             raise StartError(f"the control-plane relay did not start: {info.get('error', tail)}")
 
-    def _start_replica(self, name: str, store: str) -> dict[str, Any]:
+    def _start_replica(self, name: str, store: str, tls: EtcdTls) -> dict[str, Any]:
         home = self.state / "replicas" / name
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Fixed ports outside the ephemeral range: restarted, it listens where every
         # host knows it (port 0 could meanwhile be some connection's source port).
         ports = [str(free_port("127.0.0.1")) for _ in range(4)]
         command = [
-            sys.executable, "-m", "trustmesh", "control-plane", "--store", store,
+            sys.executable, "-m", "trustmesh", "control-plane", "--store", store, *tls.as_args(),
             "--listen", f"127.0.0.1:{ports[0]}", "--name", name, "--ca", str(self.state / "ca"),
             "--ca-port", ports[1], "--ca-renewal-port", ports[2], "--metrics-port", ports[3],
             "--state", str(home),
@@ -408,13 +438,9 @@ def netns_name_of(host_state: Path) -> str:
     return netns_name(mesh_id(host_state), "node")
 
 
-def _endpoints(store: str) -> list[tuple[str, int]]:
-    return parse_etcd_endpoints(store.removeprefix("etcd://"))
-
-
 async def _apply(etcd: EtcdCluster, config: list[str]) -> None:
     loaded = load_config(config, compile_policy=False)
-    client = EtcdClient(etcd.endpoints)
+    client = etcd.client()
     try:
         await apply_resources(EtcdResourceStore(client), loaded.snapshot.resources)
     finally:
@@ -484,7 +510,7 @@ def cluster_status(state: Path) -> dict[str, Any]:
     record = read_json(cluster_file(state))
     live: dict[str, dict[str, Any]] = {}
     if record.get("state") != "stopped" and record.get("store"):
-        live = asyncio.run(_read_replicas(record["store"]))
+        live = asyncio.run(_read_replicas(state))
     replicas = []
     for replica in record.get("replicas", []):
         now = live.get(replica["name"], {})
@@ -517,8 +543,11 @@ def cluster_status(state: Path) -> dict[str, Any]:
     }
 
 
-async def _read_replicas(store: str) -> dict[str, dict[str, Any]]:
-    client = EtcdClient(_endpoints(store))
+async def _read_replicas(state: Path) -> dict[str, dict[str, Any]]:
+    try:
+        client = store_client(state)
+    except StoreError:
+        return {}
     try:
         return await asyncio.wait_for(read_replicas(client), 5)
     except (StoreError, TimeoutError):

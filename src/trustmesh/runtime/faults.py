@@ -25,7 +25,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,10 @@ from typing import Any
 
 from trustmesh.runtime import hostnet
 from trustmesh.runtime.addresses import MESH_ENV
-from trustmesh.runtime.cluster import host_namespace
+from trustmesh.runtime.cluster import host_namespace, store_of
 from trustmesh.runtime.layout import Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan
+from trustmesh.store.etcd_server import healthy
 
 __all__ = [
     "FaultError",
@@ -198,6 +198,8 @@ def restart_etcd_member(state: Path, killed: Killed, timeout: float = ETCD_TIMEO
     """Start ``killed`` again with its data directory; seconds until it is healthy (it
     has caught up with a leader)."""
     entry = _entry(_record(state), "etcd", killed.name)
+    tls = store_of(state)[1]
+    context = tls.ssl_context() if tls is not None else None  # /health needs a client cert
     started = time.monotonic()
     process = _spawn(
         state, list(killed.argv), state / "etcd" / f"{killed.name}.log", ready_line=False
@@ -207,12 +209,8 @@ def restart_etcd_member(state: Path, killed: Killed, timeout: float = ETCD_TIMEO
     while True:
         if process.poll() is not None:
             raise FaultError(f"etcd {killed.name} exited again (see etcd/{killed.name}.log)")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{entry['client']}/health", timeout=1) as answer,
-        ):
-            if b'"true"' in answer.read():
-                return time.monotonic() - started
+        if healthy(entry["client"], context):
+            return time.monotonic() - started
         if time.monotonic() > deadline:
             raise FaultError(f"etcd {killed.name} not healthy {timeout:.0f}s after its restart")
         time.sleep(0.02)  # readiness poll of a starting process
@@ -247,7 +245,7 @@ def control_endpoints(state: Path) -> list[tuple[str, int]]:
                 ip, _, port = address.rpartition(":")
                 found.add((ip, int(port)))
     for member in record.get("etcd", []):
-        ip, _, port = str(member["client"]).removeprefix("http://").rpartition(":")
+        ip, _, port = str(member["client"]).partition("://")[2].rpartition(":")
         found.add((ip, int(port)))
     return sorted(found)
 

@@ -19,9 +19,11 @@ name — also after a start that failed half way):
 The control plane (etcd, the replicas) stays on loopback of the namespace ``up`` runs in,
 where ``trustmesh status``, ``apply --store`` and the tests reach it. A relay (``python -m
 trustmesh.runtime.hostnet relay``) listens *inside the LAN namespace* on ``10.87.0.1`` at
-each replica's and etcd member's port and splices every connection to ``127.0.0.1`` at the
-same port: TLS passes through untouched (mTLS stays end to end between a sidecar and its
-replica), and nothing listens on an address outside the namespaces made here. A host's
+each replica's xDS, CA and renewal port — never an etcd member's (hosts never need etcd:
+they join and keep alive through a replica with a node token) nor a replica's metrics —
+and splices every connection to ``127.0.0.1`` at the same port: TLS passes through
+untouched (mTLS stays end to end between a sidecar and its replica), and nothing listens
+on an address outside the namespaces made here. A host's
 whole path to the control plane — its node agent's lease and its sidecars' xDS and CA —
 crosses its uplink, so one nftables rule inside a host's namespace cuts that host off.
 """
@@ -134,7 +136,7 @@ def cut_ruleset() -> str:
 
 
 def cut_off(state: Path, host_netns: str) -> None:
-    """Cut the host in ``host_netns`` off from etcd and the replicas until
+    """Cut the host in ``host_netns`` off from the replicas (and so from the store) until
     :func:`reconnect` (the table is in the cluster's ledger: ``down`` removes it too)."""
     netns.apply_nft(_ledger(state), host_netns, CUT_TABLE, cut_ruleset())
 

@@ -319,13 +319,15 @@ def remove_entry(entry: Entry) -> None:
 
 
 def delete_nft(netns: str, table: str) -> None:
-    """Delete table ``ip table`` in ``netns``; one already gone is not an error."""
+    """Delete table ``ip table`` (or ``FAMILY table`` when named so) in ``netns``; one
+    already gone is not an error."""
     _nft_delete(netns, table)
 
 
 def _nft_delete(netns: str, table: str) -> None:
+    family, _, name = table.rpartition(" ")
     done = subprocess.run(
-        _in_netns(netns, "nft", "delete", "table", "ip", table), capture_output=True
+        _in_netns(netns, "nft", "delete", "table", family or "ip", name), capture_output=True
     )
     stderr = done.stderr.decode(errors="replace")
     if done.returncode != 0 and "No such file" not in stderr:

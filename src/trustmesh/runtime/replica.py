@@ -43,10 +43,9 @@ from trustmesh.runtime.control_plane import _open_ca, _syncz
 from trustmesh.runtime.debug_endpoint import SYNCZ, DebugEndpointError, DebugServer, debug_socket
 from trustmesh.runtime.layout import write_json
 from trustmesh.runtime.registration import NodeRegistrar
-from trustmesh.store import parse_etcd_endpoints
 from trustmesh.store.ca_records import EtcdCaRecords, WatchedRevocations
 from trustmesh.store.config_source import StoreConfigSource
-from trustmesh.store.etcd_client import EtcdClient
+from trustmesh.store.etcd_client import EtcdClient, EtcdTls, connect
 from trustmesh.store.etcd_store import ROOT, EtcdResourceStore, WorkloadRegistry
 from trustmesh.store.leader import LeaderElection, LeaseKeeper
 from trustmesh.store.model import WorkloadHealth, WorkloadRecord
@@ -65,7 +64,7 @@ STOP_GRACE = 3.0
 
 @dataclass(frozen=True, slots=True)
 class ReplicaOptions:
-    store: str  # etcd://H:P[,H:P...]
+    store: str  # https://H:P[,H:P...] (with etcd_tls) or etcd://H:P[,H:P...]
     listen: str  # HOST:PORT of xDS (0: a free port); the CA listens on HOST too
     name: str
     ca_dir: Path
@@ -76,6 +75,7 @@ class ReplicaOptions:
     ca_port: int = 0
     ca_renewal_port: int = 0
     metrics_port: int = 0
+    etcd_tls: EtcdTls | None = None  # the replica's etcd client certificate
 
 
 def registration_of(record: WorkloadRecord) -> ProxyRegistration:
@@ -287,9 +287,12 @@ class _Replica:
 async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
     """Serve until ``stop``; 1 (with a JSON line saying why) if it cannot start."""
     try:
-        if not options.store.startswith("etcd://"):
-            raise StoreError(f"--store {options.store}: a replica needs etcd://HOST:PORT[,…]")
-        endpoints = parse_etcd_endpoints(options.store.removeprefix("etcd://"))
+        if not options.store.startswith(("etcd://", "https://")):
+            raise StoreError(
+                f"--store {options.store}: a replica needs https://HOST:PORT[,…] "
+                "or etcd://HOST:PORT[,…]"
+            )
+        client = connect(options.store, options.etcd_tls)
     except StoreError as exc:
         return _fail(str(exc))
     host = options.listen.rpartition(":")[0]
@@ -299,7 +302,6 @@ async def serve_replica(options: ReplicaOptions, stop: asyncio.Event) -> int:
         ca = _open_ca(options.ca_dir, options.trust_domain, now)
     except StoreError as exc:
         return _fail(f"the mesh CA is refused: {exc}")
-    client = EtcdClient(endpoints)
     records = EtcdCaRecords(client)
     revocations = WatchedRevocations(client)
     ca.use_shared_records(records, revocations)

@@ -65,6 +65,30 @@ def service_dnat(plan: MeshPlan) -> list[ServiceDnat]:
     return out
 
 
+ANTISPOOF_TABLE = "netdev trustmesh_antispoof"
+
+
+def antispoof_ruleset(ports: list[tuple[str, str]]) -> str:
+    """Every frame a pod sends enters its bridge port (``v<k>``, in the node namespace)
+    and is dropped unless its IPv4 source (or ARP sender) is the pod's own address, as a
+    CNI's anti-spoofing does: a pod — root in its namespace, with a raw socket — cannot
+    speak as another pod or host (whose address a policy may trust). IPv6 (the mesh has
+    none) is dropped whole. Hooked at ingress of the port: before the bridge, so pods
+    on one host are covered as well as traffic routed off the host."""
+    family, _, table = ANTISPOOF_TABLE.partition(" ")
+    chains = "".join(
+        f"  chain {port} {{\n"
+        f'    type filter hook ingress device "{port}" priority -500; policy accept;\n'
+        f"    ether type ip ip saddr != {address} drop\n"
+        f"    ether type arp arp saddr ip != {address} drop\n"
+        f"    ether type ip6 drop\n"
+        f"  }}\n"
+        for port, address in ports
+    )
+    head = f"table {family} {table} {{}}\ndelete table {family} {table}\n"  # replaced whole
+    return f"{head}table {family} {table} {{\n{chains}}}\n"
+
+
 def _write(path: Path, text: str, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as out:
@@ -121,6 +145,7 @@ class Sandbox:
         self.timings["node"] = time.monotonic() - started
         services = service_dnat(self.plan)
         host_network = False
+        ports: list[tuple[str, str]] = []  # (bridge port, the pod's address)
         for pod in self.plan.pods:
             assert pod.netns is not None
             if pod.netns == node:
@@ -128,10 +153,13 @@ class Sandbox:
                 continue
             peer = f"v{pod.index}"
             netns.attach_pod(self.ledger, node, pod.netns, peer, (pod.pod_ip,), _PREFIX, NODE_IP)
+            ports.append((peer, pod.pod_ip))
             netns.apply_nft(self.ledger, pod.netns, TABLE, pod_ruleset(pod.capture, services))
             if pod.gateway:  # Istio's gateway pods bind 80/443 as non-root: this sysctl
                 with netns.entered(pod.netns):
                     Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").write_text("0")
+        if ports:  # a pod sends only from its own address (ARP too): no spoofing
+            netns.apply_nft(self.ledger, node, ANTISPOOF_TABLE, antispoof_ruleset(ports))
         if host_network and services:  # hostNetwork pods reach Services from the node
             netns.apply_nft(self.ledger, node, TABLE, pod_ruleset(None, services))
             netns.route_to(node, SERVICE_CIDR)  # the node has no default route

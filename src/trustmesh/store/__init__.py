@@ -4,9 +4,13 @@ YAML (the embedded default) or etcd v3 (replicas, hosts). See ``base.ResourceSto
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trustmesh.store.base import ResourceStore
 from trustmesh.store.model import StoreError
+
+if TYPE_CHECKING:
+    from trustmesh.store.etcd_client import EtcdTls
 
 __all__ = ["ResourceStore", "StoreError", "open_store", "parse_etcd_endpoints"]
 
@@ -22,13 +26,13 @@ def parse_etcd_endpoints(text: str) -> list[tuple[str, int]]:
     return endpoints
 
 
-def open_store(url: str) -> ResourceStore:
-    """``etcd://H:P[,H:P...]`` or ``file:DIR``."""
-    if url.startswith("etcd://"):
-        from trustmesh.store.etcd_client import EtcdClient
+def open_store(url: str, tls: EtcdTls | None = None) -> ResourceStore:
+    """``https://H:P[,H:P...]`` (with ``tls``), ``etcd://H:P[,H:P...]`` or ``file:DIR``."""
+    if url.startswith(("etcd://", "https://")):
+        from trustmesh.store.etcd_client import connect
         from trustmesh.store.etcd_store import EtcdResourceStore
 
-        return EtcdResourceStore(EtcdClient(parse_etcd_endpoints(url.removeprefix("etcd://"))))
+        return EtcdResourceStore(connect(url, tls))
     if url.startswith("file:"):
         from trustmesh.store.file_store import FileResourceStore
 
@@ -36,4 +40,6 @@ def open_store(url: str) -> ResourceStore:
         if not directory:
             raise StoreError("--store file:DIR needs a directory")
         return FileResourceStore(Path(directory))
-    raise StoreError(f"--store {url}: expected etcd://HOST:PORT[,HOST:PORT...] or file:DIR")
+    raise StoreError(
+        f"--store {url}: expected https://HOST:PORT[,...], etcd://HOST:PORT[,...] or file:DIR"
+    )

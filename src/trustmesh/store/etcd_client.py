@@ -12,17 +12,149 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from aetcd import rpc  # generated from etcd's protos
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh.store.model import StoreError
 
-__all__ = ["EtcdClient", "KeyValue", "WatchedChange", "prefix_end"]
+__all__ = [
+    "TLS_ENV",
+    "EtcdClient",
+    "EtcdTls",
+    "KeyValue",
+    "WatchedChange",
+    "parse_store_endpoints",
+    "prefix_end",
+]
+
+# kube-apiserver's flags for its etcd client certificate, and their environment variables.
+TLS_FLAGS = ("--etcd-cafile", "--etcd-certfile", "--etcd-keyfile")
+TLS_ENV = ("TRUSTMESH_ETCD_CAFILE", "TRUSTMESH_ETCD_CERTFILE", "TRUSTMESH_ETCD_KEYFILE")
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """The CA that signed etcd's members and this client's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_options(
+        cls, ca: Path | str | None, cert: Path | str | None, key: Path | str | None
+    ) -> EtcdTls | None:
+        """All three or none (StoreError naming the missing flags)."""
+        given = [ca, cert, key]
+        if not any(given):
+            return None
+        missing = [flag for flag, value in zip(TLS_FLAGS, given, strict=True) if not value]
+        if missing:
+            raise StoreError(f"{', '.join(missing)} missing: give {' '.join(TLS_FLAGS)} together")
+        return cls(Path(str(ca)), Path(str(cert)), Path(str(key)))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EtcdTls | None:
+        env = os.environ if environ is None else environ
+        return cls.from_options(*(env.get(name) or None for name in TLS_ENV))
+
+    def as_args(self) -> list[str]:
+        return [x for f, p in zip(TLS_FLAGS, (self.ca, self.cert, self.key), strict=True)
+                for x in (f, str(p))]  # fmt: skip
+
+    def as_json(self) -> dict[str, str]:
+        return {"ca": str(self.ca), "cert": str(self.cert), "key": str(self.key)}
+
+    def load(self) -> tuple[bytes, bytes, bytes]:
+        """(ca, cert, key) PEM, checked: StoreError naming the flag of a missing, unreadable
+        or wrong file (a key that is not the certificate's), never a later handshake error."""
+        pems: list[bytes] = []
+        for flag, path in zip(TLS_FLAGS, (self.ca, self.cert, self.key), strict=True):
+            try:
+                pems.append(path.read_bytes())
+            except OSError as exc:
+                raise StoreError(f"{flag} {path}: {exc.strerror or exc}") from None
+        ca, cert, key = pems
+        certs: list[x509.Certificate] = []
+        for flag, path, pem in ((TLS_FLAGS[0], self.ca, ca), (TLS_FLAGS[1], self.cert, cert)):
+            try:
+                certs.append(x509.load_pem_x509_certificate(pem))
+            except ValueError:
+                raise StoreError(f"{flag} {path}: not a PEM certificate") from None
+        try:
+            private = serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError):
+            raise StoreError(f"{TLS_FLAGS[2]} {self.key}: not an unencrypted PEM key") from None
+        if private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) != certs[1].public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ):
+            raise StoreError(
+                f"{TLS_FLAGS[2]} {self.key}: not the key of {TLS_FLAGS[1]} {self.cert}"
+            )
+        return ca, cert, key
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self.load()
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For etcd's HTTPS endpoints (``/health``)."""
+        self.load()
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
+def parse_store_endpoints(url: str) -> tuple[list[tuple[str, int]], bool]:
+    """``etcd://H:P[,H:P...]`` (plaintext) or ``https://H:P[,https://H:P...]`` (TLS, the
+    scheme may be left off after the first, as kube-apiserver's ``--etcd-servers``):
+    the (host, port) pairs and whether TLS is used."""
+    if url.startswith("etcd://"):
+        secure, rest = False, url.removeprefix("etcd://")
+    elif url.startswith("https://"):
+        secure, rest = True, url
+    else:
+        raise StoreError(f"--store {url}: expected https://HOST:PORT[,...] or etcd://HOST:PORT")
+    endpoints: list[tuple[str, int]] = []
+    for raw in rest.split(","):
+        part = raw.strip()
+        if secure:
+            part = part.removeprefix("https://")
+        if "://" in part:
+            raise StoreError(f"--store {url}: {raw!r}: every member must use the same scheme")
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StoreError(f"--store {url}: {raw!r} is not HOST:PORT")
+        endpoints.append((host.strip("[]"), int(port)))
+    return endpoints, secure
+
+
+def connect(url: str, tls: EtcdTls | None) -> EtcdClient:
+    """A client for ``url``: https:// needs ``tls``; etcd:// (plaintext, a trial etcd of
+    your own on loopback) refuses it — never a silent fallback either way."""
+    endpoints, secure = parse_store_endpoints(url)
+    if secure and tls is None:
+        raise StoreError(
+            f"--store {url}: https needs {' '.join(TLS_FLAGS)} (or {', '.join(TLS_ENV)})"
+        )
+    if not secure and tls is not None:
+        raise StoreError(f"--store {url} is plaintext but {TLS_FLAGS[1]} is given: use https://")
+    return EtcdClient(endpoints, tls)
+
 
 REQUEST_TIMEOUT = 5.0
 # A member that vanished without a reset (a host gone, a cut link) must not leave a watch
@@ -83,16 +215,30 @@ def _target(endpoints: Sequence[tuple[str, int]]) -> str:
 class EtcdClient:
     """KV, transactions, watches and leases against one etcd cluster."""
 
-    def __init__(self, endpoints: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, endpoints: Sequence[tuple[str, int]], tls: EtcdTls | None = None) -> None:
         if not endpoints:
             raise StoreError("no etcd endpoint given")
         self.endpoints = tuple(endpoints)
-        self._channel = grpc.aio.insecure_channel(_target(self.endpoints), options=KEEPALIVE)
+        self.tls = tls
+        target = _target(self.endpoints)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=KEEPALIVE)
+        else:
+            # One channel checks one name against every member's certificate: the first
+            # member's host (an IP SAN of every member's certificate: on loopback all are
+            # 127.0.0.1; on several hosts each member's certificate must name it), so the
+            # channel keeps verifying as it fails over between members.
+            name = [("grpc.ssl_target_name_override", self.endpoints[0][0])]
+            self._channel = grpc.aio.secure_channel(
+                target, tls.credentials(), options=[*KEEPALIVE, *name]
+            )
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
         self._lease = rpc.LeaseStub(self._channel)
 
     def describe(self) -> str:
+        if self.tls is not None:
+            return ",".join(f"https://{h}:{p}" for h, p in self.endpoints)
         return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
     async def close(self) -> None:

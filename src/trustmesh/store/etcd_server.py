@@ -6,6 +6,12 @@ crash (etcd-io/etcd#13766), so every 3.5 member runs with the corruption checks 
 ``--experimental-initial-corrupt-check`` (a member compares its hash with its peers'
 before serving) and ``--experimental-corrupt-check-time`` (and again periodically). A
 corrupt member raises a CORRUPT alarm and the cluster refuses writes: fail closed.
+
+TLS (the default): clients and peers speak TLS and must present a certificate of the
+cluster's own etcd CA (``--client-cert-auth``, ``--peer-client-cert-auth``; see
+:mod:`trustmesh.store.etcd_pki`), as kubeadm runs etcd: only holders of such a
+certificate (the members, the replicas, the operator) can read or write the store.
+``tls=False`` keeps a plaintext member for the plaintext client's own test and the bench.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from trustmesh.store.etcd_client import EtcdClient, EtcdTls
+from trustmesh.store.etcd_pki import EtcdPki, PkiFiles
 from trustmesh.store.model import StoreError
 
 SAFE_VERSION = (3, 5, 3)
@@ -97,27 +106,72 @@ class EtcdMember:
     client_port: int
     peer_port: int
     data_dir: Path
+    scheme: str = "https"
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
+
+
+def tls_flags(member: PkiFiles) -> list[str]:
+    """A member serves clients and peers with its certificate and admits only clients
+    and peers with a certificate of the etcd CA."""
+    return [
+        f"--cert-file={member.cert}",
+        f"--key-file={member.key}",
+        f"--trusted-ca-file={member.ca}",
+        "--client-cert-auth=true",
+        f"--peer-cert-file={member.cert}",
+        f"--peer-key-file={member.key}",
+        f"--peer-trusted-ca-file={member.ca}",
+        "--peer-client-cert-auth=true",
+    ]
 
 
 class EtcdCluster:
-    """``size`` members on loopback with free ports; stopped by PID in :meth:`stop`."""
+    """``size`` members on loopback with free ports; stopped by PID in :meth:`stop`.
 
-    def __init__(self, base_dir: Path, size: int = 1, host: str = "127.0.0.1") -> None:
+    With ``tls`` (the default) the etcd CA is made in ``pki_dir`` (default
+    ``base_dir/pki``), with a certificate per member and one for the operator
+    (:attr:`tls`, what :meth:`client` uses); :meth:`client_tls` issues more."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 1,
+        host: str = "127.0.0.1",
+        *,
+        tls: bool = True,
+        pki_dir: Path | None = None,
+    ) -> None:
         self.binary, self.version = find_etcd()
+        scheme = "https" if tls else "http"
         self.members = [
-            EtcdMember(f"m{i}", host, free_port(host), free_port(host), base_dir / f"m{i}")
+            EtcdMember(f"m{i}", host, free_port(host), free_port(host), base_dir / f"m{i}", scheme)
             for i in range(size)
         ]
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = base_dir
+        base_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pki: EtcdPki | None = None
+        self.member_files: dict[str, PkiFiles] = {}
+        self.tls: EtcdTls | None = None
+        if tls:
+            self.pki = EtcdPki.create(pki_dir or base_dir / "pki")
+            for m in self.members:
+                self.member_files[m.name] = self.pki.member(m.name, [m.host])
+            self.tls = self.client_tls("operator")
+
+    def client_tls(self, name: str) -> EtcdTls:
+        """A new client certificate ``name`` of this cluster's etcd CA."""
+        if self.pki is None:
+            raise StoreError("a plaintext etcd has no client certificates")
+        files = self.pki.client(name)
+        return EtcdTls(files.ca, files.cert, files.key)
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -125,10 +179,24 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return ",".join(f"https://{h}:{p}" for h, p in self.endpoints)
         return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    def store_args(self) -> list[str]:
+        """``--store URL`` and the operator's certificate flags, for a CLI child."""
+        return ["--store", self.url, *(self.tls.as_args() if self.tls else [])]
+
+    def client(self, endpoints: list[tuple[str, int]] | None = None) -> EtcdClient:
+        """A client with the operator's certificate (over ``endpoints``, default all)."""
+        return EtcdClient(endpoints or self.endpoints, self.tls)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls.ssl_context() if self.tls is not None else None
 
     def _command(self, member: EtcdMember) -> list[str]:
         cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        files = self.member_files.get(member.name)
         return [
             self.binary,
             f"--name={member.name}",
@@ -145,6 +213,7 @@ class EtcdCluster:
             "--election-timeout=200",
             "--log-level=error",
             *corruption_check_flags(self.version),
+            *(tls_flags(files) if files is not None else []),
         ]
 
     def start(self, timeout: float = 20.0) -> None:
@@ -163,18 +232,15 @@ class EtcdCluster:
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        context = self.ssl_context()
         for member in self.members:
             while True:
                 process = self.processes.get(member.name)
                 if process is not None and process.poll() is not None:
                     log = (self.log_dir / f"{member.name}.log").read_text(errors="replace")
                     raise StoreError(f"etcd {member.name} exited: {log[-2000:]}")
-                try:
-                    with urllib.request.urlopen(f"{member.client_url}/health", timeout=1) as r:
-                        if b'"true"' in r.read():
-                            break
-                except OSError:
-                    pass
+                if healthy(member.client_url, context):
+                    break
                 if time.monotonic() > deadline:
                     raise StoreError(f"etcd {member.name} not healthy after {timeout}s")
                 time.sleep(0.02)  # readiness poll of a starting process, not a test wait
@@ -188,3 +254,13 @@ class EtcdCluster:
     def stop(self) -> None:
         for name in list(self.processes):
             self.kill(name)
+
+
+def healthy(client_url: str, context: ssl.SSLContext | None) -> bool:
+    """Whether the member at ``client_url`` says it is healthy (``/health``; over https
+    with the client certificate in ``context``)."""
+    try:
+        with urllib.request.urlopen(f"{client_url}/health", timeout=1, context=context) as r:
+            return b'"true"' in r.read()
+    except OSError:
+        return False
