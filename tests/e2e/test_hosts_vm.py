@@ -128,8 +128,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _entries(state: Path, store: str) -> dict[str, dict[str, object]]:
-    shown = trustmesh("get", "workloadentry", "-n", "foo", "-o", "json", "--store", store,
+def _entries(state: Path) -> dict[str, dict[str, object]]:
+    shown = trustmesh("get", "workloadentry", "-n", "foo", "-o", "json", "--state", str(state),
                       state=state)  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     return {e["metadata"]["name"]: e for e in json.loads(shown.stdout)["items"]}
@@ -147,7 +147,6 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
 ) -> None:
     config, state = mesh
     cluster = json.loads((state / "cluster.json").read_text())
-    store = str(cluster["store"])
 
     # Refused by the replica, each with a clear error, nothing written (three hosts that
     # try at once: the replica checks each on its own).
@@ -178,7 +177,7 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
     for why, (home, process) in started.items():
         said = _refused(process, home)
         assert why in said, said
-    assert _entries(state, store) == {}
+    assert _entries(state) == {}
 
     home = tmp_path / "host-2"
     vm = _join(cluster, state, home, "host-2", "host-2", config, group="foo/vm")
@@ -193,7 +192,7 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
         assert ready, (home / "join.log").read_text(errors="replace")[-3000:]
 
         # Istio's name and annotations, owned by the group.
-        entries = _entries(state, store)
+        entries = _entries(state)
         assert len(entries) == 1
         name, entry = next(iter(entries.items()))
         address = entry["spec"]["address"]  # type: ignore[index]
@@ -229,7 +228,7 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
         # The group's probe passed on host 2 and said so: the entry's Healthy condition
         # (a health-checked entry is no ready endpoint before it).
         assert annotations["proxy.istio.io/health-checks-enabled"] == "true"
-        status = _entries(state, store)[name]["status"]
+        status = _entries(state)[name]["status"]
         healthy = [c["status"] for c in status["conditions"] if c["type"] == "Healthy"]  # type: ignore[index]
         assert healthy == ["True"]
     finally:
@@ -238,6 +237,6 @@ def test_a_vm_auto_registered_on_host_2_is_the_service_endpoint_host_1_calls(
 
     # The host is gone: its entry leaves with its lease (5 s), and the endpoint with it.
     deadline = time.monotonic() + 20
-    while _entries(state, store) and time.monotonic() < deadline:
+    while _entries(state) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _entries(state, store) == {}
+    assert _entries(state) == {}

@@ -30,7 +30,6 @@ def test_ca_revoke_through_the_store_refuses_the_next_renewal_at_a_replica(
 ) -> None:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     CertificateAuthority.init(tmp_path / "ca", CaConfig(), now)
-    url = "etcd://" + ",".join(f"{h}:{p}" for h, p in etcd.endpoints)
 
     async def main() -> None:
         replica = Replica(tmp_path / "ca", etcd)
@@ -56,7 +55,7 @@ def test_ca_revoke_through_the_store_refuses_the_next_renewal_at_a_replica(
             assert wrong.returncode == 2 and "etcd://" in wrong.stderr
             assert await renewer.create_certificate(csr)
 
-            done = await asyncio.to_thread(_cli, "ca", "revoke", f"{serial:x}", "--store", url)
+            done = await asyncio.to_thread(_cli, "ca", "revoke", f"{serial:x}", *etcd.store_args())
             assert done.returncode == 0, done.stderr
             found = re.fullmatch(rf"revoked {serial:x} \(store revision (\d+)\)\n", done.stdout)
             assert found is not None, done.stdout

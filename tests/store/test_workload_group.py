@@ -27,7 +27,6 @@ from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.runtime import debug_client
 from trustmesh.runtime.registration import RegistryClient
 from trustmesh.runtime.replica import registration_of
-from trustmesh.store.etcd_client import EtcdClient
 from trustmesh.store.etcd_server import EtcdCluster
 from trustmesh.store.etcd_store import EtcdResourceStore, WorkloadRegistry
 from trustmesh.store.model import ResourceKey, WorkloadHealth, WorkloadRecord
@@ -59,7 +58,7 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
     run(fill_store(etcd, tmp_path))
 
     async def prepare() -> None:
-        client = EtcdClient(etcd.endpoints)
+        client = etcd.client()
         try:
             await apply_text(
                 EtcdResourceStore(client), EXAMPLE.read_text() + "\n---\n" + HAND_MADE, tmp_path
@@ -68,11 +67,10 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
             await client.close()
 
     run(prepare())
-    url = "etcd://" + ",".join(f"{h}:{p}" for h, p in etcd.endpoints)
     with replicas(etcd, tmp_path, ["a", "b"], tmp_path / "ca") as (a, b):
 
         async def scenario() -> None:
-            client = EtcdClient(etcd.endpoints)
+            client = etcd.client()
             store = EtcdResourceStore(client)
 
             async def entries() -> list[str]:
@@ -156,12 +154,20 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
 
                 # `get workloadentry -n foo` lists it; its YAML is valid as an applied one.
                 shown = await asyncio.to_thread(
-                    _cli, "get", "workloadentry", "-n", "foo", "--store", url
+                    _cli, "get", "workloadentry", "-n", "foo", *etcd.store_args()
                 )
                 assert shown.returncode == 0, shown.stderr
                 assert "vm-127.0.0.31" in shown.stdout and "legacy-vm" in shown.stdout
                 as_yaml = await asyncio.to_thread(
-                    _cli, "get", "we", "vm-127.0.0.31", "-n", "foo", "-o", "yaml", "--store", url
+                    _cli,
+                    "get",
+                    "we",
+                    "vm-127.0.0.31",
+                    "-n",
+                    "foo",
+                    "-o",
+                    "yaml",
+                    *etcd.store_args(),
                 )
                 assert yaml.safe_load(as_yaml.stdout)["metadata"]["name"] == "vm-127.0.0.31"
                 written = tmp_path / "entry.yaml"
@@ -245,7 +251,7 @@ def test_a_vm_auto_registers_with_its_group_and_leaves_with_its_lease_and_group(
                 # Deleting the group deletes the entries it owns (and their records);
                 # a WorkloadEntry applied by hand stays.
                 deleted = await asyncio.to_thread(
-                    _cli, "delete", "workloadgroup", "vm", "-n", "foo", "--store", url
+                    _cli, "delete", "workloadgroup", "vm", "-n", "foo", *etcd.store_args()
                 )
                 assert deleted.returncode == 0, deleted.stderr
                 assert await entries() == ["legacy-vm"]
