@@ -171,22 +171,31 @@ def _credentials(tls: m.ClientTlsSettings, rule: Resource[Any], path: _Path) -> 
 
 
 def origination_tls(
-    mesh: MeshPolicy, gateway_namespace: str, entry_namespace: str, host: str, port: int
+    mesh: MeshPolicy,
+    client_namespace: str,
+    entry_namespace: str,
+    host: str,
+    port: int,
+    subset: str = "",
 ) -> UpstreamTls:
-    """The client TLS of a gateway's cluster to ServiceEntry ``host``:``port`` (Istio's
-    egress gateway with TLS origination): the rule :func:`origination_rule` picks, its
-    port-level ``tls`` first. ISTIO_MUTUAL: the gateway's mesh identity, SNI ``sni`` or
-    the mesh SNI, the server's URI SAN checked against ``subjectAltNames`` only; SIMPLE /
-    MUTUAL: SNI ``sni`` or the host, the certificate must name ``subjectAltNames`` or,
-    without them, the host (Istio's ``VERIFY_CERTIFICATE_AT_CLIENT``)."""
-    key = (gateway_namespace, entry_namespace, host, port)
+    """The client TLS of a proxy's cluster to ServiceEntry ``host``:``port`` (its
+    ``subset`` cluster, when named) — a gateway's (Istio's egress gateway with TLS
+    origination) or a sidecar's (Istio's "egress TLS origination"): the rule
+    :func:`origination_rule` picks for the proxy's namespace, its port-level ``tls``
+    first, a subset's own setting over the rule's. ISTIO_MUTUAL: the proxy's mesh
+    identity, SNI ``sni`` or the mesh SNI, the server's URI SAN checked against
+    ``subjectAltNames`` only; SIMPLE / MUTUAL: SNI ``sni`` or the host, the certificate
+    must name ``subjectAltNames`` or, without them, the host (Istio's
+    ``VERIFY_CERTIFICATE_AT_CLIENT`` with ``ENABLE_AUTO_SNI``, both on by default), checked
+    against ``caCertificates`` or else the system CA bundle."""
+    key = (client_namespace, entry_namespace, host, port, subset)
     return _ORIGINATION_TLS.get(mesh, key)
 
 
-def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int]) -> UpstreamTls:
-    gateway_namespace, entry_namespace, host, port = key
-    rule = origination_rule(mesh, gateway_namespace, entry_namespace, host)
-    found = _origination_setting(rule, port) if rule is not None else None
+def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int, str]) -> UpstreamTls:
+    client_namespace, entry_namespace, host, port, subset = key
+    rule = origination_rule(mesh, client_namespace, entry_namespace, host)
+    found = _cluster_tls_setting(rule, port, subset) if rule is not None else None
     if rule is None or found is None:
         return UpstreamTls(UpstreamMode.PLAINTEXT)
     tls, path = found
@@ -196,7 +205,7 @@ def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int]) -> Upstre
     if tls.mode is m.TlsMode.ISTIO_MUTUAL:
         return UpstreamTls(
             UpstreamMode.ISTIO_MUTUAL,
-            sni=tls.sni or mesh_sni(port, host),
+            sni=tls.sni or mesh_sni(port, host, subset if _subset(rule, subset) else ""),
             subject_alt_names=tuple(tls.subject_alt_names),
             rule=ref,
             location=location,
@@ -211,8 +220,67 @@ def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int]) -> Upstre
     )
 
 
-# (gateway namespace, ServiceEntry namespace, host, port) → the gateway cluster's TLS.
-_ORIGINATION_TLS: Derived[MeshPolicy, tuple[str, str, str, int], UpstreamTls] = Derived(
+def sidecar_origination_problem(upstream: UpstreamTls) -> str | None:
+    """Why a sidecar cannot originate ``upstream`` (SIMPLE / MUTUAL), or None.
+
+    ``credentialName``: istiod builds no TLS for it at a sidecar unless the
+    DestinationRule has a ``workloadSelector`` (``buildUpstreamClusterTLSContext``: the
+    cluster is left in plaintext), and trustmesh does not model selector-scoped rules, so
+    the cluster is left out instead (503, never plaintext). MUTUAL without
+    ``clientCertificate`` and ``privateKey`` has no key pair to present."""
+    tls = upstream.credentials
+    if upstream.mode not in (UpstreamMode.SIMPLE, UpstreamMode.MUTUAL) or tls is None:
+        return None
+    if tls.credential_name:
+        return (
+            f"tls.credentialName {tls.credential_name} is not applied at sidecars (istiod"
+            " reads it there only for a DestinationRule with a workloadSelector, which"
+            " trustmesh does not model, and would otherwise send plaintext): give"
+            " caCertificates (and clientCertificate / privateKey for MUTUAL) files, or"
+            " originate TLS at an egress gateway"
+        )
+    if upstream.mode is UpstreamMode.MUTUAL and not (tls.certificate_chain and tls.private_key):
+        return "tls.mode MUTUAL needs clientCertificate and privateKey at a sidecar"
+    return None
+
+
+def app_speaks_tls(name: str, protocol: str) -> bool:
+    """Does the application speak TLS on this port itself (``TLS`` / ``HTTPS``)?"""
+    return app_protocol(name, protocol) in ("tls", "https")
+
+
+def describe_origination(upstream: UpstreamTls, host: str) -> str:
+    """How a sidecar's request to ServiceEntry ``host`` leaves it, in words."""
+    if upstream.mode is UpstreamMode.PLAINTEXT:
+        if upstream.rule:
+            return f"it leaves the sidecar in plaintext ({upstream.why})"
+        return "it leaves the sidecar as the application sent it (no DestinationRule sets TLS)"
+    if upstream.mode is UpstreamMode.ISTIO_MUTUAL:
+        return f"the sidecar sends it over mesh mTLS, SNI {upstream.sni} ({upstream.why})"
+    tls = upstream.credentials
+    assert tls is not None
+    problem = sidecar_origination_problem(upstream)
+    if problem is not None:
+        return f"the sidecar has no cluster for it (503): {problem} ({upstream.why})"
+    if not tls.verify:
+        check = "without checking its certificate (insecureSkipVerify)"
+    else:
+        ca = tls.ca_file or "the system CA bundle"
+        names = ", ".join(upstream.subject_alt_names) or host
+        check = f"checking its certificate against {ca} for {names}"
+    client = (
+        f", presenting the client certificate {tls.certificate_chain}"
+        if upstream.mode is UpstreamMode.MUTUAL
+        else ""
+    )
+    return (
+        f"the sidecar originates TLS ({upstream.why}): SNI {upstream.sni}, {check}{client};"
+        f" {host} sees the sidecar's request"
+    )
+
+
+# (proxy namespace, ServiceEntry namespace, host, port, subset) → the cluster's TLS.
+_ORIGINATION_TLS: Derived[MeshPolicy, tuple[str, str, str, int, str], UpstreamTls] = Derived(
     "origination TLS", _origination_tls
 )
 
@@ -241,20 +309,6 @@ def _entry_rule_matches(pattern: str, host: str) -> bool:
     if pattern in ("*", host):
         return True
     return pattern.startswith("*.") and host.endswith(pattern[1:])
-
-
-def _origination_setting(
-    rule: Resource[Any], port: int
-) -> tuple[m.ClientTlsSettings, _Path] | None:
-    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
-    if policy is None:
-        return None
-    for i, level in enumerate(policy.port_level_settings):
-        if level.port is not None and level.port.number == port and level.tls is not None:
-            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
-    if policy.tls is not None:
-        return policy.tls, ("trafficPolicy", "tls")
-    return None
 
 
 # (client namespace, service namespace, service name, port, subset) → its client TLS.
@@ -839,7 +893,23 @@ def egress_decision(
         )
     known = registry_entry(mesh, host, source.namespace)
     if known:
-        return Verdict.ALLOW, ok_status, f"{host} is in the service registry ({known})"
+        reason = f"{host} is in the service registry ({known})"
+        port = _egress_port(request) or (80 if is_http else None)
+        entry_port = _entry_port(mesh, known, port) if port is not None else None
+        if entry_port is not None and port is not None:
+            entry_namespace = known.removeprefix("ServiceEntry ").split("/", 1)[0]
+            upstream = origination_tls(mesh, source.namespace, entry_namespace, host, port)
+            if sidecar_origination_problem(upstream) is not None and not app_speaks_tls(
+                entry_port.name, entry_port.protocol
+            ):
+                return (
+                    Verdict.DENY,
+                    503 if is_http else None,
+                    (f"{reason}; {describe_origination(upstream, host)}"),
+                )
+            if upstream.mode is not UpstreamMode.PLAINTEXT or upstream.rule:
+                reason = f"{reason}; {describe_origination(upstream, host)}"
+        return Verdict.ALLOW, ok_status, reason
     from trustmesh.policy.routing import sidecar_mesh_routes  # (routing imports this module)
 
     routed = sidecar_mesh_routes(mesh).for_host(host, source.namespace)
@@ -876,6 +946,18 @@ def egress_decision(
             " sends the connection to BlackHoleCluster, which closes it",
         )
     return Verdict.RESET, None, f"{host} is unknown under REGISTRY_ONLY: connection reset"
+
+
+def _entry_port(mesh: MeshPolicy, known: str, port: int) -> m.ServicePort | None:
+    """The port ``port`` of the ServiceEntry ``known`` names (``ServiceEntry ns/name``)."""
+    if not known.startswith("ServiceEntry "):
+        return None
+    namespace, _, name = known.removeprefix("ServiceEntry ").partition("/")
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        if entry.namespace == namespace and entry.name == name:
+            ports: tuple[m.ServicePort, ...] = entry.spec.ports
+            return next((p for p in ports if p.number == port), None)
+    return None
 
 
 def _egress_port(request: Request) -> int | None:
