@@ -185,9 +185,10 @@ def origination_tls(
     first, a subset's own setting over the rule's. ISTIO_MUTUAL: the proxy's mesh
     identity, SNI ``sni`` or the mesh SNI, the server's URI SAN checked against
     ``subjectAltNames`` only; SIMPLE / MUTUAL: SNI ``sni`` or the host, the certificate
-    must name ``subjectAltNames`` or, without them, the host (Istio's
-    ``VERIFY_CERTIFICATE_AT_CLIENT`` with ``ENABLE_AUTO_SNI``, both on by default), checked
-    against ``caCertificates`` or else the system CA bundle."""
+    must name ``subjectAltNames`` or, without them and without ``sni``, the host (Istio's
+    auto SAN validation with ``ENABLE_AUTO_SNI`` and ``VERIFY_CERTIFICATE_AT_CLIENT``, on by
+    default; an explicit ``sni`` turns it off), checked against ``caCertificates`` or else
+    the system CA bundle."""
     key = (client_namespace, entry_namespace, host, port, subset)
     return _ORIGINATION_TLS.get(mesh, key)
 
@@ -213,7 +214,8 @@ def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int, str]) -> U
     return UpstreamTls(
         UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
         sni=tls.sni or host,
-        subject_alt_names=tuple(tls.subject_alt_names or (host,)),
+        # Istio's auto SAN validation (the SNI it derives) only when no `sni` is given
+        subject_alt_names=tuple(tls.subject_alt_names or (() if tls.sni else (host,))),
         credentials=_credentials(tls, rule, path),
         rule=ref,
         location=location,
