@@ -86,6 +86,10 @@ class UpstreamTls:
     credentials: TlsCredentials | None = None
     rule: str = ""
     location: Location | None = None
+    # SIMPLE / MUTUAL to a wildcard host without `sni`: the SNI (and, checking the server,
+    # the name its certificate must carry) is each request's Host, Envoy's `auto_sni` /
+    # `auto_san_validation` (Istio's ENABLE_AUTO_SNI)
+    auto_sni: bool = False
 
     @property
     def why(self) -> str:
@@ -211,14 +215,17 @@ def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int, str]) -> U
             rule=ref,
             location=location,
         )
+    auto = not tls.sni and host.startswith("*")
+    automatic = () if tls.sni or auto else (host,)
     return UpstreamTls(
         UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
-        sni=tls.sni or host,
+        sni="" if auto else tls.sni or host,
         # Istio's auto SAN validation (the SNI it derives) only when no `sni` is given
-        subject_alt_names=tuple(tls.subject_alt_names or (() if tls.sni else (host,))),
+        subject_alt_names=tuple(tls.subject_alt_names or automatic),
         credentials=_credentials(tls, rule, path),
         rule=ref,
         location=location,
+        auto_sni=auto,
     )
 
 
@@ -268,15 +275,21 @@ def describe_origination(upstream: UpstreamTls, host: str) -> str:
         check = "without checking its certificate (insecureSkipVerify)"
     else:
         ca = tls.ca_file or "the system CA bundle"
-        names = ", ".join(upstream.subject_alt_names) or host
-        check = f"checking its certificate against {ca} for {names}"
+        if upstream.subject_alt_names:
+            names = " for " + ", ".join(upstream.subject_alt_names)
+        elif upstream.auto_sni:
+            names = " for the request's Host"
+        else:
+            names = " (any name: an explicit sni turns the automatic name check off)"
+        check = f"checking its certificate against {ca}{names}"
+    sni = "the request's Host" if upstream.auto_sni else upstream.sni
     client = (
         f", presenting the client certificate {tls.certificate_chain}"
         if upstream.mode is UpstreamMode.MUTUAL
         else ""
     )
     return (
-        f"the sidecar originates TLS ({upstream.why}): SNI {upstream.sni}, {check}{client};"
+        f"the sidecar originates TLS ({upstream.why}): SNI {sni}, {check}{client};"
         f" {host} sees the sidecar's request"
     )
 

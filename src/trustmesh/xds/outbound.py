@@ -119,6 +119,7 @@ BLACKHOLE_CLUSTER = "BlackHoleCluster"
 PLACEHOLDER_ADDRESS = "127.0.0.254"
 MESH_CLIENT_ALPN = ("istio-peer-exchange", "istio")
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_MODE_ISTIO = {"tlsMode": "istio"}
 
@@ -345,6 +346,27 @@ def transport_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
     }
 
 
+def _auto_sni(cluster: dict[str, Any], upstream: UpstreamTls) -> None:
+    """SNI from each request's Host, and (checking the server) its certificate checked
+    for that name: Envoy's ``auto_sni`` / ``auto_san_validation``, as istiod sets them."""
+    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+        HTTP_OPTIONS_KEY,
+        {"@type": HTTP_OPTIONS_TYPE, "explicit_http_config": {"http_protocol_options": {}}},
+    )
+    if "upstream_http_protocol_options" in options:
+        return
+    options = options.copy()  # the HTTP/2 options dict is shared between clusters
+    verify = upstream.credentials is not None and upstream.credentials.verify
+    options["upstream_http_protocol_options"] = {
+        "auto_sni": True,
+        "auto_san_validation": verify and not upstream.subject_alt_names,
+    }
+    cluster["typed_extension_protocol_options"] = {
+        **cluster["typed_extension_protocol_options"],
+        HTTP_OPTIONS_KEY: options,
+    }
+
+
 def _mesh_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
     return {
         "name": _TLS_SOCKET,
@@ -400,6 +422,8 @@ def _entry_clusters(
                 if upstream.mode is not UpstreamMode.PLAINTEXT:
                     if sidecar_origination_problem(upstream) is None:
                         cluster["transport_socket"] = transport_socket(upstream, sds_cluster)
+                        if upstream.auto_sni:
+                            _auto_sni(cluster, upstream)
                     elif not app_speaks_tls(port.name, port.protocol):
                         continue  # fail closed: no cluster, 503
                 clusters.append(cluster)

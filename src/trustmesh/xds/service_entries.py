@@ -18,6 +18,7 @@ Shared by the sidecar's outbound clusters and the gateways'. Istio's rules
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from trustmesh.api import models as m
@@ -121,7 +122,8 @@ def entry_cluster(
         }
     protocol = port.protocol if port.protocol not in ("", "TCP", "UDP", "SCTP") else port.name
     if protocol.lower().split("-", 1)[0] in _HTTP2:
-        cluster["typed_extension_protocol_options"] = _HTTP2_OPTIONS
+        # a copy: a DestinationRule's traffic policy or auto SNI adds to it per cluster
+        cluster["typed_extension_protocol_options"] = copy.deepcopy(_HTTP2_OPTIONS)
     return cluster
 
 
