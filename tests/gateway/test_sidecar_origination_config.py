@@ -364,3 +364,40 @@ def test_authz_check_says_how_the_request_leaves_the_sidecar(
     decision = evaluate(mesh, request, now=time.time())
     assert (decision.verdict, decision.status) == (Verdict.ALLOW, 200)
     assert says in decision.reason
+
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: foo}
+spec:
+  selector: {app: db}
+  ports:
+  - {name: http, port: 8000}
+  - {name: https, port: 8443}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: foo}
+spec:
+  host: db
+  trafficPolicy:
+    tls: {mode: SIMPLE, credentialName: db-ca}
+"""
+
+
+def test_credential_name_for_a_service_is_refused_at_sidecars_too(tmp_path: Path) -> None:
+    loaded = load(tmp_path, SERVICE)
+    found = sorted(
+        (d.is_error, d.message.split("): ", 1)[1][:28])
+        for d in loaded.diagnostics
+        if d.code == "destination-rule-tls-not-at-sidecar"
+    )
+    assert found == [
+        (False, "port 8443 of Service foo/db "),
+        (True, "port 8000 of Service foo/db "),
+    ]
+    found_clusters = clusters(compile_mesh(loaded.snapshot, {}))
+    host = "db.foo.svc.cluster.local"
+    assert f"outbound|8000||{host}" not in found_clusters  # no plaintext way out: 503
+    assert "transport_socket" not in found_clusters[f"outbound|8443||{host}"]

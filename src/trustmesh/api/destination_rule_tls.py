@@ -17,7 +17,7 @@ Istio). Gateways read ``credentialName`` as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.diagnostics import Diagnostic, error, warning
 from trustmesh.api.gateway import exported_to
 from trustmesh.api.resources import Resource
-from trustmesh.api.snapshot import ConfigSnapshot
+from trustmesh.api.snapshot import ConfigSnapshot, Service
 
 __all__ = ["destination_rule_tls_problems"]
 
@@ -44,7 +44,11 @@ def destination_rule_tls_problems(snapshot: ConfigSnapshot) -> list[Diagnostic]:
         for tls, path, ports in _settings(rule.spec):
             out.extend(_admission(rule, tls, path))
             if tls.credential_name and tls.mode in (m.TlsMode.SIMPLE, m.TlsMode.MUTUAL):
-                out.extend(_at_sidecars(rule, tls, path, ports, entries, sidecar_namespaces))
+                out.extend(
+                    _at_sidecars(
+                        rule, tls, path, ports, snapshot.services, entries, sidecar_namespaces
+                    )
+                )
     return out
 
 
@@ -107,41 +111,54 @@ def _at_sidecars(
     tls: m.ClientTlsSettings,
     path: _Path,
     ports: _Ports,
+    services: Sequence[Service],
     entries: list[Resource[Any]],
     sidecar_namespaces: list[str],
 ) -> Iterator[Diagnostic]:
-    host = str(rule.spec.host).lower()
+    host = _fqdn(str(rule.spec.host).lower(), rule.namespace)
     seen_by = [n for n in sidecar_namespaces if rule.namespace == n or exported_to(rule, n)]
+    if not seen_by:
+        return
+    targets: list[tuple[str, str, str]] = []  # (which port, its name, its protocol)
+    for service in services:
+        if _matches(host, service.hostname):
+            targets.extend(
+                (f"port {p.port} of Service {service.namespace}/{service.name}", p.name, p.protocol)
+                for p in service.ports
+                if ports.covers(p.port)
+            )
     for entry in entries:
         spec: m.ServiceEntrySpec = entry.spec
         if not any(_matches(host, h.lower()) for h in spec.hosts):
             continue
         if not any(exported_to(entry, n) for n in seen_by):
             continue
-        for port in spec.ports:
-            if not ports.covers(port.number):
-                continue
-            what = (
-                f"sidecars do not apply credentialName (istiod reads it at a sidecar only for"
-                f" a DestinationRule with a workloadSelector, which trustmesh does not model,"
-                f" and otherwise leaves the cluster in plaintext): port {port.number} of"
-                f" ServiceEntry {entry.namespace}/{entry.name}"
+        targets.extend(
+            (f"port {p.number} of ServiceEntry {entry.namespace}/{entry.name}", p.name, p.protocol)
+            for p in spec.ports
+            if ports.covers(p.number)
+        )
+    location = rule.location(*path, "credentialName")
+    for target, name, protocol in targets:
+        what = (
+            "sidecars do not apply credentialName (istiod reads it at a sidecar only for a"
+            " DestinationRule with a workloadSelector, which trustmesh does not model, and"
+            f" otherwise leaves the cluster in plaintext): {target}"
+        )
+        if _speaks_tls(name, protocol):
+            yield warning(
+                "destination-rule-tls-not-at-sidecar",
+                location,
+                f"{what} carries the application's own TLS unchanged",
             )
-            location = rule.location(*path, "credentialName")
-            if _speaks_tls(port):
-                yield warning(
-                    "destination-rule-tls-not-at-sidecar",
-                    location,
-                    f"{what} carries the application's own TLS unchanged",
-                )
-            else:
-                yield error(
-                    "destination-rule-tls-not-at-sidecar",
-                    location,
-                    f"{what} would leave in plaintext: give caCertificates (and"
-                    " clientCertificate / privateKey for MUTUAL) files, or originate TLS at an"
-                    " egress gateway (the entry exported to its namespace only)",
-                )
+        else:
+            yield error(
+                "destination-rule-tls-not-at-sidecar",
+                location,
+                f"{what} would leave in plaintext: give caCertificates (and clientCertificate /"
+                " privateKey for MUTUAL) files, or originate TLS at an egress gateway (the entry"
+                " exported to its namespace only)",
+            )
 
 
 def _matches(pattern: str, host: str) -> bool:
@@ -150,6 +167,19 @@ def _matches(pattern: str, host: str) -> bool:
     return pattern.startswith("*.") and host.endswith(pattern[1:])
 
 
-def _speaks_tls(port: m.ServicePort) -> bool:
-    protocol = port.protocol if port.protocol not in _L4 else port.name
-    return protocol.lower().split("-", 1)[0] in ("tls", "https")
+def _speaks_tls(name: str, protocol: str) -> bool:
+    chosen = protocol if protocol not in _L4 else name
+    return chosen.lower().split("-", 1)[0] in ("tls", "https")
+
+
+def _fqdn(host: str, namespace: str) -> str:
+    """A DestinationRule host as istiod resolves it: a short name in the rule's
+    namespace, ``name.ns`` under ``svc.cluster.local``."""
+    if host.startswith("*"):
+        return host
+    parts = host.split(".")
+    if len(parts) == 1:
+        return f"{host}.{namespace}.svc.cluster.local"
+    if len(parts) == 2:
+        return f"{host}.svc.cluster.local"
+    return host

@@ -210,12 +210,14 @@ def outbound_clusters(
         workloads = _selected(mesh, service)
         subsets = destination_subsets(mesh, wp.workload.namespace, service)
         for sp in service.ports:
-            cluster = _service_cluster(
-                wp, mesh, service, sp, workloads, sds_cluster, addresses or {}
-            )
-            clusters.setdefault(cluster["name"], cluster)
-            for subset in subsets:
+            for subset in (None, *subsets):
                 # Istio builds a cluster per subset of the DestinationRule, used or not.
+                name = subset.name if subset is not None else ""
+                upstream = upstream_tls(mesh, wp.workload.namespace, service, sp.port, name)
+                if sidecar_origination_problem(upstream) is not None and not app_speaks_tls(
+                    sp.name, sp.protocol
+                ):
+                    continue  # TLS the sidecar cannot originate: no cluster (503), `validate` says
                 cluster = _service_cluster(
                     wp, mesh, service, sp, workloads, sds_cluster, addresses or {}, subset
                 )
@@ -290,8 +292,12 @@ def _service_cluster(
                 },
             },
         ]
-    elif upstream.mode is not UpstreamMode.PLAINTEXT:
+    elif upstream.mode is not UpstreamMode.PLAINTEXT and (
+        sidecar_origination_problem(upstream) is None
+    ):
         cluster["transport_socket"] = transport_socket(upstream, sds_cluster)
+    # else credentialName: the application's own TLS passes through (a TLS / HTTPS port,
+    # as istiod leaves it), or the caller leaves the cluster out (see outbound_clusters)
     policy = service_traffic_policy(
         mesh, wp.workload.namespace, service, sp.port, subset.name if subset else ""
     )
