@@ -305,7 +305,13 @@ def origination_rule(
 ) -> Resource[Any] | None:
     """The DestinationRule a proxy of ``client_namespace`` uses for ServiceEntry host
     ``host``: its own namespace, the entry's, the root namespace; exact before wildcard,
-    then the oldest; ``exportTo`` honoured (its own namespace's rules always apply)."""
+    then the oldest; ``exportTo`` honoured (its own namespace's rules always apply).
+    Remembered per mesh: every sidecar asks it for every ServiceEntry host."""
+    return _ORIGINATION_RULES.get(mesh, (client_namespace, entry_namespace, host))
+
+
+def _origination_rule(mesh: MeshPolicy, key: tuple[str, str, str]) -> Resource[Any] | None:
+    client_namespace, entry_namespace, host = key
     root = mesh.snapshot.mesh.root_namespace
     rules = [
         r
@@ -317,6 +323,11 @@ def origination_rule(
         if here:
             return min(here, key=lambda r: (str(r.spec.host).startswith("*"), r.age_key()))
     return None
+
+
+_ORIGINATION_RULES: Derived[MeshPolicy, tuple[str, str, str], Resource[Any] | None] = Derived(
+    "origination rules", _origination_rule
+)
 
 
 def _entry_rule_matches(pattern: str, host: str) -> bool:
