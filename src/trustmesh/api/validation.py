@@ -14,6 +14,7 @@ from typing import Any
 
 from trustmesh.api import models as m
 from trustmesh.api.conditions import KeyKind, condition_key
+from trustmesh.api.destination_rule_tls import destination_rule_tls_problems
 from trustmesh.api.diagnostics import Diagnostic, error, warning
 from trustmesh.api.extension_providers import custom_policy_diagnostics, provider_diagnostics
 from trustmesh.api.mesh_routes import mesh_route_diagnostics
@@ -33,6 +34,7 @@ def validate_snapshot(snapshot: ConfigSnapshot) -> list[Diagnostic]:
     out.extend(provider_diagnostics(snapshot))
     out.extend(custom_policy_diagnostics(snapshot))
     out.extend(mesh_route_diagnostics(snapshot))  # VirtualServices at sidecars
+    out.extend(destination_rule_tls_problems(snapshot))  # DestinationRule client TLS
     for r in (*snapshot.resources, *snapshot.replaced):
         if r.kind == "AuthorizationPolicy":
             out.extend(_authorization_policy(r))

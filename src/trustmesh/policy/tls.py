@@ -16,7 +16,7 @@ DestinationRule says so. The evaluator (:func:`client_tls`) reads it for one req
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trustmesh.api import models as m
@@ -54,6 +54,19 @@ class UpstreamMode(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class FieldRef:
+    """A field of a resource, its :class:`Location` looked up only when asked: finding a
+    line composes the YAML document (about 0.5 ms), and most decisions are never shown."""
+
+    resource: Resource[Any]
+    path: tuple[str | int, ...]
+
+    @property
+    def location(self) -> Location:
+        return self.resource.location(*self.path)
+
+
+@dataclass(frozen=True, slots=True)
 class TlsCredentials:
     """Where SIMPLE / MUTUAL TLS takes its keys from: an SDS secret named by
     ``credentialName`` (key pair ``name``, CA ``name-cacert``), else files."""
@@ -63,8 +76,16 @@ class TlsCredentials:
     private_key: str = ""  # file
     ca_file: str = ""  # "" with ``verify``: the system CA bundle
     verify: bool = True  # False: insecureSkipVerify
-    credential_location: Location | None = None  # the rule's ``tls.credentialName``
-    mode_location: Location | None = None  # the rule's ``tls.mode``
+    credential_field: FieldRef | None = field(default=None, compare=False)  # credentialName
+    mode_field: FieldRef | None = field(default=None, compare=False)  # the rule's ``tls.mode``
+
+    @property
+    def credential_location(self) -> Location | None:
+        return self.credential_field.location if self.credential_field is not None else None
+
+    @property
+    def mode_location(self) -> Location | None:
+        return self.mode_field.location if self.mode_field is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +106,16 @@ class UpstreamTls:
     subject_alt_names: tuple[str, ...] = ()
     credentials: TlsCredentials | None = None
     rule: str = ""
-    location: Location | None = None
+    setting: FieldRef | None = field(default=None, compare=False)  # the deciding ``tls``
+    # SIMPLE / MUTUAL to a wildcard host without `sni`: the SNI (and, checking the server,
+    # the name its certificate must carry) is each request's Host, Envoy's `auto_sni` /
+    # `auto_san_validation` (Istio's ENABLE_AUTO_SNI)
+    auto_sni: bool = False
+
+    @property
+    def location(self) -> Location | None:
+        """Where the deciding ``tls`` is written (looked up when asked)."""
+        return self.setting.location if self.setting is not None else None
 
     @property
     def why(self) -> str:
@@ -135,9 +165,9 @@ def _upstream_tls(
         )
     assert rule is not None
     tls, path = found
-    ref, location = f"{rule.namespace}/{rule.name}", rule.location(*path)
+    ref, location = f"{rule.namespace}/{rule.name}", FieldRef(rule, path)
     if tls.mode is m.TlsMode.DISABLE:
-        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, location=location)
+        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, setting=location)
     if tls.mode is m.TlsMode.ISTIO_MUTUAL:
         # `sni` overrides the mesh SNI (Istio's egress gateway task names the external host)
         sni = tls.sni or (mesh_sni(port, service.hostname, sni_subset) if port is not None else "")
@@ -146,7 +176,7 @@ def _upstream_tls(
             sni=sni,
             peer_ids=_peer_ids(mesh, service),
             rule=ref,
-            location=location,
+            setting=location,
         )
     return UpstreamTls(
         UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
@@ -154,7 +184,7 @@ def _upstream_tls(
         subject_alt_names=tuple(tls.subject_alt_names),
         credentials=_credentials(tls, rule, path),
         rule=ref,
-        location=location,
+        setting=location,
     )
 
 
@@ -165,54 +195,133 @@ def _credentials(tls: m.ClientTlsSettings, rule: Resource[Any], path: _Path) -> 
         private_key=tls.private_key,
         ca_file=tls.ca_certificates,
         verify=tls.insecure_skip_verify is not True,
-        credential_location=rule.location(*path, "credentialName"),
-        mode_location=rule.location(*path, "mode"),
+        credential_field=FieldRef(rule, (*path, "credentialName")),
+        mode_field=FieldRef(rule, (*path, "mode")),
     )
 
 
 def origination_tls(
-    mesh: MeshPolicy, gateway_namespace: str, entry_namespace: str, host: str, port: int
+    mesh: MeshPolicy,
+    client_namespace: str,
+    entry_namespace: str,
+    host: str,
+    port: int,
+    subset: str = "",
 ) -> UpstreamTls:
-    """The client TLS of a gateway's cluster to ServiceEntry ``host``:``port`` (Istio's
-    egress gateway with TLS origination): the rule :func:`origination_rule` picks, its
-    port-level ``tls`` first. ISTIO_MUTUAL: the gateway's mesh identity, SNI ``sni`` or
-    the mesh SNI, the server's URI SAN checked against ``subjectAltNames`` only; SIMPLE /
-    MUTUAL: SNI ``sni`` or the host, the certificate must name ``subjectAltNames`` or,
-    without them, the host (Istio's ``VERIFY_CERTIFICATE_AT_CLIENT``)."""
-    key = (gateway_namespace, entry_namespace, host, port)
+    """The client TLS of a proxy's cluster to ServiceEntry ``host``:``port`` (its
+    ``subset`` cluster, when named) — a gateway's (Istio's egress gateway with TLS
+    origination) or a sidecar's (Istio's "egress TLS origination"): the rule
+    :func:`origination_rule` picks for the proxy's namespace, its port-level ``tls``
+    first, a subset's own setting over the rule's. ISTIO_MUTUAL: the proxy's mesh
+    identity, SNI ``sni`` or the mesh SNI, the server's URI SAN checked against
+    ``subjectAltNames`` only; SIMPLE / MUTUAL: SNI ``sni`` or the host, the certificate
+    must name ``subjectAltNames`` or, without them and without ``sni``, the host (Istio's
+    auto SAN validation with ``ENABLE_AUTO_SNI`` and ``VERIFY_CERTIFICATE_AT_CLIENT``, on by
+    default; an explicit ``sni`` turns it off), checked against ``caCertificates`` or else
+    the system CA bundle."""
+    key = (client_namespace, entry_namespace, host, port, subset)
     return _ORIGINATION_TLS.get(mesh, key)
 
 
-def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int]) -> UpstreamTls:
-    gateway_namespace, entry_namespace, host, port = key
-    rule = origination_rule(mesh, gateway_namespace, entry_namespace, host)
-    found = _origination_setting(rule, port) if rule is not None else None
+def _origination_tls(mesh: MeshPolicy, key: tuple[str, str, str, int, str]) -> UpstreamTls:
+    client_namespace, entry_namespace, host, port, subset = key
+    rule = origination_rule(mesh, client_namespace, entry_namespace, host)
+    found = _cluster_tls_setting(rule, port, subset) if rule is not None else None
     if rule is None or found is None:
         return UpstreamTls(UpstreamMode.PLAINTEXT)
     tls, path = found
-    ref, location = f"{rule.namespace}/{rule.name}", rule.location(*path)
+    ref, location = f"{rule.namespace}/{rule.name}", FieldRef(rule, path)
     if tls.mode is m.TlsMode.DISABLE:
-        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, location=location)
+        return UpstreamTls(UpstreamMode.PLAINTEXT, rule=ref, setting=location)
     if tls.mode is m.TlsMode.ISTIO_MUTUAL:
         return UpstreamTls(
             UpstreamMode.ISTIO_MUTUAL,
-            sni=tls.sni or mesh_sni(port, host),
+            sni=tls.sni or mesh_sni(port, host, subset if _subset(rule, subset) else ""),
             subject_alt_names=tuple(tls.subject_alt_names),
             rule=ref,
-            location=location,
+            setting=location,
         )
+    auto = not tls.sni and host.startswith("*")
+    automatic = () if tls.sni or auto else (host,)
     return UpstreamTls(
         UpstreamMode.MUTUAL if tls.mode is m.TlsMode.MUTUAL else UpstreamMode.SIMPLE,
-        sni=tls.sni or host,
-        subject_alt_names=tuple(tls.subject_alt_names or (host,)),
+        sni="" if auto else tls.sni or host,
+        # Istio's auto SAN validation (the SNI it derives) only when no `sni` is given
+        subject_alt_names=tuple(tls.subject_alt_names or automatic),
         credentials=_credentials(tls, rule, path),
         rule=ref,
-        location=location,
+        setting=location,
+        auto_sni=auto,
     )
 
 
-# (gateway namespace, ServiceEntry namespace, host, port) → the gateway cluster's TLS.
-_ORIGINATION_TLS: Derived[MeshPolicy, tuple[str, str, str, int], UpstreamTls] = Derived(
+def sidecar_origination_problem(upstream: UpstreamTls) -> str | None:
+    """Why a sidecar cannot originate ``upstream`` (SIMPLE / MUTUAL), or None.
+
+    ``credentialName``: istiod builds no TLS for it at a sidecar unless the
+    DestinationRule has a ``workloadSelector`` (``buildUpstreamClusterTLSContext``: the
+    cluster is left in plaintext), and trustmesh does not model selector-scoped rules, so
+    the cluster is left out instead (503, never plaintext). MUTUAL without
+    ``clientCertificate`` and ``privateKey`` has no key pair to present."""
+    tls = upstream.credentials
+    if upstream.mode not in (UpstreamMode.SIMPLE, UpstreamMode.MUTUAL) or tls is None:
+        return None
+    if tls.credential_name:
+        return (
+            f"tls.credentialName {tls.credential_name} is not applied at sidecars (istiod"
+            " reads it there only for a DestinationRule with a workloadSelector, which"
+            " trustmesh does not model, and would otherwise send plaintext): give"
+            " caCertificates (and clientCertificate / privateKey for MUTUAL) files, or"
+            " originate TLS at an egress gateway"
+        )
+    if upstream.mode is UpstreamMode.MUTUAL and not (tls.certificate_chain and tls.private_key):
+        return "tls.mode MUTUAL needs clientCertificate and privateKey at a sidecar"
+    return None
+
+
+def app_speaks_tls(name: str, protocol: str) -> bool:
+    """Does the application speak TLS on this port itself (``TLS`` / ``HTTPS``)?"""
+    return app_protocol(name, protocol) in ("tls", "https")
+
+
+def describe_origination(upstream: UpstreamTls, host: str) -> str:
+    """How a sidecar's request to ServiceEntry ``host`` leaves it, in words."""
+    if upstream.mode is UpstreamMode.PLAINTEXT:
+        if upstream.rule:
+            return f"it leaves the sidecar in plaintext ({upstream.why})"
+        return "it leaves the sidecar as the application sent it (no DestinationRule sets TLS)"
+    if upstream.mode is UpstreamMode.ISTIO_MUTUAL:
+        return f"the sidecar sends it over mesh mTLS, SNI {upstream.sni} ({upstream.why})"
+    tls = upstream.credentials
+    assert tls is not None
+    problem = sidecar_origination_problem(upstream)
+    if problem is not None:
+        return f"the sidecar has no cluster for it (503): {problem} ({upstream.why})"
+    if not tls.verify:
+        check = "without checking its certificate (insecureSkipVerify)"
+    else:
+        ca = tls.ca_file or "the system CA bundle"
+        if upstream.subject_alt_names:
+            names = " for " + ", ".join(upstream.subject_alt_names)
+        elif upstream.auto_sni:
+            names = " for the request's Host"
+        else:
+            names = " (any name: an explicit sni turns the automatic name check off)"
+        check = f"checking its certificate against {ca}{names}"
+    sni = "the request's Host" if upstream.auto_sni else upstream.sni
+    client = (
+        f", presenting the client certificate {tls.certificate_chain}"
+        if upstream.mode is UpstreamMode.MUTUAL
+        else ""
+    )
+    return (
+        f"the sidecar originates TLS ({upstream.why}): SNI {sni}, {check}{client};"
+        f" {host} sees the sidecar's request"
+    )
+
+
+# (proxy namespace, ServiceEntry namespace, host, port, subset) → the cluster's TLS.
+_ORIGINATION_TLS: Derived[MeshPolicy, tuple[str, str, str, int, str], UpstreamTls] = Derived(
     "origination TLS", _origination_tls
 )
 
@@ -222,12 +331,19 @@ def origination_rule(
 ) -> Resource[Any] | None:
     """The DestinationRule a proxy of ``client_namespace`` uses for ServiceEntry host
     ``host``: its own namespace, the entry's, the root namespace; exact before wildcard,
-    then the oldest; ``exportTo`` honoured (its own namespace's rules always apply)."""
+    then the oldest; ``exportTo`` honoured (its own namespace's rules always apply).
+    Remembered per mesh: every sidecar asks it for every ServiceEntry host."""
+    return _ORIGINATION_RULES.get(mesh, (client_namespace, entry_namespace, host))
+
+
+def _origination_rule(mesh: MeshPolicy, key: tuple[str, str, str]) -> Resource[Any] | None:
+    client_namespace, entry_namespace, host = key
     root = mesh.snapshot.mesh.root_namespace
-    rules = [
+    exact, wildcards = _ENTRY_RULE_INDEX.get(mesh, None)
+    rules: list[Resource[Any]] = [
         r
-        for r in mesh.snapshot.of_kind("DestinationRule")
-        if _visible(r, client_namespace) and _entry_rule_matches(r.spec.host, host)
+        for r in (*exact.get(host, ()), *wildcards)
+        if _entry_rule_matches(r.spec.host, host) and _visible(r, client_namespace)
     ]
     for namespace in dict.fromkeys((client_namespace, entry_namespace, root)):
         here = [r for r in rules if r.namespace == namespace]
@@ -236,25 +352,37 @@ def origination_rule(
     return None
 
 
+_ORIGINATION_RULES: Derived[MeshPolicy, tuple[str, str, str], Resource[Any] | None] = Derived(
+    "origination rules", _origination_rule
+)
+
+_EntryRuleIndex = tuple[dict[str, list[Resource[Any]]], list[Resource[Any]]]
+
+
+def _entry_rule_index(mesh: MeshPolicy, _: None) -> _EntryRuleIndex:
+    """DestinationRules by the host they name as written (lowercase), and the wildcard
+    ones: what :func:`origination_rule` looks a ServiceEntry host up in."""
+    exact: dict[str, list[Resource[Any]]] = {}
+    wildcards: list[Resource[Any]] = []
+    for rule in mesh.snapshot.of_kind("DestinationRule"):
+        host = str(rule.spec.host).lower()
+        if host.startswith("*"):
+            wildcards.append(rule)
+        else:
+            exact.setdefault(host, []).append(rule)
+    return exact, wildcards
+
+
+_ENTRY_RULE_INDEX: Derived[MeshPolicy, None, _EntryRuleIndex] = Derived(
+    "entry rule index", _entry_rule_index
+)
+
+
 def _entry_rule_matches(pattern: str, host: str) -> bool:
     pattern = pattern.lower()
     if pattern in ("*", host):
         return True
     return pattern.startswith("*.") and host.endswith(pattern[1:])
-
-
-def _origination_setting(
-    rule: Resource[Any], port: int
-) -> tuple[m.ClientTlsSettings, _Path] | None:
-    policy: m.TrafficPolicy | None = rule.spec.traffic_policy
-    if policy is None:
-        return None
-    for i, level in enumerate(policy.port_level_settings):
-        if level.port is not None and level.port.number == port and level.tls is not None:
-            return level.tls, ("trafficPolicy", "portLevelSettings", i, "tls")
-    if policy.tls is not None:
-        return policy.tls, ("trafficPolicy", "tls")
-    return None
 
 
 # (client namespace, service namespace, service name, port, subset) → its client TLS.
@@ -839,7 +967,23 @@ def egress_decision(
         )
     known = registry_entry(mesh, host, source.namespace)
     if known:
-        return Verdict.ALLOW, ok_status, f"{host} is in the service registry ({known})"
+        reason = f"{host} is in the service registry ({known})"
+        port = _egress_port(request) or (80 if is_http else None)
+        entry_port = _entry_port(mesh, known, port) if port is not None else None
+        if entry_port is not None and port is not None:
+            entry_namespace = known.removeprefix("ServiceEntry ").split("/", 1)[0]
+            upstream = origination_tls(mesh, source.namespace, entry_namespace, host, port)
+            if sidecar_origination_problem(upstream) is not None and not app_speaks_tls(
+                entry_port.name, entry_port.protocol
+            ):
+                return (
+                    Verdict.DENY,
+                    503 if is_http else None,
+                    (f"{reason}; {describe_origination(upstream, host)}"),
+                )
+            if upstream.mode is not UpstreamMode.PLAINTEXT or upstream.rule:
+                reason = f"{reason}; {describe_origination(upstream, host)}"
+        return Verdict.ALLOW, ok_status, reason
     from trustmesh.policy.routing import sidecar_mesh_routes  # (routing imports this module)
 
     routed = sidecar_mesh_routes(mesh).for_host(host, source.namespace)
@@ -876,6 +1020,18 @@ def egress_decision(
             " sends the connection to BlackHoleCluster, which closes it",
         )
     return Verdict.RESET, None, f"{host} is unknown under REGISTRY_ONLY: connection reset"
+
+
+def _entry_port(mesh: MeshPolicy, known: str, port: int) -> m.ServicePort | None:
+    """The port ``port`` of the ServiceEntry ``known`` names (``ServiceEntry ns/name``)."""
+    if not known.startswith("ServiceEntry "):
+        return None
+    namespace, _, name = known.removeprefix("ServiceEntry ").partition("/")
+    for entry in mesh.snapshot.of_kind("ServiceEntry"):
+        if entry.namespace == namespace and entry.name == name:
+            ports: tuple[m.ServicePort, ...] = entry.spec.ports
+            return next((p for p in ports if p.number == port), None)
+    return None
 
 
 def _egress_port(request: Request) -> int | None:

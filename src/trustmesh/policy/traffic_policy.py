@@ -89,9 +89,15 @@ def service_traffic_policy(
 
 
 def origination_traffic_policy(
-    mesh: MeshPolicy, gateway_namespace: str, entry_namespace: str, host: str, port: int
+    mesh: MeshPolicy,
+    proxy_namespace: str,
+    entry_namespace: str,
+    host: str,
+    port: int,
+    subset: str = "",
 ) -> ClusterTrafficPolicy | None:
-    """The policy of a gateway's cluster to ServiceEntry ``host``:``port``; None when no
-    DestinationRule names the host (the rule its TLS origination comes from)."""
-    rule = origination_rule(mesh, gateway_namespace, entry_namespace, host)
-    return cluster_traffic_policy(rule.spec, port) if rule is not None else None
+    """The policy of a gateway's or sidecar's cluster to ServiceEntry ``host``:``port``
+    (its ``subset`` one, when named); None when no DestinationRule names the host (the
+    rule its TLS origination comes from)."""
+    rule = origination_rule(mesh, proxy_namespace, entry_namespace, host)
+    return cluster_traffic_policy(rule.spec, port, subset or None) if rule is not None else None

@@ -20,7 +20,7 @@ gateway (``pilot/pkg/networking/core/cluster_builder.go``, ``cluster_tls.go``):
     ``credentialName`` (Secret ``NAME-cacert``, else ``NAME``'s ``ca.crt``, served over
     ADS from the gateway's namespace as ``kubernetes://NAME-cacert``), or
     ``caCertificates``, or the system bundle; SNI ``sni`` or the host; the certificate
-    must name ``subjectAltNames`` or, without them, the host — Istio's
+    must name ``subjectAltNames`` or, without them and without ``sni``, the host — Istio's
     ``VERIFY_CERTIFICATE_AT_CLIENT`` auto SAN validation against the SNI, which at a
     gateway routing to the entry is the host; ``insecureSkipVerify: true`` checks nothing;
   - MUTUAL: SIMPLE plus the client certificate of ``credentialName`` (``tls.crt`` /

@@ -37,9 +37,14 @@ rule a client's namespace uses (as Istio builds them, routed to or not), holding
 endpoints whose workloads carry the subset's labels, with the subset's traffic policy
 (TLS, connection pool, outlier detection) merged over the rule's.
 
+ServiceEntry hosts take the DestinationRule for the host as a gateway does (Istio's
+"egress TLS origination" at the sidecar): its traffic policy, its client TLS from files
+(``credentialName`` is not applied at sidecars: such a cluster is left out, see
+:func:`_entry_clusters`), and a cluster per subset with the entry's endpoints filtered by
+their ``labels``.
+
 Not built here: load-balancer settings, Sidecar ``egress`` host scoping, ServiceEntry
-``workloadSelector``, DestinationRules for ServiceEntry hosts at a sidecar (a gateway's:
-:mod:`trustmesh.xds.gateway_egress`).
+``workloadSelector``.
 
 This module also holds the pieces the inbound side shares (socket addresses, SDS secret
 references, protocol detection, STATIC clusters).
@@ -70,13 +75,17 @@ from trustmesh.policy.tls import (
     UpstreamMode,
     UpstreamTls,
     app_protocol,
+    app_speaks_tls,
     destination_subsets,
+    origination_rule,
+    origination_tls,
     proxied_as_tcp,
     service_workloads,
+    sidecar_origination_problem,
     speaks_mesh_mtls,
     upstream_tls,
 )
-from trustmesh.policy.traffic_policy import service_traffic_policy
+from trustmesh.policy.traffic_policy import origination_traffic_policy, service_traffic_policy
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
 from trustmesh.xds.traffic_policy import apply_traffic_policy
@@ -110,6 +119,7 @@ BLACKHOLE_CLUSTER = "BlackHoleCluster"
 PLACEHOLDER_ADDRESS = "127.0.0.254"
 MESH_CLIENT_ALPN = ("istio-peer-exchange", "istio")
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_MODE_ISTIO = {"tlsMode": "istio"}
 
@@ -200,18 +210,20 @@ def outbound_clusters(
         workloads = _selected(mesh, service)
         subsets = destination_subsets(mesh, wp.workload.namespace, service)
         for sp in service.ports:
-            cluster = _service_cluster(
-                wp, mesh, service, sp, workloads, sds_cluster, addresses or {}
-            )
-            clusters.setdefault(cluster["name"], cluster)
-            for subset in subsets:
+            for subset in (None, *subsets):
                 # Istio builds a cluster per subset of the DestinationRule, used or not.
+                name = subset.name if subset is not None else ""
+                upstream = upstream_tls(mesh, wp.workload.namespace, service, sp.port, name)
+                if sidecar_origination_problem(upstream) is not None and not app_speaks_tls(
+                    sp.name, sp.protocol
+                ):
+                    continue  # TLS the sidecar cannot originate: no cluster (503), `validate` says
                 cluster = _service_cluster(
                     wp, mesh, service, sp, workloads, sds_cluster, addresses or {}, subset
                 )
                 clusters.setdefault(cluster["name"], cluster)
     for entry in visible_entries(mesh, wp.workload.namespace):
-        for cluster in _entry_clusters(entry):
+        for cluster in _entry_clusters(mesh, wp.workload.namespace, entry, sds_cluster):
             clusters.setdefault(cluster["name"], cluster)
     return [clusters[name] for name in sorted(clusters)]
 
@@ -280,8 +292,12 @@ def _service_cluster(
                 },
             },
         ]
-    elif upstream.mode is not UpstreamMode.PLAINTEXT:
+    elif upstream.mode is not UpstreamMode.PLAINTEXT and (
+        sidecar_origination_problem(upstream) is None
+    ):
         cluster["transport_socket"] = transport_socket(upstream, sds_cluster)
+    # else credentialName: the application's own TLS passes through (a TLS / HTTPS port,
+    # as istiod leaves it), or the caller leaves the cluster out (see outbound_clusters)
     policy = service_traffic_policy(
         mesh, wp.workload.namespace, service, sp.port, subset.name if subset else ""
     )
@@ -300,7 +316,7 @@ def transport_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
     # SIMPLE / MUTUAL: TLS the application would otherwise originate, with the rule's keys.
     common: dict[str, Any] = {"tls_params": {"tls_maximum_protocol_version": "TLSv1_3"}}
     validation: dict[str, Any] = {}
-    if upstream.subject_alt_names:
+    if upstream.subject_alt_names and credentials.verify:  # insecureSkipVerify: no SAN either
         validation["match_typed_subject_alt_names"] = [
             {"san_type": kind, "matcher": {"exact": san}}
             for san in upstream.subject_alt_names
@@ -336,6 +352,27 @@ def transport_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
     }
 
 
+def _auto_sni(cluster: dict[str, Any], upstream: UpstreamTls) -> None:
+    """SNI from each request's Host, and (checking the server) its certificate checked
+    for that name: Envoy's ``auto_sni`` / ``auto_san_validation``, as istiod sets them."""
+    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+        HTTP_OPTIONS_KEY,
+        {"@type": HTTP_OPTIONS_TYPE, "explicit_http_config": {"http_protocol_options": {}}},
+    )
+    if "upstream_http_protocol_options" in options:
+        return
+    options = options.copy()  # the HTTP/2 options dict is shared between clusters
+    verify = upstream.credentials is not None and upstream.credentials.verify
+    options["upstream_http_protocol_options"] = {
+        "auto_sni": True,
+        "auto_san_validation": verify and not upstream.subject_alt_names,
+    }
+    cluster["typed_extension_protocol_options"] = {
+        **cluster["typed_extension_protocol_options"],
+        HTTP_OPTIONS_KEY: options,
+    }
+
+
 def _mesh_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
     return {
         "name": _TLS_SOCKET,
@@ -349,19 +386,54 @@ def _mesh_socket(upstream: UpstreamTls, sds_cluster: str) -> dict[str, Any]:
                 },
                 "alpn_protocols": list(MESH_CLIENT_ALPN),
                 "tls_certificate_sds_secret_configs": [sds_secret(CERTIFICATE_SECRET, sds_cluster)],
-                "combined_validation_context": mesh_validation(sds_cluster, upstream.peer_ids),
+                "combined_validation_context": mesh_validation(
+                    sds_cluster, upstream.peer_ids or upstream.subject_alt_names
+                ),
             },
         },
     }
 
 
-def _entry_clusters(entry: Resource[Any]) -> list[dict[str, Any]]:
+def _entry_clusters(
+    mesh: MeshPolicy, client_namespace: str, entry: Resource[Any], sds_cluster: str
+) -> list[dict[str, Any]]:
+    """A sidecar's clusters of a ServiceEntry: per host and port, and per subset of the
+    DestinationRule for the host (:func:`trustmesh.policy.tls.origination_rule`), with
+    that rule's traffic policy and client TLS (Istio's "egress TLS origination": SIMPLE /
+    MUTUAL from the rule's files, the server checked against ``caCertificates`` or the
+    system bundle and the host or ``subjectAltNames``). A TLS the sidecar cannot
+    originate (:func:`sidecar_origination_problem`: ``credentialName``) leaves the
+    cluster out — a request routed there gets 503, never plaintext — except on a port
+    where the application speaks TLS itself, which passes through as in Istio;
+    ``validate`` reports both on the rule's line."""
     spec: m.ServiceEntrySpec = entry.spec
-    return [
-        entry_cluster(entry, host, index, placeholder=PLACEHOLDER_ADDRESS)
-        for host in sorted(set(spec.hosts))
-        for index in range(len(spec.ports))
-    ]
+    clusters = []
+    for host in sorted(set(spec.hosts)):
+        rule = origination_rule(mesh, client_namespace, entry.namespace, host.lower())
+        subsets: tuple[m.Subset | None, ...] = (None, *(rule.spec.subsets if rule else ()))
+        for index, port in enumerate(spec.ports):
+            for subset in subsets:
+                name = subset.name if subset is not None else ""
+                cluster = entry_cluster(
+                    entry, host, index, placeholder=PLACEHOLDER_ADDRESS, subset=subset
+                )
+                policy = origination_traffic_policy(
+                    mesh, client_namespace, entry.namespace, host.lower(), port.number, name
+                )
+                if policy is not None:
+                    apply_traffic_policy(cluster, policy)
+                upstream = origination_tls(
+                    mesh, client_namespace, entry.namespace, host.lower(), port.number, name
+                )
+                if upstream.mode is not UpstreamMode.PLAINTEXT:
+                    if sidecar_origination_problem(upstream) is None:
+                        cluster["transport_socket"] = transport_socket(upstream, sds_cluster)
+                        if upstream.auto_sni:
+                            _auto_sni(cluster, upstream)
+                    elif not app_speaks_tls(port.name, port.protocol):
+                        continue  # fail closed: no cluster, 503
+                clusters.append(cluster)
+    return clusters
 
 
 # ---------------------------------------------------------------------------- routes

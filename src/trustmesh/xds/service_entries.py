@@ -11,11 +11,14 @@ Shared by the sidecar's outbound clusters and the gateways'. Istio's rules
   DNS → STRICT_DNS over the endpoints' addresses, or the host itself when there are none;
   DNS_ROUND_ROBIN → LOGICAL_DNS over one of them; NONE (or a wildcard host without
   endpoints) → ORIGINAL_DST, the address the client connected to;
-* HTTP/2 to a GRPC / HTTP2 port.
+* HTTP/2 to a GRPC / HTTP2 port;
+* a cluster ``outbound|<port>|<subset>|<host>`` per subset of the DestinationRule for the
+  host, with the endpoints carrying the subset's labels.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from trustmesh.api import models as m
@@ -51,23 +54,45 @@ def visible_entries(mesh: MeshPolicy, namespace: str) -> list[Resource[Any]]:
 
 
 def entry_cluster(
-    entry: Resource[Any], host: str, port_index: int, *, placeholder: str = ""
+    entry: Resource[Any],
+    host: str,
+    port_index: int,
+    *,
+    placeholder: str = "",
+    subset: m.Subset | None = None,
 ) -> dict[str, Any]:
     """The cluster of ``entry``'s host and ``ports[port_index]``. ``placeholder``: the
-    address of a STATIC entry without endpoints (the sidecar's runtime fills it in)."""
+    address of a STATIC entry without endpoints (the sidecar's runtime fills it in).
+
+    ``subset``: a DestinationRule subset of the host, ``outbound|<port>|<subset>|<host>``
+    with the endpoints whose ``labels`` carry the subset's labels (Istio's subset
+    clusters of a ServiceEntry); a subset with labels of an entry without endpoints
+    selects nothing (the host's implicit endpoint has no labels): no endpoints, 503."""
     spec: m.ServiceEntrySpec = entry.spec
     port = spec.ports[port_index]
-    name = f"outbound|{port.number}||{host}"
+    name = f"outbound|{port.number}|{subset.name if subset else ''}|{host}"
     resolution = spec.resolution.upper()
     addresses: list[tuple[str, int]] = []
     for endpoint in spec.endpoints:
         # What validation refuses (trustmesh.api.service_entry) never gets this far.
         if endpoint.address and not endpoint.address.startswith("unix://"):
+            if subset is not None and any(
+                endpoint.labels.get(k) != v for k, v in subset.labels.items()
+            ):
+                continue
             number = endpoint.ports.get(port.name) or port.target_port or port.number
             addresses.append((endpoint.address, number))
     wildcard = host.startswith("*")
     cluster: dict[str, Any]
-    if resolution == "STATIC":
+    if subset is not None and subset.labels and not addresses:
+        cluster = {
+            "@type": CLUSTER_TYPE,
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": CONNECT_TIMEOUT,
+            "load_assignment": {"cluster_name": name, "endpoints": []},
+        }
+    elif resolution == "STATIC":
         if not addresses and placeholder:
             addresses = [(placeholder, port.number)]
         cluster = {
@@ -97,7 +122,8 @@ def entry_cluster(
         }
     protocol = port.protocol if port.protocol not in ("", "TCP", "UDP", "SCTP") else port.name
     if protocol.lower().split("-", 1)[0] in _HTTP2:
-        cluster["typed_extension_protocol_options"] = _HTTP2_OPTIONS
+        # a copy: a DestinationRule's traffic policy or auto SNI adds to it per cluster
+        cluster["typed_extension_protocol_options"] = copy.deepcopy(_HTTP2_OPTIONS)
     return cluster
 
 
