@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from trustmesh.cli import render
+from trustmesh.cli.store import CaFileOpt, CertFileOpt, KeyFileOpt, StoreTarget, store_target
+from trustmesh.cli.store import StateOpt as StoreStateOpt
 from trustmesh.identity import pki
 from trustmesh.identity.ca import CaConfig, CertificateAuthority, IssueRejected
 from trustmesh.identity.server import CaServer
@@ -178,10 +180,15 @@ def revoke(
         str | None,
         typer.Option(
             "--store",
-            help="etcd://HOST:PORT[,...]: record the revocation in the replicas' shared "
-            "store (every replica refuses the next renewal); --dir is not read then.",
+            help="https://HOST:PORT[,...] (with --etcd-*file) or etcd://HOST:PORT[,...]: record "
+            "the revocation in the replicas' shared store (every replica refuses the next "
+            "renewal); --dir is not read then.",
         ),
     ] = None,
+    etcd_cafile: CaFileOpt = None,
+    etcd_certfile: CertFileOpt = None,
+    etcd_keyfile: KeyFileOpt = None,
+    state: StoreStateOpt = None,
 ) -> None:
     """Refuse renewals authenticated by certificate SERIAL (hex, as `ca inspect` shows it).
 
@@ -194,14 +201,18 @@ def revoke(
     if not re.fullmatch(r"[0-9a-f]{1,40}", text) or int(text, 16) == 0:
         render.usage_error(f"'{serial}' is not a certificate serial (hex, e.g. 3f9a0c…)")
         raise typer.Exit(2)
-    if store is not None:
-        if not store.startswith("etcd://"):
-            render.usage_error(f"--store {store}: revocations are shared through etcd://HOST:PORT")
+    if store is not None or state is not None:
+        target = store_target(store, etcd_cafile, etcd_certfile, etcd_keyfile, state)
+        if not target.url.startswith(("etcd://", "https://")):
+            render.usage_error(
+                f"--store {target.url}: revocations are shared through etcd "
+                "(https://HOST:PORT or etcd://HOST:PORT)"
+            )
             raise typer.Exit(2)
         try:
-            revision = asyncio.run(_revoke_in_store(store, int(text, 16)))
+            revision = asyncio.run(_revoke_in_store(target, int(text, 16)))
         except StoreError as exc:
-            render.usage_error(f"cannot record the revocation in {store}: {exc}")
+            render.usage_error(f"cannot record the revocation in {target.url}: {exc}")
             raise typer.Exit(1) from None
         typer.echo(f"revoked {int(text, 16):x} (store revision {revision})")
         return
@@ -214,12 +225,11 @@ def revoke(
     typer.echo(f"revoked {int(text, 16):x}")
 
 
-async def _revoke_in_store(url: str, serial: int) -> int:
-    from trustmesh.store import parse_etcd_endpoints
+async def _revoke_in_store(target: StoreTarget, serial: int) -> int:
     from trustmesh.store.ca_records import EtcdCaRecords
-    from trustmesh.store.etcd_client import EtcdClient
+    from trustmesh.store.etcd_client import connect
 
-    client = EtcdClient(parse_etcd_endpoints(url.removeprefix("etcd://")))
+    client = connect(target.url, target.tls)
     try:
         return await EtcdCaRecords(client).revoke(serial, _now())
     finally:
