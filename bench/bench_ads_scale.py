@@ -56,7 +56,12 @@ sys.path.insert(0, str(ROOT))  # the replicas' rig is the must-show tests'
 
 import tests.store.replica_rig as replica_rig  # noqa: E402
 
-from benchlib.procstat import cpu_seconds, machine, memory_mib  # noqa: E402
+from benchlib.procstat import (  # noqa: E402
+    cpu_seconds,
+    machine,
+    machine_busy_seconds,
+    memory_mib,
+)
 from benchlib.progress import log  # noqa: E402
 from trustmesh.config import load_config  # noqa: E402
 from trustmesh.identity import pki  # noqa: E402
@@ -309,6 +314,8 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Json:
                     p.send({"command": "mark"})
                 await asyncio.gather(*(p.event("marked", 60) for p in processes))
                 cpu_before = {n: cpu_seconds(r.pid) for n, r in replicas.items()}
+                clients_cpu_before = sum(cpu_seconds(p.process.pid) for p in processes)
+                busy_before = machine_busy_seconds()
                 t0 = time.monotonic()
                 await load_store(store, policy(round_index), workdir, f"policy-{round_index}")
                 committed = time.monotonic()
@@ -317,6 +324,12 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Json:
                 reports = await asyncio.gather(
                     *(p.event("report", args.round_timeout + 60) for p in processes)
                 )
+                # Where the machine's CPU went while the change spread: on 2 cores, the
+                # replicas' and the clients' seconds bound how soon the last ACK can be.
+                clients_cpu = (
+                    sum(cpu_seconds(p.process.pid) for p in processes) - clients_cpu_before
+                )
+                busy = machine_busy_seconds() - busy_before
                 acks: dict[str, Any] = {}
                 errors: dict[str, str] = {}
                 for report in reports:
@@ -345,6 +358,8 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Json:
                             n: round(cpu_seconds(r.pid) - cpu_before[n], 2)
                             for n, r in replicas.items()
                         },
+                        "clients_cpu_s": round(clients_cpu, 2),
+                        "machine_busy_cpu_s": round(busy, 2),
                         "loadavg_1m": round(os.getloadavg()[0], 1),
                     }
                 )
