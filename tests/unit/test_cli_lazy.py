@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -42,6 +43,22 @@ def test_an_offline_command_does_not_load_the_mesh_runtime() -> None:
     assert "trustmesh.cli.offline" in loaded
     heavy = ("trustmesh.runtime.supervisor", "trustmesh.runtime.cluster", "trustmesh.xds.")
     assert not [m for m in loaded if m.startswith(heavy)]
+
+
+def test_reading_a_mesh_does_not_load_what_starts_one(tmp_path: Path) -> None:
+    # status / request / down only read the mesh's record: no supervisor, no cluster,
+    # no compiler (a mesh's users and tests run them many times).
+    heavy = (
+        "trustmesh.runtime.supervisor",
+        "trustmesh.runtime.cluster",
+        "trustmesh.xds.",
+        "trustmesh.policy.compose",
+    )
+    state = ["--state", str(tmp_path / "none")]
+    for command in (["status"], ["down"], ["request", "--from", "foo/sleep", "http://x"]):
+        loaded = _loaded_after(*command, *state)
+        assert "trustmesh.cli.mesh" in loaded, command
+        assert not [m for m in loaded if m.startswith(heavy)], command
 
 
 def test_every_command_in_the_table_loads_and_has_help() -> None:

@@ -19,7 +19,7 @@ from trustmesh.runtime import live
 from trustmesh.runtime.client import HttpResult
 from trustmesh.runtime.layout import Layout, write_json
 from trustmesh.runtime.plan import plan_mesh
-from trustmesh.runtime.supervisor import stop_recorded
+from trustmesh.runtime.recorded import stop_recorded
 
 from .meshutil import ROOT
 

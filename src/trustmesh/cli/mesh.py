@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -31,17 +31,18 @@ from trustmesh.runtime.client import (
     http_request,
     tcp_exchange,
 )
-from trustmesh.runtime.cluster import Cluster, cluster_file, cluster_status, stop_cluster
 from trustmesh.runtime.commands import parse_image_command
-from trustmesh.runtime.gateway import envoy_listener_addresses
-from trustmesh.runtime.layout import DEFAULT_STATE, Layout, read_json
+from trustmesh.runtime.layout import DEFAULT_STATE, Layout, cluster_file, read_json
 from trustmesh.runtime.plan import DEFAULT_BASE, Isolation, PodPlan
 from trustmesh.runtime.podclient import request_in_pod
-from trustmesh.runtime.registration import MAX_TTL, MIN_TTL
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff
 from trustmesh.runtime.running import NotRunning, RunningMesh
-from trustmesh.runtime.sandboxed import choose_isolation
-from trustmesh.runtime.supervisor import MeshRuntime, StartError
+
+# What starts a mesh (the supervisor, the multi-host cluster, the sandbox) is imported by
+# the commands that start or stop one: `status`, `request`, `logs` only read its record,
+# and a mesh's tests and users run those many times (each import costs CPU at start).
+if TYPE_CHECKING:
+    from trustmesh.runtime.supervisor import MeshRuntime
 
 __all__ = ["down", "logs", "proxy_config", "request", "status", "up"]
 
@@ -152,6 +153,9 @@ def up(
             raise typer.Exit(1)
     except NotRunning:
         pass
+    from trustmesh.runtime.sandboxed import choose_isolation
+    from trustmesh.runtime.supervisor import MeshRuntime
+
     try:
         mode, note = choose_isolation(mode)
     except ValueError as exc:
@@ -188,6 +192,11 @@ def _up_cluster(
     isolation: str | None,
     lease_ttl: int,
 ) -> None:
+    from trustmesh.runtime.cluster import Cluster, cluster_status, stop_cluster
+    from trustmesh.runtime.registration import MAX_TTL, MIN_TTL
+    from trustmesh.runtime.sandboxed import choose_isolation
+    from trustmesh.runtime.supervisor import StartError
+
     if hosts < 1 or replicas < 1:
         render.usage_error("--hosts and --replicas go together, each at least 1")
         raise typer.Exit(2)
@@ -266,6 +275,8 @@ async def _run_foreground(runtime: MeshRuntime) -> int:
 async def run_in_foreground(runtime: MeshRuntime, serving: str) -> int:
     """Start ``runtime``, print its pods and ``serving``, supervise until SIGINT / SIGTERM,
     then stop it. 1 when it could not start (the reasons are printed), else 0."""
+    from trustmesh.runtime.supervisor import StartError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -342,6 +353,8 @@ def status(
 ) -> None:
     """Pods, their addresses and processes, and whether each proxy has its config."""
     if cluster_file(state.resolve()).exists():
+        from trustmesh.runtime.cluster import cluster_status
+
         cluster = cluster_status(state.resolve())
         if output == "json":
             sys.stdout.write(json.dumps(cluster, indent=2) + "\n")
@@ -383,6 +396,8 @@ def _not_honoured(sync: dict[str, Any] | None) -> None:
 def gateway_addresses(running: RunningMesh) -> dict[str, list[str]]:
     """Each running gateway pod's listener addresses, as its Envoy reports them now (the
     Gateways' server ports, mapped to the gateway Service's target ports)."""
+    from trustmesh.runtime.gateway import envoy_listener_addresses
+
     found: dict[str, list[str]] = {}
     for pod in running.plan.pods:
         if pod.gateway and running.plan.sandboxed:  # published on this host by the runtime
@@ -489,6 +504,8 @@ def logs(
 def down(state: State = Path(DEFAULT_STATE)) -> None:
     """Stop everything the mesh started (by PID), and nothing else."""
     if cluster_file(state.resolve()).exists():
+        from trustmesh.runtime.cluster import stop_cluster
+
         stopped = stop_cluster(state.resolve(), lambda message: _err.print(message, markup=False))
         _err.print(f"mesh stopped ({stopped} process(es) signalled)", markup=False)
         return

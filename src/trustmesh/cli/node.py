@@ -11,8 +11,8 @@ import typer
 from trustmesh.cli import render
 from trustmesh.cli.mesh import State, _err, run_in_foreground
 from trustmesh.identity.tokens import is_node_name
-from trustmesh.runtime.cluster import Cluster, cluster_file
-from trustmesh.runtime.layout import DEFAULT_STATE, Layout
+from trustmesh.runtime.cluster import Cluster
+from trustmesh.runtime.layout import DEFAULT_STATE, Layout, cluster_file
 from trustmesh.runtime.node_groups import vm_workloads
 from trustmesh.runtime.plan import Isolation
 from trustmesh.runtime.registration import MAX_TTL, MIN_TTL, HostJoin

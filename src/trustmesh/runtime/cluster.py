@@ -41,20 +41,20 @@ from trustmesh.identity.ca import CaConfig, CertificateAuthority
 from trustmesh.identity.store import StoreError
 from trustmesh.runtime import hostnet, netns
 from trustmesh.runtime.addresses import MESH_ENV, AddressConflict, claim_block
-from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.layout import Layout, cluster_file, read_json, write_json
 from trustmesh.runtime.ledger import Ledger
 from trustmesh.runtime.plan import Isolation, netns_name, plan_mesh
 from trustmesh.runtime.podexec import podexec_argv
+from trustmesh.runtime.recorded import belongs_to, stop_recorded
 from trustmesh.runtime.replica import read_replicas
 from trustmesh.runtime.sandbox import LEDGER_FILE as SANDBOX_LEDGER
 from trustmesh.runtime.sandbox import mesh_id
-from trustmesh.runtime.supervisor import StartError, belongs_to, stop_recorded
+from trustmesh.runtime.supervisor import StartError
 from trustmesh.store.apply import apply_resources
 from trustmesh.store.etcd_client import EtcdClient, EtcdTls, connect
 from trustmesh.store.etcd_server import EtcdCluster, free_port
 from trustmesh.store.etcd_store import EtcdResourceStore
 
-CLUSTER_FILE = "cluster.json"
 ETCD_PKI = "etcd-pki"
 ETCD_MEMBERS = 3
 REPLICA_TIMEOUT = 60.0
@@ -64,10 +64,6 @@ DEFAULT_LEASE_TTL = 30  # seconds a dead host's endpoints stay (HostJoin's defau
 RELAYED = ("address", "ca", "ca_renewal")  # a replica's ports hosts reach over the LAN
 
 Progress = Callable[[str], None]
-
-
-def cluster_file(state: Path) -> Path:
-    return state / CLUSTER_FILE
 
 
 def store_of(state: Path) -> tuple[str, EtcdTls | None]:

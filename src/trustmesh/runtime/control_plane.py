@@ -54,7 +54,7 @@ from trustmesh.runtime.debug_endpoint import (
     DebugServer,
     debug_socket,
 )
-from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.layout import ARGS_FILE, Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
 from trustmesh.runtime.process import run_until_signalled
 from trustmesh.xds.controlplane import ConfigRejected, ControlPlane, ProxyRegistration
@@ -71,7 +71,6 @@ __all__ = [
     "write_not_ready",
 ]
 
-ARGS_FILE = "control-plane-args.json"
 # A poll costs one stat per configuration file: every 20 ms is free for a local mesh's
 # handful of files and keeps file write → reload start at ~20-40 ms.
 WATCH_INTERVAL = 0.02

@@ -33,7 +33,7 @@ from typing import Any
 from trustmesh.runtime import hostnet
 from trustmesh.runtime.addresses import MESH_ENV
 from trustmesh.runtime.cluster import host_namespace, store_of
-from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.layout import Layout, cluster_file, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan
 from trustmesh.store.etcd_server import healthy
 
@@ -50,7 +50,6 @@ __all__ = [
     "restart_replica",
 ]
 
-CLUSTER_FILE = "cluster.json"
 GONE_TIMEOUT = 10.0
 REPLICA_TIMEOUT = 60.0
 ETCD_TIMEOUT = 30.0
@@ -74,7 +73,7 @@ class Killed:
 
 def _record(state: Path) -> dict[str, Any]:
     try:
-        record: dict[str, Any] = read_json(state / CLUSTER_FILE)
+        record: dict[str, Any] = read_json(cluster_file(state))
     except (OSError, ValueError) as exc:
         raise FaultError(f"no multi-host mesh runs from {state}: {exc}") from None
     return record
@@ -93,7 +92,7 @@ def _set_pid(state: Path, part: str, name: str, pid: int) -> None:
     for entry in record.get(part, []):
         if entry.get("name") == name:
             entry["pid"] = pid
-    write_json(state / CLUSTER_FILE, record)
+    write_json(cluster_file(state), record)
 
 
 def _running(pid: int) -> bool:

@@ -38,6 +38,8 @@ from typing import Any
 __all__ = ["DEFAULT_STATE", "RUN_ROOT", "Layout", "PodPaths", "read_json", "write_json"]
 
 DEFAULT_STATE = ".trustmesh"
+ARGS_FILE = "control-plane-args.json"  # how the control plane was started (for status)
+CLUSTER_FILE = "cluster.json"  # the record of a mesh over several hosts (up --hosts)
 RUN_ROOT = Path("/run/trustmesh")
 # A pod's own group (its proxy processes'): distinct per mesh as well as per pod, so the
 # proxy of another mesh's pod k cannot open this mesh's pod k proxy directory.
@@ -168,3 +170,8 @@ def write_json(path: Path, value: Any, *, mode: int = 0o600) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def cluster_file(state: Path) -> Path:
+    """The record of the multi-host mesh whose state directory is ``state``."""
+    return state / CLUSTER_FILE

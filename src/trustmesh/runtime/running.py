@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.runtime import debug_client
-from trustmesh.runtime.control_plane import ARGS_FILE
 from trustmesh.runtime.debug_endpoint import SYNCZ
-from trustmesh.runtime.layout import Layout, read_json, write_json
+from trustmesh.runtime.layout import ARGS_FILE, Layout, read_json, write_json
 from trustmesh.runtime.plan import MeshPlan, PodPlan
-from trustmesh.runtime.supervisor import belongs_to, stop_recorded
-from trustmesh.xds.controlplane import fingerprint_digest
+from trustmesh.runtime.recorded import belongs_to, stop_recorded
 
 __all__ = ["NotRunning", "RunningMesh"]
 
@@ -128,6 +126,8 @@ class RunningMesh:
         default, the configuration files as they are now — and every proxy ACKed it;
         that generation. ``ValueError`` if the control plane refused the files."""
         args = read_json(self.layout.root / ARGS_FILE)
+        from trustmesh.xds.controlplane import fingerprint_digest  # the compiler: only here
+
         files_now = fingerprint_digest([*args["config"], *args["mesh_config"]])
         deadline = time.monotonic() + timeout
         last: dict[str, Any] | None = None

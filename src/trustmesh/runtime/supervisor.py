@@ -60,16 +60,12 @@ from trustmesh.runtime.addresses import (
     probe,
 )
 from trustmesh.runtime.commands import ImageCommand
-from trustmesh.runtime.control_plane import (
-    ARGS_FILE,
-    node_id,
-    service_addresses,
-    write_not_ready,
-)
+from trustmesh.runtime.control_plane import node_id, service_addresses, write_not_ready
 from trustmesh.runtime.gateway import PublishedPort, Publisher, published_ports
-from trustmesh.runtime.layout import Layout, PodPaths, read_json, write_json
+from trustmesh.runtime.layout import ARGS_FILE, Layout, PodPaths, read_json, write_json
 from trustmesh.runtime.node_probe import Probe, keep_probing
 from trustmesh.runtime.plan import DEFAULT_BASE, NODE_IP, Isolation, MeshPlan, PodPlan, plan_mesh
+from trustmesh.runtime.recorded import belongs_to, stop_recorded
 from trustmesh.runtime.registration import HostJoin, Joined, RegistryClient
 from trustmesh.runtime.restarts import DEFAULT_BACKOFF, Backoff, Exit, should_restart
 from trustmesh.runtime.sandbox import Sandbox
@@ -937,43 +933,3 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
     shown = "\n    ".join(text.splitlines()[-lines:])
     return f"\n  last lines of {path}:\n    {shown}" if shown else ""
-
-
-# ---------------------------------------------------------------------------- by PID
-
-
-def belongs_to(pid: int, layout: Layout) -> bool:
-    """Is ``pid`` still a process this mesh started (not a reused PID)?"""
-    marker = f"{MESH_ENV}={layout.root}".encode()
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    if marker in environ.split(b"\0"):
-        return True
-    # Envoy is started by a sidecar with the sidecar's environment, so it has the marker
-    # too; its command line names its bootstrap under the state directory as a fallback.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(layout.root).encode() in cmdline
-
-
-def stop_recorded(record: dict[str, Any], layout: Layout, *, only_envoys: bool = False) -> int:
-    """SIGKILL every recorded process of this mesh that still runs; how many were."""
-    pids: list[int] = []
-    for pod in record.get("pods", {}).values():
-        keys = ("envoy_pid",) if only_envoys else ("app_pid", "envoy_pid", "sidecar_pid")
-        pids += [pod[k] for k in keys if isinstance(pod.get(k), int)]
-    if not only_envoys:
-        pid = record.get("control_plane", {}).get("pid")
-        if isinstance(pid, int):
-            pids.append(pid)
-    killed = 0
-    for pid in pids:
-        if belongs_to(pid, layout):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-    return killed
