@@ -333,6 +333,10 @@ def test_a_host_network_pod_gets_the_nodes_dnat_and_a_route_to_cluster_ips(
     Sandbox(plan, tmp_path).build()
     node = plan.node_netns
     assert ("route_to", (node, SERVICE_CIDR)) in calls
-    node_rules = [args[3] for name, args in calls if name == "apply_nft" and args[1] == node]
-    assert len(node_rules) == 1 and "dnat to" in str(node_rules[0])
+    node_tables = {
+        args[2]: args[3] for name, args in calls if name == "apply_nft" and args[1] == node
+    }
+    # the node's Service DNAT (and, beside it, the pods' anti-spoofing on their bridge ports)
+    assert set(node_tables) == {sandbox_module.TABLE, sandbox_module.ANTISPOOF_TABLE}
+    assert "dnat to" in str(node_tables[sandbox_module.TABLE])
     assert not any(name == "attach_pod" and args[2] == node for name, args in calls)
