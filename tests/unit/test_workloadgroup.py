@@ -37,7 +37,7 @@ GROUP = {
         },
     },
 }
-AT = dt.datetime(2026, 12, 7, 2, 0, 1, 250000, tzinfo=dt.UTC)
+AT = dt.datetime(2026, 12, 7, 2, 0, 1, 250000, tzinfo=dt.UTC)  # calendar: ok, only formatted
 
 
 def test_the_entry_name_is_istios() -> None:
