@@ -191,8 +191,9 @@ def test_subset_clusters_send_istiods_subset_sni_and_the_service_cluster_none(
 ) -> None:
     """istiod names a subset cluster's mesh SNI ``outbound_.PORT_.SUBSET_.HOST`` (what an
     AUTO_PASSTHROUGH gateway routes by, what ``connection.sni`` sees); the service's own
-    cluster ``outbound_.PORT_._.HOST``. Both from policy.tls.upstream_tls, which says why."""
-    from trustmesh.policy.tls import UpstreamMode, upstream_tls
+    cluster ``outbound_.PORT_._.HOST``. Both from policy.upstream_tls.upstream_tls, which
+    says why."""
+    from trustmesh.policy.upstream_tls import UpstreamMode, upstream_tls
 
     loaded = load(tmp_path, SUBSETS)
     resources = process(loaded)

@@ -1,4 +1,4 @@
-"""Client TLS is decided once (policy.tls.upstream_tls): the evaluator's verdict and the
+"""Client TLS is decided once (policy.upstream_tls.upstream_tls): the evaluator's verdict and the
 sidecar's Envoy cluster read the same value, so SNI, mode and the deciding rule agree."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from tests.unit.meshutil import compile_text, http, policy
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import Verdict
-from trustmesh.policy.tls import UpstreamMode, upstream_tls
 from trustmesh.policy.trace import render_trace
+from trustmesh.policy.upstream_tls import UpstreamMode, upstream_tls
 from trustmesh.xds.translate import translate
 
 HTTPBIN = "httpbin.foo.svc.cluster.local"

@@ -38,7 +38,7 @@ from trustmesh.policy.evaluate import custom_rule_name, evaluate
 from trustmesh.policy.jwt import JwtProvider
 from trustmesh.policy.request import Attributes, HttpRequest, IpAddress, Request, Source
 from trustmesh.policy.targets import named_ports
-from trustmesh.policy.tls import (
+from trustmesh.policy.upstream_tls import (
     ClientTls,
     RouteKind,
     _proxied_as_tcp,

@@ -52,14 +52,6 @@ from trustmesh.policy.request_headers import (
     xfcc_depends_on_hash,
     xfcc_parts,
 )
-from trustmesh.policy.tls import (
-    ClientTls,
-    RouteKind,
-    client_tls,
-    egress_decision,
-    service_for,
-    sidecar_client_route,
-)
 from trustmesh.policy.trace import (
     AllowPhase,
     DataplaneSeen,
@@ -75,6 +67,14 @@ from trustmesh.policy.trace import (
     TlsChoice,
     TlsReset,
     TraceEvent,
+)
+from trustmesh.policy.upstream_tls import (
+    ClientTls,
+    RouteKind,
+    client_tls,
+    egress_decision,
+    service_for,
+    sidecar_client_route,
 )
 from trustmesh.policy.ztunnel_eval import ambient_source_tls, evaluate_ztunnel
 

@@ -32,7 +32,7 @@ from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import HttpRequest
-from trustmesh.policy.tls import destination_subsets, service_workloads
+from trustmesh.policy.upstream_tls import destination_subsets, service_workloads
 
 __all__ = [
     "RouteChoice",

@@ -8,7 +8,7 @@ Istio's semantics (``pilot/pkg/networking/core/cluster_traffic_policy.go``,
 * a subset's policy (itself resolved per port the same way) overrides the destination's
   field by field — and entirely when the subset has settings for this port.
 
-The rule is the one client TLS is read from (:mod:`trustmesh.policy.tls`); the result is
+The rule is the one client TLS is read from (:mod:`trustmesh.policy.upstream_tls`); the result is
 a :class:`ClusterTrafficPolicy` value that ``trustmesh.xds.traffic_policy`` maps to Envoy.
 """
 
@@ -20,7 +20,7 @@ from trustmesh.api import models as m
 from trustmesh.api import traffic as t
 from trustmesh.api.snapshot import Service
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.tls import destination_rule_for, origination_rule
+from trustmesh.policy.upstream_tls import destination_rule_for, origination_rule
 
 __all__ = [
     "ClusterTrafficPolicy",

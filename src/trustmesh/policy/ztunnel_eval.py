@@ -23,8 +23,8 @@ from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.derived import Derived
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
-from trustmesh.policy.tls import ClientTls, destination_rule_tls, service_for
 from trustmesh.policy.trace import AllowPhase, PolicySkipped
+from trustmesh.policy.upstream_tls import ClientTls, destination_rule_tls, service_for
 from trustmesh.policy.ztunnel import (
     ZtunnelPolicy,
     compile_ztunnel,

@@ -56,7 +56,7 @@ from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import RequestError as PolicyRequestError
 from trustmesh.policy.evaluate import listening_ports
 from trustmesh.policy.testing import Outcome, check, run_case
-from trustmesh.policy.tls import RouteKind, sidecar_client_route
+from trustmesh.policy.upstream_tls import RouteKind, sidecar_client_route
 from trustmesh.runtime.client import (
     HttpResult,
     Opener,

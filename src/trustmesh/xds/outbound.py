@@ -7,7 +7,7 @@ configuration per port (named ``"<port>"``) whose last virtual host decides unkn
 ``allow_any`` (to ``PassthroughCluster``) under ALLOW_ANY, ``block_all`` (a local 502)
 under REGISTRY_ONLY.
 
-Client TLS per cluster is decided by :func:`trustmesh.policy.tls.upstream_tls` (the
+Client TLS per cluster is decided by :func:`trustmesh.policy.upstream_tls.upstream_tls` (the
 value the evaluator reads too); this module only maps it to a ``transport_socket``:
 
 * an explicit DestinationRule ``tls`` (client namespace, then service namespace, then
@@ -71,7 +71,8 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.targets import named_ports
-from trustmesh.policy.tls import (
+from trustmesh.policy.traffic_policy import origination_traffic_policy, service_traffic_policy
+from trustmesh.policy.upstream_tls import (
     UpstreamMode,
     UpstreamTls,
     app_protocol,
@@ -85,7 +86,6 @@ from trustmesh.policy.tls import (
     speaks_mesh_mtls,
     upstream_tls,
 )
-from trustmesh.policy.traffic_policy import origination_traffic_policy, service_traffic_policy
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
 from trustmesh.xds.traffic_policy import apply_traffic_policy
@@ -135,7 +135,7 @@ _HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
 
 
 def port_protocol(name: str, protocol: str) -> Protocol:
-    """Istio's protocol selection (:func:`trustmesh.policy.tls.app_protocol`). Unknown
+    """Istio's protocol selection (:func:`trustmesh.policy.upstream_tls.app_protocol`). Unknown
     protocols are treated as HTTP (Istio would sniff the first bytes; an HTTP chain still
     carries HTTP/1 and HTTP/2)."""
     return Protocol.TCP if proxied_as_tcp(name, protocol) else Protocol.HTTP
@@ -398,7 +398,7 @@ def _entry_clusters(
     mesh: MeshPolicy, client_namespace: str, entry: Resource[Any], sds_cluster: str
 ) -> list[dict[str, Any]]:
     """A sidecar's clusters of a ServiceEntry: per host and port, and per subset of the
-    DestinationRule for the host (:func:`trustmesh.policy.tls.origination_rule`), with
+    DestinationRule for the host (:func:`trustmesh.policy.upstream_tls.origination_rule`), with
     that rule's traffic policy and client TLS (Istio's "egress TLS origination": SIMPLE /
     MUTUAL from the rule's files, the server checked against ``caCertificates`` or the
     system bundle and the host or ``subjectAltNames``). A TLS the sidecar cannot

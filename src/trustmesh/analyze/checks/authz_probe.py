@@ -48,7 +48,7 @@ from trustmesh.policy.evaluate import HTTP1_METHODS, evaluate
 from trustmesh.policy.jwt import JwtProvider
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, HttpRequest, IpAddress, Request, Source
-from trustmesh.policy.tls import service_for
+from trustmesh.policy.upstream_tls import service_for
 
 # Probe tokens carry no exp/nbf, so the clock never matters; a constant keeps runs equal.
 _NOW = 0.0
