@@ -32,20 +32,16 @@ from trustmesh.graph.model import (
 )
 from trustmesh.graph.residual import Residual
 from trustmesh.graph.witness import Examples, allowed
+from trustmesh.policy.client_routes import RouteKind, sidecar_client_route
+from trustmesh.policy.client_tls import ClientTls, client_tls
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError, Verdict
+from trustmesh.policy.endpoints import service_for
 from trustmesh.policy.evaluate import custom_rule_name, evaluate
 from trustmesh.policy.jwt import JwtProvider
+from trustmesh.policy.protocols import proxied_as_tcp
 from trustmesh.policy.request import Attributes, HttpRequest, IpAddress, Request, Source
 from trustmesh.policy.targets import named_ports
-from trustmesh.policy.upstream_tls import (
-    ClientTls,
-    RouteKind,
-    _proxied_as_tcp,
-    client_tls,
-    service_for,
-    sidecar_client_route,
-)
 from trustmesh.policy.ztunnel_eval import ambient_source_tls
 
 EXTERNAL_ID = "external"
@@ -178,7 +174,7 @@ def destination_ports(target: WorkloadPolicy) -> list[PortEntry]:
                 port = resolved
             else:
                 port = sp.target_port if sp.target_port is not None else sp.port
-            protocol = "tcp" if _proxied_as_tcp(sp.name, sp.protocol) else "http"
+            protocol = "tcp" if proxied_as_tcp(sp.name, sp.protocol) else "http"
             key = (port, f"{service.namespace}/{service.name}", sp.port)
             entries.setdefault(key, PortEntry(port, service, sp.port, protocol))
     if not entries:

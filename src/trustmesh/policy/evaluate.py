@@ -22,10 +22,14 @@ from trustmesh.api.gateway import gateway_servers, num_trusted_proxies
 from trustmesh.api.gateway_models import ServerTlsMode
 from trustmesh.api.snapshot import Workload
 from trustmesh.policy.authz import CompiledRule
+from trustmesh.policy.client_routes import RouteKind, sidecar_client_route
+from trustmesh.policy.client_tls import ClientTls, client_tls
 from trustmesh.policy.compose import ActionRules, MeshPolicy, WorkloadPolicy
 from trustmesh.policy.custom import custom_providers
 from trustmesh.policy.decision import Decision, RequestError, ShadowResult, Verdict
 from trustmesh.policy.derived import Derived
+from trustmesh.policy.egress import egress_decision
+from trustmesh.policy.endpoints import service_for
 from trustmesh.policy.forwarded import trusted_client_address
 from trustmesh.policy.headers import (
     HOST_GUARD_POLICY,
@@ -67,14 +71,6 @@ from trustmesh.policy.trace import (
     TlsChoice,
     TlsReset,
     TraceEvent,
-)
-from trustmesh.policy.upstream_tls import (
-    ClientTls,
-    RouteKind,
-    client_tls,
-    egress_decision,
-    service_for,
-    sidecar_client_route,
 )
 from trustmesh.policy.ztunnel_eval import ambient_source_tls, evaluate_ztunnel
 

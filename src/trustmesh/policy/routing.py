@@ -31,8 +31,9 @@ from trustmesh.api.mesh_routes import MeshRoutes, match_applies, mesh_routes, re
 from trustmesh.api.snapshot import Service, Workload
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.derived import Derived
+from trustmesh.policy.destination_rules import destination_subsets
+from trustmesh.policy.endpoints import service_workloads
 from trustmesh.policy.request import HttpRequest
-from trustmesh.policy.upstream_tls import destination_subsets, service_workloads
 
 __all__ = [
     "RouteChoice",

@@ -8,8 +8,9 @@ Istio's semantics (``pilot/pkg/networking/core/cluster_traffic_policy.go``,
 * a subset's policy (itself resolved per port the same way) overrides the destination's
   field by field — and entirely when the subset has settings for this port.
 
-The rule is the one client TLS is read from (:mod:`trustmesh.policy.upstream_tls`); the result is
-a :class:`ClusterTrafficPolicy` value that ``trustmesh.xds.traffic_policy`` maps to Envoy.
+The rule is the one client TLS is read from (:mod:`trustmesh.policy.destination_rules`);
+the result is a :class:`ClusterTrafficPolicy` value that ``trustmesh.xds.traffic_policy``
+maps to Envoy.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from trustmesh.api import models as m
 from trustmesh.api import traffic as t
 from trustmesh.api.snapshot import Service
 from trustmesh.policy.compose import MeshPolicy
-from trustmesh.policy.upstream_tls import destination_rule_for, origination_rule
+from trustmesh.policy.destination_rules import destination_rule_for, origination_rule
 
 __all__ = [
     "ClusterTrafficPolicy",

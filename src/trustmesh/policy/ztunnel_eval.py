@@ -19,12 +19,14 @@ from trustmesh.api import models as m
 from trustmesh.api.dataplane import MeshMode
 from trustmesh.api.resources import Resource
 from trustmesh.api.snapshot import Workload
+from trustmesh.policy.client_tls import ClientTls
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import RequestError, Verdict
 from trustmesh.policy.derived import Derived
+from trustmesh.policy.destination_rules import destination_rule_tls
+from trustmesh.policy.endpoints import service_for
 from trustmesh.policy.request import Attributes, IpAddress, Request, SourceKind
 from trustmesh.policy.trace import AllowPhase, PolicySkipped
-from trustmesh.policy.upstream_tls import ClientTls, destination_rule_tls, service_for
 from trustmesh.policy.ztunnel import (
     ZtunnelPolicy,
     compile_ztunnel,

@@ -52,11 +52,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustmesh.api.policytest import Case
+from trustmesh.policy.client_routes import RouteKind, sidecar_client_route
 from trustmesh.policy.compose import MeshPolicy
 from trustmesh.policy.decision import RequestError as PolicyRequestError
 from trustmesh.policy.evaluate import listening_ports
 from trustmesh.policy.testing import Outcome, check, run_case
-from trustmesh.policy.upstream_tls import RouteKind, sidecar_client_route
 from trustmesh.runtime.client import (
     HttpResult,
     Opener,

@@ -53,8 +53,9 @@ from trustmesh.envoy_json import (
 )
 from trustmesh.identity.pki import key_pair_problem, load_certs
 from trustmesh.policy.compose import MeshPolicy
+from trustmesh.policy.origination import origination_tls
 from trustmesh.policy.traffic_policy import origination_traffic_policy
-from trustmesh.policy.upstream_tls import UpstreamMode, UpstreamTls, origination_tls
+from trustmesh.policy.upstream_tls import UpstreamMode, UpstreamTls
 from trustmesh.xds.cache import TYPE_SECRET
 from trustmesh.xds.outbound import MESH_CLIENT_ALPN, SYSTEM_CA_BUNDLE
 from trustmesh.xds.service_entries import entry_cluster, visible_entries

@@ -70,22 +70,13 @@ from trustmesh.envoy_json import (
     socket_address,
 )
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
+from trustmesh.policy.destination_rules import destination_subsets, origination_rule
+from trustmesh.policy.endpoints import service_workloads
+from trustmesh.policy.origination import origination_tls, sidecar_origination_problem
+from trustmesh.policy.protocols import app_protocol, app_speaks_tls, proxied_as_tcp
 from trustmesh.policy.targets import named_ports
 from trustmesh.policy.traffic_policy import origination_traffic_policy, service_traffic_policy
-from trustmesh.policy.upstream_tls import (
-    UpstreamMode,
-    UpstreamTls,
-    app_protocol,
-    app_speaks_tls,
-    destination_subsets,
-    origination_rule,
-    origination_tls,
-    proxied_as_tcp,
-    service_workloads,
-    sidecar_origination_problem,
-    speaks_mesh_mtls,
-    upstream_tls,
-)
+from trustmesh.policy.upstream_tls import UpstreamMode, UpstreamTls, speaks_mesh_mtls, upstream_tls
 from trustmesh.xds.mesh_routes import alias_hosts, alias_virtual_host, routes_for
 from trustmesh.xds.service_entries import entry_cluster, visible_entries
 from trustmesh.xds.traffic_policy import apply_traffic_policy
@@ -135,7 +126,7 @@ _HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
 
 
 def port_protocol(name: str, protocol: str) -> Protocol:
-    """Istio's protocol selection (:func:`trustmesh.policy.upstream_tls.app_protocol`). Unknown
+    """Istio's protocol selection (:func:`trustmesh.policy.protocols.app_protocol`). Unknown
     protocols are treated as HTTP (Istio would sniff the first bytes; an HTTP chain still
     carries HTTP/1 and HTTP/2)."""
     return Protocol.TCP if proxied_as_tcp(name, protocol) else Protocol.HTTP
@@ -398,7 +389,7 @@ def _entry_clusters(
     mesh: MeshPolicy, client_namespace: str, entry: Resource[Any], sds_cluster: str
 ) -> list[dict[str, Any]]:
     """A sidecar's clusters of a ServiceEntry: per host and port, and per subset of the
-    DestinationRule for the host (:func:`trustmesh.policy.upstream_tls.origination_rule`), with
+    DestinationRule for the host (:func:`trustmesh.policy.destination_rules.origination_rule`), with
     that rule's traffic policy and client TLS (Istio's "egress TLS origination": SIMPLE /
     MUTUAL from the rule's files, the server checked against ``caCertificates`` or the
     system bundle and the host or ``subjectAltNames``). A TLS the sidecar cannot

@@ -44,11 +44,11 @@ from trustmesh.policy.authz import Check, CompiledRule
 from trustmesh.policy.compose import MeshPolicy, WorkloadPolicy
 from trustmesh.policy.decision import Decision, RequestError
 from trustmesh.policy.derived import Derived
+from trustmesh.policy.endpoints import service_for
 from trustmesh.policy.evaluate import HTTP1_METHODS, evaluate
 from trustmesh.policy.jwt import JwtProvider
 from trustmesh.policy.pathnorm import PathRejected, normalize_path
 from trustmesh.policy.request import Attributes, HttpRequest, IpAddress, Request, Source
-from trustmesh.policy.upstream_tls import service_for
 
 # Probe tokens carry no exp/nbf, so the clock never matters; a constant keeps runs equal.
 _NOW = 0.0

@@ -5,7 +5,7 @@ TM-MTLS-003 … 005 (DestinationRule TLS) and 007 (reliance on auto mTLS); regis
 here are shared with that module.
 
 Which DestinationRule a client uses comes from
-:func:`trustmesh.policy.upstream_tls.destination_rule_tls`
+:func:`trustmesh.policy.destination_rules.destination_rule_tls`
 (client namespace, then the service's, then the root namespace), the same lookup the
 evaluator makes, so a rule shadowed by another one is never blamed for traffic it does
 not carry. What the server accepts comes from the compiled ``WorkloadPolicy``.
@@ -31,7 +31,7 @@ from trustmesh.api.snapshot import Service, ServicePortInfo, Workload
 from trustmesh.api.yamldoc import FieldPath
 from trustmesh.policy.compose import WorkloadPolicy
 from trustmesh.policy.derived import Derived
-from trustmesh.policy.upstream_tls import destination_rule_tls
+from trustmesh.policy.destination_rules import destination_rule_tls
 
 HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc", "grpc-web", "h2c"})
 _USER_TLS = (m.TlsMode.SIMPLE, m.TlsMode.MUTUAL)
