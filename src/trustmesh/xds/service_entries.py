@@ -84,16 +84,11 @@ def entry_cluster(
             addresses.append((endpoint.address, number))
     wildcard = host.startswith("*")
     cluster: dict[str, Any]
-    if subset is not None and subset.labels and not addresses:
-        cluster = {
-            "@type": CLUSTER_TYPE,
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": CONNECT_TIMEOUT,
-            "load_assignment": {"cluster_name": name, "endpoints": []},
-        }
-    elif resolution == "STATIC":
-        if not addresses and placeholder:
+    # A subset whose labels no endpoint has: a cluster with no endpoints (503), whatever
+    # the resolution; never the placeholder or the host's own name.
+    empty_subset = subset is not None and bool(subset.labels) and not addresses
+    if empty_subset or resolution == "STATIC":
+        if not addresses and placeholder and not empty_subset:
             addresses = [(placeholder, port.number)]
         cluster = {
             "@type": CLUSTER_TYPE,
