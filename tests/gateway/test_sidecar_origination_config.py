@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.gateway.egress_rig import EXTERNAL
+from tests.gateway.origination_task import SERVICE_ENTRY, rule
 from trustmesh.config import LoadedConfig, load_config
 from trustmesh.policy.compose import MeshPolicy, compile_mesh
 from trustmesh.policy.decision import Verdict
@@ -34,46 +35,6 @@ spec:
     spec:
       containers: [{name: sleep, image: curl}]
 """
-
-# Istio's task, as written.
-SERVICE_ENTRY = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: edition-cnn-com
-  namespace: foo
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 80
-    name: http-port
-    protocol: HTTP
-    targetPort: 443
-  - number: 443
-    name: https-port
-    protocol: HTTPS
-  resolution: DNS
-"""
-
-
-def rule(tls: str, port: int = 80) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: edition-cnn-com
-  namespace: foo
-spec:
-  host: edition.cnn.com
-  trafficPolicy:
-    portLevelSettings:
-    - port:
-        number: {port}
-      tls:
-{tls}
-"""
-
 
 TASK_RULE = rule("        mode: SIMPLE # initiates HTTPS when accessing edition.cnn.com")
 HTTP80 = f"outbound|80||{EXTERNAL}"

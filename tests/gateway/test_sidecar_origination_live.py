@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from tests.e2e.mesh import mesh_started, replace_file, trustmesh
 from tests.gateway.egress_rig import EXTERNAL, External, ExternalPki, external_server
 from tests.gateway.openssl_pki import make_ca
+from tests.gateway.origination_task import SERVICE_ENTRY, rule
 from trustmesh.cli.main import app
 from trustmesh.runtime.running import RunningMesh
 
@@ -63,42 +64,12 @@ spec:
 def task(port: int, tls: str) -> str:
     """The task's ServiceEntry and DestinationRule as written (``tls`` replaces the
     ``tls`` block of port 80), the entry's endpoint at the stand-in's ``port``."""
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: edition-cnn-com
-  namespace: foo
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 80
-    name: http-port
-    protocol: HTTP
-    targetPort: 443
-  - number: 443
-    name: https-port
-    protocol: HTTPS
-  resolution: DNS
-  endpoints:
-  - address: 127.0.0.1
-    ports: {{http-port: {port}, https-port: {port}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: edition-cnn-com
-  namespace: foo
-spec:
-  host: edition.cnn.com
-  trafficPolicy:
-    portLevelSettings:
-    - port:
-        number: 80
-      tls:
-{tls}
-"""
+    endpoint = (
+        "  endpoints:\n"
+        "  - address: 127.0.0.1\n"
+        f"    ports: {{http-port: {port}, https-port: {port}}}\n"
+    )
+    return f"{SERVICE_ENTRY}{endpoint}---{rule(tls)}"
 
 
 def subsets(v1: int, v2: int, ca: Path, subset: str) -> str:
