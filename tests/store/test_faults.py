@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from tests.e2e.hosts_rig import recorded_pids
 from tests.e2e.mesh import EXAMPLES, trustmesh, up_in_a_free_block
 from tests.envoy.conftest import run
 from trustmesh.cli.main import app
@@ -117,21 +118,6 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _recorded_pids(state: Path) -> list[int]:
-    try:
-        record = json.loads((state / "cluster.json").read_text())
-    except OSError:
-        return []
-    pids = [x["pid"] for part in ("etcd", "replicas", "hosts") for x in record[part]]
-    for host in record["hosts"]:
-        with contextlib.suppress(OSError):
-            mesh = json.loads((Path(host["state"]) / "mesh.json").read_text())
-            pids += [
-                p[k] for p in mesh["pods"].values() for k in ("app_pid", "envoy_pid") if k in p
-            ]
-    return pids
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Path]:
     state = tmp_path / "state"
@@ -142,7 +128,7 @@ def cluster(tmp_path: Path) -> Iterator[Path]:
         assert started.returncode == 0, started.stdout + started.stderr
         yield state
     finally:
-        pids = _recorded_pids(state)  # restarted processes included (faults records them)
+        pids = recorded_pids(state)  # restarted processes included (faults records them)
         stopped = trustmesh("down", state=state)
         assert stopped.returncode == 0, stopped.stderr
         deadline = time.monotonic() + 10
